@@ -1,0 +1,649 @@
+//! Domain types of the protocol and their conversions from and to the generated prost types.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use crate::pb;
+use crate::pb::envelope::Body;
+
+/// The version this build speaks. Peers with another major version are refused.
+pub const PROTOCOL_VERSION: ProtocolVersion = ProtocolVersion { major: 1, minor: 0 };
+
+/// Largest size accepted for short string fields (names, kinds, versions).
+const MAX_NAME_LEN: usize = 253;
+
+/// A protobuf envelope decoded fine but does not make a valid message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidMessage {
+    #[error("envelope has no body or an unknown message type")]
+    UnknownType,
+    #[error("{message}: required field `{field}` is missing")]
+    MissingField {
+        message: &'static str,
+        field: &'static str,
+    },
+    #[error("{message}: field `{field}` is {len} bytes, over the limit of {max}")]
+    FieldTooLong {
+        message: &'static str,
+        field: &'static str,
+        len: usize,
+        max: usize,
+    },
+}
+
+/// A protocol version; compatible when the majors are equal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProtocolVersion {
+    pub major: u32,
+    pub minor: u32,
+}
+
+impl ProtocolVersion {
+    /// Whether a peer speaking `self` can talk to this build.
+    pub fn is_supported(self) -> bool {
+        self.major == PROTOCOL_VERSION.major
+    }
+}
+
+impl fmt::Display for ProtocolVersion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.major, self.minor)
+    }
+}
+
+/// Facts about an edge gateway.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeInfo {
+    pub hostname: String,
+    pub os: String,
+    pub arch: String,
+    pub kernel_version: String,
+    pub edgecore_version: String,
+    pub cpus: u32,
+    pub memory_bytes: u64,
+}
+
+/// The first message of a tunnel connection, edge to cloud.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    pub version: ProtocolVersion,
+    pub node_info: NodeInfo,
+}
+
+/// The cloud's answer to [`Hello`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HelloAck {
+    pub version: ProtocolVersion,
+    pub node_name: String,
+    pub heartbeat_interval_ms: u64,
+    pub dead_after_ms: u64,
+}
+
+/// Why a request was refused; stable across versions, so peers can act on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorCode {
+    Unspecified,
+    UnsupportedVersion,
+    TokenUnknown,
+    TokenSecretMismatch,
+    TokenExpired,
+    TokenUsedUp,
+    TokenRevoked,
+    TokenNodeMismatch,
+    TokenMalformed,
+    NodeNameInvalid,
+    NodeNameTaken,
+    RateLimited,
+    CsrInvalid,
+    NodeRevoked,
+    Unauthenticated,
+    ProtocolViolation,
+    Internal,
+}
+
+impl ErrorCode {
+    /// A short snake_case name, used as a metrics label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::Unspecified => "unspecified",
+            ErrorCode::UnsupportedVersion => "unsupported_version",
+            ErrorCode::TokenUnknown => "token_unknown",
+            ErrorCode::TokenSecretMismatch => "token_secret_mismatch",
+            ErrorCode::TokenExpired => "token_expired",
+            ErrorCode::TokenUsedUp => "token_used_up",
+            ErrorCode::TokenRevoked => "token_revoked",
+            ErrorCode::TokenNodeMismatch => "token_node_mismatch",
+            ErrorCode::TokenMalformed => "token_malformed",
+            ErrorCode::NodeNameInvalid => "node_name_invalid",
+            ErrorCode::NodeNameTaken => "node_name_taken",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::CsrInvalid => "csr_invalid",
+            ErrorCode::NodeRevoked => "node_revoked",
+            ErrorCode::Unauthenticated => "unauthenticated",
+            ErrorCode::ProtocolViolation => "protocol_violation",
+            ErrorCode::Internal => "internal",
+        }
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl From<pb::ErrorCode> for ErrorCode {
+    fn from(code: pb::ErrorCode) -> Self {
+        use pb::ErrorCode as P;
+        match code {
+            P::Unspecified => ErrorCode::Unspecified,
+            P::UnsupportedVersion => ErrorCode::UnsupportedVersion,
+            P::TokenUnknown => ErrorCode::TokenUnknown,
+            P::TokenSecretMismatch => ErrorCode::TokenSecretMismatch,
+            P::TokenExpired => ErrorCode::TokenExpired,
+            P::TokenUsedUp => ErrorCode::TokenUsedUp,
+            P::TokenRevoked => ErrorCode::TokenRevoked,
+            P::TokenNodeMismatch => ErrorCode::TokenNodeMismatch,
+            P::TokenMalformed => ErrorCode::TokenMalformed,
+            P::NodeNameInvalid => ErrorCode::NodeNameInvalid,
+            P::NodeNameTaken => ErrorCode::NodeNameTaken,
+            P::RateLimited => ErrorCode::RateLimited,
+            P::CsrInvalid => ErrorCode::CsrInvalid,
+            P::NodeRevoked => ErrorCode::NodeRevoked,
+            P::Unauthenticated => ErrorCode::Unauthenticated,
+            P::ProtocolViolation => ErrorCode::ProtocolViolation,
+            P::Internal => ErrorCode::Internal,
+        }
+    }
+}
+
+impl From<ErrorCode> for pb::ErrorCode {
+    fn from(code: ErrorCode) -> Self {
+        use pb::ErrorCode as P;
+        match code {
+            ErrorCode::Unspecified => P::Unspecified,
+            ErrorCode::UnsupportedVersion => P::UnsupportedVersion,
+            ErrorCode::TokenUnknown => P::TokenUnknown,
+            ErrorCode::TokenSecretMismatch => P::TokenSecretMismatch,
+            ErrorCode::TokenExpired => P::TokenExpired,
+            ErrorCode::TokenUsedUp => P::TokenUsedUp,
+            ErrorCode::TokenRevoked => P::TokenRevoked,
+            ErrorCode::TokenNodeMismatch => P::TokenNodeMismatch,
+            ErrorCode::TokenMalformed => P::TokenMalformed,
+            ErrorCode::NodeNameInvalid => P::NodeNameInvalid,
+            ErrorCode::NodeNameTaken => P::NodeNameTaken,
+            ErrorCode::RateLimited => P::RateLimited,
+            ErrorCode::CsrInvalid => P::CsrInvalid,
+            ErrorCode::NodeRevoked => P::NodeRevoked,
+            ErrorCode::Unauthenticated => P::Unauthenticated,
+            ErrorCode::ProtocolViolation => P::ProtocolViolation,
+            ErrorCode::Internal => P::Internal,
+        }
+    }
+}
+
+/// A refusal with its reason, sent before the sender closes the stream or connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ErrorMessage {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl fmt::Display for ErrorMessage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({})", self.message, self.code)
+    }
+}
+
+/// Identity of a Kubernetes object as the edge stores it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ObjectRef {
+    pub kind: String,
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+}
+
+/// Create or replace an object on the edge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectUpsert {
+    pub seq: u64,
+    pub object: ObjectRef,
+    pub resource_version: String,
+    pub body: Vec<u8>,
+}
+
+/// Remove an object from the edge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectDelete {
+    pub seq: u64,
+    pub object: ObjectRef,
+    pub resource_version: String,
+}
+
+/// Status of an object owned by the reporting edge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatusReport {
+    pub seq: u64,
+    pub object: ObjectRef,
+    pub generation: u64,
+    pub status: Vec<u8>,
+}
+
+/// Token plus CSR; the only message accepted on a connection without a client certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JoinRequest {
+    pub version: ProtocolVersion,
+    pub token: String,
+    pub node_name: String,
+    pub csr_der: Vec<u8>,
+    pub labels: BTreeMap<String, String>,
+}
+
+impl JoinRequest {
+    /// The public id part of the token (before the dot); safe to log, unlike the secret.
+    pub fn token_id(&self) -> &str {
+        self.token.split('.').next().unwrap_or("")
+    }
+}
+
+/// The signed node certificate and the cluster CA.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JoinResponse {
+    pub certificate_der: Vec<u8>,
+    pub ca_der: Vec<u8>,
+}
+
+/// One message of the protocol.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    Hello(Hello),
+    HelloAck(HelloAck),
+    Error(ErrorMessage),
+    Heartbeat { seq: u64 },
+    Upsert(ObjectUpsert),
+    Delete(ObjectDelete),
+    Ack { seq: u64 },
+    Status(StatusReport),
+    JoinRequest(JoinRequest),
+    JoinResponse(JoinResponse),
+    RenewRequest { csr_der: Vec<u8> },
+    RenewResponse { certificate_der: Vec<u8> },
+}
+
+impl Message {
+    /// The message type's name, for logs and metrics labels.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Message::Hello(_) => "hello",
+            Message::HelloAck(_) => "hello_ack",
+            Message::Error(_) => "error",
+            Message::Heartbeat { .. } => "heartbeat",
+            Message::Upsert(_) => "upsert",
+            Message::Delete(_) => "delete",
+            Message::Ack { .. } => "ack",
+            Message::Status(_) => "status",
+            Message::JoinRequest(_) => "join_request",
+            Message::JoinResponse(_) => "join_response",
+            Message::RenewRequest { .. } => "renew_request",
+            Message::RenewResponse { .. } => "renew_response",
+        }
+    }
+
+    /// Shorthand for an error message.
+    pub fn error(code: ErrorCode, message: impl Into<String>) -> Self {
+        Message::Error(ErrorMessage {
+            code,
+            message: message.into(),
+        })
+    }
+}
+
+fn required<T>(value: Option<T>, message: &'static str, field: &'static str) -> Result<T, InvalidMessage> {
+    value.ok_or(InvalidMessage::MissingField { message, field })
+}
+
+fn bounded(value: String, message: &'static str, field: &'static str) -> Result<String, InvalidMessage> {
+    if value.len() > MAX_NAME_LEN {
+        return Err(InvalidMessage::FieldTooLong {
+            message,
+            field,
+            len: value.len(),
+            max: MAX_NAME_LEN,
+        });
+    }
+    Ok(value)
+}
+
+fn version_from(v: Option<pb::ProtocolVersion>, message: &'static str) -> Result<ProtocolVersion, InvalidMessage> {
+    let v = required(v, message, "version")?;
+    Ok(ProtocolVersion {
+        major: v.major,
+        minor: v.minor,
+    })
+}
+
+fn version_to(v: ProtocolVersion) -> Option<pb::ProtocolVersion> {
+    Some(pb::ProtocolVersion {
+        major: v.major,
+        minor: v.minor,
+    })
+}
+
+fn object_from(o: Option<pb::ObjectRef>, message: &'static str) -> Result<ObjectRef, InvalidMessage> {
+    let o = required(o, message, "object")?;
+    if o.kind.is_empty() {
+        return Err(InvalidMessage::MissingField {
+            message,
+            field: "object.kind",
+        });
+    }
+    if o.name.is_empty() {
+        return Err(InvalidMessage::MissingField {
+            message,
+            field: "object.name",
+        });
+    }
+    Ok(ObjectRef {
+        kind: bounded(o.kind, message, "object.kind")?,
+        namespace: bounded(o.namespace, message, "object.namespace")?,
+        name: bounded(o.name, message, "object.name")?,
+        uid: bounded(o.uid, message, "object.uid")?,
+    })
+}
+
+fn object_to(o: ObjectRef) -> Option<pb::ObjectRef> {
+    Some(pb::ObjectRef {
+        kind: o.kind,
+        namespace: o.namespace,
+        name: o.name,
+        uid: o.uid,
+    })
+}
+
+impl TryFrom<pb::Envelope> for Message {
+    type Error = InvalidMessage;
+
+    fn try_from(envelope: pb::Envelope) -> Result<Self, InvalidMessage> {
+        let body = envelope.body.ok_or(InvalidMessage::UnknownType)?;
+        Ok(match body {
+            Body::Hello(h) => {
+                let info = required(h.node_info, "hello", "node_info")?;
+                Message::Hello(Hello {
+                    version: version_from(h.version, "hello")?,
+                    node_info: NodeInfo {
+                        hostname: bounded(info.hostname, "hello", "node_info.hostname")?,
+                        os: bounded(info.os, "hello", "node_info.os")?,
+                        arch: bounded(info.arch, "hello", "node_info.arch")?,
+                        kernel_version: bounded(info.kernel_version, "hello", "node_info.kernel_version")?,
+                        edgecore_version: bounded(info.edgecore_version, "hello", "node_info.edgecore_version")?,
+                        cpus: info.cpus,
+                        memory_bytes: info.memory_bytes,
+                    },
+                })
+            }
+            Body::HelloAck(a) => Message::HelloAck(HelloAck {
+                version: version_from(a.version, "hello_ack")?,
+                node_name: bounded(a.node_name, "hello_ack", "node_name")?,
+                heartbeat_interval_ms: a.heartbeat_interval_ms,
+                dead_after_ms: a.dead_after_ms,
+            }),
+            Body::Error(e) => Message::Error(ErrorMessage {
+                // An error code this build does not know is still an error: keep the text.
+                code: pb::ErrorCode::try_from(e.code)
+                    .map(ErrorCode::from)
+                    .unwrap_or(ErrorCode::Unspecified),
+                message: e.message,
+            }),
+            Body::Heartbeat(h) => Message::Heartbeat { seq: h.seq },
+            Body::Upsert(u) => Message::Upsert(ObjectUpsert {
+                seq: u.seq,
+                object: object_from(u.object, "upsert")?,
+                resource_version: bounded(u.resource_version, "upsert", "resource_version")?,
+                body: u.body,
+            }),
+            Body::Delete(d) => Message::Delete(ObjectDelete {
+                seq: d.seq,
+                object: object_from(d.object, "delete")?,
+                resource_version: bounded(d.resource_version, "delete", "resource_version")?,
+            }),
+            Body::Ack(a) => Message::Ack { seq: a.seq },
+            Body::Status(s) => Message::Status(StatusReport {
+                seq: s.seq,
+                object: object_from(s.object, "status")?,
+                generation: s.generation,
+                status: s.status,
+            }),
+            Body::JoinRequest(j) => Message::JoinRequest(JoinRequest {
+                version: version_from(j.version, "join_request")?,
+                token: bounded(j.token, "join_request", "token")?,
+                node_name: bounded(j.node_name, "join_request", "node_name")?,
+                csr_der: j.csr_der,
+                labels: j.labels.into_iter().collect(),
+            }),
+            Body::JoinResponse(j) => Message::JoinResponse(JoinResponse {
+                certificate_der: j.certificate_der,
+                ca_der: j.ca_der,
+            }),
+            Body::RenewRequest(r) => Message::RenewRequest { csr_der: r.csr_der },
+            Body::RenewResponse(r) => Message::RenewResponse {
+                certificate_der: r.certificate_der,
+            },
+        })
+    }
+}
+
+impl From<Message> for pb::Envelope {
+    fn from(message: Message) -> Self {
+        let body = match message {
+            Message::Hello(h) => Body::Hello(pb::Hello {
+                version: version_to(h.version),
+                node_info: Some(pb::NodeInfo {
+                    hostname: h.node_info.hostname,
+                    os: h.node_info.os,
+                    arch: h.node_info.arch,
+                    kernel_version: h.node_info.kernel_version,
+                    edgecore_version: h.node_info.edgecore_version,
+                    cpus: h.node_info.cpus,
+                    memory_bytes: h.node_info.memory_bytes,
+                }),
+            }),
+            Message::HelloAck(a) => Body::HelloAck(pb::HelloAck {
+                version: version_to(a.version),
+                node_name: a.node_name,
+                heartbeat_interval_ms: a.heartbeat_interval_ms,
+                dead_after_ms: a.dead_after_ms,
+            }),
+            Message::Error(e) => Body::Error(pb::Error {
+                code: pb::ErrorCode::from(e.code) as i32,
+                message: e.message,
+            }),
+            Message::Heartbeat { seq } => Body::Heartbeat(pb::Heartbeat { seq }),
+            Message::Upsert(u) => Body::Upsert(pb::ObjectUpsert {
+                seq: u.seq,
+                object: object_to(u.object),
+                resource_version: u.resource_version,
+                body: u.body,
+            }),
+            Message::Delete(d) => Body::Delete(pb::ObjectDelete {
+                seq: d.seq,
+                object: object_to(d.object),
+                resource_version: d.resource_version,
+            }),
+            Message::Ack { seq } => Body::Ack(pb::Ack { seq }),
+            Message::Status(s) => Body::Status(pb::StatusReport {
+                seq: s.seq,
+                object: object_to(s.object),
+                generation: s.generation,
+                status: s.status,
+            }),
+            Message::JoinRequest(j) => Body::JoinRequest(pb::JoinRequest {
+                version: version_to(j.version),
+                token: j.token,
+                node_name: j.node_name,
+                csr_der: j.csr_der,
+                labels: j.labels.into_iter().collect(),
+            }),
+            Message::JoinResponse(j) => Body::JoinResponse(pb::JoinResponse {
+                certificate_der: j.certificate_der,
+                ca_der: j.ca_der,
+            }),
+            Message::RenewRequest { csr_der } => Body::RenewRequest(pb::RenewRequest { csr_der }),
+            Message::RenewResponse { certificate_der } => {
+                Body::RenewResponse(pb::RenewResponse { certificate_der })
+            }
+        };
+        pb::Envelope { body: Some(body) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample_messages() -> Vec<Message> {
+        let object = ObjectRef {
+            kind: "Pod".into(),
+            namespace: "default".into(),
+            name: "web".into(),
+            uid: "u-1".into(),
+        };
+        vec![
+            Message::Hello(Hello {
+                version: PROTOCOL_VERSION,
+                node_info: NodeInfo {
+                    hostname: "gw-1".into(),
+                    cpus: 4,
+                    memory_bytes: 1 << 30,
+                    ..NodeInfo::default()
+                },
+            }),
+            Message::HelloAck(HelloAck {
+                version: PROTOCOL_VERSION,
+                node_name: "gw-1".into(),
+                heartbeat_interval_ms: 10_000,
+                dead_after_ms: 30_000,
+            }),
+            Message::error(ErrorCode::TokenExpired, "token abcdef expired"),
+            Message::Heartbeat { seq: 7 },
+            Message::Upsert(ObjectUpsert {
+                seq: 1,
+                object: object.clone(),
+                resource_version: "42".into(),
+                body: b"{}".to_vec(),
+            }),
+            Message::Delete(ObjectDelete {
+                seq: 2,
+                object: object.clone(),
+                resource_version: "43".into(),
+            }),
+            Message::Ack { seq: 2 },
+            Message::Status(StatusReport {
+                seq: 3,
+                object,
+                generation: 9,
+                status: b"{\"phase\":\"Running\"}".to_vec(),
+            }),
+            Message::JoinRequest(JoinRequest {
+                version: PROTOCOL_VERSION,
+                token: "abcdef.0123456789abcdef".into(),
+                node_name: "gw-1".into(),
+                csr_der: vec![1, 2, 3],
+                labels: [("zone".to_string(), "a".to_string())].into(),
+            }),
+            Message::JoinResponse(JoinResponse {
+                certificate_der: vec![4],
+                ca_der: vec![5],
+            }),
+            Message::RenewRequest { csr_der: vec![6] },
+            Message::RenewResponse {
+                certificate_der: vec![7],
+            },
+        ]
+    }
+
+    #[test]
+    fn every_message_round_trips_through_protobuf() {
+        for message in sample_messages() {
+            let envelope = pb::Envelope::from(message.clone());
+            let back = Message::try_from(envelope).expect("valid message");
+            assert_eq!(back, message);
+        }
+    }
+
+    #[test]
+    fn empty_envelope_is_an_unknown_type() {
+        assert_eq!(
+            Message::try_from(pb::Envelope { body: None }),
+            Err(InvalidMessage::UnknownType)
+        );
+    }
+
+    #[test]
+    fn hello_without_version_is_rejected_naming_the_field() {
+        let envelope = pb::Envelope {
+            body: Some(Body::Hello(pb::Hello {
+                version: None,
+                node_info: Some(pb::NodeInfo::default()),
+            })),
+        };
+        let err = Message::try_from(envelope).unwrap_err();
+        assert_eq!(err.to_string(), "hello: required field `version` is missing");
+    }
+
+    #[test]
+    fn upsert_without_object_name_is_rejected() {
+        let envelope = pb::Envelope {
+            body: Some(Body::Upsert(pb::ObjectUpsert {
+                object: Some(pb::ObjectRef {
+                    kind: "Pod".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })),
+        };
+        assert_eq!(
+            Message::try_from(envelope),
+            Err(InvalidMessage::MissingField {
+                message: "upsert",
+                field: "object.name"
+            })
+        );
+    }
+
+    #[test]
+    fn overlong_name_is_rejected() {
+        let envelope = pb::Envelope {
+            body: Some(Body::JoinRequest(pb::JoinRequest {
+                version: version_to(PROTOCOL_VERSION),
+                node_name: "x".repeat(300),
+                ..Default::default()
+            })),
+        };
+        assert!(matches!(
+            Message::try_from(envelope),
+            Err(InvalidMessage::FieldTooLong { field: "node_name", len: 300, .. })
+        ));
+    }
+
+    #[test]
+    fn unknown_error_code_keeps_the_text() {
+        let envelope = pb::Envelope {
+            body: Some(Body::Error(pb::Error {
+                code: 999,
+                message: "future reason".into(),
+            })),
+        };
+        assert_eq!(
+            Message::try_from(envelope),
+            Ok(Message::error(ErrorCode::Unspecified, "future reason"))
+        );
+    }
+
+    #[test]
+    fn version_support_is_by_major() {
+        assert!(ProtocolVersion { major: 1, minor: 9 }.is_supported());
+        assert!(!ProtocolVersion { major: 2, minor: 0 }.is_supported());
+        assert!(!ProtocolVersion { major: 0, minor: 1 }.is_supported());
+    }
+}
