@@ -1,1 +1,101 @@
-//! placeholder
+//! cloudcore: the cloud side of the edge system.
+//!
+//! `serve` runs the QUIC tunnel ([`hub`]) with the cluster CA ([`pki`]) and its durable state
+//! ([`registry`]); the CLI's token and node commands work on the same registry file.
+
+pub mod config;
+pub mod hub;
+pub mod join;
+pub mod metrics;
+pub mod pki;
+pub mod registry;
+pub mod signal;
+pub mod token;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use config::ServeConfig;
+
+/// How often `serve` records in the registry that it is alive.
+pub const SERVER_HEARTBEAT: Duration = Duration::from_secs(5);
+/// `node list` reports nodes as connected only while that record is younger than this.
+pub const SERVER_STALE_AFTER: Duration = Duration::from_secs(20);
+
+/// `serve` could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Pki(#[from] pki::PkiError),
+    #[error(transparent)]
+    Registry(#[from] registry::RegistryError),
+    #[error(transparent)]
+    Hub(#[from] hub::HubError),
+    #[error("cannot bind the metrics listener on {addr}")]
+    Metrics {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Runs `serve` until `shutdown` is cancelled. Everything is bound before this returns an
+/// error, so a bad address fails fast.
+pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> Result<(), ServeError> {
+    let ca = Arc::new(pki::ClusterCa::load_or_create(&config.data_dir)?);
+    let registry = registry::Registry::open(&config.data_dir)?;
+    registry.server_started(&config.cloud_address())?;
+    let endpoint = hub::endpoint(&config, &ca)?;
+    let metrics_listener = metrics::bind(config.metrics_listen)
+        .await
+        .map_err(|source| ServeError::Metrics {
+            addr: config.metrics_listen,
+            source,
+        })?;
+    tracing::info!(
+        listen = %endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        metrics = %metrics_listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        data_dir = %config.data_dir.display(),
+        ca.hash = %ca.hash(),
+        cloud = %config.cloud_address(),
+        "cloudcore serving"
+    );
+
+    let metrics = Arc::new(metrics::Metrics::default());
+    let shared = Arc::new(hub::Shared::new(config, registry, ca, metrics.clone()));
+    let tracker = TaskTracker::new();
+    let metrics_shutdown = shutdown.clone();
+    tracker.spawn(async move {
+        if let Err(e) = metrics::serve(metrics_listener, metrics, metrics_shutdown).await {
+            tracing::error!(error = %e, "metrics server failed");
+        }
+    });
+    tracker.spawn(hub::watch_revocations(shared.clone(), shutdown.clone()));
+    tracker.spawn(hub::heartbeat_registry(shared.clone(), shutdown.clone(), SERVER_HEARTBEAT));
+
+    hub::accept(endpoint.clone(), shared.clone(), shutdown.clone(), tracker.clone()).await;
+
+    tracing::info!("shutting down");
+    shared.close_all("cloudcore shutting down");
+    endpoint.close(quinn::VarInt::from_u32(proto::close_code::SHUTDOWN), b"cloudcore shutting down");
+    tracker.close();
+    if tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await.is_err() {
+        tracing::warn!("some tasks did not stop within 5s");
+    }
+    if let Err(e) = shared.registry.server_stopped() {
+        tracing::warn!(error = %e, "cannot record shutdown");
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+    Ok(())
+}
+
+/// The machine's hostname, if it has one.
+pub fn hostname() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+}

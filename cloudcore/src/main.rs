@@ -1,1 +1,367 @@
-fn main() {}
+//! The `cloudcore` command: `serve`, and the operator's `token` and `node` commands.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, UNIX_EPOCH};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use cloudcore::registry::{NewToken, Registry};
+use cloudcore::token::{BootstrapToken, validate_node_name};
+use cloudcore::{ServeConfig, SERVER_STALE_AFTER, config::join_host_port, pki::ClusterCa};
+use tokio_util::sync::CancellationToken;
+
+/// Exit code for a bad command line or configuration (EX_USAGE).
+const EXIT_USAGE: u8 = 64;
+
+#[derive(Parser, Debug)]
+#[command(name = "cloudcore", version, about = "Cloud side of the edge system: tunnel server, CA, join tokens")]
+struct Cli {
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+enum Output {
+    Text,
+    Json,
+}
+
+#[derive(Args, Debug, Clone)]
+struct DataDir {
+    /// Directory holding the CA, the registry database and other state.
+    #[arg(long, env = "CLOUDCORE_DATA_DIR", default_value = "/var/lib/cloudcore")]
+    data_dir: PathBuf,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the tunnel server.
+    Serve(ServeArgs),
+    /// Create, list and revoke join tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// List and revoke edge nodes.
+    #[command(subcommand)]
+    Node(NodeCommand),
+}
+
+#[derive(Args, Debug)]
+struct ServeArgs {
+    #[command(flatten)]
+    data_dir: DataDir,
+    /// UDP address of the QUIC tunnel.
+    #[arg(long, default_value = "0.0.0.0:10000")]
+    listen: SocketAddr,
+    /// Address (host or IP) edges dial; added to the serving certificate. Repeatable.
+    #[arg(long = "advertise-address")]
+    advertise_addresses: Vec<String>,
+    /// Extra subject alternative name for the serving certificate. Repeatable.
+    #[arg(long = "san")]
+    sans: Vec<String>,
+    /// Address of the Prometheus /metrics and /healthz endpoint.
+    #[arg(long, default_value = "127.0.0.1:10350")]
+    metrics_listen: SocketAddr,
+    /// Lifetime of node certificates (e.g. 90d, 12h).
+    #[arg(long, default_value = "90d", value_parser = humantime::parse_duration)]
+    cert_lifetime: Duration,
+    /// Interval edges are told to heartbeat at.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    heartbeat_interval: Duration,
+    /// A session with nothing heard for this long is closed.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    dead_after: Duration,
+    /// Largest accepted frame in bytes.
+    #[arg(long, default_value_t = proto::DEFAULT_MAX_FRAME_SIZE)]
+    max_frame_size: usize,
+    /// Handshakes served at once; the rest wait their turn.
+    #[arg(long, default_value_t = 64)]
+    max_concurrent_handshakes: usize,
+    /// Failed joins allowed at once per source address.
+    #[arg(long, default_value_t = 10)]
+    join_failure_burst: u32,
+    /// After the burst, one more failed join is allowed per this interval.
+    #[arg(long, default_value = "6s", value_parser = humantime::parse_duration)]
+    join_failure_refill: Duration,
+}
+
+#[derive(Subcommand, Debug)]
+enum TokenCommand {
+    /// Create a join token and print the `edgecore join` command that uses it.
+    Create {
+        #[command(flatten)]
+        data_dir: DataDir,
+        /// How long the token is valid.
+        #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        /// How many joins it allows.
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
+        /// Bind the token to this node name.
+        #[arg(long)]
+        node: Option<String>,
+        /// `host:port` edges dial; default: what `serve` advertised last.
+        #[arg(long)]
+        cloud: Option<String>,
+        #[arg(short = 'o', long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// List tokens (never their secrets).
+    List {
+        #[command(flatten)]
+        data_dir: DataDir,
+        #[arg(short = 'o', long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Revoke a token by its id (the part before the dot).
+    Revoke {
+        #[command(flatten)]
+        data_dir: DataDir,
+        id: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum NodeCommand {
+    /// List known nodes with connection state and certificate expiry.
+    List {
+        #[command(flatten)]
+        data_dir: DataDir,
+        #[arg(short = 'o', long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Revoke a node: close its live session and refuse its certificates from now on.
+    Revoke {
+        #[command(flatten)]
+        data_dir: DataDir,
+        name: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { ExitCode::from(EXIT_USAGE) } else { ExitCode::SUCCESS };
+        }
+    };
+    init_tracing(cli.log_format);
+    let result = match cli.command {
+        Command::Serve(args) => serve(args),
+        Command::Token(cmd) => token(cmd),
+        Command::Node(cmd) => node(cmd),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let mut config = ServeConfig::new(args.data_dir.data_dir);
+    config.listen = args.listen;
+    config.advertise_addresses = args.advertise_addresses;
+    config.sans = args.sans;
+    config.metrics_listen = args.metrics_listen;
+    config.cert_lifetime = args.cert_lifetime;
+    config.heartbeat_interval = args.heartbeat_interval;
+    config.dead_after = args.dead_after;
+    config.max_frame_size = args.max_frame_size;
+    config.max_concurrent_handshakes = args.max_concurrent_handshakes;
+    config.join_failure_burst = args.join_failure_burst;
+    config.join_failure_refill = args.join_failure_refill;
+    if config.dead_after <= config.heartbeat_interval {
+        eprintln!(
+            "error: --dead-after ({}) must be longer than --heartbeat-interval ({})",
+            humantime::format_duration(config.dead_after),
+            humantime::format_duration(config.heartbeat_interval)
+        );
+        return Ok(ExitCode::from(EXIT_USAGE));
+    }
+    for san in config.advertise_addresses.iter().chain(&config.sans) {
+        if san.parse::<std::net::IpAddr>().is_err() && validate_node_name(san).is_err() {
+            eprintln!("error: --advertise-address/--san {san:?} is neither an IP address nor a DNS name");
+            return Ok(ExitCode::from(EXIT_USAGE));
+        }
+    }
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async {
+        let shutdown = CancellationToken::new();
+        tokio::spawn(cloudcore::signal::cancel_on_signal(shutdown.clone()));
+        cloudcore::run(config, shutdown).await
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn open_registry(dir: &Path) -> anyhow::Result<Registry> {
+    Ok(Registry::open(dir)?)
+}
+
+fn rfc3339(ms: i64) -> String {
+    let t = UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+fn relative(ms: i64) -> String {
+    let now = cloudcore::registry::now_ms();
+    let d = Duration::from_secs(((now - ms).unsigned_abs()) / 1000);
+    let text = humantime::format_duration(d).to_string();
+    let text = text.split(' ').take(2).collect::<Vec<_>>().join(" ");
+    if ms <= now { format!("{text} ago") } else { format!("in {text}") }
+}
+
+fn token(cmd: TokenCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        TokenCommand::Create { data_dir, ttl, uses, node, cloud, output } => {
+            if uses == 0 {
+                eprintln!("error: --uses must be at least 1");
+                return Ok(ExitCode::from(EXIT_USAGE));
+            }
+            if let Some(name) = &node
+                && let Err(e) = validate_node_name(name)
+            {
+                eprintln!("error: --node: {e}");
+                return Ok(ExitCode::from(EXIT_USAGE));
+            }
+            let ca = ClusterCa::load_or_create(&data_dir.data_dir)?;
+            let registry = open_registry(&data_dir.data_dir)?;
+            let cloud = match cloud {
+                Some(c) => c,
+                None => registry.cloud_address()?.unwrap_or_else(|| {
+                    join_host_port(&cloudcore::hostname().unwrap_or_else(|| "localhost".into()), 10000)
+                }),
+            };
+            let token = BootstrapToken::generate();
+            let record = registry.create_token(&NewToken { token: token.clone(), ttl, uses, node: node.clone() })?;
+            let mut command = format!(
+                "edgecore join --cloud {cloud} --token {} --ca-hash {}",
+                token.reveal(),
+                ca.hash()
+            );
+            if let Some(name) = &node {
+                command.push_str(&format!(" --node-name {name}"));
+            }
+            if output == Output::Json {
+                let value = serde_json::json!({
+                    "token": token.reveal(),
+                    "id": record.id,
+                    "ca_hash": ca.hash(),
+                    "cloud": cloud,
+                    "expires": rfc3339(record.expires_ms),
+                    "uses": uses,
+                    "node": node,
+                    "join_command": command,
+                });
+                println!("{}", serde_json::to_string_pretty(&value)?);
+            } else {
+                eprintln!(
+                    "token {} created: valid until {} ({}), {} use(s){}. Run on the edge gateway:",
+                    record.id,
+                    rfc3339(record.expires_ms),
+                    relative(record.expires_ms),
+                    uses,
+                    node.as_deref().map(|n| format!(", bound to node {n}")).unwrap_or_default()
+                );
+                println!("{command}");
+            }
+        }
+        TokenCommand::List { data_dir, output } => {
+            let tokens = open_registry(&data_dir.data_dir)?.list_tokens()?;
+            if output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&tokens)?);
+            } else {
+                println!("{:<8} {:<22} {:<10} {:<9} NODE", "ID", "EXPIRES", "USES-LEFT", "STATE");
+                let now = cloudcore::registry::now_ms();
+                for t in tokens {
+                    let state = if t.revoked {
+                        "revoked"
+                    } else if t.expires_ms <= now {
+                        "expired"
+                    } else if t.uses_left <= 0 {
+                        "used-up"
+                    } else {
+                        "valid"
+                    };
+                    println!(
+                        "{:<8} {:<22} {:<10} {:<9} {}",
+                        t.id,
+                        rfc3339(t.expires_ms),
+                        t.uses_left,
+                        state,
+                        t.node.as_deref().unwrap_or("<any>")
+                    );
+                }
+            }
+        }
+        TokenCommand::Revoke { data_dir, id } => {
+            if !open_registry(&data_dir.data_dir)?.revoke_token(&id)? {
+                eprintln!("error: no token with id {id:?} (see `cloudcore token list`)");
+                return Ok(ExitCode::FAILURE);
+            }
+            eprintln!("token {id} revoked");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn node(cmd: NodeCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        NodeCommand::List { data_dir, output } => {
+            let nodes = open_registry(&data_dir.data_dir)?.list_nodes(SERVER_STALE_AFTER)?;
+            if output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&nodes)?);
+            } else {
+                println!("{:<24} {:<13} {:<16} {:<22} ADDRESS", "NAME", "STATUS", "LAST-SEEN", "CERT-EXPIRES");
+                for n in nodes {
+                    let status = if n.revoked {
+                        "Revoked"
+                    } else if n.connected {
+                        "Connected"
+                    } else {
+                        "Disconnected"
+                    };
+                    println!(
+                        "{:<24} {:<13} {:<16} {:<22} {}",
+                        n.name,
+                        status,
+                        n.last_seen_ms.map(relative).unwrap_or_else(|| "never".into()),
+                        n.cert_not_after_ms.map(rfc3339).unwrap_or_else(|| "-".into()),
+                        n.address.as_deref().unwrap_or("-")
+                    );
+                }
+            }
+        }
+        NodeCommand::Revoke { data_dir, name } => {
+            if !open_registry(&data_dir.data_dir)?.revoke_node(&name)? {
+                eprintln!("error: no node named {name:?} (see `cloudcore node list`)");
+                return Ok(ExitCode::FAILURE);
+            }
+            eprintln!("node {name} revoked; its live session closes within a second");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+

@@ -23,6 +23,26 @@ pub use message::{
     StatusReport,
 };
 
+/// QUIC application close codes. The reason text that goes with them is for humans.
+pub mod close_code {
+    /// Orderly close (the session ended, the join completed).
+    pub const NORMAL: u32 = 0;
+    /// The peer sent something the protocol does not allow (bad frame, wrong message).
+    pub const PROTOCOL_VIOLATION: u32 = 1;
+    /// The peer's protocol major version is not supported.
+    pub const UNSUPPORTED_VERSION: u32 = 2;
+    /// The node's certificate was revoked.
+    pub const REVOKED: u32 = 3;
+    /// No acceptable identity (no client certificate where one is required, unknown serial).
+    pub const UNAUTHENTICATED: u32 = 4;
+    /// Nothing heard from the peer within the dead-after interval.
+    pub const HEARTBEAT_TIMEOUT: u32 = 5;
+    /// A newer session of the same node took over.
+    pub const REPLACED: u32 = 6;
+    /// The process is shutting down.
+    pub const SHUTDOWN: u32 = 7;
+}
+
 /// The ALPN protocol id both sides offer; the protocol version itself is negotiated in
 /// `Hello`/`JoinRequest` so that a mismatch gets a readable error instead of a TLS alert.
 pub const ALPN: &[u8] = b"edge";

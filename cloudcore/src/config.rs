@@ -1,0 +1,84 @@
+//! Settings of `cloudcore serve`, parsed once from the command line into typed values.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Everything `serve` needs; tests build it directly.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub data_dir: PathBuf,
+    /// UDP address of the QUIC tunnel.
+    pub listen: SocketAddr,
+    /// Addresses edges dial; the first one goes into printed join commands.
+    pub advertise_addresses: Vec<String>,
+    /// Extra subject alternative names for the serving certificate.
+    pub sans: Vec<String>,
+    pub metrics_listen: SocketAddr,
+    pub cert_lifetime: Duration,
+    pub heartbeat_interval: Duration,
+    pub dead_after: Duration,
+    pub max_frame_size: usize,
+    /// Connections allowed between QUIC accept and a finished Hello at once.
+    pub max_concurrent_handshakes: usize,
+    /// Time a peer has to complete TLS and send its first message.
+    pub handshake_timeout: Duration,
+    /// Failed joins allowed at once per source address, then one per `join_failure_refill`.
+    pub join_failure_burst: u32,
+    pub join_failure_refill: Duration,
+    /// How often `serve` checks the registry for revocations made by the CLI.
+    pub revocation_poll: Duration,
+}
+
+impl ServeConfig {
+    /// Defaults for everything but the data dir.
+    pub fn new(data_dir: PathBuf) -> Self {
+        ServeConfig {
+            data_dir,
+            listen: SocketAddr::from(([0, 0, 0, 0], 10000)),
+            advertise_addresses: Vec::new(),
+            sans: Vec::new(),
+            metrics_listen: SocketAddr::from(([127, 0, 0, 1], 10350)),
+            cert_lifetime: Duration::from_secs(90 * 24 * 3600),
+            heartbeat_interval: Duration::from_secs(10),
+            dead_after: Duration::from_secs(30),
+            max_frame_size: proto::DEFAULT_MAX_FRAME_SIZE,
+            max_concurrent_handshakes: 64,
+            handshake_timeout: Duration::from_secs(10),
+            join_failure_burst: 10,
+            join_failure_refill: Duration::from_secs(6),
+            revocation_poll: Duration::from_millis(200),
+        }
+    }
+
+    /// `host:port` for join commands: the first advertise address, else the hostname.
+    pub fn cloud_address(&self) -> String {
+        let host = self
+            .advertise_addresses
+            .first()
+            .cloned()
+            .unwrap_or_else(|| crate::hostname().unwrap_or_else(|| "localhost".into()));
+        join_host_port(&host, self.listen.port())
+    }
+
+    /// SANs of the serving certificate: localhost, loopback, the hostname, the advertised
+    /// addresses and the extra SANs, without duplicates.
+    pub fn server_sans(&self) -> Vec<String> {
+        let mut sans = vec!["localhost".to_string(), "127.0.0.1".into(), "::1".into()];
+        sans.extend(crate::hostname());
+        sans.extend(self.advertise_addresses.iter().cloned());
+        sans.extend(self.sans.iter().cloned());
+        let mut seen = std::collections::HashSet::new();
+        sans.retain(|s| seen.insert(s.clone()));
+        sans
+    }
+}
+
+/// `host:port`, bracketing IPv6 literals.
+pub fn join_host_port(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}

@@ -1,0 +1,622 @@
+//! The QUIC tunnel server: TLS set-up, handshake pacing, joins, and one session per node.
+//!
+//! A connection without a client certificate may only join. A connection with one (verified
+//! against the cluster CA by rustls) is a node session whose name comes from the certificate.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use proto::{ErrorCode, FrameError, FrameReader, FrameWriter, HelloAck, Message, close_code};
+use quinn::crypto::rustls::QuicServerConfig;
+use quinn::{Connection, Endpoint, RecvStream, SendStream, VarInt};
+use rustls::pki_types::CertificateDer;
+use rustls::server::WebPkiClientVerifier;
+use tokio::sync::{Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::config::ServeConfig;
+use crate::join::{self, JoinLimiter, source_text};
+use crate::metrics::Metrics;
+use crate::pki::{self, ClusterCa, NodeIdentity};
+use crate::registry::{CertificateStatus, Registry};
+
+/// Outgoing messages queued per session; a full queue makes the sender wait (flow control).
+const SESSION_QUEUE: usize = 64;
+
+/// The tunnel could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum HubError {
+    #[error("cannot build the TLS configuration")]
+    Tls(#[from] rustls::Error),
+    #[error("cannot build the client certificate verifier")]
+    Verifier(#[from] rustls::server::VerifierBuilderError),
+    #[error("TLS configuration is not usable for QUIC")]
+    Quic(#[from] quinn::crypto::rustls::NoInitialCipherSuite),
+    #[error("cannot issue the serving certificate")]
+    Pki(#[from] pki::PkiError),
+    #[error("cannot bind the tunnel on UDP {addr}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid transport setting: {0}")]
+    Transport(String),
+}
+
+/// A live node session, as seen by the revocation watcher and by a newer session of the node.
+#[derive(Debug)]
+struct SessionHandle {
+    id: u64,
+    serial: String,
+    connection: Connection,
+}
+
+/// State shared by all connection tasks.
+#[derive(Debug)]
+pub struct Shared {
+    pub config: ServeConfig,
+    pub registry: Registry,
+    pub ca: Arc<ClusterCa>,
+    pub metrics: Arc<Metrics>,
+    /// Guarded by a std mutex: held only for a map lookup, never across an await.
+    pub join_limiter: Mutex<JoinLimiter>,
+    /// node name -> its current session. Same locking rule as above.
+    sessions: Mutex<HashMap<String, SessionHandle>>,
+    next_session: AtomicU64,
+}
+
+impl Shared {
+    pub fn new(config: ServeConfig, registry: Registry, ca: Arc<ClusterCa>, metrics: Arc<Metrics>) -> Self {
+        let join_limiter = Mutex::new(JoinLimiter::new(
+            config.join_failure_burst,
+            config.join_failure_refill,
+        ));
+        Shared {
+            config,
+            registry,
+            ca,
+            metrics,
+            join_limiter,
+            sessions: Mutex::new(HashMap::new()),
+            next_session: AtomicU64::new(1),
+        }
+    }
+
+    fn sessions(&self) -> std::sync::MutexGuard<'_, HashMap<String, SessionHandle>> {
+        self.sessions.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Names of nodes with a live session.
+    pub fn connected_nodes(&self) -> Vec<String> {
+        self.sessions().keys().cloned().collect()
+    }
+
+    /// Closes every session (on shutdown).
+    pub fn close_all(&self, reason: &str) {
+        for session in self.sessions().values() {
+            session
+                .connection
+                .close(VarInt::from_u32(close_code::SHUTDOWN), reason.as_bytes());
+        }
+    }
+}
+
+/// Binds the QUIC endpoint with the cluster CA's serving certificate.
+pub fn endpoint(config: &ServeConfig, ca: &ClusterCa) -> Result<Endpoint, HubError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.cert_der().clone())?;
+    // Certificates are optional at the TLS layer so that joins work; a session without one is
+    // refused after the handshake.
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .allow_unauthenticated()
+        .build()?;
+    let (chain, key) = ca.issue_server_certificate(&config.server_sans())?;
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)?;
+    tls.alpn_protocols = vec![proto::ALPN.to_vec()];
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(tls)?));
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .max_idle_timeout(Some(
+            config
+                .dead_after
+                .try_into()
+                .map_err(|_| HubError::Transport(format!("dead-after {:?} is too long", config.dead_after)))?,
+        ))
+        .max_concurrent_uni_streams(VarInt::from_u32(0))
+        .max_concurrent_bidi_streams(VarInt::from_u32(4));
+    server.transport_config(Arc::new(transport));
+    Endpoint::server(server, config.listen).map_err(|source| HubError::Bind {
+        addr: config.listen,
+        source,
+    })
+}
+
+/// Accepts connections until cancelled. Handshakes beyond `max_concurrent_handshakes` wait
+/// their turn (QUIC keeps their packets), so a reconnect storm is served steadily instead of
+/// every handshake timing out at once.
+pub async fn accept(endpoint: Endpoint, shared: Arc<Shared>, shutdown: CancellationToken, tracker: TaskTracker) {
+    let handshakes = Arc::new(Semaphore::new(shared.config.max_concurrent_handshakes.max(1)));
+    loop {
+        let incoming = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            incoming = endpoint.accept() => match incoming {
+                Some(incoming) => incoming,
+                None => break,
+            },
+        };
+        let span = tracing::info_span!("conn", peer.addr = %incoming.remote_address(), node.name = tracing::field::Empty);
+        tracker.spawn(
+            handle_incoming(incoming, shared.clone(), handshakes.clone(), shutdown.clone()).instrument(span),
+        );
+    }
+}
+
+async fn handle_incoming(
+    incoming: quinn::Incoming,
+    shared: Arc<Shared>,
+    handshakes: Arc<Semaphore>,
+    shutdown: CancellationToken,
+) {
+    let peer = incoming.remote_address();
+    let Ok(permit) = handshakes.acquire_owned().await else {
+        return;
+    };
+    let connecting = match incoming.accept() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::debug!(error = %e, "could not accept connection");
+            return;
+        }
+    };
+    let connection = match tokio::time::timeout(shared.config.handshake_timeout, connecting).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            shared.metrics.connection_rejected("tls_handshake");
+            tracing::info!(error = %e, "TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            shared.metrics.connection_rejected("handshake_timeout");
+            tracing::info!("TLS handshake timed out");
+            return;
+        }
+    };
+    match peer_certificate(&connection) {
+        None => serve_join(connection, shared, peer).await,
+        Some(cert) => serve_node(connection, cert, shared, peer, permit, shutdown).await,
+    }
+}
+
+fn peer_certificate(connection: &Connection) -> Option<CertificateDer<'static>> {
+    connection
+        .peer_identity()?
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .ok()?
+        .into_iter()
+        .next()
+}
+
+type Reader = FrameReader<RecvStream>;
+type Writer = FrameWriter<SendStream>;
+
+/// Accepts the edge's stream and reads its first message, within the handshake timeout.
+async fn open_stream(connection: &Connection, shared: &Shared) -> Result<(Reader, Writer, Message), Rejection> {
+    let max = shared.config.max_frame_size;
+    let deadline = shared.config.handshake_timeout;
+    let (send, recv) = match tokio::time::timeout(deadline, connection.accept_bi()).await {
+        Ok(Ok(streams)) => streams,
+        Ok(Err(e)) => return Err(Rejection::Gone(e.to_string())),
+        Err(_) => return Err(Rejection::Timeout),
+    };
+    let mut reader = FrameReader::new(recv, max);
+    let writer = FrameWriter::new(send, max);
+    match tokio::time::timeout(deadline, reader.next()).await {
+        Ok(Ok(Some(first))) => Ok((reader, writer, first)),
+        Ok(Ok(None)) => Err(Rejection::Gone("stream finished before the first message".into())),
+        Ok(Err(e)) => Err(Rejection::Frame(e, writer)),
+        Err(_) => Err(Rejection::Timeout),
+    }
+}
+
+/// Why a connection ended before its session started.
+enum Rejection {
+    Gone(String),
+    Timeout,
+    Frame(FrameError, Writer),
+}
+
+impl Rejection {
+    async fn report(self, connection: &Connection, shared: &Shared) {
+        match self {
+            Rejection::Gone(why) => tracing::info!("connection ended before its first message: {why}"),
+            Rejection::Timeout => {
+                shared.metrics.connection_rejected("handshake_timeout");
+                tracing::info!("no first message within the handshake timeout");
+                connection.close(VarInt::from_u32(close_code::PROTOCOL_VIOLATION), b"handshake timeout");
+            }
+            Rejection::Frame(e, mut writer) => protocol_violation(connection, &mut writer, shared, &e).await,
+        }
+    }
+}
+
+/// Logs, counts, tells the peer (best effort) and closes.
+async fn protocol_violation(connection: &Connection, writer: &mut Writer, shared: &Shared, e: &FrameError) {
+    let reason = e.reason();
+    shared.metrics.protocol_error(reason);
+    let detail = match source_text(e) {
+        s if s.is_empty() => e.to_string(),
+        s => format!("{e}: {s}"),
+    };
+    tracing::warn!(reason, "closing connection: {detail}");
+    let _ = tokio::time::timeout(
+        Duration::from_millis(200),
+        writer.send(Message::error(ErrorCode::ProtocolViolation, detail)),
+    )
+    .await;
+    connection.close(VarInt::from_u32(close_code::PROTOCOL_VIOLATION), reason.as_bytes());
+}
+
+/// Sends an error, then closes once the peer had a chance to read it.
+async fn refuse(connection: &Connection, writer: &mut Writer, code: u32, error: Message, reason: &str) {
+    let _ = writer.send(error).await;
+    let _ = writer.get_mut().finish();
+    // Give the peer a moment to read the error before the close discards unread data.
+    let _ = tokio::time::timeout(Duration::from_secs(2), connection.closed()).await;
+    connection.close(VarInt::from_u32(code), reason.as_bytes());
+}
+
+async fn serve_join(connection: Connection, shared: Arc<Shared>, peer: SocketAddr) {
+    let (_reader, mut writer, first) = match open_stream(&connection, &shared).await {
+        Ok(s) => s,
+        Err(rejection) => return rejection.report(&connection, &shared).await,
+    };
+    let Message::JoinRequest(request) = first else {
+        shared.metrics.connection_rejected("no_client_certificate");
+        tracing::warn!(message = first.kind(), "refusing a session without a client certificate");
+        let error = Message::error(
+            ErrorCode::Unauthenticated,
+            "this connection has no client certificate; only a join is allowed",
+        );
+        return refuse(&connection, &mut writer, close_code::UNAUTHENTICATED, error, "no client certificate").await;
+    };
+    let reply = join::admit(shared.clone(), request, peer.ip()).await;
+    let _ = writer.send(reply).await;
+    let _ = writer.get_mut().finish();
+    // The edge closes once it has the reply; don't hold the connection longer than that.
+    let _ = tokio::time::timeout(Duration::from_secs(5), connection.closed()).await;
+    connection.close(VarInt::from_u32(close_code::NORMAL), b"join complete");
+}
+
+async fn serve_node(
+    connection: Connection,
+    cert: CertificateDer<'static>,
+    shared: Arc<Shared>,
+    peer: SocketAddr,
+    permit: tokio::sync::OwnedSemaphorePermit,
+    shutdown: CancellationToken,
+) {
+    let identity = match pki::node_identity(&cert) {
+        Ok(identity) => identity,
+        Err(e) => {
+            shared.metrics.connection_rejected("not_a_node_certificate");
+            tracing::warn!(error = %e, "refusing client certificate");
+            connection.close(VarInt::from_u32(close_code::UNAUTHENTICATED), b"not a node certificate");
+            return;
+        }
+    };
+    tracing::Span::current().record("node.name", identity.node_name.as_str());
+    let (reader, mut writer, first) = match open_stream(&connection, &shared).await {
+        Ok(s) => s,
+        Err(rejection) => return rejection.report(&connection, &shared).await,
+    };
+    let Message::Hello(hello) = first else {
+        shared.metrics.protocol_error("expected_hello");
+        tracing::warn!(message = first.kind(), "first message was not hello");
+        let error = Message::error(ErrorCode::ProtocolViolation, format!("expected hello, got {}", first.kind()));
+        return refuse(&connection, &mut writer, close_code::PROTOCOL_VIOLATION, error, "expected hello").await;
+    };
+    if !hello.version.is_supported() {
+        shared.metrics.connection_rejected("unsupported_version");
+        let text = format!(
+            "protocol version {} is not supported by this cloudcore (it speaks {})",
+            hello.version,
+            proto::PROTOCOL_VERSION
+        );
+        tracing::warn!(version = %hello.version, "refusing session: {text}");
+        let error = Message::error(ErrorCode::UnsupportedVersion, text);
+        return refuse(&connection, &mut writer, close_code::UNSUPPORTED_VERSION, error, "unsupported protocol version").await;
+    }
+    let status = {
+        let shared = shared.clone();
+        let serial = identity.serial.clone();
+        tokio::task::spawn_blocking(move || shared.registry.certificate_status(&serial)).await
+    };
+    let refusal = match status {
+        Ok(Ok(CertificateStatus::Valid)) => None,
+        Ok(Ok(CertificateStatus::Revoked)) => Some((
+            "revoked",
+            close_code::REVOKED,
+            ErrorCode::NodeRevoked,
+            format!(
+                "the certificate of node {} was revoked; join again with a new token",
+                identity.node_name
+            ),
+        )),
+        Ok(Ok(CertificateStatus::Unknown)) => Some((
+            "unknown_certificate",
+            close_code::UNAUTHENTICATED,
+            ErrorCode::Unauthenticated,
+            "this cloudcore has no record of the certificate; join again with a new token".to_string(),
+        )),
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, cause = %source_text(&e), "cannot check certificate status");
+            Some(("internal", close_code::UNAUTHENTICATED, ErrorCode::Internal, "cloudcore cannot check the certificate now; retry later".into()))
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "certificate status task failed");
+            Some(("internal", close_code::UNAUTHENTICATED, ErrorCode::Internal, "cloudcore cannot check the certificate now; retry later".into()))
+        }
+    };
+    if let Some((reason, code, error_code, text)) = refusal {
+        shared.metrics.connection_rejected(reason);
+        tracing::warn!(reason, "refusing session: {text}");
+        return refuse(&connection, &mut writer, code, Message::error(error_code, text), reason).await;
+    }
+
+    let session_id = shared.next_session.fetch_add(1, Ordering::Relaxed);
+    let reconnect = {
+        let shared = shared.clone();
+        let name = identity.node_name.clone();
+        let address = peer.to_string();
+        tokio::task::spawn_blocking(move || shared.registry.mark_connected(&name, &address)).await
+    };
+    match reconnect {
+        Ok(Ok(true)) => shared.metrics.reconnects.inc(),
+        Ok(Ok(false)) => 0,
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, cause = %source_text(&e), "cannot record connection");
+            0
+        }
+        Err(_) => 0,
+    };
+    let ack = Message::HelloAck(HelloAck {
+        version: proto::PROTOCOL_VERSION,
+        node_name: identity.node_name.clone(),
+        heartbeat_interval_ms: shared.config.heartbeat_interval.as_millis() as u64,
+        dead_after_ms: shared.config.dead_after.as_millis() as u64,
+    });
+    if let Err(e) = writer.send(ack).await {
+        tracing::info!(error = %e, "connection lost before the session started");
+        return;
+    }
+    let replaced = shared.sessions().insert(
+        identity.node_name.clone(),
+        SessionHandle {
+            id: session_id,
+            serial: identity.serial.clone(),
+            connection: connection.clone(),
+        },
+    );
+    if let Some(old) = replaced {
+        tracing::info!("closing the node's previous session");
+        old.connection
+            .close(VarInt::from_u32(close_code::REPLACED), b"replaced by a newer session");
+    }
+    drop(permit);
+    shared.metrics.connected_edges.inc();
+    tracing::info!(
+        hostname = %hello.node_info.hostname,
+        arch = %hello.node_info.arch,
+        edgecore.version = %hello.node_info.edgecore_version,
+        "edge connected"
+    );
+
+    let ended = run_session(&connection, &identity, reader, writer, &shared, &shutdown).await;
+    tracing::info!("edge disconnected: {ended}");
+
+    shared.metrics.connected_edges.dec();
+    let still_ours = {
+        let mut sessions = shared.sessions();
+        match sessions.get(&identity.node_name) {
+            Some(s) if s.id == session_id => {
+                sessions.remove(&identity.node_name);
+                true
+            }
+            _ => false,
+        }
+    };
+    if still_ours {
+        let shared = shared.clone();
+        let name = identity.node_name.clone();
+        let _ = tokio::task::spawn_blocking(move || shared.registry.mark_disconnected(&name)).await;
+    }
+}
+
+/// Reads the edge's messages until the session ends; returns why it ended.
+async fn run_session(
+    connection: &Connection,
+    identity: &NodeIdentity,
+    mut reader: Reader,
+    mut writer: Writer,
+    shared: &Arc<Shared>,
+    shutdown: &CancellationToken,
+) -> String {
+    // The writer task owns the send stream; everything that talks to the edge goes through
+    // this bounded queue.
+    let (tx, mut rx) = mpsc::channel::<Message>(SESSION_QUEUE);
+    let writer_task = tokio::spawn(async move {
+        while let Some(message) = rx.recv().await {
+            writer.send(message).await?;
+        }
+        Ok::<_, FrameError>(writer)
+    });
+    let dead_after = shared.config.dead_after;
+    let ended = loop {
+        let next = tokio::select! {
+            _ = shutdown.cancelled() => {
+                connection.close(VarInt::from_u32(close_code::SHUTDOWN), b"cloudcore shutting down");
+                break "cloudcore shutting down".to_string();
+            }
+            next = tokio::time::timeout(dead_after, reader.next()) => next,
+        };
+        let message = match next {
+            Err(_) => {
+                connection.close(VarInt::from_u32(close_code::HEARTBEAT_TIMEOUT), b"heartbeat timeout");
+                break format!("nothing heard for {}", humantime::format_duration(dead_after));
+            }
+            Ok(Ok(Some(message))) => message,
+            Ok(Ok(None)) => {
+                connection.close(VarInt::from_u32(close_code::NORMAL), b"stream finished");
+                break "edge finished its stream".to_string();
+            }
+            Ok(Err(e)) => {
+                if let Some(reason) = connection.close_reason() {
+                    break reason.to_string();
+                }
+                let mut writer = match abort_writer(writer_task, tx).await {
+                    Some(w) => w,
+                    None => {
+                        connection.close(VarInt::from_u32(close_code::PROTOCOL_VIOLATION), e.reason().as_bytes());
+                        shared.metrics.protocol_error(e.reason());
+                        tracing::warn!(reason = e.reason(), "closing connection: {e}");
+                        return format!("protocol violation: {e}");
+                    }
+                };
+                protocol_violation(connection, &mut writer, shared, &e).await;
+                return format!("protocol violation: {e}");
+            }
+        };
+        match message {
+            Message::Heartbeat { seq } => {
+                let _ = tx.send(Message::Heartbeat { seq }).await;
+            }
+            Message::RenewRequest { csr_der } => {
+                let reply = renew(shared, identity, csr_der).await;
+                let _ = tx.send(reply).await;
+            }
+            Message::Error(e) => tracing::warn!(code = %e.code, "edge reported an error: {}", e.message),
+            // Object acknowledgements and status reports belong to the sync engine, which is
+            // not part of this build yet; they are accepted and dropped.
+            Message::Ack { .. } | Message::Status(_) => {
+                tracing::debug!(message = message.kind(), "no handler yet; dropped");
+            }
+            other => {
+                let kind = other.kind();
+                shared.metrics.protocol_error("unexpected_message");
+                tracing::warn!(message = kind, "closing connection: edge sent a message only the cloud may send");
+                let _ = tx
+                    .send(Message::error(ErrorCode::ProtocolViolation, format!("{kind} is not allowed from an edge")))
+                    .await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                connection.close(VarInt::from_u32(close_code::PROTOCOL_VIOLATION), b"unexpected message");
+                break format!("protocol violation: unexpected {kind}");
+            }
+        }
+    };
+    drop(tx);
+    ended
+}
+
+/// Stops the writer task and takes its stream back, to send a last error on it.
+async fn abort_writer(
+    task: tokio::task::JoinHandle<Result<Writer, FrameError>>,
+    tx: mpsc::Sender<Message>,
+) -> Option<Writer> {
+    drop(tx);
+    match tokio::time::timeout(Duration::from_millis(200), task).await {
+        Ok(Ok(Ok(writer))) => Some(writer),
+        _ => None,
+    }
+}
+
+async fn renew(shared: &Arc<Shared>, identity: &NodeIdentity, csr_der: Vec<u8>) -> Message {
+    let worker = shared.clone();
+    let name = identity.node_name.clone();
+    let result = tokio::task::spawn_blocking(move || {
+        let issued = worker
+            .ca
+            .sign_node_csr(&csr_der, &name, worker.config.cert_lifetime)
+            .map_err(|e| (ErrorCode::CsrInvalid, format!("{e}: {}", source_text(&e))))?;
+        worker
+            .registry
+            .record_certificate(&name, &issued)
+            .map_err(|e| (ErrorCode::Internal, format!("cannot record the certificate: {e}")))?;
+        Ok::<_, (ErrorCode, String)>(issued)
+    })
+    .await;
+    match result {
+        Ok(Ok(issued)) => {
+            shared.metrics.certificate_renewals.inc();
+            tracing::info!(serial = %issued.serial, not_after = %issued.not_after, "renewed node certificate");
+            Message::RenewResponse {
+                certificate_der: issued.der,
+            }
+        }
+        Ok(Err((code, text))) => {
+            tracing::warn!(%code, "renewal refused: {text}");
+            Message::error(code, text)
+        }
+        Err(e) => Message::error(ErrorCode::Internal, format!("renewal failed: {e}")),
+    }
+}
+
+/// Closes live sessions whose certificate the CLI revoked, within one poll interval.
+pub async fn watch_revocations(shared: Arc<Shared>, shutdown: CancellationToken) {
+    let mut seen = None;
+    let mut tick = tokio::time::interval(shared.config.revocation_poll);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let worker = shared.clone();
+        let Ok(Ok(version)) = tokio::task::spawn_blocking(move || worker.registry.data_version()).await else {
+            continue;
+        };
+        if seen == Some(version) {
+            continue;
+        }
+        seen = Some(version);
+        let worker = shared.clone();
+        let Ok(Ok(revoked)) = tokio::task::spawn_blocking(move || worker.registry.revoked_serials()).await else {
+            continue;
+        };
+        for (name, session) in shared.sessions().iter() {
+            if revoked.contains(&session.serial) {
+                tracing::warn!(node.name = %name, "certificate revoked: closing the live session");
+                shared.metrics.revocation_closes.inc();
+                session
+                    .connection
+                    .close(VarInt::from_u32(close_code::REVOKED), b"node certificate revoked");
+            }
+        }
+    }
+}
+
+/// Records that `serve` is alive and which nodes it saw, every few seconds.
+pub async fn heartbeat_registry(shared: Arc<Shared>, shutdown: CancellationToken, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let worker = shared.clone();
+        let seen = shared.connected_nodes();
+        match tokio::task::spawn_blocking(move || worker.registry.server_heartbeat(&seen)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, cause = %source_text(&e), "cannot record heartbeat"),
+            Err(e) => tracing::warn!(error = %e, "heartbeat task failed"),
+        }
+    }
+}

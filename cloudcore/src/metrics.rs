@@ -1,0 +1,161 @@
+//! Prometheus metrics and the `/metrics` + `/healthz` endpoint.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio_util::sync::CancellationToken;
+
+type ReasonFamily = Family<Vec<(&'static str, &'static str)>, Counter>;
+
+/// Every metric cloudcore exports.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    pub connected_edges: Gauge,
+    pub joins: Counter,
+    join_rejections: ReasonFamily,
+    pub reconnects: Counter,
+    connection_rejections: ReasonFamily,
+    protocol_errors: ReasonFamily,
+    pub certificate_renewals: Counter,
+    pub revocation_closes: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::default();
+        let m = Metrics {
+            connected_edges: Gauge::default(),
+            joins: Counter::default(),
+            join_rejections: ReasonFamily::default(),
+            reconnects: Counter::default(),
+            connection_rejections: ReasonFamily::default(),
+            protocol_errors: ReasonFamily::default(),
+            certificate_renewals: Counter::default(),
+            revocation_closes: Counter::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "cloudcore_connected_edges",
+            "Edges with an open tunnel session",
+            m.connected_edges.clone(),
+        );
+        registry.register("cloudcore_joins", "Successful joins", m.joins.clone());
+        registry.register(
+            "cloudcore_join_rejections",
+            "Refused joins by reason",
+            m.join_rejections.clone(),
+        );
+        registry.register(
+            "cloudcore_reconnects",
+            "Sessions opened by nodes that had connected before",
+            m.reconnects.clone(),
+        );
+        registry.register(
+            "cloudcore_connection_rejections",
+            "Tunnel connections refused before a session started, by reason",
+            m.connection_rejections.clone(),
+        );
+        registry.register(
+            "cloudcore_protocol_errors",
+            "Sessions closed because the peer broke the protocol, by reason",
+            m.protocol_errors.clone(),
+        );
+        registry.register(
+            "cloudcore_certificate_renewals",
+            "Node certificates renewed over the tunnel",
+            m.certificate_renewals.clone(),
+        );
+        registry.register(
+            "cloudcore_revocation_closes",
+            "Live sessions closed because their certificate was revoked",
+            m.revocation_closes.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+}
+
+impl Metrics {
+    pub fn join_rejected(&self, reason: &'static str) {
+        self.join_rejections.get_or_create(&vec![("reason", reason)]).inc();
+    }
+
+    pub fn connection_rejected(&self, reason: &'static str) {
+        self.connection_rejections
+            .get_or_create(&vec![("reason", reason)])
+            .inc();
+    }
+
+    pub fn protocol_error(&self, reason: &'static str) {
+        self.protocol_errors.get_or_create(&vec![("reason", reason)]).inc();
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// Serves `/metrics` and `/healthz` until cancelled.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/metrics", get(render))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .with_state(metrics);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+}
+
+async fn render(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        metrics.render(),
+    )
+}
+
+/// Binds the metrics listener, so the caller can log the bound address before serving.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_by_reason() {
+        let m = Metrics::default();
+        m.joins.inc();
+        m.join_rejected("token_expired");
+        m.join_rejected("token_expired");
+        m.connected_edges.set(3);
+        let text = m.render();
+        assert!(text.contains("cloudcore_joins_total 1"), "{text}");
+        assert!(
+            text.contains("cloudcore_join_rejections_total{reason=\"token_expired\"} 2"),
+            "{text}"
+        );
+        assert!(text.contains("cloudcore_connected_edges 3"), "{text}");
+    }
+}

@@ -1,0 +1,672 @@
+//! cloudcore's own durable state in `DIR/cloudcore.db` (SQLite, WAL): join tokens, nodes and the
+//! certificates issued to them. The CLI (`token …`, `node …`) and a running `serve` share the
+//! file; `serve` notices the CLI's commits through `PRAGMA data_version`.
+//!
+//! Only this module touches that database. All times are milliseconds since the Unix epoch.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use serde::Serialize;
+
+use crate::token::{BootstrapToken, hashes_match};
+
+const SCHEMA_VERSION: i64 = 1;
+
+const SCHEMA_V1: &str = "
+CREATE TABLE tokens (
+    id TEXT PRIMARY KEY,
+    secret_hash TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    expires_ms INTEGER NOT NULL,
+    uses_left INTEGER NOT NULL,
+    node TEXT,
+    revoked_ms INTEGER
+);
+CREATE TABLE nodes (
+    name TEXT PRIMARY KEY,
+    labels TEXT NOT NULL DEFAULT '{}',
+    joined_ms INTEGER NOT NULL,
+    revoked_ms INTEGER,
+    connected INTEGER NOT NULL DEFAULT 0,
+    connected_ms INTEGER,
+    last_seen_ms INTEGER,
+    address TEXT
+);
+CREATE TABLE certificates (
+    serial TEXT PRIMARY KEY,
+    node TEXT NOT NULL,
+    issued_ms INTEGER NOT NULL,
+    not_after_ms INTEGER NOT NULL,
+    revoked_ms INTEGER
+);
+CREATE INDEX certificates_by_node ON certificates(node);
+CREATE TABLE server (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    heartbeat_ms INTEGER NOT NULL,
+    cloud_address TEXT
+);
+";
+
+/// A registry operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("cannot open registry database {path}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error(
+        "registry database {path} has schema version {found}, newer than this cloudcore supports ({SCHEMA_VERSION}); refusing to touch it"
+    )]
+    NewerSchema { path: PathBuf, found: i64 },
+    #[error("registry database query failed")]
+    Sql(#[from] rusqlite::Error),
+}
+
+/// Why a join was refused by the registry.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JoinRefusal {
+    #[error("token {id} does not exist")]
+    TokenUnknown { id: String },
+    #[error("token {id}: secret does not match")]
+    SecretMismatch { id: String },
+    #[error("token {id} expired {ago} ago")]
+    Expired { id: String, ago: String },
+    #[error("token {id} has no uses left")]
+    UsedUp { id: String },
+    #[error("token {id} was revoked")]
+    Revoked { id: String },
+    #[error("token {id} is bound to node {bound:?}, not {requested:?}")]
+    NodeMismatch {
+        id: String,
+        bound: String,
+        requested: String,
+    },
+    #[error(
+        "node name {name:?} belongs to a live node; revoke it first or use a token bound to that name"
+    )]
+    NameTaken { name: String },
+}
+
+/// A token being created.
+#[derive(Debug, Clone)]
+pub struct NewToken {
+    pub token: BootstrapToken,
+    pub ttl: Duration,
+    pub uses: u32,
+    pub node: Option<String>,
+}
+
+/// A token as `token list` shows it: never the secret.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct TokenRecord {
+    pub id: String,
+    pub created_ms: i64,
+    pub expires_ms: i64,
+    pub uses_left: i64,
+    pub node: Option<String>,
+    pub revoked: bool,
+}
+
+/// A node as `node list` shows it.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct NodeRecord {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub joined_ms: i64,
+    pub revoked: bool,
+    /// Connected to a `serve` whose heartbeat is fresh.
+    pub connected: bool,
+    pub connected_ms: Option<i64>,
+    pub last_seen_ms: Option<i64>,
+    pub address: Option<String>,
+    /// Expiry of the newest unrevoked certificate.
+    pub cert_not_after_ms: Option<i64>,
+}
+
+/// Whether a presented certificate may open a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CertificateStatus {
+    Valid,
+    Revoked,
+    /// Signed by our CA but not in the registry (e.g. the database was replaced).
+    Unknown,
+}
+
+/// What a successful join recorded.
+#[derive(Debug, Clone)]
+pub struct Admission {
+    pub token_id: String,
+    pub uses_left: i64,
+}
+
+/// The registry handle. One connection behind a mutex: writes are rare and short.
+#[derive(Debug)]
+pub struct Registry {
+    path: PathBuf,
+    conn: Mutex<Connection>,
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+impl Registry {
+    /// Opens (creating and migrating if needed) `DIR/cloudcore.db`.
+    pub fn open(data_dir: &Path) -> Result<Self, RegistryError> {
+        let path = data_dir.join("cloudcore.db");
+        let open_err = |source| RegistryError::Open {
+            path: path.clone(),
+            source,
+        };
+        std::fs::create_dir_all(data_dir).map_err(|e| {
+            open_err(rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CANTOPEN),
+                Some(format!("cannot create {}: {e}", data_dir.display())),
+            ))
+        })?;
+        let conn = Connection::open(&path).map_err(open_err)?;
+        conn.busy_timeout(Duration::from_secs(5)).map_err(open_err)?;
+        // FULL: a join or revocation that was reported done survives a power cut.
+        conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;")
+            .map_err(open_err)?;
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(open_err)?;
+        if version > SCHEMA_VERSION {
+            return Err(RegistryError::NewerSchema {
+                path,
+                found: version,
+            });
+        }
+        if version < 1 {
+            let tx = conn.unchecked_transaction().map_err(open_err)?;
+            // Another process may have migrated between our check and our transaction.
+            let again: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+            if again < 1 {
+                tx.execute_batch(SCHEMA_V1)?;
+                tx.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))?;
+            }
+            tx.commit()?;
+        }
+        Ok(Registry {
+            path,
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock cannot leave SQLite half-written (transactions roll
+        // back), so a poisoned lock is still safe to use.
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Changes whenever another connection (another process) commits.
+    pub fn data_version(&self) -> Result<i64, RegistryError> {
+        Ok(self
+            .conn()
+            .query_row("PRAGMA data_version", [], |r| r.get(0))?)
+    }
+
+    pub fn create_token(&self, new: &NewToken) -> Result<TokenRecord, RegistryError> {
+        let now = now_ms();
+        let expires = now + new.ttl.as_millis() as i64;
+        self.conn().execute(
+            "INSERT INTO tokens (id, secret_hash, created_ms, expires_ms, uses_left, node) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![new.token.id, new.token.secret_hash(), now, expires, new.uses, new.node],
+        )?;
+        Ok(TokenRecord {
+            id: new.token.id.clone(),
+            created_ms: now,
+            expires_ms: expires,
+            uses_left: new.uses.into(),
+            node: new.node.clone(),
+            revoked: false,
+        })
+    }
+
+    pub fn list_tokens(&self) -> Result<Vec<TokenRecord>, RegistryError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT id, created_ms, expires_ms, uses_left, node, revoked_ms FROM tokens ORDER BY created_ms",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok(TokenRecord {
+                id: r.get(0)?,
+                created_ms: r.get(1)?,
+                expires_ms: r.get(2)?,
+                uses_left: r.get(3)?,
+                node: r.get(4)?,
+                revoked: r.get::<_, Option<i64>>(5)?.is_some(),
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Revokes a token; `false` if there is no such token.
+    pub fn revoke_token(&self, id: &str) -> Result<bool, RegistryError> {
+        let n = self.conn().execute(
+            "UPDATE tokens SET revoked_ms = ?2 WHERE id = ?1 AND revoked_ms IS NULL",
+            params![id, now_ms()],
+        )?;
+        if n == 0 {
+            let exists: Option<i64> = self
+                .conn()
+                .query_row("SELECT 1 FROM tokens WHERE id = ?1", [id], |r| r.get(0))
+                .optional()?;
+            return Ok(exists.is_some());
+        }
+        Ok(true)
+    }
+
+    /// Checks the token and the node name, consumes one use, calls `sign` for the certificate
+    /// and records node and certificate — all in one transaction, so a failed signature consumes
+    /// nothing and two racing joins cannot both take the last use.
+    pub fn admit_join<E>(
+        &self,
+        token: &BootstrapToken,
+        node_name: &str,
+        labels: &BTreeMap<String, String>,
+        sign: impl FnOnce() -> Result<crate::pki::IssuedCertificate, E>,
+    ) -> Result<Result<(Admission, crate::pki::IssuedCertificate), JoinRefusal>, AdmitError<E>> {
+        let mut conn = self.conn();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(AdmitError::Registry)?;
+        let now = now_ms();
+        let row: Option<(String, i64, i64, Option<String>, Option<i64>)> = tx
+            .query_row(
+                "SELECT secret_hash, expires_ms, uses_left, node, revoked_ms FROM tokens WHERE id = ?1",
+                [&token.id],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+            )
+            .optional()
+            .map_err(AdmitError::Registry)?;
+        let id = token.id.clone();
+        let Some((hash, expires_ms, uses_left, bound, revoked_ms)) = row else {
+            return Ok(Err(JoinRefusal::TokenUnknown { id }));
+        };
+        if !hashes_match(&hash, &token.secret_hash()) {
+            return Ok(Err(JoinRefusal::SecretMismatch { id }));
+        }
+        if revoked_ms.is_some() {
+            return Ok(Err(JoinRefusal::Revoked { id }));
+        }
+        if expires_ms <= now {
+            let ago = humantime::format_duration(Duration::from_secs(((now - expires_ms) / 1000) as u64));
+            return Ok(Err(JoinRefusal::Expired {
+                id,
+                ago: ago.to_string(),
+            }));
+        }
+        if uses_left <= 0 {
+            return Ok(Err(JoinRefusal::UsedUp { id }));
+        }
+        if let Some(bound) = &bound
+            && bound != node_name
+        {
+            return Ok(Err(JoinRefusal::NodeMismatch {
+                id,
+                bound: bound.clone(),
+                requested: node_name.to_string(),
+            }));
+        }
+        if bound.is_none() {
+            // A live node holds an unrevoked, unexpired certificate.
+            let live: Option<i64> = tx
+                .query_row(
+                    "SELECT 1 FROM nodes n JOIN certificates c ON c.node = n.name
+                     WHERE n.name = ?1 AND n.revoked_ms IS NULL AND c.revoked_ms IS NULL AND c.not_after_ms > ?2 LIMIT 1",
+                    params![node_name, now],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(AdmitError::Registry)?;
+            if live.is_some() {
+                return Ok(Err(JoinRefusal::NameTaken {
+                    name: node_name.to_string(),
+                }));
+            }
+        }
+        let issued = sign().map_err(AdmitError::Sign)?;
+        let labels_json = serde_json::to_string(labels).unwrap_or_else(|_| "{}".into());
+        tx.execute(
+            "UPDATE tokens SET uses_left = uses_left - 1 WHERE id = ?1",
+            [&token.id],
+        )
+        .map_err(AdmitError::Registry)?;
+        tx.execute(
+            "INSERT INTO nodes (name, labels, joined_ms) VALUES (?1, ?2, ?3)
+             ON CONFLICT(name) DO UPDATE SET labels = excluded.labels, joined_ms = excluded.joined_ms, revoked_ms = NULL",
+            params![node_name, labels_json, now],
+        )
+        .map_err(AdmitError::Registry)?;
+        tx.execute(
+            "INSERT INTO certificates (serial, node, issued_ms, not_after_ms) VALUES (?1, ?2, ?3, ?4)",
+            params![issued.serial, node_name, now, to_ms(issued.not_after)],
+        )
+        .map_err(AdmitError::Registry)?;
+        tx.commit().map_err(AdmitError::Registry)?;
+        Ok(Ok((
+            Admission {
+                token_id: token.id.clone(),
+                uses_left: uses_left - 1,
+            },
+            issued,
+        )))
+    }
+
+    /// Records a renewed certificate of an existing node.
+    pub fn record_certificate(
+        &self,
+        node: &str,
+        issued: &crate::pki::IssuedCertificate,
+    ) -> Result<(), RegistryError> {
+        self.conn().execute(
+            "INSERT INTO certificates (serial, node, issued_ms, not_after_ms) VALUES (?1, ?2, ?3, ?4)",
+            params![issued.serial, node, now_ms(), to_ms(issued.not_after)],
+        )?;
+        Ok(())
+    }
+
+    /// Revokes a node and every certificate issued to it so far; `false` if unknown.
+    pub fn revoke_node(&self, name: &str) -> Result<bool, RegistryError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let now = now_ms();
+        let n = tx.execute(
+            "UPDATE nodes SET revoked_ms = COALESCE(revoked_ms, ?2) WHERE name = ?1",
+            params![name, now],
+        )?;
+        tx.execute(
+            "UPDATE certificates SET revoked_ms = ?2 WHERE node = ?1 AND revoked_ms IS NULL",
+            params![name, now],
+        )?;
+        tx.commit()?;
+        Ok(n > 0)
+    }
+
+    pub fn certificate_status(&self, serial: &str) -> Result<CertificateStatus, RegistryError> {
+        let row: Option<Option<i64>> = self
+            .conn()
+            .query_row(
+                "SELECT revoked_ms FROM certificates WHERE serial = ?1",
+                [serial],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(match row {
+            None => CertificateStatus::Unknown,
+            Some(Some(_)) => CertificateStatus::Revoked,
+            Some(None) => CertificateStatus::Valid,
+        })
+    }
+
+    /// Serials of all revoked certificates.
+    pub fn revoked_serials(&self) -> Result<HashSet<String>, RegistryError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT serial FROM certificates WHERE revoked_ms IS NOT NULL")?;
+        let rows = stmt.query_map([], |r| r.get(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Marks a session start. Returns whether the node had connected before (a reconnect).
+    pub fn mark_connected(&self, name: &str, address: &str) -> Result<bool, RegistryError> {
+        let now = now_ms();
+        let conn = self.conn();
+        let before: Option<Option<i64>> = conn
+            .query_row("SELECT connected_ms FROM nodes WHERE name = ?1", [name], |r| r.get(0))
+            .optional()?;
+        conn.execute(
+            "UPDATE nodes SET connected = 1, connected_ms = ?2, last_seen_ms = ?2, address = ?3 WHERE name = ?1",
+            params![name, now, address],
+        )?;
+        Ok(matches!(before, Some(Some(_))))
+    }
+
+    pub fn mark_disconnected(&self, name: &str) -> Result<(), RegistryError> {
+        self.conn().execute(
+            "UPDATE nodes SET connected = 0, last_seen_ms = ?2 WHERE name = ?1",
+            params![name, now_ms()],
+        )?;
+        Ok(())
+    }
+
+    /// `serve` start: nobody is connected yet; record where edges should dial.
+    pub fn server_started(&self, cloud_address: &str) -> Result<(), RegistryError> {
+        let conn = self.conn();
+        conn.execute("UPDATE nodes SET connected = 0", [])?;
+        conn.execute(
+            "INSERT INTO server (id, heartbeat_ms, cloud_address) VALUES (1, ?1, ?2)
+             ON CONFLICT(id) DO UPDATE SET heartbeat_ms = excluded.heartbeat_ms, cloud_address = excluded.cloud_address",
+            params![now_ms(), cloud_address],
+        )?;
+        Ok(())
+    }
+
+    /// `serve` is alive; the given nodes were seen now. One transaction for all of them.
+    pub fn server_heartbeat(&self, seen: &[String]) -> Result<(), RegistryError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let now = now_ms();
+        tx.execute("UPDATE server SET heartbeat_ms = ?1 WHERE id = 1", [now])?;
+        {
+            let mut stmt = tx.prepare("UPDATE nodes SET last_seen_ms = ?2 WHERE name = ?1")?;
+            for name in seen {
+                stmt.execute(params![name, now])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// `serve` stopped cleanly: nobody is connected.
+    pub fn server_stopped(&self) -> Result<(), RegistryError> {
+        let conn = self.conn();
+        conn.execute("UPDATE nodes SET connected = 0, last_seen_ms = ?1 WHERE connected = 1", [now_ms()])?;
+        conn.execute("UPDATE server SET heartbeat_ms = 0 WHERE id = 1", [])?;
+        Ok(())
+    }
+
+    /// The address `serve` advertised last, for join commands printed by `token create`.
+    pub fn cloud_address(&self) -> Result<Option<String>, RegistryError> {
+        Ok(self
+            .conn()
+            .query_row("SELECT cloud_address FROM server WHERE id = 1", [], |r| r.get(0))
+            .optional()?
+            .flatten())
+    }
+
+    /// All nodes. `connected` is true only while a `serve` heartbeat younger than `stale_after`
+    /// vouches for it.
+    pub fn list_nodes(&self, stale_after: Duration) -> Result<Vec<NodeRecord>, RegistryError> {
+        let conn = self.conn();
+        let now = now_ms();
+        let heartbeat: i64 = conn
+            .query_row("SELECT heartbeat_ms FROM server WHERE id = 1", [], |r| r.get(0))
+            .optional()?
+            .unwrap_or(0);
+        let serve_alive = now - heartbeat < stale_after.as_millis() as i64;
+        let mut stmt = conn.prepare(
+            "SELECT n.name, n.labels, n.joined_ms, n.revoked_ms, n.connected, n.connected_ms, n.last_seen_ms, n.address,
+                    (SELECT MAX(c.not_after_ms) FROM certificates c WHERE c.node = n.name AND c.revoked_ms IS NULL)
+             FROM nodes n ORDER BY n.name",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            let labels: String = r.get(1)?;
+            Ok(NodeRecord {
+                name: r.get(0)?,
+                labels: serde_json::from_str(&labels).unwrap_or_default(),
+                joined_ms: r.get(2)?,
+                revoked: r.get::<_, Option<i64>>(3)?.is_some(),
+                connected: serve_alive && r.get::<_, i64>(4)? == 1,
+                connected_ms: r.get(5)?,
+                last_seen_ms: r.get(6)?,
+                address: r.get(7)?,
+                cert_not_after_ms: r.get(8)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+}
+
+/// `admit_join` failed for a reason other than a refusal.
+#[derive(Debug, thiserror::Error)]
+pub enum AdmitError<E> {
+    #[error("registry database query failed")]
+    Registry(#[source] rusqlite::Error),
+    #[error("signing the node certificate failed")]
+    Sign(#[source] E),
+}
+
+fn to_ms(t: time::OffsetDateTime) -> i64 {
+    (t.unix_timestamp_nanos() / 1_000_000) as i64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pki::IssuedCertificate;
+
+    fn issued(serial: &str) -> IssuedCertificate {
+        IssuedCertificate {
+            der: vec![],
+            serial: serial.into(),
+            not_after: time::OffsetDateTime::now_utc() + Duration::from_secs(3600),
+        }
+    }
+
+    fn token(reg: &Registry, ttl: Duration, uses: u32, node: Option<&str>) -> BootstrapToken {
+        let token = BootstrapToken::generate();
+        reg.create_token(&NewToken {
+            token: token.clone(),
+            ttl,
+            uses,
+            node: node.map(String::from),
+        })
+        .expect("create token");
+        token
+    }
+
+    fn join(reg: &Registry, token: &BootstrapToken, node: &str, serial: &str) -> Result<Admission, JoinRefusal> {
+        reg.admit_join(token, node, &BTreeMap::new(), || Ok::<_, std::convert::Infallible>(issued(serial)))
+            .expect("no db error")
+            .map(|(a, _)| a)
+    }
+
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    #[test]
+    fn token_uses_are_consumed_exactly() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let reg = Registry::open(dir.path()).expect("open");
+        let t = token(&reg, HOUR, 2, None);
+        assert_eq!(join(&reg, &t, "a", "01").expect("first").uses_left, 1);
+        assert_eq!(join(&reg, &t, "b", "02").expect("second").uses_left, 0);
+        assert!(matches!(join(&reg, &t, "c", "03"), Err(JoinRefusal::UsedUp { .. })));
+    }
+
+    #[test]
+    fn each_refusal_has_its_own_reason() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let reg = Registry::open(dir.path()).expect("open");
+        let expired = token(&reg, Duration::ZERO, 1, None);
+        assert!(matches!(join(&reg, &expired, "a", "01"), Err(JoinRefusal::Expired { .. })));
+
+        let revoked = token(&reg, HOUR, 1, None);
+        assert!(reg.revoke_token(&revoked.id).expect("revoke"));
+        assert!(matches!(join(&reg, &revoked, "a", "01"), Err(JoinRefusal::Revoked { .. })));
+
+        let bound = token(&reg, HOUR, 1, Some("gw-1"));
+        assert!(matches!(join(&reg, &bound, "gw-2", "01"), Err(JoinRefusal::NodeMismatch { .. })));
+
+        let good = token(&reg, HOUR, 1, None);
+        let wrong = BootstrapToken::parse(&format!("{}.0000000000000000", good.id)).expect("shape");
+        assert!(matches!(join(&reg, &wrong, "a", "01"), Err(JoinRefusal::SecretMismatch { .. })));
+
+        let unknown = BootstrapToken::parse("zzzzzz.0000000000000000").expect("shape");
+        assert!(matches!(join(&reg, &unknown, "a", "01"), Err(JoinRefusal::TokenUnknown { .. })));
+
+        // None of the refusals consumed the good token or recorded a node.
+        assert_eq!(join(&reg, &good, "a", "01").expect("join").uses_left, 0);
+        assert_eq!(reg.list_nodes(HOUR).expect("list").len(), 1);
+    }
+
+    #[test]
+    fn live_name_is_taken_unless_token_is_bound_or_node_revoked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let reg = Registry::open(dir.path()).expect("open");
+        join(&reg, &token(&reg, HOUR, 1, None), "gw-1", "01").expect("first join");
+        assert!(matches!(
+            join(&reg, &token(&reg, HOUR, 1, None), "gw-1", "02"),
+            Err(JoinRefusal::NameTaken { .. })
+        ));
+        join(&reg, &token(&reg, HOUR, 1, Some("gw-1")), "gw-1", "03").expect("bound token may re-join");
+        assert!(reg.revoke_node("gw-1").expect("revoke"));
+        assert_eq!(reg.certificate_status("01").expect("status"), CertificateStatus::Revoked);
+        assert_eq!(reg.certificate_status("03").expect("status"), CertificateStatus::Revoked);
+        join(&reg, &token(&reg, HOUR, 1, None), "gw-1", "04").expect("revoked name is free");
+        assert_eq!(reg.certificate_status("04").expect("status"), CertificateStatus::Valid);
+        assert_eq!(reg.certificate_status("ff").expect("status"), CertificateStatus::Unknown);
+    }
+
+    #[test]
+    fn failed_signing_consumes_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let reg = Registry::open(dir.path()).expect("open");
+        let t = token(&reg, HOUR, 1, None);
+        let result = reg.admit_join(&t, "a", &BTreeMap::new(), || Err::<IssuedCertificate, _>("boom"));
+        assert!(matches!(result, Err(AdmitError::Sign("boom"))));
+        assert_eq!(reg.list_tokens().expect("list")[0].uses_left, 1);
+        assert!(reg.list_nodes(HOUR).expect("nodes").is_empty());
+    }
+
+    #[test]
+    fn newer_schema_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        drop(Registry::open(dir.path()).expect("open"));
+        let conn = Connection::open(dir.path().join("cloudcore.db")).expect("raw open");
+        conn.execute_batch("PRAGMA user_version = 99").expect("bump");
+        drop(conn);
+        let err = Registry::open(dir.path()).unwrap_err();
+        assert!(err.to_string().contains("schema version 99"), "{err}");
+    }
+
+    #[test]
+    fn other_connections_commits_change_data_version() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let serve = Registry::open(dir.path()).expect("serve");
+        let cli = Registry::open(dir.path()).expect("cli");
+        let before = serve.data_version().expect("version");
+        serve.server_started("x:1").expect("own write");
+        assert_eq!(serve.data_version().expect("version"), before, "own writes do not count");
+        token(&cli, HOUR, 1, None);
+        assert_ne!(serve.data_version().expect("version"), before);
+    }
+
+    #[test]
+    fn connected_needs_a_fresh_server_heartbeat() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let reg = Registry::open(dir.path()).expect("open");
+        join(&reg, &token(&reg, HOUR, 1, None), "gw-1", "01").expect("join");
+        reg.server_started("x:1").expect("start");
+        assert!(!reg.mark_connected("gw-1", "127.0.0.1:5").expect("connect"));
+        assert!(reg.list_nodes(HOUR).expect("list")[0].connected);
+        assert!(!reg.list_nodes(Duration::ZERO).expect("list")[0].connected);
+        reg.mark_disconnected("gw-1").expect("disconnect");
+        assert!(reg.mark_connected("gw-1", "127.0.0.1:6").expect("reconnect"));
+    }
+}
