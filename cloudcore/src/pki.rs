@@ -24,8 +24,13 @@ pub const NODE_CN_PREFIX: &str = "system:node:";
 pub const NODE_ORGANIZATION: &str = "system:nodes";
 
 /// Certificates are valid from this long before their issue time, so edges whose clocks run
-/// behind the cloud's (by up to this much) accept and present them.
+/// behind the cloud's (by up to this much) accept and present them. Short lifetimes (tests)
+/// are backdated by a tenth of the lifetime instead, so renewal timing stays meaningful.
 const BACKDATE: Duration = Duration::from_secs(3600);
+
+fn backdate(lifetime: Duration) -> Duration {
+    BACKDATE.min(lifetime / 10)
+}
 const CA_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 const SERVER_CERT_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
 
@@ -245,7 +250,7 @@ impl ClusterCa {
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.use_authority_key_identifier_extension = true;
         let now = OffsetDateTime::now_utc();
-        params.not_before = now - BACKDATE;
+        params.not_before = now - backdate(lifetime);
         params.not_after = now + lifetime;
         let (serial_number, serial) = random_serial();
         params.serial_number = Some(serial_number);

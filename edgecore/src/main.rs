@@ -1,1 +1,193 @@
-fn main() {}
+//! The `edgecore` command: `join` once, then `run` (usually under systemd).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use edgecore::hub::HubConfig;
+use edgecore::join::{JoinError, JoinParams, parse_labels};
+use edgecore::{RunConfig, RunError};
+use tokio_util::sync::CancellationToken;
+
+/// Exit code for a bad command line or configuration (EX_USAGE).
+const EXIT_USAGE: u8 = 64;
+/// Exit code when the cloud refused the join (bad token, name taken, ...).
+const EXIT_REFUSED: u8 = 3;
+
+#[derive(Parser, Debug)]
+#[command(name = "edgecore", version, about = "Edge daemon: joins a cloudcore and keeps the tunnel up")]
+struct Cli {
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Obtain a node certificate with a join token (once per gateway).
+    Join {
+        /// cloudcore's tunnel address, HOST:PORT.
+        #[arg(long)]
+        cloud: String,
+        /// The join token, `abcdef.0123456789abcdef`.
+        #[arg(long, env = "EDGECORE_JOIN_TOKEN", hide_env_values = true)]
+        token: String,
+        /// SHA-256 of the cluster CA certificate, `sha256:HEX` (printed by `cloudcore token create`).
+        #[arg(long)]
+        ca_hash: String,
+        /// Node name; default: this machine's hostname.
+        #[arg(long)]
+        node_name: Option<String>,
+        /// Labels for the node, `k=v,k2=v2`.
+        #[arg(long, default_value = "")]
+        labels: String,
+        #[arg(long, env = "EDGECORE_DATA_DIR", default_value = "/var/lib/edgecore")]
+        data_dir: PathBuf,
+        /// How long to wait for the cloud.
+        #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
+    /// Run the daemon.
+    Run {
+        #[arg(long, env = "EDGECORE_DATA_DIR", default_value = "/var/lib/edgecore")]
+        data_dir: PathBuf,
+        /// Override the cloud address recorded at join.
+        #[arg(long)]
+        cloud: Option<String>,
+        /// Address of the Prometheus /metrics and /healthz endpoint.
+        #[arg(long, default_value = "127.0.0.1:10351")]
+        metrics_listen: SocketAddr,
+        /// Largest accepted frame in bytes.
+        #[arg(long, default_value_t = proto::DEFAULT_MAX_FRAME_SIZE)]
+        max_frame_size: usize,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { ExitCode::from(EXIT_USAGE) } else { ExitCode::SUCCESS };
+        }
+    };
+    init_tracing(cli.log_format);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match cli.command {
+        Command::Join { cloud, token, ca_hash, node_name, labels, data_dir, timeout } => {
+            let labels = match parse_labels(&labels) {
+                Ok(l) => l,
+                Err(e) => {
+                    eprintln!("error: --labels: {e}");
+                    return ExitCode::from(EXIT_USAGE);
+                }
+            };
+            let node_name = match node_name.or_else(default_node_name) {
+                Some(n) => n,
+                None => {
+                    eprintln!("error: no --node-name given and the hostname is not usable as one");
+                    return ExitCode::from(EXIT_USAGE);
+                }
+            };
+            let params = JoinParams {
+                cloud,
+                token,
+                ca_hash,
+                node_name,
+                labels,
+                data_dir: data_dir.clone(),
+                timeout,
+                max_frame_size: proto::DEFAULT_MAX_FRAME_SIZE,
+            };
+            match runtime.block_on(edgecore::join::join(params)) {
+                Ok(joined) => {
+                    eprintln!(
+                        "joined as node {}; certificate valid until {}. Start the daemon with: edgecore run --data-dir {}",
+                        joined.node_name,
+                        joined.not_after,
+                        data_dir.display()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {}", chain(&e));
+                    match e {
+                        JoinError::Refused(_) => ExitCode::from(EXIT_REFUSED),
+                        JoinError::Tls(_) => ExitCode::from(EXIT_USAGE),
+                        _ => ExitCode::FAILURE,
+                    }
+                }
+            }
+        }
+        Command::Run { data_dir, cloud, metrics_listen, max_frame_size } => {
+            let mut hub = HubConfig::new(data_dir);
+            hub.cloud = cloud;
+            hub.max_frame_size = max_frame_size;
+            let config = RunConfig { hub, metrics_listen };
+            let result = runtime.block_on(async {
+                let shutdown = CancellationToken::new();
+                tokio::spawn(edgecore::signal::cancel_on_signal(shutdown.clone()));
+                edgecore::run(config, shutdown).await
+            });
+            match result {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e @ RunError::Identity(_)) => {
+                    eprintln!("error: {}", chain(&e));
+                    ExitCode::from(EXIT_USAGE)
+                }
+                Err(e) => {
+                    eprintln!("error: {}", chain(&e));
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+/// The hostname, lowercased, if it is a valid node name.
+fn default_node_name() -> Option<String> {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").ok()?;
+    let host = host.trim().to_ascii_lowercase();
+    (!host.is_empty()).then_some(host)
+}
+
+/// An error and its causes on one line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        cur = s.source();
+    }
+    text
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

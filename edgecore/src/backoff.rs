@@ -1,0 +1,71 @@
+//! Reconnect delays: exponential with full jitter, so a fleet that lost the cloud at the same
+//! moment does not come back in lockstep.
+
+use std::time::Duration;
+
+use rand::Rng;
+
+/// `delay(n)` is uniform in `[0, min(cap, base * 2^n)]`.
+#[derive(Debug, Clone, Copy)]
+pub struct Backoff {
+    pub base: Duration,
+    pub cap: Duration,
+}
+
+impl Default for Backoff {
+    /// 1 s doubling to a 60 s cap.
+    fn default() -> Self {
+        Backoff {
+            base: Duration::from_secs(1),
+            cap: Duration::from_secs(60),
+        }
+    }
+}
+
+impl Backoff {
+    /// The upper bound of the delay before attempt `attempt` (0-based).
+    pub fn ceiling(&self, attempt: u32) -> Duration {
+        let factor = 1u32.checked_shl(attempt.min(31)).unwrap_or(u32::MAX);
+        self.base.saturating_mul(factor).min(self.cap)
+    }
+
+    /// A random delay before attempt `attempt`.
+    pub fn delay(&self, attempt: u32, rng: &mut impl Rng) -> Duration {
+        let ceiling = self.ceiling(attempt);
+        if ceiling.is_zero() {
+            return ceiling;
+        }
+        Duration::from_nanos(rng.random_range(0..=ceiling.as_nanos().min(u64::MAX as u128) as u64))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+    use rand::rngs::StdRng;
+
+    #[test]
+    fn ceiling_doubles_then_caps() {
+        let b = Backoff::default();
+        let secs: Vec<u64> = (0..9).map(|n| b.ceiling(n).as_secs()).collect();
+        assert_eq!(secs, [1, 2, 4, 8, 16, 32, 60, 60, 60]);
+        assert_eq!(b.ceiling(u32::MAX), Duration::from_secs(60));
+    }
+
+    #[test]
+    fn delays_stay_within_the_ceiling_and_spread_across_it() {
+        let b = Backoff::default();
+        let mut rng = StdRng::seed_from_u64(7);
+        for attempt in 0..12 {
+            let ceiling = b.ceiling(attempt);
+            let samples: Vec<Duration> = (0..2000).map(|_| b.delay(attempt, &mut rng)).collect();
+            assert!(samples.iter().all(|d| *d <= ceiling));
+            let mean = samples.iter().map(|d| d.as_secs_f64()).sum::<f64>() / samples.len() as f64;
+            let half = ceiling.as_secs_f64() / 2.0;
+            assert!((mean - half).abs() < half * 0.1, "attempt {attempt}: mean {mean} vs {half}");
+            let low = samples.iter().filter(|d| d.as_secs_f64() < ceiling.as_secs_f64() / 4.0).count();
+            assert!(low > 300 && low < 700, "a quarter of the range holds about a quarter: {low}");
+        }
+    }
+}

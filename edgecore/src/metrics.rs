@@ -1,0 +1,114 @@
+//! Prometheus metrics and the `/metrics` + `/healthz` endpoint of edgecore.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio_util::sync::CancellationToken;
+
+/// Every metric edgecore exports.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// 1 while a tunnel session is up.
+    pub cloud_connected: Gauge,
+    pub reconnects: Counter,
+    pub connect_failures: Counter,
+    pub certificate_renewals: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::default();
+        let cloud_connected = Gauge::default();
+        let reconnects = Counter::default();
+        let connect_failures = Counter::default();
+        let certificate_renewals = Counter::default();
+        registry.register(
+            "edgecore_cloud_connected",
+            "1 while the tunnel to cloudcore is up, else 0",
+            cloud_connected.clone(),
+        );
+        registry.register(
+            "edgecore_reconnects",
+            "Tunnel sessions opened after an earlier one was lost",
+            reconnects.clone(),
+        );
+        registry.register(
+            "edgecore_connect_failures",
+            "Attempts to open a tunnel session that failed",
+            connect_failures.clone(),
+        );
+        registry.register(
+            "edgecore_certificate_renewals",
+            "Node certificates renewed over the tunnel",
+            certificate_renewals.clone(),
+        );
+        Metrics {
+            registry,
+            cloud_connected,
+            reconnects,
+            connect_failures,
+            certificate_renewals,
+        }
+    }
+}
+
+impl Metrics {
+    /// The OpenMetrics text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// Serves `/metrics` and `/healthz` until cancelled.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/metrics", get(render))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .with_state(metrics);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+}
+
+async fn render(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        metrics.render(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_the_connected_gauge() {
+        let m = Metrics::default();
+        let text = m.render();
+        assert!(text.contains("edgecore_cloud_connected 0"), "{text}");
+        m.cloud_connected.set(1);
+        m.reconnects.inc();
+        let text = m.render();
+        assert!(text.contains("edgecore_cloud_connected 1"), "{text}");
+        assert!(text.contains("edgecore_reconnects_total 1"), "{text}");
+    }
+}
