@@ -1,1 +1,350 @@
-//! placeholder
+//! Test harness: starts the real `cloudcore` and `edgecore` binaries on loopback, reads their
+//! metrics and CLI output, and cleans up. No production code lives here.
+//!
+//! The binaries must be built first (`cargo build --workspace --bins`, which the README's test
+//! command does); a missing binary fails the test with that instruction.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// Path of a workspace binary next to the test executable (`target/<profile>/NAME`).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test executable lives in target/<profile>/deps");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the binaries first with `cargo build --workspace --bins` (the README's test command does)",
+        path.display()
+    );
+    path
+}
+
+/// A UDP port that was free a moment ago on 127.0.0.1.
+pub fn free_udp_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .expect("bind a UDP port")
+        .port()
+}
+
+/// A TCP port that was free a moment ago on 127.0.0.1.
+pub fn free_tcp_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .expect("bind a TCP port")
+        .port()
+}
+
+/// Polls `check` every 20 ms until it is true or `timeout` passes; returns whether it held.
+pub fn eventually(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// GETs `path` from a loopback HTTP/1.1 server; `None` if it does not answer.
+pub fn http_get(port: u16, path: &str) -> Option<String> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let (_, body) = response.split_once("\r\n\r\n")?;
+    Some(body.to_string())
+}
+
+/// The value of a metric line `name{labels} value` in a Prometheus text page.
+pub fn metric_value(page: &str, series: &str) -> Option<f64> {
+    page.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+fn spawn_logged(mut command: Command, log: &Path) -> Child {
+    let file = File::create(log).expect("create log file");
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(file)
+        .env("RUST_LOG", "info")
+        .spawn()
+        .expect("spawn binary")
+}
+
+/// Sends SIGTERM and waits up to 10 s, then SIGKILL.
+pub fn terminate(child: &mut Child) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// A running `cloudcore serve`.
+pub struct Cloud {
+    pub dir: PathBuf,
+    pub port: u16,
+    pub metrics_port: u16,
+    extra: Vec<String>,
+    child: Option<Child>,
+    starts: usize,
+}
+
+impl Cloud {
+    /// Starts `cloudcore serve` on fresh loopback ports with state in `dir/cloud`.
+    pub fn start(dir: &Path, extra: &[&str]) -> Cloud {
+        let mut cloud = Cloud {
+            dir: dir.join("cloud"),
+            port: free_udp_port(),
+            metrics_port: free_tcp_port(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            child: None,
+            starts: 0,
+        };
+        cloud.spawn();
+        cloud
+    }
+
+    fn spawn(&mut self) {
+        self.starts += 1;
+        let mut command = Command::new(bin("cloudcore"));
+        command
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(&self.dir)
+            .args(["--listen", &format!("127.0.0.1:{}", self.port)])
+            .args(["--metrics-listen", &format!("127.0.0.1:{}", self.metrics_port)])
+            .args(["--advertise-address", "127.0.0.1"])
+            .args(&self.extra);
+        std::fs::create_dir_all(&self.dir).expect("cloud dir");
+        let log = self.log_path();
+        self.child = Some(spawn_logged(command, &log));
+        assert!(
+            eventually(Duration::from_secs(20), || http_get(self.metrics_port, "/healthz").is_some()),
+            "cloudcore did not become healthy; log:\n{}",
+            self.log()
+        );
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.join(format!("serve-{}.log", self.starts))
+    }
+
+    /// The log of the current (latest) serve process.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// `127.0.0.1:PORT`, what edges dial.
+    pub fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Graceful stop (SIGTERM), as a Deployment rollout would do.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            terminate(&mut child);
+        }
+    }
+
+    /// Stops and starts again on the same ports and data dir.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    /// Whether the serve process is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    /// Runs a `cloudcore` CLI command against this data dir.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(bin("cloudcore"))
+            .args(args)
+            .arg("--data-dir")
+            .arg(&self.dir)
+            .output()
+            .expect("run cloudcore CLI")
+    }
+
+    /// `token create -o json` with extra flags.
+    pub fn token(&self, extra: &[&str]) -> Token {
+        let mut args = vec!["token", "create", "-o", "json", "--cloud"];
+        let address = self.address();
+        args.push(&address);
+        args.extend_from_slice(extra);
+        let out = self.cli(&args);
+        assert!(out.status.success(), "token create failed: {}", String::from_utf8_lossy(&out.stderr));
+        let v: Value = serde_json::from_slice(&out.stdout).expect("token JSON");
+        Token {
+            token: v["token"].as_str().expect("token").to_string(),
+            id: v["id"].as_str().expect("id").to_string(),
+            ca_hash: v["ca_hash"].as_str().expect("ca_hash").to_string(),
+            cloud: v["cloud"].as_str().expect("cloud").to_string(),
+        }
+    }
+
+    /// `node list -o json`.
+    pub fn nodes(&self) -> Vec<Value> {
+        let out = self.cli(&["node", "list", "-o", "json"]);
+        assert!(out.status.success(), "node list failed: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).expect("node list JSON")
+    }
+
+    /// One node from `node list`.
+    pub fn node(&self, name: &str) -> Option<Value> {
+        self.nodes().into_iter().find(|n| n["name"] == name)
+    }
+
+    /// The current metrics page (empty if the server does not answer).
+    pub fn metrics(&self) -> String {
+        http_get(self.metrics_port, "/metrics").unwrap_or_default()
+    }
+
+    /// One metric series, 0 when absent.
+    pub fn metric(&self, series: &str) -> f64 {
+        metric_value(&self.metrics(), series).unwrap_or(0.0)
+    }
+}
+
+impl Drop for Cloud {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A join token as `token create -o json` prints it.
+#[derive(Debug, Clone)]
+pub struct Token {
+    pub token: String,
+    pub id: String,
+    pub ca_hash: String,
+    pub cloud: String,
+}
+
+/// Runs `edgecore join` into `dir` with the given token and node name.
+pub fn join(dir: &Path, token: &Token, node: &str) -> Output {
+    join_with(dir, &token.cloud, &token.token, &token.ca_hash, node)
+}
+
+/// Runs `edgecore join` with explicit values (for the negative cases).
+pub fn join_with(dir: &Path, cloud: &str, token: &str, ca_hash: &str, node: &str) -> Output {
+    Command::new(bin("edgecore"))
+        .args(["join", "--cloud", cloud, "--token", token, "--ca-hash", ca_hash, "--node-name", node])
+        .arg("--data-dir")
+        .arg(dir)
+        .output()
+        .expect("run edgecore join")
+}
+
+/// A running `edgecore run`.
+pub struct Edge {
+    pub dir: PathBuf,
+    pub metrics_port: u16,
+    child: Option<Child>,
+}
+
+impl Edge {
+    /// Starts `edgecore run` on a joined data dir.
+    pub fn start(dir: &Path) -> Edge {
+        let metrics_port = free_tcp_port();
+        let mut command = Command::new(bin("edgecore"));
+        command
+            .arg("run")
+            .arg("--data-dir")
+            .arg(dir)
+            .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}")]);
+        let child = spawn_logged(command, &dir.join("run.log"));
+        Edge {
+            dir: dir.to_path_buf(),
+            metrics_port,
+            child: Some(child),
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("run.log")).unwrap_or_default()
+    }
+
+    pub fn metric(&self, series: &str) -> f64 {
+        http_get(self.metrics_port, "/metrics")
+            .and_then(|page| metric_value(&page, series))
+            .unwrap_or(0.0)
+    }
+
+    pub fn connected(&self) -> bool {
+        self.metric("edgecore_cloud_connected") == 1.0
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            terminate(&mut child);
+        }
+    }
+}
+
+impl Drop for Edge {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Installs a test tracing subscriber once (for in-process clients).
+pub fn init_test_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("warn"))
+        .with_test_writer()
+        .try_init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metric_lines_are_found_by_series() {
+        let page = "# HELP x y\ncloudcore_joins_total 3\ncloudcore_join_rejections_total{reason=\"token_expired\"} 2\n";
+        assert_eq!(metric_value(page, "cloudcore_joins_total"), Some(3.0));
+        assert_eq!(
+            metric_value(page, "cloudcore_join_rejections_total{reason=\"token_expired\"}"),
+            Some(2.0)
+        );
+        assert_eq!(metric_value(page, "cloudcore_joins"), None);
+    }
+}
