@@ -1,0 +1,232 @@
+//! Authenticated but hostile or broken peers: the cloud closes their connection with a logged
+//! reason and keeps serving everyone else. Clients here are in-process and speak raw QUIC.
+
+use std::path::Path;
+use std::time::Duration;
+
+use edgecore::{dial, identity, tls};
+use integration::{Cloud, Edge, eventually, join, join_with};
+use proto::{FrameReader, FrameWriter, Hello, Message, NodeInfo, ProtocolVersion, close_code};
+use quinn::{Connection, ConnectionError};
+use rand::{Rng, SeedableRng};
+
+async fn connect_as(dir: &Path, cloud: &Cloud) -> Connection {
+    let identity = identity::load(dir).expect("identity");
+    connect_with(&identity, cloud).await.expect("connect")
+}
+
+async fn connect_with(identity: &identity::Identity, cloud: &Cloud) -> Result<Connection, dial::DialError> {
+    let addr = dial::resolve(&cloud.address()).await?;
+    let endpoint = dial::client_endpoint(addr)?;
+    let config = tls::node_config(identity).expect("tls config");
+    dial::connect(&endpoint, config, &cloud.address(), addr, Duration::from_secs(5)).await
+}
+
+fn hello(major: u32) -> Message {
+    Message::Hello(Hello {
+        version: ProtocolVersion { major, minor: 0 },
+        node_info: NodeInfo::default(),
+    })
+}
+
+/// Waits for the cloud to close the connection and returns its application close code.
+async fn closed_by_cloud(connection: &Connection) -> u32 {
+    match tokio::time::timeout(Duration::from_secs(5), connection.closed()).await {
+        Ok(ConnectionError::ApplicationClosed(close)) => close.error_code.into_inner() as u32,
+        Ok(other) => panic!("closed, but not by the application: {other}"),
+        Err(_) => panic!("the cloud did not close the connection within 5 s"),
+    }
+}
+
+/// Opens a stream, writes raw bytes (optionally after a proper hello) and finishes it.
+async fn send_raw(connection: &Connection, after_hello: bool, bytes: &[u8]) {
+    let (send, recv) = connection.open_bi().await.expect("stream");
+    let mut writer = FrameWriter::new(send, proto::DEFAULT_MAX_FRAME_SIZE);
+    let mut reader = FrameReader::new(recv, proto::DEFAULT_MAX_FRAME_SIZE);
+    if after_hello {
+        writer.send(hello(1)).await.expect("hello");
+        let ack = reader.next().await.expect("read").expect("reply");
+        assert!(matches!(ack, Message::HelloAck(_)), "{ack:?}");
+    }
+    let stream = writer.get_mut();
+    // The cloud may close before everything is written; that is the point.
+    let _ = stream.write_all(bytes).await;
+    let _ = stream.finish();
+}
+
+struct Setup {
+    _tmp: tempfile::TempDir,
+    cloud: Cloud,
+    hostile_dir: std::path::PathBuf,
+    good: Edge,
+}
+
+fn setup() -> Setup {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let cloud = Cloud::start(tmp.path(), &[]);
+    let token = cloud.token(&["--uses", "2"]);
+    let hostile_dir = tmp.path().join("gw-a");
+    assert!(join(&hostile_dir, &token, "gw-a").status.success());
+    let good_dir = tmp.path().join("gw-b");
+    assert!(join(&good_dir, &token, "gw-b").status.success());
+    let good = Edge::start(&good_dir);
+    assert!(eventually(Duration::from_secs(10), || good.connected()), "{}", good.log());
+    Setup {
+        _tmp: tmp,
+        cloud,
+        hostile_dir,
+        good,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_closes_only_the_offending_connection() {
+    integration::init_test_tracing();
+    let mut s = setup();
+    let oversized = u32::MAX.to_be_bytes().to_vec();
+    let empty_envelope = 0u32.to_be_bytes().to_vec();
+    // An envelope with only field 99 set: well-formed protobuf, unknown message type.
+    let unknown_field = [0, 0, 0, 3, 0x98, 0x06, 0x01].to_vec();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(42);
+    let random: Vec<Vec<u8>> = (0..4)
+        .map(|_| (0..4096).map(|_| rng.random::<u8>()).collect())
+        .collect();
+
+    let mut cases: Vec<(&str, bool, Vec<u8>)> = vec![
+        ("oversized frame before hello", false, oversized.clone()),
+        ("oversized frame mid-session", true, oversized),
+        ("empty envelope", false, empty_envelope.clone()),
+        ("empty envelope mid-session", true, empty_envelope),
+        ("unknown message type", true, unknown_field),
+    ];
+    for (i, bytes) in random.into_iter().enumerate() {
+        cases.push((if i % 2 == 0 { "random bytes" } else { "random bytes mid-session" }, i % 2 == 1, bytes));
+    }
+    let total = cases.len();
+    for (name, after_hello, bytes) in cases {
+        let connection = connect_as(&s.hostile_dir, &s.cloud).await;
+        send_raw(&connection, after_hello, &bytes).await;
+        assert_eq!(closed_by_cloud(&connection).await, close_code::PROTOCOL_VIOLATION, "{name}");
+    }
+
+    let log = s.cloud.log();
+    for reason in ["frame_too_large", "unknown_message_type"] {
+        assert!(log.contains(reason), "the cloud logs {reason}:\n{log}");
+    }
+    let page = s.cloud.metrics();
+    let counted: f64 = page
+        .lines()
+        .filter(|l| l.starts_with("cloudcore_protocol_errors_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(counted, total as f64, "every bad connection is counted by reason:\n{page}");
+    assert!(s.cloud.metric("cloudcore_protocol_errors_total{reason=\"frame_too_large\"}") >= 2.0, "{page}");
+    assert!(s.cloud.is_running(), "cloudcore survived");
+    assert!(s.good.connected(), "the well-behaved edge stayed connected");
+    assert_eq!(s.good.metric("edgecore_reconnects_total"), 0.0, "and never had to reconnect");
+    assert_eq!(s.cloud.metric("cloudcore_connected_edges"), 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_protocol_version_and_cloud_only_messages_are_refused() {
+    integration::init_test_tracing();
+    let mut s = setup();
+
+    let connection = connect_as(&s.hostile_dir, &s.cloud).await;
+    let (send, recv) = connection.open_bi().await.expect("stream");
+    let mut writer = FrameWriter::new(send, proto::DEFAULT_MAX_FRAME_SIZE);
+    let mut reader = FrameReader::new(recv, proto::DEFAULT_MAX_FRAME_SIZE);
+    writer.send(hello(2)).await.expect("hello");
+    match reader.next().await {
+        Ok(Some(Message::Error(e))) => {
+            assert_eq!(e.code, proto::ErrorCode::UnsupportedVersion);
+            assert!(e.message.contains("2.0"), "{}", e.message);
+        }
+        other => panic!("expected an unsupported-version error, got {other:?}"),
+    }
+    drop(reader);
+    assert_eq!(closed_by_cloud(&connection).await, close_code::UNSUPPORTED_VERSION);
+
+    // A message only the cloud may send, mid-session.
+    let connection = connect_as(&s.hostile_dir, &s.cloud).await;
+    let (send, recv) = connection.open_bi().await.expect("stream");
+    let mut writer = FrameWriter::new(send, proto::DEFAULT_MAX_FRAME_SIZE);
+    let mut reader = FrameReader::new(recv, proto::DEFAULT_MAX_FRAME_SIZE);
+    writer.send(hello(1)).await.expect("hello");
+    assert!(matches!(reader.next().await, Ok(Some(Message::HelloAck(_)))));
+    writer
+        .send(Message::JoinResponse(proto::JoinResponse {
+            certificate_der: vec![],
+            ca_der: vec![],
+        }))
+        .await
+        .expect("send");
+    assert_eq!(closed_by_cloud(&connection).await, close_code::PROTOCOL_VIOLATION);
+
+    assert!(s.cloud.log().contains("unsupported_version") || s.cloud.log().contains("not supported"));
+    assert!(s.cloud.is_running());
+    assert!(s.good.connected());
+    assert_eq!(s.good.metric("edgecore_reconnects_total"), 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_for_node_a_can_never_act_as_node_b() {
+    integration::init_test_tracing();
+    let s = setup();
+    // Node A's certificate with files claiming to be B: the cloud reads the name from the
+    // certificate, so the session is A's.
+    let mut identity = identity::load(&s.hostile_dir).expect("identity");
+    identity.config.node_name = "gw-b".into();
+    let endpoint = dial::client_endpoint(dial::resolve(&s.cloud.address()).await.expect("addr")).expect("endpoint");
+    let mut config = edgecore::hub::HubConfig::new(s.hostile_dir.clone());
+    config.connect_timeout = Duration::from_secs(5);
+    let session = edgecore::hub::Session::open(endpoint, &identity, &s.cloud.address(), &config, NodeInfo::default())
+        .await
+        .expect("session");
+    assert_eq!(session.ack.node_name, "gw-a");
+    let nodes = s.cloud.nodes();
+    let a = nodes.iter().find(|n| n["name"] == "gw-a").expect("a");
+    assert_eq!(a["connected"], true, "{a}");
+
+    // A certificate from another cluster's CA is refused at the TLS layer.
+    let other_tmp = tempfile::tempdir().expect("tempdir");
+    let other = Cloud::start(other_tmp.path(), &[]);
+    let other_token = other.token(&[]);
+    let foreign_dir = other_tmp.path().join("gw-b");
+    assert!(join(&foreign_dir, &other_token, "gw-b").status.success());
+    let mut foreign = identity::load(&foreign_dir).expect("identity");
+    foreign.ca = identity.ca.clone();
+    let result = connect_with(&foreign, &s.cloud).await;
+    let refused = match result {
+        Err(_) => true,
+        Ok(connection) => {
+            // TLS 1.3 client auth fails after the client thinks the handshake is done.
+            matches!(
+                tokio::time::timeout(Duration::from_secs(5), connection.closed()).await,
+                Ok(ConnectionError::ConnectionClosed(_) | ConnectionError::TransportError(_))
+            )
+        }
+    };
+    assert!(refused, "a foreign certificate must not open a session");
+    assert!(eventually(Duration::from_secs(2), || s.cloud.metric(
+        "cloudcore_connection_rejections_total{reason=\"tls_handshake\"}"
+    ) >= 1.0));
+}
+
+#[test]
+fn failed_joins_are_rate_limited_per_source_address() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let cloud = Cloud::start(tmp.path(), &["--join-failure-burst", "3", "--join-failure-refill", "1h"]);
+    let token = cloud.token(&[]);
+    let wrong = format!("{}.0000000000000000", token.id);
+    for i in 0..3 {
+        let out = join_with(&tmp.path().join(format!("e{i}")), &token.cloud, &wrong, &token.ca_hash, "gw-1");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("secret does not match"), "{err}");
+    }
+    let out = join(&tmp.path().join("e-right"), &token, "gw-1");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("too many failed join attempts"), "even the right token waits: {err}");
+    assert_eq!(cloud.metric("cloudcore_join_rejections_total{reason=\"rate_limited\"}"), 1.0);
+}
