@@ -542,16 +542,27 @@ async fn abort_writer(
 async fn renew(shared: &Arc<Shared>, identity: &NodeIdentity, csr_der: Vec<u8>) -> Message {
     let worker = shared.clone();
     let name = identity.node_name.clone();
+    let serial = identity.serial.clone();
     let result = tokio::task::spawn_blocking(move || {
-        let issued = worker
-            .ca
-            .sign_node_csr(&csr_der, &name, worker.config.cert_lifetime)
+        crate::pki::check_csr(&csr_der)
             .map_err(|e| (ErrorCode::CsrInvalid, format!("{e}: {}", source_text(&e))))?;
-        worker
+        let ca = worker.ca.clone();
+        let lifetime = worker.config.cert_lifetime;
+        match worker
             .registry
-            .record_certificate(&name, &issued)
-            .map_err(|e| (ErrorCode::Internal, format!("cannot record the certificate: {e}")))?;
-        Ok::<_, (ErrorCode, String)>(issued)
+            .renew_certificate(&name, &serial, || ca.sign_node_csr(&csr_der, &name, lifetime))
+        {
+            Ok(Ok(issued)) => Ok(issued),
+            Ok(Err(refusal)) => {
+                let code = match refusal {
+                    crate::registry::RenewalRefusal::Revoked => ErrorCode::NodeRevoked,
+                    crate::registry::RenewalRefusal::UnknownCertificate => ErrorCode::Unauthenticated,
+                    crate::registry::RenewalRefusal::TooEarly { .. } => ErrorCode::ProtocolViolation,
+                };
+                Err((code, format!("renewal refused: {refusal}")))
+            }
+            Err(e) => Err((ErrorCode::Internal, format!("{e}: {}", source_text(&e)))),
+        }
     })
     .await;
     match result {
@@ -563,7 +574,7 @@ async fn renew(shared: &Arc<Shared>, identity: &NodeIdentity, csr_der: Vec<u8>) 
             }
         }
         Ok(Err((code, text))) => {
-            tracing::warn!(%code, "renewal refused: {text}");
+            tracing::warn!(%code, "{text}");
             Message::error(code, text)
         }
         Err(e) => Message::error(ErrorCode::Internal, format!("renewal failed: {e}")),

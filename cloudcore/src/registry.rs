@@ -93,6 +93,17 @@ pub enum JoinRefusal {
     NameTaken { name: String },
 }
 
+/// Why a renewal was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RenewalRefusal {
+    #[error("the presented certificate or its node was revoked")]
+    Revoked,
+    #[error("the presented certificate is unknown to this cloudcore")]
+    UnknownCertificate,
+    #[error("the presented certificate is less than half-way through its lifetime; renew after {}", humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis((*.not_before_ms).max(0) as u64)))]
+    TooEarly { not_before_ms: i64 },
+}
+
 /// A token being created.
 #[derive(Debug, Clone)]
 pub struct NewToken {
@@ -369,17 +380,49 @@ impl Registry {
         )))
     }
 
-    /// Records a renewed certificate of an existing node.
-    pub fn record_certificate(
+    /// Records a certificate renewed by the holder of `presented_serial`, in one transaction
+    /// with the checks that make renewal safe: the presented certificate and its node must not
+    /// be revoked (so a renewal racing a revocation cannot outlive it), and the presented
+    /// certificate must be past half of its lifetime (so a stolen key cannot mint certificates
+    /// in a loop). `sign` runs only when the checks pass.
+    pub fn renew_certificate<E>(
         &self,
         node: &str,
-        issued: &crate::pki::IssuedCertificate,
-    ) -> Result<(), RegistryError> {
-        self.conn().execute(
+        presented_serial: &str,
+        sign: impl FnOnce() -> Result<crate::pki::IssuedCertificate, E>,
+    ) -> Result<Result<crate::pki::IssuedCertificate, RenewalRefusal>, AdmitError<E>> {
+        let mut conn = self.conn();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(AdmitError::Registry)?;
+        let row: Option<(i64, i64, Option<i64>, Option<i64>)> = tx
+            .query_row(
+                "SELECT c.issued_ms, c.not_after_ms, c.revoked_ms, n.revoked_ms
+                 FROM certificates c JOIN nodes n ON n.name = c.node WHERE c.serial = ?1 AND c.node = ?2",
+                params![presented_serial, node],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
+            .optional()
+            .map_err(AdmitError::Registry)?;
+        let Some((issued_ms, not_after_ms, cert_revoked, node_revoked)) = row else {
+            return Ok(Err(RenewalRefusal::UnknownCertificate));
+        };
+        if cert_revoked.is_some() || node_revoked.is_some() {
+            return Ok(Err(RenewalRefusal::Revoked));
+        }
+        let now = now_ms();
+        let halfway = issued_ms + (not_after_ms - issued_ms) / 2;
+        if now < halfway {
+            return Ok(Err(RenewalRefusal::TooEarly { not_before_ms: halfway }));
+        }
+        let issued = sign().map_err(AdmitError::Sign)?;
+        tx.execute(
             "INSERT INTO certificates (serial, node, issued_ms, not_after_ms) VALUES (?1, ?2, ?3, ?4)",
-            params![issued.serial, node, now_ms(), to_ms(issued.not_after)],
-        )?;
-        Ok(())
+            params![issued.serial, node, now, to_ms(issued.not_after)],
+        )
+        .map_err(AdmitError::Registry)?;
+        tx.commit().map_err(AdmitError::Registry)?;
+        Ok(Ok(issued))
     }
 
     /// Revokes a node and every certificate issued to it so far; `false` if unknown.
@@ -632,6 +675,28 @@ mod tests {
         assert!(matches!(result, Err(AdmitError::Sign("boom"))));
         assert_eq!(reg.list_tokens().expect("list")[0].uses_left, 1);
         assert!(reg.list_nodes(HOUR).expect("nodes").is_empty());
+    }
+
+    #[test]
+    fn renewal_is_refused_when_revoked_or_too_early() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let reg = Registry::open(dir.path()).expect("open");
+        join(&reg, &token(&reg, HOUR, 1, None), "gw-1", "01").expect("join");
+        let renew = |serial: &str, new: &str| {
+            reg.renew_certificate("gw-1", serial, || Ok::<_, std::convert::Infallible>(issued(new)))
+                .expect("no db error")
+        };
+        assert!(matches!(renew("01", "02"), Err(RenewalRefusal::TooEarly { .. })));
+        assert_eq!(renew("ff", "02").unwrap_err(), RenewalRefusal::UnknownCertificate);
+        // Age the certificate past half its life.
+        reg.conn()
+            .execute("UPDATE certificates SET issued_ms = issued_ms - 7200000 WHERE serial = '01'", [])
+            .expect("age");
+        assert_eq!(renew("01", "02").expect("renewed").serial, "02");
+        assert_eq!(reg.certificate_status("02").expect("status"), CertificateStatus::Valid);
+        reg.revoke_node("gw-1").expect("revoke");
+        assert_eq!(renew("01", "03").unwrap_err(), RenewalRefusal::Revoked);
+        assert_eq!(reg.certificate_status("03").expect("status"), CertificateStatus::Unknown);
     }
 
     #[test]

@@ -237,3 +237,41 @@ fn fifty_edges_reconnect_after_a_cloud_restart_with_spread_retries() {
         edge.stop();
     }
 }
+
+#[test]
+fn certificate_is_renewed_over_the_tunnel_late_in_its_life() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let cloud = Cloud::start(tmp.path(), &["--cert-lifetime", "20s"]);
+    let token = cloud.token(&[]);
+    let dir = tmp.path().join("gw-1");
+    assert!(join(&dir, &token, "gw-1").status.success());
+    let before = std::fs::read(dir.join("node.pem")).expect("node.pem");
+    let joined = Instant::now();
+    let mut edge = Edge::start(&dir);
+    assert!(eventually(Duration::from_secs(10), || edge.connected()));
+    // Validity is 22 s (20 s plus 2 s backdating); 70–90 % of it is 13–18 s after the join.
+    assert!(
+        eventually(Duration::from_secs(25), || edge.metric("edgecore_certificate_renewals_total") == 1.0),
+        "no renewal; edge log:\n{}\ncloud log:\n{}",
+        edge.log(),
+        cloud.log()
+    );
+    let renewed_after = joined.elapsed();
+    assert!(
+        renewed_after >= Duration::from_secs(12),
+        "renewed too early, after {renewed_after:?}"
+    );
+    assert_eq!(cloud.metric("cloudcore_certificate_renewals_total"), 1.0);
+    let after = std::fs::read(dir.join("node.pem")).expect("node.pem");
+    assert_ne!(before, after, "node.pem holds the new certificate and key");
+
+    // The renewed identity opens a new session after the old certificate has expired.
+    edge.stop();
+    std::thread::sleep(Duration::from_secs(8));
+    let edge = Edge::start(&dir);
+    assert!(
+        eventually(Duration::from_secs(10), || edge.connected()),
+        "renewed identity did not connect; edge log:\n{}",
+        edge.log()
+    );
+}
