@@ -27,6 +27,9 @@ use crate::registry::{CertificateStatus, Registry};
 
 /// Outgoing messages queued per session; a full queue makes the sender wait (flow control).
 const SESSION_QUEUE: usize = 64;
+/// Frame limit before a peer has authenticated: a join request is a few KiB, so an anonymous
+/// peer cannot make cloudcore buffer a full-size frame.
+const UNAUTHENTICATED_MAX_FRAME: usize = 64 * 1024;
 
 /// The tunnel could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -72,7 +75,12 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new(config: ServeConfig, registry: Registry, ca: Arc<ClusterCa>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        config: ServeConfig,
+        registry: Registry,
+        ca: Arc<ClusterCa>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         let join_limiter = Mutex::new(JoinLimiter::new(
             config.join_failure_burst,
             config.join_failure_refill,
@@ -126,12 +134,9 @@ pub fn endpoint(config: &ServeConfig, ca: &ClusterCa) -> Result<Endpoint, HubErr
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(tls)?));
     let mut transport = quinn::TransportConfig::default();
     transport
-        .max_idle_timeout(Some(
-            config
-                .dead_after
-                .try_into()
-                .map_err(|_| HubError::Transport(format!("dead-after {:?} is too long", config.dead_after)))?,
-        ))
+        .max_idle_timeout(Some(config.dead_after.try_into().map_err(|_| {
+            HubError::Transport(format!("dead-after {:?} is too long", config.dead_after))
+        })?))
         .max_concurrent_uni_streams(VarInt::from_u32(0))
         .max_concurrent_bidi_streams(VarInt::from_u32(4));
     server.transport_config(Arc::new(transport));
@@ -144,8 +149,15 @@ pub fn endpoint(config: &ServeConfig, ca: &ClusterCa) -> Result<Endpoint, HubErr
 /// Accepts connections until cancelled. Handshakes beyond `max_concurrent_handshakes` wait
 /// their turn (QUIC keeps their packets), so a reconnect storm is served steadily instead of
 /// every handshake timing out at once.
-pub async fn accept(endpoint: Endpoint, shared: Arc<Shared>, shutdown: CancellationToken, tracker: TaskTracker) {
-    let handshakes = Arc::new(Semaphore::new(shared.config.max_concurrent_handshakes.max(1)));
+pub async fn accept(
+    endpoint: Endpoint,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let handshakes = Arc::new(Semaphore::new(
+        shared.config.max_concurrent_handshakes.max(1),
+    ));
     loop {
         let incoming = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -156,7 +168,13 @@ pub async fn accept(endpoint: Endpoint, shared: Arc<Shared>, shutdown: Cancellat
         };
         let span = tracing::info_span!("conn", peer.addr = %incoming.remote_address(), node.name = tracing::field::Empty);
         tracker.spawn(
-            handle_incoming(incoming, shared.clone(), handshakes.clone(), shutdown.clone()).instrument(span),
+            handle_incoming(
+                incoming,
+                shared.clone(),
+                handshakes.clone(),
+                shutdown.clone(),
+            )
+            .instrument(span),
         );
     }
 }
@@ -210,8 +228,11 @@ type Reader = FrameReader<RecvStream>;
 type Writer = FrameWriter<SendStream>;
 
 /// Accepts the edge's stream and reads its first message, within the handshake timeout.
-async fn open_stream(connection: &Connection, shared: &Shared) -> Result<(Reader, Writer, Message), Rejection> {
-    let max = shared.config.max_frame_size;
+async fn open_stream(
+    connection: &Connection,
+    shared: &Shared,
+    max: usize,
+) -> Result<(Reader, Writer, Message), Rejection> {
     let deadline = shared.config.handshake_timeout;
     let (send, recv) = match tokio::time::timeout(deadline, connection.accept_bi()).await {
         Ok(Ok(streams)) => streams,
@@ -222,7 +243,9 @@ async fn open_stream(connection: &Connection, shared: &Shared) -> Result<(Reader
     let writer = FrameWriter::new(send, max);
     match tokio::time::timeout(deadline, reader.next()).await {
         Ok(Ok(Some(first))) => Ok((reader, writer, first)),
-        Ok(Ok(None)) => Err(Rejection::Gone("stream finished before the first message".into())),
+        Ok(Ok(None)) => Err(Rejection::Gone(
+            "stream finished before the first message".into(),
+        )),
         Ok(Err(e)) => Err(Rejection::Frame(e, writer)),
         Err(_) => Err(Rejection::Timeout),
     }
@@ -238,19 +261,31 @@ enum Rejection {
 impl Rejection {
     async fn report(self, connection: &Connection, shared: &Shared) {
         match self {
-            Rejection::Gone(why) => tracing::info!("connection ended before its first message: {why}"),
+            Rejection::Gone(why) => {
+                tracing::info!("connection ended before its first message: {why}")
+            }
             Rejection::Timeout => {
                 shared.metrics.connection_rejected("handshake_timeout");
                 tracing::info!("no first message within the handshake timeout");
-                connection.close(VarInt::from_u32(close_code::PROTOCOL_VIOLATION), b"handshake timeout");
+                connection.close(
+                    VarInt::from_u32(close_code::PROTOCOL_VIOLATION),
+                    b"handshake timeout",
+                );
             }
-            Rejection::Frame(e, mut writer) => protocol_violation(connection, &mut writer, shared, &e).await,
+            Rejection::Frame(e, mut writer) => {
+                protocol_violation(connection, &mut writer, shared, &e).await
+            }
         }
     }
 }
 
 /// Logs, counts, tells the peer (best effort) and closes.
-async fn protocol_violation(connection: &Connection, writer: &mut Writer, shared: &Shared, e: &FrameError) {
+async fn protocol_violation(
+    connection: &Connection,
+    writer: &mut Writer,
+    shared: &Shared,
+    e: &FrameError,
+) {
     let reason = e.reason();
     shared.metrics.protocol_error(reason);
     let detail = match source_text(e) {
@@ -263,11 +298,20 @@ async fn protocol_violation(connection: &Connection, writer: &mut Writer, shared
         writer.send(Message::error(ErrorCode::ProtocolViolation, detail)),
     )
     .await;
-    connection.close(VarInt::from_u32(close_code::PROTOCOL_VIOLATION), reason.as_bytes());
+    connection.close(
+        VarInt::from_u32(close_code::PROTOCOL_VIOLATION),
+        reason.as_bytes(),
+    );
 }
 
 /// Sends an error, then closes once the peer had a chance to read it.
-async fn refuse(connection: &Connection, writer: &mut Writer, code: u32, error: Message, reason: &str) {
+async fn refuse(
+    connection: &Connection,
+    writer: &mut Writer,
+    code: u32,
+    error: Message,
+    reason: &str,
+) {
     let _ = writer.send(error).await;
     let _ = writer.get_mut().finish();
     // Give the peer a moment to read the error before the close discards unread data.
@@ -276,18 +320,29 @@ async fn refuse(connection: &Connection, writer: &mut Writer, code: u32, error: 
 }
 
 async fn serve_join(connection: Connection, shared: Arc<Shared>, peer: SocketAddr) {
-    let (_reader, mut writer, first) = match open_stream(&connection, &shared).await {
+    let max = UNAUTHENTICATED_MAX_FRAME.min(shared.config.max_frame_size);
+    let (_reader, mut writer, first) = match open_stream(&connection, &shared, max).await {
         Ok(s) => s,
         Err(rejection) => return rejection.report(&connection, &shared).await,
     };
     let Message::JoinRequest(request) = first else {
         shared.metrics.connection_rejected("no_client_certificate");
-        tracing::warn!(message = first.kind(), "refusing a session without a client certificate");
+        tracing::warn!(
+            message = first.kind(),
+            "refusing a session without a client certificate"
+        );
         let error = Message::error(
             ErrorCode::Unauthenticated,
             "this connection has no client certificate; only a join is allowed",
         );
-        return refuse(&connection, &mut writer, close_code::UNAUTHENTICATED, error, "no client certificate").await;
+        return refuse(
+            &connection,
+            &mut writer,
+            close_code::UNAUTHENTICATED,
+            error,
+            "no client certificate",
+        )
+        .await;
     };
     let reply = join::admit(shared.clone(), request, peer.ip()).await;
     let _ = writer.send(reply).await;
@@ -310,20 +365,34 @@ async fn serve_node(
         Err(e) => {
             shared.metrics.connection_rejected("not_a_node_certificate");
             tracing::warn!(error = %e, "refusing client certificate");
-            connection.close(VarInt::from_u32(close_code::UNAUTHENTICATED), b"not a node certificate");
+            connection.close(
+                VarInt::from_u32(close_code::UNAUTHENTICATED),
+                b"not a node certificate",
+            );
             return;
         }
     };
     tracing::Span::current().record("node.name", identity.node_name.as_str());
-    let (reader, mut writer, first) = match open_stream(&connection, &shared).await {
-        Ok(s) => s,
-        Err(rejection) => return rejection.report(&connection, &shared).await,
-    };
+    let (reader, mut writer, first) =
+        match open_stream(&connection, &shared, shared.config.max_frame_size).await {
+            Ok(s) => s,
+            Err(rejection) => return rejection.report(&connection, &shared).await,
+        };
     let Message::Hello(hello) = first else {
         shared.metrics.protocol_error("expected_hello");
         tracing::warn!(message = first.kind(), "first message was not hello");
-        let error = Message::error(ErrorCode::ProtocolViolation, format!("expected hello, got {}", first.kind()));
-        return refuse(&connection, &mut writer, close_code::PROTOCOL_VIOLATION, error, "expected hello").await;
+        let error = Message::error(
+            ErrorCode::ProtocolViolation,
+            format!("expected hello, got {}", first.kind()),
+        );
+        return refuse(
+            &connection,
+            &mut writer,
+            close_code::PROTOCOL_VIOLATION,
+            error,
+            "expected hello",
+        )
+        .await;
     };
     if !hello.version.is_supported() {
         shared.metrics.connection_rejected("unsupported_version");
@@ -334,7 +403,14 @@ async fn serve_node(
         );
         tracing::warn!(version = %hello.version, "refusing session: {text}");
         let error = Message::error(ErrorCode::UnsupportedVersion, text);
-        return refuse(&connection, &mut writer, close_code::UNSUPPORTED_VERSION, error, "unsupported protocol version").await;
+        return refuse(
+            &connection,
+            &mut writer,
+            close_code::UNSUPPORTED_VERSION,
+            error,
+            "unsupported protocol version",
+        )
+        .await;
     }
     let status = {
         let shared = shared.clone();
@@ -356,21 +432,39 @@ async fn serve_node(
             "unknown_certificate",
             close_code::UNAUTHENTICATED,
             ErrorCode::Unauthenticated,
-            "this cloudcore has no record of the certificate; join again with a new token".to_string(),
+            "this cloudcore has no record of the certificate; join again with a new token"
+                .to_string(),
         )),
         Ok(Err(e)) => {
             tracing::error!(error = %e, cause = %source_text(&e), "cannot check certificate status");
-            Some(("internal", close_code::UNAUTHENTICATED, ErrorCode::Internal, "cloudcore cannot check the certificate now; retry later".into()))
+            Some((
+                "internal",
+                close_code::UNAUTHENTICATED,
+                ErrorCode::Internal,
+                "cloudcore cannot check the certificate now; retry later".into(),
+            ))
         }
         Err(e) => {
             tracing::error!(error = %e, "certificate status task failed");
-            Some(("internal", close_code::UNAUTHENTICATED, ErrorCode::Internal, "cloudcore cannot check the certificate now; retry later".into()))
+            Some((
+                "internal",
+                close_code::UNAUTHENTICATED,
+                ErrorCode::Internal,
+                "cloudcore cannot check the certificate now; retry later".into(),
+            ))
         }
     };
     if let Some((reason, code, error_code, text)) = refusal {
         shared.metrics.connection_rejected(reason);
         tracing::warn!(reason, "refusing session: {text}");
-        return refuse(&connection, &mut writer, code, Message::error(error_code, text), reason).await;
+        return refuse(
+            &connection,
+            &mut writer,
+            code,
+            Message::error(error_code, text),
+            reason,
+        )
+        .await;
     }
 
     let session_id = shared.next_session.fetch_add(1, Ordering::Relaxed);
@@ -409,8 +503,10 @@ async fn serve_node(
     );
     if let Some(old) = replaced {
         tracing::info!("closing the node's previous session");
-        old.connection
-            .close(VarInt::from_u32(close_code::REPLACED), b"replaced by a newer session");
+        old.connection.close(
+            VarInt::from_u32(close_code::REPLACED),
+            b"replaced by a newer session",
+        );
     }
     drop(permit);
     shared.metrics.connected_edges.inc();
@@ -471,8 +567,14 @@ async fn run_session(
         };
         let message = match next {
             Err(_) => {
-                connection.close(VarInt::from_u32(close_code::HEARTBEAT_TIMEOUT), b"heartbeat timeout");
-                break format!("nothing heard for {}", humantime::format_duration(dead_after));
+                connection.close(
+                    VarInt::from_u32(close_code::HEARTBEAT_TIMEOUT),
+                    b"heartbeat timeout",
+                );
+                break format!(
+                    "nothing heard for {}",
+                    humantime::format_duration(dead_after)
+                );
             }
             Ok(Ok(Some(message))) => message,
             Ok(Ok(None)) => {
@@ -486,7 +588,10 @@ async fn run_session(
                 let mut writer = match abort_writer(writer_task, tx).await {
                     Some(w) => w,
                     None => {
-                        connection.close(VarInt::from_u32(close_code::PROTOCOL_VIOLATION), e.reason().as_bytes());
+                        connection.close(
+                            VarInt::from_u32(close_code::PROTOCOL_VIOLATION),
+                            e.reason().as_bytes(),
+                        );
                         shared.metrics.protocol_error(e.reason());
                         tracing::warn!(reason = e.reason(), "closing connection: {e}");
                         return format!("protocol violation: {e}");
@@ -504,7 +609,9 @@ async fn run_session(
                 let reply = renew(shared, identity, csr_der).await;
                 let _ = tx.send(reply).await;
             }
-            Message::Error(e) => tracing::warn!(code = %e.code, "edge reported an error: {}", e.message),
+            Message::Error(e) => {
+                tracing::warn!(code = %e.code, "edge reported an error: {}", e.message)
+            }
             // Object acknowledgements and status reports belong to the sync engine, which is
             // not part of this build yet; they are accepted and dropped.
             Message::Ack { .. } | Message::Status(_) => {
@@ -513,12 +620,21 @@ async fn run_session(
             other => {
                 let kind = other.kind();
                 shared.metrics.protocol_error("unexpected_message");
-                tracing::warn!(message = kind, "closing connection: edge sent a message only the cloud may send");
+                tracing::warn!(
+                    message = kind,
+                    "closing connection: edge sent a message only the cloud may send"
+                );
                 let _ = tx
-                    .send(Message::error(ErrorCode::ProtocolViolation, format!("{kind} is not allowed from an edge")))
+                    .send(Message::error(
+                        ErrorCode::ProtocolViolation,
+                        format!("{kind} is not allowed from an edge"),
+                    ))
                     .await;
                 tokio::time::sleep(Duration::from_millis(100)).await;
-                connection.close(VarInt::from_u32(close_code::PROTOCOL_VIOLATION), b"unexpected message");
+                connection.close(
+                    VarInt::from_u32(close_code::PROTOCOL_VIOLATION),
+                    b"unexpected message",
+                );
                 break format!("protocol violation: unexpected {kind}");
             }
         }
@@ -548,16 +664,19 @@ async fn renew(shared: &Arc<Shared>, identity: &NodeIdentity, csr_der: Vec<u8>) 
             .map_err(|e| (ErrorCode::CsrInvalid, format!("{e}: {}", source_text(&e))))?;
         let ca = worker.ca.clone();
         let lifetime = worker.config.cert_lifetime;
-        match worker
-            .registry
-            .renew_certificate(&name, &serial, || ca.sign_node_csr(&csr_der, &name, lifetime))
-        {
+        match worker.registry.renew_certificate(&name, &serial, || {
+            ca.sign_node_csr(&csr_der, &name, lifetime)
+        }) {
             Ok(Ok(issued)) => Ok(issued),
             Ok(Err(refusal)) => {
                 let code = match refusal {
                     crate::registry::RenewalRefusal::Revoked => ErrorCode::NodeRevoked,
-                    crate::registry::RenewalRefusal::UnknownCertificate => ErrorCode::Unauthenticated,
-                    crate::registry::RenewalRefusal::TooEarly { .. } => ErrorCode::ProtocolViolation,
+                    crate::registry::RenewalRefusal::UnknownCertificate => {
+                        ErrorCode::Unauthenticated
+                    }
+                    crate::registry::RenewalRefusal::TooEarly { .. } => {
+                        ErrorCode::ProtocolViolation
+                    }
                 };
                 Err((code, format!("renewal refused: {refusal}")))
             }
@@ -591,7 +710,9 @@ pub async fn watch_revocations(shared: Arc<Shared>, shutdown: CancellationToken)
             _ = tick.tick() => {}
         }
         let worker = shared.clone();
-        let Ok(Ok(version)) = tokio::task::spawn_blocking(move || worker.registry.data_version()).await else {
+        let Ok(Ok(version)) =
+            tokio::task::spawn_blocking(move || worker.registry.data_version()).await
+        else {
             continue;
         };
         if seen == Some(version) {
@@ -599,16 +720,19 @@ pub async fn watch_revocations(shared: Arc<Shared>, shutdown: CancellationToken)
         }
         seen = Some(version);
         let worker = shared.clone();
-        let Ok(Ok(revoked)) = tokio::task::spawn_blocking(move || worker.registry.revoked_serials()).await else {
+        let Ok(Ok(revoked)) =
+            tokio::task::spawn_blocking(move || worker.registry.revoked_serials()).await
+        else {
             continue;
         };
         for (name, session) in shared.sessions().iter() {
             if revoked.contains(&session.serial) {
                 tracing::warn!(node.name = %name, "certificate revoked: closing the live session");
                 shared.metrics.revocation_closes.inc();
-                session
-                    .connection
-                    .close(VarInt::from_u32(close_code::REVOKED), b"node certificate revoked");
+                session.connection.close(
+                    VarInt::from_u32(close_code::REVOKED),
+                    b"node certificate revoked",
+                );
             }
         }
     }
@@ -626,7 +750,9 @@ pub async fn heartbeat_registry(shared: Arc<Shared>, shutdown: CancellationToken
         let seen = shared.connected_nodes();
         match tokio::task::spawn_blocking(move || worker.registry.server_heartbeat(&seen)).await {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!(error = %e, cause = %source_text(&e), "cannot record heartbeat"),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, cause = %source_text(&e), "cannot record heartbeat")
+            }
             Err(e) => tracing::warn!(error = %e, "heartbeat task failed"),
         }
     }

@@ -6,7 +6,6 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-
 use proto::{ErrorCode, JoinRequest, JoinResponse, Message};
 
 use crate::hub::Shared;
@@ -55,7 +54,9 @@ impl JoinLimiter {
             // Forget addresses whose bucket has refilled: they carry no state worth keeping.
             let (burst, refill) = (self.burst, self.refill);
             self.buckets.retain(|_, (tokens, at)| {
-                tokens.to_owned() + now.saturating_duration_since(*at).as_secs_f64() / refill.as_secs_f64() < burst
+                tokens.to_owned()
+                    + now.saturating_duration_since(*at).as_secs_f64() / refill.as_secs_f64()
+                    < burst
             });
         }
     }
@@ -136,9 +137,11 @@ async fn decide(shared: &Arc<Shared>, request: JoinRequest, peer: IpAddr) -> Mes
     let lifetime = shared.config.cert_lifetime;
     let result = tokio::task::spawn_blocking(move || {
         let ca = worker.ca.clone();
-        worker.registry.admit_join(&token, &request.node_name, &request.labels, || {
-            ca.sign_node_csr(&request.csr_der, &request.node_name, lifetime)
-        })
+        worker
+            .registry
+            .admit_join(&token, &request.node_name, &request.labels, || {
+                ca.sign_node_csr(&request.csr_der, &request.node_name, lifetime)
+            })
     })
     .await;
     match result {
@@ -149,11 +152,17 @@ async fn decide(shared: &Arc<Shared>, request: JoinRequest, peer: IpAddr) -> Mes
         Ok(Ok(Err(refusal))) => Message::error(refusal_code(&refusal), refusal.to_string()),
         Ok(Err(e)) => {
             tracing::error!(error = %e, cause = %source_text(&e), "join failed inside cloudcore");
-            Message::error(ErrorCode::Internal, "cloudcore could not record the join; see its log")
+            Message::error(
+                ErrorCode::Internal,
+                "cloudcore could not record the join; see its log",
+            )
         }
         Err(e) => {
             tracing::error!(error = %e, "join task failed");
-            Message::error(ErrorCode::Internal, "cloudcore could not record the join; see its log")
+            Message::error(
+                ErrorCode::Internal,
+                "cloudcore could not record the join; see its log",
+            )
         }
     }
 }

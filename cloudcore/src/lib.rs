@@ -74,15 +74,31 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> Result<(),
         }
     });
     tracker.spawn(hub::watch_revocations(shared.clone(), shutdown.clone()));
-    tracker.spawn(hub::heartbeat_registry(shared.clone(), shutdown.clone(), SERVER_HEARTBEAT));
+    tracker.spawn(hub::heartbeat_registry(
+        shared.clone(),
+        shutdown.clone(),
+        SERVER_HEARTBEAT,
+    ));
 
-    hub::accept(endpoint.clone(), shared.clone(), shutdown.clone(), tracker.clone()).await;
+    hub::accept(
+        endpoint.clone(),
+        shared.clone(),
+        shutdown.clone(),
+        tracker.clone(),
+    )
+    .await;
 
     tracing::info!("shutting down");
     shared.close_all("cloudcore shutting down");
-    endpoint.close(quinn::VarInt::from_u32(proto::close_code::SHUTDOWN), b"cloudcore shutting down");
+    endpoint.close(
+        quinn::VarInt::from_u32(proto::close_code::SHUTDOWN),
+        b"cloudcore shutting down",
+    );
     tracker.close();
-    if tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(5), tracker.wait())
+        .await
+        .is_err()
+    {
         tracing::warn!("some tasks did not stop within 5s");
     }
     if let Err(e) = shared.registry.server_stopped() {

@@ -8,14 +8,18 @@ use std::time::{Duration, UNIX_EPOCH};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use cloudcore::registry::{NewToken, Registry};
 use cloudcore::token::{BootstrapToken, validate_node_name};
-use cloudcore::{ServeConfig, SERVER_STALE_AFTER, config::join_host_port, pki::ClusterCa};
+use cloudcore::{SERVER_STALE_AFTER, ServeConfig, config::join_host_port, pki::ClusterCa};
 use tokio_util::sync::CancellationToken;
 
 /// Exit code for a bad command line or configuration (EX_USAGE).
 const EXIT_USAGE: u8 = 64;
 
 #[derive(Parser, Debug)]
-#[command(name = "cloudcore", version, about = "Cloud side of the edge system: tunnel server, CA, join tokens")]
+#[command(
+    name = "cloudcore",
+    version,
+    about = "Cloud side of the edge system: tunnel server, CA, join tokens"
+)]
 struct Cli {
     /// Log format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
@@ -152,7 +156,11 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => {
             let _ = e.print();
-            return if e.use_stderr() { ExitCode::from(EXIT_USAGE) } else { ExitCode::SUCCESS };
+            return if e.use_stderr() {
+                ExitCode::from(EXIT_USAGE)
+            } else {
+                ExitCode::SUCCESS
+            };
         }
     };
     init_tracing(cli.log_format);
@@ -206,7 +214,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     }
     for san in config.advertise_addresses.iter().chain(&config.sans) {
         if san.parse::<std::net::IpAddr>().is_err() && validate_node_name(san).is_err() {
-            eprintln!("error: --advertise-address/--san {san:?} is neither an IP address nor a DNS name");
+            eprintln!(
+                "error: --advertise-address/--san {san:?} is neither an IP address nor a DNS name"
+            );
             return Ok(ExitCode::from(EXIT_USAGE));
         }
     }
@@ -233,12 +243,23 @@ fn relative(ms: i64) -> String {
     let d = Duration::from_secs(((now - ms).unsigned_abs()) / 1000);
     let text = humantime::format_duration(d).to_string();
     let text = text.split(' ').take(2).collect::<Vec<_>>().join(" ");
-    if ms <= now { format!("{text} ago") } else { format!("in {text}") }
+    if ms <= now {
+        format!("{text} ago")
+    } else {
+        format!("in {text}")
+    }
 }
 
 fn token(cmd: TokenCommand) -> anyhow::Result<ExitCode> {
     match cmd {
-        TokenCommand::Create { data_dir, ttl, uses, node, cloud, output } => {
+        TokenCommand::Create {
+            data_dir,
+            ttl,
+            uses,
+            node,
+            cloud,
+            output,
+        } => {
             if uses == 0 {
                 eprintln!("error: --uses must be at least 1");
                 return Ok(ExitCode::from(EXIT_USAGE));
@@ -254,11 +275,19 @@ fn token(cmd: TokenCommand) -> anyhow::Result<ExitCode> {
             let cloud = match cloud {
                 Some(c) => c,
                 None => registry.cloud_address()?.unwrap_or_else(|| {
-                    join_host_port(&cloudcore::hostname().unwrap_or_else(|| "localhost".into()), 10000)
+                    join_host_port(
+                        &cloudcore::hostname().unwrap_or_else(|| "localhost".into()),
+                        10000,
+                    )
                 }),
             };
             let token = BootstrapToken::generate();
-            let record = registry.create_token(&NewToken { token: token.clone(), ttl, uses, node: node.clone() })?;
+            let record = registry.create_token(&NewToken {
+                token: token.clone(),
+                ttl,
+                uses,
+                node: node.clone(),
+            })?;
             let mut command = format!(
                 "edgecore join --cloud {cloud} --token {} --ca-hash {}",
                 token.reveal(),
@@ -286,7 +315,9 @@ fn token(cmd: TokenCommand) -> anyhow::Result<ExitCode> {
                     rfc3339(record.expires_ms),
                     relative(record.expires_ms),
                     uses,
-                    node.as_deref().map(|n| format!(", bound to node {n}")).unwrap_or_default()
+                    node.as_deref()
+                        .map(|n| format!(", bound to node {n}"))
+                        .unwrap_or_default()
                 );
                 println!("{command}");
             }
@@ -296,7 +327,10 @@ fn token(cmd: TokenCommand) -> anyhow::Result<ExitCode> {
             if output == Output::Json {
                 println!("{}", serde_json::to_string_pretty(&tokens)?);
             } else {
-                println!("{:<8} {:<22} {:<10} {:<9} NODE", "ID", "EXPIRES", "USES-LEFT", "STATE");
+                println!(
+                    "{:<8} {:<22} {:<10} {:<9} NODE",
+                    "ID", "EXPIRES", "USES-LEFT", "STATE"
+                );
                 let now = cloudcore::registry::now_ms();
                 for t in tokens {
                     let state = if t.revoked {
@@ -337,7 +371,10 @@ fn node(cmd: NodeCommand) -> anyhow::Result<ExitCode> {
             if output == Output::Json {
                 println!("{}", serde_json::to_string_pretty(&nodes)?);
             } else {
-                println!("{:<24} {:<13} {:<16} {:<22} ADDRESS", "NAME", "STATUS", "LAST-SEEN", "CERT-EXPIRES");
+                println!(
+                    "{:<24} {:<13} {:<16} {:<22} ADDRESS",
+                    "NAME", "STATUS", "LAST-SEEN", "CERT-EXPIRES"
+                );
                 for n in nodes {
                     let status = if n.revoked {
                         "Revoked"
@@ -350,8 +387,12 @@ fn node(cmd: NodeCommand) -> anyhow::Result<ExitCode> {
                         "{:<24} {:<13} {:<16} {:<22} {}",
                         n.name,
                         status,
-                        n.last_seen_ms.map(relative).unwrap_or_else(|| "never".into()),
-                        n.cert_not_after_ms.map(rfc3339).unwrap_or_else(|| "-".into()),
+                        n.last_seen_ms
+                            .map(relative)
+                            .unwrap_or_else(|| "never".into()),
+                        n.cert_not_after_ms
+                            .map(rfc3339)
+                            .unwrap_or_else(|| "-".into()),
                         n.address.as_deref().unwrap_or("-")
                     );
                 }
@@ -367,4 +408,3 @@ fn node(cmd: NodeCommand) -> anyhow::Result<ExitCode> {
     }
     Ok(ExitCode::SUCCESS)
 }
-

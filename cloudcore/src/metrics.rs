@@ -87,7 +87,9 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn join_rejected(&self, reason: &'static str) {
-        self.join_rejections.get_or_create(&vec![("reason", reason)]).inc();
+        self.join_rejections
+            .get_or_create(&vec![("reason", reason)])
+            .inc();
     }
 
     pub fn connection_rejected(&self, reason: &'static str) {
@@ -97,7 +99,9 @@ impl Metrics {
     }
 
     pub fn protocol_error(&self, reason: &'static str) {
-        self.protocol_errors.get_or_create(&vec![("reason", reason)]).inc();
+        self.protocol_errors
+            .get_or_create(&vec![("reason", reason)])
+            .inc();
     }
 
     /// The OpenMetrics text exposition.

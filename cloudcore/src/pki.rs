@@ -11,10 +11,11 @@ use std::time::Duration;
 use rand::Rng;
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
-    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
-    SerialNumber,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
-use rustls::pki_types::{CertificateDer, CertificateSigningRequestDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls::pki_types::{
+    CertificateDer, CertificateSigningRequestDer, PrivateKeyDer, PrivatePkcs8KeyDer,
+};
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 
@@ -80,11 +81,16 @@ pub struct ClusterCa {
 
 impl std::fmt::Debug for ClusterCa {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ClusterCa").field("hash", &self.hash()).finish()
+        f.debug_struct("ClusterCa")
+            .field("hash", &self.hash())
+            .finish()
     }
 }
 
-fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> PkiError + 'a {
+fn io_err<'a>(
+    action: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(std::io::Error) -> PkiError + 'a {
     move |source| PkiError::Io {
         action,
         path: path.to_path_buf(),
@@ -136,7 +142,11 @@ impl ClusterCa {
         params.serial_number = Some(random_serial().0);
         let cert = params.self_signed(&key).map_err(PkiError::Build)?;
 
-        write_file(&staging.join("ca.key"), key.serialize_pem().as_bytes(), 0o600)?;
+        write_file(
+            &staging.join("ca.key"),
+            key.serialize_pem().as_bytes(),
+            0o600,
+        )?;
         write_file(&staging.join("ca.crt"), cert.pem().as_bytes(), 0o644)?;
         match fs::rename(&staging, dir) {
             Ok(()) => {}
@@ -237,10 +247,9 @@ impl ClusterCa {
         node_name: &str,
         lifetime: Duration,
     ) -> Result<IssuedCertificate, PkiError> {
-        let mut csr = CertificateSigningRequestParams::from_der(&CertificateSigningRequestDer::from(
-            csr_der,
-        ))
-        .map_err(PkiError::InvalidCsr)?;
+        let mut csr =
+            CertificateSigningRequestParams::from_der(&CertificateSigningRequestDer::from(csr_der))
+                .map_err(PkiError::InvalidCsr)?;
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, format!("{NODE_CN_PREFIX}{node_name}"));
@@ -322,7 +331,10 @@ mod tests {
         let key = KeyPair::generate().expect("key");
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, format!("{NODE_CN_PREFIX}{name_claimed}"));
+        dn.push(
+            DnType::CommonName,
+            format!("{NODE_CN_PREFIX}{name_claimed}"),
+        );
         params.distinguished_name = dn;
         let csr = params.serialize_request(&key).expect("csr");
         (key, csr.der().to_vec())

@@ -104,6 +104,9 @@ pub enum RenewalRefusal {
     TooEarly { not_before_ms: i64 },
 }
 
+/// A token's stored columns: secret hash, expiry, uses left, node binding, revocation time.
+type TokenRow = (String, i64, i64, Option<String>, Option<i64>);
+
 /// A token being created.
 #[derive(Debug, Clone)]
 pub struct NewToken {
@@ -186,10 +189,13 @@ impl Registry {
             ))
         })?;
         let conn = Connection::open(&path).map_err(open_err)?;
-        conn.busy_timeout(Duration::from_secs(5)).map_err(open_err)?;
-        // FULL: a join or revocation that was reported done survives a power cut.
-        conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;")
+        conn.busy_timeout(Duration::from_secs(5))
             .map_err(open_err)?;
+        // FULL: a join or revocation that was reported done survives a power cut.
+        conn.execute_batch(
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;",
+        )
+        .map_err(open_err)?;
         let version: i64 = conn
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .map_err(open_err)?;
@@ -292,13 +298,14 @@ impl Registry {
         node_name: &str,
         labels: &BTreeMap<String, String>,
         sign: impl FnOnce() -> Result<crate::pki::IssuedCertificate, E>,
-    ) -> Result<Result<(Admission, crate::pki::IssuedCertificate), JoinRefusal>, AdmitError<E>> {
+    ) -> Result<Result<(Admission, crate::pki::IssuedCertificate), JoinRefusal>, AdmitError<E>>
+    {
         let mut conn = self.conn();
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(AdmitError::Registry)?;
         let now = now_ms();
-        let row: Option<(String, i64, i64, Option<String>, Option<i64>)> = tx
+        let row: Option<TokenRow> = tx
             .query_row(
                 "SELECT secret_hash, expires_ms, uses_left, node, revoked_ms FROM tokens WHERE id = ?1",
                 [&token.id],
@@ -317,7 +324,8 @@ impl Registry {
             return Ok(Err(JoinRefusal::Revoked { id }));
         }
         if expires_ms <= now {
-            let ago = humantime::format_duration(Duration::from_secs(((now - expires_ms) / 1000) as u64));
+            let ago =
+                humantime::format_duration(Duration::from_secs(((now - expires_ms) / 1000) as u64));
             return Ok(Err(JoinRefusal::Expired {
                 id,
                 ago: ago.to_string(),
@@ -363,6 +371,14 @@ impl Registry {
             "INSERT INTO nodes (name, labels, joined_ms) VALUES (?1, ?2, ?3)
              ON CONFLICT(name) DO UPDATE SET labels = excluded.labels, joined_ms = excluded.joined_ms, revoked_ms = NULL",
             params![node_name, labels_json, now],
+        )
+        .map_err(AdmitError::Registry)?;
+        // A join replaces the node's identity: certificates issued to the name before (possible
+        // only with a token bound to it) stop working, so a re-joined gateway and an old copy
+        // of its key cannot both hold the name.
+        tx.execute(
+            "UPDATE certificates SET revoked_ms = ?2 WHERE node = ?1 AND revoked_ms IS NULL",
+            params![node_name, now],
         )
         .map_err(AdmitError::Registry)?;
         tx.execute(
@@ -413,7 +429,9 @@ impl Registry {
         let now = now_ms();
         let halfway = issued_ms + (not_after_ms - issued_ms) / 2;
         if now < halfway {
-            return Ok(Err(RenewalRefusal::TooEarly { not_before_ms: halfway }));
+            return Ok(Err(RenewalRefusal::TooEarly {
+                not_before_ms: halfway,
+            }));
         }
         let issued = sign().map_err(AdmitError::Sign)?;
         tx.execute(
@@ -461,7 +479,8 @@ impl Registry {
     /// Serials of all revoked certificates.
     pub fn revoked_serials(&self) -> Result<HashSet<String>, RegistryError> {
         let conn = self.conn();
-        let mut stmt = conn.prepare("SELECT serial FROM certificates WHERE revoked_ms IS NOT NULL")?;
+        let mut stmt =
+            conn.prepare("SELECT serial FROM certificates WHERE revoked_ms IS NOT NULL")?;
         let rows = stmt.query_map([], |r| r.get(0))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
@@ -471,7 +490,11 @@ impl Registry {
         let now = now_ms();
         let conn = self.conn();
         let before: Option<Option<i64>> = conn
-            .query_row("SELECT connected_ms FROM nodes WHERE name = ?1", [name], |r| r.get(0))
+            .query_row(
+                "SELECT connected_ms FROM nodes WHERE name = ?1",
+                [name],
+                |r| r.get(0),
+            )
             .optional()?;
         conn.execute(
             "UPDATE nodes SET connected = 1, connected_ms = ?2, last_seen_ms = ?2, address = ?3 WHERE name = ?1",
@@ -519,7 +542,10 @@ impl Registry {
     /// `serve` stopped cleanly: nobody is connected.
     pub fn server_stopped(&self) -> Result<(), RegistryError> {
         let conn = self.conn();
-        conn.execute("UPDATE nodes SET connected = 0, last_seen_ms = ?1 WHERE connected = 1", [now_ms()])?;
+        conn.execute(
+            "UPDATE nodes SET connected = 0, last_seen_ms = ?1 WHERE connected = 1",
+            [now_ms()],
+        )?;
         conn.execute("UPDATE server SET heartbeat_ms = 0 WHERE id = 1", [])?;
         Ok(())
     }
@@ -528,7 +554,9 @@ impl Registry {
     pub fn cloud_address(&self) -> Result<Option<String>, RegistryError> {
         Ok(self
             .conn()
-            .query_row("SELECT cloud_address FROM server WHERE id = 1", [], |r| r.get(0))
+            .query_row("SELECT cloud_address FROM server WHERE id = 1", [], |r| {
+                r.get(0)
+            })
             .optional()?
             .flatten())
     }
@@ -539,7 +567,9 @@ impl Registry {
         let conn = self.conn();
         let now = now_ms();
         let heartbeat: i64 = conn
-            .query_row("SELECT heartbeat_ms FROM server WHERE id = 1", [], |r| r.get(0))
+            .query_row("SELECT heartbeat_ms FROM server WHERE id = 1", [], |r| {
+                r.get(0)
+            })
             .optional()?
             .unwrap_or(0);
         let serve_alive = now - heartbeat < stale_after.as_millis() as i64;
@@ -604,10 +634,17 @@ mod tests {
         token
     }
 
-    fn join(reg: &Registry, token: &BootstrapToken, node: &str, serial: &str) -> Result<Admission, JoinRefusal> {
-        reg.admit_join(token, node, &BTreeMap::new(), || Ok::<_, std::convert::Infallible>(issued(serial)))
-            .expect("no db error")
-            .map(|(a, _)| a)
+    fn join(
+        reg: &Registry,
+        token: &BootstrapToken,
+        node: &str,
+        serial: &str,
+    ) -> Result<Admission, JoinRefusal> {
+        reg.admit_join(token, node, &BTreeMap::new(), || {
+            Ok::<_, std::convert::Infallible>(issued(serial))
+        })
+        .expect("no db error")
+        .map(|(a, _)| a)
     }
 
     const HOUR: Duration = Duration::from_secs(3600);
@@ -619,7 +656,10 @@ mod tests {
         let t = token(&reg, HOUR, 2, None);
         assert_eq!(join(&reg, &t, "a", "01").expect("first").uses_left, 1);
         assert_eq!(join(&reg, &t, "b", "02").expect("second").uses_left, 0);
-        assert!(matches!(join(&reg, &t, "c", "03"), Err(JoinRefusal::UsedUp { .. })));
+        assert!(matches!(
+            join(&reg, &t, "c", "03"),
+            Err(JoinRefusal::UsedUp { .. })
+        ));
     }
 
     #[test]
@@ -627,21 +667,36 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let reg = Registry::open(dir.path()).expect("open");
         let expired = token(&reg, Duration::ZERO, 1, None);
-        assert!(matches!(join(&reg, &expired, "a", "01"), Err(JoinRefusal::Expired { .. })));
+        assert!(matches!(
+            join(&reg, &expired, "a", "01"),
+            Err(JoinRefusal::Expired { .. })
+        ));
 
         let revoked = token(&reg, HOUR, 1, None);
         assert!(reg.revoke_token(&revoked.id).expect("revoke"));
-        assert!(matches!(join(&reg, &revoked, "a", "01"), Err(JoinRefusal::Revoked { .. })));
+        assert!(matches!(
+            join(&reg, &revoked, "a", "01"),
+            Err(JoinRefusal::Revoked { .. })
+        ));
 
         let bound = token(&reg, HOUR, 1, Some("gw-1"));
-        assert!(matches!(join(&reg, &bound, "gw-2", "01"), Err(JoinRefusal::NodeMismatch { .. })));
+        assert!(matches!(
+            join(&reg, &bound, "gw-2", "01"),
+            Err(JoinRefusal::NodeMismatch { .. })
+        ));
 
         let good = token(&reg, HOUR, 1, None);
         let wrong = BootstrapToken::parse(&format!("{}.0000000000000000", good.id)).expect("shape");
-        assert!(matches!(join(&reg, &wrong, "a", "01"), Err(JoinRefusal::SecretMismatch { .. })));
+        assert!(matches!(
+            join(&reg, &wrong, "a", "01"),
+            Err(JoinRefusal::SecretMismatch { .. })
+        ));
 
         let unknown = BootstrapToken::parse("zzzzzz.0000000000000000").expect("shape");
-        assert!(matches!(join(&reg, &unknown, "a", "01"), Err(JoinRefusal::TokenUnknown { .. })));
+        assert!(matches!(
+            join(&reg, &unknown, "a", "01"),
+            Err(JoinRefusal::TokenUnknown { .. })
+        ));
 
         // None of the refusals consumed the good token or recorded a node.
         assert_eq!(join(&reg, &good, "a", "01").expect("join").uses_left, 0);
@@ -657,13 +712,26 @@ mod tests {
             join(&reg, &token(&reg, HOUR, 1, None), "gw-1", "02"),
             Err(JoinRefusal::NameTaken { .. })
         ));
-        join(&reg, &token(&reg, HOUR, 1, Some("gw-1")), "gw-1", "03").expect("bound token may re-join");
+        join(&reg, &token(&reg, HOUR, 1, Some("gw-1")), "gw-1", "03")
+            .expect("bound token may re-join");
         assert!(reg.revoke_node("gw-1").expect("revoke"));
-        assert_eq!(reg.certificate_status("01").expect("status"), CertificateStatus::Revoked);
-        assert_eq!(reg.certificate_status("03").expect("status"), CertificateStatus::Revoked);
+        assert_eq!(
+            reg.certificate_status("01").expect("status"),
+            CertificateStatus::Revoked
+        );
+        assert_eq!(
+            reg.certificate_status("03").expect("status"),
+            CertificateStatus::Revoked
+        );
         join(&reg, &token(&reg, HOUR, 1, None), "gw-1", "04").expect("revoked name is free");
-        assert_eq!(reg.certificate_status("04").expect("status"), CertificateStatus::Valid);
-        assert_eq!(reg.certificate_status("ff").expect("status"), CertificateStatus::Unknown);
+        assert_eq!(
+            reg.certificate_status("04").expect("status"),
+            CertificateStatus::Valid
+        );
+        assert_eq!(
+            reg.certificate_status("ff").expect("status"),
+            CertificateStatus::Unknown
+        );
     }
 
     #[test]
@@ -671,7 +739,9 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let reg = Registry::open(dir.path()).expect("open");
         let t = token(&reg, HOUR, 1, None);
-        let result = reg.admit_join(&t, "a", &BTreeMap::new(), || Err::<IssuedCertificate, _>("boom"));
+        let result = reg.admit_join(&t, "a", &BTreeMap::new(), || {
+            Err::<IssuedCertificate, _>("boom")
+        });
         assert!(matches!(result, Err(AdmitError::Sign("boom"))));
         assert_eq!(reg.list_tokens().expect("list")[0].uses_left, 1);
         assert!(reg.list_nodes(HOUR).expect("nodes").is_empty());
@@ -683,20 +753,37 @@ mod tests {
         let reg = Registry::open(dir.path()).expect("open");
         join(&reg, &token(&reg, HOUR, 1, None), "gw-1", "01").expect("join");
         let renew = |serial: &str, new: &str| {
-            reg.renew_certificate("gw-1", serial, || Ok::<_, std::convert::Infallible>(issued(new)))
-                .expect("no db error")
+            reg.renew_certificate("gw-1", serial, || {
+                Ok::<_, std::convert::Infallible>(issued(new))
+            })
+            .expect("no db error")
         };
-        assert!(matches!(renew("01", "02"), Err(RenewalRefusal::TooEarly { .. })));
-        assert_eq!(renew("ff", "02").unwrap_err(), RenewalRefusal::UnknownCertificate);
+        assert!(matches!(
+            renew("01", "02"),
+            Err(RenewalRefusal::TooEarly { .. })
+        ));
+        assert_eq!(
+            renew("ff", "02").unwrap_err(),
+            RenewalRefusal::UnknownCertificate
+        );
         // Age the certificate past half its life.
         reg.conn()
-            .execute("UPDATE certificates SET issued_ms = issued_ms - 7200000 WHERE serial = '01'", [])
+            .execute(
+                "UPDATE certificates SET issued_ms = issued_ms - 7200000 WHERE serial = '01'",
+                [],
+            )
             .expect("age");
         assert_eq!(renew("01", "02").expect("renewed").serial, "02");
-        assert_eq!(reg.certificate_status("02").expect("status"), CertificateStatus::Valid);
+        assert_eq!(
+            reg.certificate_status("02").expect("status"),
+            CertificateStatus::Valid
+        );
         reg.revoke_node("gw-1").expect("revoke");
         assert_eq!(renew("01", "03").unwrap_err(), RenewalRefusal::Revoked);
-        assert_eq!(reg.certificate_status("03").expect("status"), CertificateStatus::Unknown);
+        assert_eq!(
+            reg.certificate_status("03").expect("status"),
+            CertificateStatus::Unknown
+        );
     }
 
     #[test]
@@ -704,7 +791,8 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         drop(Registry::open(dir.path()).expect("open"));
         let conn = Connection::open(dir.path().join("cloudcore.db")).expect("raw open");
-        conn.execute_batch("PRAGMA user_version = 99").expect("bump");
+        conn.execute_batch("PRAGMA user_version = 99")
+            .expect("bump");
         drop(conn);
         let err = Registry::open(dir.path()).unwrap_err();
         assert!(err.to_string().contains("schema version 99"), "{err}");
@@ -717,7 +805,11 @@ mod tests {
         let cli = Registry::open(dir.path()).expect("cli");
         let before = serve.data_version().expect("version");
         serve.server_started("x:1").expect("own write");
-        assert_eq!(serve.data_version().expect("version"), before, "own writes do not count");
+        assert_eq!(
+            serve.data_version().expect("version"),
+            before,
+            "own writes do not count"
+        );
         token(&cli, HOUR, 1, None);
         assert_ne!(serve.data_version().expect("version"), before);
     }
@@ -732,6 +824,9 @@ mod tests {
         assert!(reg.list_nodes(HOUR).expect("list")[0].connected);
         assert!(!reg.list_nodes(Duration::ZERO).expect("list")[0].connected);
         reg.mark_disconnected("gw-1").expect("disconnect");
-        assert!(reg.mark_connected("gw-1", "127.0.0.1:6").expect("reconnect"));
+        assert!(
+            reg.mark_connected("gw-1", "127.0.0.1:6")
+                .expect("reconnect")
+        );
     }
 }

@@ -77,8 +77,7 @@ fn hash_secret(secret: &str) -> String {
 /// Compares two hashes without an early exit, so timing does not tell how much matched.
 pub fn hashes_match(a: &str, b: &str) -> bool {
     a.len() == b.len()
-        && a
-            .bytes()
+        && a.bytes()
             .zip(b.bytes())
             .fold(0u8, |acc, (x, y)| acc | (x ^ y))
             == 0
@@ -162,8 +161,14 @@ mod tests {
     #[test]
     fn hash_comparison() {
         let token = BootstrapToken::parse("abcdef.0123456789abcdef").expect("valid");
-        assert!(hashes_match(&token.secret_hash(), &hash_secret("0123456789abcdef")));
-        assert!(!hashes_match(&token.secret_hash(), &hash_secret("0123456789abcdeg")));
+        assert!(hashes_match(
+            &token.secret_hash(),
+            &hash_secret("0123456789abcdef")
+        ));
+        assert!(!hashes_match(
+            &token.secret_hash(),
+            &hash_secret("0123456789abcdeg")
+        ));
         assert!(!hashes_match("ab", "abc"));
     }
 
@@ -172,7 +177,16 @@ mod tests {
         for good in ["gw-1", "a", "line-3.factory-7", "0node"] {
             assert_eq!(validate_node_name(good), Ok(()), "{good}");
         }
-        for bad in ["", "GW-1", "-gw", "gw-", "gw_1", "a..b", &"x".repeat(64), &"a.".repeat(130)] {
+        for bad in [
+            "",
+            "GW-1",
+            "-gw",
+            "gw-",
+            "gw_1",
+            "a..b",
+            &"x".repeat(64),
+            &"a.".repeat(130),
+        ] {
             assert!(validate_node_name(bad).is_err(), "{bad}");
         }
     }

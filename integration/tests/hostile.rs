@@ -15,11 +15,21 @@ async fn connect_as(dir: &Path, cloud: &Cloud) -> Connection {
     connect_with(&identity, cloud).await.expect("connect")
 }
 
-async fn connect_with(identity: &identity::Identity, cloud: &Cloud) -> Result<Connection, dial::DialError> {
+async fn connect_with(
+    identity: &identity::Identity,
+    cloud: &Cloud,
+) -> Result<Connection, dial::DialError> {
     let addr = dial::resolve(&cloud.address()).await?;
     let endpoint = dial::client_endpoint(addr)?;
     let config = tls::node_config(identity).expect("tls config");
-    dial::connect(&endpoint, config, &cloud.address(), addr, Duration::from_secs(5)).await
+    dial::connect(
+        &endpoint,
+        config,
+        &cloud.address(),
+        addr,
+        Duration::from_secs(5),
+    )
+    .await
 }
 
 fn hello(major: u32) -> Message {
@@ -70,7 +80,11 @@ fn setup() -> Setup {
     let good_dir = tmp.path().join("gw-b");
     assert!(join(&good_dir, &token, "gw-b").status.success());
     let good = Edge::start(&good_dir);
-    assert!(eventually(Duration::from_secs(10), || good.connected()), "{}", good.log());
+    assert!(
+        eventually(Duration::from_secs(10), || good.connected()),
+        "{}",
+        good.log()
+    );
     Setup {
         _tmp: tmp,
         cloud,
@@ -100,13 +114,25 @@ async fn garbage_closes_only_the_offending_connection() {
         ("unknown message type", true, unknown_field),
     ];
     for (i, bytes) in random.into_iter().enumerate() {
-        cases.push((if i % 2 == 0 { "random bytes" } else { "random bytes mid-session" }, i % 2 == 1, bytes));
+        cases.push((
+            if i % 2 == 0 {
+                "random bytes"
+            } else {
+                "random bytes mid-session"
+            },
+            i % 2 == 1,
+            bytes,
+        ));
     }
     let total = cases.len();
     for (name, after_hello, bytes) in cases {
         let connection = connect_as(&s.hostile_dir, &s.cloud).await;
         send_raw(&connection, after_hello, &bytes).await;
-        assert_eq!(closed_by_cloud(&connection).await, close_code::PROTOCOL_VIOLATION, "{name}");
+        assert_eq!(
+            closed_by_cloud(&connection).await,
+            close_code::PROTOCOL_VIOLATION,
+            "{name}"
+        );
     }
 
     let log = s.cloud.log();
@@ -119,11 +145,23 @@ async fn garbage_closes_only_the_offending_connection() {
         .filter(|l| l.starts_with("cloudcore_protocol_errors_total{"))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum();
-    assert_eq!(counted, total as f64, "every bad connection is counted by reason:\n{page}");
-    assert!(s.cloud.metric("cloudcore_protocol_errors_total{reason=\"frame_too_large\"}") >= 2.0, "{page}");
+    assert_eq!(
+        counted, total as f64,
+        "every bad connection is counted by reason:\n{page}"
+    );
+    assert!(
+        s.cloud
+            .metric("cloudcore_protocol_errors_total{reason=\"frame_too_large\"}")
+            >= 2.0,
+        "{page}"
+    );
     assert!(s.cloud.is_running(), "cloudcore survived");
     assert!(s.good.connected(), "the well-behaved edge stayed connected");
-    assert_eq!(s.good.metric("edgecore_reconnects_total"), 0.0, "and never had to reconnect");
+    assert_eq!(
+        s.good.metric("edgecore_reconnects_total"),
+        0.0,
+        "and never had to reconnect"
+    );
     assert_eq!(s.cloud.metric("cloudcore_connected_edges"), 1.0);
 }
 
@@ -145,7 +183,10 @@ async fn wrong_protocol_version_and_cloud_only_messages_are_refused() {
         other => panic!("expected an unsupported-version error, got {other:?}"),
     }
     drop(reader);
-    assert_eq!(closed_by_cloud(&connection).await, close_code::UNSUPPORTED_VERSION);
+    assert_eq!(
+        closed_by_cloud(&connection).await,
+        close_code::UNSUPPORTED_VERSION
+    );
 
     // A message only the cloud may send, mid-session.
     let connection = connect_as(&s.hostile_dir, &s.cloud).await;
@@ -153,7 +194,10 @@ async fn wrong_protocol_version_and_cloud_only_messages_are_refused() {
     let mut writer = FrameWriter::new(send, proto::DEFAULT_MAX_FRAME_SIZE);
     let mut reader = FrameReader::new(recv, proto::DEFAULT_MAX_FRAME_SIZE);
     writer.send(hello(1)).await.expect("hello");
-    assert!(matches!(reader.next().await, Ok(Some(Message::HelloAck(_)))));
+    assert!(matches!(
+        reader.next().await,
+        Ok(Some(Message::HelloAck(_)))
+    ));
     writer
         .send(Message::JoinResponse(proto::JoinResponse {
             certificate_der: vec![],
@@ -161,9 +205,14 @@ async fn wrong_protocol_version_and_cloud_only_messages_are_refused() {
         }))
         .await
         .expect("send");
-    assert_eq!(closed_by_cloud(&connection).await, close_code::PROTOCOL_VIOLATION);
+    assert_eq!(
+        closed_by_cloud(&connection).await,
+        close_code::PROTOCOL_VIOLATION
+    );
 
-    assert!(s.cloud.log().contains("unsupported_version") || s.cloud.log().contains("not supported"));
+    assert!(
+        s.cloud.log().contains("unsupported_version") || s.cloud.log().contains("not supported")
+    );
     assert!(s.cloud.is_running());
     assert!(s.good.connected());
     assert_eq!(s.good.metric("edgecore_reconnects_total"), 0.0);
@@ -177,12 +226,19 @@ async fn a_certificate_for_node_a_can_never_act_as_node_b() {
     // certificate, so the session is A's.
     let mut identity = identity::load(&s.hostile_dir).expect("identity");
     identity.config.node_name = "gw-b".into();
-    let endpoint = dial::client_endpoint(dial::resolve(&s.cloud.address()).await.expect("addr")).expect("endpoint");
+    let endpoint = dial::client_endpoint(dial::resolve(&s.cloud.address()).await.expect("addr"))
+        .expect("endpoint");
     let mut config = edgecore::hub::HubConfig::new(s.hostile_dir.clone());
     config.connect_timeout = Duration::from_secs(5);
-    let session = edgecore::hub::Session::open(endpoint, &identity, &s.cloud.address(), &config, NodeInfo::default())
-        .await
-        .expect("session");
+    let session = edgecore::hub::Session::open(
+        endpoint,
+        &identity,
+        &s.cloud.address(),
+        &config,
+        NodeInfo::default(),
+    )
+    .await
+    .expect("session");
     assert_eq!(session.ack.node_name, "gw-a");
     let nodes = s.cloud.nodes();
     let a = nodes.iter().find(|n| n["name"] == "gw-a").expect("a");
@@ -216,17 +272,65 @@ async fn a_certificate_for_node_a_can_never_act_as_node_b() {
 #[test]
 fn failed_joins_are_rate_limited_per_source_address() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let cloud = Cloud::start(tmp.path(), &["--join-failure-burst", "3", "--join-failure-refill", "1h"]);
+    let cloud = Cloud::start(
+        tmp.path(),
+        &["--join-failure-burst", "3", "--join-failure-refill", "1h"],
+    );
     let token = cloud.token(&[]);
     let wrong = format!("{}.0000000000000000", token.id);
     for i in 0..3 {
-        let out = join_with(&tmp.path().join(format!("e{i}")), &token.cloud, &wrong, &token.ca_hash, "gw-1");
+        let out = join_with(
+            &tmp.path().join(format!("e{i}")),
+            &token.cloud,
+            &wrong,
+            &token.ca_hash,
+            "gw-1",
+        );
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("secret does not match"), "{err}");
     }
     let out = join(&tmp.path().join("e-right"), &token, "gw-1");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(err.contains("too many failed join attempts"), "even the right token waits: {err}");
-    assert_eq!(cloud.metric("cloudcore_join_rejections_total{reason=\"rate_limited\"}"), 1.0);
+    assert!(
+        err.contains("too many failed join attempts"),
+        "even the right token waits: {err}"
+    );
+    assert_eq!(
+        cloud.metric("cloudcore_join_rejections_total{reason=\"rate_limited\"}"),
+        1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anonymous_peers_get_a_small_frame_limit_and_no_session() {
+    integration::init_test_tracing();
+    let s = setup();
+    let token = s.cloud.token(&[]);
+    let pin = tls::CaHash::parse(&token.ca_hash).expect("hash");
+    let anonymous = || async {
+        let (config, _failure) = tls::join_config(pin).expect("config");
+        let addr = dial::resolve(&s.cloud.address()).await.expect("addr");
+        let endpoint = dial::client_endpoint(addr).expect("endpoint");
+        dial::connect(&endpoint, config, &s.cloud.address(), addr, Duration::from_secs(5))
+            .await
+            .expect("connect")
+    };
+
+    // A 1 MiB frame is fine for a node, but not before authentication.
+    let connection = anonymous().await;
+    send_raw(&connection, false, &(1024 * 1024u32).to_be_bytes()).await;
+    assert_eq!(closed_by_cloud(&connection).await, close_code::PROTOCOL_VIOLATION);
+
+    // Without a client certificate, a hello is refused: only a join is allowed.
+    let connection = anonymous().await;
+    let (send, recv) = connection.open_bi().await.expect("stream");
+    let mut writer = FrameWriter::new(send, proto::DEFAULT_MAX_FRAME_SIZE);
+    let mut reader = FrameReader::new(recv, proto::DEFAULT_MAX_FRAME_SIZE);
+    writer.send(hello(1)).await.expect("hello");
+    match reader.next().await {
+        Ok(Some(Message::Error(e))) => assert_eq!(e.code, proto::ErrorCode::Unauthenticated),
+        other => panic!("expected an unauthenticated error, got {other:?}"),
+    }
+    assert_eq!(s.cloud.metric("cloudcore_connected_edges"), 1.0, "only the good edge");
 }

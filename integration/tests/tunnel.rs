@@ -18,27 +18,39 @@ fn joined_edge_connects_and_is_listed_as_connected() {
     assert!(out.status.success(), "join failed: {}", stderr(&out));
 
     let key_mode = std::os::unix::fs::PermissionsExt::mode(
-        &std::fs::metadata(edge_dir.join("node.pem")).expect("node.pem").permissions(),
+        &std::fs::metadata(edge_dir.join("node.pem"))
+            .expect("node.pem")
+            .permissions(),
     );
     assert_eq!(key_mode & 0o777, 0o600, "the private key file is private");
 
     let edge = Edge::start(&edge_dir);
     assert!(
-        eventually(Duration::from_secs(10), || cloud.metric("cloudcore_connected_edges") == 1.0),
+        eventually(Duration::from_secs(10), || cloud
+            .metric("cloudcore_connected_edges")
+            == 1.0),
         "cloud never counted the edge; cloud log:\n{}\nedge log:\n{}",
         cloud.log(),
         edge.log()
     );
-    assert!(eventually(Duration::from_secs(5), || edge.connected()), "edge log:\n{}", edge.log());
+    assert!(
+        eventually(Duration::from_secs(5), || edge.connected()),
+        "edge log:\n{}",
+        edge.log()
+    );
     let node = cloud.node("gw-1").expect("node listed");
     assert_eq!(node["connected"], true, "{node}");
-    assert!(node["cert_not_after_ms"].as_i64().unwrap_or(0) > 0, "{node}");
+    assert!(
+        node["cert_not_after_ms"].as_i64().unwrap_or(0) > 0,
+        "{node}"
+    );
     assert_eq!(cloud.metric("cloudcore_joins_total"), 1.0);
 
     let text = cloud.cli(&["node", "list"]);
     let text = String::from_utf8_lossy(&text.stdout);
     assert!(
-        text.lines().any(|l| l.starts_with("gw-1") && l.contains("Connected")),
+        text.lines()
+            .any(|l| l.starts_with("gw-1") && l.contains("Connected")),
         "{text}"
     );
 }
@@ -51,9 +63,18 @@ fn bad_tokens_are_refused_each_with_its_own_reason_and_no_certificate() {
     let expired = cloud.token(&["--ttl", "1ms"]);
     std::thread::sleep(Duration::from_millis(20));
     let used = cloud.token(&[]);
-    assert!(join(&tmp.path().join("first"), &used, "first").status.success());
+    assert!(
+        join(&tmp.path().join("first"), &used, "first")
+            .status
+            .success()
+    );
     let revoked = cloud.token(&[]);
-    assert!(cloud.cli(&["token", "revoke", &revoked.id]).status.success());
+    assert!(
+        cloud
+            .cli(&["token", "revoke", &revoked.id])
+            .status
+            .success()
+    );
     let good = cloud.token(&[]);
     let wrong_secret = integration::Token {
         token: format!("{}.0000000000000000", good.id),
@@ -65,16 +86,35 @@ fn bad_tokens_are_refused_each_with_its_own_reason_and_no_certificate() {
         (&expired, "token_expired", "expired"),
         (&used, "token_used_up", "no uses left"),
         (&revoked, "token_revoked", "was revoked"),
-        (&wrong_secret, "token_secret_mismatch", "secret does not match"),
-        (&bound, "token_node_mismatch", "is bound to node \"gw-bound\""),
+        (
+            &wrong_secret,
+            "token_secret_mismatch",
+            "secret does not match",
+        ),
+        (
+            &bound,
+            "token_node_mismatch",
+            "is bound to node \"gw-bound\"",
+        ),
     ];
     for (i, (token, reason, text)) in cases.iter().enumerate() {
         let dir = tmp.path().join(format!("edge-{i}"));
         let out = join(&dir, token, "gw-other");
         assert_eq!(out.status.code(), Some(3), "{reason}: {}", stderr(&out));
-        assert!(stderr(&out).contains(text), "{reason}: expected {text:?} in {}", stderr(&out));
-        assert!(stderr(&out).contains(reason), "{reason}: the code is shown: {}", stderr(&out));
-        assert!(!dir.join("node.pem").exists(), "{reason}: no certificate was written");
+        assert!(
+            stderr(&out).contains(text),
+            "{reason}: expected {text:?} in {}",
+            stderr(&out)
+        );
+        assert!(
+            stderr(&out).contains(reason),
+            "{reason}: the code is shown: {}",
+            stderr(&out)
+        );
+        assert!(
+            !dir.join("node.pem").exists(),
+            "{reason}: no certificate was written"
+        );
         let series = format!("cloudcore_join_rejections_total{{reason=\"{reason}\"}}");
         assert_eq!(cloud.metric(&series), 1.0, "{series}\n{}", cloud.metrics());
     }
@@ -86,7 +126,11 @@ fn bad_tokens_are_refused_each_with_its_own_reason_and_no_certificate() {
     assert_eq!(names, ["first"], "no refused join recorded a node");
     assert_eq!(cloud.metric("cloudcore_joins_total"), 1.0);
     // The token whose secret was guessed wrong is untouched and still works.
-    assert!(join(&tmp.path().join("good"), &good, "good").status.success());
+    assert!(
+        join(&tmp.path().join("good"), &good, "good")
+            .status
+            .success()
+    );
 }
 
 #[test]
@@ -100,7 +144,10 @@ fn wrong_ca_hash_is_refused_before_the_token_is_sent() {
     assert!(!out.status.success());
     let err = stderr(&out);
     assert!(err.contains("does not match --ca-hash"), "{err}");
-    assert!(err.contains(&token.ca_hash), "the error shows what the cloud presented: {err}");
+    assert!(
+        err.contains(&token.ca_hash),
+        "the error shows what the cloud presented: {err}"
+    );
     assert!(!dir.join("node.pem").exists());
     // The cloud never saw a join request: nothing counted, the token still has its use.
     let page = cloud.metrics();
@@ -108,15 +155,28 @@ fn wrong_ca_hash_is_refused_before_the_token_is_sent() {
     let list = cloud.cli(&["token", "list", "-o", "json"]);
     let tokens: serde_json::Value = serde_json::from_slice(&list.stdout).expect("json");
     assert_eq!(tokens[0]["uses_left"], 1, "{tokens}");
-    assert!(join(&dir, &token, "gw-1").status.success(), "the right hash works");
+    assert!(
+        join(&dir, &token, "gw-1").status.success(),
+        "the right hash works"
+    );
 }
 
 #[test]
 fn malformed_input_to_the_commands_gets_usage_errors() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let out = join_with(&tmp.path().join("e"), "127.0.0.1:1", "x.y", "sha256:zz", "gw-1");
+    let out = join_with(
+        &tmp.path().join("e"),
+        "127.0.0.1:1",
+        "x.y",
+        "sha256:zz",
+        "gw-1",
+    );
     assert_eq!(out.status.code(), Some(64), "{}", stderr(&out));
-    assert!(stderr(&out).contains("--ca-hash must be"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("--ca-hash must be"),
+        "{}",
+        stderr(&out)
+    );
 
     let run = std::process::Command::new(integration::bin("edgecore"))
         .args(["run", "--data-dir"])
@@ -124,7 +184,11 @@ fn malformed_input_to_the_commands_gets_usage_errors() {
         .output()
         .expect("run");
     assert_eq!(run.status.code(), Some(64));
-    assert!(stderr(&run).contains("run `edgecore join`"), "{}", stderr(&run));
+    assert!(
+        stderr(&run).contains("run `edgecore join`"),
+        "{}",
+        stderr(&run)
+    );
 
     let serve = std::process::Command::new(integration::bin("cloudcore"))
         .args(["serve", "--listen", "not-an-address"])
@@ -142,13 +206,17 @@ fn revoked_node_is_cut_off_within_a_second_and_stays_refused_after_restart() {
     let dir = tmp.path().join("gw-1");
     assert!(join(&dir, &token, "gw-1").status.success());
     let edge = Edge::start(&dir);
-    assert!(eventually(Duration::from_secs(10), || cloud.metric("cloudcore_connected_edges") == 1.0));
+    assert!(eventually(Duration::from_secs(10), || cloud
+        .metric("cloudcore_connected_edges")
+        == 1.0));
 
     let revoked_at = Instant::now();
     let out = cloud.cli(&["node", "revoke", "gw-1"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(
-        eventually(Duration::from_secs(1), || cloud.metric("cloudcore_connected_edges") == 0.0),
+        eventually(Duration::from_secs(1), || cloud
+            .metric("cloudcore_connected_edges")
+            == 0.0),
         "still connected 1 s after revocation; cloud log:\n{}",
         cloud.log()
     );
@@ -163,7 +231,11 @@ fn revoked_node_is_cut_off_within_a_second_and_stays_refused_after_restart() {
         "reconnect was not refused; edge log:\n{}",
         edge.log()
     );
-    assert!(edge.log().contains("revoked"), "the edge says why: {}", edge.log());
+    assert!(
+        edge.log().contains("revoked"),
+        "the edge says why: {}",
+        edge.log()
+    );
 
     cloud.restart();
     assert!(
@@ -193,9 +265,14 @@ fn fifty_edges_reconnect_after_a_cloud_restart_with_spread_retries() {
             });
         }
     });
-    let edges: Vec<Edge> = names.iter().map(|n| Edge::start(&tmp.path().join(n))).collect();
+    let edges: Vec<Edge> = names
+        .iter()
+        .map(|n| Edge::start(&tmp.path().join(n)))
+        .collect();
     assert!(
-        eventually(Duration::from_secs(30), || cloud.metric("cloudcore_connected_edges") == EDGES as f64),
+        eventually(Duration::from_secs(30), || cloud
+            .metric("cloudcore_connected_edges")
+            == EDGES as f64),
         "only {} of {EDGES} connected",
         cloud.metric("cloudcore_connected_edges")
     );
@@ -231,7 +308,10 @@ fn fifty_edges_reconnect_after_a_cloud_restart_with_spread_retries() {
         .unwrap_or(0);
     eprintln!("reconnect span {span} ms, busiest 100 ms window holds {busiest_100ms}");
     assert!(span >= 300, "reconnects spread over only {span} ms");
-    assert!(busiest_100ms <= EDGES / 2, "{busiest_100ms} of {EDGES} reconnected within 100 ms");
+    assert!(
+        busiest_100ms <= EDGES / 2,
+        "{busiest_100ms} of {EDGES} reconnected within 100 ms"
+    );
     for mut edge in edges {
         assert!(edge.is_running());
         edge.stop();
@@ -251,7 +331,9 @@ fn certificate_is_renewed_over_the_tunnel_late_in_its_life() {
     assert!(eventually(Duration::from_secs(10), || edge.connected()));
     // Validity is 22 s (20 s plus 2 s backdating); 70–90 % of it is 13–18 s after the join.
     assert!(
-        eventually(Duration::from_secs(25), || edge.metric("edgecore_certificate_renewals_total") == 1.0),
+        eventually(Duration::from_secs(25), || edge
+            .metric("edgecore_certificate_renewals_total")
+            == 1.0),
         "no renewal; edge log:\n{}\ncloud log:\n{}",
         edge.log(),
         cloud.log()
