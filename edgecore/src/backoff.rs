@@ -63,9 +63,18 @@ mod tests {
             assert!(samples.iter().all(|d| *d <= ceiling));
             let mean = samples.iter().map(|d| d.as_secs_f64()).sum::<f64>() / samples.len() as f64;
             let half = ceiling.as_secs_f64() / 2.0;
-            assert!((mean - half).abs() < half * 0.1, "attempt {attempt}: mean {mean} vs {half}");
-            let low = samples.iter().filter(|d| d.as_secs_f64() < ceiling.as_secs_f64() / 4.0).count();
-            assert!(low > 300 && low < 700, "a quarter of the range holds about a quarter: {low}");
+            assert!(
+                (mean - half).abs() < half * 0.1,
+                "attempt {attempt}: mean {mean} vs {half}"
+            );
+            let low = samples
+                .iter()
+                .filter(|d| d.as_secs_f64() < ceiling.as_secs_f64() / 4.0)
+                .count();
+            assert!(
+                low > 300 && low < 700,
+                "a quarter of the range holds about a quarter: {low}"
+            );
         }
     }
 }

@@ -38,7 +38,10 @@ pub enum DialError {
 pub fn split_host_port(cloud: &str) -> Result<(String, u16), DialError> {
     let bad = || DialError::BadAddress(cloud.to_string());
     let (host, port) = cloud.rsplit_once(':').ok_or_else(bad)?;
-    let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
     if host.is_empty() {
         return Err(bad());
     }
@@ -96,9 +99,18 @@ mod tests {
 
     #[test]
     fn host_port_forms() {
-        assert_eq!(split_host_port("cloud.example:10000").expect("ok"), ("cloud.example".into(), 10000));
-        assert_eq!(split_host_port("127.0.0.1:1").expect("ok"), ("127.0.0.1".into(), 1));
-        assert_eq!(split_host_port("[::1]:10000").expect("ok"), ("::1".into(), 10000));
+        assert_eq!(
+            split_host_port("cloud.example:10000").expect("ok"),
+            ("cloud.example".into(), 10000)
+        );
+        assert_eq!(
+            split_host_port("127.0.0.1:1").expect("ok"),
+            ("127.0.0.1".into(), 1)
+        );
+        assert_eq!(
+            split_host_port("[::1]:10000").expect("ok"),
+            ("::1".into(), 10000)
+        );
         for bad in ["cloud", ":10000", "cloud:x", "cloud:99999"] {
             assert!(split_host_port(bad).is_err(), "{bad}");
         }

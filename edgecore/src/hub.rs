@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use proto::{
-    ErrorCode, ErrorMessage, FrameError, FrameReader, FrameWriter, Hello, HelloAck, Message, PROTOCOL_VERSION,
-    close_code,
+    ErrorCode, ErrorMessage, FrameError, FrameReader, FrameWriter, Hello, HelloAck, Message,
+    PROTOCOL_VERSION, close_code,
 };
 use quinn::{Connection, ConnectionError, Endpoint, RecvStream, SendStream, VarInt};
 use rand::SeedableRng;
@@ -102,9 +102,13 @@ fn describe_close(error: &ConnectionError) -> String {
         ConnectionError::ApplicationClosed(close) => {
             let reason = String::from_utf8_lossy(&close.reason);
             match close.error_code.into_inner() as u32 {
-                close_code::REVOKED => format!("this node's certificate was revoked ({reason}); join again with a new token"),
+                close_code::REVOKED => format!(
+                    "this node's certificate was revoked ({reason}); join again with a new token"
+                ),
                 close_code::SHUTDOWN => format!("cloudcore is shutting down ({reason})"),
-                close_code::REPLACED => format!("another session of this node took over ({reason})"),
+                close_code::REPLACED => {
+                    format!("another session of this node took over ({reason})")
+                }
                 code => format!("code {code}: {reason}"),
             }
         }
@@ -122,8 +126,14 @@ impl Session {
         node_info: proto::NodeInfo,
     ) -> Result<Session, SessionError> {
         let addr = dial::resolve(cloud).await?;
-        let connection =
-            dial::connect(&endpoint, tls::node_config(identity)?, cloud, addr, config.connect_timeout).await?;
+        let connection = dial::connect(
+            &endpoint,
+            tls::node_config(identity)?,
+            cloud,
+            addr,
+            config.connect_timeout,
+        )
+        .await?;
         let (send, recv) = connection
             .open_bi()
             .await
@@ -143,18 +153,33 @@ impl Session {
         let ack = match reply {
             Ok(Some(Message::HelloAck(ack))) => ack,
             Ok(Some(Message::Error(e))) => return Err(SessionError::Refused(e)),
-            Ok(Some(other)) => return Err(SessionError::Protocol(format!("expected hello_ack, got {}", other.kind()))),
-            Ok(None) => return Err(SessionError::Protocol("the cloud finished the stream".into())),
+            Ok(Some(other)) => {
+                return Err(SessionError::Protocol(format!(
+                    "expected hello_ack, got {}",
+                    other.kind()
+                )));
+            }
+            Ok(None) => {
+                return Err(SessionError::Protocol(
+                    "the cloud finished the stream".into(),
+                ));
+            }
             Err(e) => match connection.close_reason() {
                 Some(reason) => return Err(SessionError::Closed(describe_close(&reason))),
                 None => return Err(SessionError::Protocol(e.to_string())),
             },
         };
         if !ack.version.is_supported() {
-            connection.close(VarInt::from_u32(close_code::UNSUPPORTED_VERSION), b"unsupported protocol version");
+            connection.close(
+                VarInt::from_u32(close_code::UNSUPPORTED_VERSION),
+                b"unsupported protocol version",
+            );
             return Err(SessionError::Refused(ErrorMessage {
                 code: ErrorCode::UnsupportedVersion,
-                message: format!("the cloud speaks protocol {}, this edgecore {}", ack.version, PROTOCOL_VERSION),
+                message: format!(
+                    "the cloud speaks protocol {}, this edgecore {}",
+                    ack.version, PROTOCOL_VERSION
+                ),
             }));
         }
         Ok(Session {
@@ -167,13 +192,25 @@ impl Session {
     }
 
     /// Keeps the session alive until it ends; returns why it ended.
-    pub async fn run(mut self, identity: &Identity, config: &HubConfig, metrics: &Metrics, shutdown: &CancellationToken) -> String {
-        let heartbeat = Duration::from_millis(self.ack.heartbeat_interval_ms).max(Duration::from_millis(100));
+    pub async fn run(
+        mut self,
+        identity: &Identity,
+        config: &HubConfig,
+        metrics: &Metrics,
+        shutdown: &CancellationToken,
+    ) -> String {
+        let heartbeat =
+            Duration::from_millis(self.ack.heartbeat_interval_ms).max(Duration::from_millis(100));
         let dead_after = Duration::from_millis(self.ack.dead_after_ms).max(heartbeat * 2);
         let mut ticker = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut rng = StdRng::from_os_rng();
-        let mut renew_at = renewal_instant(identity.not_before, identity.not_after, config.renew_window, &mut rng);
+        let mut renew_at = renewal_instant(
+            identity.not_before,
+            identity.not_after,
+            config.renew_window,
+            &mut rng,
+        );
         let mut pending_key: Option<KeyPair> = None;
         let mut last_heard = Instant::now();
         let mut seq = 0u64;
@@ -246,9 +283,14 @@ impl Session {
         match e {
             FrameError::Io(io) => format!("connection lost: {io}"),
             protocol => {
-                tracing::warn!(reason = protocol.reason(), "closing: the cloud broke the protocol: {protocol}");
-                self.connection
-                    .close(VarInt::from_u32(close_code::PROTOCOL_VIOLATION), protocol.reason().as_bytes());
+                tracing::warn!(
+                    reason = protocol.reason(),
+                    "closing: the cloud broke the protocol: {protocol}"
+                );
+                self.connection.close(
+                    VarInt::from_u32(close_code::PROTOCOL_VIOLATION),
+                    protocol.reason().as_bytes(),
+                );
                 format!("protocol violation by the cloud: {protocol}")
             }
         }
@@ -269,18 +311,30 @@ fn renewal_instant(
     Instant::now() + Duration::from_secs_f64(from_now)
 }
 
-fn install_renewed(config: &HubConfig, key: &KeyPair, cert_der: &[u8]) -> Result<(OffsetDateTime, OffsetDateTime), String> {
+fn install_renewed(
+    config: &HubConfig,
+    key: &KeyPair,
+    cert_der: &[u8],
+) -> Result<(OffsetDateTime, OffsetDateTime), String> {
     let (_, cert) = x509_parser::parse_x509_certificate(cert_der).map_err(|e| e.to_string())?;
     if cert.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
         return Err("the renewed certificate is not for our new key".into());
     }
-    identity::write_node_pem(&config.data_dir, cert_der, &key.serialize_der()).map_err(|e| e.to_string())?;
-    Ok((cert.validity().not_before.to_datetime(), cert.validity().not_after.to_datetime()))
+    identity::write_node_pem(&config.data_dir, cert_der, &key.serialize_der())
+        .map_err(|e| e.to_string())?;
+    Ok((
+        cert.validity().not_before.to_datetime(),
+        cert.validity().not_after.to_datetime(),
+    ))
 }
 
 /// Connects, runs sessions, and reconnects with backoff until `shutdown`. Returns an error only
 /// if the identity files are unusable.
-pub async fn run(config: HubConfig, metrics: Arc<Metrics>, shutdown: CancellationToken) -> Result<(), IdentityError> {
+pub async fn run(
+    config: HubConfig,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) -> Result<(), IdentityError> {
     let mut rng = StdRng::from_os_rng();
     let mut attempt: u32 = 0;
     let mut connected_before = false;
@@ -288,7 +342,10 @@ pub async fn run(config: HubConfig, metrics: Arc<Metrics>, shutdown: Cancellatio
     loop {
         // Re-read every time: a renewal may have replaced node.pem.
         let identity = identity::load(&config.data_dir)?;
-        let cloud = config.cloud.clone().unwrap_or_else(|| identity.config.cloud.clone());
+        let cloud = config
+            .cloud
+            .clone()
+            .unwrap_or_else(|| identity.config.cloud.clone());
         let opened = match dial::resolve(&cloud).await.and_then(dial::client_endpoint) {
             Ok(endpoint) => {
                 tokio::select! {
@@ -310,7 +367,11 @@ pub async fn run(config: HubConfig, metrics: Arc<Metrics>, shutdown: Cancellatio
                 let ended = session.run(&identity, &config, &metrics, &shutdown).await;
                 metrics.cloud_connected.set(0);
                 tracing::warn!(cloud = %cloud, "disconnected from the cloud: {ended}");
-                attempt = if started.elapsed() >= STABLE_SESSION { 0 } else { attempt.saturating_add(1) };
+                attempt = if started.elapsed() >= STABLE_SESSION {
+                    0
+                } else {
+                    attempt.saturating_add(1)
+                };
             }
             Err(e) => {
                 metrics.connect_failures.inc();
@@ -323,7 +384,11 @@ pub async fn run(config: HubConfig, metrics: Arc<Metrics>, shutdown: Cancellatio
             }
         }
         let delay = config.backoff.delay(attempt, &mut rng);
-        tracing::info!(delay_ms = delay.as_millis() as u64, attempt, "reconnecting after a delay");
+        tracing::info!(
+            delay_ms = delay.as_millis() as u64,
+            attempt,
+            "reconnecting after a delay"
+        );
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
             _ = tokio::time::sleep(delay) => {}
@@ -353,7 +418,12 @@ mod tests {
     fn overdue_renewal_is_immediate() {
         let mut rng = StdRng::seed_from_u64(2);
         let now = OffsetDateTime::now_utc();
-        let at = renewal_instant(now - time::Duration::hours(10), now + time::Duration::hours(1), (0.7, 0.9), &mut rng);
+        let at = renewal_instant(
+            now - time::Duration::hours(10),
+            now + time::Duration::hours(1),
+            (0.7, 0.9),
+            &mut rng,
+        );
         assert!(at <= Instant::now() + Duration::from_millis(10));
     }
 }

@@ -52,7 +52,10 @@ pub struct Identity {
     pub not_after: OffsetDateTime,
 }
 
-fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> IdentityError + 'a {
+fn io_err<'a>(
+    action: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(std::io::Error) -> IdentityError + 'a {
     move |source| {
         if source.kind() == std::io::ErrorKind::NotFound {
             IdentityError::NotJoined {
@@ -83,8 +86,9 @@ pub fn is_joined(dir: &Path) -> bool {
 /// Loads all three files.
 pub fn load(dir: &Path) -> Result<Identity, IdentityError> {
     let config_path = dir.join(EDGE_JSON);
-    let config: EdgeConfig = serde_json::from_slice(&fs::read(&config_path).map_err(io_err("read", &config_path))?)
-        .map_err(|e| corrupt(&config_path, e.to_string()))?;
+    let config: EdgeConfig =
+        serde_json::from_slice(&fs::read(&config_path).map_err(io_err("read", &config_path))?)
+            .map_err(|e| corrupt(&config_path, e.to_string()))?;
     let ca_path = dir.join(CA_CRT);
     let ca_pem = fs::read(&ca_path).map_err(io_err("read", &ca_path))?;
     let ca = rustls_pemfile::certs(&mut ca_pem.as_slice())
@@ -100,8 +104,8 @@ pub fn load(dir: &Path) -> Result<Identity, IdentityError> {
     let key = rustls_pemfile::private_key(&mut node_pem.as_slice())
         .map_err(|e| corrupt(&node_path, e.to_string()))?
         .ok_or_else(|| corrupt(&node_path, "no private key in it"))?;
-    let (_, parsed) =
-        x509_parser::parse_x509_certificate(&cert).map_err(|e| corrupt(&node_path, e.to_string()))?;
+    let (_, parsed) = x509_parser::parse_x509_certificate(&cert)
+        .map_err(|e| corrupt(&node_path, e.to_string()))?;
     let not_before = parsed.validity().not_before.to_datetime();
     let not_after = parsed.validity().not_after.to_datetime();
     Ok(Identity {
@@ -138,8 +142,16 @@ pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), Ident
 }
 
 /// Replaces `node.pem` with a certificate and the PKCS#8 key it certifies.
-pub fn write_node_pem(dir: &Path, cert_der: &[u8], key_pkcs8_der: &[u8]) -> Result<(), IdentityError> {
-    let contents = format!("{}{}", pem("CERTIFICATE", cert_der), pem("PRIVATE KEY", key_pkcs8_der));
+pub fn write_node_pem(
+    dir: &Path,
+    cert_der: &[u8],
+    key_pkcs8_der: &[u8],
+) -> Result<(), IdentityError> {
+    let contents = format!(
+        "{}{}",
+        pem("CERTIFICATE", cert_der),
+        pem("PRIVATE KEY", key_pkcs8_der)
+    );
     write_atomic(&dir.join(NODE_PEM), contents.as_bytes(), 0o600)
 }
 
@@ -152,8 +164,13 @@ pub fn write_joined(
     key_pkcs8_der: &[u8],
 ) -> Result<(), IdentityError> {
     fs::create_dir_all(dir).map_err(io_err("create", dir))?;
-    write_atomic(&dir.join(CA_CRT), pem("CERTIFICATE", ca_der).as_bytes(), 0o644)?;
-    let json = serde_json::to_vec_pretty(config).map_err(|e| corrupt(&dir.join(EDGE_JSON), e.to_string()))?;
+    write_atomic(
+        &dir.join(CA_CRT),
+        pem("CERTIFICATE", ca_der).as_bytes(),
+        0o644,
+    )?;
+    let json = serde_json::to_vec_pretty(config)
+        .map_err(|e| corrupt(&dir.join(EDGE_JSON), e.to_string()))?;
     write_atomic(&dir.join(EDGE_JSON), &json, 0o644)?;
     write_node_pem(dir, cert_der, key_pkcs8_der)
 }
@@ -175,12 +192,22 @@ mod tests {
             cloud: "127.0.0.1:10000".into(),
             node_name: "gw-1".into(),
         };
-        write_joined(dir.path(), &config, cert.der(), cert.der(), &key.serialize_der()).expect("write");
+        write_joined(
+            dir.path(),
+            &config,
+            cert.der(),
+            cert.der(),
+            &key.serialize_der(),
+        )
+        .expect("write");
         let identity = load(dir.path()).expect("load");
         assert_eq!(identity.config, config);
         assert_eq!(identity.cert, *cert.der());
         assert_eq!(identity.key.secret_der(), key.serialize_der().as_slice());
-        let mode = fs::metadata(dir.path().join(NODE_PEM)).expect("meta").permissions().mode();
+        let mode = fs::metadata(dir.path().join(NODE_PEM))
+            .expect("meta")
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
     }
 
@@ -194,7 +221,11 @@ mod tests {
     #[test]
     fn corrupt_node_pem_is_named() {
         let dir = tempfile::tempdir().expect("tempdir");
-        fs::write(dir.path().join(EDGE_JSON), br#"{"cloud":"x:1","node_name":"a"}"#).expect("write");
+        fs::write(
+            dir.path().join(EDGE_JSON),
+            br#"{"cloud":"x:1","node_name":"a"}"#,
+        )
+        .expect("write");
         fs::write(dir.path().join(CA_CRT), pem("CERTIFICATE", b"xx")).expect("write");
         fs::write(dir.path().join(NODE_PEM), b"garbage").expect("write");
         let err = load(dir.path()).unwrap_err();

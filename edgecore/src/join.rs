@@ -5,7 +5,9 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use proto::{ErrorMessage, FrameReader, FrameWriter, JoinRequest, Message, PROTOCOL_VERSION, close_code};
+use proto::{
+    ErrorMessage, FrameReader, FrameWriter, JoinRequest, Message, PROTOCOL_VERSION, close_code,
+};
 use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair};
 
 use crate::dial::{self, DialError};
@@ -28,7 +30,9 @@ pub struct JoinParams {
 /// The join did not complete; nothing was written.
 #[derive(Debug, thiserror::Error)]
 pub enum JoinError {
-    #[error("{dir} already holds the identity of node {node:?}; remove {dir}/node.pem to join again")]
+    #[error(
+        "{dir} already holds the identity of node {node:?}; remove {dir}/node.pem to join again"
+    )]
     AlreadyJoined { dir: PathBuf, node: String },
     #[error(transparent)]
     Tls(#[from] TlsError),
@@ -81,23 +85,28 @@ pub async fn join(params: JoinParams) -> Result<Joined, JoinError> {
     let (config, failure) = tls::join_config(pin)?;
     let addr = dial::resolve(&params.cloud).await?;
     let endpoint = dial::client_endpoint(addr)?;
-    let connection = match dial::connect(&endpoint, config, &params.cloud, addr, params.timeout).await {
-        Ok(c) => c,
-        Err(e) => {
-            // The verifier knows why it refused; the QUIC error only has an alert number.
-            if let Some(why) = failure.lock().unwrap_or_else(|p| p.into_inner()).take() {
-                return Err(JoinError::CloudNotTrusted(why));
+    let connection =
+        match dial::connect(&endpoint, config, &params.cloud, addr, params.timeout).await {
+            Ok(c) => c,
+            Err(e) => {
+                // The verifier knows why it refused; the QUIC error only has an alert number.
+                if let Some(why) = failure.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                    return Err(JoinError::CloudNotTrusted(why));
+                }
+                return Err(e.into());
             }
-            return Err(e.into());
-        }
-    };
+        };
     let result = exchange(&connection, &params, pin).await;
     connection.close(quinn::VarInt::from_u32(close_code::NORMAL), b"join done");
     endpoint.wait_idle().await;
     result
 }
 
-async fn exchange(connection: &quinn::Connection, params: &JoinParams, pin: CaHash) -> Result<Joined, JoinError> {
+async fn exchange(
+    connection: &quinn::Connection,
+    params: &JoinParams,
+    pin: CaHash,
+) -> Result<Joined, JoinError> {
     let (key, csr_der) = new_key_and_csr(&params.node_name).map_err(JoinError::Key)?;
     let (send, recv) = connection
         .open_bi()
@@ -122,16 +131,29 @@ async fn exchange(connection: &quinn::Connection, params: &JoinParams, pin: CaHa
     let response = match reply {
         Some(Message::JoinResponse(r)) => r,
         Some(Message::Error(e)) => return Err(JoinError::Refused(e)),
-        Some(other) => return Err(JoinError::Protocol(format!("expected a join response, got {}", other.kind()))),
-        None => return Err(JoinError::Protocol("the cloud closed the stream without answering".into())),
+        Some(other) => {
+            return Err(JoinError::Protocol(format!(
+                "expected a join response, got {}",
+                other.kind()
+            )));
+        }
+        None => {
+            return Err(JoinError::Protocol(
+                "the cloud closed the stream without answering".into(),
+            ));
+        }
     };
     if CaHash::of(&response.ca_der) != pin {
-        return Err(JoinError::BadCertificate("the CA returned is not the pinned CA".into()));
+        return Err(JoinError::BadCertificate(
+            "the CA returned is not the pinned CA".into(),
+        ));
     }
     let (_, cert) = x509_parser::parse_x509_certificate(&response.certificate_der)
         .map_err(|e| JoinError::BadCertificate(e.to_string()))?;
     if cert.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
-        return Err(JoinError::BadCertificate("the certificate is not for our key".into()));
+        return Err(JoinError::BadCertificate(
+            "the certificate is not for our key".into(),
+        ));
     }
     let not_after = cert.validity().not_after.to_datetime();
     identity::write_joined(
@@ -163,7 +185,9 @@ pub fn parse_labels(text: &str) -> Result<BTreeMap<String, String>, String> {
                     .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'/'))
         };
         if k.is_empty() || !valid(k) || !valid(v) {
-            return Err(format!("label {pair:?} has characters Kubernetes does not allow"));
+            return Err(format!(
+                "label {pair:?} has characters Kubernetes does not allow"
+            ));
         }
         labels.insert(k.to_string(), v.to_string());
     }
@@ -176,9 +200,15 @@ mod tests {
 
     #[test]
     fn labels() {
-        let parsed = parse_labels("zone=a, line=3,node-role.kubernetes.io/gateway=").expect("valid");
+        let parsed =
+            parse_labels("zone=a, line=3,node-role.kubernetes.io/gateway=").expect("valid");
         assert_eq!(parsed.get("zone").map(String::as_str), Some("a"));
-        assert_eq!(parsed.get("node-role.kubernetes.io/gateway").map(String::as_str), Some(""));
+        assert_eq!(
+            parsed
+                .get("node-role.kubernetes.io/gateway")
+                .map(String::as_str),
+            Some("")
+        );
         assert_eq!(parse_labels("").expect("empty"), BTreeMap::new());
         assert!(parse_labels("novalue").is_err());
         assert!(parse_labels("=x").is_err());
@@ -187,11 +217,18 @@ mod tests {
 
     #[test]
     fn csr_carries_our_public_key() {
+        use x509_parser::prelude::FromDer;
         let (key, csr) = new_key_and_csr("gw-1").expect("csr");
-        let (_, parsed) = x509_parser::certification_request::X509CertificationRequest::from_der(&csr)
-            .expect("parse");
+        let (_, parsed) =
+            x509_parser::certification_request::X509CertificationRequest::from_der(&csr)
+                .expect("parse");
         assert_eq!(
-            parsed.certification_request_info.subject_pki.subject_public_key.data.as_ref(),
+            parsed
+                .certification_request_info
+                .subject_pki
+                .subject_public_key
+                .data
+                .as_ref(),
             key.public_key_raw()
         );
     }

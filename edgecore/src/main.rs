@@ -17,7 +17,11 @@ const EXIT_USAGE: u8 = 64;
 const EXIT_REFUSED: u8 = 3;
 
 #[derive(Parser, Debug)]
-#[command(name = "edgecore", version, about = "Edge daemon: joins a cloudcore and keeps the tunnel up")]
+#[command(
+    name = "edgecore",
+    version,
+    about = "Edge daemon: joins a cloudcore and keeps the tunnel up"
+)]
 struct Cli {
     /// Log format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
@@ -78,7 +82,11 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => {
             let _ = e.print();
-            return if e.use_stderr() { ExitCode::from(EXIT_USAGE) } else { ExitCode::SUCCESS };
+            return if e.use_stderr() {
+                ExitCode::from(EXIT_USAGE)
+            } else {
+                ExitCode::SUCCESS
+            };
         }
     };
     init_tracing(cli.log_format);
@@ -90,7 +98,15 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Command::Join { cloud, token, ca_hash, node_name, labels, data_dir, timeout } => {
+        Command::Join {
+            cloud,
+            token,
+            ca_hash,
+            node_name,
+            labels,
+            data_dir,
+            timeout,
+        } => {
             let labels = match parse_labels(&labels) {
                 Ok(l) => l,
                 Err(e) => {
@@ -135,11 +151,19 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Run { data_dir, cloud, metrics_listen, max_frame_size } => {
+        Command::Run {
+            data_dir,
+            cloud,
+            metrics_listen,
+            max_frame_size,
+        } => {
             let mut hub = HubConfig::new(data_dir);
             hub.cloud = cloud;
             hub.max_frame_size = max_frame_size;
-            let config = RunConfig { hub, metrics_listen };
+            let config = RunConfig {
+                hub,
+                metrics_listen,
+            };
             let result = runtime.block_on(async {
                 let shutdown = CancellationToken::new();
                 tokio::spawn(edgecore::signal::cancel_on_signal(shutdown.clone()));

@@ -91,7 +91,10 @@ impl ServerCertVerifier for PinnedCaVerifier {
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         let Some(ca) = intermediates.iter().find(|c| CaHash::of(c) == self.pin) else {
-            let presented: Vec<String> = intermediates.iter().map(|c| CaHash::of(c).to_string()).collect();
+            let presented: Vec<String> = intermediates
+                .iter()
+                .map(|c| CaHash::of(c).to_string())
+                .collect();
             return Err(self.fail(format!(
                 "the cloud's CA does not match --ca-hash {} (it presented {}); refusing to send the token",
                 self.pin,
@@ -100,9 +103,10 @@ impl ServerCertVerifier for PinnedCaVerifier {
         };
         let mut roots = rustls::RootCertStore::empty();
         roots.add(ca.clone().into_owned())?;
-        let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
-            .build()
-            .map_err(|e| self.fail(format!("cannot verify against the pinned CA: {e}")))?;
+        let inner =
+            WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
+                .build()
+                .map_err(|e| self.fail(format!("cannot verify against the pinned CA: {e}")))?;
         inner
             .verify_server_cert(end_entity, &[], server_name, ocsp_response, now)
             .map_err(|e| {
@@ -118,7 +122,12 @@ impl ServerCertVerifier for PinnedCaVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -127,11 +136,18 @@ impl ServerCertVerifier for PinnedCaVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 
@@ -140,7 +156,11 @@ fn quic_client(tls: rustls::ClientConfig) -> Result<quinn::ClientConfig, TlsErro
     let mut transport = quinn::TransportConfig::default();
     transport
         .keep_alive_interval(Some(KEEP_ALIVE))
-        .max_idle_timeout(Some(IDLE_TIMEOUT.try_into().expect("30 s is a valid idle timeout")))
+        .max_idle_timeout(Some(
+            IDLE_TIMEOUT
+                .try_into()
+                .expect("30 s is a valid idle timeout"),
+        ))
         .max_concurrent_uni_streams(0u32.into())
         .max_concurrent_bidi_streams(0u32.into());
     config.transport_config(Arc::new(transport));
@@ -186,7 +206,13 @@ mod tests {
     fn ca_hash_parsing() {
         let good = format!("sha256:{}", "ab".repeat(32));
         assert_eq!(CaHash::parse(&good).expect("valid").to_string(), good);
-        for bad in ["", "ab".repeat(32).as_str(), "sha256:abc", "sha1:00", &format!("sha256:{}", "zz".repeat(32))] {
+        for bad in [
+            "",
+            "ab".repeat(32).as_str(),
+            "sha256:abc",
+            "sha1:00",
+            &format!("sha256:{}", "zz".repeat(32)),
+        ] {
             assert!(CaHash::parse(bad).is_err(), "{bad}");
         }
     }

@@ -64,7 +64,11 @@ pub fn eventually(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
 pub fn http_get(port: u16, path: &str) -> Option<String> {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
     let mut response = String::new();
     stream.read_to_string(&mut response).ok()?;
     let (_, body) = response.split_once("\r\n\r\n")?;
@@ -73,9 +77,13 @@ pub fn http_get(port: u16, path: &str) -> Option<String> {
 
 /// The value of a metric line `name{labels} value` in a Prometheus text page.
 pub fn metric_value(page: &str, series: &str) -> Option<f64> {
-    page.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+    page.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
 }
 
 fn spawn_logged(mut command: Command, log: &Path) -> Child {
@@ -138,14 +146,21 @@ impl Cloud {
             .arg("--data-dir")
             .arg(&self.dir)
             .args(["--listen", &format!("127.0.0.1:{}", self.port)])
-            .args(["--metrics-listen", &format!("127.0.0.1:{}", self.metrics_port)])
+            .args([
+                "--metrics-listen",
+                &format!("127.0.0.1:{}", self.metrics_port),
+            ])
             .args(["--advertise-address", "127.0.0.1"])
             .args(&self.extra);
         std::fs::create_dir_all(&self.dir).expect("cloud dir");
         let log = self.log_path();
         self.child = Some(spawn_logged(command, &log));
         assert!(
-            eventually(Duration::from_secs(20), || http_get(self.metrics_port, "/healthz").is_some()),
+            eventually(Duration::from_secs(20), || http_get(
+                self.metrics_port,
+                "/healthz"
+            )
+            .is_some()),
             "cloudcore did not become healthy; log:\n{}",
             self.log()
         );
@@ -200,7 +215,11 @@ impl Cloud {
         args.push(&address);
         args.extend_from_slice(extra);
         let out = self.cli(&args);
-        assert!(out.status.success(), "token create failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "token create failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let v: Value = serde_json::from_slice(&out.stdout).expect("token JSON");
         Token {
             token: v["token"].as_str().expect("token").to_string(),
@@ -213,7 +232,11 @@ impl Cloud {
     /// `node list -o json`.
     pub fn nodes(&self) -> Vec<Value> {
         let out = self.cli(&["node", "list", "-o", "json"]);
-        assert!(out.status.success(), "node list failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "node list failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         serde_json::from_slice(&out.stdout).expect("node list JSON")
     }
 
@@ -259,7 +282,17 @@ pub fn join(dir: &Path, token: &Token, node: &str) -> Output {
 /// Runs `edgecore join` with explicit values (for the negative cases).
 pub fn join_with(dir: &Path, cloud: &str, token: &str, ca_hash: &str, node: &str) -> Output {
     Command::new(bin("edgecore"))
-        .args(["join", "--cloud", cloud, "--token", token, "--ca-hash", ca_hash, "--node-name", node])
+        .args([
+            "join",
+            "--cloud",
+            cloud,
+            "--token",
+            token,
+            "--ca-hash",
+            ca_hash,
+            "--node-name",
+            node,
+        ])
         .arg("--data-dir")
         .arg(dir)
         .output()
@@ -342,7 +375,10 @@ mod tests {
         let page = "# HELP x y\ncloudcore_joins_total 3\ncloudcore_join_rejections_total{reason=\"token_expired\"} 2\n";
         assert_eq!(metric_value(page, "cloudcore_joins_total"), Some(3.0));
         assert_eq!(
-            metric_value(page, "cloudcore_join_rejections_total{reason=\"token_expired\"}"),
+            metric_value(
+                page,
+                "cloudcore_join_rejections_total{reason=\"token_expired\"}"
+            ),
             Some(2.0)
         );
         assert_eq!(metric_value(page, "cloudcore_joins"), None);

@@ -88,7 +88,9 @@ impl Decoder for FrameCodec {
         src.advance(HEADER_LEN);
         let frame = src.split_to(len);
         let envelope = pb::Envelope::decode(frame.freeze()).map_err(FrameError::Decode)?;
-        Message::try_from(envelope).map(Some).map_err(FrameError::Invalid)
+        Message::try_from(envelope)
+            .map(Some)
+            .map_err(FrameError::Invalid)
     }
 
     fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Message>, FrameError> {
@@ -172,7 +174,9 @@ mod tests {
 
     fn encode(message: Message) -> BytesMut {
         let mut buf = BytesMut::new();
-        FrameCodec::default().encode(message, &mut buf).expect("encode");
+        FrameCodec::default()
+            .encode(message, &mut buf)
+            .expect("encode");
         buf
     }
 
@@ -200,7 +204,10 @@ mod tests {
         buf.put_u32(u32::MAX);
         let err = codec.decode(&mut buf).unwrap_err();
         assert!(matches!(err, FrameError::TooLarge { len, max: 1024 } if len == u32::MAX as usize));
-        assert!(buf.capacity() < 1024, "no buffer was reserved for the claimed length");
+        assert!(
+            buf.capacity() < 1024,
+            "no buffer was reserved for the claimed length"
+        );
     }
 
     #[test]
@@ -208,7 +215,12 @@ mod tests {
         let mut codec = FrameCodec::new(8);
         let mut buf = BytesMut::new();
         let err = codec
-            .encode(Message::RenewRequest { csr_der: vec![0; 64] }, &mut buf)
+            .encode(
+                Message::RenewRequest {
+                    csr_der: vec![0; 64],
+                },
+                &mut buf,
+            )
             .unwrap_err();
         assert!(matches!(err, FrameError::TooLarge { max: 8, .. }));
         assert!(buf.is_empty());
@@ -249,7 +261,9 @@ mod tests {
         let mut reader = FrameReader::new(b, DEFAULT_MAX_FRAME_SIZE);
         let sent = vec![
             Message::Heartbeat { seq: 1 },
-            Message::RenewRequest { csr_der: vec![9; 500] },
+            Message::RenewRequest {
+                csr_der: vec![9; 500],
+            },
             Message::Ack { seq: 3 },
         ];
         let to_send = sent.clone();

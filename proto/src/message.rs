@@ -299,11 +299,19 @@ impl Message {
     }
 }
 
-fn required<T>(value: Option<T>, message: &'static str, field: &'static str) -> Result<T, InvalidMessage> {
+fn required<T>(
+    value: Option<T>,
+    message: &'static str,
+    field: &'static str,
+) -> Result<T, InvalidMessage> {
     value.ok_or(InvalidMessage::MissingField { message, field })
 }
 
-fn bounded(value: String, message: &'static str, field: &'static str) -> Result<String, InvalidMessage> {
+fn bounded(
+    value: String,
+    message: &'static str,
+    field: &'static str,
+) -> Result<String, InvalidMessage> {
     if value.len() > MAX_NAME_LEN {
         return Err(InvalidMessage::FieldTooLong {
             message,
@@ -315,7 +323,10 @@ fn bounded(value: String, message: &'static str, field: &'static str) -> Result<
     Ok(value)
 }
 
-fn version_from(v: Option<pb::ProtocolVersion>, message: &'static str) -> Result<ProtocolVersion, InvalidMessage> {
+fn version_from(
+    v: Option<pb::ProtocolVersion>,
+    message: &'static str,
+) -> Result<ProtocolVersion, InvalidMessage> {
     let v = required(v, message, "version")?;
     Ok(ProtocolVersion {
         major: v.major,
@@ -330,7 +341,10 @@ fn version_to(v: ProtocolVersion) -> Option<pb::ProtocolVersion> {
     })
 }
 
-fn object_from(o: Option<pb::ObjectRef>, message: &'static str) -> Result<ObjectRef, InvalidMessage> {
+fn object_from(
+    o: Option<pb::ObjectRef>,
+    message: &'static str,
+) -> Result<ObjectRef, InvalidMessage> {
     let o = required(o, message, "object")?;
     if o.kind.is_empty() {
         return Err(InvalidMessage::MissingField {
@@ -375,8 +389,16 @@ impl TryFrom<pb::Envelope> for Message {
                         hostname: bounded(info.hostname, "hello", "node_info.hostname")?,
                         os: bounded(info.os, "hello", "node_info.os")?,
                         arch: bounded(info.arch, "hello", "node_info.arch")?,
-                        kernel_version: bounded(info.kernel_version, "hello", "node_info.kernel_version")?,
-                        edgecore_version: bounded(info.edgecore_version, "hello", "node_info.edgecore_version")?,
+                        kernel_version: bounded(
+                            info.kernel_version,
+                            "hello",
+                            "node_info.kernel_version",
+                        )?,
+                        edgecore_version: bounded(
+                            info.edgecore_version,
+                            "hello",
+                            "node_info.edgecore_version",
+                        )?,
                         cpus: info.cpus,
                         memory_bytes: info.memory_bytes,
                     },
@@ -588,7 +610,10 @@ mod tests {
             })),
         };
         let err = Message::try_from(envelope).unwrap_err();
-        assert_eq!(err.to_string(), "hello: required field `version` is missing");
+        assert_eq!(
+            err.to_string(),
+            "hello: required field `version` is missing"
+        );
     }
 
     #[test]
@@ -622,7 +647,11 @@ mod tests {
         };
         assert!(matches!(
             Message::try_from(envelope),
-            Err(InvalidMessage::FieldTooLong { field: "node_name", len: 300, .. })
+            Err(InvalidMessage::FieldTooLong {
+                field: "node_name",
+                len: 300,
+                ..
+            })
         ));
     }
 
