@@ -312,15 +312,24 @@ async fn anonymous_peers_get_a_small_frame_limit_and_no_session() {
         let (config, _failure) = tls::join_config(pin).expect("config");
         let addr = dial::resolve(&s.cloud.address()).await.expect("addr");
         let endpoint = dial::client_endpoint(addr).expect("endpoint");
-        dial::connect(&endpoint, config, &s.cloud.address(), addr, Duration::from_secs(5))
-            .await
-            .expect("connect")
+        dial::connect(
+            &endpoint,
+            config,
+            &s.cloud.address(),
+            addr,
+            Duration::from_secs(5),
+        )
+        .await
+        .expect("connect")
     };
 
     // A 1 MiB frame is fine for a node, but not before authentication.
     let connection = anonymous().await;
     send_raw(&connection, false, &(1024 * 1024u32).to_be_bytes()).await;
-    assert_eq!(closed_by_cloud(&connection).await, close_code::PROTOCOL_VIOLATION);
+    assert_eq!(
+        closed_by_cloud(&connection).await,
+        close_code::PROTOCOL_VIOLATION
+    );
 
     // Without a client certificate, a hello is refused: only a join is allowed.
     let connection = anonymous().await;
@@ -332,5 +341,9 @@ async fn anonymous_peers_get_a_small_frame_limit_and_no_session() {
         Ok(Some(Message::Error(e))) => assert_eq!(e.code, proto::ErrorCode::Unauthenticated),
         other => panic!("expected an unauthenticated error, got {other:?}"),
     }
-    assert_eq!(s.cloud.metric("cloudcore_connected_edges"), 1.0, "only the good edge");
+    assert_eq!(
+        s.cloud.metric("cloudcore_connected_edges"),
+        1.0,
+        "only the good edge"
+    );
 }
