@@ -28,6 +28,9 @@ pub struct ServeConfig {
     pub join_failure_refill: Duration,
     /// How often `serve` checks the registry for revocations made by the CLI.
     pub revocation_poll: Duration,
+    /// Receive buffer asked for on the tunnel's UDP socket. The kernel caps it at
+    /// `net.core.rmem_max`; the default 208 KiB drops handshake packets in reconnect storms.
+    pub udp_receive_buffer: usize,
 }
 
 impl ServeConfig {
@@ -48,6 +51,7 @@ impl ServeConfig {
             join_failure_burst: 10,
             join_failure_refill: Duration::from_secs(6),
             revocation_poll: Duration::from_millis(200),
+            udp_receive_buffer: 4 * 1024 * 1024,
         }
     }
 

@@ -140,10 +140,54 @@ pub fn endpoint(config: &ServeConfig, ca: &ClusterCa) -> Result<Endpoint, HubErr
         .max_concurrent_uni_streams(VarInt::from_u32(0))
         .max_concurrent_bidi_streams(VarInt::from_u32(4));
     server.transport_config(Arc::new(transport));
-    Endpoint::server(server, config.listen).map_err(|source| HubError::Bind {
+    let socket = bind_udp(config)?;
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| HubError::Transport("no async runtime for the tunnel socket".into()))?;
+    Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(server),
+        socket,
+        runtime,
+    )
+    .map_err(|source| HubError::Bind {
         addr: config.listen,
         source,
     })
+}
+
+/// Binds the tunnel's UDP socket with a large receive buffer, so a burst of handshake packets
+/// from a reconnecting fleet is queued instead of dropped (each drop costs an edge a ~1 s
+/// retransmission).
+fn bind_udp(config: &ServeConfig) -> Result<std::net::UdpSocket, HubError> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let bind_err = |source| HubError::Bind {
+        addr: config.listen,
+        source,
+    };
+    let socket = Socket::new(
+        Domain::for_address(config.listen),
+        Type::DGRAM,
+        Some(Protocol::UDP),
+    )
+    .map_err(bind_err)?;
+    if config.listen.is_ipv6() {
+        // Accept IPv4-mapped peers too when listening on [::].
+        let _ = socket.set_only_v6(false);
+    }
+    if let Err(e) = socket.set_recv_buffer_size(config.udp_receive_buffer) {
+        tracing::warn!(error = %e, "cannot set the tunnel socket's receive buffer");
+    }
+    // Linux reports twice the usable size it granted.
+    let granted = socket.recv_buffer_size().unwrap_or(0) / 2;
+    if granted < config.udp_receive_buffer {
+        tracing::warn!(
+            requested = config.udp_receive_buffer,
+            granted,
+            "the kernel capped the tunnel socket's receive buffer; raise net.core.rmem_max for reconnect storms"
+        );
+    }
+    socket.bind(&config.listen.into()).map_err(bind_err)?;
+    Ok(socket.into())
 }
 
 /// Accepts connections until cancelled. Handshakes beyond `max_concurrent_handshakes` wait

@@ -96,6 +96,9 @@ struct ServeArgs {
     /// After the burst, one more failed join is allowed per this interval.
     #[arg(long, default_value = "6s", value_parser = humantime::parse_duration)]
     join_failure_refill: Duration,
+    /// Receive buffer for the tunnel's UDP socket in bytes (capped by net.core.rmem_max).
+    #[arg(long, default_value_t = 4 * 1024 * 1024)]
+    udp_receive_buffer: usize,
 }
 
 #[derive(Subcommand, Debug)]
@@ -204,6 +207,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     config.max_concurrent_handshakes = args.max_concurrent_handshakes;
     config.join_failure_burst = args.join_failure_burst;
     config.join_failure_refill = args.join_failure_refill;
+    config.udp_receive_buffer = args.udp_receive_buffer;
     if config.dead_after <= config.heartbeat_interval {
         eprintln!(
             "error: --dead-after ({}) must be longer than --heartbeat-interval ({})",
