@@ -3,6 +3,7 @@
 //! `serve` runs the QUIC tunnel ([`hub`]) with the cluster CA ([`pki`]) and its durable state
 //! ([`registry`]); the CLI's token and node commands work on the same registry file.
 
+pub mod apiserver;
 pub mod config;
 pub mod hub;
 pub mod join;
