@@ -4,6 +4,15 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// Where the Kubernetes API that cloudcore works against comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ControlPlane {
+    /// cloudcore serves a Kubernetes-compatible API itself, on SQLite in the data dir.
+    Embedded { listen: SocketAddr },
+    /// A real cluster (in-cluster config or a kubeconfig).
+    Kube { kubeconfig: Option<PathBuf> },
+}
+
 /// Everything `serve` needs; tests build it directly.
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
@@ -31,6 +40,7 @@ pub struct ServeConfig {
     /// Receive buffer asked for on the tunnel's UDP socket. The kernel caps it at
     /// `net.core.rmem_max`; the default 208 KiB drops handshake packets in reconnect storms.
     pub udp_receive_buffer: usize,
+    pub control_plane: ControlPlane,
 }
 
 impl ServeConfig {
@@ -52,6 +62,9 @@ impl ServeConfig {
             join_failure_refill: Duration::from_secs(6),
             revocation_poll: Duration::from_millis(200),
             udp_receive_buffer: 4 * 1024 * 1024,
+            control_plane: ControlPlane::Embedded {
+                listen: SocketAddr::from(([127, 0, 0, 1], 6443)),
+            },
         }
     }
 

@@ -35,6 +35,8 @@ pub enum ServeError {
     Registry(#[from] registry::RegistryError),
     #[error(transparent)]
     Hub(#[from] hub::HubError),
+    #[error("cannot start the embedded control plane")]
+    Embedded(#[from] apiserver::EmbeddedError),
     #[error("cannot bind the metrics listener on {addr}")]
     Metrics {
         addr: std::net::SocketAddr,
@@ -65,9 +67,36 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> Result<(),
         "cloudcore serving"
     );
 
+    let tracker = TaskTracker::new();
+    match &config.control_plane {
+        config::ControlPlane::Embedded { listen } => {
+            let embedded = apiserver::start(
+                &config.data_dir,
+                *listen,
+                &config.server_sans(),
+                &ca,
+                shutdown.clone(),
+                &tracker,
+            )
+            .await?;
+            tracing::info!(
+                control_plane = "embedded",
+                api = %embedded.listen,
+                kubeconfig = %embedded.kubeconfig.display(),
+                "Kubernetes API served by cloudcore"
+            );
+        }
+        config::ControlPlane::Kube { kubeconfig } => {
+            tracing::info!(
+                control_plane = "kube",
+                kubeconfig = %kubeconfig.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "in-cluster".into()),
+                "using a real cluster's API (node objects are not written yet in this build)"
+            );
+        }
+    }
+
     let metrics = Arc::new(metrics::Metrics::default());
     let shared = Arc::new(hub::Shared::new(config, registry, ca, metrics.clone()));
-    let tracker = TaskTracker::new();
     let metrics_shutdown = shutdown.clone();
     tracker.spawn(async move {
         if let Err(e) = metrics::serve(metrics_listener, metrics, metrics_shutdown).await {

@@ -35,6 +35,16 @@ enum LogFormat {
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+enum ControlPlaneMode {
+    /// Serve a Kubernetes-compatible API from cloudcore itself (SQLite in the data dir).
+    Embedded,
+    /// Work against a real cluster.
+    Kube,
+    /// kube when running in a cluster or given a kubeconfig, embedded otherwise.
+    Auto,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
 enum Output {
     Text,
     Json,
@@ -96,6 +106,15 @@ struct ServeArgs {
     /// After the burst, one more failed join is allowed per this interval.
     #[arg(long, default_value = "6s", value_parser = humantime::parse_duration)]
     join_failure_refill: Duration,
+    /// Which Kubernetes API to use.
+    #[arg(long, value_enum, default_value_t = ControlPlaneMode::Auto)]
+    control_plane: ControlPlaneMode,
+    /// HTTPS address of the embedded API.
+    #[arg(long, default_value = "127.0.0.1:6443")]
+    api_listen: SocketAddr,
+    /// Kubeconfig of a real cluster (kube mode); KUBECONFIG works too.
+    #[arg(long, env = "KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
     /// Receive buffer for the tunnel's UDP socket in bytes (capped by net.core.rmem_max).
     #[arg(long, default_value_t = 4 * 1024 * 1024)]
     udp_receive_buffer: usize,
@@ -208,6 +227,21 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     config.join_failure_burst = args.join_failure_burst;
     config.join_failure_refill = args.join_failure_refill;
     config.udp_receive_buffer = args.udp_receive_buffer;
+    let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
+    let kube = match args.control_plane {
+        ControlPlaneMode::Embedded => false,
+        ControlPlaneMode::Kube => true,
+        ControlPlaneMode::Auto => in_cluster || args.kubeconfig.is_some(),
+    };
+    config.control_plane = if kube {
+        cloudcore::config::ControlPlane::Kube {
+            kubeconfig: args.kubeconfig,
+        }
+    } else {
+        cloudcore::config::ControlPlane::Embedded {
+            listen: args.api_listen,
+        }
+    };
     if config.dead_after <= config.heartbeat_interval {
         eprintln!(
             "error: --dead-after ({}) must be longer than --heartbeat-interval ({})",

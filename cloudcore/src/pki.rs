@@ -238,6 +238,35 @@ impl ClusterCa {
         Ok((vec![cert.der().clone(), self.cert_der.clone()], key_der))
     }
 
+    /// A client certificate and key for a user of the embedded API (e.g. the admin kubeconfig):
+    /// CN `user`, one O per group.
+    pub fn issue_client_certificate(
+        &self,
+        user: &str,
+        groups: &[&str],
+        lifetime: Duration,
+    ) -> Result<(CertificateDer<'static>, KeyPair), PkiError> {
+        let key = KeyPair::generate().map_err(PkiError::Build)?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, user);
+        for group in groups {
+            dn.push(DnType::OrganizationName, *group);
+        }
+        params.distinguished_name = dn;
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.use_authority_key_identifier_extension = true;
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - backdate(lifetime);
+        params.not_after = now + lifetime;
+        params.serial_number = Some(random_serial().0);
+        let cert = params
+            .signed_by(&key, &self.issuer()?)
+            .map_err(PkiError::Build)?;
+        Ok((cert.der().clone(), key))
+    }
+
     /// Signs a node client certificate for `node_name` with the public key of `csr_der`.
     /// Everything but the key is ours: the subject and extensions requested in the CSR are
     /// ignored, so a CSR cannot ask for another identity.
@@ -271,6 +300,26 @@ impl ClusterCa {
             not_after: now + lifetime,
         })
     }
+}
+
+/// The user name and groups a client certificate carries (CN and every O), as Kubernetes reads
+/// them.
+pub fn user_of(cert_der: &[u8]) -> Result<(String, Vec<String>), PkiError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der)
+        .map_err(|e| PkiError::NotANodeCertificate(e.to_string()))?;
+    let cn = cert
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .ok_or_else(|| PkiError::NotANodeCertificate("no common name".into()))?
+        .to_string();
+    let groups = cert
+        .subject()
+        .iter_organization()
+        .filter_map(|o| o.as_str().ok().map(String::from))
+        .collect();
+    Ok((cn, groups))
 }
 
 /// Parses a CSR and verifies its self-signature (proof that the requester holds the key).

@@ -118,6 +118,8 @@ pub struct Cloud {
     pub dir: PathBuf,
     pub port: u16,
     pub metrics_port: u16,
+    /// HTTPS port of the embedded Kubernetes API.
+    pub api_port: u16,
     extra: Vec<String>,
     child: Option<Child>,
     starts: usize,
@@ -130,6 +132,7 @@ impl Cloud {
             dir: dir.join("cloud"),
             port: free_udp_port(),
             metrics_port: free_tcp_port(),
+            api_port: free_tcp_port(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
             child: None,
             starts: 0,
@@ -151,6 +154,8 @@ impl Cloud {
                 &format!("127.0.0.1:{}", self.metrics_port),
             ])
             .args(["--advertise-address", "127.0.0.1"])
+            .args(["--control-plane", "embedded"])
+            .args(["--api-listen", &format!("127.0.0.1:{}", self.api_port)])
             .args(&self.extra);
         std::fs::create_dir_all(&self.dir).expect("cloud dir");
         let log = self.log_path();
@@ -243,6 +248,45 @@ impl Cloud {
     /// One node from `node list`.
     pub fn node(&self, name: &str) -> Option<Value> {
         self.nodes().into_iter().find(|n| n["name"] == name)
+    }
+
+    /// The admin kubeconfig the embedded control plane wrote.
+    pub fn kubeconfig(&self) -> PathBuf {
+        self.dir.join("kubeconfig")
+    }
+
+    /// Runs the real `kubectl` against the embedded API as admin, with a private discovery
+    /// cache so tests never share state.
+    pub fn kubectl(&self, args: &[&str]) -> Output {
+        self.kubectl_with_stdin(args, None)
+    }
+
+    /// `kubectl` with `stdin` piped in (for `apply -f -`).
+    pub fn kubectl_with_stdin(&self, args: &[&str], stdin: Option<&str>) -> Output {
+        let mut command = Command::new("kubectl");
+        command
+            .arg("--kubeconfig")
+            .arg(self.kubeconfig())
+            .arg("--cache-dir")
+            .arg(self.dir.join("kubectl-cache"))
+            .args(args)
+            .env("HOME", &self.dir)
+            .env_remove("KUBECONFIG")
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = command
+            .spawn()
+            .expect("kubectl is installed on every machine of this project");
+        if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
+            pipe.write_all(text.as_bytes())
+                .expect("write kubectl stdin");
+        }
+        child.wait_with_output().expect("kubectl output")
     }
 
     /// The current metrics page (empty if the server does not answer).

@@ -1,1 +1,1392 @@
-//! (being written)
+//! The embedded control plane's durable object store: objects and watch events in SQLite, the
+//! global resourceVersion, and the fan-out of live events to watchers. It knows nothing of HTTP.
+//!
+//! Every write is one SQLite transaction that replaces the object row, appends an event row and
+//! advances the global resourceVersion (rv) in `meta`; after the commit the event is published to
+//! live watchers while the writer lock is still held, so live events go out in rv order. Every
+//! rv has exactly one event, so the retained events are the contiguous range
+//! `compacted + 1 ..= rv`.
+//!
+//! One process writes the file: rvs stay unique even if another connection writes (each write
+//! reads the rv inside its transaction), but only this process's writes reach its watchers.
+//!
+//! All SQLite work happens on the calling thread (callers on a runtime use `spawn_blocking`);
+//! only [`Watch::next`] is async.
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use rusqlite::types::Type;
+use rusqlite::{Connection, OptionalExtension, Row, Transaction, TransactionBehavior, params};
+use serde_json::Value;
+use tokio::sync::broadcast;
+
+/// The schema this build writes; older files are migrated by [`migrate`], newer ones refused.
+const SCHEMA_VERSION: i64 = 1;
+
+const SCHEMA_V1: &str = r#"
+CREATE TABLE objects (
+    "group" TEXT NOT NULL,
+    resource TEXT NOT NULL,
+    namespace TEXT NOT NULL,
+    name TEXT NOT NULL,
+    rv INTEGER NOT NULL,
+    body TEXT NOT NULL,
+    PRIMARY KEY ("group", resource, namespace, name)
+);
+CREATE TABLE events (
+    rv INTEGER PRIMARY KEY,
+    "group" TEXT NOT NULL,
+    resource TEXT NOT NULL,
+    namespace TEXT NOT NULL,
+    name TEXT NOT NULL,
+    type TEXT NOT NULL CHECK (type IN ('ADDED', 'MODIFIED', 'DELETED')),
+    body TEXT NOT NULL
+);
+CREATE TABLE meta (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    rv INTEGER NOT NULL,
+    compacted INTEGER NOT NULL
+);
+INSERT INTO meta (id, rv, compacted) VALUES (1, 0, 0);
+"#;
+
+/// How long a connection waits for another connection's lock before failing.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Idle read connections kept for reuse; more are opened under load and closed afterwards.
+const MAX_IDLE_READERS: usize = 4;
+
+/// Which collection: API group ("" for core) and plural resource name.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ResourceId {
+    /// The API group, "" for the core group.
+    pub group: String,
+    /// The plural resource name, e.g. `pods`.
+    pub resource: String,
+}
+
+/// What happened to an object, in Kubernetes watch vocabulary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventType {
+    /// The object was created.
+    Added,
+    /// The object was replaced.
+    Modified,
+    /// The object was removed.
+    Deleted,
+}
+
+impl EventType {
+    /// The Kubernetes watch event type: `ADDED`, `MODIFIED` or `DELETED`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventType::Added => "ADDED",
+            EventType::Modified => "MODIFIED",
+            EventType::Deleted => "DELETED",
+        }
+    }
+
+    fn parse(text: &str) -> Option<Self> {
+        match text {
+            "ADDED" => Some(EventType::Added),
+            "MODIFIED" => Some(EventType::Modified),
+            "DELETED" => Some(EventType::Deleted),
+            _ => None,
+        }
+    }
+}
+
+/// One committed change, as stored in the events table and delivered to watchers.
+#[derive(Debug, Clone)]
+pub struct WatchEvent {
+    /// The resourceVersion of this change (also the object's `metadata.resourceVersion`).
+    pub rv: u64,
+    /// What happened.
+    pub event_type: EventType,
+    /// The collection the object belongs to.
+    pub resource: ResourceId,
+    /// The object's namespace ("" for cluster-scoped objects).
+    pub namespace: String,
+    /// The object's name.
+    pub name: String,
+    /// The object after the change; for a deletion, the object as deleted.
+    pub object: Arc<Value>,
+}
+
+/// A store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Create of an object that exists.
+    #[error("object already exists")]
+    AlreadyExists,
+    /// Update or delete of an object that does not exist.
+    #[error("object not found")]
+    NotFound,
+    /// The resourceVersion precondition did not hold.
+    #[error(
+        "the object has been modified: resourceVersion is {current}, the request expected {expected}"
+    )]
+    Conflict {
+        /// The object's current resourceVersion.
+        current: u64,
+        /// The resourceVersion the request required.
+        expected: u64,
+    },
+    /// A watch asked for events that were compacted away; the client must list again.
+    #[error("resourceVersion {requested} is too old: the oldest retained event is {oldest}")]
+    Gone {
+        /// The resourceVersion the watch started from.
+        requested: u64,
+        /// The oldest event still retained; watching from `oldest - 1` or later works.
+        oldest: u64,
+    },
+    /// SQLite reported `SQLITE_FULL`; the transaction was rolled back and nothing was written.
+    #[error("disk full writing api database {path}: nothing was written")]
+    DiskFull {
+        /// The database file.
+        path: PathBuf,
+    },
+    /// The file was written by a newer cloudcore.
+    #[error(
+        "api database {path} has schema version {found}, newer than this cloudcore supports ({SCHEMA_VERSION}); refusing to touch it"
+    )]
+    NewerSchema {
+        /// The database file.
+        path: PathBuf,
+        /// The schema version found in `PRAGMA user_version`.
+        found: i64,
+    },
+    /// The file could not be opened or is not a usable SQLite database (e.g. corrupt).
+    #[error("cannot open api database {path}")]
+    Open {
+        /// The database file.
+        path: PathBuf,
+        /// What SQLite said.
+        #[source]
+        source: rusqlite::Error,
+    },
+    /// A query failed.
+    #[error("api database query failed")]
+    Sql(#[from] rusqlite::Error),
+    /// The object cannot be stored, e.g. it is not a JSON object or has no `metadata` object.
+    #[error("invalid object: {0}")]
+    InvalidObject(String),
+}
+
+/// Tuning for [`Store::open`].
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// How many of the newest events are kept for watches that resume from an older rv.
+    pub event_retention: usize,
+    /// How many live events a watcher may fall behind before its watch ends.
+    pub watch_buffer: usize,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            event_retention: 10_000,
+            watch_buffer: 1024,
+        }
+    }
+}
+
+/// The object store. Cheap to clone; all clones share one database and one event stream.
+/// Debug shows the path only.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    path: PathBuf,
+    event_retention: u64,
+    /// The only connection that writes. The lock also orders publication: events are sent while
+    /// it is held, and [`Store::watch`] subscribes under it, so a watcher's snapshot rv and its
+    /// live stream meet exactly.
+    writer: Mutex<Connection>,
+    /// Idle read connections. WAL lets them read while the writer commits, so gets, lists and
+    /// watch replays never wait for a write's fsync.
+    readers: Mutex<Vec<Connection>>,
+    /// The latest committed rv; written only under `writer`.
+    rv: AtomicU64,
+    /// Live events for watchers.
+    events: broadcast::Sender<Arc<WatchEvent>>,
+}
+
+/// What a write does to one object.
+enum Change {
+    Create(Value),
+    Update(Value, Option<u64>),
+    Delete(Option<u64>),
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// Opens the database at `path`, creating and migrating it if needed. A file with a newer
+    /// schema or one that is not a SQLite database is refused and left untouched.
+    pub fn open(path: &Path, options: StoreOptions) -> Result<Store, StoreError> {
+        let open_err = |source| StoreError::Open {
+            path: path.to_path_buf(),
+            source,
+        };
+        let mut conn = Connection::open(path).map_err(open_err)?;
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(open_err)?;
+        // Read before anything writes to the file: a corrupt file fails here, a newer one is
+        // refused here, and neither is modified.
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(open_err)?;
+        if version > SCHEMA_VERSION {
+            return Err(StoreError::NewerSchema {
+                path: path.to_path_buf(),
+                found: version,
+            });
+        }
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+            .map_err(open_err)?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            tracing::warn!(path = %path.display(), mode, "api database is not in WAL mode");
+        }
+        // FULL: a write that returned success survives a power cut.
+        conn.execute_batch("PRAGMA synchronous = FULL;")
+            .map_err(open_err)?;
+        migrate(&mut conn, path)?;
+
+        let event_retention = u64::try_from(options.event_retention).unwrap_or(u64::MAX);
+        let rv = {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let (rv, compacted) = read_meta(&tx)?;
+            compact(&tx, rv, compacted, event_retention)?;
+            tx.commit()?;
+            rv
+        };
+        tracing::debug!(path = %path.display(), rv, "api store opened");
+        let (events, _) = broadcast::channel(options.watch_buffer.max(1));
+        Ok(Store {
+            inner: Arc::new(Inner {
+                path: path.to_path_buf(),
+                event_retention,
+                writer: Mutex::new(conn),
+                readers: Mutex::new(Vec::new()),
+                rv: AtomicU64::new(rv),
+                events,
+            }),
+        })
+    }
+
+    /// The latest committed resourceVersion (0 for an empty store).
+    pub fn resource_version(&self) -> u64 {
+        self.inner.rv.load(Ordering::SeqCst)
+    }
+
+    /// One object, or `None` if it does not exist.
+    pub fn get(
+        &self,
+        r: &ResourceId,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Option<Value>, StoreError> {
+        self.read(|tx| {
+            Ok(tx
+                .query_row(
+                    r#"SELECT body FROM objects
+                       WHERE "group" = ?1 AND resource = ?2 AND namespace = ?3 AND name = ?4"#,
+                    params![r.group, r.resource, namespace, name],
+                    |row| json_column(row, 0),
+                )
+                .optional()?)
+        })
+    }
+
+    /// A consistent snapshot: objects sorted by (namespace, name) and the rv they are current at.
+    pub fn list(
+        &self,
+        r: &ResourceId,
+        namespace: Option<&str>,
+    ) -> Result<(Vec<Value>, u64), StoreError> {
+        self.read(|tx| {
+            // One read transaction: the rv and the rows come from the same WAL snapshot.
+            let (rv, _) = read_meta(tx)?;
+            let mut stmt = tx.prepare_cached(
+                r#"SELECT body FROM objects
+                   WHERE "group" = ?1 AND resource = ?2 AND (?3 IS NULL OR namespace = ?3)
+                   ORDER BY namespace, name"#,
+            )?;
+            let objects = stmt
+                .query_map(params![r.group, r.resource, namespace], |row| {
+                    json_column(row, 0)
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok((objects, rv))
+        })
+    }
+
+    /// Stores a new object; sets metadata.resourceVersion (decimal string) to the new rv.
+    /// AlreadyExists if present.
+    pub fn create(
+        &self,
+        r: &ResourceId,
+        namespace: &str,
+        name: &str,
+        object: Value,
+    ) -> Result<Value, StoreError> {
+        self.write(r, namespace, name, Change::Create(object))
+    }
+
+    /// Replaces an existing object. With Some(expected) the current rv must equal it (else
+    /// Conflict). NotFound if absent. Sets the new rv.
+    pub fn update(
+        &self,
+        r: &ResourceId,
+        namespace: &str,
+        name: &str,
+        object: Value,
+        expected: Option<u64>,
+    ) -> Result<Value, StoreError> {
+        self.write(r, namespace, name, Change::Update(object, expected))
+    }
+
+    /// Removes an object (optionally with the rv precondition); returns the object as deleted,
+    /// with the deletion's rv as its resourceVersion.
+    pub fn delete(
+        &self,
+        r: &ResourceId,
+        namespace: &str,
+        name: &str,
+        expected: Option<u64>,
+    ) -> Result<Value, StoreError> {
+        self.write(r, namespace, name, Change::Delete(expected))
+    }
+
+    /// Events of resource `r` (optionally one namespace) with rv > from. Gone if events after
+    /// `from` were compacted away. From the current rv or later it streams live events only.
+    pub fn watch(
+        &self,
+        r: &ResourceId,
+        namespace: Option<&str>,
+        from: u64,
+    ) -> Result<Watch, StoreError> {
+        let (live, snapshot) = {
+            // Events are published under the writer lock, so nothing can be published between
+            // these two lines: the receiver gets exactly the events with rv > snapshot.
+            let _writer = self.writer();
+            (self.inner.events.subscribe(), self.resource_version())
+        };
+        let replay = if from < snapshot {
+            self.replay(r, namespace, from, snapshot)?
+        } else {
+            VecDeque::new()
+        };
+        let live_after = from.max(snapshot);
+        Ok(Watch {
+            resource: r.clone(),
+            namespace: namespace.map(str::to_owned),
+            position: if replay.is_empty() { live_after } else { from },
+            replay,
+            live,
+            live_after,
+            ended: false,
+        })
+    }
+
+    /// Stored events of `r` with `from < rv <= snapshot`, in rv order.
+    fn replay(
+        &self,
+        r: &ResourceId,
+        namespace: Option<&str>,
+        from: u64,
+        snapshot: u64,
+    ) -> Result<VecDeque<WatchEvent>, StoreError> {
+        self.read(|tx| {
+            let (_, compacted) = read_meta(tx)?;
+            if from < compacted {
+                return Err(StoreError::Gone {
+                    requested: from,
+                    oldest: compacted + 1,
+                });
+            }
+            let mut stmt = tx.prepare_cached(
+                r#"SELECT rv, namespace, name, type, body FROM events
+                   WHERE rv > ?1 AND rv <= ?2 AND "group" = ?3 AND resource = ?4
+                     AND (?5 IS NULL OR namespace = ?5)
+                   ORDER BY rv"#,
+            )?;
+            let events = stmt
+                .query_map(
+                    params![from, snapshot, r.group, r.resource, namespace],
+                    |row| {
+                        let text: String = row.get(3)?;
+                        let event_type = EventType::parse(&text).ok_or_else(|| {
+                            rusqlite::Error::FromSqlConversionFailure(
+                                3,
+                                Type::Text,
+                                format!("unknown event type {text:?}").into(),
+                            )
+                        })?;
+                        Ok(WatchEvent {
+                            rv: row.get(0)?,
+                            event_type,
+                            resource: r.clone(),
+                            namespace: row.get(1)?,
+                            name: row.get(2)?,
+                            object: Arc::new(json_column(row, 4)?),
+                        })
+                    },
+                )?
+                .collect::<Result<VecDeque<_>, _>>()?;
+            Ok(events)
+        })
+    }
+
+    /// Runs one write transaction, then publishes its event.
+    fn write(
+        &self,
+        r: &ResourceId,
+        namespace: &str,
+        name: &str,
+        change: Change,
+    ) -> Result<Value, StoreError> {
+        let mut writer = self.writer();
+        let (event_type, object, rv) = commit_change(
+            &mut writer,
+            self.inner.event_retention,
+            r,
+            namespace,
+            name,
+            change,
+        )
+        .map_err(|e| match e {
+            StoreError::Sql(ref sql)
+                if sql.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull) =>
+            {
+                StoreError::DiskFull {
+                    path: self.inner.path.clone(),
+                }
+            }
+            other => other,
+        })?;
+        self.inner.rv.store(rv, Ordering::SeqCst);
+        // Still under the writer lock: live events leave in rv order.
+        if self.inner.events.receiver_count() > 0 {
+            let event = WatchEvent {
+                rv,
+                event_type,
+                resource: r.clone(),
+                namespace: namespace.to_owned(),
+                name: name.to_owned(),
+                object: Arc::new(object.clone()),
+            };
+            // An error means every receiver was dropped since the check: nobody to tell.
+            let _ = self.inner.events.send(Arc::new(event));
+        }
+        drop(writer);
+        Ok(object)
+    }
+
+    /// Runs `f` in a read transaction on a pooled read connection.
+    fn read<T>(
+        &self,
+        f: impl FnOnce(&Transaction<'_>) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let pooled = lock(&self.inner.readers).pop();
+        let mut conn = match pooled {
+            Some(conn) => conn,
+            None => self.open_reader()?,
+        };
+        let result = conn.transaction().map_err(StoreError::from).and_then(|tx| {
+            let result = f(&tx);
+            // Dropping the transaction rolls it back, which ends a read cleanly.
+            drop(tx);
+            result
+        });
+        let mut idle = lock(&self.inner.readers);
+        if idle.len() < MAX_IDLE_READERS {
+            idle.push(conn);
+        }
+        result
+    }
+
+    fn open_reader(&self) -> Result<Connection, StoreError> {
+        let path = &self.inner.path;
+        let open_err = |source| StoreError::Open {
+            path: path.clone(),
+            source,
+        };
+        let flags = rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE
+            | rusqlite::OpenFlags::SQLITE_OPEN_URI
+            | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let conn = Connection::open_with_flags(path, flags).map_err(open_err)?;
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(open_err)?;
+        conn.execute_batch("PRAGMA query_only = ON;")
+            .map_err(open_err)?;
+        Ok(conn)
+    }
+
+    fn writer(&self) -> MutexGuard<'_, Connection> {
+        lock(&self.inner.writer)
+    }
+
+    /// Caps the database size so the next growing write fails with `SQLITE_FULL`.
+    #[cfg(test)]
+    fn limit_pages_for_test(&self, extra_pages: u64) {
+        let conn = self.writer();
+        let count: u64 = conn
+            .query_row("PRAGMA page_count", [], |r| r.get(0))
+            .expect("page_count");
+        let _: u64 = conn
+            .query_row(
+                &format!("PRAGMA max_page_count = {}", count + extra_pages),
+                [],
+                |r| r.get(0),
+            )
+            .expect("max_page_count");
+    }
+}
+
+/// A stream of events for one resource (optionally one namespace), in rv order: first the
+/// stored events after the starting rv, then live ones, with no gap and no repeat between them.
+pub struct Watch {
+    resource: ResourceId,
+    namespace: Option<String>,
+    replay: VecDeque<WatchEvent>,
+    live: broadcast::Receiver<Arc<WatchEvent>>,
+    /// Live events at or below this rv were replayed or precede the start.
+    live_after: u64,
+    /// Every matching event with an rv at or below this has been returned.
+    position: u64,
+    ended: bool,
+}
+
+impl Watch {
+    /// Next event in rv order. None when the watcher fell too far behind the live stream (the
+    /// client must re-watch from its last rv) or the store was dropped — never silently skips
+    /// an event. Cancel-safe: dropping the future loses no event.
+    pub async fn next(&mut self) -> Option<WatchEvent> {
+        if self.ended {
+            return None;
+        }
+        if let Some(event) = self.replay.pop_front() {
+            self.position = if self.replay.is_empty() {
+                self.live_after
+            } else {
+                event.rv
+            };
+            return Some(event);
+        }
+        loop {
+            match self.live.recv().await {
+                Ok(event) => {
+                    if event.rv <= self.live_after {
+                        continue;
+                    }
+                    self.position = event.rv;
+                    if event.resource == self.resource
+                        && self
+                            .namespace
+                            .as_deref()
+                            .is_none_or(|ns| ns == event.namespace)
+                    {
+                        return Some(Arc::unwrap_or_clone(event));
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(missed)) => {
+                    tracing::debug!(
+                        group = %self.resource.group,
+                        resource = %self.resource.resource,
+                        position = self.position,
+                        missed,
+                        "watcher fell behind the live stream; ending watch"
+                    );
+                    self.ended = true;
+                    return None;
+                }
+                Err(broadcast::error::RecvError::Closed) => {
+                    self.ended = true;
+                    return None;
+                }
+            }
+        }
+    }
+
+    /// The rv up to which this watch has returned every matching event: a safe bookmark, and
+    /// where to resume after [`Watch::next`] returned `None`.
+    pub fn resource_version(&self) -> u64 {
+        self.position
+    }
+}
+
+/// Locks a mutex, ignoring poison: a panic mid-transaction rolls SQLite back, so the
+/// connections stay usable.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Brings the schema from `PRAGMA user_version` up to [`SCHEMA_VERSION`].
+fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    // Another process may have migrated since the caller checked.
+    let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if version > SCHEMA_VERSION {
+        return Err(StoreError::NewerSchema {
+            path: path.to_path_buf(),
+            found: version,
+        });
+    }
+    if version < 1 {
+        tx.execute_batch(SCHEMA_V1)?;
+    }
+    if version < SCHEMA_VERSION {
+        tx.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))?;
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+/// The committed rv and the highest compacted (deleted) event rv.
+fn read_meta(tx: &Transaction<'_>) -> Result<(u64, u64), StoreError> {
+    Ok(
+        tx.query_row("SELECT rv, compacted FROM meta WHERE id = 1", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?,
+    )
+}
+
+/// Deletes events beyond the newest `retention` and records the new `compacted` with `rv`.
+fn compact(
+    tx: &Transaction<'_>,
+    rv: u64,
+    compacted: u64,
+    retention: u64,
+) -> Result<(), StoreError> {
+    let cut = rv.saturating_sub(retention).max(compacted);
+    if cut > compacted {
+        tx.execute("DELETE FROM events WHERE rv <= ?1", [cut])?;
+    }
+    tx.execute(
+        "UPDATE meta SET rv = ?1, compacted = ?2 WHERE id = 1",
+        params![rv, cut],
+    )?;
+    Ok(())
+}
+
+/// The write transaction: object row, event row, compaction, meta, commit. Returns the event
+/// type, the object as written (or deleted) and its new rv. Rolls back on any error.
+fn commit_change(
+    conn: &mut Connection,
+    retention: u64,
+    r: &ResourceId,
+    namespace: &str,
+    name: &str,
+    change: Change,
+) -> Result<(EventType, Value, u64), StoreError> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let (rv, compacted) = read_meta(&tx)?;
+    let new_rv = rv + 1;
+    let key = params![r.group, r.resource, namespace, name];
+    let current: Option<u64> = tx
+        .prepare_cached(
+            r#"SELECT rv FROM objects
+               WHERE "group" = ?1 AND resource = ?2 AND namespace = ?3 AND name = ?4"#,
+        )?
+        .query_row(key, |row| row.get(0))
+        .optional()?;
+    let check = |expected: Option<u64>| match (current, expected) {
+        (None, _) => Err(StoreError::NotFound),
+        (Some(current), Some(expected)) if current != expected => {
+            Err(StoreError::Conflict { current, expected })
+        }
+        (Some(_), _) => Ok(()),
+    };
+    let (event_type, object, body) = match change {
+        Change::Create(mut object) => {
+            if current.is_some() {
+                return Err(StoreError::AlreadyExists);
+            }
+            let body = stamp(&mut object, new_rv)?;
+            tx.prepare_cached(
+                r#"INSERT INTO objects ("group", resource, namespace, name, rv, body)
+                   VALUES (?1, ?2, ?3, ?4, ?5, ?6)"#,
+            )?
+            .execute(params![r.group, r.resource, namespace, name, new_rv, body])?;
+            (EventType::Added, object, body)
+        }
+        Change::Update(mut object, expected) => {
+            check(expected)?;
+            let body = stamp(&mut object, new_rv)?;
+            tx.prepare_cached(
+                r#"UPDATE objects SET rv = ?5, body = ?6
+                   WHERE "group" = ?1 AND resource = ?2 AND namespace = ?3 AND name = ?4"#,
+            )?
+            .execute(params![r.group, r.resource, namespace, name, new_rv, body])?;
+            (EventType::Modified, object, body)
+        }
+        Change::Delete(expected) => {
+            check(expected)?;
+            let mut object = tx
+                .prepare_cached(
+                    r#"DELETE FROM objects
+                       WHERE "group" = ?1 AND resource = ?2 AND namespace = ?3 AND name = ?4
+                       RETURNING body"#,
+                )?
+                .query_row(key, |row| json_column(row, 0))?;
+            let body = stamp(&mut object, new_rv)?;
+            (EventType::Deleted, object, body)
+        }
+    };
+    tx.prepare_cached(
+        r#"INSERT INTO events (rv, "group", resource, namespace, name, type, body)
+           VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"#,
+    )?
+    .execute(params![
+        new_rv,
+        r.group,
+        r.resource,
+        namespace,
+        name,
+        event_type.as_str(),
+        body
+    ])?;
+    compact(&tx, new_rv, compacted, retention)?;
+    tx.commit()?;
+    Ok((event_type, object, new_rv))
+}
+
+/// Sets `metadata.resourceVersion` to `rv` and serializes the object; InvalidObject unless it is
+/// a JSON object with a `metadata` object.
+fn stamp(object: &mut Value, rv: u64) -> Result<String, StoreError> {
+    let metadata = object
+        .as_object_mut()
+        .ok_or_else(|| StoreError::InvalidObject("object is not a JSON object".into()))?
+        .get_mut("metadata")
+        .and_then(Value::as_object_mut)
+        .ok_or_else(|| StoreError::InvalidObject("object has no metadata object".into()))?;
+    metadata.insert("resourceVersion".into(), Value::String(rv.to_string()));
+    serde_json::to_string(object).map_err(|e| StoreError::InvalidObject(e.to_string()))
+}
+
+/// Parses a JSON text column; a malformed stored body is a conversion error naming the column.
+fn json_column(row: &Row<'_>, idx: usize) -> rusqlite::Result<Value> {
+    let text = row.get_ref(idx)?.as_str()?;
+    serde_json::from_str(text)
+        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(idx, Type::Text, Box::new(e)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn pods() -> ResourceId {
+        ResourceId {
+            group: String::new(),
+            resource: "pods".into(),
+        }
+    }
+
+    fn leases() -> ResourceId {
+        ResourceId {
+            group: "coordination.k8s.io".into(),
+            resource: "leases".into(),
+        }
+    }
+
+    fn pod(namespace: &str, name: &str) -> Value {
+        json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"namespace": namespace, "name": name},
+            "spec": {"nodeName": "edge-1"},
+        })
+    }
+
+    fn rv_of(object: &Value) -> u64 {
+        object["metadata"]["resourceVersion"]
+            .as_str()
+            .expect("resourceVersion is a string")
+            .parse()
+            .expect("resourceVersion is decimal")
+    }
+
+    fn db(dir: &tempfile::TempDir) -> PathBuf {
+        dir.path().join("api.db")
+    }
+
+    fn open(dir: &tempfile::TempDir) -> Store {
+        Store::open(&db(dir), StoreOptions::default()).expect("open")
+    }
+
+    fn open_with(dir: &tempfile::TempDir, event_retention: usize, watch_buffer: usize) -> Store {
+        let options = StoreOptions {
+            event_retention,
+            watch_buffer,
+        };
+        Store::open(&db(dir), options).expect("open")
+    }
+
+    /// Collects `n` events, failing if they do not arrive promptly.
+    async fn take(watch: &mut Watch, n: usize) -> Vec<WatchEvent> {
+        let mut events = Vec::with_capacity(n);
+        for _ in 0..n {
+            let event = tokio::time::timeout(Duration::from_secs(10), watch.next())
+                .await
+                .expect("event arrives")
+                .expect("watch continues");
+            events.push(event);
+        }
+        events
+    }
+
+    /// Asserts no event is pending right now.
+    async fn assert_quiet(watch: &mut Watch) {
+        let next = tokio::time::timeout(Duration::from_millis(50), watch.next()).await;
+        assert!(next.is_err(), "unexpected event {next:?}");
+    }
+
+    #[test]
+    fn create_get_list_update_delete_round_trip() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(&dir);
+        assert_eq!(store.resource_version(), 0);
+
+        let created = store
+            .create(&pods(), "default", "a", pod("default", "a"))
+            .expect("create");
+        assert_eq!(rv_of(&created), 1);
+        assert_eq!(created["spec"]["nodeName"], "edge-1");
+        assert!(
+            created["metadata"].get("uid").is_none(),
+            "the store invents no uid"
+        );
+        assert_eq!(
+            store.get(&pods(), "default", "a").expect("get"),
+            Some(created.clone())
+        );
+        assert_eq!(store.get(&pods(), "other", "a").expect("get"), None);
+        assert_eq!(store.get(&leases(), "default", "a").expect("get"), None);
+
+        let mut changed = created.clone();
+        changed["spec"]["nodeName"] = json!("edge-2");
+        let updated = store
+            .update(&pods(), "default", "a", changed, Some(1))
+            .expect("update");
+        assert_eq!(rv_of(&updated), 2);
+        assert_eq!(updated["spec"]["nodeName"], "edge-2");
+        assert_eq!(
+            store.get(&pods(), "default", "a").expect("get"),
+            Some(updated.clone())
+        );
+
+        let unconditional = store
+            .update(&pods(), "default", "a", updated.clone(), None)
+            .expect("update without precondition");
+        assert_eq!(rv_of(&unconditional), 3);
+
+        let (items, rv) = store.list(&pods(), None).expect("list");
+        assert_eq!((items, rv), (vec![unconditional.clone()], 3));
+
+        let deleted = store
+            .delete(&pods(), "default", "a", Some(3))
+            .expect("delete");
+        assert_eq!(rv_of(&deleted), 4);
+        assert_eq!(deleted["spec"]["nodeName"], "edge-2");
+        assert_eq!(store.get(&pods(), "default", "a").expect("get"), None);
+        assert_eq!(store.list(&pods(), None).expect("list"), (vec![], 4));
+        assert_eq!(store.resource_version(), 4);
+    }
+
+    #[test]
+    fn refusals_write_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(&dir);
+        store
+            .create(&pods(), "default", "a", pod("default", "a"))
+            .expect("create");
+
+        let again = store.create(&pods(), "default", "a", pod("default", "a"));
+        assert!(matches!(again, Err(StoreError::AlreadyExists)), "{again:?}");
+        let missing = store.update(&pods(), "default", "b", pod("default", "b"), None);
+        assert!(matches!(missing, Err(StoreError::NotFound)), "{missing:?}");
+        let missing = store.delete(&pods(), "default", "b", None);
+        assert!(matches!(missing, Err(StoreError::NotFound)), "{missing:?}");
+        let stale = store.update(&pods(), "default", "a", pod("default", "a"), Some(7));
+        assert!(
+            matches!(
+                stale,
+                Err(StoreError::Conflict {
+                    current: 1,
+                    expected: 7
+                })
+            ),
+            "{stale:?}"
+        );
+        let stale = store.delete(&pods(), "default", "a", Some(0));
+        assert!(
+            matches!(
+                stale,
+                Err(StoreError::Conflict {
+                    current: 1,
+                    expected: 0
+                })
+            ),
+            "{stale:?}"
+        );
+        for bad in [
+            json!("pod"),
+            json!([1]),
+            json!({"kind": "Pod"}),
+            json!({"metadata": 3}),
+        ] {
+            let invalid = store.create(&pods(), "default", "c", bad);
+            assert!(
+                matches!(invalid, Err(StoreError::InvalidObject(_))),
+                "{invalid:?}"
+            );
+        }
+
+        assert_eq!(store.resource_version(), 1);
+        drop(store);
+        let store = open(&dir);
+        assert_eq!(store.resource_version(), 1);
+        assert_eq!(store.list(&pods(), None).expect("list").0.len(), 1);
+    }
+
+    #[test]
+    fn list_is_sorted_filtered_and_carries_its_rv() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(&dir);
+        for (ns, name) in [("b", "z"), ("a", "y"), ("b", "a"), ("a", "x")] {
+            store
+                .create(&pods(), ns, name, pod(ns, name))
+                .expect("create");
+        }
+        store
+            .create(&leases(), "a", "lease", pod("a", "lease"))
+            .expect("create");
+
+        let names = |items: &[Value]| {
+            items
+                .iter()
+                .map(|o| format!("{}/{}", o["metadata"]["namespace"], o["metadata"]["name"]))
+                .map(|s| s.replace('"', ""))
+                .collect::<Vec<_>>()
+        };
+        let (all, rv) = store.list(&pods(), None).expect("list");
+        assert_eq!(names(&all), ["a/x", "a/y", "b/a", "b/z"]);
+        assert_eq!(rv, 5, "the rv is global, including other resources");
+        let (in_a, rv) = store.list(&pods(), Some("a")).expect("list");
+        assert_eq!(names(&in_a), ["a/x", "a/y"]);
+        assert_eq!(rv, 5);
+        let (leases_in_b, _) = store.list(&leases(), Some("b")).expect("list");
+        assert!(leases_in_b.is_empty());
+    }
+
+    #[test]
+    fn rv_is_strictly_increasing_and_survives_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut seen = Vec::new();
+        {
+            let store = open(&dir);
+            for i in 0..5 {
+                let name = format!("p{i}");
+                seen.push(rv_of(
+                    &store
+                        .create(&pods(), "ns", &name, pod("ns", &name))
+                        .expect("create"),
+                ));
+            }
+            seen.push(rv_of(
+                &store.delete(&pods(), "ns", "p0", None).expect("delete"),
+            ));
+        }
+        let store = open(&dir);
+        assert_eq!(store.resource_version(), 6);
+        let object = store
+            .get(&pods(), "ns", "p1")
+            .expect("get")
+            .expect("present");
+        seen.push(rv_of(
+            &store
+                .update(&pods(), "ns", "p1", object, Some(2))
+                .expect("update"),
+        ));
+        seen.push(rv_of(
+            &store
+                .create(&pods(), "ns", "p0", pod("ns", "p0"))
+                .expect("create"),
+        ));
+        assert_eq!(seen, (1..=8).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn rv_survives_compaction_of_every_event_and_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let store = open_with(&dir, 0, 16);
+            for i in 0..3 {
+                let name = format!("p{i}");
+                store
+                    .create(&pods(), "ns", &name, pod("ns", &name))
+                    .expect("create");
+            }
+        }
+        let store = open_with(&dir, 0, 16);
+        assert_eq!(store.resource_version(), 3);
+        let created = store
+            .create(&pods(), "ns", "p9", pod("ns", "p9"))
+            .expect("create");
+        assert_eq!(rv_of(&created), 4);
+    }
+
+    #[tokio::test]
+    async fn watch_replays_then_streams_live_events() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(&dir);
+        let a = store
+            .create(&pods(), "default", "a", pod("default", "a"))
+            .expect("create");
+        store
+            .create(&leases(), "default", "l", pod("default", "l"))
+            .expect("create");
+        store
+            .update(&pods(), "default", "a", a, None)
+            .expect("update");
+
+        let mut watch = store.watch(&pods(), None, 0).expect("watch");
+        assert_eq!(watch.resource_version(), 0);
+        let replayed = take(&mut watch, 2).await;
+        assert_eq!(
+            replayed
+                .iter()
+                .map(|e| (e.rv, e.event_type))
+                .collect::<Vec<_>>(),
+            [(1, EventType::Added), (3, EventType::Modified)]
+        );
+        assert_eq!(watch.resource_version(), 3);
+        assert_eq!(replayed[1].object["metadata"]["resourceVersion"], "3");
+        assert_eq!(replayed[1].resource, pods());
+        assert_eq!(
+            (replayed[1].namespace.as_str(), replayed[1].name.as_str()),
+            ("default", "a")
+        );
+
+        store
+            .create(&leases(), "default", "m", pod("default", "m"))
+            .expect("create");
+        store.delete(&pods(), "default", "a", None).expect("delete");
+        let live = take(&mut watch, 1).await;
+        assert_eq!((live[0].rv, live[0].event_type), (5, EventType::Deleted));
+        assert_eq!(live[0].object["metadata"]["resourceVersion"], "5");
+        assert_eq!(watch.resource_version(), 5);
+        assert_quiet(&mut watch).await;
+
+        let mut from_now = store
+            .watch(&pods(), None, store.resource_version())
+            .expect("watch");
+        assert_quiet(&mut from_now).await;
+        store
+            .create(&pods(), "default", "b", pod("default", "b"))
+            .expect("create");
+        assert_eq!(take(&mut from_now, 1).await[0].rv, 6);
+    }
+
+    #[tokio::test]
+    async fn watch_filters_by_namespace() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(&dir);
+        store
+            .create(&pods(), "a", "p", pod("a", "p"))
+            .expect("create");
+        store
+            .create(&pods(), "b", "p", pod("b", "p"))
+            .expect("create");
+        let mut in_a = store.watch(&pods(), Some("a"), 0).expect("watch");
+        let mut cluster = store.watch(&pods(), Some(""), 0).expect("watch");
+        store
+            .create(&pods(), "b", "q", pod("b", "q"))
+            .expect("create");
+        store
+            .create(&pods(), "a", "q", pod("a", "q"))
+            .expect("create");
+
+        let events = take(&mut in_a, 2).await;
+        assert_eq!(events.iter().map(|e| e.rv).collect::<Vec<_>>(), [1, 4]);
+        assert!(events.iter().all(|e| e.namespace == "a"));
+        assert_quiet(&mut in_a).await;
+        assert_quiet(&mut cluster).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn watch_has_no_gap_or_repeat_across_replay_and_live() {
+        const WRITES: u64 = 600;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open_with(&dir, 10_000, 4096);
+        let mut expected = Vec::new();
+        for i in 0..20 {
+            let name = format!("early{i}");
+            expected.push(rv_of(
+                &store
+                    .create(&pods(), "ns", &name, pod("ns", &name))
+                    .expect("create"),
+            ));
+        }
+
+        let (started, start_watch) = std::sync::mpsc::channel();
+        let writer = {
+            let store = store.clone();
+            std::thread::spawn(move || {
+                let mut pod_rvs = Vec::new();
+                for i in 0..WRITES {
+                    if i % 120 == 119 {
+                        // Ask for a watcher and keep writing while it starts.
+                        let _ = started.send(());
+                    }
+                    let name = format!("p{}", i % 50);
+                    let object = pod("ns", &name);
+                    // Interleave other resources and namespaces, which the watch must skip.
+                    if i % 3 == 0 {
+                        store
+                            .create(&leases(), "ns", &format!("l{i}"), object)
+                            .expect("lease");
+                        continue;
+                    }
+                    if i % 5 == 0 {
+                        store
+                            .create(&pods(), "other", &format!("o{i}"), object)
+                            .expect("other");
+                        continue;
+                    }
+                    let written = match store.get(&pods(), "ns", &name).expect("get") {
+                        Some(current) => store.update(&pods(), "ns", &name, current, None),
+                        None => store.create(&pods(), "ns", &name, object),
+                    };
+                    pod_rvs.push(rv_of(&written.expect("write")));
+                }
+                pod_rvs
+            })
+        };
+
+        // Watchers start from rv 0 at different moments while the writer runs, so each crosses
+        // from replay to live at a different rv.
+        let mut watches = Vec::new();
+        while start_watch.recv().is_ok() {
+            watches.push(store.watch(&pods(), Some("ns"), 0).expect("watch"));
+        }
+        let pod_rvs = writer.join().expect("writer thread");
+        expected.extend(pod_rvs);
+        assert!(expected.windows(2).all(|w| w[0] < w[1]));
+        assert_eq!(watches.len(), 5);
+        let boundaries: Vec<u64> = watches.iter().map(|w| w.live_after).collect();
+        assert!(boundaries.iter().all(|&b| b > 20), "{boundaries:?}");
+        assert!(
+            boundaries.iter().any(|&b| b < store.resource_version()),
+            "no watcher started while writes were under way: {boundaries:?}"
+        );
+
+        for mut watch in watches {
+            let got: Vec<u64> = take(&mut watch, expected.len())
+                .await
+                .iter()
+                .map(|e| e.rv)
+                .collect();
+            assert_eq!(got, expected);
+            assert_quiet(&mut watch).await;
+            assert_eq!(watch.resource_version(), store.resource_version());
+        }
+    }
+
+    #[tokio::test]
+    async fn lagging_watcher_ends_instead_of_skipping() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open_with(&dir, 100, 4);
+        let mut watch = store.watch(&pods(), None, 0).expect("watch");
+        for i in 0..10 {
+            let name = format!("p{i}");
+            store
+                .create(&pods(), "ns", &name, pod("ns", &name))
+                .expect("create");
+        }
+        assert!(watch.next().await.is_none());
+        assert!(watch.next().await.is_none(), "an ended watch stays ended");
+        assert_eq!(
+            watch.resource_version(),
+            0,
+            "resume from the last delivered rv"
+        );
+
+        let mut resumed = store
+            .watch(&pods(), None, watch.resource_version())
+            .expect("rewatch");
+        let rvs: Vec<u64> = take(&mut resumed, 10).await.iter().map(|e| e.rv).collect();
+        assert_eq!(rvs, (1..=10).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
+    async fn compacted_history_is_gone() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open_with(&dir, 5, 64);
+        for i in 0..20 {
+            let name = format!("p{i}");
+            store
+                .create(&pods(), "ns", &name, pod("ns", &name))
+                .expect("create");
+        }
+        for from in [0, 14] {
+            let gone = store.watch(&pods(), None, from);
+            assert!(
+                matches!(gone, Err(StoreError::Gone { requested, oldest: 16 }) if requested == from),
+                "{:?}",
+                gone.err()
+            );
+        }
+        let mut oldest = store
+            .watch(&pods(), None, 15)
+            .expect("watch from oldest - 1");
+        let rvs: Vec<u64> = take(&mut oldest, 5).await.iter().map(|e| e.rv).collect();
+        assert_eq!(rvs, [16, 17, 18, 19, 20]);
+        store.watch(&pods(), None, 20).expect("watch from now");
+
+        // A smaller retention applies at open.
+        drop(oldest);
+        drop(store);
+        let store = open_with(&dir, 2, 64);
+        assert!(matches!(
+            store.watch(&pods(), None, 17),
+            Err(StoreError::Gone { oldest: 19, .. })
+        ));
+        store.watch(&pods(), None, 18).expect("watch");
+    }
+
+    #[tokio::test]
+    async fn watch_resumes_after_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let resume_at = {
+            let store = open(&dir);
+            let a = store
+                .create(&pods(), "ns", "a", pod("ns", "a"))
+                .expect("create");
+            store.update(&pods(), "ns", "a", a, None).expect("update");
+            store.delete(&pods(), "ns", "a", None).expect("delete");
+            2
+        };
+        let store = open(&dir);
+        let mut watch = store.watch(&pods(), None, resume_at).expect("watch");
+        store
+            .create(&pods(), "ns", "b", pod("ns", "b"))
+            .expect("create");
+        let events = take(&mut watch, 2).await;
+        assert_eq!(
+            events
+                .iter()
+                .map(|e| (e.rv, e.event_type))
+                .collect::<Vec<_>>(),
+            [(3, EventType::Deleted), (4, EventType::Added)]
+        );
+        assert_eq!(events[0].object["metadata"]["resourceVersion"], "3");
+    }
+
+    #[test]
+    fn newer_schema_is_refused_untouched() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        drop(open(&dir));
+        {
+            let conn = Connection::open(db(&dir)).expect("raw open");
+            conn.execute_batch("PRAGMA user_version = 99")
+                .expect("bump");
+        }
+        let refused = Store::open(&db(&dir), StoreOptions::default());
+        let Err(err @ StoreError::NewerSchema { found: 99, .. }) = refused else {
+            panic!("expected NewerSchema, got {:?}", refused.err());
+        };
+        assert!(
+            err.to_string().contains(&db(&dir).display().to_string()),
+            "{err}"
+        );
+        let conn = Connection::open(db(&dir)).expect("raw open");
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .expect("version");
+        assert_eq!(version, 99);
+    }
+
+    #[test]
+    fn corrupt_file_is_refused_untouched() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let garbage = b"this is not a sqlite database, it only pretends to be one".repeat(100);
+        std::fs::write(db(&dir), &garbage).expect("write garbage");
+        let refused = Store::open(&db(&dir), StoreOptions::default());
+        let Err(err @ StoreError::Open { .. }) = refused else {
+            panic!("expected Open, got {:?}", refused.err());
+        };
+        assert!(
+            err.to_string().contains(&db(&dir).display().to_string()),
+            "{err}"
+        );
+        assert_eq!(std::fs::read(db(&dir)).expect("read back"), garbage);
+    }
+
+    #[test]
+    fn wal_and_full_sync_are_set() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(&dir);
+        let conn = store.writer();
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .expect("mode");
+        let sync: i64 = conn
+            .query_row("PRAGMA synchronous", [], |r| r.get(0))
+            .expect("sync");
+        assert_eq!((mode.as_str(), sync), ("wal", 2));
+    }
+
+    #[tokio::test]
+    async fn disk_full_writes_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(&dir);
+        store
+            .create(&pods(), "ns", "small", pod("ns", "small"))
+            .expect("create");
+        let mut watch = store.watch(&pods(), None, 1).expect("watch");
+        store.limit_pages_for_test(2);
+
+        let mut big = pod("ns", "big");
+        big["data"] = json!("x".repeat(1 << 20));
+        let full = store.create(&pods(), "ns", "big", big);
+        let Err(err @ StoreError::DiskFull { .. }) = full else {
+            panic!("expected DiskFull, got {full:?}");
+        };
+        assert!(
+            err.to_string().contains(&db(&dir).display().to_string()),
+            "{err}"
+        );
+        assert_eq!(store.resource_version(), 1);
+        assert_eq!(store.get(&pods(), "ns", "big").expect("get"), None);
+        assert_quiet(&mut watch).await;
+
+        // The store is still usable, and the failed write left no trace on disk.
+        let next = store
+            .create(&pods(), "ns", "next", pod("ns", "next"))
+            .expect("create");
+        assert_eq!(rv_of(&next), 2);
+        assert_eq!(take(&mut watch, 1).await[0].name, "next");
+        drop(watch);
+        drop(store);
+        let store = open(&dir);
+        assert_eq!(store.resource_version(), 2);
+        let (items, _) = store.list(&pods(), None).expect("list");
+        assert_eq!(items.len(), 2);
+        let mut replay = store.watch(&pods(), None, 0).expect("watch");
+        let rvs: Vec<u64> = take(&mut replay, 2).await.iter().map(|e| e.rv).collect();
+        assert_eq!(rvs, [1, 2]);
+    }
+}

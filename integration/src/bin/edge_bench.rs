@@ -667,6 +667,10 @@ impl Process {
             .and_then(|s| s.local_addr())
             .context("cannot find a free TCP port")?
             .port();
+        let api_port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|s| s.local_addr())
+            .context("cannot find a free TCP port")?
+            .port();
         let address = SocketAddr::from(([127, 0, 0, 1], port));
         let log_file = std::fs::File::create(&log)
             .with_context(|| format!("cannot create {}", log.display()))?;
@@ -677,7 +681,9 @@ impl Process {
             .arg(data_dir)
             .args(["--listen", &address.to_string()])
             .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}")])
-            .args(["--advertise-address", "127.0.0.1"]);
+            .args(["--advertise-address", "127.0.0.1"])
+            .args(["--control-plane", "embedded"])
+            .args(["--api-listen", &format!("127.0.0.1:{api_port}")]);
         if let Some(n) = max_handshakes {
             command.args(["--max-concurrent-handshakes", &n.to_string()]);
         }

@@ -1,0 +1,859 @@
+//! Object rules shared by the verbs: type checks, names and validation, defaults, metadata on
+//! create and update, the status-subresource split, deletion with finalizers and grace periods,
+//! garbage collection of dependents, and namespace termination.
+
+use rand::Rng;
+use serde_json::{Value, json};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+use super::resources::{self, ResourceInfo};
+use super::status::{ApiError, Cause};
+use super::store::{ResourceId, Store, StoreError};
+
+/// The `namespaces` resource.
+pub fn namespace_info() -> &'static ResourceInfo {
+    resources::lookup("", "v1", "namespaces").expect("namespaces is a builtin resource")
+}
+
+/// Kubernetes timestamps: RFC 3339, UTC, whole seconds.
+pub fn timestamp(t: OffsetDateTime) -> String {
+    let t = t.replace_nanosecond(0).unwrap_or(t);
+    t.format(&Rfc3339).unwrap_or_default()
+}
+
+fn api_version(info: &ResourceInfo) -> String {
+    if info.group.is_empty() {
+        info.version.to_string()
+    } else {
+        format!("{}/{}", info.group, info.version)
+    }
+}
+
+/// `kind` and `apiVersion`, when given, must name this resource.
+pub fn check_type(info: &ResourceInfo, object: &Value) -> Result<(), ApiError> {
+    if let Some(kind) = object["kind"].as_str()
+        && !kind.is_empty()
+        && kind != info.kind
+    {
+        return Err(ApiError::bad_request(format!(
+            "the object's kind {kind:?} does not match the resource {} (kind {})",
+            info.plural, info.kind
+        )));
+    }
+    if let Some(v) = object["apiVersion"].as_str()
+        && !v.is_empty()
+        && v != api_version(info)
+    {
+        return Err(ApiError::bad_request(format!(
+            "the object's apiVersion {v:?} does not match {}",
+            api_version(info)
+        )));
+    }
+    if !object["metadata"].is_object() && !object["metadata"].is_null() {
+        return Err(ApiError::bad_request("metadata must be an object"));
+    }
+    Ok(())
+}
+
+/// The name in a request body, for error messages.
+pub fn name_of_body(body: &[u8]) -> String {
+    serde_json::from_slice::<Value>(body)
+        .ok()
+        .and_then(|v| v["metadata"]["name"].as_str().map(String::from))
+        .unwrap_or_default()
+}
+
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+fn is_dns_subdomain(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 253 && s.split('.').all(is_dns_label)
+}
+
+fn is_label_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && s.as_bytes().first().is_some_and(u8::is_ascii_alphanumeric)
+        && s.as_bytes().last().is_some_and(u8::is_ascii_alphanumeric)
+}
+
+fn is_qualified_name(key: &str) -> bool {
+    match key.split_once('/') {
+        Some((prefix, name)) => is_dns_subdomain(prefix) && is_label_name(name),
+        None => is_label_name(key),
+    }
+}
+
+fn validate_name(info: &ResourceInfo, name: &str, causes: &mut Vec<Cause>) {
+    let ok = match info.plural {
+        "namespaces" => is_dns_label(name),
+        "customresourcedefinitions" => is_dns_subdomain(name) && name.contains('.'),
+        _ => is_dns_subdomain(name),
+    };
+    if !ok {
+        causes.push(Cause {
+            field: "metadata.name".into(),
+            message: format!(
+                "Invalid value: {name:?}: a lowercase RFC 1123 {} must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character",
+                if info.plural == "namespaces" { "label" } else { "subdomain" }
+            ),
+        });
+    }
+}
+
+fn validate_labels(object: &Value, causes: &mut Vec<Cause>) {
+    if let Some(labels) = object["metadata"]["labels"].as_object() {
+        for (key, value) in labels {
+            if !is_qualified_name(key) {
+                causes.push(Cause {
+                    field: "metadata.labels".into(),
+                    message: format!("Invalid value: {key:?}: name part must consist of alphanumeric characters, '-', '_' or '.'"),
+                });
+            }
+            match value.as_str() {
+                Some(v) if v.is_empty() || is_label_name(v) => {}
+                _ => causes.push(Cause {
+                    field: "metadata.labels".into(),
+                    message: format!("Invalid value: {value}: a valid label must be an empty string or consist of alphanumeric characters, '-', '_' or '.'"),
+                }),
+            }
+        }
+    }
+    if let Some(annotations) = object["metadata"]["annotations"].as_object() {
+        for (key, value) in annotations {
+            if !is_qualified_name(key) || !value.is_string() {
+                causes.push(Cause {
+                    field: "metadata.annotations".into(),
+                    message: format!("Invalid value: {key:?}: annotation keys must be qualified names and values strings"),
+                });
+            }
+        }
+    }
+}
+
+fn validate_pod(object: &Value, causes: &mut Vec<Cause>) {
+    let containers = object["spec"]["containers"].as_array();
+    match containers {
+        None => causes.push(Cause {
+            field: "spec.containers".into(),
+            message: "Required value".into(),
+        }),
+        Some(list) if list.is_empty() => causes.push(Cause {
+            field: "spec.containers".into(),
+            message: "Required value".into(),
+        }),
+        Some(_) => {}
+    }
+    let mut seen = std::collections::HashSet::new();
+    for (field, list) in [
+        (
+            "spec.initContainers",
+            object["spec"]["initContainers"].as_array(),
+        ),
+        ("spec.containers", containers),
+    ] {
+        for (i, c) in list.into_iter().flatten().enumerate() {
+            let name = c["name"].as_str().unwrap_or_default();
+            if !is_dns_label(name) {
+                causes.push(Cause {
+                    field: format!("{field}[{i}].name"),
+                    message: format!("Invalid value: {name:?}: must be a DNS-1123 label"),
+                });
+            } else if !seen.insert(name.to_string()) {
+                causes.push(Cause {
+                    field: format!("{field}[{i}].name"),
+                    message: format!("Duplicate value: {name:?}"),
+                });
+            }
+            if c["image"].as_str().is_none_or(str::is_empty) {
+                causes.push(Cause {
+                    field: format!("{field}[{i}].image"),
+                    message: "Required value".into(),
+                });
+            }
+        }
+    }
+}
+
+fn validate_secret_and_configmap(info: &ResourceInfo, object: &Value, causes: &mut Vec<Cause>) {
+    let key_ok = |k: &str| {
+        !k.is_empty()
+            && k.len() <= 253
+            && k.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    };
+    for field in ["data", "binaryData"] {
+        if let Some(map) = object[field].as_object() {
+            for (k, v) in map {
+                if !key_ok(k) {
+                    causes.push(Cause {
+                        field: format!("{field}[{k}]"),
+                        message: "Invalid value: a valid config key must consist of alphanumeric characters, '-', '_' or '.'".into(),
+                    });
+                }
+                let base64 = info.plural == "secrets" || field == "binaryData";
+                if base64 && !v.as_str().is_some_and(is_base64) {
+                    causes.push(Cause {
+                        field: format!("{field}[{k}]"),
+                        message: "Invalid value: must be base64-encoded".into(),
+                    });
+                } else if !base64 && !v.is_string() {
+                    causes.push(Cause {
+                        field: format!("{field}[{k}]"),
+                        message: "Invalid value: must be a string".into(),
+                    });
+                }
+            }
+        }
+    }
+}
+
+fn is_base64(s: &str) -> bool {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.decode(s).is_ok()
+}
+
+fn validate(info: &ResourceInfo, object: &Value) -> Result<(), ApiError> {
+    let name = object["metadata"]["name"].as_str().unwrap_or_default();
+    let mut causes = Vec::new();
+    validate_name(info, name, &mut causes);
+    validate_labels(object, &mut causes);
+    match info.plural {
+        "pods" => validate_pod(object, &mut causes),
+        "secrets" | "configmaps" => validate_secret_and_configmap(info, object, &mut causes),
+        _ => {}
+    }
+    if causes.is_empty() {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(info.kind, name, causes))
+    }
+}
+
+/// `generateName` suffix: five characters from the apiserver's alphabet (no vowels, no
+/// look-alike digits).
+fn random_suffix() -> String {
+    const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
+    let mut rng = rand::rng();
+    (0..5)
+        .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
+        .collect()
+}
+
+fn image_pull_policy(image: &str) -> &'static str {
+    let last = image.rsplit('/').next().unwrap_or(image);
+    let tag = if last.contains('@') {
+        return "IfNotPresent";
+    } else {
+        last.split_once(':').map(|(_, t)| t)
+    };
+    match tag {
+        None | Some("latest") => "Always",
+        Some(_) => "IfNotPresent",
+    }
+}
+
+fn qos_class(spec: &Value) -> &'static str {
+    let containers: Vec<&Value> = spec["containers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .collect();
+    let has = |c: &Value, kind: &str| {
+        c["resources"][kind]
+            .as_object()
+            .is_some_and(|m| !m.is_empty())
+    };
+    if containers
+        .iter()
+        .all(|c| !has(c, "requests") && !has(c, "limits"))
+    {
+        return "BestEffort";
+    }
+    let guaranteed = containers.iter().all(|c| {
+        let limits = &c["resources"]["limits"];
+        let requests = &c["resources"]["requests"];
+        ["cpu", "memory"]
+            .iter()
+            .all(|r| limits[r].is_string() && (requests[r].is_null() || requests[r] == limits[r]))
+    });
+    if guaranteed {
+        "Guaranteed"
+    } else {
+        "Burstable"
+    }
+}
+
+fn default_pod(object: &mut Value) {
+    let spec = &mut object["spec"];
+    for (key, value) in [
+        ("restartPolicy", json!("Always")),
+        ("terminationGracePeriodSeconds", json!(30)),
+        ("dnsPolicy", json!("ClusterFirst")),
+        ("schedulerName", json!("default-scheduler")),
+        ("enableServiceLinks", json!(true)),
+        ("securityContext", json!({})),
+    ] {
+        if spec[key].is_null() {
+            spec[key] = value;
+        }
+    }
+    for list in ["initContainers", "containers"] {
+        if let Some(containers) = spec[list].as_array_mut() {
+            for c in containers {
+                if c["imagePullPolicy"].is_null() {
+                    let policy = image_pull_policy(c["image"].as_str().unwrap_or_default());
+                    c["imagePullPolicy"] = json!(policy);
+                }
+                for (key, value) in [
+                    ("terminationMessagePath", json!("/dev/termination-log")),
+                    ("terminationMessagePolicy", json!("File")),
+                    ("resources", json!({})),
+                ] {
+                    if c[key].is_null() {
+                        c[key] = value;
+                    }
+                }
+            }
+        }
+    }
+    let qos = qos_class(&object["spec"]);
+    object["status"] = json!({"phase": "Pending", "qosClass": qos});
+}
+
+/// Fills in what the server owns on create: name from generateName, uid, creationTimestamp,
+/// generation, defaults; then validates.
+pub fn prepare_create(
+    info: &ResourceInfo,
+    object: &mut Value,
+    now: OffsetDateTime,
+) -> Result<(), ApiError> {
+    object["kind"] = json!(info.kind);
+    object["apiVersion"] = json!(api_version(info));
+    if object["metadata"].is_null() {
+        object["metadata"] = json!({});
+    }
+    let meta = &mut object["metadata"];
+    let name = meta["name"].as_str().unwrap_or_default().to_string();
+    if name.is_empty() {
+        match meta["generateName"].as_str() {
+            Some(prefix) if !prefix.is_empty() => {
+                meta["name"] = json!(format!("{prefix}{}", random_suffix()))
+            }
+            _ => {
+                return Err(ApiError::invalid(
+                    info.kind,
+                    "",
+                    vec![Cause {
+                        field: "metadata.name".into(),
+                        message: "Required value: name or generateName is required".into(),
+                    }],
+                ));
+            }
+        }
+    }
+    if let Some(map) = meta.as_object_mut() {
+        for server_owned in [
+            "resourceVersion",
+            "deletionTimestamp",
+            "deletionGracePeriodSeconds",
+            "selfLink",
+            "managedFields",
+        ] {
+            map.remove(server_owned);
+        }
+    }
+    meta["uid"] = json!(uuid::Uuid::new_v4().to_string());
+    meta["creationTimestamp"] = json!(timestamp(now));
+    if info.subresources.contains(&"status") && info.plural != "namespaces" {
+        meta["generation"] = json!(1);
+    }
+    match info.plural {
+        "pods" => default_pod(object),
+        "namespaces" => {
+            object["spec"] = json!({"finalizers": ["kubernetes"]});
+            object["status"] = json!({"phase": "Active"});
+        }
+        "secrets" => {
+            if object["type"].is_null() {
+                object["type"] = json!("Opaque");
+            }
+            merge_string_data(object);
+        }
+        _ => {}
+    }
+    validate(info, object)
+}
+
+/// `stringData` is write-only: merged into `data` as base64.
+fn merge_string_data(object: &mut Value) {
+    use base64::Engine as _;
+    let Some(string_data) = object.as_object_mut().and_then(|m| m.remove("stringData")) else {
+        return;
+    };
+    if object["data"].is_null() {
+        object["data"] = json!({});
+    }
+    if let Some(map) = string_data.as_object() {
+        for (k, v) in map {
+            let encoded =
+                base64::engine::general_purpose::STANDARD.encode(v.as_str().unwrap_or_default());
+            object["data"][k] = json!(encoded);
+        }
+    }
+}
+
+/// Pod spec fields an update may change (the apiserver's rule); everything else is immutable.
+const POD_MUTABLE_SPEC: &[&str] = &[
+    "activeDeadlineSeconds",
+    "tolerations",
+    "terminationGracePeriodSeconds",
+];
+
+fn pod_spec_change_allowed(current: &Value, new: &Value) -> bool {
+    let strip = |spec: &Value| -> Value {
+        let mut spec = spec.clone();
+        if let Some(map) = spec.as_object_mut() {
+            for field in POD_MUTABLE_SPEC {
+                map.remove(*field);
+            }
+        }
+        for list in ["containers", "initContainers"] {
+            if let Some(containers) = spec[list].as_array_mut() {
+                for c in containers {
+                    if let Some(m) = c.as_object_mut() {
+                        m.remove("image");
+                    }
+                }
+            }
+        }
+        spec
+    };
+    strip(&current["spec"]) == strip(&new["spec"])
+}
+
+/// Applies the update rules to `new` given the stored `current`.
+pub fn prepare_update(
+    info: &ResourceInfo,
+    subresource: Option<&str>,
+    current: &Value,
+    new: &mut Value,
+) -> Result<(), ApiError> {
+    let name = current["metadata"]["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    if subresource == Some("status") {
+        // Only status changes; everything else stays as stored.
+        let status = new["status"].take();
+        *new = current.clone();
+        new["status"] = status;
+        return Ok(());
+    }
+    new["kind"] = json!(info.kind);
+    new["apiVersion"] = json!(api_version(info));
+    if new["metadata"].is_null() {
+        new["metadata"] = json!({});
+    }
+    for immutable in [
+        "uid",
+        "creationTimestamp",
+        "deletionTimestamp",
+        "deletionGracePeriodSeconds",
+        "namespace",
+        "name",
+        "generation",
+    ] {
+        match current["metadata"].get(immutable) {
+            Some(v) => new["metadata"][immutable] = v.clone(),
+            None => {
+                if let Some(m) = new["metadata"].as_object_mut() {
+                    m.remove(immutable);
+                }
+            }
+        }
+    }
+    if info.subresources.contains(&"status") {
+        new["status"] = current["status"].clone();
+        if new["spec"] != current["spec"]
+            && let Some(g) = current["metadata"]["generation"].as_i64()
+        {
+            new["metadata"]["generation"] = json!(g + 1);
+        }
+    }
+    if info.plural == "pods" && !pod_spec_change_allowed(current, new) {
+        return Err(ApiError::invalid(
+            info.kind,
+            &name,
+            vec![Cause {
+                field: "spec".into(),
+                message: "Forbidden: pod updates may not change fields other than `spec.containers[*].image`, `spec.initContainers[*].image`, `spec.activeDeadlineSeconds`, `spec.tolerations` (only additions to existing tolerations) or `spec.terminationGracePeriodSeconds`".into(),
+            }],
+        ));
+    }
+    if info.plural == "secrets" {
+        merge_string_data(new);
+    }
+    validate(info, new)
+}
+
+fn finalizers(object: &Value) -> usize {
+    object["metadata"]["finalizers"]
+        .as_array()
+        .map_or(0, Vec::len)
+}
+
+/// Whether this update removed the last finalizer of an object being deleted, so the object
+/// must go now.
+pub fn is_finalized(current: &Value, new: &Value) -> bool {
+    new["metadata"]["deletionTimestamp"].is_string()
+        && finalizers(current) > 0
+        && finalizers(new) == 0
+}
+
+/// If a delete must wait (finalizers, a running pod's grace period, a namespace's content),
+/// the object as it should be stored meanwhile; `None` to delete it now.
+pub fn pending_deletion(
+    info: &ResourceInfo,
+    current: &Value,
+    grace: Option<i64>,
+    _propagation: Option<&str>,
+    now: OffsetDateTime,
+) -> Option<Value> {
+    let terminating = current["metadata"]["deletionTimestamp"].is_string();
+    if info.plural == "namespaces" {
+        let mut pending = current.clone();
+        if !terminating {
+            pending["metadata"]["deletionTimestamp"] = json!(timestamp(now));
+        }
+        pending["status"]["phase"] = json!("Terminating");
+        return Some(pending);
+    }
+    if finalizers(current) > 0 {
+        let mut pending = current.clone();
+        if !terminating {
+            pending["metadata"]["deletionTimestamp"] = json!(timestamp(now));
+            pending["metadata"]["deletionGracePeriodSeconds"] = json!(0);
+        }
+        return Some(pending);
+    }
+    if info.plural == "pods" {
+        let grace = grace
+            .or_else(|| current["spec"]["terminationGracePeriodSeconds"].as_i64())
+            .unwrap_or(30)
+            .max(0);
+        let bound = current["spec"]["nodeName"]
+            .as_str()
+            .is_some_and(|n| !n.is_empty());
+        let finished = matches!(
+            current["status"]["phase"].as_str(),
+            Some("Succeeded" | "Failed")
+        );
+        if grace > 0 && bound && !finished {
+            // The node confirms the termination by deleting with grace 0 (kubelet semantics).
+            let mut pending = current.clone();
+            let shortened = current["metadata"]["deletionGracePeriodSeconds"]
+                .as_i64()
+                .is_none_or(|g| grace < g);
+            if !terminating || shortened {
+                pending["metadata"]["deletionTimestamp"] =
+                    json!(timestamp(now + time::Duration::seconds(grace)));
+                pending["metadata"]["deletionGracePeriodSeconds"] = json!(grace);
+            }
+            return Some(pending);
+        }
+    }
+    None
+}
+
+/// How dependents of a deleted owner are treated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Propagation {
+    /// Dependents lose the owner reference and stay.
+    Orphan,
+    /// Dependents with no remaining owner are deleted (and so on down the chain).
+    Background,
+}
+
+fn resource_id(info: &ResourceInfo) -> ResourceId {
+    ResourceId {
+        group: info.group.to_string(),
+        resource: info.plural.to_string(),
+    }
+}
+
+fn owner_exists(store: &Store, namespace: &str, reference: &Value) -> Result<bool, StoreError> {
+    let (Some(kind), Some(name), Some(uid)) = (
+        reference["kind"].as_str(),
+        reference["name"].as_str(),
+        reference["uid"].as_str(),
+    ) else {
+        return Ok(false);
+    };
+    for info in resources::builtin().iter().filter(|i| i.kind == kind) {
+        let ns = if info.namespaced { namespace } else { "" };
+        if let Some(owner) = store.get(&resource_id(info), ns, name)?
+            && owner["metadata"]["uid"].as_str() == Some(uid)
+        {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// Handles the dependents of the owner with `uid` that was just deleted.
+pub fn collect_garbage(
+    store: &Store,
+    uid: &str,
+    propagation: Propagation,
+) -> Result<(), StoreError> {
+    let mut queue = vec![uid.to_string()];
+    while let Some(owner_uid) = queue.pop() {
+        for info in resources::builtin() {
+            let id = resource_id(info);
+            let (objects, _) = store.list(&id, None)?;
+            for object in objects {
+                let Some(refs) = object["metadata"]["ownerReferences"].as_array() else {
+                    continue;
+                };
+                if !refs
+                    .iter()
+                    .any(|r| r["uid"].as_str() == Some(owner_uid.as_str()))
+                {
+                    continue;
+                }
+                let namespace = object["metadata"]["namespace"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string();
+                let name = object["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string();
+                let remaining: Vec<Value> = refs
+                    .iter()
+                    .filter(|r| r["uid"].as_str() != Some(owner_uid.as_str()))
+                    .cloned()
+                    .collect();
+                let mut live = Vec::new();
+                for r in &remaining {
+                    if owner_exists(store, &namespace, r)? {
+                        live.push(r.clone());
+                    }
+                }
+                let expected = object["metadata"]["resourceVersion"]
+                    .as_str()
+                    .and_then(|s| s.parse().ok());
+                if propagation == Propagation::Background && live.is_empty() {
+                    tracing::info!(resource = info.plural, %namespace, %name, owner.uid = %owner_uid, "deleting a dependent whose owners are gone");
+                    match store.delete(&id, &namespace, &name, expected) {
+                        Ok(deleted) => {
+                            if let Some(u) = deleted["metadata"]["uid"].as_str() {
+                                queue.push(u.to_string());
+                            }
+                        }
+                        Err(StoreError::NotFound | StoreError::Conflict { .. }) => {}
+                        Err(e) => return Err(e),
+                    }
+                } else {
+                    let mut updated = object.clone();
+                    updated["metadata"]["ownerReferences"] =
+                        json!(if propagation == Propagation::Orphan {
+                            remaining
+                        } else {
+                            live
+                        });
+                    match store.update(&id, &namespace, &name, updated, expected) {
+                        Ok(_) | Err(StoreError::NotFound | StoreError::Conflict { .. }) => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Deletes every object in a terminating namespace, then the namespace.
+pub fn empty_namespace(store: &Store, namespace: &str) -> Result<(), StoreError> {
+    for info in resources::builtin().iter().filter(|i| i.namespaced) {
+        let id = resource_id(info);
+        let (objects, _) = store.list(&id, Some(namespace))?;
+        for object in objects {
+            let name = object["metadata"]["name"].as_str().unwrap_or_default();
+            match store.delete(&id, namespace, name, None) {
+                Ok(_) | Err(StoreError::NotFound) => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    match store.delete(&resource_id(namespace_info()), "", namespace, None) {
+        Ok(_) | Err(StoreError::NotFound) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(plural: &str) -> &'static ResourceInfo {
+        resources::builtin()
+            .iter()
+            .find(|i| i.plural == plural)
+            .expect("builtin resource")
+    }
+
+    #[test]
+    fn create_fills_server_fields_and_defaults() {
+        let mut pod = json!({"metadata": {"generateName": "web-"}, "spec": {"containers": [{"name": "c", "image": "busybox"}]}});
+        prepare_create(info("pods"), &mut pod, OffsetDateTime::UNIX_EPOCH).expect("valid");
+        let name = pod["metadata"]["name"].as_str().expect("name");
+        assert!(name.starts_with("web-") && name.len() == 9, "{name}");
+        assert_eq!(pod["metadata"]["creationTimestamp"], "1970-01-01T00:00:00Z");
+        assert_eq!(pod["metadata"]["uid"].as_str().map(str::len), Some(36));
+        assert_eq!(pod["spec"]["restartPolicy"], "Always");
+        assert_eq!(pod["spec"]["containers"][0]["imagePullPolicy"], "Always");
+        assert_eq!(pod["status"]["phase"], "Pending");
+        assert_eq!(pod["status"]["qosClass"], "BestEffort");
+        assert_eq!(pod["kind"], "Pod");
+    }
+
+    #[test]
+    fn invalid_objects_list_their_causes() {
+        let mut pod = json!({"metadata": {"name": "Bad_Name", "labels": {"ok": "x y"}}, "spec": {"containers": []}});
+        let e = prepare_create(info("pods"), &mut pod, OffsetDateTime::UNIX_EPOCH)
+            .expect_err("invalid");
+        let fields: Vec<&str> = e.causes().iter().map(|c| c.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            ["metadata.name", "metadata.labels", "spec.containers"]
+        );
+        let mut nameless = json!({"metadata": {}});
+        let e = prepare_create(
+            info("configmaps"),
+            &mut nameless,
+            OffsetDateTime::UNIX_EPOCH,
+        )
+        .expect_err("nameless");
+        assert!(
+            e.message.contains("name or generateName is required"),
+            "{}",
+            e.message
+        );
+    }
+
+    #[test]
+    fn secrets_take_string_data_and_check_base64() {
+        let mut secret = json!({"metadata": {"name": "s"}, "stringData": {"password": "hunter2"}});
+        prepare_create(info("secrets"), &mut secret, OffsetDateTime::UNIX_EPOCH).expect("valid");
+        assert_eq!(secret["data"]["password"], "aHVudGVyMg==");
+        assert!(secret.get("stringData").is_none());
+        assert_eq!(secret["type"], "Opaque");
+        let mut bad = json!({"metadata": {"name": "s"}, "data": {"k": "not base64!"}});
+        assert!(prepare_create(info("secrets"), &mut bad, OffsetDateTime::UNIX_EPOCH).is_err());
+    }
+
+    #[test]
+    fn updates_keep_status_and_immutable_metadata() {
+        let mut pod = json!({"metadata": {"name": "p"}, "spec": {"containers": [{"name": "c", "image": "busybox:1"}]}});
+        prepare_create(info("pods"), &mut pod, OffsetDateTime::UNIX_EPOCH).expect("valid");
+        let mut new = pod.clone();
+        new["status"] = json!({"phase": "Running"});
+        new["metadata"]["uid"] = json!("forged");
+        new["metadata"]["labels"] = json!({"a": "b"});
+        prepare_update(info("pods"), None, &pod, &mut new).expect("valid");
+        assert_eq!(
+            new["status"]["phase"], "Pending",
+            "status ignored on the main resource"
+        );
+        assert_eq!(new["metadata"]["uid"], pod["metadata"]["uid"]);
+        assert_eq!(new["metadata"]["labels"]["a"], "b");
+
+        let mut status =
+            json!({"status": {"phase": "Running"}, "metadata": {"labels": {"x": "y"}}});
+        prepare_update(info("pods"), Some("status"), &pod, &mut status).expect("valid");
+        assert_eq!(status["status"]["phase"], "Running");
+        assert!(
+            status["metadata"]["labels"].is_null(),
+            "metadata ignored on the status subresource"
+        );
+
+        let mut changed = pod.clone();
+        changed["spec"]["containers"][0]["command"] = json!(["sh"]);
+        assert!(
+            prepare_update(info("pods"), None, &pod, &mut changed).is_err(),
+            "pod spec is immutable"
+        );
+        let mut image = pod.clone();
+        image["spec"]["containers"][0]["image"] = json!("busybox:2");
+        assert!(
+            prepare_update(info("pods"), None, &pod, &mut image).is_ok(),
+            "image may change"
+        );
+    }
+
+    #[test]
+    fn deletion_waits_for_finalizers_and_running_pods() {
+        let now = OffsetDateTime::UNIX_EPOCH;
+        let cm = json!({"metadata": {"name": "c", "finalizers": ["x"]}});
+        let pending = pending_deletion(info("configmaps"), &cm, None, None, now).expect("waits");
+        assert!(pending["metadata"]["deletionTimestamp"].is_string());
+        assert!(
+            pending_deletion(
+                info("configmaps"),
+                &json!({"metadata": {"name": "c"}}),
+                None,
+                None,
+                now
+            )
+            .is_none()
+        );
+
+        let bound = json!({"metadata": {"name": "p"}, "spec": {"nodeName": "gw-1", "terminationGracePeriodSeconds": 10}, "status": {"phase": "Running"}});
+        let pending = pending_deletion(info("pods"), &bound, None, None, now).expect("graceful");
+        assert_eq!(pending["metadata"]["deletionGracePeriodSeconds"], 10);
+        assert_eq!(
+            pending["metadata"]["deletionTimestamp"],
+            "1970-01-01T00:00:10Z"
+        );
+        assert!(
+            pending_deletion(info("pods"), &bound, Some(0), None, now).is_none(),
+            "force delete"
+        );
+        let unbound =
+            json!({"metadata": {"name": "p"}, "spec": {}, "status": {"phase": "Pending"}});
+        assert!(pending_deletion(info("pods"), &unbound, None, None, now).is_none());
+
+        let mut removed = pending.clone();
+        removed["metadata"]["finalizers"] = json!([]);
+        assert!(
+            !is_finalized(&pending, &removed),
+            "no finalizers were there to remove"
+        );
+        let with = json!({"metadata": {"finalizers": ["x"], "deletionTimestamp": "t"}});
+        let without = json!({"metadata": {"finalizers": [], "deletionTimestamp": "t"}});
+        assert!(is_finalized(&with, &without));
+    }
+
+    #[test]
+    fn pull_policy_follows_the_tag() {
+        assert_eq!(image_pull_policy("busybox"), "Always");
+        assert_eq!(image_pull_policy("busybox:latest"), "Always");
+        assert_eq!(image_pull_policy("localhost:5000/busybox"), "Always");
+        assert_eq!(
+            image_pull_policy("localhost:5000/busybox:1.36"),
+            "IfNotPresent"
+        );
+        assert_eq!(image_pull_policy("busybox@sha256:abc"), "IfNotPresent");
+    }
+}

@@ -1,0 +1,917 @@
+//! The HTTP handler: authentication, routing, and the verbs (get, list, watch, create, update,
+//! patch, delete) with Kubernetes semantics on top of [`Store`].
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+use time::OffsetDateTime;
+
+use super::patch::{self, PatchError, PatchType};
+use super::request::{ResourceRequest, Target, route};
+use super::resources::{self, FieldSelector, LabelSelector, ResourceInfo};
+use super::server::User;
+use super::status::{ApiError, Cause};
+use super::store::{EventType, ResourceId, Store, StoreError, WatchEvent};
+use super::{discovery, objects};
+
+/// Shared state of the API handlers.
+#[derive(Debug)]
+pub struct Api {
+    pub store: Store,
+    /// How often a watch that asked for bookmarks gets one.
+    pub bookmark_interval: Duration,
+}
+
+type Query = HashMap<String, String>;
+
+fn query_of(uri: &Uri) -> Result<Query, ApiError> {
+    let Some(query) = uri.query() else {
+        return Ok(Query::new());
+    };
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query)
+        .map_err(|e| ApiError::bad_request(format!("malformed query string: {e}")))?;
+    Ok(pairs.into_iter().collect())
+}
+
+fn json_response(code: StatusCode, value: &Value) -> Response {
+    (
+        code,
+        [(header::CONTENT_TYPE, "application/json")],
+        value.to_string(),
+    )
+        .into_response()
+}
+
+fn table_options(query: &Query) -> resources::TableOptions {
+    resources::TableOptions {
+        include_object: query
+            .get("includeObject")
+            .and_then(|v| resources::IncludeObject::parse(v))
+            .unwrap_or_default(),
+        no_headers: false,
+    }
+}
+
+fn wants_table(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| {
+            v.split(',')
+                .next()
+                .is_some_and(|first| first.contains("as=Table"))
+        })
+}
+
+fn resource_id(info: &ResourceInfo) -> ResourceId {
+    ResourceId {
+        group: info.group.to_string(),
+        resource: info.plural.to_string(),
+    }
+}
+
+fn api_version(info: &ResourceInfo) -> String {
+    if info.group.is_empty() {
+        info.version.to_string()
+    } else {
+        format!("{}/{}", info.group, info.version)
+    }
+}
+
+/// The single entry point for every API request.
+pub async fn handle(
+    State(api): State<Arc<Api>>,
+    user: axum::Extension<User>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let user = user.0;
+    if user == User::Anonymous {
+        return ApiError::unauthorized().into_response();
+    }
+    if !user.is_master() {
+        return ApiError::forbidden(format!(
+            "user {:?} may not use the embedded API (only system:masters is authorized here)",
+            match &user {
+                User::Authenticated { name, .. } => name.as_str(),
+                User::Anonymous => "",
+            }
+        ))
+        .into_response();
+    }
+    match dispatch(&api, method, &uri, &headers, body).await {
+        Ok(response) => response,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn dispatch(
+    api: &Arc<Api>,
+    method: Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let target = route(uri.path())?;
+    if method != Method::GET && !matches!(target, Target::Resource(_)) {
+        return Err(ApiError::method_not_allowed(format!(
+            "{method} is not allowed on {}",
+            uri.path()
+        )));
+    }
+    let doc = |v: Option<Value>| {
+        v.map(|v| json_response(StatusCode::OK, &v))
+            .ok_or_else(|| ApiError::no_route(uri.path()))
+    };
+    match target {
+        Target::Version => doc(Some(discovery::version())),
+        Target::Health => Ok((StatusCode::OK, "ok").into_response()),
+        Target::CoreVersions => doc(Some(discovery::api_versions())),
+        Target::Groups => doc(Some(discovery::api_group_list())),
+        Target::Group(group) => doc(discovery::api_group_list()["groups"]
+            .as_array()
+            .and_then(|groups| groups.iter().find(|g| g["name"] == group.as_str()))
+            .map(|g| {
+                let mut g = g.clone();
+                g["kind"] = json!("APIGroup");
+                g["apiVersion"] = json!("v1");
+                g
+            })),
+        Target::ResourceList { group, version } => doc(discovery::resource_list(&group, &version)),
+        Target::OpenApiV3Index => doc(Some(discovery::openapi_v3_index())),
+        Target::OpenApiV3 { group, version } => {
+            doc(discovery::openapi_v3_group_version(&group, &version))
+        }
+        Target::OpenApiV2 => {
+            let protobuf = headers
+                .get_all(header::ACCEPT)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .any(|v| v.contains("proto-openapi"));
+            if protobuf {
+                Ok((
+                    StatusCode::OK,
+                    [(
+                        header::CONTENT_TYPE,
+                        discovery::OPENAPI_V2_PROTOBUF_CONTENT_TYPE,
+                    )],
+                    discovery::openapi_v2_protobuf(),
+                )
+                    .into_response())
+            } else {
+                doc(Some(discovery::openapi_v2()))
+            }
+        }
+        Target::Resource(request) => {
+            let query = query_of(uri)?;
+            resource(api, method, request, query, headers, body).await
+        }
+    }
+}
+
+async fn resource(
+    api: &Arc<Api>,
+    method: Method,
+    request: ResourceRequest,
+    query: Query,
+    headers: &HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let watch = matches!(query.get("watch").map(String::as_str), Some("true" | "1"));
+    match (&method, &request.name) {
+        (&Method::GET, None) if watch => watch_collection(api, &request, &query, headers).await,
+        (&Method::GET, None) => list(api, &request, &query, headers).await,
+        (&Method::GET, Some(name)) => get(api, &request, name, &query, headers).await,
+        (&Method::POST, None) => create(api, &request, &body).await,
+        (&Method::PUT, Some(name)) => update(api, &request, name, &body).await,
+        (&Method::PATCH, Some(name)) => patch_object(api, &request, name, headers, &body).await,
+        (&Method::DELETE, Some(name)) => delete(api, &request, name, &query, &body).await,
+        (&Method::DELETE, None) => delete_collection(api, &request, &query).await,
+        _ => Err(ApiError::method_not_allowed(format!(
+            "{method} is not supported on {}",
+            request.info.plural
+        ))),
+    }
+}
+
+/// Runs blocking store work off the async workers.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::internal(format!("storage task failed: {e}")))
+}
+
+fn selectors(query: &Query) -> Result<(Option<LabelSelector>, Option<FieldSelector>), ApiError> {
+    let labels = match query.get("labelSelector").filter(|s| !s.is_empty()) {
+        Some(s) => Some(LabelSelector::parse(s).map_err(|e| ApiError::bad_request(e.to_string()))?),
+        None => None,
+    };
+    let fields = match query.get("fieldSelector").filter(|s| !s.is_empty()) {
+        Some(s) => Some(FieldSelector::parse(s).map_err(|e| ApiError::bad_request(e.to_string()))?),
+        None => None,
+    };
+    Ok((labels, fields))
+}
+
+/// Rejects field selectors the kind does not support, even when nothing would match.
+fn check_fields(info: &ResourceInfo, fields: &Option<FieldSelector>) -> Result<(), ApiError> {
+    match fields {
+        Some(f) => f
+            .validate(info.kind)
+            .map_err(|e| ApiError::bad_request(e.to_string())),
+        None => Ok(()),
+    }
+}
+
+fn matches(
+    info: &ResourceInfo,
+    labels: &Option<LabelSelector>,
+    fields: &Option<FieldSelector>,
+    object: &Value,
+) -> Result<bool, ApiError> {
+    if let Some(selector) = labels {
+        let object_labels: BTreeMap<String, String> = object["metadata"]["labels"]
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if !selector.matches(&object_labels) {
+            return Ok(false);
+        }
+    }
+    if let Some(selector) = fields {
+        return selector
+            .matches(info.kind, object)
+            .map_err(|e| ApiError::bad_request(e.to_string()));
+    }
+    Ok(true)
+}
+
+async fn list(
+    api: &Arc<Api>,
+    request: &ResourceRequest,
+    query: &Query,
+    headers: &HeaderMap,
+) -> Result<Response, ApiError> {
+    let (labels, fields) = selectors(query)?;
+    check_fields(request.info, &fields)?;
+    let store = api.store.clone();
+    let id = resource_id(request.info);
+    let namespace = request.namespace.clone();
+    let (objects, rv) = blocking(move || store.list(&id, namespace.as_deref()))
+        .await?
+        .map_err(|e| ApiError::from_store(e, request.info.group, request.info.plural, ""))?;
+    let mut items = Vec::with_capacity(objects.len());
+    for object in objects {
+        if matches(request.info, &labels, &fields, &object)? {
+            items.push(object);
+        }
+    }
+    let body = if wants_table(headers) {
+        resources::table_with(
+            request.info.kind,
+            &items,
+            &rv.to_string(),
+            OffsetDateTime::now_utc(),
+            table_options(query),
+        )
+    } else {
+        json!({
+            "kind": format!("{}List", request.info.kind),
+            "apiVersion": api_version(request.info),
+            "metadata": {"resourceVersion": rv.to_string()},
+            "items": items,
+        })
+    };
+    Ok(json_response(StatusCode::OK, &body))
+}
+
+async fn load(
+    api: &Arc<Api>,
+    info: &'static ResourceInfo,
+    namespace: &str,
+    name: &str,
+) -> Result<Value, ApiError> {
+    let store = api.store.clone();
+    let id = resource_id(info);
+    let (ns, n) = (namespace.to_string(), name.to_string());
+    blocking(move || store.get(&id, &ns, &n))
+        .await?
+        .map_err(|e| ApiError::from_store(e, info.group, info.plural, name))?
+        .ok_or_else(|| ApiError::not_found(info.group, info.plural, name))
+}
+
+async fn get(
+    api: &Arc<Api>,
+    request: &ResourceRequest,
+    name: &str,
+    query: &Query,
+    headers: &HeaderMap,
+) -> Result<Response, ApiError> {
+    let namespace = request.namespace.clone().unwrap_or_default();
+    let object = load(api, request.info, &namespace, name).await?;
+    if wants_table(headers) {
+        let rv = object["metadata"]["resourceVersion"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let table = resources::table_with(
+            request.info.kind,
+            &[object],
+            &rv,
+            OffsetDateTime::now_utc(),
+            table_options(query),
+        );
+        return Ok(json_response(StatusCode::OK, &table));
+    }
+    Ok(json_response(StatusCode::OK, &object))
+}
+
+fn parse_body(body: &[u8]) -> Result<Value, ApiError> {
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("the request body is not valid JSON: {e}")))?;
+    if !value.is_object() {
+        return Err(ApiError::bad_request(
+            "the request body must be a JSON object",
+        ));
+    }
+    Ok(value)
+}
+
+fn rv_of(object: &Value) -> Option<u64> {
+    object["metadata"]["resourceVersion"]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+}
+
+async fn create(
+    api: &Arc<Api>,
+    request: &ResourceRequest,
+    body: &[u8],
+) -> Result<Response, ApiError> {
+    let info = request.info;
+    let mut object = parse_body(body)?;
+    objects::check_type(info, &object)?;
+    if info.namespaced {
+        let Some(ns) = request.namespace.clone() else {
+            return Err(ApiError::method_not_allowed(format!(
+                "create {} in a namespace: POST /…/namespaces/NAMESPACE/{}",
+                info.plural, info.plural
+            )));
+        };
+        match object["metadata"]["namespace"].as_str() {
+            Some(given) if !given.is_empty() && given != ns => {
+                return Err(ApiError::bad_request(
+                    "the namespace of the provided object does not match the namespace sent on the request",
+                ));
+            }
+            _ => object["metadata"]["namespace"] = json!(ns),
+        }
+        let namespace = load(api, objects::namespace_info(), "", &ns)
+            .await
+            .map_err(|_| ApiError::not_found("", "namespaces", &ns))?;
+        if namespace["metadata"]["deletionTimestamp"].is_string() {
+            return Err(ApiError::forbidden(format!(
+                "unable to create new content in namespace {ns} because it is being terminated"
+            )));
+        }
+    }
+    objects::prepare_create(info, &mut object, OffsetDateTime::now_utc())?;
+    let name = object["metadata"]["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let namespace = object["metadata"]["namespace"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let store = api.store.clone();
+    let id = resource_id(info);
+    let stored = blocking(move || store.create(&id, &namespace, &name.clone(), object))
+        .await?
+        .map_err(|e| {
+            let name = match &e {
+                StoreError::AlreadyExists => "",
+                _ => "",
+            };
+            ApiError::from_store(e, info.group, info.plural, name)
+        });
+    let stored = match stored {
+        Ok(s) => s,
+        Err(mut e) => {
+            if e.reason == "AlreadyExists" {
+                e = ApiError::already_exists(info.group, info.plural, &objects::name_of_body(body));
+            }
+            return Err(e);
+        }
+    };
+    Ok(json_response(StatusCode::CREATED, &stored))
+}
+
+/// Writes `new` over `current` (same object), applying the rules for updates: immutable
+/// metadata, status-subresource split, generation, and finalization.
+async fn write_update(
+    api: &Arc<Api>,
+    request: &ResourceRequest,
+    name: &str,
+    current: &Value,
+    mut new: Value,
+    expected: Option<u64>,
+) -> Result<Value, ApiError> {
+    let info = request.info;
+    objects::check_type(info, &new)?;
+    objects::prepare_update(info, request.subresource.as_deref(), current, &mut new)?;
+    let namespace = request.namespace.clone().unwrap_or_default();
+    let store = api.store.clone();
+    let id = resource_id(info);
+    let n = name.to_string();
+    let finalized = objects::is_finalized(current, &new);
+    let result = if finalized {
+        // Deletion was pending on finalizers and the last one is gone: remove the object.
+        blocking(move || store.delete(&id, &namespace, &n, expected)).await?
+    } else {
+        blocking(move || store.update(&id, &namespace, &n, new, expected)).await?
+    };
+    let written = result.map_err(|e| ApiError::from_store(e, info.group, info.plural, name))?;
+    if finalized {
+        spawn_garbage_collection(api, &written);
+    }
+    Ok(written)
+}
+
+async fn update(
+    api: &Arc<Api>,
+    request: &ResourceRequest,
+    name: &str,
+    body: &[u8],
+) -> Result<Response, ApiError> {
+    let new = parse_body(body)?;
+    if let Some(given) = new["metadata"]["name"].as_str()
+        && given != name
+    {
+        return Err(ApiError::bad_request(format!(
+            "the name of the object ({given}) does not match the name on the URL ({name})"
+        )));
+    }
+    let namespace = request.namespace.clone().unwrap_or_default();
+    let current = load(api, request.info, &namespace, name).await?;
+    // With a resourceVersion in the body the update is conditional on it (409 on mismatch).
+    let expected = rv_of(&new);
+    let written = write_update(api, request, name, &current, new, expected).await?;
+    Ok(json_response(StatusCode::OK, &written))
+}
+
+async fn patch_object(
+    api: &Arc<Api>,
+    request: &ResourceRequest,
+    name: &str,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<Response, ApiError> {
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    let patch_type = PatchType::from_content_type(content_type).ok_or_else(|| {
+        ApiError::unsupported_media_type(format!(
+            "the patch content type {content_type:?} is not supported"
+        ))
+    })?;
+    let namespace = request.namespace.clone().unwrap_or_default();
+    // Optimistic retry: a concurrent write between our read and our write is retried with the
+    // fresh object, as the apiserver does for patches without a resourceVersion.
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let current = load(api, request.info, &namespace, name).await?;
+        let patched =
+            patch::apply(patch_type, request.info.kind, &current, body).map_err(|e| match e {
+                PatchError::Malformed(m) => ApiError::bad_request(m),
+                PatchError::Failed(m) => ApiError::invalid(
+                    request.info.kind,
+                    name,
+                    vec![Cause {
+                        field: "patch".into(),
+                        message: m,
+                    }],
+                ),
+                PatchError::Unsupported(m) => ApiError::unsupported_media_type(m),
+            })?;
+        let expected = match rv_of(&patched) {
+            // The patch itself asked for a resourceVersion: honour it (no retry).
+            Some(rv) if Some(rv) != rv_of(&current) => Some(rv),
+            _ => rv_of(&current),
+        };
+        match write_update(api, request, name, &current, patched, expected).await {
+            Err(e) if e.reason == "Conflict" && attempts < 5 => continue,
+            Err(e) => return Err(e),
+            Ok(written) => return Ok(json_response(StatusCode::OK, &written)),
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct DeleteOptions {
+    grace_period: Option<i64>,
+    propagation: Option<String>,
+    uid: Option<String>,
+    resource_version: Option<u64>,
+}
+
+fn delete_options(query: &Query, body: &[u8]) -> Result<DeleteOptions, ApiError> {
+    let mut opts = DeleteOptions::default();
+    if !body.is_empty() {
+        let v: Value = serde_json::from_slice(body)
+            .map_err(|e| ApiError::bad_request(format!("DeleteOptions is not valid JSON: {e}")))?;
+        opts.grace_period = v["gracePeriodSeconds"].as_i64();
+        opts.propagation = v["propagationPolicy"].as_str().map(String::from);
+        if v["orphanDependents"] == json!(true) {
+            opts.propagation = Some("Orphan".into());
+        }
+        opts.uid = v["preconditions"]["uid"].as_str().map(String::from);
+        opts.resource_version = v["preconditions"]["resourceVersion"]
+            .as_str()
+            .and_then(|s| s.parse().ok());
+    }
+    if let Some(g) = query.get("gracePeriodSeconds") {
+        opts.grace_period = Some(
+            g.parse()
+                .map_err(|_| ApiError::bad_request("gracePeriodSeconds must be an integer"))?,
+        );
+    }
+    if let Some(p) = query.get("propagationPolicy") {
+        opts.propagation = Some(p.clone());
+    }
+    match opts.propagation.as_deref() {
+        None | Some("Orphan" | "Background" | "Foreground") => Ok(opts),
+        Some(other) => Err(ApiError::bad_request(format!(
+            "propagationPolicy {other:?} is not one of Orphan, Background, Foreground"
+        ))),
+    }
+}
+
+async fn delete(
+    api: &Arc<Api>,
+    request: &ResourceRequest,
+    name: &str,
+    query: &Query,
+    body: &[u8],
+) -> Result<Response, ApiError> {
+    let info = request.info;
+    let opts = delete_options(query, body)?;
+    let namespace = request.namespace.clone().unwrap_or_default();
+    let current = load(api, info, &namespace, name).await?;
+    if let Some(uid) = &opts.uid
+        && current["metadata"]["uid"].as_str() != Some(uid)
+    {
+        return Err(ApiError::conflict(
+            info.group,
+            info.plural,
+            name,
+            &format!(
+                "Precondition failed: UID in precondition: {uid}, UID in object meta: {}",
+                current["metadata"]["uid"].as_str().unwrap_or_default()
+            ),
+        ));
+    }
+    if let Some(rv) = opts.resource_version
+        && rv_of(&current) != Some(rv)
+    {
+        return Err(ApiError::conflict(
+            info.group,
+            info.plural,
+            name,
+            "Precondition failed: resourceVersion does not match",
+        ));
+    }
+    let now = OffsetDateTime::now_utc();
+    if let Some(pending) = objects::pending_deletion(
+        info,
+        &current,
+        opts.grace_period,
+        opts.propagation.as_deref(),
+        now,
+    ) {
+        // Finalizers or a graceful pod deletion: mark it and keep the object.
+        let expected = rv_of(&current);
+        let written = api_update_raw(api, info, &namespace, name, pending, expected).await?;
+        if info.plural == "namespaces" {
+            spawn_namespace_cleanup(api, name);
+        }
+        return Ok(json_response(StatusCode::OK, &written));
+    }
+    let store = api.store.clone();
+    let id = resource_id(info);
+    let (ns, n) = (namespace.clone(), name.to_string());
+    let expected = rv_of(&current);
+    let deleted = blocking(move || store.delete(&id, &ns, &n, expected))
+        .await?
+        .map_err(|e| ApiError::from_store(e, info.group, info.plural, name))?;
+    if opts.propagation.as_deref() == Some("Orphan") {
+        spawn_orphaning(api, &deleted);
+    } else {
+        spawn_garbage_collection(api, &deleted);
+    }
+    Ok(json_response(StatusCode::OK, &deleted))
+}
+
+/// Writes an object prepared by this module (no update rules applied).
+async fn api_update_raw(
+    api: &Arc<Api>,
+    info: &'static ResourceInfo,
+    namespace: &str,
+    name: &str,
+    object: Value,
+    expected: Option<u64>,
+) -> Result<Value, ApiError> {
+    let store = api.store.clone();
+    let id = resource_id(info);
+    let (ns, n) = (namespace.to_string(), name.to_string());
+    blocking(move || store.update(&id, &ns, &n, object, expected))
+        .await?
+        .map_err(|e| ApiError::from_store(e, info.group, info.plural, name))
+}
+
+async fn delete_collection(
+    api: &Arc<Api>,
+    request: &ResourceRequest,
+    query: &Query,
+) -> Result<Response, ApiError> {
+    let (labels, fields) = selectors(query)?;
+    let store = api.store.clone();
+    let id = resource_id(request.info);
+    let namespace = request.namespace.clone();
+    let (objects, rv) = blocking(move || store.list(&id, namespace.as_deref()))
+        .await?
+        .map_err(|e| ApiError::from_store(e, request.info.group, request.info.plural, ""))?;
+    let mut deleted = Vec::new();
+    for object in objects {
+        if !matches(request.info, &labels, &fields, &object)? {
+            continue;
+        }
+        let name = object["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let one = ResourceRequest {
+            namespace: object["metadata"]["namespace"]
+                .as_str()
+                .map(String::from)
+                .filter(|s| !s.is_empty()),
+            name: Some(name.clone()),
+            ..request.clone()
+        };
+        match Box::pin(delete(api, &one, &name, query, &[])).await {
+            Ok(_) => deleted.push(object),
+            Err(e) if e.reason == "NotFound" => {}
+            Err(e) => return Err(e),
+        }
+    }
+    let body = json!({
+        "kind": format!("{}List", request.info.kind),
+        "apiVersion": api_version(request.info),
+        "metadata": {"resourceVersion": rv.to_string()},
+        "items": deleted,
+    });
+    Ok(json_response(StatusCode::OK, &body))
+}
+
+/// Deletes dependents of a deleted owner (background propagation): objects whose every owner
+/// reference points at objects that no longer exist.
+fn spawn_garbage_collection(api: &Arc<Api>, deleted: &Value) {
+    let Some(uid) = deleted["metadata"]["uid"].as_str().map(String::from) else {
+        return;
+    };
+    let store = api.store.clone();
+    tokio::task::spawn_blocking(move || {
+        if let Err(e) = objects::collect_garbage(&store, &uid, objects::Propagation::Background) {
+            tracing::warn!(owner.uid = %uid, error = %e, "garbage collection failed");
+        }
+    });
+}
+
+/// Removes the owner reference from dependents of a deleted owner (orphan propagation).
+fn spawn_orphaning(api: &Arc<Api>, deleted: &Value) {
+    let Some(uid) = deleted["metadata"]["uid"].as_str().map(String::from) else {
+        return;
+    };
+    let store = api.store.clone();
+    tokio::task::spawn_blocking(move || {
+        if let Err(e) = objects::collect_garbage(&store, &uid, objects::Propagation::Orphan) {
+            tracing::warn!(owner.uid = %uid, error = %e, "orphaning dependents failed");
+        }
+    });
+}
+
+/// Deletes everything in a terminating namespace, then the namespace itself.
+fn spawn_namespace_cleanup(api: &Arc<Api>, namespace: &str) {
+    let store = api.store.clone();
+    let namespace = namespace.to_string();
+    tokio::task::spawn_blocking(move || {
+        if let Err(e) = objects::empty_namespace(&store, &namespace) {
+            tracing::warn!(namespace = %namespace, error = %e, "namespace cleanup failed");
+        }
+    });
+}
+
+fn watch_line(event_type: &str, object: &Value) -> Bytes {
+    let mut line = json!({"type": event_type, "object": object}).to_string();
+    line.push('\n');
+    Bytes::from(line)
+}
+
+async fn watch_collection(
+    api: &Arc<Api>,
+    request: &ResourceRequest,
+    query: &Query,
+    headers: &HeaderMap,
+) -> Result<Response, ApiError> {
+    let info = request.info;
+    let (labels, fields) = selectors(query)?;
+    check_fields(info, &fields)?;
+    let table = wants_table(headers);
+    let options = table_options(query);
+    let bookmarks = matches!(
+        query.get("allowWatchBookmarks").map(String::as_str),
+        Some("true" | "1")
+    );
+    let timeout = query
+        .get("timeoutSeconds")
+        .and_then(|t| t.parse::<u64>().ok())
+        .map(Duration::from_secs)
+        .unwrap_or(Duration::from_secs(30 * 60));
+    let requested: Option<u64> =
+        match query.get("resourceVersion").map(String::as_str) {
+            None | Some("") | Some("0") => None,
+            Some(rv) => Some(rv.parse().map_err(|_| {
+                ApiError::bad_request(format!("resourceVersion {rv:?} is not valid"))
+            })?),
+        };
+    let store = api.store.clone();
+    let id = resource_id(info);
+    let namespace = request.namespace.clone();
+    // Without a resourceVersion, a watch starts with the current state as ADDED events.
+    let (initial, from) = match requested {
+        Some(rv) => (Vec::new(), rv),
+        None => {
+            let (store2, id2, ns2) = (store.clone(), id.clone(), namespace.clone());
+            let (objects, rv) = blocking(move || store2.list(&id2, ns2.as_deref()))
+                .await?
+                .map_err(|e| ApiError::from_store(e, info.group, info.plural, ""))?;
+            (objects, rv)
+        }
+    };
+    let (store2, id2, ns2) = (store.clone(), id.clone(), namespace.clone());
+    let watch = blocking(move || store2.watch(&id2, ns2.as_deref(), from)).await?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(64);
+    let render = move |object: &Value| -> Value {
+        if table {
+            let rv = object["metadata"]["resourceVersion"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            resources::table_with(
+                info.kind,
+                std::slice::from_ref(object),
+                &rv,
+                OffsetDateTime::now_utc(),
+                options,
+            )
+        } else {
+            object.clone()
+        }
+    };
+    let mut watch = match watch {
+        Ok(w) => w,
+        Err(StoreError::Gone { requested, oldest }) => {
+            // The apiserver answers 200 and an ERROR event carrying a 410 Status.
+            let status =
+                ApiError::gone(format!("too old resource version: {requested} ({oldest})"))
+                    .to_status();
+            return Ok(streaming(vec![watch_line("ERROR", &status)], None));
+        }
+        Err(e) => return Err(ApiError::from_store(e, info.group, info.plural, "")),
+    };
+    let mut first = Vec::new();
+    for object in &initial {
+        if matches(info, &labels, &fields, object)? {
+            first.push(watch_line("ADDED", &render(object)));
+        }
+    }
+    let bookmark_interval = api.bookmark_interval;
+    let api_version = api_version(info);
+    let kind = info.kind;
+    tokio::spawn(async move {
+        let deadline = tokio::time::sleep(timeout);
+        tokio::pin!(deadline);
+        let mut tick = tokio::time::interval(bookmark_interval);
+        tick.tick().await;
+        let mut last_rv = from;
+        loop {
+            tokio::select! {
+                _ = &mut deadline => break,
+                _ = tx.closed() => break,
+                _ = tick.tick(), if bookmarks => {
+                    // Every event up to this rv was delivered or filtered out: safe to resume from.
+                    let rv = watch.resource_version().max(last_rv);
+                    let bookmark = json!({"kind": kind, "apiVersion": api_version, "metadata": {"resourceVersion": rv.to_string()}});
+                    if tx.send(watch_line("BOOKMARK", &bookmark)).await.is_err() {
+                        break;
+                    }
+                }
+                event = watch.next() => {
+                    let Some(event) = event else { break };
+                    last_rv = event.rv;
+                    if let Some(line) = event_line(&event, info, &labels, &fields, &render) && tx.send(line).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    });
+    Ok(streaming(first, Some(rx)))
+}
+
+fn event_line(
+    event: &WatchEvent,
+    info: &ResourceInfo,
+    labels: &Option<LabelSelector>,
+    fields: &Option<FieldSelector>,
+    render: &impl Fn(&Value) -> Value,
+) -> Option<Bytes> {
+    let object = event.object.as_ref();
+    if !matches(info, labels, fields, object).unwrap_or(false) {
+        return None;
+    }
+    let kind = match event.event_type {
+        EventType::Added => "ADDED",
+        EventType::Modified => "MODIFIED",
+        EventType::Deleted => "DELETED",
+    };
+    Some(watch_line(kind, &render(object)))
+}
+
+fn streaming(first: Vec<Bytes>, rest: Option<tokio::sync::mpsc::Receiver<Bytes>>) -> Response {
+    let head = futures::stream::iter(first.into_iter().map(Ok::<_, std::convert::Infallible>));
+    let body = match rest {
+        Some(rx) => {
+            let tail = futures::stream::unfold(rx, |mut rx| async move {
+                rx.recv().await.map(|b| (Ok(b), rx))
+            });
+            Body::from_stream(futures::StreamExt::chain(head, tail))
+        }
+        None => Body::from_stream(head),
+    };
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(header::TRANSFER_ENCODING, "chunked")
+        .body(body)
+        .unwrap_or_else(|_| ApiError::internal("cannot build the watch response").into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_pairs_are_decoded() {
+        let uri: Uri = "/api/v1/pods?labelSelector=app%3Dweb%2Ctier+in+%28a%29&watch=1"
+            .parse()
+            .expect("uri");
+        let q = query_of(&uri).expect("query");
+        assert_eq!(
+            q.get("labelSelector").map(String::as_str),
+            Some("app=web,tier in (a)")
+        );
+        assert_eq!(q.get("watch").map(String::as_str), Some("1"));
+    }
+
+    #[test]
+    fn table_is_wanted_only_when_first_choice() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::ACCEPT,
+            "application/json;as=Table;v=v1;g=meta.k8s.io,application/json"
+                .parse()
+                .expect("header"),
+        );
+        assert!(wants_table(&h));
+        h.insert(header::ACCEPT, "application/json".parse().expect("header"));
+        assert!(!wants_table(&h));
+    }
+}
