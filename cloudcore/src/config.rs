@@ -41,6 +41,8 @@ pub struct ServeConfig {
     /// `net.core.rmem_max`; the default 208 KiB drops handshake packets in reconnect storms.
     pub udp_receive_buffer: usize,
     pub control_plane: ControlPlane,
+    /// A node without its tunnel for this long becomes Ready=Unknown (embedded mode).
+    pub node_grace_period: Duration,
 }
 
 impl ServeConfig {
@@ -65,6 +67,7 @@ impl ServeConfig {
             control_plane: ControlPlane::Embedded {
                 listen: SocketAddr::from(([127, 0, 0, 1], 6443)),
             },
+            node_grace_period: Duration::from_secs(40),
         }
     }
 

@@ -72,6 +72,8 @@ pub struct Shared {
     /// node name -> its current session. Same locking rule as above.
     sessions: Mutex<HashMap<String, SessionHandle>>,
     next_session: AtomicU64,
+    /// Who is connected, for the node controller.
+    pub presence: Arc<crate::nodes::Presence>,
 }
 
 impl Shared {
@@ -93,6 +95,7 @@ impl Shared {
             join_limiter,
             sessions: Mutex::new(HashMap::new()),
             next_session: AtomicU64::new(1),
+            presence: Arc::default(),
         }
     }
 
@@ -554,6 +557,21 @@ async fn serve_node(
     }
     drop(permit);
     shared.metrics.connected_edges.inc();
+    let labels = {
+        let shared = shared.clone();
+        let name = identity.node_name.clone();
+        tokio::task::spawn_blocking(move || shared.registry.node_labels(&name))
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or_default()
+    };
+    shared.presence.connected(
+        &identity.node_name,
+        hello.node_info.clone(),
+        peer.ip().to_string(),
+        labels,
+    );
     tracing::info!(
         hostname = %hello.node_info.hostname,
         arch = %hello.node_info.arch,
@@ -576,6 +594,7 @@ async fn serve_node(
         }
     };
     if still_ours {
+        shared.presence.disconnected(&identity.node_name);
         let shared = shared.clone();
         let name = identity.node_name.clone();
         let _ = tokio::task::spawn_blocking(move || shared.registry.mark_disconnected(&name)).await;

@@ -8,8 +8,10 @@ pub mod config;
 pub mod hub;
 pub mod join;
 pub mod metrics;
+pub mod nodes;
 pub mod pki;
 pub mod registry;
+pub mod scheduler;
 pub mod signal;
 pub mod token;
 
@@ -35,6 +37,8 @@ pub enum ServeError {
     Registry(#[from] registry::RegistryError),
     #[error(transparent)]
     Hub(#[from] hub::HubError),
+    #[error("cannot build a Kubernetes client: {0}")]
+    KubeClient(String),
     #[error("cannot start the embedded control plane")]
     Embedded(#[from] apiserver::EmbeddedError),
     #[error("cannot bind the metrics listener on {addr}")]
@@ -68,7 +72,7 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> Result<(),
     );
 
     let tracker = TaskTracker::new();
-    match &config.control_plane {
+    let (client, lifecycle) = match &config.control_plane {
         config::ControlPlane::Embedded { listen } => {
             let embedded = apiserver::start(
                 &config.data_dir,
@@ -85,15 +89,18 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> Result<(),
                 kubeconfig = %embedded.kubeconfig.display(),
                 "Kubernetes API served by cloudcore"
             );
+            (kube_client(Some(&embedded.kubeconfig)).await?, true)
         }
         config::ControlPlane::Kube { kubeconfig } => {
             tracing::info!(
                 control_plane = "kube",
                 kubeconfig = %kubeconfig.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "in-cluster".into()),
-                "using a real cluster's API (node objects are not written yet in this build)"
+                "using a real cluster's API"
             );
+            // The cluster's node-lifecycle controller marks lost nodes itself.
+            (kube_client(kubeconfig.as_deref()).await?, false)
         }
-    }
+    };
 
     let metrics = Arc::new(metrics::Metrics::default());
     let shared = Arc::new(hub::Shared::new(config, registry, ca, metrics.clone()));
@@ -103,6 +110,20 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> Result<(),
             tracing::error!(error = %e, "metrics server failed");
         }
     });
+    if lifecycle {
+        // Embedded mode: no kube-scheduler, so cloudcore binds pods itself.
+        tracker.spawn(scheduler::run(client.clone(), shutdown.clone()));
+    }
+    tracker.spawn(nodes::run(
+        client,
+        shared.presence.clone(),
+        nodes::NodeControllerConfig {
+            grace_period: shared.config.node_grace_period,
+            lifecycle,
+            ..nodes::NodeControllerConfig::default()
+        },
+        shutdown.clone(),
+    ));
     tracker.spawn(hub::watch_revocations(shared.clone(), shutdown.clone()));
     tracker.spawn(hub::heartbeat_registry(
         shared.clone(),
@@ -136,6 +157,22 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> Result<(),
     }
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
     Ok(())
+}
+
+/// A kube-rs client from a kubeconfig file, or the in-cluster configuration.
+async fn kube_client(kubeconfig: Option<&std::path::Path>) -> Result<kube::Client, ServeError> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let file = kube::config::Kubeconfig::read_from(path)
+                .map_err(|e| ServeError::KubeClient(format!("{}: {e}", path.display())))?;
+            kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default())
+                .await
+                .map_err(|e| ServeError::KubeClient(format!("{}: {e}", path.display())))?
+        }
+        None => kube::Config::incluster()
+            .map_err(|e| ServeError::KubeClient(format!("in-cluster configuration: {e}")))?,
+    };
+    kube::Client::try_from(config).map_err(|e| ServeError::KubeClient(e.to_string()))
 }
 
 /// The machine's hostname, if it has one.

@@ -60,7 +60,7 @@ struct DataDir {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the tunnel server.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Create, list and revoke join tokens.
     #[command(subcommand)]
     Token(TokenCommand),
@@ -115,6 +115,9 @@ struct ServeArgs {
     /// Kubeconfig of a real cluster (kube mode); KUBECONFIG works too.
     #[arg(long, env = "KUBECONFIG")]
     kubeconfig: Option<PathBuf>,
+    /// A node without its tunnel for this long becomes Ready=Unknown (embedded mode).
+    #[arg(long, default_value = "40s", value_parser = humantime::parse_duration)]
+    node_grace_period: Duration,
     /// Receive buffer for the tunnel's UDP socket in bytes (capped by net.core.rmem_max).
     #[arg(long, default_value_t = 4 * 1024 * 1024)]
     udp_receive_buffer: usize,
@@ -187,7 +190,7 @@ fn main() -> ExitCode {
     };
     init_tracing(cli.log_format);
     let result = match cli.command {
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => serve(*args),
         Command::Token(cmd) => token(cmd),
         Command::Node(cmd) => node(cmd),
     };
@@ -227,6 +230,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     config.join_failure_burst = args.join_failure_burst;
     config.join_failure_refill = args.join_failure_refill;
     config.udp_receive_buffer = args.udp_receive_buffer;
+    config.node_grace_period = args.node_grace_period;
     let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
     let kube = match args.control_plane {
         ControlPlaneMode::Embedded => false,

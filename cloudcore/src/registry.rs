@@ -485,6 +485,19 @@ impl Registry {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    /// The labels a node was joined with.
+    pub fn node_labels(&self, name: &str) -> Result<BTreeMap<String, String>, RegistryError> {
+        let labels: Option<String> = self
+            .conn()
+            .query_row("SELECT labels FROM nodes WHERE name = ?1", [name], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        Ok(labels
+            .and_then(|l| serde_json::from_str(&l).ok())
+            .unwrap_or_default())
+    }
+
     /// Marks a session start. Returns whether the node had connected before (a reconnect).
     pub fn mark_connected(&self, name: &str, address: &str) -> Result<bool, RegistryError> {
         let now = now_ms();

@@ -152,8 +152,8 @@ fn api_subresource(r: &ResourceInfo, sub: &str) -> Value {
         "name": format!("{}/{sub}", r.plural),
         "singularName": "",
         "namespaced": r.namespaced,
-        "kind": r.kind,
-        "verbs": STATUS_VERBS,
+        "kind": if sub == "binding" { "Binding" } else { r.kind },
+        "verbs": if sub == "binding" { &["create"][..] } else { STATUS_VERBS },
     })
 }
 
@@ -828,9 +828,14 @@ mod tests {
             assert_eq!(entry["storageVersionHash"].as_str().unwrap().len(), 12);
             for sub in r.subresources {
                 let entry = find(&list, &format!("{}/{sub}", r.plural)).unwrap();
-                assert_eq!(entry["verbs"], json!(["get", "patch", "update"]));
                 assert_eq!(entry["namespaced"], r.namespaced);
-                assert_eq!(entry["kind"], r.kind);
+                if *sub == "binding" {
+                    assert_eq!(entry["verbs"], json!(["create"]));
+                    assert_eq!(entry["kind"], "Binding");
+                } else {
+                    assert_eq!(entry["verbs"], json!(["get", "patch", "update"]));
+                    assert_eq!(entry["kind"], r.kind);
+                }
             }
         }
         let core = resource_list("", "v1").unwrap();

@@ -412,6 +412,40 @@ fn merge_string_data(object: &mut Value) {
     }
 }
 
+/// Sets condition `kind` in `status.conditions`, keeping `lastTransitionTime` when the status
+/// does not change.
+pub fn set_condition(
+    object: &mut Value,
+    kind: &str,
+    status: &str,
+    reason: &str,
+    message: &str,
+    now: OffsetDateTime,
+) {
+    if !object["status"]["conditions"].is_array() {
+        object["status"]["conditions"] = json!([]);
+    }
+    let Some(conditions) = object["status"]["conditions"].as_array_mut() else {
+        return;
+    };
+    let mut condition = json!({"type": kind, "status": status, "lastProbeTime": null, "lastTransitionTime": timestamp(now)});
+    if !reason.is_empty() {
+        condition["reason"] = json!(reason);
+    }
+    if !message.is_empty() {
+        condition["message"] = json!(message);
+    }
+    match conditions.iter_mut().find(|c| c["type"] == kind) {
+        Some(existing) => {
+            if existing["status"] == status {
+                condition["lastTransitionTime"] = existing["lastTransitionTime"].clone();
+            }
+            *existing = condition;
+        }
+        None => conditions.push(condition),
+    }
+}
+
 /// Pod spec fields an update may change (the apiserver's rule); everything else is immutable.
 const POD_MUTABLE_SPEC: &[&str] = &[
     "activeDeadlineSeconds",

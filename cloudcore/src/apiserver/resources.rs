@@ -106,7 +106,7 @@ static BUILTIN: [ResourceInfo; 8] = [
         short_names: &["po"],
         namespaced: true,
         verbs: ALL_VERBS,
-        subresources: &["status"],
+        subresources: &["status", "binding"],
         categories: &["all"],
     },
     ResourceInfo {

@@ -192,6 +192,9 @@ async fn resource(
         (&Method::GET, None) => list(api, &request, &query, headers).await,
         (&Method::GET, Some(name)) => get(api, &request, name, &query, headers).await,
         (&Method::POST, None) => create(api, &request, &body).await,
+        (&Method::POST, Some(name)) if request.subresource.as_deref() == Some("binding") => {
+            bind(api, &request, name, &body).await
+        }
         (&Method::PUT, Some(name)) => update(api, &request, name, &body).await,
         (&Method::PATCH, Some(name)) => patch_object(api, &request, name, headers, &body).await,
         (&Method::DELETE, Some(name)) => delete(api, &request, name, &query, &body).await,
@@ -522,6 +525,63 @@ async fn patch_object(
             Ok(written) => return Ok(json_response(StatusCode::OK, &written)),
         }
     }
+}
+
+/// `POST pods/NAME/binding`: assigns an unbound pod to a node (what a scheduler does).
+async fn bind(
+    api: &Arc<Api>,
+    request: &ResourceRequest,
+    name: &str,
+    body: &[u8],
+) -> Result<Response, ApiError> {
+    let binding = parse_body(body)?;
+    let Some(node) = binding["target"]["name"].as_str().filter(|n| !n.is_empty()) else {
+        return Err(ApiError::invalid(
+            "Binding",
+            name,
+            vec![Cause {
+                field: "target.name".into(),
+                message: "Required value".into(),
+            }],
+        ));
+    };
+    let namespace = request.namespace.clone().unwrap_or_default();
+    let current = load(api, request.info, &namespace, name).await?;
+    if let Some(assigned) = current["spec"]["nodeName"]
+        .as_str()
+        .filter(|n| !n.is_empty())
+    {
+        return Err(ApiError::conflict(
+            "",
+            "pods",
+            name,
+            &format!("pod {name} is already assigned to node {assigned:?}"),
+        ));
+    }
+    if let Some(uid) = binding["metadata"]["uid"].as_str()
+        && current["metadata"]["uid"].as_str() != Some(uid)
+    {
+        return Err(ApiError::conflict(
+            "",
+            "pods",
+            name,
+            "the pod's uid does not match the binding",
+        ));
+    }
+    let mut bound = current.clone();
+    bound["spec"]["nodeName"] = json!(node);
+    objects::set_condition(
+        &mut bound,
+        "PodScheduled",
+        "True",
+        "",
+        "",
+        OffsetDateTime::now_utc(),
+    );
+    let expected = rv_of(&current);
+    api_update_raw(api, request.info, &namespace, name, bound, expected).await?;
+    let status = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201});
+    Ok(json_response(StatusCode::CREATED, &status))
 }
 
 #[derive(Debug, Default)]

@@ -1,0 +1,386 @@
+//! The embedded control plane's scheduler: binds each pod without `spec.nodeName` to a Ready
+//! node that matches its `nodeSelector`, required node affinity and taints, preferring the node
+//! with the fewest pods; a pod that fits nowhere stays Pending with a `PodScheduled=False`
+//! condition saying why, in kube-scheduler's words. In kube mode the cluster's own scheduler
+//! does this and this task does not run.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+/// How often pending pods are looked at.
+const PERIOD: Duration = Duration::from_millis(500);
+
+/// Why a node cannot take a pod; the words kube-scheduler uses in its summary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum Misfit {
+    NotReady,
+    Unschedulable,
+    Selector,
+    Taint,
+}
+
+impl Misfit {
+    fn text(self) -> &'static str {
+        match self {
+            Misfit::NotReady => "node(s) were not ready",
+            Misfit::Unschedulable => "node(s) were unschedulable",
+            Misfit::Selector => "node(s) didn't match Pod's node affinity/selector",
+            Misfit::Taint => "node(s) had untolerated taint(s)",
+        }
+    }
+}
+
+fn labels(object: &Value) -> HashMap<String, String> {
+    object["metadata"]["labels"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn is_ready(node: &Value) -> bool {
+    node["status"]["conditions"].as_array().is_some_and(|cs| {
+        cs.iter()
+            .any(|c| c["type"] == "Ready" && c["status"] == "True")
+    })
+}
+
+fn expression_matches(expression: &Value, value: Option<&str>) -> bool {
+    let values: Vec<&str> = expression["values"]
+        .as_array()
+        .map(|v| v.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    let number = |s: &str| s.parse::<i64>().ok();
+    match expression["operator"].as_str().unwrap_or_default() {
+        "In" => value.is_some_and(|v| values.contains(&v)),
+        "NotIn" => value.is_none_or(|v| !values.contains(&v)),
+        "Exists" => value.is_some(),
+        "DoesNotExist" => value.is_none(),
+        "Gt" => {
+            matches!((value.and_then(number), values.first().and_then(|v| number(v))), (Some(a), Some(b)) if a > b)
+        }
+        "Lt" => {
+            matches!((value.and_then(number), values.first().and_then(|v| number(v))), (Some(a), Some(b)) if a < b)
+        }
+        _ => false,
+    }
+}
+
+/// `nodeSelector` and required node affinity.
+fn selector_fits(pod: &Value, node: &Value) -> bool {
+    let node_labels = labels(node);
+    if let Some(selector) = pod["spec"]["nodeSelector"].as_object()
+        && !selector
+            .iter()
+            .all(|(k, v)| node_labels.get(k).map(String::as_str) == v.as_str())
+    {
+        return false;
+    }
+    let terms = &pod["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+        ["nodeSelectorTerms"];
+    let Some(terms) = terms.as_array() else {
+        return true;
+    };
+    let node_name = node["metadata"]["name"].as_str();
+    // Terms are ORed; the requirements inside a term are ANDed.
+    terms.iter().any(|term| {
+        let exprs = term["matchExpressions"].as_array().into_iter().flatten();
+        let fields = term["matchFields"].as_array().into_iter().flatten();
+        let mut any = false;
+        let labels_ok = exprs.into_iter().all(|e| {
+            any = true;
+            let key = e["key"].as_str().unwrap_or_default();
+            expression_matches(e, node_labels.get(key).map(String::as_str))
+        });
+        let fields_ok = fields.into_iter().all(|e| {
+            any = true;
+            e["key"] == "metadata.name" && expression_matches(e, node_name)
+        });
+        any && labels_ok && fields_ok
+    })
+}
+
+fn tolerates(pod: &Value, taint: &Value) -> bool {
+    pod["spec"]["tolerations"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|t| {
+            let effect_ok =
+                t["effect"].as_str().is_none_or(str::is_empty) || t["effect"] == taint["effect"];
+            let key_ok = t["key"].as_str().is_none_or(str::is_empty) || t["key"] == taint["key"];
+            let value_ok = match t["operator"].as_str().unwrap_or("Equal") {
+                "Exists" => true,
+                _ => {
+                    t["value"].as_str().unwrap_or_default()
+                        == taint["value"].as_str().unwrap_or_default()
+                }
+            };
+            effect_ok && key_ok && value_ok
+        })
+}
+
+fn misfit(pod: &Value, node: &Value) -> Option<Misfit> {
+    if !is_ready(node) {
+        return Some(Misfit::NotReady);
+    }
+    if node["spec"]["unschedulable"] == json!(true) {
+        return Some(Misfit::Unschedulable);
+    }
+    if !selector_fits(pod, node) {
+        return Some(Misfit::Selector);
+    }
+    let blocking = node["spec"]["taints"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|taint| {
+            matches!(taint["effect"].as_str(), Some("NoSchedule" | "NoExecute"))
+                && !tolerates(pod, taint)
+        });
+    blocking.then_some(Misfit::Taint)
+}
+
+/// The node for `pod`, or kube-scheduler's summary of why none fits.
+fn choose<'a>(
+    pod: &Value,
+    nodes: &'a [Value],
+    pods_per_node: &HashMap<String, usize>,
+) -> Result<&'a str, String> {
+    let mut misfits: HashMap<Misfit, usize> = HashMap::new();
+    let mut best: Option<(&str, usize)> = None;
+    for node in nodes {
+        let Some(name) = node["metadata"]["name"].as_str() else {
+            continue;
+        };
+        match misfit(pod, node) {
+            Some(m) => *misfits.entry(m).or_default() += 1,
+            None => {
+                let load = pods_per_node.get(name).copied().unwrap_or(0);
+                if best.is_none_or(|(_, l)| load < l) {
+                    best = Some((name, load));
+                }
+            }
+        }
+    }
+    if let Some((name, _)) = best {
+        return Ok(name);
+    }
+    let mut reasons: Vec<(Misfit, usize)> = misfits.into_iter().collect();
+    reasons.sort();
+    let parts: Vec<String> = reasons
+        .iter()
+        .map(|(m, n)| format!("{n} {}", m.text()))
+        .collect();
+    Err(if parts.is_empty() {
+        format!("0/{} nodes are available.", nodes.len())
+    } else {
+        format!(
+            "0/{} nodes are available: {}.",
+            nodes.len(),
+            parts.join(", ")
+        )
+    })
+}
+
+async fn schedule_once(
+    pods: &Api<Pod>,
+    nodes: &Api<Node>,
+    client: &kube::Client,
+) -> Result<(), kube::Error> {
+    let all_pods: Vec<Value> = pods
+        .list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .filter_map(|p| serde_json::to_value(p).ok())
+        .collect();
+    let pending: Vec<&Value> = all_pods
+        .iter()
+        .filter(|p| p["spec"]["nodeName"].as_str().is_none_or(str::is_empty))
+        .filter(|p| !p["metadata"]["deletionTimestamp"].is_string())
+        .filter(|p| {
+            p["spec"]["schedulerName"]
+                .as_str()
+                .is_none_or(|s| s == "default-scheduler")
+        })
+        .collect();
+    if pending.is_empty() {
+        return Ok(());
+    }
+    let nodes: Vec<Value> = nodes
+        .list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .filter_map(|n| serde_json::to_value(n).ok())
+        .collect();
+    let mut load: HashMap<String, usize> = HashMap::new();
+    for pod in &all_pods {
+        if let Some(node) = pod["spec"]["nodeName"].as_str().filter(|n| !n.is_empty()) {
+            *load.entry(node.to_string()).or_default() += 1;
+        }
+    }
+    for pod in pending {
+        let (Some(namespace), Some(name)) = (
+            pod["metadata"]["namespace"].as_str(),
+            pod["metadata"]["name"].as_str(),
+        ) else {
+            continue;
+        };
+        let api: Api<Pod> = Api::namespaced(client.clone(), namespace);
+        match choose(pod, &nodes, &load) {
+            Ok(node) => {
+                let binding = json!({
+                    "apiVersion": "v1",
+                    "kind": "Binding",
+                    "metadata": {"name": name, "namespace": namespace, "uid": pod["metadata"]["uid"]},
+                    "target": {"apiVersion": "v1", "kind": "Node", "name": node},
+                });
+                match api
+                    .create_subresource::<Value, Value>(
+                        "binding",
+                        name,
+                        &PostParams::default(),
+                        &binding,
+                    )
+                    .await
+                {
+                    Ok(_) => {
+                        tracing::info!(pod = %format!("{namespace}/{name}"), node.name = %node, "pod scheduled");
+                        *load.entry(node.to_string()).or_default() += 1;
+                    }
+                    // Deleted or bound meanwhile: the next round sees the truth.
+                    Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            Err(message) => {
+                let current = pod["status"]["conditions"]
+                    .as_array()
+                    .and_then(|cs| cs.iter().find(|c| c["type"] == "PodScheduled"));
+                if current
+                    .is_some_and(|c| c["status"] == "False" && c["message"] == message.as_str())
+                {
+                    continue;
+                }
+                tracing::info!(pod = %format!("{namespace}/{name}"), "pod unschedulable: {message}");
+                let patch = json!({"status": {"conditions": [{
+                    "type": "PodScheduled",
+                    "status": "False",
+                    "reason": "Unschedulable",
+                    "message": message,
+                    "lastProbeTime": null,
+                    "lastTransitionTime": crate::apiserver::objects::timestamp(time::OffsetDateTime::now_utc()),
+                }]}});
+                match api
+                    .patch_status(name, &PatchParams::default(), &Patch::Strategic(&patch))
+                    .await
+                {
+                    Ok(_) | Err(kube::Error::Api(_)) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Schedules pending pods until cancelled.
+pub async fn run(client: kube::Client, shutdown: CancellationToken) {
+    let pods: Api<Pod> = Api::all(client.clone());
+    let nodes: Api<Node> = Api::all(client.clone());
+    let mut tick = tokio::time::interval(PERIOD);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if let Err(e) = schedule_once(&pods, &nodes, &client).await {
+            tracing::warn!(error = %e, "scheduling round failed; will retry");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(name: &str, ready: bool, labels: Value) -> Value {
+        json!({
+            "metadata": {"name": name, "labels": labels},
+            "spec": {},
+            "status": {"conditions": [{"type": "Ready", "status": if ready { "True" } else { "Unknown" }}]},
+        })
+    }
+
+    #[test]
+    fn picks_a_ready_matching_node_with_the_fewest_pods() {
+        let nodes = vec![
+            node("a", true, json!({"zone": "x"})),
+            node("b", true, json!({"zone": "x"})),
+            node("c", false, json!({"zone": "x"})),
+            node("d", true, json!({"zone": "y"})),
+        ];
+        let pod = json!({"spec": {"nodeSelector": {"zone": "x"}}});
+        let load: HashMap<String, usize> = [("a".to_string(), 3), ("b".to_string(), 1)].into();
+        assert_eq!(choose(&pod, &nodes, &load), Ok("b"));
+    }
+
+    #[test]
+    fn explains_why_nothing_fits() {
+        let nodes = vec![
+            node("a", false, json!({})),
+            node("b", true, json!({"zone": "y"})),
+            node("c", true, json!({"zone": "z"})),
+        ];
+        let pod = json!({"spec": {"nodeSelector": {"zone": "x"}}});
+        assert_eq!(
+            choose(&pod, &nodes, &HashMap::new()),
+            Err("0/3 nodes are available: 1 node(s) were not ready, 2 node(s) didn't match Pod's node affinity/selector.".into())
+        );
+        assert_eq!(
+            choose(&pod, &[], &HashMap::new()),
+            Err("0/0 nodes are available.".into())
+        );
+    }
+
+    #[test]
+    fn required_node_affinity_terms_are_ored_and_expressions_anded() {
+        let nodes = vec![
+            node("a", true, json!({"zone": "x", "gpu": "1"})),
+            node("b", true, json!({"zone": "y"})),
+        ];
+        let affinity = |terms: Value| json!({"spec": {"affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": terms}}}}});
+        let pod = affinity(
+            json!([{"matchExpressions": [{"key": "zone", "operator": "In", "values": ["x"]}, {"key": "gpu", "operator": "DoesNotExist"}]}]),
+        );
+        assert!(choose(&pod, &nodes, &HashMap::new()).is_err());
+        let pod = affinity(json!([
+            {"matchExpressions": [{"key": "gpu", "operator": "Gt", "values": ["0"]}]},
+            {"matchFields": [{"key": "metadata.name", "operator": "In", "values": ["b"]}]}
+        ]));
+        let load: HashMap<String, usize> = [("a".to_string(), 5)].into();
+        assert_eq!(choose(&pod, &nodes, &load), Ok("b"));
+    }
+
+    #[test]
+    fn taints_need_tolerations() {
+        let mut tainted = node("a", true, json!({}));
+        tainted["spec"]["taints"] =
+            json!([{"key": "dedicated", "value": "line-1", "effect": "NoSchedule"}]);
+        let nodes = vec![tainted];
+        let plain = json!({"spec": {}});
+        assert!(choose(&plain, &nodes, &HashMap::new()).is_err());
+        let tolerant = json!({"spec": {"tolerations": [{"key": "dedicated", "operator": "Equal", "value": "line-1", "effect": "NoSchedule"}]}});
+        assert_eq!(choose(&tolerant, &nodes, &HashMap::new()), Ok("a"));
+    }
+}
