@@ -357,3 +357,76 @@ fn failed_requests_get_status_bodies_and_write_nothing() {
         err(&replaced)
     );
 }
+
+#[test]
+fn finalizers_hold_deletion_and_owner_references_collect_dependents() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let cloud = Cloud::start(tmp.path(), &[]);
+    let text = |args: &[&str]| ok(cloud.kubectl(args), &args.join(" "));
+
+    // Finalizers: delete marks, the last finalizer's removal deletes.
+    ok(
+        cloud.kubectl_with_stdin(
+            &["create", "-f", "-"],
+            Some("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: held\n  finalizers: [example.com/hold]\n"),
+        ),
+        "create held",
+    );
+    text(&["delete", "configmap", "held", "--wait=false"]);
+    let marked = text(&[
+        "get",
+        "configmap",
+        "held",
+        "-o",
+        "jsonpath={.metadata.deletionTimestamp}",
+    ]);
+    assert!(!marked.is_empty(), "deletion is pending on the finalizer");
+    text(&[
+        "patch",
+        "configmap",
+        "held",
+        "--type=merge",
+        "-p",
+        r#"{"metadata":{"finalizers":null}}"#,
+    ]);
+    assert!(eventually(Duration::from_secs(5), || !cloud
+        .kubectl(&["get", "configmap", "held"])
+        .status
+        .success()));
+
+    // Owner references: deleting the owner deletes its dependents (background propagation);
+    // with --cascade=orphan the dependent stays and loses the reference.
+    for owner in ["owner-a", "owner-b"] {
+        ok(
+            cloud.kubectl(&["create", "configmap", owner]),
+            "create owner",
+        );
+        let uid = text(&["get", "configmap", owner, "-o", "jsonpath={.metadata.uid}"]);
+        let dependent = format!(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: dep-of-{owner}\n  ownerReferences:\n  - apiVersion: v1\n    kind: ConfigMap\n    name: {owner}\n    uid: {uid}\n"
+        );
+        ok(
+            cloud.kubectl_with_stdin(&["create", "-f", "-"], Some(&dependent)),
+            "create dependent",
+        );
+    }
+    text(&["delete", "configmap", "owner-a"]);
+    assert!(
+        eventually(Duration::from_secs(5), || !cloud
+            .kubectl(&["get", "configmap", "dep-of-owner-a"])
+            .status
+            .success()),
+        "the dependent of a deleted owner is collected"
+    );
+    text(&["delete", "configmap", "owner-b", "--cascade=orphan"]);
+    assert!(eventually(Duration::from_secs(5), || {
+        text(&[
+            "get",
+            "configmap",
+            "dep-of-owner-b",
+            "-o",
+            "jsonpath={.metadata.ownerReferences}",
+        ])
+        .is_empty()
+    }));
+}

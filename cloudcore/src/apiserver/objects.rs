@@ -700,12 +700,20 @@ pub fn collect_garbage(
                     }
                 } else {
                     let mut updated = object.clone();
-                    updated["metadata"]["ownerReferences"] =
-                        json!(if propagation == Propagation::Orphan {
-                            remaining
-                        } else {
-                            live
-                        });
+                    let kept = if propagation == Propagation::Orphan {
+                        remaining
+                    } else {
+                        live
+                    };
+                    match updated["metadata"].as_object_mut() {
+                        Some(meta) if kept.is_empty() => {
+                            meta.remove("ownerReferences");
+                        }
+                        Some(meta) => {
+                            meta.insert("ownerReferences".into(), json!(kept));
+                        }
+                        None => continue,
+                    }
                     match store.update(&id, &namespace, &name, updated, expected) {
                         Ok(_) | Err(StoreError::NotFound | StoreError::Conflict { .. }) => {}
                         Err(e) => return Err(e),
