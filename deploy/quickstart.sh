@@ -42,7 +42,8 @@ stop >/dev/null 2>&1 || true
 mkdir -p "$root"
 
 "$bin/cloudcore" serve --data-dir "$root/cloud" --listen 127.0.0.1:10000 \
-  --advertise-address 127.0.0.1 --metrics-listen 127.0.0.1:10350 >"$root/cloudcore.log" 2>&1 &
+  --advertise-address 127.0.0.1 --metrics-listen 127.0.0.1:10350 \
+  --control-plane embedded --api-listen 127.0.0.1:6443 >"$root/cloudcore.log" 2>&1 &
 echo $! >"$root/cloudcore.pid"
 for _ in $(seq 100); do curl -fs 127.0.0.1:10350/healthz >/dev/null && break; sleep 0.1; done
 
@@ -60,10 +61,15 @@ for _ in $(seq 100); do
   sleep 0.1
 done
 
-"$bin/cloudcore" node list --data-dir "$root/cloud"
+for _ in $(seq 100); do
+  kubectl --kubeconfig "$root/cloud/kubeconfig" --cache-dir "$root/kubectl-cache" get node edge-1 2>/dev/null | grep -q ' Ready ' && break
+  sleep 0.1
+done
+kubectl --kubeconfig "$root/cloud/kubeconfig" --cache-dir "$root/kubectl-cache" get nodes
 cat <<EOT
 
 cloudcore and one edgecore are running (logs in $root).
+  kubectl:      kubectl --kubeconfig $root/cloud/kubeconfig get nodes
   nodes:        $bin/cloudcore node list --data-dir $root/cloud
   tokens:       $bin/cloudcore token list --data-dir $root/cloud
   metrics:      curl -s 127.0.0.1:10350/metrics   (edge: 127.0.0.1:10351)
