@@ -5,15 +5,22 @@
 //! does this and this task does not run.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, Pod};
-use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::runtime::reflector::{self, Store, reflector};
+use kube::runtime::watcher;
 use serde_json::{Value, json};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-/// How often pending pods are looked at.
-const PERIOD: Duration = Duration::from_millis(500);
+/// Unschedulable pods are looked at again this often even without a change.
+const RETRY: Duration = Duration::from_secs(5);
+/// Events arriving within this window are handled in one round.
+const SETTLE: Duration = Duration::from_millis(50);
 
 /// Why a node cannot take a pod; the words kube-scheduler uses in its summary.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -191,45 +198,52 @@ fn choose<'a>(
     })
 }
 
+/// Schedules what is pending in the caches; returns how many pods are still unbound.
 async fn schedule_once(
-    pods: &Api<Pod>,
-    nodes: &Api<Node>,
+    pods: &Store<Pod>,
+    nodes: &Store<Node>,
     client: &kube::Client,
-) -> Result<(), kube::Error> {
-    let all_pods: Vec<Value> = pods
-        .list(&ListParams::default())
-        .await?
-        .items
-        .into_iter()
-        .filter_map(|p| serde_json::to_value(p).ok())
-        .collect();
-    let pending: Vec<&Value> = all_pods
+) -> Result<usize, kube::Error> {
+    let all_pods = pods.state();
+    let unbound = |p: &Pod| {
+        p.spec
+            .as_ref()
+            .and_then(|s| s.node_name.as_deref())
+            .is_none_or(str::is_empty)
+    };
+    let pending: Vec<Value> = all_pods
         .iter()
-        .filter(|p| p["spec"]["nodeName"].as_str().is_none_or(str::is_empty))
-        .filter(|p| !p["metadata"]["deletionTimestamp"].is_string())
+        .filter(|p| unbound(p))
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
         .filter(|p| {
-            p["spec"]["schedulerName"]
-                .as_str()
+            p.spec
+                .as_ref()
+                .and_then(|s| s.scheduler_name.as_deref())
                 .is_none_or(|s| s == "default-scheduler")
         })
+        .filter_map(|p| serde_json::to_value(p.as_ref()).ok())
         .collect();
     if pending.is_empty() {
-        return Ok(());
+        return Ok(0);
     }
     let nodes: Vec<Value> = nodes
-        .list(&ListParams::default())
-        .await?
-        .items
-        .into_iter()
-        .filter_map(|n| serde_json::to_value(n).ok())
+        .state()
+        .iter()
+        .filter_map(|n| serde_json::to_value(n.as_ref()).ok())
         .collect();
     let mut load: HashMap<String, usize> = HashMap::new();
     for pod in &all_pods {
-        if let Some(node) = pod["spec"]["nodeName"].as_str().filter(|n| !n.is_empty()) {
+        if let Some(node) = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.node_name.as_deref())
+            .filter(|n| !n.is_empty())
+        {
             *load.entry(node.to_string()).or_default() += 1;
         }
     }
-    for pod in pending {
+    let mut still_pending = 0;
+    for pod in &pending {
         let (Some(namespace), Some(name)) = (
             pod["metadata"]["namespace"].as_str(),
             pod["metadata"]["name"].as_str(),
@@ -258,12 +272,13 @@ async fn schedule_once(
                         tracing::info!(pod = %format!("{namespace}/{name}"), node.name = %node, "pod scheduled");
                         *load.entry(node.to_string()).or_default() += 1;
                     }
-                    // Deleted or bound meanwhile: the next round sees the truth.
+                    // Deleted or bound meanwhile: the caches will show the truth.
                     Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
                     Err(e) => return Err(e),
                 }
             }
             Err(message) => {
+                still_pending += 1;
                 let current = pod["status"]["conditions"]
                     .as_array()
                     .and_then(|cs| cs.iter().find(|c| c["type"] == "PodScheduled"));
@@ -291,22 +306,63 @@ async fn schedule_once(
             }
         }
     }
-    Ok(())
+    Ok(still_pending)
 }
 
-/// Schedules pending pods until cancelled.
+/// Keeps a reflector cache of `api` and pokes `changed` on every event.
+fn cache<K>(api: Api<K>, changed: Arc<Notify>) -> (Store<K>, impl std::future::Future<Output = ()>)
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
+    let (reader, writer) = reflector::store();
+    let stream = reflector(writer, watcher(api, watcher::Config::default()));
+    let task = async move {
+        futures::pin_mut!(stream);
+        while let Some(event) = stream.next().await {
+            match event {
+                Ok(_) => changed.notify_one(),
+                Err(e) => {
+                    tracing::debug!(error = %e, "scheduler watch interrupted; the watcher retries")
+                }
+            }
+        }
+    };
+    (reader, task)
+}
+
+/// Schedules pending pods until cancelled: woken by any pod or node change (watch caches, as
+/// kube-scheduler's informers), and every few seconds to retry.
 pub async fn run(client: kube::Client, shutdown: CancellationToken) {
-    let pods: Api<Pod> = Api::all(client.clone());
-    let nodes: Api<Node> = Api::all(client.clone());
-    let mut tick = tokio::time::interval(PERIOD);
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tick.tick() => {}
+    let changed = Arc::new(Notify::new());
+    let (pods, pod_cache) = cache(Api::<Pod>::all(client.clone()), changed.clone());
+    let (nodes, node_cache) = cache(Api::<Node>::all(client.clone()), changed.clone());
+    let caches = async {
+        tokio::join!(pod_cache, node_cache);
+    };
+    let schedule = async {
+        let mut retry = tokio::time::interval(RETRY);
+        loop {
+            tokio::select! {
+                _ = changed.notified() => {}
+                _ = retry.tick() => {}
+            }
+            // Let a burst of events settle before a round.
+            tokio::time::sleep(SETTLE).await;
+            if let Err(e) = schedule_once(&pods, &nodes, &client).await {
+                tracing::warn!(error = %e, "scheduling round failed; will retry");
+            }
         }
-        if let Err(e) = schedule_once(&pods, &nodes, &client).await {
-            tracing::warn!(error = %e, "scheduling round failed; will retry");
-        }
+    };
+    tokio::select! {
+        _ = shutdown.cancelled() => {}
+        _ = caches => {}
+        _ = schedule => {}
     }
 }
 
