@@ -44,7 +44,10 @@ CREATE TABLE events (
     namespace TEXT NOT NULL,
     name TEXT NOT NULL,
     type TEXT NOT NULL CHECK (type IN ('ADDED', 'MODIFIED', 'DELETED')),
-    body TEXT NOT NULL
+    body TEXT NOT NULL,
+    -- The object before a MODIFIED event, so filtered watches can tell an object that
+    -- started or stopped matching (sent as ADDED or DELETED, as the apiserver does).
+    prev_body TEXT
 );
 CREATE TABLE meta (
     id INTEGER PRIMARY KEY CHECK (id = 1),
@@ -115,6 +118,8 @@ pub struct WatchEvent {
     pub name: String,
     /// The object after the change; for a deletion, the object as deleted.
     pub object: Arc<Value>,
+    /// For `Modified`: the object as it was before this change.
+    pub previous: Option<Arc<Value>>,
 }
 
 /// A store operation failed.
@@ -417,7 +422,7 @@ impl Store {
                 });
             }
             let mut stmt = tx.prepare_cached(
-                r#"SELECT rv, namespace, name, type, body FROM events
+                r#"SELECT rv, namespace, name, type, body, prev_body FROM events
                    WHERE rv > ?1 AND rv <= ?2 AND "group" = ?3 AND resource = ?4
                      AND (?5 IS NULL OR namespace = ?5)
                    ORDER BY rv"#,
@@ -441,6 +446,10 @@ impl Store {
                             namespace: row.get(1)?,
                             name: row.get(2)?,
                             object: Arc::new(json_column(row, 4)?),
+                            previous: match row.get_ref(5)? {
+                                rusqlite::types::ValueRef::Null => None,
+                                _ => Some(Arc::new(json_column(row, 5)?)),
+                            },
                         })
                     },
                 )?
@@ -458,7 +467,7 @@ impl Store {
         change: Change,
     ) -> Result<Value, StoreError> {
         let mut writer = self.writer();
-        let (event_type, object, rv) = commit_change(
+        let (event_type, object, previous, rv) = commit_change(
             &mut writer,
             self.inner.event_retention,
             r,
@@ -486,6 +495,7 @@ impl Store {
                 namespace: namespace.to_owned(),
                 name: name.to_owned(),
                 object: Arc::new(object.clone()),
+                previous: previous.map(Arc::new),
             };
             // An error means every receiver was dropped since the check: nobody to tell.
             let _ = self.inner.events.send(Arc::new(event));
@@ -689,18 +699,19 @@ fn commit_change(
     namespace: &str,
     name: &str,
     change: Change,
-) -> Result<(EventType, Value, u64), StoreError> {
+) -> Result<(EventType, Value, Option<Value>, u64), StoreError> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let (rv, compacted) = read_meta(&tx)?;
     let new_rv = rv + 1;
     let key = params![r.group, r.resource, namespace, name];
-    let current: Option<u64> = tx
+    let stored: Option<(u64, String)> = tx
         .prepare_cached(
-            r#"SELECT rv FROM objects
+            r#"SELECT rv, body FROM objects
                WHERE "group" = ?1 AND resource = ?2 AND namespace = ?3 AND name = ?4"#,
         )?
-        .query_row(key, |row| row.get(0))
+        .query_row(key, |row| Ok((row.get(0)?, row.get(1)?)))
         .optional()?;
+    let current = stored.as_ref().map(|(rv, _)| *rv);
     let check = |expected: Option<u64>| match (current, expected) {
         (None, _) => Err(StoreError::NotFound),
         (Some(current), Some(expected)) if current != expected => {
@@ -708,7 +719,7 @@ fn commit_change(
         }
         (Some(_), _) => Ok(()),
     };
-    let (event_type, object, body) = match change {
+    let (event_type, object, body, prev_body) = match change {
         Change::Create(mut object) => {
             if current.is_some() {
                 return Err(StoreError::AlreadyExists);
@@ -719,7 +730,7 @@ fn commit_change(
                    VALUES (?1, ?2, ?3, ?4, ?5, ?6)"#,
             )?
             .execute(params![r.group, r.resource, namespace, name, new_rv, body])?;
-            (EventType::Added, object, body)
+            (EventType::Added, object, body, None)
         }
         Change::Update(mut object, expected) => {
             check(expected)?;
@@ -729,7 +740,7 @@ fn commit_change(
                    WHERE "group" = ?1 AND resource = ?2 AND namespace = ?3 AND name = ?4"#,
             )?
             .execute(params![r.group, r.resource, namespace, name, new_rv, body])?;
-            (EventType::Modified, object, body)
+            (EventType::Modified, object, body, stored.map(|(_, b)| b))
         }
         Change::Delete(expected) => {
             check(expected)?;
@@ -741,12 +752,12 @@ fn commit_change(
                 )?
                 .query_row(key, |row| json_column(row, 0))?;
             let body = stamp(&mut object, new_rv)?;
-            (EventType::Deleted, object, body)
+            (EventType::Deleted, object, body, None)
         }
     };
     tx.prepare_cached(
-        r#"INSERT INTO events (rv, "group", resource, namespace, name, type, body)
-           VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"#,
+        r#"INSERT INTO events (rv, "group", resource, namespace, name, type, body, prev_body)
+           VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"#,
     )?
     .execute(params![
         new_rv,
@@ -755,11 +766,18 @@ fn commit_change(
         namespace,
         name,
         event_type.as_str(),
-        body
+        body,
+        prev_body
     ])?;
     compact(&tx, new_rv, compacted, retention)?;
     tx.commit()?;
-    Ok((event_type, object, new_rv))
+    let previous = match &prev_body {
+        Some(text) => {
+            Some(serde_json::from_str(text).map_err(|e| StoreError::InvalidObject(e.to_string()))?)
+        }
+        None => None,
+    };
+    Ok((event_type, object, previous, new_rv))
 }
 
 /// Sets `metadata.resourceVersion` to `rv` and serializes the object; InvalidObject unless it is
@@ -1075,6 +1093,10 @@ mod tests {
         assert_eq!(watch.resource_version(), 3);
         assert_eq!(replayed[1].object["metadata"]["resourceVersion"], "3");
         assert_eq!(replayed[1].resource, pods());
+        // A replayed MODIFIED carries the object as it was before the change.
+        let previous = replayed[1].previous.as_ref().expect("previous object");
+        assert_eq!(previous["metadata"]["resourceVersion"], "1");
+        assert!(replayed[0].previous.is_none());
         assert_eq!(
             (replayed[1].namespace.as_str(), replayed[1].name.as_str()),
             ("default", "a")

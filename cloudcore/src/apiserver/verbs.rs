@@ -821,13 +821,20 @@ async fn watch_collection(
                 ApiError::bad_request(format!("resourceVersion {rv:?} is not valid"))
             })?),
         };
+    // A streaming list (`sendInitialEvents=true`, kube-rs `streaming_lists()`, client-go
+    // WatchList): the current state as ADDED events whatever the resourceVersion (ours is
+    // always at least as new), then a bookmark marking their end.
+    let send_initial = matches!(
+        query.get("sendInitialEvents").map(String::as_str),
+        Some("true" | "1")
+    );
     let store = api.store.clone();
     let id = resource_id(info);
     let namespace = request.namespace.clone();
     // Without a resourceVersion, a watch starts with the current state as ADDED events.
     let (initial, from) = match requested {
-        Some(rv) => (Vec::new(), rv),
-        None => {
+        Some(rv) if !send_initial => (Vec::new(), rv),
+        _ => {
             let (store2, id2, ns2) = (store.clone(), id.clone(), namespace.clone());
             let (objects, rv) = blocking(move || store2.list(&id2, ns2.as_deref()))
                 .await?
@@ -875,6 +882,13 @@ async fn watch_collection(
     let bookmark_interval = api.bookmark_interval;
     let api_version = api_version(info);
     let kind = info.kind;
+    if send_initial {
+        let end = json!({"kind": kind, "apiVersion": api_version, "metadata": {
+            "resourceVersion": from.to_string(),
+            "annotations": {"k8s.io/initial-events-end": "true"},
+        }});
+        first.push(watch_line("BOOKMARK", &end));
+    }
     tokio::spawn(async move {
         let deadline = tokio::time::sleep(timeout);
         tokio::pin!(deadline);
@@ -906,6 +920,9 @@ async fn watch_collection(
     Ok(streaming(first, Some(rx)))
 }
 
+/// The line a filtered watch sends for `event`, if any. An object that starts matching the
+/// selectors is `ADDED` and one that stops matching is `DELETED`, as the apiserver's watch
+/// cache does, so a selector-scoped cache never keeps an object that left its scope.
 fn event_line(
     event: &WatchEvent,
     info: &ResourceInfo,
@@ -914,13 +931,23 @@ fn event_line(
     render: &impl Fn(&Value) -> Value,
 ) -> Option<Bytes> {
     let object = event.object.as_ref();
-    if !matches(info, labels, fields, object).unwrap_or(false) {
-        return None;
-    }
+    let now = matches(info, labels, fields, object).unwrap_or(false);
     let kind = match event.event_type {
-        EventType::Added => "ADDED",
-        EventType::Modified => "MODIFIED",
-        EventType::Deleted => "DELETED",
+        EventType::Added if now => "ADDED",
+        EventType::Deleted if now => "DELETED",
+        EventType::Modified => {
+            let before = event
+                .previous
+                .as_deref()
+                .is_none_or(|previous| matches(info, labels, fields, previous).unwrap_or(false));
+            match (before, now) {
+                (true, true) => "MODIFIED",
+                (false, true) => "ADDED",
+                (true, false) => "DELETED",
+                (false, false) => return None,
+            }
+        }
+        _ => return None,
     };
     Some(watch_line(kind, &render(object)))
 }
@@ -959,6 +986,42 @@ mod tests {
             Some("app=web,tier in (a)")
         );
         assert_eq!(q.get("watch").map(String::as_str), Some("1"));
+    }
+
+    #[test]
+    fn objects_entering_or_leaving_a_selector_are_added_or_deleted() {
+        let info = super::super::resources::lookup("", "v1", "pods").expect("pods");
+        let labels = Some(LabelSelector::parse("app=web").expect("selector"));
+        let pod = |app: &str| json!({"metadata": {"name": "p", "labels": {"app": app}}});
+        let event = |previous: Option<Value>, object: Value| WatchEvent {
+            rv: 2,
+            event_type: EventType::Modified,
+            resource: ResourceId {
+                group: String::new(),
+                resource: "pods".into(),
+            },
+            namespace: "default".into(),
+            name: "p".into(),
+            object: Arc::new(object),
+            previous: previous.map(Arc::new),
+        };
+        let kind = |e: &WatchEvent| {
+            event_line(e, info, &labels, &None, &|v: &Value| v.clone())
+                .map(|b| serde_json::from_slice::<Value>(&b).expect("json")["type"].clone())
+        };
+        assert_eq!(
+            kind(&event(Some(pod("db")), pod("web"))),
+            Some(json!("ADDED"))
+        );
+        assert_eq!(
+            kind(&event(Some(pod("web")), pod("db"))),
+            Some(json!("DELETED"))
+        );
+        assert_eq!(
+            kind(&event(Some(pod("web")), pod("web"))),
+            Some(json!("MODIFIED"))
+        );
+        assert_eq!(kind(&event(Some(pod("db")), pod("db"))), None);
     }
 
     #[test]
