@@ -4,6 +4,8 @@
 //! The binaries must be built first (`cargo build --workspace --bins`, which the README's test
 //! command does); a missing binary fails the test with that instruction.
 
+pub mod bench;
+
 use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream, UdpSocket};
@@ -87,14 +89,18 @@ pub fn metric_value(page: &str, series: &str) -> Option<f64> {
 }
 
 fn spawn_logged(mut command: Command, log: &Path) -> Child {
-    let file = File::create(log).expect("create log file");
+    try_spawn_logged(command.env("RUST_LOG", "info"), log).expect("spawn binary")
+}
+
+fn try_spawn_logged(command: &mut Command, log: &Path) -> anyhow::Result<Child> {
+    use anyhow::Context as _;
+    let file = File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
     command
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(file)
-        .env("RUST_LOG", "info")
         .spawn()
-        .expect("spawn binary")
+        .with_context(|| format!("cannot start {:?}", command.get_program()))
 }
 
 /// Sends SIGTERM and waits up to 10 s, then SIGKILL.
@@ -120,6 +126,7 @@ pub struct Cloud {
     pub metrics_port: u16,
     /// HTTPS port of the embedded Kubernetes API.
     pub api_port: u16,
+    binary: PathBuf,
     extra: Vec<String>,
     child: Option<Child>,
     starts: usize,
@@ -128,22 +135,29 @@ pub struct Cloud {
 impl Cloud {
     /// Starts `cloudcore serve` on fresh loopback ports with state in `dir/cloud`.
     pub fn start(dir: &Path, extra: &[&str]) -> Cloud {
+        Cloud::start_binary(&bin("cloudcore"), dir, extra).unwrap_or_else(|e| panic!("{e:#}"))
+    }
+
+    /// Like [`Cloud::start`] with a given `cloudcore` binary, for the load generators; an error
+    /// (holding the log) instead of a panic if it does not become healthy.
+    pub fn start_binary(binary: &Path, dir: &Path, extra: &[&str]) -> anyhow::Result<Cloud> {
         let mut cloud = Cloud {
             dir: dir.join("cloud"),
             port: free_udp_port(),
             metrics_port: free_tcp_port(),
             api_port: free_tcp_port(),
+            binary: binary.to_path_buf(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
             child: None,
             starts: 0,
         };
-        cloud.spawn();
-        cloud
+        cloud.spawn()?;
+        Ok(cloud)
     }
 
-    fn spawn(&mut self) {
+    fn spawn(&mut self) -> anyhow::Result<()> {
         self.starts += 1;
-        let mut command = Command::new(bin("cloudcore"));
+        let mut command = Command::new(&self.binary);
         command
             .arg("serve")
             .arg("--data-dir")
@@ -156,19 +170,22 @@ impl Cloud {
             .args(["--advertise-address", "127.0.0.1"])
             .args(["--control-plane", "embedded"])
             .args(["--api-listen", &format!("127.0.0.1:{}", self.api_port)])
-            .args(&self.extra);
-        std::fs::create_dir_all(&self.dir).expect("cloud dir");
+            .args(&self.extra)
+            .env("RUST_LOG", "info");
+        std::fs::create_dir_all(&self.dir)?;
         let log = self.log_path();
-        self.child = Some(spawn_logged(command, &log));
-        assert!(
-            eventually(Duration::from_secs(20), || http_get(
-                self.metrics_port,
-                "/healthz"
-            )
-            .is_some()),
-            "cloudcore did not become healthy; log:\n{}",
-            self.log()
-        );
+        self.child = Some(try_spawn_logged(&mut command, &log)?);
+        if !eventually(Duration::from_secs(20), || {
+            http_get(self.metrics_port, "/healthz").is_some()
+        }) {
+            anyhow::bail!("cloudcore did not become healthy; log:\n{}", self.log());
+        }
+        Ok(())
+    }
+
+    /// Process id of the running serve process.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     fn log_path(&self) -> PathBuf {
@@ -195,7 +212,9 @@ impl Cloud {
     /// Stops and starts again on the same ports and data dir.
     pub fn restart(&mut self) {
         self.stop();
-        self.spawn();
+        if let Err(e) = self.spawn() {
+            panic!("{e:#}");
+        }
     }
 
     /// Whether the serve process is still running.
@@ -400,6 +419,22 @@ impl Drop for Edge {
             let _ = child.wait();
         }
     }
+}
+
+/// A kube-rs client for the admin kubeconfig the embedded control plane wrote (see
+/// [`Cloud::kubeconfig`]). kube's `ring` feature builds its TLS config with ring itself, so no
+/// process-wide rustls provider is needed.
+pub async fn kube_client(kubeconfig: &Path) -> anyhow::Result<kube::Client> {
+    use anyhow::Context as _;
+    let kubeconfig = kube::config::Kubeconfig::read_from(kubeconfig)
+        .with_context(|| format!("cannot read {}", kubeconfig.display()))?;
+    let config = kube::Config::from_custom_kubeconfig(
+        kubeconfig,
+        &kube::config::KubeConfigOptions::default(),
+    )
+    .await
+    .context("the kubeconfig is not usable")?;
+    kube::Client::try_from(config).context("cannot build a kube client")
 }
 
 /// Installs a test tracing subscriber once (for in-process clients).

@@ -27,6 +27,7 @@ use edgecore::hub::{HubConfig, Session};
 use edgecore::identity::Identity;
 use edgecore::join::JoinParams;
 use edgecore::metrics::Metrics;
+use integration::bench::{self, Failures, Machine, Spread, mib, ms, percentile};
 use integration::metric_value;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -469,28 +470,6 @@ async fn connect_round(
     })
 }
 
-/// Failure messages grouped by text, so a thousand identical errors read as one line.
-#[derive(Default)]
-struct Failures(BTreeMap<String, usize>);
-
-impl Failures {
-    fn add(&mut self, why: String) {
-        *self.0.entry(why).or_default() += 1;
-    }
-
-    fn check(&self, what: &str) -> Result<()> {
-        if self.0.is_empty() {
-            return Ok(());
-        }
-        let total: usize = self.0.values().sum();
-        let mut text = format!("{total} {what} failed:");
-        for (why, count) in &self.0 {
-            text.push_str(&format!("\n  {count} x {why}"));
-        }
-        bail!(text)
-    }
-}
-
 /// `cloudcore serve` on one data dir, (re)started on free loopback ports.
 struct Cloud {
     binary: PathBuf,
@@ -602,15 +581,7 @@ impl Cloud {
     /// Resident set size from /proc/PID/status, in KiB.
     fn rss_kib(&mut self) -> Result<u64> {
         self.process.ensure_running()?;
-        let path = format!("/proc/{}/status", self.process.pid);
-        let status =
-            std::fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
-        status
-            .lines()
-            .find_map(|line| line.strip_prefix("VmRSS:"))
-            .and_then(|rest| rest.split_whitespace().next())
-            .and_then(|kib| kib.parse().ok())
-            .with_context(|| format!("no VmRSS in {path}"))
+        bench::rss_kib(self.process.pid)
     }
 
     /// Datagrams the kernel dropped at cloudcore's UDP socket since it was opened (the last
@@ -764,48 +735,6 @@ async fn http_get(port: u16, path: &str) -> Result<String> {
     Ok(body.to_string())
 }
 
-/// Where the figures were taken.
-struct Machine {
-    cpus: usize,
-    cpu_model: String,
-    memory_mib: u64,
-    kernel: String,
-}
-
-impl Machine {
-    fn read() -> Machine {
-        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-        Machine {
-            cpus: std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1),
-            cpu_model: cpuinfo
-                .lines()
-                .find_map(|l| {
-                    l.strip_prefix("model name")?
-                        .split_once(':')
-                        .map(|(_, v)| v.trim().to_string())
-                })
-                .unwrap_or_else(|| "unknown".into()),
-            memory_mib: meminfo
-                .lines()
-                .find_map(|l| {
-                    l.strip_prefix("MemTotal:")?
-                        .split_whitespace()
-                        .next()?
-                        .parse::<u64>()
-                        .ok()
-                })
-                .unwrap_or(0)
-                / 1024,
-            kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
-                .map(|s| s.trim().to_string())
-                .unwrap_or_default(),
-        }
-    }
-}
-
 /// Everything measured.
 struct Report {
     edges: usize,
@@ -818,52 +747,6 @@ struct Report {
     fresh_rss_kib: u64,
     join: JoinPhase,
     rounds: Vec<Round>,
-}
-
-/// Median, minimum and maximum of the per-round values.
-struct Spread {
-    median: f64,
-    min: f64,
-    max: f64,
-}
-
-impl Spread {
-    fn of(values: impl Iterator<Item = f64>) -> Spread {
-        let mut v: Vec<f64> = values.collect();
-        v.sort_by(f64::total_cmp);
-        let n = v.len();
-        let median = match n {
-            0 => 0.0,
-            _ if n % 2 == 1 => v[n / 2],
-            _ => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-        };
-        Spread {
-            median,
-            min: v.first().copied().unwrap_or(0.0),
-            max: v.last().copied().unwrap_or(0.0),
-        }
-    }
-
-    fn to_json(&self) -> Value {
-        json!({ "median": self.median, "min": self.min, "max": self.max })
-    }
-}
-
-/// Nearest-rank percentile of sorted values.
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let rank = ((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
-    sorted[rank - 1]
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
-fn mib(kib: u64) -> f64 {
-    kib as f64 / 1024.0
 }
 
 impl Report {
@@ -1030,36 +913,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn percentiles_use_nearest_rank() {
-        let values: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
-        assert_eq!(percentile(&values, 0.5), Duration::from_millis(50));
-        assert_eq!(percentile(&values, 0.99), Duration::from_millis(99));
-        assert_eq!(percentile(&values[..1], 0.99), Duration::from_millis(1));
-        assert_eq!(percentile(&[], 0.5), Duration::ZERO);
-    }
-
-    #[test]
-    fn spread_takes_the_middle() {
-        let s = Spread::of([3.0, 1.0, 2.0].into_iter());
-        assert_eq!((s.median, s.min, s.max), (2.0, 1.0, 3.0));
-        assert_eq!(Spread::of([1.0, 2.0].into_iter()).median, 1.5);
-    }
-
-    #[test]
     fn node_names_sort_in_order() {
         assert_eq!(node_name(1000, 7), "bench-0007");
         assert_eq!(node_name(20000, 7), "bench-00007");
-    }
-
-    #[test]
-    fn failures_are_grouped() {
-        let mut f = Failures::default();
-        f.add("timeout".into());
-        f.add("timeout".into());
-        f.add("refused".into());
-        let text = f.check("joins").expect_err("failures").to_string();
-        assert!(text.starts_with("3 joins failed"), "{text}");
-        assert!(text.contains("2 x timeout"), "{text}");
-        assert!(Failures::default().check("joins").is_ok());
     }
 }

@@ -1,0 +1,211 @@
+//! What the load generators (`edge-bench`, `api-bench`) share: nearest-rank percentiles, the
+//! spread of a figure across rounds, failures grouped by message, a description of the machine,
+//! and a process's memory and CPU time from `/proc`.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use serde_json::{Value, json};
+
+/// Clock ticks per second in `/proc/PID/stat` (`USER_HZ`, fixed at 100 by the kernel ABI).
+const USER_HZ: f64 = 100.0;
+
+/// Failure messages grouped by text, so a thousand identical errors read as one line.
+#[derive(Debug, Default)]
+pub struct Failures(BTreeMap<String, usize>);
+
+impl Failures {
+    /// Counts one failure.
+    pub fn add(&mut self, why: String) {
+        *self.0.entry(why).or_default() += 1;
+    }
+
+    /// Ok if nothing failed, else an error listing each message with its count.
+    pub fn check(&self, what: &str) -> Result<()> {
+        if self.0.is_empty() {
+            return Ok(());
+        }
+        let total: usize = self.0.values().sum();
+        let mut text = format!("{total} {what} failed:");
+        for (why, count) in &self.0 {
+            text.push_str(&format!("\n  {count} x {why}"));
+        }
+        bail!(text)
+    }
+}
+
+/// Median, minimum and maximum of per-round values.
+#[derive(Debug, Clone, Copy)]
+pub struct Spread {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+impl Spread {
+    /// The spread of `values` (all zero when there are none).
+    pub fn of(values: impl Iterator<Item = f64>) -> Spread {
+        let mut v: Vec<f64> = values.collect();
+        v.sort_by(f64::total_cmp);
+        let n = v.len();
+        let median = match n {
+            0 => 0.0,
+            _ if n % 2 == 1 => v[n / 2],
+            _ => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+        };
+        Spread {
+            median,
+            min: v.first().copied().unwrap_or(0.0),
+            max: v.last().copied().unwrap_or(0.0),
+        }
+    }
+
+    /// `{"median": .., "min": .., "max": ..}`.
+    pub fn to_json(&self) -> Value {
+        json!({ "median": self.median, "min": self.min, "max": self.max })
+    }
+}
+
+/// Nearest-rank percentile (`p` in 0..=1) of sorted values; zero for none.
+pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let rank = ((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1]
+}
+
+/// Milliseconds, for printing.
+pub fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// MiB from KiB, for printing.
+pub fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+/// Where the figures were taken.
+#[derive(Debug)]
+pub struct Machine {
+    pub cpus: usize,
+    pub cpu_model: String,
+    pub memory_mib: u64,
+    pub kernel: String,
+}
+
+impl Machine {
+    /// Reads CPUs, CPU model, memory and kernel release from `/proc`.
+    pub fn read() -> Machine {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        Machine {
+            cpus: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+            cpu_model: cpuinfo
+                .lines()
+                .find_map(|l| {
+                    l.strip_prefix("model name")?
+                        .split_once(':')
+                        .map(|(_, v)| v.trim().to_string())
+                })
+                .unwrap_or_else(|| "unknown".into()),
+            memory_mib: meminfo
+                .lines()
+                .find_map(|l| {
+                    l.strip_prefix("MemTotal:")?
+                        .split_whitespace()
+                        .next()?
+                        .parse::<u64>()
+                        .ok()
+                })
+                .unwrap_or(0)
+                / 1024,
+            kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+                .map(|s| s.trim().to_string())
+                .unwrap_or_default(),
+        }
+    }
+
+    /// `{"cpus": .., "cpu_model": .., "memory_mib": .., "kernel": ..}`.
+    pub fn to_json(&self) -> Value {
+        json!({
+            "cpus": self.cpus,
+            "cpu_model": self.cpu_model,
+            "memory_mib": self.memory_mib,
+            "kernel": self.kernel,
+        })
+    }
+}
+
+/// Resident set size of process `pid` from `/proc/PID/status` (`VmRSS`), in KiB.
+pub fn rss_kib(pid: u32) -> Result<u64> {
+    let path = format!("/proc/{pid}/status");
+    let status = std::fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|kib| kib.parse().ok())
+        .with_context(|| format!("no VmRSS in {path}"))
+}
+
+/// CPU time (user + system) process `pid` has used so far, from `/proc/PID/stat`.
+pub fn cpu_time(pid: u32) -> Result<Duration> {
+    let path = format!("/proc/{pid}/stat");
+    let stat = std::fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
+    cpu_time_of_stat(&stat).with_context(|| format!("cannot parse {path}"))
+}
+
+/// utime + stime from a `/proc/PID/stat` line. The command name (field 2) may hold spaces and
+/// parentheses, so fields are counted after its last `)`.
+fn cpu_time_of_stat(stat: &str) -> Option<Duration> {
+    let (_, rest) = stat.rsplit_once(')')?;
+    // rest starts at field 3 (state); utime and stime are fields 14 and 15.
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(Duration::from_secs_f64((utime + stime) as f64 / USER_HZ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_use_nearest_rank() {
+        let values: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
+        assert_eq!(percentile(&values, 0.5), Duration::from_millis(50));
+        assert_eq!(percentile(&values, 0.99), Duration::from_millis(99));
+        assert_eq!(percentile(&values[..1], 0.99), Duration::from_millis(1));
+        assert_eq!(percentile(&[], 0.5), Duration::ZERO);
+    }
+
+    #[test]
+    fn spread_takes_the_middle() {
+        let s = Spread::of([3.0, 1.0, 2.0].into_iter());
+        assert_eq!((s.median, s.min, s.max), (2.0, 1.0, 3.0));
+        assert_eq!(Spread::of([1.0, 2.0].into_iter()).median, 1.5);
+    }
+
+    #[test]
+    fn failures_are_grouped() {
+        let mut f = Failures::default();
+        f.add("timeout".into());
+        f.add("timeout".into());
+        f.add("refused".into());
+        let text = f.check("joins").expect_err("failures").to_string();
+        assert!(text.starts_with("3 joins failed"), "{text}");
+        assert!(text.contains("2 x timeout"), "{text}");
+        assert!(Failures::default().check("joins").is_ok());
+    }
+
+    #[test]
+    fn cpu_time_counts_fields_after_the_command_name() {
+        let stat = "4242 (cloud core) (x)) S 1 4242 4242 0 -1 4194560 1000 0 0 0 250 50 0 0 20 0 9 0 100 0";
+        assert_eq!(cpu_time_of_stat(stat), Some(Duration::from_secs(3)));
+        assert_eq!(cpu_time_of_stat("garbage"), None);
+    }
+}
