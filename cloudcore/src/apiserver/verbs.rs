@@ -451,7 +451,7 @@ async fn write_update(
     };
     let written = result.map_err(|e| ApiError::from_store(e, info.group, info.plural, name))?;
     if finalized {
-        spawn_garbage_collection(api, &written);
+        spawn_garbage_collection(api, &written, objects::Propagation::Background);
     }
     Ok(written)
 }
@@ -681,11 +681,12 @@ async fn delete(
     let deleted = blocking(move || store.delete(&id, &ns, &n, expected))
         .await?
         .map_err(|e| ApiError::from_store(e, info.group, info.plural, name))?;
-    if opts.propagation.as_deref() == Some("Orphan") {
-        spawn_orphaning(api, &deleted);
+    let propagation = if opts.propagation.as_deref() == Some("Orphan") {
+        objects::Propagation::Orphan
     } else {
-        spawn_garbage_collection(api, &deleted);
-    }
+        objects::Propagation::Background
+    };
+    spawn_garbage_collection(api, &deleted, propagation);
     Ok(json_response(StatusCode::OK, &deleted))
 }
 
@@ -750,29 +751,16 @@ async fn delete_collection(
     Ok(json_response(StatusCode::OK, &body))
 }
 
-/// Deletes dependents of a deleted owner (background propagation): objects whose every owner
-/// reference points at objects that no longer exist.
-fn spawn_garbage_collection(api: &Arc<Api>, deleted: &Value) {
+/// Handles the dependents of a deleted owner in the background: `Background` deletes those
+/// whose owners are all gone, `Orphan` only removes the owner reference.
+fn spawn_garbage_collection(api: &Arc<Api>, deleted: &Value, propagation: objects::Propagation) {
     let Some(uid) = deleted["metadata"]["uid"].as_str().map(String::from) else {
         return;
     };
     let store = api.store.clone();
     tokio::task::spawn_blocking(move || {
-        if let Err(e) = objects::collect_garbage(&store, &uid, objects::Propagation::Background) {
-            tracing::warn!(owner.uid = %uid, error = %e, "garbage collection failed");
-        }
-    });
-}
-
-/// Removes the owner reference from dependents of a deleted owner (orphan propagation).
-fn spawn_orphaning(api: &Arc<Api>, deleted: &Value) {
-    let Some(uid) = deleted["metadata"]["uid"].as_str().map(String::from) else {
-        return;
-    };
-    let store = api.store.clone();
-    tokio::task::spawn_blocking(move || {
-        if let Err(e) = objects::collect_garbage(&store, &uid, objects::Propagation::Orphan) {
-            tracing::warn!(owner.uid = %uid, error = %e, "orphaning dependents failed");
+        if let Err(e) = objects::collect_garbage(&store, &uid, propagation) {
+            tracing::warn!(owner.uid = %uid, ?propagation, error = %e, "garbage collection failed");
         }
     });
 }
