@@ -26,6 +26,8 @@ use crate::tls::{self, TlsError};
 
 /// A session that lasted at least this long resets the backoff.
 const STABLE_SESSION: Duration = Duration::from_secs(30);
+/// How long shutdown waits for the connection close to be sent.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
 /// Without an answer to a renewal request, ask again after this long.
 const RENEW_RETRY: Duration = Duration::from_secs(600);
 
@@ -89,8 +91,8 @@ impl SessionError {
 /// An open tunnel session.
 #[derive(Debug)]
 pub struct Session {
-    // Kept so the UDP socket lives as long as the connection.
-    _endpoint: Endpoint,
+    /// Owns the UDP socket; also used to let a final close reach the cloud before exit.
+    endpoint: Endpoint,
     connection: Connection,
     reader: FrameReader<RecvStream>,
     writer: FrameWriter<SendStream>,
@@ -183,7 +185,7 @@ impl Session {
             }));
         }
         Ok(Session {
-            _endpoint: endpoint,
+            endpoint,
             connection,
             reader,
             writer,
@@ -218,6 +220,9 @@ impl Session {
             tokio::select! {
                 _ = shutdown.cancelled() => {
                     self.connection.close(VarInt::from_u32(close_code::SHUTDOWN), b"edgecore shutting down");
+                    // Let the close frame leave before the process exits, so the cloud sees the
+                    // session end now rather than after its idle timeout.
+                    let _ = tokio::time::timeout(CLOSE_GRACE, self.endpoint.wait_idle()).await;
                     return "edgecore shutting down".into();
                 }
                 _ = tokio::time::sleep_until(last_heard + dead_after) => {
