@@ -141,18 +141,31 @@ impl Cloud {
     /// Like [`Cloud::start`] with a given `cloudcore` binary, for the load generators; an error
     /// (holding the log) instead of a panic if it does not become healthy.
     pub fn start_binary(binary: &Path, dir: &Path, extra: &[&str]) -> anyhow::Result<Cloud> {
-        let mut cloud = Cloud {
-            dir: dir.join("cloud"),
-            port: free_udp_port(),
-            metrics_port: free_tcp_port(),
-            api_port: free_tcp_port(),
-            binary: binary.to_path_buf(),
-            extra: extra.iter().map(|s| s.to_string()).collect(),
-            child: None,
-            starts: 0,
-        };
-        cloud.spawn()?;
-        Ok(cloud)
+        // Ports are picked free and released before cloudcore binds them; another process can
+        // take one in between. A first start that dies early is retried on fresh ports.
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let mut cloud = Cloud {
+                dir: dir.join("cloud"),
+                port: free_udp_port(),
+                metrics_port: free_tcp_port(),
+                api_port: free_tcp_port(),
+                binary: binary.to_path_buf(),
+                extra: extra.iter().map(|s| s.to_string()).collect(),
+                child: None,
+                starts: 0,
+            };
+            match cloud.spawn() {
+                Ok(()) => return Ok(cloud),
+                Err(e) if attempt < 3 && !cloud.is_running() => {
+                    eprintln!(
+                        "cloudcore exited at start (attempt {attempt}), retrying on other ports: {e:#}"
+                    );
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     fn spawn(&mut self) -> anyhow::Result<()> {
@@ -175,9 +188,11 @@ impl Cloud {
         std::fs::create_dir_all(&self.dir)?;
         let log = self.log_path();
         self.child = Some(try_spawn_logged(&mut command, &log)?);
-        if !eventually(Duration::from_secs(20), || {
-            http_get(self.metrics_port, "/healthz").is_some()
-        }) {
+        let healthy = eventually(Duration::from_secs(20), || {
+            !matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(Some(_))))
+                && http_get(self.metrics_port, "/healthz").is_some()
+        });
+        if !healthy || !self.is_running() {
             anyhow::bail!("cloudcore did not become healthy; log:\n{}", self.log());
         }
         Ok(())
@@ -370,16 +385,33 @@ pub struct Edge {
 }
 
 impl Edge {
-    /// Starts `edgecore run` on a joined data dir.
+    /// Starts `edgecore run` on a joined data dir. The metrics listener binds port 0 and the
+    /// port is read from the log line edgecore writes once it is bound, so fifty edges started
+    /// at once never race for ports.
     pub fn start(dir: &Path) -> Edge {
-        let metrics_port = free_tcp_port();
         let mut command = Command::new(bin("edgecore"));
         command
             .arg("run")
             .arg("--data-dir")
             .arg(dir)
-            .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}")]);
-        let child = spawn_logged(command, &dir.join("run.log"));
+            .args(["--metrics-listen", "127.0.0.1:0"]);
+        let log = dir.join("run.log");
+        let mut child = spawn_logged(command, &log);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let metrics_port = loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if let Some(port) = bound_metrics_port(&text) {
+                break port;
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("edgecore exited ({status}) before serving metrics; log:\n{text}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "edgecore did not start within 20 s; log:\n{text}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        };
         Edge {
             dir: dir.to_path_buf(),
             metrics_port,
@@ -437,6 +469,17 @@ pub async fn kube_client(kubeconfig: &Path) -> anyhow::Result<kube::Client> {
     kube::Client::try_from(config).context("cannot build a kube client")
 }
 
+/// The metrics port in edgecore's start-up line (`... metrics=127.0.0.1:PORT ...`).
+fn bound_metrics_port(log: &str) -> Option<u16> {
+    log.lines()
+        .filter(|l| l.contains("edgecore running"))
+        .find_map(|l| {
+            l.split_whitespace()
+                .find_map(|w| w.strip_prefix("metrics=127.0.0.1:"))
+        })
+        .and_then(|p| p.parse().ok())
+}
+
 /// Installs a test tracing subscriber once (for in-process clients).
 pub fn init_test_tracing() {
     let _ = tracing_subscriber::fmt()
@@ -448,6 +491,13 @@ pub fn init_test_tracing() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn metrics_port_is_read_from_the_start_line() {
+        let log = "2026-11-24T06:39:17Z  INFO edgecore: edgecore running node.name=gw-1 metrics=127.0.0.1:41234 data_dir=x\n";
+        assert_eq!(bound_metrics_port(log), Some(41234));
+        assert_eq!(bound_metrics_port("nothing yet"), None);
+    }
 
     #[test]
     fn metric_lines_are_found_by_series() {
