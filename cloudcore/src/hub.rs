@@ -13,7 +13,6 @@ use proto::{ErrorCode, FrameError, FrameReader, FrameWriter, HelloAck, Message, 
 use quinn::crypto::rustls::QuicServerConfig;
 use quinn::{Connection, Endpoint, RecvStream, SendStream, VarInt};
 use rustls::pki_types::CertificateDer;
-use rustls::server::WebPkiClientVerifier;
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -120,14 +119,10 @@ impl Shared {
 
 /// Binds the QUIC endpoint with the cluster CA's serving certificate.
 pub fn endpoint(config: &ServeConfig, ca: &ClusterCa) -> Result<Endpoint, HubError> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(ca.cert_der().clone())?;
+    let provider = pki::crypto_provider();
     // Certificates are optional at the TLS layer so that joins work; a session without one is
     // refused after the handshake.
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .allow_unauthenticated()
-        .build()?;
+    let verifier = pki::optional_client_auth(ca)?;
     let (chain, key) = ca.issue_server_certificate(&config.server_sans())?;
     let mut tls = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?

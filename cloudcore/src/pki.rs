@@ -6,6 +6,7 @@ use std::io::Write;
 use std::net::IpAddr;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rand::Rng;
@@ -16,6 +17,7 @@ use rcgen::{
 use rustls::pki_types::{
     CertificateDer, CertificateSigningRequestDer, PrivateKeyDer, PrivatePkcs8KeyDer,
 };
+use rustls::server::WebPkiClientVerifier;
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 
@@ -247,20 +249,7 @@ impl ClusterCa {
         lifetime: Duration,
     ) -> Result<(CertificateDer<'static>, KeyPair), PkiError> {
         let key = KeyPair::generate().map_err(PkiError::Build)?;
-        let mut params = CertificateParams::default();
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, user);
-        for group in groups {
-            dn.push(DnType::OrganizationName, *group);
-        }
-        params.distinguished_name = dn;
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.use_authority_key_identifier_extension = true;
-        let now = OffsetDateTime::now_utc();
-        params.not_before = now - backdate(lifetime);
-        params.not_after = now + lifetime;
-        params.serial_number = Some(random_serial().0);
+        let (params, _, _) = client_params(user, groups, lifetime);
         let cert = params
             .signed_by(&key, &self.issuer()?)
             .map_err(PkiError::Build)?;
@@ -279,25 +268,17 @@ impl ClusterCa {
         let mut csr =
             CertificateSigningRequestParams::from_der(&CertificateSigningRequestDer::from(csr_der))
                 .map_err(PkiError::InvalidCsr)?;
-        let mut params = CertificateParams::default();
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, format!("{NODE_CN_PREFIX}{node_name}"));
-        dn.push(DnType::OrganizationName, NODE_ORGANIZATION);
-        params.distinguished_name = dn;
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.use_authority_key_identifier_extension = true;
-        let now = OffsetDateTime::now_utc();
-        params.not_before = now - backdate(lifetime);
-        params.not_after = now + lifetime;
-        let (serial_number, serial) = random_serial();
-        params.serial_number = Some(serial_number);
+        let (params, serial, not_after) = client_params(
+            &format!("{NODE_CN_PREFIX}{node_name}"),
+            &[NODE_ORGANIZATION],
+            lifetime,
+        );
         csr.params = params;
         let cert = csr.signed_by(&self.issuer()?).map_err(PkiError::Build)?;
         Ok(IssuedCertificate {
             der: cert.der().to_vec(),
             serial,
-            not_after: now + lifetime,
+            not_after,
         })
     }
 }
@@ -320,6 +301,51 @@ pub fn user_of(cert_der: &[u8]) -> Result<(String, Vec<String>), PkiError> {
         .filter_map(|o| o.as_str().ok().map(String::from))
         .collect();
     Ok((cn, groups))
+}
+
+/// Parameters of a client certificate (clientAuth, CN `user`, one O per group) valid from
+/// now (backdated) for `lifetime`, with a fresh serial; also returns the serial's hex and the
+/// expiry.
+fn client_params(
+    user: &str,
+    groups: &[&str],
+    lifetime: Duration,
+) -> (CertificateParams, String, OffsetDateTime) {
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, user);
+    for group in groups {
+        dn.push(DnType::OrganizationName, *group);
+    }
+    params.distinguished_name = dn;
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.use_authority_key_identifier_extension = true;
+    let now = OffsetDateTime::now_utc();
+    params.not_before = now - backdate(lifetime);
+    params.not_after = now + lifetime;
+    let (serial_number, serial) = random_serial();
+    params.serial_number = Some(serial_number);
+    (params, serial, now + lifetime)
+}
+
+/// The one crypto provider of the project (see docs/ARCHITECTURE.md).
+pub fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// A verifier that accepts client certificates signed by `ca` but lets clients without one
+/// through the handshake, so the protocol above can refuse them with a proper message (a join
+/// on the tunnel, a 401 on the API).
+pub fn optional_client_auth(
+    ca: &ClusterCa,
+) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, rustls::server::VerifierBuilderError>
+{
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add_parsable_certificates([ca.cert_der().clone()]);
+    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), crypto_provider())
+        .allow_unauthenticated()
+        .build()
 }
 
 /// Parses a CSR and verifies its self-signature (proof that the requester holds the key).

@@ -1,11 +1,14 @@
 //! What the load generators (`edge-bench`, `api-bench`) share: nearest-rank percentiles, the
 //! spread of a figure across rounds, failures grouped by message, a description of the machine,
-//! and a process's memory and CPU time from `/proc`.
+//! a process's memory and CPU time from `/proc`, and the command-line plumbing of a load
+//! generator (flags, logging, the cloudcore binary, printing the report).
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use serde_json::{Value, json};
 
 /// Clock ticks per second in `/proc/PID/stat` (`USER_HZ`, fixed at 100 by the kernel ABI).
@@ -68,6 +71,94 @@ impl Spread {
 }
 
 /// Nearest-rank percentile (`p` in 0..=1) of sorted values; zero for none.
+/// Exit code for a bad command line (EX_USAGE).
+pub const EXIT_USAGE: u8 = 64;
+
+/// A load generator's results, printed as a table or as JSON.
+pub trait Report {
+    fn table(&self) -> String;
+    fn to_json(&self) -> Value;
+}
+
+/// Parses the flags; on a bad command line (or a `positive` flag given 0) the exit code to
+/// return, after printing why.
+pub fn parse_cli<C: clap::Parser>(
+    positive: impl Fn(&C) -> Vec<(&'static str, usize)>,
+) -> Result<C, ExitCode> {
+    let cli = match C::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return Err(if e.use_stderr() {
+                ExitCode::from(EXIT_USAGE)
+            } else {
+                ExitCode::SUCCESS
+            });
+        }
+    };
+    for (flag, value) in positive(&cli) {
+        if value == 0 {
+            eprintln!("error: {flag} must be at least 1");
+            return Err(ExitCode::from(EXIT_USAGE));
+        }
+    }
+    Ok(cli)
+}
+
+/// Logs to stderr at warn (the in-process clients are chatty at info); RUST_LOG overrides.
+pub fn init_tracing() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// The cloudcore binary: `given`, or `cloudcore` next to this executable.
+pub fn cloudcore_binary(given: Option<&PathBuf>) -> Result<PathBuf> {
+    let binary = match given {
+        Some(path) => path.clone(),
+        None => std::env::current_exe()
+            .context("cannot find this executable's path")?
+            .parent()
+            .context("this executable has no parent directory")?
+            .join("cloudcore"),
+    };
+    ensure!(
+        binary.is_file(),
+        "{} is missing: build it with `cargo build --release -p cloudcore -p integration` or pass --cloudcore PATH",
+        binary.display()
+    );
+    Ok(binary)
+}
+
+/// Prints the report (JSON or table) or the error, and the process's exit code.
+pub fn finish(result: Result<impl Report>, json: bool) -> ExitCode {
+    match result {
+        Ok(report) if json => match serde_json::to_string_pretty(&report.to_json()) {
+            Ok(text) => {
+                println!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: cannot render JSON: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Ok(report) => {
+            print!("{}", report.table());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The `p` quantile (0..=1) of sorted durations, nearest rank.
 pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;

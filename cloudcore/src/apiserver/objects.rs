@@ -22,14 +22,6 @@ pub fn timestamp(t: OffsetDateTime) -> String {
     t.format(&Rfc3339).unwrap_or_default()
 }
 
-fn api_version(info: &ResourceInfo) -> String {
-    if info.group.is_empty() {
-        info.version.to_string()
-    } else {
-        format!("{}/{}", info.group, info.version)
-    }
-}
-
 /// `kind` and `apiVersion`, when given, must name this resource.
 pub fn check_type(info: &ResourceInfo, object: &Value) -> Result<(), ApiError> {
     if let Some(kind) = object["kind"].as_str()
@@ -43,11 +35,11 @@ pub fn check_type(info: &ResourceInfo, object: &Value) -> Result<(), ApiError> {
     }
     if let Some(v) = object["apiVersion"].as_str()
         && !v.is_empty()
-        && v != api_version(info)
+        && v != info.api_version()
     {
         return Err(ApiError::bad_request(format!(
             "the object's apiVersion {v:?} does not match {}",
-            api_version(info)
+            info.api_version()
         )));
     }
     if !object["metadata"].is_object() && !object["metadata"].is_null() {
@@ -338,7 +330,7 @@ pub fn prepare_create(
     now: OffsetDateTime,
 ) -> Result<(), ApiError> {
     object["kind"] = json!(info.kind);
-    object["apiVersion"] = json!(api_version(info));
+    object["apiVersion"] = json!(info.api_version());
     if object["metadata"].is_null() {
         object["metadata"] = json!({});
     }
@@ -494,7 +486,7 @@ pub fn prepare_update(
         return Ok(());
     }
     new["kind"] = json!(info.kind);
-    new["apiVersion"] = json!(api_version(info));
+    new["apiVersion"] = json!(info.api_version());
     if new["metadata"].is_null() {
         new["metadata"] = json!({});
     }
@@ -618,7 +610,8 @@ pub enum Propagation {
     Background,
 }
 
-fn resource_id(info: &ResourceInfo) -> ResourceId {
+/// The store's key for a resource's collection.
+pub fn resource_id(info: &ResourceInfo) -> ResourceId {
     ResourceId {
         group: info.group.to_string(),
         resource: info.plural.to_string(),

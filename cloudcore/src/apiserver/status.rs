@@ -7,6 +7,15 @@ use serde_json::{Value, json};
 
 use super::store::StoreError;
 
+/// `pods` or `leases.coordination.k8s.io`: how the apiserver names a resource in messages.
+fn qualified(group: &str, plural: &str) -> String {
+    if group.is_empty() {
+        plural.to_string()
+    } else {
+        format!("{plural}.{group}")
+    }
+}
+
 /// One field-level validation failure.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cause {
@@ -62,11 +71,7 @@ impl ApiError {
 
     /// `plural "name" not found`, the apiserver's wording.
     pub fn not_found(group: &str, plural: &str, name: &str) -> Self {
-        let what = if group.is_empty() {
-            plural.to_string()
-        } else {
-            format!("{plural}.{group}")
-        };
+        let what = qualified(group, plural);
         Self::new(
             StatusCode::NOT_FOUND,
             "NotFound",
@@ -85,11 +90,7 @@ impl ApiError {
     }
 
     pub fn already_exists(group: &str, plural: &str, name: &str) -> Self {
-        let what = if group.is_empty() {
-            plural.to_string()
-        } else {
-            format!("{plural}.{group}")
-        };
+        let what = qualified(group, plural);
         Self::new(
             StatusCode::CONFLICT,
             "AlreadyExists",
@@ -99,11 +100,7 @@ impl ApiError {
     }
 
     pub fn conflict(group: &str, plural: &str, name: &str, why: &str) -> Self {
-        let what = if group.is_empty() {
-            plural.to_string()
-        } else {
-            format!("{plural}.{group}")
-        };
+        let what = qualified(group, plural);
         Self::new(
             StatusCode::CONFLICT,
             "Conflict",

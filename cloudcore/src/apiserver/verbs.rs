@@ -12,12 +12,13 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 use time::OffsetDateTime;
 
+use super::objects::resource_id;
 use super::patch::{self, PatchError, PatchType};
 use super::request::{ResourceRequest, Target, route};
 use super::resources::{self, FieldSelector, LabelSelector, ResourceInfo};
 use super::server::User;
 use super::status::{ApiError, Cause};
-use super::store::{EventType, ResourceId, Store, StoreError, WatchEvent};
+use super::store::{EventType, Store, StoreError, WatchEvent};
 use super::{discovery, objects};
 
 /// Shared state of the API handlers.
@@ -68,21 +69,6 @@ fn wants_table(headers: &HeaderMap) -> bool {
                 .next()
                 .is_some_and(|first| first.contains("as=Table"))
         })
-}
-
-fn resource_id(info: &ResourceInfo) -> ResourceId {
-    ResourceId {
-        group: info.group.to_string(),
-        resource: info.plural.to_string(),
-    }
-}
-
-fn api_version(info: &ResourceInfo) -> String {
-    if info.group.is_empty() {
-        info.version.to_string()
-    } else {
-        format!("{}/{}", info.group, info.version)
-    }
 }
 
 /// The single entry point for every API request.
@@ -295,7 +281,7 @@ async fn list(
     } else {
         json!({
             "kind": format!("{}List", request.info.kind),
-            "apiVersion": api_version(request.info),
+            "apiVersion": request.info.api_version(),
             "metadata": {"resourceVersion": rv.to_string()},
             "items": items,
         })
@@ -744,7 +730,7 @@ async fn delete_collection(
     }
     let body = json!({
         "kind": format!("{}List", request.info.kind),
-        "apiVersion": api_version(request.info),
+        "apiVersion": request.info.api_version(),
         "metadata": {"resourceVersion": rv.to_string()},
         "items": deleted,
     });
@@ -868,7 +854,7 @@ async fn watch_collection(
         }
     }
     let bookmark_interval = api.bookmark_interval;
-    let api_version = api_version(info);
+    let api_version = info.api_version();
     let kind = info.kind;
     if send_initial {
         let end = json!({"kind": kind, "apiVersion": api_version, "metadata": {
@@ -961,6 +947,7 @@ fn streaming(first: Vec<Bytes>, rest: Option<tokio::sync::mpsc::Receiver<Bytes>>
 
 #[cfg(test)]
 mod tests {
+    use super::super::store::ResourceId;
     use super::*;
 
     #[test]

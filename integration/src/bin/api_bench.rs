@@ -30,7 +30,6 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 /// Exit code for a bad command line (EX_USAGE), as in the daemons.
-const EXIT_USAGE: u8 = 64;
 /// How long the API may take to answer after cloudcore reports healthy.
 const API_READY_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long watchers may take to receive everything after the last patch returned.
@@ -81,77 +80,29 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli = match bench::parse_cli::<Cli>(|c| {
+        vec![
+            ("--pods", c.pods),
+            ("--concurrency", c.concurrency),
+            ("--watchers", c.watchers),
+            ("--updates", c.updates),
+            ("--rounds", c.rounds),
+        ]
+    }) {
         Ok(cli) => cli,
-        Err(e) => {
-            let _ = e.print();
-            return if e.use_stderr() {
-                ExitCode::from(EXIT_USAGE)
-            } else {
-                ExitCode::SUCCESS
-            };
-        }
+        Err(code) => return code,
     };
-    for (flag, value) in [
-        ("--pods", cli.pods),
-        ("--concurrency", cli.concurrency),
-        ("--watchers", cli.watchers),
-        ("--updates", cli.updates),
-        ("--rounds", cli.rounds),
-    ] {
-        if value == 0 {
-            eprintln!("error: {flag} must be at least 1");
-            return ExitCode::from(EXIT_USAGE);
-        }
-    }
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    bench::init_tracing();
     let result = tokio::runtime::Runtime::new()
         .context("cannot start the async runtime")
         .and_then(|runtime| runtime.block_on(bench(&cli)));
-    match result {
-        Ok(report) => {
-            if cli.json {
-                match serde_json::to_string_pretty(&report.to_json()) {
-                    Ok(text) => println!("{text}"),
-                    Err(e) => {
-                        eprintln!("error: cannot render JSON: {e}");
-                        return ExitCode::FAILURE;
-                    }
-                }
-            } else {
-                print!("{}", report.table());
-            }
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    bench::finish(result, cli.json)
 }
 
 /// Runs the rounds under the overall timeout. A round's cloudcore is killed when its [`Cloud`]
 /// is dropped, so a timeout, an error or Ctrl-C stops it too.
 async fn bench(cli: &Cli) -> Result<Report> {
-    let binary = match &cli.cloudcore {
-        Some(path) => path.clone(),
-        None => std::env::current_exe()
-            .context("cannot find this executable's path")?
-            .parent()
-            .context("this executable has no parent directory")?
-            .join("cloudcore"),
-    };
-    ensure!(
-        binary.is_file(),
-        "{} is missing: build it with `cargo build --release -p cloudcore -p integration` or pass --cloudcore PATH",
-        binary.display()
-    );
+    let binary = bench::cloudcore_binary(cli.cloudcore.as_ref())?;
     let dir = tempfile::Builder::new()
         .prefix("api-bench-")
         .tempdir()
@@ -602,6 +553,16 @@ struct Report {
     idle: Duration,
     machine: Machine,
     rounds: Vec<Round>,
+}
+
+impl bench::Report for Report {
+    fn table(&self) -> String {
+        Report::table(self)
+    }
+
+    fn to_json(&self) -> Value {
+        Report::to_json(self)
+    }
 }
 
 impl Report {

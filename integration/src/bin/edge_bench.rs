@@ -38,7 +38,6 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 /// Exit code for a bad command line (EX_USAGE), as in the daemons.
-const EXIT_USAGE: u8 = 64;
 /// How long cloudcore may take to answer `/healthz` after it starts.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long cloudcore may take to count sessions that have their HelloAck.
@@ -110,77 +109,28 @@ impl BetweenRounds {
 }
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli = match bench::parse_cli::<Cli>(|c| {
+        vec![
+            ("--edges", c.edges),
+            ("--rounds", c.rounds),
+            ("--join-concurrency", c.join_concurrency),
+            ("--concurrency", c.concurrency),
+            ("--edges-per-endpoint", c.edges_per_endpoint),
+        ]
+    }) {
         Ok(cli) => cli,
-        Err(e) => {
-            let _ = e.print();
-            return if e.use_stderr() {
-                ExitCode::from(EXIT_USAGE)
-            } else {
-                ExitCode::SUCCESS
-            };
-        }
+        Err(code) => return code,
     };
-    for (flag, value) in [
-        ("--edges", cli.edges),
-        ("--rounds", cli.rounds),
-        ("--join-concurrency", cli.join_concurrency),
-        ("--concurrency", cli.concurrency),
-        ("--edges-per-endpoint", cli.edges_per_endpoint),
-    ] {
-        if value == 0 {
-            eprintln!("error: {flag} must be at least 1");
-            return ExitCode::from(EXIT_USAGE);
-        }
-    }
-    // The edges log at warn; RUST_LOG overrides.
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    bench::init_tracing();
     let result = tokio::runtime::Runtime::new()
         .context("cannot start the async runtime")
         .and_then(|runtime| runtime.block_on(bench(&cli)));
-    match result {
-        Ok(report) => {
-            if cli.json {
-                match serde_json::to_string_pretty(&report.to_json()) {
-                    Ok(text) => println!("{text}"),
-                    Err(e) => {
-                        eprintln!("error: cannot render JSON: {e}");
-                        return ExitCode::FAILURE;
-                    }
-                }
-            } else {
-                print!("{}", report.table());
-            }
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    bench::finish(result, cli.json)
 }
 
 /// Starts cloudcore, runs the phases under the overall timeout, and always stops cloudcore.
 async fn bench(cli: &Cli) -> Result<Report> {
-    let binary = match &cli.cloudcore {
-        Some(path) => path.clone(),
-        None => std::env::current_exe()
-            .context("cannot find this executable's path")?
-            .parent()
-            .context("this executable has no parent directory")?
-            .join("cloudcore"),
-    };
-    ensure!(
-        binary.is_file(),
-        "{} is missing: build it with `cargo build --release -p cloudcore -p integration` or pass --cloudcore PATH",
-        binary.display()
-    );
+    let binary = bench::cloudcore_binary(cli.cloudcore.as_ref())?;
     // Dropped last: cloudcore (declared below) is killed before its data dir is removed.
     let dir = tempfile::Builder::new()
         .prefix("edge-bench-")
@@ -747,6 +697,16 @@ struct Report {
     fresh_rss_kib: u64,
     join: JoinPhase,
     rounds: Vec<Round>,
+}
+
+impl bench::Report for Report {
+    fn table(&self) -> String {
+        Report::table(self)
+    }
+
+    fn to_json(&self) -> Value {
+        Report::to_json(self)
+    }
 }
 
 impl Report {
