@@ -517,14 +517,14 @@ async fn serve_node(
         tokio::task::spawn_blocking(move || shared.registry.mark_connected(&name, &address)).await
     };
     match reconnect {
-        Ok(Ok(true)) => shared.metrics.reconnects.inc(),
-        Ok(Ok(false)) => 0,
+        Ok(Ok(true)) => {
+            shared.metrics.reconnects.inc();
+        }
+        Ok(Ok(false)) | Err(_) => {}
         Ok(Err(e)) => {
             tracing::warn!(error = %e, cause = %source_text(&e), "cannot record connection");
-            0
         }
-        Err(_) => 0,
-    };
+    }
     let ack = Message::HelloAck(HelloAck {
         version: proto::PROTOCOL_VERSION,
         node_name: identity.node_name.clone(),
