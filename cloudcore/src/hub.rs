@@ -6,10 +6,14 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use proto::{ErrorCode, FrameError, FrameReader, FrameWriter, HelloAck, Message, close_code};
+use proto::sync::ObjectKey;
+use proto::{
+    ErrorCode, FrameError, FrameReader, FrameWriter, HeldObject, HelloAck, Message, StatusReport,
+    close_code,
+};
 use quinn::crypto::rustls::QuicServerConfig;
 use quinn::{Connection, Endpoint, RecvStream, SendStream, VarInt};
 use rustls::pki_types::CertificateDer;
@@ -19,10 +23,12 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::config::ServeConfig;
+use crate::downstream::{Downstream, SessionRef};
 use crate::join::{self, JoinLimiter, source_text};
 use crate::metrics::Metrics;
 use crate::pki::{self, ClusterCa, NodeIdentity};
 use crate::registry::{CertificateStatus, Registry};
+use crate::upstream::{Outcome, StatusUpdate, Upstream};
 
 /// Outgoing messages queued per session; a full queue makes the sender wait (flow control).
 const SESSION_QUEUE: usize = 64;
@@ -73,6 +79,10 @@ pub struct Shared {
     next_session: AtomicU64,
     /// Who is connected, for the node controller.
     pub presence: Arc<crate::nodes::Presence>,
+    /// What each edge should hold; sessions attach to their edge's sync state.
+    pub downstream: Arc<Downstream>,
+    /// Where edges' status reports go.
+    pub upstream: Upstream,
 }
 
 impl Shared {
@@ -81,6 +91,8 @@ impl Shared {
         registry: Registry,
         ca: Arc<ClusterCa>,
         metrics: Arc<Metrics>,
+        downstream: Arc<Downstream>,
+        upstream: Upstream,
     ) -> Self {
         let join_limiter = Mutex::new(JoinLimiter::new(
             config.join_failure_burst,
@@ -95,6 +107,8 @@ impl Shared {
             sessions: Mutex::new(HashMap::new()),
             next_session: AtomicU64::new(1),
             presence: Arc::default(),
+            downstream,
+            upstream,
         }
     }
 
@@ -574,7 +588,16 @@ async fn serve_node(
         "edge connected"
     );
 
-    let ended = run_session(&connection, &identity, reader, writer, &shared, &shutdown).await;
+    let ended = run_session(
+        &connection,
+        &identity,
+        hello.inventory,
+        reader,
+        writer,
+        &shared,
+        &shutdown,
+    )
+    .await;
     tracing::info!("edge disconnected: {ended}");
 
     shared.metrics.connected_edges.dec();
@@ -600,13 +623,14 @@ async fn serve_node(
 async fn run_session(
     connection: &Connection,
     identity: &NodeIdentity,
+    inventory: Vec<HeldObject>,
     mut reader: Reader,
     mut writer: Writer,
     shared: &Arc<Shared>,
     shutdown: &CancellationToken,
 ) -> String {
     // The writer task owns the send stream; everything that talks to the edge goes through
-    // this bounded queue.
+    // this bounded queue, so a slow edge holds back its own pump and nothing else.
     let (tx, mut rx) = mpsc::channel::<Message>(SESSION_QUEUE);
     let writer_task = tokio::spawn(async move {
         while let Some(message) = rx.recv().await {
@@ -614,6 +638,28 @@ async fn run_session(
         }
         Ok::<_, FrameError>(writer)
     });
+    // The pump attaches to the edge's sync state (after the cache is complete and a resync
+    // slot is free) and moves its messages into the queue until the session ends.
+    let attached: Arc<OnceLock<SessionRef>> = Arc::default();
+    let pump_cancel = shutdown.child_token();
+    let pump = {
+        let downstream = shared.downstream.clone();
+        let (tx, cancel, attached) = (tx.clone(), pump_cancel.clone(), attached.clone());
+        let node = identity.node_name.clone();
+        tokio::spawn(
+            async move {
+                let attachment = tokio::select! {
+                    _ = cancel.cancelled() => return None,
+                    a = downstream.attach(&node, inventory) => a,
+                };
+                let _ = attached.set(attachment.session_ref());
+                let attachment = downstream.pump(attachment, tx, cancel).await;
+                downstream.detach(&attachment.session_ref());
+                Some(())
+            }
+            .in_current_span(),
+        )
+    };
     let dead_after = shared.config.dead_after;
     let ended = loop {
         let next = tokio::select! {
@@ -670,10 +716,49 @@ async fn run_session(
             Message::Error(e) => {
                 tracing::warn!(code = %e.code, "edge reported an error: {}", e.message)
             }
-            // Object acknowledgements and status reports belong to the sync engine, which is
-            // not part of this build yet; they are accepted and dropped.
-            Message::Ack { .. } | Message::Status(_) => {
-                tracing::debug!(message = message.kind(), "no handler yet; dropped");
+            Message::Ack { seqs } => {
+                let refused = match attached.get() {
+                    Some(session) => shared.downstream.acknowledge(session, &seqs),
+                    None => seqs.len(),
+                };
+                if refused > 0 {
+                    for _ in 0..refused {
+                        shared.metrics.sync.refused("ack_never_sent");
+                    }
+                    tracing::warn!(refused, "edge acknowledged messages never sent to it");
+                    let _ = tx
+                        .send(Message::error(
+                            ErrorCode::ProtocolViolation,
+                            format!(
+                                "{refused} acknowledged seq(s) were never sent in this session"
+                            ),
+                        ))
+                        .await;
+                }
+            }
+            Message::Request(object) => {
+                let key = ObjectKey::of(&object);
+                let allowed = attached
+                    .get()
+                    .is_some_and(|session| shared.downstream.request(session, &key));
+                if !allowed {
+                    shared.metrics.sync.refused("request_forbidden");
+                    tracing::warn!(object = %key, "refusing a request for an object the node may not see");
+                    let _ = tx
+                        .send(Message::error(
+                            ErrorCode::Forbidden,
+                            format!(
+                                "node {} may not read {key}: no pod bound to it references it",
+                                identity.node_name
+                            ),
+                        ))
+                        .await;
+                }
+            }
+            Message::Status(report) => {
+                if let Some(error) = submit_status(shared, &identity.node_name, report, &tx) {
+                    let _ = tx.send(error).await;
+                }
             }
             other => {
                 let kind = other.kind();
@@ -697,8 +782,95 @@ async fn run_session(
             }
         }
     };
+    pump_cancel.cancel();
+    let _ = pump.await;
     drop(tx);
     ended
+}
+
+/// Checks that the node may report this status, then queues it for the API; the edge gets an
+/// `Ack` for its seq once it is written (or found stale or gone). Returns the error to send
+/// when refused.
+fn submit_status(
+    shared: &Arc<Shared>,
+    node: &str,
+    report: StatusReport,
+    tx: &mpsc::Sender<Message>,
+) -> Option<Message> {
+    let key = ObjectKey::of(&report.object);
+    let Some(uid) = shared.downstream.reportable_uid(node, &key) else {
+        shared.metrics.sync.refused("status_forbidden");
+        tracing::warn!(object = %key, "refusing a status report for an object not bound to the node");
+        return Some(Message::error(
+            ErrorCode::Forbidden,
+            format!("node {node} may not report status for {key}"),
+        ));
+    };
+    if !report.object.uid.is_empty() && !uid.is_empty() && report.object.uid != uid {
+        shared.metrics.sync.refused("status_uid_mismatch");
+        tracing::warn!(object = %key, reported = %report.object.uid, current = %uid, "refusing a status report for another incarnation of the object");
+        return Some(Message::error(
+            ErrorCode::Forbidden,
+            format!(
+                "status for {key} uid {} refused: the bound object has uid {uid}",
+                report.object.uid
+            ),
+        ));
+    }
+    let status: serde_json::Value = match serde_json::from_slice(&report.status) {
+        Ok(v @ serde_json::Value::Object(_)) => v,
+        Ok(_) => {
+            shared.metrics.sync.refused("status_malformed");
+            return Some(Message::error(
+                ErrorCode::ProtocolViolation,
+                format!("status for {key} is not a JSON object"),
+            ));
+        }
+        Err(e) => {
+            shared.metrics.sync.refused("status_malformed");
+            return Some(Message::error(
+                ErrorCode::ProtocolViolation,
+                format!("status for {key} is not JSON: {e}"),
+            ));
+        }
+    };
+    let mut object = report.object;
+    if object.uid.is_empty() {
+        object.uid = uid;
+    }
+    let update = StatusUpdate {
+        node: node.to_string(),
+        object,
+        generation: report.generation,
+        status,
+    };
+    match shared.upstream.submit(update) {
+        Ok(done) => {
+            let tx = tx.clone();
+            let seq = report.seq;
+            tokio::spawn(async move {
+                match done.await {
+                    // The Node object is created when the edge connects; its first report
+                    // may come first. No ack: the edge reports again shortly.
+                    Ok(Outcome::Gone) if key.kind == "Node" => {
+                        tracing::debug!("node status before the Node exists; not acknowledged")
+                    }
+                    Ok(Outcome::Failed(why)) => {
+                        tracing::warn!(object = %key, "status not written; the edge will report again: {why}")
+                    }
+                    Ok(_) => {
+                        let _ = tx.send(Message::Ack { seqs: vec![seq] }).await;
+                    }
+                    Err(_) => {}
+                }
+            });
+            None
+        }
+        Err(_) => {
+            tracing::warn!(object = %key, "status queue full; the edge will report again");
+            None
+        }
+    }
 }
 
 /// Stops the writer task and takes its stream back, to send a last error on it.

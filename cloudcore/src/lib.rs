@@ -5,6 +5,7 @@
 
 pub mod apiserver;
 pub mod config;
+pub mod downstream;
 pub mod hub;
 pub mod join;
 pub mod metrics;
@@ -14,6 +15,7 @@ pub mod registry;
 pub mod scheduler;
 pub mod signal;
 pub mod token;
+pub mod upstream;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -103,7 +105,29 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> Result<(),
     };
 
     let metrics = Arc::new(metrics::Metrics::default());
-    let shared = Arc::new(hub::Shared::new(config, registry, ca, metrics.clone()));
+    let downstream = Arc::new(downstream::Downstream::new(
+        downstream::DownstreamConfig::default(),
+        metrics.clone(),
+    ));
+    let (upstream, upstream_worker) = upstream::Upstream::new(
+        client.clone(),
+        upstream::UpstreamConfig::default(),
+        metrics.upstream.clone(),
+    );
+    tracker.spawn(upstream_worker.run(shutdown.clone()));
+    tracker.spawn(downstream::run(
+        client.clone(),
+        downstream.clone(),
+        shutdown.clone(),
+    ));
+    let shared = Arc::new(hub::Shared::new(
+        config,
+        registry,
+        ca,
+        metrics.clone(),
+        downstream,
+        upstream,
+    ));
     let metrics_shutdown = shutdown.clone();
     tracker.spawn(async move {
         if let Err(e) = metrics::serve(metrics_listener, metrics, metrics_shutdown).await {

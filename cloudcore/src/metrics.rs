@@ -17,6 +17,87 @@ use tokio_util::sync::CancellationToken;
 
 type ReasonFamily = Family<Vec<(&'static str, &'static str)>, Counter>;
 
+/// Metrics of the downstream sync to edges and of what edges may not do.
+#[derive(Debug, Default)]
+pub struct SyncMetrics {
+    objects_sent: ReasonFamily,
+    resync_objects: ReasonFamily,
+    pub resyncs: Counter,
+    pub retransmits: Counter,
+    refused: ReasonFamily,
+    /// Sessions waiting for a resync slot.
+    pub resyncs_waiting: Gauge,
+}
+
+impl SyncMetrics {
+    fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "cloudcore_sync_objects_sent",
+            "Object messages sent to edges, by operation",
+            self.objects_sent.clone(),
+        );
+        registry.register(
+            "cloudcore_sync_resync_objects",
+            "Objects a (re)connecting edge lacked or held too many, as planned from its inventory, by operation",
+            self.resync_objects.clone(),
+        );
+        registry.register(
+            "cloudcore_sync_resyncs",
+            "Edge sessions that started a resync",
+            self.resyncs.clone(),
+        );
+        registry.register(
+            "cloudcore_sync_retransmits",
+            "Object messages sent again after no acknowledgement",
+            self.retransmits.clone(),
+        );
+        registry.register(
+            "cloudcore_sync_refused",
+            "Edge requests refused by node-scoped authorization or protocol checks, by reason",
+            self.refused.clone(),
+        );
+        registry.register(
+            "cloudcore_sync_resyncs_waiting",
+            "Edge sessions waiting for a resync slot",
+            self.resyncs_waiting.clone(),
+        );
+    }
+
+    /// Counts a resync plan.
+    pub fn record_resync(&self, plan: &proto::sync::ResyncPlan) {
+        self.resyncs.inc();
+        self.resync_objects
+            .get_or_create(&vec![("op", "upsert")])
+            .inc_by(plan.upserts as u64);
+        self.resync_objects
+            .get_or_create(&vec![("op", "delete")])
+            .inc_by(plan.deletes as u64);
+    }
+
+    /// Counts what a peer sent between two snapshots of its counters.
+    pub fn record_sent(&self, before: proto::sync::PeerStats, after: proto::sync::PeerStats) {
+        let upserts = after.upserts_sent - before.upserts_sent;
+        let deletes = after.deletes_sent - before.deletes_sent;
+        if upserts > 0 {
+            self.objects_sent
+                .get_or_create(&vec![("op", "upsert")])
+                .inc_by(upserts);
+        }
+        if deletes > 0 {
+            self.objects_sent
+                .get_or_create(&vec![("op", "delete")])
+                .inc_by(deletes);
+        }
+        self.retransmits
+            .inc_by(after.retransmits - before.retransmits);
+    }
+
+    /// Counts a refused edge request.
+    pub fn refused(&self, reason: &'static str) {
+        self.refused.get_or_create(&vec![("reason", reason)]).inc();
+    }
+}
+
 /// Every metric cloudcore exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -29,6 +110,8 @@ pub struct Metrics {
     protocol_errors: ReasonFamily,
     pub certificate_renewals: Counter,
     pub revocation_closes: Counter,
+    pub sync: SyncMetrics,
+    pub upstream: crate::upstream::UpstreamMetrics,
 }
 
 impl Default for Metrics {
@@ -43,6 +126,8 @@ impl Default for Metrics {
             protocol_errors: ReasonFamily::default(),
             certificate_renewals: Counter::default(),
             revocation_closes: Counter::default(),
+            sync: SyncMetrics::default(),
+            upstream: crate::upstream::UpstreamMetrics::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -80,6 +165,27 @@ impl Default for Metrics {
             "cloudcore_revocation_closes",
             "Live sessions closed because their certificate was revoked",
             m.revocation_closes.clone(),
+        );
+        m.sync.register(&mut registry);
+        registry.register(
+            "cloudcore_status_writes",
+            "Status reports from edges written to the API",
+            m.upstream.written.clone(),
+        );
+        registry.register(
+            "cloudcore_status_write_failures",
+            "Status reports from edges the API refused or that failed",
+            m.upstream.failed.clone(),
+        );
+        registry.register(
+            "cloudcore_status_stale",
+            "Status reports dropped as older than one already written",
+            m.upstream.stale.clone(),
+        );
+        registry.register(
+            "cloudcore_status_coalesced",
+            "Status reports replaced by a newer one of the same object before being written",
+            m.upstream.coalesced.clone(),
         );
         Metrics { registry, ..m }
     }

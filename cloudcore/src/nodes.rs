@@ -238,9 +238,11 @@ async fn write_node(nodes: &Api<Node>, name: &str, edge: &Edge) -> Result<(), ku
                 .await?;
         }
     }
+    // Strategic merge: conditions merge by type, so the pressure conditions the edge reports
+    // survive this controller's Ready.
     let status = json!({"status": node_status(edge, previous_ready.as_ref())});
     nodes
-        .patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
+        .patch_status(name, &PatchParams::default(), &Patch::Strategic(&status))
         .await?;
     Ok(())
 }
@@ -347,7 +349,7 @@ async fn mark_lost(
         }
         let patch = json!({"status": {"conditions": [condition]}});
         nodes
-            .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .patch_status(&name, &PatchParams::default(), &Patch::Strategic(&patch))
             .await?;
     }
     Ok(())

@@ -1,27 +1,33 @@
-//! The edge end of the tunnel: connect, hello, heartbeats, certificate renewal, and reconnects
-//! with jittered backoff. Works only with the files `edgecore join` wrote.
+//! The edge end of the tunnel: connect, hello (with the store's inventory), heartbeats,
+//! certificate renewal, object messages into the [`Replica`] with acknowledgements after the
+//! commit, node status upstream, and reconnects with jittered backoff. Works only with the
+//! files `edgecore join` wrote.
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use proto::{
-    ErrorCode, ErrorMessage, FrameError, FrameReader, FrameWriter, Hello, HelloAck, Message,
-    PROTOCOL_VERSION, close_code,
+    ErrorCode, ErrorMessage, FrameError, FrameReader, FrameWriter, HeldObject, Hello, HelloAck,
+    Message, ObjectRef, PROTOCOL_VERSION, StatusReport, close_code,
 };
 use quinn::{Connection, ConnectionError, Endpoint, RecvStream, SendStream, VarInt};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rcgen::KeyPair;
 use time::OffsetDateTime;
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 
 use crate::backoff::Backoff;
 use crate::dial::{self, DialError};
 use crate::identity::{self, Identity, IdentityError};
 use crate::join::new_key_and_csr;
 use crate::metrics::Metrics;
+use crate::replica::Replica;
 use crate::tls::{self, TlsError};
 
 /// A session that lasted at least this long resets the backoff.
@@ -30,6 +36,12 @@ const STABLE_SESSION: Duration = Duration::from_secs(30);
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 /// Without an answer to a renewal request, ask again after this long.
 const RENEW_RETRY: Duration = Duration::from_secs(600);
+/// A node status report not acknowledged within this is sent again, fresh.
+const STATUS_RETRY: Duration = Duration::from_secs(3);
+/// Most object messages committed in one transaction.
+const APPLY_BATCH: usize = 512;
+/// Messages read ahead of the session loop.
+const INCOMING_QUEUE: usize = 1024;
 
 /// Settings of `edgecore run`'s tunnel.
 #[derive(Debug, Clone)]
@@ -42,6 +54,8 @@ pub struct HubConfig {
     pub max_frame_size: usize,
     /// Renew at a random point in this fraction range of the certificate's validity.
     pub renew_window: (f64, f64),
+    /// How often the node status is reported (also once per session at start).
+    pub node_status_interval: Duration,
 }
 
 impl HubConfig {
@@ -53,6 +67,7 @@ impl HubConfig {
             connect_timeout: Duration::from_secs(10),
             max_frame_size: proto::DEFAULT_MAX_FRAME_SIZE,
             renew_window: (0.7, 0.9),
+            node_status_interval: Duration::from_secs(60),
         }
     }
 }
@@ -126,6 +141,7 @@ impl Session {
         cloud: &str,
         config: &HubConfig,
         node_info: proto::NodeInfo,
+        inventory: Vec<HeldObject>,
     ) -> Result<Session, SessionError> {
         let addr = dial::resolve(cloud).await?;
         let connection = dial::connect(
@@ -146,6 +162,7 @@ impl Session {
             .send(Message::Hello(Hello {
                 version: PROTOCOL_VERSION,
                 node_info,
+                inventory,
             }))
             .await
             .map_err(|e| SessionError::Protocol(e.to_string()))?;
@@ -195,17 +212,31 @@ impl Session {
 
     /// Keeps the session alive until it ends; returns why it ended.
     pub async fn run(
-        mut self,
+        self,
         identity: &Identity,
         config: &HubConfig,
         metrics: &Metrics,
+        replica: &Replica,
         shutdown: &CancellationToken,
     ) -> String {
+        let Session {
+            endpoint,
+            connection,
+            reader,
+            mut writer,
+            ack,
+        } = self;
+        let link = Link {
+            endpoint,
+            connection,
+        };
         let heartbeat =
-            Duration::from_millis(self.ack.heartbeat_interval_ms).max(Duration::from_millis(100));
-        let dead_after = Duration::from_millis(self.ack.dead_after_ms).max(heartbeat * 2);
+            Duration::from_millis(ack.heartbeat_interval_ms).max(Duration::from_millis(100));
+        let dead_after = Duration::from_millis(ack.dead_after_ms).max(heartbeat * 2);
         let mut ticker = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut status_ticker = tokio::time::interval(config.node_status_interval);
+        status_ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut rng = StdRng::from_os_rng();
         let mut renew_at = renewal_instant(
             identity.not_before,
@@ -216,71 +247,255 @@ impl Session {
         let mut pending_key: Option<KeyPair> = None;
         let mut last_heard = Instant::now();
         let mut seq = 0u64;
+        let mut status_seq = 0u64;
+        // The node status report not yet acknowledged, and when to send a fresh one if it stays
+        // so (the cloud may not have created the Node yet).
+        let mut status_unacked: Option<u64> = None;
+        let mut status_retry_at = Instant::now() + config.node_status_interval;
+        // A reader task fills a queue, so object messages that arrive together are committed
+        // in one transaction.
+        let (incoming_tx, mut incoming) = mpsc::channel(INCOMING_QUEUE);
+        let _reader = AbortOnDropHandle::new(tokio::spawn(read_into(reader, incoming_tx)));
+        let mut deferred: Option<Result<Message, FrameError>> = None;
         loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => {
-                    self.connection.close(VarInt::from_u32(close_code::SHUTDOWN), b"edgecore shutting down");
+            let wake = match deferred.take() {
+                Some(item) => Wake::Incoming(Some(item)),
+                None => tokio::select! {
+                    _ = shutdown.cancelled() => Wake::Shutdown,
+                    _ = tokio::time::sleep_until(last_heard + dead_after) => Wake::Dead,
+                    _ = ticker.tick() => Wake::Heartbeat,
+                    _ = status_ticker.tick() => Wake::NodeStatus,
+                    _ = tokio::time::sleep_until(status_retry_at), if status_unacked.is_some() => Wake::NodeStatus,
+                    _ = tokio::time::sleep_until(renew_at) => Wake::Renew,
+                    item = incoming.recv() => Wake::Incoming(item),
+                },
+            };
+            match wake {
+                Wake::Shutdown => {
+                    link.connection.close(
+                        VarInt::from_u32(close_code::SHUTDOWN),
+                        b"edgecore shutting down",
+                    );
                     // Let the close frame leave before the process exits, so the cloud sees the
                     // session end now rather than after its idle timeout.
-                    let _ = tokio::time::timeout(CLOSE_GRACE, self.endpoint.wait_idle()).await;
+                    let _ = tokio::time::timeout(CLOSE_GRACE, link.endpoint.wait_idle()).await;
                     return "edgecore shutting down".into();
                 }
-                _ = tokio::time::sleep_until(last_heard + dead_after) => {
-                    self.connection.close(VarInt::from_u32(close_code::HEARTBEAT_TIMEOUT), b"heartbeat timeout");
-                    return format!("nothing heard from the cloud for {}", humantime::format_duration(dead_after));
+                Wake::Dead => {
+                    link.connection.close(
+                        VarInt::from_u32(close_code::HEARTBEAT_TIMEOUT),
+                        b"heartbeat timeout",
+                    );
+                    return format!(
+                        "nothing heard from the cloud for {}",
+                        humantime::format_duration(dead_after)
+                    );
                 }
-                _ = ticker.tick() => {
+                Wake::Heartbeat => {
                     seq += 1;
-                    if let Err(e) = self.writer.send(Message::Heartbeat { seq }).await {
-                        return self.lost(e);
+                    if let Err(e) = writer.send(Message::Heartbeat { seq }).await {
+                        return link.lost(e);
                     }
                 }
-                _ = tokio::time::sleep_until(renew_at) => {
+                Wake::NodeStatus => {
+                    status_seq += 1;
+                    status_unacked = Some(status_seq);
+                    status_retry_at = Instant::now() + STATUS_RETRY;
+                    let report = node_status_report(&ack.node_name, config, status_seq);
+                    if let Err(e) = writer.send(report).await {
+                        return link.lost(e);
+                    }
+                    metrics.status_reports.inc();
+                }
+                Wake::Renew => {
                     renew_at = Instant::now() + RENEW_RETRY;
-                    match new_key_and_csr(&self.ack.node_name) {
+                    match new_key_and_csr(&ack.node_name) {
                         Ok((key, csr_der)) => {
                             tracing::info!(not_after = %identity.not_after, "renewing the node certificate");
-                            if let Err(e) = self.writer.send(Message::RenewRequest { csr_der }).await {
-                                return self.lost(e);
+                            if let Err(e) = writer.send(Message::RenewRequest { csr_der }).await {
+                                return link.lost(e);
                             }
                             pending_key = Some(key);
                         }
                         Err(e) => tracing::error!(error = %e, "cannot generate a key for renewal"),
                     }
                 }
-                next = self.reader.next() => {
+                Wake::Incoming(None) => {
+                    link.connection
+                        .close(VarInt::from_u32(close_code::NORMAL), b"stream finished");
+                    return link
+                        .connection
+                        .close_reason()
+                        .map(|r| describe_close(&r))
+                        .unwrap_or_else(|| "the cloud finished the stream".into());
+                }
+                Wake::Incoming(Some(Err(e))) => return link.lost(e),
+                Wake::Incoming(Some(Ok(message))) => {
                     last_heard = Instant::now();
-                    match next {
-                        Ok(Some(Message::Heartbeat { .. })) => {}
-                        Ok(Some(Message::RenewResponse { certificate_der })) => {
-                            match pending_key.take() {
-                                Some(key) => match install_renewed(config, &key, &certificate_der) {
-                                    Ok((not_before, not_after)) => {
-                                        metrics.certificate_renewals.inc();
-                                        tracing::info!(%not_after, "node certificate renewed");
-                                        renew_at = renewal_instant(not_before, not_after, config.renew_window, &mut rng);
+                    match message {
+                        Message::Heartbeat { .. } => {}
+                        message @ (Message::Upsert(_) | Message::Delete(_)) => {
+                            let mut batch = vec![message];
+                            while batch.len() < APPLY_BATCH {
+                                match incoming.try_recv() {
+                                    Ok(Ok(m @ (Message::Upsert(_) | Message::Delete(_)))) => {
+                                        batch.push(m)
                                     }
-                                    Err(e) => tracing::error!(error = %e, "cannot install the renewed certificate"),
-                                },
-                                None => tracing::warn!("renewal response without a pending request; ignored"),
+                                    Ok(other) => {
+                                        deferred = Some(other);
+                                        break;
+                                    }
+                                    Err(_) => break,
+                                }
+                            }
+                            match replica.apply(batch).await {
+                                Ok(seqs) if seqs.is_empty() => {}
+                                Ok(seqs) => {
+                                    if let Err(e) = writer.send(Message::Ack { seqs }).await {
+                                        return link.lost(e);
+                                    }
+                                }
+                                Err(e) => {
+                                    tracing::error!(
+                                        "cannot store objects from the cloud; nothing acknowledged: {}",
+                                        error_chain(&e)
+                                    );
+                                    link.connection.close(
+                                        VarInt::from_u32(close_code::NORMAL),
+                                        b"edge store write failed",
+                                    );
+                                    return format!("store write failed: {}", error_chain(&e));
+                                }
                             }
                         }
-                        Ok(Some(Message::Error(e))) => {
+                        Message::RenewResponse { certificate_der } => match pending_key.take() {
+                            Some(key) => match install_renewed(config, &key, &certificate_der) {
+                                Ok((not_before, not_after)) => {
+                                    metrics.certificate_renewals.inc();
+                                    tracing::info!(%not_after, "node certificate renewed");
+                                    renew_at = renewal_instant(
+                                        not_before,
+                                        not_after,
+                                        config.renew_window,
+                                        &mut rng,
+                                    );
+                                }
+                                Err(e) => {
+                                    tracing::error!(error = %e, "cannot install the renewed certificate")
+                                }
+                            },
+                            None => tracing::warn!(
+                                "renewal response without a pending request; ignored"
+                            ),
+                        },
+                        Message::Ack { seqs } => {
+                            tracing::debug!(?seqs, "status reports acknowledged");
+                            if status_unacked.is_some_and(|s| seqs.contains(&s)) {
+                                status_unacked = None;
+                            }
+                        }
+                        Message::Error(e) => {
                             tracing::warn!(code = %e.code, "the cloud reported an error: {}", e.message);
-                            pending_key = None;
+                            if e.code != ErrorCode::Forbidden {
+                                pending_key = None;
+                            }
                         }
-                        Ok(Some(other)) => tracing::debug!(message = other.kind(), "no handler yet; dropped"),
-                        Ok(None) => {
-                            self.connection.close(VarInt::from_u32(close_code::NORMAL), b"stream finished");
-                            return "the cloud finished the stream".into();
-                        }
-                        Err(e) => return self.lost(e),
+                        other => tracing::debug!(
+                            message = other.kind(),
+                            "unexpected message from the cloud; dropped"
+                        ),
                     }
                 }
             }
         }
     }
+}
 
+/// What woke the session loop.
+enum Wake {
+    Shutdown,
+    Dead,
+    Heartbeat,
+    NodeStatus,
+    Renew,
+    Incoming(Option<Result<Message, FrameError>>),
+}
+
+/// Reads frames into the session's queue until the stream ends or fails.
+async fn read_into(
+    mut reader: FrameReader<RecvStream>,
+    queue: mpsc::Sender<Result<Message, FrameError>>,
+) {
+    loop {
+        match reader.next().await {
+            Ok(Some(message)) => {
+                if queue.send(Ok(message)).await.is_err() {
+                    return;
+                }
+            }
+            Ok(None) => return,
+            Err(e) => {
+                let _ = queue.send(Err(e)).await;
+                return;
+            }
+        }
+    }
+}
+
+/// Generations of status reports: increasing for the life of the process and, being seeded
+/// from the clock, across restarts unless the clock goes back.
+fn next_generation() -> u64 {
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let now = (OffsetDateTime::now_utc().unix_timestamp_nanos() / 1000).max(0) as u64;
+    let mut prev = LAST.load(Ordering::Relaxed);
+    loop {
+        let next = now.max(prev + 1);
+        match LAST.compare_exchange(prev, next, Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(_) => return next,
+            Err(actual) => prev = actual,
+        }
+    }
+}
+
+fn node_status_report(node_name: &str, config: &HubConfig, seq: u64) -> Message {
+    let now = OffsetDateTime::now_utc()
+        .replace_nanosecond(0)
+        .unwrap_or_else(|_| OffsetDateTime::now_utc())
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default();
+    let status = crate::node::status(&config.data_dir, &now);
+    Message::Status(StatusReport {
+        seq,
+        object: ObjectRef {
+            kind: "Node".into(),
+            namespace: String::new(),
+            name: node_name.to_string(),
+            uid: String::new(),
+        },
+        generation: next_generation(),
+        status: serde_json::to_vec(&status).unwrap_or_default(),
+    })
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        cur = s.source();
+    }
+    text
+}
+
+/// The connection of a running session, for closing it.
+struct Link {
+    /// Owns the UDP socket; also used to let a final close reach the cloud before exit.
+    endpoint: Endpoint,
+    connection: Connection,
+}
+
+impl Link {
     fn lost(&self, e: FrameError) -> String {
         if let Some(reason) = self.connection.close_reason() {
             return describe_close(&reason);
@@ -338,6 +553,7 @@ fn install_renewed(
 pub async fn run(
     config: HubConfig,
     metrics: Arc<Metrics>,
+    replica: Replica,
     shutdown: CancellationToken,
 ) -> Result<(), IdentityError> {
     let mut rng = StdRng::from_os_rng();
@@ -355,7 +571,7 @@ pub async fn run(
             Ok(endpoint) => {
                 tokio::select! {
                     _ = shutdown.cancelled() => return Ok(()),
-                    opened = Session::open(endpoint, &identity, &cloud, &config, node_info.clone()) => opened,
+                    opened = Session::open(endpoint, &identity, &cloud, &config, node_info.clone(), replica.start_session()) => opened,
                 }
             }
             Err(e) => Err(e.into()),
@@ -369,7 +585,9 @@ pub async fn run(
                 connected_before = true;
                 tracing::info!(cloud = %cloud, node.name = %session.ack.node_name, "connected to the cloud");
                 let started = Instant::now();
-                let ended = session.run(&identity, &config, &metrics, &shutdown).await;
+                let ended = session
+                    .run(&identity, &config, &metrics, &replica, &shutdown)
+                    .await;
                 metrics.cloud_connected.set(0);
                 tracing::warn!(cloud = %cloud, "disconnected from the cloud: {ended}");
                 attempt = if started.elapsed() >= STABLE_SESSION {

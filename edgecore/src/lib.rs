@@ -3,13 +3,16 @@
 //! `join` obtains the node identity once; `run` keeps the tunnel to cloudcore up ([`hub`]).
 
 pub mod backoff;
+pub mod ctl;
 pub mod dial;
 pub mod hub;
 pub mod identity;
 pub mod join;
 pub mod metrics;
 pub mod node;
+pub mod replica;
 pub mod signal;
+pub mod store;
 pub mod tls;
 
 use std::net::SocketAddr;
@@ -31,6 +34,8 @@ pub struct RunConfig {
 pub enum RunError {
     #[error(transparent)]
     Identity(#[from] identity::IdentityError),
+    #[error("cannot open the local store")]
+    Store(#[from] store::StoreError),
     #[error("cannot bind the metrics listener on {addr}")]
     Metrics {
         addr: SocketAddr,
@@ -43,6 +48,10 @@ pub enum RunError {
 pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), RunError> {
     // Fail fast on a missing or corrupt identity, before binding anything.
     let identity = identity::load(&config.hub.data_dir)?;
+    let metrics = Arc::new(metrics::Metrics::default());
+    // Desired state comes from the local store first: nothing on the start path needs the
+    // cloud.
+    let replica = replica::Replica::open(&config.hub.data_dir, metrics.clone())?;
     let listener = tokio::net::TcpListener::bind(config.metrics_listen)
         .await
         .map_err(|source| RunError::Metrics {
@@ -55,9 +64,9 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
         certificate.not_after = %identity.not_after,
         metrics = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
         data_dir = %config.hub.data_dir.display(),
+        store.objects = metrics.store_objects.get(),
         "edgecore running"
     );
-    let metrics = Arc::new(metrics::Metrics::default());
     let tracker = TaskTracker::new();
     {
         let (metrics, shutdown) = (metrics.clone(), shutdown.clone());
@@ -67,7 +76,7 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
             }
         });
     }
-    let result = hub::run(config.hub, metrics, shutdown.clone()).await;
+    let result = hub::run(config.hub, metrics, replica, shutdown.clone()).await;
     shutdown.cancel();
     tracker.close();
     let _ = tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await;

@@ -1,4 +1,5 @@
-//! The `edgecore` command: `join` once, then `run` (usually under systemd).
+//! The `edgecore` command: `join` once, then `run` (usually under systemd); `ctl` inspects the
+//! local store.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -6,8 +7,10 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use edgecore::ctl::{CtlError, Resource};
 use edgecore::hub::HubConfig;
 use edgecore::join::{JoinError, JoinParams, parse_labels};
+use edgecore::store::StoreError;
 use edgecore::{RunConfig, RunError};
 use tokio_util::sync::CancellationToken;
 
@@ -75,6 +78,26 @@ enum Command {
         #[arg(long, default_value_t = proto::DEFAULT_MAX_FRAME_SIZE)]
         max_frame_size: usize,
     },
+    /// Inspect this gateway's local store; needs neither the cloud nor a running daemon.
+    Ctl {
+        #[command(subcommand)]
+        command: CtlCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum CtlCommand {
+    /// List the objects in the local store (Secrets by key names only).
+    Get {
+        /// What to list.
+        #[arg(value_enum, default_value_t = Resource::All)]
+        what: Resource,
+        /// Output format.
+        #[arg(short = 'o', long, value_enum, default_value_t = edgecore::ctl::Output::Table)]
+        output: edgecore::ctl::Output,
+        #[arg(long, env = "EDGECORE_DATA_DIR", default_value = "/var/lib/edgecore")]
+        data_dir: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -90,14 +113,8 @@ fn main() -> ExitCode {
         }
     };
     init_tracing(cli.log_format);
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
     match cli.command {
+        Command::Ctl { command } => ctl(command),
         Command::Join {
             cloud,
             token,
@@ -107,6 +124,9 @@ fn main() -> ExitCode {
             data_dir,
             timeout,
         } => {
+            let Some(runtime) = runtime() else {
+                return ExitCode::FAILURE;
+            };
             let labels = match parse_labels(&labels) {
                 Ok(l) => l,
                 Err(e) => {
@@ -157,6 +177,9 @@ fn main() -> ExitCode {
             metrics_listen,
             max_frame_size,
         } => {
+            let Some(runtime) = runtime() else {
+                return ExitCode::FAILURE;
+            };
             let mut hub = HubConfig::new(data_dir);
             hub.cloud = cloud;
             hub.max_frame_size = max_frame_size;
@@ -179,6 +202,39 @@ fn main() -> ExitCode {
                     eprintln!("error: {}", chain(&e));
                     ExitCode::FAILURE
                 }
+            }
+        }
+    }
+}
+
+/// The async runtime of `join` and `run`; `ctl` does without one.
+fn runtime() -> Option<tokio::runtime::Runtime> {
+    match tokio::runtime::Runtime::new() {
+        Ok(r) => Some(r),
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            None
+        }
+    }
+}
+
+/// Runs a `ctl` command: local, synchronous, no network.
+fn ctl(command: CtlCommand) -> ExitCode {
+    let CtlCommand::Get {
+        what,
+        output,
+        data_dir,
+    } = command;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    match edgecore::ctl::get_as(&data_dir, what, output, &mut out) {
+        Ok(()) => ExitCode::SUCCESS,
+        // The reader went away (`| head`): nothing left to tell anyone.
+        Err(CtlError::Output(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", chain(&e));
+            match e {
+                CtlError::Store(StoreError::Missing { .. }) => ExitCode::from(EXIT_USAGE),
+                _ => ExitCode::FAILURE,
             }
         }
     }

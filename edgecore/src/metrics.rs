@@ -22,6 +22,14 @@ pub struct Metrics {
     pub reconnects: Counter,
     pub connect_failures: Counter,
     pub certificate_renewals: Counter,
+    /// Store changes committed from the cloud's object messages.
+    pub sync_applied: Counter,
+    /// Object messages that changed nothing (duplicates, older versions).
+    pub sync_skipped: Counter,
+    /// Objects in the local store.
+    pub store_objects: Gauge,
+    /// Node status reports sent.
+    pub status_reports: Counter,
 }
 
 impl Default for Metrics {
@@ -31,6 +39,30 @@ impl Default for Metrics {
         let reconnects = Counter::default();
         let connect_failures = Counter::default();
         let certificate_renewals = Counter::default();
+        let sync_applied = Counter::default();
+        let sync_skipped = Counter::default();
+        let store_objects = Gauge::default();
+        let status_reports = Counter::default();
+        registry.register(
+            "edgecore_sync_applied",
+            "Store changes committed from the cloud's object messages",
+            sync_applied.clone(),
+        );
+        registry.register(
+            "edgecore_sync_skipped",
+            "Object messages that changed nothing (duplicates, older versions)",
+            sync_skipped.clone(),
+        );
+        registry.register(
+            "edgecore_store_objects",
+            "Objects in the local store",
+            store_objects.clone(),
+        );
+        registry.register(
+            "edgecore_status_reports",
+            "Status reports sent to the cloud",
+            status_reports.clone(),
+        );
         registry.register(
             "edgecore_cloud_connected",
             "1 while the tunnel to cloudcore is up, else 0",
@@ -57,6 +89,10 @@ impl Default for Metrics {
             reconnects,
             connect_failures,
             certificate_renewals,
+            sync_applied,
+            sync_skipped,
+            store_objects,
+            status_reports,
         }
     }
 }

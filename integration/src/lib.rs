@@ -128,6 +128,8 @@ pub struct Cloud {
     pub api_port: u16,
     binary: PathBuf,
     extra: Vec<String>,
+    /// `RUST_LOG` of the process.
+    log_filter: String,
     child: Option<Child>,
     starts: usize,
 }
@@ -138,9 +140,23 @@ impl Cloud {
         Cloud::start_binary(&bin("cloudcore"), dir, extra).unwrap_or_else(|e| panic!("{e:#}"))
     }
 
+    /// Like [`Cloud::start`] with a `RUST_LOG` filter, for tests that read debug lines.
+    pub fn start_logging(dir: &Path, extra: &[&str], filter: &str) -> Cloud {
+        Cloud::start_full(&bin("cloudcore"), dir, extra, filter).unwrap_or_else(|e| panic!("{e:#}"))
+    }
+
     /// Like [`Cloud::start`] with a given `cloudcore` binary, for the load generators; an error
     /// (holding the log) instead of a panic if it does not become healthy.
     pub fn start_binary(binary: &Path, dir: &Path, extra: &[&str]) -> anyhow::Result<Cloud> {
+        Cloud::start_full(binary, dir, extra, "info")
+    }
+
+    fn start_full(
+        binary: &Path,
+        dir: &Path,
+        extra: &[&str],
+        log_filter: &str,
+    ) -> anyhow::Result<Cloud> {
         // Ports are picked free and released before cloudcore binds them; another process can
         // take one in between. A first start that dies early is retried on fresh ports.
         let mut attempt = 0;
@@ -153,6 +169,7 @@ impl Cloud {
                 api_port: free_tcp_port(),
                 binary: binary.to_path_buf(),
                 extra: extra.iter().map(|s| s.to_string()).collect(),
+                log_filter: log_filter.to_string(),
                 child: None,
                 starts: 0,
             };
@@ -184,7 +201,7 @@ impl Cloud {
             .args(["--control-plane", "embedded"])
             .args(["--api-listen", &format!("127.0.0.1:{}", self.api_port)])
             .args(&self.extra)
-            .env("RUST_LOG", "info");
+            .env("RUST_LOG", &self.log_filter);
         std::fs::create_dir_all(&self.dir)?;
         let log = self.log_path();
         self.child = Some(try_spawn_logged(&mut command, &log)?);
@@ -442,6 +459,62 @@ impl Edge {
             terminate(&mut child);
         }
     }
+
+    /// SIGKILL, as a crash or power cut would end it.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// What the edge's store holds, from `edgecore ctl get all -o json`.
+    pub fn objects(&self) -> Vec<EdgeObject> {
+        edge_objects(&self.dir)
+    }
+}
+
+/// One object in an edge's store, as `edgecore ctl get -o json` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct EdgeObject {
+    pub kind: String,
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    pub resource_version: u64,
+}
+
+/// What the store in `dir` holds (works whether or not `edgecore run` is running).
+pub fn edge_objects(dir: &Path) -> Vec<EdgeObject> {
+    let out = Command::new(bin("edgecore"))
+        .args(["ctl", "get", "all", "-o", "json", "--data-dir"])
+        .arg(dir)
+        .output()
+        .expect("run edgecore ctl");
+    assert!(
+        out.status.success(),
+        "edgecore ctl get failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let items: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "ctl get -o json is not JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    });
+    items
+        .iter()
+        .map(|item| EdgeObject {
+            kind: item["kind"].as_str().unwrap_or_default().to_string(),
+            namespace: item["namespace"].as_str().unwrap_or_default().to_string(),
+            name: item["name"].as_str().unwrap_or_default().to_string(),
+            uid: item["uid"].as_str().unwrap_or_default().to_string(),
+            resource_version: item["resourceVersion"]
+                .as_str()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_default(),
+        })
+        .collect()
 }
 
 impl Drop for Edge {

@@ -36,6 +36,7 @@ fn hello(major: u32) -> Message {
     Message::Hello(Hello {
         version: ProtocolVersion { major, minor: 0 },
         node_info: NodeInfo::default(),
+        inventory: Vec::new(),
     })
 }
 
@@ -236,6 +237,7 @@ async fn a_certificate_for_node_a_can_never_act_as_node_b() {
         &s.cloud.address(),
         &config,
         NodeInfo::default(),
+        Vec::new(),
     )
     .await
     .expect("session");
@@ -346,4 +348,171 @@ async fn anonymous_peers_get_a_small_frame_limit_and_no_session() {
         1.0,
         "only the good edge"
     );
+}
+
+const TWO_NODES: &str = r#"
+apiVersion: v1
+kind: Secret
+metadata: {name: secret-b, namespace: default}
+stringData: {password: only-for-b}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: pod-b, namespace: default}
+spec:
+  nodeName: gw-b
+  containers:
+  - name: c
+    image: busybox
+    env:
+    - name: P
+      valueFrom: {secretKeyRef: {name: secret-b, key: password}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: pod-a, namespace: default}
+spec:
+  nodeName: gw-a
+  containers: [{name: c, image: busybox}]
+"#;
+
+fn object(kind: &str, namespace: &str, name: &str) -> proto::ObjectRef {
+    proto::ObjectRef {
+        kind: kind.into(),
+        namespace: namespace.into(),
+        name: name.into(),
+        uid: String::new(),
+    }
+}
+
+fn status(seq: u64, object: proto::ObjectRef, status: serde_json::Value) -> Message {
+    Message::Status(proto::StatusReport {
+        seq,
+        object,
+        generation: seq,
+        status: serde_json::to_vec(&status).expect("json"),
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_can_neither_read_nor_acknowledge_nor_report_for_another_node() {
+    integration::init_test_tracing();
+    let s = setup();
+    let out = s
+        .cloud
+        .kubectl_with_stdin(&["apply", "-f", "-"], Some(TWO_NODES));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Node A, with a valid certificate, claims to hold B's Secret and then asks for it,
+    // reports status for B's pod and B's Node, acknowledges a message never sent, and reports
+    // status for its own pod.
+    let connection = connect_as(&s.hostile_dir, &s.cloud).await;
+    let (send, recv) = connection.open_bi().await.expect("stream");
+    let mut writer = FrameWriter::new(send, proto::DEFAULT_MAX_FRAME_SIZE);
+    let mut reader = FrameReader::new(recv, proto::DEFAULT_MAX_FRAME_SIZE);
+    writer
+        .send(Message::Hello(Hello {
+            version: proto::PROTOCOL_VERSION,
+            node_info: NodeInfo::default(),
+            inventory: vec![proto::HeldObject {
+                object: object("Secret", "default", "secret-b"),
+                resource_version: 1,
+            }],
+        }))
+        .await
+        .expect("hello");
+    assert!(matches!(
+        reader.next().await,
+        Ok(Some(Message::HelloAck(_)))
+    ));
+    let hostile = [
+        Message::Request(object("Secret", "default", "secret-b")),
+        status(
+            1,
+            object("Pod", "default", "pod-b"),
+            serde_json::json!({"phase": "Failed"}),
+        ),
+        status(
+            2,
+            object("Node", "", "gw-b"),
+            serde_json::json!({"conditions": []}),
+        ),
+        Message::Ack {
+            seqs: vec![1_000_000],
+        },
+    ];
+    for message in hostile {
+        writer.send(message).await.expect("send");
+    }
+    writer
+        .send(status(
+            3,
+            object("Pod", "default", "pod-a"),
+            serde_json::json!({"phase": "Running"}),
+        ))
+        .await
+        .expect("send");
+
+    let mut forbidden = 0;
+    let mut violations = 0;
+    let mut own_status_acked = false;
+    let mut deleted_claim = false;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !(forbidden == 3 && violations == 1 && own_status_acked && deleted_claim) {
+        let next = tokio::time::timeout_at(deadline, reader.next())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "within 10 s: forbidden {forbidden}/3, violations {violations}/1, own status acknowledged {own_status_acked}, claimed Secret deleted {deleted_claim}"
+                )
+            });
+        match next.expect("read").expect("message") {
+            Message::Error(e) if e.code == proto::ErrorCode::Forbidden => forbidden += 1,
+            Message::Error(e) if e.code == proto::ErrorCode::ProtocolViolation => violations += 1,
+            Message::Ack { seqs } => own_status_acked |= seqs.contains(&3),
+            Message::Delete(d) if d.object.name == "secret-b" => {
+                deleted_claim = true;
+                writer
+                    .send(Message::Ack { seqs: vec![d.seq] })
+                    .await
+                    .expect("ack");
+            }
+            Message::Upsert(u) => {
+                assert!(
+                    u.object.name != "secret-b"
+                        && u.object.name != "pod-b"
+                        && u.object.name != "gw-b",
+                    "node A was sent node B's object {:?}",
+                    u.object
+                );
+                writer
+                    .send(Message::Ack { seqs: vec![u.seq] })
+                    .await
+                    .expect("ack");
+            }
+            _ => {}
+        }
+    }
+
+    let metric = |reason: &str| {
+        s.cloud.metric(&format!(
+            "cloudcore_sync_refused_total{{reason=\"{reason}\"}}"
+        ))
+    };
+    assert_eq!(metric("request_forbidden"), 1.0);
+    assert_eq!(metric("status_forbidden"), 2.0);
+    assert_eq!(metric("ack_never_sent"), 1.0);
+    let phase = |pod: &str| {
+        let out = s
+            .cloud
+            .kubectl(&["get", "pod", pod, "-o", "jsonpath={.status.phase}"]);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert_eq!(phase("pod-a"), "Running", "A's own report was written");
+    assert_ne!(phase("pod-b"), "Failed", "A's report for B's pod was not");
+    assert!(s.good.connected());
 }

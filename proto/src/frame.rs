@@ -264,7 +264,7 @@ mod tests {
             Message::RenewRequest {
                 csr_der: vec![9; 500],
             },
-            Message::Ack { seq: 3 },
+            Message::Ack { seqs: vec![3] },
         ];
         let to_send = sent.clone();
         let task = tokio::spawn(async move {

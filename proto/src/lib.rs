@@ -6,9 +6,11 @@
 //! - [`message`]: the domain types ([`Message`] and friends) with `TryFrom` conversions that
 //!   reject malformed input with [`InvalidMessage`].
 //! - [`frame`]: length-delimited framing with the size limit checked before any allocation.
+//! - [`sync`]: the sans-IO sync engine both ends run over those messages.
 
 pub mod frame;
 pub mod message;
+pub mod sync;
 
 /// Generated protobuf types of package `edge.v1`.
 #[allow(missing_docs, clippy::all)]
@@ -18,9 +20,9 @@ pub mod pb {
 
 pub use frame::{DEFAULT_MAX_FRAME_SIZE, FrameCodec, FrameError, FrameReader, FrameWriter};
 pub use message::{
-    ErrorCode, ErrorMessage, Hello, HelloAck, InvalidMessage, JoinRequest, JoinResponse, Message,
-    NodeInfo, ObjectDelete, ObjectRef, ObjectUpsert, PROTOCOL_VERSION, ProtocolVersion,
-    StatusReport,
+    ErrorCode, ErrorMessage, HeldObject, Hello, HelloAck, InvalidMessage, JoinRequest,
+    JoinResponse, Message, NodeInfo, ObjectDelete, ObjectRef, ObjectUpsert, PROTOCOL_VERSION,
+    ProtocolVersion, StatusReport,
 };
 
 /// QUIC application close codes. The reason text that goes with them is for humans.

@@ -68,6 +68,15 @@ pub struct NodeInfo {
 pub struct Hello {
     pub version: ProtocolVersion,
     pub node_info: NodeInfo,
+    /// What the edge's store holds, for the cloud to send only the difference.
+    pub inventory: Vec<HeldObject>,
+}
+
+/// One object the edge holds, by identity and version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeldObject {
+    pub object: ObjectRef,
+    pub resource_version: u64,
 }
 
 /// The cloud's answer to [`Hello`].
@@ -99,6 +108,7 @@ pub enum ErrorCode {
     Unauthenticated,
     ProtocolViolation,
     Internal,
+    Forbidden,
 }
 
 impl ErrorCode {
@@ -122,6 +132,7 @@ impl ErrorCode {
             ErrorCode::Unauthenticated => "unauthenticated",
             ErrorCode::ProtocolViolation => "protocol_violation",
             ErrorCode::Internal => "internal",
+            ErrorCode::Forbidden => "forbidden",
         }
     }
 }
@@ -153,6 +164,7 @@ impl From<pb::ErrorCode> for ErrorCode {
             P::Unauthenticated => ErrorCode::Unauthenticated,
             P::ProtocolViolation => ErrorCode::ProtocolViolation,
             P::Internal => ErrorCode::Internal,
+            P::Forbidden => ErrorCode::Forbidden,
         }
     }
 }
@@ -178,6 +190,7 @@ impl From<ErrorCode> for pb::ErrorCode {
             ErrorCode::Unauthenticated => P::Unauthenticated,
             ErrorCode::ProtocolViolation => P::ProtocolViolation,
             ErrorCode::Internal => P::Internal,
+            ErrorCode::Forbidden => P::Forbidden,
         }
     }
 }
@@ -209,7 +222,7 @@ pub struct ObjectRef {
 pub struct ObjectUpsert {
     pub seq: u64,
     pub object: ObjectRef,
-    pub resource_version: String,
+    pub resource_version: u64,
     pub body: Vec<u8>,
 }
 
@@ -218,7 +231,7 @@ pub struct ObjectUpsert {
 pub struct ObjectDelete {
     pub seq: u64,
     pub object: ObjectRef,
-    pub resource_version: String,
+    pub resource_version: u64,
 }
 
 /// Status of an object owned by the reporting edge.
@@ -263,7 +276,8 @@ pub enum Message {
     Heartbeat { seq: u64 },
     Upsert(ObjectUpsert),
     Delete(ObjectDelete),
-    Ack { seq: u64 },
+    Ack { seqs: Vec<u64> },
+    Request(ObjectRef),
     Status(StatusReport),
     JoinRequest(JoinRequest),
     JoinResponse(JoinResponse),
@@ -282,6 +296,7 @@ impl Message {
             Message::Upsert(_) => "upsert",
             Message::Delete(_) => "delete",
             Message::Ack { .. } => "ack",
+            Message::Request(_) => "request",
             Message::Status(_) => "status",
             Message::JoinRequest(_) => "join_request",
             Message::JoinResponse(_) => "join_response",
@@ -402,6 +417,16 @@ impl TryFrom<pb::Envelope> for Message {
                         cpus: info.cpus,
                         memory_bytes: info.memory_bytes,
                     },
+                    inventory: h
+                        .inventory
+                        .into_iter()
+                        .map(|held| {
+                            Ok(HeldObject {
+                                object: object_from(held.object, "hello.inventory")?,
+                                resource_version: held.resource_version,
+                            })
+                        })
+                        .collect::<Result<_, InvalidMessage>>()?,
                 })
             }
             Body::HelloAck(a) => Message::HelloAck(HelloAck {
@@ -421,15 +446,16 @@ impl TryFrom<pb::Envelope> for Message {
             Body::Upsert(u) => Message::Upsert(ObjectUpsert {
                 seq: u.seq,
                 object: object_from(u.object, "upsert")?,
-                resource_version: bounded(u.resource_version, "upsert", "resource_version")?,
+                resource_version: u.resource_version,
                 body: u.body,
             }),
             Body::Delete(d) => Message::Delete(ObjectDelete {
                 seq: d.seq,
                 object: object_from(d.object, "delete")?,
-                resource_version: bounded(d.resource_version, "delete", "resource_version")?,
+                resource_version: d.resource_version,
             }),
-            Body::Ack(a) => Message::Ack { seq: a.seq },
+            Body::Ack(a) => Message::Ack { seqs: a.seqs },
+            Body::Request(r) => Message::Request(object_from(r.object, "request")?),
             Body::Status(s) => Message::Status(StatusReport {
                 seq: s.seq,
                 object: object_from(s.object, "status")?,
@@ -469,6 +495,14 @@ impl From<Message> for pb::Envelope {
                     cpus: h.node_info.cpus,
                     memory_bytes: h.node_info.memory_bytes,
                 }),
+                inventory: h
+                    .inventory
+                    .into_iter()
+                    .map(|held| pb::HeldObject {
+                        object: object_to(held.object),
+                        resource_version: held.resource_version,
+                    })
+                    .collect(),
             }),
             Message::HelloAck(a) => Body::HelloAck(pb::HelloAck {
                 version: version_to(a.version),
@@ -492,7 +526,10 @@ impl From<Message> for pb::Envelope {
                 object: object_to(d.object),
                 resource_version: d.resource_version,
             }),
-            Message::Ack { seq } => Body::Ack(pb::Ack { seq }),
+            Message::Ack { seqs } => Body::Ack(pb::Ack { seqs }),
+            Message::Request(object) => Body::Request(pb::ObjectRequest {
+                object: object_to(object),
+            }),
             Message::Status(s) => Body::Status(pb::StatusReport {
                 seq: s.seq,
                 object: object_to(s.object),
@@ -539,6 +576,10 @@ mod tests {
                     memory_bytes: 1 << 30,
                     ..NodeInfo::default()
                 },
+                inventory: vec![HeldObject {
+                    object: object.clone(),
+                    resource_version: 41,
+                }],
             }),
             Message::HelloAck(HelloAck {
                 version: PROTOCOL_VERSION,
@@ -551,15 +592,16 @@ mod tests {
             Message::Upsert(ObjectUpsert {
                 seq: 1,
                 object: object.clone(),
-                resource_version: "42".into(),
+                resource_version: 42,
                 body: b"{}".to_vec(),
             }),
             Message::Delete(ObjectDelete {
                 seq: 2,
                 object: object.clone(),
-                resource_version: "43".into(),
+                resource_version: 43,
             }),
-            Message::Ack { seq: 2 },
+            Message::Ack { seqs: vec![2, 5] },
+            Message::Request(object.clone()),
             Message::Status(StatusReport {
                 seq: 3,
                 object,
@@ -607,6 +649,7 @@ mod tests {
             body: Some(Body::Hello(pb::Hello {
                 version: None,
                 node_info: Some(pb::NodeInfo::default()),
+                inventory: Vec::new(),
             })),
         };
         let err = Message::try_from(envelope).unwrap_err();

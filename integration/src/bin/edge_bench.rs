@@ -274,6 +274,8 @@ fn node_name(edges: usize, index: usize) -> String {
 struct Edge {
     identity: Identity,
     config: HubConfig,
+    /// Each edge's own SQLite store, as `edgecore run` opens it.
+    replica: edgecore::replica::Replica,
 }
 
 fn load_edges(cli: &Cli, edges_dir: &Path) -> Result<Vec<Arc<Edge>>> {
@@ -281,9 +283,12 @@ fn load_edges(cli: &Cli, edges_dir: &Path) -> Result<Vec<Arc<Edge>>> {
         .map(|index| {
             let data_dir = edges_dir.join(node_name(cli.edges, index));
             let identity = edgecore::identity::load(&data_dir)?;
+            let replica =
+                edgecore::replica::Replica::open(&data_dir, Arc::new(Metrics::default()))?;
             Ok(Arc::new(Edge {
                 identity,
                 config: HubConfig::new(data_dir),
+                replica,
             }))
         })
         .collect()
@@ -343,7 +348,17 @@ async fn connect_round(
         opening.spawn(async move {
             let _permit = permits.acquire_owned().await.map_err(|e| e.to_string())?;
             let began = Instant::now();
-            match Session::open(endpoint, &edge.identity, &address, &edge.config, node_info).await {
+            let inventory = edge.replica.start_session();
+            match Session::open(
+                endpoint,
+                &edge.identity,
+                &address,
+                &edge.config,
+                node_info,
+                inventory,
+            )
+            .await
+            {
                 Ok(session) => Ok((edge, session, began.elapsed())),
                 Err(e) => Err(format!("{:#}", anyhow::Error::new(e))),
             }
@@ -375,7 +390,13 @@ async fn connect_round(
         let (metrics, shutdown) = (metrics.clone(), shutdown.clone());
         running.spawn(async move {
             session
-                .run(&edge.identity, &edge.config, &metrics, &shutdown)
+                .run(
+                    &edge.identity,
+                    &edge.config,
+                    &metrics,
+                    &edge.replica,
+                    &shutdown,
+                )
                 .await
         });
     }

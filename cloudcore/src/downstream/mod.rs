@@ -1,0 +1,749 @@
+//! What each edge node should hold, taken from the cluster through kube-rs, and the per-edge
+//! sync state that sends it (KubeEdge's edgecontroller "downstream").
+//!
+//! Watchers (pods with a `spec.nodeName`, ConfigMaps, Secrets, edge Nodes) feed an [`Index`]:
+//! for every edge node its desired set is its own Node, the pods bound to it, and the ConfigMaps
+//! and Secrets those pods reference ([`refs`]) — nothing else, in the spirit of Kubernetes' Node
+//! authorizer. The desired sets live in one [`CloudPeer`] per edge (the sans-IO engine in
+//! `proto::sync`); tunnel sessions [`Downstream::attach`] to their peer and a pump task moves the
+//! peer's messages into the session's bounded send queue.
+//!
+//! Bodies are serialized once per object version and shared (`Arc`) by every edge that holds
+//! it. A reconnecting edge's resync waits for the watchers' first full list (so an empty cache
+//! never tells edges to delete everything) and for one of a bounded number of resync slots (so
+//! a reconnect storm is paced).
+
+pub mod refs;
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Secret};
+use kube::api::Api;
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Resource, ResourceExt};
+use proto::HeldObject;
+use proto::Message;
+use proto::sync::{CloudPeer, DesiredObject, ObjectKey, PeerConfig, ResyncPlan};
+use serde::Serialize;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Metrics;
+use crate::nodes::EDGE_ROLE_LABEL;
+use refs::{PodRefs, pod_refs};
+
+/// Kinds an edge may hold.
+pub const KINDS: [&str; 4] = ["Node", "Pod", "ConfigMap", "Secret"];
+
+/// Settings of the downstream dispatcher.
+#[derive(Debug, Clone)]
+pub struct DownstreamConfig {
+    /// Flow control and retransmission per edge.
+    pub peer: PeerConfig,
+    /// Edges whose initial resync may run at once; the rest wait their turn.
+    pub concurrent_resyncs: usize,
+    /// Messages moved from a peer to its session queue per lock.
+    pub pump_batch: usize,
+}
+
+impl Default for DownstreamConfig {
+    fn default() -> Self {
+        DownstreamConfig {
+            peer: PeerConfig::default(),
+            concurrent_resyncs: 64,
+            pump_batch: 64,
+        }
+    }
+}
+
+/// A cached object version: its identity and its body, serialized once.
+#[derive(Debug, Clone)]
+struct Cached {
+    uid: String,
+    resource_version: u64,
+    body: Arc<[u8]>,
+}
+
+impl Cached {
+    fn desired(&self) -> DesiredObject {
+        DesiredObject {
+            uid: self.uid.clone(),
+            resource_version: self.resource_version,
+            body: self.body.clone(),
+        }
+    }
+}
+
+/// Why an object from the API could not be cached.
+#[derive(Debug, thiserror::Error)]
+enum CacheError {
+    #[error("resourceVersion {0:?} is not an integer")]
+    ResourceVersion(String),
+    #[error("cannot serialize: {0}")]
+    Serialize(#[from] serde_json::Error),
+}
+
+fn cache<K: Resource + Serialize + Clone>(object: &K) -> Result<Cached, CacheError> {
+    let rv = object.meta().resource_version.clone().unwrap_or_default();
+    let resource_version = rv.parse().map_err(|_| CacheError::ResourceVersion(rv))?;
+    // Field-manager bookkeeping is of no use on the edge.
+    let mut trimmed = object.clone();
+    trimmed.meta_mut().managed_fields = None;
+    Ok(Cached {
+        uid: object.meta().uid.clone().unwrap_or_default(),
+        resource_version,
+        body: Arc::from(serde_json::to_vec(&trimmed)?),
+    })
+}
+
+/// A pod as the index remembers it.
+#[derive(Debug, Clone)]
+struct PodEntry {
+    node: String,
+    refs: PodRefs,
+}
+
+/// One edge: its sync engine and the wake-up of its current session's pump.
+#[derive(Debug)]
+struct EdgeState {
+    peer: CloudPeer,
+    /// Which session owns the peer; a stale session's calls are ignored.
+    session: u64,
+    waker: Arc<Notify>,
+}
+
+/// The cluster objects edges care about, and who references what.
+#[derive(Debug)]
+pub struct Index {
+    peer_config: PeerConfig,
+    pods: HashMap<(String, String), PodEntry>,
+    pod_bodies: HashMap<(String, String), Cached>,
+    config_maps: HashMap<(String, String), Cached>,
+    secrets: HashMap<(String, String), Cached>,
+    nodes: HashMap<String, Cached>,
+    /// ConfigMap/Secret key -> node -> number of that node's pods referencing it.
+    referrers: HashMap<ObjectKey, HashMap<String, usize>>,
+    edges: HashMap<String, EdgeState>,
+}
+
+fn pod_key(namespace: &str, name: &str) -> ObjectKey {
+    ObjectKey::new("Pod", namespace, name)
+}
+
+fn ref_keys(namespace: &str, refs: &PodRefs) -> impl Iterator<Item = ObjectKey> {
+    refs.config_maps
+        .iter()
+        .map(move |n| ObjectKey::new("ConfigMap", namespace, n))
+        .chain(
+            refs.secrets
+                .iter()
+                .map(move |n| ObjectKey::new("Secret", namespace, n)),
+        )
+        .collect::<Vec<_>>()
+        .into_iter()
+}
+
+impl Index {
+    /// An empty index.
+    pub fn new(peer_config: PeerConfig) -> Self {
+        Index {
+            peer_config,
+            pods: HashMap::new(),
+            pod_bodies: HashMap::new(),
+            config_maps: HashMap::new(),
+            secrets: HashMap::new(),
+            nodes: HashMap::new(),
+            referrers: HashMap::new(),
+            edges: HashMap::new(),
+        }
+    }
+
+    /// The cached version of a ConfigMap or Secret.
+    fn referenced(&self, key: &ObjectKey) -> Option<&Cached> {
+        let id = (key.namespace.clone(), key.name.clone());
+        match key.kind.as_str() {
+            "ConfigMap" => self.config_maps.get(&id),
+            "Secret" => self.secrets.get(&id),
+            _ => None,
+        }
+    }
+
+    /// Sets what `node` should hold at `key`, if `node` is an edge this index tracks.
+    fn publish(&mut self, node: &str, key: ObjectKey, object: Option<DesiredObject>) {
+        if let Some(edge) = self.edges.get_mut(node) {
+            edge.peer.set_desired(key, object);
+            edge.waker.notify_one();
+        }
+    }
+
+    /// The edge's state, created (with its desired set computed from the index) if new.
+    fn edge(&mut self, node: &str) -> &mut EdgeState {
+        if !self.edges.contains_key(node) {
+            let mut peer = CloudPeer::new(self.peer_config.clone());
+            if let Some(cached) = self.nodes.get(node) {
+                peer.set_desired(ObjectKey::new("Node", "", node), Some(cached.desired()));
+            }
+            for ((namespace, name), entry) in &self.pods {
+                if entry.node != node {
+                    continue;
+                }
+                if let Some(body) = self.pod_bodies.get(&(namespace.clone(), name.clone())) {
+                    peer.set_desired(pod_key(namespace, name), Some(body.desired()));
+                }
+            }
+            for (key, nodes) in &self.referrers {
+                if nodes.contains_key(node)
+                    && let Some(cached) = self.referenced(key)
+                {
+                    peer.set_desired(key.clone(), Some(cached.desired()));
+                }
+            }
+            self.edges.insert(
+                node.to_string(),
+                EdgeState {
+                    peer,
+                    session: 0,
+                    waker: Arc::new(Notify::new()),
+                },
+            );
+        }
+        self.edges
+            .get_mut(node)
+            .unwrap_or_else(|| unreachable!("inserted above"))
+    }
+
+    fn add_refs(&mut self, node: &str, namespace: &str, refs: &PodRefs) {
+        for key in ref_keys(namespace, refs) {
+            let count = self
+                .referrers
+                .entry(key.clone())
+                .or_default()
+                .entry(node.to_string())
+                .or_insert(0);
+            *count += 1;
+            if *count == 1 {
+                let cached = self.referenced(&key).map(Cached::desired);
+                self.publish(node, key, cached);
+            }
+        }
+    }
+
+    fn remove_refs(&mut self, node: &str, namespace: &str, refs: &PodRefs) {
+        for key in ref_keys(namespace, refs) {
+            let Some(nodes) = self.referrers.get_mut(&key) else {
+                continue;
+            };
+            let gone = match nodes.get_mut(node) {
+                Some(count) if *count > 1 => {
+                    *count -= 1;
+                    false
+                }
+                Some(_) => {
+                    nodes.remove(node);
+                    true
+                }
+                None => false,
+            };
+            if nodes.is_empty() {
+                self.referrers.remove(&key);
+            }
+            if gone {
+                self.publish(node, key, None);
+            }
+        }
+    }
+
+    /// A pod was created or changed.
+    pub fn apply_pod(&mut self, pod: &Pod) {
+        let namespace = pod.namespace().unwrap_or_default();
+        let name = pod.name_any();
+        let node = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.node_name.clone())
+            .unwrap_or_default();
+        let cached = match cache(pod) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(pod = %format!("{namespace}/{name}"), "not sent to edges: {e}");
+                return;
+            }
+        };
+        let id = (namespace.clone(), name.clone());
+        let refs = pod_refs(pod);
+        let old = self.pods.remove(&id);
+        if let Some(old) = &old
+            && old.node != node
+        {
+            self.publish(&old.node, pod_key(&namespace, &name), None);
+        }
+        if node.is_empty() {
+            self.pod_bodies.remove(&id);
+            if let Some(old) = old {
+                self.remove_refs(&old.node, &namespace, &old.refs);
+            }
+            return;
+        }
+        // Add before removing, so a reference kept across the change never drops to zero.
+        self.add_refs(&node, &namespace, &refs);
+        if let Some(old) = old {
+            self.remove_refs(&old.node, &namespace, &old.refs);
+        }
+        self.publish(&node, pod_key(&namespace, &name), Some(cached.desired()));
+        self.pod_bodies.insert(id.clone(), cached);
+        self.pods.insert(id, PodEntry { node, refs });
+    }
+
+    /// A pod was deleted.
+    pub fn delete_pod(&mut self, namespace: &str, name: &str) {
+        let id = (namespace.to_string(), name.to_string());
+        self.pod_bodies.remove(&id);
+        if let Some(old) = self.pods.remove(&id) {
+            self.publish(&old.node, pod_key(namespace, name), None);
+            self.remove_refs(&old.node, namespace, &old.refs);
+        }
+    }
+
+    fn referencing_nodes(&self, key: &ObjectKey) -> Vec<String> {
+        self.referrers
+            .get(key)
+            .map(|nodes| nodes.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// A ConfigMap or Secret was created or changed (`kind` is `ConfigMap` or `Secret`).
+    fn apply_referenced<K: Resource + Serialize + Clone>(&mut self, kind: &str, object: &K) {
+        let namespace = object.meta().namespace.clone().unwrap_or_default();
+        let name = object.meta().name.clone().unwrap_or_default();
+        let cached = match cache(object) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(kind, object = %format!("{namespace}/{name}"), "not sent to edges: {e}");
+                return;
+            }
+        };
+        let key = ObjectKey::new(kind, &namespace, &name);
+        for node in self.referencing_nodes(&key) {
+            self.publish(&node, key.clone(), Some(cached.desired()));
+        }
+        let id = (namespace, name);
+        match kind {
+            "ConfigMap" => self.config_maps.insert(id, cached),
+            _ => self.secrets.insert(id, cached),
+        };
+    }
+
+    fn delete_referenced(&mut self, kind: &str, namespace: &str, name: &str) {
+        let id = (namespace.to_string(), name.to_string());
+        let known = match kind {
+            "ConfigMap" => self.config_maps.remove(&id).is_some(),
+            _ => self.secrets.remove(&id).is_some(),
+        };
+        if known {
+            let key = ObjectKey::new(kind, namespace, name);
+            for node in self.referencing_nodes(&key) {
+                self.publish(&node, key.clone(), None);
+            }
+        }
+    }
+
+    /// A ConfigMap was created or changed.
+    pub fn apply_config_map(&mut self, object: &ConfigMap) {
+        self.apply_referenced("ConfigMap", object);
+    }
+
+    /// A Secret was created or changed.
+    pub fn apply_secret(&mut self, object: &Secret) {
+        self.apply_referenced("Secret", object);
+    }
+
+    /// An edge Node was created or changed.
+    pub fn apply_node(&mut self, node: &Node) {
+        let name = node.name_any();
+        match cache(node) {
+            Ok(cached) => {
+                self.publish(
+                    &name,
+                    ObjectKey::new("Node", "", &name),
+                    Some(cached.desired()),
+                );
+                self.nodes.insert(name.clone(), cached);
+                // Every edge node gets its peer, so its desired set is kept while it is away.
+                self.edge(&name);
+            }
+            Err(e) => tracing::warn!(node = %name, "not sent to the edge: {e}"),
+        }
+    }
+
+    /// An edge Node was deleted.
+    pub fn delete_node(&mut self, name: &str) {
+        if self.nodes.remove(name).is_some() {
+            self.publish(name, ObjectKey::new("Node", "", name), None);
+        }
+    }
+
+    /// What `node` should hold at `key`, if anything.
+    pub fn desired(&self, node: &str, key: &ObjectKey) -> Option<&DesiredObject> {
+        self.edges.get(node)?.peer.desired(key)
+    }
+}
+
+/// Shared by the watchers and the tunnel sessions.
+#[derive(Debug)]
+pub struct Downstream {
+    /// A std mutex: held for index updates and engine calls, never across an await.
+    index: Mutex<Index>,
+    config: DownstreamConfig,
+    metrics: Arc<Metrics>,
+    /// Becomes true once every watcher has listed its resource once.
+    synced: watch::Sender<bool>,
+    resync_slots: Arc<Semaphore>,
+    next_session: std::sync::atomic::AtomicU64,
+}
+
+/// Which session of which edge; calls from a session that was replaced are ignored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionRef {
+    pub node: String,
+    pub session: u64,
+}
+
+/// A session's claim on its edge's peer, from [`Downstream::attach`].
+#[derive(Debug)]
+pub struct Attachment {
+    session: SessionRef,
+    pub plan: ResyncPlan,
+    waker: Arc<Notify>,
+    resync_slot: Option<OwnedSemaphorePermit>,
+}
+
+impl Attachment {
+    /// The session this attachment belongs to.
+    pub fn session_ref(&self) -> SessionRef {
+        self.session.clone()
+    }
+}
+
+impl Downstream {
+    /// A dispatcher with an empty index; [`run`] fills it.
+    pub fn new(config: DownstreamConfig, metrics: Arc<Metrics>) -> Self {
+        Downstream {
+            index: Mutex::new(Index::new(config.peer.clone())),
+            resync_slots: Arc::new(Semaphore::new(config.concurrent_resyncs.max(1))),
+            config,
+            metrics,
+            synced: watch::Sender::new(false),
+            next_session: std::sync::atomic::AtomicU64::new(1),
+        }
+    }
+
+    fn index(&self) -> std::sync::MutexGuard<'_, Index> {
+        self.index.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Applies a change to the index.
+    pub fn update(&self, change: impl FnOnce(&mut Index)) {
+        change(&mut self.index());
+    }
+
+    /// Whether the watchers have listed everything once.
+    pub fn is_synced(&self) -> bool {
+        *self.synced.borrow()
+    }
+
+    /// Starts a session's sync: waits until the cache is complete and a resync slot is free,
+    /// then plans the difference from the edge's inventory.
+    pub async fn attach(&self, node: &str, inventory: Vec<HeldObject>) -> Attachment {
+        let mut synced = self.synced.subscribe();
+        let _ = synced.wait_for(|s| *s).await;
+        self.metrics.sync.resyncs_waiting.inc();
+        let slot = self.resync_slots.clone().acquire_owned().await.ok();
+        self.metrics.sync.resyncs_waiting.dec();
+        let session = self
+            .next_session
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let inventory: Vec<HeldObject> = inventory
+            .into_iter()
+            .filter(|h| KINDS.contains(&h.object.kind.as_str()))
+            .collect();
+        let mut index = self.index();
+        let edge = index.edge(node);
+        edge.session = session;
+        let plan = edge.peer.connect(inventory);
+        self.metrics.sync.record_resync(&plan);
+        Attachment {
+            session: SessionRef {
+                node: node.to_string(),
+                session,
+            },
+            plan,
+            waker: edge.waker.clone(),
+            resync_slot: slot,
+        }
+    }
+
+    /// The session ended.
+    pub fn detach(&self, session: &SessionRef) {
+        let mut index = self.index();
+        if let Some(edge) = index.edges.get_mut(&session.node)
+            && edge.session == session.session
+        {
+            edge.peer.disconnect();
+        }
+    }
+
+    /// The edge acknowledged `seqs`. Returns how many were refused (never sent).
+    pub fn acknowledge(&self, session: &SessionRef, seqs: &[u64]) -> usize {
+        let mut index = self.index();
+        let Some(edge) = index.edges.get_mut(&session.node) else {
+            return seqs.len();
+        };
+        if edge.session != session.session {
+            return 0;
+        }
+        let mut refused = 0;
+        for &seq in seqs {
+            match edge.peer.on_ack(seq) {
+                Ok(Some(acked)) => tracing::debug!(
+                    target: "cloudcore::sync::acked",
+                    node = %session.node,
+                    kind = %acked.key.kind,
+                    namespace = %acked.key.namespace,
+                    name = %acked.key.name,
+                    resource_version = acked.version.as_ref().map_or(0, |v| v.resource_version),
+                    deleted = acked.version.is_none(),
+                    "acknowledged"
+                ),
+                Ok(None) => {}
+                Err(e) => {
+                    refused += 1;
+                    tracing::warn!(seq, "refusing acknowledgement: {e}");
+                }
+            }
+        }
+        edge.waker.notify_one();
+        refused
+    }
+
+    /// The edge asks for `key`; whether it may see it (then it is sent again).
+    pub fn request(&self, session: &SessionRef, key: &ObjectKey) -> bool {
+        let mut index = self.index();
+        let Some(edge) = index.edges.get_mut(&session.node) else {
+            return false;
+        };
+        if edge.session != session.session {
+            return false;
+        }
+        let allowed = edge.peer.request(key);
+        edge.waker.notify_one();
+        allowed
+    }
+
+    /// The uid of the object `node` may report status for at `key`, if it may.
+    pub fn reportable_uid(&self, node: &str, key: &ObjectKey) -> Option<String> {
+        match key.kind.as_str() {
+            "Node" if key.name == node && key.namespace.is_empty() => Some(
+                self.index()
+                    .nodes
+                    .get(node)
+                    .map(|c| c.uid.clone())
+                    .unwrap_or_default(),
+            ),
+            "Pod" => self.index().desired(node, key).map(|d| d.uid.clone()),
+            _ => None,
+        }
+    }
+
+    /// Moves the peer's messages into the session's queue until the session ends. Releases
+    /// the resync slot once the edge first holds exactly its desired set.
+    pub async fn pump(
+        &self,
+        mut attachment: Attachment,
+        tx: mpsc::Sender<Message>,
+        cancel: CancellationToken,
+    ) -> Attachment {
+        let plan = attachment.plan;
+        tracing::info!(
+            held = plan.held,
+            desired = plan.desired,
+            upserts = plan.upserts,
+            deletes = plan.deletes,
+            "resync planned: sending the difference"
+        );
+        let started = tokio::time::Instant::now();
+        loop {
+            let (batch, deadline, synced) = {
+                let mut index = self.index();
+                let Some(edge) = index.edges.get_mut(&attachment.session.node) else {
+                    return attachment;
+                };
+                if edge.session != attachment.session.session {
+                    return attachment;
+                }
+                let now = std::time::Instant::now();
+                let before = edge.peer.stats();
+                edge.peer.handle_timeout(now);
+                let mut batch = Vec::new();
+                while batch.len() < self.config.pump_batch {
+                    match edge.peer.poll_transmit(now) {
+                        Some(m) => batch.push(m),
+                        None => break,
+                    }
+                }
+                let after = edge.peer.stats();
+                self.metrics.sync.record_sent(before, after);
+                (batch, edge.peer.poll_timeout(), edge.peer.is_synced())
+            };
+            if synced && attachment.resync_slot.take().is_some() {
+                tracing::info!(
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "resync complete"
+                );
+            }
+            let full = batch.len() == self.config.pump_batch;
+            for message in batch {
+                tokio::select! {
+                    _ = cancel.cancelled() => return attachment,
+                    sent = tx.send(message) => if sent.is_err() { return attachment },
+                }
+            }
+            if full {
+                continue;
+            }
+            let sleep = async {
+                match deadline {
+                    Some(at) => tokio::time::sleep_until(at.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = cancel.cancelled() => return attachment,
+                _ = attachment.waker.notified() => {}
+                _ = sleep => {}
+            }
+        }
+    }
+}
+
+/// Watches what edges need and keeps the index current until `shutdown`.
+pub async fn run(client: kube::Client, downstream: Arc<Downstream>, shutdown: CancellationToken) {
+    let pods: Api<Pod> = Api::all(client.clone());
+    let config_maps: Api<ConfigMap> = Api::all(client.clone());
+    let secrets: Api<Secret> = Api::all(client.clone());
+    let nodes: Api<Node> = Api::all(client);
+    let pending = Arc::new(Mutex::new(BTreeSet::from([
+        "pods",
+        "configmaps",
+        "secrets",
+        "nodes",
+    ])));
+    let bound = watcher::Config::default().fields("spec.nodeName!=");
+    let edge_nodes = watcher::Config::default().labels(EDGE_ROLE_LABEL);
+    tokio::join!(
+        follow(
+            "pods",
+            watcher(pods, bound).default_backoff(),
+            &downstream,
+            &pending,
+            &shutdown,
+            |i, p| i.apply_pod(p),
+            |i, namespace, name| i.delete_pod(namespace, name),
+        ),
+        follow(
+            "configmaps",
+            watcher(config_maps, watcher::Config::default()).default_backoff(),
+            &downstream,
+            &pending,
+            &shutdown,
+            |i, c| i.apply_config_map(c),
+            |i, namespace, name| i.delete_referenced("ConfigMap", namespace, name),
+        ),
+        follow(
+            "secrets",
+            watcher(secrets, watcher::Config::default()).default_backoff(),
+            &downstream,
+            &pending,
+            &shutdown,
+            |i, s| i.apply_secret(s),
+            |i, namespace, name| i.delete_referenced("Secret", namespace, name),
+        ),
+        follow(
+            "nodes",
+            watcher(nodes, edge_nodes).default_backoff(),
+            &downstream,
+            &pending,
+            &shutdown,
+            |i, n| i.apply_node(n),
+            |i, _, name| i.delete_node(name),
+        ),
+    );
+}
+
+/// Applies one watcher's events to the index. A relist (after the watch expired or at start)
+/// ends with deletes for everything the list no longer has.
+async fn follow<K, S>(
+    resource: &'static str,
+    stream: S,
+    downstream: &Downstream,
+    pending: &Mutex<BTreeSet<&'static str>>,
+    shutdown: &CancellationToken,
+    apply: impl Fn(&mut Index, &K),
+    delete: impl Fn(&mut Index, &str, &str),
+) where
+    K: Resource + Clone,
+    S: futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
+{
+    let mut stream = std::pin::pin!(stream);
+    // (namespace, name) of every object seen, to delete what a relist no longer has.
+    let mut known: HashSet<(String, String)> = HashSet::new();
+    let mut relisted: Option<HashSet<(String, String)>> = None;
+    loop {
+        let event = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            event = stream.next() => match event {
+                Some(e) => e,
+                None => return,
+            },
+        };
+        let id = |o: &K| {
+            (
+                o.meta().namespace.clone().unwrap_or_default(),
+                o.meta().name.clone().unwrap_or_default(),
+            )
+        };
+        match event {
+            Ok(watcher::Event::Apply(object)) => {
+                downstream.update(|i| apply(i, &object));
+                known.insert(id(&object));
+            }
+            Ok(watcher::Event::Delete(object)) => {
+                let (namespace, name) = id(&object);
+                downstream.update(|i| delete(i, &namespace, &name));
+                known.remove(&(namespace, name));
+            }
+            Ok(watcher::Event::Init) => relisted = Some(HashSet::new()),
+            Ok(watcher::Event::InitApply(object)) => {
+                downstream.update(|i| apply(i, &object));
+                if let Some(seen) = &mut relisted {
+                    seen.insert(id(&object));
+                }
+            }
+            Ok(watcher::Event::InitDone) => {
+                let seen = relisted.take().unwrap_or_default();
+                for (namespace, name) in known.difference(&seen) {
+                    downstream.update(|i| delete(i, namespace, name));
+                }
+                known = seen;
+                let mut pending = pending.lock().unwrap_or_else(|p| p.into_inner());
+                if pending.remove(resource) && pending.is_empty() {
+                    tracing::info!("edge objects cached; resyncs may start");
+                    downstream.synced.send_replace(true);
+                }
+            }
+            // The stream backs off and retries by itself.
+            Err(e) => tracing::warn!(resource, error = %e, "watch failed; retrying"),
+        }
+    }
+}

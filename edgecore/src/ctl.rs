@@ -1,0 +1,420 @@
+//! `edgecore ctl`: local operations on the edge's store, without the cloud or a running daemon.
+//!
+//! `get` prints what the store holds as a kubectl-like table. Secret values never leave the
+//! store this way: a Secret shows only its key names.
+
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::path::Path;
+
+use serde_json::Value;
+
+use crate::store::{Store, StoreError, StoredObject};
+
+/// What `edgecore ctl get` lists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Resource {
+    /// Pods bound to this node.
+    #[value(aliases = ["pod", "po"])]
+    Pods,
+    /// ConfigMaps the pods use.
+    #[value(aliases = ["configmap", "cm"])]
+    Configmaps,
+    /// Secrets the pods use (key names only).
+    #[value(alias = "secret")]
+    Secrets,
+    /// This node.
+    #[value(aliases = ["node", "no"])]
+    Nodes,
+    /// Everything the store holds.
+    All,
+}
+
+impl Resource {
+    /// The kinds stored for this resource; empty means every kind.
+    fn kinds(self) -> &'static [&'static str] {
+        match self {
+            Resource::Pods => &["Pod"],
+            Resource::Configmaps => &["ConfigMap"],
+            Resource::Secrets => &["Secret"],
+            Resource::Nodes => &["Node"],
+            Resource::All => &[],
+        }
+    }
+
+    /// The plural for "No ... in".
+    fn plural(self) -> &'static str {
+        match self {
+            Resource::Pods => "pods",
+            Resource::Configmaps => "configmaps",
+            Resource::Secrets => "secrets",
+            Resource::Nodes => "nodes",
+            Resource::All => "objects",
+        }
+    }
+}
+
+/// A `ctl` command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CtlError {
+    /// The store is missing, corrupt or unreadable.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Writing the output failed (a closed pipe, for example).
+    #[error("cannot write the output")]
+    Output(#[source] std::io::Error),
+}
+
+const HEADER: [&str; 6] = [
+    "KIND",
+    "NAMESPACE",
+    "NAME",
+    "RESOURCE-VERSION",
+    "UID",
+    "DETAIL",
+];
+
+/// How `get` prints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Output {
+    /// An aligned table with a detail column.
+    #[default]
+    Table,
+    /// A JSON array of identities and versions (no bodies, so no Secret data).
+    Json,
+}
+
+/// Prints the objects of `what` in the store in `data_dir` as a table.
+pub fn get(data_dir: &Path, what: Resource, out: &mut impl Write) -> Result<(), CtlError> {
+    get_as(data_dir, what, Output::Table, out)
+}
+
+/// Prints the objects of `what` in the store in `data_dir` in the `format` asked for.
+pub fn get_as(
+    data_dir: &Path,
+    what: Resource,
+    format: Output,
+    out: &mut impl Write,
+) -> Result<(), CtlError> {
+    let store = Store::open_read_only(data_dir)?;
+    let objects = store.list(what.kinds())?;
+    if format == Output::Json {
+        let items: Vec<serde_json::Value> = objects
+            .iter()
+            .map(|o| {
+                serde_json::json!({
+                    "kind": o.key.kind,
+                    "namespace": o.key.namespace,
+                    "name": o.key.name,
+                    "uid": o.uid,
+                    "resourceVersion": o.resource_version.to_string(),
+                })
+            })
+            .collect();
+        serde_json::to_writer_pretty(&mut *out, &items).map_err(|e| CtlError::Output(e.into()))?;
+        writeln!(out).map_err(CtlError::Output)?;
+        return out.flush().map_err(CtlError::Output);
+    }
+    if objects.is_empty() {
+        writeln!(out, "No {} in {}.", what.plural(), store.path().display())
+            .map_err(CtlError::Output)?;
+        return out.flush().map_err(CtlError::Output);
+    }
+    let rows: Vec<[String; 6]> = objects.iter().map(row).collect();
+    write_table(out, &rows).map_err(CtlError::Output)
+}
+
+fn row(object: &StoredObject) -> [String; 6] {
+    let namespace = if object.key.namespace.is_empty() {
+        "<none>"
+    } else {
+        &object.key.namespace
+    };
+    [
+        cell(&object.key.kind),
+        cell(namespace),
+        cell(&object.key.name),
+        object.resource_version.to_string(),
+        cell(&object.uid),
+        detail(&object.key.kind, &object.body),
+    ]
+}
+
+/// A value for the table: whitespace and control characters (which would break the columns or
+/// reach the terminal) become `?`, an empty value `<none>`.
+fn cell(text: &str) -> String {
+    if text.is_empty() {
+        return "<none>".to_string();
+    }
+    text.chars()
+        .map(|c| {
+            if c.is_whitespace() || c.is_control() {
+                '?'
+            } else {
+                c
+            }
+        })
+        .collect()
+}
+
+/// The DETAIL column: a few facts from the body. Never a Secret's values.
+fn detail(kind: &str, body: &[u8]) -> String {
+    let Ok(body) = serde_json::from_slice::<Value>(body) else {
+        return "<unreadable body>".to_string();
+    };
+    let text = |pointer: &str| body.pointer(pointer).and_then(Value::as_str).map(cell);
+    match kind {
+        "Pod" => format!(
+            "phase={} node={}",
+            text("/status/phase").unwrap_or_else(|| "Pending".to_string()),
+            text("/spec/nodeName").unwrap_or_else(|| "<none>".to_string())
+        ),
+        "ConfigMap" => format!("keys={}", key_names(&body, &["data", "binaryData"])),
+        "Secret" => format!(
+            "keys={} (values hidden)",
+            key_names(&body, &["data", "stringData"])
+        ),
+        "Node" => {
+            let ready = body
+                .pointer("/status/conditions")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .find(|c| c.get("type").and_then(Value::as_str) == Some("Ready"))
+                .and_then(|c| c.get("status"))
+                .and_then(Value::as_str)
+                .map_or_else(|| "Unknown".to_string(), cell);
+            format!("ready={ready}")
+        }
+        _ => String::new(),
+    }
+}
+
+/// The sorted key names of the maps `fields` of `body`, comma-separated; only the names.
+fn key_names(body: &Value, fields: &[&str]) -> String {
+    let names: BTreeSet<String> = fields
+        .iter()
+        .filter_map(|field| body.get(*field).and_then(Value::as_object))
+        .flat_map(|map| map.keys().map(|k| cell(k)))
+        .collect();
+    if names.is_empty() {
+        return "<none>".to_string();
+    }
+    names.into_iter().collect::<Vec<_>>().join(",")
+}
+
+/// Writes rows under [`HEADER`] in columns three spaces apart, as kubectl does.
+fn write_table(out: &mut impl Write, rows: &[[String; 6]]) -> std::io::Result<()> {
+    let mut widths = HEADER.map(|h| h.chars().count());
+    for row in rows {
+        for (width, value) in widths.iter_mut().zip(row) {
+            *width = (*width).max(value.chars().count());
+        }
+    }
+    let header = HEADER.map(str::to_string);
+    for row in std::iter::once(&header).chain(rows) {
+        let mut line = String::new();
+        for (i, (value, width)) in row.iter().zip(widths).enumerate() {
+            if i + 1 == row.len() {
+                line.push_str(value);
+            } else {
+                line.push_str(&format!("{value:<width$}   "));
+            }
+        }
+        writeln!(out, "{}", line.trim_end())?;
+    }
+    out.flush()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::ValueEnum;
+    use proto::sync::{ObjectKey, StoreOp};
+
+    fn put(kind: &str, namespace: &str, name: &str, rv: u64, body: &str) -> StoreOp {
+        StoreOp::Put {
+            key: ObjectKey::new(kind, namespace, name),
+            uid: format!("uid-{name}"),
+            resource_version: rv,
+            body: body.as_bytes().to_vec(),
+        }
+    }
+
+    fn output(dir: &Path, what: Resource) -> String {
+        let mut out = Vec::new();
+        get(dir, what, &mut out).expect("get");
+        String::from_utf8(out).expect("utf-8")
+    }
+
+    fn filled_store() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut store = Store::open(dir.path()).expect("open");
+        store
+            .apply(&[
+                put(
+                    "Pod",
+                    "default",
+                    "web",
+                    42,
+                    r#"{"spec":{"nodeName":"gw-1"},"status":{"phase":"Running"}}"#,
+                ),
+                put("Pod", "default", "new", 43, r#"{"spec":{}}"#),
+                put(
+                    "ConfigMap",
+                    "default",
+                    "settings",
+                    7,
+                    r#"{"data":{"b":"2","a":"1"},"binaryData":{"blob":"AAE="}}"#,
+                ),
+                put(
+                    "Node",
+                    "",
+                    "gw-1",
+                    3,
+                    r#"{"status":{"conditions":[{"type":"MemoryPressure","status":"False"},{"type":"Ready","status":"True"}]}}"#,
+                ),
+                put("Node", "", "gw-2", 4, "{}"),
+                put("ConfigMap", "default", "broken", 8, "{not json"),
+            ])
+            .expect("apply");
+        dir
+    }
+
+    #[test]
+    fn get_all_prints_an_aligned_table_with_details() {
+        let dir = filled_store();
+        let text = output(dir.path(), Resource::All);
+        let expected = "\
+KIND        NAMESPACE   NAME       RESOURCE-VERSION   UID            DETAIL
+ConfigMap   default     broken     8                  uid-broken     <unreadable body>
+ConfigMap   default     settings   7                  uid-settings   keys=a,b,blob
+Node        <none>      gw-1       3                  uid-gw-1       ready=True
+Node        <none>      gw-2       4                  uid-gw-2       ready=Unknown
+Pod         default     new        43                 uid-new        phase=Pending node=<none>
+Pod         default     web        42                 uid-web        phase=Running node=gw-1
+";
+        assert_eq!(text, expected);
+    }
+
+    #[test]
+    fn get_filters_by_resource() {
+        let dir = filled_store();
+        let text = output(dir.path(), Resource::Nodes);
+        let names: Vec<&str> = text
+            .lines()
+            .skip(1)
+            .filter_map(|l| l.split_whitespace().nth(2))
+            .collect();
+        assert_eq!(names, ["gw-1", "gw-2"]);
+        assert_eq!(
+            output(dir.path(), Resource::Secrets),
+            format!("No secrets in {}.\n", dir.path().join("edge.db").display())
+        );
+    }
+
+    #[test]
+    fn json_lists_identities_and_versions_only() {
+        let dir = filled_store();
+        let mut out = Vec::new();
+        get_as(dir.path(), Resource::All, Output::Json, &mut out).expect("get");
+        let items: Vec<serde_json::Value> = serde_json::from_slice(&out).expect("json");
+        assert!(!items.is_empty());
+        for item in &items {
+            let keys: Vec<&str> = item
+                .as_object()
+                .expect("object")
+                .keys()
+                .map(String::as_str)
+                .collect();
+            assert_eq!(
+                keys,
+                ["kind", "name", "namespace", "resourceVersion", "uid"]
+            );
+        }
+    }
+
+    #[test]
+    fn secret_values_are_never_printed() {
+        const VALUE: &str = "sentinel-secret-value";
+        // base64 of VALUE, as a Secret's `data` holds it.
+        const VALUE_BASE64: &str = "c2VudGluZWwtc2VjcmV0LXZhbHVl";
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut store = Store::open(dir.path()).expect("open");
+        let body = format!(
+            r#"{{"kind":"Secret","metadata":{{"name":"db","annotations":{{"note":"{VALUE}"}}}},
+                "data":{{"password":"{VALUE_BASE64}"}},"stringData":{{"token":"{VALUE}"}},
+                "type":"Opaque"}}"#
+        );
+        store
+            .apply(&[
+                put("Secret", "default", "db", 5, &body),
+                put(
+                    "Secret",
+                    "default",
+                    "garbled",
+                    6,
+                    &format!("{VALUE_BASE64}{{"),
+                ),
+            ])
+            .expect("apply");
+        for what in [Resource::Secrets, Resource::All] {
+            let text = output(dir.path(), what);
+            assert!(
+                text.contains("keys=password,token (values hidden)"),
+                "{text}"
+            );
+            assert!(text.contains("<unreadable body>"), "{text}");
+            assert!(!text.contains(VALUE_BASE64), "{text}");
+            assert!(!text.contains(VALUE), "{text}");
+            assert!(!text.contains("sentinel"), "{text}");
+        }
+    }
+
+    #[test]
+    fn an_empty_store_says_so() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        drop(Store::open(dir.path()).expect("open"));
+        assert_eq!(
+            output(dir.path(), Resource::All),
+            format!("No objects in {}.\n", dir.path().join("edge.db").display())
+        );
+    }
+
+    #[test]
+    fn a_missing_store_is_a_store_error_naming_the_path() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let err = get(dir.path(), Resource::All, &mut Vec::new()).unwrap_err();
+        assert!(
+            matches!(err, CtlError::Store(StoreError::Missing { .. })),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("edge.db"), "{err}");
+    }
+
+    #[test]
+    fn resources_accept_kubectl_names() {
+        for (name, resource) in [
+            ("pods", Resource::Pods),
+            ("pod", Resource::Pods),
+            ("po", Resource::Pods),
+            ("configmaps", Resource::Configmaps),
+            ("configmap", Resource::Configmaps),
+            ("cm", Resource::Configmaps),
+            ("secrets", Resource::Secrets),
+            ("secret", Resource::Secrets),
+            ("nodes", Resource::Nodes),
+            ("node", Resource::Nodes),
+            ("no", Resource::Nodes),
+            ("all", Resource::All),
+        ] {
+            assert_eq!(Resource::from_str(name, false), Ok(resource), "{name}");
+        }
+    }
+
+    #[test]
+    fn cells_cannot_break_the_table() {
+        assert_eq!(cell("a b\tc\nd\u{1b}[31m"), "a?b?c?d?[31m");
+        assert_eq!(cell(""), "<none>");
+    }
+}

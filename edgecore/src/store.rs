@@ -1,0 +1,883 @@
+//! The edge's SQLite store (`edge.db` in the data dir): the objects the cloud sent this node.
+//!
+//! KubeEdge calls this part MetaManager. Only this module touches SQLite; rows become
+//! [`StoredObject`]s and [`HeldObject`]s here.
+//!
+//! Durability: the database runs in WAL mode with `synchronous=FULL`. In WAL mode `FULL` syncs
+//! the WAL at every commit, so a transaction that [`Store::apply`] reports committed survives a
+//! power loss; `NORMAL` would only keep the file consistent and could lose the last commits,
+//! after the cloud was told they were applied. Acknowledge to the cloud only after `apply`
+//! returns.
+//!
+//! Sharing: `edgecore run` holds the store open for writing while `edgecore ctl` reads it
+//! ([`Store::open_read_only`]); WAL lets readers and the writer proceed together, and a busy
+//! timeout covers the short moments when one waits for the other.
+//!
+//! Schema: `PRAGMA user_version` is the number of [`MIGRATIONS`] applied. Each migration runs in
+//! one transaction with its version bump. A store written by a newer edgecore is refused and left
+//! as it is.
+//!
+//! Failure policy: a corrupt store is refused, never deleted or recreated: the operator decides.
+//! Moving `edge.db` aside (with any `edge.db-wal` and `edge.db-shm` next to it) is always safe:
+//! edgecore then starts empty and fetches everything from the cloud again.
+//!
+//! Permissions: the store holds Secrets, so `edge.db` is created with mode 0600 before SQLite
+//! opens it; SQLite gives its `-wal` and `-shm` files the mode of the database file.
+
+use std::fs;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use proto::HeldObject;
+use proto::sync::{ObjectKey, StoreOp};
+use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, TransactionBehavior};
+
+/// The store's file name in the data dir.
+pub const DB_FILE: &str = "edge.db";
+
+/// How long a statement waits for a lock held by another connection (the daemon or `ctl`).
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The schema migrations in order: applying `MIGRATIONS[i]` takes `user_version` from `i` to
+/// `i + 1`. Append only; never edit one that has shipped.
+pub const MIGRATIONS: &[&str] = &[
+    // 1: one row per object the cloud sent. `namespace` is empty for cluster-scoped kinds;
+    // `updated_at` is in Unix seconds, for operators reading the file.
+    "CREATE TABLE objects (
+        kind TEXT NOT NULL,
+        namespace TEXT NOT NULL,
+        name TEXT NOT NULL,
+        uid TEXT NOT NULL,
+        resource_version INTEGER NOT NULL,
+        body BLOB NOT NULL,
+        updated_at INTEGER NOT NULL,
+        PRIMARY KEY (kind, namespace, name)
+    );",
+];
+
+/// The store could not be opened, read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A read-only open found no store.
+    #[error(
+        "{path} does not exist: this gateway holds no objects yet (does `edgecore run` use this data dir?)"
+    )]
+    Missing { path: PathBuf },
+    /// The data dir or the database file could not be created or inspected.
+    #[error("cannot {action} {path}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// SQLite could not open the file.
+    #[error("cannot open {path}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+    /// SQLite kept another journal mode than WAL (the file system lacks shared memory support).
+    #[error("cannot switch {path} to WAL mode (journal_mode stays {mode})")]
+    NoWal { path: PathBuf, mode: String },
+    /// The file is not a database, or its integrity check failed.
+    #[error(
+        "{path} is corrupt ({detail}); edgecore leaves it as it is: stop edgecore and move it aside \
+         together with any {DB_FILE}-wal and {DB_FILE}-shm next to it, and edgecore will fetch \
+         everything from the cloud again"
+    )]
+    Corrupt { path: PathBuf, detail: String },
+    /// The schema is newer than this build knows.
+    #[error(
+        "{path} was written by a newer edgecore (schema {found}, this build knows up to {known}); \
+         upgrade edgecore or restore a backup"
+    )]
+    NewerSchema {
+        path: PathBuf,
+        found: i64,
+        known: usize,
+    },
+    /// A read-only open found a schema that `edgecore run` has not migrated yet.
+    #[error(
+        "{path} has schema {found} and this build reads schema {known}; start `edgecore run` once to migrate it"
+    )]
+    OlderSchema {
+        path: PathBuf,
+        found: i64,
+        known: usize,
+    },
+    /// A migration failed; it was rolled back.
+    #[error("cannot migrate {path} to schema {version}")]
+    Migrate {
+        path: PathBuf,
+        version: usize,
+        #[source]
+        source: rusqlite::Error,
+    },
+    /// The file system is full; the transaction was rolled back.
+    #[error("disk full writing {path}")]
+    DiskFull {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+    /// An object's resource version does not fit SQLite's signed 64-bit integers.
+    #[error("cannot store {key} in {path}: resource version {resource_version} is too large")]
+    ResourceVersionTooLarge {
+        path: PathBuf,
+        key: ObjectKey,
+        resource_version: u64,
+    },
+    /// A query failed.
+    #[error("cannot read {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+    /// A write failed; the transaction was rolled back.
+    #[error("cannot write {path}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+}
+
+/// Turns a SQLite error into a corruption or disk-full error when it is one, else `otherwise`.
+fn classify(
+    path: &Path,
+    source: rusqlite::Error,
+    otherwise: impl FnOnce(PathBuf, rusqlite::Error) -> StoreError,
+) -> StoreError {
+    let path = path.to_path_buf();
+    match source.sqlite_error_code() {
+        Some(ErrorCode::NotADatabase | ErrorCode::DatabaseCorrupt) => StoreError::Corrupt {
+            path,
+            detail: source.to_string(),
+        },
+        Some(ErrorCode::DiskFull) => StoreError::DiskFull { path, source },
+        _ => otherwise(path, source),
+    }
+}
+
+fn read_err(path: &Path) -> impl FnOnce(rusqlite::Error) -> StoreError + '_ {
+    move |source| {
+        classify(path, source, |path, source| StoreError::Read {
+            path,
+            source,
+        })
+    }
+}
+
+fn write_err(path: &Path) -> impl FnOnce(rusqlite::Error) -> StoreError + '_ {
+    move |source| {
+        classify(path, source, |path, source| StoreError::Write {
+            path,
+            source,
+        })
+    }
+}
+
+fn open_err(path: &Path) -> impl FnOnce(rusqlite::Error) -> StoreError + '_ {
+    move |source| {
+        classify(path, source, |path, source| StoreError::Open {
+            path,
+            source,
+        })
+    }
+}
+
+fn io_err<'a>(
+    action: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(std::io::Error) -> StoreError + 'a {
+    move |source| StoreError::Io {
+        action,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// One object as the store holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredObject {
+    /// Kind, namespace (empty for cluster-scoped kinds) and name.
+    pub key: ObjectKey,
+    /// The API server's uid of the object.
+    pub uid: String,
+    /// The API server's resource version of this body.
+    pub resource_version: u64,
+    /// The Kubernetes JSON body, as the cloud sent it.
+    pub body: Vec<u8>,
+}
+
+impl StoredObject {
+    fn from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<StoredObject> {
+        Ok(StoredObject {
+            key: ObjectKey {
+                kind: row.get(0)?,
+                namespace: row.get(1)?,
+                name: row.get(2)?,
+            },
+            uid: row.get(3)?,
+            resource_version: row.get(4)?,
+            body: row.get(5)?,
+        })
+    }
+}
+
+/// An open `edge.db`: the only handle to the edge's SQLite database.
+#[derive(Debug)]
+pub struct Store {
+    conn: Connection,
+    path: PathBuf,
+}
+
+impl Store {
+    /// Opens or creates DIR/edge.db, applies migrations, checks integrity.
+    pub fn open(data_dir: &Path) -> Result<Store, StoreError> {
+        let path = data_dir.join(DB_FILE);
+        create_private_file(data_dir, &path)?;
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let mut conn = Connection::open_with_flags(&path, flags).map_err(open_err(&path))?;
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(open_err(&path))?;
+        // Read-only checks first: a store this build must refuse is never modified.
+        schema_version(&conn, &path)?;
+        quick_check(&conn, &path)?;
+        let mode: String = conn
+            .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))
+            .map_err(open_err(&path))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(StoreError::NoWal { path, mode });
+        }
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(open_err(&path))?;
+        migrate(&mut conn, &path)?;
+        Ok(Store { conn, path })
+    }
+
+    /// Opens an existing store read-only (for `edgecore ctl`, works while `edgecore run` has it
+    /// open). Error naming the path if it does not exist.
+    pub fn open_read_only(data_dir: &Path) -> Result<Store, StoreError> {
+        let path = data_dir.join(DB_FILE);
+        if let Err(e) = fs::metadata(&path) {
+            return Err(if e.kind() == std::io::ErrorKind::NotFound {
+                StoreError::Missing { path }
+            } else {
+                io_err("inspect", &path)(e)
+            });
+        }
+        let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let conn = Connection::open_with_flags(&path, flags).map_err(open_err(&path))?;
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(open_err(&path))?;
+        let found = schema_version(&conn, &path)?;
+        if found < MIGRATIONS.len() as i64 {
+            return Err(StoreError::OlderSchema {
+                path,
+                found,
+                known: MIGRATIONS.len(),
+            });
+        }
+        quick_check(&conn, &path)?;
+        Ok(Store { conn, path })
+    }
+
+    /// What the store holds, for Hello and for EdgeReplica::new.
+    pub fn inventory(&self) -> Result<Vec<HeldObject>, StoreError> {
+        let mut statement = self
+            .conn
+            .prepare_cached(
+                "SELECT kind, namespace, name, uid, resource_version FROM objects
+                 ORDER BY kind, namespace, name",
+            )
+            .map_err(read_err(&self.path))?;
+        let rows = statement
+            .query_map([], |row| {
+                let key = ObjectKey {
+                    kind: row.get(0)?,
+                    namespace: row.get(1)?,
+                    name: row.get(2)?,
+                };
+                let uid: String = row.get(3)?;
+                Ok(HeldObject {
+                    object: key.to_ref(&uid),
+                    resource_version: row.get(4)?,
+                })
+            })
+            .map_err(read_err(&self.path))?;
+        rows.collect::<Result<_, _>>().map_err(read_err(&self.path))
+    }
+
+    /// Applies ops in ONE transaction; returns only once the transaction is durable.
+    ///
+    /// On any error nothing is applied.
+    pub fn apply(&mut self, ops: &[StoreOp]) -> Result<(), StoreError> {
+        let path = &self.path;
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(write_err(path))?;
+        {
+            let mut put = tx
+                .prepare_cached(
+                    "INSERT INTO objects
+                         (kind, namespace, name, uid, resource_version, body, updated_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, unixepoch())
+                     ON CONFLICT (kind, namespace, name) DO UPDATE SET
+                         uid = excluded.uid,
+                         resource_version = excluded.resource_version,
+                         body = excluded.body,
+                         updated_at = excluded.updated_at",
+                )
+                .map_err(write_err(path))?;
+            let mut delete = tx
+                .prepare_cached(
+                    "DELETE FROM objects WHERE kind = ?1 AND namespace = ?2 AND name = ?3",
+                )
+                .map_err(write_err(path))?;
+            for op in ops {
+                match op {
+                    StoreOp::Put {
+                        key,
+                        uid,
+                        resource_version,
+                        body,
+                    } => {
+                        let rv = i64::try_from(*resource_version).map_err(|_| {
+                            StoreError::ResourceVersionTooLarge {
+                                path: path.clone(),
+                                key: key.clone(),
+                                resource_version: *resource_version,
+                            }
+                        })?;
+                        put.execute(rusqlite::params![
+                            key.kind,
+                            key.namespace,
+                            key.name,
+                            uid,
+                            rv,
+                            body
+                        ])
+                        .map_err(write_err(path))?;
+                    }
+                    StoreOp::Delete { key } => {
+                        delete
+                            .execute([&key.kind, &key.namespace, &key.name])
+                            .map_err(write_err(path))?;
+                    }
+                }
+            }
+        }
+        // With synchronous=FULL the commit has synced the WAL when it returns.
+        tx.commit().map_err(write_err(path))
+    }
+
+    /// The objects of `kinds` (every kind when empty), ordered by kind, namespace, name.
+    pub fn list(&self, kinds: &[&str]) -> Result<Vec<StoredObject>, StoreError> {
+        let filter = if kinds.is_empty() {
+            String::new()
+        } else {
+            format!("WHERE kind IN ({})", vec!["?"; kinds.len()].join(", "))
+        };
+        let sql = format!(
+            "SELECT kind, namespace, name, uid, resource_version, body FROM objects {filter}
+             ORDER BY kind, namespace, name"
+        );
+        let mut statement = self
+            .conn
+            .prepare_cached(&sql)
+            .map_err(read_err(&self.path))?;
+        let rows = statement
+            .query_map(rusqlite::params_from_iter(kinds), StoredObject::from_row)
+            .map_err(read_err(&self.path))?;
+        rows.collect::<Result<_, _>>().map_err(read_err(&self.path))
+    }
+
+    /// The object at `key`, if the store holds it.
+    pub fn get(&self, key: &ObjectKey) -> Result<Option<StoredObject>, StoreError> {
+        let mut statement = self
+            .conn
+            .prepare_cached(
+                "SELECT kind, namespace, name, uid, resource_version, body FROM objects
+                 WHERE kind = ?1 AND namespace = ?2 AND name = ?3",
+            )
+            .map_err(read_err(&self.path))?;
+        statement
+            .query_row(
+                [&key.kind, &key.namespace, &key.name],
+                StoredObject::from_row,
+            )
+            .optional()
+            .map_err(read_err(&self.path))
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// Creates the data dir (0700) and an empty database file (0600) unless they exist, so SQLite
+/// never creates the file with the process umask. Warns about an existing file others can read.
+fn create_private_file(data_dir: &Path, path: &Path) -> Result<(), StoreError> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(data_dir)
+        .map_err(io_err("create", data_dir))?;
+    match fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(file) => {
+            file.sync_all().map_err(io_err("sync", path))?;
+            // The new directory entry must survive a power loss along with the first commit.
+            fs::File::open(data_dir)
+                .and_then(|dir| dir.sync_all())
+                .map_err(io_err("sync", data_dir))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            let mode = fs::metadata(path)
+                .map_err(io_err("inspect", path))?
+                .permissions()
+                .mode();
+            if mode & 0o077 != 0 {
+                tracing::warn!(
+                    path = %path.display(),
+                    mode = format_args!("{:o}", mode & 0o777),
+                    "the store holds secrets but others may read it; chmod 600 it"
+                );
+            }
+            Ok(())
+        }
+        Err(e) => Err(io_err("create", path)(e)),
+    }
+}
+
+/// The schema version, refusing one newer than this build knows. Reads only.
+fn schema_version(conn: &Connection, path: &Path) -> Result<i64, StoreError> {
+    let found: i64 = conn
+        .pragma_query_value(None, "user_version", |row| row.get(0))
+        .map_err(open_err(path))?;
+    if found < 0 {
+        return Err(StoreError::Corrupt {
+            path: path.to_path_buf(),
+            detail: format!("schema version {found} is not one edgecore writes"),
+        });
+    }
+    if found > MIGRATIONS.len() as i64 {
+        return Err(StoreError::NewerSchema {
+            path: path.to_path_buf(),
+            found,
+            known: MIGRATIONS.len(),
+        });
+    }
+    Ok(found)
+}
+
+/// Runs `PRAGMA quick_check`; anything but a single "ok" is corruption.
+fn quick_check(conn: &Connection, path: &Path) -> Result<(), StoreError> {
+    let mut problems: Vec<String> = Vec::new();
+    conn.pragma_query(None, "quick_check", |row| {
+        problems.push(row.get(0)?);
+        Ok(())
+    })
+    .map_err(open_err(path))?;
+    if problems.len() == 1 && problems[0] == "ok" {
+        return Ok(());
+    }
+    const SHOWN: usize = 3;
+    let mut detail = problems
+        .iter()
+        .take(SHOWN)
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .join("; ");
+    if problems.len() > SHOWN {
+        detail.push_str(&format!("; and {} more problems", problems.len() - SHOWN));
+    }
+    Err(StoreError::Corrupt {
+        path: path.to_path_buf(),
+        detail: format!("integrity check failed: {detail}"),
+    })
+}
+
+/// Applies the migrations this store lacks, each in its own transaction with its version bump.
+fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
+    for (from, sql) in MIGRATIONS.iter().enumerate() {
+        let version = from + 1;
+        let migrate_err = |source| {
+            classify(path, source, |path, source| StoreError::Migrate {
+                path,
+                version,
+                source,
+            })
+        };
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(migrate_err)?;
+        // Read again under the write lock: another process may have migrated meanwhile.
+        let current: i64 = tx
+            .pragma_query_value(None, "user_version", |row| row.get(0))
+            .map_err(migrate_err)?;
+        if current >= version as i64 {
+            continue;
+        }
+        tx.execute_batch(sql).map_err(migrate_err)?;
+        tx.pragma_update(None, "user_version", version as i64)
+            .map_err(migrate_err)?;
+        tx.commit().map_err(migrate_err)?;
+        tracing::info!(path = %path.display(), schema = version, "store migrated");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn put(kind: &str, namespace: &str, name: &str, rv: u64, body: &str) -> StoreOp {
+        StoreOp::Put {
+            key: ObjectKey::new(kind, namespace, name),
+            uid: format!("uid-{name}"),
+            resource_version: rv,
+            body: body.as_bytes().to_vec(),
+        }
+    }
+
+    fn keys(objects: &[StoredObject]) -> Vec<String> {
+        objects.iter().map(|o| o.key.to_string()).collect()
+    }
+
+    /// Every file in `dir`, by name, with its length and a digest of its bytes.
+    fn snapshot(dir: &Path) -> Vec<(String, usize, String)> {
+        use sha2::Digest;
+        let mut files: Vec<(String, usize, String)> = fs::read_dir(dir)
+            .expect("read dir")
+            .map(|e| {
+                let e = e.expect("entry");
+                let bytes = fs::read(e.path()).expect("read");
+                (
+                    e.file_name().to_string_lossy().into_owned(),
+                    bytes.len(),
+                    hex::encode(sha2::Sha256::digest(&bytes)),
+                )
+            })
+            .collect();
+        files.sort();
+        files
+    }
+
+    #[test]
+    fn applied_objects_come_back_in_order_and_survive_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut store = Store::open(dir.path()).expect("open");
+        store
+            .apply(&[
+                put("Pod", "default", "web", 12, r#"{"kind":"Pod"}"#),
+                put("ConfigMap", "default", "b", 10, "{}"),
+                put("ConfigMap", "default", "a", 11, "{}"),
+                put("Node", "", "gw-1", 9, "{}"),
+            ])
+            .expect("apply");
+        for store in [store, Store::open(dir.path()).expect("reopen")] {
+            assert_eq!(
+                keys(&store.list(&[]).expect("list")),
+                [
+                    "ConfigMap default/a",
+                    "ConfigMap default/b",
+                    "Node gw-1",
+                    "Pod default/web"
+                ]
+            );
+            assert_eq!(
+                keys(&store.list(&["Pod", "Node"]).expect("list")),
+                ["Node gw-1", "Pod default/web"]
+            );
+            let pod = store
+                .get(&ObjectKey::new("Pod", "default", "web"))
+                .expect("get")
+                .expect("pod is there");
+            assert_eq!(pod.uid, "uid-web");
+            assert_eq!(pod.resource_version, 12);
+            assert_eq!(pod.body, br#"{"kind":"Pod"}"#);
+            let inventory = store.inventory().expect("inventory");
+            assert_eq!(inventory.len(), 4);
+            assert_eq!(
+                inventory[3],
+                HeldObject {
+                    object: ObjectKey::new("Pod", "default", "web").to_ref("uid-web"),
+                    resource_version: 12,
+                }
+            );
+            assert_eq!(
+                store
+                    .get(&ObjectKey::new("Pod", "other", "web"))
+                    .expect("get"),
+                None
+            );
+        }
+    }
+
+    #[test]
+    fn put_replaces_and_delete_removes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut store = Store::open(dir.path()).expect("open");
+        store
+            .apply(&[put("Secret", "default", "s", 1, "old")])
+            .expect("apply");
+        store
+            .apply(&[StoreOp::Put {
+                key: ObjectKey::new("Secret", "default", "s"),
+                uid: "recreated".into(),
+                resource_version: 5,
+                body: b"new".to_vec(),
+            }])
+            .expect("apply");
+        let key = ObjectKey::new("Secret", "default", "s");
+        let secret = store.get(&key).expect("get").expect("there");
+        assert_eq!(
+            (secret.uid.as_str(), secret.resource_version, secret.body),
+            ("recreated", 5, b"new".to_vec())
+        );
+        store
+            .apply(&[StoreOp::Delete { key: key.clone() }])
+            .expect("delete");
+        assert_eq!(store.get(&key).expect("get"), None);
+        assert!(store.inventory().expect("inventory").is_empty());
+        // Deleting what is absent is not an error.
+        store.apply(&[StoreOp::Delete { key }]).expect("delete");
+    }
+
+    #[test]
+    fn an_apply_that_fails_midway_leaves_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut store = Store::open(dir.path()).expect("open");
+        store
+            .apply(&[put("ConfigMap", "default", "kept", 1, "v1")])
+            .expect("apply");
+        let err = store
+            .apply(&[
+                put("ConfigMap", "default", "kept", 2, "v2"),
+                StoreOp::Delete {
+                    key: ObjectKey::new("ConfigMap", "default", "kept"),
+                },
+                put("ConfigMap", "default", "new", 3, "x"),
+                // Not representable as a SQLite integer: fails after the ops above ran.
+                put("ConfigMap", "default", "huge", u64::MAX, "x"),
+            ])
+            .unwrap_err();
+        assert!(
+            matches!(err, StoreError::ResourceVersionTooLarge { .. }),
+            "{err}"
+        );
+        let all = store.list(&[]).expect("list");
+        assert_eq!(keys(&all), ["ConfigMap default/kept"]);
+        assert_eq!(
+            (all[0].resource_version, all[0].body.as_slice()),
+            (1, &b"v1"[..])
+        );
+        // The connection is usable afterwards.
+        store
+            .apply(&[put("ConfigMap", "default", "new", 3, "x")])
+            .expect("apply");
+    }
+
+    #[test]
+    fn a_full_disk_is_reported_as_such_and_applies_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut store = Store::open(dir.path()).expect("open");
+        store
+            .apply(&[put("ConfigMap", "default", "kept", 1, "v1")])
+            .expect("apply");
+        // SQLite answers SQLITE_FULL, as for a full file system, once the database would
+        // grow past max_page_count.
+        let pages: i64 = store
+            .conn
+            .pragma_query_value(None, "page_count", |row| row.get(0))
+            .expect("page_count");
+        store
+            .conn
+            .pragma_update_and_check(None, "max_page_count", pages, |row| row.get::<_, i64>(0))
+            .expect("max_page_count");
+        let big = "x".repeat(256 * 1024);
+        let err = store
+            .apply(&[
+                put("ConfigMap", "default", "kept", 2, "v2"),
+                put("ConfigMap", "default", "big", 3, &big),
+            ])
+            .unwrap_err();
+        assert!(matches!(err, StoreError::DiskFull { .. }), "{err:?}");
+        assert_eq!(
+            err.to_string(),
+            format!("disk full writing {}", dir.path().join(DB_FILE).display())
+        );
+        let all = store.list(&[]).expect("list");
+        assert_eq!(keys(&all), ["ConfigMap default/kept"]);
+        assert_eq!(all[0].body, b"v1");
+    }
+
+    #[test]
+    fn a_store_from_a_newer_edgecore_is_refused_and_left_untouched() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let conn = Connection::open(dir.path().join(DB_FILE)).expect("create");
+            conn.execute_batch("CREATE TABLE future (x); PRAGMA user_version = 7;")
+                .expect("future schema");
+        }
+        let before = snapshot(dir.path());
+        for err in [
+            Store::open(dir.path()).unwrap_err(),
+            Store::open_read_only(dir.path()).unwrap_err(),
+        ] {
+            assert!(
+                matches!(err, StoreError::NewerSchema { found: 7, .. }),
+                "{err}"
+            );
+            assert!(
+                err.to_string().contains(&format!(
+                    "{} was written by a newer edgecore (schema 7, this build knows up to 1)",
+                    dir.path().join(DB_FILE).display()
+                )),
+                "{err}"
+            );
+        }
+        assert_eq!(snapshot(dir.path()), before);
+    }
+
+    #[test]
+    fn a_file_that_is_not_a_database_is_refused_and_left_untouched() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let garbage: Vec<u8> = (0..8192u32).map(|i| (i * 7 + 13) as u8).collect();
+        fs::write(dir.path().join(DB_FILE), &garbage).expect("write");
+        let before = snapshot(dir.path());
+        for err in [
+            Store::open(dir.path()).unwrap_err(),
+            Store::open_read_only(dir.path()).unwrap_err(),
+        ] {
+            assert!(matches!(err, StoreError::Corrupt { .. }), "{err:?}");
+            let text = err.to_string();
+            assert!(text.contains(&dir.path().join(DB_FILE).display().to_string()));
+            assert!(text.contains("not a database"), "{text}");
+            assert!(text.contains("move it aside"), "{text}");
+        }
+        assert_eq!(snapshot(dir.path()), before);
+    }
+
+    #[test]
+    fn a_damaged_database_is_refused_and_left_untouched() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let mut store = Store::open(dir.path()).expect("open");
+            let ops: Vec<StoreOp> = (0..200)
+                .map(|i| {
+                    put(
+                        "ConfigMap",
+                        "default",
+                        &format!("cm-{i}"),
+                        i,
+                        &"v".repeat(300),
+                    )
+                })
+                .collect();
+            store.apply(&ops).expect("apply");
+        }
+        // Overwrite the middle of the file (table b-tree pages) with junk, keeping the header.
+        let path = dir.path().join(DB_FILE);
+        let mut bytes = fs::read(&path).expect("read");
+        assert!(bytes.len() > 16 * 4096, "{} bytes", bytes.len());
+        bytes[8 * 4096..12 * 4096].fill(0xa5);
+        fs::write(&path, &bytes).expect("write");
+        // The file is in WAL mode: a read-only open may leave an empty -wal and a -shm next
+        // to it, which SQLite cannot remove without write access. The database stays as it is.
+        let db_file = |files: Vec<(String, usize, String)>| {
+            files.into_iter().find(|(name, ..)| name == DB_FILE)
+        };
+        let before = db_file(snapshot(dir.path()));
+        for err in [
+            Store::open(dir.path()).unwrap_err(),
+            Store::open_read_only(dir.path()).unwrap_err(),
+        ] {
+            assert!(matches!(err, StoreError::Corrupt { .. }), "{err:?}");
+            assert!(err.to_string().contains("move it aside"), "{err}");
+        }
+        assert_eq!(db_file(snapshot(dir.path())), before);
+    }
+
+    #[test]
+    fn read_only_open_of_a_missing_store_names_the_path() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let err = Store::open_read_only(dir.path()).unwrap_err();
+        assert!(matches!(err, StoreError::Missing { .. }), "{err:?}");
+        assert!(
+            err.to_string()
+                .contains(&dir.path().join(DB_FILE).display().to_string()),
+            "{err}"
+        );
+        assert!(!dir.path().join(DB_FILE).exists(), "nothing was created");
+    }
+
+    #[test]
+    fn a_reader_sees_commits_while_the_daemon_holds_the_store() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut store = Store::open(dir.path()).expect("open");
+        store
+            .apply(&[put("Pod", "default", "a", 1, "{}")])
+            .expect("apply");
+        let mut reader = Store::open_read_only(dir.path()).expect("open read-only");
+        assert_eq!(keys(&reader.list(&[]).expect("list")), ["Pod default/a"]);
+        store
+            .apply(&[put("Pod", "default", "b", 2, "{}")])
+            .expect("apply");
+        assert_eq!(
+            keys(&reader.list(&["Pod"]).expect("list")),
+            ["Pod default/a", "Pod default/b"]
+        );
+        let err = reader
+            .apply(&[put("Pod", "default", "c", 3, "{}")])
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Write { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn a_new_store_is_private_durable_and_at_the_latest_schema() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut store = Store::open(&dir.path().join("data")).expect("open");
+        store
+            .apply(&[put("Secret", "default", "s", 1, "{}")])
+            .expect("apply");
+        for file in [DB_FILE.to_string(), format!("{DB_FILE}-wal")] {
+            let mode = fs::metadata(dir.path().join("data").join(&file))
+                .expect("meta")
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600, "{file}");
+        }
+        let mode = fs::metadata(dir.path().join("data"))
+            .expect("meta")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o077, 0, "data dir {mode:o}");
+        let pragma = |name: &str| -> String {
+            store
+                .conn
+                .query_row(&format!("PRAGMA {name}"), [], |row| {
+                    row.get::<_, rusqlite::types::Value>(0)
+                })
+                .map(|v| format!("{v:?}"))
+                .expect("pragma")
+        };
+        assert_eq!(pragma("journal_mode"), r#"Text("wal")"#);
+        assert_eq!(pragma("synchronous"), "Integer(2)", "2 is FULL");
+        assert_eq!(
+            pragma("user_version"),
+            format!("Integer({})", MIGRATIONS.len())
+        );
+        assert_eq!(store.path(), dir.path().join("data").join(DB_FILE));
+    }
+}
