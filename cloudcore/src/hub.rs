@@ -32,6 +32,9 @@ use crate::upstream::{Outcome, StatusUpdate, Upstream};
 
 /// Outgoing messages queued per session; a full queue makes the sender wait (flow control).
 const SESSION_QUEUE: usize = 64;
+/// Status reports of one session queued for the API at once; more are dropped (the edge
+/// reports again), so one edge cannot grow the upstream queue's waiters without bound.
+const SESSION_STATUS_BACKLOG: usize = 1024;
 /// Frame limit before a peer has authenticated: a join request is a few KiB, so an anonymous
 /// peer cannot make cloudcore buffer a full-size frame.
 const UNAUTHENTICATED_MAX_FRAME: usize = 64 * 1024;
@@ -641,6 +644,7 @@ async fn run_session(
     // The pump attaches to the edge's sync state (after the cache is complete and a resync
     // slot is free) and moves its messages into the queue until the session ends.
     let attached: Arc<OnceLock<SessionRef>> = Arc::default();
+    let status_backlog = Arc::new(Semaphore::new(SESSION_STATUS_BACKLOG));
     let pump_cancel = shutdown.child_token();
     let pump = {
         let downstream = shared.downstream.clone();
@@ -756,7 +760,9 @@ async fn run_session(
                 }
             }
             Message::Status(report) => {
-                if let Some(error) = submit_status(shared, &identity.node_name, report, &tx) {
+                if let Some(error) =
+                    submit_status(shared, &identity.node_name, report, &tx, &status_backlog)
+                {
                     let _ = tx.send(error).await;
                 }
             }
@@ -796,7 +802,13 @@ fn submit_status(
     node: &str,
     report: StatusReport,
     tx: &mpsc::Sender<Message>,
+    backlog: &Arc<Semaphore>,
 ) -> Option<Message> {
+    let Ok(permit) = backlog.clone().try_acquire_owned() else {
+        shared.metrics.sync.refused("status_backlog");
+        tracing::warn!("too many status reports queued for this edge; dropped one");
+        return None;
+    };
     let key = ObjectKey::of(&report.object);
     let Some(uid) = shared.downstream.reportable_uid(node, &key) else {
         shared.metrics.sync.refused("status_forbidden");
@@ -849,6 +861,7 @@ fn submit_status(
             let tx = tx.clone();
             let seq = report.seq;
             tokio::spawn(async move {
+                let _permit = permit;
                 match done.await {
                     // The Node object is created when the edge connects; its first report
                     // may come first. No ack: the edge reports again shortly.

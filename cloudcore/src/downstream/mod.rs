@@ -390,6 +390,22 @@ impl Index {
     }
 }
 
+/// Holds a gauge one higher for as long as it lives.
+struct Waiting<'a>(&'a prometheus_client::metrics::gauge::Gauge);
+
+impl<'a> Waiting<'a> {
+    fn new(gauge: &'a prometheus_client::metrics::gauge::Gauge) -> Self {
+        gauge.inc();
+        Waiting(gauge)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 /// Shared by the watchers and the tunnel sessions.
 #[derive(Debug)]
 pub struct Downstream {
@@ -458,9 +474,11 @@ impl Downstream {
     pub async fn attach(&self, node: &str, inventory: Vec<HeldObject>) -> Attachment {
         let mut synced = self.synced.subscribe();
         let _ = synced.wait_for(|s| *s).await;
-        self.metrics.sync.resyncs_waiting.inc();
-        let slot = self.resync_slots.clone().acquire_owned().await.ok();
-        self.metrics.sync.resyncs_waiting.dec();
+        let slot = {
+            // Counted while waiting, also when the session ends meanwhile.
+            let _waiting = Waiting::new(&self.metrics.sync.resyncs_waiting);
+            self.resync_slots.clone().acquire_owned().await.ok()
+        };
         let session = self
             .next_session
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -745,5 +763,184 @@ async fn follow<K, S>(
             // The stream backs off and retries by itself.
             Err(e) => tracing::warn!(resource, error = %e, "watch failed; retrying"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use std::time::Duration;
+
+    fn pod(name: &str, node: &str, config_map: &str, secret: &str, rv: u64) -> Pod {
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "namespace": "ns", "uid": format!("uid-{name}"),
+                "resourceVersion": rv.to_string()},
+            "spec": {"nodeName": node, "containers": [{"name": "c", "image": "i",
+                "envFrom": [{"configMapRef": {"name": config_map}}, {"secretRef": {"name": secret}}]}]}
+        }))
+        .expect("pod")
+    }
+
+    fn config_map(name: &str, rv: u64) -> ConfigMap {
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "namespace": "ns", "uid": format!("uid-{name}"),
+                "resourceVersion": rv.to_string()},
+            "data": {"k": "v"}
+        }))
+        .expect("configmap")
+    }
+
+    fn secret(name: &str, rv: u64) -> Secret {
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "namespace": "ns", "uid": format!("uid-{name}"),
+                "resourceVersion": rv.to_string()}
+        }))
+        .expect("secret")
+    }
+
+    fn node(name: &str) -> Node {
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "uid": format!("uid-{name}"), "resourceVersion": "1"}
+        }))
+        .expect("node")
+    }
+
+    fn index() -> Index {
+        let mut index = Index::new(PeerConfig::default());
+        index.apply_node(&node("n1"));
+        index.apply_node(&node("n2"));
+        index
+    }
+
+    fn wants(index: &Index, node: &str, kind: &str, name: &str) -> Option<u64> {
+        let namespace = if kind == "Node" { "" } else { "ns" };
+        index
+            .desired(node, &ObjectKey::new(kind, namespace, name))
+            .map(|d| d.resource_version)
+    }
+
+    #[test]
+    fn a_node_wants_its_pods_and_what_they_reference_and_nothing_else() {
+        let mut index = index();
+        index.apply_secret(&secret("s", 3));
+        index.apply_secret(&secret("unrelated", 4));
+        index.apply_pod(&pod("p", "n1", "cm", "s", 5));
+        // The ConfigMap arrives after the pod that references it.
+        index.apply_config_map(&config_map("cm", 6));
+        assert_eq!(wants(&index, "n1", "Pod", "p"), Some(5));
+        assert_eq!(wants(&index, "n1", "ConfigMap", "cm"), Some(6));
+        assert_eq!(wants(&index, "n1", "Secret", "s"), Some(3));
+        assert_eq!(wants(&index, "n1", "Secret", "unrelated"), None);
+        assert_eq!(wants(&index, "n1", "Node", "n1"), Some(1));
+        assert_eq!(wants(&index, "n1", "Node", "n2"), None);
+        for (kind, name) in [("Pod", "p"), ("ConfigMap", "cm"), ("Secret", "s")] {
+            assert_eq!(wants(&index, "n2", kind, name), None, "{kind} {name}");
+        }
+        // Updates follow.
+        index.apply_config_map(&config_map("cm", 9));
+        assert_eq!(wants(&index, "n1", "ConfigMap", "cm"), Some(9));
+    }
+
+    #[test]
+    fn a_shared_reference_stays_until_the_last_pod_lets_go() {
+        let mut index = index();
+        index.apply_config_map(&config_map("cm", 2));
+        index.apply_secret(&secret("s", 3));
+        index.apply_pod(&pod("a", "n1", "cm", "s", 4));
+        index.apply_pod(&pod("b", "n1", "cm", "s", 5));
+        index.delete_pod("ns", "a");
+        assert_eq!(wants(&index, "n1", "Pod", "a"), None);
+        assert_eq!(wants(&index, "n1", "ConfigMap", "cm"), Some(2));
+        // b stops referencing cm (references another one) and then goes.
+        index.apply_pod(&pod("b", "n1", "other", "s", 6));
+        assert_eq!(wants(&index, "n1", "ConfigMap", "cm"), None);
+        assert_eq!(wants(&index, "n1", "Secret", "s"), Some(3));
+        index.delete_pod("ns", "b");
+        assert_eq!(wants(&index, "n1", "Secret", "s"), None);
+        assert!(index.referrers.is_empty(), "{:?}", index.referrers);
+    }
+
+    #[test]
+    fn a_node_that_appears_later_gets_its_desired_set() {
+        let mut index = Index::new(PeerConfig::default());
+        index.apply_config_map(&config_map("cm", 2));
+        index.apply_secret(&secret("s", 3));
+        index.apply_pod(&pod("p", "late", "cm", "s", 4));
+        assert!(index.desired("late", &pod_key("ns", "p")).is_none());
+        index.apply_node(&node("late"));
+        assert_eq!(wants(&index, "late", "Pod", "p"), Some(4));
+        assert_eq!(wants(&index, "late", "ConfigMap", "cm"), Some(2));
+        assert_eq!(wants(&index, "late", "Secret", "s"), Some(3));
+    }
+
+    #[test]
+    fn deleted_referenced_objects_leave_the_desired_set() {
+        let mut index = index();
+        index.apply_config_map(&config_map("cm", 2));
+        index.apply_secret(&secret("s", 3));
+        index.apply_pod(&pod("p", "n1", "cm", "s", 4));
+        index.delete_referenced("Secret", "ns", "s");
+        assert_eq!(wants(&index, "n1", "Secret", "s"), None);
+        // It comes back when it is created again.
+        index.apply_secret(&secret("s", 7));
+        assert_eq!(wants(&index, "n1", "Secret", "s"), Some(7));
+    }
+
+    #[test]
+    fn objects_without_an_integer_resource_version_are_not_sent() {
+        let mut index = index();
+        let mut p = pod("p", "n1", "cm", "s", 1);
+        p.metadata.resource_version = Some("abc".into());
+        index.apply_pod(&p);
+        assert_eq!(wants(&index, "n1", "Pod", "p"), None);
+    }
+
+    #[test]
+    fn bodies_are_sent_without_managed_fields() {
+        let mut index = index();
+        let mut map = config_map("cm", 2);
+        map.metadata.managed_fields = Some(vec![Default::default()]);
+        index.apply_config_map(&map);
+        index.apply_secret(&secret("s", 3));
+        index.apply_pod(&pod("p", "n1", "cm", "s", 4));
+        let body = &index
+            .desired("n1", &ObjectKey::new("ConfigMap", "ns", "cm"))
+            .expect("desired")
+            .body;
+        let value: serde_json::Value = serde_json::from_slice(body).expect("json");
+        assert!(value["metadata"].get("managedFields").is_none(), "{value}");
+        assert_eq!(value["data"]["k"], "v");
+    }
+
+    #[tokio::test]
+    async fn resyncs_beyond_the_limit_wait_for_a_slot() {
+        let downstream = Downstream::new(
+            DownstreamConfig {
+                concurrent_resyncs: 1,
+                ..DownstreamConfig::default()
+            },
+            Arc::new(Metrics::default()),
+        );
+        // Nothing starts before the watchers listed everything once.
+        let early = tokio::time::timeout(
+            Duration::from_millis(50),
+            downstream.attach("n1", Vec::new()),
+        )
+        .await;
+        assert!(early.is_err(), "attach must wait for the first full list");
+        downstream.synced.send_replace(true);
+        let first = downstream.attach("n1", Vec::new()).await;
+        let second = tokio::time::timeout(
+            Duration::from_millis(50),
+            downstream.attach("n2", Vec::new()),
+        )
+        .await;
+        assert!(second.is_err(), "the only slot is taken");
+        assert_eq!(downstream.metrics.sync.resyncs_waiting.get(), 0);
+        drop(first);
+        let second =
+            tokio::time::timeout(Duration::from_secs(1), downstream.attach("n2", Vec::new())).await;
+        assert!(second.is_ok(), "a freed slot lets the next resync start");
     }
 }
