@@ -599,3 +599,40 @@ fn kill_9_during_an_update_stream_never_loses_an_acknowledged_version() {
         final_rvs.iter().all(|(k, rv)| held.get(k) == Some(rv))
     });
 }
+
+#[test]
+fn a_restarted_cloudcore_tells_its_edges_nothing_they_already_hold() {
+    let mut s = setup(&["edge-1"]);
+    let dir = s.edges[0].dir.clone();
+    kubectl_ok(&s.cloud, &["apply", "-f", "-"], Some(APP));
+    wait_for_store(&dir, "the app on edge-1", |objects| objects.len() == 4);
+    assert!(
+        eventually(Duration::from_secs(20), || store_map(&edge_objects(&dir))
+            .get(&pair("Node", "edge-1"))
+            .copied()
+            == desired_from_api(&s.cloud, "edge-1")
+                .get(&pair("Node", "edge-1"))
+                .copied()),
+        "the Node settled"
+    );
+    let before = store_map(&edge_objects(&dir));
+
+    // A fresh cloudcore knows nothing until its watchers have listed everything: the edge's
+    // resync must not start from an empty cache (which would delete everything it holds).
+    s.cloud.restart();
+    assert!(
+        eventually(Duration::from_secs(20), || s.edges[0].connected()
+            && last_resync(&s.cloud.log(), "edge-1").is_some()),
+        "edge-1 reconnected and resynced: {}",
+        s.cloud.log()
+    );
+    let (upserts, deletes) = last_resync(&s.cloud.log(), "edge-1").expect("resync line");
+    assert_eq!(deletes, 0, "nothing the edge holds is deleted");
+    assert!(upserts <= 1, "at most the Node changed: {upserts} upserts");
+    let after = store_map(&edge_objects(&dir));
+    for (key, rv) in &before {
+        if key.0 != "Node" {
+            assert_eq!(after.get(key), Some(rv), "{key:?} unchanged");
+        }
+    }
+}
