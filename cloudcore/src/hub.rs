@@ -28,7 +28,7 @@ use crate::join::{self, JoinLimiter, source_text};
 use crate::metrics::Metrics;
 use crate::pki::{self, ClusterCa, NodeIdentity};
 use crate::registry::{CertificateStatus, Registry};
-use crate::upstream::{Outcome, StatusUpdate, Upstream};
+use crate::upstream::{Change, Outcome, StatusUpdate, Upstream};
 
 /// Outgoing messages queued per session; a full queue makes the sender wait (flow control).
 const SESSION_QUEUE: usize = 64;
@@ -759,6 +759,18 @@ async fn run_session(
                         .await;
                 }
             }
+            Message::PodDeleted { seq, object } => {
+                if let Some(error) = submit_pod_deleted(
+                    shared,
+                    &identity.node_name,
+                    seq,
+                    object,
+                    &tx,
+                    &status_backlog,
+                ) {
+                    let _ = tx.send(error).await;
+                }
+            }
             Message::Status(report) => {
                 if let Some(error) =
                     submit_status(shared, &identity.node_name, report, &tx, &status_backlog)
@@ -854,12 +866,62 @@ fn submit_status(
         node: node.to_string(),
         object,
         generation: report.generation,
-        status,
+        change: Change::Status(status),
     };
+    queue_upstream(shared, update, report.seq, key, tx, permit);
+    None
+}
+
+/// Checks that the node may delete this pod (bound to it, same uid), then queues the deletion;
+/// returns the error to send when refused.
+fn submit_pod_deleted(
+    shared: &Arc<Shared>,
+    node: &str,
+    seq: u64,
+    mut object: proto::ObjectRef,
+    tx: &mpsc::Sender<Message>,
+    backlog: &Arc<Semaphore>,
+) -> Option<Message> {
+    let key = ObjectKey::of(&object);
+    let uid = (key.kind == "Pod")
+        .then(|| shared.downstream.reportable_uid(node, &key))
+        .flatten();
+    let Some(uid) = uid.filter(|uid| object.uid.is_empty() || *uid == object.uid) else {
+        shared.metrics.sync.refused("delete_forbidden");
+        tracing::warn!(object = %key, "refusing to delete a pod not bound to the node");
+        return Some(Message::error(
+            ErrorCode::Forbidden,
+            format!("node {node} may not delete {key}"),
+        ));
+    };
+    let Ok(permit) = backlog.clone().try_acquire_owned() else {
+        shared.metrics.sync.refused("status_backlog");
+        return None;
+    };
+    object.uid = uid;
+    let update = StatusUpdate {
+        node: node.to_string(),
+        object,
+        // After every status report of the pod: a deletion replaces any queued status.
+        generation: u64::MAX,
+        change: Change::Delete,
+    };
+    queue_upstream(shared, update, seq, key, tx, permit);
+    None
+}
+
+/// Queues an update for the API; the edge gets an `Ack` for `seq` once it is done.
+fn queue_upstream(
+    shared: &Arc<Shared>,
+    update: StatusUpdate,
+    seq: u64,
+    key: ObjectKey,
+    tx: &mpsc::Sender<Message>,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) {
     match shared.upstream.submit(update) {
         Ok(done) => {
             let tx = tx.clone();
-            let seq = report.seq;
             tokio::spawn(async move {
                 let _permit = permit;
                 match done.await {
@@ -877,11 +939,9 @@ fn submit_status(
                     Err(_) => {}
                 }
             });
-            None
         }
         Err(_) => {
             tracing::warn!(object = %key, "status queue full; the edge will report again");
-            None
         }
     }
 }

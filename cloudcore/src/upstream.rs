@@ -31,7 +31,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Node, Pod};
-use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
+use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, Patch, PatchParams, Preconditions};
 use prometheus_client::metrics::counter::Counter;
 use serde_json::{Value, json};
 use tokio::sync::{Notify, oneshot};
@@ -73,8 +73,19 @@ pub struct StatusUpdate {
     pub object: proto::ObjectRef,
     /// Grows with every report the edge makes about this object.
     pub generation: u64,
-    /// The object's `status`, a JSON object.
-    pub status: Value,
+    /// What to write.
+    pub change: Change,
+}
+
+/// What an update does to its object.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Change {
+    /// Replace the object's `status` (a JSON object) through the status subresource.
+    Status(Value),
+    /// The edge finished the pod's graceful deletion: delete it with grace period 0 and a uid
+    /// precondition, as a kubelet does. The newest report of a pod, so it replaces any status
+    /// still queued.
+    Delete,
 }
 
 /// What became of a submitted update.
@@ -268,7 +279,9 @@ impl UpstreamWorker {
                 update.object.kind
             ));
         };
-        if !update.status.is_object() {
+        if let Change::Status(status) = &update.change
+            && !status.is_object()
+        {
             return Outcome::Failed("the status is not a JSON object".into());
         }
         let api = match kind.api(self.client.clone(), &update.object.namespace) {
@@ -304,7 +317,25 @@ impl UpstreamWorker {
         if !uid.is_empty() && live.metadata.uid.as_deref() != Some(uid.as_str()) {
             return Attempt::Done(Outcome::Gone);
         }
-        let body = kind.body(&live, &update.status);
+        let status = match &update.change {
+            Change::Status(status) => status,
+            Change::Delete => {
+                self.token().await;
+                let params = DeleteParams {
+                    grace_period_seconds: Some(0),
+                    preconditions: Some(Preconditions {
+                        uid: live.metadata.uid.clone(),
+                        resource_version: None,
+                    }),
+                    ..DeleteParams::default()
+                };
+                return match api.delete(name, &params).await {
+                    Ok(_) => Attempt::Done(Outcome::Written),
+                    Err(e) => Attempt::of(e),
+                };
+            }
+        };
+        let body = kind.body(&live, status);
         self.token().await;
         match api
             .patch_status(name, &PatchParams::default(), &kind.patch(body))
@@ -703,7 +734,7 @@ mod tests {
             node: "edge-1".into(),
             object: object(name, "uid-1"),
             generation,
-            status: json!({"phase": "Running", "generation": generation}),
+            change: Change::Status(json!({"phase": "Running", "generation": generation})),
         }
     }
 
@@ -1039,7 +1070,7 @@ mod tests {
     #[tokio::test]
     async fn writes_through_the_embedded_api() {
         use k8s_openapi::api::core::v1::{Node, Pod};
-        use kube::api::{DeleteParams, PostParams};
+        use kube::api::PostParams;
 
         let dir = tempfile::tempdir().expect("tempdir");
         let ca = crate::pki::ClusterCa::load_or_create(dir.path()).expect("ca");
@@ -1098,7 +1129,9 @@ mod tests {
                 uid: uid.into(),
             },
             generation,
-            status: json!({"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}),
+            change: Change::Status(
+                json!({"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}),
+            ),
         };
         let outcome = upstream.submit(report(&uid, 1)).expect("queued").await;
         assert_eq!(outcome, Ok(Outcome::Written));
@@ -1156,7 +1189,9 @@ mod tests {
                 uid: node.metadata.uid.clone().expect("uid"),
             },
             generation: 1,
-            status: json!({"conditions": [{"type": "MemoryPressure", "status": "False"}]}),
+            change: Change::Status(
+                json!({"conditions": [{"type": "MemoryPressure", "status": "False"}]}),
+            ),
         };
         let outcome = upstream.submit(node_report).expect("queued").await;
         assert_eq!(outcome, Ok(Outcome::Written));

@@ -273,16 +273,29 @@ pub enum Message {
     Hello(Hello),
     HelloAck(HelloAck),
     Error(ErrorMessage),
-    Heartbeat { seq: u64 },
+    Heartbeat {
+        seq: u64,
+    },
     Upsert(ObjectUpsert),
     Delete(ObjectDelete),
-    Ack { seqs: Vec<u64> },
+    Ack {
+        seqs: Vec<u64>,
+    },
     Request(ObjectRef),
+    /// The edge finished a pod's graceful deletion; `seq` is acknowledged once it is gone.
+    PodDeleted {
+        seq: u64,
+        object: ObjectRef,
+    },
     Status(StatusReport),
     JoinRequest(JoinRequest),
     JoinResponse(JoinResponse),
-    RenewRequest { csr_der: Vec<u8> },
-    RenewResponse { certificate_der: Vec<u8> },
+    RenewRequest {
+        csr_der: Vec<u8>,
+    },
+    RenewResponse {
+        certificate_der: Vec<u8>,
+    },
 }
 
 impl Message {
@@ -297,6 +310,7 @@ impl Message {
             Message::Delete(_) => "delete",
             Message::Ack { .. } => "ack",
             Message::Request(_) => "request",
+            Message::PodDeleted { .. } => "pod_deleted",
             Message::Status(_) => "status",
             Message::JoinRequest(_) => "join_request",
             Message::JoinResponse(_) => "join_response",
@@ -456,6 +470,10 @@ impl TryFrom<pb::Envelope> for Message {
             }),
             Body::Ack(a) => Message::Ack { seqs: a.seqs },
             Body::Request(r) => Message::Request(object_from(r.object, "request")?),
+            Body::PodDeleted(d) => Message::PodDeleted {
+                seq: d.seq,
+                object: object_from(d.object, "pod_deleted")?,
+            },
             Body::Status(s) => Message::Status(StatusReport {
                 seq: s.seq,
                 object: object_from(s.object, "status")?,
@@ -530,6 +548,10 @@ impl From<Message> for pb::Envelope {
             Message::Request(object) => Body::Request(pb::ObjectRequest {
                 object: object_to(object),
             }),
+            Message::PodDeleted { seq, object } => Body::PodDeleted(pb::PodDeleted {
+                seq,
+                object: object_to(object),
+            }),
             Message::Status(s) => Body::Status(pb::StatusReport {
                 seq: s.seq,
                 object: object_to(s.object),
@@ -602,6 +624,10 @@ mod tests {
             }),
             Message::Ack { seqs: vec![2, 5] },
             Message::Request(object.clone()),
+            Message::PodDeleted {
+                seq: 4,
+                object: object.clone(),
+            },
             Message::Status(StatusReport {
                 seq: 3,
                 object,
