@@ -63,6 +63,213 @@ pub enum CtlError {
     /// Writing the output failed (a closed pipe, for example).
     #[error("cannot write the output")]
     Output(#[source] std::io::Error),
+    /// No such pod or container on this gateway.
+    #[error("{0}")]
+    NotFound(String),
+    /// The command line names no container and the pod has several.
+    #[error("a container name must be specified for pod {pod}, choose one of: [{names}]")]
+    ContainerNeeded { pod: String, names: String },
+    /// The log file could not be read.
+    #[error("cannot read {path}")]
+    Log {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The runtime refused or could not be reached.
+    #[error(transparent)]
+    Cri(#[from] crate::cri::CriError),
+}
+
+/// Which container of which pod a `logs` or `exec` is about.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub namespace: String,
+    pub pod: String,
+    pub container: Option<String>,
+}
+
+/// The pod (from the store) and the container name a target resolves to.
+fn resolve(data_dir: &Path, target: &Target) -> Result<(String, String), CtlError> {
+    let store = Store::open_read_only(data_dir)?;
+    let key = proto::sync::ObjectKey::new("Pod", &target.namespace, &target.pod);
+    let pod = store.get(&key)?.ok_or_else(|| {
+        CtlError::NotFound(format!(
+            "pod {}/{} is not bound to this node (not in {})",
+            target.namespace,
+            target.pod,
+            store.path().display()
+        ))
+    })?;
+    let body: Value = serde_json::from_slice(&pod.body).unwrap_or(Value::Null);
+    let names: Vec<String> = body["spec"]["containers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .chain(
+            body["spec"]["initContainers"]
+                .as_array()
+                .into_iter()
+                .flatten(),
+        )
+        .filter_map(|c| c["name"].as_str().map(str::to_string))
+        .collect();
+    let container = match &target.container {
+        Some(name) if names.contains(name) => name.clone(),
+        Some(name) => {
+            return Err(CtlError::NotFound(format!(
+                "container {name} is not valid for pod {}",
+                target.pod
+            )));
+        }
+        None => {
+            let regular: Vec<&str> = body["spec"]["containers"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|c| c["name"].as_str())
+                .collect();
+            match regular.as_slice() {
+                [one] => one.to_string(),
+                _ => {
+                    return Err(CtlError::ContainerNeeded {
+                        pod: target.pod.clone(),
+                        names: regular.join(" "),
+                    });
+                }
+            }
+        }
+    };
+    Ok((pod.uid, container))
+}
+
+/// The newest log file of a container (`<attempt>.log`, highest attempt).
+fn latest_log(data_dir: &Path, uid: &str, container: &str) -> Option<std::path::PathBuf> {
+    let dir = crate::pods::spec::pod_paths(data_dir, uid)
+        .log_dir
+        .join(container);
+    std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .filter_map(|e| {
+            let path = e.path();
+            let attempt: u64 = path.file_stem()?.to_str()?.parse().ok()?;
+            (path.extension()? == "log").then_some((attempt, path))
+        })
+        .max_by_key(|(attempt, _)| *attempt)
+        .map(|(_, path)| path)
+}
+
+/// The messages of CRI log lines (`<time> <stream> <P|F> <message>`), partial lines joined.
+fn log_messages(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut partial = String::new();
+    for line in text.lines() {
+        let mut parts = line.splitn(4, ' ');
+        let (Some(_time), Some(_stream), Some(tag)) = (parts.next(), parts.next(), parts.next())
+        else {
+            continue;
+        };
+        partial.push_str(parts.next().unwrap_or(""));
+        if tag != "P" {
+            out.push(std::mem::take(&mut partial));
+        }
+    }
+    out
+}
+
+/// `edgecore ctl logs`: a container's log from its file on this gateway (no cloud, no
+/// runtime call); `follow` keeps printing what is appended, across restarts of the container.
+pub fn logs(
+    data_dir: &Path,
+    target: &Target,
+    tail: Option<usize>,
+    follow: bool,
+    out: &mut impl Write,
+) -> Result<(), CtlError> {
+    let (uid, container) = resolve(data_dir, target)?;
+    let Some(mut path) = latest_log(data_dir, &uid, &container) else {
+        return Err(CtlError::NotFound(format!(
+            "container {container} of pod {} has not started yet (no log file)",
+            target.pod
+        )));
+    };
+    let read = |path: &Path| {
+        std::fs::read(path).map_err(|source| CtlError::Log {
+            path: path.display().to_string(),
+            source,
+        })
+    };
+    let bytes = read(&path)?;
+    // Only complete lines; a partial last line is printed once it is complete.
+    let complete = bytes.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+    let messages = log_messages(&String::from_utf8_lossy(&bytes[..complete]));
+    let skip = tail.map_or(0, |n| messages.len().saturating_sub(n));
+    for message in &messages[skip..] {
+        writeln!(out, "{message}").map_err(CtlError::Output)?;
+    }
+    out.flush().map_err(CtlError::Output)?;
+    if !follow {
+        return Ok(());
+    }
+    let mut offset = complete;
+    loop {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        if let Some(newer) = latest_log(data_dir, &uid, &container)
+            && newer != path
+        {
+            path = newer;
+            offset = 0;
+        }
+        let bytes = read(&path)?;
+        let complete = bytes.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+        if complete > offset {
+            for message in log_messages(&String::from_utf8_lossy(&bytes[offset..complete])) {
+                writeln!(out, "{message}").map_err(CtlError::Output)?;
+            }
+            out.flush().map_err(CtlError::Output)?;
+            offset = complete;
+        }
+    }
+}
+
+/// `edgecore ctl exec`: runs a command in a running container through the runtime; returns
+/// its exit code.
+pub async fn exec(
+    data_dir: &Path,
+    endpoint: &str,
+    target: &Target,
+    command: Vec<String>,
+    stdout: &mut impl Write,
+    stderr: &mut impl Write,
+) -> Result<i32, CtlError> {
+    use crate::pods::spec::{LABEL_CONTAINER_NAME, LABEL_MANAGED_BY, LABEL_POD_UID, MANAGED_BY};
+    let (uid, container) = resolve(data_dir, target)?;
+    let cri = crate::cri::Cri::new(endpoint)?;
+    let labels = std::collections::HashMap::from([
+        (LABEL_MANAGED_BY.to_string(), MANAGED_BY.to_string()),
+        (LABEL_POD_UID.to_string(), uid),
+        (LABEL_CONTAINER_NAME.to_string(), container.clone()),
+    ]);
+    let running = cri
+        .list_containers(labels)
+        .await?
+        .into_iter()
+        .filter(|c| c.state == k8s_cri::v1::ContainerState::ContainerRunning as i32)
+        .max_by_key(|c| c.created_at)
+        .ok_or_else(|| {
+            CtlError::NotFound(format!(
+                "container {container} of pod {} is not running",
+                target.pod
+            ))
+        })?;
+    let reply = cri
+        .exec_sync(&running.id, command, std::time::Duration::ZERO)
+        .await?;
+    stdout.write_all(&reply.stdout).map_err(CtlError::Output)?;
+    stderr.write_all(&reply.stderr).map_err(CtlError::Output)?;
+    stdout.flush().map_err(CtlError::Output)?;
+    Ok(reply.exit_code)
 }
 
 const HEADER: [&str; 6] = [
@@ -311,6 +518,15 @@ Pod         default     web        42                 uid-web        phase=Runni
             output(dir.path(), Resource::Secrets),
             format!("No secrets in {}.\n", dir.path().join("edge.db").display())
         );
+    }
+
+    #[test]
+    fn cri_log_lines_become_messages_with_partials_joined() {
+        let text = "2026-11-24T05:31:04.809839837Z stdout F tick\n\
+                    2026-11-24T05:31:05.000000000Z stderr P par\n\
+                    2026-11-24T05:31:05.000000001Z stderr F tial line\n\
+                    2026-11-24T05:31:06.000000000Z stdout F \n";
+        assert_eq!(log_messages(text), ["tick", "partial line", ""]);
     }
 
     #[test]

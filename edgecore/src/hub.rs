@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use proto::{
     ErrorCode, ErrorMessage, FrameError, FrameReader, FrameWriter, HeldObject, Hello, HelloAck,
-    Message, ObjectRef, PROTOCOL_VERSION, StatusReport, close_code,
+    Message, ObjectRef, PROTOCOL_VERSION, close_code,
 };
 use quinn::{Connection, ConnectionError, Endpoint, RecvStream, SendStream, VarInt};
 use rand::SeedableRng;
@@ -27,6 +27,7 @@ use crate::dial::{self, DialError};
 use crate::identity::{self, Identity, IdentityError};
 use crate::join::new_key_and_csr;
 use crate::metrics::Metrics;
+use crate::outbox::{Outbox, Report};
 use crate::replica::Replica;
 use crate::tls::{self, TlsError};
 
@@ -36,8 +37,6 @@ const STABLE_SESSION: Duration = Duration::from_secs(30);
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 /// Without an answer to a renewal request, ask again after this long.
 const RENEW_RETRY: Duration = Duration::from_secs(600);
-/// A node status report not acknowledged within this is sent again, fresh.
-const STATUS_RETRY: Duration = Duration::from_secs(3);
 /// Most object messages committed in one transaction.
 const APPLY_BATCH: usize = 512;
 /// Messages read ahead of the session loop.
@@ -217,6 +216,7 @@ impl Session {
         config: &HubConfig,
         metrics: &Metrics,
         replica: &Replica,
+        outbox: &Outbox,
         shutdown: &CancellationToken,
     ) -> String {
         let Session {
@@ -247,11 +247,16 @@ impl Session {
         let mut pending_key: Option<KeyPair> = None;
         let mut last_heard = Instant::now();
         let mut seq = 0u64;
-        let mut status_seq = 0u64;
-        // The node status report not yet acknowledged, and when to send a fresh one if it stays
-        // so (the cloud may not have created the Node yet).
-        let mut status_unacked: Option<u64> = None;
-        let mut status_retry_at = Instant::now() + config.node_status_interval;
+        // Reports (statuses, pod deletions) go through the outbox, numbered per session.
+        static SESSIONS: AtomicU64 = AtomicU64::new(1);
+        let session = SESSIONS.fetch_add(1, Ordering::Relaxed);
+        let mut report_seq = 0u64;
+        let node_ref = ObjectRef {
+            kind: "Node".into(),
+            namespace: String::new(),
+            name: ack.node_name.clone(),
+            uid: String::new(),
+        };
         // A reader task fills a queue, so object messages that arrive together are committed
         // in one transaction.
         let (incoming_tx, mut incoming) = mpsc::channel(INCOMING_QUEUE);
@@ -265,7 +270,8 @@ impl Session {
                     _ = tokio::time::sleep_until(last_heard + dead_after) => Wake::Dead,
                     _ = ticker.tick() => Wake::Heartbeat,
                     _ = status_ticker.tick() => Wake::NodeStatus,
-                    _ = tokio::time::sleep_until(status_retry_at), if status_unacked.is_some() => Wake::NodeStatus,
+                    _ = outbox.changed() => Wake::Outbox,
+                    _ = sleep_until_or_never(outbox.next_resend()) => Wake::Outbox,
                     _ = tokio::time::sleep_until(renew_at) => Wake::Renew,
                     item = incoming.recv() => Wake::Incoming(item),
                 },
@@ -298,14 +304,15 @@ impl Session {
                     }
                 }
                 Wake::NodeStatus => {
-                    status_seq += 1;
-                    status_unacked = Some(status_seq);
-                    status_retry_at = Instant::now() + STATUS_RETRY;
-                    let report = node_status_report(&ack.node_name, config, status_seq);
-                    if let Err(e) = writer.send(report).await {
-                        return link.lost(e);
+                    outbox.put(node_ref.clone(), Report::Status(node_status(config)));
+                }
+                Wake::Outbox => {
+                    for report in outbox.due(session, std::time::Instant::now(), &mut report_seq) {
+                        if let Err(e) = writer.send(report).await {
+                            return link.lost(e);
+                        }
+                        metrics.status_reports.inc();
                     }
-                    metrics.status_reports.inc();
                 }
                 Wake::Renew => {
                     renew_at = Instant::now() + RENEW_RETRY;
@@ -389,10 +396,8 @@ impl Session {
                             ),
                         },
                         Message::Ack { seqs } => {
-                            tracing::debug!(?seqs, "status reports acknowledged");
-                            if status_unacked.is_some_and(|s| seqs.contains(&s)) {
-                                status_unacked = None;
-                            }
+                            tracing::debug!(?seqs, "reports acknowledged");
+                            outbox.acknowledged(session, &seqs);
                         }
                         Message::Error(e) => {
                             tracing::warn!(code = %e.code, "the cloud reported an error: {}", e.message);
@@ -417,6 +422,7 @@ enum Wake {
     Dead,
     Heartbeat,
     NodeStatus,
+    Outbox,
     Renew,
     Incoming(Option<Result<Message, FrameError>>),
 }
@@ -442,39 +448,20 @@ async fn read_into(
     }
 }
 
-/// Generations of status reports: increasing for the life of the process and, being seeded
-/// from the clock, across restarts unless the clock goes back.
-fn next_generation() -> u64 {
-    static LAST: AtomicU64 = AtomicU64::new(0);
-    let now = (OffsetDateTime::now_utc().unix_timestamp_nanos() / 1000).max(0) as u64;
-    let mut prev = LAST.load(Ordering::Relaxed);
-    loop {
-        let next = now.max(prev + 1);
-        match LAST.compare_exchange(prev, next, Ordering::Relaxed, Ordering::Relaxed) {
-            Ok(_) => return next,
-            Err(actual) => prev = actual,
-        }
+async fn sleep_until_or_never(at: Option<std::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
     }
 }
 
-fn node_status_report(node_name: &str, config: &HubConfig, seq: u64) -> Message {
+fn node_status(config: &HubConfig) -> serde_json::Value {
     let now = OffsetDateTime::now_utc()
         .replace_nanosecond(0)
         .unwrap_or_else(|_| OffsetDateTime::now_utc())
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default();
-    let status = crate::node::status(&config.data_dir, &now);
-    Message::Status(StatusReport {
-        seq,
-        object: ObjectRef {
-            kind: "Node".into(),
-            namespace: String::new(),
-            name: node_name.to_string(),
-            uid: String::new(),
-        },
-        generation: next_generation(),
-        status: serde_json::to_vec(&status).unwrap_or_default(),
-    })
+    crate::node::status(&config.data_dir, &now)
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -554,6 +541,7 @@ pub async fn run(
     config: HubConfig,
     metrics: Arc<Metrics>,
     replica: Replica,
+    outbox: Arc<Outbox>,
     shutdown: CancellationToken,
 ) -> Result<(), IdentityError> {
     let mut rng = StdRng::from_os_rng();
@@ -586,7 +574,7 @@ pub async fn run(
                 tracing::info!(cloud = %cloud, node.name = %session.ack.node_name, "connected to the cloud");
                 let started = Instant::now();
                 let ended = session
-                    .run(&identity, &config, &metrics, &replica, &shutdown)
+                    .run(&identity, &config, &metrics, &replica, &outbox, &shutdown)
                     .await;
                 metrics.cloud_connected.set(0);
                 tracing::warn!(cloud = %cloud, "disconnected from the cloud: {ended}");

@@ -3,13 +3,17 @@
 //! `join` obtains the node identity once; `run` keeps the tunnel to cloudcore up ([`hub`]).
 
 pub mod backoff;
+pub mod cri;
 pub mod ctl;
 pub mod dial;
 pub mod hub;
 pub mod identity;
+pub mod images;
 pub mod join;
 pub mod metrics;
 pub mod node;
+pub mod outbox;
+pub mod pods;
 pub mod replica;
 pub mod signal;
 pub mod store;
@@ -27,6 +31,9 @@ use tokio_util::task::TaskTracker;
 pub struct RunConfig {
     pub hub: hub::HubConfig,
     pub metrics_listen: SocketAddr,
+    /// The container runtime's CRI socket, `unix:///PATH`; `None` holds the desired state
+    /// without running pods (sync-only, for benchmarks of the sync layer).
+    pub cri_endpoint: Option<String>,
 }
 
 /// `edgecore run` could not start or lost its identity.
@@ -36,12 +43,28 @@ pub enum RunError {
     Identity(#[from] identity::IdentityError),
     #[error("cannot open the local store")]
     Store(#[from] store::StoreError),
+    #[error(transparent)]
+    Cri(#[from] cri::CriError),
     #[error("cannot bind the metrics listener on {addr}")]
     Metrics {
         addr: SocketAddr,
         #[source]
         source: std::io::Error,
     },
+}
+
+/// The gateway's address towards the cloud (pods' `hostIP`); empty when the cloud's name does
+/// not resolve within a second (offline start: nothing waits for the network).
+async fn host_ip(cloud: &str) -> String {
+    let resolved =
+        tokio::time::timeout(Duration::from_secs(1), tokio::net::lookup_host(cloud)).await;
+    let peer = match resolved {
+        Ok(Ok(mut addrs)) => addrs.next(),
+        _ => None,
+    };
+    peer.and_then(node::host_ip)
+        .map(|ip| ip.to_string())
+        .unwrap_or_default()
 }
 
 /// Runs edgecore until `shutdown` is cancelled.
@@ -76,7 +99,28 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
             }
         });
     }
-    let result = hub::run(config.hub, metrics, replica, shutdown.clone()).await;
+    let outbox = Arc::new(outbox::Outbox::default());
+    if let Some(endpoint) = &config.cri_endpoint {
+        let cloud = config
+            .hub
+            .cloud
+            .clone()
+            .unwrap_or_else(|| identity.config.cloud.clone());
+        let context = pods::worker::Context {
+            cri: cri::Cri::new(endpoint)?,
+            data_dir: config.hub.data_dir.clone(),
+            node_name: identity.config.node_name.clone(),
+            host_ip: host_ip(&cloud).await,
+            outbox: outbox.clone(),
+        };
+        tracing::info!(cri = %endpoint, host.ip = %context.host_ip, "running pods through the CRI");
+        tracker.spawn(pods::run(
+            Arc::new(context),
+            replica.subscribe(),
+            shutdown.clone(),
+        ));
+    }
+    let result = hub::run(config.hub, metrics, replica, outbox, shutdown.clone()).await;
     shutdown.cancel();
     tracker.close();
     let _ = tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await;

@@ -77,11 +77,35 @@ enum Command {
         /// Largest accepted frame in bytes.
         #[arg(long, default_value_t = proto::DEFAULT_MAX_FRAME_SIZE)]
         max_frame_size: usize,
+        /// The container runtime's CRI socket.
+        #[arg(long, env = "EDGECORE_CRI_ENDPOINT", default_value = edgecore::cri::DEFAULT_ENDPOINT)]
+        cri_endpoint: String,
+        /// Hold the desired state without running pods (for benchmarks of the sync layer).
+        #[arg(long)]
+        no_pod_runtime: bool,
+    },
+    /// Images for gateways without a registry.
+    Images {
+        #[command(subcommand)]
+        command: ImagesCommand,
     },
     /// Inspect this gateway's local store; needs neither the cloud nor a running daemon.
     Ctl {
         #[command(subcommand)]
         command: CtlCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ImagesCommand {
+    /// Load OCI image-layout or docker-archive tarballs into the runtime (namespace k8s.io).
+    Import {
+        /// Tarballs to load.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// The container runtime's CRI socket.
+        #[arg(long, env = "EDGECORE_CRI_ENDPOINT", default_value = edgecore::cri::DEFAULT_ENDPOINT)]
+        cri_endpoint: String,
     },
 }
 
@@ -97,6 +121,42 @@ enum CtlCommand {
         output: edgecore::ctl::Output,
         #[arg(long, env = "EDGECORE_DATA_DIR", default_value = "/var/lib/edgecore")]
         data_dir: PathBuf,
+    },
+    /// Print a container's log from this gateway's files.
+    Logs {
+        /// The pod.
+        pod: String,
+        #[arg(short = 'n', long, default_value = "default")]
+        namespace: String,
+        /// The container (needed when the pod has several).
+        #[arg(short = 'c', long)]
+        container: Option<String>,
+        /// Keep printing what the container writes.
+        #[arg(short = 'f', long)]
+        follow: bool,
+        /// Only the last N lines.
+        #[arg(long)]
+        tail: Option<usize>,
+        #[arg(long, env = "EDGECORE_DATA_DIR", default_value = "/var/lib/edgecore")]
+        data_dir: PathBuf,
+    },
+    /// Run a command in a running container: `edgecore ctl exec POD [-c NAME] -- CMD...`.
+    Exec {
+        /// The pod.
+        pod: String,
+        #[arg(short = 'n', long, default_value = "default")]
+        namespace: String,
+        /// The container (needed when the pod has several).
+        #[arg(short = 'c', long)]
+        container: Option<String>,
+        #[arg(long, env = "EDGECORE_DATA_DIR", default_value = "/var/lib/edgecore")]
+        data_dir: PathBuf,
+        /// The container runtime's CRI socket.
+        #[arg(long, env = "EDGECORE_CRI_ENDPOINT", default_value = edgecore::cri::DEFAULT_ENDPOINT)]
+        cri_endpoint: String,
+        /// The command and its arguments.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
     },
 }
 
@@ -115,6 +175,24 @@ fn main() -> ExitCode {
     init_tracing(cli.log_format);
     match cli.command {
         Command::Ctl { command } => ctl(command),
+        Command::Images {
+            command:
+                ImagesCommand::Import {
+                    files,
+                    cri_endpoint,
+                },
+        } => match edgecore::images::import(&cri_endpoint, &files) {
+            Ok(lines) => {
+                for line in lines {
+                    println!("{line}");
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {}", chain(&e));
+                ExitCode::FAILURE
+            }
+        },
         Command::Join {
             cloud,
             token,
@@ -176,6 +254,8 @@ fn main() -> ExitCode {
             cloud,
             metrics_listen,
             max_frame_size,
+            cri_endpoint,
+            no_pod_runtime,
         } => {
             let Some(runtime) = runtime() else {
                 return ExitCode::FAILURE;
@@ -186,6 +266,7 @@ fn main() -> ExitCode {
             let config = RunConfig {
                 hub,
                 metrics_listen,
+                cri_endpoint: (!no_pod_runtime).then_some(cri_endpoint),
             };
             let result = runtime.block_on(async {
                 let shutdown = CancellationToken::new();
@@ -220,13 +301,63 @@ fn runtime() -> Option<tokio::runtime::Runtime> {
 
 /// Runs a `ctl` command: local, synchronous, no network.
 fn ctl(command: CtlCommand) -> ExitCode {
-    let CtlCommand::Get {
-        what,
-        output,
-        data_dir,
-    } = command;
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-    match edgecore::ctl::get_as(&data_dir, what, output, &mut out) {
+    let result = match command {
+        CtlCommand::Get {
+            what,
+            output,
+            data_dir,
+        } => edgecore::ctl::get_as(&data_dir, what, output, &mut out),
+        CtlCommand::Logs {
+            pod,
+            namespace,
+            container,
+            follow,
+            tail,
+            data_dir,
+        } => {
+            let target = edgecore::ctl::Target {
+                namespace,
+                pod,
+                container,
+            };
+            edgecore::ctl::logs(&data_dir, &target, tail, follow, &mut out)
+        }
+        CtlCommand::Exec {
+            pod,
+            namespace,
+            container,
+            data_dir,
+            cri_endpoint,
+            command,
+        } => {
+            let target = edgecore::ctl::Target {
+                namespace,
+                pod,
+                container,
+            };
+            let Some(runtime) = runtime() else {
+                return ExitCode::FAILURE;
+            };
+            let mut err = std::io::stderr().lock();
+            match runtime.block_on(edgecore::ctl::exec(
+                &data_dir,
+                &cri_endpoint,
+                &target,
+                command,
+                &mut out,
+                &mut err,
+            )) {
+                Ok(0) => Ok(()),
+                Ok(code) => {
+                    let _ = std::io::Write::flush(&mut out);
+                    return ExitCode::from(u8::try_from(code).unwrap_or(1));
+                }
+                Err(e) => Err(e),
+            }
+        }
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         // The reader went away (`| head`): nothing left to tell anyone.
         Err(CtlError::Output(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,

@@ -76,6 +76,18 @@ pub fn status(data_dir: &Path, now: &str) -> Value {
     })
 }
 
+/// The address this gateway uses to reach `peer` (no packet is sent): the node's host IP.
+pub fn host_ip(peer: std::net::SocketAddr) -> Option<std::net::IpAddr> {
+    let any: std::net::SocketAddr = if peer.is_ipv6() {
+        "[::]:0".parse().ok()?
+    } else {
+        "0.0.0.0:0".parse().ok()?
+    };
+    let socket = std::net::UdpSocket::bind(any).ok()?;
+    socket.connect(peer).ok()?;
+    socket.local_addr().ok().map(|a| a.ip())
+}
+
 /// Collects the node info sent in `Hello`.
 pub fn collect() -> NodeInfo {
     NodeInfo {

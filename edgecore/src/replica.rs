@@ -24,6 +24,8 @@ pub struct Replica {
     store: Arc<Mutex<Store>>,
     engine: Arc<Mutex<EdgeReplica>>,
     metrics: Arc<Metrics>,
+    /// Counts commits, so readers of the store (the pod manager) know when to look again.
+    committed: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 /// A batch could not be made durable.
@@ -49,7 +51,13 @@ impl Replica {
             engine: Arc::new(Mutex::new(EdgeReplica::new(inventory))),
             store: Arc::new(Mutex::new(store)),
             metrics,
+            committed: Arc::new(tokio::sync::watch::Sender::new(0)),
         })
+    }
+
+    /// Changes after every commit.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.committed.subscribe()
     }
 
     /// Starts a session: the inventory for `Hello`.
@@ -92,6 +100,7 @@ impl Replica {
         match committed {
             Ok(Ok(())) => {
                 self.metrics.sync_applied.inc_by(puts + deletes);
+                self.committed.send_modify(|n| *n += 1);
                 let objects = lock(&self.engine).len();
                 self.metrics.store_objects.set(objects as i64);
                 Ok(seqs)

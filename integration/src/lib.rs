@@ -406,12 +406,18 @@ impl Edge {
     /// port is read from the log line edgecore writes once it is bound, so fifty edges started
     /// at once never race for ports.
     pub fn start(dir: &Path) -> Edge {
+        Edge::start_with(dir, &[])
+    }
+
+    /// Like [`Edge::start`] with extra `edgecore run` flags (`--cri-endpoint ...`).
+    pub fn start_with(dir: &Path, extra: &[&str]) -> Edge {
         let mut command = Command::new(bin("edgecore"));
         command
             .arg("run")
             .arg("--data-dir")
             .arg(dir)
-            .args(["--metrics-listen", "127.0.0.1:0"]);
+            .args(["--metrics-listen", "127.0.0.1:0"])
+            .args(extra);
         let log = dir.join("run.log");
         let mut child = spawn_logged(command, &log);
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -524,6 +530,142 @@ impl Drop for Edge {
             let _ = child.wait();
         }
     }
+}
+
+/// The repository's `deploy/` directory (scripts the harness shares with the quick start).
+pub fn deploy_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("integration/ lives in the workspace")
+        .join("deploy")
+}
+
+/// A private containerd started with the project's config (`deploy/containerd/containerd.sh`),
+/// with the test images (`localhost/edge/busybox:1`, `localhost/edge/pause:1`, built from
+/// Debian's busybox-static by `deploy/images/build.sh`) imported. Stopped, with every pod it
+/// ran removed, when dropped.
+pub struct Containerd {
+    pub dir: PathBuf,
+    /// `unix://DIR/containerd.sock`, for `edgecore run --cri-endpoint`.
+    pub endpoint: String,
+}
+
+/// Image names the tests use.
+pub const BUSYBOX: &str = "localhost/edge/busybox:1";
+pub const PAUSE: &str = "localhost/edge/pause:1";
+
+impl Containerd {
+    /// Starts containerd in `dir`. Fails with what is missing when the machine cannot run it
+    /// (not root, packages absent): these tests never pass silently.
+    pub fn start(dir: &Path) -> Containerd {
+        assert!(
+            is_root(),
+            "containerd tests need root (CI runs as root); run the test suite as root"
+        );
+        for tool in ["containerd", "runc", "ctr"] {
+            assert!(
+                Command::new("sh")
+                    .args(["-c", &format!("command -v {tool}")])
+                    .output()
+                    .is_ok_and(|o| o.status.success()),
+                "{tool} is not installed: apt-get install containerd runc containernetworking-plugins iptables busybox-static (.ci/run does)"
+            );
+        }
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = (std::process::id() % 200) * 4
+            + NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 4;
+        let subnet = format!("10.{}.{}.0/24", 100 + n / 250, n % 250);
+        let bridge = format!("edget{n}");
+        std::fs::create_dir_all(dir).expect("containerd dir");
+        let out = Command::new(deploy_dir().join("containerd/containerd.sh"))
+            .arg("start")
+            .arg(dir)
+            .arg(&subnet)
+            .arg(&bridge)
+            .output()
+            .expect("run containerd.sh");
+        assert!(
+            out.status.success(),
+            "containerd did not start: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let containerd = Containerd {
+            dir: dir.to_path_buf(),
+            endpoint: format!("unix://{}/containerd.sock", dir.display()),
+        };
+        let images = dir.join("images");
+        std::fs::create_dir_all(&images).expect("images dir");
+        for (file, name, entrypoint, cmd) in [
+            ("busybox.tar", BUSYBOX, "null", r#"["/bin/sh"]"#),
+            (
+                "pause.tar",
+                PAUSE,
+                r#"["/bin/busybox","sleep","2147483647"]"#,
+                "null",
+            ),
+        ] {
+            let out = Command::new(deploy_dir().join("images/build.sh"))
+                .arg(images.join(file))
+                .args([name, entrypoint, cmd])
+                .output()
+                .expect("run build.sh");
+            assert!(
+                out.status.success(),
+                "building {name} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let out = Command::new(bin("edgecore"))
+                .args(["images", "import", "--cri-endpoint", &containerd.endpoint])
+                .arg(images.join(file))
+                .output()
+                .expect("run edgecore images import");
+            assert!(
+                out.status.success(),
+                "importing {name} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        containerd
+    }
+
+    /// Stops and removes every pod sandbox this containerd runs.
+    pub fn remove_all_pods(&self) {
+        let endpoint = self.endpoint.clone();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async move {
+            let Ok(cri) = edgecore::cri::Cri::new(&endpoint) else {
+                return;
+            };
+            if let Ok(sandboxes) = cri.list_pod_sandboxes(Default::default()).await {
+                for sandbox in sandboxes {
+                    let _ = cri.stop_pod_sandbox(&sandbox.id).await;
+                    let _ = cri.remove_pod_sandbox(&sandbox.id).await;
+                }
+            }
+        });
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        self.remove_all_pods();
+        let _ = Command::new(deploy_dir().join("containerd/containerd.sh"))
+            .arg("stop")
+            .arg(&self.dir)
+            .output();
+    }
+}
+
+fn is_root() -> bool {
+    // The real uid, as `id -u` prints it.
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
 }
 
 /// A kube-rs client for the admin kubeconfig the embedded control plane wrote (see

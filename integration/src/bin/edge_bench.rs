@@ -395,6 +395,7 @@ async fn connect_round(
                     &edge.config,
                     &metrics,
                     &edge.replica,
+                    &edgecore::outbox::Outbox::default(),
                     &shutdown,
                 )
                 .await

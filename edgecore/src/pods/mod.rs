@@ -1,0 +1,238 @@
+//! Pods bound to this node, run through the CRI (KubeEdge's edged).
+
+pub mod spec;
+pub mod volumes;
+
+pub mod probes;
+pub mod worker;
+
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::store::Store;
+use spec::Objects;
+use worker::{Adopted, Context, Desired, PodInput};
+
+/// How often sandboxes nobody wants are looked for.
+const GC_INTERVAL: Duration = Duration::from_secs(30);
+
+/// A running worker and the versions it was last given.
+#[derive(Debug)]
+struct WorkerHandle {
+    desired: watch::Sender<Desired>,
+    fingerprint: u64,
+}
+
+/// The desired pods read from the store, with a fingerprint of everything each depends on.
+fn desired_pods(store: &Store) -> Result<Vec<(Arc<PodInput>, u64)>, crate::store::StoreError> {
+    let objects = store.list(&["Pod", "ConfigMap", "Secret"])?;
+    let mut maps: HashMap<String, Vec<(String, ConfigMap, u64)>> = HashMap::new();
+    let mut secrets: HashMap<String, Vec<(String, Secret, u64)>> = HashMap::new();
+    let mut pods = Vec::new();
+    for o in &objects {
+        match o.key.kind.as_str() {
+            "ConfigMap" => match serde_json::from_slice::<ConfigMap>(&o.body) {
+                Ok(m) => maps.entry(o.key.namespace.clone()).or_default().push((
+                    o.key.name.clone(),
+                    m,
+                    o.resource_version,
+                )),
+                Err(e) => tracing::warn!(object = %o.key, "unreadable ConfigMap in the store: {e}"),
+            },
+            "Secret" => match serde_json::from_slice::<Secret>(&o.body) {
+                Ok(s) => secrets.entry(o.key.namespace.clone()).or_default().push((
+                    o.key.name.clone(),
+                    s,
+                    o.resource_version,
+                )),
+                Err(e) => tracing::warn!(object = %o.key, "unreadable Secret in the store: {e}"),
+            },
+            "Pod" => match serde_json::from_slice::<Pod>(&o.body) {
+                Ok(p) => pods.push((p, o.resource_version)),
+                Err(e) => tracing::warn!(object = %o.key, "unreadable Pod in the store: {e}"),
+            },
+            _ => {}
+        }
+    }
+    Ok(pods
+        .into_iter()
+        .map(|(pod, rv)| {
+            let namespace = pod.metadata.namespace.clone().unwrap_or_default();
+            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+            rv.hash(&mut hasher);
+            let mut inputs = Objects::default();
+            for (name, map, rv) in maps.get(&namespace).into_iter().flatten() {
+                ("cm", name, rv).hash(&mut hasher);
+                inputs.config_maps.insert(name.clone(), map.clone());
+            }
+            for (name, secret, rv) in secrets.get(&namespace).into_iter().flatten() {
+                ("secret", name, rv).hash(&mut hasher);
+                inputs.secrets.insert(name.clone(), secret.clone());
+            }
+            (
+                Arc::new(PodInput {
+                    pod,
+                    objects: inputs,
+                }),
+                hasher.finish(),
+            )
+        })
+        .collect())
+}
+
+fn label<'a>(labels: &'a HashMap<String, String>, key: &str) -> &'a str {
+    labels.get(key).map(String::as_str).unwrap_or_default()
+}
+
+/// What the runtime runs for us, by pod uid.
+async fn runtime_pods(ctx: &Context) -> Result<BTreeMap<String, Adopted>, crate::cri::CriError> {
+    let ours = HashMap::from([(
+        spec::LABEL_MANAGED_BY.to_string(),
+        spec::MANAGED_BY.to_string(),
+    )]);
+    let mut pods: BTreeMap<String, Adopted> = BTreeMap::new();
+    for sandbox in ctx.cri.list_pod_sandboxes(ours.clone()).await? {
+        let uid = label(&sandbox.labels, spec::LABEL_POD_UID).to_string();
+        let entry = pods.entry(uid).or_default();
+        // Keep the newest sandbox; older ones are garbage.
+        let newer = entry
+            .sandbox
+            .as_ref()
+            .is_none_or(|s| s.created_at < sandbox.created_at);
+        if newer {
+            if let Some(old) = entry.sandbox.replace(sandbox) {
+                let _ = ctx.cri.remove_pod_sandbox(&old.id).await;
+            }
+        } else {
+            let _ = ctx.cri.remove_pod_sandbox(&sandbox.id).await;
+        }
+    }
+    for container in ctx.cri.list_containers(ours).await? {
+        let uid = label(&container.labels, spec::LABEL_POD_UID).to_string();
+        pods.entry(uid).or_default().containers.push(container);
+    }
+    Ok(pods)
+}
+
+/// Runs the pods the store holds until `shutdown`; then leaves them running.
+pub async fn run(
+    ctx: Arc<Context>,
+    mut store_changed: watch::Receiver<u64>,
+    shutdown: CancellationToken,
+) {
+    let store = match Store::open_read_only(&ctx.data_dir) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "pods: cannot read the store");
+            return;
+        }
+    };
+    let tracker = TaskTracker::new();
+    let mut workers: HashMap<String, WorkerHandle> = HashMap::new();
+    // Adoption: what the runtime already runs for us is handed to the pod's worker.
+    let mut adopted = match runtime_pods(&ctx).await {
+        Ok(found) => {
+            tracing::info!(pods = found.len(), "found pods in the runtime");
+            found
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot list the runtime's pods; nothing adopted");
+            BTreeMap::new()
+        }
+    };
+    let mut gc = tokio::time::interval(GC_INTERVAL);
+    let mut first_pass = true;
+    loop {
+        match desired_pods(&store) {
+            Ok(pods) => {
+                let mut seen = std::collections::HashSet::new();
+                for (input, fingerprint) in pods {
+                    let uid = input.pod.metadata.uid.clone().unwrap_or_default();
+                    seen.insert(uid.clone());
+                    match workers.get_mut(&uid) {
+                        Some(handle) if handle.fingerprint == fingerprint => {}
+                        Some(handle) => {
+                            handle.fingerprint = fingerprint;
+                            let _ = handle.desired.send(Desired::Run(input));
+                        }
+                        None => {
+                            let (tx, rx) = watch::channel(Desired::Run(input.clone()));
+                            let span = tracing::info_span!(
+                                "pod",
+                                pod.uid = %uid,
+                                pod.name = %input.pod.metadata.name.clone().unwrap_or_default(),
+                                pod.namespace = %input.pod.metadata.namespace.clone().unwrap_or_default()
+                            );
+                            let found = adopted.remove(&uid).unwrap_or_default();
+                            tracker.spawn(tracing::Instrument::instrument(
+                                worker::run(ctx.clone(), rx, found, shutdown.clone()),
+                                span,
+                            ));
+                            workers.insert(
+                                uid,
+                                WorkerHandle {
+                                    desired: tx,
+                                    fingerprint,
+                                },
+                            );
+                        }
+                    }
+                }
+                workers.retain(|uid, handle| {
+                    if seen.contains(uid) {
+                        return true;
+                    }
+                    let _ = handle.desired.send(Desired::Gone);
+                    false
+                });
+            }
+            Err(e) => tracing::error!(error = %e, "pods: cannot read the store"),
+        }
+        if first_pass {
+            // Orphans: runtime pods no desired pod claimed.
+            for (uid, orphan) in std::mem::take(&mut adopted) {
+                remove_orphan(&ctx, &uid, orphan).await;
+            }
+            first_pass = false;
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            changed = store_changed.changed() => if changed.is_err() { break },
+            _ = gc.tick() => {
+                if let Ok(found) = runtime_pods(&ctx).await {
+                    for (uid, orphan) in found {
+                        if !workers.contains_key(&uid) {
+                            remove_orphan(&ctx, &uid, orphan).await;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    tracker.close();
+    let _ = tokio::time::timeout(Duration::from_secs(2), tracker.wait()).await;
+}
+
+async fn remove_orphan(ctx: &Context, uid: &str, orphan: Adopted) {
+    tracing::info!(pod.uid = %uid, "removing a pod no longer bound to this node");
+    for container in &orphan.containers {
+        let _ = ctx
+            .cri
+            .stop_container(&container.id, Duration::from_secs(10))
+            .await;
+    }
+    if let Some(sandbox) = &orphan.sandbox {
+        let _ = ctx.cri.stop_pod_sandbox(&sandbox.id).await;
+        let _ = ctx.cri.remove_pod_sandbox(&sandbox.id).await;
+    }
+    if !uid.is_empty() {
+        worker::cleanup(&spec::pod_paths(&ctx.data_dir, uid), uid);
+    }
+}

@@ -1,0 +1,973 @@
+//! One task per pod: brings the runtime to what the pod asks for, one step at a time, and
+//! reports the pod's status as the kubelet does.
+//!
+//! ```text
+//!            ┌─────────── sandbox fails: retried next step ───────────┐
+//!  Pending ──┴─► sandbox up ─► init containers in order ─► containers ─► (Succeeded|Failed)
+//!     │                                    │                   │ exit: restart per policy,
+//!     │                                    │                   │ crash-loop backoff 10 s→5 min
+//!     └──────── deletionTimestamp / removed from the store ────┴─► Terminating ─► Terminated
+//! ```
+//! `step` looks at the runtime (ContainerStatus of each known container), decides, acts, and
+//! the reported status is a pure function of the worker's state ([`Worker::status`]).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_cri::v1 as api;
+use k8s_openapi::api::core::v1::{Container, Pod};
+use proto::ObjectRef;
+use serde_json::{Value, json};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::probes::{ProbeKind, Prober};
+use super::spec::{self, ContainerKind, Objects, PodPaths};
+use super::volumes;
+use crate::cri::Cri;
+use crate::outbox::{Outbox, Report};
+
+/// How often a pod is looked at when nothing else wakes it (the kubelet's PLEG relists every
+/// second).
+const RESYNC: Duration = Duration::from_secs(1);
+/// Crash-loop backoff: first delay, cap, and how long a container must run to reset it.
+const BACKOFF_INITIAL: Duration = Duration::from_secs(10);
+const BACKOFF_MAX: Duration = Duration::from_secs(300);
+const BACKOFF_RESET: Duration = Duration::from_secs(600);
+/// Grace period when the pod does not give one.
+const DEFAULT_GRACE: Duration = Duration::from_secs(30);
+
+/// What the manager wants for a pod.
+#[derive(Debug, Clone)]
+pub enum Desired {
+    /// Run this pod (its latest version) with these ConfigMaps and Secrets.
+    Run(Arc<PodInput>),
+    /// The pod left the store (deleted for good): stop it and clean up.
+    Gone,
+}
+
+/// A pod and the objects it references.
+#[derive(Debug)]
+pub struct PodInput {
+    pub pod: Pod,
+    pub objects: Objects,
+}
+
+/// What every worker shares.
+#[derive(Debug)]
+pub struct Context {
+    pub cri: Cri,
+    pub data_dir: PathBuf,
+    pub node_name: String,
+    pub host_ip: String,
+    pub outbox: Arc<Outbox>,
+}
+
+/// Runtime objects found at start for this pod (adoption).
+#[derive(Debug, Default, Clone)]
+pub struct Adopted {
+    pub sandbox: Option<api::PodSandbox>,
+    pub containers: Vec<api::Container>,
+}
+
+#[derive(Debug, Clone)]
+struct Sandbox {
+    id: String,
+    ip: String,
+    config: api::PodSandboxConfig,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Backoff {
+    delay: Duration,
+    not_before: Option<Instant>,
+}
+
+/// One container of the pod as the worker tracks it.
+#[derive(Debug, Clone)]
+struct ContainerState {
+    name: String,
+    kind: ContainerKind,
+    id: Option<String>,
+    /// Also the restart count.
+    attempt: u32,
+    observed: Option<api::ContainerStatus>,
+    /// `lastState.terminated` of the status, from the previous run.
+    last_termination: Option<Value>,
+    /// Why it is not running, when the worker knows better than the runtime.
+    waiting: Option<(String, String)>,
+    backoff: Backoff,
+    started_at: Option<Instant>,
+    probes: Vec<Prober>,
+    /// Set once the container was started once and exited 0 (init containers).
+    succeeded: bool,
+}
+
+impl ContainerState {
+    fn new(container: &Container, kind: ContainerKind) -> Self {
+        let mut probes = Vec::new();
+        if kind == ContainerKind::Regular {
+            if let Some(p) = &container.startup_probe {
+                probes.push(Prober::new(ProbeKind::Startup, p.clone()));
+            }
+            if let Some(p) = &container.liveness_probe {
+                probes.push(Prober::new(ProbeKind::Liveness, p.clone()));
+            }
+            if let Some(p) = &container.readiness_probe {
+                probes.push(Prober::new(ProbeKind::Readiness, p.clone()));
+            }
+        }
+        ContainerState {
+            name: container.name.clone(),
+            kind,
+            id: None,
+            attempt: 0,
+            observed: None,
+            last_termination: None,
+            waiting: None,
+            backoff: Backoff::default(),
+            started_at: None,
+            probes,
+            succeeded: false,
+        }
+    }
+
+    fn state(&self) -> api::ContainerState {
+        self.observed
+            .as_ref()
+            .and_then(|s| api::ContainerState::try_from(s.state).ok())
+            .unwrap_or(api::ContainerState::ContainerUnknown)
+    }
+
+    fn running(&self) -> bool {
+        self.id.is_some() && self.state() == api::ContainerState::ContainerRunning
+    }
+
+    fn exited(&self) -> Option<i32> {
+        (self.state() == api::ContainerState::ContainerExited)
+            .then(|| self.observed.as_ref().map_or(0, |s| s.exit_code))
+    }
+
+    fn probe_verdict(&self, kind: ProbeKind) -> Option<Option<bool>> {
+        self.probes
+            .iter()
+            .find(|p| p.kind == kind)
+            .map(|p| p.verdict)
+    }
+
+    /// Started: no startup probe, or it succeeded.
+    fn started(&self) -> bool {
+        self.running()
+            && self
+                .probe_verdict(ProbeKind::Startup)
+                .is_none_or(|v| v == Some(true))
+    }
+
+    fn ready(&self) -> bool {
+        self.started()
+            && self
+                .probe_verdict(ProbeKind::Readiness)
+                .is_none_or(|v| v == Some(true))
+    }
+}
+
+fn rfc3339_from_nanos(nanos: i64) -> Value {
+    if nanos <= 0 {
+        return Value::Null;
+    }
+    OffsetDateTime::from_unix_timestamp_nanos(nanos as i128)
+        .ok()
+        .and_then(|t| t.replace_nanosecond(0).ok())
+        .and_then(|t| t.format(&Rfc3339).ok())
+        .map_or(Value::Null, Value::String)
+}
+
+fn now_rfc3339() -> String {
+    OffsetDateTime::now_utc()
+        .replace_nanosecond(0)
+        .unwrap_or_else(|_| OffsetDateTime::now_utc())
+        .format(&Rfc3339)
+        .unwrap_or_default()
+}
+
+/// The terminated state of an exited container, as the API shows it.
+fn terminated(status: &api::ContainerStatus, id: &str) -> Value {
+    json!({
+        "exitCode": status.exit_code,
+        "reason": if status.reason.is_empty() { Value::Null } else { Value::String(status.reason.clone()) },
+        "message": if status.message.is_empty() { Value::Null } else { Value::String(status.message.clone()) },
+        "startedAt": rfc3339_from_nanos(status.started_at),
+        "finishedAt": rfc3339_from_nanos(status.finished_at),
+        "containerID": format!("containerd://{id}"),
+    })
+}
+
+/// The pod's worker.
+#[derive(Debug)]
+pub struct Worker {
+    ctx: Arc<Context>,
+    uid: String,
+    object: ObjectRef,
+    paths: PodPaths,
+    sandbox: Option<Sandbox>,
+    sandbox_attempt: u32,
+    init: Vec<ContainerState>,
+    containers: Vec<ContainerState>,
+    start_time: Option<String>,
+    /// Why the pod cannot progress (volumes, sandbox), for the status.
+    blocked: Option<(String, String)>,
+    /// Set when the pod ended for good (restartPolicy Never / OnFailure and all done).
+    finished: Option<&'static str>,
+    last_status: Option<Value>,
+    transitions: HashMap<&'static str, (bool, String)>,
+}
+
+impl Worker {
+    fn new(ctx: Arc<Context>, pod: &Pod) -> Self {
+        let uid = pod.metadata.uid.clone().unwrap_or_default();
+        let object = ObjectRef {
+            kind: "Pod".into(),
+            namespace: pod.metadata.namespace.clone().unwrap_or_default(),
+            name: pod.metadata.name.clone().unwrap_or_default(),
+            uid: uid.clone(),
+        };
+        let spec = pod.spec.clone().unwrap_or_default();
+        Worker {
+            paths: spec::pod_paths(&ctx.data_dir, &uid),
+            ctx,
+            uid,
+            object,
+            sandbox: None,
+            sandbox_attempt: 0,
+            init: spec
+                .init_containers
+                .iter()
+                .flatten()
+                .map(|c| ContainerState::new(c, ContainerKind::Init))
+                .collect(),
+            containers: spec
+                .containers
+                .iter()
+                .map(|c| ContainerState::new(c, ContainerKind::Regular))
+                .collect(),
+            start_time: None,
+            blocked: None,
+            finished: None,
+            last_status: None,
+            transitions: HashMap::new(),
+        }
+    }
+
+    /// Takes over what the runtime already runs for this pod: a ready sandbox and, per
+    /// container name, its latest container. Nothing is restarted.
+    async fn adopt(&mut self, adopted: Adopted) {
+        let Some(sandbox) = adopted.sandbox else {
+            return;
+        };
+        let ready = api::PodSandboxState::try_from(sandbox.state)
+            .is_ok_and(|s| s == api::PodSandboxState::SandboxReady);
+        let attempt = sandbox.metadata.as_ref().map_or(0, |m| m.attempt);
+        self.sandbox_attempt = attempt + 1;
+        if !ready {
+            let _ = self.ctx.cri.remove_pod_sandbox(&sandbox.id).await;
+            return;
+        }
+        let ip = match self.ctx.cri.pod_sandbox_status(&sandbox.id).await {
+            Ok(status) => status.network.map(|n| n.ip).unwrap_or_default(),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the adopted sandbox; starting a new one");
+                return;
+            }
+        };
+        self.start_time = rfc3339_from_nanos(sandbox.created_at)
+            .as_str()
+            .map(str::to_string);
+        self.sandbox = Some(Sandbox {
+            id: sandbox.id.clone(),
+            ip,
+            config: api::PodSandboxConfig::default(),
+        });
+        let mut latest: HashMap<String, &api::Container> = HashMap::new();
+        for c in &adopted.containers {
+            let Some(meta) = &c.metadata else { continue };
+            if latest
+                .get(&meta.name)
+                .is_none_or(|l| l.metadata.as_ref().is_none_or(|m| m.attempt < meta.attempt))
+            {
+                latest.insert(meta.name.clone(), c);
+            }
+        }
+        let any_regular = self.containers.iter().any(|c| latest.contains_key(&c.name));
+        for state in self.init.iter_mut().chain(self.containers.iter_mut()) {
+            if let Some(c) = latest.get(&state.name) {
+                state.id = Some(c.id.clone());
+                state.attempt = c.metadata.as_ref().map_or(0, |m| m.attempt);
+                state.started_at = Some(Instant::now());
+            }
+            // Regular containers exist, so the init containers completed before.
+            if state.kind == ContainerKind::Init && any_regular {
+                state.succeeded = true;
+            }
+        }
+        tracing::info!(sandbox = %sandbox.id, containers = latest.len(), "adopted running pod");
+    }
+
+    fn pod_status_changed(&mut self, status: Value) {
+        if self.last_status.as_ref() != Some(&status) {
+            self.ctx
+                .outbox
+                .put(self.object.clone(), Report::Status(status.clone()));
+            self.last_status = Some(status);
+        }
+    }
+
+    /// One pass: observe the runtime, act, report.
+    async fn step(&mut self, input: &PodInput) {
+        self.observe().await;
+        if self.finished.is_none() {
+            self.act(input).await;
+            self.observe().await;
+            self.run_probes().await;
+        }
+        let status = self.status(&input.pod);
+        self.pod_status_changed(status);
+    }
+
+    async fn observe(&mut self) {
+        let cri = self.ctx.cri.clone();
+        for state in self.init.iter_mut().chain(self.containers.iter_mut()) {
+            let Some(id) = &state.id else { continue };
+            match cri.container_status(id).await {
+                Ok(status) => state.observed = Some(status),
+                Err(e) if e.is_not_found() => {
+                    state.id = None;
+                    state.observed = None;
+                }
+                Err(e) => {
+                    tracing::warn!(container = %state.name, error = %e, "cannot read container status")
+                }
+            }
+        }
+    }
+
+    async fn act(&mut self, input: &PodInput) {
+        let pod = &input.pod;
+        if self.sandbox.is_none() && !self.start_sandbox(input).await {
+            return;
+        }
+        // Volumes are refreshed every pass, so ConfigMap and Secret updates reach the files.
+        let prepared = match volumes::prepare(pod, &input.objects, &self.paths) {
+            Ok(p) => p,
+            Err(e) => {
+                self.blocked = Some(("ContainerCreating".into(), e.to_string()));
+                return;
+            }
+        };
+        let restart = restart_policy(pod);
+        let spec = pod.spec.clone().unwrap_or_default();
+        // Init containers, one at a time, in order.
+        let init_specs = spec.init_containers.clone().unwrap_or_default();
+        for (i, init_spec) in init_specs.iter().enumerate().take(self.init.len()) {
+            if self.init[i].succeeded {
+                continue;
+            }
+            match self.init[i].exited() {
+                Some(0) => {
+                    self.init[i].succeeded = true;
+                    continue;
+                }
+                Some(code) => {
+                    if restart == "Never" {
+                        self.finished = Some("Failed");
+                        tracing::info!(container = %self.init[i].name, code, "init container failed; the pod failed");
+                        return;
+                    }
+                    self.restart_after_exit(i, ContainerKind::Init);
+                }
+                None if self.init[i].id.is_some() => return, // still running
+                None => {}
+            }
+            self.start_container(pod, init_spec, ContainerKind::Init, i, input, &prepared)
+                .await;
+            return;
+        }
+        for i in 0..self.containers.len() {
+            let state = &self.containers[i];
+            match state.exited() {
+                Some(code) => {
+                    let again = match restart {
+                        "Always" => true,
+                        "OnFailure" => code != 0,
+                        _ => false,
+                    };
+                    if !again {
+                        continue;
+                    }
+                    self.restart_after_exit(i, ContainerKind::Regular);
+                }
+                None if state.id.is_some() => {
+                    // Running (or created): a failed liveness or startup probe restarts it.
+                    let failed = state.probes.iter().find(|p| {
+                        matches!(p.kind, ProbeKind::Liveness | ProbeKind::Startup)
+                            && p.verdict == Some(false)
+                    });
+                    if let Some(probe) = failed {
+                        let why = probe.last_failure.clone().unwrap_or_default();
+                        tracing::info!(container = %state.name, "probe failed, restarting: {why}");
+                        let grace = grace_period(pod);
+                        if let Some(id) = state.id.clone() {
+                            let _ = self.ctx.cri.stop_container(&id, grace).await;
+                        }
+                        self.observe().await;
+                        self.restart_after_exit(i, ContainerKind::Regular);
+                    } else {
+                        continue;
+                    }
+                }
+                None => {}
+            }
+            if let Some(not_before) = self.containers[i].backoff.not_before
+                && Instant::now() < not_before
+            {
+                continue;
+            }
+            self.start_container(
+                pod,
+                &spec.containers[i],
+                ContainerKind::Regular,
+                i,
+                input,
+                &prepared,
+            )
+            .await;
+        }
+        if restart != "Always"
+            && !self.containers.is_empty()
+            && self.containers.iter().all(|c| c.exited().is_some())
+        {
+            let failed = self.containers.iter().any(|c| c.exited() != Some(0));
+            if restart == "Never" || !failed {
+                self.finished = Some(if failed { "Failed" } else { "Succeeded" });
+            }
+        }
+    }
+
+    /// Records an exit and arms the crash-loop backoff before the next start.
+    fn restart_after_exit(&mut self, index: usize, kind: ContainerKind) {
+        let state = match kind {
+            ContainerKind::Init => &mut self.init[index],
+            ContainerKind::Regular => &mut self.containers[index],
+        };
+        let (Some(id), Some(observed)) = (state.id.take(), state.observed.take()) else {
+            return;
+        };
+        state.last_termination = Some(terminated(&observed, &id));
+        let ran = Duration::from_nanos((observed.finished_at - observed.started_at).max(0) as u64);
+        state.backoff.delay = if ran >= BACKOFF_RESET || state.backoff.delay.is_zero() {
+            BACKOFF_INITIAL
+        } else {
+            (state.backoff.delay * 2).min(BACKOFF_MAX)
+        };
+        state.backoff.not_before = Some(Instant::now() + state.backoff.delay);
+        state.attempt += 1;
+        state.waiting = Some((
+            "CrashLoopBackOff".into(),
+            format!(
+                "back-off {} restarting failed container={} pod={}_{}({})",
+                humantime::format_duration(state.backoff.delay),
+                state.name,
+                self.object.name,
+                self.object.namespace,
+                self.uid
+            ),
+        ));
+        for p in &mut state.probes {
+            p.reset();
+        }
+        // The exited container stays until the next one starts (kubelet keeps it for logs).
+        let cri = self.ctx.cri.clone();
+        let old = id;
+        tokio::spawn(async move {
+            let _ = cri.remove_container(&old).await;
+        });
+    }
+
+    async fn start_sandbox(&mut self, input: &PodInput) -> bool {
+        let config = match spec::sandbox_config(&input.pod, &self.paths, self.sandbox_attempt) {
+            Ok(c) => c,
+            Err(e) => {
+                self.blocked = Some(("CreatePodSandboxError".into(), e.to_string()));
+                return false;
+            }
+        };
+        if let Err(e) = std::fs::create_dir_all(&self.paths.log_dir) {
+            self.blocked = Some(("CreatePodSandboxError".into(), e.to_string()));
+            return false;
+        }
+        let attempt = self.sandbox_attempt;
+        self.sandbox_attempt += 1;
+        let id = match self.ctx.cri.run_pod_sandbox(config.clone()).await {
+            Ok(id) => id,
+            Err(e) => {
+                tracing::warn!(attempt, error = %e, "cannot start the pod sandbox");
+                self.blocked = Some(("CreatePodSandboxError".into(), e.to_string()));
+                // A failed start may leave a NOTREADY sandbox behind; the manager's garbage
+                // collection removes it.
+                return false;
+            }
+        };
+        let ip = match self.ctx.cri.pod_sandbox_status(&id).await {
+            Ok(status) => status.network.map(|n| n.ip).unwrap_or_default(),
+            Err(_) => String::new(),
+        };
+        tracing::info!(sandbox = %id, pod.ip = %ip, "pod sandbox ready");
+        self.blocked = None;
+        self.start_time.get_or_insert_with(now_rfc3339);
+        self.sandbox = Some(Sandbox { id, ip, config });
+        true
+    }
+
+    async fn start_container(
+        &mut self,
+        pod: &Pod,
+        container: &Container,
+        kind: ContainerKind,
+        index: usize,
+        input: &PodInput,
+        prepared: &volumes::Prepared,
+    ) {
+        let Some(sandbox) = self.sandbox.clone() else {
+            return;
+        };
+        let ctx = self.ctx.clone();
+        let state = match kind {
+            ContainerKind::Init => &mut self.init[index],
+            ContainerKind::Regular => &mut self.containers[index],
+        };
+        let image = container.image.clone().unwrap_or_default();
+        let image_info = match ensure_image(&ctx.cri, &image, container).await {
+            Ok(info) => info,
+            Err((reason, message)) => {
+                state.waiting = Some((reason, message));
+                return;
+            }
+        };
+        let env = match spec::container_env(
+            pod,
+            container,
+            &input.objects,
+            &sandbox.ip,
+            &ctx.node_name,
+        ) {
+            Ok(env) => env,
+            Err(e) => {
+                state.waiting = Some(("CreateContainerConfigError".into(), e.to_string()));
+                return;
+            }
+        };
+        let mounts = match volumes::mounts(container, prepared) {
+            Ok(m) => m,
+            Err(e) => {
+                state.waiting = Some(("CreateContainerConfigError".into(), e.to_string()));
+                return;
+            }
+        };
+        let config = spec::container_config(pod, container, kind, state.attempt, env, mounts)
+            .and_then(|mut config| {
+                if let Some(image) = &image_info {
+                    spec::apply_image_user(pod, container, image, &mut config)?;
+                }
+                Ok(config)
+            });
+        let config = match config {
+            Ok(c) => c,
+            Err(e) => {
+                state.waiting = Some(("CreateContainerConfigError".into(), e.to_string()));
+                return;
+            }
+        };
+        let sandbox_config = if sandbox.config.metadata.is_some() {
+            sandbox.config.clone()
+        } else {
+            // Adopted sandbox: rebuild its config (only the metadata and paths matter here).
+            spec::sandbox_config(pod, &self.paths, self.sandbox_attempt.saturating_sub(1))
+                .unwrap_or_default()
+        };
+        let id = match ctx
+            .cri
+            .create_container(&sandbox.id, config, sandbox_config)
+            .await
+        {
+            Ok(id) => id,
+            Err(e) => {
+                state.waiting = Some(("CreateContainerError".into(), e.to_string()));
+                return;
+            }
+        };
+        if let Err(e) = ctx.cri.start_container(&id).await {
+            state.waiting = Some(("RunContainerError".into(), e.to_string()));
+            state.id = Some(id);
+            return;
+        }
+        tracing::info!(container = %state.name, id = %id, restarts = state.attempt, "container started");
+        state.id = Some(id);
+        state.waiting = None;
+        state.started_at = Some(Instant::now());
+        state.succeeded = false;
+    }
+
+    async fn run_probes(&mut self) {
+        let Some(sandbox) = self.sandbox.clone() else {
+            return;
+        };
+        let now = Instant::now();
+        for state in &mut self.containers {
+            if !state.running() {
+                continue;
+            }
+            let (Some(id), Some(started)) = (state.id.clone(), state.started_at) else {
+                continue;
+            };
+            let startup_done = state
+                .probe_verdict(ProbeKind::Startup)
+                .is_none_or(|v| v == Some(true));
+            for probe in &mut state.probes {
+                // Liveness and readiness wait for the startup probe.
+                if probe.kind != ProbeKind::Startup && !startup_done {
+                    continue;
+                }
+                if probe.kind == ProbeKind::Startup && probe.verdict == Some(true) {
+                    continue;
+                }
+                if !probe.due(now, started) {
+                    continue;
+                }
+                let result = probe.run(&self.ctx.cri, &id, &sandbox.ip).await;
+                probe.record(now, result);
+            }
+        }
+    }
+
+    /// Stops everything of the pod within `grace`, then removes it from the runtime and disk.
+    async fn terminate(&mut self, pod: Option<&Pod>, grace: Duration) {
+        let deadline = Instant::now() + grace;
+        let mut stops = Vec::new();
+        for state in self.init.iter().chain(self.containers.iter()) {
+            let Some(id) = state.id.clone() else { continue };
+            let hook = pod
+                .and_then(|p| p.spec.as_ref())
+                .and_then(|s| s.containers.iter().find(|c| c.name == state.name))
+                .and_then(|c| c.lifecycle.as_ref())
+                .and_then(|l| l.pre_stop.as_ref())
+                .and_then(|h| h.exec.as_ref())
+                .and_then(|e| e.command.clone());
+            let cri = self.ctx.cri.clone();
+            stops.push(tokio::spawn(async move {
+                if let Some(command) = hook {
+                    let budget = deadline.saturating_duration_since(Instant::now());
+                    let _ = cri
+                        .exec_sync(&id, command, budget.max(Duration::from_secs(1)))
+                        .await;
+                }
+                let left = deadline.saturating_duration_since(Instant::now());
+                if let Err(e) = cri.stop_container(&id, left).await
+                    && !e.is_not_found()
+                {
+                    tracing::warn!(container = %id, error = %e, "cannot stop container");
+                }
+            }));
+        }
+        for stop in stops {
+            let _ = stop.await;
+        }
+        if let Some(sandbox) = self.sandbox.take() {
+            if let Err(e) = self.ctx.cri.stop_pod_sandbox(&sandbox.id).await
+                && !e.is_not_found()
+            {
+                tracing::warn!(error = %e, "cannot stop the sandbox");
+            }
+            if let Err(e) = self.ctx.cri.remove_pod_sandbox(&sandbox.id).await {
+                tracing::warn!(error = %e, "cannot remove the sandbox");
+            }
+        }
+        cleanup(&self.paths, &self.uid);
+        tracing::info!("pod terminated and cleaned up");
+    }
+
+    fn condition(&mut self, kind: &'static str, ok: bool) -> Value {
+        let entry = self
+            .transitions
+            .entry(kind)
+            .or_insert_with(|| (ok, now_rfc3339()));
+        if entry.0 != ok {
+            *entry = (ok, now_rfc3339());
+        }
+        json!({
+            "type": kind,
+            "status": if ok { "True" } else { "False" },
+            "lastTransitionTime": entry.1,
+        })
+    }
+
+    fn container_status(&self, state: &ContainerState, container: Option<&Container>) -> Value {
+        let image = container.and_then(|c| c.image.clone()).unwrap_or_default();
+        let mut status = json!({
+            "name": state.name,
+            "image": image,
+            "imageID": "",
+            "restartCount": state.attempt,
+            "ready": state.kind == ContainerKind::Regular && state.ready(),
+            "started": state.running(),
+            "lastState": state.last_termination.as_ref().map_or(json!({}), |t| json!({"terminated": t})),
+        });
+        if let Some(observed) = &state.observed {
+            status["imageID"] = json!(observed.image_ref);
+            if let Some(id) = &state.id {
+                status["containerID"] = json!(format!("containerd://{id}"));
+            }
+        }
+        let waiting = |reason: &str, message: &str| json!({"waiting": {"reason": reason, "message": if message.is_empty() { Value::Null } else { json!(message) }}});
+        status["state"] = match (state.state(), &state.waiting, &state.id) {
+            (api::ContainerState::ContainerRunning, _, Some(_)) => json!({"running": {
+                "startedAt": state.observed.as_ref().map_or(Value::Null, |o| rfc3339_from_nanos(o.started_at)),
+            }}),
+            (api::ContainerState::ContainerExited, _, Some(id)) => match &state.observed {
+                Some(o) => json!({"terminated": terminated(o, id)}),
+                None => waiting("ContainerCreating", ""),
+            },
+            (_, Some((reason, message)), _) => waiting(reason, message),
+            _ => waiting(
+                if state.kind == ContainerKind::Init {
+                    "PodInitializing"
+                } else {
+                    "ContainerCreating"
+                },
+                "",
+            ),
+        };
+        status
+    }
+
+    /// The pod status as the kubelet reports it.
+    fn status(&mut self, pod: &Pod) -> Value {
+        let spec = pod.spec.clone().unwrap_or_default();
+        let initialized = self.init.iter().all(|c| c.succeeded);
+        let containers_ready = initialized
+            && !self.containers.is_empty()
+            && self.containers.iter().all(ContainerState::ready);
+        let phase = match self.finished {
+            Some(phase) => phase,
+            None if self.sandbox.is_some()
+                && initialized
+                && self
+                    .containers
+                    .iter()
+                    .any(|c| c.id.is_some() && c.exited().is_none()) =>
+            {
+                "Running"
+            }
+            None if self.sandbox.is_some()
+                && initialized
+                && self
+                    .containers
+                    .iter()
+                    .all(|c| c.exited().is_some() || c.last_termination.is_some()) =>
+            {
+                "Running"
+            }
+            None => "Pending",
+        };
+        let conditions = vec![
+            json!({"type": "PodScheduled", "status": "True"}),
+            self.condition("Initialized", initialized),
+            self.condition("ContainersReady", containers_ready),
+            self.condition("Ready", containers_ready),
+        ];
+        let init_statuses: Vec<Value> = self
+            .init
+            .iter()
+            .map(|s| {
+                let c = spec
+                    .init_containers
+                    .iter()
+                    .flatten()
+                    .find(|c| c.name == s.name);
+                self.container_status(s, c)
+            })
+            .collect();
+        let statuses: Vec<Value> = self
+            .containers
+            .iter()
+            .map(|s| {
+                let c = spec.containers.iter().find(|c| c.name == s.name);
+                self.container_status(s, c)
+            })
+            .collect();
+        let mut status = json!({
+            "phase": phase,
+            "conditions": conditions,
+            "hostIP": self.ctx.host_ip,
+            "hostIPs": [{"ip": self.ctx.host_ip}],
+            "containerStatuses": statuses,
+        });
+        if !init_statuses.is_empty() {
+            status["initContainerStatuses"] = json!(init_statuses);
+        }
+        if let Some(start) = &self.start_time {
+            status["startTime"] = json!(start);
+        }
+        if let Some(sandbox) = &self.sandbox
+            && !sandbox.ip.is_empty()
+        {
+            status["podIP"] = json!(sandbox.ip);
+            status["podIPs"] = json!([{"ip": sandbox.ip}]);
+        }
+        if let Some((reason, message)) = &self.blocked
+            && phase == "Pending"
+        {
+            status["reason"] = json!(reason);
+            status["message"] = json!(message);
+        }
+        status
+    }
+}
+
+fn restart_policy(pod: &Pod) -> &'static str {
+    match pod.spec.as_ref().and_then(|s| s.restart_policy.as_deref()) {
+        Some("Never") => "Never",
+        Some("OnFailure") => "OnFailure",
+        _ => "Always",
+    }
+}
+
+fn grace_period(pod: &Pod) -> Duration {
+    pod.metadata
+        .deletion_grace_period_seconds
+        .or(pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.termination_grace_period_seconds))
+        .map_or(DEFAULT_GRACE, |s| Duration::from_secs(s.max(0) as u64))
+}
+
+/// The kubelet's default pull policy: Always for `:latest` or no tag, else IfNotPresent.
+fn pull_policy(container: &Container, image: &str) -> String {
+    if let Some(policy) = &container.image_pull_policy {
+        return policy.clone();
+    }
+    let last = image.rsplit('/').next().unwrap_or(image);
+    let tagged = last.contains(':') || image.contains('@');
+    if !tagged || image.ends_with(":latest") {
+        "Always".into()
+    } else {
+        "IfNotPresent".into()
+    }
+}
+
+/// Makes sure the image is there: ImageStatus first; pull only if absent (or policy Always).
+/// Returns the image as the runtime describes it (its user, for the security context).
+async fn ensure_image(
+    cri: &Cri,
+    image: &str,
+    container: &Container,
+) -> Result<Option<api::Image>, (String, String)> {
+    let policy = pull_policy(container, image);
+    let found = match cri.image_status(image).await {
+        Ok(found) => found,
+        Err(e) => return Err(("ErrImageInspect".into(), e.to_string())),
+    };
+    let present = found.is_some();
+    if present && policy != "Always" {
+        return Ok(found);
+    }
+    if policy == "Never" {
+        return Err((
+            "ErrImageNeverPull".into(),
+            format!("Container image \"{image}\" is not present with pull policy of Never"),
+        ));
+    }
+    match cri.pull_image(image).await {
+        Ok(_) => Ok(cri.image_status(image).await.ok().flatten()),
+        // An air-gapped gateway: a present image is good enough even under Always.
+        Err(_) if present => Ok(found),
+        Err(e) => Err((
+            "ErrImagePull".into(),
+            format!("failed to pull image \"{image}\": {e}"),
+        )),
+    }
+}
+
+/// Removes what the runtime leaves behind: logs, volumes, pod cgroups.
+pub fn cleanup(paths: &PodPaths, uid: &str) {
+    if let Err(e) = volumes::remove(paths) {
+        tracing::warn!(error = %e, "cannot remove the pod's volumes");
+    }
+    if let Some(pod_dir) = paths.log_dir.parent() {
+        let _ = std::fs::remove_dir_all(pod_dir);
+    }
+    let parent = spec::cgroup_parent(uid);
+    if let Ok(controllers) = std::fs::read_dir("/sys/fs/cgroup") {
+        for controller in controllers.flatten() {
+            let dir = controller.path().join(parent.trim_start_matches('/'));
+            let _ = std::fs::remove_dir(&dir);
+        }
+    }
+}
+
+/// Runs one pod until it is gone (or edgecore stops: then its containers keep running).
+pub async fn run(
+    ctx: Arc<Context>,
+    mut desired: watch::Receiver<Desired>,
+    adopted: Adopted,
+    shutdown: CancellationToken,
+) {
+    let first = desired.borrow().clone();
+    let Desired::Run(input) = first else {
+        return;
+    };
+    let mut worker = Worker::new(ctx.clone(), &input.pod);
+    worker.adopt(adopted).await;
+    let mut input = input;
+    loop {
+        let deleting = input.pod.metadata.deletion_timestamp.is_some();
+        if deleting {
+            worker
+                .terminate(Some(&input.pod), grace_period(&input.pod))
+                .await;
+            ctx.outbox.put(worker.object.clone(), Report::PodDeleted);
+            // Wait until the pod leaves the store.
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    changed = desired.changed() => if changed.is_err() { return },
+                }
+                if matches!(*desired.borrow(), Desired::Gone) {
+                    return;
+                }
+            }
+        }
+        worker.step(&input).await;
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            changed = desired.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                let next = desired.borrow().clone();
+                match next {
+                    Desired::Run(next) => input = next,
+                    Desired::Gone => {
+                        worker.terminate(Some(&input.pod), grace_period(&input.pod)).await;
+                        ctx.outbox.forget(&worker.object);
+                        return;
+                    }
+                }
+            }
+            _ = tokio::time::sleep(RESYNC) => {}
+        }
+    }
+}

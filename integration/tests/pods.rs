@@ -1,0 +1,417 @@
+//! Pods run on the edge through a real containerd (started by the test with the project's
+//! config), real cloudcore with the embedded control plane, real `kubectl`. Needs root and
+//! Debian's containerd, runc, containernetworking-plugins and busybox-static (`.ci/run`
+//! installs them); without them the tests fail saying what is missing.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use integration::{Cloud, Containerd, Edge, eventually, join};
+use serde_json::Value;
+
+/// Fields drop in order: edgecore, then containerd (removing its pods), then cloudcore, then
+/// the directory they all used.
+struct Setup {
+    edge: Edge,
+    containerd: Containerd,
+    cloud: Cloud,
+    edge_dir: PathBuf,
+    _tmp: tempfile::TempDir,
+}
+
+impl Setup {
+    fn start() -> Setup {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let containerd = Containerd::start(&tmp.path().join("containerd"));
+        let cloud = Cloud::start(tmp.path(), &[]);
+        let token = cloud.token(&[]);
+        let edge_dir = tmp.path().join("edge-1");
+        let out = join(&edge_dir, &token, "edge-1");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let edge = Edge::start_with(&edge_dir, &["--cri-endpoint", &containerd.endpoint]);
+        assert!(
+            eventually(Duration::from_secs(15), || edge.connected()),
+            "{}",
+            edge.log()
+        );
+        Setup {
+            _tmp: tmp,
+            cloud,
+            containerd,
+            edge,
+            edge_dir,
+        }
+    }
+
+    fn restart_edge(&mut self) {
+        self.edge = Edge::start_with(
+            &self.edge_dir,
+            &["--cri-endpoint", &self.containerd.endpoint],
+        );
+    }
+
+    fn kubectl(&self, args: &[&str], stdin: Option<&str>) -> String {
+        let out = self.cloud.kubectl_with_stdin(args, stdin);
+        assert!(
+            out.status.success(),
+            "kubectl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn pod(&self, name: &str) -> Option<Value> {
+        let out = self.cloud.kubectl(&["get", "pod", name, "-o", "json"]);
+        out.status
+            .success()
+            .then(|| serde_json::from_slice(&out.stdout).ok())
+            .flatten()
+    }
+
+    fn wait_pod(
+        &self,
+        name: &str,
+        within: Duration,
+        what: &str,
+        check: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let started = Instant::now();
+        let mut last = None;
+        while started.elapsed() < within {
+            if let Some(pod) = self.pod(name) {
+                if check(&pod) {
+                    return pod;
+                }
+                last = Some(pod);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!(
+            "pod {name}: {what} not reached within {within:?}; last status: {}\nedge log:\n{}",
+            last.map(|p| p["status"].to_string()).unwrap_or_default(),
+            self.edge.log()
+        );
+    }
+
+    fn exec(&self, pod: &str, command: &[&str]) -> (i32, String) {
+        let out = std::process::Command::new(integration::bin("edgecore"))
+            .args(["ctl", "exec", pod, "--data-dir"])
+            .arg(&self.edge_dir)
+            .args(["--cri-endpoint", &self.containerd.endpoint, "--"])
+            .args(command)
+            .output()
+            .expect("ctl exec");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    }
+}
+
+fn container_status<'a>(pod: &'a Value, name: &str) -> &'a Value {
+    pod["status"]["containerStatuses"]
+        .as_array()
+        .and_then(|a| a.iter().find(|c| c["name"] == name))
+        .unwrap_or(&Value::Null)
+}
+
+fn condition(pod: &Value, kind: &str) -> String {
+    pod["status"]["conditions"]
+        .as_array()
+        .and_then(|a| a.iter().find(|c| c["type"] == kind))
+        .and_then(|c| c["status"].as_str())
+        .unwrap_or_default()
+        .to_string()
+}
+
+const WEB: &str = r#"
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: web-config}
+data: {greeting: hello}
+---
+apiVersion: v1
+kind: Secret
+metadata: {name: web-secret}
+stringData: {password: s3cret}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web}
+spec:
+  nodeName: edge-1
+  terminationGracePeriodSeconds: 5
+  containers:
+  - name: web
+    image: localhost/edge/busybox:1
+    command: ["sh", "-c", "trap 'echo got TERM; exit 0' TERM; echo started; while true; do sleep 0.2; done"]
+    env:
+    - name: PASSWORD
+      valueFrom: {secretKeyRef: {name: web-secret, key: password}}
+    volumeMounts: [{name: config, mountPath: /etc/web}]
+    readinessProbe:
+      exec: {command: ["test", "-f", "/etc/web/greeting"]}
+      periodSeconds: 1
+  volumes:
+  - name: config
+    configMap: {name: web-config}
+"#;
+
+#[test]
+fn a_pod_runs_with_its_config_and_secret_and_goes_away_cleanly() {
+    let s = Setup::start();
+    let applied = Instant::now();
+    s.kubectl(&["apply", "-f", "-"], Some(WEB));
+    let pod = s.wait_pod("web", Duration::from_secs(20), "Running", |p| {
+        container_status(p, "web")["state"]["running"].is_object()
+    });
+    let took = applied.elapsed();
+    eprintln!("apply -> running took {took:?}");
+    assert!(
+        took <= Duration::from_secs(3),
+        "took {took:?}, more than 3 s"
+    );
+    let pod = if condition(&pod, "Ready") == "True" {
+        pod
+    } else {
+        s.wait_pod("web", Duration::from_secs(10), "Ready", |p| {
+            condition(p, "Ready") == "True"
+        })
+    };
+    assert_eq!(pod["status"]["phase"], "Running");
+    assert!(
+        pod["status"]["podIP"]
+            .as_str()
+            .is_some_and(|ip| !ip.is_empty()),
+        "{}",
+        pod["status"]
+    );
+    assert_eq!(container_status(&pod, "web")["restartCount"], 0);
+    let wide = s.kubectl(&["get", "pod", "web", "-o", "wide"], None);
+    assert!(wide.contains("Running") && wide.contains("1/1"), "{wide}");
+
+    // The mounted file and the env have the right content.
+    assert_eq!(
+        s.exec("web", &["cat", "/etc/web/greeting"]),
+        (0, "hello".into())
+    );
+    assert_eq!(
+        s.exec("web", &["sh", "-c", "echo -n $PASSWORD"]),
+        (0, "s3cret".into())
+    );
+
+    // A ConfigMap update reaches the file without a restart.
+    let container_id = container_status(&pod, "web")["containerID"].clone();
+    s.kubectl(
+        &[
+            "patch",
+            "configmap",
+            "web-config",
+            "--type=merge",
+            "-p",
+            r#"{"data":{"greeting":"hi again"}}"#,
+        ],
+        None,
+    );
+    assert!(
+        eventually(Duration::from_secs(60), || s
+            .exec("web", &["cat", "/etc/web/greeting"])
+            .1
+            == "hi again"),
+        "the mounted file did not change"
+    );
+    let pod = s.pod("web").expect("pod");
+    assert_eq!(container_status(&pod, "web")["containerID"], container_id);
+    assert_eq!(container_status(&pod, "web")["restartCount"], 0);
+
+    // Delete: SIGTERM, gone within the grace period, the object leaves the API, nothing left.
+    let uid = pod["metadata"]["uid"].as_str().expect("uid").to_string();
+    let deleted = Instant::now();
+    s.kubectl(&["delete", "pod", "web", "--wait=false"], None);
+    assert!(
+        eventually(Duration::from_secs(15), || s.pod("web").is_none()),
+        "the pod stayed in the API; edge log:\n{}",
+        s.edge.log()
+    );
+    assert!(
+        deleted.elapsed() < Duration::from_secs(5 + 5),
+        "{:?}",
+        deleted.elapsed()
+    );
+    let logs_dir = s.edge_dir.join("pods").join(&uid);
+    assert!(!logs_dir.exists(), "{} left behind", logs_dir.display());
+    let cgroup = PathBuf::from(format!("/sys/fs/cgroup/memory/edgecore/pod{uid}"));
+    assert!(!cgroup.exists(), "{} left behind", cgroup.display());
+}
+
+const CRASHER: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: crasher}
+spec:
+  nodeName: edge-1
+  restartPolicy: Always
+  containers:
+  - name: c
+    image: localhost/edge/busybox:1
+    command: ["sh", "-c", "exit 1"]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: once}
+spec:
+  nodeName: edge-1
+  restartPolicy: Never
+  containers:
+  - name: c
+    image: localhost/edge/busybox:1
+    command: ["sh", "-c", "exit 3"]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: missing-image}
+spec:
+  nodeName: edge-1
+  containers:
+  - name: c
+    image: localhost/edge/nonexistent:1
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: unhealthy}
+spec:
+  nodeName: edge-1
+  containers:
+  - name: c
+    image: localhost/edge/busybox:1
+    command: ["sh", "-c", "while true; do sleep 1; done"]
+    livenessProbe:
+      exec: {command: ["false"]}
+      periodSeconds: 1
+      failureThreshold: 1
+"#;
+
+#[test]
+fn restart_policies_backoff_probes_and_missing_images() {
+    let s = Setup::start();
+    s.kubectl(&["apply", "-f", "-"], Some(CRASHER));
+    let pod = s.wait_pod(
+        "crasher",
+        Duration::from_secs(30),
+        "CrashLoopBackOff",
+        |p| {
+            container_status(p, "c")["state"]["waiting"]["reason"] == "CrashLoopBackOff"
+                && container_status(p, "c")["restartCount"].as_u64() >= Some(1)
+        },
+    );
+    assert_eq!(
+        container_status(&pod, "c")["lastState"]["terminated"]["exitCode"],
+        1
+    );
+    let message = container_status(&pod, "c")["state"]["waiting"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(message.contains("back-off 10s"), "{message}");
+    // The backoff grows: the second restart waits 20 s.
+    let pod = s.wait_pod(
+        "crasher",
+        Duration::from_secs(40),
+        "a second restart",
+        |p| {
+            container_status(p, "c")["restartCount"].as_u64() >= Some(2)
+                && container_status(p, "c")["state"]["waiting"]["reason"] == "CrashLoopBackOff"
+        },
+    );
+    let message = container_status(&pod, "c")["state"]["waiting"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(message.contains("back-off 20s"), "{message}");
+
+    let pod = s.wait_pod("once", Duration::from_secs(20), "Failed", |p| {
+        p["status"]["phase"] == "Failed"
+    });
+    assert_eq!(
+        container_status(&pod, "c")["state"]["terminated"]["exitCode"],
+        3
+    );
+    assert_eq!(container_status(&pod, "c")["restartCount"], 0);
+
+    let pod = s.wait_pod(
+        "missing-image",
+        Duration::from_secs(20),
+        "an image error",
+        |p| {
+            container_status(p, "c")["state"]["waiting"]["reason"]
+                .as_str()
+                .is_some_and(|r| r.starts_with("ErrImage") || r == "ImagePullBackOff")
+        },
+    );
+    assert!(
+        container_status(&pod, "c")["state"]["waiting"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("localhost/edge/nonexistent:1")),
+        "{}",
+        pod["status"]
+    );
+
+    s.wait_pod(
+        "unhealthy",
+        Duration::from_secs(30),
+        "a liveness restart",
+        |p| container_status(p, "c")["restartCount"].as_u64() >= Some(1),
+    );
+    assert!(s.edge.connected(), "edgecore stayed healthy");
+}
+
+#[test]
+fn a_killed_edgecore_adopts_its_running_pods_untouched() {
+    let mut s = Setup::start();
+    let mut yaml = String::new();
+    for i in 0..5 {
+        yaml.push_str(&format!(
+            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: p{i}}}\nspec:\n  nodeName: edge-1\n  containers:\n  - name: c\n    image: localhost/edge/busybox:1\n    command: [\"sh\", \"-c\", \"while true; do sleep 1; done\"]\n"
+        ));
+    }
+    s.kubectl(&["apply", "-f", "-"], Some(&yaml));
+    let before: Vec<(Value, Value, Value)> = (0..5)
+        .map(|i| {
+            let pod = s.wait_pod(&format!("p{i}"), Duration::from_secs(30), "Running", |p| {
+                container_status(p, "c")["state"]["running"].is_object()
+            });
+            let c = container_status(&pod, "c");
+            (
+                c["containerID"].clone(),
+                c["state"]["running"]["startedAt"].clone(),
+                c["restartCount"].clone(),
+            )
+        })
+        .collect();
+    s.edge.kill();
+    // The containers keep running without edgecore.
+    for i in 0..5 {
+        assert_eq!(s.exec(&format!("p{i}"), &["true"]).0, 0, "p{i} still runs");
+    }
+    s.restart_edge();
+    std::thread::sleep(Duration::from_secs(3));
+    for (i, (id, started, restarts)) in before.iter().enumerate() {
+        let pod = s.pod(&format!("p{i}")).expect("pod");
+        let c = container_status(&pod, "c");
+        assert_eq!(&c["containerID"], id, "p{i} kept its container");
+        assert_eq!(
+            &c["state"]["running"]["startedAt"], started,
+            "p{i} was not restarted"
+        );
+        assert_eq!(&c["restartCount"], restarts);
+    }
+    assert!(
+        s.edge.log().contains("adopted running pod"),
+        "{}",
+        s.edge.log()
+    );
+}
