@@ -577,6 +577,10 @@ pub async fn run(
                     .run(&identity, &config, &metrics, &replica, &outbox, &shutdown)
                     .await;
                 metrics.cloud_connected.set(0);
+                if shutdown.is_cancelled() {
+                    tracing::info!(cloud = %cloud, "disconnected from the cloud: {ended}");
+                    return Ok(());
+                }
                 tracing::warn!(cloud = %cloud, "disconnected from the cloud: {ended}");
                 attempt = if started.elapsed() >= STABLE_SESSION {
                     0

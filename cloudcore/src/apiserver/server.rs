@@ -119,6 +119,11 @@ pub async fn serve(
                 }
             },
         };
+        // Watch events and small responses must leave at once: without TCP_NODELAY the last
+        // event of a burst waits for the client's delayed ACK (~40 ms, seen in sync-bench).
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(peer.addr = %peer, error = %e, "cannot set TCP_NODELAY");
+        }
         let acceptor = acceptor.clone();
         let router = router.clone();
         let shutdown = shutdown.clone();
