@@ -101,6 +101,8 @@ struct ContainerState {
     /// Why it is not running, when the worker knows better than the runtime.
     waiting: Option<(String, String)>,
     backoff: Backoff,
+    /// Between failed image pulls.
+    image_backoff: Backoff,
     started_at: Option<Instant>,
     probes: Vec<Prober>,
     /// Set once the container was started once and exited 0 (init containers).
@@ -130,6 +132,7 @@ impl ContainerState {
             last_termination: None,
             waiting: None,
             backoff: Backoff::default(),
+            image_backoff: Backoff::default(),
             started_at: None,
             probes,
             succeeded: false,
@@ -474,6 +477,15 @@ impl Worker {
         };
         state.backoff.not_before = Some(Instant::now() + state.backoff.delay);
         state.attempt += 1;
+        // Logs of the run before the one that just ended go (the last one stays for reading).
+        if let Some(old) = state.attempt.checked_sub(2) {
+            let log = self
+                .paths
+                .log_dir
+                .join(&state.name)
+                .join(format!("{old}.log"));
+            let _ = std::fs::remove_file(log);
+        }
         state.waiting = Some((
             "CrashLoopBackOff".into(),
             format!(
@@ -549,10 +561,37 @@ impl Worker {
             ContainerKind::Regular => &mut self.containers[index],
         };
         let image = container.image.clone().unwrap_or_default();
+        if let Some(not_before) = state.image_backoff.not_before
+            && Instant::now() < not_before
+        {
+            return;
+        }
         let image_info = match ensure_image(&ctx.cri, &image, container).await {
-            Ok(info) => info,
+            Ok(info) => {
+                state.image_backoff = Backoff::default();
+                info
+            }
             Err((reason, message)) => {
-                state.waiting = Some((reason, message));
+                // As the kubelet: the first failed pull is ErrImagePull, then ImagePullBackOff
+                // with the same doubling delays as a crash loop.
+                let again = state
+                    .waiting
+                    .as_ref()
+                    .is_some_and(|(r, _)| r == "ErrImagePull" || r == "ImagePullBackOff");
+                state.image_backoff.delay = if state.image_backoff.delay.is_zero() {
+                    BACKOFF_INITIAL
+                } else {
+                    (state.image_backoff.delay * 2).min(BACKOFF_MAX)
+                };
+                state.image_backoff.not_before = Some(Instant::now() + state.image_backoff.delay);
+                state.waiting = Some(if again && reason == "ErrImagePull" {
+                    (
+                        "ImagePullBackOff".into(),
+                        format!("Back-off pulling image \"{image}\": {message}"),
+                    )
+                } else {
+                    (reason, message)
+                });
                 return;
             }
         };
