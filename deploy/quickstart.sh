@@ -1,26 +1,42 @@
 #!/usr/bin/env bash
-# One command to try the system on one machine: builds, starts cloudcore, joins one edge with a
-# fresh token and starts edgecore, all on loopback, state under ./.quickstart.
+# One command to try the system on one machine: installs what is missing (apt), builds, starts a
+# private containerd with the project's config, cloudcore with the embedded control plane, and
+# one edgecore joined with a fresh token; imports a sample image and runs a sample pod on the
+# edge. State lives under ./.quickstart. Run as root (containerd needs it).
 #   deploy/quickstart.sh        set up and start
-#   deploy/quickstart.sh stop   stop everything it started
+#   deploy/quickstart.sh stop   delete the sample pods, stop everything it started
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root="$PWD/.quickstart"
 bin="$PWD/target/release"
+kubectl_q() { kubectl --kubeconfig "$root/cloud/kubeconfig" --cache-dir "$root/kubectl-cache" "$@"; }
+
+stop_pid() {
+  local name=$1
+  if [ -f "$root/$name.pid" ]; then
+    pid=$(cat "$root/$name.pid")
+    if kill -0 "$pid" 2>/dev/null; then
+      kill -TERM "$pid"
+      for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+      kill -KILL "$pid" 2>/dev/null || true
+    fi
+    rm -f "$root/$name.pid"
+    echo "stopped $name"
+  fi
+}
 
 stop() {
-  for name in edgecore cloudcore; do
-    if [ -f "$root/$name.pid" ]; then
-      pid=$(cat "$root/$name.pid")
-      if kill -0 "$pid" 2>/dev/null; then
-        kill -TERM "$pid"
-        for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-        kill -KILL "$pid" 2>/dev/null || true
-      fi
-      rm -f "$root/$name.pid"
-      echo "stopped $name"
-    fi
-  done
+  # Pods first, while cloudcore and edgecore run: the edge stops them gracefully, cleans up and
+  # confirms, so no container, sandbox or network is left behind.
+  if [ -f "$root/cloudcore.pid" ] && kill -0 "$(cat "$root/cloudcore.pid")" 2>/dev/null; then
+    kubectl_q delete pods --all --all-namespaces --timeout=60s >/dev/null 2>&1 || true
+  fi
+  stop_pid edgecore
+  stop_pid cloudcore
+  if [ -f "$root/containerd/containerd.pid" ]; then
+    deploy/containerd/containerd.sh stop "$root/containerd"
+    echo "stopped containerd"
+  fi
 }
 
 if [ "${1:-}" = "stop" ]; then
@@ -28,10 +44,22 @@ if [ "${1:-}" = "stop" ]; then
   exit 0
 fi
 
-# What a fresh Debian machine may lack for building (the Rust toolchain itself comes from rustup).
+if [ "$(id -u)" != 0 ]; then
+  echo "run as root: containerd and pod networking need it" >&2
+  exit 1
+fi
+
+# What a fresh Debian machine may lack (the Rust toolchain itself comes from rustup).
 missing=()
 command -v cc >/dev/null || missing+=(gcc libc6-dev)
 command -v curl >/dev/null || missing+=(curl)
+command -v protoc >/dev/null || missing+=(protobuf-compiler)
+command -v containerd >/dev/null || missing+=(containerd)
+command -v runc >/dev/null || missing+=(runc)
+[ -x /usr/lib/cni/bridge ] || missing+=(containernetworking-plugins)
+command -v iptables >/dev/null || missing+=(iptables)
+command -v ip >/dev/null || missing+=(iproute2)
+[ -x /bin/busybox ] && ! ldd /bin/busybox >/dev/null 2>&1 || missing+=(busybox-static)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing: ${missing[*]}"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
@@ -40,6 +68,13 @@ fi
 cargo build --release --bins
 stop >/dev/null 2>&1 || true
 mkdir -p "$root"
+
+deploy/containerd/containerd.sh start "$root/containerd" 10.88.0.0/24 edge0
+cri="unix://$root/containerd/containerd.sock"
+mkdir -p "$root/images"
+deploy/images/build.sh "$root/images/pause.tar" localhost/edge/pause:1 '["/bin/busybox","sleep","2147483647"]' null >/dev/null
+deploy/images/build.sh "$root/images/busybox.tar" localhost/edge/busybox:1 >/dev/null
+"$bin/edgecore" images import --cri-endpoint "$cri" "$root/images/pause.tar" "$root/images/busybox.tar"
 
 "$bin/cloudcore" serve --data-dir "$root/cloud" --listen 127.0.0.1:10000 \
   --advertise-address 127.0.0.1 --metrics-listen 127.0.0.1:10350 \
@@ -54,24 +89,33 @@ if [ ! -f "$root/edge-1/node.pem" ]; then
   # shellcheck disable=SC2086 # the command is split into words on purpose
   $bin/$join --data-dir "$root/edge-1"
 fi
-"$bin/edgecore" run --data-dir "$root/edge-1" --metrics-listen 127.0.0.1:10351 >"$root/edgecore.log" 2>&1 &
+"$bin/edgecore" run --data-dir "$root/edge-1" --metrics-listen 127.0.0.1:10351 \
+  --cri-endpoint "$cri" >"$root/edgecore.log" 2>&1 &
 echo $! >"$root/edgecore.pid"
 for _ in $(seq 100); do
   curl -fs 127.0.0.1:10351/metrics 2>/dev/null | grep -q '^edgecore_cloud_connected 1' && break
   sleep 0.1
 done
-
 for _ in $(seq 100); do
-  kubectl --kubeconfig "$root/cloud/kubeconfig" --cache-dir "$root/kubectl-cache" get node edge-1 2>/dev/null | grep -q ' Ready ' && break
+  kubectl_q get node edge-1 2>/dev/null | grep -q ' Ready ' && break
   sleep 0.1
 done
-kubectl --kubeconfig "$root/cloud/kubeconfig" --cache-dir "$root/kubectl-cache" get nodes
+
+kubectl_q apply -f deploy/examples/hello.yaml
+for _ in $(seq 100); do
+  kubectl_q get pod hello 2>/dev/null | grep -q ' Running ' && break
+  sleep 0.2
+done
+kubectl_q get nodes
+kubectl_q get pods -o wide
 cat <<EOT
 
-cloudcore and one edgecore are running (logs in $root).
-  kubectl:      kubectl --kubeconfig $root/cloud/kubeconfig get nodes
+containerd, cloudcore and one edgecore are running, with the sample pod "hello" (logs in $root).
+  kubectl:      kubectl --kubeconfig $root/cloud/kubeconfig get pods -o wide
+  pod log:      $bin/edgecore ctl logs hello --data-dir $root/edge-1
+  exec:         $bin/edgecore ctl exec hello --data-dir $root/edge-1 --cri-endpoint $cri -- cat /etc/hello/greeting
+  edge store:   $bin/edgecore ctl get all --data-dir $root/edge-1
   nodes:        $bin/cloudcore node list --data-dir $root/cloud
-  tokens:       $bin/cloudcore token list --data-dir $root/cloud
   metrics:      curl -s 127.0.0.1:10350/metrics   (edge: 127.0.0.1:10351)
   stop all:     deploy/quickstart.sh stop
 EOT
