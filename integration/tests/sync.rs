@@ -13,6 +13,13 @@ use serde_json::json;
 /// How long a change may take to reach a connected edge (the bound).
 const PROPAGATION: Duration = Duration::from_secs(1);
 
+/// An edge for these tests: the sync layer only. Pods here only carry references; without a
+/// pod runtime no pod status is written back, so every object message the cloud sends is a
+/// change the test made (tests/pods.rs runs pods).
+fn sync_edge(dir: &Path) -> Edge {
+    Edge::start_with(dir, &["--no-pod-runtime"])
+}
+
 struct Setup {
     _tmp: tempfile::TempDir,
     cloud: Cloud,
@@ -38,7 +45,7 @@ fn setup_logging(nodes: &[&str], filter: &str) -> Setup {
                 "join {name}: {}",
                 String::from_utf8_lossy(&out.stderr)
             );
-            Edge::start(&dir)
+            sync_edge(&dir)
         })
         .collect::<Vec<_>>();
     for edge in &edges {
@@ -429,7 +436,7 @@ fn a_restarted_edge_receives_only_the_difference() {
         .metric("cloudcore_sync_objects_sent_total{op=\"upsert\"}")
         + s.cloud
             .metric("cloudcore_sync_objects_sent_total{op=\"delete\"}");
-    s.edges[0] = Edge::start(&dir);
+    s.edges[0] = sync_edge(&dir);
     assert!(
         eventually(Duration::from_secs(20), || store_map(&edge_objects(&dir))
             == desired_from_api(&s.cloud, "edge-1")),
@@ -565,7 +572,7 @@ fn kill_9_during_an_update_stream_never_loses_an_acknowledged_version() {
                 None => assert!(!held.contains_key(key), "{key:?} acknowledged deleted"),
             }
         }
-        s.edges[0] = Edge::start(&dir);
+        s.edges[0] = sync_edge(&dir);
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let updates = runtime.block_on(writer).expect("writer");
