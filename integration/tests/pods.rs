@@ -453,3 +453,83 @@ fn a_killed_edgecore_adopts_its_running_pods_untouched() {
         s.edge.log()
     );
 }
+
+#[test]
+fn security_context_host_ports_and_config_errors() {
+    let s = Setup::start();
+    let host_port = integration::free_tcp_port();
+    let yaml = format!(
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {{name: locked}}
+spec:
+  nodeName: edge-1
+  terminationGracePeriodSeconds: 2
+  securityContext: {{runAsUser: 65534, runAsGroup: 65534}}
+  containers:
+  - name: c
+    image: localhost/edge/busybox:1
+    command: ["httpd", "-f", "-p", "8080", "-h", "/etc"]
+    securityContext: {{readOnlyRootFilesystem: true, capabilities: {{drop: ["ALL"]}}}}
+    ports: [{{containerPort: 8080, hostPort: {host_port}}}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: misconfigured}}
+spec:
+  nodeName: edge-1
+  containers:
+  - name: c
+    image: localhost/edge/busybox:1
+    env:
+    - name: X
+      valueFrom: {{configMapKeyRef: {{name: nope, key: k}}}}
+"#
+    );
+    s.kubectl(&["apply", "-f", "-"], Some(&yaml));
+    s.wait_pod("locked", Duration::from_secs(20), "Running", |p| {
+        container_status(p, "c")["state"]["running"].is_object()
+    });
+    assert_eq!(s.exec("locked", &["id", "-u"]), (0, "65534\n".into()));
+    assert_eq!(s.exec("locked", &["id", "-g"]), (0, "65534\n".into()));
+    let (code, _) = s.exec("locked", &["sh", "-c", "echo x > /etc/x"]);
+    assert_ne!(code, 0, "the root filesystem is read-only");
+    // The hostPort reaches the container's httpd from the gateway.
+    let mut answered = String::new();
+    let reached = eventually(Duration::from_secs(10), || {
+        use std::io::{Read, Write};
+        let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", host_port)) else {
+            return false;
+        };
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+        let _ = stream.write_all(b"GET /passwd HTTP/1.0\r\n\r\n");
+        answered.clear();
+        let _ = stream.read_to_string(&mut answered);
+        answered.starts_with("HTTP/1")
+    });
+    assert!(
+        reached,
+        "no HTTP answer on hostPort {host_port}: {answered:?}"
+    );
+    assert!(answered.contains("nobody"), "{answered}");
+
+    let pod = s.wait_pod(
+        "misconfigured",
+        Duration::from_secs(20),
+        "CreateContainerConfigError",
+        |p| container_status(p, "c")["state"]["waiting"]["reason"] == "CreateContainerConfigError",
+    );
+    assert_eq!(
+        container_status(&pod, "c")["state"]["waiting"]["message"],
+        "configmap \"nope\" not found"
+    );
+    assert_eq!(pod["status"]["phase"], "Pending");
+    // Creating the ConfigMap unblocks it.
+    s.kubectl(&["create", "configmap", "nope", "--from-literal=k=v"], None);
+    s.wait_pod("misconfigured", Duration::from_secs(20), "Running", |p| {
+        container_status(p, "c")["state"]["running"].is_object()
+            || container_status(p, "c")["state"]["terminated"].is_object()
+            || container_status(p, "c")["lastState"]["terminated"].is_object()
+    });
+}

@@ -137,7 +137,7 @@ impl Prober {
     }
 }
 
-fn port_number(port: &IntOrString) -> Result<u16, String> {
+pub(crate) fn port_number(port: &IntOrString) -> Result<u16, String> {
     match port {
         IntOrString::Int(n) => u16::try_from(*n).map_err(|_| format!("port {n} is out of range")),
         IntOrString::String(name) => Err(format!(
@@ -147,7 +147,7 @@ fn port_number(port: &IntOrString) -> Result<u16, String> {
 }
 
 /// A minimal HTTP/1.1 GET: success is a status from 200 to 399, as the kubelet's.
-async fn http_get(host: &str, port: u16, path: &str) -> Result<(), String> {
+pub(crate) async fn http_get(host: &str, port: u16, path: &str) -> Result<(), String> {
     let mut stream = tokio::net::TcpStream::connect((host, port))
         .await
         .map_err(|e| format!("GET http://{host}:{port}{path}: {e}"))?;

@@ -701,16 +701,22 @@ impl Worker {
                 .and_then(|p| p.spec.as_ref())
                 .and_then(|s| s.containers.iter().find(|c| c.name == state.name))
                 .and_then(|c| c.lifecycle.as_ref())
-                .and_then(|l| l.pre_stop.as_ref())
-                .and_then(|h| h.exec.as_ref())
-                .and_then(|e| e.command.clone());
+                .and_then(|l| l.pre_stop.clone());
             let cri = self.ctx.cri.clone();
+            let pod_ip = self
+                .sandbox
+                .as_ref()
+                .map(|s| s.ip.clone())
+                .unwrap_or_default();
             stops.push(tokio::spawn(async move {
-                if let Some(command) = hook {
+                if let Some(hook) = hook {
                     let budget = deadline.saturating_duration_since(Instant::now());
-                    let _ = cri
-                        .exec_sync(&id, command, budget.max(Duration::from_secs(1)))
-                        .await;
+                    let ran = tokio::time::timeout(budget, pre_stop(&cri, &id, &hook, &pod_ip)).await;
+                    match ran {
+                        Ok(Ok(())) => {}
+                        Ok(Err(why)) => tracing::warn!(container = %id, "preStop hook failed: {why}"),
+                        Err(_) => tracing::warn!(container = %id, "preStop hook ran out of the grace period"),
+                    }
                 }
                 let left = deadline.saturating_duration_since(Instant::now());
                 if let Err(e) = cri.stop_container(&id, left).await
@@ -873,6 +879,37 @@ impl Worker {
         }
         status
     }
+}
+
+/// Runs a preStop hook: exec, httpGet or sleep, as the kubelet does.
+async fn pre_stop(
+    cri: &Cri,
+    id: &str,
+    hook: &k8s_openapi::api::core::v1::LifecycleHandler,
+    pod_ip: &str,
+) -> Result<(), String> {
+    if let Some(exec) = &hook.exec {
+        let command = exec.command.clone().unwrap_or_default();
+        let reply = cri
+            .exec_sync(id, command, Duration::ZERO)
+            .await
+            .map_err(|e| e.to_string())?;
+        return match reply.exit_code {
+            0 => Ok(()),
+            code => Err(format!("exec exited with {code}")),
+        };
+    }
+    if let Some(http) = &hook.http_get {
+        let host = http.host.clone().unwrap_or_else(|| pod_ip.to_string());
+        let port = super::probes::port_number(&http.port)?;
+        let path = http.path.clone().unwrap_or_else(|| "/".into());
+        return super::probes::http_get(&host, port, &path).await;
+    }
+    if let Some(sleep) = &hook.sleep {
+        tokio::time::sleep(Duration::from_secs(sleep.seconds.max(0) as u64)).await;
+        return Ok(());
+    }
+    Err("the hook has no handler (exec, httpGet or sleep)".into())
 }
 
 fn restart_policy(pod: &Pod) -> &'static str {
