@@ -533,3 +533,41 @@ spec:
             || container_status(p, "c")["lastState"]["terminated"].is_object()
     });
 }
+
+#[test]
+fn a_pod_whose_sandbox_dies_comes_back_in_a_new_one() {
+    let s = Setup::start();
+    let yaml = "apiVersion: v1\nkind: Pod\nmetadata: {name: phoenix}\nspec:\n  nodeName: edge-1\n  containers:\n  - name: c\n    image: localhost/edge/busybox:1\n    command: [\"sh\", \"-c\", \"while true; do sleep 1; done\"]\n";
+    s.kubectl(&["apply", "-f", "-"], Some(yaml));
+    let pod = s.wait_pod("phoenix", Duration::from_secs(20), "Running", |p| {
+        container_status(p, "c")["state"]["running"].is_object()
+    });
+    let first = container_status(&pod, "c")["containerID"].clone();
+    // What a crash of the pause process or a reboot does: the sandbox stops under edgecore.
+    let endpoint = s.containerd.endpoint.clone();
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(async move {
+            let cri = edgecore::cri::Cri::new(&endpoint).expect("cri");
+            for sandbox in cri
+                .list_pod_sandboxes(Default::default())
+                .await
+                .expect("list")
+            {
+                cri.stop_pod_sandbox(&sandbox.id).await.expect("stop");
+            }
+        });
+    let pod = s.wait_pod(
+        "phoenix",
+        Duration::from_secs(30),
+        "running again in a new sandbox",
+        |p| {
+            let c = container_status(p, "c");
+            c["state"]["running"].is_object() && c["containerID"] != first
+        },
+    );
+    assert_eq!(container_status(&pod, "c")["restartCount"], 1);
+    assert_eq!(s.containerd_pods().len(), 1, "the dead sandbox was removed");
+}

@@ -205,19 +205,39 @@ pub async fn run(
         tokio::select! {
             _ = shutdown.cancelled() => break,
             changed = store_changed.changed() => if changed.is_err() { break },
-            _ = gc.tick() => {
-                if let Ok(found) = runtime_pods(&ctx).await {
-                    for (uid, orphan) in found {
-                        if !workers.contains_key(&uid) {
-                            remove_orphan(&ctx, &uid, orphan).await;
-                        }
-                    }
-                }
-            }
+            _ = gc.tick() => collect_garbage(&ctx, &workers).await,
         }
     }
     tracker.close();
     let _ = tokio::time::timeout(Duration::from_secs(2), tracker.wait()).await;
+}
+
+/// Removes what nobody uses: pods the store no longer holds, and sandboxes left not ready for
+/// over a minute (a failed start can leave one; a worker replaces its own dead sandbox).
+async fn collect_garbage(ctx: &Context, workers: &HashMap<String, WorkerHandle>) {
+    let ours = HashMap::from([(
+        spec::LABEL_MANAGED_BY.to_string(),
+        spec::MANAGED_BY.to_string(),
+    )]);
+    if let Ok(sandboxes) = ctx.cri.list_pod_sandboxes(ours).await {
+        let now = time::OffsetDateTime::now_utc().unix_timestamp_nanos();
+        for sandbox in sandboxes {
+            let ready = k8s_cri::v1::PodSandboxState::try_from(sandbox.state)
+                .is_ok_and(|s| s == k8s_cri::v1::PodSandboxState::SandboxReady);
+            let age = Duration::from_nanos((now - sandbox.created_at as i128).max(0) as u64);
+            if !ready && age > Duration::from_secs(60) {
+                tracing::info!(sandbox = %sandbox.id, "removing a sandbox that is not ready");
+                let _ = ctx.cri.remove_pod_sandbox(&sandbox.id).await;
+            }
+        }
+    }
+    if let Ok(found) = runtime_pods(ctx).await {
+        for (uid, orphan) in found {
+            if !workers.contains_key(&uid) {
+                remove_orphan(ctx, &uid, orphan).await;
+            }
+        }
+    }
 }
 
 async fn remove_orphan(ctx: &Context, uid: &str, orphan: Adopted) {

@@ -342,6 +342,18 @@ impl Worker {
 
     async fn observe(&mut self) {
         let cri = self.ctx.cri.clone();
+        if let Some(sandbox) = &self.sandbox {
+            let ready = match cri.pod_sandbox_status(&sandbox.id).await {
+                Ok(status) => api::PodSandboxState::try_from(status.state)
+                    .is_ok_and(|s| s == api::PodSandboxState::SandboxReady),
+                Err(e) if e.is_not_found() => false,
+                // The runtime cannot answer (containerd restarting): keep what we know.
+                Err(_) => true,
+            };
+            if !ready {
+                self.sandbox_died().await;
+            }
+        }
         for state in self.init.iter_mut().chain(self.containers.iter_mut()) {
             let Some(id) = &state.id else { continue };
             match cri.container_status(id).await {
@@ -353,6 +365,28 @@ impl Worker {
                 Err(e) => {
                     tracing::warn!(container = %state.name, error = %e, "cannot read container status")
                 }
+            }
+        }
+    }
+
+    /// The sandbox is gone or not ready (its pause process died, the gateway rebooted): its
+    /// containers went with it. Clears it so the next step starts a new one, as the kubelet
+    /// does; every container that ran counts a restart.
+    async fn sandbox_died(&mut self) {
+        let Some(sandbox) = self.sandbox.take() else {
+            return;
+        };
+        tracing::warn!(sandbox = %sandbox.id, "pod sandbox is not ready any more; starting a new one");
+        let _ = self.ctx.cri.stop_pod_sandbox(&sandbox.id).await;
+        let _ = self.ctx.cri.remove_pod_sandbox(&sandbox.id).await;
+        for state in self.init.iter_mut().chain(self.containers.iter_mut()) {
+            if let (Some(id), Some(observed)) = (state.id.take(), state.observed.take()) {
+                state.last_termination = Some(terminated(&observed, &id));
+                state.attempt += 1;
+            }
+            state.waiting = None;
+            for p in &mut state.probes {
+                p.reset();
             }
         }
     }
