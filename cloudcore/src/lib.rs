@@ -4,6 +4,7 @@
 //! ([`registry`]); the CLI's token and node commands work on the same registry file.
 
 pub mod apiserver;
+pub mod autonomy;
 pub mod config;
 pub mod downstream;
 pub mod hub;
@@ -138,6 +139,18 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> Result<(),
         // Embedded mode: no kube-scheduler, so cloudcore binds pods itself.
         tracker.spawn(scheduler::run(client.clone(), shutdown.clone()));
     }
+    // Both modes: edge pods tolerate their node's absence for their autonomy duration; in
+    // embedded mode, with no kube-controller-manager, cloudcore also evicts when that runs out.
+    tracker.spawn(autonomy::run(
+        client.clone(),
+        if lifecycle {
+            autonomy::TaintEviction::Enabled
+        } else {
+            autonomy::TaintEviction::Disabled
+        },
+        shared.metrics.autonomy.clone(),
+        shutdown.clone(),
+    ));
     tracker.spawn(nodes::run(
         client,
         shared.presence.clone(),

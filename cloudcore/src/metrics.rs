@@ -98,6 +98,37 @@ impl SyncMetrics {
     }
 }
 
+/// Metrics of the autonomy controller (`crate::autonomy`).
+#[derive(Debug, Default)]
+pub struct AutonomyMetrics {
+    /// Pods whose unreachable/not-ready tolerations were written.
+    pub toleration_patches: Counter,
+    /// Toleration writes that failed (retried in a later round).
+    pub toleration_patch_failures: Counter,
+    /// Pods deleted by the embedded taint-eviction pass.
+    pub evictions: Counter,
+}
+
+impl AutonomyMetrics {
+    fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "cloudcore_autonomy_toleration_patches",
+            "Edge pods whose unreachable/not-ready tolerations were set to their autonomy duration",
+            self.toleration_patches.clone(),
+        );
+        registry.register(
+            "cloudcore_autonomy_toleration_patch_failures",
+            "Toleration writes for edge pods that failed and wait for a later round",
+            self.toleration_patch_failures.clone(),
+        );
+        registry.register(
+            "cloudcore_autonomy_evictions",
+            "Pods deleted by the embedded control plane's taint eviction once their tolerations ran out",
+            self.evictions.clone(),
+        );
+    }
+}
+
 /// Every metric cloudcore exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -112,6 +143,7 @@ pub struct Metrics {
     pub revocation_closes: Counter,
     pub sync: SyncMetrics,
     pub upstream: crate::upstream::UpstreamMetrics,
+    pub autonomy: Arc<AutonomyMetrics>,
 }
 
 impl Default for Metrics {
@@ -128,6 +160,7 @@ impl Default for Metrics {
             revocation_closes: Counter::default(),
             sync: SyncMetrics::default(),
             upstream: crate::upstream::UpstreamMetrics::default(),
+            autonomy: Arc::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -167,6 +200,7 @@ impl Default for Metrics {
             m.revocation_closes.clone(),
         );
         m.sync.register(&mut registry);
+        m.autonomy.register(&mut registry);
         registry.register(
             "cloudcore_status_writes",
             "Status reports from edges written to the API",

@@ -4,8 +4,8 @@
 //! turns that into API objects: the Node (labels, addresses, capacity, nodeInfo, the Ready
 //! condition) when an edge connects, its Lease in `kube-node-lease` renewed while it stays
 //! connected, and — when cloudcore is the control plane — Ready=Unknown once an edge has been
-//! gone for the grace period (a real cluster's node-lifecycle controller does that from the
-//! Lease in kube mode).
+//! gone for the grace period, with the `node.kubernetes.io/unreachable:NoExecute` taint until it
+//! is back (a real cluster's node-lifecycle controller does both from the Lease in kube mode).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
@@ -20,6 +20,8 @@ use time::format_description::well_known::Rfc3339;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+
+use crate::autonomy::{NOT_READY_TAINT, UNREACHABLE_TAINT};
 
 /// Label every edge node carries.
 pub const EDGE_ROLE_LABEL: &str = "node-role.kubernetes.io/edge";
@@ -97,8 +99,8 @@ pub struct NodeControllerConfig {
     pub lease_duration: Duration,
     /// After this long without the tunnel a node's Ready becomes Unknown (embedded mode).
     pub grace_period: Duration,
-    /// Whether this controller marks lost nodes Unknown (embedded); a real cluster does it
-    /// itself.
+    /// Whether this controller marks lost nodes Unknown and taints them unreachable
+    /// (embedded); a real cluster does it itself.
     pub lifecycle: bool,
 }
 
@@ -291,11 +293,104 @@ async fn renew_lease(
     Ok(())
 }
 
+/// Whether a node should carry the unreachable NoExecute taint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reachability {
+    /// Ready=Unknown: tainted `node.kubernetes.io/unreachable:NoExecute`.
+    Unreachable,
+    /// Ready=True: neither the unreachable nor the not-ready NoExecute taint.
+    Reachable,
+}
+
+/// The node's taints as they should be, or `None` if they already are. A new unreachable taint
+/// gets `timeAdded`, from which the taint eviction counts.
+fn taints_for(current: &[Value], want: Reachability, now: &str) -> Option<Vec<Value>> {
+    let ours = |t: &Value, key: &str| t["key"] == key && t["effect"] == "NoExecute";
+    match want {
+        Reachability::Unreachable => {
+            if current.iter().any(|t| ours(t, UNREACHABLE_TAINT)) {
+                return None;
+            }
+            let mut taints = current.to_vec();
+            taints.push(json!({"key": UNREACHABLE_TAINT, "effect": "NoExecute", "timeAdded": now}));
+            Some(taints)
+        }
+        Reachability::Reachable => {
+            let kept: Vec<Value> = current
+                .iter()
+                .filter(|t| !ours(t, UNREACHABLE_TAINT) && !ours(t, NOT_READY_TAINT))
+                .cloned()
+                .collect();
+            (kept.len() != current.len()).then_some(kept)
+        }
+    }
+}
+
+/// Sets or clears the unreachable taint (what the node-lifecycle controller does in a real
+/// cluster) by JSON merge patch with a resourceVersion precondition, reading the node again on
+/// a conflict. `node` is the caller's copy, if it has a fresh one.
+async fn set_reachability(
+    nodes: &Api<Node>,
+    name: &str,
+    node: Option<Node>,
+    want: Reachability,
+) -> Result<(), kube::Error> {
+    let mut node = match node {
+        Some(n) => n,
+        None => nodes.get(name).await?,
+    };
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let current: Vec<Value> = node
+            .spec
+            .as_ref()
+            .and_then(|s| s.taints.as_ref())
+            .into_iter()
+            .flatten()
+            .filter_map(|t| serde_json::to_value(t).ok())
+            .collect();
+        let Some(taints) = taints_for(&current, want, &now_text()) else {
+            return Ok(());
+        };
+        let taints = if taints.is_empty() {
+            Value::Null
+        } else {
+            json!(taints)
+        };
+        let patch = json!({
+            "metadata": {"resourceVersion": node.metadata.resource_version},
+            "spec": {"taints": taints},
+        });
+        match nodes
+            .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => {
+                match want {
+                    Reachability::Unreachable => {
+                        tracing::warn!(node.name = %name, "node tainted {UNREACHABLE_TAINT}:NoExecute")
+                    }
+                    Reachability::Reachable => {
+                        tracing::info!(node.name = %name, "node back: {UNREACHABLE_TAINT}:NoExecute taint removed")
+                    }
+                }
+                return Ok(());
+            }
+            Err(kube::Error::Api(e)) if e.code == 409 && attempt <= 3 => {
+                node = nodes.get(name).await?;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 fn parse_time(text: &str) -> Option<OffsetDateTime> {
     OffsetDateTime::parse(text, &Rfc3339).ok()
 }
 
-/// Marks edge nodes whose lease expired, and that have no session, Ready=Unknown.
+/// Marks edge nodes whose lease expired, and that have no session, Ready=Unknown and taints
+/// them unreachable (also those already Unknown whose taint is missing).
 async fn mark_lost(
     nodes: &Api<Node>,
     leases: &Api<Lease>,
@@ -315,6 +410,7 @@ async fn mark_lost(
         }
         let ready = ready_of(&node);
         if ready.as_ref().is_some_and(|r| r["status"] == "Unknown") {
+            set_reachability(nodes, &name, Some(node), Reachability::Unreachable).await?;
             continue;
         }
         let renewed = leases
@@ -348,9 +444,10 @@ async fn mark_lost(
             condition["lastHeartbeatTime"] = r["lastHeartbeatTime"].clone();
         }
         let patch = json!({"status": {"conditions": [condition]}});
-        nodes
+        let node = nodes
             .patch_status(&name, &PatchParams::default(), &Patch::Strategic(&patch))
             .await?;
+        set_reachability(nodes, &name, Some(node), Reachability::Unreachable).await?;
     }
     Ok(())
 }
@@ -381,7 +478,15 @@ pub async fn run(
             .collect();
         for (name, edge) in work {
             if edge.dirty {
-                match write_node(&nodes, &name, &edge).await {
+                let written = match write_node(&nodes, &name, &edge).await {
+                    // Embedded mode: the taint goes with Ready=Unknown (kube mode: the
+                    // cluster's node-lifecycle controller removes it).
+                    Ok(()) if config.lifecycle => {
+                        set_reachability(&nodes, &name, None, Reachability::Reachable).await
+                    }
+                    other => other,
+                };
+                match written {
                     Ok(()) => {
                         tracing::info!(node.name = %name, "node object written: Ready=True");
                         if let Some(e) = presence.edges().get_mut(&name) {
@@ -480,6 +585,41 @@ mod tests {
     fn micro_time_has_six_fraction_digits() {
         let t = OffsetDateTime::UNIX_EPOCH + time::Duration::microseconds(1_500_042);
         assert_eq!(micro_time(t), "1970-01-01T00:00:01.500042Z");
+    }
+
+    #[test]
+    fn unreachable_taint_is_added_once_and_removed_with_not_ready() {
+        let custom = json!({"key": "dedicated", "value": "x", "effect": "NoSchedule"});
+        let now = "2024-05-01T12:00:00Z";
+        let tainted = taints_for(
+            std::slice::from_ref(&custom),
+            Reachability::Unreachable,
+            now,
+        )
+        .expect("the taint is added");
+        assert_eq!(
+            tainted,
+            vec![
+                custom.clone(),
+                json!({"key": UNREACHABLE_TAINT, "effect": "NoExecute", "timeAdded": now}),
+            ]
+        );
+        assert_eq!(
+            taints_for(&tainted, Reachability::Unreachable, "2024-05-01T12:05:00Z"),
+            None,
+            "an existing taint keeps its timeAdded"
+        );
+        let mut both = tainted.clone();
+        both.push(json!({"key": NOT_READY_TAINT, "effect": "NoExecute"}));
+        both.push(json!({"key": UNREACHABLE_TAINT, "effect": "NoSchedule"}));
+        assert_eq!(
+            taints_for(&both, Reachability::Reachable, now),
+            Some(vec![
+                custom.clone(),
+                json!({"key": UNREACHABLE_TAINT, "effect": "NoSchedule"})
+            ])
+        );
+        assert_eq!(taints_for(&[custom], Reachability::Reachable, now), None);
     }
 
     #[test]

@@ -174,6 +174,84 @@ fn validate_pod(object: &Value, causes: &mut Vec<Cause>) {
             }
         }
     }
+    validate_tolerations(object, causes);
+}
+
+/// Kubernetes' `ValidateTolerations`.
+fn validate_tolerations(object: &Value, causes: &mut Vec<Cause>) {
+    let tolerations = object["spec"]["tolerations"]
+        .as_array()
+        .into_iter()
+        .flatten();
+    for (i, toleration) in tolerations.enumerate() {
+        let field = |name: &str| format!("spec.tolerations[{i}].{name}");
+        let text = |name: &str| toleration[name].as_str().unwrap_or_default();
+        let (key, operator, value, effect) =
+            (text("key"), text("operator"), text("value"), text("effect"));
+        if !key.is_empty() && !is_qualified_name(key) {
+            causes.push(Cause {
+                field: field("key"),
+                message: format!("Invalid value: {key:?}: must be a qualified name"),
+            });
+        }
+        if key.is_empty() && operator != "Exists" {
+            causes.push(Cause {
+                field: field("operator"),
+                message: format!("Invalid value: {operator:?}: operator must be Exists when `key` is empty, which means \"match all values and all keys\""),
+            });
+        }
+        if !toleration["tolerationSeconds"].is_null() && effect != "NoExecute" {
+            causes.push(Cause {
+                field: field("effect"),
+                message: format!("Invalid value: {effect:?}: effect must be 'NoExecute' when `tolerationSeconds` is set"),
+            });
+        }
+        match operator {
+            "" | "Equal" => {}
+            "Exists" if value.is_empty() => {}
+            "Exists" => causes.push(Cause {
+                field: field("operator"),
+                message: format!(
+                    "Invalid value: {value:?}: value must be empty when `operator` is 'Exists'"
+                ),
+            }),
+            other => causes.push(Cause {
+                field: field("operator"),
+                message: format!(
+                    "Unsupported value: {other:?}: supported values: \"Equal\", \"Exists\""
+                ),
+            }),
+        }
+        if !matches!(effect, "" | "NoSchedule" | "PreferNoSchedule" | "NoExecute") {
+            causes.push(Cause {
+                field: field("effect"),
+                message: format!("Unsupported value: {effect:?}: supported values: \"NoExecute\", \"NoSchedule\", \"PreferNoSchedule\""),
+            });
+        }
+    }
+}
+
+/// Kubernetes' rule for tolerations on a pod update: every existing toleration stays and only
+/// its `tolerationSeconds` may change (or go); new tolerations may be added.
+fn tolerations_update_allowed(current: &Value, new: &Value) -> bool {
+    // Go compares the structs: an absent string equals "", so empty strings and nulls go.
+    let normal = |toleration: &Value| -> Value {
+        let mut fields = toleration.as_object().cloned().unwrap_or_default();
+        fields.remove("tolerationSeconds");
+        fields.retain(|_, v| !(v.is_null() || v == ""));
+        Value::Object(fields)
+    };
+    let kept: Vec<Value> = new["spec"]["tolerations"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(normal)
+        .collect();
+    current["spec"]["tolerations"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .all(|old| kept.contains(&normal(old)))
 }
 
 fn validate_secret_and_configmap(info: &ResourceInfo, object: &Value, causes: &mut Vec<Cause>) {
@@ -526,6 +604,16 @@ pub fn prepare_update(
             }],
         ));
     }
+    if info.plural == "pods" && !tolerations_update_allowed(current, new) {
+        return Err(ApiError::invalid(
+            info.kind,
+            &name,
+            vec![Cause {
+                field: "spec.tolerations".into(),
+                message: "Forbidden: existing toleration can not be modified except its tolerationSeconds".into(),
+            }],
+        ));
+    }
     if info.plural == "secrets" {
         merge_string_data(new);
     }
@@ -835,6 +923,64 @@ mod tests {
             prepare_update(info("pods"), None, &pod, &mut image).is_ok(),
             "image may change"
         );
+    }
+
+    #[test]
+    fn tolerations_may_only_be_added_or_change_their_seconds() {
+        let unreachable = json!({"key": "node.kubernetes.io/unreachable", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 300});
+        let mut pod = json!({"metadata": {"name": "p"}, "spec": {
+            "containers": [{"name": "c", "image": "busybox:1"}],
+            "tolerations": [unreachable, {"key": "gpu", "operator": "Exists", "value": ""}],
+        }});
+        prepare_create(info("pods"), &mut pod, OffsetDateTime::UNIX_EPOCH).expect("valid");
+        let update = |tolerations: Value| {
+            let mut new = pod.clone();
+            new["spec"]["tolerations"] = tolerations;
+            prepare_update(info("pods"), None, &pod, &mut new).map(|_| ())
+        };
+        let forever = json!({"key": "node.kubernetes.io/unreachable", "operator": "Exists", "effect": "NoExecute"});
+        let gpu = json!({"key": "gpu", "operator": "Exists"});
+        let added = json!({"key": "node.kubernetes.io/not-ready", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 5});
+        assert!(
+            update(json!([forever.clone(), gpu.clone()])).is_ok(),
+            "seconds removed"
+        );
+        assert!(
+            update(json!([gpu.clone(), added.clone(), {"key": "node.kubernetes.io/unreachable", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 5}])).is_ok(),
+            "seconds changed, order changed, one added"
+        );
+        let removed = update(json!([forever.clone()])).expect_err("removal is forbidden");
+        assert!(
+            removed
+                .message
+                .contains("existing toleration can not be modified"),
+            "{}",
+            removed.message
+        );
+        assert!(
+            update(json!([{"key": "node.kubernetes.io/unreachable", "operator": "Exists", "effect": "NoSchedule"}, gpu.clone()])).is_err(),
+            "the effect may not change"
+        );
+        assert!(
+            update(
+                json!([forever, gpu, {"key": "x", "operator": "Exists", "tolerationSeconds": 5}])
+            )
+            .is_err(),
+            "tolerationSeconds needs NoExecute"
+        );
+        for bad in [
+            json!({"operator": "Equal", "value": "v"}),
+            json!({"key": "k", "operator": "Exists", "value": "v"}),
+            json!({"key": "k", "operator": "Near"}),
+            json!({"key": "k", "operator": "Exists", "effect": "Sometimes"}),
+        ] {
+            let mut pod = json!({"metadata": {"name": "p"}, "spec": {
+                "containers": [{"name": "c", "image": "busybox:1"}], "tolerations": [bad.clone()]}});
+            assert!(
+                prepare_create(info("pods"), &mut pod, OffsetDateTime::UNIX_EPOCH).is_err(),
+                "{bad}"
+            );
+        }
     }
 
     #[test]
