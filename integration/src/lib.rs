@@ -1,19 +1,23 @@
-//! Test harness: starts the real `cloudcore` and `edgecore` binaries on loopback, reads their
-//! metrics and CLI output, and cleans up. No production code lives here.
+//! Test harness: starts the real `cloudcore` and `edgecore` binaries on loopback (or an edge
+//! in its own network namespace, see [`netns`]), reads their metrics and CLI output, and cleans
+//! up. No production code lives here.
 //!
 //! The binaries must be built first (`cargo build --workspace --bins`, which the README's test
 //! command does); a missing binary fails the test with that instruction.
 
 pub mod bench;
+pub mod netns;
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+
+use crate::netns::EdgeNet;
 
 /// Path of a workspace binary next to the test executable (`target/<profile>/NAME`).
 pub fn bin(name: &str) -> PathBuf {
@@ -34,9 +38,14 @@ pub fn bin(name: &str) -> PathBuf {
 
 /// A UDP port that was free a moment ago on 127.0.0.1.
 pub fn free_udp_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0")
+    free_udp_port_on(Ipv4Addr::LOCALHOST.into())
+}
+
+/// A UDP port that was free a moment ago on `ip`.
+fn free_udp_port_on(ip: IpAddr) -> u16 {
+    UdpSocket::bind((ip, 0))
         .and_then(|s| s.local_addr())
-        .expect("bind a UDP port")
+        .unwrap_or_else(|e| panic!("bind a UDP port on {ip}: {e}"))
         .port()
 }
 
@@ -122,11 +131,14 @@ pub fn terminate(child: &mut Child) {
 /// A running `cloudcore serve`.
 pub struct Cloud {
     pub dir: PathBuf,
+    /// UDP port of the tunnel, on [`Cloud::address`]'s IP.
     pub port: u16,
     pub metrics_port: u16,
     /// HTTPS port of the embedded Kubernetes API.
     pub api_port: u16,
     binary: PathBuf,
+    /// The tunnel listens and is advertised on this IP (127.0.0.1 unless [`Cloud::start_at`]).
+    tunnel_ip: IpAddr,
     extra: Vec<String>,
     /// `RUST_LOG` of the process.
     log_filter: String,
@@ -142,18 +154,29 @@ impl Cloud {
 
     /// Like [`Cloud::start`] with a `RUST_LOG` filter, for tests that read debug lines.
     pub fn start_logging(dir: &Path, extra: &[&str], filter: &str) -> Cloud {
-        Cloud::start_full(&bin("cloudcore"), dir, extra, filter).unwrap_or_else(|e| panic!("{e:#}"))
+        Cloud::start_full(&bin("cloudcore"), dir, loopback(), extra, filter)
+            .unwrap_or_else(|e| panic!("{e:#}"))
+    }
+
+    /// Like [`Cloud::start_logging`] with the tunnel listening on `tunnel_ip` instead of
+    /// 127.0.0.1, advertised there (so join tokens carry it and the serving certificate covers
+    /// it): for edges in a network namespace, `tunnel_ip` is [`EdgeNet::host_ip`]. The metrics
+    /// and API listeners stay on 127.0.0.1.
+    pub fn start_at(dir: &Path, tunnel_ip: IpAddr, extra: &[&str], log_filter: &str) -> Cloud {
+        Cloud::start_full(&bin("cloudcore"), dir, tunnel_ip, extra, log_filter)
+            .unwrap_or_else(|e| panic!("{e:#}"))
     }
 
     /// Like [`Cloud::start`] with a given `cloudcore` binary, for the load generators; an error
     /// (holding the log) instead of a panic if it does not become healthy.
     pub fn start_binary(binary: &Path, dir: &Path, extra: &[&str]) -> anyhow::Result<Cloud> {
-        Cloud::start_full(binary, dir, extra, "info")
+        Cloud::start_full(binary, dir, loopback(), extra, "info")
     }
 
     fn start_full(
         binary: &Path,
         dir: &Path,
+        tunnel_ip: IpAddr,
         extra: &[&str],
         log_filter: &str,
     ) -> anyhow::Result<Cloud> {
@@ -164,10 +187,11 @@ impl Cloud {
             attempt += 1;
             let mut cloud = Cloud {
                 dir: dir.join("cloud"),
-                port: free_udp_port(),
+                port: free_udp_port_on(tunnel_ip),
                 metrics_port: free_tcp_port(),
                 api_port: free_tcp_port(),
                 binary: binary.to_path_buf(),
+                tunnel_ip,
                 extra: extra.iter().map(|s| s.to_string()).collect(),
                 log_filter: log_filter.to_string(),
                 child: None,
@@ -192,12 +216,12 @@ impl Cloud {
             .arg("serve")
             .arg("--data-dir")
             .arg(&self.dir)
-            .args(["--listen", &format!("127.0.0.1:{}", self.port)])
+            .args(["--listen", &self.address()])
             .args([
                 "--metrics-listen",
                 &format!("127.0.0.1:{}", self.metrics_port),
             ])
-            .args(["--advertise-address", "127.0.0.1"])
+            .args(["--advertise-address", &self.tunnel_ip.to_string()])
             .args(["--control-plane", "embedded"])
             .args(["--api-listen", &format!("127.0.0.1:{}", self.api_port)])
             .args(&self.extra)
@@ -229,9 +253,9 @@ impl Cloud {
         std::fs::read_to_string(self.log_path()).unwrap_or_default()
     }
 
-    /// `127.0.0.1:PORT`, what edges dial.
+    /// `IP:PORT`, what edges dial (`127.0.0.1:PORT` unless started with [`Cloud::start_at`]).
     pub fn address(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        SocketAddr::new(self.tunnel_ip, self.port).to_string()
     }
 
     /// Graceful stop (SIGTERM), as a Deployment rollout would do.
@@ -351,6 +375,10 @@ impl Cloud {
     }
 }
 
+fn loopback() -> IpAddr {
+    Ipv4Addr::LOCALHOST.into()
+}
+
 impl Drop for Cloud {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -374,9 +402,41 @@ pub fn join(dir: &Path, token: &Token, node: &str) -> Output {
     join_with(dir, &token.cloud, &token.token, &token.ca_hash, node)
 }
 
+/// Runs `edgecore join` inside `net`'s network namespace (the token's cloud address must be
+/// reachable from there: see [`Cloud::start_at`]).
+pub fn join_in(net: &EdgeNet, dir: &Path, token: &Token, node: &str) -> Output {
+    join_command(
+        net.command(bin("edgecore")),
+        dir,
+        &token.cloud,
+        &token.token,
+        &token.ca_hash,
+        node,
+    )
+}
+
 /// Runs `edgecore join` with explicit values (for the negative cases).
 pub fn join_with(dir: &Path, cloud: &str, token: &str, ca_hash: &str, node: &str) -> Output {
-    Command::new(bin("edgecore"))
+    join_command(
+        Command::new(bin("edgecore")),
+        dir,
+        cloud,
+        token,
+        ca_hash,
+        node,
+    )
+}
+
+/// Adds the join arguments to `command` (`edgecore`, maybe behind `ip netns exec`) and runs it.
+fn join_command(
+    mut command: Command,
+    dir: &Path,
+    cloud: &str,
+    token: &str,
+    ca_hash: &str,
+    node: &str,
+) -> Output {
+    command
         .args([
             "join",
             "--cloud",
@@ -397,8 +457,11 @@ pub fn join_with(dir: &Path, cloud: &str, token: &str, ca_hash: &str, node: &str
 /// A running `edgecore run`.
 pub struct Edge {
     pub dir: PathBuf,
+    /// Port of the metrics listener on 127.0.0.1 (inside the namespace, if any).
     pub metrics_port: u16,
     child: Option<Child>,
+    /// The network namespace edgecore runs in ([`Edge::start_in`]); `None` for the root one.
+    netns: Option<String>,
 }
 
 impl Edge {
@@ -411,7 +474,37 @@ impl Edge {
 
     /// Like [`Edge::start`] with extra `edgecore run` flags (`--cri-endpoint ...`).
     pub fn start_with(dir: &Path, extra: &[&str]) -> Edge {
-        let mut command = Command::new(bin("edgecore"));
+        Edge::spawn(Command::new(bin("edgecore")), dir, extra, None)
+    }
+
+    /// Like [`Edge::start_with`] inside `net`'s network namespace: the edge reaches the cloud
+    /// only over the veth pair, and [`Edge::metric`] enters the namespace to read metrics.
+    /// Drop the `Edge` before the [`EdgeNet`].
+    pub fn start_in(net: &EdgeNet, dir: &Path, extra: &[&str]) -> Edge {
+        Edge::spawn(
+            net.command(bin("edgecore")),
+            dir,
+            extra,
+            Some(net.name().to_string()),
+        )
+    }
+
+    /// Like [`Edge::start_in`] with extra environment for edgecore (`LD_PRELOAD` of
+    /// libfaketime to skew its clock, for example).
+    pub fn start_in_with_env(
+        net: &EdgeNet,
+        dir: &Path,
+        env: &[(&str, &str)],
+        extra: &[&str],
+    ) -> Edge {
+        let mut command = net.command(bin("edgecore"));
+        command.envs(env.iter().copied());
+        Edge::spawn(command, dir, extra, Some(net.name().to_string()))
+    }
+
+    /// Starts `command` (`edgecore`, maybe behind `ip netns exec`, which execs it, so the
+    /// child is edgecore itself) with the `run` arguments.
+    fn spawn(mut command: Command, dir: &Path, extra: &[&str], netns: Option<String>) -> Edge {
         command
             .arg("run")
             .arg("--data-dir")
@@ -439,16 +532,29 @@ impl Edge {
             dir: dir.to_path_buf(),
             metrics_port,
             child: Some(child),
+            netns,
         }
+    }
+
+    /// Process id of edgecore.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("run.log")).unwrap_or_default()
     }
 
+    /// One metric series, 0 when absent or when the edge does not answer.
     pub fn metric(&self, series: &str) -> f64 {
-        http_get(self.metrics_port, "/metrics")
-            .and_then(|page| metric_value(&page, series))
+        let port = self.metrics_port;
+        let page = match &self.netns {
+            None => http_get(port, "/metrics"),
+            Some(name) => netns::run_in_namespace(name, || http_get(port, "/metrics"))
+                .ok()
+                .flatten(),
+        };
+        page.and_then(|page| metric_value(&page, series))
             .unwrap_or(0.0)
     }
 
@@ -548,6 +654,9 @@ pub struct Containerd {
     pub dir: PathBuf,
     /// `unix://DIR/containerd.sock`, for `edgecore run --cri-endpoint`.
     pub endpoint: String,
+    /// The pod subnet and bridge of this instance (for [`Containerd::reboot`]).
+    pub subnet: String,
+    pub bridge: String,
 }
 
 /// Image names the tests use.
@@ -572,28 +681,18 @@ impl Containerd {
             );
         }
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = (std::process::id() % 200) * 4
-            + NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 4;
+        let n = (std::process::id() % 200) * 16
+            + NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 16;
         let subnet = format!("10.{}.{}.0/24", 100 + n / 250, n % 250);
         let bridge = format!("edget{n}");
         std::fs::create_dir_all(dir).expect("containerd dir");
-        let out = Command::new(deploy_dir().join("containerd/containerd.sh"))
-            .arg("start")
-            .arg(dir)
-            .arg(&subnet)
-            .arg(&bridge)
-            .output()
-            .expect("run containerd.sh");
-        assert!(
-            out.status.success(),
-            "containerd did not start: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
         let containerd = Containerd {
             dir: dir.to_path_buf(),
             endpoint: format!("unix://{}/containerd.sock", dir.display()),
+            subnet,
+            bridge,
         };
+        containerd.launch();
         let images = dir.join("images");
         std::fs::create_dir_all(&images).expect("images dir");
         for (file, name, entrypoint, cmd) in [
@@ -627,6 +726,39 @@ impl Containerd {
             );
         }
         containerd
+    }
+
+    fn launch(&self) {
+        let out = Command::new(deploy_dir().join("containerd/containerd.sh"))
+            .arg("start")
+            .arg(&self.dir)
+            .arg(&self.subnet)
+            .arg(&self.bridge)
+            .output()
+            .expect("run containerd.sh");
+        assert!(
+            out.status.success(),
+            "containerd did not start: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// What a reboot leaves of the runtime: every sandbox and container removed, containerd
+    /// stopped (its bridge deleted) and started again; the images stay.
+    pub fn reboot(&self) {
+        self.remove_all_pods();
+        let out = Command::new(deploy_dir().join("containerd/containerd.sh"))
+            .arg("stop")
+            .arg(&self.dir)
+            .output()
+            .expect("run containerd.sh stop");
+        assert!(
+            out.status.success(),
+            "containerd did not stop: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        self.launch();
     }
 
     /// Stops and removes every pod sandbox this containerd runs.

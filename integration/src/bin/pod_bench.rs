@@ -287,16 +287,18 @@ impl Runtime {
         }
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         // Guard first: a start that fails half-way is stopped too.
+        // A subnet and bridge of its own, away from the tests' 10.100-10.112 and from
+        // another bench running at the same time.
+        let n = std::process::id() % 250;
         let runtime = Runtime {
             containerd: Some(Containerd {
                 dir: dir.to_path_buf(),
                 endpoint: format!("unix://{}/containerd.sock", dir.display()),
+                subnet: format!("10.99.{n}.0/24"),
+                bridge: format!("edgepb{n}"),
             }),
             pods: Mutex::default(),
         };
-        // A subnet and bridge of its own, away from the tests' 10.100-10.103 and from
-        // another bench running at the same time.
-        let n = std::process::id() % 250;
         let script = integration::deploy_dir().join("containerd/containerd.sh");
         let out = Command::new(&script)
             .arg("start")
