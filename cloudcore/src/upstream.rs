@@ -622,6 +622,27 @@ impl Job {
 }
 
 /// The last written generation per object, bounded: the least recently written is forgotten.
+///
+/// Why this memory is enough, although a cloudcore restart (or eviction) forgets it and the
+/// next report of the object is written unchecked:
+///
+/// - An edge's generations grow strictly across its restarts and ignore its wall clock
+///   (`edgecore::outbox` keeps a counter in `edge.db` and never hands out a generation the
+///   cloud may have seen), so "newer" is a plain `>` on the number, whatever the clocks of
+///   edge and cloud say. Generations of different edges are never compared: a pod's reports
+///   come from the one node it is bound to, and the uid is part of the key.
+/// - An edge holds one report per object, the latest, and sends a report only once it is
+///   durable on the edge (except while its disk refuses writes). What it sends after a
+///   reconnect or a crash is therefore that latest report, never an older one.
+/// - Within a session reports arrive in the order sent (one QUIC stream), and an edge sends
+///   an object's reports in generation order and never an older one after a newer one; a
+///   report arriving while an older one of the object waits is coalesced with it in
+///   [`Pending`]. Messages of a session never arrive after it ended, and a cloudcore restart
+///   ends every session, so what arrives after a restart is each edge's latest report.
+///
+/// The one gap: while an edge's disk refuses writes it sends reports from memory; if it then
+/// crashes *and* cloudcore restarts, the edge may resend an older durable report, which is
+/// written once, until the pod's worker reports the current status again.
 struct Written {
     /// Generation and write sequence number per object.
     generations: HashMap<proto::ObjectRef, (u64, u64)>,

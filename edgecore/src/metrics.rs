@@ -22,6 +22,8 @@ pub struct Metrics {
     pub reconnects: Counter,
     pub connect_failures: Counter,
     pub certificate_renewals: Counter,
+    /// When the node certificate in use expires (Unix seconds): alert well before it.
+    pub certificate_not_after: Gauge,
     /// Store changes committed from the cloud's object messages.
     pub sync_applied: Counter,
     /// Object messages that changed nothing (duplicates, older versions).
@@ -30,6 +32,10 @@ pub struct Metrics {
     pub store_objects: Gauge,
     /// Node status reports sent.
     pub status_reports: Counter,
+    /// Reports in the outbox not yet acknowledged by the cloud.
+    pub outbox_pending: Gauge,
+    /// Failed attempts to write the outbox into the store (disk full, I/O errors).
+    pub outbox_write_errors: Counter,
 }
 
 impl Default for Metrics {
@@ -39,10 +45,13 @@ impl Default for Metrics {
         let reconnects = Counter::default();
         let connect_failures = Counter::default();
         let certificate_renewals = Counter::default();
+        let certificate_not_after = Gauge::default();
         let sync_applied = Counter::default();
         let sync_skipped = Counter::default();
         let store_objects = Gauge::default();
         let status_reports = Counter::default();
+        let outbox_pending = Gauge::default();
+        let outbox_write_errors = Counter::default();
         registry.register(
             "edgecore_sync_applied",
             "Store changes committed from the cloud's object messages",
@@ -64,6 +73,16 @@ impl Default for Metrics {
             status_reports.clone(),
         );
         registry.register(
+            "edgecore_outbox_pending",
+            "Status reports and pod deletions not yet acknowledged by the cloud",
+            outbox_pending.clone(),
+        );
+        registry.register(
+            "edgecore_outbox_write_errors",
+            "Failed attempts to write the status outbox into the store (kept in memory and retried)",
+            outbox_write_errors.clone(),
+        );
+        registry.register(
             "edgecore_cloud_connected",
             "1 while the tunnel to cloudcore is up, else 0",
             cloud_connected.clone(),
@@ -83,16 +102,24 @@ impl Default for Metrics {
             "Node certificates renewed over the tunnel",
             certificate_renewals.clone(),
         );
+        registry.register(
+            "edgecore_certificate_not_after_seconds",
+            "When the node certificate expires, in Unix seconds (renewed over the tunnel from 70 % of its lifetime)",
+            certificate_not_after.clone(),
+        );
         Metrics {
             registry,
             cloud_connected,
             reconnects,
             connect_failures,
             certificate_renewals,
+            certificate_not_after,
             sync_applied,
             sync_skipped,
             store_objects,
             status_reports,
+            outbox_pending,
+            outbox_write_errors,
         }
     }
 }

@@ -1,7 +1,10 @@
-//! The edge's SQLite store (`edge.db` in the data dir): the objects the cloud sent this node.
+//! The edge's SQLite store (`edge.db` in the data dir): the objects the cloud sent this node,
+//! and the status outbox (the reports for the cloud, see [`crate::outbox`]).
 //!
 //! KubeEdge calls this part MetaManager. Only this module touches SQLite; rows become
-//! [`StoredObject`]s and [`HeldObject`]s here.
+//! [`StoredObject`]s, [`HeldObject`]s and [`StoredReport`]s here. Each user opens its own
+//! connection: the replica and the outbox writer for writing, the pod manager and `ctl` for
+//! reading.
 //!
 //! Durability: the database runs in WAL mode with `synchronous=FULL`. In WAL mode `FULL` syncs
 //! the WAL at every commit, so a transaction that [`Store::apply`] reports committed survives a
@@ -29,8 +32,8 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use proto::HeldObject;
 use proto::sync::{ObjectKey, StoreOp};
+use proto::{HeldObject, ObjectRef};
 use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, TransactionBehavior};
 
 /// The store's file name in the data dir.
@@ -53,6 +56,28 @@ pub const MIGRATIONS: &[&str] = &[
         body BLOB NOT NULL,
         updated_at INTEGER NOT NULL,
         PRIMARY KEY (kind, namespace, name)
+    );",
+    // 2: the status outbox (`edgecore::outbox`). One row per object the edge reports on: the
+    // latest report, its generation and whether the cloud acknowledged it. The row stays after
+    // the acknowledgement (the last status reported survives a reboot) and goes when the
+    // object is forgotten or its pod deletion is acknowledged. `status` is JSON text, NULL
+    // when only a deletion was reported. `report_generations` holds one row: every generation
+    // below `reserved_below` may have been handed out, so a restart continues from there.
+    "CREATE TABLE status_reports (
+        kind TEXT NOT NULL,
+        namespace TEXT NOT NULL,
+        name TEXT NOT NULL,
+        uid TEXT NOT NULL,
+        generation INTEGER NOT NULL,
+        status TEXT,
+        pod_deleted INTEGER NOT NULL,
+        acknowledged INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL,
+        PRIMARY KEY (kind, namespace, name, uid)
+    );
+    CREATE TABLE report_generations (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        reserved_below INTEGER NOT NULL
     );",
 ];
 
@@ -130,6 +155,9 @@ pub enum StoreError {
         key: ObjectKey,
         resource_version: u64,
     },
+    /// A status report's generation does not fit SQLite's signed 64-bit integers.
+    #[error("cannot store status report generation {generation} in {path}: too large")]
+    GenerationTooLarge { path: PathBuf, generation: u64 },
     /// A query failed.
     #[error("cannot read {path}")]
     Read {
@@ -418,6 +446,217 @@ impl Store {
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// The objects of `kind` the store holds, as references (no bodies).
+    pub fn refs(&self, kind: &str) -> Result<Vec<ObjectRef>, StoreError> {
+        let mut statement = self
+            .conn
+            .prepare_cached(
+                "SELECT namespace, name, uid FROM objects WHERE kind = ?1
+                 ORDER BY namespace, name",
+            )
+            .map_err(read_err(&self.path))?;
+        let rows = statement
+            .query_map([kind], |row| {
+                Ok(ObjectRef {
+                    kind: kind.to_string(),
+                    namespace: row.get(0)?,
+                    name: row.get(1)?,
+                    uid: row.get(2)?,
+                })
+            })
+            .map_err(read_err(&self.path))?;
+        rows.collect::<Result<_, _>>().map_err(read_err(&self.path))
+    }
+
+    /// The status outbox as the last [`Store::write_reports`] left it.
+    pub fn reports(&self) -> Result<StoredReports, StoreError> {
+        let path = &self.path;
+        let reserved_below: Option<i64> = self
+            .conn
+            .query_row(
+                "SELECT reserved_below FROM report_generations WHERE id = 1",
+                [],
+                |row| row.get(0),
+            )
+            .optional()
+            .map_err(read_err(path))?;
+        let mut statement = self
+            .conn
+            .prepare_cached(
+                "SELECT kind, namespace, name, uid, generation, status, pod_deleted, acknowledged
+                 FROM status_reports ORDER BY generation",
+            )
+            .map_err(read_err(path))?;
+        let rows = statement
+            .query_map([], |row| {
+                let object = ObjectRef {
+                    kind: row.get(0)?,
+                    namespace: row.get(1)?,
+                    name: row.get(2)?,
+                    uid: row.get(3)?,
+                };
+                let generation: i64 = row.get(4)?;
+                let status: Option<String> = row.get(5)?;
+                Ok((object, generation, status, row.get(6)?, row.get(7)?))
+            })
+            .map_err(read_err(path))?;
+        let mut reports = Vec::new();
+        for row in rows {
+            let (object, generation, status, pod_deleted, acknowledged) =
+                row.map_err(read_err(path))?;
+            let corrupt = |detail: String| StoreError::Corrupt {
+                path: path.clone(),
+                detail,
+            };
+            let generation = u64::try_from(generation).map_err(|_| {
+                corrupt(format!(
+                    "status report of {object:?} has generation {generation}"
+                ))
+            })?;
+            let status = status
+                .map(|text| serde_json::from_str(&text))
+                .transpose()
+                .map_err(|e| corrupt(format!("status report of {object:?} is not JSON: {e}")))?;
+            reports.push(StoredReport {
+                object,
+                generation,
+                status,
+                pod_deleted,
+                acknowledged,
+            });
+        }
+        let reserved_below = reserved_below
+            .map(|value| {
+                u64::try_from(value).map_err(|_| StoreError::Corrupt {
+                    path: path.clone(),
+                    detail: format!("report generations reserved below {value}"),
+                })
+            })
+            .transpose()?;
+        Ok(StoredReports {
+            reports,
+            reserved_below,
+        })
+    }
+
+    /// Applies one write of the status outbox in ONE transaction (deletes, then upserts, then
+    /// the reservation); returns only once it is durable. On any error nothing is applied.
+    pub fn write_reports(&mut self, write: &ReportsWrite) -> Result<(), StoreError> {
+        let path = &self.path;
+        let too_large = |generation: u64| StoreError::GenerationTooLarge {
+            path: path.clone(),
+            generation,
+        };
+        let reserved_below =
+            i64::try_from(write.reserved_below).map_err(|_| too_large(write.reserved_below))?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(write_err(path))?;
+        {
+            let mut delete = tx
+                .prepare_cached(
+                    "DELETE FROM status_reports
+                     WHERE kind = ?1 AND namespace = ?2 AND name = ?3 AND uid = ?4",
+                )
+                .map_err(write_err(path))?;
+            for object in &write.delete {
+                delete
+                    .execute([&object.kind, &object.namespace, &object.name, &object.uid])
+                    .map_err(write_err(path))?;
+            }
+            let mut put = tx
+                .prepare_cached(
+                    "INSERT INTO status_reports (kind, namespace, name, uid, generation, status,
+                         pod_deleted, acknowledged, updated_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, unixepoch())
+                     ON CONFLICT (kind, namespace, name, uid) DO UPDATE SET
+                         generation = excluded.generation,
+                         status = excluded.status,
+                         pod_deleted = excluded.pod_deleted,
+                         acknowledged = excluded.acknowledged,
+                         updated_at = excluded.updated_at",
+                )
+                .map_err(write_err(path))?;
+            for report in &write.upsert {
+                let generation =
+                    i64::try_from(report.generation).map_err(|_| too_large(report.generation))?;
+                let status = report.status.as_ref().map(|status| status.to_string());
+                put.execute(rusqlite::params![
+                    report.object.kind,
+                    report.object.namespace,
+                    report.object.name,
+                    report.object.uid,
+                    generation,
+                    status,
+                    report.pod_deleted,
+                    report.acknowledged,
+                ])
+                .map_err(write_err(path))?;
+            }
+            tx.execute(
+                "INSERT INTO report_generations (id, reserved_below) VALUES (1, ?1)
+                 ON CONFLICT (id) DO UPDATE SET
+                     reserved_below = max(reserved_below, excluded.reserved_below)",
+                [reserved_below],
+            )
+            .map_err(write_err(path))?;
+        }
+        // With synchronous=FULL the commit has synced the WAL when it returns.
+        tx.commit().map_err(write_err(path))
+    }
+
+    /// Makes writes of this connection fail with SQLITE_FULL as on a full file system once
+    /// the file would grow (`full`), or lifts that limit. Fault injection for tests.
+    #[cfg(test)]
+    pub(crate) fn simulate_disk_full(&self, full: bool) {
+        let pages: i64 = if full {
+            self.conn
+                .pragma_query_value(None, "page_count", |row| row.get(0))
+                .expect("page_count")
+        } else {
+            i64::from(u32::MAX - 1)
+        };
+        self.conn
+            .pragma_update_and_check(None, "max_page_count", pages, |row| row.get::<_, i64>(0))
+            .expect("max_page_count");
+    }
+}
+
+/// One status report as the store keeps it (a row of the outbox).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredReport {
+    /// The object reported on; the uid is empty for the node.
+    pub object: ObjectRef,
+    /// Orders the reports of this edge; never reused.
+    pub generation: u64,
+    /// The latest status reported (kept when a pod deletion replaces it).
+    pub status: Option<serde_json::Value>,
+    /// The report is the pod's deletion, not its status.
+    pub pod_deleted: bool,
+    /// The cloud acknowledged this generation.
+    pub acknowledged: bool,
+}
+
+/// The status outbox in the store.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct StoredReports {
+    /// Oldest generation first.
+    pub reports: Vec<StoredReport>,
+    /// Every generation handed out so far is below this; `None` before the first write.
+    pub reserved_below: Option<u64>,
+}
+
+/// One durable write of the status outbox.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ReportsWrite {
+    /// Rows removed (applied first, so an object forgotten and reported again ends upserted).
+    pub delete: Vec<ObjectRef>,
+    /// Rows inserted or replaced.
+    pub upsert: Vec<StoredReport>,
+    /// Generations reserved from now on (the stored value never decreases).
+    pub reserved_below: u64,
 }
 
 /// Creates the data dir (0700) and an empty database file (0600) unless they exist, so SQLite
@@ -741,13 +980,67 @@ mod tests {
             );
             assert!(
                 err.to_string().contains(&format!(
-                    "{} was written by a newer edgecore (schema 7, this build knows up to 1)",
-                    dir.path().join(DB_FILE).display()
+                    "{} was written by a newer edgecore (schema 7, this build knows up to {})",
+                    dir.path().join(DB_FILE).display(),
+                    MIGRATIONS.len()
                 )),
                 "{err}"
             );
         }
         assert_eq!(snapshot(dir.path()), before);
+    }
+
+    #[test]
+    fn a_schema_1_store_is_migrated_and_keeps_its_objects() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let conn = Connection::open(dir.path().join(DB_FILE)).expect("create");
+            conn.execute_batch(MIGRATIONS[0]).expect("schema 1");
+            conn.execute_batch(
+                "INSERT INTO objects VALUES ('Pod', 'default', 'web', 'u1', 7, x'7b7d', 0);
+                 PRAGMA user_version = 1;",
+            )
+            .expect("schema 1 data");
+        }
+        let mut store = Store::open(dir.path()).expect("open");
+        assert_eq!(keys(&store.list(&[]).expect("list")), ["Pod default/web"]);
+        assert_eq!(store.reports().expect("reports"), StoredReports::default());
+        let object = ObjectKey::new("Pod", "default", "web").to_ref("u1");
+        assert_eq!(
+            store.refs("Pod").expect("refs"),
+            std::slice::from_ref(&object)
+        );
+        let report = StoredReport {
+            object: object.clone(),
+            generation: 5,
+            status: Some(serde_json::json!({"phase": "Running"})),
+            pod_deleted: false,
+            acknowledged: true,
+        };
+        store
+            .write_reports(&ReportsWrite {
+                delete: vec![],
+                upsert: vec![report.clone()],
+                reserved_below: 10,
+            })
+            .expect("write");
+        // The reservation never goes back; deletes apply before upserts.
+        store
+            .write_reports(&ReportsWrite {
+                delete: vec![object.clone()],
+                upsert: vec![report.clone()],
+                reserved_below: 3,
+            })
+            .expect("write");
+        drop(store);
+        let store = Store::open(dir.path()).expect("reopen");
+        assert_eq!(
+            store.reports().expect("reports"),
+            StoredReports {
+                reports: vec![report],
+                reserved_below: Some(10),
+            }
+        );
     }
 
     #[test]

@@ -235,6 +235,7 @@ async fn join_edges(cli: &Cli, token: &Token, edges_dir: &Path) -> Result<JoinPh
             labels: BTreeMap::new(),
             timeout: Duration::from_secs(15),
             max_frame_size: proto::DEFAULT_MAX_FRAME_SIZE,
+            rejoin: false,
         };
         let permits = permits.clone();
         joins.spawn(async move {
@@ -276,6 +277,9 @@ struct Edge {
     config: HubConfig,
     /// Each edge's own SQLite store, as `edgecore run` opens it.
     replica: edgecore::replica::Replica,
+    /// Its status outbox (in the same store) and the writer that makes reports sendable.
+    outbox: Arc<edgecore::outbox::Outbox>,
+    outbox_writer: edgecore::outbox::OutboxWriter,
 }
 
 fn load_edges(cli: &Cli, edges_dir: &Path) -> Result<Vec<Arc<Edge>>> {
@@ -283,12 +287,15 @@ fn load_edges(cli: &Cli, edges_dir: &Path) -> Result<Vec<Arc<Edge>>> {
         .map(|index| {
             let data_dir = edges_dir.join(node_name(cli.edges, index));
             let identity = edgecore::identity::load(&data_dir)?;
-            let replica =
-                edgecore::replica::Replica::open(&data_dir, Arc::new(Metrics::default()))?;
+            let metrics = Arc::new(Metrics::default());
+            let replica = edgecore::replica::Replica::open(&data_dir, metrics.clone())?;
+            let (outbox, outbox_writer) = edgecore::outbox::Outbox::open(&data_dir, metrics)?;
             Ok(Arc::new(Edge {
                 identity,
                 config: HubConfig::new(data_dir),
                 replica,
+                outbox,
+                outbox_writer,
             }))
         })
         .collect()
@@ -389,16 +396,20 @@ async fn connect_round(
     for (edge, session) in sessions {
         let (metrics, shutdown) = (metrics.clone(), shutdown.clone());
         running.spawn(async move {
-            session
-                .run(
-                    &edge.identity,
-                    &edge.config,
-                    &metrics,
-                    &edge.replica,
-                    &edgecore::outbox::Outbox::default(),
-                    &shutdown,
-                )
-                .await
+            let writer = edge
+                .outbox_writer
+                .clone()
+                .run(edge.replica.subscribe(), shutdown.clone());
+            let session = session.run(
+                &edge.identity,
+                &edge.config,
+                &metrics,
+                &edge.replica,
+                &edge.outbox,
+                &shutdown,
+            );
+            let (ended, ()) = tokio::join!(session, writer);
+            ended
         });
     }
     cloud
