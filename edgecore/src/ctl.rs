@@ -3,7 +3,7 @@
 //! `get` prints what the store holds as a kubectl-like table. Secret values never leave the
 //! store this way: a Secret shows only its key names.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::io::Write;
 use std::path::Path;
 
@@ -79,6 +79,12 @@ pub enum CtlError {
     /// The runtime refused or could not be reached.
     #[error(transparent)]
     Cri(#[from] crate::cri::CriError),
+    /// The running daemon could not be asked.
+    #[error(transparent)]
+    Control(#[from] crate::control::ControlError),
+    /// The running daemon refused the request, saying why.
+    #[error("{0}")]
+    Refused(String),
 }
 
 /// Which container of which pod a `logs` or `exec` is about.
@@ -305,17 +311,25 @@ pub fn get_as(
 ) -> Result<(), CtlError> {
     let store = Store::open_read_only(data_dir)?;
     let objects = store.list(what.kinds())?;
+    let local = local_pod_statuses(&store);
     if format == Output::Json {
         let items: Vec<serde_json::Value> = objects
             .iter()
             .map(|o| {
-                serde_json::json!({
+                let mut item = serde_json::json!({
                     "kind": o.key.kind,
                     "namespace": o.key.namespace,
                     "name": o.key.name,
                     "uid": o.uid,
                     "resourceVersion": o.resource_version.to_string(),
-                })
+                });
+                if let Some(summary) = local.get(&(o.key.namespace.clone(), o.uid.clone())) {
+                    item["status"] = summary.status.clone().into();
+                    item["ready"] = summary.ready.clone().into();
+                    item["restarts"] = summary.restarts.into();
+                    item["reported"] = summary.reported.into();
+                }
+                item
             })
             .collect();
         serde_json::to_writer_pretty(&mut *out, &items).map_err(|e| CtlError::Output(e.into()))?;
@@ -327,8 +341,87 @@ pub fn get_as(
             .map_err(CtlError::Output)?;
         return out.flush().map_err(CtlError::Output);
     }
-    let rows: Vec<[String; 6]> = objects.iter().map(row).collect();
+    let rows: Vec<[String; 6]> = objects
+        .iter()
+        .map(|o| {
+            let mut row = row(o);
+            if let Some(summary) = local.get(&(o.key.namespace.clone(), o.uid.clone())) {
+                row[5] = format!(
+                    "status={} ready={} restarts={}{}",
+                    cell(&summary.status),
+                    summary.ready,
+                    summary.restarts,
+                    if summary.reported {
+                        ""
+                    } else {
+                        " (not yet reported)"
+                    }
+                );
+            }
+            row
+        })
+        .collect();
     write_table(out, &rows).map_err(CtlError::Output)
+}
+
+/// A pod as this gateway last saw it (its latest status report), in kubectl's words.
+#[derive(Debug, Clone, PartialEq)]
+struct LocalPod {
+    /// kubectl's STATUS column: a container's waiting or terminated reason, else the phase.
+    status: String,
+    /// Ready containers / containers.
+    ready: String,
+    restarts: u64,
+    /// The cloud acknowledged this report.
+    reported: bool,
+}
+
+/// The latest local status of each pod, by (namespace, uid). An unreadable outbox is left out:
+/// the objects are still listed.
+fn local_pod_statuses(store: &Store) -> HashMap<(String, String), LocalPod> {
+    let Ok(reports) = store.reports() else {
+        return HashMap::new();
+    };
+    reports
+        .reports
+        .into_iter()
+        .filter(|r| r.object.kind == "Pod")
+        .filter_map(|r| {
+            let status = r.status.as_ref()?;
+            let mut summary = summarize(status);
+            summary.reported = r.acknowledged;
+            if r.pod_deleted {
+                summary.status = "Terminated".into();
+            }
+            Some(((r.object.namespace, r.object.uid), summary))
+        })
+        .collect()
+}
+
+fn summarize(status: &Value) -> LocalPod {
+    let containers: Vec<&Value> = status["containerStatuses"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .collect();
+    let ready = containers.iter().filter(|c| c["ready"] == true).count();
+    let restarts = containers
+        .iter()
+        .filter_map(|c| c["restartCount"].as_u64())
+        .sum();
+    let reason = containers.iter().find_map(|c| {
+        c["state"]["waiting"]["reason"]
+            .as_str()
+            .filter(|r| !r.is_empty() && *r != "ContainerCreating")
+            .or_else(|| c["state"]["terminated"]["reason"].as_str())
+    });
+    let phase = status["phase"].as_str().unwrap_or("Pending");
+    LocalPod {
+        status: reason.unwrap_or(phase).to_string(),
+        ready: format!("{ready}/{}", containers.len()),
+        restarts,
+        reported: false,
+    }
 }
 
 fn row(object: &StoredObject) -> [String; 6] {
@@ -431,6 +524,28 @@ fn write_table(out: &mut impl Write, rows: &[[String; 6]]) -> std::io::Result<()
         writeln!(out, "{}", line.trim_end())?;
     }
     out.flush()
+}
+
+/// `edgecore ctl restart`: asks the running daemon to restart the pod's containers now (the
+/// pod keeps its sandbox, IP and volumes; each container's restartCount grows by one).
+pub async fn restart(
+    data_dir: &Path,
+    namespace: &str,
+    pod: &str,
+    out: &mut impl Write,
+) -> Result<(), CtlError> {
+    let response = crate::control::request(
+        data_dir,
+        &crate::control::Request::Restart {
+            namespace: namespace.to_string(),
+            name: pod.to_string(),
+        },
+    )
+    .await?;
+    if !response.ok {
+        return Err(CtlError::Refused(response.message));
+    }
+    writeln!(out, "{}", response.message).map_err(CtlError::Output)
 }
 
 #[cfg(test)]
@@ -632,5 +747,38 @@ Pod         default     web        42                 uid-web        phase=Runni
     fn cells_cannot_break_the_table() {
         assert_eq!(cell("a b\tc\nd\u{1b}[31m"), "a?b?c?d?[31m");
         assert_eq!(cell(""), "<none>");
+    }
+
+    #[test]
+    fn local_status_reads_like_kubectl() {
+        let crashing = serde_json::json!({
+            "phase": "Running",
+            "containerStatuses": [
+                {"name": "a", "ready": true, "restartCount": 0, "state": {"running": {}}},
+                {"name": "b", "ready": false, "restartCount": 3,
+                 "state": {"waiting": {"reason": "CrashLoopBackOff"}}},
+            ],
+        });
+        assert_eq!(
+            summarize(&crashing),
+            LocalPod {
+                status: "CrashLoopBackOff".into(),
+                ready: "1/2".into(),
+                restarts: 3,
+                reported: false,
+            }
+        );
+        let done = serde_json::json!({
+            "phase": "Succeeded",
+            "containerStatuses": [{"name": "a", "ready": false, "restartCount": 0,
+                "state": {"terminated": {"reason": "Completed", "exitCode": 0}}}],
+        });
+        assert_eq!(summarize(&done).status, "Completed");
+        let starting = serde_json::json!({
+            "phase": "Pending",
+            "containerStatuses": [{"name": "a", "ready": false, "restartCount": 0,
+                "state": {"waiting": {"reason": "ContainerCreating"}}}],
+        });
+        assert_eq!(summarize(&starting).status, "Pending");
     }
 }

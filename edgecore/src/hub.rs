@@ -35,6 +35,18 @@ use crate::tls::{self, TlsError};
 const STABLE_SESSION: Duration = Duration::from_secs(30);
 /// How long shutdown waits for the connection close to be sent.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
+/// Between attempts when retrying cannot help until an operator acts (an expired or revoked
+/// certificate): often enough to pick up a rejoin quickly.
+const OPERATOR_RETRY: Duration = Duration::from_secs(10);
+/// How a session that ended because the store refused a write says so (see [`run`]).
+const STORE_FAILED: &str = "cannot store objects from the cloud, nothing acknowledged";
+/// Before reconnecting after the store refused a write (a full disk): the cloud sends again
+/// what was not acknowledged, so each retry is a resync.
+const STORE_RETRY: Duration = Duration::from_secs(5);
+/// How long the cloud may take to answer hello (after the QUIC handshake succeeded).
+const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
+/// Repeated connection failures are logged at warn/error level at most this often.
+const LOUD_EVERY: Duration = Duration::from_secs(60);
 /// Without an answer to a renewal request, ask again after this long.
 const RENEW_RETRY: Duration = Duration::from_secs(600);
 /// Most object messages committed in one transaction.
@@ -63,7 +75,8 @@ impl HubConfig {
             data_dir,
             cloud: None,
             backoff: Backoff::default(),
-            connect_timeout: Duration::from_secs(10),
+            // Short: a dial started during a partition must not delay the reconnect after it.
+            connect_timeout: Duration::from_secs(3),
             max_frame_size: proto::DEFAULT_MAX_FRAME_SIZE,
             renew_window: (0.7, 0.9),
             node_status_interval: Duration::from_secs(60),
@@ -165,7 +178,9 @@ impl Session {
             }))
             .await
             .map_err(|e| SessionError::Protocol(e.to_string()))?;
-        let reply = tokio::time::timeout(config.connect_timeout, reader.next())
+        // The cloud answers hello once it has planned the resync, which waits for a free resync
+        // slot when many edges come back at once: a longer wait than the handshake's.
+        let reply = tokio::time::timeout(HELLO_TIMEOUT, reader.next())
             .await
             .map_err(|_| SessionError::Protocol("no answer to hello".into()))?;
         let ack = match reply {
@@ -235,7 +250,11 @@ impl Session {
         let dead_after = Duration::from_millis(ack.dead_after_ms).max(heartbeat * 2);
         let mut ticker = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut status_ticker = tokio::time::interval(config.node_status_interval);
+        // The first node status goes at session start (below), the next after an interval.
+        let mut status_ticker = tokio::time::interval_at(
+            Instant::now() + config.node_status_interval,
+            config.node_status_interval,
+        );
         status_ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut rng = StdRng::from_os_rng();
         let mut renew_at = renewal_instant(
@@ -262,6 +281,12 @@ impl Session {
         let (incoming_tx, mut incoming) = mpsc::channel(INCOMING_QUEUE);
         let _reader = AbortOnDropHandle::new(tokio::spawn(read_into(reader, incoming_tx)));
         let mut deferred: Option<Result<Message, FrameError>> = None;
+        // A fresh node status replaces one left unacknowledged by an earlier session or run
+        // (latest wins; it goes once written). Reports waiting from before go first.
+        outbox.put(node_ref.clone(), Report::Status(node_status(config)));
+        if let Err(e) = send_due(outbox, session, &mut report_seq, &mut writer, metrics).await {
+            return link.lost(e);
+        }
         loop {
             let wake = match deferred.take() {
                 Some(item) => Wake::Incoming(Some(item)),
@@ -307,11 +332,10 @@ impl Session {
                     outbox.put(node_ref.clone(), Report::Status(node_status(config)));
                 }
                 Wake::Outbox => {
-                    for report in outbox.due(session, std::time::Instant::now(), &mut report_seq) {
-                        if let Err(e) = writer.send(report).await {
-                            return link.lost(e);
-                        }
-                        metrics.status_reports.inc();
+                    if let Err(e) =
+                        send_due(outbox, session, &mut report_seq, &mut writer, metrics).await
+                    {
+                        return link.lost(e);
                     }
                 }
                 Wake::Renew => {
@@ -363,15 +387,11 @@ impl Session {
                                     }
                                 }
                                 Err(e) => {
-                                    tracing::error!(
-                                        "cannot store objects from the cloud; nothing acknowledged: {}",
-                                        error_chain(&e)
-                                    );
                                     link.connection.close(
                                         VarInt::from_u32(close_code::NORMAL),
                                         b"edge store write failed",
                                     );
-                                    return format!("store write failed: {}", error_chain(&e));
+                                    return format!("{STORE_FAILED}: {}", error_chain(&e));
                                 }
                             }
                         }
@@ -425,6 +445,22 @@ enum Wake {
     Outbox,
     Renew,
     Incoming(Option<Result<Message, FrameError>>),
+}
+
+/// Sends the outbox's reports that are due in `session` (paced by the outbox: oldest first, a
+/// bounded number unacknowledged).
+async fn send_due(
+    outbox: &Outbox,
+    session: u64,
+    report_seq: &mut u64,
+    writer: &mut FrameWriter<SendStream>,
+    metrics: &Metrics,
+) -> Result<(), FrameError> {
+    for report in outbox.due(session, std::time::Instant::now(), report_seq) {
+        writer.send(report).await?;
+        metrics.status_reports.inc();
+    }
+    Ok(())
 }
 
 /// Reads frames into the session's queue until the stream ends or fails.
@@ -548,9 +584,25 @@ pub async fn run(
     let mut attempt: u32 = 0;
     let mut connected_before = false;
     let node_info = crate::node::collect();
+    // Repeated failures are logged at most once a minute, with how long the cloud has been away.
+    let mut offline_since: Option<Instant> = None;
+    let mut last_loud: Option<Instant> = None;
     loop {
-        // Re-read every time: a renewal may have replaced node.pem.
-        let identity = identity::load(&config.data_dir)?;
+        // Re-read every time: a renewal or a rejoin may have replaced node.pem. A file that
+        // cannot be read now (an operator replacing it) is retried; pods run on regardless.
+        let identity = match identity::load(&config.data_dir) {
+            Ok(identity) => identity,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the node identity; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(OPERATOR_RETRY) => continue,
+                }
+            }
+        };
+        metrics
+            .certificate_not_after
+            .set(identity.not_after.unix_timestamp());
         let cloud = config
             .cloud
             .clone()
@@ -564,6 +616,8 @@ pub async fn run(
             }
             Err(e) => Err(e.into()),
         };
+        let mut needs_operator = false;
+        let mut store_failed = false;
         match opened {
             Ok(session) => {
                 metrics.cloud_connected.set(1);
@@ -571,7 +625,15 @@ pub async fn run(
                     metrics.reconnects.inc();
                 }
                 connected_before = true;
-                tracing::info!(cloud = %cloud, node.name = %session.ack.node_name, "connected to the cloud");
+                match offline_since.take() {
+                    Some(since) => {
+                        tracing::info!(cloud = %cloud, node.name = %session.ack.node_name, offline_for = %humantime::format_duration(round_secs(since.elapsed())), "connected to the cloud")
+                    }
+                    None => {
+                        tracing::info!(cloud = %cloud, node.name = %session.ack.node_name, "connected to the cloud")
+                    }
+                }
+                last_loud = None;
                 let started = Instant::now();
                 let ended = session
                     .run(&identity, &config, &metrics, &replica, &outbox, &shutdown)
@@ -581,7 +643,18 @@ pub async fn run(
                     tracing::info!(cloud = %cloud, "disconnected from the cloud: {ended}");
                     return Ok(());
                 }
-                tracing::warn!(cloud = %cloud, "disconnected from the cloud: {ended}");
+                offline_since = Some(Instant::now());
+                if ended.starts_with(STORE_FAILED) {
+                    store_failed = true;
+                    if last_loud.is_none_or(|t| t.elapsed() >= LOUD_EVERY) {
+                        last_loud = Some(Instant::now());
+                        tracing::error!(cloud = %cloud, "{ended}; pods keep running from the local store; retrying every {}s until it accepts writes", STORE_RETRY.as_secs());
+                    } else {
+                        tracing::debug!(cloud = %cloud, "{ended}");
+                    }
+                } else {
+                    tracing::warn!(cloud = %cloud, "disconnected from the cloud: {ended}; pods keep running from the local store");
+                }
                 attempt = if started.elapsed() >= STABLE_SESSION {
                     0
                 } else {
@@ -590,16 +663,34 @@ pub async fn run(
             }
             Err(e) => {
                 metrics.connect_failures.inc();
-                if e.needs_operator() {
-                    tracing::error!(cloud = %cloud, "cannot connect: {e}");
+                let since = *offline_since.get_or_insert_with(Instant::now);
+                let expired = expired_certificate(&identity, &e, &config.data_dir);
+                needs_operator = expired.is_some() || e.needs_operator();
+                let loud = last_loud.is_none_or(|t| t.elapsed() >= LOUD_EVERY);
+                if loud {
+                    last_loud = Some(Instant::now());
+                    let away = humantime::format_duration(round_secs(since.elapsed()));
+                    if let Some(why) = expired {
+                        tracing::error!(cloud = %cloud, offline_for = %away, "cannot connect: {why}");
+                    } else if needs_operator {
+                        tracing::error!(cloud = %cloud, offline_for = %away, "cannot connect: {e}");
+                    } else {
+                        tracing::warn!(cloud = %cloud, offline_for = %away, attempts = attempt + 1, "cannot connect: {e}; pods keep running from the local store, retrying every few seconds");
+                    }
                 } else {
-                    tracing::warn!(cloud = %cloud, "cannot connect: {e}");
+                    tracing::debug!(cloud = %cloud, "cannot connect: {e}");
                 }
                 attempt = attempt.saturating_add(1);
             }
         }
-        let delay = config.backoff.delay(attempt, &mut rng);
-        tracing::info!(
+        let delay = if needs_operator {
+            OPERATOR_RETRY
+        } else if store_failed {
+            STORE_RETRY
+        } else {
+            config.backoff.delay(attempt, &mut rng)
+        };
+        tracing::debug!(
             delay_ms = delay.as_millis() as u64,
             attempt,
             "reconnecting after a delay"
@@ -609,6 +700,35 @@ pub async fn run(
             _ = tokio::time::sleep(delay) => {}
         }
     }
+}
+
+/// Whole seconds, for log lines.
+fn round_secs(d: Duration) -> Duration {
+    Duration::from_secs(d.as_secs())
+}
+
+/// When the dial failed because the node certificate expired (by this gateway's clock, or as
+/// the cloud said with a TLS alert): what happened and how to recover.
+fn expired_certificate(
+    identity: &Identity,
+    error: &SessionError,
+    data_dir: &std::path::Path,
+) -> Option<String> {
+    let now = time::OffsetDateTime::now_utc();
+    let text = error.to_string().to_ascii_lowercase();
+    let said_by_cloud = text.contains("certificate expired") || text.contains("certificateexpired");
+    if identity.not_after > now && !said_by_cloud {
+        return None;
+    }
+    let ago = (now - identity.not_after).max(time::Duration::ZERO);
+    let ago = humantime::format_duration(Duration::from_secs(ago.whole_seconds().max(0) as u64));
+    Some(format!(
+        "the node certificate expired at {} ({ago} ago by this gateway's clock), during an outage longer than its renewal margin, and the cloud refuses it. Pods keep running from the local store. To recover, create a token for this node on the cloud (`cloudcore token create --node {node}`) and run here `edgecore join --rejoin --cloud {cloud} --token TOKEN --ca-hash HASH --data-dir {dir}`; the running edgecore picks the new certificate up (docs/offline.md)",
+        identity.not_after,
+        node = identity.config.node_name,
+        cloud = identity.config.cloud,
+        dir = data_dir.display(),
+    ))
 }
 
 #[cfg(test)]

@@ -25,6 +25,9 @@ pub struct JoinParams {
     pub data_dir: PathBuf,
     pub timeout: Duration,
     pub max_frame_size: usize,
+    /// Replace the identity of a node already joined here (its certificate expired or was
+    /// revoked), keeping its local store and running pods. The node name must stay the same.
+    pub rejoin: bool,
 }
 
 /// The join did not complete; nothing was written.
@@ -34,6 +37,16 @@ pub enum JoinError {
         "{dir} already holds the identity of node {node:?}; remove {dir}/node.pem to join again"
     )]
     AlreadyJoined { dir: PathBuf, node: String },
+    #[error("{dir} holds no identity to replace; use `edgecore join` without --rejoin")]
+    NothingToRejoin { dir: PathBuf },
+    #[error(
+        "{dir} holds the identity of node {joined:?}, not {asked:?}: --rejoin keeps the node name (its store and pods belong to it)"
+    )]
+    RejoinOtherNode {
+        dir: PathBuf,
+        joined: String,
+        asked: String,
+    },
     #[error(transparent)]
     Tls(#[from] TlsError),
     #[error("refusing the cloud: {0}")]
@@ -72,7 +85,8 @@ pub fn new_key_and_csr(node_name: &str) -> Result<(KeyPair, Vec<u8>), rcgen::Err
 
 /// Runs the join. On success the data dir holds `ca.crt`, `edge.json` and `node.pem`.
 pub async fn join(params: JoinParams) -> Result<Joined, JoinError> {
-    if identity::is_joined(&params.data_dir) {
+    let joined = identity::is_joined(&params.data_dir);
+    if joined && !params.rejoin {
         let node = identity::load(&params.data_dir)
             .map(|i| i.config.node_name)
             .unwrap_or_else(|_| "?".into());
@@ -80,6 +94,24 @@ pub async fn join(params: JoinParams) -> Result<Joined, JoinError> {
             dir: params.data_dir.clone(),
             node,
         });
+    }
+    if params.rejoin {
+        if !joined {
+            return Err(JoinError::NothingToRejoin {
+                dir: params.data_dir.clone(),
+            });
+        }
+        // The old files may be damaged; only the node name matters here, and edge.json says it.
+        let current = identity::load(&params.data_dir).map(|i| i.config.node_name);
+        if let Ok(joined) = current
+            && joined != params.node_name
+        {
+            return Err(JoinError::RejoinOtherNode {
+                dir: params.data_dir.clone(),
+                joined,
+                asked: params.node_name.clone(),
+            });
+        }
     }
     let pin = CaHash::parse(&params.ca_hash)?;
     let (config, failure) = tls::join_config(pin)?;

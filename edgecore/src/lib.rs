@@ -3,6 +3,7 @@
 //! `join` obtains the node identity once; `run` keeps the tunnel to cloudcore up ([`hub`]).
 
 pub mod backoff;
+pub mod control;
 pub mod cri;
 pub mod ctl;
 pub mod dial;
@@ -45,6 +46,12 @@ pub enum RunError {
     Store(#[from] store::StoreError),
     #[error(transparent)]
     Cri(#[from] cri::CriError),
+    #[error("cannot bind the control socket in {dir}")]
+    Control {
+        dir: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot bind the metrics listener on {addr}")]
     Metrics {
         addr: SocketAddr,
@@ -75,6 +82,10 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
     // Desired state comes from the local store first: nothing on the start path needs the
     // cloud.
     let replica = replica::Replica::open(&config.hub.data_dir, metrics.clone())?;
+    let control = control::bind(&config.hub.data_dir).map_err(|source| RunError::Control {
+        dir: config.hub.data_dir.clone(),
+        source,
+    })?;
     let listener = tokio::net::TcpListener::bind(config.metrics_listen)
         .await
         .map_err(|source| RunError::Metrics {
@@ -99,7 +110,11 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
             }
         });
     }
-    let outbox = Arc::new(outbox::Outbox::default());
+    // Reports for the cloud, kept in the store: those not yet acknowledged before a restart
+    // are sent first.
+    let (outbox, outbox_writer) = outbox::Outbox::open(&config.hub.data_dir, metrics.clone())?;
+    tracker.spawn(outbox_writer.run(replica.subscribe(), shutdown.clone()));
+    let mut pod_requests = None;
     if let Some(endpoint) = &config.cri_endpoint {
         let cloud = config
             .hub
@@ -114,12 +129,16 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
             outbox: outbox.clone(),
         };
         tracing::info!(cri = %endpoint, host.ip = %context.host_ip, "running pods through the CRI");
+        let (requests, requests_rx) = tokio::sync::mpsc::channel(16);
+        pod_requests = Some(requests);
         tracker.spawn(pods::run(
             Arc::new(context),
             replica.subscribe(),
+            requests_rx,
             shutdown.clone(),
         ));
     }
+    tracker.spawn(control::serve(control, pod_requests, shutdown.clone()));
     let result = hub::run(config.hub, metrics, replica, outbox, shutdown.clone()).await;
     shutdown.cancel();
     tracker.close();

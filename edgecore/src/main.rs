@@ -63,6 +63,11 @@ enum Command {
         /// How long to wait for the cloud.
         #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
         timeout: Duration,
+        /// Replace this gateway's identity (after its certificate expired during an outage, or
+        /// was revoked) with a new one for the same node; the local store and the running pods
+        /// are kept, and a running edgecore picks the new certificate up at its next dial.
+        #[arg(long)]
+        rejoin: bool,
     },
     /// Run the daemon.
     Run {
@@ -89,7 +94,7 @@ enum Command {
         #[command(subcommand)]
         command: ImagesCommand,
     },
-    /// Inspect this gateway's local store; needs neither the cloud nor a running daemon.
+    /// Local operations on this gateway; need no cloud (`restart` needs the running daemon).
     Ctl {
         #[command(subcommand)]
         command: CtlCommand,
@@ -137,6 +142,15 @@ enum CtlCommand {
         /// Only the last N lines.
         #[arg(long)]
         tail: Option<usize>,
+        #[arg(long, env = "EDGECORE_DATA_DIR", default_value = "/var/lib/edgecore")]
+        data_dir: PathBuf,
+    },
+    /// Restart a pod's running containers now, through the running edgecore (works offline).
+    Restart {
+        /// The pod.
+        pod: String,
+        #[arg(short = 'n', long, default_value = "default")]
+        namespace: String,
         #[arg(long, env = "EDGECORE_DATA_DIR", default_value = "/var/lib/edgecore")]
         data_dir: PathBuf,
     },
@@ -201,6 +215,7 @@ fn main() -> ExitCode {
             labels,
             data_dir,
             timeout,
+            rejoin,
         } => {
             let Some(runtime) = runtime() else {
                 return ExitCode::FAILURE;
@@ -212,7 +227,14 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_USAGE);
                 }
             };
-            let node_name = match node_name.or_else(default_node_name) {
+            // A rejoin keeps the node's name.
+            let joined_name = || {
+                rejoin
+                    .then(|| edgecore::identity::load(&data_dir).ok())
+                    .flatten()
+                    .map(|i| i.config.node_name)
+            };
+            let node_name = match node_name.or_else(joined_name).or_else(default_node_name) {
                 Some(n) => n,
                 None => {
                     eprintln!("error: no --node-name given and the hostname is not usable as one");
@@ -228,8 +250,16 @@ fn main() -> ExitCode {
                 data_dir: data_dir.clone(),
                 timeout,
                 max_frame_size: proto::DEFAULT_MAX_FRAME_SIZE,
+                rejoin,
             };
             match runtime.block_on(edgecore::join::join(params)) {
+                Ok(joined) if rejoin => {
+                    eprintln!(
+                        "rejoined as node {}; certificate valid until {}. A running edgecore uses it at its next connection attempt; the local store and pods were kept",
+                        joined.node_name, joined.not_after,
+                    );
+                    ExitCode::SUCCESS
+                }
                 Ok(joined) => {
                     eprintln!(
                         "joined as node {}; certificate valid until {}. Start the daemon with: edgecore run --data-dir {}",
@@ -322,6 +352,18 @@ fn ctl(command: CtlCommand) -> ExitCode {
                 container,
             };
             edgecore::ctl::logs(&data_dir, &target, tail, follow, &mut out)
+        }
+        CtlCommand::Restart {
+            pod,
+            namespace,
+            data_dir,
+        } => {
+            let Some(runtime) = runtime() else {
+                return ExitCode::FAILURE;
+            };
+            runtime.block_on(edgecore::ctl::restart(
+                &data_dir, &namespace, &pod, &mut out,
+            ))
         }
         CtlCommand::Exec {
             pod,

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -23,10 +23,27 @@ use worker::{Adopted, Context, Desired, PodInput};
 /// How often sandboxes nobody wants are looked for.
 const GC_INTERVAL: Duration = Duration::from_secs(30);
 
+/// How often the runtime is asked again when it does not answer at start.
+const RUNTIME_RETRY: Duration = Duration::from_millis(500);
+
+/// A local operator's request about a pod, by namespace and name (`edgecore ctl`).
+#[derive(Debug)]
+pub enum Request {
+    /// Restart the pod's running containers now.
+    Restart {
+        namespace: String,
+        name: String,
+        reply: oneshot::Sender<Result<String, String>>,
+    },
+}
+
 /// A running worker and the versions it was last given.
 #[derive(Debug)]
 struct WorkerHandle {
+    namespace: String,
+    name: String,
     desired: watch::Sender<Desired>,
+    commands: mpsc::Sender<worker::Command>,
     fingerprint: u64,
 }
 
@@ -121,10 +138,45 @@ async fn runtime_pods(ctx: &Context) -> Result<BTreeMap<String, Adopted>, crate:
     Ok(pods)
 }
 
+/// What the runtime runs for us, asked until it answers: no worker may start before, or it
+/// would start a second copy of a pod the runtime still runs (containerd starting up with the
+/// gateway). Gives up only at shutdown.
+async fn runtime_pods_when_ready(
+    ctx: &Context,
+    shutdown: &CancellationToken,
+) -> Option<BTreeMap<String, Adopted>> {
+    let started = tokio::time::Instant::now();
+    let mut warned_at: Option<tokio::time::Instant> = None;
+    loop {
+        match runtime_pods(ctx).await {
+            Ok(found) => {
+                tracing::info!(pods = found.len(), "found pods in the runtime");
+                return Some(found);
+            }
+            Err(e) => {
+                // Say so at once, then every 30 s: pods wait for the runtime, nothing else does.
+                if warned_at.is_none_or(|t| t.elapsed() >= Duration::from_secs(30)) {
+                    tracing::warn!(
+                        error = %e,
+                        waited = ?started.elapsed(),
+                        "the container runtime does not answer; pods start once it does (what it already runs is adopted first)"
+                    );
+                    warned_at = Some(tokio::time::Instant::now());
+                }
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            _ = tokio::time::sleep(RUNTIME_RETRY) => {}
+        }
+    }
+}
+
 /// Runs the pods the store holds until `shutdown`; then leaves them running.
 pub async fn run(
     ctx: Arc<Context>,
     mut store_changed: watch::Receiver<u64>,
+    mut requests: mpsc::Receiver<Request>,
     shutdown: CancellationToken,
 ) {
     let store = match Store::open_read_only(&ctx.data_dir) {
@@ -137,15 +189,9 @@ pub async fn run(
     let tracker = TaskTracker::new();
     let mut workers: HashMap<String, WorkerHandle> = HashMap::new();
     // Adoption: what the runtime already runs for us is handed to the pod's worker.
-    let mut adopted = match runtime_pods(&ctx).await {
-        Ok(found) => {
-            tracing::info!(pods = found.len(), "found pods in the runtime");
-            found
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot list the runtime's pods; nothing adopted");
-            BTreeMap::new()
-        }
+    // Adoption: what the runtime already runs for us is handed to the pod's worker.
+    let Some(mut adopted) = runtime_pods_when_ready(&ctx, &shutdown).await else {
+        return;
     };
     let mut gc = tokio::time::interval(GC_INTERVAL);
     let mut first_pass = true;
@@ -164,6 +210,7 @@ pub async fn run(
                         }
                         None => {
                             let (tx, rx) = watch::channel(Desired::Run(input.clone()));
+                            let (commands, commands_rx) = mpsc::channel(4);
                             let span = tracing::info_span!(
                                 "pod",
                                 pod.uid = %uid,
@@ -172,13 +219,21 @@ pub async fn run(
                             );
                             let found = adopted.remove(&uid).unwrap_or_default();
                             tracker.spawn(tracing::Instrument::instrument(
-                                worker::run(ctx.clone(), rx, found, shutdown.clone()),
+                                worker::run(ctx.clone(), rx, commands_rx, found, shutdown.clone()),
                                 span,
                             ));
                             workers.insert(
                                 uid,
                                 WorkerHandle {
+                                    namespace: input
+                                        .pod
+                                        .metadata
+                                        .namespace
+                                        .clone()
+                                        .unwrap_or_default(),
+                                    name: input.pod.metadata.name.clone().unwrap_or_default(),
                                     desired: tx,
+                                    commands,
                                     fingerprint,
                                 },
                             );
@@ -206,10 +261,43 @@ pub async fn run(
             _ = shutdown.cancelled() => break,
             changed = store_changed.changed() => if changed.is_err() { break },
             _ = gc.tick() => collect_garbage(&ctx, &workers).await,
+            Some(request) = requests.recv() => route(&workers, request),
         }
     }
     tracker.close();
     let _ = tokio::time::timeout(Duration::from_secs(2), tracker.wait()).await;
+}
+
+/// Hands a local request to the pod's worker; answers at once when there is none.
+fn route(workers: &HashMap<String, WorkerHandle>, request: Request) {
+    match request {
+        Request::Restart {
+            namespace,
+            name,
+            reply,
+        } => {
+            let handle = workers
+                .values()
+                .find(|h| h.namespace == namespace && h.name == name);
+            let Some(handle) = handle else {
+                let _ = reply.send(Err(format!(
+                    "pod {namespace}/{name} is not bound to this node"
+                )));
+                return;
+            };
+            let why = match handle.commands.try_send(worker::Command::Restart { reply }) {
+                Ok(()) => return,
+                Err(mpsc::error::TrySendError::Full(command)) => {
+                    (command, "is busy with earlier requests; try again")
+                }
+                Err(mpsc::error::TrySendError::Closed(command)) => {
+                    (command, "is being removed from this node")
+                }
+            };
+            let (worker::Command::Restart { reply }, why) = why;
+            let _ = reply.send(Err(format!("pod {namespace}/{name} {why}")));
+        }
+    }
 }
 
 /// Removes what nobody uses: pods the store no longer holds, and sandboxes left not ready for
@@ -254,5 +342,41 @@ async fn remove_orphan(ctx: &Context, uid: &str, orphan: Adopted) {
     }
     if !uid.is_empty() {
         worker::cleanup(&spec::pod_paths(&ctx.data_dir, uid), uid);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn no_worker_starts_before_the_runtime_answers() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Arc::new(crate::metrics::Metrics::default());
+        let (outbox, _writer) = crate::outbox::Outbox::open(dir.path(), metrics).unwrap();
+        let ctx = Context {
+            cri: crate::cri::Cri::new(&format!("unix://{}/containerd.sock", dir.path().display()))
+                .unwrap(),
+            data_dir: dir.path().to_path_buf(),
+            node_name: "gw".into(),
+            host_ip: String::new(),
+            outbox,
+        };
+        let shutdown = CancellationToken::new();
+        let cancel = shutdown.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(1200)).await;
+            cancel.cancel();
+        });
+        let started = std::time::Instant::now();
+        let found = runtime_pods_when_ready(&ctx, &shutdown).await;
+        assert!(
+            found.is_none(),
+            "no runtime: nothing to adopt, and no go-ahead"
+        );
+        assert!(
+            started.elapsed() >= Duration::from_millis(1100),
+            "kept asking until shutdown"
+        );
     }
 }

@@ -22,7 +22,7 @@ use proto::ObjectRef;
 use serde_json::{Value, json};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::probes::{ProbeKind, Prober};
@@ -48,6 +48,17 @@ pub enum Desired {
     Run(Arc<PodInput>),
     /// The pod left the store (deleted for good): stop it and clean up.
     Gone,
+}
+
+/// An operator's request to a pod's worker (`edgecore ctl restart`).
+#[derive(Debug)]
+pub enum Command {
+    /// Stop the pod's running containers (preStop hooks and grace period as for a liveness
+    /// restart) and start them again at once, whatever the restart policy and backoff say.
+    /// Answers with a line saying what was restarted, or why nothing was.
+    Restart {
+        reply: oneshot::Sender<Result<String, String>>,
+    },
 }
 
 /// A pod and the objects it references.
@@ -225,6 +236,9 @@ pub struct Worker {
     blocked: Option<(String, String)>,
     /// Set when the pod ended for good (restartPolicy Never / OnFailure and all done).
     finished: Option<&'static str>,
+    /// The status of a pod that had finished before edgecore restarted and whose containers
+    /// are gone: reported as it was.
+    final_status: Option<Value>,
     last_status: Option<Value>,
     transitions: HashMap<&'static str, (bool, String)>,
 }
@@ -260,6 +274,7 @@ impl Worker {
             start_time: None,
             blocked: None,
             finished: None,
+            final_status: None,
             last_status: None,
             transitions: HashMap::new(),
         }
@@ -317,6 +332,81 @@ impl Worker {
             }
         }
         tracing::info!(sandbox = %sandbox.id, containers = latest.len(), "adopted running pod");
+    }
+
+    /// Containers edgecore reported before but did not find in the runtime at start (the
+    /// gateway rebooted, containerd lost its state, or edgecore was killed between removing an
+    /// exited container and starting its successor): carries on from the last report, as the
+    /// kubelet does from the API's copy. Restart counts keep growing (a container that was
+    /// running counts one restart, with `lastState.terminated` reason `Unknown` and exit code
+    /// 255, what the kubelet shows after a reboot). With nothing of the pod left at all, a pod
+    /// that had finished stays finished instead of running again.
+    fn resume(&mut self, previous: &Value) {
+        if self.sandbox.is_none() {
+            let finished = match previous["phase"].as_str() {
+                Some("Succeeded") => Some("Succeeded"),
+                Some("Failed") => Some("Failed"),
+                _ => None,
+            };
+            if let Some(phase) = finished {
+                self.finished = Some(phase);
+                self.final_status = Some(previous.clone());
+                tracing::info!(
+                    phase,
+                    "pod had finished before edgecore restarted; kept finished"
+                );
+                return;
+            }
+            self.start_time = previous["startTime"].as_str().map(str::to_string);
+        }
+        let mut resumed = Vec::new();
+        for (list, states) in [
+            ("initContainerStatuses", &mut self.init),
+            ("containerStatuses", &mut self.containers),
+        ] {
+            for reported in previous[list].as_array().into_iter().flatten() {
+                let Some(state) = states
+                    .iter_mut()
+                    .find(|c| reported["name"].as_str() == Some(c.name.as_str()))
+                else {
+                    continue;
+                };
+                if state.id.is_some() {
+                    // Found in the runtime: adopted as it is.
+                    continue;
+                }
+                let restarts = reported["restartCount"]
+                    .as_u64()
+                    .and_then(|n| u32::try_from(n).ok())
+                    .unwrap_or(0);
+                let previous_termination = reported["lastState"]["terminated"].clone();
+                if let Some(running) = reported["state"].get("running") {
+                    state.attempt = restarts.saturating_add(1);
+                    let mut lost = json!({
+                        "exitCode": 255,
+                        "reason": "Unknown",
+                        "message": "the container was gone when edgecore started (gateway reboot or runtime state lost)",
+                        "startedAt": running["startedAt"],
+                    });
+                    if let Some(id) = reported["containerID"].as_str() {
+                        lost["containerID"] = json!(id);
+                    }
+                    state.last_termination = Some(lost);
+                } else if let Some(terminated) = reported["state"].get("terminated") {
+                    state.attempt = restarts.saturating_add(1);
+                    state.last_termination = Some(terminated.clone());
+                } else {
+                    state.attempt = restarts;
+                    if previous_termination.is_object() {
+                        state.last_termination = Some(previous_termination);
+                    }
+                }
+                resumed.push(format!("{}={}", state.name, state.attempt));
+            }
+        }
+        if !resumed.is_empty() {
+            tracing::info!(restart_counts = %resumed.join(","), "containers missing from the runtime; resuming from the last reported status");
+        }
     }
 
     fn pod_status_changed(&mut self, status: Value) {
@@ -540,6 +630,74 @@ impl Worker {
         tokio::spawn(async move {
             let _ = cri.remove_container(&old).await;
         });
+    }
+
+    /// `edgecore ctl restart`: stops the regular containers that run, counts a restart for each
+    /// and clears their backoff, so the next step starts them again at once.
+    async fn restart_containers(&mut self, pod: &Pod) -> Result<String, String> {
+        if let Some(phase) = self.finished {
+            return Err(format!(
+                "pod {}/{} has finished ({phase}); only a running pod can be restarted",
+                self.object.namespace, self.object.name
+            ));
+        }
+        let grace = grace_period(pod);
+        let mut stopped = Vec::new();
+        for state in &self.containers {
+            if let Some(id) = state.id.clone().filter(|_| state.exited().is_none()) {
+                stopped.push((state.name.clone(), id));
+            }
+        }
+        if stopped.is_empty() {
+            return Err(format!(
+                "pod {}/{} has no running container to restart",
+                self.object.namespace, self.object.name
+            ));
+        }
+        let stops: Vec<_> = stopped
+            .iter()
+            .map(|(_, id)| {
+                let (cri, id) = (self.ctx.cri.clone(), id.clone());
+                tokio::spawn(async move { cri.stop_container(&id, grace).await })
+            })
+            .collect();
+        for (stop, (name, _)) in stops.into_iter().zip(&stopped) {
+            if let Ok(Err(e)) = stop.await {
+                tracing::warn!(container = %name, error = %e, "cannot stop the container for a restart");
+            }
+        }
+        self.observe().await;
+        let mut names = Vec::new();
+        for i in 0..self.containers.len() {
+            if !stopped
+                .iter()
+                .any(|(name, _)| *name == self.containers[i].name)
+            {
+                continue;
+            }
+            if self.containers[i].exited().is_none() {
+                // Still running after the grace period: StopContainer kills, so this is rare.
+                continue;
+            }
+            self.restart_after_exit(i, ContainerKind::Regular);
+            let state = &mut self.containers[i];
+            state.backoff = Backoff::default();
+            state.waiting = None;
+            names.push(format!("{} (restartCount {})", state.name, state.attempt));
+        }
+        tracing::info!(containers = ?names, "containers restarted by a local operator");
+        if names.is_empty() {
+            return Err(format!(
+                "the containers of pod {}/{} did not stop",
+                self.object.namespace, self.object.name
+            ));
+        }
+        Ok(format!(
+            "pod {}/{}: restarting {}",
+            self.object.namespace,
+            self.object.name,
+            names.join(", ")
+        ))
     }
 
     async fn start_sandbox(&mut self, input: &PodInput) -> bool {
@@ -833,6 +991,9 @@ impl Worker {
 
     /// The pod status as the kubelet reports it.
     fn status(&mut self, pod: &Pod) -> Value {
+        if let Some(status) = &self.final_status {
+            return status.clone();
+        }
         let spec = pod.spec.clone().unwrap_or_default();
         let initialized = self.init.iter().all(|c| c.succeeded);
         let containers_ready = initialized
@@ -1032,6 +1193,7 @@ pub fn cleanup(paths: &PodPaths, uid: &str) {
 pub async fn run(
     ctx: Arc<Context>,
     mut desired: watch::Receiver<Desired>,
+    mut commands: mpsc::Receiver<Command>,
     adopted: Adopted,
     shutdown: CancellationToken,
 ) {
@@ -1041,6 +1203,9 @@ pub async fn run(
     };
     let mut worker = Worker::new(ctx.clone(), &input.pod);
     worker.adopt(adopted).await;
+    if let Some(previous) = ctx.outbox.last_status(&worker.object) {
+        worker.resume(&previous);
+    }
     let mut input = input;
     loop {
         let deleting = input.pod.metadata.deletion_timestamp.is_some();
@@ -1077,7 +1242,128 @@ pub async fn run(
                     }
                 }
             }
+            Some(command) = commands.recv() => match command {
+                Command::Restart { reply } => {
+                    let result = worker.restart_containers(&input.pod).await;
+                    let _ = reply.send(result);
+                }
+            },
             _ = tokio::time::sleep(RESYNC) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn worker(dir: &std::path::Path, pod: &Pod) -> Worker {
+        let metrics = Arc::new(crate::metrics::Metrics::default());
+        let (outbox, _writer) = Outbox::open(dir, metrics).expect("outbox");
+        let ctx = Arc::new(Context {
+            cri: Cri::new("unix:///nonexistent/containerd.sock").expect("lazy client"),
+            data_dir: dir.to_path_buf(),
+            node_name: "gw".into(),
+            host_ip: "10.0.0.2".into(),
+            outbox,
+        });
+        Worker::new(ctx, pod)
+    }
+
+    fn pod() -> Pod {
+        serde_json::from_value(json!({
+            "metadata": {"name": "web", "namespace": "default", "uid": "u1"},
+            "spec": {"containers": [{"name": "app", "image": "busybox"}, {"name": "side", "image": "busybox"}]},
+        }))
+        .expect("pod")
+    }
+
+    #[tokio::test]
+    async fn after_a_reboot_restart_counts_continue_from_the_last_report() {
+        let dir = tempfile::tempdir().unwrap();
+        let pod = pod();
+        let mut worker = worker(dir.path(), &pod);
+        worker.resume(&json!({
+            "phase": "Running",
+            "startTime": "2026-11-24T10:00:00Z",
+            "containerStatuses": [
+                {"name": "app", "restartCount": 2, "containerID": "containerd://old",
+                 "state": {"running": {"startedAt": "2026-11-24T10:05:00Z"}}},
+                {"name": "side", "restartCount": 4,
+                 "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+                 "lastState": {"terminated": {"exitCode": 1, "reason": "Error"}}},
+            ],
+        }));
+        let app = &worker.containers[0];
+        assert_eq!(
+            app.attempt, 3,
+            "a running container lost in the reboot counts a restart"
+        );
+        let lost = app.last_termination.as_ref().expect("lastState");
+        assert_eq!(lost["reason"], "Unknown");
+        assert_eq!(lost["exitCode"], 255);
+        assert_eq!(lost["containerID"], "containerd://old");
+        assert_eq!(lost["startedAt"], "2026-11-24T10:05:00Z");
+        let side = &worker.containers[1];
+        assert_eq!(
+            side.attempt, 4,
+            "a container waiting to restart keeps its count"
+        );
+        assert_eq!(side.last_termination.as_ref().unwrap()["reason"], "Error");
+        assert_eq!(worker.start_time.as_deref(), Some("2026-11-24T10:00:00Z"));
+        let status = worker.status(&pod);
+        assert_eq!(status["containerStatuses"][0]["restartCount"], 3);
+        assert_eq!(
+            status["containerStatuses"][0]["lastState"]["terminated"]["reason"],
+            "Unknown"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_pod_that_had_finished_stays_finished_after_a_reboot() {
+        let dir = tempfile::tempdir().unwrap();
+        let pod = pod();
+        let mut worker = worker(dir.path(), &pod);
+        let reported = json!({
+            "phase": "Succeeded",
+            "containerStatuses": [{"name": "app", "restartCount": 0,
+                "state": {"terminated": {"exitCode": 0, "reason": "Completed"}}}],
+        });
+        worker.resume(&reported);
+        assert_eq!(worker.finished, Some("Succeeded"));
+        assert_eq!(worker.status(&pod), reported, "reported as it was");
+    }
+
+    #[tokio::test]
+    async fn containers_found_in_the_runtime_are_not_touched_by_the_last_report() {
+        let dir = tempfile::tempdir().unwrap();
+        let pod = pod();
+        let mut worker = worker(dir.path(), &pod);
+        worker.sandbox = Some(Sandbox {
+            id: "s".into(),
+            ip: "10.1.0.2".into(),
+            config: api::PodSandboxConfig::default(),
+        });
+        worker.containers[0].id = Some("adopted".into());
+        worker.containers[0].attempt = 7;
+        worker.resume(&json!({
+            "phase": "Succeeded",
+            "containerStatuses": [
+                {"name": "app", "restartCount": 2, "state": {"running": {}}},
+                {"name": "side", "restartCount": 1, "state": {"running": {}}},
+            ],
+        }));
+        assert_eq!(
+            worker.finished, None,
+            "a pod with a live sandbox is judged by the runtime"
+        );
+        assert_eq!(
+            worker.containers[0].attempt, 7,
+            "adopted: the runtime's count stands"
+        );
+        assert_eq!(
+            worker.containers[1].attempt, 2,
+            "missing from the runtime: one restart more"
+        );
     }
 }

@@ -406,6 +406,7 @@ async fn join_edges(
                 labels: BTreeMap::new(),
                 timeout: Duration::from_secs(15),
                 max_frame_size: proto::DEFAULT_MAX_FRAME_SIZE,
+                rejoin: false,
             };
             edgecore::join::join(params)
                 .await
