@@ -23,6 +23,8 @@ use worker::{Adopted, Context, Desired, PodInput};
 /// How often sandboxes nobody wants are looked for.
 const GC_INTERVAL: Duration = Duration::from_secs(30);
 
+/// When the first garbage collection runs after start.
+const FIRST_GC_AFTER: Duration = Duration::from_secs(5);
 /// How often the runtime is asked again when it does not answer at start.
 const RUNTIME_RETRY: Duration = Duration::from_millis(500);
 
@@ -193,7 +195,11 @@ pub async fn run(
     let Some(mut adopted) = runtime_pods_when_ready(&ctx, &shutdown).await else {
         return;
     };
-    let mut gc = tokio::time::interval(GC_INTERVAL);
+    // The first pass soon after start: a sandbox whose creation an earlier edgecore started
+    // but did not see finish (killed meanwhile) shows up as a second sandbox of its pod, and
+    // the older of the two goes.
+    let mut gc =
+        tokio::time::interval_at(tokio::time::Instant::now() + FIRST_GC_AFTER, GC_INTERVAL);
     let mut first_pass = true;
     loop {
         match desired_pods(&store) {

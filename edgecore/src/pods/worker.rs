@@ -322,8 +322,16 @@ impl Worker {
         let any_regular = self.containers.iter().any(|c| latest.contains_key(&c.name));
         for state in self.init.iter_mut().chain(self.containers.iter_mut()) {
             if let Some(c) = latest.get(&state.name) {
-                state.id = Some(c.id.clone());
                 state.attempt = c.metadata.as_ref().map_or(0, |m| m.attempt);
+                if c.state == api::ContainerState::ContainerCreated as i32 {
+                    // Created but never started: edgecore stopped between CreateContainer
+                    // and StartContainer. It never ran, so it is replaced by a fresh one of
+                    // the same attempt, not counted as a restart.
+                    tracing::info!(container = %state.name, id = %c.id, "removing a container that was created but never started");
+                    let _ = self.ctx.cri.remove_container(&c.id).await;
+                    continue;
+                }
+                state.id = Some(c.id.clone());
                 state.started_at = Some(Instant::now());
             }
             // Regular containers exist, so the init containers completed before.
@@ -835,7 +843,15 @@ impl Worker {
         {
             Ok(id) => id,
             Err(e) => {
-                state.waiting = Some(("CreateContainerError".into(), e.to_string()));
+                let message = e.to_string();
+                if let Some(stale) = reserved_by(&message) {
+                    // A container of this name and attempt exists that we never learned of:
+                    // edgecore was stopped while creating it. It never ran; remove it so the
+                    // next step creates this attempt again.
+                    tracing::info!(container = %state.name, id = %stale, "removing a container left half-created by an earlier edgecore");
+                    let _ = ctx.cri.remove_container(stale).await;
+                }
+                state.waiting = Some(("CreateContainerError".into(), message));
                 return;
             }
         };
@@ -1125,6 +1141,13 @@ fn grace_period(pod: &Pod) -> Duration {
         .map_or(DEFAULT_GRACE, |s| Duration::from_secs(s.max(0) as u64))
 }
 
+/// The container id in containerd's "name ... is reserved for \"ID\"" refusal.
+fn reserved_by(message: &str) -> Option<&str> {
+    let (_, rest) = message.split_once("is reserved for \"")?;
+    let id = rest.split('"').next()?;
+    (!id.is_empty() && id.bytes().all(|b| b.is_ascii_hexdigit())).then_some(id)
+}
+
 /// The kubelet's default pull policy: Always for `:latest` or no tag, else IfNotPresent.
 fn pull_policy(container: &Container, image: &str) -> String {
     if let Some(policy) = &container.image_pull_policy {
@@ -1317,6 +1340,14 @@ mod tests {
             status["containerStatuses"][0]["lastState"]["terminated"]["reason"],
             "Unknown"
         );
+    }
+
+    #[test]
+    fn the_reserving_container_is_read_from_containerds_refusal() {
+        let message = r#"CreateContainer: failed to reserve container name "c_web_default_u1_0": name "c_web_default_u1_0" is reserved for "746108ce0dd6""#;
+        assert_eq!(reserved_by(message), Some("746108ce0dd6"));
+        assert_eq!(reserved_by("CreateContainer: image not found"), None);
+        assert_eq!(reserved_by(r#"is reserved for "../etc""#), None);
     }
 
     #[tokio::test]
