@@ -571,3 +571,80 @@ fn a_pod_whose_sandbox_dies_comes_back_in_a_new_one() {
     assert_eq!(container_status(&pod, "c")["restartCount"], 1);
     assert_eq!(s.containerd_pods().len(), 1, "the dead sandbox was removed");
 }
+
+/// `ctl logs -f` prints what the container writes as it writes it, and keeps following into
+/// the next container after a restart (`ctl restart`); `--tail N` prints the last N lines.
+#[test]
+fn ctl_logs_follows_a_container_across_restarts() {
+    let s = Setup::start();
+    let yaml = "apiVersion: v1\nkind: Pod\nmetadata: {name: talker}\nspec:\n  nodeName: edge-1\n  terminationGracePeriodSeconds: 1\n  containers:\n  - name: c\n    image: localhost/edge/busybox:1\n    command: [\"sh\", \"-c\", \"trap 'exit 0' TERM; i=0; while true; do echo tick $i; i=$((i+1)); sleep 0.2; done\"]\n";
+    s.kubectl(&["apply", "-f", "-"], Some(yaml));
+    s.wait_pod("talker", Duration::from_secs(20), "Running", |p| {
+        container_status(p, "c")["state"]["running"].is_object()
+    });
+    let ctl = |args: &[&str]| {
+        let mut command = std::process::Command::new(integration::bin("edgecore"));
+        command
+            .arg("ctl")
+            .args(args)
+            .arg("--data-dir")
+            .arg(&s.edge_dir);
+        command
+    };
+    let mut follow = ctl(&["logs", "-f", "talker"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("ctl logs -f");
+    let stdout = follow.stdout.take().expect("stdout");
+    let (lines_tx, lines) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let wait_for = |what: &dyn Fn(&str) -> bool, within: Duration| -> Vec<String> {
+        let deadline = Instant::now() + within;
+        let mut seen = Vec::new();
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match lines.recv_timeout(left) {
+                Ok(line) => {
+                    let done = what(&line);
+                    seen.push(line);
+                    if done {
+                        return seen;
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        panic!("ctl logs -f: expected line not seen within {within:?}; got {seen:?}");
+    };
+    // Lines keep coming while the container runs.
+    let seen = wait_for(&|l| l == "tick 10", Duration::from_secs(10));
+    assert!(seen.iter().any(|l| l == "tick 0"), "{seen:?}");
+    // After a restart the new container starts counting again, on the same follow.
+    let out = ctl(&["restart", "talker"]).output().expect("ctl restart");
+    assert!(
+        out.status.success(),
+        "ctl restart: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_for(&|l| l == "tick 0", Duration::from_secs(15));
+    wait_for(&|l| l == "tick 3", Duration::from_secs(5));
+    let _ = follow.kill();
+    let _ = follow.wait();
+    // --tail
+    let out = ctl(&["logs", "talker", "--tail", "2"])
+        .output()
+        .expect("ctl logs --tail");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let tail: Vec<&str> = text.lines().collect();
+    assert_eq!(tail.len(), 2, "{text}");
+    assert!(tail.iter().all(|l| l.starts_with("tick ")), "{text}");
+}
