@@ -1,15 +1,21 @@
-//! What the load generators (`edge-bench`, `api-bench`) share: nearest-rank percentiles, the
-//! spread of a figure across rounds, failures grouped by message, a description of the machine,
-//! a process's memory and CPU time from `/proc`, and the command-line plumbing of a load
-//! generator (flags, logging, the cloudcore binary, printing the report).
+//! What the load generators (`edge-bench`, `api-bench`, ...) share: nearest-rank percentiles,
+//! the spread of a figure across rounds, failures grouped by message, a description of the
+//! machine, a process's memory and CPU time from `/proc`, log timestamps, the command-line
+//! plumbing of a load generator (flags, logging, the binaries, printing the report), and the
+//! harness's [`Cloud`] and [`Edge`] started from given binaries (the harness finds them only
+//! next to a test).
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
-use std::process::ExitCode;
-use std::time::Duration;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::{Value, json};
+
+use crate::netns::EdgeNet;
+use crate::{Cloud, Edge};
 
 /// Clock ticks per second in `/proc/PID/stat` (`USER_HZ`, fixed at 100 by the kernel ABI).
 const USER_HZ: f64 = 100.0;
@@ -134,6 +140,152 @@ pub fn cloudcore_binary(given: Option<&PathBuf>) -> Result<PathBuf> {
     Ok(binary)
 }
 
+/// The edgecore binary: `given`, or `edgecore` next to this executable.
+pub fn edgecore_binary(given: Option<&PathBuf>) -> Result<PathBuf> {
+    let binary = match given {
+        Some(path) => path.clone(),
+        None => std::env::current_exe()
+            .context("cannot find this executable's path")?
+            .parent()
+            .context("this executable has no parent directory")?
+            .join("edgecore"),
+    };
+    ensure!(
+        binary.is_file(),
+        "{} is missing: build it with `cargo build --release -p cloudcore -p edgecore -p integration` or pass --edgecore PATH",
+        binary.display()
+    );
+    Ok(binary)
+}
+
+/// [`Cloud::start_at`] with a given `cloudcore` binary: the tunnel listens and is advertised on
+/// `tunnel_ip` (an [`EdgeNet::host_ip`]); an error holding the log instead of a panic.
+pub fn start_cloud_at(
+    binary: &Path,
+    dir: &Path,
+    tunnel_ip: IpAddr,
+    extra: &[&str],
+    log_filter: &str,
+) -> Result<Cloud> {
+    Cloud::start_full(binary, dir, tunnel_ip, extra, log_filter)
+}
+
+/// How long a starting edgecore may take to log its metrics address.
+const EDGE_START_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// [`Edge::start_in`] with a given `edgecore` binary: `edgecore run` inside `net`, logging at
+/// info to `dir/run.log` (truncated). Returns once the metrics listener is bound; an error
+/// holding the log (and the process killed) instead of a panic.
+pub fn start_edge_in(binary: &Path, net: &EdgeNet, dir: &Path, extra: &[&str]) -> Result<Edge> {
+    let mut command = net.command(binary);
+    command
+        .arg("run")
+        .arg("--data-dir")
+        .arg(dir)
+        .args(["--metrics-listen", "127.0.0.1:0"])
+        .args(extra)
+        .env("RUST_LOG", "info");
+    let log = dir.join("run.log");
+    // The guard first: an edgecore that does not come up is killed when this returns.
+    let mut edge = Edge {
+        dir: dir.to_path_buf(),
+        metrics_port: 0,
+        child: Some(crate::try_spawn_logged(&mut command, &log)?),
+        netns: Some(net.name().to_string()),
+    };
+    let deadline = Instant::now() + EDGE_START_TIMEOUT;
+    loop {
+        if let Some(port) = crate::bound_metrics_port(&edge.log()) {
+            edge.metrics_port = port;
+            return Ok(edge);
+        }
+        if let Some(Ok(Some(status))) = edge.child.as_mut().map(|c| c.try_wait()) {
+            bail!(
+                "edgecore exited ({status}) before serving metrics; log:\n{}",
+                edge.log()
+            );
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "edgecore did not start within {EDGE_START_TIMEOUT:?}; log:\n{}",
+            edge.log()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Runs `command` to completion within `limit` (killed after it); its stdout, or an error with
+/// its stderr.
+pub fn run_tool(command: &mut Command, what: &str, limit: Duration) -> Result<Vec<u8>> {
+    let child = command
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot run `{what}`"))?;
+    let pid = child.id();
+    // The output is read on a thread of its own, so a child that fills a pipe never blocks.
+    let (done, wait) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let _ = done.send(child.wait_with_output());
+    });
+    let output = match wait.recv_timeout(limit) {
+        Ok(output) => output.with_context(|| format!("cannot run `{what}`"))?,
+        Err(_) => {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+            let _ = reader.join();
+            bail!("`{what}` did not finish within {limit:?}");
+        }
+    };
+    let _ = reader.join();
+    ensure!(
+        output.status.success(),
+        "`{what}` failed ({}): {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr).trim()
+    );
+    Ok(output.stdout)
+}
+
+/// Unix nanoseconds of an RFC 3339 UTC timestamp as tracing writes it at the start of a log
+/// line (`2026-11-24T06:39:17.123456Z`); `None` for anything else.
+pub fn rfc3339_ns(text: &str) -> Option<i128> {
+    let text = text.strip_suffix('Z')?;
+    let (date, time) = text.split_once('T')?;
+    let mut date = date.splitn(3, '-').map(|p| p.parse::<i64>().ok());
+    let (year, month, day) = (date.next()??, date.next()??, date.next()??);
+    let (hms, fraction) = time.split_once('.').unwrap_or((time, ""));
+    let mut hms = hms.splitn(3, ':').map(|p| p.parse::<i64>().ok());
+    let (hour, minute, second) = (hms.next()??, hms.next()??, hms.next()??);
+    if !(1..=12).contains(&month) || fraction.len() > 9 {
+        return None;
+    }
+    let nanos: i64 = if fraction.is_empty() {
+        0
+    } else {
+        fraction.parse::<i64>().ok()? * 10i64.pow(9 - fraction.len() as u32)
+    };
+    // Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's days_from_civil).
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let year_of_era = y - era * 400;
+    let month_from_march = (month + 9) % 12;
+    let day_of_year = (153 * month_from_march + 2) / 5 + day - 1;
+    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
+    let days = era * 146_097 + day_of_era - 719_468;
+    let seconds = days * 86_400 + hour * 3_600 + minute * 60 + second;
+    Some(seconds as i128 * 1_000_000_000 + nanos as i128)
+}
+
+/// The wall clock in Unix nanoseconds, to compare with log and runtime timestamps.
+pub fn wall_ns() -> i128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i128)
+}
+
 /// Prints the report (JSON or table) or the error, and the process's exit code.
 pub fn finish(result: Result<impl Report>, json: bool) -> ExitCode {
     match result {
@@ -233,14 +385,19 @@ impl Machine {
 
 /// Resident set size of process `pid` from `/proc/PID/status` (`VmRSS`), in KiB.
 pub fn rss_kib(pid: u32) -> Result<u64> {
+    status_kib(pid, "VmRSS")
+}
+
+/// A memory field of `/proc/PID/status` in KiB (`VmRSS`, `VmHWM`, `RssAnon`, `RssFile`).
+pub fn status_kib(pid: u32, field: &str) -> Result<u64> {
     let path = format!("/proc/{pid}/status");
     let status = std::fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
     status
         .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|rest| rest.split_whitespace().next())
         .and_then(|kib| kib.parse().ok())
-        .with_context(|| format!("no VmRSS in {path}"))
+        .with_context(|| format!("no {field} in {path}"))
 }
 
 /// CPU time (user + system) process `pid` has used so far, from `/proc/PID/stat`.
@@ -291,6 +448,46 @@ mod tests {
         assert!(text.starts_with("3 joins failed"), "{text}");
         assert!(text.contains("2 x timeout"), "{text}");
         assert!(Failures::default().check("joins").is_ok());
+    }
+
+    #[test]
+    fn rfc3339_timestamps_become_unix_nanoseconds() {
+        assert_eq!(rfc3339_ns("1970-01-01T00:00:00Z"), Some(0));
+        assert_eq!(
+            rfc3339_ns("2026-11-24T06:39:17.123456Z"),
+            Some(1_795_502_357_123_456_000)
+        );
+        assert_eq!(
+            rfc3339_ns("2000-02-29T12:00:00.5Z"),
+            Some(951_825_600_500_000_000)
+        );
+        assert_eq!(rfc3339_ns("yesterday"), None);
+    }
+
+    #[test]
+    fn tools_give_stdout_or_their_stderr_and_are_bounded() {
+        let out = run_tool(
+            Command::new("sh").args(["-c", "echo hi"]),
+            "echo",
+            Duration::from_secs(10),
+        );
+        assert_eq!(out.expect("echo runs"), b"hi\n");
+        let err = run_tool(
+            Command::new("sh").args(["-c", "echo nope >&2; exit 3"]),
+            "failing",
+            Duration::from_secs(10),
+        )
+        .expect_err("exit 3");
+        assert!(err.to_string().contains("nope"), "{err}");
+        let started = Instant::now();
+        let err = run_tool(
+            Command::new("sleep").arg("30"),
+            "sleep",
+            Duration::from_millis(200),
+        )
+        .expect_err("too slow");
+        assert!(err.to_string().contains("did not finish"), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(10));
     }
 
     #[test]
