@@ -643,11 +643,23 @@ fn kill_during_status_flush_and_update_storm_loses_nothing() {
     site.apply(&settings("0"));
     site.apply(&pod_yaml("crasher", &node, CRASHER, ""));
     site.apply(&pod_yaml("steady", &node, SLEEPER, ""));
+    let flushed: Vec<String> = (0..6).map(|i| format!("flush-{i}")).collect();
+    for name in &flushed {
+        site.apply(&pod_yaml(name, &node, SLEEPER, ""));
+    }
     site.wait_pod("steady", Duration::from_secs(30), "running", running);
+    for name in &flushed {
+        site.wait_pod(name, Duration::from_secs(30), "running", running);
+    }
     site.net.cut().expect("cut");
     assert!(eventually(Duration::from_secs(30), || !site
         .edge
         .connected()));
+    // Status to flush after the heal: one restart of each pod, made offline.
+    for name in &flushed {
+        let (ok, out, err) = site.ctl(&["restart", name]);
+        assert!(ok, "ctl restart {name}: {out}{err}");
+    }
     // Crash-loop offline long enough for a few restarts (10 s, 20 s backoff).
     assert!(
         eventually(Duration::from_secs(60), || local_pods(&site)
@@ -656,12 +668,19 @@ fn kill_during_status_flush_and_update_storm_loses_nothing() {
             .is_some_and(|r| r >= 2)),
         "crasher not restarted offline"
     );
-    // Heal and kill edgecore while the flush runs.
+    // Heal and kill edgecore the moment it is connected: the flush has just started.
     site.net.heal().expect("heal");
-    assert!(eventually(Duration::from_secs(15), || site
-        .edge
-        .connected()));
+    let healed = Instant::now();
+    while !site.edge.connected() {
+        assert!(
+            healed.elapsed() < Duration::from_secs(15),
+            "no reconnect after the heal"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let pending = site.edge.metric("edgecore_outbox_pending");
     site.edge.kill();
+    eprintln!("killed with {pending} reports unacknowledged");
     let local_restarts = local_pods(&site)["crasher"]["restarts"]
         .as_u64()
         .unwrap_or(0);
@@ -672,6 +691,11 @@ fn kill_during_status_flush_and_update_storm_loses_nothing() {
         "offline restart count",
         |p| restarts(p) >= local_restarts,
     );
+    for name in &flushed {
+        site.wait_pod(name, AFTER_HEAL, "the restart made offline", |p| {
+            restarts(p) == 1 && running(p)
+        });
+    }
 
     // Update storm with kill -9 in the middle of it.
     let storm = std::thread::scope(|scope| {
