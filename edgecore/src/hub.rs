@@ -38,8 +38,6 @@ const CLOSE_GRACE: Duration = Duration::from_secs(1);
 /// Between attempts when retrying cannot help until an operator acts (an expired or revoked
 /// certificate): often enough to pick up a rejoin quickly.
 const OPERATOR_RETRY: Duration = Duration::from_secs(10);
-/// How a session that ended because the store refused a write says so (see [`run`]).
-const STORE_FAILED: &str = "cannot store objects from the cloud, nothing acknowledged";
 /// Before reconnecting after the store refused a write (a full disk): the cloud sends again
 /// what was not acknowledged, so each retry is a resync.
 const STORE_RETRY: Duration = Duration::from_secs(5);
@@ -111,6 +109,34 @@ impl SessionError {
             ),
             SessionError::Identity(_) | SessionError::Tls(_) => true,
             _ => false,
+        }
+    }
+}
+
+/// Why a session ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SessionEnd {
+    /// The link or the cloud ended it (the reason as text).
+    Lost(String),
+    /// The store refused to commit objects from the cloud (a full disk); nothing of them was
+    /// acknowledged.
+    StoreRefused(String),
+}
+
+impl From<String> for SessionEnd {
+    fn from(why: String) -> Self {
+        SessionEnd::Lost(why)
+    }
+}
+
+impl std::fmt::Display for SessionEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SessionEnd::Lost(why) => f.write_str(why),
+            SessionEnd::StoreRefused(why) => write!(
+                f,
+                "cannot store objects from the cloud, nothing acknowledged: {why}"
+            ),
         }
     }
 }
@@ -233,7 +259,7 @@ impl Session {
         replica: &Replica,
         outbox: &Outbox,
         shutdown: &CancellationToken,
-    ) -> String {
+    ) -> SessionEnd {
         let Session {
             endpoint,
             connection,
@@ -285,7 +311,7 @@ impl Session {
         // (latest wins; it goes once written). Reports waiting from before go first.
         outbox.put(node_ref.clone(), Report::Status(node_status(config)));
         if let Err(e) = send_due(outbox, session, &mut report_seq, &mut writer, metrics).await {
-            return link.lost(e);
+            return link.lost(e).into();
         }
         loop {
             let wake = match deferred.take() {
@@ -310,22 +336,22 @@ impl Session {
                     // Let the close frame leave before the process exits, so the cloud sees the
                     // session end now rather than after its idle timeout.
                     let _ = tokio::time::timeout(CLOSE_GRACE, link.endpoint.wait_idle()).await;
-                    return "edgecore shutting down".into();
+                    return SessionEnd::Lost("edgecore shutting down".into());
                 }
                 Wake::Dead => {
                     link.connection.close(
                         VarInt::from_u32(close_code::HEARTBEAT_TIMEOUT),
                         b"heartbeat timeout",
                     );
-                    return format!(
+                    return SessionEnd::Lost(format!(
                         "nothing heard from the cloud for {}",
                         humantime::format_duration(dead_after)
-                    );
+                    ));
                 }
                 Wake::Heartbeat => {
                     seq += 1;
                     if let Err(e) = writer.send(Message::Heartbeat { seq }).await {
-                        return link.lost(e);
+                        return link.lost(e).into();
                     }
                 }
                 Wake::NodeStatus => {
@@ -335,7 +361,7 @@ impl Session {
                     if let Err(e) =
                         send_due(outbox, session, &mut report_seq, &mut writer, metrics).await
                     {
-                        return link.lost(e);
+                        return link.lost(e).into();
                     }
                 }
                 Wake::Renew => {
@@ -344,7 +370,7 @@ impl Session {
                         Ok((key, csr_der)) => {
                             tracing::info!(not_after = %identity.not_after, "renewing the node certificate");
                             if let Err(e) = writer.send(Message::RenewRequest { csr_der }).await {
-                                return link.lost(e);
+                                return link.lost(e).into();
                             }
                             pending_key = Some(key);
                         }
@@ -358,9 +384,10 @@ impl Session {
                         .connection
                         .close_reason()
                         .map(|r| describe_close(&r))
-                        .unwrap_or_else(|| "the cloud finished the stream".into());
+                        .unwrap_or_else(|| "the cloud finished the stream".into())
+                        .into();
                 }
-                Wake::Incoming(Some(Err(e))) => return link.lost(e),
+                Wake::Incoming(Some(Err(e))) => return link.lost(e).into(),
                 Wake::Incoming(Some(Ok(message))) => {
                     last_heard = Instant::now();
                     match message {
@@ -383,7 +410,7 @@ impl Session {
                                 Ok(seqs) if seqs.is_empty() => {}
                                 Ok(seqs) => {
                                     if let Err(e) = writer.send(Message::Ack { seqs }).await {
-                                        return link.lost(e);
+                                        return link.lost(e).into();
                                     }
                                 }
                                 Err(e) => {
@@ -391,7 +418,7 @@ impl Session {
                                         VarInt::from_u32(close_code::NORMAL),
                                         b"edge store write failed",
                                     );
-                                    return format!("{STORE_FAILED}: {}", error_chain(&e));
+                                    return SessionEnd::StoreRefused(error_chain(&e));
                                 }
                             }
                         }
@@ -644,7 +671,7 @@ pub async fn run(
                     return Ok(());
                 }
                 offline_since = Some(Instant::now());
-                if ended.starts_with(STORE_FAILED) {
+                if let SessionEnd::StoreRefused(_) = ended {
                     store_failed = true;
                     if last_loud.is_none_or(|t| t.elapsed() >= LOUD_EVERY) {
                         last_loud = Some(Instant::now());

@@ -778,21 +778,11 @@ impl Containerd {
                     let _ = cri.remove_pod_sandbox(&sandbox.id).await;
                     // The pod cgroups edgecore would remove (a real reboot empties cgroupfs).
                     if let Some(uid) = sandbox.labels.get(edgecore::pods::spec::LABEL_POD_UID) {
-                        remove_pod_cgroups(uid);
+                        edgecore::pods::worker::remove_pod_cgroups(uid);
                     }
                 }
             }
         });
-    }
-}
-
-/// Removes the (empty) cgroups `edgecore` gives pod `uid` under every controller.
-fn remove_pod_cgroups(uid: &str) {
-    let parent = edgecore::pods::spec::cgroup_parent(uid);
-    if let Ok(controllers) = std::fs::read_dir("/sys/fs/cgroup") {
-        for controller in controllers.flatten() {
-            let _ = std::fs::remove_dir(controller.path().join(parent.trim_start_matches('/')));
-        }
     }
 }
 

@@ -1203,6 +1203,11 @@ pub fn cleanup(paths: &PodPaths, uid: &str) {
     if let Some(pod_dir) = paths.log_dir.parent() {
         let _ = std::fs::remove_dir_all(pod_dir);
     }
+    remove_pod_cgroups(uid);
+}
+
+/// Removes the (empty) cgroups of pod `uid` under every controller; one still in use stays.
+pub fn remove_pod_cgroups(uid: &str) {
     let parent = spec::cgroup_parent(uid);
     if let Ok(controllers) = std::fs::read_dir("/sys/fs/cgroup") {
         for controller in controllers.flatten() {

@@ -409,7 +409,7 @@ async fn connect_round(
                 &shutdown,
             );
             let (ended, ()) = tokio::join!(session, writer);
-            ended
+            ended.to_string()
         });
     }
     cloud
