@@ -252,31 +252,48 @@ pub fn run_tool(command: &mut Command, what: &str, limit: Duration) -> Result<Ve
 /// Unix nanoseconds of an RFC 3339 UTC timestamp as tracing writes it at the start of a log
 /// line (`2026-11-24T06:39:17.123456Z`); `None` for anything else.
 pub fn rfc3339_ns(text: &str) -> Option<i128> {
-    let text = text.strip_suffix('Z')?;
-    let (date, time) = text.split_once('T')?;
-    let mut date = date.splitn(3, '-').map(|p| p.parse::<i64>().ok());
-    let (year, month, day) = (date.next()??, date.next()??, date.next()??);
-    let (hms, fraction) = time.split_once('.').unwrap_or((time, ""));
-    let mut hms = hms.splitn(3, ':').map(|p| p.parse::<i64>().ok());
-    let (hour, minute, second) = (hms.next()??, hms.next()??, hms.next()??);
-    if !(1..=12).contains(&month) || fraction.len() > 9 {
+    if !text.ends_with('Z') {
         return None;
     }
-    let nanos: i64 = if fraction.is_empty() {
-        0
-    } else {
-        fraction.parse::<i64>().ok()? * 10i64.pow(9 - fraction.len() as u32)
+    let at = time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339);
+    at.ok().map(|t| t.unix_timestamp_nanos())
+}
+
+/// A kube-rs client once the embedded API answers (within `ready_timeout`), with `namespace`
+/// created for the bench's objects.
+pub async fn api_client(
+    namespace: &str,
+    ready_timeout: Duration,
+    cloud: &Cloud,
+) -> Result<kube::Client> {
+    use k8s_openapi::api::core::v1::Namespace;
+    use kube::api::{Api, ListParams, ObjectMeta, PostParams};
+    let client = crate::kube_client(&cloud.kubeconfig()).await?;
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let deadline = std::time::Instant::now() + ready_timeout;
+    loop {
+        match namespaces.list(&ListParams::default()).await {
+            Ok(_) => break,
+            Err(e) if std::time::Instant::now() >= deadline => {
+                return Err(e).context(format!(
+                    "the embedded API did not answer within {ready_timeout:?}"
+                ));
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    let object = Namespace {
+        metadata: ObjectMeta {
+            name: Some(namespace.into()),
+            ..ObjectMeta::default()
+        },
+        ..Namespace::default()
     };
-    // Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's days_from_civil).
-    let y = if month <= 2 { year - 1 } else { year };
-    let era = y.div_euclid(400);
-    let year_of_era = y - era * 400;
-    let month_from_march = (month + 9) % 12;
-    let day_of_year = (153 * month_from_march + 2) / 5 + day - 1;
-    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
-    let days = era * 146_097 + day_of_era - 719_468;
-    let seconds = days * 86_400 + hour * 3_600 + minute * 60 + second;
-    Some(seconds as i128 * 1_000_000_000 + nanos as i128)
+    namespaces
+        .create(&PostParams::default(), &object)
+        .await
+        .context("cannot create the bench namespace")?;
+    Ok(client)
 }
 
 /// The wall clock in Unix nanoseconds, to compare with log and runtime timestamps.

@@ -53,8 +53,8 @@ use integration::bench::{self, Machine, Spread, mib};
 use integration::netns::EdgeNet;
 use integration::{Cloud, Containerd, Edge};
 use k8s_cri::v1 as cri_api;
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Pod};
-use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use proto::sync::ObjectKey;
 use serde_json::{Value, json};
 
@@ -568,7 +568,11 @@ impl<'a> Site<'a> {
         )?;
         let edge_dir = dir.join("edge");
         join(binaries, &net, &cloud, &edge_dir)?;
-        let client = block(rt, "reach the API", api_client(&cloud))?;
+        let client = block(
+            rt,
+            "reach the API",
+            bench::api_client(NAMESPACE, API_READY_TIMEOUT, &cloud),
+        )?;
         let mut site = Site {
             edge: None,
             runtime,
@@ -1252,36 +1256,6 @@ fn join(binaries: &Binaries, net: &EdgeNet, cloud: &Cloud, edge_dir: &Path) -> R
         CALL_TIMEOUT,
     )?;
     Ok(())
-}
-
-/// A kube-rs client once the embedded API answers, with the bench namespace created.
-async fn api_client(cloud: &Cloud) -> Result<kube::Client> {
-    let client = integration::kube_client(&cloud.kubeconfig()).await?;
-    let namespaces: Api<Namespace> = Api::all(client.clone());
-    let deadline = Instant::now() + API_READY_TIMEOUT;
-    loop {
-        match namespaces.list(&ListParams::default()).await {
-            Ok(_) => break,
-            Err(e) if Instant::now() >= deadline => {
-                return Err(e).context(format!(
-                    "the embedded API did not answer within {API_READY_TIMEOUT:?}"
-                ));
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-        }
-    }
-    let namespace = Namespace {
-        metadata: ObjectMeta {
-            name: Some(NAMESPACE.into()),
-            ..ObjectMeta::default()
-        },
-        ..Namespace::default()
-    };
-    namespaces
-        .create(&PostParams::default(), &namespace)
-        .await
-        .context("cannot create the bench namespace")?;
-    Ok(client)
 }
 
 /// The pod as the bench creates it: bound to the edge at create, mounting the ConfigMap.

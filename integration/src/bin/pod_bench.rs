@@ -35,7 +35,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use clap::{Parser, ValueEnum};
@@ -46,10 +46,9 @@ use edgecore::store::Store;
 use futures::StreamExt;
 use integration::bench::{self, Machine, Spread, mib};
 use integration::{Cloud, Containerd};
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::core::v1::Pod;
 use kube::api::{
-    Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams, WatchEvent,
-    WatchParams,
+    Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, WatchEvent, WatchParams,
 };
 use proto::sync::ObjectKey;
 use serde_json::{Value, json};
@@ -166,30 +165,12 @@ struct Binaries {
     edgecore: PathBuf,
 }
 
-/// The edgecore binary: `given`, or `edgecore` next to this executable.
-fn edgecore_binary(given: Option<&PathBuf>) -> Result<PathBuf> {
-    let binary = match given {
-        Some(path) => path.clone(),
-        None => std::env::current_exe()
-            .context("cannot find this executable's path")?
-            .parent()
-            .context("this executable has no parent directory")?
-            .join("edgecore"),
-    };
-    ensure!(
-        binary.is_file(),
-        "{} is missing: build it with `cargo build --release -p cloudcore -p edgecore -p integration` or pass --edgecore PATH",
-        binary.display()
-    );
-    Ok(binary)
-}
-
 /// Runs the rounds under the overall timeout. Whatever was started is stopped by its guard
 /// when this returns, also on an error, the timeout or Ctrl-C; then the temp dir is kept.
 async fn bench(cli: &Cli) -> Result<Report> {
     let binaries = Binaries {
         cloudcore: bench::cloudcore_binary(cli.cloudcore.as_ref())?,
-        edgecore: edgecore_binary(cli.edgecore.as_ref())?,
+        edgecore: bench::edgecore_binary(cli.edgecore.as_ref())?,
     };
     let dir = tempfile::Builder::new()
         .prefix("pod-bench-")
@@ -575,36 +556,6 @@ fn metrics_port_in(log: &str) -> Option<u16> {
         .and_then(|p| p.parse().ok())
 }
 
-/// A kube-rs client once the embedded API answers, and the bench namespace created.
-async fn api_client(cloud: &Cloud) -> Result<kube::Client> {
-    let client = integration::kube_client(&cloud.kubeconfig()).await?;
-    let namespaces: Api<Namespace> = Api::all(client.clone());
-    let deadline = Instant::now() + API_READY_TIMEOUT;
-    loop {
-        match namespaces.list(&ListParams::default()).await {
-            Ok(_) => break,
-            Err(e) if Instant::now() >= deadline => {
-                return Err(e).context(format!(
-                    "the embedded API did not answer within {API_READY_TIMEOUT:?}"
-                ));
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-        }
-    }
-    let namespace = Namespace {
-        metadata: ObjectMeta {
-            name: Some(NAMESPACE.into()),
-            ..ObjectMeta::default()
-        },
-        ..Namespace::default()
-    };
-    namespaces
-        .create(&PostParams::default(), &namespace)
-        .await
-        .context("cannot create the bench namespace")?;
-    Ok(client)
-}
-
 // ---------------------------------------------------------------------------------------------
 // Clocks and memory
 
@@ -620,7 +571,7 @@ impl Start {
     fn now() -> Start {
         Start {
             at: Instant::now(),
-            wall_ns: wall_ns(),
+            wall_ns: bench::wall_ns(),
         }
     }
 
@@ -633,42 +584,6 @@ impl Start {
     fn ms_until_wall(&self, ns: i128) -> f64 {
         (ns - self.wall_ns) as f64 / 1e6
     }
-}
-
-fn wall_ns() -> i128 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as i128)
-}
-
-/// Unix nanoseconds of an RFC 3339 UTC timestamp as tracing writes it
-/// (`2026-11-24T06:39:17.123456Z`).
-fn rfc3339_ns(text: &str) -> Option<i128> {
-    let text = text.strip_suffix('Z')?;
-    let (date, time) = text.split_once('T')?;
-    let mut date = date.splitn(3, '-').map(|p| p.parse::<i64>().ok());
-    let (year, month, day) = (date.next()??, date.next()??, date.next()??);
-    let (hms, fraction) = time.split_once('.').unwrap_or((time, ""));
-    let mut hms = hms.splitn(3, ':').map(|p| p.parse::<i64>().ok());
-    let (hour, minute, second) = (hms.next()??, hms.next()??, hms.next()??);
-    if !(1..=12).contains(&month) || fraction.len() > 9 {
-        return None;
-    }
-    let nanos: i64 = if fraction.is_empty() {
-        0
-    } else {
-        fraction.parse::<i64>().ok()? * 10i64.pow(9 - fraction.len() as u32)
-    };
-    // Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's days_from_civil).
-    let y = if month <= 2 { year - 1 } else { year };
-    let era = y.div_euclid(400);
-    let year_of_era = y - era * 400;
-    let month_from_march = (month + 9) % 12;
-    let day_of_year = (153 * month_from_march + 2) / 5 + day - 1;
-    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
-    let days = era * 146_097 + day_of_era - 719_468;
-    let seconds = days * 86_400 + hour * 3_600 + minute * 60 + second;
-    Some(seconds as i128 * 1_000_000_000 + nanos as i128)
 }
 
 /// edgecore's memory and CPU over a quiet period.
@@ -700,18 +615,6 @@ impl Memory {
             "containerd_cpu_percent_of_one_cpu": self.containerd_cpu_percent,
         })
     }
-}
-
-/// A field of `/proc/PID/status` in KiB (`VmRSS`, `VmHWM`).
-fn proc_status_kib(pid: u32, field: &str) -> Result<u64> {
-    let path = format!("/proc/{pid}/status");
-    let status = std::fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|kib| kib.parse().ok())
-        .with_context(|| format!("no {field} in {path}"))
 }
 
 /// CPU time the threads of process `pid` have run so far, in nanoseconds: the sum of each
@@ -756,10 +659,10 @@ async fn quiet_memory(
     Ok(Memory {
         pods,
         quiet,
-        rss_kib: proc_status_kib(pid, "VmRSS")?,
-        hwm_kib: proc_status_kib(pid, "VmHWM")?,
-        anon_kib: proc_status_kib(pid, "RssAnon")?,
-        file_kib: proc_status_kib(pid, "RssFile")?,
+        rss_kib: bench::status_kib(pid, "VmRSS")?,
+        hwm_kib: bench::status_kib(pid, "VmHWM")?,
+        anon_kib: bench::status_kib(pid, "RssAnon")?,
+        file_kib: bench::status_kib(pid, "RssFile")?,
         cpu_percent: percent(cpu),
         containerd_cpu_percent: containerd_cpu,
     })
@@ -1015,7 +918,7 @@ fn edge_log_stamps(log: &str) -> HashMap<String, Logged> {
         if !sandbox && !started {
             continue;
         }
-        let Some(at) = line.split_whitespace().next().and_then(rfc3339_ns) else {
+        let Some(at) = line.split_whitespace().next().and_then(bench::rfc3339_ns) else {
             continue;
         };
         let Some(uid) = line
@@ -1099,7 +1002,7 @@ impl Site {
             join_edge(binaries, &cloud, &edge_dir).await?;
             let edge =
                 EdgeProcess::start(&binaries.edgecore, &edge_dir, &runtime.get()?.endpoint).await?;
-            let client = api_client(&cloud).await?;
+            let client = bench::api_client(NAMESPACE, API_READY_TIMEOUT, &cloud).await?;
             anyhow::Ok((edge, client))
         }
         .await;
@@ -2012,16 +1915,16 @@ mod tests {
 
     #[test]
     fn rfc3339_timestamps_become_unix_nanoseconds() {
-        assert_eq!(rfc3339_ns("1970-01-01T00:00:00Z"), Some(0));
+        assert_eq!(bench::rfc3339_ns("1970-01-01T00:00:00Z"), Some(0));
         assert_eq!(
-            rfc3339_ns("2026-11-24T06:39:17.123456Z"),
+            bench::rfc3339_ns("2026-11-24T06:39:17.123456Z"),
             Some(1_795_502_357_123_456_000)
         );
         assert_eq!(
-            rfc3339_ns("2000-02-29T12:00:00.5Z"),
+            bench::rfc3339_ns("2000-02-29T12:00:00.5Z"),
             Some(951_825_600_500_000_000)
         );
-        assert_eq!(rfc3339_ns("yesterday"), None);
+        assert_eq!(bench::rfc3339_ns("yesterday"), None);
     }
 
     #[test]
