@@ -19,6 +19,14 @@ use serde_json::Value;
 
 use crate::netns::EdgeNet;
 
+/// The status of container `name` in a pod's JSON (`Null` when it has none yet).
+pub fn container_status<'a>(pod: &'a Value, name: &str) -> &'a Value {
+    pod["status"]["containerStatuses"]
+        .as_array()
+        .and_then(|a| a.iter().find(|c| c["name"] == name))
+        .unwrap_or(&Value::Null)
+}
+
 /// Path of a workspace binary next to the test executable (`target/<profile>/NAME`).
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
@@ -276,6 +284,57 @@ impl Cloud {
     /// Whether the serve process is still running.
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    /// `kubectl ARGS` with `stdin`, asserting success; its stdout.
+    pub fn kubectl_ok(&self, args: &[&str], stdin: Option<&str>) -> String {
+        let out = self.kubectl_with_stdin(args, stdin);
+        assert!(
+            out.status.success(),
+            "kubectl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Pod `name` of namespace `default` as the API holds it (`kubectl get -o json`).
+    pub fn pod(&self, name: &str) -> Option<Value> {
+        let out = self.kubectl(&["get", "pod", name, "-o", "json"]);
+        out.status
+            .success()
+            .then(|| serde_json::from_slice(&out.stdout).ok())
+            .flatten()
+    }
+
+    /// Waits (polling every 100 ms) until pod `name` satisfies `check`; panics after `within`
+    /// with `what`, the pod's last status and `context()` (an edge log, say).
+    pub fn wait_pod(
+        &self,
+        name: &str,
+        within: Duration,
+        what: &str,
+        check: impl Fn(&Value) -> bool,
+        context: impl FnOnce() -> String,
+    ) -> Value {
+        let started = Instant::now();
+        let mut last = None;
+        loop {
+            if let Some(pod) = self.pod(name) {
+                if check(&pod) {
+                    return pod;
+                }
+                last = Some(pod);
+            }
+            if started.elapsed() >= within {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!(
+            "pod {name}: {what} not reached within {within:?}; last status: {}\n{}",
+            last.map(|p| p["status"].to_string()).unwrap_or_default(),
+            context()
+        );
     }
 
     /// Runs a `cloudcore` CLI command against this data dir.

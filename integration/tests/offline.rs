@@ -16,7 +16,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use integration::netns::EdgeNet;
-use integration::{Cloud, Containerd, Edge, bin, eventually, join_in};
+use integration::{Cloud, Containerd, Edge, bin, container_status, eventually, join_in};
 use serde_json::Value;
 
 /// How long node heartbeats may be missing before the node is Ready=Unknown (and, in
@@ -117,13 +117,7 @@ impl Site {
     }
 
     fn kubectl(&self, args: &[&str], stdin: Option<&str>) -> String {
-        let out = self.cloud.kubectl_with_stdin(args, stdin);
-        assert!(
-            out.status.success(),
-            "kubectl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        self.cloud.kubectl_ok(args, stdin)
     }
 
     fn apply(&self, yaml: &str) {
@@ -131,11 +125,7 @@ impl Site {
     }
 
     fn pod(&self, name: &str) -> Option<Value> {
-        let out = self.cloud.kubectl(&["get", "pod", name, "-o", "json"]);
-        out.status
-            .success()
-            .then(|| serde_json::from_slice(&out.stdout).ok())
-            .flatten()
+        self.cloud.pod(name)
     }
 
     fn wait_pod(
@@ -145,25 +135,9 @@ impl Site {
         what: &str,
         check: impl Fn(&Value) -> bool,
     ) -> Value {
-        let started = Instant::now();
-        let mut last = None;
-        loop {
-            if let Some(pod) = self.pod(name) {
-                if check(&pod) {
-                    return pod;
-                }
-                last = Some(pod);
-            }
-            if started.elapsed() >= within {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        panic!(
-            "pod {name}: {what} not reached within {within:?}; last status: {}\nedge log (end):\n{}",
-            last.map(|p| p["status"].to_string()).unwrap_or_default(),
-            tail(&self.edge.log(), 60)
-        );
+        self.cloud.wait_pod(name, within, what, check, || {
+            format!("edge log (end):\n{}", tail(&self.edge.log(), 60))
+        })
     }
 
     fn wait_gone(&self, name: &str, within: Duration) {
@@ -265,13 +239,6 @@ impl Runtime {
 fn tail(text: &str, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
-}
-
-fn container_status<'a>(pod: &'a Value, name: &str) -> &'a Value {
-    pod["status"]["containerStatuses"]
-        .as_array()
-        .and_then(|a| a.iter().find(|c| c["name"] == name))
-        .unwrap_or(&Value::Null)
 }
 
 fn restarts(pod: &Value) -> u64 {

@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use integration::{Cloud, Containerd, Edge, eventually, join};
+use integration::{Cloud, Containerd, Edge, container_status, eventually, join};
 use serde_json::Value;
 
 /// Fields drop in order: edgecore, then containerd (removing its pods), then cloudcore, then
@@ -73,21 +73,11 @@ impl Setup {
     }
 
     fn kubectl(&self, args: &[&str], stdin: Option<&str>) -> String {
-        let out = self.cloud.kubectl_with_stdin(args, stdin);
-        assert!(
-            out.status.success(),
-            "kubectl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        self.cloud.kubectl_ok(args, stdin)
     }
 
     fn pod(&self, name: &str) -> Option<Value> {
-        let out = self.cloud.kubectl(&["get", "pod", name, "-o", "json"]);
-        out.status
-            .success()
-            .then(|| serde_json::from_slice(&out.stdout).ok())
-            .flatten()
+        self.cloud.pod(name)
     }
 
     fn wait_pod(
@@ -97,22 +87,9 @@ impl Setup {
         what: &str,
         check: impl Fn(&Value) -> bool,
     ) -> Value {
-        let started = Instant::now();
-        let mut last = None;
-        while started.elapsed() < within {
-            if let Some(pod) = self.pod(name) {
-                if check(&pod) {
-                    return pod;
-                }
-                last = Some(pod);
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        panic!(
-            "pod {name}: {what} not reached within {within:?}; last status: {}\nedge log:\n{}",
-            last.map(|p| p["status"].to_string()).unwrap_or_default(),
-            self.edge.log()
-        );
+        self.cloud.wait_pod(name, within, what, check, || {
+            format!("edge log:\n{}", self.edge.log())
+        })
     }
 
     fn exec(&self, pod: &str, command: &[&str]) -> (i32, String) {
@@ -128,13 +105,6 @@ impl Setup {
             String::from_utf8_lossy(&out.stdout).into_owned(),
         )
     }
-}
-
-fn container_status<'a>(pod: &'a Value, name: &str) -> &'a Value {
-    pod["status"]["containerStatuses"]
-        .as_array()
-        .and_then(|a| a.iter().find(|c| c["name"] == name))
-        .unwrap_or(&Value::Null)
 }
 
 fn condition(pod: &Value, kind: &str) -> String {
