@@ -28,10 +28,14 @@ use crate::join::{self, JoinLimiter, source_text};
 use crate::metrics::Metrics;
 use crate::pki::{self, ClusterCa, NodeIdentity};
 use crate::registry::{CertificateStatus, Registry};
-use crate::upstream::{Change, Outcome, StatusUpdate, Upstream};
+use crate::upstream::{Change, Origin, Outcome, StatusUpdate, Upstream};
 
 /// Outgoing messages queued per session; a full queue makes the sender wait (flow control).
 const SESSION_QUEUE: usize = 64;
+/// After a session starts, statuses that drifted in the API while the edge was away are
+/// written back this much later: first the edge delivers what it learned offline, which
+/// replaces the cloud's older truths (`reconcile`).
+const DRIFT_SETTLE: Duration = Duration::from_secs(1);
 /// Status reports of one session queued for the API at once; more are dropped (the edge
 /// reports again), so one edge cannot grow the upstream queue's waiters without bound.
 const SESSION_STATUS_BACKLOG: usize = 1024;
@@ -542,14 +546,20 @@ async fn serve_node(
             tracing::warn!(error = %e, cause = %source_text(&e), "cannot record connection");
         }
     }
+    // Balanced by `session_ended` below, whatever becomes of the session.
+    let resend_status = shared
+        .upstream
+        .session_started(&identity.node_name, DRIFT_SETTLE);
     let ack = Message::HelloAck(HelloAck {
         version: proto::PROTOCOL_VERSION,
         node_name: identity.node_name.clone(),
         heartbeat_interval_ms: shared.config.heartbeat_interval.as_millis() as u64,
         dead_after_ms: shared.config.dead_after.as_millis() as u64,
+        resend_status,
     });
     if let Err(e) = writer.send(ack).await {
         tracing::info!(error = %e, "connection lost before the session started");
+        shared.upstream.session_ended(&identity.node_name);
         return;
     }
     let replaced = shared.sessions().insert(
@@ -604,6 +614,7 @@ async fn serve_node(
     tracing::info!("edge disconnected: {ended}");
 
     shared.metrics.connected_edges.dec();
+    shared.upstream.session_ended(&identity.node_name);
     let still_ours = {
         let mut sessions = shared.sessions();
         match sessions.get(&identity.node_name) {
@@ -867,6 +878,7 @@ fn submit_status(
         object,
         generation: report.generation,
         change: Change::Status(status),
+        origin: Origin::Edge,
     };
     queue_upstream(shared, update, report.seq, key, tx, permit);
     None
@@ -905,6 +917,7 @@ fn submit_pod_deleted(
         // After every status report of the pod: a deletion replaces any queued status.
         generation: u64::MAX,
         change: Change::Delete,
+        origin: Origin::Edge,
     };
     queue_upstream(shared, update, seq, key, tx, permit);
     None

@@ -12,6 +12,7 @@ pub mod join;
 pub mod metrics;
 pub mod nodes;
 pub mod pki;
+pub mod reconcile;
 pub mod registry;
 pub mod scheduler;
 pub mod signal;
@@ -119,6 +120,7 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> Result<(),
     tracker.spawn(downstream::run(
         client.clone(),
         downstream.clone(),
+        upstream.clone(),
         shutdown.clone(),
     ));
     let shared = Arc::new(hub::Shared::new(

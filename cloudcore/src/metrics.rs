@@ -221,6 +221,16 @@ impl Default for Metrics {
             "Status reports replaced by a newer one of the same object before being written",
             m.upstream.coalesced.clone(),
         );
+        registry.register(
+            "cloudcore_status_reasserted",
+            "Edge statuses queued again because the API's copy drifted from what the edge reported",
+            m.upstream.reasserted.clone(),
+        );
+        registry.register(
+            "cloudcore_status_unchanged",
+            "Status writes skipped because the API already held what the edge reported",
+            m.upstream.unchanged.clone(),
+        );
         Metrics { registry, ..m }
     }
 }

@@ -38,6 +38,8 @@ use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::reconcile::{Reassert, Truths, covers};
+
 /// How many objects' last written generation is remembered; the least recently written are
 /// forgotten first, and a report for a forgotten object is written without the staleness check.
 pub const REMEMBERED_WRITES: usize = 100_000;
@@ -75,6 +77,18 @@ pub struct StatusUpdate {
     pub generation: u64,
     /// What to write.
     pub change: Change,
+    /// Who asks for the write.
+    pub origin: Origin,
+}
+
+/// Why an update is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// The edge reported it: written only if newer than what was written.
+    Edge,
+    /// The API's copy drifted from the edge's last report ([`crate::reconcile`]): the report is
+    /// written again although its generation was written before.
+    Reassert,
 }
 
 /// What an update does to its object.
@@ -123,6 +137,10 @@ pub struct UpstreamMetrics {
     pub stale: Counter,
     /// Reports merged into one already queued for the same object.
     pub coalesced: Counter,
+    /// Statuses queued again because the API's copy drifted from the edge's report.
+    pub reasserted: Counter,
+    /// Writes skipped because the API already held the reported status.
+    pub unchanged: Counter,
 }
 
 /// State shared by the handles and the worker.
@@ -133,11 +151,18 @@ struct Shared {
     /// is not waiting yet, so a submit between its check and its wait is not missed.
     work: Notify,
     metrics: UpstreamMetrics,
+    /// What each edge last reported, against the API's copy. Held only for map updates, never
+    /// across an await; never held together with `pending`.
+    truths: Mutex<Truths>,
 }
 
 impl Shared {
     fn pending(&self) -> MutexGuard<'_, Pending> {
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn truths(&self) -> MutexGuard<'_, Truths> {
+        self.truths.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -183,6 +208,7 @@ impl Upstream {
             pending: Mutex::new(Pending::new(config.max_pending, REMEMBERED_WRITES)),
             work: Notify::new(),
             metrics,
+            truths: Mutex::new(Truths::default()),
         });
         let worker = UpstreamWorker {
             shared: shared.clone(),
@@ -196,6 +222,20 @@ impl Upstream {
     /// receiver means the worker stopped first). Err(Busy) when `max_pending` distinct objects
     /// are already queued and this one is not among them.
     pub fn submit(&self, update: StatusUpdate) -> Result<oneshot::Receiver<Outcome>, Busy> {
+        if update.origin == Origin::Edge {
+            let mut truths = self.shared.truths();
+            match &update.change {
+                Change::Status(status) => {
+                    truths.reported(&update.node, &update.object, update.generation, status)
+                }
+                Change::Delete => truths.forget(
+                    &update.object.kind,
+                    &update.object.namespace,
+                    &update.object.name,
+                    &update.object.uid,
+                ),
+            }
+        }
         let (reply, answer) = oneshot::channel();
         let pushed = self.shared.pending().push(update, reply)?;
         match pushed {
@@ -209,6 +249,70 @@ impl Upstream {
             Push::Closed => {}
         }
         Ok(answer)
+    }
+
+    /// A session of `node` started; returns whether it is the node's first since this process
+    /// started (the edge is then asked to send its last statuses again). What drifted while
+    /// the node was away is written back after `settle`, once the edge has had time to deliver
+    /// what it learned offline.
+    pub fn session_started(&self, node: &str, settle: Duration) -> bool {
+        let first = self.shared.truths().session_started(node);
+        let upstream = self.clone();
+        let node = node.to_string();
+        tokio::spawn(async move {
+            tokio::time::sleep(settle).await;
+            let due = upstream.shared.truths().drifted(&node);
+            if !due.is_empty() {
+                tracing::info!(node.name = %node, objects = due.len(), "statuses changed in the API while the edge was away; writing the edge's again");
+            }
+            for reassert in due {
+                upstream.reassert(reassert);
+            }
+        });
+        first
+    }
+
+    /// A session of `node` ended.
+    pub fn session_ended(&self, node: &str) {
+        self.shared.truths().session_ended(node);
+    }
+
+    /// A watch showed an object's status in the API (an edge's pod or Node): if it drifted from
+    /// what the edge reported and the edge is connected, the edge's status is written again.
+    pub fn observed(&self, kind: &str, namespace: &str, name: &str, uid: &str, status: &Value) {
+        let due = self
+            .shared
+            .truths()
+            .observed(kind, namespace, name, uid, status);
+        if let Some(reassert) = due {
+            tracing::debug!(
+                kind,
+                namespace,
+                name,
+                "status drifted from the edge's; writing it again"
+            );
+            self.reassert(reassert);
+        }
+    }
+
+    /// The object was deleted from the API.
+    pub fn deleted(&self, kind: &str, namespace: &str, name: &str, uid: &str) {
+        self.shared.truths().forget(kind, namespace, name, uid);
+    }
+
+    fn reassert(&self, reassert: Reassert) {
+        let update = StatusUpdate {
+            node: reassert.node,
+            object: reassert.object,
+            generation: reassert.generation,
+            change: Change::Status(reassert.status),
+            origin: Origin::Reassert,
+        };
+        // Nobody waits for the outcome; a full queue drops it (the next watch event or
+        // session brings it back).
+        if self.submit(update).is_ok() {
+            self.shared.metrics.reasserted.inc();
+        }
     }
 }
 
@@ -242,17 +346,27 @@ impl UpstreamWorker {
                 }
                 Some(Taken::Write(job)) => job,
             };
-            let outcome = self.write(&job.update).await;
+            let (outcome, live) = self.write(&job.update).await;
             let update = &job.update;
             match &outcome {
                 Outcome::Written => {
                     self.shared
                         .pending()
                         .written(&update.object, update.generation);
-                    self.shared.metrics.written.inc();
+                    if let Some(live) = live {
+                        self.shared
+                            .truths()
+                            .applied(&update.object, update.generation, live);
+                    }
                     tracing::debug!(node.name = %update.node, kind = %update.object.kind, namespace = %update.object.namespace, name = %update.object.name, generation = update.generation, "status written");
                 }
                 Outcome::Gone => {
+                    self.shared.truths().forget(
+                        &update.object.kind,
+                        &update.object.namespace,
+                        &update.object.name,
+                        &update.object.uid,
+                    );
                     tracing::debug!(node.name = %update.node, kind = %update.object.kind, namespace = %update.object.namespace, name = %update.object.name, uid = %update.object.uid, "status not written: the object is gone");
                 }
                 Outcome::Failed(error) => {
@@ -272,29 +386,34 @@ impl UpstreamWorker {
         }
     }
 
-    async fn write(&mut self, update: &StatusUpdate) -> Outcome {
+    /// Writes one update; with `Written`, the object's status in the API afterwards (when a
+    /// status was written or found equal).
+    async fn write(&mut self, update: &StatusUpdate) -> (Outcome, Option<Value>) {
         let Some(kind) = StatusKind::of(&update.object.kind) else {
-            return Outcome::Failed(format!(
-                "statuses of kind {:?} are not written",
-                update.object.kind
-            ));
+            let why = format!("statuses of kind {:?} are not written", update.object.kind);
+            return (Outcome::Failed(why), None);
         };
         if let Change::Status(status) = &update.change
             && !status.is_object()
         {
-            return Outcome::Failed("the status is not a JSON object".into());
+            return (
+                Outcome::Failed("the status is not a JSON object".into()),
+                None,
+            );
         }
         let api = match kind.api(self.client.clone(), &update.object.namespace) {
             Ok(api) => api,
-            Err(message) => return Outcome::Failed(message),
+            Err(message) => return (Outcome::Failed(message), None),
         };
         match self.attempt(kind, &api, update).await {
-            Attempt::Done(outcome) => outcome,
+            Attempt::Done(outcome, live) => (outcome, live),
             Attempt::Conflict(_) => {
                 self.token().await;
                 match self.attempt(kind, &api, update).await {
-                    Attempt::Done(outcome) => outcome,
-                    Attempt::Conflict(message) => Outcome::Failed(format!("conflict: {message}")),
+                    Attempt::Done(outcome, live) => (outcome, live),
+                    Attempt::Conflict(message) => {
+                        (Outcome::Failed(format!("conflict: {message}")), None)
+                    }
                 }
             }
         }
@@ -310,12 +429,12 @@ impl UpstreamWorker {
         let name = &update.object.name;
         let live = match api.get_opt(name).await {
             Ok(Some(live)) => live,
-            Ok(None) => return Attempt::Done(Outcome::Gone),
+            Ok(None) => return Attempt::Done(Outcome::Gone, None),
             Err(e) => return Attempt::of(e),
         };
         let uid = &update.object.uid;
         if !uid.is_empty() && live.metadata.uid.as_deref() != Some(uid.as_str()) {
-            return Attempt::Done(Outcome::Gone);
+            return Attempt::Done(Outcome::Gone, None);
         }
         let status = match &update.change {
             Change::Status(status) => status,
@@ -330,18 +449,30 @@ impl UpstreamWorker {
                     ..DeleteParams::default()
                 };
                 return match api.delete(name, &params).await {
-                    Ok(_) => Attempt::Done(Outcome::Written),
+                    Ok(_) => {
+                        self.shared.metrics.written.inc();
+                        Attempt::Done(Outcome::Written, None)
+                    }
                     Err(e) => Attempt::of(e),
                 };
             }
         };
+        let live_status = live.data["status"].clone();
+        if covers(&live_status, &kind.reported(status)) {
+            // The API already says what the edge says: nothing to write.
+            self.shared.metrics.unchanged.inc();
+            return Attempt::Done(Outcome::Written, Some(live_status));
+        }
         let body = kind.body(&live, status);
         self.token().await;
         match api
             .patch_status(name, &PatchParams::default(), &kind.patch(body))
             .await
         {
-            Ok(_) => Attempt::Done(Outcome::Written),
+            Ok(written) => {
+                self.shared.metrics.written.inc();
+                Attempt::Done(Outcome::Written, Some(written.data["status"].clone()))
+            }
             Err(e) => Attempt::of(e),
         }
     }
@@ -349,7 +480,8 @@ impl UpstreamWorker {
 
 /// The result of one GET + PATCH.
 enum Attempt {
-    Done(Outcome),
+    /// With `Written`, the object's status in the API afterwards.
+    Done(Outcome, Option<Value>),
     /// The object changed between the GET and the PATCH.
     Conflict(String),
 }
@@ -358,9 +490,9 @@ impl Attempt {
     /// The one place API errors become outcomes and retry decisions.
     fn of(error: kube::Error) -> Attempt {
         match error {
-            kube::Error::Api(status) if status.is_not_found() => Attempt::Done(Outcome::Gone),
+            kube::Error::Api(status) if status.is_not_found() => Attempt::Done(Outcome::Gone, None),
             kube::Error::Api(status) if status.is_conflict() => Attempt::Conflict(status.message),
-            other => Attempt::Done(Outcome::Failed(other.to_string())),
+            other => Attempt::Done(Outcome::Failed(other.to_string()), None),
         }
     }
 }
@@ -395,15 +527,22 @@ impl StatusKind {
         }
     }
 
+    /// The reported status as it is meant to appear in the API (for a Node without strategic
+    /// merge directives).
+    fn reported(self, reported: &Value) -> Value {
+        let mut status = reported.clone();
+        if self == StatusKind::Node {
+            remove_directives(&mut status);
+        }
+        status
+    }
+
     /// The patch body: the reported status, conditional on the live object's uid and
     /// resourceVersion.
     fn body(self, live: &DynamicObject, reported: &Value) -> Value {
-        let mut status = reported.clone();
-        match self {
-            StatusKind::Pod => {
-                keep_unreported_conditions(&mut status, &live.data["status"]["conditions"])
-            }
-            StatusKind::Node => remove_directives(&mut status),
+        let mut status = self.reported(reported);
+        if self == StatusKind::Pod {
+            keep_unreported_conditions(&mut status, &live.data["status"]["conditions"])
         }
         json!({
             "metadata": {
@@ -540,7 +679,8 @@ impl Pending {
         if self.closed {
             return Ok(Push::Closed);
         }
-        if self.written.is_stale(&update.object, update.generation) {
+        if update.origin == Origin::Edge && self.written.is_stale(&update.object, update.generation)
+        {
             // The submitter may already have stopped waiting.
             let _ = reply.send(Outcome::Stale);
             return Ok(Push::Stale);
@@ -552,6 +692,11 @@ impl Pending {
         if let Some(queued) = self.queued.get_mut(&update.object) {
             if update.generation > queued.update.generation {
                 queued.update = update;
+            } else if update.generation == queued.update.generation
+                && update.origin == Origin::Reassert
+            {
+                // The same report, now to be written even if that generation was.
+                queued.update.origin = Origin::Reassert;
             }
             queued.waiters.push(waiter);
             return Ok(Push::Coalesced);
@@ -578,9 +723,10 @@ impl Pending {
     fn take(&mut self) -> Option<Taken> {
         let object = self.order.pop_front()?;
         let queued = self.queued.remove(&object)?;
-        let stale = self
-            .written
-            .is_stale(&queued.update.object, queued.update.generation);
+        let stale = queued.update.origin == Origin::Edge
+            && self
+                .written
+                .is_stale(&queued.update.object, queued.update.generation);
         let job = Job {
             update: queued.update,
             waiters: queued.waiters,
@@ -756,6 +902,7 @@ mod tests {
             object: object(name, "uid-1"),
             generation,
             change: Change::Status(json!({"phase": "Running", "generation": generation})),
+            origin: Origin::Edge,
         }
     }
 
@@ -835,6 +982,30 @@ mod tests {
             assert_eq!(answer(rx1), outcome);
             assert_eq!(answer(rx2), outcome);
         }
+    }
+
+    #[test]
+    fn a_reassert_writes_a_generation_already_written() {
+        let mut pending = Pending::new(10, 10);
+        pending.written(&object("web", "uid-1"), 5);
+        let reassert = StatusUpdate {
+            origin: Origin::Reassert,
+            ..update("web", 5)
+        };
+        let (pushed, _rx) = push(&mut pending, reassert.clone());
+        assert_eq!(pushed, Ok(Push::Queued));
+        assert!(matches!(pending.take(), Some(Taken::Write(job)) if job.update == reassert));
+        // Coalesced with the edge's resend of the same generation, it is still written.
+        let (pushed, _rx) = push(&mut pending, update("web", 5));
+        assert_eq!(pushed, Ok(Push::Stale), "alone, the resend is stale");
+        let mut fresh = Pending::new(10, 10);
+        let (_, _rx1) = push(&mut fresh, update("web", 5));
+        let (pushed, _rx2) = push(&mut fresh, reassert.clone());
+        assert_eq!(pushed, Ok(Push::Coalesced));
+        fresh.written(&object("web", "uid-1"), 5);
+        assert!(
+            matches!(fresh.take(), Some(Taken::Write(job)) if job.update.origin == Origin::Reassert)
+        );
     }
 
     #[test]
@@ -1074,7 +1245,7 @@ mod tests {
         }
         assert!(matches!(
             Attempt::of(api_error(404, "NotFound")),
-            Attempt::Done(Outcome::Gone)
+            Attempt::Done(Outcome::Gone, None)
         ));
         assert!(matches!(
             Attempt::of(api_error(409, "Conflict")),
@@ -1082,7 +1253,7 @@ mod tests {
         ));
         assert!(matches!(
             Attempt::of(api_error(422, "Invalid")),
-            Attempt::Done(Outcome::Failed(_))
+            Attempt::Done(Outcome::Failed(_), None)
         ));
     }
 
@@ -1153,6 +1324,7 @@ mod tests {
             change: Change::Status(
                 json!({"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}),
             ),
+            origin: Origin::Edge,
         };
         let outcome = upstream.submit(report(&uid, 1)).expect("queued").await;
         assert_eq!(outcome, Ok(Outcome::Written));
@@ -1213,6 +1385,7 @@ mod tests {
             change: Change::Status(
                 json!({"conditions": [{"type": "MemoryPressure", "status": "False"}]}),
             ),
+            origin: Origin::Edge,
         };
         let outcome = upstream.submit(node_report).expect("queued").await;
         assert_eq!(outcome, Ok(Outcome::Written));

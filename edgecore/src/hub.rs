@@ -310,6 +310,16 @@ impl Session {
         // A fresh node status replaces one left unacknowledged by an earlier session or run
         // (latest wins; it goes once written). Reports waiting from before go first.
         outbox.put(node_ref.clone(), Report::Status(node_status(config)));
+        if ack.resend_status {
+            // The cloud restarted and remembers none of our statuses: it compares each with the
+            // API's copy and writes back only what differs (the API may have been changed
+            // meanwhile, e.g. pods set not-ready during a partition).
+            let again = outbox.resend_all();
+            tracing::debug!(
+                reports = again,
+                "the cloud asked for our last statuses again"
+            );
+        }
         if let Err(e) = send_due(outbox, session, &mut report_seq, &mut writer, metrics).await {
             return link.lost(e).into();
         }

@@ -322,6 +322,29 @@ impl Outbox {
         }
     }
 
+    /// Makes every acknowledged status due again (not pod deletions, which are final): the
+    /// cloud asked for them because it no longer knows them. Their generations stay; the
+    /// acknowledgement is recorded again when it comes. Returns how many became due.
+    pub fn resend_all(&self) -> usize {
+        let mut guard = self.state();
+        let state = &mut *guard;
+        let mut again = 0;
+        for entry in state.entries.values_mut() {
+            if entry.acknowledged && !entry.pod_deleted && entry.status.is_some() {
+                entry.acknowledged = false;
+                entry.sent = None;
+                again += 1;
+            }
+        }
+        if again > 0 {
+            self.count_pending(state);
+            drop(guard);
+            self.dirty.notify_one();
+            self.ready.notify_one();
+        }
+        again
+    }
+
     /// Forgets whatever is held for `object` (its pod is gone for good), in the store too.
     pub fn forget(&self, object: &ObjectRef) {
         let mut state = self.state();
@@ -809,6 +832,37 @@ mod tests {
         assert!(edge.outbox.is_empty());
         edge.outbox.put(pod("a"), status("Succeeded"));
         assert_eq!(edge.outbox.len(), 1);
+    }
+
+    #[test]
+    fn a_cloud_that_forgot_gets_the_acknowledged_statuses_again_with_their_generations() {
+        let edge = Edge::new();
+        let now = Instant::now();
+        let mut seq = 0;
+        edge.outbox.put(pod("a"), status("Running"));
+        edge.outbox.put(pod("b"), Report::PodDeleted);
+        edge.write();
+        let sent = edge.outbox.due(1, now, &mut seq);
+        assert_eq!(sent.len(), 2);
+        let generation_a = sent
+            .iter()
+            .find(|m| parts(m).1 == "a")
+            .map(generation)
+            .expect("a was sent");
+        edge.outbox.acknowledged(1, &seqs(&sent));
+        edge.write();
+        assert!(edge.outbox.is_empty());
+        assert_eq!(edge.outbox.resend_all(), 1, "a deletion is not sent again");
+        edge.write();
+        let again = edge.outbox.due(2, now, &mut seq);
+        assert_eq!(names(&again), ["a"]);
+        assert_eq!(generation(&again[0]), generation_a, "the same report");
+        edge.outbox.acknowledged(2, &seqs(&again));
+        assert!(edge.outbox.is_empty());
+        // Survives a restart either way: the acknowledgement was written again.
+        edge.write();
+        let edge = edge.restart();
+        assert!(edge.outbox.due(3, now, &mut seq).is_empty());
     }
 
     #[test]

@@ -86,6 +86,8 @@ pub struct HelloAck {
     pub node_name: String,
     pub heartbeat_interval_ms: u64,
     pub dead_after_ms: u64,
+    /// The cloud remembers no status of this node's objects: send the last ones again.
+    pub resend_status: bool,
 }
 
 /// Why a request was refused; stable across versions, so peers can act on it.
@@ -448,6 +450,7 @@ impl TryFrom<pb::Envelope> for Message {
                 node_name: bounded(a.node_name, "hello_ack", "node_name")?,
                 heartbeat_interval_ms: a.heartbeat_interval_ms,
                 dead_after_ms: a.dead_after_ms,
+                resend_status: a.resend_status,
             }),
             Body::Error(e) => Message::Error(ErrorMessage {
                 // An error code this build does not know is still an error: keep the text.
@@ -527,6 +530,7 @@ impl From<Message> for pb::Envelope {
                 node_name: a.node_name,
                 heartbeat_interval_ms: a.heartbeat_interval_ms,
                 dead_after_ms: a.dead_after_ms,
+                resend_status: a.resend_status,
             }),
             Message::Error(e) => Body::Error(pb::Error {
                 code: pb::ErrorCode::from(e.code) as i32,
@@ -608,6 +612,7 @@ mod tests {
                 node_name: "gw-1".into(),
                 heartbeat_interval_ms: 10_000,
                 dead_after_ms: 30_000,
+                resend_status: true,
             }),
             Message::error(ErrorCode::TokenExpired, "token abcdef expired"),
             Message::Heartbeat { seq: 7 },

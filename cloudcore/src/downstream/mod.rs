@@ -32,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
 use crate::nodes::EDGE_ROLE_LABEL;
+use crate::upstream::Upstream;
 use refs::{PodRefs, pod_refs};
 
 /// Kinds an edge may hold.
@@ -646,7 +647,15 @@ impl Downstream {
 }
 
 /// Watches what edges need and keeps the index current until `shutdown`.
-pub async fn run(client: kube::Client, downstream: Arc<Downstream>, shutdown: CancellationToken) {
+///
+/// Every status of an edge pod or Node the watches show goes to `upstream` too, which writes
+/// the edge's own status again when the API's copy drifted from it ([`crate::reconcile`]).
+pub async fn run(
+    client: kube::Client,
+    downstream: Arc<Downstream>,
+    upstream: Upstream,
+    shutdown: CancellationToken,
+) {
     let pods: Api<Pod> = Api::all(client.clone());
     let config_maps: Api<ConfigMap> = Api::all(client.clone());
     let secrets: Api<Secret> = Api::all(client.clone());
@@ -661,58 +670,110 @@ pub async fn run(client: kube::Client, downstream: Arc<Downstream>, shutdown: Ca
     let edge_nodes = watcher::Config::default().labels(EDGE_ROLE_LABEL);
     tokio::join!(
         follow(
-            "pods",
+            Watched {
+                resource: "pods",
+                downstream: &downstream,
+                pending: &pending,
+                shutdown: &shutdown,
+            },
             watcher(pods, bound).default_backoff(),
-            &downstream,
-            &pending,
-            &shutdown,
             |i, p| i.apply_pod(p),
             |i, namespace, name| i.delete_pod(namespace, name),
+            |change| observe(&upstream, "Pod", change),
         ),
         follow(
-            "configmaps",
+            Watched {
+                resource: "configmaps",
+                downstream: &downstream,
+                pending: &pending,
+                shutdown: &shutdown,
+            },
             watcher(config_maps, watcher::Config::default()).default_backoff(),
-            &downstream,
-            &pending,
-            &shutdown,
             |i, c| i.apply_config_map(c),
             |i, namespace, name| i.delete_referenced("ConfigMap", namespace, name),
+            |_| {},
         ),
         follow(
-            "secrets",
+            Watched {
+                resource: "secrets",
+                downstream: &downstream,
+                pending: &pending,
+                shutdown: &shutdown,
+            },
             watcher(secrets, watcher::Config::default()).default_backoff(),
-            &downstream,
-            &pending,
-            &shutdown,
             |i, s| i.apply_secret(s),
             |i, namespace, name| i.delete_referenced("Secret", namespace, name),
+            |_| {},
         ),
         follow(
-            "nodes",
+            Watched {
+                resource: "nodes",
+                downstream: &downstream,
+                pending: &pending,
+                shutdown: &shutdown,
+            },
             watcher(nodes, edge_nodes).default_backoff(),
-            &downstream,
-            &pending,
-            &shutdown,
             |i, n| i.apply_node(n),
             |i, _, name| i.delete_node(name),
+            |change| observe(&upstream, "Node", change),
         ),
     );
+}
+
+/// One watch's place in [`run`], for [`follow`].
+struct Watched<'a> {
+    resource: &'static str,
+    downstream: &'a Downstream,
+    /// Resources not yet listed once.
+    pending: &'a Mutex<BTreeSet<&'static str>>,
+    shutdown: &'a CancellationToken,
+}
+
+/// What a watch saw happen to one object, for [`observe`].
+enum Seen<'a, K> {
+    Applied(&'a K),
+    Deleted(&'a K),
+}
+
+/// Hands an edge object's status in the API to `upstream`'s drift check.
+fn observe<K: Resource + Serialize>(upstream: &Upstream, kind: &str, seen: Seen<'_, K>) {
+    let object = match seen {
+        Seen::Applied(o) | Seen::Deleted(o) => o,
+    };
+    let meta = object.meta();
+    let namespace = meta.namespace.as_deref().unwrap_or_default();
+    let name = meta.name.as_deref().unwrap_or_default();
+    let uid = meta.uid.as_deref().unwrap_or_default();
+    match seen {
+        Seen::Deleted(_) => upstream.deleted(kind, namespace, name, uid),
+        Seen::Applied(_) => {
+            let status = serde_json::to_value(object)
+                .ok()
+                .and_then(|mut v| v.get_mut("status").map(serde_json::Value::take))
+                .unwrap_or_default();
+            upstream.observed(kind, namespace, name, uid, &status);
+        }
+    }
 }
 
 /// Applies one watcher's events to the index. A relist (after the watch expired or at start)
 /// ends with deletes for everything the list no longer has.
 async fn follow<K, S>(
-    resource: &'static str,
+    watched: Watched<'_>,
     stream: S,
-    downstream: &Downstream,
-    pending: &Mutex<BTreeSet<&'static str>>,
-    shutdown: &CancellationToken,
     apply: impl Fn(&mut Index, &K),
     delete: impl Fn(&mut Index, &str, &str),
+    seen: impl Fn(Seen<'_, K>),
 ) where
     K: Resource + Clone,
     S: futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
 {
+    let Watched {
+        resource,
+        downstream,
+        pending,
+        shutdown,
+    } = watched;
     let mut stream = std::pin::pin!(stream);
     // (namespace, name) of every object seen, to delete what a relist no longer has.
     let mut known: HashSet<(String, String)> = HashSet::new();
@@ -734,16 +795,19 @@ async fn follow<K, S>(
         match event {
             Ok(watcher::Event::Apply(object)) => {
                 downstream.update(|i| apply(i, &object));
+                seen(Seen::Applied(&object));
                 known.insert(id(&object));
             }
             Ok(watcher::Event::Delete(object)) => {
                 let (namespace, name) = id(&object);
                 downstream.update(|i| delete(i, &namespace, &name));
+                seen(Seen::Deleted(&object));
                 known.remove(&(namespace, name));
             }
             Ok(watcher::Event::Init) => relisted = Some(HashSet::new()),
             Ok(watcher::Event::InitApply(object)) => {
                 downstream.update(|i| apply(i, &object));
+                seen(Seen::Applied(&object));
                 if let Some(seen) = &mut relisted {
                     seen.insert(id(&object));
                 }
