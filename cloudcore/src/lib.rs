@@ -11,6 +11,7 @@ pub mod hub;
 pub mod join;
 pub mod metrics;
 pub mod nodes;
+pub mod permissions;
 pub mod pki;
 pub mod reconcile;
 pub mod registry;
@@ -43,6 +44,13 @@ pub enum ServeError {
     Hub(#[from] hub::HubError),
     #[error("cannot build a Kubernetes client: {0}")]
     KubeClient(String),
+    #[error(
+        "cloudcore's credentials lack permissions it needs: {}; apply deploy/kubernetes/rbac.yaml (or see `cloudcore permissions`)",
+        .0.iter().map(|m| m.to_string()).collect::<Vec<_>>().join(", ")
+    )]
+    MissingPermissions(Vec<permissions::Missing>),
+    #[error("cannot check cloudcore's permissions in the cluster: {0}")]
+    PermissionCheck(#[source] kube::Error),
     #[error("cannot start the embedded control plane")]
     Embedded(#[from] apiserver::EmbeddedError),
     #[error("cannot bind the metrics listener on {addr}")]
@@ -101,8 +109,16 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> Result<(),
                 kubeconfig = %kubeconfig.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "in-cluster".into()),
                 "using a real cluster's API"
             );
+            let client = kube_client(kubeconfig.as_deref()).await?;
+            let missing = permissions::check(&client)
+                .await
+                .map_err(ServeError::PermissionCheck)?;
+            if !missing.is_empty() {
+                return Err(ServeError::MissingPermissions(missing));
+            }
+            tracing::info!("every permission cloudcore needs is granted");
             // The cluster's node-lifecycle controller marks lost nodes itself.
-            (kube_client(kubeconfig.as_deref()).await?, false)
+            (client, false)
         }
     };
 

@@ -67,6 +67,9 @@ enum Command {
     /// List and revoke edge nodes.
     #[command(subcommand)]
     Node(NodeCommand),
+    /// Print the Kubernetes API permissions cloudcore needs in kube mode (what
+    /// deploy/kubernetes/rbac.yaml grants), as JSON.
+    Permissions,
 }
 
 #[derive(Args, Debug)]
@@ -193,6 +196,12 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve(*args),
         Command::Token(cmd) => token(cmd),
         Command::Node(cmd) => node(cmd),
+        Command::Permissions => serde_json::to_string_pretty(cloudcore::permissions::REQUIRED)
+            .map(|json| {
+                println!("{json}");
+                ExitCode::SUCCESS
+            })
+            .map_err(anyhow::Error::from),
     };
     match result {
         Ok(code) => code,

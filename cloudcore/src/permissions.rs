@@ -1,0 +1,174 @@
+//! What cloudcore may do in a real cluster: the one list of API permissions it needs in kube
+//! mode, checked at start with SelfSubjectAccessReviews so that missing RBAC is a clear error
+//! naming the permission instead of a 403 somewhere later.
+//!
+//! `deploy/kubernetes/rbac.yaml` grants exactly this list; `cloudcore permissions` prints it,
+//! and the kube-mode tests compare it with the RBAC the cluster holds after applying the file.
+
+use k8s_openapi::api::authorization::v1::{
+    ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec,
+};
+use kube::api::{Api, PostParams};
+use serde::Serialize;
+
+/// Namespace of node leases (see [`crate::nodes::LEASE_NAMESPACE`]).
+const LEASES: &str = crate::nodes::LEASE_NAMESPACE;
+
+/// One resource (or subresource) and the verbs cloudcore uses on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Permission {
+    /// API group; empty for the core group.
+    pub api_group: &'static str,
+    /// Resource, with `/subresource` where it is one (`pods/status`).
+    pub resource: &'static str,
+    /// Verbs used.
+    pub verbs: &'static [&'static str],
+    /// The one namespace it is needed in; `None` for cluster-wide.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<&'static str>,
+    /// Which part of cloudcore uses it.
+    pub used_by: &'static str,
+}
+
+/// Every permission cloudcore needs in kube mode, and nothing more.
+pub const REQUIRED: &[Permission] = &[
+    Permission {
+        api_group: "",
+        resource: "nodes",
+        verbs: &["get", "list", "watch", "create", "patch"],
+        namespace: None,
+        used_by: "nodes (the edge's Node), downstream (each edge's own Node), autonomy",
+    },
+    Permission {
+        api_group: "",
+        resource: "nodes/status",
+        verbs: &["patch"],
+        namespace: None,
+        used_by: "nodes (Ready, nodeInfo), upstream (status the edge reports)",
+    },
+    Permission {
+        api_group: "",
+        resource: "pods",
+        verbs: &["get", "list", "watch", "patch", "delete"],
+        namespace: None,
+        used_by: "downstream (pods bound to edges), upstream (uid checks, confirmed deletions), autonomy (tolerations)",
+    },
+    Permission {
+        api_group: "",
+        resource: "pods/status",
+        verbs: &["patch"],
+        namespace: None,
+        used_by: "upstream (pod status the edge reports)",
+    },
+    Permission {
+        api_group: "",
+        resource: "configmaps",
+        verbs: &["list", "watch"],
+        namespace: None,
+        used_by: "downstream (ConfigMaps edge pods use)",
+    },
+    Permission {
+        api_group: "",
+        resource: "secrets",
+        verbs: &["list", "watch"],
+        namespace: None,
+        used_by: "downstream (Secrets edge pods use)",
+    },
+    Permission {
+        api_group: "coordination.k8s.io",
+        resource: "leases",
+        verbs: &["get", "create", "patch"],
+        namespace: Some(LEASES),
+        used_by: "nodes (each connected edge's Lease)",
+    },
+];
+
+/// A permission the credentials lack, as `VERB RESOURCE[ in NAMESPACE]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Missing(pub String);
+
+impl std::fmt::Display for Missing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+fn describe(permission: &Permission, verb: &str) -> String {
+    let group = if permission.api_group.is_empty() {
+        String::new()
+    } else {
+        format!(".{}", permission.api_group)
+    };
+    let (resource, sub) = match permission.resource.split_once('/') {
+        Some((r, s)) => (r, format!("/{s}")),
+        None => (permission.resource, String::new()),
+    };
+    match permission.namespace {
+        Some(ns) => format!("{verb} {resource}{group}{sub} in namespace {ns}"),
+        None => format!("{verb} {resource}{group}{sub}"),
+    }
+}
+
+/// Asks the API server, once per verb, whether these credentials have every permission of
+/// [`REQUIRED`]; returns the missing ones. An error means the reviews themselves failed.
+pub async fn check(client: &kube::Client) -> Result<Vec<Missing>, kube::Error> {
+    let reviews: Api<SelfSubjectAccessReview> = Api::all(client.clone());
+    let mut missing = Vec::new();
+    for permission in REQUIRED {
+        let (resource, subresource) = match permission.resource.split_once('/') {
+            Some((r, s)) => (r, Some(s.to_string())),
+            None => (permission.resource, None),
+        };
+        for verb in permission.verbs {
+            let review = SelfSubjectAccessReview {
+                spec: SelfSubjectAccessReviewSpec {
+                    resource_attributes: Some(ResourceAttributes {
+                        group: Some(permission.api_group.to_string()),
+                        resource: Some(resource.to_string()),
+                        subresource: subresource.clone(),
+                        verb: Some(verb.to_string()),
+                        namespace: permission.namespace.map(String::from),
+                        ..ResourceAttributes::default()
+                    }),
+                    ..SelfSubjectAccessReviewSpec::default()
+                },
+                ..SelfSubjectAccessReview::default()
+            };
+            let answer = reviews.create(&PostParams::default(), &review).await?;
+            if !answer.status.is_some_and(|s| s.allowed) {
+                missing.push(Missing(describe(permission, verb)));
+            }
+        }
+    }
+    Ok(missing)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_permissions_read_like_kubectl_auth_can_i() {
+        assert_eq!(describe(&REQUIRED[3], "patch"), "patch pods/status");
+        let lease = REQUIRED
+            .iter()
+            .find(|p| p.resource == "leases")
+            .expect("leases");
+        assert_eq!(
+            describe(lease, "create"),
+            "create leases.coordination.k8s.io in namespace kube-node-lease"
+        );
+    }
+
+    #[test]
+    fn every_permission_names_verbs_once() {
+        for permission in REQUIRED {
+            let mut verbs = permission.verbs.to_vec();
+            verbs.sort_unstable();
+            verbs.dedup();
+            assert_eq!(verbs.len(), permission.verbs.len(), "{permission:?}");
+            assert!(!permission.used_by.is_empty());
+        }
+    }
+}
