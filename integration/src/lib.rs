@@ -6,6 +6,7 @@
 //! command does); a missing binary fails the test with that instruction.
 
 pub mod bench;
+pub mod cluster;
 pub mod netns;
 
 use std::fs::File;
@@ -150,8 +151,22 @@ pub struct Cloud {
     extra: Vec<String>,
     /// `RUST_LOG` of the process.
     log_filter: String,
+    control_plane: ControlPlane,
     child: Option<Child>,
     starts: usize,
+}
+
+/// The API a [`Cloud`] uses.
+#[derive(Debug, Clone)]
+enum ControlPlane {
+    /// Its own, embedded, on a free port.
+    Embedded,
+    /// A real cluster's: cloudcore runs with `credentials` (a kubeconfig of its
+    /// ServiceAccount), tests use `admin`.
+    Kube {
+        credentials: PathBuf,
+        admin: PathBuf,
+    },
 }
 
 impl Cloud {
@@ -181,12 +196,55 @@ impl Cloud {
         Cloud::start_full(binary, dir, loopback(), extra, "info")
     }
 
+    /// `cloudcore serve --control-plane kube` against `cluster` with the credentials of its
+    /// ServiceAccount (`credentials`, from [`cluster::KubeCluster::cloudcore_credentials`]),
+    /// the tunnel on `tunnel_ip`. [`Cloud::kubeconfig`] and [`Cloud::kubectl`] are the
+    /// cluster's admin ones. An error (holding the log) if it does not become healthy.
+    pub fn start_kube(
+        dir: &Path,
+        cluster: &cluster::KubeCluster,
+        credentials: &Path,
+        tunnel_ip: IpAddr,
+        extra: &[&str],
+    ) -> anyhow::Result<Cloud> {
+        let control_plane = ControlPlane::Kube {
+            credentials: credentials.to_path_buf(),
+            admin: cluster.kubeconfig.clone(),
+        };
+        Cloud::start_with(
+            &bin("cloudcore"),
+            dir,
+            tunnel_ip,
+            extra,
+            "info",
+            control_plane,
+        )
+    }
+
     fn start_full(
         binary: &Path,
         dir: &Path,
         tunnel_ip: IpAddr,
         extra: &[&str],
         log_filter: &str,
+    ) -> anyhow::Result<Cloud> {
+        Cloud::start_with(
+            binary,
+            dir,
+            tunnel_ip,
+            extra,
+            log_filter,
+            ControlPlane::Embedded,
+        )
+    }
+
+    fn start_with(
+        binary: &Path,
+        dir: &Path,
+        tunnel_ip: IpAddr,
+        extra: &[&str],
+        log_filter: &str,
+        control_plane: ControlPlane,
     ) -> anyhow::Result<Cloud> {
         // Ports are picked free and released before cloudcore binds them; another process can
         // take one in between. A first start that dies early is retried on fresh ports.
@@ -202,6 +260,7 @@ impl Cloud {
                 tunnel_ip,
                 extra: extra.iter().map(|s| s.to_string()).collect(),
                 log_filter: log_filter.to_string(),
+                control_plane: control_plane.clone(),
                 child: None,
                 starts: 0,
             };
@@ -229,18 +288,25 @@ impl Cloud {
                 "--metrics-listen",
                 &format!("127.0.0.1:{}", self.metrics_port),
             ])
-            .args(["--advertise-address", &self.tunnel_ip.to_string()])
-            .args(["--control-plane", "embedded"])
-            .args(["--api-listen", &format!("127.0.0.1:{}", self.api_port)])
-            .args(&self.extra)
-            .env("RUST_LOG", &self.log_filter);
+            .args(["--advertise-address", &self.tunnel_ip.to_string()]);
+        match &self.control_plane {
+            ControlPlane::Embedded => command
+                .args(["--control-plane", "embedded"])
+                .args(["--api-listen", &format!("127.0.0.1:{}", self.api_port)]),
+            ControlPlane::Kube { credentials, .. } => command
+                .args(["--control-plane", "kube", "--kubeconfig"])
+                .arg(credentials),
+        };
+        command.args(&self.extra).env("RUST_LOG", &self.log_filter);
         std::fs::create_dir_all(&self.dir)?;
         let log = self.log_path();
         self.child = Some(try_spawn_logged(&mut command, &log)?);
-        let healthy = eventually(Duration::from_secs(20), || {
-            !matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(Some(_))))
-                && http_get(self.metrics_port, "/healthz").is_some()
+        // Done when healthy, or as soon as it exited.
+        eventually(Duration::from_secs(20), || {
+            matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(Some(_))))
+                || http_get(self.metrics_port, "/healthz").is_some()
         });
+        let healthy = self.is_running() && http_get(self.metrics_port, "/healthz").is_some();
         if !healthy || !self.is_running() {
             anyhow::bail!("cloudcore did not become healthy; log:\n{}", self.log());
         }
@@ -384,9 +450,13 @@ impl Cloud {
         self.nodes().into_iter().find(|n| n["name"] == name)
     }
 
-    /// The admin kubeconfig the embedded control plane wrote.
+    /// An admin kubeconfig of the API cloudcore uses: the one the embedded control plane
+    /// wrote, or the real cluster's.
     pub fn kubeconfig(&self) -> PathBuf {
-        self.dir.join("kubeconfig")
+        match &self.control_plane {
+            ControlPlane::Embedded => self.dir.join("kubeconfig"),
+            ControlPlane::Kube { admin, .. } => admin.clone(),
+        }
     }
 
     /// Runs the real `kubectl` against the embedded API as admin, with a private discovery
@@ -397,30 +467,12 @@ impl Cloud {
 
     /// `kubectl` with `stdin` piped in (for `apply -f -`).
     pub fn kubectl_with_stdin(&self, args: &[&str], stdin: Option<&str>) -> Output {
-        let mut command = Command::new("kubectl");
-        command
-            .arg("--kubeconfig")
-            .arg(self.kubeconfig())
-            .arg("--cache-dir")
-            .arg(self.dir.join("kubectl-cache"))
-            .args(args)
-            .env("HOME", &self.dir)
-            .env_remove("KUBECONFIG")
-            .stdin(if stdin.is_some() {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = command
-            .spawn()
-            .expect("kubectl is installed on every machine of this project");
-        if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
-            pipe.write_all(text.as_bytes())
-                .expect("write kubectl stdin");
-        }
-        child.wait_with_output().expect("kubectl output")
+        cluster::kubectl(
+            &self.kubeconfig(),
+            &self.dir.join("kubectl-cache"),
+            args,
+            stdin,
+        )
     }
 
     /// The current metrics page (empty if the server does not answer).
