@@ -22,8 +22,8 @@ fn default_image() -> String {
     format!("localhost/edge/cloudcore:{}", env!("CARGO_PKG_VERSION"))
 }
 
-/// Every YAML document of every `deploy/kubernetes/*.yaml`, with the file it came from.
-fn manifests() -> Vec<(String, Value)> {
+/// Every YAML document of every `deploy/kubernetes/*.yaml`, each checked to be an object.
+fn manifests() -> Vec<Value> {
     let dir = deploy_dir().join("kubernetes");
     let mut files: Vec<_> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("read {}: {e}", dir.display()))
@@ -52,17 +52,16 @@ fn manifests() -> Vec<(String, Value)> {
                 object["metadata"]["name"].is_string(),
                 "{file}: document {i} has no metadata.name"
             );
-            documents.push((file.to_string(), object));
+            documents.push(object);
         }
     }
     documents
 }
 
 /// The manifest object of `kind` named `name`.
-fn object<'a>(manifests: &'a [(String, Value)], kind: &str, name: &str) -> &'a Value {
+fn object<'a>(manifests: &'a [Value], kind: &str, name: &str) -> &'a Value {
     manifests
         .iter()
-        .map(|(_, object)| object)
         .find(|o| o["kind"] == kind && o["metadata"]["name"] == name)
         .unwrap_or_else(|| panic!("no {kind} {name} in deploy/kubernetes/"))
 }
@@ -75,6 +74,7 @@ fn container(deployment: &Value) -> &Value {
         .expect("the Deployment has a container named cloudcore")
 }
 
+/// The strings of a JSON array (none if it is not one).
 fn strings(value: &Value) -> Vec<&str> {
     value
         .as_array()
