@@ -228,26 +228,53 @@ fn image_runs_cloudcore_as_its_user_in_containerd() {
     );
 
     // Run as the image's user (ctr takes it from the config; no --user here).
-    let version = run(&socket, &name, "version", &["cloudcore", "--version"]);
+    let version = run(&socket, &name, "version", &[], &["cloudcore", "--version"]);
     assert_eq!(
         version.trim(),
         format!("cloudcore {}", env!("CARGO_PKG_VERSION"))
     );
-    assert_eq!(run(&socket, &name, "id", &["id", "-u"]).trim(), "65532");
-    // cloudcore serves (embedded mode: no cluster here), writes its state to the data directory
-    // as that user, and stops cleanly on SIGTERM once its kubeconfig is there (polled, 10 s at most).
+    // The image's own data directory is that user's.
+    let id = run(
+        &socket,
+        &name,
+        "id",
+        &[],
+        &["sh", "-c", "id -u && touch /var/lib/cloudcore/probe"],
+    );
+    assert_eq!(id.trim(), "65532");
+
+    // As in the Deployment: a read-only root, the data directory a volume the user may write
+    // (fsGroup there, chown here) and /tmp an emptyDir. cloudcore serves (embedded mode: no
+    // cluster here), writes its state there and stops cleanly on SIGTERM once its kubeconfig is
+    // written (polled, 10 s at most).
+    let data = tmp.path().join("data");
+    std::fs::create_dir(&data).expect("data dir");
+    std::os::unix::fs::chown(&data, Some(65532), Some(65532)).expect("chown the data dir");
+    let data_mount = format!(
+        "type=bind,src={},dst=/var/lib/cloudcore,options=rbind:rw",
+        data.display()
+    );
     let serve = run(
         &socket,
         &name,
         "serve",
         &[
+            "--read-only",
+            "--mount",
+            &data_mount,
+            "--mount",
+            "type=tmpfs,src=tmpfs,dst=/tmp,options=nosuid:nodev",
+        ],
+        &[
             "sh",
             "-c",
-            "cloudcore serve --control-plane=embedded & \
+            "grep -q '^[^ ]* / [^ ]* ro,' /proc/mounts || echo root-writable; \
+             cloudcore serve --control-plane=embedded & \
              for _ in $(seq 200); do [ -f /var/lib/cloudcore/kubeconfig ] && break; sleep 0.05; done; \
              kill -TERM $!; wait $!; echo exit=$?; ls -n /var/lib/cloudcore",
         ],
     );
+    assert!(!serve.contains("root-writable"), "--read-only: {serve}");
     assert!(serve.contains("cloudcore serving"), "{serve}");
     assert!(serve.contains("exit=0"), "{serve}");
     let db = serve
@@ -272,10 +299,18 @@ fn ctr<S: AsRef<OsStr>>(socket: &Path, args: impl IntoIterator<Item = S>) -> Out
         .expect("run ctr")
 }
 
-/// Runs `command` in a new container of `image` (`ctr run --rm`) and returns its output.
-fn run(socket: &Path, image: &str, id: &str, command: &[&str]) -> String {
+/// Runs `command` in a new container of `image` (`ctr run --rm`, with `flags`) and returns its
+/// output.
+fn run(socket: &Path, image: &str, id: &str, flags: &[&str], command: &[&str]) -> String {
     let id = format!("deploy-image-{}-{id}", std::process::id());
-    let out = ctr(socket, ["run", "--rm", image, &id].iter().chain(command));
+    let out = ctr(
+        socket,
+        ["run", "--rm"]
+            .iter()
+            .chain(flags)
+            .chain(&[image, id.as_str()])
+            .chain(command),
+    );
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
