@@ -749,6 +749,45 @@ impl Drop for Edge {
     }
 }
 
+/// A tmpfs of its own, unmounted when dropped: a data dir whose free space the test controls,
+/// whatever the machine's disk holds (a nearly full shared disk makes edgecore report
+/// DiskPressure, as a kubelet would, and the scheduler then places nothing there).
+pub struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size` (e.g. `256m`) on a fresh directory; needs root.
+    pub fn mount(size: &str) -> Tmpfs {
+        let dir = tempfile::tempdir().expect("mount point");
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .expect("run mount");
+        assert!(
+            status.success(),
+            "cannot mount a tmpfs on {} (needs root; CI runs as root)",
+            dir.path().display()
+        );
+        Tmpfs { dir }
+    }
+
+    /// Where it is mounted.
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
 /// The repository's `deploy/` directory (scripts the harness shares with the quick start).
 pub fn deploy_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

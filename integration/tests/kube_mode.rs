@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use integration::cluster::{ClusterOptions, Components, KubeCluster};
 use integration::netns::EdgeNet;
-use integration::{Cloud, Containerd, Edge, bin, deploy_dir, eventually, join_in};
+use integration::{Cloud, Containerd, Edge, Tmpfs, bin, deploy_dir, eventually, join_in};
 use serde_json::Value;
 
 /// The node lifecycle controller's grace period here (50 s by default in this version).
@@ -91,7 +91,7 @@ spec:
 }
 
 /// Fields drop in order: edgecore, containerd (removing its pods), cloudcore, the network
-/// namespace, the control plane, then the directory they all used.
+/// namespace, the control plane, the edge's tmpfs, then the directory they all used.
 struct Site {
     edge: Edge,
     _containerd: Containerd,
@@ -99,6 +99,7 @@ struct Site {
     net: EdgeNet,
     cluster: KubeCluster,
     node: String,
+    _edge_disk: Tmpfs,
     _tmp: tempfile::TempDir,
 }
 
@@ -131,7 +132,10 @@ impl Site {
         )
         .unwrap_or_else(|e| panic!("{e:#}"));
         let token = cloud.token(&[]);
-        let edge_dir = tmp.path().join("edge");
+        // The edge's data dir on a disk of its own, so that a nearly full machine does not make
+        // it report DiskPressure (the scheduler would place nothing on it).
+        let edge_disk = Tmpfs::mount("256m");
+        let edge_dir = edge_disk.path().join("edge");
         let out = join_in(&net, &edge_dir, &token, node);
         assert!(
             out.status.success(),
@@ -151,16 +155,26 @@ impl Site {
             net,
             cluster,
             node: node.to_string(),
+            _edge_disk: edge_disk,
             _tmp: tmp,
         }
     }
 
     fn context(&self) -> String {
+        let text = |args: &[&str]| {
+            let out = self.cluster.kubectl(args, None);
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr)
+        };
         format!(
-            "cloudcore log (end):\n{}\nedge log (end):\n{}\nkube-controller-manager log (end):\n{}",
+            "pods:\n{}\nevents (end):\n{}\nnode taints: {}\ncloudcore log (end):\n{}\nedge log (end):\n{}\nkube-scheduler log (end):\n{}\nkube-controller-manager log (end):\n{}",
+            text(&["get", "pods", "-o", "wide"]),
+            tail(&text(&["get", "events", "--sort-by=.lastTimestamp"]), 25),
+            self.node()["spec"]["taints"],
             tail(&self.cloud.log(), 40),
             tail(&self.edge.log(), 40),
-            self.cluster.log_tail("kube-controller-manager", 20)
+            self.cluster.log_tail("kube-scheduler", 15),
+            self.cluster.log_tail("kube-controller-manager", 15)
         )
     }
 
