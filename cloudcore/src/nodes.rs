@@ -1,11 +1,16 @@
 //! Edge nodes as Kubernetes Nodes, in both control-plane modes, through kube-rs.
 //!
 //! The tunnel ([`crate::hub`]) records who is connected in [`Presence`]; the controller here
-//! turns that into API objects: the Node (labels, addresses, capacity, nodeInfo, the Ready
-//! condition) when an edge connects, its Lease in `kube-node-lease` renewed while it stays
-//! connected, and — when cloudcore is the control plane — Ready=Unknown once an edge has been
-//! gone for the grace period, with the `node.kubernetes.io/unreachable:NoExecute` taint until it
-//! is back (a real cluster's node-lifecycle controller does both from the Lease in kube mode).
+//! turns that into API objects: the Node when an edge connects (labels, and the whole status
+//! the edge sent in `Hello`, with condition transition times reconciled against what the API
+//! shows), its Lease in `kube-node-lease` renewed while it stays connected, and — when
+//! cloudcore is the control plane — every condition Unknown once an edge has been gone for the
+//! grace period, with the `node.kubernetes.io/unreachable:NoExecute` taint until it is back (a
+//! real cluster's node-lifecycle controller does both from the Lease in kube mode).
+//!
+//! The edge owns its status, as a kubelet does (edgecore's `node` module builds it and reports
+//! it upstream); this controller adds only what the tunnel knows: that the edge connected,
+//! the address it connected from when the edge knows none, and liveness. See docs/nodes.md.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
@@ -159,6 +164,9 @@ fn go_arch(rust_arch: &str) -> &str {
     }
 }
 
+/// The condition types a kubelet reports and the node-lifecycle controller marks Unknown.
+const CONDITION_TYPES: [&str; 4] = ["MemoryPressure", "DiskPressure", "PIDPressure", "Ready"];
+
 fn ready_condition(status: &str, reason: &str, message: &str, previous: Option<&Value>) -> Value {
     let now = now_text();
     let transition = match previous {
@@ -175,17 +183,70 @@ fn ready_condition(status: &str, reason: &str, message: &str, previous: Option<&
     })
 }
 
-fn node_status(edge: &Edge, previous_ready: Option<&Value>) -> Value {
+/// Sets each reported condition's `lastTransitionTime` as the API should show it: unchanged
+/// when the API already has that status; when the API's status differs, the edge's own
+/// transition if it came after the API's last one (a change the API has not seen), else `now`
+/// (the API went elsewhere, e.g. Unknown, after the edge's last change). Heartbeats are `now`.
+fn reconcile_conditions(reported: &mut [Value], live: &[Value], now: &str) {
+    for condition in reported {
+        let api = live.iter().find(|c| c["type"] == condition["type"]);
+        let edge_text = condition["lastTransitionTime"]
+            .as_str()
+            .filter(|t| parse_time(t).is_some())
+            .map(str::to_string);
+        let transition = match api {
+            Some(api) if api["status"] == condition["status"] => api["lastTransitionTime"]
+                .as_str()
+                .filter(|t| parse_time(t).is_some())
+                .map(str::to_string)
+                .or(edge_text),
+            Some(api) => {
+                let api_time = api["lastTransitionTime"].as_str().and_then(parse_time);
+                let edge_time = edge_text.as_deref().and_then(parse_time);
+                edge_text.filter(|_| matches!((edge_time, api_time), (Some(e), Some(a)) if e > a))
+            }
+            None => edge_text,
+        };
+        condition["lastTransitionTime"] = json!(transition.unwrap_or_else(|| now.to_string()));
+        condition["lastHeartbeatTime"] = json!(now);
+    }
+}
+
+/// The status to write when an edge connects: the edge's own (from `Hello`) reconciled with the
+/// live conditions, or, from an edge too old to send one, what its node info gives.
+fn node_status(edge: &Edge, live_conditions: &[Value]) -> Value {
+    let now = now_text();
+    let mut status = match serde_json::from_slice::<Value>(&edge.info.node_status) {
+        Ok(status @ Value::Object(_)) => status,
+        _ => legacy_node_status(edge, live_conditions),
+    };
+    if let Some(conditions) = status["conditions"].as_array_mut() {
+        reconcile_conditions(conditions, live_conditions, &now);
+    }
+    let addresses = status["addresses"].as_array().cloned().unwrap_or_default();
+    let mut addresses: Vec<Value> = addresses
+        .into_iter()
+        .filter(|a| a.get("$patch").is_none())
+        .collect();
+    if !addresses.iter().any(|a| a["type"] == "InternalIP") {
+        addresses.insert(0, json!({"type": "InternalIP", "address": edge.address}));
+    }
+    // The list is the edge's: addresses it no longer reports (such as an old Hostname) go.
+    addresses.push(json!({"$patch": "replace"}));
+    status["addresses"] = json!(addresses);
+    status
+}
+
+/// The status of an edge that sends no `node_status` in `Hello` (edgecore before it did).
+fn legacy_node_status(edge: &Edge, live_conditions: &[Value]) -> Value {
+    let previous_ready = live_conditions.iter().find(|c| c["type"] == "Ready");
     let capacity = json!({
         "cpu": edge.info.cpus.to_string(),
         "memory": format!("{}Ki", edge.info.memory_bytes / 1024),
         "pods": "110",
     });
     json!({
-        "addresses": [
-            {"type": "InternalIP", "address": edge.address},
-            {"type": "Hostname", "address": edge.info.hostname},
-        ],
+        "addresses": [{"type": "InternalIP", "address": edge.address}],
         "capacity": capacity,
         "allocatable": capacity,
         "nodeInfo": {
@@ -201,24 +262,29 @@ fn node_status(edge: &Edge, previous_ready: Option<&Value>) -> Value {
             "bootID": "",
         },
         "conditions": [ready_condition("True", "EdgecoreReady", "edgecore is connected over the tunnel", previous_ready)],
-        "daemonEndpoints": {"kubeletEndpoint": {"Port": 0}},
+        "daemonEndpoints": {"kubeletEndpoint": {"Port": 10250}},
     })
 }
 
-fn ready_of(node: &Node) -> Option<Value> {
-    let status = serde_json::to_value(node.status.as_ref()?).ok()?;
-    status["conditions"]
-        .as_array()?
-        .iter()
-        .find(|c| c["type"] == "Ready")
-        .cloned()
+fn conditions_of(node: &Node) -> Vec<Value> {
+    node.status
+        .as_ref()
+        .and_then(|s| serde_json::to_value(s).ok())
+        .and_then(|s| s["conditions"].as_array().cloned())
+        .unwrap_or_default()
 }
 
-/// Creates or updates the Node of a connected edge and sets Ready=True.
+fn ready_of(node: &Node) -> Option<Value> {
+    conditions_of(node)
+        .into_iter()
+        .find(|c| c["type"] == "Ready")
+}
+
+/// Creates or updates the Node of a connected edge and writes the status it sent.
 async fn write_node(nodes: &Api<Node>, name: &str, edge: &Edge) -> Result<(), kube::Error> {
     let labels = node_labels(name, edge);
     let existing = nodes.get_opt(name).await?;
-    let previous_ready = existing.as_ref().and_then(ready_of);
+    let live_conditions = existing.as_ref().map(conditions_of).unwrap_or_default();
     match existing {
         None => {
             let node: Node = serde_json::from_value(json!({
@@ -240,9 +306,8 @@ async fn write_node(nodes: &Api<Node>, name: &str, edge: &Edge) -> Result<(), ku
                 .await?;
         }
     }
-    // Strategic merge: conditions merge by type, so the pressure conditions the edge reports
-    // survive this controller's Ready.
-    let status = json!({"status": node_status(edge, previous_ready.as_ref())});
+    // Strategic merge: conditions merge by type (a condition the edge does not send stays).
+    let status = json!({"status": node_status(edge, &live_conditions)});
     nodes
         .patch_status(name, &PatchParams::default(), &Patch::Strategic(&status))
         .await?;
@@ -389,6 +454,32 @@ fn parse_time(text: &str) -> Option<OffsetDateTime> {
     OffsetDateTime::parse(text, &Rfc3339).ok()
 }
 
+/// What the node-lifecycle controller writes for a node that stopped reporting: each of the
+/// four conditions Unknown (a transition now, unless already Unknown), keeping the last
+/// heartbeat the edge gave.
+fn unknown_conditions(live: &[Value], message: &str, now: &str) -> Vec<Value> {
+    CONDITION_TYPES
+        .iter()
+        .map(|kind| {
+            let previous = live.iter().find(|c| c["type"] == *kind);
+            let transition = match previous {
+                Some(p) if p["status"] == "Unknown" && p["lastTransitionTime"].is_string() => {
+                    p["lastTransitionTime"].clone()
+                }
+                _ => json!(now),
+            };
+            json!({
+                "type": kind,
+                "status": "Unknown",
+                "reason": "NodeStatusUnknown",
+                "message": message,
+                "lastHeartbeatTime": previous.map(|p| p["lastHeartbeatTime"].clone()).unwrap_or(Value::Null),
+                "lastTransitionTime": transition,
+            })
+        })
+        .collect()
+}
+
 /// Marks edge nodes whose lease expired, and that have no session, Ready=Unknown and taints
 /// them unreachable (also those already Unknown whose taint is missing).
 async fn mark_lost(
@@ -429,21 +520,12 @@ async fn mark_lost(
         if !stale {
             continue;
         }
-        tracing::warn!(node.name = %name, "edge gone for longer than the grace period: Ready=Unknown");
-        let mut condition = ready_condition(
-            "Unknown",
-            "NodeStatusUnknown",
-            &format!(
-                "edgecore stopped reporting: no tunnel for over {}",
-                humantime::format_duration(grace)
-            ),
-            ready.as_ref(),
+        tracing::warn!(node.name = %name, "edge gone for longer than the grace period: conditions Unknown");
+        let message = format!(
+            "edgecore stopped reporting: no tunnel for over {}",
+            humantime::format_duration(grace)
         );
-        // Keep the last heartbeat the edge actually gave.
-        if let Some(r) = &ready {
-            condition["lastHeartbeatTime"] = r["lastHeartbeatTime"].clone();
-        }
-        let patch = json!({"status": {"conditions": [condition]}});
+        let patch = json!({"status": {"conditions": unknown_conditions(&conditions_of(&node), &message, &now_text())}});
         let node = nodes
             .patch_status(&name, &PatchParams::default(), &Patch::Strategic(&patch))
             .await?;
@@ -540,6 +622,7 @@ mod tests {
                 edgecore_version: "0.1.0".into(),
                 cpus: 4,
                 memory_bytes: 2 * 1024 * 1024 * 1024,
+                node_status: Vec::new(),
             },
             address: "192.0.2.7".into(),
             labels: [("zone".to_string(), "a".to_string())].into(),
@@ -560,9 +643,9 @@ mod tests {
     }
 
     #[test]
-    fn status_reports_capacity_and_keeps_transition_time() {
+    fn legacy_status_reports_capacity_and_keeps_transition_time() {
         let previous = json!({"type": "Ready", "status": "True", "lastTransitionTime": "2020-01-01T00:00:00Z"});
-        let status = node_status(&edge(), Some(&previous));
+        let status = node_status(&edge(), &[previous]);
         assert_eq!(status["capacity"]["memory"], "2097152Ki");
         assert_eq!(status["capacity"]["cpu"], "4");
         assert_eq!(
@@ -571,14 +654,115 @@ mod tests {
         );
         let after_unknown = node_status(
             &edge(),
-            Some(
-                &json!({"type": "Ready", "status": "Unknown", "lastTransitionTime": "2020-01-01T00:00:00Z"}),
-            ),
+            &[
+                json!({"type": "Ready", "status": "Unknown", "lastTransitionTime": "2020-01-01T00:00:00Z"}),
+            ],
         );
         assert_ne!(
             after_unknown["conditions"][0]["lastTransitionTime"],
             "2020-01-01T00:00:00Z"
         );
+    }
+
+    #[test]
+    fn edge_status_is_written_with_the_tunnel_address_when_it_has_none() {
+        let mut edge = edge();
+        edge.info.node_status = serde_json::to_vec(&json!({
+            "nodeInfo": {"osImage": "Debian GNU/Linux 12 (bookworm)"},
+            "addresses": [],
+            "conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": "2026-01-01T00:00:00Z"}],
+        }))
+        .expect("json");
+        let status = node_status(&edge, &[]);
+        assert_eq!(
+            status["nodeInfo"]["osImage"],
+            "Debian GNU/Linux 12 (bookworm)"
+        );
+        assert_eq!(
+            status["addresses"],
+            json!([{"type": "InternalIP", "address": "192.0.2.7"}, {"$patch": "replace"}])
+        );
+        assert_eq!(
+            status["conditions"][0]["lastTransitionTime"],
+            "2026-01-01T00:00:00Z"
+        );
+        edge.info.node_status = serde_json::to_vec(
+            &json!({"addresses": [{"type": "InternalIP", "address": "10.1.1.1"}]}),
+        )
+        .expect("json");
+        assert_eq!(
+            node_status(&edge, &[])["addresses"][0]["address"],
+            "10.1.1.1"
+        );
+    }
+
+    #[test]
+    fn transition_times_follow_what_the_api_showed() {
+        let now = "2026-01-01T02:00:00Z";
+        let condition = |kind: &str, status: &str, at: &str| json!({"type": kind, "status": status, "lastTransitionTime": at});
+        // (reported by the edge, live in the API, the transition time written)
+        let cases = [
+            // Same status: the API's time stays, whatever the edge's is.
+            (
+                condition("Ready", "True", "2026-01-01T01:00:00Z"),
+                Some(condition("Ready", "True", "2026-01-01T00:00:00Z")),
+                "2026-01-01T00:00:00Z",
+            ),
+            // The API went Unknown after the edge's last change: the transition is now.
+            (
+                condition("Ready", "True", "2026-01-01T00:00:00Z"),
+                Some(condition("Ready", "Unknown", "2026-01-01T01:00:00Z")),
+                now,
+            ),
+            // The edge changed after the API's last transition (offline): its own time.
+            (
+                condition("DiskPressure", "True", "2026-01-01T01:30:00Z"),
+                Some(condition("DiskPressure", "False", "2026-01-01T00:00:00Z")),
+                "2026-01-01T01:30:00Z",
+            ),
+            // A zero time in the API (an old write) is no time.
+            (
+                condition("MemoryPressure", "False", "2026-01-01T00:30:00Z"),
+                Some(json!({"type": "MemoryPressure", "status": "False"})),
+                "2026-01-01T00:30:00Z",
+            ),
+            // Nothing in the API yet: the edge's time.
+            (
+                condition("PIDPressure", "False", "2026-01-01T00:10:00Z"),
+                None,
+                "2026-01-01T00:10:00Z",
+            ),
+            // Neither has a time: now.
+            (json!({"type": "Ready", "status": "True"}), None, now),
+        ];
+        for (reported, live, want) in cases {
+            let mut conditions = [reported.clone()];
+            let live: Vec<Value> = live.into_iter().collect();
+            reconcile_conditions(&mut conditions, &live, now);
+            assert_eq!(
+                conditions[0]["lastTransitionTime"], want,
+                "{reported} over {live:?}"
+            );
+            assert_eq!(conditions[0]["lastHeartbeatTime"], now);
+        }
+    }
+
+    #[test]
+    fn a_lost_node_has_all_four_conditions_unknown() {
+        let live = [
+            json!({"type": "Ready", "status": "True", "lastHeartbeatTime": "h", "lastTransitionTime": "t"}),
+            json!({"type": "DiskPressure", "status": "Unknown", "lastHeartbeatTime": "h", "lastTransitionTime": "t"}),
+        ];
+        let conditions = unknown_conditions(&live, "gone", "now");
+        assert_eq!(conditions.len(), 4);
+        assert!(conditions.iter().all(|c| c["status"] == "Unknown"));
+        let ready = &conditions[3];
+        assert_eq!(
+            (&ready["lastHeartbeatTime"], &ready["lastTransitionTime"]),
+            (&json!("h"), &json!("now"))
+        );
+        assert_eq!(conditions[1]["lastTransitionTime"], "t");
+        assert_eq!(conditions[0]["lastTransitionTime"], "now");
     }
 
     #[test]

@@ -27,6 +27,7 @@ use crate::dial::{self, DialError};
 use crate::identity::{self, Identity, IdentityError};
 use crate::join::new_key_and_csr;
 use crate::metrics::Metrics;
+use crate::node::{self, NodeConfig, Reporter};
 use crate::outbox::{Outbox, Report};
 use crate::replica::Replica;
 use crate::tls::{self, TlsError};
@@ -63,8 +64,11 @@ pub struct HubConfig {
     pub max_frame_size: usize,
     /// Renew at a random point in this fraction range of the certificate's validity.
     pub renew_window: (f64, f64),
-    /// How often the node status is reported (also once per session at start).
+    /// How often a session looks at the node status, reporting it when it changed (and at
+    /// least every [`node::STATUS_REPORT_FREQUENCY`]).
     pub node_status_interval: Duration,
+    /// Max pods and reserved resources of the Node.
+    pub node: NodeConfig,
 }
 
 impl HubConfig {
@@ -77,7 +81,8 @@ impl HubConfig {
             connect_timeout: Duration::from_secs(3),
             max_frame_size: proto::DEFAULT_MAX_FRAME_SIZE,
             renew_window: (0.7, 0.9),
-            node_status_interval: Duration::from_secs(60),
+            node_status_interval: node::STATUS_CHECK_INTERVAL,
+            node: NodeConfig::new(),
         }
     }
 }
@@ -251,6 +256,9 @@ impl Session {
     }
 
     /// Keeps the session alive until it ends; returns why it ended.
+    // Each argument is a part of the edge that outlives the session and is owned by `run`
+    // (or a load generator); a struct would exist only for this call.
+    #[allow(clippy::too_many_arguments)]
     pub async fn run(
         self,
         identity: &Identity,
@@ -258,6 +266,7 @@ impl Session {
         metrics: &Metrics,
         replica: &Replica,
         outbox: &Outbox,
+        reporter: &mut Reporter,
         shutdown: &CancellationToken,
     ) -> SessionEnd {
         let Session {
@@ -307,9 +316,14 @@ impl Session {
         let (incoming_tx, mut incoming) = mpsc::channel(INCOMING_QUEUE);
         let _reader = AbortOnDropHandle::new(tokio::spawn(read_into(reader, incoming_tx)));
         let mut deferred: Option<Result<Message, FrameError>> = None;
-        // A fresh node status replaces one left unacknowledged by an earlier session or run
-        // (latest wins; it goes once written). Reports waiting from before go first.
-        outbox.put(node_ref.clone(), Report::Status(node_status(config)));
+        // `Hello` carried the whole node status. A fresh report without conditions replaces
+        // one left unacknowledged by an earlier session or run (latest wins; it goes once
+        // written) and leaves the conditions the cloud wrote from `Hello` alone. Reports
+        // waiting from before go first.
+        outbox.put(
+            node_ref.clone(),
+            Report::Status(reporter.session_start_report().await),
+        );
         if ack.resend_status {
             // The cloud restarted and remembers none of our statuses: it compares each with the
             // API's copy and writes back only what differs (the API may have been changed
@@ -365,7 +379,9 @@ impl Session {
                     }
                 }
                 Wake::NodeStatus => {
-                    outbox.put(node_ref.clone(), Report::Status(node_status(config)));
+                    if let Some(status) = reporter.due().await {
+                        outbox.put(node_ref.clone(), Report::Status(status));
+                    }
                 }
                 Wake::Outbox => {
                     if let Err(e) =
@@ -528,15 +544,6 @@ async fn sleep_until_or_never(at: Option<std::time::Instant>) {
     }
 }
 
-fn node_status(config: &HubConfig) -> serde_json::Value {
-    let now = OffsetDateTime::now_utc()
-        .replace_nanosecond(0)
-        .unwrap_or_else(|_| OffsetDateTime::now_utc())
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default();
-    crate::node::status(&config.data_dir, &now)
-}
-
 fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut cur = e.source();
@@ -615,12 +622,12 @@ pub async fn run(
     metrics: Arc<Metrics>,
     replica: Replica,
     outbox: Arc<Outbox>,
+    mut reporter: Reporter,
     shutdown: CancellationToken,
 ) -> Result<(), IdentityError> {
     let mut rng = StdRng::from_os_rng();
     let mut attempt: u32 = 0;
     let mut connected_before = false;
-    let node_info = crate::node::collect();
     // Repeated failures are logged at most once a minute, with how long the cloud has been away.
     let mut offline_since: Option<Instant> = None;
     let mut last_loud: Option<Instant> = None;
@@ -644,11 +651,16 @@ pub async fn run(
             .cloud
             .clone()
             .unwrap_or_else(|| identity.config.cloud.clone());
-        let opened = match dial::resolve(&cloud).await.and_then(dial::client_endpoint) {
-            Ok(endpoint) => {
-                tokio::select! {
-                    _ = shutdown.cancelled() => return Ok(()),
-                    opened = Session::open(endpoint, &identity, &cloud, &config, node_info.clone(), replica.start_session()) => opened,
+        let opened = match dial::resolve(&cloud).await {
+            Ok(peer) => {
+                // The node's InternalIP: the address this gateway uses to reach the cloud.
+                let node_info = reporter.hello(node::host_ip(peer)).await;
+                match dial::client_endpoint(peer) {
+                    Ok(endpoint) => tokio::select! {
+                        _ = shutdown.cancelled() => return Ok(()),
+                        opened = Session::open(endpoint, &identity, &cloud, &config, node_info, replica.start_session()) => opened,
+                    },
+                    Err(e) => Err(e.into()),
                 }
             }
             Err(e) => Err(e.into()),
@@ -673,7 +685,15 @@ pub async fn run(
                 last_loud = None;
                 let started = Instant::now();
                 let ended = session
-                    .run(&identity, &config, &metrics, &replica, &outbox, &shutdown)
+                    .run(
+                        &identity,
+                        &config,
+                        &metrics,
+                        &replica,
+                        &outbox,
+                        &mut reporter,
+                        &shutdown,
+                    )
                     .await;
                 metrics.cloud_connected.set(0);
                 if shutdown.is_cancelled() {

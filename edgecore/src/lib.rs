@@ -60,18 +60,17 @@ pub enum RunError {
     },
 }
 
-/// The gateway's address towards the cloud (pods' `hostIP`); empty when the cloud's name does
-/// not resolve within a second (offline start: nothing waits for the network).
-async fn host_ip(cloud: &str) -> String {
+/// The gateway's address towards the cloud (pods' `hostIP`). When the cloud's name does not
+/// resolve within a second (an offline start: nothing waits for the network), the primary
+/// address of the default-route interface; `None` without one either.
+async fn host_ip(cloud: &str) -> Option<std::net::IpAddr> {
     let resolved =
         tokio::time::timeout(Duration::from_secs(1), tokio::net::lookup_host(cloud)).await;
     let peer = match resolved {
         Ok(Ok(mut addrs)) => addrs.next(),
         _ => None,
     };
-    peer.and_then(node::host_ip)
-        .map(|ip| ip.to_string())
-        .unwrap_or_default()
+    peer.and_then(node::host_ip).or_else(node::default_route_ip)
 }
 
 /// Runs edgecore until `shutdown` is cancelled.
@@ -114,21 +113,25 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
     // are sent first.
     let (outbox, outbox_writer) = outbox::Outbox::open(&config.hub.data_dir, metrics.clone())?;
     tracker.spawn(outbox_writer.run(replica.subscribe(), shutdown.clone()));
+    let runtime = match &config.cri_endpoint {
+        Some(endpoint) => Some(cri::Cri::new(endpoint)?),
+        None => None,
+    };
     let mut pod_requests = None;
-    if let Some(endpoint) = &config.cri_endpoint {
+    if let Some(cri) = &runtime {
         let cloud = config
             .hub
             .cloud
             .clone()
             .unwrap_or_else(|| identity.config.cloud.clone());
         let context = pods::worker::Context {
-            cri: cri::Cri::new(endpoint)?,
+            cri: cri.clone(),
             data_dir: config.hub.data_dir.clone(),
             node_name: identity.config.node_name.clone(),
             host_ip: host_ip(&cloud).await,
             outbox: outbox.clone(),
         };
-        tracing::info!(cri = %endpoint, host.ip = %context.host_ip, "running pods through the CRI");
+        tracing::info!(cri = %cri.endpoint(), host.ip = ?context.host_ip, "running pods through the CRI");
         let (requests, requests_rx) = tokio::sync::mpsc::channel(16);
         pod_requests = Some(requests);
         tracker.spawn(pods::run(
@@ -139,7 +142,20 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
         ));
     }
     tracker.spawn(control::serve(control, pod_requests, shutdown.clone()));
-    let result = hub::run(config.hub, metrics, replica, outbox, shutdown.clone()).await;
+    let reporter = node::Reporter::new(
+        config.hub.data_dir.clone(),
+        config.hub.node.clone(),
+        runtime,
+    );
+    let result = hub::run(
+        config.hub,
+        metrics,
+        replica,
+        outbox,
+        reporter,
+        shutdown.clone(),
+    )
+    .await;
     shutdown.cancel();
     tracker.close();
     let _ = tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await;

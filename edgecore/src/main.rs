@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use edgecore::ctl::{CtlError, Resource};
 use edgecore::hub::HubConfig;
 use edgecore::join::{JoinError, JoinParams, parse_labels};
+use edgecore::node::NodeConfig;
 use edgecore::store::StoreError;
 use edgecore::{RunConfig, RunError};
 use tokio_util::sync::CancellationToken;
@@ -88,6 +89,12 @@ enum Command {
         /// Hold the desired state without running pods (for benchmarks of the sync layer).
         #[arg(long)]
         no_pod_runtime: bool,
+        /// Pods this node admits: `pods` in the Node's capacity and allocatable.
+        #[arg(long, default_value_t = edgecore::node::DEFAULT_MAX_PODS, value_parser = clap::value_parser!(u32).range(1..))]
+        max_pods: u32,
+        /// Resources kept back from pods, kubelet syntax: `cpu=100m,memory=100Mi,ephemeral-storage=1Gi`.
+        #[arg(long, default_value = "")]
+        system_reserved: edgecore::node::Reserved,
     },
     /// Images for gateways without a registry.
     Images {
@@ -286,6 +293,8 @@ fn main() -> ExitCode {
             max_frame_size,
             cri_endpoint,
             no_pod_runtime,
+            max_pods,
+            system_reserved,
         } => {
             let Some(runtime) = runtime() else {
                 return ExitCode::FAILURE;
@@ -293,6 +302,10 @@ fn main() -> ExitCode {
             let mut hub = HubConfig::new(data_dir);
             hub.cloud = cloud;
             hub.max_frame_size = max_frame_size;
+            hub.node = NodeConfig {
+                max_pods,
+                reserved: system_reserved,
+            };
             let config = RunConfig {
                 hub,
                 metrics_listen,

@@ -61,6 +61,9 @@ pub struct NodeInfo {
     pub edgecore_version: String,
     pub cpus: u32,
     pub memory_bytes: u64,
+    /// The Kubernetes `NodeStatus` (JSON) the edge reports, written when the session starts;
+    /// empty from an edge that predates it.
+    pub node_status: Vec<u8>,
 }
 
 /// The first message of a tunnel connection, edge to cloud.
@@ -432,6 +435,7 @@ impl TryFrom<pb::Envelope> for Message {
                         )?,
                         cpus: info.cpus,
                         memory_bytes: info.memory_bytes,
+                        node_status: info.node_status,
                     },
                     inventory: h
                         .inventory
@@ -515,6 +519,7 @@ impl From<Message> for pb::Envelope {
                     edgecore_version: h.node_info.edgecore_version,
                     cpus: h.node_info.cpus,
                     memory_bytes: h.node_info.memory_bytes,
+                    node_status: h.node_info.node_status,
                 }),
                 inventory: h
                     .inventory
@@ -600,6 +605,7 @@ mod tests {
                     hostname: "gw-1".into(),
                     cpus: 4,
                     memory_bytes: 1 << 30,
+                    node_status: br#"{"nodeInfo":{"osImage":"Debian"}}"#.to_vec(),
                     ..NodeInfo::default()
                 },
                 inventory: vec![HeldObject {

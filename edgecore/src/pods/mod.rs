@@ -365,7 +365,7 @@ mod tests {
                 .unwrap(),
             data_dir: dir.path().to_path_buf(),
             node_name: "gw".into(),
-            host_ip: String::new(),
+            host_ip: None,
             outbox,
         };
         let shutdown = CancellationToken::new();

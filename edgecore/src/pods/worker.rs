@@ -74,7 +74,8 @@ pub struct Context {
     pub cri: Cri,
     pub data_dir: PathBuf,
     pub node_name: String,
-    pub host_ip: String,
+    /// The gateway's address for pods' `hostIP`; `None` when it is not known (no route).
+    pub host_ip: Option<std::net::IpAddr>,
     pub outbox: Arc<Outbox>,
 }
 
@@ -1066,10 +1067,13 @@ impl Worker {
         let mut status = json!({
             "phase": phase,
             "conditions": conditions,
-            "hostIP": self.ctx.host_ip,
-            "hostIPs": [{"ip": self.ctx.host_ip}],
             "containerStatuses": statuses,
         });
+        // Never an empty IP: without a known address the fields are left out.
+        if let Some(ip) = self.ctx.host_ip {
+            status["hostIP"] = json!(ip.to_string());
+            status["hostIPs"] = json!([{"ip": ip.to_string()}]);
+        }
         if !init_statuses.is_empty() {
             status["initContainerStatuses"] = json!(init_statuses);
         }
@@ -1292,7 +1296,7 @@ mod tests {
             cri: Cri::new("unix:///nonexistent/containerd.sock").expect("lazy client"),
             data_dir: dir.to_path_buf(),
             node_name: "gw".into(),
-            host_ip: "10.0.0.2".into(),
+            host_ip: "10.0.0.2".parse().ok(),
             outbox,
         });
         Worker::new(ctx, pod)

@@ -400,12 +400,18 @@ async fn connect_round(
                 .outbox_writer
                 .clone()
                 .run(edge.replica.subscribe(), shutdown.clone());
+            let mut reporter = edgecore::node::Reporter::new(
+                edge.config.data_dir.clone(),
+                edgecore::node::NodeConfig::new(),
+                None,
+            );
             let session = session.run(
                 &edge.identity,
                 &edge.config,
                 &metrics,
                 &edge.replica,
                 &edge.outbox,
+                &mut reporter,
                 &shutdown,
             );
             let (ended, ()) = tokio::join!(session, writer);
