@@ -131,7 +131,10 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
             host_ip: host_ip(&cloud).await,
             outbox: outbox.clone(),
         };
-        tracing::info!(cri = %cri.endpoint(), host.ip = ?context.host_ip, "running pods through the CRI");
+        let host_ip = context
+            .host_ip
+            .map_or_else(|| "none".into(), |ip| ip.to_string());
+        tracing::info!(cri = %cri.endpoint(), host.ip = %host_ip, "running pods through the CRI");
         let (requests, requests_rx) = tokio::sync::mpsc::channel(16);
         pod_requests = Some(requests);
         tracker.spawn(pods::run(

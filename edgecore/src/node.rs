@@ -23,6 +23,9 @@ const MEMORY_PRESSURE_BYTES: u64 = 100 * 1024 * 1024;
 /// Disk pressure below this fraction free on the data directory's filesystem (the kubelet's
 /// `nodefs.available<10%`).
 const DISK_PRESSURE_FRACTION: f64 = 0.10;
+/// How long a report waits for the runtime's `Version`: the session loop waits for the report,
+/// so a hung runtime must not hold up heartbeats.
+const RUNTIME_VERSION_TIMEOUT: Duration = Duration::from_secs(2);
 /// The kubelet's default `--max-pods`.
 pub const DEFAULT_MAX_PODS: u32 = 110;
 /// How often a session looks at the node status and reports it if it changed (the kubelet's
@@ -224,10 +227,14 @@ impl Facts {
         let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
         let disk = rustix::fs::statvfs(data_dir).ok();
         let container_runtime_version = match runtime {
-            Some(cri) => match cri.version().await {
-                Ok(v) => format!("{}://{}", v.runtime_name, v.runtime_version),
-                Err(e) => {
+            Some(cri) => match tokio::time::timeout(RUNTIME_VERSION_TIMEOUT, cri.version()).await {
+                Ok(Ok(v)) => format!("{}://{}", v.runtime_name, v.runtime_version),
+                Ok(Err(e)) => {
                     tracing::debug!(error = %e, "the runtime does not answer Version");
+                    String::new()
+                }
+                Err(_) => {
+                    tracing::debug!("the runtime does not answer Version in time");
                     String::new()
                 }
             },
@@ -441,6 +448,8 @@ pub struct Reporter {
     config: NodeConfig,
     runtime: Option<Cri>,
     conditions: Conditions,
+    /// The runtime's last answer to `Version`, reported while it does not answer.
+    runtime_version: String,
     /// The session's start, its host IP, and the last report (without heartbeats) with when it
     /// was put.
     session: Option<SessionReports>,
@@ -462,12 +471,18 @@ impl Reporter {
             config,
             runtime,
             conditions: Conditions::default(),
+            runtime_version: String::new(),
             session: None,
         }
     }
 
     async fn status(&mut self, host_ip: Option<IpAddr>) -> Value {
-        let facts = Facts::read(&self.data_dir, self.runtime.as_ref()).await;
+        let mut facts = Facts::read(&self.data_dir, self.runtime.as_ref()).await;
+        if facts.container_runtime_version.is_empty() {
+            facts.container_runtime_version = self.runtime_version.clone();
+        } else {
+            self.runtime_version = facts.container_runtime_version.clone();
+        }
         let now = OffsetDateTime::now_utc();
         self.conditions.observe(
             [
