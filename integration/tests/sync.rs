@@ -224,8 +224,7 @@ fn objects_reach_only_their_node_and_follow_changes() {
         |objects| names(objects) == BTreeSet::from([pair("Node", "edge-1")]),
     );
 
-    // The edge's node status (pressure conditions) is written upstream next to the Ready
-    // condition cloudcore keeps.
+    // The edge's node status carries all four conditions.
     let types = || {
         kubectl_ok(
             &s.cloud,
