@@ -217,17 +217,16 @@ fn reconcile_conditions(reported: &mut [Value], live: &[Value], now: &str) {
 fn node_status(edge: &Edge, live_conditions: &[Value]) -> Value {
     let now = now_text();
     let mut status = match serde_json::from_slice::<Value>(&edge.info.node_status) {
-        Ok(status @ Value::Object(_)) => status,
+        Ok(mut status @ Value::Object(_)) => {
+            remove_directives(&mut status);
+            status
+        }
         _ => legacy_node_status(edge, live_conditions),
     };
     if let Some(conditions) = status["conditions"].as_array_mut() {
         reconcile_conditions(conditions, live_conditions, &now);
     }
-    let addresses = status["addresses"].as_array().cloned().unwrap_or_default();
-    let mut addresses: Vec<Value> = addresses
-        .into_iter()
-        .filter(|a| a.get("$patch").is_none())
-        .collect();
+    let mut addresses = status["addresses"].as_array().cloned().unwrap_or_default();
     if !addresses.iter().any(|a| a["type"] == "InternalIP") {
         addresses.insert(0, json!({"type": "InternalIP", "address": edge.address}));
     }
@@ -235,6 +234,22 @@ fn node_status(edge: &Edge, live_conditions: &[Value]) -> Value {
     addresses.push(json!({"$patch": "replace"}));
     status["addresses"] = json!(addresses);
     status
+}
+
+/// Drops strategic-merge directives (`$patch`, `$retainKeys`, ...) from what an edge sent: it
+/// describes a status, it does not steer the patch.
+fn remove_directives(value: &mut Value) {
+    match value {
+        Value::Object(map) => {
+            map.retain(|key, _| !key.starts_with('$'));
+            map.values_mut().for_each(remove_directives);
+        }
+        Value::Array(list) => {
+            list.retain(|v| v.as_object().is_none_or(|m| !m.contains_key("$patch")));
+            list.iter_mut().for_each(remove_directives);
+        }
+        _ => {}
+    }
 }
 
 /// The status of an edge that sends no `node_status` in `Hello` (edgecore before it did).
@@ -287,10 +302,15 @@ async fn write_node(nodes: &Api<Node>, name: &str, edge: &Edge) -> Result<(), ku
     let live_conditions = existing.as_ref().map(conditions_of).unwrap_or_default();
     match existing {
         None => {
+            // With its status, as a kubelet registers: a real apiserver keeps it on create
+            // (the status write below makes sure either way).
+            let mut status = node_status(edge, &[]);
+            remove_directives(&mut status);
             let node: Node = serde_json::from_value(json!({
                 "apiVersion": "v1",
                 "kind": "Node",
                 "metadata": {"name": name, "labels": labels},
+                "status": status,
             }))
             .map_err(kube::Error::SerdeError)?;
             match nodes.create(&PostParams::default(), &node).await {
@@ -686,14 +706,18 @@ mod tests {
             status["conditions"][0]["lastTransitionTime"],
             "2026-01-01T00:00:00Z"
         );
-        edge.info.node_status = serde_json::to_vec(
-            &json!({"addresses": [{"type": "InternalIP", "address": "10.1.1.1"}]}),
-        )
+        edge.info.node_status = serde_json::to_vec(&json!({
+            "addresses": [{"type": "InternalIP", "address": "10.1.1.1"}, {"$patch": "delete"}],
+            "conditions": [{"type": "Ready", "status": "True", "$retainKeys": ["type"]}],
+        }))
         .expect("json");
+        let status = node_status(&edge, &[]);
         assert_eq!(
-            node_status(&edge, &[])["addresses"][0]["address"],
-            "10.1.1.1"
+            status["addresses"],
+            json!([{"type": "InternalIP", "address": "10.1.1.1"}, {"$patch": "replace"}]),
+            "the edge's directives are dropped"
         );
+        assert!(status["conditions"][0].get("$retainKeys").is_none());
     }
 
     #[test]

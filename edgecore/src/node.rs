@@ -411,18 +411,23 @@ fn node_status(
     })
 }
 
-/// Drops `lastTransitionTime` from conditions that last changed before `session_start`: the
-/// connect write (from `Hello`) set those against what the API showed, and a strategic merge
-/// keeps a field the patch leaves out. A transition during the session carries its own time.
-fn keep_session_transitions(status: &mut Value, session_start: OffsetDateTime) {
-    let Some(conditions) = status["conditions"].as_array_mut() else {
+/// Drops `lastTransitionTime` from conditions that did not change on the gateway after
+/// `session_start`: the connect write (from `Hello`) set those against what the API showed, and
+/// a strategic merge keeps a field the patch leaves out. A transition during the session
+/// carries its own time.
+fn keep_session_transitions(
+    status: &mut Value,
+    conditions: &Conditions,
+    session_start: OffsetDateTime,
+) {
+    let Some(list) = status["conditions"].as_array_mut() else {
         return;
     };
-    for condition in conditions {
-        let before = condition["lastTransitionTime"]
+    for condition in list {
+        let before = condition["type"]
             .as_str()
-            .and_then(|t| OffsetDateTime::parse(t, &Rfc3339).ok())
-            .is_none_or(|t| t < session_start.replace_nanosecond(0).unwrap_or(session_start));
+            .and_then(|kind| conditions.since.get(kind))
+            .is_none_or(|(_, since)| *since <= session_start);
         if before && let Some(map) = condition.as_object_mut() {
             map.remove("lastTransitionTime");
         }
@@ -535,7 +540,7 @@ impl Reporter {
         let host_ip = self.session.as_ref()?.host_ip;
         let mut status = self.status(host_ip).await;
         let session = self.session.as_mut()?;
-        keep_session_transitions(&mut status, session.started);
+        keep_session_transitions(&mut status, &self.conditions, session.started);
         let comparable = without_heartbeats(&status);
         if comparable == session.last && session.last_at.elapsed() < STATUS_REPORT_FREQUENCY {
             return None;
@@ -817,18 +822,38 @@ mod tests {
 
     #[test]
     fn session_reports_carry_only_the_sessions_transitions() {
-        let mut status = json!({"conditions": [
-            {"type": "Ready", "status": "True", "lastTransitionTime": "2026-01-01T00:00:00Z"},
-            {"type": "DiskPressure", "status": "True", "lastTransitionTime": "2026-01-01T01:00:05Z"},
-        ]});
-        keep_session_transitions(&mut status, at("2026-01-01T01:00:00Z"));
-        assert_eq!(
-            status["conditions"],
-            json!([
-                {"type": "Ready", "status": "True"},
-                {"type": "DiskPressure", "status": "True", "lastTransitionTime": "2026-01-01T01:00:05Z"},
-            ])
+        let mut conditions = Conditions::default();
+        let statuses = |disk| {
+            [
+                ("MemoryPressure", false),
+                ("DiskPressure", disk),
+                ("PIDPressure", false),
+                ("Ready", true),
+            ]
+        };
+        // Started, and the session began, within the same second.
+        let started = at("2026-01-01T01:00:00Z");
+        let session = started + time::Duration::milliseconds(300);
+        conditions.observe(statuses(false), started);
+        let mut status = json!({"conditions": conditions.to_json(session)});
+        keep_session_transitions(&mut status, &conditions, session);
+        assert!(
+            status["conditions"]
+                .as_array()
+                .expect("conditions")
+                .iter()
+                .all(|c| c.get("lastTransitionTime").is_none()),
+            "{status}"
         );
+        let later = at("2026-01-01T01:00:05Z");
+        conditions.observe(statuses(true), later);
+        let mut status = json!({"conditions": conditions.to_json(later)});
+        keep_session_transitions(&mut status, &conditions, session);
+        assert_eq!(
+            status["conditions"][1]["lastTransitionTime"],
+            "2026-01-01T01:00:05Z"
+        );
+        assert!(status["conditions"][3].get("lastTransitionTime").is_none());
     }
 
     #[test]

@@ -365,6 +365,17 @@ fn edge_node_reports_like_a_kubelet_and_transition_times_follow_the_api() {
     let mut edge = Edge::start_with(&dir, &flags);
     assert!(eventually(Duration::from_secs(10), || edge.connected()));
     std::thread::sleep(Duration::from_secs(2));
+    // ... neither at the connect write nor at the session's first full report (10 s later).
+    let heartbeat =
+        |node: &serde_json::Value| time_of(&condition(node, "Ready")["lastHeartbeatTime"]);
+    let connected = heartbeat(&node_json(&cloud, "gw-k"));
+    assert!(
+        eventually(Duration::from_secs(20), || heartbeat(&node_json(
+            &cloud, "gw-k"
+        )) > connected),
+        "no report after the connect write; edge log:\n{}",
+        edge.log()
+    );
     let again = node_json(&cloud, "gw-k");
     for kind in CONDITIONS {
         assert_eq!(
