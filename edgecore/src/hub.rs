@@ -27,7 +27,7 @@ use crate::dial::{self, DialError};
 use crate::identity::{self, Identity, IdentityError};
 use crate::join::new_key_and_csr;
 use crate::metrics::Metrics;
-use crate::node::{self, NodeConfig, Reporter};
+use crate::node::{self, Reporter};
 use crate::outbox::{Outbox, Report};
 use crate::replica::Replica;
 use crate::tls::{self, TlsError};
@@ -67,8 +67,6 @@ pub struct HubConfig {
     /// How often a session looks at the node status, reporting it when it changed (and at
     /// least every [`node::STATUS_REPORT_FREQUENCY`]).
     pub node_status_interval: Duration,
-    /// Max pods and reserved resources of the Node.
-    pub node: NodeConfig,
 }
 
 impl HubConfig {
@@ -82,7 +80,6 @@ impl HubConfig {
             max_frame_size: proto::DEFAULT_MAX_FRAME_SIZE,
             renew_window: (0.7, 0.9),
             node_status_interval: node::STATUS_CHECK_INTERVAL,
-            node: NodeConfig::new(),
         }
     }
 }

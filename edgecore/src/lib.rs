@@ -35,6 +35,8 @@ pub struct RunConfig {
     /// The container runtime's CRI socket, `unix:///PATH`; `None` holds the desired state
     /// without running pods (sync-only, for benchmarks of the sync layer).
     pub cri_endpoint: Option<String>,
+    /// Max pods and reserved resources of the Node this gateway reports.
+    pub node: node::NodeConfig,
 }
 
 /// `edgecore run` could not start or lost its identity.
@@ -145,11 +147,7 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
         ));
     }
     tracker.spawn(control::serve(control, pod_requests, shutdown.clone()));
-    let reporter = node::Reporter::new(
-        config.hub.data_dir.clone(),
-        config.hub.node.clone(),
-        runtime,
-    );
+    let reporter = node::Reporter::new(config.hub.data_dir.clone(), config.node, runtime);
     let result = hub::run(
         config.hub,
         metrics,

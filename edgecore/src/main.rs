@@ -302,14 +302,14 @@ fn main() -> ExitCode {
             let mut hub = HubConfig::new(data_dir);
             hub.cloud = cloud;
             hub.max_frame_size = max_frame_size;
-            hub.node = NodeConfig {
-                max_pods,
-                reserved: system_reserved,
-            };
             let config = RunConfig {
                 hub,
                 metrics_listen,
                 cri_endpoint: (!no_pod_runtime).then_some(cri_endpoint),
+                node: NodeConfig {
+                    max_pods,
+                    reserved: system_reserved,
+                },
             };
             let result = runtime.block_on(async {
                 let shutdown = CancellationToken::new();

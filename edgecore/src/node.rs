@@ -39,7 +39,7 @@ pub const STATUS_REPORT_FREQUENCY: Duration = Duration::from_secs(300);
 pub const KUBELET_PORT: i32 = 10250;
 
 /// Settings of the Node the edge reports (`edgecore run --max-pods`, `--system-reserved`).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeConfig {
     /// `pods` in capacity and allocatable.
     pub max_pods: u32,
@@ -47,9 +47,9 @@ pub struct NodeConfig {
     pub reserved: Reserved,
 }
 
-impl NodeConfig {
+impl Default for NodeConfig {
     /// The kubelet's defaults: 110 pods, nothing reserved.
-    pub fn new() -> Self {
+    fn default() -> Self {
         NodeConfig {
             max_pods: DEFAULT_MAX_PODS,
             reserved: Reserved::default(),
@@ -763,7 +763,7 @@ mod tests {
             now,
         );
         let ip: IpAddr = "192.0.2.7".parse().expect("ip");
-        let status = node_status(&facts(), &NodeConfig::new(), &conditions, Some(ip), now);
+        let status = node_status(&facts(), &NodeConfig::default(), &conditions, Some(ip), now);
         assert_eq!(
             status["addresses"],
             json!([{"type": "InternalIP", "address": "192.0.2.7"}])

@@ -402,7 +402,7 @@ async fn connect_round(
                 .run(edge.replica.subscribe(), shutdown.clone());
             let mut reporter = edgecore::node::Reporter::new(
                 edge.config.data_dir.clone(),
-                edgecore::node::NodeConfig::new(),
+                edgecore::node::NodeConfig::default(),
                 None,
             );
             let session = session.run(

@@ -466,6 +466,7 @@ async fn start_edge(data_dir: &Path, cloud: &str) -> Result<RunningEdge> {
             metrics_listen: ([127, 0, 0, 1], metrics_port).into(),
             // Sync only: the bench measures desired state reaching the store, not pods.
             cri_endpoint: None,
+            node: edgecore::node::NodeConfig::default(),
         };
         let shutdown = CancellationToken::new();
         let mut edge = RunningEdge {
