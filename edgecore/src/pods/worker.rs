@@ -1290,13 +1290,17 @@ mod tests {
     use super::*;
 
     fn worker(dir: &std::path::Path, pod: &Pod) -> Worker {
+        worker_at(dir, pod, "10.0.0.2".parse().ok())
+    }
+
+    fn worker_at(dir: &std::path::Path, pod: &Pod, host_ip: Option<std::net::IpAddr>) -> Worker {
         let metrics = Arc::new(crate::metrics::Metrics::default());
         let (outbox, _writer) = Outbox::open(dir, metrics).expect("outbox");
         let ctx = Arc::new(Context {
             cri: Cri::new("unix:///nonexistent/containerd.sock").expect("lazy client"),
             data_dir: dir.to_path_buf(),
             node_name: "gw".into(),
-            host_ip: "10.0.0.2".parse().ok(),
+            host_ip,
             outbox,
         });
         Worker::new(ctx, pod)
@@ -1349,6 +1353,19 @@ mod tests {
             status["containerStatuses"][0]["lastState"]["terminated"]["reason"],
             "Unknown"
         );
+    }
+
+    #[tokio::test]
+    async fn host_ip_is_reported_only_when_known() {
+        let pod = pod();
+        let known = tempfile::tempdir().unwrap();
+        let status = worker(known.path(), &pod).status(&pod);
+        assert_eq!(status["hostIP"], "10.0.0.2");
+        assert_eq!(status["hostIPs"], json!([{"ip": "10.0.0.2"}]));
+        let unknown = tempfile::tempdir().unwrap();
+        let status = worker_at(unknown.path(), &pod, None).status(&pod);
+        assert!(status.get("hostIP").is_none(), "{status}");
+        assert!(status.get("hostIPs").is_none(), "{status}");
     }
 
     #[test]
