@@ -876,6 +876,42 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_session_reports_at_start_without_conditions_then_only_changes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut reporter = Reporter::new(dir.path().to_path_buf(), NodeConfig::default(), None);
+        assert_eq!(reporter.due().await, None, "no session, no report");
+        let ip: IpAddr = "192.0.2.7".parse().expect("ip");
+        let hello = reporter.hello(Some(ip)).await;
+        let status: Value = serde_json::from_slice(&hello.node_status).expect("json");
+        assert_eq!(status["conditions"].as_array().map(Vec::len), Some(4));
+        assert!(status["conditions"][3]["lastTransitionTime"].is_string());
+        assert_eq!(status["addresses"][0]["address"], "192.0.2.7");
+        let start = reporter.session_start_report().await;
+        assert!(start.get("conditions").is_none(), "{start}");
+        assert_eq!(start["nodeInfo"], status["nodeInfo"]);
+        // The first check finds the conditions missing from the last report: due, without the
+        // transition times the connect write set.
+        let first = reporter.due().await.expect("conditions are new");
+        let conditions = first["conditions"].as_array().expect("conditions");
+        assert_eq!(conditions.len(), 4);
+        assert!(
+            conditions
+                .iter()
+                .all(|c| c.get("lastTransitionTime").is_none())
+        );
+        assert!(
+            conditions
+                .iter()
+                .all(|c| c["lastHeartbeatTime"].is_string())
+        );
+        // Nothing changed since (this machine's pressure aside): nothing due before 5 min.
+        if reporter.due().await.is_some() {
+            let facts = Facts::read(dir.path(), None).await;
+            panic!("a report without a change: {facts:?}");
+        }
+    }
+
+    #[tokio::test]
     async fn reads_this_machine() {
         let facts = Facts::read(Path::new("/"), None).await;
         assert!(facts.cpus >= 1);
