@@ -294,6 +294,9 @@ fn edge_node_reports_like_a_kubelet_and_transition_times_follow_the_api() {
         "CONTAINER-RUNTIME in:\n{wide}"
     );
     assert!(row.contains("127.0.0.1"), "INTERNAL-IP in:\n{wide}");
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    assert!(row.contains(kernel.trim()), "KERNEL-VERSION in:\n{wide}");
+    eprintln!("{wide}");
 
     let node = node_json(&cloud, "gw-k");
     let status = &node["status"];
