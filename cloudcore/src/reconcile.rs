@@ -157,8 +157,12 @@ impl Truths {
     }
 
     /// A session of `node` started. Returns whether it is the node's first since this process
-    /// started (so the edge should send its last statuses again).
+    /// started (so the edge should send its last statuses again). The Node's own truth is
+    /// dropped: its `Hello` carried a fresh status, which [`crate::nodes`] writes, and an older
+    /// report must not be written over it.
     pub fn session_started(&mut self, node: &str) -> bool {
+        self.entries
+            .retain(|(kind, _, name), held| !(kind == "Node" && name == node && held.node == node));
         *self.sessions.entry(node.to_string()).or_default() += 1;
         self.seen.insert(node.to_string())
     }
@@ -378,6 +382,32 @@ mod tests {
         assert_eq!(truths.len(), 1, "forgetting another uid keeps this one");
         truths.forget("Pod", "default", "web", "u1");
         assert!(truths.is_empty());
+    }
+
+    #[test]
+    fn a_new_session_drops_the_nodes_own_older_report() {
+        let mut truths = Truths::default();
+        truths.session_started("gw");
+        let node = proto::ObjectRef {
+            kind: "Node".into(),
+            namespace: String::new(),
+            name: "gw".into(),
+            uid: String::new(),
+        };
+        truths.reported(
+            "gw",
+            &node,
+            3,
+            &json!({"conditions": [{"type": "DiskPressure", "status": "False"}]}),
+        );
+        truths.reported("gw", &pod("u1"), 4, &ready("True"));
+        truths.session_ended("gw");
+        truths.session_started("gw");
+        assert_eq!(truths.len(), 1, "the pod's truth stays, the Node's goes");
+        assert_eq!(
+            truths.observed("Node", "", "gw", "", &json!({"conditions": []})),
+            None
+        );
     }
 
     #[test]
