@@ -234,6 +234,88 @@ impl Site {
     }
 }
 
+/// The Node as `kubectl get nodes -o wide` and `describe node` show it: what a kubelet
+/// reports (docs/nodes.md).
+fn assert_node_reports_like_a_kubelet(site: &Site) {
+    let node = site.node();
+    let info = &node["status"]["nodeInfo"];
+    let context = || format!("node: {node:#}");
+    let os_image = info["osImage"].as_str().unwrap_or_default();
+    assert!(
+        !os_image.is_empty() && os_image != "linux",
+        "osImage from os-release\n{}",
+        context()
+    );
+    assert!(
+        info["containerRuntimeVersion"]
+            .as_str()
+            .is_some_and(|v| v.starts_with("containerd://")),
+        "containerRuntimeVersion from the CRI\n{}",
+        context()
+    );
+    for id in ["machineID", "bootID", "kernelVersion"] {
+        assert!(
+            info[id].as_str().is_some_and(|v| !v.is_empty()),
+            "{id}\n{}",
+            context()
+        );
+    }
+    for resource in ["cpu", "memory", "pods", "ephemeral-storage"] {
+        assert!(
+            node["status"]["capacity"][resource].is_string()
+                && node["status"]["allocatable"][resource].is_string(),
+            "capacity and allocatable {resource}\n{}",
+            context()
+        );
+    }
+    let conditions = node["status"]["conditions"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    for kind in ["Ready", "MemoryPressure", "DiskPressure", "PIDPressure"] {
+        let condition = conditions
+            .iter()
+            .find(|c| c["type"] == kind)
+            .unwrap_or_else(|| panic!("condition {kind}\n{}", context()));
+        for time in ["lastTransitionTime", "lastHeartbeatTime"] {
+            assert!(
+                condition[time]
+                    .as_str()
+                    .is_some_and(|t| t.starts_with("20")),
+                "{kind}.{time} is a real time\n{}",
+                context()
+            );
+        }
+    }
+    let addresses = node["status"]["addresses"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        addresses
+            .iter()
+            .any(|a| a["type"] == "InternalIP" && a["address"] == site.net.edge_ip().to_string()),
+        "the gateway's own address\n{}",
+        context()
+    );
+    let wide = site
+        .cluster
+        .kubectl_ok(&["get", "node", &site.node, "-o", "wide"], None);
+    assert!(
+        wide.contains(os_image) && wide.contains("containerd://") && !wide.contains("<unknown>"),
+        "kubectl get nodes -o wide:\n{wide}"
+    );
+    let describe = site
+        .cluster
+        .kubectl_ok(&["describe", "node", &site.node], None);
+    for wrong in ["01 Jan 0001", "never posted"] {
+        assert!(
+            !describe.contains(wrong),
+            "describe node shows {wrong:?}:\n{describe}"
+        );
+    }
+}
+
 /// The shipped manifests as the real apiserver sees them: `apply --dry-run=server` of every
 /// file in deploy/kubernetes, and the RBAC it holds after applying rbac.yaml is exactly what
 /// `cloudcore permissions` says cloudcore needs.
@@ -337,6 +419,7 @@ fn check_manifests(cluster: &KubeCluster) {
 fn deployment_survives_a_partition_and_rolls_out_after_it() {
     let site = Site::start("kube-gw");
     site.wait(Duration::from_secs(30), "node Ready", |s| ready(&s.node()));
+    assert_node_reports_like_a_kubelet(&site);
 
     // The real scheduler places the Deployment on the edge (the stand-in takes no pods).
     site.cluster
@@ -409,6 +492,25 @@ fn deployment_survives_a_partition_and_rolls_out_after_it() {
         site.web_pods().keys().collect::<Vec<_>>(),
         before.keys().collect::<Vec<_>>(),
         "the same pods, never replaced"
+    );
+    // Someone else changes a pod's status while the edge is connected: written back.
+    let (name, _) = before.iter().next().expect("a pod");
+    site.cluster.kubectl_ok(
+        &[
+            "patch",
+            "pod",
+            name,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            r#"{"status":{"conditions":[{"type":"Ready","status":"False","reason":"SetBySomeoneElse"}]}}"#,
+        ],
+        None,
+    );
+    site.wait(
+        READY_AFTER_HEAL,
+        "a status changed by a user written back",
+        |s| s.web_pods().get(name).is_some_and(ready),
     );
     site.wait(
         Duration::from_secs(30),
