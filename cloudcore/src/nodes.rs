@@ -27,6 +27,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::autonomy::{NOT_READY_TAINT, UNREACHABLE_TAINT};
+use crate::upstream::remove_directives;
 
 /// Label every edge node carries.
 pub const EDGE_ROLE_LABEL: &str = "node-role.kubernetes.io/edge";
@@ -234,22 +235,6 @@ fn node_status(edge: &Edge, live_conditions: &[Value]) -> Value {
     addresses.push(json!({"$patch": "replace"}));
     status["addresses"] = json!(addresses);
     status
-}
-
-/// Drops strategic-merge directives (`$patch`, `$retainKeys`, ...) from what an edge sent: it
-/// describes a status, it does not steer the patch.
-fn remove_directives(value: &mut Value) {
-    match value {
-        Value::Object(map) => {
-            map.retain(|key, _| !key.starts_with('$'));
-            map.values_mut().for_each(remove_directives);
-        }
-        Value::Array(list) => {
-            list.retain(|v| v.as_object().is_none_or(|m| !m.contains_key("$patch")));
-            list.iter_mut().for_each(remove_directives);
-        }
-        _ => {}
-    }
 }
 
 /// The status of an edge that sends no `node_status` in `Hello` (edgecore before it did).

@@ -583,8 +583,8 @@ fn keep_unreported_conditions(status: &mut Value, live: &Value) {
 }
 
 /// Removes strategic merge patch directives (`$patch`, `$retainKeys`, `$setElementOrder/..`,
-/// ...) at any depth.
-fn remove_directives(value: &mut Value) {
+/// ...) at any depth: an edge reports values, not patch instructions.
+pub(crate) fn remove_directives(value: &mut Value) {
     match value {
         Value::Object(map) => {
             map.retain(|key, _| !key.starts_with('$'));
