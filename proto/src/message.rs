@@ -11,6 +11,10 @@ pub const PROTOCOL_VERSION: ProtocolVersion = ProtocolVersion { major: 1, minor:
 
 /// Largest size accepted for short string fields (names, kinds, versions).
 const MAX_NAME_LEN: usize = 253;
+/// Largest token audience accepted (audiences are often URLs, longer than a name).
+pub const MAX_AUDIENCE_LEN: usize = 1024;
+/// Largest service-account token accepted (a bound token is a JWT of about 1 KiB).
+pub const MAX_TOKEN_LEN: usize = 16 * 1024;
 
 /// A protobuf envelope decoded fine but does not make a valid message.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -114,6 +118,7 @@ pub enum ErrorCode {
     ProtocolViolation,
     Internal,
     Forbidden,
+    NotSupported,
 }
 
 impl ErrorCode {
@@ -138,6 +143,7 @@ impl ErrorCode {
             ErrorCode::ProtocolViolation => "protocol_violation",
             ErrorCode::Internal => "internal",
             ErrorCode::Forbidden => "forbidden",
+            ErrorCode::NotSupported => "not_supported",
         }
     }
 }
@@ -170,6 +176,7 @@ impl From<pb::ErrorCode> for ErrorCode {
             P::ProtocolViolation => ErrorCode::ProtocolViolation,
             P::Internal => ErrorCode::Internal,
             P::Forbidden => ErrorCode::Forbidden,
+            P::NotSupported => ErrorCode::NotSupported,
         }
     }
 }
@@ -196,6 +203,7 @@ impl From<ErrorCode> for pb::ErrorCode {
             ErrorCode::ProtocolViolation => P::ProtocolViolation,
             ErrorCode::Internal => P::Internal,
             ErrorCode::Forbidden => P::Forbidden,
+            ErrorCode::NotSupported => P::NotSupported,
         }
     }
 }
@@ -272,6 +280,50 @@ pub struct JoinResponse {
     pub ca_der: Vec<u8>,
 }
 
+/// The edge asks for a bound service-account token for a pod bound to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenRequest {
+    /// Chosen by the edge, echoed in the [`TokenResponse`].
+    pub request_id: u64,
+    /// The pod (kind `Pod`, with its uid).
+    pub pod: ObjectRef,
+    /// The pod's service account.
+    pub service_account: String,
+    /// The projected source's audience; empty for the API server's default audiences.
+    pub audience: String,
+    /// The projected source's `expirationSeconds`.
+    pub expiration_seconds: u64,
+}
+
+/// A token the API issued. `Debug` leaves the token out, so logging a message never leaks it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct IssuedToken {
+    /// The JWT.
+    pub token: String,
+    /// When the API server stops accepting it, Unix seconds.
+    pub expires_at_unix: i64,
+    /// Its lifetime as granted (expiry minus the cloud's time of issue).
+    pub lifetime_seconds: u64,
+}
+
+impl fmt::Debug for IssuedToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IssuedToken")
+            .field("token", &format_args!("<{} bytes>", self.token.len()))
+            .field("expires_at_unix", &self.expires_at_unix)
+            .field("lifetime_seconds", &self.lifetime_seconds)
+            .finish()
+    }
+}
+
+/// The cloud's answer to a [`TokenRequest`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenResponse {
+    pub request_id: u64,
+    /// The token, or why there is none.
+    pub result: Result<IssuedToken, ErrorMessage>,
+}
+
 /// One message of the protocol.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
@@ -301,6 +353,8 @@ pub enum Message {
     RenewResponse {
         certificate_der: Vec<u8>,
     },
+    TokenRequest(TokenRequest),
+    TokenResponse(TokenResponse),
 }
 
 impl Message {
@@ -321,6 +375,8 @@ impl Message {
             Message::JoinResponse(_) => "join_response",
             Message::RenewRequest { .. } => "renew_request",
             Message::RenewResponse { .. } => "renew_response",
+            Message::TokenRequest(_) => "token_request",
+            Message::TokenResponse(_) => "token_response",
         }
     }
 
@@ -346,15 +402,95 @@ fn bounded(
     message: &'static str,
     field: &'static str,
 ) -> Result<String, InvalidMessage> {
-    if value.len() > MAX_NAME_LEN {
+    bounded_to(value, MAX_NAME_LEN, message, field)
+}
+
+fn bounded_to(
+    value: String,
+    max: usize,
+    message: &'static str,
+    field: &'static str,
+) -> Result<String, InvalidMessage> {
+    if value.len() > max {
         return Err(InvalidMessage::FieldTooLong {
             message,
             field,
             len: value.len(),
-            max: MAX_NAME_LEN,
+            max,
         });
     }
     Ok(value)
+}
+
+fn non_empty(
+    value: String,
+    message: &'static str,
+    field: &'static str,
+) -> Result<String, InvalidMessage> {
+    if value.is_empty() {
+        return Err(InvalidMessage::MissingField { message, field });
+    }
+    Ok(value)
+}
+
+fn error_from(e: pb::Error) -> ErrorMessage {
+    ErrorMessage {
+        // An error code this build does not know is still an error: keep the text.
+        code: pb::ErrorCode::try_from(e.code)
+            .map(ErrorCode::from)
+            .unwrap_or(ErrorCode::Unspecified),
+        message: e.message,
+    }
+}
+
+fn token_request_from(r: pb::TokenRequest) -> Result<TokenRequest, InvalidMessage> {
+    const M: &str = "token_request";
+    let pod = object_from(r.pod, M)?;
+    if pod.kind != "Pod" {
+        return Err(InvalidMessage::MissingField {
+            message: M,
+            field: "pod.kind = Pod",
+        });
+    }
+    if pod.uid.is_empty() {
+        return Err(InvalidMessage::MissingField {
+            message: M,
+            field: "pod.uid",
+        });
+    }
+    if r.expiration_seconds == 0 {
+        return Err(InvalidMessage::MissingField {
+            message: M,
+            field: "expiration_seconds",
+        });
+    }
+    Ok(TokenRequest {
+        request_id: r.request_id,
+        pod,
+        service_account: bounded(
+            non_empty(r.service_account, M, "service_account")?,
+            M,
+            "service_account",
+        )?,
+        audience: bounded_to(r.audience, MAX_AUDIENCE_LEN, M, "audience")?,
+        expiration_seconds: r.expiration_seconds,
+    })
+}
+
+fn token_response_from(r: pb::TokenResponse) -> Result<TokenResponse, InvalidMessage> {
+    const M: &str = "token_response";
+    let result = match r.error {
+        Some(e) => Err(error_from(e)),
+        None => Ok(IssuedToken {
+            token: bounded_to(non_empty(r.token, M, "token")?, MAX_TOKEN_LEN, M, "token")?,
+            expires_at_unix: r.expires_at_unix,
+            lifetime_seconds: r.lifetime_seconds,
+        }),
+    };
+    Ok(TokenResponse {
+        request_id: r.request_id,
+        result,
+    })
 }
 
 fn version_from(
@@ -456,13 +592,7 @@ impl TryFrom<pb::Envelope> for Message {
                 dead_after_ms: a.dead_after_ms,
                 resend_status: a.resend_status,
             }),
-            Body::Error(e) => Message::Error(ErrorMessage {
-                // An error code this build does not know is still an error: keep the text.
-                code: pb::ErrorCode::try_from(e.code)
-                    .map(ErrorCode::from)
-                    .unwrap_or(ErrorCode::Unspecified),
-                message: e.message,
-            }),
+            Body::Error(e) => Message::Error(error_from(e)),
             Body::Heartbeat(h) => Message::Heartbeat { seq: h.seq },
             Body::Upsert(u) => Message::Upsert(ObjectUpsert {
                 seq: u.seq,
@@ -502,6 +632,8 @@ impl TryFrom<pb::Envelope> for Message {
             Body::RenewResponse(r) => Message::RenewResponse {
                 certificate_der: r.certificate_der,
             },
+            Body::TokenRequest(r) => Message::TokenRequest(token_request_from(r)?),
+            Body::TokenResponse(r) => Message::TokenResponse(token_response_from(r)?),
         })
     }
 }
@@ -582,6 +714,30 @@ impl From<Message> for pb::Envelope {
             Message::RenewResponse { certificate_der } => {
                 Body::RenewResponse(pb::RenewResponse { certificate_der })
             }
+            Message::TokenRequest(r) => Body::TokenRequest(pb::TokenRequest {
+                request_id: r.request_id,
+                pod: object_to(r.pod),
+                service_account: r.service_account,
+                audience: r.audience,
+                expiration_seconds: r.expiration_seconds,
+            }),
+            Message::TokenResponse(r) => Body::TokenResponse(match r.result {
+                Ok(issued) => pb::TokenResponse {
+                    request_id: r.request_id,
+                    token: issued.token,
+                    expires_at_unix: issued.expires_at_unix,
+                    lifetime_seconds: issued.lifetime_seconds,
+                    error: None,
+                },
+                Err(e) => pb::TokenResponse {
+                    request_id: r.request_id,
+                    error: Some(pb::Error {
+                        code: pb::ErrorCode::from(e.code) as i32,
+                        message: e.message,
+                    }),
+                    ..Default::default()
+                },
+            }),
         };
         pb::Envelope { body: Some(body) }
     }
@@ -660,7 +816,148 @@ mod tests {
             Message::RenewResponse {
                 certificate_der: vec![7],
             },
+            Message::TokenRequest(token_request()),
+            Message::TokenResponse(TokenResponse {
+                request_id: 8,
+                result: Ok(IssuedToken {
+                    token: "eyJhbGciOi.x.y".into(),
+                    expires_at_unix: 1_800_000_000,
+                    lifetime_seconds: 3600,
+                }),
+            }),
+            Message::TokenResponse(TokenResponse {
+                request_id: 9,
+                result: Err(ErrorMessage {
+                    code: ErrorCode::NotSupported,
+                    message: "the embedded control plane cannot issue service-account tokens"
+                        .into(),
+                }),
+            }),
         ]
+    }
+
+    fn token_request() -> TokenRequest {
+        TokenRequest {
+            request_id: 8,
+            pod: ObjectRef {
+                kind: "Pod".into(),
+                namespace: "default".into(),
+                name: "web".into(),
+                uid: "u-1".into(),
+            },
+            service_account: "default".into(),
+            audience: String::new(),
+            expiration_seconds: 3607,
+        }
+    }
+
+    fn token_request_envelope(change: impl FnOnce(&mut pb::TokenRequest)) -> pb::Envelope {
+        let mut envelope = pb::Envelope::from(Message::TokenRequest(token_request()));
+        let Some(Body::TokenRequest(r)) = envelope.body.as_mut() else {
+            unreachable!("built from a token request")
+        };
+        change(r);
+        envelope
+    }
+
+    #[test]
+    fn token_requests_need_a_pod_with_uid_a_service_account_and_a_lifetime() {
+        type Change = fn(&mut pb::TokenRequest);
+        let cases: [(Change, InvalidMessage); 5] = [
+            (
+                |r| r.pod = None,
+                InvalidMessage::MissingField {
+                    message: "token_request",
+                    field: "object",
+                },
+            ),
+            (
+                |r| r.pod.as_mut().unwrap().kind = "Secret".into(),
+                InvalidMessage::MissingField {
+                    message: "token_request",
+                    field: "pod.kind = Pod",
+                },
+            ),
+            (
+                |r| r.pod.as_mut().unwrap().uid.clear(),
+                InvalidMessage::MissingField {
+                    message: "token_request",
+                    field: "pod.uid",
+                },
+            ),
+            (
+                |r| r.service_account.clear(),
+                InvalidMessage::MissingField {
+                    message: "token_request",
+                    field: "service_account",
+                },
+            ),
+            (
+                |r| r.expiration_seconds = 0,
+                InvalidMessage::MissingField {
+                    message: "token_request",
+                    field: "expiration_seconds",
+                },
+            ),
+        ];
+        for (change, expected) in cases {
+            assert_eq!(
+                Message::try_from(token_request_envelope(change)),
+                Err(expected)
+            );
+        }
+    }
+
+    #[test]
+    fn token_fields_are_capped() {
+        let long_audience = token_request_envelope(|r| r.audience = "a".repeat(2000));
+        assert!(matches!(
+            Message::try_from(long_audience),
+            Err(InvalidMessage::FieldTooLong {
+                field: "audience",
+                len: 2000,
+                max: MAX_AUDIENCE_LEN,
+                ..
+            })
+        ));
+        let url = token_request_envelope(|r| r.audience = format!("https://{}", "v".repeat(400)));
+        assert!(Message::try_from(url).is_ok(), "audiences may exceed 253");
+        let huge = pb::Envelope {
+            body: Some(Body::TokenResponse(pb::TokenResponse {
+                request_id: 1,
+                token: "t".repeat(MAX_TOKEN_LEN + 1),
+                ..Default::default()
+            })),
+        };
+        assert!(matches!(
+            Message::try_from(huge),
+            Err(InvalidMessage::FieldTooLong { field: "token", .. })
+        ));
+        let empty = pb::Envelope {
+            body: Some(Body::TokenResponse(pb::TokenResponse::default())),
+        };
+        assert_eq!(
+            Message::try_from(empty),
+            Err(InvalidMessage::MissingField {
+                message: "token_response",
+                field: "token"
+            })
+        );
+    }
+
+    #[test]
+    fn issued_tokens_never_show_in_debug_output() {
+        let message = Message::TokenResponse(TokenResponse {
+            request_id: 1,
+            result: Ok(IssuedToken {
+                token: "secret-jwt".into(),
+                expires_at_unix: 0,
+                lifetime_seconds: 600,
+            }),
+        });
+        let shown = format!("{message:?}");
+        assert!(!shown.contains("secret-jwt"), "{shown}");
+        assert!(shown.contains("<10 bytes>"), "{shown}");
     }
 
     #[test]
