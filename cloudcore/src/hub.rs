@@ -12,7 +12,7 @@ use std::time::Duration;
 use proto::sync::ObjectKey;
 use proto::{
     ErrorCode, FrameError, FrameReader, FrameWriter, HeldObject, HelloAck, Message, StatusReport,
-    close_code,
+    TokenResponse, close_code,
 };
 use quinn::crypto::rustls::QuicServerConfig;
 use quinn::{Connection, Endpoint, RecvStream, SendStream, VarInt};
@@ -28,6 +28,7 @@ use crate::join::{self, JoinLimiter, source_text};
 use crate::metrics::Metrics;
 use crate::pki::{self, ClusterCa, NodeIdentity};
 use crate::registry::{CertificateStatus, Registry};
+use crate::tokens::{self, Issuer};
 use crate::upstream::{Change, Origin, Outcome, StatusUpdate, Upstream};
 
 /// Outgoing messages queued per session; a full queue makes the sender wait (flow control).
@@ -39,6 +40,9 @@ const DRIFT_SETTLE: Duration = Duration::from_secs(1);
 /// Status reports of one session queued for the API at once; more are dropped (the edge
 /// reports again), so one edge cannot grow the upstream queue's waiters without bound.
 const SESSION_STATUS_BACKLOG: usize = 1024;
+/// Token requests of one session waiting for the API at once; more are answered at once with
+/// an error (the edge asks again), so one edge cannot queue unbounded API calls.
+const SESSION_TOKEN_REQUESTS: usize = 16;
 /// Frame limit before a peer has authenticated: a join request is a few KiB, so an anonymous
 /// peer cannot make cloudcore buffer a full-size frame.
 const UNAUTHENTICATED_MAX_FRAME: usize = 64 * 1024;
@@ -90,6 +94,8 @@ pub struct Shared {
     pub downstream: Arc<Downstream>,
     /// Where edges' status reports go.
     pub upstream: Upstream,
+    /// Where edge pods' service-account tokens come from.
+    pub tokens: Issuer,
 }
 
 impl Shared {
@@ -100,6 +106,7 @@ impl Shared {
         metrics: Arc<Metrics>,
         downstream: Arc<Downstream>,
         upstream: Upstream,
+        tokens: Issuer,
     ) -> Self {
         let join_limiter = Mutex::new(JoinLimiter::new(
             config.join_failure_burst,
@@ -116,6 +123,7 @@ impl Shared {
             presence: Arc::default(),
             downstream,
             upstream,
+            tokens,
         }
     }
 
@@ -656,6 +664,7 @@ async fn run_session(
     // slot is free) and moves its messages into the queue until the session ends.
     let attached: Arc<OnceLock<SessionRef>> = Arc::default();
     let status_backlog = Arc::new(Semaphore::new(SESSION_STATUS_BACKLOG));
+    let token_requests = Arc::new(Semaphore::new(SESSION_TOKEN_REQUESTS));
     let pump_cancel = shutdown.child_token();
     let pump = {
         let downstream = shared.downstream.clone();
@@ -789,6 +798,13 @@ async fn run_session(
                     let _ = tx.send(error).await;
                 }
             }
+            Message::TokenRequest(request) => {
+                if let Some(refusal) =
+                    submit_token_request(shared, &identity.node_name, request, &tx, &token_requests)
+                {
+                    let _ = tx.send(Message::TokenResponse(refusal)).await;
+                }
+            }
             other => {
                 let kind = other.kind();
                 shared.metrics.protocol_error("unexpected_message");
@@ -920,6 +936,70 @@ fn submit_pod_deleted(
         origin: Origin::Edge,
     };
     queue_upstream(shared, update, seq, key, tx, permit);
+    None
+}
+
+/// Checks that the node may have this token (`tokens::authorize`), then asks the API for it
+/// on a task of its own; the answer goes back as a `TokenResponse`. Returns the response to
+/// send at once when refused.
+fn submit_token_request(
+    shared: &Arc<Shared>,
+    node: &str,
+    request: proto::TokenRequest,
+    tx: &mpsc::Sender<Message>,
+    in_flight: &Arc<Semaphore>,
+) -> Option<TokenResponse> {
+    let refuse = |code: ErrorCode, message: String| {
+        Some(TokenResponse {
+            request_id: request.request_id,
+            result: Err(proto::ErrorMessage { code, message }),
+        })
+    };
+    let pod = format!("{}/{}", request.pod.namespace, request.pod.name);
+    let bound = shared
+        .downstream
+        .bound_pod(node, &request.pod.namespace, &request.pod.name);
+    if let Err(refusal) = tokens::authorize(node, &request, bound.as_ref()) {
+        shared.metrics.tokens.refused(refusal.reason());
+        tracing::warn!(%pod, reason = refusal.reason(), "refusing a service-account token: {refusal}");
+        return refuse(ErrorCode::Forbidden, refusal.to_string());
+    }
+    let Ok(permit) = in_flight.clone().try_acquire_owned() else {
+        shared.metrics.tokens.refused("busy");
+        return refuse(
+            ErrorCode::RateLimited,
+            format!(
+                "{SESSION_TOKEN_REQUESTS} token requests of this node are already waiting for the API; ask again"
+            ),
+        );
+    };
+    let (shared, tx) = (shared.clone(), tx.clone());
+    tokio::spawn(
+        async move {
+            let _permit = permit;
+            let result = shared.tokens.issue(&request).await;
+            match &result {
+                Ok(issued) => {
+                    shared.metrics.tokens.issued.inc();
+                    tracing::info!(%pod, service_account = %request.service_account, lifetime_s = issued.lifetime_seconds, "issued a service-account token");
+                }
+                Err(e) if e.code == ErrorCode::NotSupported => {
+                    shared.metrics.tokens.refused("not_supported");
+                    tracing::warn!(%pod, "refusing a service-account token: {}", e.message);
+                }
+                Err(e) => {
+                    shared.metrics.tokens.refused("api_error");
+                    tracing::warn!(%pod, "no service-account token: {}", e.message);
+                }
+            }
+            let response = TokenResponse {
+                request_id: request.request_id,
+                result,
+            };
+            let _ = tx.send(Message::TokenResponse(response)).await;
+        }
+        .in_current_span(),
+    );
     None
 }
 

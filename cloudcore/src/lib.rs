@@ -18,6 +18,7 @@ pub mod registry;
 pub mod scheduler;
 pub mod signal;
 pub mod token;
+pub mod tokens;
 pub mod upstream;
 
 use std::sync::Arc;
@@ -139,6 +140,13 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> Result<(),
         upstream.clone(),
         shutdown.clone(),
     ));
+    // Service-account tokens for edge pods come from a real cluster's TokenRequest API; the
+    // embedded control plane has none to give.
+    let issuer = if lifecycle {
+        tokens::Issuer::Embedded
+    } else {
+        tokens::Issuer::Kube(client.clone())
+    };
     let shared = Arc::new(hub::Shared::new(
         config,
         registry,
@@ -146,6 +154,7 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> Result<(),
         metrics.clone(),
         downstream,
         upstream,
+        issuer,
     ));
     let metrics_shutdown = shutdown.clone();
     tracker.spawn(async move {

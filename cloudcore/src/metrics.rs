@@ -98,6 +98,34 @@ impl SyncMetrics {
     }
 }
 
+/// Metrics of service-account tokens issued for edge pods (`crate::tokens`).
+#[derive(Debug, Default)]
+pub struct TokenMetrics {
+    /// Tokens the API issued and cloudcore passed to an edge.
+    pub issued: Counter,
+    refused: ReasonFamily,
+}
+
+impl TokenMetrics {
+    fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "cloudcore_tokens_issued",
+            "Service-account tokens issued through the TokenRequest API for edge pods",
+            self.issued.clone(),
+        );
+        registry.register(
+            "cloudcore_token_refusals",
+            "Edge token requests refused (node scope, embedded mode, API errors, too many at once), by reason",
+            self.refused.clone(),
+        );
+    }
+
+    /// Counts a token request that got no token.
+    pub fn refused(&self, reason: &'static str) {
+        self.refused.get_or_create(&vec![("reason", reason)]).inc();
+    }
+}
+
 /// Metrics of the autonomy controller (`crate::autonomy`).
 #[derive(Debug, Default)]
 pub struct AutonomyMetrics {
@@ -144,6 +172,7 @@ pub struct Metrics {
     pub sync: SyncMetrics,
     pub upstream: crate::upstream::UpstreamMetrics,
     pub autonomy: Arc<AutonomyMetrics>,
+    pub tokens: TokenMetrics,
 }
 
 impl Default for Metrics {
@@ -161,6 +190,7 @@ impl Default for Metrics {
             sync: SyncMetrics::default(),
             upstream: crate::upstream::UpstreamMetrics::default(),
             autonomy: Arc::default(),
+            tokens: TokenMetrics::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -201,6 +231,7 @@ impl Default for Metrics {
         );
         m.sync.register(&mut registry);
         m.autonomy.register(&mut registry);
+        m.tokens.register(&mut registry);
         registry.register(
             "cloudcore_status_writes",
             "Status reports from edges written to the API",

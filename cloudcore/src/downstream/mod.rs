@@ -32,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
 use crate::nodes::EDGE_ROLE_LABEL;
+use crate::tokens::BoundPod;
 use crate::upstream::Upstream;
 use refs::{PodRefs, pod_refs};
 
@@ -104,6 +105,8 @@ fn cache<K: Resource + Serialize + Clone>(object: &K) -> Result<Cached, CacheErr
 struct PodEntry {
     node: String,
     refs: PodRefs,
+    /// What a token request for this pod is checked against (`crate::tokens`).
+    token_check: BoundPod,
 }
 
 /// One edge: its sync engine and the wake-up of its current session's pump.
@@ -294,7 +297,15 @@ impl Index {
         }
         self.publish(&node, pod_key(&namespace, &name), Some(cached.desired()));
         self.pod_bodies.insert(id.clone(), cached);
-        self.pods.insert(id, PodEntry { node, refs });
+        let token_check = BoundPod::of(pod);
+        self.pods.insert(
+            id,
+            PodEntry {
+                node,
+                refs,
+                token_check,
+            },
+        );
     }
 
     /// A pod was deleted.
@@ -573,6 +584,16 @@ impl Downstream {
             "Pod" => self.index().desired(node, key).map(|d| d.uid.clone()),
             _ => None,
         }
+    }
+
+    /// The pod `namespace/name` if it is bound to `node`, with what a token request for it is
+    /// checked against.
+    pub fn bound_pod(&self, node: &str, namespace: &str, name: &str) -> Option<BoundPod> {
+        self.index()
+            .pods
+            .get(&(namespace.to_string(), name.to_string()))
+            .filter(|entry| entry.node == node)
+            .map(|entry| entry.token_check.clone())
     }
 
     /// Moves the peer's messages into the session's queue until the session ends. Releases
