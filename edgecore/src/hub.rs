@@ -31,6 +31,7 @@ use crate::node::{self, Reporter};
 use crate::outbox::{Outbox, Report};
 use crate::replica::Replica;
 use crate::tls::{self, TlsError};
+use crate::tokens::Tokens;
 
 /// A session that lasted at least this long resets the backoff.
 const STABLE_SESSION: Duration = Duration::from_secs(30);
@@ -48,6 +49,8 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
 const LOUD_EVERY: Duration = Duration::from_secs(60);
 /// Without an answer to a renewal request, ask again after this long.
 const RENEW_RETRY: Duration = Duration::from_secs(600);
+/// How often the session looks for service-account tokens due for a refresh.
+const TOKEN_CHECK: Duration = Duration::from_secs(1);
 /// Most object messages committed in one transaction.
 const APPLY_BATCH: usize = 512;
 /// Messages read ahead of the session loop.
@@ -67,6 +70,9 @@ pub struct HubConfig {
     /// How often a session looks at the node status, reporting it when it changed (and at
     /// least every [`node::STATUS_REPORT_FREQUENCY`]).
     pub node_status_interval: Duration,
+    /// Longest use of a service-account token before a new one is asked for (80 % of its
+    /// lifetime comes first when shorter); the kubelet's 24 h unless a test lowers it.
+    pub token_refresh_max: Duration,
 }
 
 impl HubConfig {
@@ -80,6 +86,7 @@ impl HubConfig {
             max_frame_size: proto::DEFAULT_MAX_FRAME_SIZE,
             renew_window: (0.7, 0.9),
             node_status_interval: node::STATUS_CHECK_INTERVAL,
+            token_refresh_max: crate::tokens::DEFAULT_REFRESH_MAX,
         }
     }
 }
@@ -261,11 +268,15 @@ impl Session {
         identity: &Identity,
         config: &HubConfig,
         metrics: &Metrics,
-        replica: &Replica,
-        outbox: &Outbox,
+        local: Local<'_>,
         reporter: &mut Reporter,
         shutdown: &CancellationToken,
     ) -> SessionEnd {
+        let Local {
+            replica,
+            outbox,
+            tokens,
+        } = local;
         let Session {
             endpoint,
             connection,
@@ -334,6 +345,10 @@ impl Session {
         if let Err(e) = send_due(outbox, session, &mut report_seq, &mut writer, metrics).await {
             return link.lost(e).into();
         }
+        // Token requests lost with the previous session go again now, as do those due.
+        tokens.session_started();
+        let mut token_ticker = tokio::time::interval(TOKEN_CHECK);
+        token_ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let wake = match deferred.take() {
                 Some(item) => Wake::Incoming(Some(item)),
@@ -345,6 +360,8 @@ impl Session {
                     _ = outbox.changed() => Wake::Outbox,
                     _ = sleep_until_or_never(outbox.next_resend()) => Wake::Outbox,
                     _ = tokio::time::sleep_until(renew_at) => Wake::Renew,
+                    _ = tokens.wanted() => Wake::Tokens,
+                    _ = token_ticker.tick() => Wake::Tokens,
                     item = incoming.recv() => Wake::Incoming(item),
                 },
             };
@@ -385,6 +402,15 @@ impl Session {
                         send_due(outbox, session, &mut report_seq, &mut writer, metrics).await
                     {
                         return link.lost(e).into();
+                    }
+                }
+                Wake::Tokens => {
+                    let now_unix = time::OffsetDateTime::now_utc().unix_timestamp();
+                    for request in tokens.due(Instant::now(), now_unix) {
+                        tracing::debug!(pod.uid = %request.pod.uid, request_id = request.request_id, "asking the cloud for a service-account token");
+                        if let Err(e) = writer.send(Message::TokenRequest(request)).await {
+                            return link.lost(e).into();
+                        }
                     }
                 }
                 Wake::Renew => {
@@ -465,6 +491,7 @@ impl Session {
                                 "renewal response without a pending request; ignored"
                             ),
                         },
+                        Message::TokenResponse(response) => tokens.answer(response).await,
                         Message::Ack { seqs } => {
                             tracing::debug!(?seqs, "reports acknowledged");
                             outbox.acknowledged(session, &seqs);
@@ -486,6 +513,15 @@ impl Session {
     }
 }
 
+/// The edge's own state a session feeds and drains: the store's replica (objects from the
+/// cloud), the status outbox (reports for it) and the service-account tokens (asked of it).
+#[derive(Debug, Clone, Copy)]
+pub struct Local<'a> {
+    pub replica: &'a Replica,
+    pub outbox: &'a Outbox,
+    pub tokens: &'a Arc<Tokens>,
+}
+
 /// What woke the session loop.
 enum Wake {
     Shutdown,
@@ -494,6 +530,7 @@ enum Wake {
     NodeStatus,
     Outbox,
     Renew,
+    Tokens,
     Incoming(Option<Result<Message, FrameError>>),
 }
 
@@ -620,6 +657,7 @@ pub async fn run(
     replica: Replica,
     outbox: Arc<Outbox>,
     mut reporter: Reporter,
+    tokens: Arc<Tokens>,
     shutdown: CancellationToken,
 ) -> Result<(), IdentityError> {
     let mut rng = StdRng::from_os_rng();
@@ -686,8 +724,11 @@ pub async fn run(
                         &identity,
                         &config,
                         &metrics,
-                        &replica,
-                        &outbox,
+                        Local {
+                            replica: &replica,
+                            outbox: &outbox,
+                            tokens: &tokens,
+                        },
                         &mut reporter,
                         &shutdown,
                     )

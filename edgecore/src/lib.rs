@@ -19,6 +19,7 @@ pub mod replica;
 pub mod signal;
 pub mod store;
 pub mod tls;
+pub mod tokens;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -119,6 +120,9 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
         Some(endpoint) => Some(cri::Cri::new(endpoint)?),
         None => None,
     };
+    // Service-account tokens of pods' projected volumes: kept in the store, asked for over the
+    // session, handed to the volume writer.
+    let tokens = tokens::Tokens::open(&config.hub.data_dir, config.hub.token_refresh_max)?;
     let mut pod_requests = None;
     if let Some(cri) = &runtime {
         let cloud = config
@@ -132,6 +136,7 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
             node_name: identity.config.node_name.clone(),
             host_ip: host_ip(&cloud).await,
             outbox: outbox.clone(),
+            tokens: tokens.clone(),
         };
         let host_ip = context
             .host_ip
@@ -154,6 +159,7 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
         replica,
         outbox,
         reporter,
+        tokens,
         shutdown.clone(),
     )
     .await;

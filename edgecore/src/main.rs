@@ -95,6 +95,10 @@ enum Command {
         /// Resources kept back from pods, kubelet syntax: `cpu=100m,memory=100Mi,ephemeral-storage=1Gi`.
         #[arg(long, default_value = "")]
         system_reserved: edgecore::node::Reserved,
+        /// Longest use of a service-account token before a new one is asked for; 80 % of the
+        /// token's lifetime applies when shorter. Lower it only to test refreshes.
+        #[arg(long, env = "EDGECORE_TOKEN_REFRESH_MAX", default_value = "24h", value_parser = humantime::parse_duration)]
+        token_refresh_max: Duration,
     },
     /// Images for gateways without a registry.
     Images {
@@ -295,13 +299,19 @@ fn main() -> ExitCode {
             no_pod_runtime,
             max_pods,
             system_reserved,
+            token_refresh_max,
         } => {
+            if token_refresh_max < Duration::from_secs(1) {
+                eprintln!("error: --token-refresh-max must be at least 1s");
+                return ExitCode::from(EXIT_USAGE);
+            }
             let Some(runtime) = runtime() else {
                 return ExitCode::FAILURE;
             };
             let mut hub = HubConfig::new(data_dir);
             hub.cloud = cloud;
             hub.max_frame_size = max_frame_size;
+            hub.token_refresh_max = token_refresh_max;
             let config = RunConfig {
                 hub,
                 metrics_listen,

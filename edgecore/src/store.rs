@@ -79,6 +79,23 @@ pub const MIGRATIONS: &[&str] = &[
         id INTEGER PRIMARY KEY CHECK (id = 1),
         reserved_below INTEGER NOT NULL
     );",
+    // 3: service-account tokens of pods' projected volumes (`edgecore::tokens`), one row per
+    // pod uid and token source, so a restart offline mounts the last token again. `token` is
+    // the JWT (a secret, like the Secrets in `objects`); `expires_at` is the API server's
+    // expiry and `refresh_at` when the edge asks for a new one, both Unix seconds.
+    "CREATE TABLE service_account_tokens (
+        pod_uid TEXT NOT NULL,
+        namespace TEXT NOT NULL,
+        pod_name TEXT NOT NULL,
+        service_account TEXT NOT NULL,
+        audience TEXT NOT NULL,
+        expiration_seconds INTEGER NOT NULL,
+        token TEXT NOT NULL,
+        expires_at INTEGER NOT NULL,
+        refresh_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL,
+        PRIMARY KEY (pod_uid, service_account, audience, expiration_seconds)
+    );",
 ];
 
 /// The store could not be opened, read or written.
@@ -607,6 +624,90 @@ impl Store {
         tx.commit().map_err(write_err(path))
     }
 
+    /// Every service-account token the store holds.
+    pub fn tokens(&self) -> Result<Vec<StoredToken>, StoreError> {
+        let path = &self.path;
+        let mut statement = self
+            .conn
+            .prepare_cached(
+                "SELECT pod_uid, namespace, pod_name, service_account, audience,
+                        expiration_seconds, token, expires_at, refresh_at
+                 FROM service_account_tokens",
+            )
+            .map_err(read_err(path))?;
+        let rows = statement
+            .query_map([], |row| {
+                Ok(StoredToken {
+                    pod_uid: row.get(0)?,
+                    namespace: row.get(1)?,
+                    pod_name: row.get(2)?,
+                    service_account: row.get(3)?,
+                    audience: row.get(4)?,
+                    expiration_seconds: row.get::<_, i64>(5)?.max(0) as u64,
+                    token: row.get(6)?,
+                    expires_at: row.get(7)?,
+                    refresh_at: row.get(8)?,
+                })
+            })
+            .map_err(read_err(path))?;
+        rows.collect::<Result<_, _>>().map_err(read_err(path))
+    }
+
+    /// Stores a token, replacing the one held for the same pod and source; returns once it is
+    /// durable.
+    pub fn put_token(&mut self, token: &StoredToken) -> Result<(), StoreError> {
+        let path = &self.path;
+        let expiration = i64::try_from(token.expiration_seconds).unwrap_or(i64::MAX);
+        self.conn
+            .prepare_cached(
+                "INSERT INTO service_account_tokens (pod_uid, namespace, pod_name,
+                     service_account, audience, expiration_seconds, token, expires_at,
+                     refresh_at, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, unixepoch())
+                 ON CONFLICT (pod_uid, service_account, audience, expiration_seconds)
+                 DO UPDATE SET
+                     namespace = excluded.namespace,
+                     pod_name = excluded.pod_name,
+                     token = excluded.token,
+                     expires_at = excluded.expires_at,
+                     refresh_at = excluded.refresh_at,
+                     updated_at = excluded.updated_at",
+            )
+            .and_then(|mut put| {
+                put.execute(rusqlite::params![
+                    token.pod_uid,
+                    token.namespace,
+                    token.pod_name,
+                    token.service_account,
+                    token.audience,
+                    expiration,
+                    token.token,
+                    token.expires_at,
+                    token.refresh_at,
+                ])
+            })
+            .map_err(write_err(path))?;
+        Ok(())
+    }
+
+    /// Removes the tokens of the given pods (by uid) in one transaction.
+    pub fn delete_pod_tokens(&mut self, pod_uids: &[String]) -> Result<(), StoreError> {
+        let path = &self.path;
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(write_err(path))?;
+        {
+            let mut delete = tx
+                .prepare_cached("DELETE FROM service_account_tokens WHERE pod_uid = ?1")
+                .map_err(write_err(path))?;
+            for uid in pod_uids {
+                delete.execute([uid]).map_err(write_err(path))?;
+            }
+        }
+        tx.commit().map_err(write_err(path))
+    }
+
     /// Makes writes of this connection fail with SQLITE_FULL as on a full file system once
     /// the file would grow (`full`), or lifts that limit. Fault injection for tests.
     #[cfg(test)]
@@ -621,6 +722,37 @@ impl Store {
         self.conn
             .pragma_update_and_check(None, "max_page_count", pages, |row| row.get::<_, i64>(0))
             .expect("max_page_count");
+    }
+}
+
+/// A service-account token as the store keeps it (`edgecore::tokens`). `Debug` leaves the
+/// token out.
+#[derive(Clone, PartialEq, Eq)]
+pub struct StoredToken {
+    pub pod_uid: String,
+    pub namespace: String,
+    pub pod_name: String,
+    pub service_account: String,
+    /// Empty for the API server's default audiences.
+    pub audience: String,
+    pub expiration_seconds: u64,
+    /// The JWT.
+    pub token: String,
+    /// The API server's expiry, Unix seconds.
+    pub expires_at: i64,
+    /// When the edge asks for a new one, Unix seconds.
+    pub refresh_at: i64,
+}
+
+impl std::fmt::Debug for StoredToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoredToken")
+            .field("pod_uid", &self.pod_uid)
+            .field("service_account", &self.service_account)
+            .field("audience", &self.audience)
+            .field("expires_at", &self.expires_at)
+            .field("refresh_at", &self.refresh_at)
+            .finish_non_exhaustive()
     }
 }
 
@@ -861,6 +993,49 @@ mod tests {
                 None
             );
         }
+    }
+
+    #[test]
+    fn tokens_survive_reopen_are_replaced_per_source_and_go_with_their_pod() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let token = |uid: &str, audience: &str, jwt: &str| StoredToken {
+            pod_uid: uid.into(),
+            namespace: "default".into(),
+            pod_name: "web".into(),
+            service_account: "default".into(),
+            audience: audience.into(),
+            expiration_seconds: 3607,
+            token: jwt.into(),
+            expires_at: 2_000,
+            refresh_at: 1_800,
+        };
+        {
+            let mut store = Store::open(dir.path()).expect("open");
+            store.put_token(&token("u-1", "", "old")).expect("put");
+            store.put_token(&token("u-1", "", "new")).expect("replace");
+            store.put_token(&token("u-1", "vault", "v")).expect("put");
+            store.put_token(&token("u-2", "", "other")).expect("put");
+        }
+        let mut store = Store::open(dir.path()).expect("reopen");
+        let mut held: Vec<_> = store
+            .tokens()
+            .expect("tokens")
+            .into_iter()
+            .map(|t| (t.pod_uid, t.audience, t.token))
+            .collect();
+        held.sort();
+        let row = |u: &str, a: &str, t: &str| (u.to_string(), a.to_string(), t.to_string());
+        assert_eq!(
+            held,
+            [
+                row("u-1", "", "new"),
+                row("u-1", "vault", "v"),
+                row("u-2", "", "other")
+            ]
+        );
+        store.delete_pod_tokens(&["u-1".into()]).expect("delete");
+        assert_eq!(store.tokens().expect("tokens").len(), 1);
+        assert!(!format!("{:?}", token("u", "", "jwt-secret")).contains("jwt-secret"));
     }
 
     #[test]

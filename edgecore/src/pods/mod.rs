@@ -253,6 +253,8 @@ pub async fn run(
                     let _ = handle.desired.send(Desired::Gone);
                     false
                 });
+                // A deleted pod's service-account tokens go with it.
+                ctx.tokens.retain_pods(&seen).await;
             }
             Err(e) => tracing::error!(error = %e, "pods: cannot read the store"),
         }
@@ -367,6 +369,7 @@ mod tests {
             node_name: "gw".into(),
             host_ip: None,
             outbox,
+            tokens: crate::tokens::Tokens::in_memory(crate::tokens::DEFAULT_REFRESH_MAX),
         };
         let shutdown = CancellationToken::new();
         let cancel = shutdown.clone();

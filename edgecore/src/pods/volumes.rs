@@ -22,8 +22,11 @@
 //!   which is created 0700 inside edgecore's 0700 data directory.
 //! - emptyDir with `medium: Memory` is a plain directory too; `sizeLimit` is not enforced.
 //! - No fsGroup ownership change: files belong to root, with the requested modes.
-//! - serviceAccountToken projections are skipped: edge pods get no API token (and no
-//!   service account token is mounted anywhere).
+//! - serviceAccountToken projections get the token [`crate::tokens::Tokens`] holds for the
+//!   source (bound tokens from the cloud's TokenRequest, docs/tokens.md). While none is held
+//!   the volume fails as the kubelet's mount does: the pod stays ContainerCreating with the
+//!   reason in its status, and the next pass tries again. A refreshed token is a new version
+//!   of the volume, swapped in atomically like a changed ConfigMap.
 //! - Only emptyDir, hostPath, configMap, secret, projected and downwardAPI volumes exist here.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -40,6 +43,7 @@ use k8s_openapi::api::core::v1::{
 };
 
 use super::spec::{self, FieldError, Objects, PodPaths};
+use crate::tokens::{TokenKey, TokenUnavailable, Tokens};
 
 /// Plugin directory of configMap volumes.
 pub const PLUGIN_CONFIG_MAP: &str = "kubernetes.io~configmap";
@@ -106,6 +110,11 @@ pub enum VolumeError {
         volume: String,
         name: String,
         key: String,
+    },
+    #[error("volume {volume:?}: {why}")]
+    TokenUnavailable {
+        volume: String,
+        why: TokenUnavailable,
     },
     #[error("volume {volume:?}: a secret volume needs secretName")]
     NoSecretName { volume: String },
@@ -184,8 +193,13 @@ fn io_err(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> Volume
 /// content or modes changed. `items` select and rename keys (a missing key is an error unless
 /// the source is optional), modes come from the item, else `defaultMode`, else 0644. A missing
 /// optional ConfigMap or Secret contributes no files. Paths that are absolute, contain `..` or
-/// start with `..` are refused.
-pub fn prepare(pod: &Pod, objects: &Objects, paths: &PodPaths) -> Result<Prepared, VolumeError> {
+/// start with `..` are refused. serviceAccountToken sources take their token from `tokens`.
+pub fn prepare(
+    pod: &Pod,
+    objects: &Objects,
+    tokens: &Tokens,
+    paths: &PodPaths,
+) -> Result<Prepared, VolumeError> {
     let mut prepared = Prepared::default();
     let volumes = pod.spec.iter().flat_map(|s| s.volumes.iter().flatten());
     let mut created_root = false;
@@ -198,7 +212,7 @@ pub fn prepare(pod: &Pod, objects: &Objects, paths: &PodPaths) -> Result<Prepare
                 .map_err(io_err("create", &paths.volumes_dir))?;
             created_root = true;
         }
-        let (ready, updated) = prepare_volume(pod, objects, paths, volume)?;
+        let (ready, updated) = prepare_volume(pod, objects, tokens, paths, volume)?;
         if updated {
             prepared.updated.push(volume.name.clone());
         }
@@ -210,6 +224,7 @@ pub fn prepare(pod: &Pod, objects: &Objects, paths: &PodPaths) -> Result<Prepare
 fn prepare_volume(
     pod: &Pod,
     objects: &Objects,
+    tokens: &Tokens,
     paths: &PodPaths,
     volume: &Volume,
 ) -> Result<(PreparedVolume, bool), VolumeError> {
@@ -280,8 +295,14 @@ fn prepare_volume(
                 let items = p.items.as_deref().unwrap_or_default();
                 downward_files(name, pod, items, default_mode, &mut files)?;
             }
-            if projection.service_account_token.is_some() {
-                tracing::debug!(volume = name, "skipping serviceAccountToken projection");
+            if let Some(p) = &projection.service_account_token {
+                let token = tokens.lookup(&TokenKey::of(pod, p)).map_err(|why| {
+                    VolumeError::TokenUnavailable {
+                        volume: name.to_string(),
+                        why,
+                    }
+                })?;
+                files.add(name, &p.path, token.into_bytes(), default_mode)?;
             }
             if let Some(bundle) = &projection.cluster_trust_bundle
                 && !bundle.optional.unwrap_or(false)
@@ -1024,6 +1045,7 @@ mod tests {
         _dir: tempfile::TempDir,
         root: PathBuf,
         paths: PodPaths,
+        tokens: std::sync::Arc<Tokens>,
     }
 
     fn fixture() -> Fixture {
@@ -1034,6 +1056,7 @@ mod tests {
             _dir: dir,
             root,
             paths,
+            tokens: Tokens::in_memory(crate::tokens::DEFAULT_REFRESH_MAX),
         }
     }
 
@@ -1068,7 +1091,7 @@ mod tests {
             json!([{"name": "scratch"}]),
         ] {
             let p = pod(volumes);
-            let first = prepare(&p, &objects(), &f.paths).expect("prepare");
+            let first = prepare(&p, &objects(), &f.tokens, &f.paths).expect("prepare");
             let dir = f.paths.volumes_dir.join(PLUGIN_EMPTY_DIR).join("scratch");
             assert_eq!(
                 first.volumes["scratch"],
@@ -1079,7 +1102,7 @@ mod tests {
             );
             assert_eq!(file_mode(&dir), 0o777);
             fs::write(dir.join("kept"), "x").expect("write");
-            let again = prepare(&p, &objects(), &f.paths).expect("prepare");
+            let again = prepare(&p, &objects(), &f.tokens, &f.paths).expect("prepare");
             assert!(again.updated.is_empty());
             assert_eq!(read(&dir.join("kept")), "x");
             remove(&f.paths).expect("remove");
@@ -1092,6 +1115,7 @@ mod tests {
         prepare(
             &pod(json!([{"name": "v", "emptyDir": {}}])),
             &objects(),
+            &f.tokens,
             &f.paths,
         )
         .expect("prepare");
@@ -1131,7 +1155,7 @@ mod tests {
         ];
         for (path, kind, ok) in cases {
             let p = pod(json!([{"name": "h", "hostPath": {"path": path, "type": kind}}]));
-            let got = prepare(&p, &objects(), &f.paths);
+            let got = prepare(&p, &objects(), &f.tokens, &f.paths);
             assert_eq!(got.is_ok(), ok, "{} {kind}: {got:?}", path.display());
             if let Ok(prepared) = got {
                 assert_eq!(prepared.volumes["h"].host_path, *path);
@@ -1143,19 +1167,19 @@ mod tests {
         let new_dir = f.root.join("new/nested");
         let p =
             pod(json!([{"name": "h", "hostPath": {"path": new_dir, "type": "DirectoryOrCreate"}}]));
-        prepare(&p, &objects(), &f.paths).expect("creates the directory");
+        prepare(&p, &objects(), &f.tokens, &f.paths).expect("creates the directory");
         assert!(new_dir.is_dir());
 
         let new_file = f.root.join("new-file");
         let p = pod(json!([{"name": "h", "hostPath": {"path": new_file, "type": "FileOrCreate"}}]));
-        prepare(&p, &objects(), &f.paths).expect("creates the file");
+        prepare(&p, &objects(), &f.tokens, &f.paths).expect("creates the file");
         assert!(new_file.is_file());
         assert_eq!(file_mode(&new_file), 0o644);
 
         let orphan = f.root.join("no-parent/file");
         let p = pod(json!([{"name": "h", "hostPath": {"path": orphan, "type": "FileOrCreate"}}]));
         assert!(matches!(
-            prepare(&p, &objects(), &f.paths),
+            prepare(&p, &objects(), &f.tokens, &f.paths),
             Err(VolumeError::Io {
                 action: "create",
                 ..
@@ -1164,12 +1188,12 @@ mod tests {
 
         let p = pod(json!([{"name": "h", "hostPath": {"path": "relative/x"}}]));
         assert!(matches!(
-            prepare(&p, &objects(), &f.paths),
+            prepare(&p, &objects(), &f.tokens, &f.paths),
             Err(VolumeError::RelativeHostPath { .. })
         ));
         let p = pod(json!([{"name": "h", "hostPath": {"path": "/tmp", "type": "Fifo"}}]));
         assert!(matches!(
-            prepare(&p, &objects(), &f.paths),
+            prepare(&p, &objects(), &f.tokens, &f.paths),
             Err(VolumeError::UnknownHostPathType { .. })
         ));
     }
@@ -1178,7 +1202,7 @@ mod tests {
     fn config_map_volume_with_all_keys() {
         let f = fixture();
         let p = pod(json!([{"name": "config", "configMap": {"name": "cm"}}]));
-        let prepared = prepare(&p, &objects(), &f.paths).expect("prepare");
+        let prepared = prepare(&p, &objects(), &f.tokens, &f.paths).expect("prepare");
         let dir = f.paths.volumes_dir.join(PLUGIN_CONFIG_MAP).join("config");
         assert_eq!(
             prepared.volumes["config"],
@@ -1222,7 +1246,7 @@ mod tests {
                 {"key": "b", "path": "b.conf"},
             ],
         }}]));
-        prepare(&p, &objects(), &f.paths).expect("prepare");
+        prepare(&p, &objects(), &f.tokens, &f.paths).expect("prepare");
         let dir = f.paths.volumes_dir.join(PLUGIN_CONFIG_MAP).join("config");
         let v = version(&dir);
         assert_eq!(
@@ -1252,7 +1276,7 @@ mod tests {
             {"name": "s2", "secret": {"secretName": "sec", "defaultMode": 0o440,
                 "items": [{"key": "raw", "path": "raw.bin"}]}},
         ]));
-        let prepared = prepare(&p, &objects(), &f.paths).expect("prepare");
+        let prepared = prepare(&p, &objects(), &f.tokens, &f.paths).expect("prepare");
         let s1 = f.paths.volumes_dir.join(PLUGIN_SECRET).join("s1");
         let s2 = f.paths.volumes_dir.join(PLUGIN_SECRET).join("s2");
         assert!(prepared.volumes["s1"].read_only);
@@ -1277,7 +1301,7 @@ mod tests {
             {"path": "mem", "resourceFieldRef": {"containerName": "c", "resource": "limits.memory", "divisor": "1Mi"}},
             {"path": "cpu", "resourceFieldRef": {"containerName": "c", "resource": "limits.cpu", "divisor": "1m"}},
         ]}}]));
-        prepare(&p, &objects(), &f.paths).expect("prepare");
+        prepare(&p, &objects(), &f.tokens, &f.paths).expect("prepare");
         let dir = f.paths.volumes_dir.join(PLUGIN_DOWNWARD_API).join("info");
         let cases = [
             ("name", "web"),
@@ -1302,7 +1326,7 @@ mod tests {
         ];
         for item in errors {
             let p = pod(json!([{"name": "info", "downwardAPI": {"items": [item.clone()]}}]));
-            let got = prepare(&p, &objects(), &f.paths);
+            let got = prepare(&p, &objects(), &f.tokens, &f.paths);
             assert!(
                 matches!(
                     got,
@@ -1327,6 +1351,79 @@ mod tests {
         }
     }
 
+    /// The volume the ServiceAccount admission plugin adds to every pod.
+    fn kube_api_access() -> serde_json::Value {
+        json!([{"name": "kube-api-access-x", "projected": {"defaultMode": 420, "sources": [
+            {"serviceAccountToken": {"path": "token", "expirationSeconds": 3607}},
+            {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+            {"downwardAPI": {"items": [{"path": "namespace", "fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.namespace"}}]}},
+        ]}}])
+    }
+
+    fn with_root_ca(mut objects: Objects) -> Objects {
+        let ca: ConfigMap = serde_json::from_value(json!({
+            "metadata": {"name": "kube-root-ca.crt"},
+            "data": {"ca.crt": "-----BEGIN CERTIFICATE-----\n"},
+        }))
+        .expect("configmap");
+        objects.config_maps.insert("kube-root-ca.crt".into(), ca);
+        objects
+    }
+
+    #[test]
+    fn service_account_token_waits_for_a_token_then_is_written_and_swapped_on_refresh() {
+        let f = fixture();
+        let p = pod(kube_api_access());
+        let objects = with_root_ca(objects());
+        let got = prepare(&p, &objects, &f.tokens, &f.paths);
+        let Err(e @ VolumeError::TokenUnavailable { .. }) = got else {
+            panic!("no token held yet: {got:?}");
+        };
+        assert_eq!(
+            e.to_string(),
+            "volume \"kube-api-access-x\": no token for service account ns/default (the API server's audiences) yet: waiting for the cloud"
+        );
+        let dir = f
+            .paths
+            .volumes_dir
+            .join(PLUGIN_PROJECTED)
+            .join("kube-api-access-x");
+        assert!(!dir.exists(), "nothing mounted without the token");
+
+        let source: k8s_openapi::api::core::v1::ServiceAccountTokenProjection =
+            serde_json::from_value(json!({"path": "token", "expirationSeconds": 3607})).unwrap();
+        let key = TokenKey::of(&p, &source);
+        let held = |token: &str| crate::tokens::HeldToken {
+            token: token.into(),
+            expires_at: 0,
+            refresh_at: 0,
+        };
+        f.tokens.hold(key.clone(), held("jwt-1"));
+        let prepared = prepare(&p, &objects, &f.tokens, &f.paths).expect("prepare");
+        assert_eq!(prepared.updated, ["kube-api-access-x"]);
+        assert_eq!(read(&dir.join("token")), "jwt-1");
+        assert_eq!(file_mode(&dir.join("token")), 0o644);
+        assert_eq!(read(&dir.join("ca.crt")), "-----BEGIN CERTIFICATE-----\n");
+        assert_eq!(read(&dir.join("namespace")), "ns");
+        assert_eq!(
+            entries(&dir)
+                .into_iter()
+                .filter(|n| !n.starts_with("..2"))
+                .collect::<Vec<_>>(),
+            ["..data", "ca.crt", "namespace", "token"]
+        );
+        let first = version(&dir);
+        let same = prepare(&p, &objects, &f.tokens, &f.paths).expect("again");
+        assert!(same.updated.is_empty(), "same token, no new version");
+
+        f.tokens.hold(key, held("jwt-2"));
+        let refreshed = prepare(&p, &objects, &f.tokens, &f.paths).expect("refresh");
+        assert_eq!(refreshed.updated, ["kube-api-access-x"]);
+        assert_eq!(read(&dir.join("token")), "jwt-2");
+        assert_ne!(version(&dir), first, "a new version behind ..data");
+        assert!(!dir.join(&first).exists(), "the old version is gone");
+    }
+
     #[test]
     fn projected_volume_merges_sources() {
         let f = fixture();
@@ -1335,11 +1432,10 @@ mod tests {
                 {"configMap": {"name": "cm", "items": [{"key": "a", "path": "cm/a"}]}},
                 {"secret": {"name": "sec", "items": [{"key": "password", "path": "sec/password", "mode": 0o400}]}},
                 {"downwardAPI": {"items": [{"path": "ns", "fieldRef": {"fieldPath": "metadata.namespace"}}]}},
-                {"serviceAccountToken": {"path": "token"}},
                 {"configMap": {"name": "kube-root-ca.crt", "optional": true}},
             ]}}]),
         );
-        let prepared = prepare(&p, &objects(), &f.paths).expect("prepare");
+        let prepared = prepare(&p, &objects(), &f.tokens, &f.paths).expect("prepare");
         let dir = f.paths.volumes_dir.join(PLUGIN_PROJECTED).join("all");
         assert!(prepared.volumes["all"].read_only);
         assert_eq!(read(&dir.join("cm/a")), "A");
@@ -1347,14 +1443,13 @@ mod tests {
         assert_eq!(read(&dir.join("sec/password")), "pass");
         assert_eq!(file_mode(&dir.join("sec/password")), 0o400);
         assert_eq!(read(&dir.join("ns")), "ns");
-        assert!(!dir.join("token").exists());
 
         let p = pod(json!([{"name": "all", "projected": {"sources": [
             {"configMap": {"name": "cm", "items": [{"key": "a", "path": "x"}]}},
             {"secret": {"name": "sec", "items": [{"key": "password", "path": "x"}]}},
         ]}}]));
         assert!(matches!(
-            prepare(&p, &objects(), &f.paths),
+            prepare(&p, &objects(), &f.tokens, &f.paths),
             Err(VolumeError::InvalidPath {
                 reason: "conflicts with another item",
                 ..
@@ -1364,7 +1459,7 @@ mod tests {
             {"clusterTrustBundle": {"name": "b", "path": "b"}},
         ]}}]));
         assert!(matches!(
-            prepare(&p, &objects(), &f.paths),
+            prepare(&p, &objects(), &f.tokens, &f.paths),
             Err(VolumeError::Unsupported { .. })
         ));
     }
@@ -1375,11 +1470,11 @@ mod tests {
         let p = pod(json!([{"name": "config", "configMap": {"name": "cm"}}]));
         let mut objects = objects();
         let dir = f.paths.volumes_dir.join(PLUGIN_CONFIG_MAP).join("config");
-        prepare(&p, &objects, &f.paths).expect("first");
+        prepare(&p, &objects, &f.tokens, &f.paths).expect("first");
         let v1 = version(&dir);
 
         // Unchanged: no new version, nothing reported.
-        let again = prepare(&p, &objects, &f.paths).expect("again");
+        let again = prepare(&p, &objects, &f.tokens, &f.paths).expect("again");
         assert!(again.updated.is_empty());
         assert_eq!(version(&dir), v1);
 
@@ -1394,7 +1489,7 @@ mod tests {
         data.insert("a".into(), "A2".into());
         data.remove("b");
         data.insert("c".into(), "C".into());
-        let changed = prepare(&p, &objects, &f.paths).expect("update");
+        let changed = prepare(&p, &objects, &f.tokens, &f.paths).expect("update");
         assert_eq!(changed.updated, vec!["config".to_string()]);
         let v2 = version(&dir);
         assert_ne!(v1, v2);
@@ -1418,7 +1513,7 @@ mod tests {
 
         // A mode change alone is a change too.
         let p = pod(json!([{"name": "config", "configMap": {"name": "cm", "defaultMode": 0o600}}]));
-        let moded = prepare(&p, &objects, &f.paths).expect("mode");
+        let moded = prepare(&p, &objects, &f.tokens, &f.paths).expect("mode");
         assert_eq!(moded.updated.len(), 1);
         assert_ne!(version(&dir), v2);
         assert_eq!(file_mode(&dir.join("a")), 0o600);
@@ -1427,7 +1522,7 @@ mod tests {
         fs::create_dir(dir.join("..2000_01_01_00_00_00.000000000")).expect("stray");
         let current = dir.join(version(&dir));
         fs::write(current.join("a"), "tampered").expect("tamper");
-        let repaired = prepare(&p, &objects, &f.paths).expect("repair");
+        let repaired = prepare(&p, &objects, &f.tokens, &f.paths).expect("repair");
         assert_eq!(repaired.updated.len(), 1);
         assert_eq!(read(&dir.join("a")), "A2");
         assert_eq!(
@@ -1450,8 +1545,13 @@ mod tests {
             json!({"name": "v", "projected": {"sources": [{"secret": {"name": "nope", "optional": true}}]}}),
         ];
         for volume in optional {
-            let prepared = prepare(&pod(json!([volume.clone()])), &objects(), &f.paths)
-                .unwrap_or_else(|e| panic!("{volume}: {e}"));
+            let prepared = prepare(
+                &pod(json!([volume.clone()])),
+                &objects(),
+                &f.tokens,
+                &f.paths,
+            )
+            .unwrap_or_else(|e| panic!("{volume}: {e}"));
             let dir = &prepared.volumes["v"].host_path;
             assert_eq!(
                 entries(dir).len(),
@@ -1487,7 +1587,12 @@ mod tests {
             ),
         ];
         for (volume, want) in errors {
-            let got = prepare(&pod(json!([volume.clone()])), &objects(), &f.paths);
+            let got = prepare(
+                &pod(json!([volume.clone()])),
+                &objects(),
+                &f.tokens,
+                &f.paths,
+            );
             assert_eq!(
                 got.map_err(|e| e.to_string()),
                 Err(want.to_string()),
@@ -1512,7 +1617,7 @@ mod tests {
             let p = pod(
                 json!([{"name": "v", "configMap": {"name": "cm", "items": [{"key": "a", "path": path}]}}]),
             );
-            match prepare(&p, &objects(), &f.paths) {
+            match prepare(&p, &objects(), &f.tokens, &f.paths) {
                 Err(VolumeError::InvalidPath { reason: got, .. }) => {
                     assert_eq!(got, reason, "{path:?}")
                 }
@@ -1523,14 +1628,19 @@ mod tests {
             {"key": "a", "path": "x"}, {"key": "b", "path": "x/y"},
         ]}}]));
         assert!(matches!(
-            prepare(&p, &objects(), &f.paths),
+            prepare(&p, &objects(), &f.tokens, &f.paths),
             Err(VolumeError::InvalidPath { .. })
         ));
         for volume in [
             json!({"name": "v", "configMap": {"name": "cm", "defaultMode": 0o1000}}),
             json!({"name": "v", "secret": {"secretName": "sec", "items": [{"key": "raw", "path": "r", "mode": -1}]}}),
         ] {
-            let got = prepare(&pod(json!([volume.clone()])), &objects(), &f.paths);
+            let got = prepare(
+                &pod(json!([volume.clone()])),
+                &objects(),
+                &f.tokens,
+                &f.paths,
+            );
             assert!(
                 matches!(got, Err(VolumeError::InvalidMode { .. })),
                 "{volume}: {got:?}"
@@ -1540,6 +1650,7 @@ mod tests {
             let got = prepare(
                 &pod(json!([{"name": name, "emptyDir": {}}])),
                 &objects(),
+                &f.tokens,
                 &f.paths,
             );
             assert!(
@@ -1564,7 +1675,7 @@ mod tests {
             {"name": "config", "configMap": {"name": "cm"}},
             {"name": "host", "hostPath": {"path": f.root.join("host"), "type": "DirectoryOrCreate"}},
         ]));
-        prepare(&p, &objects(), &f.paths).expect("prepare")
+        prepare(&p, &objects(), &f.tokens, &f.paths).expect("prepare")
     }
 
     #[test]
@@ -1745,7 +1856,7 @@ mod tests {
         assert!(host.is_dir(), "hostPath volumes are not touched");
         remove(&f.paths).expect("already gone");
         // A pod without volumes leaves nothing behind.
-        let empty = prepare(&pod(json!([])), &objects(), &f.paths).expect("prepare");
+        let empty = prepare(&pod(json!([])), &objects(), &f.tokens, &f.paths).expect("prepare");
         assert!(empty.volumes.is_empty());
         assert!(!f.paths.volumes_dir.exists());
     }

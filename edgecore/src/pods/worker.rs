@@ -30,6 +30,7 @@ use super::spec::{self, ContainerKind, Objects, PodPaths};
 use super::volumes;
 use crate::cri::Cri;
 use crate::outbox::{Outbox, Report};
+use crate::tokens::Tokens;
 
 /// How often a pod is looked at when nothing else wakes it (the kubelet's PLEG relists every
 /// second).
@@ -77,6 +78,8 @@ pub struct Context {
     /// The gateway's address for pods' `hostIP`; `None` when it is not known (no route).
     pub host_ip: Option<std::net::IpAddr>,
     pub outbox: Arc<Outbox>,
+    /// Service-account tokens for projected volumes.
+    pub tokens: Arc<Tokens>,
 }
 
 /// Runtime objects found at start for this pod (adoption).
@@ -496,7 +499,7 @@ impl Worker {
             return;
         }
         // Volumes are refreshed every pass, so ConfigMap and Secret updates reach the files.
-        let prepared = match volumes::prepare(pod, &input.objects, &self.paths) {
+        let prepared = match volumes::prepare(pod, &input.objects, &self.ctx.tokens, &self.paths) {
             Ok(p) => p,
             Err(e) => {
                 self.blocked = Some(("ContainerCreating".into(), e.to_string()));
@@ -1302,6 +1305,7 @@ mod tests {
             node_name: "gw".into(),
             host_ip,
             outbox,
+            tokens: Tokens::in_memory(crate::tokens::DEFAULT_REFRESH_MAX),
         });
         Worker::new(ctx, pod)
     }

@@ -405,12 +405,18 @@ async fn connect_round(
                 edgecore::node::NodeConfig::default(),
                 None,
             );
+            // The benchmark's edges run no pods, so they never want a token.
+            let tokens = edgecore::tokens::Tokens::in_memory(edgecore::tokens::DEFAULT_REFRESH_MAX);
+            let local = edgecore::hub::Local {
+                replica: &edge.replica,
+                outbox: &edge.outbox,
+                tokens: &tokens,
+            };
             let session = session.run(
                 &edge.identity,
                 &edge.config,
                 &metrics,
-                &edge.replica,
-                &edge.outbox,
+                local,
                 &mut reporter,
                 &shutdown,
             );

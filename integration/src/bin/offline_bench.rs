@@ -1310,7 +1310,9 @@ fn raw_pod(
         .with_context(|| format!("cannot create {}", paths.log_dir.display()))?;
     let mut sandbox = spec::sandbox_config(&pod, &paths, 0)?;
     sandbox.labels.remove(spec::LABEL_MANAGED_BY);
-    let prepared = volumes::prepare(&pod, objects, &paths)?;
+    // The benchmark's pods have no service-account token volume.
+    let tokens = edgecore::tokens::Tokens::in_memory(edgecore::tokens::DEFAULT_REFRESH_MAX);
+    let prepared = volumes::prepare(&pod, objects, &tokens, &paths)?;
     let env = spec::container_env(&pod, &container, objects, "", NODE)?;
     let mounts = volumes::mounts(&container, &prepared)?;
     let mut config =

@@ -1358,7 +1358,9 @@ async fn start_raw_pod(b: &Bench<'_>, template: &Pod, index: usize) -> Result<(R
     let mut sandbox_config = spec::sandbox_config(&pod, &paths, 0)?;
     sandbox_config.labels.remove(spec::LABEL_MANAGED_BY);
     let objects = Objects::default();
-    let prepared = volumes::prepare(&pod, &objects, &paths)?;
+    // The benchmark's pods have no service-account token volume.
+    let tokens = edgecore::tokens::Tokens::in_memory(edgecore::tokens::DEFAULT_REFRESH_MAX);
+    let prepared = volumes::prepare(&pod, &objects, &tokens, &paths)?;
     let env = spec::container_env(&pod, &container, &objects, "", NODE)?;
     let mounts = volumes::mounts(&container, &prepared)?;
     let mut config =
