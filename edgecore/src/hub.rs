@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use proto::{
     ErrorCode, ErrorMessage, FrameError, FrameReader, FrameWriter, HeldObject, Hello, HelloAck,
-    Message, ObjectRef, PROTOCOL_VERSION, close_code,
+    Message, ObjectRef, PROTOCOL_VERSION, TokenResponse, close_code,
 };
 use quinn::{Connection, ConnectionError, Endpoint, RecvStream, SendStream, VarInt};
 use rand::SeedableRng;
@@ -407,6 +407,21 @@ impl Session {
                 Wake::Tokens => {
                     let now_unix = time::OffsetDateTime::now_utc().unix_timestamp();
                     for request in tokens.due(Instant::now(), now_unix) {
+                        if !ack.version.has_tokens() {
+                            let why = format!(
+                                "cloudcore speaks protocol {}, which cannot issue service-account tokens; upgrade cloudcore",
+                                ack.version
+                            );
+                            let response = TokenResponse {
+                                request_id: request.request_id,
+                                result: Err(ErrorMessage {
+                                    code: ErrorCode::NotSupported,
+                                    message: why,
+                                }),
+                            };
+                            tokens.answer(response).await;
+                            continue;
+                        }
                         tracing::debug!(pod.uid = %request.pod.uid, request_id = request.request_id, "asking the cloud for a service-account token");
                         if let Err(e) = writer.send(Message::TokenRequest(request)).await {
                             return link.lost(e).into();

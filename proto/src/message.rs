@@ -6,8 +6,13 @@ use std::fmt;
 use crate::pb;
 use crate::pb::envelope::Body;
 
-/// The version this build speaks. Peers with another major version are refused.
-pub const PROTOCOL_VERSION: ProtocolVersion = ProtocolVersion { major: 1, minor: 0 };
+/// The version this build speaks. Peers with another major version are refused; the minor
+/// says which optional messages a peer understands.
+pub const PROTOCOL_VERSION: ProtocolVersion = ProtocolVersion { major: 1, minor: 1 };
+/// The first minor version with `TokenRequest`/`TokenResponse`: an edge sends a token request
+/// only to a cloud that speaks it (an older cloud would close the session on the unknown
+/// message).
+pub const TOKENS_SINCE_MINOR: u32 = 1;
 
 /// Largest size accepted for short string fields (names, kinds, versions).
 const MAX_NAME_LEN: usize = 253;
@@ -46,6 +51,11 @@ impl ProtocolVersion {
     /// Whether a peer speaking `self` can talk to this build.
     pub fn is_supported(self) -> bool {
         self.major == PROTOCOL_VERSION.major
+    }
+
+    /// Whether a peer speaking `self` understands `TokenRequest`/`TokenResponse`.
+    pub fn has_tokens(self) -> bool {
+        self.is_supported() && self.minor >= TOKENS_SINCE_MINOR
     }
 }
 
@@ -1051,5 +1061,12 @@ mod tests {
         assert!(ProtocolVersion { major: 1, minor: 9 }.is_supported());
         assert!(!ProtocolVersion { major: 2, minor: 0 }.is_supported());
         assert!(!ProtocolVersion { major: 0, minor: 1 }.is_supported());
+    }
+
+    #[test]
+    fn tokens_need_minor_1() {
+        assert!(PROTOCOL_VERSION.has_tokens());
+        assert!(!ProtocolVersion { major: 1, minor: 0 }.has_tokens());
+        assert!(!ProtocolVersion { major: 2, minor: 1 }.has_tokens());
     }
 }
