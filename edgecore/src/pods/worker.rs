@@ -500,7 +500,12 @@ impl Worker {
         }
         // Volumes are refreshed every pass, so ConfigMap and Secret updates reach the files.
         let prepared = match volumes::prepare(pod, &input.objects, &self.ctx.tokens, &self.paths) {
-            Ok(p) => p,
+            Ok(p) => {
+                // A volume that could not be written before (no token yet, a ConfigMap on its
+                // way) is now: the reason no longer holds.
+                self.blocked = None;
+                p
+            }
             Err(e) => {
                 self.blocked = Some(("ContainerCreating".into(), e.to_string()));
                 return;
@@ -1094,6 +1099,11 @@ impl Worker {
         {
             status["reason"] = json!(reason);
             status["message"] = json!(message);
+        } else {
+            // Explicit nulls: the cloud writes pod status with a merge patch, where an absent
+            // key would leave a reason written while the pod was blocked.
+            status["reason"] = Value::Null;
+            status["message"] = Value::Null;
         }
         status
     }
