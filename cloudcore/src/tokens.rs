@@ -196,10 +196,19 @@ impl Issuer {
         let call = api.create_token_request(&request.service_account, &params, &body);
         let answer = match tokio::time::timeout(API_TIMEOUT, call).await {
             Ok(Ok(answer)) => answer,
+            Ok(Err(kube::Error::Api(status))) => {
+                return Err(ErrorMessage {
+                    code: ErrorCode::Internal,
+                    message: format!(
+                        "the API refused the TokenRequest ({} {}): {}",
+                        status.code, status.reason, status.message
+                    ),
+                });
+            }
             Ok(Err(e)) => {
                 return Err(ErrorMessage {
                     code: ErrorCode::Internal,
-                    message: format!("the API refused the TokenRequest: {e}"),
+                    message: format!("the TokenRequest failed: {e}"),
                 });
             }
             Err(_) => {
