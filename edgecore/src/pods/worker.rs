@@ -1382,6 +1382,27 @@ mod tests {
         assert!(status.get("hostIPs").is_none(), "{status}");
     }
 
+    #[tokio::test]
+    async fn a_blocked_reason_shows_while_pending_and_is_cleared_with_nulls() {
+        let dir = tempfile::tempdir().unwrap();
+        let pod = pod();
+        let mut worker = worker(dir.path(), &pod);
+        let why = "volume \"kube-api-access-x\": no token for service account default/default (the API server's audiences) yet: waiting for the cloud";
+        worker.blocked = Some(("ContainerCreating".into(), why.into()));
+        let status = worker.status(&pod);
+        assert_eq!(status["phase"], "Pending");
+        assert_eq!(status["reason"], "ContainerCreating");
+        assert_eq!(status["message"], why);
+        worker.blocked = None;
+        let status = worker.status(&pod);
+        let status = status.as_object().expect("an object");
+        assert!(
+            status.get("reason").is_some_and(Value::is_null)
+                && status.get("message").is_some_and(Value::is_null),
+            "explicit nulls remove the reason in the cloud's merge patch: {status:?}"
+        );
+    }
+
     #[test]
     fn the_reserving_container_is_read_from_containerds_refusal() {
         let message = r#"CreateContainer: failed to reserve container name "c_web_default_u1_0": name "c_web_default_u1_0" is reserved for "746108ce0dd6""#;
