@@ -76,6 +76,13 @@ pub const REQUIRED: &[Permission] = &[
         used_by: "downstream (Secrets edge pods use)",
     },
     Permission {
+        api_group: "",
+        resource: "serviceaccounts/token",
+        verbs: &["create"],
+        namespace: None,
+        used_by: "tokens (bound service-account tokens for edge pods' projected volumes)",
+    },
+    Permission {
         api_group: "coordination.k8s.io",
         resource: "leases",
         verbs: &["get", "create", "patch"],
