@@ -39,7 +39,9 @@ fn tail(text: &str, lines: usize) -> String {
 }
 
 /// A Deployment of `replicas` on the edge: a ConfigMap volume, a readiness probe, a container
-/// that stops on SIGTERM; `maxUnavailable: 0` so a rollout never drops below `replicas` Ready.
+/// that stops on SIGTERM, the `kube-api-access` volume the ServiceAccount admission adds (its
+/// token comes through cloudcore, docs/tokens.md); `maxUnavailable: 0` so a rollout never drops
+/// below `replicas` Ready.
 fn deployment(node: &str, replicas: u32, revision: &str) -> String {
     format!(
         r#"apiVersion: v1
@@ -67,7 +69,6 @@ spec:
     spec:
       nodeSelector:
         kubernetes.io/hostname: {node}
-      automountServiceAccountToken: false
       terminationGracePeriodSeconds: 2
       containers:
       - name: web
