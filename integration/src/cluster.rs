@@ -115,6 +115,10 @@ impl KubeCluster {
             }
         }
         let run_dir = dir.join("k8s");
+        // One start at a time in this process: on a fresh machine the first start unpacks the
+        // binaries into a shared cache, and two doing so at once would trip over each other.
+        static STARTING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _one_at_a_time = STARTING.lock().unwrap_or_else(|p| p.into_inner());
         let out = Command::new("bash")
             .arg(&start)
             .arg("--fresh")
