@@ -513,6 +513,26 @@ pub fn join(dir: &Path, token: &Token, node: &str) -> Output {
     join_with(dir, &token.cloud, &token.token, &token.ca_hash, node)
 }
 
+/// Joins an edge named `node` into `dir` with a fresh token of `cloud`, runs `edgecore run`
+/// with `extra` flags (e.g. `--cri-endpoint`) and waits until it is connected; panics with the
+/// join's error or the edge's log otherwise.
+pub fn join_and_run(cloud: &Cloud, dir: &Path, node: &str, extra: &[&str]) -> Edge {
+    let token = cloud.token(&[]);
+    let out = join(dir, &token, node);
+    assert!(
+        out.status.success(),
+        "join {node}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let edge = Edge::start_with(dir, extra);
+    assert!(
+        eventually(Duration::from_secs(15), || edge.connected()),
+        "edge {node} did not connect; log:\n{}",
+        edge.log()
+    );
+    edge
+}
+
 /// Runs `edgecore join` inside `net`'s network namespace (the token's cloud address must be
 /// reachable from there: see [`Cloud::start_at`]).
 pub fn join_in(net: &EdgeNet, dir: &Path, token: &Token, node: &str) -> Output {

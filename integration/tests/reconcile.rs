@@ -8,7 +8,7 @@
 
 use std::time::{Duration, Instant};
 
-use integration::{Cloud, Containerd, Edge, eventually, join};
+use integration::{Cloud, Containerd, Edge, eventually};
 use serde_json::Value;
 
 /// A status changed by someone else is the edge's again within this long.
@@ -80,19 +80,12 @@ fn a_status_changed_by_someone_else_is_written_back_also_after_a_cloud_restart()
     let tmp = tempfile::tempdir().expect("tempdir");
     let containerd = Containerd::start(&tmp.path().join("containerd"));
     let mut cloud = Cloud::start(tmp.path(), &[]);
-    let token = cloud.token(&[]);
     let edge_dir = tmp.path().join("edge");
-    let out = join(&edge_dir, &token, "rec-1");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let edge = Edge::start_with(&edge_dir, &["--cri-endpoint", &containerd.endpoint]);
-    assert!(
-        eventually(Duration::from_secs(15), || edge.connected()),
-        "{}",
-        edge.log()
+    let edge = integration::join_and_run(
+        &cloud,
+        &edge_dir,
+        "rec-1",
+        &["--cri-endpoint", &containerd.endpoint],
     );
     cloud.kubectl_ok(&["apply", "-f", "-"], Some(&pod_yaml("rec-1")));
     cloud.wait_pod("steady", Duration::from_secs(30), "Ready", ready, || {

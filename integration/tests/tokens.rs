@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use integration::{Cloud, Containerd, Edge, eventually, join};
+use integration::{Cloud, Containerd, eventually};
 
 const POD_WITH_TOKEN: &str = r#"
 apiVersion: v1
@@ -31,19 +31,12 @@ fn embedded_mode_refuses_tokens_and_the_pod_says_why() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let containerd = Containerd::start(&tmp.path().join("containerd"));
     let cloud = Cloud::start(tmp.path(), &[]);
-    let token = cloud.token(&[]);
     let edge_dir = tmp.path().join("edge-1");
-    let out = join(&edge_dir, &token, "edge-1");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let edge = Edge::start_with(&edge_dir, &["--cri-endpoint", &containerd.endpoint]);
-    assert!(
-        eventually(Duration::from_secs(15), || edge.connected()),
-        "{}",
-        edge.log()
+    let edge = integration::join_and_run(
+        &cloud,
+        &edge_dir,
+        "edge-1",
+        &["--cri-endpoint", &containerd.endpoint],
     );
 
     cloud.kubectl_ok(&["apply", "-f", "-"], Some(POD_WITH_TOKEN));
