@@ -136,6 +136,12 @@ impl Truths {
         }
     }
 
+    /// Whether a truth is held for the object.
+    pub fn holds(&self, kind: &str, namespace: &str, name: &str) -> bool {
+        self.entries
+            .contains_key(&(kind.to_string(), namespace.to_string(), name.to_string()))
+    }
+
     /// A watch showed the API's `live` status of an object. Returns the truth to write again
     /// when the copy drifted from it and the node's session is live.
     pub fn observed(

@@ -279,11 +279,24 @@ impl Upstream {
 
     /// A watch showed an object's status in the API (an edge's pod or Node): if it drifted from
     /// what the edge reported and the edge is connected, the edge's status is written again.
-    pub fn observed(&self, kind: &str, namespace: &str, name: &str, uid: &str, status: &Value) {
-        let due = self
-            .shared
-            .truths()
-            .observed(kind, namespace, name, uid, status);
+    ///
+    /// `status` is computed only for objects an edge reported on: the watches also see every
+    /// pod bound to a cloud node, and those are not serialized for nothing.
+    pub fn observed(
+        &self,
+        kind: &str,
+        namespace: &str,
+        name: &str,
+        uid: &str,
+        status: impl FnOnce() -> Value,
+    ) {
+        let due = {
+            let mut truths = self.shared.truths();
+            if !truths.holds(kind, namespace, name) {
+                return;
+            }
+            truths.observed(kind, namespace, name, uid, &status())
+        };
         if let Some(reassert) = due {
             tracing::debug!(
                 kind,

@@ -700,7 +700,7 @@ pub async fn run(
             watcher(pods, bound).default_backoff(),
             |i, p| i.apply_pod(p),
             |i, namespace, name| i.delete_pod(namespace, name),
-            |change| observe(&upstream, "Pod", change),
+            |change| observe(&upstream, "Pod", change, |p| status_json(p.status.as_ref())),
         ),
         follow(
             Watched {
@@ -736,7 +736,9 @@ pub async fn run(
             watcher(nodes, edge_nodes).default_backoff(),
             |i, n| i.apply_node(n),
             |i, _, name| i.delete_node(name),
-            |change| observe(&upstream, "Node", change),
+            |change| observe(&upstream, "Node", change, |n| status_json(
+                n.status.as_ref()
+            )),
         ),
     );
 }
@@ -757,7 +759,13 @@ enum Seen<'a, K> {
 }
 
 /// Hands an edge object's status in the API to `upstream`'s drift check.
-fn observe<K: Resource + Serialize>(upstream: &Upstream, kind: &str, seen: Seen<'_, K>) {
+/// `status` gives the object's status as JSON; it runs only for objects an edge reported on.
+fn observe<K: Resource>(
+    upstream: &Upstream,
+    kind: &str,
+    seen: Seen<'_, K>,
+    status: impl FnOnce(&K) -> serde_json::Value,
+) {
     let object = match seen {
         Seen::Applied(o) | Seen::Deleted(o) => o,
     };
@@ -767,14 +775,15 @@ fn observe<K: Resource + Serialize>(upstream: &Upstream, kind: &str, seen: Seen<
     let uid = meta.uid.as_deref().unwrap_or_default();
     match seen {
         Seen::Deleted(_) => upstream.deleted(kind, namespace, name, uid),
-        Seen::Applied(_) => {
-            let status = serde_json::to_value(object)
-                .ok()
-                .and_then(|mut v| v.get_mut("status").map(serde_json::Value::take))
-                .unwrap_or_default();
-            upstream.observed(kind, namespace, name, uid, &status);
-        }
+        Seen::Applied(_) => upstream.observed(kind, namespace, name, uid, || status(object)),
     }
+}
+
+/// A status as JSON (`null` when absent).
+fn status_json<T: Serialize>(status: Option<&T>) -> serde_json::Value {
+    status
+        .and_then(|s| serde_json::to_value(s).ok())
+        .unwrap_or_default()
 }
 
 /// Applies one watcher's events to the index. A relist (after the watch expired or at start)
