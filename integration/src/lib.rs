@@ -517,14 +517,42 @@ pub fn join(dir: &Path, token: &Token, node: &str) -> Output {
 /// with `extra` flags (e.g. `--cri-endpoint`) and waits until it is connected; panics with the
 /// join's error or the edge's log otherwise.
 pub fn join_and_run(cloud: &Cloud, dir: &Path, node: &str, extra: &[&str]) -> Edge {
+    join_and_start(cloud, None, dir, node, extra)
+}
+
+/// [`join_and_run`] inside `net`'s network namespace (`cloud` started with
+/// [`Cloud::start_at`] its host address, or [`Cloud::start_kube`] there).
+pub fn join_and_run_in(
+    net: &EdgeNet,
+    cloud: &Cloud,
+    dir: &Path,
+    node: &str,
+    extra: &[&str],
+) -> Edge {
+    join_and_start(cloud, Some(net), dir, node, extra)
+}
+
+fn join_and_start(
+    cloud: &Cloud,
+    net: Option<&EdgeNet>,
+    dir: &Path,
+    node: &str,
+    extra: &[&str],
+) -> Edge {
     let token = cloud.token(&[]);
-    let out = join(dir, &token, node);
+    let out = match net {
+        Some(net) => join_in(net, dir, &token, node),
+        None => join(dir, &token, node),
+    };
     assert!(
         out.status.success(),
         "join {node}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let edge = Edge::start_with(dir, extra);
+    let edge = match net {
+        Some(net) => Edge::start_in(net, dir, extra),
+        None => Edge::start_with(dir, extra),
+    };
     assert!(
         eventually(Duration::from_secs(15), || edge.connected()),
         "edge {node} did not connect; log:\n{}",

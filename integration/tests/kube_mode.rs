@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use integration::cluster::{ClusterOptions, Components, KubeCluster};
 use integration::netns::EdgeNet;
-use integration::{Cloud, Containerd, Edge, Tmpfs, bin, deploy_dir, eventually, join_in};
+use integration::{Cloud, Containerd, Edge, Tmpfs, bin, deploy_dir};
 use serde_json::Value;
 
 /// The node lifecycle controller's grace period here (50 s by default in this version).
@@ -132,22 +132,16 @@ impl Site {
             &[],
         )
         .unwrap_or_else(|e| panic!("{e:#}"));
-        let token = cloud.token(&[]);
         // The edge's data dir on a disk of its own, so that a nearly full machine does not make
         // it report DiskPressure (the scheduler would place nothing on it).
         let edge_disk = Tmpfs::mount("256m");
         let edge_dir = edge_disk.path().join("edge");
-        let out = join_in(&net, &edge_dir, &token, node);
-        assert!(
-            out.status.success(),
-            "join: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let edge = Edge::start_in(&net, &edge_dir, &["--cri-endpoint", &containerd.endpoint]);
-        assert!(
-            eventually(Duration::from_secs(15), || edge.connected()),
-            "edge did not connect; log:\n{}",
-            edge.log()
+        let edge = integration::join_and_run_in(
+            &net,
+            &cloud,
+            &edge_dir,
+            node,
+            &["--cri-endpoint", &containerd.endpoint],
         );
         Site {
             edge,

@@ -16,7 +16,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use integration::netns::EdgeNet;
-use integration::{Cloud, Containerd, Edge, bin, container_status, eventually, join_in};
+use integration::{Cloud, Containerd, Edge, bin, container_status, eventually};
 use serde_json::Value;
 
 /// How long node heartbeats may be missing before the node is Ready=Unknown (and, in
@@ -61,19 +61,13 @@ impl Site {
         let mut extra = vec!["--node-grace-period", NODE_GRACE];
         extra.extend_from_slice(cloud_extra);
         let cloud = Cloud::start_at(tmp.path(), net.host_ip().into(), &extra, "info");
-        let token = cloud.token(&[]);
         let edge_dir = edge_dir.unwrap_or_else(|| tmp.path().join("edge"));
-        let out = join_in(&net, &edge_dir, &token, node);
-        assert!(
-            out.status.success(),
-            "join: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let edge = Edge::start_in(&net, &edge_dir, &["--cri-endpoint", &containerd.endpoint]);
-        assert!(
-            eventually(Duration::from_secs(15), || edge.connected()),
-            "edge did not connect; log:\n{}",
-            edge.log()
+        let edge = integration::join_and_run_in(
+            &net,
+            &cloud,
+            &edge_dir,
+            node,
+            &["--cri-endpoint", &containerd.endpoint],
         );
         Site {
             edge,
