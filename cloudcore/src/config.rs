@@ -30,6 +30,9 @@ pub struct ServeConfig {
     pub max_frame_size: usize,
     /// Connections allowed between QUIC accept and a finished Hello at once.
     pub max_concurrent_handshakes: usize,
+    /// Of those, held by one source address at once (IPv6: one /64), so a single address
+    /// cannot hold them all (`slots`).
+    pub max_handshakes_per_address: usize,
     /// Time a peer has to complete TLS and send its first message.
     pub handshake_timeout: Duration,
     /// Failed joins allowed at once per source address, then one per `join_failure_refill`.
@@ -59,6 +62,7 @@ impl ServeConfig {
             dead_after: Duration::from_secs(30),
             max_frame_size: proto::DEFAULT_MAX_FRAME_SIZE,
             max_concurrent_handshakes: 64,
+            max_handshakes_per_address: 8,
             handshake_timeout: Duration::from_secs(10),
             join_failure_burst: 10,
             join_failure_refill: Duration::from_secs(6),

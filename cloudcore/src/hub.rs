@@ -28,6 +28,7 @@ use crate::join::{self, JoinLimiter, source_text};
 use crate::metrics::Metrics;
 use crate::pki::{self, ClusterCa, NodeIdentity};
 use crate::registry::{CertificateStatus, Registry};
+use crate::slots::{HandshakeSlots, Refusal, Slot};
 use crate::tokens::{self, Issuer};
 use crate::upstream::{Change, Origin, Outcome, StatusUpdate, Upstream};
 
@@ -46,6 +47,9 @@ const SESSION_TOKEN_REQUESTS: usize = 16;
 /// Frame limit before a peer has authenticated: a join request is a few KiB, so an anonymous
 /// peer cannot make cloudcore buffer a full-size frame.
 const UNAUTHENTICATED_MAX_FRAME: usize = 64 * 1024;
+/// An edge opens its stream right after the TLS handshake; a connection that has opened none
+/// this long after it is closed, freeing its handshake slot.
+const FIRST_STREAM_WINDOW: Duration = Duration::from_secs(3);
 
 /// The tunnel could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -226,9 +230,10 @@ pub async fn accept(
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
-    let handshakes = Arc::new(Semaphore::new(
-        shared.config.max_concurrent_handshakes.max(1),
-    ));
+    let handshakes = HandshakeSlots::new(
+        shared.config.max_concurrent_handshakes,
+        shared.config.max_handshakes_per_address,
+    );
     loop {
         let incoming = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -253,12 +258,19 @@ pub async fn accept(
 async fn handle_incoming(
     incoming: quinn::Incoming,
     shared: Arc<Shared>,
-    handshakes: Arc<Semaphore>,
+    handshakes: HandshakeSlots,
     shutdown: CancellationToken,
 ) {
     let peer = incoming.remote_address();
-    let Ok(permit) = handshakes.acquire_owned().await else {
-        return;
+    let permit = match handshakes.acquire(peer.ip()).await {
+        Ok(slot) => slot,
+        Err(Refusal::SourceBusy) => {
+            // Not logged per connection: a flood would flood the log too; the counter shows it.
+            shared.metrics.connection_rejected("source_busy");
+            incoming.refuse();
+            return;
+        }
+        Err(Refusal::Closed) => return,
     };
     let connecting = match incoming.accept() {
         Ok(c) => c,
@@ -305,10 +317,11 @@ async fn open_stream(
     max: usize,
 ) -> Result<(Reader, Writer, Message), Rejection> {
     let deadline = shared.config.handshake_timeout;
-    let (send, recv) = match tokio::time::timeout(deadline, connection.accept_bi()).await {
+    let window = FIRST_STREAM_WINDOW.min(deadline);
+    let (send, recv) = match tokio::time::timeout(window, connection.accept_bi()).await {
         Ok(Ok(streams)) => streams,
         Ok(Err(e)) => return Err(Rejection::Gone(e.to_string())),
-        Err(_) => return Err(Rejection::Timeout),
+        Err(_) => return Err(Rejection::NoStream),
     };
     let mut reader = FrameReader::new(recv, max);
     let writer = FrameWriter::new(send, max);
@@ -325,6 +338,8 @@ async fn open_stream(
 /// Why a connection ended before its session started.
 enum Rejection {
     Gone(String),
+    /// No stream opened within [`FIRST_STREAM_WINDOW`] of the TLS handshake.
+    NoStream,
     Timeout,
     Frame(FrameError, Writer),
 }
@@ -334,6 +349,17 @@ impl Rejection {
         match self {
             Rejection::Gone(why) => {
                 tracing::info!("connection ended before its first message: {why}")
+            }
+            Rejection::NoStream => {
+                shared.metrics.connection_rejected("no_stream");
+                tracing::info!(
+                    "no stream opened within {} s of the handshake",
+                    FIRST_STREAM_WINDOW.as_secs()
+                );
+                connection.close(
+                    VarInt::from_u32(close_code::PROTOCOL_VIOLATION),
+                    b"no stream opened",
+                );
             }
             Rejection::Timeout => {
                 shared.metrics.connection_rejected("handshake_timeout");
@@ -428,7 +454,7 @@ async fn serve_node(
     cert: CertificateDer<'static>,
     shared: Arc<Shared>,
     peer: SocketAddr,
-    permit: tokio::sync::OwnedSemaphorePermit,
+    permit: Slot,
     shutdown: CancellationToken,
 ) {
     let identity = match pki::node_identity(&cert) {

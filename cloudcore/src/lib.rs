@@ -17,6 +17,7 @@ pub mod reconcile;
 pub mod registry;
 pub mod scheduler;
 pub mod signal;
+pub mod slots;
 pub mod token;
 pub mod tokens;
 pub mod upstream;

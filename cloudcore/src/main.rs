@@ -103,6 +103,10 @@ struct ServeArgs {
     /// Handshakes served at once; the rest wait their turn.
     #[arg(long, default_value_t = 64)]
     max_concurrent_handshakes: usize,
+    /// Handshakes one source address (IPv6: one /64) may hold at once; a few more wait, the
+    /// rest are refused.
+    #[arg(long, default_value_t = 8)]
+    max_handshakes_per_address: usize,
     /// Failed joins allowed at once per source address.
     #[arg(long, default_value_t = 10)]
     join_failure_burst: u32,
@@ -236,6 +240,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     config.dead_after = args.dead_after;
     config.max_frame_size = args.max_frame_size;
     config.max_concurrent_handshakes = args.max_concurrent_handshakes;
+    config.max_handshakes_per_address = args.max_handshakes_per_address;
     config.join_failure_burst = args.join_failure_burst;
     config.join_failure_refill = args.join_failure_refill;
     config.udp_receive_buffer = args.udp_receive_buffer;

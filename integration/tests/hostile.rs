@@ -448,14 +448,14 @@ async fn a_node_can_neither_read_nor_acknowledge_nor_report_for_another_node() {
     for message in hostile {
         writer.send(message).await.expect("send");
     }
-    writer
-        .send(status(
-            3,
-            object("Pod", "default", "pod-a"),
-            serde_json::json!({"phase": "Running"}),
-        ))
-        .await
-        .expect("send");
+    // The status for its own pod goes once the cloud has sent that pod: before, the cloud's
+    // watch may not have seen the pod yet and would rightly refuse the report.
+    let own_status = status(
+        3,
+        object("Pod", "default", "pod-a"),
+        serde_json::json!({"phase": "Running"}),
+    );
+    let mut own_status = Some(own_status);
 
     let mut forbidden = 0;
     let mut violations = 0;
@@ -493,6 +493,11 @@ async fn a_node_can_neither_read_nor_acknowledge_nor_report_for_another_node() {
                     .send(Message::Ack { seqs: vec![u.seq] })
                     .await
                     .expect("ack");
+                if u.object.name == "pod-a"
+                    && let Some(report) = own_status.take()
+                {
+                    writer.send(report).await.expect("send");
+                }
             }
             _ => {}
         }
@@ -515,4 +520,122 @@ async fn a_node_can_neither_read_nor_acknowledge_nor_report_for_another_node() {
     assert_eq!(phase("pod-a"), "Running", "A's own report was written");
     assert_ne!(phase("pod-b"), "Failed", "A's report for B's pod was not");
     assert!(s.good.connected());
+}
+
+/// Keeps `target` anonymous connections from `source` open (completing TLS, then silent),
+/// opening a new one whenever one ends, until `stop` is cancelled. Returns how many handshakes
+/// completed.
+async fn silent_flood(
+    cloud_addr: std::net::SocketAddr,
+    server_name: String,
+    pin: tls::CaHash,
+    source: std::net::SocketAddr,
+    target: usize,
+    stop: tokio_util::sync::CancellationToken,
+) -> usize {
+    let endpoint = quinn::Endpoint::client(source).expect("attacker endpoint");
+    let completed = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = tokio::task::JoinSet::new();
+    loop {
+        while tasks.len() < target {
+            let (config, _failure) = tls::join_config(pin).expect("config");
+            let endpoint = endpoint.clone();
+            let name = server_name.clone();
+            let completed = completed.clone();
+            let stop = stop.clone();
+            tasks.spawn(async move {
+                let Ok(connecting) = endpoint.connect_with(config, cloud_addr, &name) else {
+                    return;
+                };
+                let connection = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    c = connecting => match c { Ok(c) => c, Err(_) => return },
+                };
+                completed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                // Silent: no stream, hold the connection until the cloud closes it.
+                tokio::select! {
+                    _ = stop.cancelled() => {}
+                    _ = connection.closed() => {}
+                }
+            });
+        }
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tasks.join_next() => {}
+        }
+    }
+    tasks.shutdown().await;
+    completed.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_holding_silent_connections_cannot_lock_edges_out() {
+    integration::init_test_tracing();
+    let s = setup();
+    let token = s.cloud.token(&[]);
+    let pin = tls::CaHash::parse(&token.ca_hash).expect("hash");
+    let cloud_addr = dial::resolve(&s.cloud.address()).await.expect("addr");
+    let server_name = s
+        .cloud
+        .address()
+        .rsplit_once(':')
+        .expect("host:port")
+        .0
+        .to_string();
+    // The attacker's source address differs from the edge's: all of 127/8 is loopback.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let flood = tokio::spawn(silent_flood(
+        cloud_addr,
+        server_name,
+        pin,
+        "127.0.0.2:0".parse().expect("literal"),
+        250,
+        stop.clone(),
+    ));
+    // Let the flood fill whatever it can.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+
+    // A legitimate edge reconnects (restart of its daemon) while the flood goes on.
+    let good_dir = s.good.dir.clone();
+    let mut good = s.good;
+    let (reconnect, good) = tokio::task::spawn_blocking(move || {
+        good.stop();
+        let started = std::time::Instant::now();
+        let good = Edge::start(&good_dir);
+        let connected = eventually(Duration::from_secs(30), || good.connected());
+        (connected.then(|| started.elapsed()), good)
+    })
+    .await
+    .expect("edge task");
+    let rejected_busy = s
+        .cloud
+        .metric("cloudcore_connection_rejections_total{reason=\"source_busy\"}");
+    let closed_silent = s
+        .cloud
+        .metric("cloudcore_connection_rejections_total{reason=\"no_stream\"}");
+    stop.cancel();
+    let completed = flood.await.expect("flood task");
+
+    let reconnect =
+        reconnect.unwrap_or_else(|| panic!("the edge never reconnected:\n{}", good.log()));
+    // Without per-address slots this took 26 s (every slot held by the flood for 10 s each);
+    // a normal reconnect takes well under a second.
+    assert!(
+        reconnect < Duration::from_secs(5),
+        "the edge took {reconnect:?} to reconnect during the flood"
+    );
+    assert!(
+        completed >= 8,
+        "the flood must really complete handshakes ({completed}), or it tests nothing"
+    );
+    assert!(
+        rejected_busy > 0.0,
+        "connections beyond the address's share are refused: {}",
+        s.cloud.metrics()
+    );
+    assert!(
+        closed_silent > 0.0,
+        "silent connections are closed after the first-stream window: {}",
+        s.cloud.metrics()
+    );
 }
