@@ -976,7 +976,7 @@ impl Containerd {
                     let _ = cri.remove_pod_sandbox(&sandbox.id).await;
                     // The pod cgroups edgecore would remove (a real reboot empties cgroupfs).
                     if let Some(uid) = sandbox.labels.get(edgecore::pods::spec::LABEL_POD_UID) {
-                        edgecore::pods::worker::remove_pod_cgroups(uid);
+                        edgecore::pods::cgroups::remove_pod(uid);
                     }
                 }
             }

@@ -1,5 +1,6 @@
 //! Pods bound to this node, run through the CRI (KubeEdge's edged).
 
+pub mod cgroups;
 pub mod spec;
 pub mod volumes;
 

@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::probes::{ProbeKind, Prober};
 use super::spec::{self, ContainerKind, Objects, PodPaths};
-use super::volumes;
+use super::{cgroups, volumes};
 use crate::cri::Cri;
 use crate::outbox::{Outbox, Report};
 use crate::tokens::Tokens;
@@ -1220,18 +1220,7 @@ pub fn cleanup(paths: &PodPaths, uid: &str) {
     if let Some(pod_dir) = paths.log_dir.parent() {
         let _ = std::fs::remove_dir_all(pod_dir);
     }
-    remove_pod_cgroups(uid);
-}
-
-/// Removes the (empty) cgroups of pod `uid` under every controller; one still in use stays.
-pub fn remove_pod_cgroups(uid: &str) {
-    let parent = spec::cgroup_parent(uid);
-    if let Ok(controllers) = std::fs::read_dir("/sys/fs/cgroup") {
-        for controller in controllers.flatten() {
-            let dir = controller.path().join(parent.trim_start_matches('/'));
-            let _ = std::fs::remove_dir(&dir);
-        }
-    }
+    cgroups::remove_pod(uid);
 }
 
 /// Runs one pod until it is gone (or edgecore stops: then its containers keep running).

@@ -381,21 +381,10 @@ impl Drop for Runtime {
         if let Some(containerd) = self.containerd.take() {
             let _ = std::thread::spawn(move || drop(containerd)).join();
         }
-        let controllers: Vec<PathBuf> = std::fs::read_dir("/sys/fs/cgroup")
-            .into_iter()
-            .flatten()
-            .flatten()
-            .map(|c| c.path())
-            .collect();
         let mut left: Vec<PathBuf> = self
             .uids
             .iter()
-            .flat_map(|uid| {
-                let parent = spec::cgroup_parent(uid);
-                controllers
-                    .iter()
-                    .map(move |c| c.join(parent.trim_start_matches('/')))
-            })
+            .flat_map(|uid| edgecore::pods::cgroups::pod_dirs(uid))
             .collect();
         // The shims remove the containers' own cgroups below these a moment after the pods
         // are removed.

@@ -348,20 +348,9 @@ impl Drop for Runtime {
             let _ = std::thread::spawn(move || drop(containerd)).join();
         }
         let pods = std::mem::take(self.pods.get_mut().unwrap_or_else(|p| p.into_inner()));
-        let controllers: Vec<PathBuf> = std::fs::read_dir("/sys/fs/cgroup")
-            .into_iter()
-            .flatten()
-            .flatten()
-            .map(|c| c.path())
-            .collect();
         let mut left: Vec<PathBuf> = pods
             .iter()
-            .flat_map(|uid| {
-                let parent = spec::cgroup_parent(uid);
-                controllers
-                    .iter()
-                    .map(move |c| c.join(parent.trim_start_matches('/')))
-            })
+            .flat_map(|uid| edgecore::pods::cgroups::pod_dirs(uid))
             .collect();
         // The shims remove the containers' own cgroups below these a moment after the pods
         // are removed.
