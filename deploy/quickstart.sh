@@ -7,8 +7,10 @@
 #   deploy/quickstart.sh stop   delete the sample pods, stop everything it started
 set -euo pipefail
 cd "$(dirname "$0")/.."
-root="$PWD/.quickstart"
-bin="$PWD/target/release"
+# QUICKSTART_ROOT and QUICKSTART_BIN (binaries already built: skips the release build) let the
+# tests run it with their own builds.
+root="${QUICKSTART_ROOT:-$PWD/.quickstart}"
+bin="${QUICKSTART_BIN:-$PWD/target/release}"
 kubectl_q() { kubectl --kubeconfig "$root/cloud/kubeconfig" --cache-dir "$root/kubectl-cache" "$@"; }
 
 stop_pid() {
@@ -60,12 +62,37 @@ command -v runc >/dev/null || missing+=(runc)
 command -v iptables >/dev/null || missing+=(iptables)
 command -v ip >/dev/null || missing+=(iproute2)
 [ -x /bin/busybox ] && ! ldd /bin/busybox >/dev/null 2>&1 || missing+=(busybox-static)
+command -v python3 >/dev/null || missing+=(python3)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing: ${missing[*]}"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
 fi
+deploy/install-kubectl.sh
 
-cargo build --release --bins
+# wait_for SECONDS WHAT NAME COMMAND...: runs COMMAND until it succeeds. If process NAME (its pid
+# in $root/NAME.pid) exits, or after SECONDS, says what did not happen, shows the end of NAME's
+# log and stops the quick start with an error.
+wait_for() {
+  local seconds=$1 what=$2 name=$3
+  shift 3
+  local deadline=$((SECONDS + seconds)) why=""
+  until "$@" >/dev/null 2>&1; do
+    if ! kill -0 "$(cat "$root/$name.pid")" 2>/dev/null; then
+      why="$name exited"
+    elif [ "$SECONDS" -ge "$deadline" ]; then
+      why="not within ${seconds} s"
+    fi
+    if [ -n "$why" ]; then
+      echo "quickstart: FAILED: $what ($why); the end of $root/$name.log:" >&2
+      tail -n 30 "$root/$name.log" >&2 || true
+      echo "quickstart: 'deploy/quickstart.sh stop' stops what it started" >&2
+      exit 1
+    fi
+    sleep 0.2
+  done
+}
+
+[ -n "${QUICKSTART_BIN:-}" ] || cargo build --release --bins
 stop >/dev/null 2>&1 || true
 mkdir -p "$root"
 
@@ -80,7 +107,8 @@ deploy/images/build.sh "$root/images/busybox.tar" localhost/edge/busybox:1 >/dev
   --advertise-address 127.0.0.1 --metrics-listen 127.0.0.1:10350 \
   --control-plane embedded --api-listen 127.0.0.1:6443 >"$root/cloudcore.log" 2>&1 &
 echo $! >"$root/cloudcore.pid"
-for _ in $(seq 100); do curl -fs 127.0.0.1:10350/healthz >/dev/null && break; sleep 0.1; done
+wait_for 30 "cloudcore did not answer on 127.0.0.1:10350/healthz" cloudcore \
+  curl -fs 127.0.0.1:10350/healthz
 
 if [ ! -f "$root/edge-1/node.pem" ]; then
   join=$("$bin/cloudcore" token create --data-dir "$root/cloud" --node edge-1 --ttl 10m)
@@ -92,20 +120,15 @@ fi
 "$bin/edgecore" run --data-dir "$root/edge-1" --metrics-listen 127.0.0.1:10351 \
   --cri-endpoint "$cri" >"$root/edgecore.log" 2>&1 &
 echo $! >"$root/edgecore.pid"
-for _ in $(seq 100); do
-  curl -fs 127.0.0.1:10351/metrics 2>/dev/null | grep -q '^edgecore_cloud_connected 1' && break
-  sleep 0.1
-done
-for _ in $(seq 100); do
-  kubectl_q get node edge-1 2>/dev/null | grep -q ' Ready ' && break
-  sleep 0.1
-done
+# Output captured first: with pipefail, grep -q quitting early could fail the pipeline.
+edge_connected() { local m; m=$(curl -fs 127.0.0.1:10351/metrics) && grep -q '^edgecore_cloud_connected 1' <<<"$m"; }
+node_ready() { local o; o=$(kubectl_q get node edge-1) && grep -q ' Ready ' <<<"$o"; }
+pod_running() { local o; o=$(kubectl_q get pod hello) && grep -q ' Running ' <<<"$o"; }
+wait_for 30 "edgecore did not connect to cloudcore" edgecore edge_connected
+wait_for 30 "node edge-1 did not become Ready" cloudcore node_ready
 
 kubectl_q apply -f deploy/examples/hello.yaml
-for _ in $(seq 100); do
-  kubectl_q get pod hello 2>/dev/null | grep -q ' Running ' && break
-  sleep 0.2
-done
+wait_for 60 "the sample pod hello did not reach Running" edgecore pod_running
 kubectl_q get nodes
 kubectl_q get pods -o wide
 cat <<EOT
