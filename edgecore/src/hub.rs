@@ -681,6 +681,10 @@ pub async fn run(
     // Repeated failures are logged at most once a minute, with how long the cloud has been away.
     let mut offline_since: Option<Instant> = None;
     let mut last_loud: Option<Instant> = None;
+    // A store refusing writes is found anew by every session (one each `STORE_RETRY`), so it
+    // has its own clock, which a session that connects does not reset; only a session that
+    // ends for another reason (the store took writes again) does.
+    let mut store_loud: Option<Instant> = None;
     loop {
         // Re-read every time: a renewal or a rejoin may have replaced node.pem. A file that
         // cannot be read now (an operator replacing it) is retried; pods run on regardless.
@@ -756,13 +760,14 @@ pub async fn run(
                 offline_since = Some(Instant::now());
                 if let SessionEnd::StoreRefused(_) = ended {
                     store_failed = true;
-                    if last_loud.is_none_or(|t| t.elapsed() >= LOUD_EVERY) {
-                        last_loud = Some(Instant::now());
-                        tracing::error!(cloud = %cloud, "{ended}; pods keep running from the local store; retrying every {}s until it accepts writes", STORE_RETRY.as_secs());
+                    if store_loud.is_none_or(|t| t.elapsed() >= LOUD_EVERY) {
+                        store_loud = Some(Instant::now());
+                        tracing::error!(cloud = %cloud, "{ended}; pods keep running from the local store; retrying every {}s until it accepts writes (logged again in a minute if it still fails)", STORE_RETRY.as_secs());
                     } else {
                         tracing::debug!(cloud = %cloud, "{ended}");
                     }
                 } else {
+                    store_loud = None;
                     tracing::warn!(cloud = %cloud, "disconnected from the cloud: {ended}; pods keep running from the local store");
                 }
                 attempt = if started.elapsed() >= STABLE_SESSION {
