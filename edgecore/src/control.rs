@@ -29,6 +29,9 @@ pub const SOCKET: &str = "edgecore.sock";
 const MAX_REQUEST: u64 = 64 * 1024;
 /// How long a request may take: a restart waits for the containers' grace period.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
+/// A connection that has not sent its whole request line this long after connecting is
+/// closed: `ctl` writes it at once, so only a stuck or idle client waits that long.
+const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What `edgecore ctl` can ask of the daemon.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -56,6 +59,14 @@ pub enum ControlError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "not allowed to reach edgecore's control socket {path}: it is root's (mode 0600, in a data dir of mode 0700); run edgecore ctl as root (sudo)"
+    )]
+    NotPermitted {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("talking to edgecore on {path} failed")]
     Io {
         path: PathBuf,
@@ -73,12 +84,19 @@ pub async fn request(data_dir: &Path, request: &Request) -> Result<Response, Con
         path: path.clone(),
         source,
     };
-    let stream = UnixStream::connect(&path)
-        .await
-        .map_err(|source| ControlError::NotRunning {
-            path: path.clone(),
-            source,
-        })?;
+    let stream = UnixStream::connect(&path).await.map_err(|source| {
+        if source.kind() == std::io::ErrorKind::PermissionDenied {
+            ControlError::NotPermitted {
+                path: path.clone(),
+                source,
+            }
+        } else {
+            ControlError::NotRunning {
+                path: path.clone(),
+                source,
+            }
+        }
+    })?;
     let (read, mut write) = stream.into_split();
     let mut line = serde_json::to_vec(request).expect("a request serializes");
     line.push(b'\n');
@@ -119,6 +137,15 @@ pub async fn serve(
     pods: Option<mpsc::Sender<pods::Request>>,
     shutdown: CancellationToken,
 ) {
+    serve_with(listener, pods, shutdown, REQUEST_READ_TIMEOUT).await
+}
+
+async fn serve_with(
+    listener: UnixListener,
+    pods: Option<mpsc::Sender<pods::Request>>,
+    shutdown: CancellationToken,
+    read_timeout: Duration,
+) {
     loop {
         let stream = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -133,7 +160,7 @@ pub async fn serve(
         };
         let pods = pods.clone();
         tokio::spawn(async move {
-            if let Err(e) = answer(stream, pods).await {
+            if let Err(e) = answer(stream, pods, read_timeout).await {
                 tracing::debug!(error = %e, "control socket: connection failed");
             }
         });
@@ -143,12 +170,23 @@ pub async fn serve(
 async fn answer(
     stream: UnixStream,
     pods: Option<mpsc::Sender<pods::Request>>,
+    read_timeout: Duration,
 ) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
-    BufReader::new(read.take(MAX_REQUEST))
-        .read_line(&mut line)
-        .await?;
+    let mut reader = BufReader::new(read.take(MAX_REQUEST));
+    if tokio::time::timeout(read_timeout, reader.read_line(&mut line))
+        .await
+        .is_err()
+    {
+        let response = refuse(format!(
+            "no request within {}; closing",
+            humantime::format_duration(read_timeout)
+        ));
+        let mut out = serde_json::to_vec(&response).expect("a response serializes");
+        out.push(b'\n');
+        return write.write_all(&out).await;
+    }
     let response = match serde_json::from_str::<Request>(line.trim_end()) {
         Err(_) if !line.ends_with('\n') => refuse(format!(
             "request not terminated by a newline within {MAX_REQUEST} bytes"
@@ -214,6 +252,32 @@ mod tests {
         assert_eq!(text, r#"{"restart":{"namespace":"default","name":"web"}}"#);
         assert_eq!(serde_json::from_str::<Request>(&text).unwrap(), request);
         assert!(serde_json::from_str::<Request>(r#"{"reboot":{}}"#).is_err());
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_is_closed_after_the_read_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let listener = bind(dir.path()).unwrap();
+        let shutdown = CancellationToken::new();
+        let timeout = Duration::from_millis(300);
+        tokio::spawn(serve_with(listener, None, shutdown.clone(), timeout));
+        let stream = UnixStream::connect(dir.path().join(SOCKET)).await.unwrap();
+        let started = std::time::Instant::now();
+        // Connected, never writes: the daemon answers with the reason and closes.
+        let mut answer = String::new();
+        let mut stream = BufReader::new(stream);
+        tokio::time::timeout(Duration::from_secs(10), stream.read_to_string(&mut answer))
+            .await
+            .expect("the daemon closed the idle connection")
+            .unwrap();
+        assert!(started.elapsed() >= timeout);
+        let response: Response = serde_json::from_str(answer.trim_end()).unwrap();
+        assert!(!response.ok);
+        assert!(
+            response.message.contains("no request within 300ms"),
+            "{response:?}"
+        );
+        shutdown.cancel();
     }
 
     #[tokio::test]

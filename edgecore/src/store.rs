@@ -158,6 +158,22 @@ pub enum StoreError {
         #[source]
         source: rusqlite::Error,
     },
+    /// The file exists but is empty although an earlier start created it: its contents were
+    /// lost. Starting from it would stop every pod the gateway runs.
+    #[error(
+        "{path} is empty (0 bytes): the gateway's store was lost (truncated or replaced). edgecore \
+         refuses to start from an empty store, which would stop every pod this gateway runs. \
+         Restore {DB_FILE} (with any {DB_FILE}-wal next to it) from a backup; or, to start anew, \
+         remove it: the cloud then sends what this node should run, and pods it no longer \
+         knows are stopped"
+    )]
+    Emptied { path: PathBuf },
+    /// The data dir is on a read-only file system.
+    #[error(
+        "the data dir {dir} is on a read-only file system: edgecore run writes its store \
+         ({DB_FILE}) there; remount it read-write (edgecore ctl get still reads it)"
+    )]
+    ReadOnly { dir: PathBuf },
     /// The file system is full; the transaction was rolled back.
     #[error("disk full writing {path}")]
     DiskFull {
@@ -279,13 +295,25 @@ impl StoredObject {
 pub struct Store {
     conn: Connection,
     path: PathBuf,
+    /// For a read-only open of a store on a read-only file system: the private copy the
+    /// connection reads, removed with the store.
+    _snapshot: Option<Snapshot>,
 }
 
 impl Store {
     /// Opens or creates DIR/edge.db, applies migrations, checks integrity.
     pub fn open(data_dir: &Path) -> Result<Store, StoreError> {
         let path = data_dir.join(DB_FILE);
-        create_private_file(data_dir, &path)?;
+        if on_read_only_fs(data_dir) {
+            return Err(StoreError::ReadOnly {
+                dir: data_dir.to_path_buf(),
+            });
+        }
+        if !create_private_file(data_dir, &path)?
+            && fs::metadata(&path).map_err(io_err("inspect", &path))?.len() == 0
+        {
+            return Err(StoreError::Emptied { path });
+        }
         let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
         let mut conn = Connection::open_with_flags(&path, flags).map_err(open_err(&path))?;
         conn.busy_timeout(BUSY_TIMEOUT).map_err(open_err(&path))?;
@@ -301,7 +329,11 @@ impl Store {
         conn.pragma_update(None, "synchronous", "FULL")
             .map_err(open_err(&path))?;
         migrate(&mut conn, &path)?;
-        Ok(Store { conn, path })
+        Ok(Store {
+            conn,
+            path,
+            _snapshot: None,
+        })
     }
 
     /// Opens an existing store read-only (for `edgecore ctl`, works while `edgecore run` has it
@@ -315,8 +347,20 @@ impl Store {
                 io_err("inspect", &path)(e)
             });
         }
-        let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-        let conn = Connection::open_with_flags(&path, flags).map_err(open_err(&path))?;
+        // SQLite reads a WAL store only where it can create the shared-memory file; on a
+        // read-only file system it reads a private copy (with the WAL, so nothing committed
+        // is missed).
+        let snapshot = if on_read_only_fs(data_dir) {
+            Some(Snapshot::of(&path)?)
+        } else {
+            None
+        };
+        let flags = match &snapshot {
+            None => OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            Some(_) => OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        };
+        let file = snapshot.as_ref().map_or(path.as_path(), |s| s.db.as_path());
+        let conn = Connection::open_with_flags(file, flags).map_err(open_err(&path))?;
         conn.busy_timeout(BUSY_TIMEOUT).map_err(open_err(&path))?;
         let found = schema_version(&conn, &path)?;
         if found < MIGRATIONS.len() as i64 {
@@ -327,7 +371,11 @@ impl Store {
             });
         }
         quick_check(&conn, &path)?;
-        Ok(Store { conn, path })
+        Ok(Store {
+            conn,
+            path,
+            _snapshot: snapshot,
+        })
     }
 
     /// What the store holds, for Hello and for EdgeReplica::new.
@@ -791,9 +839,58 @@ pub struct ReportsWrite {
     pub reserved_below: u64,
 }
 
+/// Whether `dir` (or, if it does not exist yet, its nearest existing parent) is on a file
+/// system mounted read-only.
+fn on_read_only_fs(dir: &Path) -> bool {
+    let Some(existing) = dir.ancestors().find(|d| d.exists()) else {
+        return false;
+    };
+    rustix::fs::statvfs(existing)
+        .is_ok_and(|v| v.f_flag.contains(rustix::fs::StatVfsMountFlags::RDONLY))
+}
+
+/// A private copy of a store (and its WAL) in a 0700 temporary directory, removed on drop.
+#[derive(Debug)]
+struct Snapshot {
+    dir: PathBuf,
+    db: PathBuf,
+}
+
+impl Snapshot {
+    fn of(path: &Path) -> Result<Snapshot, StoreError> {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let dir =
+            std::env::temp_dir().join(format!("edgecore-store-{}-{nanos}", std::process::id()));
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&dir)
+            .map_err(io_err("create", &dir))?;
+        let snapshot = Snapshot {
+            db: dir.join(DB_FILE),
+            dir,
+        };
+        fs::copy(path, &snapshot.db).map_err(io_err("copy", path))?;
+        let wal = path.with_file_name(format!("{DB_FILE}-wal"));
+        if wal.exists() {
+            let to = snapshot.dir.join(format!("{DB_FILE}-wal"));
+            fs::copy(&wal, to).map_err(io_err("copy", &wal))?;
+        }
+        Ok(snapshot)
+    }
+}
+
+impl Drop for Snapshot {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// Creates the data dir (0700) and an empty database file (0600) unless they exist, so SQLite
 /// never creates the file with the process umask. Warns about an existing file others can read.
-fn create_private_file(data_dir: &Path, path: &Path) -> Result<(), StoreError> {
+/// Returns whether it created the file.
+fn create_private_file(data_dir: &Path, path: &Path) -> Result<bool, StoreError> {
     fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -810,7 +907,8 @@ fn create_private_file(data_dir: &Path, path: &Path) -> Result<(), StoreError> {
             // The new directory entry must survive a power loss along with the first commit.
             fs::File::open(data_dir)
                 .and_then(|dir| dir.sync_all())
-                .map_err(io_err("sync", data_dir))
+                .map_err(io_err("sync", data_dir))?;
+            Ok(true)
         }
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
             let mode = fs::metadata(path)
@@ -824,7 +922,7 @@ fn create_private_file(data_dir: &Path, path: &Path) -> Result<(), StoreError> {
                     "the store holds secrets but others may read it; chmod 600 it"
                 );
             }
-            Ok(())
+            Ok(false)
         }
         Err(e) => Err(io_err("create", path)(e)),
     }

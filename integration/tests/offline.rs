@@ -916,3 +916,121 @@ fn clock_skew_of_ten_minutes_breaks_neither_certificates_nor_status() {
         |p| restarts(p) == 2 && running(p),
     );
 }
+
+/// Runs `edgecore run` on the site's data dir expecting it to refuse to start: returns its
+/// stderr and stdout (the log). Fails if it is still running after 20 s.
+fn run_expecting_refusal(site: &Site) -> String {
+    let mut child = Command::new(bin("edgecore"))
+        .args(["run", "--metrics-listen", "127.0.0.1:0", "--cri-endpoint"])
+        .arg(&site.containerd.endpoint)
+        .arg("--data-dir")
+        .arg(&site.edge_dir)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn edgecore run");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while child.try_wait().expect("wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("output");
+            panic!(
+                "edgecore run started anyway:\n{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().expect("output");
+    assert!(!out.status.success(), "edgecore run exited 0");
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Clumsy operations on the gateway: its store truncated to zero bytes, its data dir mounted
+/// read-only, `edgecore ctl restart` run by a user who is not root. Each gets an error that
+/// says what is wrong, and the pod keeps running throughout.
+#[test]
+fn a_lost_store_a_read_only_data_dir_and_a_non_root_ctl_get_clear_errors_and_stop_no_pod() {
+    let mut site = Site::start("offline-g", &[]);
+    let node = site.node.clone();
+    site.apply(&pod_yaml("keeper", &node, SLEEPER, ""));
+    let before = site.wait_pod("keeper", Duration::from_secs(30), "running", running);
+    let id = container_id(&before);
+
+    // Not root: the socket is root's; the error says so (it used to blame "not running").
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(bin("edgecore"))
+        .args(["ctl", "restart", "keeper", "--data-dir"])
+        .arg(&site.edge_dir)
+        .output()
+        .expect("setpriv (util-linux)");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("run edgecore ctl as root") && !stderr.contains("not running"),
+        "a non-root ctl restart: {stderr}"
+    );
+
+    // The store emptied while edgecore is stopped: edgecore refuses it, nothing is stopped.
+    site.edge.stop();
+    let db = site.edge_dir.join("edge.db");
+    let saved = std::fs::read(&db).expect("read edge.db");
+    std::fs::File::create(&db).expect("truncate edge.db");
+    let log = run_expecting_refusal(&site);
+    assert!(
+        log.contains("is empty (0 bytes)") && log.contains("refuses to start from an empty store"),
+        "{log}"
+    );
+    assert_eq!(
+        std::fs::metadata(&db).expect("edge.db").len(),
+        0,
+        "the emptied file is left as it is"
+    );
+    assert_eq!(site.runtime().running("keeper"), Some(id.clone()));
+    std::fs::write(&db, &saved).expect("restore edge.db");
+
+    // The data dir on a read-only mount: a clear refusal, and ctl get still reads the store.
+    let bind = |args: &[&str]| {
+        let status = Command::new("mount")
+            .args(args)
+            .arg(&site.edge_dir)
+            .arg(&site.edge_dir)
+            .status()
+            .expect("mount");
+        assert!(status.success(), "mount {args:?} (needs root)");
+    };
+    bind(&["--bind"]);
+    bind(&["-o", "remount,bind,ro"]);
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let unmount = Unmount(site.edge_dir.clone());
+    let log = run_expecting_refusal(&site);
+    assert!(log.contains("is on a read-only file system"), "{log}");
+    let (ok, out, err) = site.ctl(&["get", "pods"]);
+    assert!(
+        ok && out.contains("keeper"),
+        "ctl get on a read-only data dir: {out}{err}"
+    );
+    assert_eq!(site.runtime().running("keeper"), Some(id.clone()));
+    drop(unmount);
+
+    // Back to normal: edgecore starts on the restored store and adopts the pod untouched.
+    site.start_edge();
+    assert!(
+        eventually(Duration::from_secs(20), || site.edge.connected()),
+        "{}",
+        tail(&site.edge.log(), 30)
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(site.runtime().running("keeper"), Some(id));
+}
