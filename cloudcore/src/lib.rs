@@ -16,7 +16,6 @@ pub mod pki;
 pub mod reconcile;
 pub mod registry;
 pub mod scheduler;
-pub mod signal;
 pub mod token;
 pub mod tokens;
 pub mod upstream;

@@ -6,8 +6,6 @@
 //! - `edge.json`: where the cloud is and which node this is.
 
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -122,23 +120,13 @@ fn pem(tag: &str, der: &[u8]) -> String {
     pem::encode(&pem::Pem::new(tag, der))
 }
 
-/// Writes a file durably: temp file, fsync, rename, fsync of the directory.
-pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), IdentityError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-    let mut file = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(io_err("create", &tmp))?;
-    file.write_all(contents).map_err(io_err("write", &tmp))?;
-    file.sync_all().map_err(io_err("sync", &tmp))?;
-    fs::rename(&tmp, path).map_err(io_err("rename into", path))?;
-    fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err("sync", dir))
+/// Writes a file durably (see [`daemon::files::write_atomic`]).
+fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), IdentityError> {
+    daemon::files::write_atomic(path, contents, mode).map_err(|e| IdentityError::Io {
+        action: e.action,
+        path: e.path,
+        source: e.source,
+    })
 }
 
 /// Replaces `node.pem` with a certificate and the PKCS#8 key it certifies.

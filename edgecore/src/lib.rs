@@ -16,7 +16,6 @@ pub mod node;
 pub mod outbox;
 pub mod pods;
 pub mod replica;
-pub mod signal;
 pub mod store;
 pub mod tls;
 pub mod tokens;

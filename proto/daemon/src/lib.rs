@@ -1,0 +1,6 @@
+//! What `cloudcore` and `edgecore` share besides the wire protocol: the process plumbing of a
+//! daemon. Each module is one concern; the binaries own their state and call these helpers.
+
+pub mod files;
+pub mod logging;
+pub mod signal;
