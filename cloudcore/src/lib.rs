@@ -84,6 +84,7 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> Result<(),
     );
 
     let tracker = TaskTracker::new();
+    let mut embedded_store = None;
     let (client, lifecycle) = match &config.control_plane {
         config::ControlPlane::Embedded { listen } => {
             let embedded = apiserver::start(
@@ -101,6 +102,7 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> Result<(),
                 kubeconfig = %embedded.kubeconfig.display(),
                 "Kubernetes API served by cloudcore"
             );
+            embedded_store = Some(embedded.store.clone());
             (kube_client(Some(&embedded.kubeconfig)).await?, true)
         }
         config::ControlPlane::Kube { kubeconfig } => {
@@ -155,9 +157,14 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> Result<(),
         upstream,
         issuer,
     ));
+    let accepting = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let health = health_checks(&shared, embedded_store, accepting.clone(), shutdown.clone());
     let metrics_shutdown = shutdown.clone();
     tracker.spawn(async move {
-        if let Err(e) = metrics::serve(metrics_listener, metrics, metrics_shutdown).await {
+        let render: daemon::http::Render = Arc::new(move || metrics.render());
+        if let Err(e) =
+            daemon::http::serve(metrics_listener, render, health, metrics_shutdown).await
+        {
             tracing::error!(error = %e, "metrics server failed");
         }
     });
@@ -194,6 +201,7 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> Result<(),
         SERVER_HEARTBEAT,
     ));
 
+    accepting.store(true, std::sync::atomic::Ordering::SeqCst);
     hub::accept(
         endpoint.clone(),
         shared.clone(),
@@ -202,6 +210,7 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> Result<(),
     )
     .await;
 
+    accepting.store(false, std::sync::atomic::Ordering::SeqCst);
     tracing::info!("shutting down");
     shared.close_all("cloudcore shutting down");
     endpoint.close(
@@ -220,6 +229,61 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> Result<(),
     }
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
     Ok(())
+}
+
+/// The checks behind `/livez`, `/readyz` and `/healthz` on the metrics port
+/// (docs/security.md, "Health endpoints"). Liveness is only `ping`: every dependency outage
+/// (a full disk, an unreadable database, the API's watches not synced) is one a restart does
+/// not fix, so it fails readiness only.
+fn health_checks(
+    shared: &Arc<hub::Shared>,
+    embedded_store: Option<apiserver::store::Store>,
+    accepting: Arc<std::sync::atomic::AtomicBool>,
+    shutdown: CancellationToken,
+) -> daemon::health::Health {
+    use daemon::health::{Health, Probe, dir_writable};
+    let registry = shared.clone();
+    let data_dir = shared.config.data_dir.clone();
+    let downstream = shared.downstream.clone();
+    let mut health = Health::new()
+        .with("registry", Probe::Readiness, move || {
+            let shared = registry.clone();
+            async move {
+                tokio::task::spawn_blocking(move || shared.registry.data_version())
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map(|_| ())
+                    .map_err(|e| daemon::health::reason(&e))
+            }
+        })
+        .with("data-dir", Probe::Readiness, move || {
+            dir_writable(data_dir.clone())
+        })
+        .with("watch-caches", Probe::Readiness, move || {
+            let synced = downstream.is_synced();
+            async move {
+                synced
+                    .then_some(())
+                    .ok_or_else(|| "the API's watches have not listed everything yet".to_string())
+            }
+        })
+        .with("hub", Probe::Readiness, move || {
+            let up = accepting.load(std::sync::atomic::Ordering::SeqCst);
+            let stopping = shutdown.is_cancelled();
+            async move {
+                match (up, stopping) {
+                    (_, true) => Err("shutting down".to_string()),
+                    (false, false) => Err("not accepting tunnel connections yet".to_string()),
+                    (true, false) => Ok(()),
+                }
+            }
+        });
+    if let Some(store) = embedded_store {
+        health = health.with("api-store", Probe::Readiness, move || {
+            apiserver::store_check(store.clone())
+        });
+    }
+    health
 }
 
 /// A kube-rs client from a kubeconfig file, or the in-cluster configuration.

@@ -103,14 +103,6 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
         "edgecore running"
     );
     let tracker = TaskTracker::new();
-    {
-        let (metrics, shutdown) = (metrics.clone(), shutdown.clone());
-        tracker.spawn(async move {
-            if let Err(e) = metrics::serve(listener, metrics, shutdown).await {
-                tracing::error!(error = %e, "metrics server failed");
-            }
-        });
-    }
     // Reports for the cloud, kept in the store: those not yet acknowledged before a restart
     // are sent first.
     let (outbox, outbox_writer) = outbox::Outbox::open(&config.hub.data_dir, metrics.clone())?;
@@ -151,6 +143,19 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
         ));
     }
     tracker.spawn(control::serve(control, pod_requests, shutdown.clone()));
+    {
+        let health = health_checks(&config.hub.data_dir, runtime.clone());
+        let render: daemon::http::Render = {
+            let metrics = metrics.clone();
+            Arc::new(move || metrics.render())
+        };
+        let shutdown = shutdown.clone();
+        tracker.spawn(async move {
+            if let Err(e) = daemon::http::serve(listener, render, health, shutdown).await {
+                tracing::error!(error = %e, "metrics server failed");
+            }
+        });
+    }
     let reporter = node::Reporter::new(config.hub.data_dir.clone(), config.node, runtime);
     let result = hub::run(
         config.hub,
@@ -166,4 +171,38 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
     tracker.close();
     let _ = tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await;
     Ok(result?)
+}
+
+/// The checks behind `/livez`, `/readyz` and `/healthz` on the metrics port
+/// (docs/security.md, "Health endpoints"). The cloud is not among them: the edge works
+/// offline. The store, the data dir and the runtime are readiness checks: a restart fixes none
+/// of them.
+fn health_checks(data_dir: &std::path::Path, runtime: Option<cri::Cri>) -> daemon::health::Health {
+    use daemon::health::{Health, Probe, dir_writable};
+    let (store_dir, probe_dir) = (data_dir.to_path_buf(), data_dir.to_path_buf());
+    let health = Health::new()
+        .with("store", Probe::Readiness, move || {
+            let dir = store_dir.clone();
+            async move {
+                tokio::task::spawn_blocking(move || store::Store::open_read_only(&dir).map(drop))
+                    .await
+                    .map_err(|e| format!("check task failed: {e}"))?
+                    .map_err(|e| daemon::health::reason(&e))
+            }
+        })
+        .with("data-dir", Probe::Readiness, move || {
+            dir_writable(probe_dir.clone())
+        });
+    match runtime {
+        Some(cri) => health.with("runtime", Probe::Readiness, move || {
+            let cri = cri.clone();
+            async move {
+                cri.version()
+                    .await
+                    .map(drop)
+                    .map_err(|e| daemon::health::reason(&e))
+            }
+        }),
+        None => health,
+    }
 }

@@ -2,5 +2,7 @@
 //! daemon. Each module is one concern; the binaries own their state and call these helpers.
 
 pub mod files;
+pub mod health;
+pub mod http;
 pub mod logging;
 pub mod signal;
