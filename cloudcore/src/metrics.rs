@@ -163,6 +163,8 @@ pub struct Metrics {
     protocol_errors: ReasonFamily,
     pub certificate_renewals: Counter,
     pub revocation_closes: Counter,
+    /// Sessions replaced by a peer at another address while two peers share one identity.
+    pub identity_conflicts: Counter,
     pub sync: SyncMetrics,
     pub upstream: crate::upstream::UpstreamMetrics,
     pub autonomy: Arc<AutonomyMetrics>,
@@ -181,6 +183,7 @@ impl Default for Metrics {
             protocol_errors: ReasonFamily::default(),
             certificate_renewals: Counter::default(),
             revocation_closes: Counter::default(),
+            identity_conflicts: Counter::default(),
             sync: SyncMetrics::default(),
             upstream: crate::upstream::UpstreamMetrics::default(),
             autonomy: Arc::default(),
@@ -222,6 +225,11 @@ impl Default for Metrics {
             "cloudcore_revocation_closes",
             "Live sessions closed because their certificate was revoked",
             m.revocation_closes.clone(),
+        );
+        registry.register(
+            "cloudcore_identity_conflicts",
+            "Sessions replaced by a peer at another address while two peers use one node identity (a copied data dir)",
+            m.identity_conflicts.clone(),
         );
         m.sync.register(&mut registry);
         m.autonomy.register(&mut registry);
