@@ -59,11 +59,21 @@ pub enum ServeError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Lock(#[from] daemon::datadir::LockError),
+    #[error(transparent)]
+    DataDir(#[from] daemon::files::FileError),
 }
+
+/// The lock file `serve` holds in its data dir.
+pub const LOCK_FILE: &str = "cloudcore.lock";
 
 /// Runs `serve` until `shutdown` is cancelled. Everything is bound before this returns an
 /// error, so a bad address fails fast.
 pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> Result<(), ServeError> {
+    // One `serve` per data dir: a second one would rewrite the kubeconfig and fight over
+    // sessions. Held until `run` returns (the kernel frees it if the process dies).
+    let _lock = private_data_dir(&config.data_dir)?;
     let ca = Arc::new(pki::ClusterCa::load_or_create(&config.data_dir)?);
     let registry = registry::Registry::open(&config.data_dir)?;
     registry.server_started(&config.cloud_address())?;
@@ -229,6 +239,21 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> Result<(),
     }
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
     Ok(())
+}
+
+/// Makes the data dir and the secrets already in it private (docs/security.md, "File
+/// modes"), then takes the data dir's lock.
+fn private_data_dir(dir: &std::path::Path) -> Result<daemon::datadir::DataDirLock, ServeError> {
+    daemon::datadir::ensure_private_dir(dir)?;
+    let lock = daemon::datadir::DataDirLock::acquire(dir, LOCK_FILE, "cloudcore serve")?;
+    let pki = dir.join("pki");
+    if pki.is_dir() {
+        daemon::datadir::ensure_private_dir(&pki)?;
+    }
+    for file in ["pki/ca.key", "kubeconfig"] {
+        daemon::datadir::ensure_private_file(&dir.join(file))?;
+    }
+    Ok(lock)
 }
 
 /// The checks behind `/livez`, `/readyz` and `/healthz` on the metrics port

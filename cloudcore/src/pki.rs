@@ -121,7 +121,7 @@ impl ClusterCa {
     }
 
     fn create(data_dir: &Path, dir: &Path) -> Result<(), PkiError> {
-        fs::create_dir_all(data_dir).map_err(io_err("create", data_dir))?;
+        daemon::datadir::ensure_private_dir(data_dir)?;
         let staging = data_dir.join(format!("pki.tmp-{}", std::process::id()));
         let _ = fs::remove_dir_all(&staging);
         fs::create_dir(&staging).map_err(io_err("create", &staging))?;

@@ -60,7 +60,14 @@ pub enum RunError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Lock(#[from] daemon::datadir::LockError),
+    #[error(transparent)]
+    DataDir(#[from] daemon::files::FileError),
 }
+
+/// The lock file `run` holds in its data dir.
+pub const LOCK_FILE: &str = "edgecore.lock";
 
 /// The gateway's address towards the cloud (pods' `hostIP`). When the cloud's name does not
 /// resolve within a second (an offline start: nothing waits for the network), the primary
@@ -79,6 +86,12 @@ async fn host_ip(cloud: &str) -> Option<std::net::IpAddr> {
 pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), RunError> {
     // Fail fast on a missing or corrupt identity, before binding anything.
     let identity = identity::load(&config.hub.data_dir)?;
+    // One `run` per data dir, taken before the store and the control socket: a second one
+    // would take the socket over and replace this one's session every second.
+    daemon::datadir::ensure_private_dir(&config.hub.data_dir)?;
+    let _lock =
+        daemon::datadir::DataDirLock::acquire(&config.hub.data_dir, LOCK_FILE, "edgecore run")?;
+    daemon::datadir::ensure_private_file(&config.hub.data_dir.join(identity::NODE_PEM))?;
     let metrics = Arc::new(metrics::Metrics::default());
     // Desired state comes from the local store first: nothing on the start path needs the
     // cloud.
