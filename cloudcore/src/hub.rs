@@ -100,6 +100,74 @@ pub struct Shared {
     pub upstream: Upstream,
     /// Where edge pods' service-account tokens come from.
     pub tokens: Issuer,
+    /// Replacements between different peer addresses per node. Same locking rule as above.
+    conflicts: Mutex<IdentityConflicts>,
+}
+
+/// A node replaced by a different peer address again within this window is used by two
+/// peers at once (a copied data dir), not reconnecting from a new address.
+pub const CONFLICT_WINDOW: Duration = Duration::from_secs(600);
+/// At most one warning per node this often.
+pub const CONFLICT_WARN_EVERY: Duration = Duration::from_secs(60);
+
+/// Two peers with one identity: per node, when a session was last replaced by one from a
+/// different address and when that was last warned about. No IO; the hub feeds it.
+#[derive(Debug, Default)]
+pub struct IdentityConflicts {
+    nodes: HashMap<String, ConflictState>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct ConflictState {
+    last_replaced: std::time::Instant,
+    last_warned: Option<std::time::Instant>,
+}
+
+/// What one replacement means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Replacement {
+    /// The same address, or the first move to a new one: a reconnection.
+    Reconnect,
+    /// Peers at different addresses keep replacing each other; `warn` when the node was not
+    /// warned about in the last [`CONFLICT_WARN_EVERY`].
+    Conflict { warn: bool },
+}
+
+impl IdentityConflicts {
+    /// Records that `node`'s session from `old` was replaced by one from `new` at `now`.
+    pub fn replaced(
+        &mut self,
+        node: &str,
+        old: SocketAddr,
+        new: SocketAddr,
+        now: std::time::Instant,
+    ) -> Replacement {
+        if old == new {
+            return Replacement::Reconnect;
+        }
+        let Some(state) = self.nodes.get_mut(node) else {
+            self.nodes.insert(
+                node.to_string(),
+                ConflictState {
+                    last_replaced: now,
+                    last_warned: None,
+                },
+            );
+            return Replacement::Reconnect;
+        };
+        let repeated = now.duration_since(state.last_replaced) < CONFLICT_WINDOW;
+        state.last_replaced = now;
+        if !repeated {
+            return Replacement::Reconnect;
+        }
+        let warn = state
+            .last_warned
+            .is_none_or(|t| now.duration_since(t) >= CONFLICT_WARN_EVERY);
+        if warn {
+            state.last_warned = Some(now);
+        }
+        Replacement::Conflict { warn }
+    }
 }
 
 impl Shared {
@@ -128,6 +196,7 @@ impl Shared {
             downstream,
             upstream,
             tokens,
+            conflicts: Mutex::default(),
         }
     }
 
@@ -605,7 +674,23 @@ async fn serve_node(
         },
     );
     if let Some(old) = replaced {
-        tracing::info!("closing the node's previous session");
+        let (from, to) = (old.connection.remote_address(), connection.remote_address());
+        tracing::info!(old.addr = %from, "closing the node's previous session");
+        let verdict = shared
+            .conflicts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .replaced(&identity.node_name, from, to, std::time::Instant::now());
+        if let Replacement::Conflict { warn } = verdict {
+            shared.metrics.identity_conflicts.inc();
+            if warn {
+                tracing::warn!(
+                    old.addr = %from,
+                    new.addr = %to,
+                    "two peers are using this node's identity and keep replacing each other's session (a copied data dir?); stop one, or revoke the node and join the other under its own name"
+                );
+            }
+        }
         old.connection.close(
             VarInt::from_u32(close_code::REPLACED),
             b"replaced by a newer session",
@@ -1177,5 +1262,37 @@ pub async fn heartbeat_registry(shared: Arc<Shared>, shutdown: CancellationToken
             }
             Err(e) => tracing::warn!(error = %e, "heartbeat task failed"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peers_at_two_addresses_replacing_each_other_are_a_conflict_warned_once_a_minute() {
+        let a: SocketAddr = "10.0.0.1:4000".parse().expect("addr");
+        let b: SocketAddr = "10.0.0.2:4000".parse().expect("addr");
+        let t0 = std::time::Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut c = IdentityConflicts::default();
+        assert_eq!(c.replaced("n", a, a, at(0)), Replacement::Reconnect);
+        // A gateway moving to a new address once is a reconnection.
+        assert_eq!(c.replaced("n", a, b, at(1)), Replacement::Reconnect);
+        assert_eq!(
+            c.replaced("n", b, a, at(2)),
+            Replacement::Conflict { warn: true }
+        );
+        assert_eq!(
+            c.replaced("n", a, b, at(3)),
+            Replacement::Conflict { warn: false }
+        );
+        assert_eq!(
+            c.replaced("n", b, a, at(63)),
+            Replacement::Conflict { warn: true }
+        );
+        // Other nodes are counted on their own; a move long after the last one is not one.
+        assert_eq!(c.replaced("m", a, b, at(63)), Replacement::Reconnect);
+        assert_eq!(c.replaced("m", b, a, at(63 + 601)), Replacement::Reconnect);
     }
 }

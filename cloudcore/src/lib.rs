@@ -16,7 +16,6 @@ pub mod pki;
 pub mod reconcile;
 pub mod registry;
 pub mod scheduler;
-pub mod signal;
 pub mod slots;
 pub mod token;
 pub mod tokens;
@@ -61,11 +60,21 @@ pub enum ServeError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Lock(#[from] daemon::datadir::LockError),
+    #[error(transparent)]
+    DataDir(#[from] daemon::files::FileError),
 }
+
+/// The lock file `serve` holds in its data dir.
+pub const LOCK_FILE: &str = "cloudcore.lock";
 
 /// Runs `serve` until `shutdown` is cancelled. Everything is bound before this returns an
 /// error, so a bad address fails fast.
 pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> Result<(), ServeError> {
+    // One `serve` per data dir: a second one would rewrite the kubeconfig and fight over
+    // sessions. Held until `run` returns (the kernel frees it if the process dies).
+    let _lock = private_data_dir(&config.data_dir)?;
     let ca = Arc::new(pki::ClusterCa::load_or_create(&config.data_dir)?);
     let registry = registry::Registry::open(&config.data_dir)?;
     registry.server_started(&config.cloud_address())?;
@@ -86,6 +95,7 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> Result<(),
     );
 
     let tracker = TaskTracker::new();
+    let mut embedded_store = None;
     let (client, lifecycle) = match &config.control_plane {
         config::ControlPlane::Embedded { listen } => {
             let embedded = apiserver::start(
@@ -103,6 +113,7 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> Result<(),
                 kubeconfig = %embedded.kubeconfig.display(),
                 "Kubernetes API served by cloudcore"
             );
+            embedded_store = Some(embedded.store.clone());
             (kube_client(Some(&embedded.kubeconfig)).await?, true)
         }
         config::ControlPlane::Kube { kubeconfig } => {
@@ -157,9 +168,14 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> Result<(),
         upstream,
         issuer,
     ));
+    let accepting = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let health = health_checks(&shared, embedded_store, accepting.clone(), shutdown.clone());
     let metrics_shutdown = shutdown.clone();
     tracker.spawn(async move {
-        if let Err(e) = metrics::serve(metrics_listener, metrics, metrics_shutdown).await {
+        let render: daemon::http::Render = Arc::new(move || metrics.render());
+        if let Err(e) =
+            daemon::http::serve(metrics_listener, render, health, metrics_shutdown).await
+        {
             tracing::error!(error = %e, "metrics server failed");
         }
     });
@@ -196,6 +212,7 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> Result<(),
         SERVER_HEARTBEAT,
     ));
 
+    accepting.store(true, std::sync::atomic::Ordering::SeqCst);
     hub::accept(
         endpoint.clone(),
         shared.clone(),
@@ -204,6 +221,7 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> Result<(),
     )
     .await;
 
+    accepting.store(false, std::sync::atomic::Ordering::SeqCst);
     tracing::info!("shutting down");
     shared.close_all("cloudcore shutting down");
     endpoint.close(
@@ -222,6 +240,76 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> Result<(),
     }
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
     Ok(())
+}
+
+/// Makes the data dir and the secrets already in it private (docs/security.md, "File
+/// modes"), then takes the data dir's lock.
+fn private_data_dir(dir: &std::path::Path) -> Result<daemon::datadir::DataDirLock, ServeError> {
+    daemon::datadir::ensure_private_dir(dir)?;
+    let lock = daemon::datadir::DataDirLock::acquire(dir, LOCK_FILE, "cloudcore serve")?;
+    let pki = dir.join("pki");
+    if pki.is_dir() {
+        daemon::datadir::ensure_private_dir(&pki)?;
+    }
+    for file in ["pki/ca.key", "kubeconfig"] {
+        daemon::datadir::ensure_private_file(&dir.join(file))?;
+    }
+    Ok(lock)
+}
+
+/// The checks behind `/livez`, `/readyz` and `/healthz` on the metrics port
+/// (docs/security.md, "Health endpoints"). Liveness is only `ping`: every dependency outage
+/// (a full disk, an unreadable database, the API's watches not synced) is one a restart does
+/// not fix, so it fails readiness only.
+fn health_checks(
+    shared: &Arc<hub::Shared>,
+    embedded_store: Option<apiserver::store::Store>,
+    accepting: Arc<std::sync::atomic::AtomicBool>,
+    shutdown: CancellationToken,
+) -> daemon::health::Health {
+    use daemon::health::{Health, Probe, dir_writable};
+    let registry = shared.clone();
+    let data_dir = shared.config.data_dir.clone();
+    let downstream = shared.downstream.clone();
+    let mut health = Health::new()
+        .with("registry", Probe::Readiness, move || {
+            let shared = registry.clone();
+            async move {
+                tokio::task::spawn_blocking(move || shared.registry.data_version())
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map(|_| ())
+                    .map_err(|e| daemon::health::reason(&e))
+            }
+        })
+        .with("data-dir", Probe::Readiness, move || {
+            dir_writable(data_dir.clone())
+        })
+        .with("watch-caches", Probe::Readiness, move || {
+            let synced = downstream.is_synced();
+            async move {
+                synced
+                    .then_some(())
+                    .ok_or_else(|| "the API's watches have not listed everything yet".to_string())
+            }
+        })
+        .with("hub", Probe::Readiness, move || {
+            let up = accepting.load(std::sync::atomic::Ordering::SeqCst);
+            let stopping = shutdown.is_cancelled();
+            async move {
+                match (up, stopping) {
+                    (_, true) => Err("shutting down".to_string()),
+                    (false, false) => Err("not accepting tunnel connections yet".to_string()),
+                    (true, false) => Ok(()),
+                }
+            }
+        });
+    if let Some(store) = embedded_store {
+        health = health.with("api-store", Probe::Readiness, move || {
+            apiserver::store_check(store.clone())
+        });
+    }
+    health
 }
 
 /// A kube-rs client from a kubeconfig file, or the in-cluster configuration.

@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use cloudcore::registry::{NewToken, Registry};
 use cloudcore::token::{BootstrapToken, validate_node_name};
 use cloudcore::{SERVER_STALE_AFTER, ServeConfig, config::join_host_port, pki::ClusterCa};
+use daemon::logging::LogFormat;
 use tokio_util::sync::CancellationToken;
 
 /// Exit code for a bad command line or configuration (EX_USAGE).
@@ -26,12 +27,6 @@ struct Cli {
     log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
-}
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -195,7 +190,7 @@ fn main() -> ExitCode {
             };
         }
     };
-    init_tracing(cli.log_format);
+    daemon::logging::init(cli.log_format);
     let result = match cli.command {
         Command::Serve(args) => serve(*args),
         Command::Token(cmd) => token(cmd),
@@ -213,19 +208,6 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
-    }
-}
-
-fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
     }
 }
 
@@ -279,7 +261,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
         let shutdown = CancellationToken::new();
-        tokio::spawn(cloudcore::signal::cancel_on_signal(shutdown.clone()));
+        tokio::spawn(daemon::signal::cancel_on_signal(shutdown.clone()));
         cloudcore::run(config, shutdown).await
     })?;
     Ok(ExitCode::SUCCESS)

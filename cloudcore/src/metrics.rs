@@ -1,19 +1,13 @@
-//! Prometheus metrics and the `/metrics` + `/healthz` endpoint.
+//! cloudcore's Prometheus metrics; `daemon::http` serves them with the health endpoints.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::Router;
-use axum::extract::State;
-use axum::http::header;
-use axum::response::IntoResponse;
-use axum::routing::get;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use tokio_util::sync::CancellationToken;
 
 type ReasonFamily = Family<Vec<(&'static str, &'static str)>, Counter>;
 
@@ -169,6 +163,8 @@ pub struct Metrics {
     protocol_errors: ReasonFamily,
     pub certificate_renewals: Counter,
     pub revocation_closes: Counter,
+    /// Sessions replaced by a peer at another address while two peers share one identity.
+    pub identity_conflicts: Counter,
     pub sync: SyncMetrics,
     pub upstream: crate::upstream::UpstreamMetrics,
     pub autonomy: Arc<AutonomyMetrics>,
@@ -187,6 +183,7 @@ impl Default for Metrics {
             protocol_errors: ReasonFamily::default(),
             certificate_renewals: Counter::default(),
             revocation_closes: Counter::default(),
+            identity_conflicts: Counter::default(),
             sync: SyncMetrics::default(),
             upstream: crate::upstream::UpstreamMetrics::default(),
             autonomy: Arc::default(),
@@ -228,6 +225,11 @@ impl Default for Metrics {
             "cloudcore_revocation_closes",
             "Live sessions closed because their certificate was revoked",
             m.revocation_closes.clone(),
+        );
+        registry.register(
+            "cloudcore_identity_conflicts",
+            "Sessions replaced by a peer at another address while two peers use one node identity (a copied data dir)",
+            m.identity_conflicts.clone(),
         );
         m.sync.register(&mut registry);
         m.autonomy.register(&mut registry);
@@ -292,31 +294,6 @@ impl Metrics {
         let _ = encode(&mut out, &self.registry);
         out
     }
-}
-
-/// Serves `/metrics` and `/healthz` until cancelled.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    metrics: Arc<Metrics>,
-    shutdown: CancellationToken,
-) -> std::io::Result<()> {
-    let app = Router::new()
-        .route("/metrics", get(render))
-        .route("/healthz", get(|| async { "ok\n" }))
-        .with_state(metrics);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
-}
-
-async fn render(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        metrics.render(),
-    )
 }
 
 /// Binds the metrics listener, so the caller can log the bound address before serving.

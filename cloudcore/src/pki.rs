@@ -2,9 +2,8 @@
 //! sign node certificates from edge-generated CSRs.
 
 use std::fs;
-use std::io::Write;
 use std::net::IpAddr;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -47,6 +46,8 @@ pub enum PkiError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    File(#[from] daemon::files::FileError),
     #[error("CA files in {dir} are unusable: {why}")]
     CorruptCa { dir: PathBuf, why: String },
     #[error("certificate signing request is invalid")]
@@ -120,7 +121,7 @@ impl ClusterCa {
     }
 
     fn create(data_dir: &Path, dir: &Path) -> Result<(), PkiError> {
-        fs::create_dir_all(data_dir).map_err(io_err("create", data_dir))?;
+        daemon::datadir::ensure_private_dir(data_dir)?;
         let staging = data_dir.join(format!("pki.tmp-{}", std::process::id()));
         let _ = fs::remove_dir_all(&staging);
         fs::create_dir(&staging).map_err(io_err("create", &staging))?;
@@ -144,12 +145,12 @@ impl ClusterCa {
         params.serial_number = Some(random_serial().0);
         let cert = params.self_signed(&key).map_err(PkiError::Build)?;
 
-        write_file(
+        daemon::files::write_atomic(
             &staging.join("ca.key"),
             key.serialize_pem().as_bytes(),
             0o600,
         )?;
-        write_file(&staging.join("ca.crt"), cert.pem().as_bytes(), 0o644)?;
+        daemon::files::write_atomic(&staging.join("ca.crt"), cert.pem().as_bytes(), 0o644)?;
         match fs::rename(&staging, dir) {
             Ok(()) => {}
             // Someone else created it first: use theirs.
@@ -158,7 +159,7 @@ impl ClusterCa {
             }
             Err(e) => return Err(io_err("create", dir)(e)),
         }
-        sync_dir(data_dir)
+        Ok(daemon::files::sync_dir(data_dir)?)
     }
 
     fn load(dir: &Path) -> Result<Self, PkiError> {
@@ -373,29 +374,6 @@ pub fn node_identity(cert_der: &[u8]) -> Result<NodeIdentity, PkiError> {
         serial: hex::encode(cert.raw_serial()),
         not_after: cert.validity().not_after.to_datetime(),
     })
-}
-
-/// Writes a file durably: temp file, fsync, rename, fsync of the directory.
-pub fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), PkiError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-    let mut file = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(io_err("create", &tmp))?;
-    file.write_all(contents).map_err(io_err("write", &tmp))?;
-    file.sync_all().map_err(io_err("sync", &tmp))?;
-    fs::rename(&tmp, path).map_err(io_err("rename into", path))?;
-    sync_dir(dir)
-}
-
-fn sync_dir(dir: &Path) -> Result<(), PkiError> {
-    fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err("sync", dir))
 }
 
 #[cfg(test)]

@@ -14,7 +14,9 @@ use serde::Serialize;
 
 use crate::token::{BootstrapToken, hashes_match};
 
-const SCHEMA_VERSION: i64 = 1;
+/// The schema migrations in order (`daemon::sqlite::migrate`); append only.
+const MIGRATIONS: &[&str] = &[SCHEMA_V1];
+const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 const SCHEMA_V1: &str = "
 CREATE TABLE tokens (
@@ -182,39 +184,26 @@ impl Registry {
             path: path.clone(),
             source,
         };
-        std::fs::create_dir_all(data_dir).map_err(|e| {
+        daemon::sqlite::create_private(&path).map_err(|e| {
             open_err(rusqlite::Error::SqliteFailure(
                 rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CANTOPEN),
-                Some(format!("cannot create {}: {e}", data_dir.display())),
+                Some(daemon::health::reason(&e)),
             ))
         })?;
-        let conn = Connection::open(&path).map_err(open_err)?;
-        conn.busy_timeout(Duration::from_secs(5))
-            .map_err(open_err)?;
+        let mut conn =
+            daemon::sqlite::open(&path, daemon::sqlite::read_write()).map_err(open_err)?;
         // FULL: a join or revocation that was reported done survives a power cut.
-        conn.execute_batch(
-            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;",
-        )
-        .map_err(open_err)?;
-        let version: i64 = conn
-            .query_row("PRAGMA user_version", [], |r| r.get(0))
+        daemon::sqlite::make_durable(&conn).map_err(open_err)?;
+        conn.execute_batch("PRAGMA foreign_keys = ON;")
             .map_err(open_err)?;
+        let version = daemon::sqlite::schema_version(&conn).map_err(open_err)?;
         if version > SCHEMA_VERSION {
             return Err(RegistryError::NewerSchema {
                 path,
                 found: version,
             });
         }
-        if version < 1 {
-            let tx = conn.unchecked_transaction().map_err(open_err)?;
-            // Another process may have migrated between our check and our transaction.
-            let again: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-            if again < 1 {
-                tx.execute_batch(SCHEMA_V1)?;
-                tx.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))?;
-            }
-            tx.commit()?;
-        }
+        daemon::sqlite::migrate(&mut conn, MIGRATIONS).map_err(|e| RegistryError::Sql(e.source))?;
         Ok(Registry {
             path,
             conn: Mutex::new(conn),

@@ -41,6 +41,20 @@ impl Backoff {
     }
 }
 
+/// The wait after the cloud closed this node's session because another connection with the
+/// same identity took over (`REPLACED`): 5 s doubling to a 5 min cap, uniform in the upper half
+/// of that ceiling (never short: two gateways sharing one identity must not replace each
+/// other every second). `replacements` counts the consecutive replaced sessions, from 1.
+pub fn after_replaced(replacements: u32, rng: &mut impl Rng) -> Duration {
+    let ceiling = Backoff {
+        base: Duration::from_secs(5),
+        cap: Duration::from_secs(300),
+    }
+    .ceiling(replacements.saturating_sub(1));
+    let half = ceiling / 2;
+    half + Duration::from_nanos(rng.random_range(0..=half.as_nanos().min(u64::MAX as u128) as u64))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -88,6 +102,23 @@ mod tests {
                 low > 300 && low < 700,
                 "a quarter of the range holds about a quarter: {low}"
             );
+        }
+    }
+
+    #[test]
+    fn replaced_sessions_wait_long_and_longer() {
+        let mut rng = StdRng::seed_from_u64(3);
+        for (n, low, high) in [
+            (1, 2.5, 5.0),
+            (2, 5.0, 10.0),
+            (3, 10.0, 20.0),
+            (9, 150.0, 300.0),
+            (40, 150.0, 300.0),
+        ] {
+            for _ in 0..200 {
+                let d = after_replaced(n, &mut rng).as_secs_f64();
+                assert!((low..=high).contains(&d), "replacement {n}: {d}s");
+            }
         }
     }
 }

@@ -677,6 +677,9 @@ pub async fn run(
 ) -> Result<(), IdentityError> {
     let mut rng = StdRng::from_os_rng();
     let mut attempt: u32 = 0;
+    // Consecutive sessions the cloud closed with REPLACED (another connection with this
+    // node's identity took over); they wait `backoff::after_replaced`.
+    let mut replacements: u32 = 0;
     let mut connected_before = false;
     // Repeated failures are logged at most once a minute, with how long the cloud has been away.
     let mut offline_since: Option<Instant> = None;
@@ -738,6 +741,7 @@ pub async fn run(
                 }
                 last_loud = None;
                 let started = Instant::now();
+                let connection = session.connection.clone();
                 let ended = session
                     .run(
                         &identity,
@@ -758,7 +762,19 @@ pub async fn run(
                     return Ok(());
                 }
                 offline_since = Some(Instant::now());
-                if let SessionEnd::StoreRefused(_) = ended {
+                let replaced = matches!(
+                    connection.close_reason(),
+                    Some(quinn::ConnectionError::ApplicationClosed(close))
+                        if close.error_code.into_inner() == u64::from(close_code::REPLACED)
+                );
+                replacements = if replaced {
+                    replacements.saturating_add(1)
+                } else {
+                    0
+                };
+                if replaced {
+                    tracing::warn!(cloud = %cloud, replacements, "the cloud closed this session because another connection with this node's identity took over; if another gateway runs with a copy of this data dir, stop it; waiting longer before each reconnection");
+                } else if let SessionEnd::StoreRefused(_) = ended {
                     store_failed = true;
                     if store_loud.is_none_or(|t| t.elapsed() >= LOUD_EVERY) {
                         store_loud = Some(Instant::now());
@@ -800,6 +816,8 @@ pub async fn run(
         }
         let delay = if needs_operator {
             OPERATOR_RETRY
+        } else if replacements > 0 {
+            crate::backoff::after_replaced(replacements, &mut rng)
         } else if store_failed {
             STORE_RETRY
         } else {

@@ -6,8 +6,6 @@
 //! - `edge.json`: where the cloud is and which node this is.
 
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -32,6 +30,15 @@ pub enum IdentityError {
     },
     #[error("{path} is corrupt: {why}")]
     Corrupt { path: PathBuf, why: String },
+    #[error(
+        "{config} names node {configured:?} but the certificate in {certificate} is for node {certified:?}: the files come from different joins; restore the matching {EDGE_JSON} or join again (`edgecore join --rejoin`)"
+    )]
+    NameMismatch {
+        config: PathBuf,
+        configured: String,
+        certificate: PathBuf,
+        certified: String,
+    },
 }
 
 /// Where the cloud is and who we are; written at join.
@@ -106,6 +113,23 @@ pub fn load(dir: &Path) -> Result<Identity, IdentityError> {
         .ok_or_else(|| corrupt(&node_path, "no private key in it"))?;
     let (_, parsed) = x509_parser::parse_x509_certificate(&cert)
         .map_err(|e| corrupt(&node_path, e.to_string()))?;
+    // The cloud names the session from the certificate; a different name in edge.json would
+    // make this edgecore report and log as another node than the one it is.
+    let certified = parsed
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .map(|cn| cn.strip_prefix("system:node:").unwrap_or(cn).to_string())
+        .ok_or_else(|| corrupt(&node_path, "the certificate has no common name"))?;
+    if certified != config.node_name {
+        return Err(IdentityError::NameMismatch {
+            config: config_path,
+            configured: config.node_name,
+            certificate: node_path,
+            certified,
+        });
+    }
     let not_before = parsed.validity().not_before.to_datetime();
     let not_after = parsed.validity().not_after.to_datetime();
     Ok(Identity {
@@ -122,23 +146,13 @@ fn pem(tag: &str, der: &[u8]) -> String {
     pem::encode(&pem::Pem::new(tag, der))
 }
 
-/// Writes a file durably: temp file, fsync, rename, fsync of the directory.
-pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), IdentityError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-    let mut file = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(io_err("create", &tmp))?;
-    file.write_all(contents).map_err(io_err("write", &tmp))?;
-    file.sync_all().map_err(io_err("sync", &tmp))?;
-    fs::rename(&tmp, path).map_err(io_err("rename into", path))?;
-    fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err("sync", dir))
+/// Writes a file durably (see [`daemon::files::write_atomic`]).
+fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), IdentityError> {
+    daemon::files::write_atomic(path, contents, mode).map_err(|e| IdentityError::Io {
+        action: e.action,
+        path: e.path,
+        source: e.source,
+    })
 }
 
 /// Replaces `node.pem` with a certificate and the PKCS#8 key it certifies.
@@ -163,7 +177,11 @@ pub fn write_joined(
     cert_der: &[u8],
     key_pkcs8_der: &[u8],
 ) -> Result<(), IdentityError> {
-    fs::create_dir_all(dir).map_err(io_err("create", dir))?;
+    daemon::datadir::ensure_private_dir(dir).map_err(|e| IdentityError::Io {
+        action: e.action,
+        path: e.path,
+        source: e.source,
+    })?;
     write_atomic(
         &dir.join(CA_CRT),
         pem("CERTIFICATE", ca_der).as_bytes(),
@@ -184,10 +202,11 @@ mod tests {
     fn written_identity_loads_back_with_a_private_key_file() {
         let dir = tempfile::tempdir().expect("tempdir");
         let key = rcgen::KeyPair::generate().expect("key");
-        let cert = rcgen::CertificateParams::new(vec!["gw-1".into()])
-            .expect("params")
-            .self_signed(&key)
-            .expect("cert");
+        let mut params = rcgen::CertificateParams::new(vec!["gw-1".into()]).expect("params");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "system:node:gw-1");
+        let cert = params.self_signed(&key).expect("cert");
         let config = EdgeConfig {
             cloud: "127.0.0.1:10000".into(),
             node_name: "gw-1".into(),
@@ -209,6 +228,23 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
+
+        // edge.json naming another node than the certificate is refused, naming both.
+        let other = EdgeConfig {
+            cloud: "127.0.0.1:10000".into(),
+            node_name: "gw-2".into(),
+        };
+        fs::write(
+            dir.path().join(EDGE_JSON),
+            serde_json::to_vec(&other).expect("json"),
+        )
+        .expect("write");
+        let err = load(dir.path()).unwrap_err().to_string();
+        assert!(
+            err.contains("names node \"gw-2\" but the certificate")
+                && err.contains("is for node \"gw-1\""),
+            "{err}"
+        );
     }
 
     #[test]

@@ -16,7 +16,6 @@ pub mod node;
 pub mod outbox;
 pub mod pods;
 pub mod replica;
-pub mod signal;
 pub mod store;
 pub mod tls;
 pub mod tokens;
@@ -61,7 +60,14 @@ pub enum RunError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Lock(#[from] daemon::datadir::LockError),
+    #[error(transparent)]
+    DataDir(#[from] daemon::files::FileError),
 }
+
+/// The lock file `run` holds in its data dir.
+pub const LOCK_FILE: &str = "edgecore.lock";
 
 /// The gateway's address towards the cloud (pods' `hostIP`). When the cloud's name does not
 /// resolve within a second (an offline start: nothing waits for the network), the primary
@@ -80,6 +86,12 @@ async fn host_ip(cloud: &str) -> Option<std::net::IpAddr> {
 pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), RunError> {
     // Fail fast on a missing or corrupt identity, before binding anything.
     let identity = identity::load(&config.hub.data_dir)?;
+    // One `run` per data dir, taken before the store and the control socket: a second one
+    // would take the socket over and replace this one's session every second.
+    daemon::datadir::ensure_private_dir(&config.hub.data_dir)?;
+    let _lock =
+        daemon::datadir::DataDirLock::acquire(&config.hub.data_dir, LOCK_FILE, "edgecore run")?;
+    daemon::datadir::ensure_private_file(&config.hub.data_dir.join(identity::NODE_PEM))?;
     let metrics = Arc::new(metrics::Metrics::default());
     // Desired state comes from the local store first: nothing on the start path needs the
     // cloud.
@@ -104,14 +116,6 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
         "edgecore running"
     );
     let tracker = TaskTracker::new();
-    {
-        let (metrics, shutdown) = (metrics.clone(), shutdown.clone());
-        tracker.spawn(async move {
-            if let Err(e) = metrics::serve(listener, metrics, shutdown).await {
-                tracing::error!(error = %e, "metrics server failed");
-            }
-        });
-    }
     // Reports for the cloud, kept in the store: those not yet acknowledged before a restart
     // are sent first.
     let (outbox, outbox_writer) = outbox::Outbox::open(&config.hub.data_dir, metrics.clone())?;
@@ -152,6 +156,19 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
         ));
     }
     tracker.spawn(control::serve(control, pod_requests, shutdown.clone()));
+    {
+        let health = health_checks(&config.hub.data_dir, runtime.clone());
+        let render: daemon::http::Render = {
+            let metrics = metrics.clone();
+            Arc::new(move || metrics.render())
+        };
+        let shutdown = shutdown.clone();
+        tracker.spawn(async move {
+            if let Err(e) = daemon::http::serve(listener, render, health, shutdown).await {
+                tracing::error!(error = %e, "metrics server failed");
+            }
+        });
+    }
     let reporter = node::Reporter::new(config.hub.data_dir.clone(), config.node, runtime);
     let result = hub::run(
         config.hub,
@@ -167,4 +184,38 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
     tracker.close();
     let _ = tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await;
     Ok(result?)
+}
+
+/// The checks behind `/livez`, `/readyz` and `/healthz` on the metrics port
+/// (docs/security.md, "Health endpoints"). The cloud is not among them: the edge works
+/// offline. The store, the data dir and the runtime are readiness checks: a restart fixes none
+/// of them.
+fn health_checks(data_dir: &std::path::Path, runtime: Option<cri::Cri>) -> daemon::health::Health {
+    use daemon::health::{Health, Probe, dir_writable};
+    let (store_dir, probe_dir) = (data_dir.to_path_buf(), data_dir.to_path_buf());
+    let health = Health::new()
+        .with("store", Probe::Readiness, move || {
+            let dir = store_dir.clone();
+            async move {
+                tokio::task::spawn_blocking(move || store::Store::open_read_only(&dir).map(drop))
+                    .await
+                    .map_err(|e| format!("check task failed: {e}"))?
+                    .map_err(|e| daemon::health::reason(&e))
+            }
+        })
+        .with("data-dir", Probe::Readiness, move || {
+            dir_writable(probe_dir.clone())
+        });
+    match runtime {
+        Some(cri) => health.with("runtime", Probe::Readiness, move || {
+            let cri = cri.clone();
+            async move {
+                cri.version()
+                    .await
+                    .map(drop)
+                    .map_err(|e| daemon::health::reason(&e))
+            }
+        }),
+        None => health,
+    }
 }

@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
+use daemon::logging::LogFormat;
 use edgecore::ctl::{CtlError, Resource};
 use edgecore::hub::HubConfig;
 use edgecore::join::{JoinError, JoinParams, parse_labels};
@@ -32,12 +33,6 @@ struct Cli {
     log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
-}
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
 }
 
 #[derive(Subcommand, Debug)]
@@ -197,7 +192,7 @@ fn main() -> ExitCode {
             };
         }
     };
-    init_tracing(cli.log_format);
+    daemon::logging::init(cli.log_format);
     match cli.command {
         Command::Ctl { command } => ctl(command),
         Command::Images {
@@ -323,7 +318,7 @@ fn main() -> ExitCode {
             };
             let result = runtime.block_on(async {
                 let shutdown = CancellationToken::new();
-                tokio::spawn(edgecore::signal::cancel_on_signal(shutdown.clone()));
+                tokio::spawn(daemon::signal::cancel_on_signal(shutdown.clone()));
                 edgecore::run(config, shutdown).await
             });
             match result {
@@ -453,17 +448,4 @@ fn chain(e: &dyn std::error::Error) -> String {
         cur = s.source();
     }
     text
-}
-
-fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
 }

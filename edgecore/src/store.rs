@@ -25,12 +25,12 @@
 //! edgecore then starts empty and fetches everything from the cloud again.
 //!
 //! Permissions: the store holds Secrets, so `edge.db` is created with mode 0600 before SQLite
-//! opens it; SQLite gives its `-wal` and `-shm` files the mode of the database file.
+//! opens it (`daemon::sqlite::create_private`, which also fixes looser modes of an existing
+//! file and its `-wal`/`-shm`); SQLite gives its `-wal` and `-shm` files the mode of the
+//! database file.
 
 use std::fs;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use proto::sync::{ObjectKey, StoreOp};
 use proto::{HeldObject, ObjectRef};
@@ -38,9 +38,6 @@ use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, TransactionB
 
 /// The store's file name in the data dir.
 pub const DB_FILE: &str = "edge.db";
-
-/// How long a statement waits for a lock held by another connection (the daemon or `ctl`).
-const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The schema migrations in order: applying `MIGRATIONS[i]` takes `user_version` from `i` to
 /// `i + 1`. Append only; never edit one that has shipped.
@@ -309,25 +306,24 @@ impl Store {
                 dir: data_dir.to_path_buf(),
             });
         }
-        if !create_private_file(data_dir, &path)?
-            && fs::metadata(&path).map_err(io_err("inspect", &path))?.len() == 0
-        {
+        let existed = path.exists();
+        daemon::sqlite::create_private(&path).map_err(|e| StoreError::Io {
+            action: e.action,
+            path: e.path,
+            source: e.source,
+        })?;
+        if existed && fs::metadata(&path).map_err(io_err("inspect", &path))?.len() == 0 {
             return Err(StoreError::Emptied { path });
         }
         let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-        let mut conn = Connection::open_with_flags(&path, flags).map_err(open_err(&path))?;
-        conn.busy_timeout(BUSY_TIMEOUT).map_err(open_err(&path))?;
+        let mut conn = daemon::sqlite::open(&path, flags).map_err(open_err(&path))?;
         // Read-only checks first: a store this build must refuse is never modified.
         schema_version(&conn, &path)?;
         quick_check(&conn, &path)?;
-        let mode: String = conn
-            .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))
-            .map_err(open_err(&path))?;
+        let mode = daemon::sqlite::make_durable(&conn).map_err(open_err(&path))?;
         if !mode.eq_ignore_ascii_case("wal") {
             return Err(StoreError::NoWal { path, mode });
         }
-        conn.pragma_update(None, "synchronous", "FULL")
-            .map_err(open_err(&path))?;
         migrate(&mut conn, &path)?;
         Ok(Store {
             conn,
@@ -360,8 +356,7 @@ impl Store {
             Some(_) => OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         };
         let file = snapshot.as_ref().map_or(path.as_path(), |s| s.db.as_path());
-        let conn = Connection::open_with_flags(file, flags).map_err(open_err(&path))?;
-        conn.busy_timeout(BUSY_TIMEOUT).map_err(open_err(&path))?;
+        let conn = daemon::sqlite::open(file, flags).map_err(open_err(&path))?;
         let found = schema_version(&conn, &path)?;
         if found < MIGRATIONS.len() as i64 {
             return Err(StoreError::OlderSchema {
@@ -858,6 +853,7 @@ struct Snapshot {
 
 impl Snapshot {
     fn of(path: &Path) -> Result<Snapshot, StoreError> {
+        use std::os::unix::fs::DirBuilderExt;
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.subsec_nanos());
@@ -884,47 +880,6 @@ impl Snapshot {
 impl Drop for Snapshot {
     fn drop(&mut self) {
         let _ = fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// Creates the data dir (0700) and an empty database file (0600) unless they exist, so SQLite
-/// never creates the file with the process umask. Warns about an existing file others can read.
-/// Returns whether it created the file.
-fn create_private_file(data_dir: &Path, path: &Path) -> Result<bool, StoreError> {
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(data_dir)
-        .map_err(io_err("create", data_dir))?;
-    match fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-    {
-        Ok(file) => {
-            file.sync_all().map_err(io_err("sync", path))?;
-            // The new directory entry must survive a power loss along with the first commit.
-            fs::File::open(data_dir)
-                .and_then(|dir| dir.sync_all())
-                .map_err(io_err("sync", data_dir))?;
-            Ok(true)
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            let mode = fs::metadata(path)
-                .map_err(io_err("inspect", path))?
-                .permissions()
-                .mode();
-            if mode & 0o077 != 0 {
-                tracing::warn!(
-                    path = %path.display(),
-                    mode = format_args!("{:o}", mode & 0o777),
-                    "the store holds secrets but others may read it; chmod 600 it"
-                );
-            }
-            Ok(false)
-        }
-        Err(e) => Err(io_err("create", path)(e)),
     }
 }
 
@@ -976,31 +931,17 @@ fn quick_check(conn: &Connection, path: &Path) -> Result<(), StoreError> {
     })
 }
 
-/// Applies the migrations this store lacks, each in its own transaction with its version bump.
+/// Applies the migrations this store lacks (`daemon::sqlite::migrate`).
 fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
-    for (from, sql) in MIGRATIONS.iter().enumerate() {
-        let version = from + 1;
-        let migrate_err = |source| {
-            classify(path, source, |path, source| StoreError::Migrate {
-                path,
-                version,
-                source,
-            })
-        };
-        let tx = conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(migrate_err)?;
-        // Read again under the write lock: another process may have migrated meanwhile.
-        let current: i64 = tx
-            .pragma_query_value(None, "user_version", |row| row.get(0))
-            .map_err(migrate_err)?;
-        if current >= version as i64 {
-            continue;
-        }
-        tx.execute_batch(sql).map_err(migrate_err)?;
-        tx.pragma_update(None, "user_version", version as i64)
-            .map_err(migrate_err)?;
-        tx.commit().map_err(migrate_err)?;
+    let applied = daemon::sqlite::migrate(conn, MIGRATIONS).map_err(|e| {
+        let version = e.version;
+        classify(path, e.source, |path, source| StoreError::Migrate {
+            path,
+            version,
+            source,
+        })
+    })?;
+    for version in applied {
         tracing::info!(path = %path.display(), schema = version, "store migrated");
     }
     Ok(())
@@ -1009,6 +950,7 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     fn put(kind: &str, namespace: &str, name: &str, rv: u64, body: &str) -> StoreOp {
         StoreOp::Put {

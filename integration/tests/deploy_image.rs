@@ -118,14 +118,15 @@ fn deployment_runs_the_built_image_non_root_off_edges_with_flags_cloudcore_accep
         args.contains(&"--control-plane=kube"),
         "in a cluster cloudcore works against its API: {args:?}"
     );
-    // The probes reach /healthz on the metrics port from outside the pod.
+    // The probes reach the health endpoints on the metrics port from outside the pod:
+    // readiness the checks of dependencies, liveness only the process itself.
     assert!(
         args.iter()
             .any(|a| a.starts_with("--metrics-listen=0.0.0.0:")),
         "{args:?}"
     );
-    for probe in ["readinessProbe", "livenessProbe"] {
-        assert_eq!(container[probe]["httpGet"]["path"], "/healthz", "{probe}");
+    for (probe, path) in [("readinessProbe", "/readyz"), ("livenessProbe", "/livez")] {
+        assert_eq!(container[probe]["httpGet"]["path"], path, "{probe}");
         assert_eq!(container[probe]["httpGet"]["port"], "metrics", "{probe}");
     }
 

@@ -106,9 +106,19 @@ pub async fn start(
         format!("https://{host}:{}", bound.port())
     };
     let kubeconfig = server::write_admin_kubeconfig(ca, data_dir, &server_url)?;
+    let api_dir = data_dir.to_path_buf();
+    let checked = store.clone();
+    let health = daemon::health::Health::new()
+        .with("api-store", daemon::health::Probe::Readiness, move || {
+            store_check(checked.clone())
+        })
+        .with("data-dir", daemon::health::Probe::Readiness, move || {
+            daemon::health::dir_writable(api_dir.clone())
+        });
     let api = Arc::new(verbs::Api {
         store: store.clone(),
         bookmark_interval: Duration::from_secs(10),
+        health,
     });
     let router = axum::Router::new().fallback(verbs::handle).with_state(api);
     tracker.spawn(server::serve(listener, tls, router, shutdown));
@@ -117,4 +127,17 @@ pub async fn start(
         kubeconfig,
         store,
     })
+}
+
+/// The `api-store` readiness check: `api.db` answers a read (the `default` namespace).
+pub async fn store_check(store: Store) -> daemon::health::CheckResult {
+    let id = ResourceId {
+        group: String::new(),
+        resource: "namespaces".into(),
+    };
+    match tokio::task::spawn_blocking(move || store.get(&id, "", "default")).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(daemon::health::reason(&e)),
+        Err(e) => Err(format!("check task failed: {e}")),
+    }
 }

@@ -7,7 +7,7 @@ use super::status::ApiError;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
     Version,
-    Health,
+    Health(daemon::health::Endpoint),
     /// `/api`
     CoreVersions,
     /// `/apis`
@@ -46,7 +46,9 @@ pub fn route(path: &str) -> Result<Target, ApiError> {
     let not_found = || ApiError::no_route(path);
     match segments.as_slice() {
         ["version"] => Ok(Target::Version),
-        ["healthz"] | ["livez"] | ["readyz"] => Ok(Target::Health),
+        ["healthz"] => Ok(Target::Health(daemon::health::Endpoint::Healthz)),
+        ["livez"] => Ok(Target::Health(daemon::health::Endpoint::Livez)),
+        ["readyz"] => Ok(Target::Health(daemon::health::Endpoint::Readyz)),
         ["api"] => Ok(Target::CoreVersions),
         ["apis"] => Ok(Target::Groups),
         ["apis", group] => Ok(Target::Group(group.to_string())),

@@ -59,7 +59,7 @@ pub enum ServerError {
     Write {
         path: PathBuf,
         #[source]
-        source: PkiError,
+        source: daemon::files::FileError,
     },
 }
 
@@ -210,9 +210,11 @@ current-context: edge
         key = base64_standard(pem("PRIVATE KEY", key_der.secret_der()).as_bytes()),
     );
     let path = data_dir.join("kubeconfig");
-    pki::write_file(&path, kubeconfig.as_bytes(), 0o600).map_err(|source| ServerError::Write {
-        path: path.clone(),
-        source,
+    daemon::files::write_atomic(&path, kubeconfig.as_bytes(), 0o600).map_err(|source| {
+        ServerError::Write {
+            path: path.clone(),
+            source,
+        }
     })?;
     Ok(path)
 }

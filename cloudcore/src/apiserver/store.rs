@@ -17,7 +17,6 @@ use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
 
 use rusqlite::types::Type;
 use rusqlite::{Connection, OptionalExtension, Row, Transaction, TransactionBehavior, params};
@@ -25,7 +24,9 @@ use serde_json::Value;
 use tokio::sync::broadcast;
 
 /// The schema this build writes; older files are migrated by [`migrate`], newer ones refused.
-const SCHEMA_VERSION: i64 = 1;
+/// The schema migrations in order (`daemon::sqlite::migrate`); append only.
+const MIGRATIONS: &[&str] = &[SCHEMA_V1];
+const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 const SCHEMA_V1: &str = r#"
 CREATE TABLE objects (
@@ -56,9 +57,6 @@ CREATE TABLE meta (
 );
 INSERT INTO meta (id, rv, compacted) VALUES (1, 0, 0);
 "#;
-
-/// How long a connection waits for another connection's lock before failing.
-const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Idle read connections kept for reuse; more are opened under load and closed afterwards.
 const MAX_IDLE_READERS: usize = 4;
@@ -244,28 +242,28 @@ impl Store {
             path: path.to_path_buf(),
             source,
         };
-        let mut conn = Connection::open(path).map_err(open_err)?;
-        conn.busy_timeout(BUSY_TIMEOUT).map_err(open_err)?;
+        daemon::sqlite::create_private(path).map_err(|e| {
+            open_err(rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CANTOPEN),
+                Some(daemon::health::reason(&e)),
+            ))
+        })?;
+        let mut conn =
+            daemon::sqlite::open(path, daemon::sqlite::read_write()).map_err(open_err)?;
         // Read before anything writes to the file: a corrupt file fails here, a newer one is
         // refused here, and neither is modified.
-        let version: i64 = conn
-            .query_row("PRAGMA user_version", [], |r| r.get(0))
-            .map_err(open_err)?;
+        let version = daemon::sqlite::schema_version(&conn).map_err(open_err)?;
         if version > SCHEMA_VERSION {
             return Err(StoreError::NewerSchema {
                 path: path.to_path_buf(),
                 found: version,
             });
         }
-        let mode: String = conn
-            .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
-            .map_err(open_err)?;
+        // FULL: a write that returned success survives a power cut.
+        let mode = daemon::sqlite::make_durable(&conn).map_err(open_err)?;
         if !mode.eq_ignore_ascii_case("wal") {
             tracing::warn!(path = %path.display(), mode, "api database is not in WAL mode");
         }
-        // FULL: a write that returned success survives a power cut.
-        conn.execute_batch("PRAGMA synchronous = FULL;")
-            .map_err(open_err)?;
         migrate(&mut conn, path)?;
 
         let event_retention = u64::try_from(options.event_retention).unwrap_or(u64::MAX);
@@ -536,8 +534,7 @@ impl Store {
         let flags = rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE
             | rusqlite::OpenFlags::SQLITE_OPEN_URI
             | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX;
-        let conn = Connection::open_with_flags(path, flags).map_err(open_err)?;
-        conn.busy_timeout(BUSY_TIMEOUT).map_err(open_err)?;
+        let conn = daemon::sqlite::open(path, flags).map_err(open_err)?;
         conn.execute_batch("PRAGMA query_only = ON;")
             .map_err(open_err)?;
         Ok(conn)
@@ -644,22 +641,15 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// Brings the schema from `PRAGMA user_version` up to [`SCHEMA_VERSION`].
 fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    // Another process may have migrated since the caller checked.
-    let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    daemon::sqlite::migrate(conn, MIGRATIONS).map_err(|e| StoreError::Sql(e.source))?;
+    // Another process may have migrated to a newer schema since the caller checked.
+    let version = daemon::sqlite::schema_version(conn)?;
     if version > SCHEMA_VERSION {
         return Err(StoreError::NewerSchema {
             path: path.to_path_buf(),
             found: version,
         });
     }
-    if version < 1 {
-        tx.execute_batch(SCHEMA_V1)?;
-    }
-    if version < SCHEMA_VERSION {
-        tx.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))?;
-    }
-    tx.commit()?;
     Ok(())
 }
 
@@ -804,6 +794,7 @@ fn json_column(row: &Row<'_>, idx: usize) -> rusqlite::Result<Value> {
 mod tests {
     use super::*;
     use serde_json::json;
+    use std::time::Duration;
 
     fn pods() -> ResourceId {
         ResourceId {

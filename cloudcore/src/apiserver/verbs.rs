@@ -27,6 +27,8 @@ pub struct Api {
     pub store: Store,
     /// How often a watch that asked for bookmarks gets one.
     pub bookmark_interval: Duration,
+    /// The checks behind `/livez`, `/readyz` and `/healthz`.
+    pub health: daemon::health::Health,
 }
 
 type Query = HashMap<String, String>;
@@ -120,7 +122,9 @@ async fn dispatch(
     };
     match target {
         Target::Version => doc(Some(discovery::version())),
-        Target::Health => Ok((StatusCode::OK, "ok").into_response()),
+        Target::Health(endpoint) => {
+            Ok(daemon::http::health_response(&api.health, endpoint, uri.query()).await)
+        }
         Target::CoreVersions => doc(Some(discovery::api_versions())),
         Target::Groups => doc(Some(discovery::api_group_list())),
         Target::Group(group) => doc(discovery::api_group_list()["groups"]
