@@ -17,6 +17,7 @@ pub mod reconcile;
 pub mod registry;
 pub mod scheduler;
 pub mod signal;
+pub mod state;
 pub mod token;
 pub mod tokens;
 pub mod upstream;
@@ -54,6 +55,10 @@ pub enum ServeError {
     PermissionCheck(#[source] kube::Error),
     #[error("cannot start the embedded control plane")]
     Embedded(#[from] apiserver::EmbeddedError),
+    #[error(transparent)]
+    DataDir(#[from] state::DataDirError),
+    #[error(transparent)]
+    State(#[from] state::StateError),
     #[error("cannot bind the metrics listener on {addr}")]
     Metrics {
         addr: std::net::SocketAddr,
@@ -65,6 +70,9 @@ pub enum ServeError {
 /// Runs `serve` until `shutdown` is cancelled. Everything is bound before this returns an
 /// error, so a bad address fails fast.
 pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> Result<(), ServeError> {
+    let embedded_mode = matches!(config.control_plane, config::ControlPlane::Embedded { .. });
+    // Before anything is created: a data dir that lost a part is refused, not refilled.
+    state::check_data_dir(&config.data_dir, embedded_mode, config.allow)?;
     let ca = Arc::new(pki::ClusterCa::load_or_create(&config.data_dir)?);
     let registry = registry::Registry::open(&config.data_dir)?;
     registry.server_started(&config.cloud_address())?;
@@ -85,6 +93,7 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> Result<(),
     );
 
     let tracker = TaskTracker::new();
+    let mut embedded_store = None;
     let (client, lifecycle) = match &config.control_plane {
         config::ControlPlane::Embedded { listen } => {
             let embedded = apiserver::start(
@@ -102,6 +111,7 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> Result<(),
                 kubeconfig = %embedded.kubeconfig.display(),
                 "Kubernetes API served by cloudcore"
             );
+            embedded_store = Some(embedded.store.clone());
             (kube_client(Some(&embedded.kubeconfig)).await?, true)
         }
         config::ControlPlane::Kube { kubeconfig } => {
@@ -123,7 +133,22 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> Result<(),
         }
     };
 
+    // Which store this is, checked against what cloudcore.db recorded before edges connect.
+    let cloud_state = state::read(&client).await?;
+    let accepted_anyway = state::check_store(&registry, &cloud_state, config.allow)?;
+    tracing::info!(
+        store.id = %cloud_state.id,
+        store.revision = cloud_state.revision,
+        accepted_anyway,
+        "API store identified"
+    );
+
     let metrics = Arc::new(metrics::Metrics::default());
+    let fence = state::Fence::new(
+        client.clone(),
+        cloud_state,
+        metrics.edges_state_mismatch.clone(),
+    );
     let downstream = Arc::new(downstream::Downstream::new(
         downstream::DownstreamConfig::default(),
         metrics.clone(),
@@ -155,6 +180,7 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> Result<(),
         downstream,
         upstream,
         issuer,
+        fence,
     ));
     let metrics_shutdown = shutdown.clone();
     tracker.spawn(async move {
@@ -189,6 +215,7 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> Result<(),
         shutdown.clone(),
     ));
     tracker.spawn(hub::watch_revocations(shared.clone(), shutdown.clone()));
+    tracker.spawn(state::track(shared.clone(), shutdown.clone()));
     tracker.spawn(hub::heartbeat_registry(
         shared.clone(),
         shutdown.clone(),
@@ -215,6 +242,16 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> Result<(),
         .is_err()
     {
         tracing::warn!("some tasks did not stop within 5s");
+    }
+    if let Some(store) = &embedded_store {
+        // The last revision served, so that an older copy of api.db is noticed at the next start.
+        let served = shared.fence.current();
+        if let Err(e) = shared
+            .registry
+            .record_served_state(&served.id, store.resource_version())
+        {
+            tracing::warn!(error = %e, "cannot record the API store's revision");
+        }
     }
     if let Err(e) = shared.registry.server_stopped() {
         tracing::warn!(error = %e, "cannot record shutdown");
