@@ -75,7 +75,6 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> Result<(),
     state::check_data_dir(&config.data_dir, embedded_mode, config.allow)?;
     let ca = Arc::new(pki::ClusterCa::load_or_create(&config.data_dir)?);
     let registry = registry::Registry::open(&config.data_dir)?;
-    registry.server_started(&config.cloud_address())?;
     let endpoint = hub::endpoint(&config, &ca)?;
     let metrics_listener = metrics::bind(config.metrics_listen)
         .await
@@ -142,6 +141,8 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> Result<(),
         accepted_anyway,
         "API store identified"
     );
+    // Only now: a refused start must not look like a running serve to `store restore`.
+    registry.server_started(&config.cloud_address())?;
 
     let metrics = Arc::new(metrics::Metrics::default());
     let fence = state::Fence::new(

@@ -674,11 +674,15 @@ impl Registry {
     /// Records an operator's decision that `nodes` (all known nodes when `None`) accept the
     /// cloud's current store at their next session. Returns the nodes adopted; a name the
     /// registry does not know is refused as `Ok(Err(name))`.
-    pub fn adopt(&self, nodes: Option<&[String]>) -> Result<Result<Vec<String>, String>, RegistryError> {
+    pub fn adopt(
+        &self,
+        nodes: Option<&[String]>,
+    ) -> Result<Result<Vec<String>, String>, RegistryError> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let known: Vec<String> = {
-            let mut stmt = tx.prepare("SELECT name FROM nodes WHERE revoked_ms IS NULL ORDER BY name")?;
+            let mut stmt =
+                tx.prepare("SELECT name FROM nodes WHERE revoked_ms IS NULL ORDER BY name")?;
             stmt.query_map([], |r| r.get(0))?
                 .collect::<Result<_, _>>()?
         };
@@ -722,9 +726,9 @@ impl Registry {
     /// Writes a consistent copy of the database to `dest` (`VACUUM INTO`), safe while `serve`
     /// runs. `dest` must not exist.
     pub fn backup_to(&self, dest: &Path) -> Result<(), RegistryError> {
-        let dest = dest.to_str().ok_or_else(|| {
-            RegistryError::Sql(rusqlite::Error::InvalidPath(dest.to_path_buf()))
-        })?;
+        let dest = dest
+            .to_str()
+            .ok_or_else(|| RegistryError::Sql(rusqlite::Error::InvalidPath(dest.to_path_buf())))?;
         self.conn().execute("VACUUM INTO ?1", [dest])?;
         Ok(())
     }

@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
 use kube::api::{Api, ListParams};
 use proto::HeldObject;
-use tokio_util::sync::CancellationToken;
 use proto::sync::{CloudState, StateMismatch, check_state};
+use tokio_util::sync::CancellationToken;
 
 use crate::apiserver::store as api_store;
 use crate::registry::{Registry, RegistryError};
@@ -377,12 +377,7 @@ pub struct BackupReport {
 /// `VACUUM INTO`, consistent while `serve` runs, and `pki/`.
 pub fn backup(dir: &Path, to: &Path) -> Result<BackupReport, BackupError> {
     require_initialized(dir)?;
-    if to.exists()
-        && fs::read_dir(to)
-            .map_err(io("read", to))?
-            .next()
-            .is_some()
-    {
+    if to.exists() && fs::read_dir(to).map_err(io("read", to))?.next().is_some() {
         return Err(BackupError::Refused(format!(
             "{} exists and is not empty; back up into a new directory",
             to.display()
@@ -420,9 +415,8 @@ fn copy_pki(from: &Path, to: &Path) -> Result<(), BackupError> {
         let source = from.join(name);
         let dest = to.join(name);
         let bytes = fs::read(&source).map_err(io("read", &source))?;
-        crate::pki::write_file(&dest, &bytes, mode).map_err(|e| {
-            BackupError::Refused(format!("cannot write {}: {e}", dest.display()))
-        })?;
+        crate::pki::write_file(&dest, &bytes, mode)
+            .map_err(|e| BackupError::Refused(format!("cannot write {}: {e}", dest.display())))?;
     }
     Ok(())
 }

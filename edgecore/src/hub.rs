@@ -214,10 +214,7 @@ impl Session {
         inventory: Vec<HeldObject>,
         cloud_state_id: String,
     ) -> Result<Session, SessionError> {
-        let newest = inventory
-            .iter()
-            .max_by_key(|h| h.resource_version)
-            .cloned();
+        let newest = inventory.iter().max_by_key(|h| h.resource_version).cloned();
         let addr = dial::resolve(cloud).await?;
         let connection = dial::connect(
             &endpoint,

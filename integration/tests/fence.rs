@@ -48,7 +48,9 @@ spec:
 }
 
 fn config_map_yaml(value: &str) -> String {
-    format!("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: cfg\ndata:\n  value: \"{value}\"\n")
+    format!(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: cfg\ndata:\n  value: \"{value}\"\n"
+    )
 }
 
 /// The container id of the running pod `steady` as the API reports it (without `containerd://`).
@@ -140,7 +142,10 @@ fn a_lost_api_db_is_refused_then_fenced_without_stopping_a_pod_until_adopted() {
     cloud.stop();
     remove_api_db(&cloud.dir);
     let refused = cloud.try_restart_with(&[]);
-    assert!(refused.is_err() && !cloud.is_running(), "serve started on an empty store");
+    assert!(
+        refused.is_err() && !cloud.is_running(),
+        "serve started on an empty store"
+    );
     let log = cloud.log();
     assert!(
         log.contains("api.db is missing") && log.contains("--allow-new-store"),
@@ -172,7 +177,8 @@ fn a_lost_api_db_is_refused_then_fenced_without_stopping_a_pod_until_adopted() {
         "cloud log names the cause and the command: {cloud_log}"
     );
     assert!(
-        edge.log().contains("the cloud's state does not match this edge's")
+        edge.log()
+            .contains("the cloud's state does not match this edge's")
             && edge.log().contains("not the one this edge synced with"),
         "edge log names the cause: {}",
         edge.log()
@@ -189,7 +195,9 @@ fn a_lost_api_db_is_refused_then_fenced_without_stopping_a_pod_until_adopted() {
         edge.log()
     );
     assert!(
-        edge.objects().iter().any(|o| o.kind == "Pod" && o.name == "steady"),
+        edge.objects()
+            .iter()
+            .any(|o| o.kind == "Pod" && o.name == "steady"),
         "the edge's store lost the pod"
     );
 
@@ -271,7 +279,10 @@ fn a_restored_backup_reaches_the_edge_and_a_plain_copy_of_an_old_api_db_is_refus
     // A plain copy of the old api.db is refused, not served to freeze the edges.
     remove_api_db(&cloud.dir);
     std::fs::copy(backup.join("api.db"), cloud.dir.join("api.db")).expect("copy api.db");
-    assert!(cloud.try_restart_with(&[]).is_err(), "served an older api.db");
+    assert!(
+        cloud.try_restart_with(&[]).is_err(),
+        "served an older api.db"
+    );
     let log = cloud.log();
     assert!(
         log.contains("went back in time") && log.contains("cloudcore store restore"),
@@ -288,7 +299,10 @@ fn a_restored_backup_reaches_the_edge_and_a_plain_copy_of_an_old_api_db_is_refus
         &data_dir,
     ]);
     let said = ok(out, "store restore");
-    assert!(said.contains("restored") && said.contains("api.db"), "{said}");
+    assert!(
+        said.contains("restored") && said.contains("api.db"),
+        "{said}"
+    );
     cloud
         .try_restart_with(&[])
         .unwrap_or_else(|e| panic!("{e:#}"));
@@ -309,20 +323,19 @@ fn a_restored_backup_reaches_the_edge_and_a_plain_copy_of_an_old_api_db_is_refus
         "the pod's container {container} was stopped; edge log:\n{}",
         edge.log()
     );
-    let pod = cloud.wait_pod(
-        "steady",
-        Duration::from_secs(30),
-        "Ready",
-        ready,
-        || edge.log(),
-    );
+    let pod = cloud.wait_pod("steady", Duration::from_secs(30), "Ready", ready, || {
+        edge.log()
+    });
     assert_eq!(
         container_status(&pod, "c")["containerID"],
         format!("containerd://{container}").as_str()
     );
 
     // And the freeze is gone: an update after the restore reaches the edge.
-    cloud.kubectl_ok(&["apply", "-f", "-"], Some(&config_map_yaml("after-restore")));
+    cloud.kubectl_ok(
+        &["apply", "-f", "-"],
+        Some(&config_map_yaml("after-restore")),
+    );
     assert!(
         sees("after-restore"),
         "an update after the restore never reached the pod; edge log:\n{}",
@@ -349,13 +362,20 @@ fn lost_pki_or_registry_and_a_mistyped_data_dir_are_refused_naming_the_recovery(
     // A mistyped --data-dir: no CA, no join command, and nothing created.
     let typo = tmp.path().join("clod");
     let out = cli(&["token", "create", "--data-dir", &typo.display().to_string()]);
-    assert!(!out.status.success(), "token create on an empty dir succeeded");
+    assert!(
+        !out.status.success(),
+        "token create on an empty dir succeeded"
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         stderr.contains(&typo.display().to_string()) && stderr.contains("initialized"),
         "the error names the directory: {stderr}"
     );
-    assert!(out.stdout.is_empty(), "printed a join command: {:?}", out.stdout);
+    assert!(
+        out.stdout.is_empty(),
+        "printed a join command: {:?}",
+        out.stdout
+    );
     assert!(!typo.exists(), "token create created {}", typo.display());
     let out = cli(&["node", "list", "--data-dir", &typo.display().to_string()]);
     assert!(!out.status.success() && !typo.exists());
@@ -392,7 +412,10 @@ fn lost_pki_or_registry_and_a_mistyped_data_dir_are_refused_naming_the_recovery(
     for name in ["cloudcore.db", "cloudcore.db-wal", "cloudcore.db-shm"] {
         let _ = std::fs::rename(cloud.dir.join(name), registry_kept.join(name));
     }
-    assert!(cloud.try_restart_with(&[]).is_err(), "served an empty registry");
+    assert!(
+        cloud.try_restart_with(&[]).is_err(),
+        "served an empty registry"
+    );
     let log = cloud.log();
     assert!(
         log.contains("cloudcore.db is missing") && log.contains("--allow-empty-registry"),
@@ -404,7 +427,9 @@ fn lost_pki_or_registry_and_a_mistyped_data_dir_are_refused_naming_the_recovery(
     for name in ["cloudcore.db", "cloudcore.db-wal", "cloudcore.db-shm"] {
         let _ = std::fs::rename(registry_kept.join(name), cloud.dir.join(name));
     }
-    cloud.try_restart_with(&[]).unwrap_or_else(|e| panic!("{e:#}"));
+    cloud
+        .try_restart_with(&[])
+        .unwrap_or_else(|e| panic!("{e:#}"));
     assert!(
         eventually(Duration::from_secs(30), || edge.connected()),
         "the edge did not reconnect: {}",

@@ -923,7 +923,10 @@ mod tests {
         edge.start_session();
         edge.adopt();
         assert!(edge.upsert(upsert.clone()).op.is_ok());
-        assert_eq!(edge.held(&key("older")).map(|v| v.resource_version), Some(8));
+        assert_eq!(
+            edge.held(&key("older")).map(|v| v.resource_version),
+            Some(8)
+        );
         // The next session is incremental again.
         let mut edge = EdgeReplica::new([held("older", "u1", 65)]);
         edge.start_session();

@@ -688,12 +688,11 @@ pub fn restore(from: &Path, path: &Path, floor: u64) -> Result<Restored, StoreEr
     let staged = path.with_extension(format!("db.restore-{}", std::process::id()));
     let _ = std::fs::remove_file(&staged);
     {
-        let source =
-            Connection::open_with_flags(from, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-                .map_err(|source| StoreError::Open {
-                    path: from.to_path_buf(),
-                    source,
-                })?;
+        let source = Connection::open_with_flags(from, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .map_err(|source| StoreError::Open {
+                path: from.to_path_buf(),
+                source,
+            })?;
         let version: i64 = source
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .map_err(|source| StoreError::Open {
@@ -725,8 +724,10 @@ pub fn restore(from: &Path, path: &Path, floor: u64) -> Result<Restored, StoreEr
                 r#"SELECT "group", resource, namespace, name, body FROM objects
                    ORDER BY "group", resource, namespace, name"#,
             )?;
-            stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))?
-                .collect::<Result<_, _>>()?
+            stmt.query_map([], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            })?
+            .collect::<Result<_, _>>()?
         };
         let mut rv = base;
         for (group, resource, namespace, name, body) in &rows {
@@ -764,7 +765,10 @@ pub fn restore(from: &Path, path: &Path, floor: u64) -> Result<Restored, StoreEr
     let io = |e: std::io::Error| {
         StoreError::Sql(rusqlite::Error::SqliteFailure(
             rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_IOERR),
-            Some(format!("cannot put the restored database in place at {}: {e}", path.display())),
+            Some(format!(
+                "cannot put the restored database in place at {}: {e}",
+                path.display()
+            )),
         ))
     };
     for suffix in ["-wal", "-shm"] {
@@ -783,7 +787,9 @@ pub fn restore(from: &Path, path: &Path, floor: u64) -> Result<Restored, StoreEr
     }
     std::fs::rename(&staged, path).map_err(io)?;
     if let Some(dir) = path.parent() {
-        std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io)?;
     }
     Ok(restored)
 }
@@ -1472,7 +1478,9 @@ mod tests {
         let backup_file = dir.path().join("backup.db");
         backup(&db(&dir), &backup_file).expect("online backup");
         for _ in 0..5 {
-            store.update(&pods(), "ns", "b", pod("ns", "b"), None).unwrap();
+            store
+                .update(&pods(), "ns", "b", pod("ns", "b"), None)
+                .unwrap();
         }
         let newest = store.resource_version();
         drop(store);
@@ -1486,7 +1494,9 @@ mod tests {
         assert!(rv_of(&a) > newest + RESTORE_BUMP);
         let gone = store.watch(&pods(), None, newest);
         assert!(matches!(gone, Err(StoreError::Gone { .. })));
-        let written = store.update(&pods(), "ns", "a", pod("ns", "a"), None).unwrap();
+        let written = store
+            .update(&pods(), "ns", "a", pod("ns", "a"), None)
+            .unwrap();
         assert_eq!(rv_of(&written), restored.revision + 1);
     }
 

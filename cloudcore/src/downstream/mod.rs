@@ -1030,7 +1030,9 @@ mod tests {
         .await;
         assert!(early.is_err(), "attach must wait for the first full list");
         downstream.synced.send_replace(true);
-        let first = downstream.attach("n1", Vec::new(), Resync::Incremental).await;
+        let first = downstream
+            .attach("n1", Vec::new(), Resync::Incremental)
+            .await;
         let second = tokio::time::timeout(
             Duration::from_millis(50),
             downstream.attach("n2", Vec::new(), Resync::Incremental),
@@ -1039,8 +1041,11 @@ mod tests {
         assert!(second.is_err(), "the only slot is taken");
         assert_eq!(downstream.metrics.sync.resyncs_waiting.get(), 0);
         drop(first);
-        let second =
-            tokio::time::timeout(Duration::from_secs(1), downstream.attach("n2", Vec::new(), Resync::Incremental)).await;
+        let second = tokio::time::timeout(
+            Duration::from_secs(1),
+            downstream.attach("n2", Vec::new(), Resync::Incremental),
+        )
+        .await;
         assert!(second.is_ok(), "a freed slot lets the next resync start");
     }
 }
