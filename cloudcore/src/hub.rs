@@ -101,6 +101,8 @@ pub struct Shared {
 }
 
 impl Shared {
+    // Each argument is one part of `serve` built in `run`; a struct would exist only for this.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         config: ServeConfig,
         registry: Registry,
@@ -714,6 +716,8 @@ async fn serve_node(
 }
 
 /// Reads the edge's messages until the session ends; returns why it ended.
+// The session's parts, each from `serve_node`; a struct would exist only for this call.
+#[allow(clippy::too_many_arguments)]
 async fn run_session(
     connection: &Connection,
     identity: &NodeIdentity,

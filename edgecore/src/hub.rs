@@ -578,6 +578,8 @@ pub struct Local<'a> {
 }
 
 /// What woke the session loop.
+// Built once per wake-up and matched at once; boxing the message would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 enum Wake {
     Shutdown,
     Dead,
