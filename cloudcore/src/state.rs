@@ -501,3 +501,108 @@ pub fn restore(from: &Path, dir: &Path) -> Result<RestoreReport, BackupError> {
     }
     Ok(RestoreReport { lines })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn allow_none() -> Allow {
+        Allow::default()
+    }
+
+    /// A registry in `dir` that knows one node.
+    fn registry_with_a_node(dir: &Path) -> Registry {
+        let registry = Registry::open(dir).unwrap();
+        let token = crate::token::BootstrapToken::generate();
+        registry
+            .create_token(&crate::registry::NewToken {
+                token: token.clone(),
+                ttl: Duration::from_secs(3600),
+                uses: 1,
+                node: None,
+            })
+            .unwrap();
+        registry
+            .admit_join(&token, "gw-1", &Default::default(), || {
+                Ok::<_, std::convert::Infallible>(crate::pki::IssuedCertificate {
+                    der: Vec::new(),
+                    serial: "s1".into(),
+                    not_after: time::OffsetDateTime::now_utc() + time::Duration::days(1),
+                })
+            })
+            .unwrap()
+            .unwrap();
+        registry
+    }
+
+    #[test]
+    fn an_empty_data_dir_starts_and_a_dir_that_lost_a_part_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(check_data_dir(dir.path(), true, allow_none()).is_ok());
+
+        registry_with_a_node(dir.path());
+        assert!(matches!(
+            check_data_dir(dir.path(), true, allow_none()),
+            Err(DataDirError::PkiLost { nodes: 1, .. })
+        ));
+        fs::create_dir(dir.path().join(PKI_DIR)).unwrap();
+        assert!(matches!(
+            check_data_dir(dir.path(), true, allow_none()),
+            Err(DataDirError::ApiStoreLost { nodes: 1, .. })
+        ));
+        // Kube mode has no api.db of its own.
+        assert!(check_data_dir(dir.path(), false, allow_none()).is_ok());
+        let allow = Allow {
+            new_store: true,
+            ..Allow::default()
+        };
+        assert!(check_data_dir(dir.path(), true, allow).is_ok());
+
+        let lost = tempfile::tempdir().unwrap();
+        fs::create_dir(lost.path().join(PKI_DIR)).unwrap();
+        let refused = check_data_dir(lost.path(), true, allow_none()).unwrap_err();
+        assert!(matches!(refused, DataDirError::RegistryLost { .. }));
+        assert!(refused.to_string().contains("--allow-empty-registry"));
+        assert!(
+            !lost.path().join(REGISTRY_DB).exists(),
+            "the check created a registry"
+        );
+    }
+
+    #[test]
+    fn a_replaced_or_older_store_is_refused_unless_allowed_and_then_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = registry_with_a_node(dir.path());
+        let first = CloudState {
+            id: "a".into(),
+            revision: 50,
+        };
+        assert!(!check_store(&registry, &first, allow_none()).unwrap());
+        let older = CloudState {
+            id: "a".into(),
+            revision: 20,
+        };
+        assert!(matches!(
+            check_store(&registry, &older, allow_none()),
+            Err(DataDirError::StoreRolledBack {
+                recorded: 50,
+                found: 20
+            })
+        ));
+        let other = CloudState {
+            id: "b".into(),
+            revision: 900,
+        };
+        assert!(matches!(
+            check_store(&registry, &other, allow_none()),
+            Err(DataDirError::StoreReplaced { .. })
+        ));
+        let allow = Allow {
+            new_store: true,
+            ..Allow::default()
+        };
+        assert!(check_store(&registry, &older, allow).unwrap());
+        // Accepted once: the older store is the recorded one now.
+        assert!(!check_store(&registry, &older, allow_none()).unwrap());
+    }
+}

@@ -961,6 +961,26 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_foreign_ca_and_a_fenced_session_are_named_not_retried_quietly() {
+        let dir = std::path::Path::new("/var/lib/edgecore");
+        let foreign =
+            SessionError::Closed("aborted by peer: invalid peer certificate: BadSignature".into());
+        let why = other_ca(&foreign, dir).expect("a foreign CA is recognised");
+        assert!(why.contains("not signed by the pinned cluster CA"), "{why}");
+        assert!(why.contains("/var/lib/edgecore/ca.crt"), "{why}");
+        assert!(other_ca(&SessionError::Closed("timed out".into()), dir).is_none());
+
+        let refused = SessionError::Refused(ErrorMessage {
+            code: ErrorCode::StateMismatch,
+            message: "the cloud's API store went back in time".into(),
+        });
+        assert!(refused.is_state_mismatch() && refused.needs_operator());
+        let own = SessionError::StateMismatch("store id b".into());
+        assert!(own.is_state_mismatch() && own.needs_operator());
+        assert!(!SessionError::Closed("x".into()).is_state_mismatch());
+    }
+
+    #[test]
     fn renewal_lands_between_70_and_90_percent() {
         let mut rng = StdRng::seed_from_u64(1);
         let now = OffsetDateTime::now_utc();
