@@ -4,6 +4,9 @@
 //! reaches the edges and later updates too, while a plain copy of an old `api.db` is refused; a
 //! lost `pki/` or `cloudcore.db` and a mistyped `--data-dir` are refused naming the recovery.
 //!
+//! The last test does the same in kube mode: a fresh control plane (a new etcd, so a new
+//! `kube-system` uid) behind the same cloudcore data dir.
+//!
 //! Real binaries, a real containerd, real SQLite files, kubectl. Needs root and Debian's
 //! containerd, runc, containernetworking-plugins and busybox-static (`.ci/run` installs them).
 
@@ -11,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use integration::cluster::{ClusterOptions, KubeCluster};
 use integration::{Cloud, Containerd, Edge, bin, container_status, eventually};
 use serde_json::Value;
 
@@ -436,5 +440,78 @@ fn lost_pki_or_registry_and_a_mistyped_data_dir_are_refused_naming_the_recovery(
         edge.log()
     );
     drop(edge);
+    drop(containerd);
+}
+
+#[test]
+fn kube_mode_a_new_control_plane_is_refused_then_fences_the_edge_with_its_pod_running() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let containerd = Containerd::start(&tmp.path().join("containerd"));
+    let loopback = std::net::Ipv4Addr::LOCALHOST.into();
+    let first = KubeCluster::start(&tmp.path().join("first"), &ClusterOptions::default());
+    let credentials = first.cloudcore_credentials(|rbac| rbac);
+    let cloud = Cloud::start_kube(tmp.path(), &first, &credentials, loopback, &[])
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let edge_dir = tmp.path().join("edge");
+    let cri = ["--cri-endpoint", containerd.endpoint.as_str()];
+    let mut edge = integration::join_and_run(&cloud, &edge_dir, "fence-k", &cri);
+    cloud.kubectl_ok(&["apply", "-f", "-"], Some(&pod_yaml("fence-k", false)));
+    let container = container_id(&cloud, &edge);
+
+    // The cluster is replaced by a fresh one (its etcd lost); cloudcore keeps its data dir.
+    drop(cloud);
+    drop(first);
+    let second = KubeCluster::start(&tmp.path().join("second"), &ClusterOptions::default());
+    let credentials = second.cloudcore_credentials(|rbac| rbac);
+    let refused = match Cloud::start_kube(tmp.path(), &second, &credentials, loopback, &[]) {
+        Ok(_) => panic!("cloudcore served a new control plane as if it were the old one"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        refused.contains("not the one this cloud served") && refused.contains("--allow-new-store"),
+        "the refusal names the cause and the flag: {refused}"
+    );
+    let cloud = Cloud::start_kube(
+        tmp.path(),
+        &second,
+        &credentials,
+        loopback,
+        &["--allow-new-store"],
+    )
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    // The new cloudcore listens elsewhere; restarting edgecore stops no container.
+    edge.stop();
+    let address = cloud.address();
+    edge = Edge::start_with(&edge_dir, &[cri[0], cri[1], "--cloud", &address]);
+    assert!(
+        eventually(Duration::from_secs(30), || {
+            cloud.metric("cloudcore_edges_state_mismatch") == 1.0
+                && edge.metric("edgecore_cloud_state_mismatch") == 1.0
+        }),
+        "the edge was not fenced; cloud log:\n{}\nedge log:\n{}",
+        cloud.log(),
+        edge.log()
+    );
+    std::thread::sleep(Duration::from_secs(12));
+    assert!(
+        running_containers(&containerd).contains(&container),
+        "the pod's container {container} was stopped; edge log:\n{}",
+        edge.log()
+    );
+    assert!(
+        edge.objects()
+            .iter()
+            .any(|o| o.kind == "Pod" && o.name == "steady"),
+        "the edge's store lost the pod"
+    );
+    assert!(
+        second
+            .kubectl(&["get", "pod", "steady"], None)
+            .stdout
+            .is_empty(),
+        "the new control plane has no such pod: the edge kept it on its own"
+    );
+    drop(edge);
+    drop(cloud);
     drop(containerd);
 }
