@@ -723,6 +723,9 @@ pub async fn run(
     // Repeated failures are logged at most once a minute, with how long the cloud has been away.
     let mut offline_since: Option<Instant> = None;
     let mut last_loud: Option<Instant> = None;
+    // A failure with a new cause (the cloud fenced this edge, or presents another CA) is logged
+    // loudly at once, whatever was logged within the minute.
+    let mut last_cause: Option<&'static str> = None;
     loop {
         // Re-read every time: a renewal or a rejoin may have replaced node.pem. A file that
         // cannot be read now (an operator replacing it) is retried; pods run on regardless.
@@ -812,6 +815,7 @@ pub async fn run(
                     }
                 }
                 last_loud = None;
+                last_cause = None;
                 let started = Instant::now();
                 let ended = session
                     .run(
@@ -853,14 +857,23 @@ pub async fn run(
             Err(e) => {
                 metrics.connect_failures.inc();
                 let since = *offline_since.get_or_insert_with(Instant::now);
-                let expired = expired_certificate(&identity, &e, &config.data_dir)
-                    .or_else(|| other_ca(&e, &config.data_dir))
-                    .or_else(|| fenced(&e, &identity));
+                let (cause, expired) =
+                    if let Some(why) = expired_certificate(&identity, &e, &config.data_dir) {
+                        ("expired_certificate", Some(why))
+                    } else if let Some(why) = other_ca(&e, &config.data_dir) {
+                        ("other_ca", Some(why))
+                    } else if let Some(why) = fenced(&e, &identity) {
+                        ("state_mismatch", Some(why))
+                    } else {
+                        ("unreachable", None)
+                    };
                 needs_operator = expired.is_some() || e.needs_operator();
                 metrics
                     .cloud_state_mismatch
                     .set(i64::from(e.is_state_mismatch()));
-                let loud = last_loud.is_none_or(|t| t.elapsed() >= LOUD_EVERY);
+                let loud = last_loud.is_none_or(|t| t.elapsed() >= LOUD_EVERY)
+                    || (expired.is_some() && last_cause != Some(cause));
+                last_cause = Some(cause);
                 if loud {
                     last_loud = Some(Instant::now());
                     let away = humantime::format_duration(round_secs(since.elapsed()));
