@@ -46,6 +46,9 @@ pub struct ServeConfig {
     pub control_plane: ControlPlane,
     /// A node without its tunnel for this long becomes Ready=Unknown (embedded mode).
     pub node_grace_period: Duration,
+    /// Lost or replaced state `serve` may start on anyway (`--allow-new-store`,
+    /// `--allow-new-ca`, `--allow-empty-registry`); by default it refuses.
+    pub allow: crate::state::Allow,
 }
 
 impl ServeConfig {
@@ -72,6 +75,7 @@ impl ServeConfig {
                 listen: SocketAddr::from(([127, 0, 0, 1], 6443)),
             },
             node_grace_period: Duration::from_secs(40),
+            allow: crate::state::Allow::default(),
         }
     }
 

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use proto::sync::ObjectKey;
+use proto::sync::{ObjectKey, Resync};
 use proto::{
     ErrorCode, FrameError, FrameReader, FrameWriter, HeldObject, HelloAck, Message, StatusReport,
     TokenResponse, close_code,
@@ -100,6 +100,8 @@ pub struct Shared {
     pub upstream: Upstream,
     /// Where edge pods' service-account tokens come from.
     pub tokens: Issuer,
+    /// Which API store this is; refuses edges whose state came from another one.
+    pub fence: crate::state::Fence,
     /// Replacements between different peer addresses per node. Same locking rule as above.
     conflicts: Mutex<IdentityConflicts>,
 }
@@ -171,6 +173,8 @@ impl IdentityConflicts {
 }
 
 impl Shared {
+    // Each argument is one part of `serve` built in `run`; a struct would exist only for this.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         config: ServeConfig,
         registry: Registry,
@@ -179,6 +183,7 @@ impl Shared {
         downstream: Arc<Downstream>,
         upstream: Upstream,
         tokens: Issuer,
+        fence: crate::state::Fence,
     ) -> Self {
         let join_limiter = Mutex::new(JoinLimiter::new(
             config.join_failure_burst,
@@ -197,6 +202,7 @@ impl Shared {
             upstream,
             tokens,
             conflicts: Mutex::default(),
+            fence,
         }
     }
 
@@ -633,6 +639,70 @@ async fn serve_node(
         .await;
     }
 
+    // The edge's state must come from this store: a replaced store or one that went back in
+    // time would have its resync delete or freeze what the edge runs.
+    let node = identity.node_name.clone();
+    let checked = match shared
+        .fence
+        .check(&hello.cloud_state_id, &hello.inventory)
+        .await
+    {
+        Ok(checked) => checked,
+        Err(e) => {
+            shared.metrics.connection_rejected("state_unknown");
+            tracing::warn!(error = %e, cause = %source_text(&e), "cannot check the edge against the API store");
+            return refuse(
+                &connection,
+                &mut writer,
+                close_code::STATE_MISMATCH,
+                Message::error(
+                    ErrorCode::Internal,
+                    "cloudcore cannot read its API store now; retry later",
+                ),
+                "state unknown",
+            )
+            .await;
+        }
+    };
+    let resync = match &checked.mismatch {
+        None => Resync::Incremental,
+        Some(mismatch) => {
+            let adopted = {
+                let shared = shared.clone();
+                let node = node.clone();
+                tokio::task::spawn_blocking(move || shared.registry.take_adoption(&node)).await
+            };
+            match adopted {
+                Ok(Ok(true)) => {
+                    tracing::warn!(
+                        store.id = %checked.state.id,
+                        "an operator adopted this API store for the edge (`cloudcore store adopt`): replacing whatever differs: {mismatch}"
+                    );
+                    Resync::Replace
+                }
+                other => {
+                    if let Ok(Err(e)) = other {
+                        tracing::warn!(error = %e, "cannot read adoptions");
+                    }
+                    let text = format!(
+                        "{mismatch}. The cloud sends this node nothing and its pods keep running from its local store. To accept this API store for the node, run `cloudcore store adopt --node {node}`; to go back, restore the store from a backup with `cloudcore store restore` (docs/operations.md)"
+                    );
+                    shared.metrics.connection_rejected("state_mismatch");
+                    shared.fence.fenced(&node, &text);
+                    return refuse(
+                        &connection,
+                        &mut writer,
+                        close_code::STATE_MISMATCH,
+                        Message::error(ErrorCode::StateMismatch, text),
+                        "state mismatch",
+                    )
+                    .await;
+                }
+            }
+        }
+    };
+    shared.fence.cleared(&node);
+
     let session_id = shared.next_session.fetch_add(1, Ordering::Relaxed);
     let reconnect = {
         let shared = shared.clone();
@@ -659,6 +729,9 @@ async fn serve_node(
         heartbeat_interval_ms: shared.config.heartbeat_interval.as_millis() as u64,
         dead_after_ms: shared.config.dead_after.as_millis() as u64,
         resend_status,
+        cloud_state_id: checked.state.id.clone(),
+        cloud_revision: checked.state.revision,
+        adopt_state: resync == Resync::Replace,
     });
     if let Err(e) = writer.send(ack).await {
         tracing::info!(error = %e, "connection lost before the session started");
@@ -724,6 +797,7 @@ async fn serve_node(
         &connection,
         &identity,
         hello.inventory,
+        resync,
         reader,
         writer,
         &shared,
@@ -753,10 +827,13 @@ async fn serve_node(
 }
 
 /// Reads the edge's messages until the session ends; returns why it ended.
+// The session's parts, each from `serve_node`; a struct would exist only for this call.
+#[allow(clippy::too_many_arguments)]
 async fn run_session(
     connection: &Connection,
     identity: &NodeIdentity,
     inventory: Vec<HeldObject>,
+    resync: Resync,
     mut reader: Reader,
     mut writer: Writer,
     shared: &Arc<Shared>,
@@ -785,7 +862,7 @@ async fn run_session(
             async move {
                 let attachment = tokio::select! {
                     _ = cancel.cancelled() => return None,
-                    a = downstream.attach(&node, inventory) => a,
+                    a = downstream.attach(&node, inventory, resync) => a,
                 };
                 let _ = attached.set(attachment.session_ref());
                 let attachment = downstream.pump(attachment, tx, cancel).await;

@@ -17,6 +17,7 @@ pub mod reconcile;
 pub mod registry;
 pub mod scheduler;
 pub mod slots;
+pub mod state;
 pub mod token;
 pub mod tokens;
 pub mod upstream;
@@ -54,6 +55,10 @@ pub enum ServeError {
     PermissionCheck(#[source] kube::Error),
     #[error("cannot start the embedded control plane")]
     Embedded(#[from] apiserver::EmbeddedError),
+    #[error(transparent)]
+    DataDir(#[from] state::DataDirError),
+    #[error(transparent)]
+    State(#[from] state::StateError),
     #[error("cannot bind the metrics listener on {addr}")]
     Metrics {
         addr: std::net::SocketAddr,
@@ -63,7 +68,7 @@ pub enum ServeError {
     #[error(transparent)]
     Lock(#[from] daemon::datadir::LockError),
     #[error(transparent)]
-    DataDir(#[from] daemon::files::FileError),
+    PrivateDir(#[from] daemon::files::FileError),
 }
 
 /// The lock file `serve` holds in its data dir.
@@ -75,9 +80,11 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> Result<(),
     // One `serve` per data dir: a second one would rewrite the kubeconfig and fight over
     // sessions. Held until `run` returns (the kernel frees it if the process dies).
     let _lock = private_data_dir(&config.data_dir)?;
+    let embedded_mode = matches!(config.control_plane, config::ControlPlane::Embedded { .. });
+    // Before anything else is created: a data dir that lost a part is refused, not refilled.
+    state::check_data_dir(&config.data_dir, embedded_mode, config.allow)?;
     let ca = Arc::new(pki::ClusterCa::load_or_create(&config.data_dir)?);
     let registry = registry::Registry::open(&config.data_dir)?;
-    registry.server_started(&config.cloud_address())?;
     let endpoint = hub::endpoint(&config, &ca)?;
     let metrics_listener = metrics::bind(config.metrics_listen)
         .await
@@ -135,7 +142,24 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> Result<(),
         }
     };
 
+    // Which store this is, checked against what cloudcore.db recorded before edges connect.
+    let cloud_state = state::read(&client).await?;
+    let accepted_anyway = state::check_store(&registry, &cloud_state, config.allow)?;
+    tracing::info!(
+        store.id = %cloud_state.id,
+        store.revision = cloud_state.revision,
+        accepted_anyway,
+        "API store identified"
+    );
+    // Only now: a refused start must not look like a running serve to `store restore`.
+    registry.server_started(&config.cloud_address())?;
+
     let metrics = Arc::new(metrics::Metrics::default());
+    let fence = state::Fence::new(
+        client.clone(),
+        cloud_state,
+        metrics.edges_state_mismatch.clone(),
+    );
     let downstream = Arc::new(downstream::Downstream::new(
         downstream::DownstreamConfig::default(),
         metrics.clone(),
@@ -167,9 +191,15 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> Result<(),
         downstream,
         upstream,
         issuer,
+        fence,
     ));
     let accepting = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let health = health_checks(&shared, embedded_store, accepting.clone(), shutdown.clone());
+    let health = health_checks(
+        &shared,
+        embedded_store.clone(),
+        accepting.clone(),
+        shutdown.clone(),
+    );
     let metrics_shutdown = shutdown.clone();
     tracker.spawn(async move {
         let render: daemon::http::Render = Arc::new(move || metrics.render());
@@ -206,6 +236,7 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> Result<(),
         shutdown.clone(),
     ));
     tracker.spawn(hub::watch_revocations(shared.clone(), shutdown.clone()));
+    tracker.spawn(state::track(shared.clone(), shutdown.clone()));
     tracker.spawn(hub::heartbeat_registry(
         shared.clone(),
         shutdown.clone(),
@@ -234,6 +265,16 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> Result<(),
         .is_err()
     {
         tracing::warn!("some tasks did not stop within 5s");
+    }
+    if let Some(store) = &embedded_store {
+        // The last revision served, so that an older copy of api.db is noticed at the next start.
+        let served = shared.fence.current();
+        if let Err(e) = shared
+            .registry
+            .record_served_state(&served.id, store.resource_version())
+        {
+            tracing::warn!(error = %e, "cannot record the API store's revision");
+        }
     }
     if let Err(e) = shared.registry.server_stopped() {
         tracing::warn!(error = %e, "cannot record shutdown");

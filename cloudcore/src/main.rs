@@ -62,6 +62,9 @@ enum Command {
     /// List and revoke edge nodes.
     #[command(subcommand)]
     Node(NodeCommand),
+    /// Back up, restore and adopt the cloud's state (docs/operations.md).
+    #[command(subcommand)]
+    Store(StoreCommand),
     /// Print the Kubernetes API permissions cloudcore needs in kube mode (what
     /// deploy/kubernetes/rbac.yaml grants), as JSON.
     Permissions,
@@ -123,6 +126,53 @@ struct ServeArgs {
     /// Receive buffer for the tunnel's UDP socket in bytes (capped by net.core.rmem_max).
     #[arg(long, default_value_t = 4 * 1024 * 1024)]
     udp_receive_buffer: usize,
+    /// Start although the API store is not the one this cloud served (api.db lost, replaced
+    /// or an older copy; a new cluster): edges keep their pods and stay fenced until
+    /// `cloudcore store adopt`.
+    #[arg(long)]
+    allow_new_store: bool,
+    /// Start with a new CA although the registry knows nodes (pki/ lost): every edge must
+    /// join again.
+    #[arg(long)]
+    allow_new_ca: bool,
+    /// Start with an empty registry although the data dir holds a CA or an API store
+    /// (cloudcore.db lost): every edge must join again.
+    #[arg(long)]
+    allow_empty_registry: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum StoreCommand {
+    /// Copy the cloud's state (cloudcore.db, api.db, pki/) into a new directory; safe while
+    /// `serve` runs.
+    Backup {
+        #[command(flatten)]
+        data_dir: DataDir,
+        /// New directory to write the backup into (mode 0700: it holds the CA key).
+        #[arg(long)]
+        to: PathBuf,
+    },
+    /// Put a backup in place (`serve` stopped): api.db with its resourceVersions moved past
+    /// anything an edge holds, so edges converge to it; cloudcore.db and pki/ only if lost.
+    Restore {
+        #[command(flatten)]
+        data_dir: DataDir,
+        /// The backup directory `store backup` wrote.
+        #[arg(long)]
+        from: PathBuf,
+    },
+    /// Let fenced edges accept the cloud's current API store at their next connection: they
+    /// replace what differs from it, deletions included.
+    Adopt {
+        #[command(flatten)]
+        data_dir: DataDir,
+        /// The node to adopt; repeatable.
+        #[arg(long = "node", required_unless_present = "all", conflicts_with = "all")]
+        nodes: Vec<String>,
+        /// Every node the registry knows.
+        #[arg(long)]
+        all: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -195,6 +245,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve(*args),
         Command::Token(cmd) => token(cmd),
         Command::Node(cmd) => node(cmd),
+        Command::Store(cmd) => store(cmd),
         Command::Permissions => serde_json::to_string_pretty(cloudcore::permissions::REQUIRED)
             .map(|json| {
                 println!("{json}");
@@ -227,6 +278,11 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     config.join_failure_refill = args.join_failure_refill;
     config.udp_receive_buffer = args.udp_receive_buffer;
     config.node_grace_period = args.node_grace_period;
+    config.allow = cloudcore::state::Allow {
+        new_store: args.allow_new_store,
+        new_ca: args.allow_new_ca,
+        empty_registry: args.allow_empty_registry,
+    };
     let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
     let kube = match args.control_plane {
         ControlPlaneMode::Embedded => false,
@@ -267,8 +323,62 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The registry of an initialized data dir; never creates one (only `serve` does).
 fn open_registry(dir: &Path) -> anyhow::Result<Registry> {
+    cloudcore::state::require_initialized(dir)?;
     Ok(Registry::open(dir)?)
+}
+
+fn store(cmd: StoreCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        StoreCommand::Backup { data_dir, to } => {
+            let report = cloudcore::state::backup(&data_dir.data_dir, &to)?;
+            for file in report.files {
+                eprintln!("wrote {}", file.display());
+            }
+            eprintln!(
+                "backup of {} complete in {}; keep it private (it holds the CA key)",
+                data_dir.data_dir.display(),
+                to.display()
+            );
+        }
+        StoreCommand::Restore { data_dir, from } => {
+            let report = cloudcore::state::restore(&from, &data_dir.data_dir)?;
+            for line in report.lines {
+                eprintln!("{line}");
+            }
+            eprintln!(
+                "restore complete; start `cloudcore serve` and the edges converge to the restored state"
+            );
+        }
+        StoreCommand::Adopt {
+            data_dir,
+            nodes,
+            all,
+        } => {
+            let registry = open_registry(&data_dir.data_dir)?;
+            let chosen = if all { None } else { Some(nodes.as_slice()) };
+            match registry.adopt(chosen)? {
+                Ok(adopted) if adopted.is_empty() => {
+                    eprintln!("no nodes to adopt");
+                }
+                Ok(adopted) => {
+                    for node in adopted {
+                        eprintln!(
+                            "node {node} accepts the cloud's current API store at its next connection (fenced edges retry every 10s)"
+                        );
+                    }
+                }
+                Err(unknown) => {
+                    eprintln!(
+                        "error: no node named {unknown:?} (see `cloudcore node list`); nothing adopted"
+                    );
+                    return Ok(ExitCode::FAILURE);
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn rfc3339(ms: i64) -> String {
@@ -308,8 +418,8 @@ fn token(cmd: TokenCommand) -> anyhow::Result<ExitCode> {
                 eprintln!("error: --node: {e}");
                 return Ok(ExitCode::from(EXIT_USAGE));
             }
-            let ca = ClusterCa::load_or_create(&data_dir.data_dir)?;
             let registry = open_registry(&data_dir.data_dir)?;
+            let ca = ClusterCa::load_existing(&data_dir.data_dir)?;
             let cloud = match cloud {
                 Some(c) => c,
                 None => registry.cloud_address()?.unwrap_or_else(|| {

@@ -156,6 +156,8 @@ impl AutonomyMetrics {
 pub struct Metrics {
     registry: Registry,
     pub connected_edges: Gauge,
+    /// Edges refused because the cloud's API store is not the one they synced with.
+    pub edges_state_mismatch: Gauge,
     pub joins: Counter,
     join_rejections: ReasonFamily,
     pub reconnects: Counter,
@@ -176,6 +178,7 @@ impl Default for Metrics {
         let mut registry = Registry::default();
         let m = Metrics {
             connected_edges: Gauge::default(),
+            edges_state_mismatch: Gauge::default(),
             joins: Counter::default(),
             join_rejections: ReasonFamily::default(),
             reconnects: Counter::default(),
@@ -194,6 +197,11 @@ impl Default for Metrics {
             "cloudcore_connected_edges",
             "Edges with an open tunnel session",
             m.connected_edges.clone(),
+        );
+        registry.register(
+            "cloudcore_edges_state_mismatch",
+            "Edges fenced because the API store is not the one they synced with (replaced or gone back in time); they keep their pods and wait for `cloudcore store adopt`",
+            m.edges_state_mismatch.clone(),
         );
         registry.register("cloudcore_joins", "Successful joins", m.joins.clone());
         registry.register(

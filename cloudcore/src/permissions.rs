@@ -63,6 +63,13 @@ pub const REQUIRED: &[Permission] = &[
     },
     Permission {
         api_group: "",
+        resource: "namespaces",
+        verbs: &["get"],
+        namespace: None,
+        used_by: "state (the API store's identity: the kube-system Namespace's uid)",
+    },
+    Permission {
+        api_group: "",
         resource: "configmaps",
         verbs: &["list", "watch"],
         namespace: None,

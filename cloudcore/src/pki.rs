@@ -120,6 +120,12 @@ impl ClusterCa {
         Self::load(&dir)
     }
 
+    /// Loads `DIR/pki/ca.{crt,key}` and never creates them: for commands that need an
+    /// initialized cloud (only `serve` starts a new one).
+    pub fn load_existing(data_dir: &Path) -> Result<Self, PkiError> {
+        Self::load(&data_dir.join("pki"))
+    }
+
     fn create(data_dir: &Path, dir: &Path) -> Result<(), PkiError> {
         daemon::datadir::ensure_private_dir(data_dir)?;
         let staging = data_dir.join(format!("pki.tmp-{}", std::process::id()));

@@ -15,7 +15,7 @@ use serde::Serialize;
 use crate::token::{BootstrapToken, hashes_match};
 
 /// The schema migrations in order (`daemon::sqlite::migrate`); append only.
-const MIGRATIONS: &[&str] = &[SCHEMA_V1];
+const MIGRATIONS: &[&str] = &[SCHEMA_V1, SCHEMA_V2];
 const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 const SCHEMA_V1: &str = "
@@ -52,6 +52,31 @@ CREATE TABLE server (
     cloud_address TEXT
 );
 ";
+
+/// Version 2: the API store this cloud serves (identity and the highest revision seen, the
+/// high-water mark that `serve` and `store restore` check), and operators' adoptions of a new
+/// store per node (`cloudcore store adopt`), taken by the node's next session.
+const SCHEMA_V2: &str = "
+CREATE TABLE cloud_state (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    state_id TEXT NOT NULL,
+    revision INTEGER NOT NULL,
+    updated_ms INTEGER NOT NULL
+);
+CREATE TABLE adoptions (
+    node TEXT PRIMARY KEY,
+    created_ms INTEGER NOT NULL
+);
+";
+
+/// The API store this cloud last served, from `cloudcore.db`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServedState {
+    /// The store's identity (the `kube-system` Namespace's uid).
+    pub state_id: String,
+    /// The highest revision seen while serving it.
+    pub revision: u64,
+}
 
 /// A registry operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -563,6 +588,135 @@ impl Registry {
             .flatten())
     }
 
+    /// Whether a `serve` recorded a heartbeat within `stale_after` (it is running).
+    pub fn serve_alive(&self, stale_after: Duration) -> Result<bool, RegistryError> {
+        let heartbeat: i64 = self
+            .conn()
+            .query_row("SELECT heartbeat_ms FROM server WHERE id = 1", [], |r| {
+                r.get(0)
+            })
+            .optional()?
+            .unwrap_or(0);
+        Ok(now_ms() - heartbeat < stale_after.as_millis() as i64)
+    }
+
+    /// How many nodes ever joined (revoked ones included) and certificates were issued.
+    pub fn known_nodes(&self) -> Result<(u64, u64), RegistryError> {
+        let conn = self.conn();
+        let nodes: i64 = conn.query_row("SELECT COUNT(*) FROM nodes", [], |r| r.get(0))?;
+        let certificates: i64 =
+            conn.query_row("SELECT COUNT(*) FROM certificates", [], |r| r.get(0))?;
+        Ok((nodes.max(0) as u64, certificates.max(0) as u64))
+    }
+
+    /// The API store this cloud last served, if any was recorded.
+    pub fn served_state(&self) -> Result<Option<ServedState>, RegistryError> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT state_id, revision FROM cloud_state WHERE id = 1",
+                [],
+                |r| {
+                    Ok(ServedState {
+                        state_id: r.get(0)?,
+                        revision: r.get::<_, i64>(1)?.max(0) as u64,
+                    })
+                },
+            )
+            .optional()?)
+    }
+
+    /// Records the store being served and a revision it reached. For the same store the
+    /// high-water mark only rises; another store replaces the record.
+    pub fn record_served_state(&self, state_id: &str, revision: u64) -> Result<(), RegistryError> {
+        let revision = i64::try_from(revision).unwrap_or(i64::MAX);
+        self.conn().execute(
+            "INSERT INTO cloud_state (id, state_id, revision, updated_ms) VALUES (1, ?1, ?2, ?3)
+             ON CONFLICT(id) DO UPDATE SET
+                revision = CASE WHEN state_id = excluded.state_id
+                                THEN MAX(revision, excluded.revision) ELSE excluded.revision END,
+                state_id = excluded.state_id,
+                updated_ms = excluded.updated_ms",
+            params![state_id, revision, now_ms()],
+        )?;
+        Ok(())
+    }
+
+    /// Records `state_id` at `revision` whatever was recorded before: the operator accepted
+    /// another or an older store (`serve --allow-new-store`).
+    pub fn replace_served_state(&self, state_id: &str, revision: u64) -> Result<(), RegistryError> {
+        let revision = i64::try_from(revision).unwrap_or(i64::MAX);
+        self.conn().execute(
+            "INSERT INTO cloud_state (id, state_id, revision, updated_ms) VALUES (1, ?1, ?2, ?3)
+             ON CONFLICT(id) DO UPDATE SET state_id = excluded.state_id,
+                revision = excluded.revision, updated_ms = excluded.updated_ms",
+            params![state_id, revision, now_ms()],
+        )?;
+        Ok(())
+    }
+
+    /// Records an operator's decision that `nodes` (all known nodes when `None`) accept the
+    /// cloud's current store at their next session. Returns the nodes adopted; a name the
+    /// registry does not know is refused as `Ok(Err(name))`.
+    pub fn adopt(
+        &self,
+        nodes: Option<&[String]>,
+    ) -> Result<Result<Vec<String>, String>, RegistryError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let known: Vec<String> = {
+            let mut stmt =
+                tx.prepare("SELECT name FROM nodes WHERE revoked_ms IS NULL ORDER BY name")?;
+            stmt.query_map([], |r| r.get(0))?
+                .collect::<Result<_, _>>()?
+        };
+        let chosen = match nodes {
+            None => known,
+            Some(names) => {
+                if let Some(unknown) = names.iter().find(|n| !known.contains(n)) {
+                    return Ok(Err(unknown.clone()));
+                }
+                names.to_vec()
+            }
+        };
+        let now = now_ms();
+        for name in &chosen {
+            tx.execute(
+                "INSERT INTO adoptions (node, created_ms) VALUES (?1, ?2)
+                 ON CONFLICT(node) DO UPDATE SET created_ms = excluded.created_ms",
+                params![name, now],
+            )?;
+        }
+        tx.commit()?;
+        Ok(Ok(chosen))
+    }
+
+    /// Takes the node's pending adoption, if any: true once, then it is gone.
+    pub fn take_adoption(&self, node: &str) -> Result<bool, RegistryError> {
+        Ok(self
+            .conn()
+            .execute("DELETE FROM adoptions WHERE node = ?1", [node])?
+            > 0)
+    }
+
+    /// Nodes with an adoption not yet taken.
+    pub fn pending_adoptions(&self) -> Result<Vec<String>, RegistryError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT node FROM adoptions ORDER BY node")?;
+        let rows = stmt.query_map([], |r| r.get(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Writes a consistent copy of the database to `dest` (`VACUUM INTO`), safe while `serve`
+    /// runs. `dest` must not exist.
+    pub fn backup_to(&self, dest: &Path) -> Result<(), RegistryError> {
+        let dest = dest
+            .to_str()
+            .ok_or_else(|| RegistryError::Sql(rusqlite::Error::InvalidPath(dest.to_path_buf())))?;
+        self.conn().execute("VACUUM INTO ?1", [dest])?;
+        Ok(())
+    }
+
     /// All nodes. `connected` is true only while a `serve` heartbeat younger than `stale_after`
     /// vouches for it.
     pub fn list_nodes(&self, stale_after: Duration) -> Result<Vec<NodeRecord>, RegistryError> {
@@ -786,6 +940,44 @@ mod tests {
             reg.certificate_status("03").expect("status"),
             CertificateStatus::Unknown
         );
+    }
+
+    #[test]
+    fn the_high_water_mark_only_rises_for_the_same_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = Registry::open(dir.path()).unwrap();
+        assert_eq!(reg.served_state().unwrap(), None);
+        reg.record_served_state("a", 50).unwrap();
+        reg.record_served_state("a", 40).unwrap();
+        assert_eq!(reg.served_state().unwrap().map(|s| s.revision), Some(50));
+        reg.record_served_state("b", 7).unwrap();
+        assert_eq!(
+            reg.served_state().unwrap(),
+            Some(ServedState {
+                state_id: "b".into(),
+                revision: 7
+            })
+        );
+    }
+
+    #[test]
+    fn an_adoption_is_taken_once_and_unknown_nodes_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = Registry::open(dir.path()).unwrap();
+        let t = token(&reg, HOUR, 2, None);
+        join(&reg, &t, "gw-1", "s1").unwrap();
+        join(&reg, &t, "gw-2", "s2").unwrap();
+        assert_eq!(
+            reg.adopt(Some(&["gw-9".to_string()])).unwrap(),
+            Err("gw-9".to_string())
+        );
+        assert_eq!(
+            reg.adopt(None).unwrap(),
+            Ok(vec!["gw-1".to_string(), "gw-2".to_string()])
+        );
+        assert!(reg.take_adoption("gw-1").unwrap());
+        assert!(!reg.take_adoption("gw-1").unwrap());
+        assert_eq!(reg.pending_adoptions().unwrap(), vec!["gw-2".to_string()]);
     }
 
     #[test]

@@ -106,6 +106,9 @@ pub enum SessionError {
     Closed(String),
     #[error("protocol error during hello: {0}")]
     Protocol(String),
+    /// This edge's own check of `HelloAck`: the cloud's API store is not the one it synced with.
+    #[error("the cloud's state does not match this edge's: {0}")]
+    StateMismatch(String),
 }
 
 impl SessionError {
@@ -114,9 +117,24 @@ impl SessionError {
         match self {
             SessionError::Refused(e) => matches!(
                 e.code,
-                ErrorCode::NodeRevoked | ErrorCode::Unauthenticated | ErrorCode::UnsupportedVersion
+                ErrorCode::NodeRevoked
+                    | ErrorCode::Unauthenticated
+                    | ErrorCode::UnsupportedVersion
+                    | ErrorCode::StateMismatch
             ),
-            SessionError::Identity(_) | SessionError::Tls(_) => true,
+            SessionError::Identity(_) | SessionError::Tls(_) | SessionError::StateMismatch(_) => {
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether the cloud's API store is not the one this edge synced with (either side
+    /// noticed): the edge is fenced.
+    pub fn is_state_mismatch(&self) -> bool {
+        match self {
+            SessionError::Refused(e) => e.code == ErrorCode::StateMismatch,
+            SessionError::StateMismatch(_) => true,
             _ => false,
         }
     }
@@ -181,7 +199,12 @@ fn describe_close(error: &ConnectionError) -> String {
 }
 
 impl Session {
-    /// Dials the cloud with the node certificate and exchanges hello.
+    /// Dials the cloud with the node certificate and exchanges hello. `cloud_state_id` is the
+    /// identity of the cloud's API store this edge synced with last (empty: none); a `HelloAck`
+    /// from another store, or from one whose revision is below what the edge holds, is refused
+    /// here too unless it says an operator adopted it.
+    // Each argument is one thing Hello needs; a struct would exist only for this call.
+    #[allow(clippy::too_many_arguments)]
     pub async fn open(
         endpoint: Endpoint,
         identity: &Identity,
@@ -189,7 +212,9 @@ impl Session {
         config: &HubConfig,
         node_info: proto::NodeInfo,
         inventory: Vec<HeldObject>,
+        cloud_state_id: String,
     ) -> Result<Session, SessionError> {
+        let newest = inventory.iter().max_by_key(|h| h.resource_version).cloned();
         let addr = dial::resolve(cloud).await?;
         let connection = dial::connect(
             &endpoint,
@@ -210,6 +235,7 @@ impl Session {
                 version: PROTOCOL_VERSION,
                 node_info,
                 inventory,
+                cloud_state_id: cloud_state_id.clone(),
             }))
             .await
             .map_err(|e| SessionError::Protocol(e.to_string()))?;
@@ -249,6 +275,20 @@ impl Session {
                     ack.version, PROTOCOL_VERSION
                 ),
             }));
+        }
+        let cloud_state = proto::sync::CloudState {
+            id: ack.cloud_state_id.clone(),
+            revision: ack.cloud_revision,
+        };
+        if !ack.adopt_state
+            && let Err(mismatch) =
+                proto::sync::check_state(&cloud_state, &cloud_state_id, newest.as_slice())
+        {
+            connection.close(
+                VarInt::from_u32(close_code::STATE_MISMATCH),
+                b"cloud state mismatch",
+            );
+            return Err(SessionError::StateMismatch(mismatch.to_string()));
         }
         Ok(Session {
             endpoint,
@@ -538,6 +578,8 @@ pub struct Local<'a> {
 }
 
 /// What woke the session loop.
+// Built once per wake-up and matched at once; boxing the message would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 enum Wake {
     Shutdown,
     Dead,
@@ -688,6 +730,9 @@ pub async fn run(
     // has its own clock, which a session that connects does not reset; only a session that
     // ends for another reason (the store took writes again) does.
     let mut store_loud: Option<Instant> = None;
+    // A failure with a new cause (the cloud fenced this edge, or presents another CA) is logged
+    // loudly at once, whatever was logged within the minute.
+    let mut last_cause: Option<&'static str> = None;
     loop {
         // Re-read every time: a renewal or a rejoin may have replaced node.pem. A file that
         // cannot be read now (an operator replacing it) is retried; pods run on regardless.
@@ -708,6 +753,16 @@ pub async fn run(
             .cloud
             .clone()
             .unwrap_or_else(|| identity.config.cloud.clone());
+        let remembered = match replica.cloud_state_id().await {
+            Ok(id) => id.unwrap_or_default(),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the cloud state this edge synced with; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(STORE_RETRY) => continue,
+                }
+            }
+        };
         let opened = match dial::resolve(&cloud).await {
             Ok(peer) => {
                 // The node's InternalIP: the address this gateway uses to reach the cloud.
@@ -715,7 +770,7 @@ pub async fn run(
                 match dial::client_endpoint(peer) {
                     Ok(endpoint) => tokio::select! {
                         _ = shutdown.cancelled() => return Ok(()),
-                        opened = Session::open(endpoint, &identity, &cloud, &config, node_info, replica.start_session()) => opened,
+                        opened = Session::open(endpoint, &identity, &cloud, &config, node_info, replica.start_session(), remembered.clone()) => opened,
                     },
                     Err(e) => Err(e.into()),
                 }
@@ -724,9 +779,36 @@ pub async fn run(
         };
         let mut needs_operator = false;
         let mut store_failed = false;
+        // The cloud's store identity is remembered before anything from it is applied.
+        let opened = match opened {
+            Ok(session)
+                if !session.ack.cloud_state_id.is_empty()
+                    && (session.ack.adopt_state || session.ack.cloud_state_id != remembered) =>
+            {
+                if session.ack.adopt_state {
+                    tracing::warn!(
+                        cloud = %cloud,
+                        store.id = %session.ack.cloud_state_id,
+                        "an operator adopted the cloud's API store for this node: replacing whatever differs from it"
+                    );
+                    replica.adopt();
+                }
+                match replica
+                    .remember_cloud_state(session.ack.cloud_state_id.clone())
+                    .await
+                {
+                    Ok(()) => Ok(session),
+                    Err(e) => Err(SessionError::Protocol(format!(
+                        "cannot remember the cloud's store identity: {e}"
+                    ))),
+                }
+            }
+            other => other,
+        };
         match opened {
             Ok(session) => {
                 metrics.cloud_connected.set(1);
+                metrics.cloud_state_mismatch.set(0);
                 if connected_before {
                     metrics.reconnects.inc();
                 }
@@ -740,6 +822,7 @@ pub async fn run(
                     }
                 }
                 last_loud = None;
+                last_cause = None;
                 let started = Instant::now();
                 let connection = session.connection.clone();
                 let ended = session
@@ -795,9 +878,23 @@ pub async fn run(
             Err(e) => {
                 metrics.connect_failures.inc();
                 let since = *offline_since.get_or_insert_with(Instant::now);
-                let expired = expired_certificate(&identity, &e, &config.data_dir);
+                let (cause, expired) =
+                    if let Some(why) = expired_certificate(&identity, &e, &config.data_dir) {
+                        ("expired_certificate", Some(why))
+                    } else if let Some(why) = other_ca(&e, &config.data_dir) {
+                        ("other_ca", Some(why))
+                    } else if let Some(why) = fenced(&e, &identity) {
+                        ("state_mismatch", Some(why))
+                    } else {
+                        ("unreachable", None)
+                    };
                 needs_operator = expired.is_some() || e.needs_operator();
-                let loud = last_loud.is_none_or(|t| t.elapsed() >= LOUD_EVERY);
+                metrics
+                    .cloud_state_mismatch
+                    .set(i64::from(e.is_state_mismatch()));
+                let loud = last_loud.is_none_or(|t| t.elapsed() >= LOUD_EVERY)
+                    || (expired.is_some() && last_cause != Some(cause));
+                last_cause = Some(cause);
                 if loud {
                     last_loud = Some(Instant::now());
                     let away = humantime::format_duration(round_secs(since.elapsed()));
@@ -840,6 +937,37 @@ fn round_secs(d: Duration) -> Duration {
     Duration::from_secs(d.as_secs())
 }
 
+/// When the cloud refused to sync (or this edge did) because its API store is not the one the
+/// edge synced with: what that means and what the operator can do.
+fn fenced(error: &SessionError, identity: &Identity) -> Option<String> {
+    if !error.is_state_mismatch() {
+        return None;
+    }
+    let why = match error {
+        SessionError::Refused(e) => e.message.clone(),
+        other => other.to_string(),
+    };
+    Some(format!(
+        "the cloud's state does not match this edge's, so nothing is synced and nothing is deleted; pods keep running from the local store. {why}. On the cloud, `cloudcore store adopt --node {node}` accepts the cloud's state for this node (docs/operations.md); retrying every {}s",
+        OPERATOR_RETRY.as_secs(),
+        node = identity.config.node_name,
+    ))
+}
+
+/// When the dial failed because the cloud's serving certificate is not signed by the pinned
+/// cluster CA (its pki/ was lost or replaced): a clear cause instead of a transient-looking
+/// TLS retry.
+fn other_ca(error: &SessionError, data_dir: &std::path::Path) -> Option<String> {
+    let text = error.to_string();
+    if !(text.contains("BadSignature") || text.contains("UnknownIssuer")) {
+        return None;
+    }
+    Some(format!(
+        "the cloud presents a certificate not signed by the pinned cluster CA ({}/ca.crt): the cloud's pki/ was lost or replaced ({text}). Pods keep running from the local store. Restore the cloud's pki/ from its backup (`cloudcore store restore`, docs/operations.md), or join this node to the new CA with `edgecore join --rejoin`",
+        data_dir.display()
+    ))
+}
+
 /// When the dial failed because the node certificate expired (by this gateway's clock, or as
 /// the cloud said with a TLS alert): what happened and how to recover.
 fn expired_certificate(
@@ -867,6 +995,26 @@ fn expired_certificate(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_foreign_ca_and_a_fenced_session_are_named_not_retried_quietly() {
+        let dir = std::path::Path::new("/var/lib/edgecore");
+        let foreign =
+            SessionError::Closed("aborted by peer: invalid peer certificate: BadSignature".into());
+        let why = other_ca(&foreign, dir).expect("a foreign CA is recognised");
+        assert!(why.contains("not signed by the pinned cluster CA"), "{why}");
+        assert!(why.contains("/var/lib/edgecore/ca.crt"), "{why}");
+        assert!(other_ca(&SessionError::Closed("timed out".into()), dir).is_none());
+
+        let refused = SessionError::Refused(ErrorMessage {
+            code: ErrorCode::StateMismatch,
+            message: "the cloud's API store went back in time".into(),
+        });
+        assert!(refused.is_state_mismatch() && refused.needs_operator());
+        let own = SessionError::StateMismatch("store id b".into());
+        assert!(own.is_state_mismatch() && own.needs_operator());
+        assert!(!SessionError::Closed("x".into()).is_state_mismatch());
+    }
 
     #[test]
     fn renewal_lands_between_70_and_90_percent() {

@@ -11,6 +11,9 @@ pub struct Metrics {
     registry: Registry,
     /// 1 while a tunnel session is up.
     pub cloud_connected: Gauge,
+    /// 1 while the cloud's API store is not the one this edge synced with (the edge is
+    /// fenced: it keeps its pods and syncs nothing until an operator decides).
+    pub cloud_state_mismatch: Gauge,
     pub reconnects: Counter,
     pub connect_failures: Counter,
     pub certificate_renewals: Counter,
@@ -34,6 +37,7 @@ impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::default();
         let cloud_connected = Gauge::default();
+        let cloud_state_mismatch = Gauge::default();
         let reconnects = Counter::default();
         let connect_failures = Counter::default();
         let certificate_renewals = Counter::default();
@@ -80,6 +84,11 @@ impl Default for Metrics {
             cloud_connected.clone(),
         );
         registry.register(
+            "edgecore_cloud_state_mismatch",
+            "1 while the cloud's API store is not the one this edge synced with (replaced or gone back in time): pods keep running, nothing syncs until an operator adopts or restores (docs/operations.md)",
+            cloud_state_mismatch.clone(),
+        );
+        registry.register(
             "edgecore_reconnects",
             "Tunnel sessions opened after an earlier one was lost",
             reconnects.clone(),
@@ -102,6 +111,7 @@ impl Default for Metrics {
         Metrics {
             registry,
             cloud_connected,
+            cloud_state_mismatch,
             reconnects,
             connect_failures,
             certificate_renewals,

@@ -65,6 +65,31 @@ impl Replica {
         lock(&self.engine).start_session()
     }
 
+    /// The cloud said an operator adopted its store for this node: for the rest of the
+    /// session, objects whose version differs are replaced even by lower resourceVersions.
+    pub fn adopt(&self) {
+        lock(&self.engine).adopt()
+    }
+
+    /// The identity of the cloud's API store this edge last synced with, if any.
+    pub async fn cloud_state_id(&self) -> Result<Option<String>, ApplyError> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || lock(&store).cloud_state_id())
+            .await
+            .map_err(|e| ApplyError::Task(e.to_string()))?
+            .map_err(ApplyError::from)
+    }
+
+    /// Remembers the identity of the cloud's API store durably, before anything from it is
+    /// applied.
+    pub async fn remember_cloud_state(&self, state_id: String) -> Result<(), ApplyError> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || lock(&store).set_cloud_state_id(&state_id))
+            .await
+            .map_err(|e| ApplyError::Task(e.to_string()))?
+            .map_err(ApplyError::from)
+    }
+
     /// Applies a batch of object messages durably; returns the seqs to acknowledge. Messages
     /// other than upserts and deletes are ignored.
     pub async fn apply(&self, messages: Vec<Message>) -> Result<Vec<u64>, ApplyError> {

@@ -93,6 +93,14 @@ pub const MIGRATIONS: &[&str] = &[
         updated_at INTEGER NOT NULL,
         PRIMARY KEY (pod_uid, service_account, audience, expiration_seconds)
     );",
+    // 4: the identity of the cloud's API store this edge synced with (`HelloAck`'s
+    // `cloud_state_id`), one row. A cloud with another store is not synced with until an
+    // operator adopts it (docs/operations.md).
+    "CREATE TABLE cloud_state (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        state_id TEXT NOT NULL,
+        updated_at INTEGER NOT NULL
+    );",
 ];
 
 /// The store could not be opened, read or written.
@@ -371,6 +379,29 @@ impl Store {
             path,
             _snapshot: snapshot,
         })
+    }
+
+    /// The identity of the cloud's API store this edge last synced with, if any.
+    pub fn cloud_state_id(&self) -> Result<Option<String>, StoreError> {
+        self.conn
+            .query_row("SELECT state_id FROM cloud_state WHERE id = 1", [], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(read_err(&self.path))
+    }
+
+    /// Remembers the identity of the cloud's API store, durably.
+    pub fn set_cloud_state_id(&mut self, state_id: &str) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "INSERT INTO cloud_state (id, state_id, updated_at) VALUES (1, ?1, unixepoch())
+                 ON CONFLICT(id) DO UPDATE SET state_id = excluded.state_id,
+                    updated_at = excluded.updated_at",
+                [state_id],
+            )
+            .map_err(write_err(&self.path))?;
+        Ok(())
     }
 
     /// What the store holds, for Hello and for EdgeReplica::new.

@@ -347,6 +347,15 @@ impl Cloud {
         }
     }
 
+    /// Stops (if running) and starts again on the same ports and data dir with `extra` flags
+    /// instead of the original ones; an error holding the log if it does not become healthy
+    /// (a refused start exits, and [`Cloud::log`] has why).
+    pub fn try_restart_with(&mut self, extra: &[&str]) -> anyhow::Result<()> {
+        self.stop();
+        self.extra = extra.iter().map(|s| s.to_string()).collect();
+        self.spawn()
+    }
+
     /// Whether the serve process is still running.
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))

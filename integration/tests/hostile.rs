@@ -37,6 +37,7 @@ fn hello(major: u32) -> Message {
         version: ProtocolVersion { major, minor: 0 },
         node_info: NodeInfo::default(),
         inventory: Vec::new(),
+        cloud_state_id: String::new(),
     })
 }
 
@@ -238,6 +239,7 @@ async fn a_certificate_for_node_a_can_never_act_as_node_b() {
         &config,
         NodeInfo::default(),
         Vec::new(),
+        String::new(),
     )
     .await
     .expect("session");
@@ -422,6 +424,7 @@ async fn a_node_can_neither_read_nor_acknowledge_nor_report_for_another_node() {
                 object: object("Secret", "default", "secret-b"),
                 resource_version: 1,
             }],
+            cloud_state_id: String::new(),
         }))
         .await
         .expect("hello");

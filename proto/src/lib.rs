@@ -43,6 +43,9 @@ pub mod close_code {
     pub const REPLACED: u32 = 6;
     /// The process is shutting down.
     pub const SHUTDOWN: u32 = 7;
+    /// The cloud's API store is not the one the edge synced with; see
+    /// `ErrorCode::StateMismatch`.
+    pub const STATE_MISMATCH: u32 = 8;
 }
 
 /// The ALPN protocol id both sides offer; the protocol version itself is negotiated in

@@ -8,7 +8,7 @@ use crate::pb::envelope::Body;
 
 /// The version this build speaks. Peers with another major version are refused; the minor
 /// says which optional messages a peer understands.
-pub const PROTOCOL_VERSION: ProtocolVersion = ProtocolVersion { major: 1, minor: 1 };
+pub const PROTOCOL_VERSION: ProtocolVersion = ProtocolVersion { major: 1, minor: 2 };
 /// The first minor version with `TokenRequest`/`TokenResponse`: an edge sends a token request
 /// only to a cloud that speaks it (an older cloud would close the session on the unknown
 /// message).
@@ -87,6 +87,8 @@ pub struct Hello {
     pub node_info: NodeInfo,
     /// What the edge's store holds, for the cloud to send only the difference.
     pub inventory: Vec<HeldObject>,
+    /// The cloud store identity the edge last synced with; empty if none (since 1.2).
+    pub cloud_state_id: String,
 }
 
 /// One object the edge holds, by identity and version.
@@ -105,6 +107,12 @@ pub struct HelloAck {
     pub dead_after_ms: u64,
     /// The cloud remembers no status of this node's objects: send the last ones again.
     pub resend_status: bool,
+    /// The identity of the cloud's API store; empty from a cloud older than 1.2.
+    pub cloud_state_id: String,
+    /// The highest resourceVersion the cloud's API store has issued (0: unknown).
+    pub cloud_revision: u64,
+    /// An operator adopted this cloud state for the node: remember it and replace what differs.
+    pub adopt_state: bool,
 }
 
 /// Why a request was refused; stable across versions, so peers can act on it.
@@ -129,6 +137,7 @@ pub enum ErrorCode {
     Internal,
     Forbidden,
     NotSupported,
+    StateMismatch,
 }
 
 impl ErrorCode {
@@ -154,6 +163,7 @@ impl ErrorCode {
             ErrorCode::Internal => "internal",
             ErrorCode::Forbidden => "forbidden",
             ErrorCode::NotSupported => "not_supported",
+            ErrorCode::StateMismatch => "state_mismatch",
         }
     }
 }
@@ -187,6 +197,7 @@ impl From<pb::ErrorCode> for ErrorCode {
             P::Internal => ErrorCode::Internal,
             P::Forbidden => ErrorCode::Forbidden,
             P::NotSupported => ErrorCode::NotSupported,
+            P::StateMismatch => ErrorCode::StateMismatch,
         }
     }
 }
@@ -214,6 +225,7 @@ impl From<ErrorCode> for pb::ErrorCode {
             ErrorCode::Internal => P::Internal,
             ErrorCode::Forbidden => P::Forbidden,
             ErrorCode::NotSupported => P::NotSupported,
+            ErrorCode::StateMismatch => P::StateMismatch,
         }
     }
 }
@@ -593,6 +605,7 @@ impl TryFrom<pb::Envelope> for Message {
                             })
                         })
                         .collect::<Result<_, InvalidMessage>>()?,
+                    cloud_state_id: bounded(h.cloud_state_id, "hello", "cloud_state_id")?,
                 })
             }
             Body::HelloAck(a) => Message::HelloAck(HelloAck {
@@ -601,6 +614,9 @@ impl TryFrom<pb::Envelope> for Message {
                 heartbeat_interval_ms: a.heartbeat_interval_ms,
                 dead_after_ms: a.dead_after_ms,
                 resend_status: a.resend_status,
+                cloud_state_id: bounded(a.cloud_state_id, "hello_ack", "cloud_state_id")?,
+                cloud_revision: a.cloud_revision,
+                adopt_state: a.adopt_state,
             }),
             Body::Error(e) => Message::Error(error_from(e)),
             Body::Heartbeat(h) => Message::Heartbeat { seq: h.seq },
@@ -671,6 +687,7 @@ impl From<Message> for pb::Envelope {
                         resource_version: held.resource_version,
                     })
                     .collect(),
+                cloud_state_id: h.cloud_state_id,
             }),
             Message::HelloAck(a) => Body::HelloAck(pb::HelloAck {
                 version: version_to(a.version),
@@ -678,6 +695,9 @@ impl From<Message> for pb::Envelope {
                 heartbeat_interval_ms: a.heartbeat_interval_ms,
                 dead_after_ms: a.dead_after_ms,
                 resend_status: a.resend_status,
+                cloud_state_id: a.cloud_state_id,
+                cloud_revision: a.cloud_revision,
+                adopt_state: a.adopt_state,
             }),
             Message::Error(e) => Body::Error(pb::Error {
                 code: pb::ErrorCode::from(e.code) as i32,
@@ -778,6 +798,7 @@ mod tests {
                     object: object.clone(),
                     resource_version: 41,
                 }],
+                cloud_state_id: "5f0c-kube-system-uid".into(),
             }),
             Message::HelloAck(HelloAck {
                 version: PROTOCOL_VERSION,
@@ -785,6 +806,9 @@ mod tests {
                 heartbeat_interval_ms: 10_000,
                 dead_after_ms: 30_000,
                 resend_status: true,
+                cloud_state_id: "5f0c-kube-system-uid".into(),
+                cloud_revision: 1_000_000_042,
+                adopt_state: true,
             }),
             Message::error(ErrorCode::TokenExpired, "token abcdef expired"),
             Message::Heartbeat { seq: 7 },
@@ -994,6 +1018,7 @@ mod tests {
                 version: None,
                 node_info: Some(pb::NodeInfo::default()),
                 inventory: Vec::new(),
+                cloud_state_id: String::new(),
             })),
         };
         let err = Message::try_from(envelope).unwrap_err();

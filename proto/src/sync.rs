@@ -87,10 +87,84 @@ pub struct Version {
 }
 
 impl Version {
-    /// Whether holding `self` makes sending `wanted` unnecessary: same object, not older.
-    fn covers(&self, wanted: &Version) -> bool {
-        self.uid == wanted.uid && self.resource_version >= wanted.resource_version
+    /// Whether holding `self` makes sending `wanted` unnecessary: same object, not older; in
+    /// a [`Resync::Replace`] session only exactly that version.
+    fn covers(&self, wanted: &Version, resync: Resync) -> bool {
+        match resync {
+            Resync::Incremental => {
+                self.uid == wanted.uid && self.resource_version >= wanted.resource_version
+            }
+            Resync::Replace => self == wanted,
+        }
     }
+}
+
+/// How a session reconciles what the edge holds with the cloud's desired set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Resync {
+    /// The usual: versions only move forward; a held version at least as new as the desired
+    /// one is kept.
+    #[default]
+    Incremental,
+    /// An operator adopted the cloud's (new or restored) state for this edge: every object
+    /// whose version differs is replaced, even by a lower resourceVersion, because the
+    /// versions the edge holds came from another store's history.
+    Replace,
+}
+
+/// The cloud's API store as the edges see it: who it is and how far its history goes.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct CloudState {
+    /// The store's identity: the `kube-system` Namespace's uid, new with every new store.
+    pub id: String,
+    /// The highest resourceVersion the store has issued.
+    pub revision: u64,
+}
+
+/// Why an edge must not sync with a cloud state: applying its resync could wipe the edge.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StateMismatch {
+    /// The store was replaced (lost and started empty, or another cluster).
+    #[error(
+        "the cloud's API store is not the one this edge synced with (store id {current}, the edge remembers {remembered}): it was lost and started anew, or replaced"
+    )]
+    IdentityChanged { remembered: String, current: String },
+    /// The store went back in time (an older copy put in place without `store restore`).
+    #[error(
+        "the cloud's API store went back in time: its revision is {cloud} but the edge holds {object} at resourceVersion {held} (an older copy of the store was put in place without `cloudcore store restore`)"
+    )]
+    RevisionBehind {
+        cloud: u64,
+        held: u64,
+        object: String,
+    },
+}
+
+/// Whether an edge that remembers `remembered` (empty: nothing yet) and holds `inventory` may
+/// sync with `cloud`. The same check runs on both sides of the tunnel. An empty id or a zero
+/// revision means unknown (a cloud older than protocol 1.2) and is not checked.
+pub fn check_state(
+    cloud: &CloudState,
+    remembered: &str,
+    inventory: &[HeldObject],
+) -> Result<(), StateMismatch> {
+    if !remembered.is_empty() && !cloud.id.is_empty() && remembered != cloud.id {
+        return Err(StateMismatch::IdentityChanged {
+            remembered: remembered.to_string(),
+            current: cloud.id.clone(),
+        });
+    }
+    if cloud.revision > 0
+        && let Some(newest) = inventory.iter().max_by_key(|h| h.resource_version)
+        && newest.resource_version > cloud.revision
+    {
+        return Err(StateMismatch::RevisionBehind {
+            cloud: cloud.revision,
+            held: newest.resource_version,
+            object: ObjectKey::of(&newest.object).to_string(),
+        });
+    }
+    Ok(())
 }
 
 /// Limits of one edge's sync.
@@ -181,6 +255,8 @@ struct Session {
     /// Objects whose last message timed out: it may still arrive, so the edge's state is
     /// unknown and the next message for them is sent whatever the edge is believed to hold.
     uncertain: HashSet<ObjectKey>,
+    /// How this session compares versions.
+    resync: Resync,
     /// Objects to look at, in the order they changed; each at most once.
     dirty: VecDeque<ObjectKey>,
     dirty_set: HashSet<ObjectKey>,
@@ -242,6 +318,15 @@ impl CloudPeer {
     /// A new session started; `inventory` is what the edge's store holds. Plans the
     /// difference, which the following [`poll_transmit`](Self::poll_transmit) calls send.
     pub fn connect(&mut self, inventory: impl IntoIterator<Item = HeldObject>) -> ResyncPlan {
+        self.connect_with(inventory, Resync::Incremental)
+    }
+
+    /// [`connect`](Self::connect) with a choice of how versions compare in this session.
+    pub fn connect_with(
+        &mut self,
+        inventory: impl IntoIterator<Item = HeldObject>,
+        resync: Resync,
+    ) -> ResyncPlan {
         self.held = inventory
             .into_iter()
             .map(|h| {
@@ -254,7 +339,10 @@ impl CloudPeer {
                 )
             })
             .collect();
-        let mut session = Session::default();
+        let mut session = Session {
+            resync,
+            ..Session::default()
+        };
         let mut plan = ResyncPlan {
             held: self.held.len(),
             desired: self.desired.len(),
@@ -266,7 +354,11 @@ impl CloudPeer {
                 uid: want.uid.clone(),
                 resource_version: want.resource_version,
             };
-            if !self.held.get(key).is_some_and(|have| have.covers(&want)) {
+            if !self
+                .held
+                .get(key)
+                .is_some_and(|have| have.covers(&want, resync))
+            {
                 plan.upserts += 1;
                 differing.push(key);
             }
@@ -386,7 +478,7 @@ impl CloudPeer {
                         uid: want.uid.clone(),
                         resource_version: want.resource_version,
                     };
-                    if !uncertain && have.is_some_and(|h| h.covers(&version)) {
+                    if !uncertain && have.is_some_and(|h| h.covers(&version, session.resync)) {
                         continue;
                     }
                     (
@@ -524,6 +616,8 @@ pub struct EdgeReplica {
     held: HashMap<ObjectKey, Version>,
     /// The latest seq applied per object in this session.
     applied: HashMap<ObjectKey, u64>,
+    /// How this session compares versions.
+    resync: Resync,
 }
 
 impl EdgeReplica {
@@ -543,12 +637,15 @@ impl EdgeReplica {
                 })
                 .collect(),
             applied: HashMap::new(),
+            resync: Resync::Incremental,
         }
     }
 
-    /// A new session starts; returns the inventory to send in `Hello`.
+    /// A new session starts; returns the inventory to send in `Hello`. The session is
+    /// [`Resync::Incremental`] until [`adopt`](Self::adopt).
     pub fn start_session(&mut self) -> Vec<HeldObject> {
         self.applied.clear();
+        self.resync = Resync::Incremental;
         let mut inventory: Vec<HeldObject> = self
             .held
             .iter()
@@ -559,6 +656,12 @@ impl EdgeReplica {
             .collect();
         inventory.sort_by(|a, b| a.object.cmp(&b.object));
         inventory
+    }
+
+    /// The cloud said an operator adopted its state for this edge: for the rest of this
+    /// session an upsert replaces any held version that differs, older or not.
+    pub fn adopt(&mut self) {
+        self.resync = Resync::Replace;
     }
 
     /// The version held at `key`.
@@ -602,8 +705,12 @@ impl EdgeReplica {
         };
         if let Some(have) = self.held.get(&key) {
             // Same object at the same or a newer version, or another object (uid) that is
-            // newer: never go back.
-            if have.resource_version > version.resource_version || have == &version {
+            // newer: never go back (unless an operator adopted a new history).
+            let keep = match self.resync {
+                Resync::Incremental => have.resource_version > version.resource_version,
+                Resync::Replace => false,
+            };
+            if keep || have == &version {
                 return Step {
                     seq,
                     op: Err(Skipped::NotNewer),
@@ -793,6 +900,65 @@ mod tests {
         });
         assert_eq!(step.op, Err(Skipped::NotNewer));
         assert_eq!(edge.held(&key("a")).map(|v| v.resource_version), Some(10));
+    }
+
+    #[test]
+    fn an_adopted_session_replaces_what_differs_even_with_a_lower_version() {
+        let mut peer = CloudPeer::new(PeerConfig::default());
+        peer.set_desired(key("older"), Some(object("u1", 8)));
+        peer.set_desired(key("same"), Some(object("u2", 3)));
+        let plan = peer.connect_with(
+            [held("older", "u1", 65), held("same", "u2", 3)],
+            Resync::Replace,
+        );
+        assert_eq!(plan.upserts, 1);
+        let sent = drain(&mut peer, Instant::now());
+        assert_eq!(sent.len(), 1);
+        let Message::Upsert(upsert) = sent.into_iter().next().expect("one") else {
+            panic!("expected an upsert")
+        };
+        assert_eq!(upsert.resource_version, 8);
+
+        let mut edge = EdgeReplica::new([held("older", "u1", 65)]);
+        edge.start_session();
+        edge.adopt();
+        assert!(edge.upsert(upsert.clone()).op.is_ok());
+        assert_eq!(
+            edge.held(&key("older")).map(|v| v.resource_version),
+            Some(8)
+        );
+        // The next session is incremental again.
+        let mut edge = EdgeReplica::new([held("older", "u1", 65)]);
+        edge.start_session();
+        assert_eq!(edge.upsert(upsert).op, Err(Skipped::NotNewer));
+    }
+
+    #[test]
+    fn state_checks_name_a_replaced_store_and_one_that_went_back() {
+        let cloud = CloudState {
+            id: "new".into(),
+            revision: 20,
+        };
+        assert_eq!(check_state(&cloud, "", &[held("a", "u", 20)]), Ok(()));
+        assert_eq!(check_state(&cloud, "new", &[]), Ok(()));
+        assert!(matches!(
+            check_state(&cloud, "old", &[]),
+            Err(StateMismatch::IdentityChanged { .. })
+        ));
+        let behind = check_state(&cloud, "new", &[held("a", "u", 5), held("b", "u", 65)]);
+        assert_eq!(
+            behind,
+            Err(StateMismatch::RevisionBehind {
+                cloud: 20,
+                held: 65,
+                object: "ConfigMap default/b".into()
+            })
+        );
+        // A cloud older than 1.2 sends neither: nothing can be checked.
+        assert_eq!(
+            check_state(&CloudState::default(), "old", &[held("a", "u", 65)]),
+            Ok(())
+        );
     }
 
     #[test]

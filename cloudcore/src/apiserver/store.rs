@@ -639,6 +639,171 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// How far [`restore`] moves the revision past the highest one the lost store is known to
+/// have issued (etcd's `--bump-revision` advice): covers the revisions issued after the last
+/// recorded high-water mark.
+pub const RESTORE_BUMP: u64 = 1_000_000_000;
+
+/// What [`restore`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Restored {
+    /// The revision the backup had reached.
+    pub backup_revision: u64,
+    /// The restored store's revision now: every object got a fresh resourceVersion below it.
+    pub revision: u64,
+    /// Objects restored.
+    pub objects: u64,
+}
+
+/// Writes a consistent copy of the api database at `path` to `dest` with `VACUUM INTO`, safe
+/// while `serve` writes to it (WAL readers see one committed state). `dest` must not exist.
+pub fn backup(path: &Path, dest: &Path) -> Result<(), StoreError> {
+    let open_err = |source| StoreError::Open {
+        path: path.to_path_buf(),
+        source,
+    };
+    if !path.exists() {
+        return Err(open_err(rusqlite::Error::InvalidPath(path.to_path_buf())));
+    }
+    let conn = daemon::sqlite::open(
+        path,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(open_err)?;
+    let dest_text = dest
+        .to_str()
+        .ok_or_else(|| StoreError::Sql(rusqlite::Error::InvalidPath(dest.to_path_buf())))?;
+    conn.execute("VACUUM INTO ?1", [dest_text])?;
+    Ok(())
+}
+
+/// Puts the backup file `from` in place as the api database at `path` (cloudcore stopped),
+/// so that edges converge to it instead of freezing on versions the backup never saw:
+/// the revision moves to `max(backup's revision, floor) + RESTORE_BUMP`, every object gets a
+/// fresh resourceVersion above everything any edge can hold, and the event history is marked
+/// compacted (a watch from an older resourceVersion gets 410 Gone and lists again). Object
+/// uids stay, so the store keeps its identity. The old file is replaced atomically.
+pub fn restore(from: &Path, path: &Path, floor: u64) -> Result<Restored, StoreError> {
+    let staged = path.with_extension(format!("db.restore-{}", std::process::id()));
+    let _ = std::fs::remove_file(&staged);
+    {
+        let source = daemon::sqlite::open(
+            from,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|source| StoreError::Open {
+            path: from.to_path_buf(),
+            source,
+        })?;
+        let version: i64 = source
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(|source| StoreError::Open {
+                path: from.to_path_buf(),
+                source,
+            })?;
+        if version > SCHEMA_VERSION || version < 1 {
+            return Err(StoreError::InvalidObject(format!(
+                "{} is not an api database this cloudcore can restore (schema version {version})",
+                from.display()
+            )));
+        }
+        let staged_text = staged
+            .to_str()
+            .ok_or_else(|| StoreError::Sql(rusqlite::Error::InvalidPath(staged.clone())))?;
+        source.execute("VACUUM INTO ?1", [staged_text])?;
+    }
+    let result = (|| {
+        // VACUUM INTO creates the file with the process umask; it holds Secrets.
+        daemon::sqlite::create_private(&staged).map_err(|e| StoreError::Open {
+            path: staged.clone(),
+            source: rusqlite::Error::InvalidPath(e.path),
+        })?;
+        let mut conn =
+            daemon::sqlite::open(&staged, daemon::sqlite::read_write()).map_err(|source| {
+                StoreError::Open {
+                    path: staged.clone(),
+                    source,
+                }
+            })?;
+        migrate(&mut conn, &staged)?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let (backup_revision, _) = read_meta(&tx)?;
+        let base = backup_revision.max(floor).saturating_add(RESTORE_BUMP);
+        let rows: Vec<(String, String, String, String, String)> = {
+            let mut stmt = tx.prepare(
+                r#"SELECT "group", resource, namespace, name, body FROM objects
+                   ORDER BY "group", resource, namespace, name"#,
+            )?;
+            stmt.query_map([], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            })?
+            .collect::<Result<_, _>>()?
+        };
+        let mut rv = base;
+        for (group, resource, namespace, name, body) in &rows {
+            rv += 1;
+            let mut object: Value = serde_json::from_str(body).map_err(|e| {
+                StoreError::InvalidObject(format!("{resource} {namespace}/{name}: {e}"))
+            })?;
+            let body = stamp(&mut object, rv)?;
+            tx.execute(
+                r#"UPDATE objects SET rv = ?5, body = ?6
+                   WHERE "group" = ?1 AND resource = ?2 AND namespace = ?3 AND name = ?4"#,
+                params![group, resource, namespace, name, rv, body],
+            )?;
+        }
+        tx.execute("DELETE FROM events", [])?;
+        tx.execute(
+            "UPDATE meta SET rv = ?1, compacted = ?1 WHERE id = 1",
+            params![rv],
+        )?;
+        tx.commit()?;
+        conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")?;
+        Ok(Restored {
+            backup_revision,
+            revision: rv,
+            objects: rows.len() as u64,
+        })
+    })();
+    let restored = match result {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = std::fs::remove_file(&staged);
+            return Err(e);
+        }
+    };
+    let io = |e: std::io::Error| {
+        StoreError::Sql(rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_IOERR),
+            Some(format!(
+                "cannot put the restored database in place at {}: {e}",
+                path.display()
+            )),
+        ))
+    };
+    for suffix in ["-wal", "-shm"] {
+        let mut side = path.as_os_str().to_owned();
+        side.push(suffix);
+        match std::fs::remove_file(std::path::PathBuf::from(side)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(e)),
+        }
+    }
+    for suffix in ["-wal", "-shm"] {
+        let mut side = staged.as_os_str().to_owned();
+        side.push(suffix);
+        let _ = std::fs::remove_file(std::path::PathBuf::from(side));
+    }
+    std::fs::rename(&staged, path).map_err(io)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io)?;
+    }
+    Ok(restored)
+}
+
 /// Brings the schema from `PRAGMA user_version` up to [`SCHEMA_VERSION`].
 fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
     daemon::sqlite::migrate(conn, MIGRATIONS).map_err(|e| StoreError::Sql(e.source))?;
@@ -1306,6 +1471,37 @@ mod tests {
             [(3, EventType::Deleted), (4, EventType::Added)]
         );
         assert_eq!(events[0].object["metadata"]["resourceVersion"], "3");
+    }
+
+    #[tokio::test]
+    async fn a_restored_backup_moves_every_version_past_the_floor_and_compacts_history() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir);
+        store.create(&pods(), "ns", "a", pod("ns", "a")).unwrap();
+        store.create(&pods(), "ns", "b", pod("ns", "b")).unwrap();
+        let backup_file = dir.path().join("backup.db");
+        backup(&db(&dir), &backup_file).expect("online backup");
+        for _ in 0..5 {
+            store
+                .update(&pods(), "ns", "b", pod("ns", "b"), None)
+                .unwrap();
+        }
+        let newest = store.resource_version();
+        drop(store);
+        let restored = restore(&backup_file, &db(&dir), newest).expect("restore");
+        assert_eq!(restored.backup_revision, 2);
+        assert_eq!(restored.objects, 2);
+        assert_eq!(restored.revision, newest + RESTORE_BUMP + 2);
+        let store = open(&dir);
+        assert_eq!(store.resource_version(), restored.revision);
+        let a = store.get(&pods(), "ns", "a").unwrap().expect("a restored");
+        assert!(rv_of(&a) > newest + RESTORE_BUMP);
+        let gone = store.watch(&pods(), None, newest);
+        assert!(matches!(gone, Err(StoreError::Gone { .. })));
+        let written = store
+            .update(&pods(), "ns", "a", pod("ns", "a"), None)
+            .unwrap();
+        assert_eq!(rv_of(&written), restored.revision + 1);
     }
 
     #[test]

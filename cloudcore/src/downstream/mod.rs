@@ -25,7 +25,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Resource, ResourceExt};
 use proto::HeldObject;
 use proto::Message;
-use proto::sync::{CloudPeer, DesiredObject, ObjectKey, PeerConfig, ResyncPlan};
+use proto::sync::{CloudPeer, DesiredObject, ObjectKey, PeerConfig, Resync, ResyncPlan};
 use serde::Serialize;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -483,7 +483,13 @@ impl Downstream {
 
     /// Starts a session's sync: waits until the cache is complete and a resync slot is free,
     /// then plans the difference from the edge's inventory.
-    pub async fn attach(&self, node: &str, inventory: Vec<HeldObject>) -> Attachment {
+    /// `resync` is [`Resync::Replace`] when an operator adopted a new store for the edge.
+    pub async fn attach(
+        &self,
+        node: &str,
+        inventory: Vec<HeldObject>,
+        resync: Resync,
+    ) -> Attachment {
         let mut synced = self.synced.subscribe();
         let _ = synced.wait_for(|s| *s).await;
         let slot = {
@@ -501,7 +507,7 @@ impl Downstream {
         let mut index = self.index();
         let edge = index.edge(node);
         edge.session = session;
-        let plan = edge.peer.connect(inventory);
+        let plan = edge.peer.connect_with(inventory, resync);
         self.metrics.sync.record_resync(&plan);
         Attachment {
             session: SessionRef {
@@ -1019,22 +1025,27 @@ mod tests {
         // Nothing starts before the watchers listed everything once.
         let early = tokio::time::timeout(
             Duration::from_millis(50),
-            downstream.attach("n1", Vec::new()),
+            downstream.attach("n1", Vec::new(), Resync::Incremental),
         )
         .await;
         assert!(early.is_err(), "attach must wait for the first full list");
         downstream.synced.send_replace(true);
-        let first = downstream.attach("n1", Vec::new()).await;
+        let first = downstream
+            .attach("n1", Vec::new(), Resync::Incremental)
+            .await;
         let second = tokio::time::timeout(
             Duration::from_millis(50),
-            downstream.attach("n2", Vec::new()),
+            downstream.attach("n2", Vec::new(), Resync::Incremental),
         )
         .await;
         assert!(second.is_err(), "the only slot is taken");
         assert_eq!(downstream.metrics.sync.resyncs_waiting.get(), 0);
         drop(first);
-        let second =
-            tokio::time::timeout(Duration::from_secs(1), downstream.attach("n2", Vec::new())).await;
+        let second = tokio::time::timeout(
+            Duration::from_secs(1),
+            downstream.attach("n2", Vec::new(), Resync::Incremental),
+        )
+        .await;
         assert!(second.is_ok(), "a freed slot lets the next resync start");
     }
 }

@@ -363,6 +363,7 @@ async fn connect_round(
                 &edge.config,
                 node_info,
                 inventory,
+                String::new(),
             )
             .await
             {
