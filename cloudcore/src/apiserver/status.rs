@@ -91,11 +91,19 @@ impl ApiError {
 
     /// 504 for a resourceVersion newer than the store's, as the apiserver answers.
     pub fn too_large_resource_version(requested: u64, current: u64) -> Self {
-        Self::new(
+        let mut e = Self::new(
             StatusCode::GATEWAY_TIMEOUT,
             "Timeout",
-            format!("Too large resource version: {requested}, current: {current}"),
-        )
+            format!("Timeout: Too large resource version: {requested}, current: {current}"),
+        );
+        e.details = Some(Box::new(Details {
+            causes: vec![Cause {
+                field: String::new(),
+                message: "Too large resource version".into(),
+            }],
+            ..Details::default()
+        }));
+        e
     }
 
     /// 422 for invalid list options (`ListOptions.meta.k8s.io "" is invalid: ...`).
@@ -226,7 +234,14 @@ impl ApiError {
                 "causes".into(),
                 d.causes
                     .iter()
-                    .map(|c| json!({"reason": cause_reason(&c.message), "message": c.message, "field": c.field}))
+                    .map(|c| {
+                        let mut cause =
+                            json!({"reason": cause_reason(&c.message), "message": c.message});
+                        if !c.field.is_empty() {
+                            cause["field"] = json!(c.field);
+                        }
+                        cause
+                    })
                     .collect(),
             );
         }
@@ -279,6 +294,7 @@ fn cause_reason(message: &str) -> &'static str {
         ("Unsupported value", "FieldValueNotSupported"),
         ("Duplicate value", "FieldValueDuplicate"),
         ("Forbidden", "FieldValueForbidden"),
+        ("Too large resource version", "ResourceVersionTooLarge"),
     ]
     .iter()
     .find(|(prefix, _)| message.starts_with(prefix))
