@@ -198,11 +198,27 @@ fn is_quantity(text: &str) -> bool {
         && digits.len() + 1 >= text.len();
     let suffix_ok = matches!(
         suffix,
-        "" | "Ki" | "Mi" | "Gi" | "Ti" | "Pi" | "Ei" | "n" | "u" | "m" | "k" | "M" | "G" | "T" | "P" | "E"
+        "" | "Ki"
+            | "Mi"
+            | "Gi"
+            | "Ti"
+            | "Pi"
+            | "Ei"
+            | "n"
+            | "u"
+            | "m"
+            | "k"
+            | "M"
+            | "G"
+            | "T"
+            | "P"
+            | "E"
     ) || suffix
         .strip_prefix(['e', 'E'])
         .map(|exp| exp.trim_start_matches(['+', '-']))
-        .is_some_and(|exp| !exp.is_empty() && exp.len() <= 3 && exp.bytes().all(|b| b.is_ascii_digit()));
+        .is_some_and(|exp| {
+            !exp.is_empty() && exp.len() <= 3 && exp.bytes().all(|b| b.is_ascii_digit())
+        });
     number_ok && suffix_ok
 }
 
@@ -212,8 +228,7 @@ fn is_quantity(text: &str) -> bool {
 /// in capacity and allocatable, and condition statuses the API accepts. The error names the
 /// field; values are shown escaped.
 pub fn check_node_status(bytes: &[u8]) -> Result<(), String> {
-    let value: Value =
-        serde_json::from_slice(bytes).map_err(|e| format!("it is not JSON: {e}"))?;
+    let value: Value = serde_json::from_slice(bytes).map_err(|e| format!("it is not JSON: {e}"))?;
     if !value.is_object() {
         return Err("it is not a JSON object".into());
     }
@@ -235,7 +250,9 @@ pub fn check_node_status(bytes: &[u8]) -> Result<(), String> {
                 );
             }
         }
-        let arch = value["nodeInfo"]["architecture"].as_str().unwrap_or_default();
+        let arch = value["nodeInfo"]["architecture"]
+            .as_str()
+            .unwrap_or_default();
         if !arch.is_empty() && !proto::message::is_known_architecture(arch) {
             return bad(
                 "nodeInfo.architecture",
@@ -243,8 +260,14 @@ pub fn check_node_status(bytes: &[u8]) -> Result<(), String> {
                 "not a GOARCH name such as amd64, arm64 or arm",
             );
         }
-        let os = value["nodeInfo"]["operatingSystem"].as_str().unwrap_or_default();
-        if os.len() > 32 || !os.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()) {
+        let os = value["nodeInfo"]["operatingSystem"]
+            .as_str()
+            .unwrap_or_default();
+        if os.len() > 32
+            || !os
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        {
             return bad(
                 "nodeInfo.operatingSystem",
                 os,
@@ -252,11 +275,20 @@ pub fn check_node_status(bytes: &[u8]) -> Result<(), String> {
             );
         }
     }
-    for (i, address) in value["addresses"].as_array().into_iter().flatten().enumerate() {
+    for (i, address) in value["addresses"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
         let kind = address["type"].as_str().unwrap_or_default();
         let text = address["address"].as_str().unwrap_or_default();
         if !ADDRESS_TYPES.contains(&kind) {
-            return bad(&format!("addresses[{i}].type"), kind, "not a node address type");
+            return bad(
+                &format!("addresses[{i}].type"),
+                kind,
+                "not a node address type",
+            );
         }
         let ok = match kind {
             "InternalIP" | "ExternalIP" => text.parse::<std::net::IpAddr>().is_ok(),
@@ -284,7 +316,12 @@ pub fn check_node_status(bytes: &[u8]) -> Result<(), String> {
             }
         }
     }
-    for (i, condition) in value["conditions"].as_array().into_iter().flatten().enumerate() {
+    for (i, condition) in value["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
         let status = condition["status"].as_str().unwrap_or_default();
         if !matches!(status, "True" | "False" | "Unknown") {
             return bad(
@@ -959,10 +996,23 @@ mod tests {
 
     #[test]
     fn quantities() {
-        for good in ["1", "4", "110", "100m", "64Gi", "16318424Ki", "1.5", "1e3", "+2", "0.5Mi"] {
+        for good in [
+            "1",
+            "4",
+            "110",
+            "100m",
+            "64Gi",
+            "16318424Ki",
+            "1.5",
+            "1e3",
+            "+2",
+            "0.5Mi",
+        ] {
             assert!(is_quantity(good), "{good}");
         }
-        for bad in ["", "abc", "1Qi", "1 Gi", "--1", "1..2", ".", "Gi", "1e", "1\nGi"] {
+        for bad in [
+            "", "abc", "1Qi", "1 Gi", "--1", "1..2", ".", "Gi", "1e", "1\nGi",
+        ] {
             assert!(!is_quantity(bad), "{bad}");
         }
     }
@@ -978,14 +1028,38 @@ mod tests {
         });
         assert_eq!(check_node_status(good.to_string().as_bytes()), Ok(()));
         let cases: [(&str, Value, &str); 8] = [
-            ("/nodeInfo/architecture", json!("amd64\nINFO forged"), "nodeInfo.architecture"),
-            ("/nodeInfo/architecture", json!("pdp11"), "nodeInfo.architecture"),
-            ("/nodeInfo/operatingSystem", json!("Linux"), "nodeInfo.operatingSystem"),
-            ("/nodeInfo/osImage", json!("Debian\u{202e}"), "nodeInfo.osImage"),
-            ("/addresses/0/address", json!("10.0.0.999"), "addresses[0].address"),
+            (
+                "/nodeInfo/architecture",
+                json!("amd64\nINFO forged"),
+                "nodeInfo.architecture",
+            ),
+            (
+                "/nodeInfo/architecture",
+                json!("pdp11"),
+                "nodeInfo.architecture",
+            ),
+            (
+                "/nodeInfo/operatingSystem",
+                json!("Linux"),
+                "nodeInfo.operatingSystem",
+            ),
+            (
+                "/nodeInfo/osImage",
+                json!("Debian\u{202e}"),
+                "nodeInfo.osImage",
+            ),
+            (
+                "/addresses/0/address",
+                json!("10.0.0.999"),
+                "addresses[0].address",
+            ),
             ("/addresses/1/type", json!("Tunnel"), "addresses[1].type"),
             ("/capacity/cpu", json!("four"), "capacity"),
-            ("/conditions/0/status", json!("Maybe"), "conditions[0].status"),
+            (
+                "/conditions/0/status",
+                json!("Maybe"),
+                "conditions[0].status",
+            ),
         ];
         for (pointer, value, field) in cases {
             let mut status = good.clone();

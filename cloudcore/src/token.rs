@@ -139,9 +139,7 @@ pub const MAX_JOIN_LABELS: usize = 64;
 /// Checks a join's labels as Kubernetes checks a Node's (qualified-name keys, label values),
 /// so that they can always be written to the Node. The error names the first bad label,
 /// escaped.
-pub fn validate_labels(
-    labels: &std::collections::BTreeMap<String, String>,
-) -> Result<(), String> {
+pub fn validate_labels(labels: &std::collections::BTreeMap<String, String>) -> Result<(), String> {
     if labels.len() > MAX_JOIN_LABELS {
         return Err(format!(
             "{} labels are more than the limit of {MAX_JOIN_LABELS}",
@@ -153,7 +151,10 @@ pub fn validate_labels(
             Some((prefix, name)) => (Some(prefix), name),
             None => (None, key.as_str()),
         };
-        if prefix.is_some_and(|p| validate_node_name(p).is_err()) || !is_label_value(name) || name.is_empty() {
+        if prefix.is_some_and(|p| validate_node_name(p).is_err())
+            || !is_label_value(name)
+            || name.is_empty()
+        {
             return Err(format!(
                 "label key {} is not a qualified name (an optional DNS subdomain prefix and '/', then at most 63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit)",
                 shown(key)
@@ -252,7 +253,10 @@ mod tests {
                 .collect::<std::collections::BTreeMap<_, _>>()
         };
         assert_eq!(
-            validate_labels(&labels(&[("zone", "a"), ("node-role.kubernetes.io/gateway", "")])),
+            validate_labels(&labels(&[
+                ("zone", "a"),
+                ("node-role.kubernetes.io/gateway", "")
+            ])),
             Ok(())
         );
         for (pairs, says) in [
@@ -290,7 +294,10 @@ mod tests {
         let e = validate_node_name(&"a".repeat(300)).expect_err("too long");
         let text = e.to_string();
         assert!(text.contains("limit of 253"), "{text}");
-        assert!(text.contains("(300 characters)") && text.len() < 200, "{text}");
+        assert!(
+            text.contains("(300 characters)") && text.len() < 200,
+            "{text}"
+        );
         let e = validate_node_name("gw\nINFO forged").expect_err("newline");
         assert!(!e.to_string().contains('\n'), "{e}");
     }

@@ -23,7 +23,11 @@ use tracing_subscriber::fmt::format::{DefaultFields, Writer};
 pub struct Escaped;
 
 impl<'writer> FormatFields<'writer> for Escaped {
-    fn format_fields<R: RecordFields>(&self, mut writer: Writer<'writer>, fields: R) -> fmt::Result {
+    fn format_fields<R: RecordFields>(
+        &self,
+        mut writer: Writer<'writer>,
+        fields: R,
+    ) -> fmt::Result {
         let mut raw = String::new();
         DefaultFields::new().format_fields(Writer::new(&mut raw), fields)?;
         write_escaped(&mut writer, &raw)
@@ -130,7 +134,11 @@ mod tests {
         assert_eq!(text.lines().count(), 1, "{text}");
         assert!(!text.contains('\r'), "{text}");
         // The message, the event's field and the span's field are all escaped.
-        assert_eq!(text.matches("gw\\n2026-12-04T18:30:00").count(), 3, "{text}");
+        assert_eq!(
+            text.matches("gw\\n2026-12-04T18:30:00").count(),
+            3,
+            "{text}"
+        );
         assert!(text.contains("x\\ry"), "{text}");
     }
 }

@@ -25,8 +25,23 @@ pub const MAX_HOSTNAME_LEN: usize = 64;
 /// `kubernetes.io/arch`, and the Rust names of the same machines (an edge reports
 /// `std::env::consts::ARCH` mapped to Go's where the names differ).
 pub const KNOWN_ARCHITECTURES: &[&str] = &[
-    "amd64", "arm64", "arm", "386", "ppc64le", "ppc64", "s390x", "riscv64", "mips64le",
-    "mips64", "mipsle", "mips", "loong64", "x86_64", "aarch64", "x86", "powerpc64",
+    "amd64",
+    "arm64",
+    "arm",
+    "386",
+    "ppc64le",
+    "ppc64",
+    "s390x",
+    "riscv64",
+    "mips64le",
+    "mips64",
+    "mipsle",
+    "mips",
+    "loong64",
+    "x86_64",
+    "aarch64",
+    "x86",
+    "powerpc64",
     "loongarch64",
 ];
 
@@ -1231,14 +1246,23 @@ mod tests {
         assert!(Message::try_from(hello_with(pb::NodeInfo::default())).is_ok());
         type Change = fn(&mut pb::NodeInfo);
         let cases: [(Change, &str); 8] = [
-            (|i| i.hostname = "gw\n2026-12-04T18:30:00Z INFO forged".into(), "node_info.hostname"),
+            (
+                |i| i.hostname = "gw\n2026-12-04T18:30:00Z INFO forged".into(),
+                "node_info.hostname",
+            ),
             (|i| i.hostname = "gw 1".into(), "node_info.hostname"),
             (|i| i.hostname = "h".repeat(65), "node_info.hostname"),
             (|i| i.arch = "amd64\u{1b}[2J".into(), "node_info.arch"),
             (|i| i.arch = "pdp11".into(), "node_info.arch"),
             (|i| i.os = "Linux".into(), "node_info.os"),
-            (|i| i.kernel_version = "6.8\r\n".into(), "node_info.kernel_version"),
-            (|i| i.edgecore_version = "0.1\u{202e}".into(), "node_info.edgecore_version"),
+            (
+                |i| i.kernel_version = "6.8\r\n".into(),
+                "node_info.kernel_version",
+            ),
+            (
+                |i| i.edgecore_version = "0.1\u{202e}".into(),
+                "node_info.edgecore_version",
+            ),
         ];
         for (change, want) in cases {
             let mut info = good_info();

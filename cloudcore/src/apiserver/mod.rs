@@ -96,7 +96,9 @@ async fn keep_system_namespaces(store: Store, shutdown: CancellationToken) {
         let store = store.clone();
         match tokio::task::spawn_blocking(move || bootstrap(&store)).await {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!(error = %e, "cannot recreate system namespaces; will retry"),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cannot recreate system namespaces; will retry")
+            }
             Err(e) => tracing::warn!(error = %e, "system namespaces task failed; will retry"),
         }
     }

@@ -231,7 +231,11 @@ fn validate_item_path(field: String, path: Option<&str>, causes: &mut Vec<Cause>
 fn validate_volume_paths(object: &Value, causes: &mut Vec<Cause>) {
     let items = |source: &Value, at: &str, causes: &mut Vec<Cause>| {
         for (j, item) in source["items"].as_array().into_iter().flatten().enumerate() {
-            validate_item_path(format!("{at}.items[{j}].path"), item["path"].as_str(), causes);
+            validate_item_path(
+                format!("{at}.items[{j}].path"),
+                item["path"].as_str(),
+                causes,
+            );
         }
     };
     let volumes = object["spec"]["volumes"].as_array().into_iter().flatten();
@@ -242,7 +246,10 @@ fn validate_volume_paths(object: &Value, causes: &mut Vec<Cause>) {
                 items(&volume[kind], &format!("{at}.{kind}"), causes);
             }
         }
-        let sources = volume["projected"]["sources"].as_array().into_iter().flatten();
+        let sources = volume["projected"]["sources"]
+            .as_array()
+            .into_iter()
+            .flatten();
         for (k, source) in sources.enumerate() {
             let at = format!("{at}.projected.sources[{k}]");
             for kind in ["configMap", "secret", "downwardAPI"] {
@@ -935,17 +942,17 @@ mod tests {
     #[test]
     fn volume_item_paths_must_stay_inside_the_volume() {
         let pod = json!({"metadata": {"name": "p"}, "spec": {
-            "containers": [{"name": "c", "image": "busybox"}],
-            "volumes": [
-                {"name": "v", "configMap": {"name": "x", "items": [
-                    {"key": "a", "path": "../etc"}, {"key": "b", "path": "/abs"},
-                    {"key": "c", "path": "a/../../b"}, {"key": "d", "path": "..data"},
-                    {"key": "e", "path": ""}, {"key": "f", "path": "ok/file..txt"}]}},
-                {"name": "s", "secret": {"secretName": "x", "items": [{"key": "a", "path": ".."}]}},
-                {"name": "pr", "projected": {"sources": [
-                    {"configMap": {"name": "x", "items": [{"key": "a", "path": "x/../y"}]}},
-                    {"serviceAccountToken": {"path": "/token"}}]}},
-            ]}});
+        "containers": [{"name": "c", "image": "busybox"}],
+        "volumes": [
+            {"name": "v", "configMap": {"name": "x", "items": [
+                {"key": "a", "path": "../etc"}, {"key": "b", "path": "/abs"},
+                {"key": "c", "path": "a/../../b"}, {"key": "d", "path": "..data"},
+                {"key": "e", "path": ""}, {"key": "f", "path": "ok/file..txt"}]}},
+            {"name": "s", "secret": {"secretName": "x", "items": [{"key": "a", "path": ".."}]}},
+            {"name": "pr", "projected": {"sources": [
+                {"configMap": {"name": "x", "items": [{"key": "a", "path": "x/../y"}]}},
+                {"serviceAccountToken": {"path": "/token"}}]}},
+        ]}});
         let e = validate(info("pods"), &pod).expect_err("invalid");
         let causes: Vec<(String, String)> = e
             .causes()
@@ -953,15 +960,39 @@ mod tests {
             .map(|c| (c.field.clone(), c.message.clone()))
             .collect();
         let want = [
-            ("spec.volumes[0].configMap.items[0].path", "Invalid value: \"../etc\": must not contain '..'"),
-            ("spec.volumes[0].configMap.items[1].path", "Invalid value: \"/abs\": must be a relative path"),
-            ("spec.volumes[0].configMap.items[2].path", "Invalid value: \"a/../../b\": must not contain '..'"),
-            ("spec.volumes[0].configMap.items[3].path", "Invalid value: \"..data\": must not start with '..'"),
+            (
+                "spec.volumes[0].configMap.items[0].path",
+                "Invalid value: \"../etc\": must not contain '..'",
+            ),
+            (
+                "spec.volumes[0].configMap.items[1].path",
+                "Invalid value: \"/abs\": must be a relative path",
+            ),
+            (
+                "spec.volumes[0].configMap.items[2].path",
+                "Invalid value: \"a/../../b\": must not contain '..'",
+            ),
+            (
+                "spec.volumes[0].configMap.items[3].path",
+                "Invalid value: \"..data\": must not start with '..'",
+            ),
             ("spec.volumes[0].configMap.items[4].path", "Required value"),
-            ("spec.volumes[1].secret.items[0].path", "Invalid value: \"..\": must not contain '..'"),
-            ("spec.volumes[1].secret.items[0].path", "Invalid value: \"..\": must not start with '..'"),
-            ("spec.volumes[2].projected.sources[0].configMap.items[0].path", "Invalid value: \"x/../y\": must not contain '..'"),
-            ("spec.volumes[2].projected.sources[1].serviceAccountToken.path", "Invalid value: \"/token\": must be a relative path"),
+            (
+                "spec.volumes[1].secret.items[0].path",
+                "Invalid value: \"..\": must not contain '..'",
+            ),
+            (
+                "spec.volumes[1].secret.items[0].path",
+                "Invalid value: \"..\": must not start with '..'",
+            ),
+            (
+                "spec.volumes[2].projected.sources[0].configMap.items[0].path",
+                "Invalid value: \"x/../y\": must not contain '..'",
+            ),
+            (
+                "spec.volumes[2].projected.sources[1].serviceAccountToken.path",
+                "Invalid value: \"/token\": must be a relative path",
+            ),
         ];
         let want: Vec<(String, String)> = want
             .iter()

@@ -47,11 +47,13 @@ async fn read_body(headers: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
     let mut buffer = Vec::new();
     let mut seen = 0usize;
     while let Some(chunk) = futures::StreamExt::next(&mut stream).await {
-        let chunk = chunk.map_err(|e| ApiError::bad_request(format!("cannot read the request body: {e}")))?;
+        let chunk = chunk
+            .map_err(|e| ApiError::bad_request(format!("cannot read the request body: {e}")))?;
         seen += chunk.len();
         if seen <= MAX_REQUEST_BODY {
             buffer.extend_from_slice(&chunk);
-        } else if seen > OVERSIZED_BODY_DRAIN || declared.is_some_and(|n| n > OVERSIZED_BODY_DRAIN) {
+        } else if seen > OVERSIZED_BODY_DRAIN || declared.is_some_and(|n| n > OVERSIZED_BODY_DRAIN)
+        {
             break;
         }
     }
@@ -363,12 +365,16 @@ fn list_version(query: &Query) -> Result<Option<u64>, ApiError> {
         None | Some("") => Ok(None),
         Some(_) if rv.is_none() => Err(ApiError::invalid_list_options(vec![Cause {
             field: field(),
-            message: "Forbidden: resourceVersionMatch is forbidden unless resourceVersion is provided".into(),
+            message:
+                "Forbidden: resourceVersionMatch is forbidden unless resourceVersion is provided"
+                    .into(),
         }])),
         Some("NotOlderThan") => Ok(None),
         Some("Exact") if rv == Some(0) => Err(ApiError::invalid_list_options(vec![Cause {
             field: field(),
-            message: "Forbidden: resourceVersionMatch \"exact\" is forbidden for resourceVersion \"0\"".into(),
+            message:
+                "Forbidden: resourceVersionMatch \"exact\" is forbidden for resourceVersion \"0\""
+                    .into(),
         }])),
         Some("Exact") => Ok(rv),
         Some(other) => Err(ApiError::invalid_list_options(vec![Cause {
@@ -1108,7 +1114,15 @@ mod tests {
     #[test]
     fn resource_versions_are_decimal_digits_only() {
         assert_eq!(parse_rv("42"), Some(42));
-        for bad in ["", "abc", "-1", "+1", " 1", "1e3", "99999999999999999999999"] {
+        for bad in [
+            "",
+            "abc",
+            "-1",
+            "+1",
+            " 1",
+            "1e3",
+            "99999999999999999999999",
+        ] {
             assert_eq!(parse_rv(bad), None, "{bad:?}");
         }
         let e = query_rv(&query(&[("resourceVersion", "abc")])).expect_err("abc");
@@ -1116,24 +1130,47 @@ mod tests {
         assert_eq!(query_rv(&query(&[("resourceVersion", "")])), Ok(None));
         let e = requested_rv(&json!({"metadata": {"resourceVersion": "abc"}})).expect_err("abc");
         assert_eq!((e.code.as_u16(), e.reason), (400, "BadRequest"));
-        assert!(e.message.contains("metadata.resourceVersion"), "{}", e.message);
+        assert!(
+            e.message.contains("metadata.resourceVersion"),
+            "{}",
+            e.message
+        );
         assert_eq!(requested_rv(&json!({"metadata": {}})), Ok(None));
     }
 
     #[test]
     fn resource_version_match_follows_the_list_options_rules() {
         let status = |pairs: &[(&str, &str)]| {
-            list_version(&query(pairs)).map_err(|e| (e.code.as_u16(), e.reason, e.causes()[0].message.clone()))
+            list_version(&query(pairs))
+                .map_err(|e| (e.code.as_u16(), e.reason, e.causes()[0].message.clone()))
         };
-        assert_eq!(status(&[("resourceVersionMatch", "Exact"), ("resourceVersion", "7")]), Ok(Some(7)));
-        assert_eq!(status(&[("resourceVersionMatch", "NotOlderThan"), ("resourceVersion", "7")]), Ok(None));
+        assert_eq!(
+            status(&[("resourceVersionMatch", "Exact"), ("resourceVersion", "7")]),
+            Ok(Some(7))
+        );
+        assert_eq!(
+            status(&[
+                ("resourceVersionMatch", "NotOlderThan"),
+                ("resourceVersion", "7")
+            ]),
+            Ok(None)
+        );
         assert_eq!(status(&[("resourceVersion", "7")]), Ok(None));
-        let (code, reason, message) = status(&[("resourceVersionMatch", "Exact")]).expect_err("no rv");
+        let (code, reason, message) =
+            status(&[("resourceVersionMatch", "Exact")]).expect_err("no rv");
         assert_eq!((code, reason), (422, "Invalid"));
-        assert!(message.contains("forbidden unless resourceVersion is provided"), "{message}");
-        let (code, _, message) = status(&[("resourceVersionMatch", "Bogus"), ("resourceVersion", "1")]).expect_err("bogus");
+        assert!(
+            message.contains("forbidden unless resourceVersion is provided"),
+            "{message}"
+        );
+        let (code, _, message) =
+            status(&[("resourceVersionMatch", "Bogus"), ("resourceVersion", "1")])
+                .expect_err("bogus");
         assert_eq!(code, 422);
-        assert!(message.starts_with("Unsupported value: \"Bogus\""), "{message}");
+        assert!(
+            message.starts_with("Unsupported value: \"Bogus\""),
+            "{message}"
+        );
     }
 
     #[test]
