@@ -84,9 +84,10 @@ pub fn hashes_match(a: &str, b: &str) -> bool {
             == 0
 }
 
-/// The shortest `--ttl` a token may have: a token must live long enough to be typed into a
-/// gateway, and always expires.
-pub const MIN_TOKEN_TTL: Duration = Duration::from_secs(60);
+/// The shortest `--ttl` a token may have. Anything shorter is expired by the time
+/// `token create` has printed it; a second is still useless to an operator, but lets tests
+/// make a token that expires.
+pub const MIN_TOKEN_TTL: Duration = Duration::from_secs(1);
 
 /// Parses `token create --ttl`: a humantime duration of at least [`MIN_TOKEN_TTL`]. kubeadm
 /// reads `0` as "never expires"; here every token expires, so `0` is refused with that said.
@@ -106,7 +107,7 @@ pub fn parse_ttl(text: &str) -> Result<Duration, String> {
     }
     if ttl < MIN_TOKEN_TTL {
         return Err(format!(
-            "{text} is shorter than the minimum of {}; the token would expire before it can be used",
+            "{text} is shorter than the minimum of {}; the token would be expired before it is printed",
             humantime::format_duration(MIN_TOKEN_TTL)
         ));
     }
@@ -276,11 +277,11 @@ mod tests {
     #[test]
     fn ttls() {
         assert_eq!(parse_ttl("24h"), Ok(Duration::from_secs(86_400)));
-        assert_eq!(parse_ttl("1m"), Ok(MIN_TOKEN_TTL));
+        assert_eq!(parse_ttl("1s"), Ok(MIN_TOKEN_TTL));
         for (bad, says) in [
             ("0s", "already expired"),
             ("0", "already expired"),
-            ("30s", "shorter than the minimum of 1m"),
+            ("1ms", "shorter than the minimum of 1s"),
             ("-5m", "negative"),
             ("soon", "not a duration"),
         ] {
