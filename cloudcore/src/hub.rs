@@ -465,10 +465,15 @@ async fn protocol_violation(
         s => format!("{e}: {s}"),
     };
     tracing::warn!(reason, "closing connection: {detail}");
-    let _ = tokio::time::timeout(
-        Duration::from_millis(200),
-        writer.send(Message::error(ErrorCode::ProtocolViolation, detail)),
-    )
+    // Within 200 ms: send the error, finish the stream and let the peer read it (closing at
+    // once would discard it unsent, and an edge whose Hello was refused would not see why).
+    let _ = tokio::time::timeout(Duration::from_millis(200), async {
+        let _ = writer
+            .send(Message::error(ErrorCode::ProtocolViolation, detail))
+            .await;
+        let _ = writer.get_mut().finish();
+        connection.closed().await;
+    })
     .await;
     connection.close(
         VarInt::from_u32(close_code::PROTOCOL_VIOLATION),

@@ -10,7 +10,7 @@ use proto::{ErrorCode, JoinRequest, JoinResponse, Message};
 
 use crate::hub::Shared;
 use crate::registry::JoinRefusal;
-use crate::token::{BootstrapToken, validate_node_name};
+use crate::token::{BootstrapToken, validate_labels, validate_node_name};
 
 /// Token bucket per source address, charged only by failed joins.
 #[derive(Debug)]
@@ -77,7 +77,8 @@ fn refusal_code(refusal: &JoinRefusal) -> ErrorCode {
 /// Decides a join request: the reply to send (a `JoinResponse` or an `Error`).
 pub async fn admit(shared: Arc<Shared>, request: JoinRequest, peer: IpAddr) -> Message {
     let token_id = request.token_id().to_string();
-    let node = request.node_name.clone();
+    // Bounded: the name is not checked yet (the text log escapes it, JSON logs quote it).
+    let node: String = request.node_name.chars().take(253).collect();
     let reply = decide(&shared, request, peer).await;
     match &reply {
         Message::JoinResponse(_) => {
@@ -128,6 +129,9 @@ async fn decide(shared: &Arc<Shared>, request: JoinRequest, peer: IpAddr) -> Mes
     };
     if let Err(e) = validate_node_name(&request.node_name) {
         return Message::error(ErrorCode::NodeNameInvalid, e.to_string());
+    }
+    if let Err(e) = validate_labels(&request.labels) {
+        return Message::error(ErrorCode::LabelsInvalid, e);
     }
     // Parse (and verify the self-signature of) the CSR before touching the token.
     if let Err(e) = crate::pki::check_csr(&request.csr_der) {

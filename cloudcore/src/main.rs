@@ -181,8 +181,8 @@ enum TokenCommand {
     Create {
         #[command(flatten)]
         data_dir: DataDir,
-        /// How long the token is valid.
-        #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+        /// How long the token is valid (at least 1s; 0 is refused: every token expires).
+        #[arg(long, default_value = "24h", value_parser = cloudcore::token::parse_ttl)]
         ttl: Duration,
         /// How many joins it allows.
         #[arg(long, default_value_t = 1)]

@@ -60,14 +60,22 @@ impl Presence {
         self.edges.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A session of `name` started.
+    /// A session of `name` started. A `node_status` that could not be written to the Node
+    /// ([`check_node_status`]) is dropped with a warning: the Node then gets the status the
+    /// other node info fields give, as for an edge that sends none.
     pub fn connected(
         &self,
         name: &str,
-        info: proto::NodeInfo,
+        mut info: proto::NodeInfo,
         address: String,
         labels: BTreeMap<String, String>,
     ) {
+        if !info.node_status.is_empty()
+            && let Err(why) = check_node_status(&info.node_status)
+        {
+            tracing::warn!(node.name = %name, "ignoring the node status the edge sent: {why}");
+            info.node_status = Vec::new();
+        }
         self.edges().insert(
             name.to_string(),
             Edge {
@@ -154,15 +162,186 @@ fn node_labels(name: &str, edge: &Edge) -> BTreeMap<String, String> {
     labels
 }
 
-/// Kubernetes names architectures the Go way.
+/// Kubernetes names architectures the Go way (the edge checked against
+/// `proto::KNOWN_ARCHITECTURES` may name them the Rust way).
 fn go_arch(rust_arch: &str) -> &str {
     match rust_arch {
         "x86_64" => "amd64",
         "aarch64" => "arm64",
-        "arm" => "arm",
-        "riscv64" => "riscv64",
+        "x86" => "386",
+        "powerpc64" => "ppc64le",
+        "loongarch64" => "loong64",
         other => other,
     }
+}
+
+/// Node address types Kubernetes defines.
+const ADDRESS_TYPES: [&str; 5] = [
+    "Hostname",
+    "InternalIP",
+    "ExternalIP",
+    "InternalDNS",
+    "ExternalDNS",
+];
+
+/// A Kubernetes quantity (`123`, `1.5`, `100m`, `64Gi`, `1e3`): what the API accepts in
+/// `capacity` and `allocatable`.
+fn is_quantity(text: &str) -> bool {
+    let digits = text.trim_start_matches(['+', '-']);
+    let number_end = digits
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(digits.len());
+    let (number, suffix) = digits.split_at(number_end);
+    let number_ok = !number.is_empty()
+        && number != "."
+        && number.matches('.').count() <= 1
+        && digits.len() + 1 >= text.len();
+    let suffix_ok = matches!(
+        suffix,
+        "" | "Ki"
+            | "Mi"
+            | "Gi"
+            | "Ti"
+            | "Pi"
+            | "Ei"
+            | "n"
+            | "u"
+            | "m"
+            | "k"
+            | "M"
+            | "G"
+            | "T"
+            | "P"
+            | "E"
+    ) || suffix
+        .strip_prefix(['e', 'E'])
+        .map(|exp| exp.trim_start_matches(['+', '-']))
+        .is_some_and(|exp| {
+            !exp.is_empty() && exp.len() <= 3 && exp.bytes().all(|b| b.is_ascii_digit())
+        });
+    number_ok && suffix_ok
+}
+
+/// Checks the `NodeStatus` JSON of an edge's `Hello` before it reaches the Node: the shape of a
+/// `NodeStatus`, a known architecture, a GOOS-like operating system, node info without
+/// control characters, addresses of the known types holding IPs or host names, quantities
+/// in capacity and allocatable, and condition statuses the API accepts. The error names the
+/// field; values are shown escaped.
+pub fn check_node_status(bytes: &[u8]) -> Result<(), String> {
+    let value: Value = serde_json::from_slice(bytes).map_err(|e| format!("it is not JSON: {e}"))?;
+    if !value.is_object() {
+        return Err("it is not a JSON object".into());
+    }
+    serde_json::from_value::<k8s_openapi::api::core::v1::NodeStatus>(value.clone())
+        .map_err(|e| format!("it is not a NodeStatus: {e}"))?;
+    let bad = |field: &str, value: &str, why: &str| {
+        let shown: String = value.chars().take(64).collect();
+        Err(format!("{field} has the invalid value {shown:?}: {why}"))
+    };
+    let text_ok = |t: &str| t.len() <= 1024 && !t.chars().any(daemon::logfmt::needs_escape);
+    if let Some(info) = value["nodeInfo"].as_object() {
+        for (field, v) in info {
+            let t = v.as_str().unwrap_or_default();
+            if !text_ok(t) {
+                return bad(
+                    &format!("nodeInfo.{field}"),
+                    t,
+                    "control characters or over 1024 bytes",
+                );
+            }
+        }
+        let arch = value["nodeInfo"]["architecture"]
+            .as_str()
+            .unwrap_or_default();
+        if !arch.is_empty() && !proto::message::is_known_architecture(arch) {
+            return bad(
+                "nodeInfo.architecture",
+                arch,
+                "not a GOARCH name such as amd64, arm64 or arm",
+            );
+        }
+        let os = value["nodeInfo"]["operatingSystem"]
+            .as_str()
+            .unwrap_or_default();
+        if os.len() > 32
+            || !os
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        {
+            return bad(
+                "nodeInfo.operatingSystem",
+                os,
+                "not a GOOS name such as linux",
+            );
+        }
+    }
+    for (i, address) in value["addresses"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        let kind = address["type"].as_str().unwrap_or_default();
+        let text = address["address"].as_str().unwrap_or_default();
+        if !ADDRESS_TYPES.contains(&kind) {
+            return bad(
+                &format!("addresses[{i}].type"),
+                kind,
+                "not a node address type",
+            );
+        }
+        let ok = match kind {
+            "InternalIP" | "ExternalIP" => text.parse::<std::net::IpAddr>().is_ok(),
+            _ => {
+                !text.is_empty()
+                    && text.len() <= 253
+                    && text
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+            }
+        };
+        if !ok {
+            return bad(
+                &format!("addresses[{i}].address"),
+                text,
+                "not an IP address or host name",
+            );
+        }
+    }
+    for map in ["capacity", "allocatable"] {
+        for (name, quantity) in value[map].as_object().into_iter().flatten() {
+            let q = quantity.as_str().unwrap_or_default();
+            if !text_ok(name) || !is_quantity(q) {
+                return bad(&format!("{map}[{name:?}]"), q, "not a quantity");
+            }
+        }
+    }
+    for (i, condition) in value["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        let status = condition["status"].as_str().unwrap_or_default();
+        if !matches!(status, "True" | "False" | "Unknown") {
+            return bad(
+                &format!("conditions[{i}].status"),
+                status,
+                "not True, False or Unknown",
+            );
+        }
+        for field in ["type", "reason", "message"] {
+            let t = condition[field].as_str().unwrap_or_default();
+            if !text_ok(t) {
+                return bad(
+                    &format!("conditions[{i}].{field}"),
+                    t,
+                    "control characters or over 1024 bytes",
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The condition types a kubelet reports and the node-lifecycle controller marks Unknown.
@@ -813,6 +992,96 @@ mod tests {
             ])
         );
         assert_eq!(taints_for(&[custom], Reachability::Reachable, now), None);
+    }
+
+    #[test]
+    fn quantities() {
+        for good in [
+            "1",
+            "4",
+            "110",
+            "100m",
+            "64Gi",
+            "16318424Ki",
+            "1.5",
+            "1e3",
+            "+2",
+            "0.5Mi",
+        ] {
+            assert!(is_quantity(good), "{good}");
+        }
+        for bad in [
+            "", "abc", "1Qi", "1 Gi", "--1", "1..2", ".", "Gi", "1e", "1\nGi",
+        ] {
+            assert!(!is_quantity(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn node_status_from_the_edge_is_checked_before_it_reaches_the_node() {
+        let good = json!({
+            "nodeInfo": {"architecture": "arm64", "operatingSystem": "linux", "osImage": "Debian GNU/Linux 12 (bookworm)"},
+            "addresses": [{"type": "InternalIP", "address": "10.0.0.7"}, {"type": "Hostname", "address": "gw-1"}],
+            "capacity": {"cpu": "4", "memory": "16318424Ki", "pods": "110"},
+            "allocatable": {"cpu": "3500m", "memory": "15Gi"},
+            "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady", "message": "edgecore is posting ready status"}],
+        });
+        assert_eq!(check_node_status(good.to_string().as_bytes()), Ok(()));
+        let cases: [(&str, Value, &str); 8] = [
+            (
+                "/nodeInfo/architecture",
+                json!("amd64\nINFO forged"),
+                "nodeInfo.architecture",
+            ),
+            (
+                "/nodeInfo/architecture",
+                json!("pdp11"),
+                "nodeInfo.architecture",
+            ),
+            (
+                "/nodeInfo/operatingSystem",
+                json!("Linux"),
+                "nodeInfo.operatingSystem",
+            ),
+            (
+                "/nodeInfo/osImage",
+                json!("Debian\u{202e}"),
+                "nodeInfo.osImage",
+            ),
+            (
+                "/addresses/0/address",
+                json!("10.0.0.999"),
+                "addresses[0].address",
+            ),
+            ("/addresses/1/type", json!("Tunnel"), "addresses[1].type"),
+            ("/capacity/cpu", json!("four"), "capacity"),
+            (
+                "/conditions/0/status",
+                json!("Maybe"),
+                "conditions[0].status",
+            ),
+        ];
+        for (pointer, value, field) in cases {
+            let mut status = good.clone();
+            *status.pointer_mut(pointer).expect(pointer) = value;
+            let e = check_node_status(status.to_string().as_bytes()).expect_err(field);
+            assert!(e.contains(field), "{field}: {e}");
+            assert!(!e.contains('\n'), "{e:?}");
+        }
+        assert!(check_node_status(b"[1]").is_err());
+        assert!(check_node_status(br#"{"capacity": 5}"#).is_err());
+    }
+
+    #[test]
+    fn an_invalid_node_status_is_dropped_for_the_legacy_one() {
+        let presence = Presence::default();
+        let mut info = edge().info;
+        info.node_status = br#"{"nodeInfo":{"architecture":"x\ny"}}"#.to_vec();
+        presence.connected("gw", info, "10.0.0.9".into(), BTreeMap::new());
+        let held = presence.edges().get("gw").cloned().expect("recorded");
+        assert!(held.info.node_status.is_empty());
+        let status = node_status(&held, &[]);
+        assert_eq!(status["nodeInfo"]["architecture"], "arm64");
     }
 
     #[test]

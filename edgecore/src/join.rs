@@ -47,6 +47,8 @@ pub enum JoinError {
         joined: String,
         asked: String,
     },
+    #[error("node name {name} is not a valid DNS-1123 subdomain: {why}")]
+    InvalidNodeName { name: String, why: &'static str },
     #[error(transparent)]
     Tls(#[from] TlsError),
     #[error("refusing the cloud: {0}")]
@@ -85,6 +87,17 @@ pub fn new_key_and_csr(node_name: &str) -> Result<(KeyPair, Vec<u8>), rcgen::Err
 
 /// Runs the join. On success the data dir holds `ca.crt`, `edge.json` and `node.pem`.
 pub async fn join(params: JoinParams) -> Result<Joined, JoinError> {
+    // Checked here as the cloud checks it, so a bad name never costs a dial or a token try.
+    if let Some(why) = proto::message::node_name_problem(&params.node_name) {
+        let shown: String = params.node_name.chars().take(64).collect();
+        let count = params.node_name.chars().count();
+        let name = if count > 64 {
+            format!("{shown:?}... ({count} characters)")
+        } else {
+            format!("{shown:?}")
+        };
+        return Err(JoinError::InvalidNodeName { name, why });
+    }
     let joined = identity::is_joined(&params.data_dir);
     if joined && !params.rejoin {
         let node = identity::load(&params.data_dir)

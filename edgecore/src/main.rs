@@ -279,7 +279,9 @@ fn main() -> ExitCode {
                     eprintln!("error: {}", chain(&e));
                     match e {
                         JoinError::Refused(_) => ExitCode::from(EXIT_REFUSED),
-                        JoinError::Tls(_) => ExitCode::from(EXIT_USAGE),
+                        JoinError::Tls(_) | JoinError::InvalidNodeName { .. } => {
+                            ExitCode::from(EXIT_USAGE)
+                        }
                         _ => ExitCode::FAILURE,
                     }
                 }

@@ -16,6 +16,35 @@ pub const TOKENS_SINCE_MINOR: u32 = 1;
 
 /// Largest size accepted for short string fields (names, kinds, versions).
 const MAX_NAME_LEN: usize = 253;
+/// Largest node name a `JoinRequest` may carry: longer than any valid name (253), so that the
+/// cloud can answer a name that is too long with a name error instead of a protocol violation.
+pub const MAX_JOIN_NODE_NAME_LEN: usize = 4096;
+/// Largest hostname accepted in `Hello` (Linux's `HOST_NAME_MAX` is 64).
+pub const MAX_HOSTNAME_LEN: usize = 64;
+/// Architectures an edge may report in `Hello`: Go's `GOARCH` names, which Kubernetes uses in
+/// `kubernetes.io/arch`, and the Rust names of the same machines (an edge reports
+/// `std::env::consts::ARCH` mapped to Go's where the names differ).
+pub const KNOWN_ARCHITECTURES: &[&str] = &[
+    "amd64",
+    "arm64",
+    "arm",
+    "386",
+    "ppc64le",
+    "ppc64",
+    "s390x",
+    "riscv64",
+    "mips64le",
+    "mips64",
+    "mipsle",
+    "mips",
+    "loong64",
+    "x86_64",
+    "aarch64",
+    "x86",
+    "powerpc64",
+    "loongarch64",
+];
+
 /// Largest token audience accepted (audiences are often URLs, longer than a name).
 pub const MAX_AUDIENCE_LEN: usize = 1024;
 /// Largest service-account token accepted (a bound token is a JWT of about 1 KiB).
@@ -38,6 +67,147 @@ pub enum InvalidMessage {
         len: usize,
         max: usize,
     },
+    /// The value is shown escaped and cut to 64 characters: it came from the network.
+    #[error("{message}: field `{field}` has the invalid value {value}: {why}")]
+    InvalidValue {
+        message: &'static str,
+        field: &'static str,
+        value: String,
+        why: &'static str,
+    },
+}
+
+/// Why `name` is not a valid node name (a Kubernetes Node name: an RFC 1123 subdomain of at
+/// most 253 characters), or `None` when it is one. Shared by the edge, which checks before it
+/// dials, and the cloud, which checks every join.
+pub fn node_name_problem(name: &str) -> Option<&'static str> {
+    if name.is_empty() {
+        return Some("it is empty");
+    }
+    if name.len() > MAX_NAME_LEN {
+        return Some("it is longer than the limit of 253 characters");
+    }
+    for label in name.split('.') {
+        if label.is_empty() || label.len() > 63 {
+            return Some("each dot-separated part must be 1 to 63 characters");
+        }
+        if !label
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        {
+            return Some("only lowercase letters, digits, '-' and '.' are allowed");
+        }
+        if label.starts_with('-') || label.ends_with('-') {
+            return Some("each part must start and end with a letter or digit");
+        }
+    }
+    None
+}
+
+/// Whether `arch` is one of [`KNOWN_ARCHITECTURES`].
+pub fn is_known_architecture(arch: &str) -> bool {
+    KNOWN_ARCHITECTURES.contains(&arch)
+}
+
+/// Whether `text` could be a host name: letters, digits, `-`, `_` and `.`, 1 to
+/// [`MAX_HOSTNAME_LEN`] bytes.
+pub fn is_hostname(text: &str) -> bool {
+    !text.is_empty()
+        && text.len() <= MAX_HOSTNAME_LEN
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+/// Whether `text` is printable ASCII (space to `~`): version strings, kernel releases.
+pub fn is_printable_ascii(text: &str) -> bool {
+    text.bytes().all(|b| (0x20..0x7f).contains(&b))
+}
+
+/// A value from the network for an error message: Debug-quoted (control characters escaped),
+/// its first 64 characters only.
+fn shown(value: &str) -> String {
+    const SHOWN: usize = 64;
+    if value.chars().count() <= SHOWN {
+        return format!("{value:?}");
+    }
+    let head: String = value.chars().take(SHOWN).collect();
+    format!("{head:?}...")
+}
+
+fn checked(
+    value: String,
+    message: &'static str,
+    field: &'static str,
+    ok: fn(&str) -> bool,
+    why: &'static str,
+) -> Result<String, InvalidMessage> {
+    if ok(&value) {
+        return Ok(value);
+    }
+    Err(InvalidMessage::InvalidValue {
+        message,
+        field,
+        value: shown(&value),
+        why,
+    })
+}
+
+/// The checks on `Hello`'s node info: everything here reaches a Node object and log lines.
+/// An empty field is one the edge did not report; a reported one must be valid.
+fn node_info_from(info: pb::NodeInfo) -> Result<NodeInfo, InvalidMessage> {
+    const M: &str = "hello";
+    let hostname = bounded(info.hostname, M, "node_info.hostname")?;
+    let hostname = checked(
+        hostname,
+        M,
+        "node_info.hostname",
+        |h| h.is_empty() || is_hostname(h),
+        "a hostname has at most 64 letters, digits, '-', '_' or '.'",
+    )?;
+    let os = checked(
+        bounded(info.os, M, "node_info.os")?,
+        M,
+        "node_info.os",
+        |os| {
+            os.len() <= 32
+                && os
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        },
+        "an operating system is a GOOS name such as linux",
+    )?;
+    let arch = checked(
+        bounded(info.arch, M, "node_info.arch")?,
+        M,
+        "node_info.arch",
+        |arch| arch.is_empty() || is_known_architecture(arch),
+        "an architecture is a GOARCH name such as amd64, arm64 or arm",
+    )?;
+    let kernel_version = checked(
+        bounded(info.kernel_version, M, "node_info.kernel_version")?,
+        M,
+        "node_info.kernel_version",
+        is_printable_ascii,
+        "only printable ASCII is allowed",
+    )?;
+    let edgecore_version = checked(
+        bounded(info.edgecore_version, M, "node_info.edgecore_version")?,
+        M,
+        "node_info.edgecore_version",
+        is_printable_ascii,
+        "only printable ASCII is allowed",
+    )?;
+    Ok(NodeInfo {
+        hostname,
+        os,
+        arch,
+        kernel_version,
+        edgecore_version,
+        cpus: info.cpus,
+        memory_bytes: info.memory_bytes,
+        node_status: info.node_status,
+    })
 }
 
 /// A protocol version; compatible when the majors are equal.
@@ -138,6 +308,7 @@ pub enum ErrorCode {
     Forbidden,
     NotSupported,
     StateMismatch,
+    LabelsInvalid,
 }
 
 impl ErrorCode {
@@ -164,6 +335,7 @@ impl ErrorCode {
             ErrorCode::Forbidden => "forbidden",
             ErrorCode::NotSupported => "not_supported",
             ErrorCode::StateMismatch => "state_mismatch",
+            ErrorCode::LabelsInvalid => "labels_invalid",
         }
     }
 }
@@ -198,6 +370,7 @@ impl From<pb::ErrorCode> for ErrorCode {
             P::Forbidden => ErrorCode::Forbidden,
             P::NotSupported => ErrorCode::NotSupported,
             P::StateMismatch => ErrorCode::StateMismatch,
+            P::LabelsInvalid => ErrorCode::LabelsInvalid,
         }
     }
 }
@@ -226,6 +399,7 @@ impl From<ErrorCode> for pb::ErrorCode {
             ErrorCode::Forbidden => P::Forbidden,
             ErrorCode::NotSupported => P::NotSupported,
             ErrorCode::StateMismatch => P::StateMismatch,
+            ErrorCode::LabelsInvalid => P::LabelsInvalid,
         }
     }
 }
@@ -290,8 +464,20 @@ pub struct JoinRequest {
 
 impl JoinRequest {
     /// The public id part of the token (before the dot); safe to log, unlike the secret.
+    /// `(malformed)` unless it has a token id's shape (6 characters of `[a-z0-9]`), so that
+    /// neither a secret pasted without its id nor hostile text reaches a log as an id.
     pub fn token_id(&self) -> &str {
-        self.token.split('.').next().unwrap_or("")
+        match self.token.split_once('.') {
+            Some((id, _))
+                if id.len() == 6
+                    && id
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()) =>
+            {
+                id
+            }
+            _ => "(malformed)",
+        }
     }
 }
 
@@ -577,24 +763,7 @@ impl TryFrom<pb::Envelope> for Message {
                 let info = required(h.node_info, "hello", "node_info")?;
                 Message::Hello(Hello {
                     version: version_from(h.version, "hello")?,
-                    node_info: NodeInfo {
-                        hostname: bounded(info.hostname, "hello", "node_info.hostname")?,
-                        os: bounded(info.os, "hello", "node_info.os")?,
-                        arch: bounded(info.arch, "hello", "node_info.arch")?,
-                        kernel_version: bounded(
-                            info.kernel_version,
-                            "hello",
-                            "node_info.kernel_version",
-                        )?,
-                        edgecore_version: bounded(
-                            info.edgecore_version,
-                            "hello",
-                            "node_info.edgecore_version",
-                        )?,
-                        cpus: info.cpus,
-                        memory_bytes: info.memory_bytes,
-                        node_status: info.node_status,
-                    },
+                    node_info: node_info_from(info)?,
                     inventory: h
                         .inventory
                         .into_iter()
@@ -646,7 +815,13 @@ impl TryFrom<pb::Envelope> for Message {
             Body::JoinRequest(j) => Message::JoinRequest(JoinRequest {
                 version: version_from(j.version, "join_request")?,
                 token: bounded(j.token, "join_request", "token")?,
-                node_name: bounded(j.node_name, "join_request", "node_name")?,
+                // Checked by the cloud's join admission, which answers with a name error.
+                node_name: bounded_to(
+                    j.node_name,
+                    MAX_JOIN_NODE_NAME_LEN,
+                    "join_request",
+                    "node_name",
+                )?,
                 csr_der: j.csr_der,
                 labels: j.labels.into_iter().collect(),
             }),
@@ -1049,22 +1224,98 @@ mod tests {
     }
 
     #[test]
-    fn overlong_name_is_rejected() {
-        let envelope = pb::Envelope {
+    fn join_node_names_reach_the_cloud_up_to_their_own_limit() {
+        let join = |len: usize| pb::Envelope {
             body: Some(Body::JoinRequest(pb::JoinRequest {
                 version: version_to(PROTOCOL_VERSION),
-                node_name: "x".repeat(300),
+                node_name: "x".repeat(len),
                 ..Default::default()
             })),
         };
+        // Too long for a node name, but the cloud's join admission answers that.
+        assert!(Message::try_from(join(300)).is_ok());
         assert!(matches!(
-            Message::try_from(envelope),
+            Message::try_from(join(MAX_JOIN_NODE_NAME_LEN + 1)),
             Err(InvalidMessage::FieldTooLong {
                 field: "node_name",
-                len: 300,
                 ..
             })
         ));
+    }
+
+    fn hello_with(info: pb::NodeInfo) -> pb::Envelope {
+        pb::Envelope {
+            body: Some(Body::Hello(pb::Hello {
+                version: version_to(PROTOCOL_VERSION),
+                node_info: Some(info),
+                inventory: Vec::new(),
+                cloud_state_id: String::new(),
+            })),
+        }
+    }
+
+    fn good_info() -> pb::NodeInfo {
+        pb::NodeInfo {
+            hostname: "gw-1.factory".into(),
+            os: "linux".into(),
+            arch: "arm64".into(),
+            kernel_version: "6.8.0-49-generic".into(),
+            edgecore_version: "0.1.0".into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn hello_node_info_is_validated_field_by_field() {
+        assert!(Message::try_from(hello_with(good_info())).is_ok());
+        // Fields an edge does not report stay empty.
+        assert!(Message::try_from(hello_with(pb::NodeInfo::default())).is_ok());
+        type Change = fn(&mut pb::NodeInfo);
+        let cases: [(Change, &str); 8] = [
+            (
+                |i| i.hostname = "gw\n2026-12-04T18:30:00Z INFO forged".into(),
+                "node_info.hostname",
+            ),
+            (|i| i.hostname = "gw 1".into(), "node_info.hostname"),
+            (|i| i.hostname = "h".repeat(65), "node_info.hostname"),
+            (|i| i.arch = "amd64\u{1b}[2J".into(), "node_info.arch"),
+            (|i| i.arch = "pdp11".into(), "node_info.arch"),
+            (|i| i.os = "Linux".into(), "node_info.os"),
+            (
+                |i| i.kernel_version = "6.8\r\n".into(),
+                "node_info.kernel_version",
+            ),
+            (
+                |i| i.edgecore_version = "0.1\u{202e}".into(),
+                "node_info.edgecore_version",
+            ),
+        ];
+        for (change, want) in cases {
+            let mut info = good_info();
+            change(&mut info);
+            let e = Message::try_from(hello_with(info)).expect_err(want);
+            let InvalidMessage::InvalidValue { field, .. } = &e else {
+                panic!("{want}: {e:?}");
+            };
+            assert_eq!(*field, want);
+            let text = e.to_string();
+            assert!(text.contains(want), "{text}");
+            assert!(!text.chars().any(|c| c.is_control()), "{text:?}");
+        }
+    }
+
+    #[test]
+    fn token_id_is_only_an_id_shaped_prefix() {
+        let join = |token: &str| JoinRequest {
+            version: PROTOCOL_VERSION,
+            token: token.into(),
+            node_name: "gw".into(),
+            csr_der: Vec::new(),
+            labels: BTreeMap::new(),
+        };
+        assert_eq!(join("abcdef.0123456789abcdef").token_id(), "abcdef");
+        assert_eq!(join("0123456789abcdef").token_id(), "(malformed)");
+        assert_eq!(join("ab\ncd.x").token_id(), "(malformed)");
     }
 
     #[test]

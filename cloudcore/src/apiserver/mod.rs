@@ -32,8 +32,13 @@ use tokio_util::sync::CancellationToken;
 use crate::pki::ClusterCa;
 use store::{ResourceId, Store, StoreError, StoreOptions};
 
-/// Namespaces every cluster has.
+/// Namespaces every cluster has. kube-apiserver's system-namespaces controller recreates
+/// `kube-system`, `kube-public` and `kube-node-lease` when they are missing, and its bootstrap
+/// controller `default`; the first three but `kube-node-lease` cannot be deleted at all
+/// ([`objects::IMMORTAL_NAMESPACES`]).
 const SYSTEM_NAMESPACES: &[&str] = &["default", "kube-system", "kube-public", "kube-node-lease"];
+/// How often missing system namespaces are recreated (kube-apiserver: every minute).
+const SYSTEM_NAMESPACES_INTERVAL: Duration = Duration::from_secs(10);
 
 /// The embedded API could not start.
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +57,8 @@ pub struct Embedded {
     pub store: Store,
 }
 
+/// Creates the system namespaces that are missing; a namespace still terminating is left to
+/// finish and recreated on a later pass.
 fn bootstrap(store: &Store) -> Result<(), StoreError> {
     let id = ResourceId {
         group: String::new(),
@@ -69,11 +76,32 @@ fn bootstrap(store: &Store) -> Result<(), StoreError> {
         )
         .map_err(|e| StoreError::InvalidObject(e.message))?;
         match store.create(&id, "", name, namespace) {
-            Ok(_) | Err(StoreError::AlreadyExists) => {}
+            Ok(_) => tracing::info!(namespace = name, "system namespace created"),
+            Err(StoreError::AlreadyExists) => {}
             Err(e) => return Err(e),
         }
     }
     Ok(())
+}
+
+/// The system-namespaces controller: [`bootstrap`] every [`SYSTEM_NAMESPACES_INTERVAL`].
+async fn keep_system_namespaces(store: Store, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(SYSTEM_NAMESPACES_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let store = store.clone();
+        match tokio::task::spawn_blocking(move || bootstrap(&store)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cannot recreate system namespaces; will retry")
+            }
+            Err(e) => tracing::warn!(error = %e, "system namespaces task failed; will retry"),
+        }
+    }
 }
 
 /// Opens `DIR/api.db`, writes `DIR/kubeconfig`, binds `listen` and serves until cancelled.
@@ -121,6 +149,7 @@ pub async fn start(
         health,
     });
     let router = axum::Router::new().fallback(verbs::handle).with_state(api);
+    tracker.spawn(keep_system_namespaces(store.clone(), shutdown.clone()));
     tracker.spawn(server::serve(listener, tls, router, shutdown));
     Ok(Embedded {
         listen: bound,

@@ -16,6 +16,22 @@ pub fn namespace_info() -> &'static ResourceInfo {
     resources::lookup("", "v1", "namespaces").expect("namespaces is a builtin resource")
 }
 
+/// Namespaces kube-apiserver's NamespaceLifecycle admission refuses to delete.
+pub const IMMORTAL_NAMESPACES: [&str; 3] = ["default", "kube-system", "kube-public"];
+
+/// Refuses the deletion of an immortal namespace with kube-apiserver's 403 and wording.
+pub fn check_deletable(info: &ResourceInfo, name: &str) -> Result<(), ApiError> {
+    if info.plural == "namespaces" && IMMORTAL_NAMESPACES.contains(&name) {
+        return Err(ApiError::forbidden_object(
+            info.group,
+            info.plural,
+            name,
+            "this namespace may not be deleted",
+        ));
+    }
+    Ok(())
+}
+
 /// Kubernetes timestamps: RFC 3339, UTC, whole seconds.
 pub fn timestamp(t: OffsetDateTime) -> String {
     let t = t.replace_nanosecond(0).unwrap_or(t);
@@ -175,6 +191,81 @@ fn validate_pod(object: &Value, causes: &mut Vec<Cause>) {
         }
     }
     validate_tolerations(object, causes);
+    validate_volume_paths(object, causes);
+}
+
+/// Kubernetes' `validateLocalNonReservedPath` for the file a volume item writes: required,
+/// relative, no `..` component, and not starting with `..` (the kubelet's `..data` and
+/// timestamped directories live there).
+fn validate_item_path(field: String, path: Option<&str>, causes: &mut Vec<Cause>) {
+    let path = path.unwrap_or_default();
+    if path.is_empty() {
+        causes.push(Cause {
+            field,
+            message: "Required value".into(),
+        });
+        return;
+    }
+    if path.starts_with('/') {
+        causes.push(Cause {
+            field: field.clone(),
+            message: format!("Invalid value: {path:?}: must be a relative path"),
+        });
+    } else if path.split('/').any(|part| part == "..") {
+        causes.push(Cause {
+            field: field.clone(),
+            message: format!("Invalid value: {path:?}: must not contain '..'"),
+        });
+    }
+    // Not said twice when the `..` component was already reported.
+    if path.starts_with("..") && !path.starts_with("../") {
+        causes.push(Cause {
+            field,
+            message: format!("Invalid value: {path:?}: must not start with '..'"),
+        });
+    }
+}
+
+/// The `items[].path` of every ConfigMap, Secret and downward API volume, plain or projected,
+/// and the `path` of projected service-account tokens.
+fn validate_volume_paths(object: &Value, causes: &mut Vec<Cause>) {
+    let items = |source: &Value, at: &str, causes: &mut Vec<Cause>| {
+        for (j, item) in source["items"].as_array().into_iter().flatten().enumerate() {
+            validate_item_path(
+                format!("{at}.items[{j}].path"),
+                item["path"].as_str(),
+                causes,
+            );
+        }
+    };
+    let volumes = object["spec"]["volumes"].as_array().into_iter().flatten();
+    for (i, volume) in volumes.enumerate() {
+        let at = format!("spec.volumes[{i}]");
+        for kind in ["configMap", "secret", "downwardAPI"] {
+            if volume[kind].is_object() {
+                items(&volume[kind], &format!("{at}.{kind}"), causes);
+            }
+        }
+        let sources = volume["projected"]["sources"]
+            .as_array()
+            .into_iter()
+            .flatten();
+        for (k, source) in sources.enumerate() {
+            let at = format!("{at}.projected.sources[{k}]");
+            for kind in ["configMap", "secret", "downwardAPI"] {
+                if source[kind].is_object() {
+                    items(&source[kind], &format!("{at}.{kind}"), causes);
+                }
+            }
+            if source["serviceAccountToken"].is_object() {
+                validate_item_path(
+                    format!("{at}.serviceAccountToken.path"),
+                    source["serviceAccountToken"]["path"].as_str(),
+                    causes,
+                );
+            }
+        }
+    }
 }
 
 /// Kubernetes' `ValidateTolerations`.
@@ -283,6 +374,18 @@ fn validate_secret_and_configmap(info: &ResourceInfo, object: &Value, causes: &m
                     });
                 }
             }
+        }
+    }
+    // A ConfigMap's file names come from both maps: a key may be in only one of them.
+    if info.plural == "configmaps"
+        && let (Some(data), Some(binary)) =
+            (object["data"].as_object(), object["binaryData"].as_object())
+    {
+        for key in data.keys().filter(|k| binary.contains_key(*k)) {
+            causes.push(Cause {
+                field: format!("data[{key}]"),
+                message: format!("Invalid value: {key:?}: duplicate of key present in binaryData"),
+            });
         }
     }
 }
@@ -834,6 +937,96 @@ mod tests {
             .iter()
             .find(|i| i.plural == plural)
             .expect("builtin resource")
+    }
+
+    #[test]
+    fn volume_item_paths_must_stay_inside_the_volume() {
+        let pod = json!({"metadata": {"name": "p"}, "spec": {
+        "containers": [{"name": "c", "image": "busybox"}],
+        "volumes": [
+            {"name": "v", "configMap": {"name": "x", "items": [
+                {"key": "a", "path": "../etc"}, {"key": "b", "path": "/abs"},
+                {"key": "c", "path": "a/../../b"}, {"key": "d", "path": "..data"},
+                {"key": "e", "path": ""}, {"key": "f", "path": "ok/file..txt"}]}},
+            {"name": "s", "secret": {"secretName": "x", "items": [{"key": "a", "path": ".."}]}},
+            {"name": "pr", "projected": {"sources": [
+                {"configMap": {"name": "x", "items": [{"key": "a", "path": "x/../y"}]}},
+                {"serviceAccountToken": {"path": "/token"}}]}},
+        ]}});
+        let e = validate(info("pods"), &pod).expect_err("invalid");
+        let causes: Vec<(String, String)> = e
+            .causes()
+            .iter()
+            .map(|c| (c.field.clone(), c.message.clone()))
+            .collect();
+        let want = [
+            (
+                "spec.volumes[0].configMap.items[0].path",
+                "Invalid value: \"../etc\": must not contain '..'",
+            ),
+            (
+                "spec.volumes[0].configMap.items[1].path",
+                "Invalid value: \"/abs\": must be a relative path",
+            ),
+            (
+                "spec.volumes[0].configMap.items[2].path",
+                "Invalid value: \"a/../../b\": must not contain '..'",
+            ),
+            (
+                "spec.volumes[0].configMap.items[3].path",
+                "Invalid value: \"..data\": must not start with '..'",
+            ),
+            ("spec.volumes[0].configMap.items[4].path", "Required value"),
+            (
+                "spec.volumes[1].secret.items[0].path",
+                "Invalid value: \"..\": must not contain '..'",
+            ),
+            (
+                "spec.volumes[1].secret.items[0].path",
+                "Invalid value: \"..\": must not start with '..'",
+            ),
+            (
+                "spec.volumes[2].projected.sources[0].configMap.items[0].path",
+                "Invalid value: \"x/../y\": must not contain '..'",
+            ),
+            (
+                "spec.volumes[2].projected.sources[1].serviceAccountToken.path",
+                "Invalid value: \"/token\": must be a relative path",
+            ),
+        ];
+        let want: Vec<(String, String)> = want
+            .iter()
+            .map(|(f, m)| (f.to_string(), m.to_string()))
+            .collect();
+        assert_eq!(causes, want);
+    }
+
+    #[test]
+    fn a_configmap_key_may_not_be_in_data_and_binary_data() {
+        let cm = json!({"metadata": {"name": "both"}, "data": {"a": "x", "c": "y"}, "binaryData": {"a": "eA==", "b": "eA=="}});
+        let e = validate(info("configmaps"), &cm).expect_err("duplicate");
+        assert_eq!(e.code, axum::http::StatusCode::UNPROCESSABLE_ENTITY);
+        assert_eq!(
+            e.causes(),
+            [Cause {
+                field: "data[a]".into(),
+                message: "Invalid value: \"a\": duplicate of key present in binaryData".into()
+            }]
+        );
+    }
+
+    #[test]
+    fn immortal_namespaces_cannot_be_deleted() {
+        for name in IMMORTAL_NAMESPACES {
+            let e = check_deletable(namespace_info(), name).expect_err(name);
+            assert_eq!(e.code, axum::http::StatusCode::FORBIDDEN);
+            assert_eq!(
+                e.message,
+                format!("namespaces \"{name}\" is forbidden: this namespace may not be deleted")
+            );
+        }
+        assert!(check_deletable(namespace_info(), "kube-node-lease").is_ok());
+        assert!(check_deletable(info("configmaps"), "default").is_ok());
     }
 
     #[test]

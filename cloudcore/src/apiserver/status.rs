@@ -69,6 +69,54 @@ impl ApiError {
         Self::new(StatusCode::FORBIDDEN, "Forbidden", message)
     }
 
+    /// `plural "name" is forbidden: why`, the apiserver's wording for an admission refusal.
+    pub fn forbidden_object(group: &str, plural: &str, name: &str, why: &str) -> Self {
+        let what = qualified(group, plural);
+        Self::new(
+            StatusCode::FORBIDDEN,
+            "Forbidden",
+            format!("{what} \"{name}\" is forbidden: {why}"),
+        )
+        .with_details(name, group, plural)
+    }
+
+    /// 413, kube-apiserver's answer to a body over its limit.
+    pub fn too_large(limit: usize) -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "RequestEntityTooLarge",
+            format!("Request entity too large: limit is {limit}"),
+        )
+    }
+
+    /// 504 for a resourceVersion newer than the store's, as the apiserver answers.
+    pub fn too_large_resource_version(requested: u64, current: u64) -> Self {
+        let mut e = Self::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "Timeout",
+            format!("Timeout: Too large resource version: {requested}, current: {current}"),
+        );
+        e.details = Some(Box::new(Details {
+            causes: vec![Cause {
+                field: String::new(),
+                message: "Too large resource version".into(),
+            }],
+            ..Details::default()
+        }));
+        e
+    }
+
+    /// 422 for invalid list options (`ListOptions.meta.k8s.io "" is invalid: ...`).
+    pub fn invalid_list_options(causes: Vec<Cause>) -> Self {
+        let mut e = Self::invalid("ListOptions.meta.k8s.io", "", causes);
+        if let Some(details) = e.details.as_mut() {
+            details.name = None;
+            details.group = Some("meta.k8s.io".into());
+            details.kind = Some("ListOptions".into());
+        }
+        e
+    }
+
     /// `plural "name" not found`, the apiserver's wording.
     pub fn not_found(group: &str, plural: &str, name: &str) -> Self {
         let what = qualified(group, plural);
@@ -186,7 +234,14 @@ impl ApiError {
                 "causes".into(),
                 d.causes
                     .iter()
-                    .map(|c| json!({"reason": "FieldValueInvalid", "message": c.message, "field": c.field}))
+                    .map(|c| {
+                        let mut cause =
+                            json!({"reason": cause_reason(&c.message), "message": c.message});
+                        if !c.field.is_empty() {
+                            cause["field"] = json!(c.field);
+                        }
+                        cause
+                    })
                     .collect(),
             );
         }
@@ -230,6 +285,20 @@ impl ApiError {
             }
         }
     }
+}
+
+/// The `CauseType` Kubernetes gives a field error, from the start of its message.
+fn cause_reason(message: &str) -> &'static str {
+    [
+        ("Required value", "FieldValueRequired"),
+        ("Unsupported value", "FieldValueNotSupported"),
+        ("Duplicate value", "FieldValueDuplicate"),
+        ("Forbidden", "FieldValueForbidden"),
+        ("Too large resource version", "ResourceVersionTooLarge"),
+    ]
+    .iter()
+    .find(|(prefix, _)| message.starts_with(prefix))
+    .map_or("FieldValueInvalid", |(_, reason)| reason)
 }
 
 impl IntoResponse for ApiError {

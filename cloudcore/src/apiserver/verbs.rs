@@ -18,7 +18,7 @@ use super::request::{ResourceRequest, Target, route};
 use super::resources::{self, FieldSelector, LabelSelector, ResourceInfo};
 use super::server::User;
 use super::status::{ApiError, Cause};
-use super::store::{EventType, Store, StoreError, WatchEvent};
+use super::store::{EventType, ResourceId, Store, StoreError, WatchEvent};
 use super::{discovery, objects};
 
 /// Shared state of the API handlers.
@@ -32,6 +32,59 @@ pub struct Api {
 }
 
 type Query = HashMap<String, String>;
+
+/// The largest request body accepted: kube-apiserver's 3 MiB (`MaxRequestBodyBytes`).
+pub const MAX_REQUEST_BODY: usize = 3 * 1024 * 1024;
+/// How much of an oversized body is read and discarded before answering, so that the client
+/// finishes sending and reads the 413 instead of seeing its stream reset.
+const OVERSIZED_BODY_DRAIN: usize = 4 * MAX_REQUEST_BODY;
+
+/// Reads the request body up to [`MAX_REQUEST_BODY`]; over it, a 413 `Status`.
+async fn read_body(headers: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    let mut stream = body.into_data_stream();
+    let mut buffer = Vec::new();
+    let mut seen = 0usize;
+    while let Some(chunk) = futures::StreamExt::next(&mut stream).await {
+        let chunk = chunk
+            .map_err(|e| ApiError::bad_request(format!("cannot read the request body: {e}")))?;
+        seen += chunk.len();
+        if seen <= MAX_REQUEST_BODY {
+            buffer.extend_from_slice(&chunk);
+        } else if seen > OVERSIZED_BODY_DRAIN || declared.is_some_and(|n| n > OVERSIZED_BODY_DRAIN)
+        {
+            break;
+        }
+    }
+    if seen > MAX_REQUEST_BODY || declared.is_some_and(|n| n > MAX_REQUEST_BODY) {
+        return Err(ApiError::too_large(MAX_REQUEST_BODY));
+    }
+    Ok(Bytes::from(buffer))
+}
+
+/// `?resourceVersion=`: absent or empty is `None`; anything but a decimal unsigned integer is
+/// a 400, kube-apiserver's answer to an unparseable resourceVersion on a list.
+fn query_rv(query: &Query) -> Result<Option<u64>, ApiError> {
+    match query.get("resourceVersion").map(String::as_str) {
+        None | Some("") => Ok(None),
+        Some(text) => parse_rv(text).map(Some).ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "invalid resource version: resourceVersion: Invalid value: {text:?}: must be an unsigned decimal integer"
+            ))
+        }),
+    }
+}
+
+/// A resourceVersion as this server writes them: decimal digits only (no sign, no spaces).
+fn parse_rv(text: &str) -> Option<u64> {
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    text.parse().ok()
+}
 
 fn query_of(uri: &Uri) -> Result<Query, ApiError> {
     let Some(query) = uri.query() else {
@@ -80,7 +133,7 @@ pub async fn handle(
     method: Method,
     uri: Uri,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Response {
     let user = user.0;
     if user == User::Anonymous {
@@ -96,6 +149,10 @@ pub async fn handle(
         ))
         .into_response();
     }
+    let body = match read_body(&headers, body).await {
+        Ok(body) => body,
+        Err(e) => return e.into_response(),
+    };
     match dispatch(&api, method, &uri, &headers, body).await {
         Ok(response) => response,
         Err(e) => e.into_response(),
@@ -262,12 +319,21 @@ async fn list(
 ) -> Result<Response, ApiError> {
     let (labels, fields) = selectors(query)?;
     check_fields(request.info, &fields)?;
+    let exact = list_version(query)?;
     let store = api.store.clone();
     let id = resource_id(request.info);
     let namespace = request.namespace.clone();
+    if let Some(requested) = exact {
+        check_exact(api, &id, namespace.as_deref(), requested).await?;
+    }
     let (objects, rv) = blocking(move || store.list(&id, namespace.as_deref()))
         .await?
         .map_err(|e| ApiError::from_store(e, request.info.group, request.info.plural, ""))?;
+    if let Some(requested) = exact
+        && requested != rv
+    {
+        return Err(not_kept(requested, rv));
+    }
     let mut items = Vec::with_capacity(objects.len());
     for object in objects {
         if matches(request.info, &labels, &fields, &object)? {
@@ -293,6 +359,67 @@ async fn list(
     Ok(json_response(StatusCode::OK, &body))
 }
 
+/// The list options about versions: `Some(rv)` when the list must be exactly at `rv`
+/// (`resourceVersionMatch=Exact`). Every other list is served at the latest version, which
+/// satisfies `NotOlderThan` and an unset match alike.
+fn list_version(query: &Query) -> Result<Option<u64>, ApiError> {
+    let rv = query_rv(query)?;
+    let field = || "resourceVersionMatch".to_string();
+    match query.get("resourceVersionMatch").map(String::as_str) {
+        None | Some("") => Ok(None),
+        Some(_) if rv.is_none() => Err(ApiError::invalid_list_options(vec![Cause {
+            field: field(),
+            message:
+                "Forbidden: resourceVersionMatch is forbidden unless resourceVersion is provided"
+                    .into(),
+        }])),
+        Some("NotOlderThan") => Ok(None),
+        Some("Exact") if rv == Some(0) => Err(ApiError::invalid_list_options(vec![Cause {
+            field: field(),
+            message:
+                "Forbidden: resourceVersionMatch \"exact\" is forbidden for resourceVersion \"0\""
+                    .into(),
+        }])),
+        Some("Exact") => Ok(rv),
+        Some(other) => Err(ApiError::invalid_list_options(vec![Cause {
+            field: field(),
+            message: format!(
+                "Unsupported value: {other:?}: supported values: \"Exact\", \"NotOlderThan\", \"\""
+            ),
+        }])),
+    }
+}
+
+/// An exact list at `requested`: 504 when it is newer than the store (kube-apiserver's "Too
+/// large resource version"), 410 Expired when the events after it were compacted away.
+async fn check_exact(
+    api: &Arc<Api>,
+    id: &ResourceId,
+    namespace: Option<&str>,
+    requested: u64,
+) -> Result<(), ApiError> {
+    let current = api.store.resource_version();
+    if requested > current {
+        return Err(ApiError::too_large_resource_version(requested, current));
+    }
+    let (store, id, namespace) = (api.store.clone(), id.clone(), namespace.map(str::to_owned));
+    // A watch from `requested` is refused exactly when its events are no longer kept.
+    match blocking(move || store.watch(&id, namespace.as_deref(), requested)).await? {
+        Err(StoreError::Gone { .. }) => Err(ApiError::gone(
+            "The resourceVersion for the provided list is too old.",
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// 410 for an exact list at an older version that is still in the event log: the store keeps
+/// the current objects only, not earlier snapshots (a client lists again without a version).
+fn not_kept(requested: u64, current: u64) -> ApiError {
+    ApiError::gone(format!(
+        "The resourceVersion for the provided list is too old: resourceVersion {requested} is older than the current {current} and this server keeps no earlier snapshot to list at it exactly."
+    ))
+}
+
 async fn load(
     api: &Arc<Api>,
     info: &'static ResourceInfo,
@@ -315,6 +442,9 @@ async fn get(
     query: &Query,
     headers: &HeaderMap,
 ) -> Result<Response, ApiError> {
+    // Parsed only to refuse what is not a resourceVersion: any version is served the latest
+    // object, which is never older than the one asked for.
+    query_rv(query)?;
     let namespace = request.namespace.clone().unwrap_or_default();
     let object = load(api, request.info, &namespace, name).await?;
     if wants_table(headers) {
@@ -345,10 +475,28 @@ fn parse_body(body: &[u8]) -> Result<Value, ApiError> {
     Ok(value)
 }
 
+/// The resourceVersion of an object this server wrote.
 fn rv_of(object: &Value) -> Option<u64> {
     object["metadata"]["resourceVersion"]
         .as_str()
-        .and_then(|s| s.parse().ok())
+        .and_then(parse_rv)
+}
+
+/// The `metadata.resourceVersion` a client sent: absent or empty means unconditional; any
+/// other value that is not a resourceVersion is a 400 (never an unconditional write).
+fn requested_rv(object: &Value) -> Result<Option<u64>, ApiError> {
+    match &object["metadata"]["resourceVersion"] {
+        Value::Null => Ok(None),
+        Value::String(text) if text.is_empty() => Ok(None),
+        Value::String(text) => parse_rv(text).map(Some).ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "metadata.resourceVersion: Invalid value: {text:?}: must be an unsigned decimal integer"
+            ))
+        }),
+        other => Err(ApiError::bad_request(format!(
+            "metadata.resourceVersion: Invalid value: {other}: must be a string"
+        ))),
+    }
 }
 
 async fn create(
@@ -463,7 +611,7 @@ async fn update(
     let namespace = request.namespace.clone().unwrap_or_default();
     let current = load(api, request.info, &namespace, name).await?;
     // With a resourceVersion in the body the update is conditional on it (409 on mismatch).
-    let expected = rv_of(&new);
+    let expected = requested_rv(&new)?;
     let written = write_update(api, request, name, &current, new, expected).await?;
     Ok(json_response(StatusCode::OK, &written))
 }
@@ -504,7 +652,7 @@ async fn patch_object(
                 ),
                 PatchError::Unsupported(m) => ApiError::unsupported_media_type(m),
             })?;
-        let expected = match rv_of(&patched) {
+        let expected = match requested_rv(&patched)? {
             // The patch itself asked for a resourceVersion: honour it (no retry).
             Some(rv) if Some(rv) != rv_of(&current) => Some(rv),
             _ => rv_of(&current),
@@ -593,9 +741,14 @@ fn delete_options(query: &Query, body: &[u8]) -> Result<DeleteOptions, ApiError>
             opts.propagation = Some("Orphan".into());
         }
         opts.uid = v["preconditions"]["uid"].as_str().map(String::from);
-        opts.resource_version = v["preconditions"]["resourceVersion"]
-            .as_str()
-            .and_then(|s| s.parse().ok());
+        opts.resource_version = match &v["preconditions"]["resourceVersion"] {
+            Value::String(text) if !text.is_empty() => Some(parse_rv(text).ok_or_else(|| {
+                ApiError::bad_request(format!(
+                    "preconditions.resourceVersion: Invalid value: {text:?}: must be an unsigned decimal integer"
+                ))
+            })?),
+            _ => None,
+        };
     }
     if let Some(g) = query.get("gracePeriodSeconds") {
         opts.grace_period = Some(
@@ -622,6 +775,7 @@ async fn delete(
     body: &[u8],
 ) -> Result<Response, ApiError> {
     let info = request.info;
+    objects::check_deletable(info, name)?;
     let opts = delete_options(query, body)?;
     let namespace = request.namespace.clone().unwrap_or_default();
     let current = load(api, info, &namespace, name).await?;
@@ -702,6 +856,12 @@ async fn delete_collection(
     request: &ResourceRequest,
     query: &Query,
 ) -> Result<Response, ApiError> {
+    if !request.info.verbs.contains(&"deletecollection") {
+        return Err(ApiError::method_not_allowed(format!(
+            "deletecollection is not supported on {}",
+            request.info.plural
+        )));
+    }
     let (labels, fields) = selectors(query)?;
     let store = api.store.clone();
     let id = resource_id(request.info);
@@ -792,13 +952,7 @@ async fn watch_collection(
         .and_then(|t| t.parse::<u64>().ok())
         .map(Duration::from_secs)
         .unwrap_or(Duration::from_secs(30 * 60));
-    let requested: Option<u64> =
-        match query.get("resourceVersion").map(String::as_str) {
-            None | Some("") | Some("0") => None,
-            Some(rv) => Some(rv.parse().map_err(|_| {
-                ApiError::bad_request(format!("resourceVersion {rv:?} is not valid"))
-            })?),
-        };
+    let requested: Option<u64> = query_rv(query)?.filter(|rv| *rv != 0);
     // A streaming list (`sendInitialEvents=true`, kube-rs `streaming_lists()`, client-go
     // WatchList): the current state as ADDED events whatever the resourceVersion (ours is
     // always at least as new), then a bookmark marking their end.
@@ -953,6 +1107,75 @@ fn streaming(first: Vec<Bytes>, rest: Option<tokio::sync::mpsc::Receiver<Bytes>>
 mod tests {
     use super::super::store::ResourceId;
     use super::*;
+
+    fn query(pairs: &[(&str, &str)]) -> Query {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn resource_versions_are_decimal_digits_only() {
+        assert_eq!(parse_rv("42"), Some(42));
+        for bad in [
+            "",
+            "abc",
+            "-1",
+            "+1",
+            " 1",
+            "1e3",
+            "99999999999999999999999",
+        ] {
+            assert_eq!(parse_rv(bad), None, "{bad:?}");
+        }
+        let e = query_rv(&query(&[("resourceVersion", "abc")])).expect_err("abc");
+        assert_eq!((e.code.as_u16(), e.reason), (400, "BadRequest"));
+        assert_eq!(query_rv(&query(&[("resourceVersion", "")])), Ok(None));
+        let e = requested_rv(&json!({"metadata": {"resourceVersion": "abc"}})).expect_err("abc");
+        assert_eq!((e.code.as_u16(), e.reason), (400, "BadRequest"));
+        assert!(
+            e.message.contains("metadata.resourceVersion"),
+            "{}",
+            e.message
+        );
+        assert_eq!(requested_rv(&json!({"metadata": {}})), Ok(None));
+    }
+
+    #[test]
+    fn resource_version_match_follows_the_list_options_rules() {
+        let status = |pairs: &[(&str, &str)]| {
+            list_version(&query(pairs))
+                .map_err(|e| (e.code.as_u16(), e.reason, e.causes()[0].message.clone()))
+        };
+        assert_eq!(
+            status(&[("resourceVersionMatch", "Exact"), ("resourceVersion", "7")]),
+            Ok(Some(7))
+        );
+        assert_eq!(
+            status(&[
+                ("resourceVersionMatch", "NotOlderThan"),
+                ("resourceVersion", "7")
+            ]),
+            Ok(None)
+        );
+        assert_eq!(status(&[("resourceVersion", "7")]), Ok(None));
+        let (code, reason, message) =
+            status(&[("resourceVersionMatch", "Exact")]).expect_err("no rv");
+        assert_eq!((code, reason), (422, "Invalid"));
+        assert!(
+            message.contains("forbidden unless resourceVersion is provided"),
+            "{message}"
+        );
+        let (code, _, message) =
+            status(&[("resourceVersionMatch", "Bogus"), ("resourceVersion", "1")])
+                .expect_err("bogus");
+        assert_eq!(code, 422);
+        assert!(
+            message.starts_with("Unsupported value: \"Bogus\""),
+            "{message}"
+        );
+    }
 
     #[test]
     fn query_pairs_are_decoded() {

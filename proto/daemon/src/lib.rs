@@ -5,6 +5,7 @@ pub mod datadir;
 pub mod files;
 pub mod health;
 pub mod http;
+pub mod logfmt;
 pub mod logging;
 pub mod signal;
 pub mod sqlite;
