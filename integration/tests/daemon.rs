@@ -339,6 +339,18 @@ fn cloudcore_readiness_follows_a_full_disk_and_liveness_does_not() {
     assert!(!out.status.success(), "{text}");
     // kubectl shows a 503 as ServiceUnavailable (the reasons are on the metrics port above).
     assert!(text.contains("ServiceUnavailable"), "{text}");
+    // A probe without a client certificate reads them too, as kube-apiserver lets everyone
+    // read its health endpoints (system:public-info-viewer).
+    let url = format!("https://127.0.0.1:{}/readyz?verbose", cloud.api_port);
+    let out = std::process::Command::new("curl")
+        .args(["-sk", "-w", "\n%{http_code}", &url])
+        .output()
+        .expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.ends_with("\n503") && text.contains("[-]data-dir failed"),
+        "anonymous /readyz on the embedded API: {text}"
+    );
     let out = cloud.kubectl(&["get", "--raw", "/livez"]);
     assert!(
         out.status.success(),

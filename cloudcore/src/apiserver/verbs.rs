@@ -136,6 +136,14 @@ pub async fn handle(
     body: Body,
 ) -> Response {
     let user = user.0;
+    // As kube-apiserver's `system:public-info-viewer` role: anyone may read the health
+    // endpoints and the version, so probes and load balancers need no client certificate.
+    if method == Method::GET && is_public_info(uri.path()) {
+        return match dispatch(&api, method, &uri, &headers, Bytes::new()).await {
+            Ok(response) => response,
+            Err(e) => e.into_response(),
+        };
+    }
     if user == User::Anonymous {
         return ApiError::unauthorized().into_response();
     }
@@ -157,6 +165,17 @@ pub async fn handle(
         Ok(response) => response,
         Err(e) => e.into_response(),
     }
+}
+
+/// Paths kube-apiserver lets everyone read (`system:public-info-viewer`).
+fn is_public_info(path: &str) -> bool {
+    let path = path.trim_end_matches('/');
+    ["/livez", "/readyz", "/healthz"].iter().any(|p| {
+        path == *p
+            || path
+                .strip_prefix(p)
+                .is_some_and(|rest| rest.starts_with('/'))
+    }) || path == "/version"
 }
 
 async fn dispatch(
