@@ -320,7 +320,7 @@ fn health_checks(
                     .await
                     .map_err(|e| e.to_string())?
                     .map(|_| ())
-                    .map_err(|e| daemon::health::reason(&e))
+                    .map_err(|e| daemon::error_chain(&e))
             }
         })
         .with("data-dir", Probe::Readiness, move || {

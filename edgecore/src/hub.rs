@@ -522,7 +522,7 @@ impl Session {
                                         VarInt::from_u32(close_code::NORMAL),
                                         b"edge store write failed",
                                     );
-                                    return SessionEnd::StoreRefused(error_chain(&e));
+                                    return SessionEnd::StoreRefused(daemon::error_chain(&e));
                                 }
                             }
                         }
@@ -633,17 +633,6 @@ async fn sleep_until_or_never(at: Option<std::time::Instant>) {
         Some(at) => tokio::time::sleep_until(at.into()).await,
         None => std::future::pending().await,
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        cur = s.source();
-    }
-    text
 }
 
 /// The connection of a running session, for closing it.

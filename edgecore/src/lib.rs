@@ -200,7 +200,7 @@ fn health_checks(data_dir: &std::path::Path, runtime: Option<cri::Cri>) -> daemo
                 tokio::task::spawn_blocking(move || store::Store::open_read_only(&dir).map(drop))
                     .await
                     .map_err(|e| format!("check task failed: {e}"))?
-                    .map_err(|e| daemon::health::reason(&e))
+                    .map_err(|e| daemon::error_chain(&e))
             }
         })
         .with("data-dir", Probe::Readiness, move || {
@@ -213,7 +213,7 @@ fn health_checks(data_dir: &std::path::Path, runtime: Option<cri::Cri>) -> daemo
                 cri.version()
                     .await
                     .map(drop)
-                    .map_err(|e| daemon::health::reason(&e))
+                    .map_err(|e| daemon::error_chain(&e))
             }
         }),
         None => health,

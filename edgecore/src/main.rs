@@ -209,7 +209,7 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             }
             Err(e) => {
-                eprintln!("error: {}", chain(&e));
+                eprintln!("error: {}", daemon::error_chain(&e));
                 ExitCode::FAILURE
             }
         },
@@ -276,7 +276,7 @@ fn main() -> ExitCode {
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
-                    eprintln!("error: {}", chain(&e));
+                    eprintln!("error: {}", daemon::error_chain(&e));
                     match e {
                         JoinError::Refused(_) => ExitCode::from(EXIT_REFUSED),
                         JoinError::Tls(_) | JoinError::InvalidNodeName { .. } => {
@@ -326,11 +326,11 @@ fn main() -> ExitCode {
             match result {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e @ RunError::Identity(_)) => {
-                    eprintln!("error: {}", chain(&e));
+                    eprintln!("error: {}", daemon::error_chain(&e));
                     ExitCode::from(EXIT_USAGE)
                 }
                 Err(e) => {
-                    eprintln!("error: {}", chain(&e));
+                    eprintln!("error: {}", daemon::error_chain(&e));
                     ExitCode::FAILURE
                 }
             }
@@ -424,7 +424,7 @@ fn ctl(command: CtlCommand) -> ExitCode {
         // The reader went away (`| head`): nothing left to tell anyone.
         Err(CtlError::Output(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {}", chain(&e));
+            eprintln!("error: {}", daemon::error_chain(&e));
             match e {
                 CtlError::Store(StoreError::Missing { .. }) => ExitCode::from(EXIT_USAGE),
                 _ => ExitCode::FAILURE,
@@ -438,16 +438,4 @@ fn default_node_name() -> Option<String> {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").ok()?;
     let host = host.trim().to_ascii_lowercase();
     (!host.is_empty()).then_some(host)
-}
-
-/// An error and its causes on one line.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        cur = s.source();
-    }
-    text
 }

@@ -232,7 +232,7 @@ impl Outbox {
                 metrics.outbox_write_errors.inc();
                 tracing::warn!(
                     "cannot reserve status report generations: {}; reports are sent once written",
-                    error_chain(&e)
+                    daemon::error_chain(&e)
                 );
                 next_generation
             }
@@ -593,7 +593,7 @@ impl OutboxWriter {
                         path = %self.path.display(),
                         reports = write.upsert.len(),
                         "cannot write status reports: {}; status reports are kept in memory and retried every {}",
-                        error_chain(e),
+                        daemon::error_chain(e),
                         humantime::format_duration(RETRY_WRITE_AFTER)
                     );
                 }
@@ -644,7 +644,7 @@ impl OutboxWriter {
     ) -> Result<T, String> {
         let writer = self.clone();
         match tokio::task::spawn_blocking(move || f(&writer)).await {
-            Ok(result) => result.map_err(|e| error_chain(&e)),
+            Ok(result) => result.map_err(|e| daemon::error_chain(&e)),
             Err(e) => {
                 tracing::error!("the outbox writer task failed: {e}");
                 Err(format!("the outbox writer task failed: {e}"))
@@ -700,18 +700,6 @@ impl OutboxWriter {
             tracing::warn!("status reports not written before exit: {e}");
         }
     }
-}
-
-/// An error with its causes, for one log line.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        text.push_str(": ");
-        text.push_str(&c.to_string());
-        cause = c.source();
-    }
-    text
 }
 
 async fn sleep_until(at: Option<tokio::time::Instant>) {

@@ -166,7 +166,7 @@ pub async fn store_check(store: Store) -> daemon::health::CheckResult {
     };
     match tokio::task::spawn_blocking(move || store.get(&id, "", "default")).await {
         Ok(Ok(_)) => Ok(()),
-        Ok(Err(e)) => Err(daemon::health::reason(&e)),
+        Ok(Err(e)) => Err(daemon::error_chain(&e)),
         Err(e) => Err(format!("check task failed: {e}")),
     }
 }

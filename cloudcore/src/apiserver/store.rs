@@ -245,7 +245,7 @@ impl Store {
         daemon::sqlite::create_private(path).map_err(|e| {
             open_err(rusqlite::Error::SqliteFailure(
                 rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CANTOPEN),
-                Some(daemon::health::reason(&e)),
+                Some(daemon::error_chain(&e)),
             ))
         })?;
         let mut conn =

@@ -157,18 +157,6 @@ impl Health {
     }
 }
 
-/// A failed check's reason from an error: the error and its causes on one line.
-pub fn reason(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        cur = s.source();
-    }
-    text
-}
-
 /// Whether a query string asks for the verbose form (`?verbose`, `?verbose=1`, ...).
 pub fn is_verbose(query: Option<&str>) -> bool {
     query.is_some_and(|q| {
