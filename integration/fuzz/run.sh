@@ -6,10 +6,13 @@
 #
 # TARGET is one of: frame message api_request api_selector api_patch. Each target starts from
 # its committed seed corpus (integration/fuzz/corpus/TARGET, never written to) plus the inputs
-# earlier runs found (WORK/corpus/TARGET). WORK is $CARGO_TARGET_DIR/fuzz-work, or
-# target/fuzz-work in the repository; the instrumented build goes to $CARGO_TARGET_DIR/fuzz-build
+# earlier runs found (WORK/corpus/TARGET). WORK is $FUZZ_WORK_DIR, else $CARGO_TARGET_DIR/fuzz-work,
+# else target/fuzz-work in the repository; the instrumented build goes to $CARGO_TARGET_DIR/fuzz-build
 # (or target/fuzz-build). Exits non-zero on the first crash, hang (-timeout) or memory blow-up
 # (-rss_limit_mb, -malloc_limit_mb), printing the path of the input that caused it.
+#
+# FUZZ_PROFILE=dev builds unoptimized (a third of the build time, several times fewer inputs
+# per second): what the test suite's smoke run uses. The default, release, is for real runs.
 set -euo pipefail
 
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -35,8 +38,14 @@ fi
 
 base="${CARGO_TARGET_DIR:-$repo/target}"
 build_dir="$base/fuzz-build"
-work="$base/fuzz-work"
+work="${FUZZ_WORK_DIR:-$base/fuzz-work}"
 host="$(rustc -vV | sed -n 's/^host: //p')"
+profile="${FUZZ_PROFILE:-release}"
+case "$profile" in
+  release) profile_dir=release ;;
+  dev) profile_dir=debug ;;
+  *) echo "$0: FUZZ_PROFILE must be release or dev, got '$profile'" >&2; exit 64 ;;
+esac
 
 # The flags cargo-fuzz uses, minus the sanitizer (which needs nightly). `--target` keeps them
 # off build scripts and proc macros, which are not linked with libFuzzer.
@@ -45,13 +54,13 @@ export RUSTFLAGS="--cfg fuzzing -Cpasses=sancov-module \
 -Cllvm-args=-sanitizer-coverage-inline-8bit-counters \
 -Cllvm-args=-sanitizer-coverage-pc-table \
 -Cllvm-args=-sanitizer-coverage-trace-compares"
-echo "fuzz: building ${selected[*]} in $build_dir" >&2
-(cd "$here" && CARGO_TARGET_DIR="$build_dir" cargo build --locked --release --target "$host" \
+echo "fuzz: building ${selected[*]} ($profile) in $build_dir" >&2
+(cd "$here" && CARGO_TARGET_DIR="$build_dir" cargo build --locked --profile "$profile" --target "$host" \
   $(printf -- '--bin %s ' "${selected[@]}"))
 
 status=0
 for target in "${selected[@]}"; do
-  binary="$build_dir/$host/release/$target"
+  binary="$build_dir/$host/$profile_dir/$target"
   corpus="$work/corpus/$target"
   artifacts="$work/artifacts/$target"
   log="$work/$target.log"

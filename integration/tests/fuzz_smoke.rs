@@ -182,8 +182,13 @@ fn frame_and_message_seeds_are_real_frames() {
 #[test]
 fn every_fuzz_target_runs_without_a_finding() {
     let started = Instant::now();
+    // From the committed seeds only, in a directory of its own, with the quicker unoptimized
+    // build (run.sh's FUZZ_PROFILE=dev).
+    let work = tempfile::tempdir().expect("temporary work directory");
     let output = Command::new(fuzz_dir().join("run.sh"))
         .args(["all", &SMOKE_SECONDS.to_string()])
+        .env("FUZZ_PROFILE", "dev")
+        .env("FUZZ_WORK_DIR", work.path())
         .output()
         .expect("run integration/fuzz/run.sh");
     let stderr = String::from_utf8_lossy(&output.stderr);
@@ -201,7 +206,7 @@ fn every_fuzz_target_runs_without_a_finding() {
             .and_then(|n| n.trim().parse().ok())
             .unwrap_or_else(|| panic!("no execution count for {target} in:\n{stderr}"));
         assert!(
-            executed >= 1000,
+            executed >= 100,
             "{target} ran only {executed} inputs in {SMOKE_SECONDS} s:\n{stderr}"
         );
         eprintln!("{target}: {executed} inputs in {SMOKE_SECONDS} s");
