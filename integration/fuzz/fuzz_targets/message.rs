@@ -34,10 +34,6 @@ fuzz_target!(|data: &[u8]| {
         .expect("an encoded message decodes")
         .expect("a whole frame");
     assert_eq!(again, message, "encode/decode changed the message");
-    // Encoding is deterministic: the second encoding is the same bytes.
-    let mut first = BytesMut::new();
-    let mut second = BytesMut::new();
-    codec.encode(message, &mut first).expect("encodes");
-    codec.encode(again, &mut second).expect("encodes");
-    assert_eq!(first, second);
+    // Not checked: that the two encodings are the same bytes. `JoinRequest.labels` is a protobuf
+    // map, which prost encodes in a HashMap's order (docs/fuzzing.md, finding 1).
 });
