@@ -262,6 +262,12 @@ fn validate_secret_and_configmap(info: &ResourceInfo, object: &Value, causes: &m
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
     };
     for field in ["data", "binaryData"] {
+        if !object[field].is_null() && !object[field].is_object() {
+            causes.push(Cause {
+                field: field.into(),
+                message: "Invalid value: must be a map of keys to values".into(),
+            });
+        }
         if let Some(map) = object[field].as_object() {
             for (k, v) in map {
                 if !key_ok(k) {
@@ -473,12 +479,14 @@ fn merge_string_data(object: &mut Value) {
     if object["data"].is_null() {
         object["data"] = json!({});
     }
-    if let Some(map) = string_data.as_object() {
-        for (k, v) in map {
-            let encoded =
-                base64::engine::general_purpose::STANDARD.encode(v.as_str().unwrap_or_default());
-            object["data"][k] = json!(encoded);
-        }
+    // A `data` that is not a map is refused by validation; indexing into it would panic.
+    let (Some(map), Some(data)) = (string_data.as_object(), object["data"].as_object_mut()) else {
+        return;
+    };
+    for (k, v) in map {
+        let encoded =
+            base64::engine::general_purpose::STANDARD.encode(v.as_str().unwrap_or_default());
+        data.insert(k.clone(), json!(encoded));
     }
 }
 
@@ -884,6 +892,24 @@ mod tests {
         assert_eq!(secret["type"], "Opaque");
         let mut bad = json!({"metadata": {"name": "s"}, "data": {"k": "not base64!"}});
         assert!(prepare_create(info("secrets"), &mut bad, OffsetDateTime::UNIX_EPOCH).is_err());
+    }
+
+    /// Found by the `api_request` fuzz target: `stringData` with a `data` that is not a map
+    /// panicked while merging (docs/fuzzing.md).
+    #[test]
+    fn string_data_beside_a_data_that_is_not_a_map_is_invalid_not_a_panic() {
+        for plural in ["secrets", "configmaps"] {
+            let mut object = json!({"metadata": {"name": "s"}, "data": "Opaque", "stringData": {"user": "admin"}});
+            let error = prepare_create(info(plural), &mut object, OffsetDateTime::UNIX_EPOCH)
+                .expect_err("data that is not a map");
+            assert_eq!(error.causes()[0].field, "data", "{plural}: {error:?}");
+            let current = json!({"metadata": {"name": "s"}, "data": {}});
+            let mut update =
+                json!({"metadata": {"name": "s"}, "data": ["x"], "stringData": {"user": "admin"}});
+            let error = prepare_update(info(plural), None, &current, &mut update)
+                .expect_err("data that is not a map");
+            assert_eq!(error.causes()[0].field, "data", "{plural}: {error:?}");
+        }
     }
 
     #[test]
