@@ -167,7 +167,10 @@ pub fn patch(content_type: &str, kind: &str, body: &[u8]) {
     let Ok(mut patched) = patch::apply(patch_type, kind, &stored, body) else {
         return;
     };
-    if let Some(info) = resources::builtin().iter().find(|i| i.kind == kind) {
+    // As `verbs::write_update` does: the type check, then the update rules.
+    if let Some(info) = resources::builtin().iter().find(|i| i.kind == kind)
+        && answer(objects::check_type(info, &patched)).is_some()
+    {
         let _ = answer(objects::prepare_update(info, None, &stored, &mut patched));
     }
 }
