@@ -45,6 +45,36 @@ pub fn check_type(info: &ResourceInfo, object: &Value) -> Result<(), ApiError> {
     if !object["metadata"].is_object() && !object["metadata"].is_null() {
         return Err(ApiError::bad_request("metadata must be an object"));
     }
+    check_shape(info, object)
+}
+
+/// The fields the server fills in or reads by index must have their schema's JSON type, as the
+/// apiserver's decoding into typed structs requires: `spec` and `status` objects, and for pods
+/// the container, toleration and volume lists arrays of objects. Defaulting and the update
+/// rules index into them, which would panic on a string.
+fn check_shape(info: &ResourceInfo, object: &Value) -> Result<(), ApiError> {
+    let wrong = |field: &str, want: &str| {
+        Err(ApiError::bad_request(format!(
+            "{} {field} must be {want}",
+            info.kind
+        )))
+    };
+    for field in ["spec", "status"] {
+        if !object[field].is_null() && !object[field].is_object() {
+            return wrong(field, "an object");
+        }
+    }
+    if info.plural == "pods" {
+        for list in ["containers", "initContainers", "tolerations", "volumes"] {
+            let value = &object["spec"][list];
+            let objects_only = value
+                .as_array()
+                .is_some_and(|items| items.iter().all(Value::is_object));
+            if !value.is_null() && !objects_only {
+                return wrong(&format!("spec.{list}"), "a list of objects");
+            }
+        }
+    }
     Ok(())
 }
 
@@ -910,6 +940,37 @@ mod tests {
                 .expect_err("data that is not a map");
             assert_eq!(error.causes()[0].field, "data", "{plural}: {error:?}");
         }
+    }
+
+    /// Found by the `api_request` fuzz target: a pod whose `spec` was a string (or whose
+    /// containers were not objects) panicked in defaulting and in the update rules.
+    #[test]
+    fn fields_of_the_wrong_json_type_are_refused_before_they_are_indexed() {
+        let pods = info("pods");
+        for (object, field) in [
+            (json!({"metadata": {"name": "p"}, "spec": "Pod"}), "spec"),
+            (json!({"metadata": {"name": "p"}, "status": 1}), "status"),
+            (
+                json!({"metadata": {"name": "p"}, "spec": {"containers": [1]}}),
+                "spec.containers",
+            ),
+            (
+                json!({"metadata": {"name": "p"}, "spec": {"initContainers": "c"}}),
+                "spec.initContainers",
+            ),
+            (
+                json!({"metadata": {"name": "p"}, "spec": {"containers": [], "tolerations": [[]]}}),
+                "spec.tolerations",
+            ),
+        ] {
+            let error = check_type(pods, &object).expect_err("wrong type");
+            assert!(
+                error.message.contains(&format!("Pod {field} must be")),
+                "{field}: {error:?}"
+            );
+        }
+        let configmap = json!({"metadata": {"name": "c"}, "spec": {"containers": "not checked"}});
+        check_type(info("configmaps"), &configmap).expect("only pods have containers");
     }
 
     #[test]
