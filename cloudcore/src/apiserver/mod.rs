@@ -10,8 +10,11 @@
 //! - [`resources`]: the resource table, selectors and server-side printing (tables).
 //! - [`discovery`]: `/version`, `/api`, `/apis`, resource lists and OpenAPI documents.
 //! - [`status`]: errors as Kubernetes `Status` bodies.
+//! - `fuzzing` (hidden): entry points for the fuzz targets in `integration/fuzz/`.
 
 pub mod discovery;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod objects;
 pub mod patch;
 pub mod request;

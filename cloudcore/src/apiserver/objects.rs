@@ -61,6 +61,36 @@ pub fn check_type(info: &ResourceInfo, object: &Value) -> Result<(), ApiError> {
     if !object["metadata"].is_object() && !object["metadata"].is_null() {
         return Err(ApiError::bad_request("metadata must be an object"));
     }
+    check_shape(info, object)
+}
+
+/// The fields the server fills in or reads by index must have their schema's JSON type, as the
+/// apiserver's decoding into typed structs requires: `spec` and `status` objects, and for pods
+/// the container, toleration and volume lists arrays of objects. Defaulting and the update
+/// rules index into them, which would panic on a string.
+fn check_shape(info: &ResourceInfo, object: &Value) -> Result<(), ApiError> {
+    let wrong = |field: &str, want: &str| {
+        Err(ApiError::bad_request(format!(
+            "{} {field} must be {want}",
+            info.kind
+        )))
+    };
+    for field in ["spec", "status"] {
+        if !object[field].is_null() && !object[field].is_object() {
+            return wrong(field, "an object");
+        }
+    }
+    if info.plural == "pods" {
+        for list in ["containers", "initContainers", "tolerations", "volumes"] {
+            let value = &object["spec"][list];
+            let objects_only = value
+                .as_array()
+                .is_some_and(|items| items.iter().all(Value::is_object));
+            if !value.is_null() && !objects_only {
+                return wrong(&format!("spec.{list}"), "a list of objects");
+            }
+        }
+    }
     Ok(())
 }
 
@@ -353,6 +383,12 @@ fn validate_secret_and_configmap(info: &ResourceInfo, object: &Value, causes: &m
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
     };
     for field in ["data", "binaryData"] {
+        if !object[field].is_null() && !object[field].is_object() {
+            causes.push(Cause {
+                field: field.into(),
+                message: "Invalid value: must be a map of keys to values".into(),
+            });
+        }
         if let Some(map) = object[field].as_object() {
             for (k, v) in map {
                 if !key_ok(k) {
@@ -576,12 +612,14 @@ fn merge_string_data(object: &mut Value) {
     if object["data"].is_null() {
         object["data"] = json!({});
     }
-    if let Some(map) = string_data.as_object() {
-        for (k, v) in map {
-            let encoded =
-                base64::engine::general_purpose::STANDARD.encode(v.as_str().unwrap_or_default());
-            object["data"][k] = json!(encoded);
-        }
+    // A `data` that is not a map is refused by validation; indexing into it would panic.
+    let (Some(map), Some(data)) = (string_data.as_object(), object["data"].as_object_mut()) else {
+        return;
+    };
+    for (k, v) in map {
+        let encoded =
+            base64::engine::general_purpose::STANDARD.encode(v.as_str().unwrap_or_default());
+        data.insert(k.clone(), json!(encoded));
     }
 }
 
@@ -1077,6 +1115,55 @@ mod tests {
         assert_eq!(secret["type"], "Opaque");
         let mut bad = json!({"metadata": {"name": "s"}, "data": {"k": "not base64!"}});
         assert!(prepare_create(info("secrets"), &mut bad, OffsetDateTime::UNIX_EPOCH).is_err());
+    }
+
+    /// Found by the `api_request` fuzz target: `stringData` with a `data` that is not a map
+    /// panicked while merging (docs/fuzzing.md).
+    #[test]
+    fn string_data_beside_a_data_that_is_not_a_map_is_invalid_not_a_panic() {
+        for plural in ["secrets", "configmaps"] {
+            let mut object = json!({"metadata": {"name": "s"}, "data": "Opaque", "stringData": {"user": "admin"}});
+            let error = prepare_create(info(plural), &mut object, OffsetDateTime::UNIX_EPOCH)
+                .expect_err("data that is not a map");
+            assert_eq!(error.causes()[0].field, "data", "{plural}: {error:?}");
+            let current = json!({"metadata": {"name": "s"}, "data": {}});
+            let mut update =
+                json!({"metadata": {"name": "s"}, "data": ["x"], "stringData": {"user": "admin"}});
+            let error = prepare_update(info(plural), None, &current, &mut update)
+                .expect_err("data that is not a map");
+            assert_eq!(error.causes()[0].field, "data", "{plural}: {error:?}");
+        }
+    }
+
+    /// Found by the `api_request` fuzz target: a pod whose `spec` was a string (or whose
+    /// containers were not objects) panicked in defaulting and in the update rules.
+    #[test]
+    fn fields_of_the_wrong_json_type_are_refused_before_they_are_indexed() {
+        let pods = info("pods");
+        for (object, field) in [
+            (json!({"metadata": {"name": "p"}, "spec": "Pod"}), "spec"),
+            (json!({"metadata": {"name": "p"}, "status": 1}), "status"),
+            (
+                json!({"metadata": {"name": "p"}, "spec": {"containers": [1]}}),
+                "spec.containers",
+            ),
+            (
+                json!({"metadata": {"name": "p"}, "spec": {"initContainers": "c"}}),
+                "spec.initContainers",
+            ),
+            (
+                json!({"metadata": {"name": "p"}, "spec": {"containers": [], "tolerations": [[]]}}),
+                "spec.tolerations",
+            ),
+        ] {
+            let error = check_type(pods, &object).expect_err("wrong type");
+            assert!(
+                error.message.contains(&format!("Pod {field} must be")),
+                "{field}: {error:?}"
+            );
+        }
+        let configmap = json!({"metadata": {"name": "c"}, "spec": {"containers": "not checked"}});
+        check_type(info("configmaps"), &configmap).expect("only pods have containers");
     }
 
     #[test]

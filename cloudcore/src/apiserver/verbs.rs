@@ -86,7 +86,7 @@ fn parse_rv(text: &str) -> Option<u64> {
     text.parse().ok()
 }
 
-fn query_of(uri: &Uri) -> Result<Query, ApiError> {
+pub(crate) fn query_of(uri: &Uri) -> Result<Query, ApiError> {
     let Some(query) = uri.query() else {
         return Ok(Query::new());
     };
@@ -104,7 +104,7 @@ fn json_response(code: StatusCode, value: &Value) -> Response {
         .into_response()
 }
 
-fn table_options(query: &Query) -> resources::TableOptions {
+pub(crate) fn table_options(query: &Query) -> resources::TableOptions {
     resources::TableOptions {
         include_object: query
             .get("includeObject")
@@ -281,7 +281,9 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| ApiError::internal(format!("storage task failed: {e}")))
 }
 
-fn selectors(query: &Query) -> Result<(Option<LabelSelector>, Option<FieldSelector>), ApiError> {
+pub(crate) fn selectors(
+    query: &Query,
+) -> Result<(Option<LabelSelector>, Option<FieldSelector>), ApiError> {
     let labels = match query.get("labelSelector").filter(|s| !s.is_empty()) {
         Some(s) => Some(LabelSelector::parse(s).map_err(|e| ApiError::bad_request(e.to_string()))?),
         None => None,
@@ -294,7 +296,10 @@ fn selectors(query: &Query) -> Result<(Option<LabelSelector>, Option<FieldSelect
 }
 
 /// Rejects field selectors the kind does not support, even when nothing would match.
-fn check_fields(info: &ResourceInfo, fields: &Option<FieldSelector>) -> Result<(), ApiError> {
+pub(crate) fn check_fields(
+    info: &ResourceInfo,
+    fields: &Option<FieldSelector>,
+) -> Result<(), ApiError> {
     match fields {
         Some(f) => f
             .validate(info.kind)
@@ -483,7 +488,7 @@ async fn get(
     Ok(json_response(StatusCode::OK, &object))
 }
 
-fn parse_body(body: &[u8]) -> Result<Value, ApiError> {
+pub(crate) fn parse_body(body: &[u8]) -> Result<Value, ApiError> {
     let value: Value = serde_json::from_slice(body)
         .map_err(|e| ApiError::bad_request(format!("the request body is not valid JSON: {e}")))?;
     if !value.is_object() {
@@ -742,14 +747,14 @@ async fn bind(
 }
 
 #[derive(Debug, Default)]
-struct DeleteOptions {
+pub(crate) struct DeleteOptions {
     grace_period: Option<i64>,
     propagation: Option<String>,
     uid: Option<String>,
     resource_version: Option<u64>,
 }
 
-fn delete_options(query: &Query, body: &[u8]) -> Result<DeleteOptions, ApiError> {
+pub(crate) fn delete_options(query: &Query, body: &[u8]) -> Result<DeleteOptions, ApiError> {
     let mut opts = DeleteOptions::default();
     if !body.is_empty() {
         let v: Value = serde_json::from_slice(body)
