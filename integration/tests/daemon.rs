@@ -201,13 +201,15 @@ fn a_second_serve_or_run_on_a_data_dir_is_refused_and_the_first_keeps_working() 
         "the first edge lost its session: {}",
         edge.log()
     );
-    // `ctl get` reads the store while run holds it.
-    let objects = edge.objects();
+    // `ctl get` reads the store while run holds it (the Node arrives once the session's
+    // resync is through, which may be a moment after the session opened).
     assert!(
-        objects
+        eventually(Duration::from_secs(10), || edge
+            .objects()
             .iter()
-            .any(|o| o.kind == "Node" && o.name == "gw-once"),
-        "{objects:?}"
+            .any(|o| o.kind == "Node" && o.name == "gw-once")),
+        "{:?}",
+        edge.objects()
     );
     assert_eq!(cloud.metric("cloudcore_reconnects_total"), 0.0);
 }
