@@ -8,6 +8,7 @@
 pub mod bench;
 pub mod cluster;
 pub mod netns;
+pub mod peer;
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -899,7 +900,7 @@ impl Containerd {
             subnet,
             bridge,
         };
-        containerd.launch();
+        containerd.start_daemon();
         let images = dir.join("images");
         std::fs::create_dir_all(&images).expect("images dir");
         for (file, name, entrypoint, cmd) in [
@@ -935,7 +936,8 @@ impl Containerd {
         containerd
     }
 
-    fn launch(&self) {
+    /// Starts this containerd's daemon (again), on the same state and images.
+    pub fn start_daemon(&self) {
         let out = Command::new(deploy_dir().join("containerd/containerd.sh"))
             .arg("start")
             .arg(&self.dir)
@@ -955,6 +957,12 @@ impl Containerd {
     /// stopped (its bridge deleted) and started again; the images stay.
     pub fn reboot(&self) {
         self.remove_all_pods();
+        self.stop_daemon();
+        self.start_daemon();
+    }
+
+    /// Stops the daemon only (a runtime outage): sandboxes and containers stay as they are.
+    pub fn stop_daemon(&self) {
         let out = Command::new(deploy_dir().join("containerd/containerd.sh"))
             .arg("stop")
             .arg(&self.dir)
@@ -965,7 +973,6 @@ impl Containerd {
             "containerd did not stop: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        self.launch();
     }
 
     /// Stops and removes every pod sandbox this containerd runs.

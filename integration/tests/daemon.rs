@@ -401,17 +401,7 @@ fn edgecore_readiness_follows_the_runtime_not_the_cloud() {
     assert!(eventually(Duration::from_secs(40), || !edge.connected()));
     assert_eq!(get(port, "/readyz").map(|r| r.0), Some(200));
 
-    let script = integration::deploy_dir().join("containerd/containerd.sh");
-    let out = Command::new(&script)
-        .arg("stop")
-        .arg(&containerd.dir)
-        .output()
-        .expect("stop containerd");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    containerd.stop_daemon();
     let (code, body) = get(port, "/readyz").expect("readyz");
     assert_eq!(code, 503, "{body}");
     assert!(body.contains("[-]runtime failed: "), "{body}");
@@ -421,18 +411,7 @@ fn edgecore_readiness_follows_the_runtime_not_the_cloud() {
         "a runtime outage is no reason to restart edgecore: {body}"
     );
 
-    let out = Command::new(&script)
-        .arg("start")
-        .arg(&containerd.dir)
-        .arg(&containerd.subnet)
-        .arg(&containerd.bridge)
-        .output()
-        .expect("start containerd");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    containerd.start_daemon();
     assert!(
         eventually(Duration::from_secs(20), || get(port, "/readyz")
             .is_some_and(|r| r.0 == 200)),

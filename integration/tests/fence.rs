@@ -135,6 +135,24 @@ fn site(tmp: &Path, node: &str) -> (Containerd, Cloud, Edge, PathBuf) {
     (containerd, cloud, edge, edge_dir)
 }
 
+/// Waits past a fenced edge's retry (10 s), then checks that the pod's container still runs
+/// and the edge's store still holds the pod: a fence deletes and stops nothing.
+fn pod_untouched_past_a_retry(containerd: &Containerd, edge: &Edge, container: &str) {
+    std::thread::sleep(Duration::from_secs(12));
+    assert!(
+        running_containers(containerd)
+            .iter()
+            .any(|c| c == container),
+        "the pod's container {container} was stopped; edge log:\n{}",
+        edge.log()
+    );
+    assert!(
+        edge.objects()
+            .iter()
+            .any(|o| o.kind == "Pod" && o.name == "steady"),
+        "the edge's store lost the pod"
+    );
+}
 #[test]
 fn a_lost_api_db_is_refused_then_fenced_without_stopping_a_pod_until_adopted() {
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -195,18 +213,7 @@ fn a_lost_api_db_is_refused_then_fenced_without_stopping_a_pod_until_adopted() {
         "a resync was planned for a fenced edge: {cloud_log}"
     );
     // Past a retry of the fenced edge: still nothing deleted, the same container running.
-    std::thread::sleep(Duration::from_secs(12));
-    assert!(
-        running_containers(&containerd).contains(&container),
-        "the pod's container {container} was stopped; edge log:\n{}",
-        edge.log()
-    );
-    assert!(
-        edge.objects()
-            .iter()
-            .any(|o| o.kind == "Pod" && o.name == "steady"),
-        "the edge's store lost the pod"
-    );
+    pod_untouched_past_a_retry(&containerd, &edge, &container);
 
     // The operator re-creates the workload in the new store and adopts it for the node.
     cloud.kubectl_ok(&["apply", "-f", "-"], Some(&pod_yaml("fence-a", false)));
@@ -495,18 +502,7 @@ fn kube_mode_a_new_control_plane_is_refused_then_fences_the_edge_with_its_pod_ru
         cloud.log(),
         edge.log()
     );
-    std::thread::sleep(Duration::from_secs(12));
-    assert!(
-        running_containers(&containerd).contains(&container),
-        "the pod's container {container} was stopped; edge log:\n{}",
-        edge.log()
-    );
-    assert!(
-        edge.objects()
-            .iter()
-            .any(|o| o.kind == "Pod" && o.name == "steady"),
-        "the edge's store lost the pod"
-    );
+    pod_untouched_past_a_retry(&containerd, &edge, &container);
     assert!(
         second
             .kubectl(&["get", "pod", "steady"], None)

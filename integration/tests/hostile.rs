@@ -1,36 +1,14 @@
 //! Authenticated but hostile or broken peers: the cloud closes their connection with a logged
 //! reason and keeps serving everyone else. Clients here are in-process and speak raw QUIC.
 
-use std::path::Path;
 use std::time::Duration;
 
 use edgecore::{dial, identity, tls};
+use integration::peer::{closed_by_cloud, connect_as, connect_with};
 use integration::{Cloud, Edge, eventually, join, join_with};
 use proto::{FrameReader, FrameWriter, Hello, Message, NodeInfo, ProtocolVersion, close_code};
 use quinn::{Connection, ConnectionError};
 use rand::{Rng, SeedableRng};
-
-async fn connect_as(dir: &Path, cloud: &Cloud) -> Connection {
-    let identity = identity::load(dir).expect("identity");
-    connect_with(&identity, cloud).await.expect("connect")
-}
-
-async fn connect_with(
-    identity: &identity::Identity,
-    cloud: &Cloud,
-) -> Result<Connection, dial::DialError> {
-    let addr = dial::resolve(&cloud.address()).await?;
-    let endpoint = dial::client_endpoint(addr)?;
-    let config = tls::node_config(identity).expect("tls config");
-    dial::connect(
-        &endpoint,
-        config,
-        &cloud.address(),
-        addr,
-        Duration::from_secs(5),
-    )
-    .await
-}
 
 fn hello(major: u32) -> Message {
     Message::Hello(Hello {
@@ -39,15 +17,6 @@ fn hello(major: u32) -> Message {
         inventory: Vec::new(),
         cloud_state_id: String::new(),
     })
-}
-
-/// Waits for the cloud to close the connection and returns its application close code.
-async fn closed_by_cloud(connection: &Connection) -> u32 {
-    match tokio::time::timeout(Duration::from_secs(5), connection.closed()).await {
-        Ok(ConnectionError::ApplicationClosed(close)) => close.error_code.into_inner() as u32,
-        Ok(other) => panic!("closed, but not by the application: {other}"),
-        Err(_) => panic!("the cloud did not close the connection within 5 s"),
-    }
 }
 
 /// Opens a stream, writes raw bytes (optionally after a proper hello) and finishes it.

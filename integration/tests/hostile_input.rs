@@ -6,13 +6,13 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use edgecore::{dial, identity, tls};
+use edgecore::{dial, tls};
 use integration::{Cloud, Token, bin, eventually, join};
 use proto::{
     ErrorCode, ErrorMessage, FrameReader, FrameWriter, Hello, JoinRequest, Message, NodeInfo,
     close_code,
 };
-use quinn::{Connection, ConnectionError};
+use quinn::Connection;
 
 /// The text a hostile client puts after a newline: a whole log line of its own.
 const FORGED: &str =
@@ -228,19 +228,7 @@ type Stream = (
 /// Opens a session as the node whose identity is in `dir` and sends `hello`; returns the
 /// cloud's first answer, the connection and its stream.
 async fn hello_as(dir: &Path, cloud: &Cloud, info: NodeInfo) -> (Message, Connection, Stream) {
-    let identity = identity::load(dir).expect("identity");
-    let addr = dial::resolve(&cloud.address()).await.expect("addr");
-    let endpoint = dial::client_endpoint(addr).expect("endpoint");
-    let config = tls::node_config(&identity).expect("tls config");
-    let connection = dial::connect(
-        &endpoint,
-        config,
-        &cloud.address(),
-        addr,
-        Duration::from_secs(5),
-    )
-    .await
-    .expect("connect");
+    let connection = integration::peer::connect_as(dir, cloud).await;
     let (send, recv) = connection.open_bi().await.expect("stream");
     let mut writer = FrameWriter::new(send, proto::DEFAULT_MAX_FRAME_SIZE);
     let mut reader = FrameReader::new(recv, proto::DEFAULT_MAX_FRAME_SIZE);
@@ -267,14 +255,6 @@ fn node_info() -> NodeInfo {
         cpus: 2,
         memory_bytes: 1 << 30,
         node_status: Vec::new(),
-    }
-}
-
-async fn closed_with(connection: &Connection) -> u32 {
-    match tokio::time::timeout(Duration::from_secs(5), connection.closed()).await {
-        Ok(ConnectionError::ApplicationClosed(close)) => close.error_code.into_inner() as u32,
-        Ok(other) => panic!("closed, but not by the application: {other}"),
-        Err(_) => panic!("the cloud did not close the connection within 5 s"),
     }
 }
 
@@ -316,7 +296,7 @@ async fn a_hostile_hello_is_refused_naming_the_field_and_a_bad_node_status_is_dr
             other => panic!("{field}: expected a refusal, got {other:?}"),
         }
         assert_eq!(
-            closed_with(&connection).await,
+            integration::peer::closed_by_cloud(&connection).await,
             close_code::PROTOCOL_VIOLATION
         );
     }
