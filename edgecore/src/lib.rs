@@ -197,7 +197,7 @@ fn health_checks(data_dir: &std::path::Path, runtime: Option<cri::Cri>) -> daemo
         .with("store", Probe::Readiness, move || {
             let dir = store_dir.clone();
             async move {
-                tokio::task::spawn_blocking(move || store::Store::open_read_only(&dir).map(drop))
+                tokio::task::spawn_blocking(move || store::Store::probe(&dir))
                     .await
                     .map_err(|e| format!("check task failed: {e}"))?
                     .map_err(|e| daemon::error_chain(&e))

@@ -381,6 +381,21 @@ impl Store {
         })
     }
 
+    /// The readiness probe's check: the store opens on the real file and answers, with a
+    /// schema this build knows. Unlike [`Store::open_read_only`] it neither scans the file
+    /// (`quick_check`, done at start) nor copies it on a read-only file system, so a probe every
+    /// few seconds costs the same whatever the store's size; a store SQLite cannot read there
+    /// fails the probe, as it should.
+    pub fn probe(data_dir: &Path) -> Result<(), StoreError> {
+        let path = data_dir.join(DB_FILE);
+        if !path.exists() {
+            return Err(StoreError::Missing { path });
+        }
+        let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let conn = daemon::sqlite::open(&path, flags).map_err(open_err(&path))?;
+        schema_version(&conn, &path).map(drop)
+    }
+
     /// The identity of the cloud's API store this edge last synced with, if any.
     pub fn cloud_state_id(&self) -> Result<Option<String>, StoreError> {
         self.conn
