@@ -18,6 +18,7 @@ pub mod registry;
 pub mod scheduler;
 pub mod slots;
 pub mod state;
+pub mod streams;
 pub mod token;
 pub mod tokens;
 pub mod upstream;

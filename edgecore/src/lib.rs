@@ -17,6 +17,7 @@ pub mod outbox;
 pub mod pods;
 pub mod replica;
 pub mod store;
+pub mod streams;
 pub mod tls;
 pub mod tokens;
 

@@ -10,6 +10,7 @@
 
 pub mod frame;
 pub mod message;
+pub mod stream;
 pub mod sync;
 
 /// Generated protobuf types of package `edge.v1`.

@@ -8,7 +8,7 @@ use crate::pb::envelope::Body;
 
 /// The version this build speaks. Peers with another major version are refused; the minor
 /// says which optional messages a peer understands.
-pub const PROTOCOL_VERSION: ProtocolVersion = ProtocolVersion { major: 1, minor: 2 };
+pub const PROTOCOL_VERSION: ProtocolVersion = ProtocolVersion { major: 1, minor: 3 };
 /// The first minor version with `TokenRequest`/`TokenResponse`: an edge sends a token request
 /// only to a cloud that speaks it (an older cloud would close the session on the unknown
 /// message).
@@ -226,6 +226,11 @@ impl ProtocolVersion {
     /// Whether a peer speaking `self` understands `TokenRequest`/`TokenResponse`.
     pub fn has_tokens(self) -> bool {
         self.is_supported() && self.minor >= TOKENS_SINCE_MINOR
+    }
+
+    /// Whether an edge speaking `self` accepts streams the cloud opens ([`crate::stream`]).
+    pub fn has_streams(self) -> bool {
+        self.is_supported() && self.minor >= crate::stream::STREAMS_SINCE_MINOR
     }
 }
 
