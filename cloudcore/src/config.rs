@@ -49,6 +49,8 @@ pub struct ServeConfig {
     /// Lost or replaced state `serve` may start on anyway (`--allow-new-store`,
     /// `--allow-new-ca`, `--allow-empty-registry`); by default it refuses.
     pub allow: crate::state::Allow,
+    /// Streams (logs, exec, attach, port-forward, stats) open at once per edge.
+    pub max_streams_per_edge: usize,
 }
 
 impl ServeConfig {
@@ -76,6 +78,7 @@ impl ServeConfig {
             },
             node_grace_period: Duration::from_secs(40),
             allow: crate::state::Allow::default(),
+            max_streams_per_edge: crate::streams::DEFAULT_MAX_STREAMS_PER_EDGE,
         }
     }
 

@@ -104,6 +104,8 @@ pub struct Shared {
     pub fence: crate::state::Fence,
     /// Replacements between different peer addresses per node. Same locking rule as above.
     conflicts: Mutex<IdentityConflicts>,
+    /// Streams to edge pods (logs, exec, attach, port-forward, stats) on sessions' connections.
+    pub streams: Arc<crate::streams::Streams>,
 }
 
 /// A node replaced by a different peer address again within this window is used by two
@@ -184,6 +186,7 @@ impl Shared {
         upstream: Upstream,
         tokens: Issuer,
         fence: crate::state::Fence,
+        streams: Arc<crate::streams::Streams>,
     ) -> Self {
         let join_limiter = Mutex::new(JoinLimiter::new(
             config.join_failure_burst,
@@ -202,6 +205,7 @@ impl Shared {
             upstream,
             tokens,
             conflicts: Mutex::default(),
+            streams,
             fence,
         }
     }

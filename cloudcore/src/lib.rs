@@ -103,6 +103,7 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> Result<(),
     );
 
     let tracker = TaskTracker::new();
+    let streams = streams::Streams::new(config.max_streams_per_edge);
     let mut embedded_store = None;
     let (client, lifecycle) = match &config.control_plane {
         config::ControlPlane::Embedded { listen } => {
@@ -111,6 +112,7 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> Result<(),
                 *listen,
                 &config.server_sans(),
                 &ca,
+                streams.clone(),
                 shutdown.clone(),
                 &tracker,
             )
@@ -193,6 +195,7 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> Result<(),
         upstream,
         issuer,
         fence,
+        streams,
     ));
     let accepting = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let health = health_checks(

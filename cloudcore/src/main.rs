@@ -105,6 +105,10 @@ struct ServeArgs {
     /// rest are refused.
     #[arg(long, default_value_t = 8)]
     max_handshakes_per_address: usize,
+    /// Streams (kubectl logs, exec, attach, port-forward; stats) open at once per edge; more
+    /// are refused with 429 naming the node.
+    #[arg(long, default_value_t = cloudcore::streams::DEFAULT_MAX_STREAMS_PER_EDGE)]
+    max_streams_per_edge: usize,
     /// Failed joins allowed at once per source address.
     #[arg(long, default_value_t = 10)]
     join_failure_burst: u32,
@@ -274,6 +278,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     config.max_frame_size = args.max_frame_size;
     config.max_concurrent_handshakes = args.max_concurrent_handshakes;
     config.max_handshakes_per_address = args.max_handshakes_per_address;
+    config.max_streams_per_edge = args.max_streams_per_edge;
     config.join_failure_burst = args.join_failure_burst;
     config.join_failure_refill = args.join_failure_refill;
     config.udp_receive_buffer = args.udp_receive_buffer;

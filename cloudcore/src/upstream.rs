@@ -1286,6 +1286,7 @@ mod tests {
             "127.0.0.1:0".parse().expect("address"),
             &["127.0.0.1".to_string()],
             &ca,
+            crate::streams::Streams::new(1),
             shutdown.clone(),
             &tracker,
         )

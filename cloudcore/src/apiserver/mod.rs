@@ -113,6 +113,7 @@ pub async fn start(
     listen: SocketAddr,
     sans: &[String],
     ca: &ClusterCa,
+    streams: Arc<crate::streams::Streams>,
     shutdown: CancellationToken,
     tracker: &tokio_util::task::TaskTracker,
 ) -> Result<Embedded, EmbeddedError> {
@@ -150,6 +151,7 @@ pub async fn start(
         store: store.clone(),
         bookmark_interval: Duration::from_secs(10),
         health,
+        streams,
     });
     let router = axum::Router::new().fallback(verbs::handle).with_state(api);
     tracker.spawn(keep_system_namespaces(store.clone(), shutdown.clone()));

@@ -29,6 +29,8 @@ pub struct Api {
     pub bookmark_interval: Duration,
     /// The checks behind `/livez`, `/readyz` and `/healthz`.
     pub health: daemon::health::Health,
+    /// Where `pods/log`, `exec`, `attach`, `portforward` and `metrics.k8s.io` reach edges.
+    pub streams: Arc<crate::streams::Streams>,
 }
 
 type Query = HashMap<String, String>;

@@ -17,6 +17,10 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite};
 
+pub mod spdy;
+pub mod status;
+pub mod websocket;
+
 /// A boxed writer half (for example a tunnel's `quinn::SendStream`).
 pub type BoxWrite = Pin<Box<dyn AsyncWrite + Send>>;
 /// A boxed reader half (for example a tunnel's `quinn::RecvStream`).
@@ -49,8 +53,32 @@ pub type Dial = Arc<
 
 /// Whether `request` asks for an upgrade this crate speaks (SPDY/3.1 or WebSocket).
 pub fn is_upgrade<B>(request: &http::Request<B>) -> bool {
-    let _ = request;
-    false
+    transport(request).is_some()
+}
+
+/// The two upgrade transports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Spdy,
+    WebSocket,
+}
+
+/// The transport the request's `Upgrade` header asks for.
+pub fn transport<B>(request: &http::Request<B>) -> Option<Transport> {
+    let upgrade = request
+        .headers()
+        .get(http::header::UPGRADE)?
+        .to_str()
+        .ok()?;
+    upgrade.split(',').map(str::trim).find_map(|p| {
+        if p.eq_ignore_ascii_case("SPDY/3.1") {
+            Some(Transport::Spdy)
+        } else if p.eq_ignore_ascii_case("websocket") {
+            Some(Transport::WebSocket)
+        } else {
+            None
+        }
+    })
 }
 
 /// Answers an `exec` or `attach` upgrade request: negotiates the transport (SPDY/3.1 or
@@ -64,11 +92,11 @@ pub fn remotecommand<B>(
     options: RcOptions,
     tunnel: (BoxWrite, BoxRead),
 ) -> Result<http::Response<Bytes>, Rejection> {
-    let _ = (request, options, tunnel);
-    Err(Rejection {
-        code: 501,
-        message: "remotecommand is not implemented yet".into(),
-    })
+    match transport(request) {
+        Some(Transport::Spdy) => spdy::server::remotecommand(request, options, tunnel),
+        Some(Transport::WebSocket) => websocket::remotecommand(request, options, tunnel),
+        None => Err(not_an_upgrade()),
+    }
 }
 
 /// Answers a `portforward` upgrade request (SPDY/3.1: any number of connections, each a
@@ -79,9 +107,16 @@ pub fn portforward<B>(
     ports: Vec<u16>,
     dial: Dial,
 ) -> Result<http::Response<Bytes>, Rejection> {
-    let _ = (request, ports, dial);
-    Err(Rejection {
-        code: 501,
-        message: "portforward is not implemented yet".into(),
-    })
+    match transport(request) {
+        Some(Transport::Spdy) => spdy::server::portforward(request, ports, dial),
+        Some(Transport::WebSocket) => websocket::portforward(request, ports, dial),
+        None => Err(not_an_upgrade()),
+    }
+}
+
+fn not_an_upgrade() -> Rejection {
+    Rejection {
+        code: 400,
+        message: "Upgrade request required (SPDY/3.1 or websocket)".into(),
+    }
 }
