@@ -32,6 +32,7 @@ pub struct WebSocketBytes<S> {
 }
 
 impl<S> WebSocketBytes<S> {
+    /// Wraps a WebSocket whose handshake is done.
     pub fn new(ws: WebSocketStream<S>) -> Self {
         WebSocketBytes {
             ws,
