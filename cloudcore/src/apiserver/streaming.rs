@@ -83,6 +83,7 @@ async fn serve(
 ) -> Result<Response, ApiError> {
     let params = Params::parse(request.uri())?;
     let method = request.method().clone();
+    log_request(target, &method, request.headers());
     let allowed = match target.subresource {
         PodSubresource::Log => method == Method::GET,
         _ => method == Method::GET || method == Method::POST,
@@ -100,6 +101,29 @@ async fn serve(
         }
         PodSubresource::PortForward => port_forward(api, target, &params, request).await,
     }
+}
+
+/// One debug line per request with what the client asked to upgrade to (which transport and
+/// protocol versions each kubectl offers).
+fn log_request(target: &PodStreamRequest, method: &Method, headers: &axum::http::HeaderMap) {
+    let header = |name: &str| {
+        headers
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    tracing::debug!(
+        pod.namespace = %target.namespace,
+        pod.name = %target.name,
+        subresource = subresource_name(target.subresource),
+        %method,
+        upgrade = %header("upgrade"),
+        stream_protocols = %header("x-stream-protocol-version"),
+        websocket_protocols = %header("sec-websocket-protocol"),
+        "pod stream request"
+    );
 }
 
 fn subresource_name(sub: PodSubresource) -> &'static str {
