@@ -22,6 +22,7 @@ use proto::stream::{
 };
 use serde_json::Value;
 use streaming::{BoxRead, BoxWrite, Dial, RcOptions, Rejection};
+use tokio::io::{AsyncRead, AsyncReadExt};
 
 use super::objects::resource_id;
 use super::resources;
@@ -439,19 +440,29 @@ async fn logs(
     } = stream;
     // Nothing flows from the cloud on a logs stream.
     let _ = send.finish();
-    let body = futures::stream::unfold(Some(recv), |recv| async move {
-        let mut recv = recv?;
-        match recv.read_chunk(LOG_CHUNK, true).await {
-            Ok(Some(chunk)) => Some((Ok::<Bytes, std::io::Error>(chunk.bytes), Some(recv))),
-            Ok(None) => None,
-            Err(e) => Some((Err(std::io::Error::other(e)), None)),
-        }
-    });
     Response::builder()
         .status(StatusCode::OK)
         .header(header::CONTENT_TYPE, "text/plain")
-        .body(Body::from_stream(body))
+        .body(log_body(recv))
         .map_err(|e| ApiError::internal(format!("cannot build the log response: {e}")))
+}
+
+/// A response body that reads the next chunk (up to [`LOG_CHUNK`]) from `reader` only when it
+/// is polled for one, and ends at the reader's end of file.
+fn log_body<R: AsyncRead + Send + Unpin + 'static>(reader: R) -> Body {
+    let chunks = futures::stream::unfold(Some(reader), |reader| async move {
+        let mut reader = reader?;
+        let mut chunk = vec![0u8; LOG_CHUNK];
+        match reader.read(&mut chunk).await {
+            Ok(0) => None,
+            Ok(n) => {
+                chunk.truncate(n);
+                Some((Ok(Bytes::from(chunk)), Some(reader)))
+            }
+            Err(e) => Some((Err(e), None)),
+        }
+    });
+    Body::from_stream(chunks)
 }
 
 /// `pods/exec` and `pods/attach`: checked, the tunnel opened, then the upgrade.
@@ -597,6 +608,44 @@ mod tests {
     fn params(query: &str) -> Params {
         let uri: Uri = format!("/x?{query}").parse().expect("uri");
         Params::parse(&uri).expect("query")
+    }
+
+    /// The log body reads from the tunnel only as the client reads: unpolled, the writer on
+    /// the other side of a small pipe cannot get a byte through; polled, everything arrives in
+    /// order and the body ends with the writer.
+    #[tokio::test]
+    async fn a_stalled_log_reader_stalls_the_tunnel() {
+        use futures::StreamExt;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use tokio::io::AsyncWriteExt;
+        let (mut edge, cloud) = tokio::io::duplex(64);
+        let written = Arc::new(AtomicUsize::new(0));
+        let counter = written.clone();
+        let writer = tokio::spawn(async move {
+            for i in 0..2000u32 {
+                let line = format!("line {i:04}\n");
+                edge.write_all(line.as_bytes()).await.expect("write");
+                counter.fetch_add(line.len(), Ordering::SeqCst);
+            }
+            edge.shutdown().await.expect("shutdown");
+        });
+        let body = log_body(cloud);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            written.load(Ordering::SeqCst) <= 64,
+            "the writer got {} bytes past a body nobody polled",
+            written.load(Ordering::SeqCst)
+        );
+        let mut stream = body.into_data_stream();
+        let mut got = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.expect("chunk");
+            assert!(chunk.len() <= LOG_CHUNK);
+            got.extend_from_slice(&chunk);
+        }
+        writer.await.expect("writer");
+        let want: String = (0..2000u32).map(|i| format!("line {i:04}\n")).collect();
+        assert_eq!(String::from_utf8(got).expect("utf-8"), want);
     }
 
     #[test]
