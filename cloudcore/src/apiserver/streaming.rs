@@ -171,11 +171,11 @@ impl Params {
             .collect()
     }
 
-    /// A boolean option: absent, empty, `0` or `false` (any case) is false, anything else
-    /// true, as the apiserver converts query booleans.
+    /// A boolean option as the apiserver converts query booleans: absent, `0` or `false` (any
+    /// case) is false, anything else true, the empty string included (`?stdin`).
     fn flag(&self, key: &str) -> bool {
         self.first(key)
-            .is_some_and(|v| !(v.is_empty() || v == "0" || v.eq_ignore_ascii_case("false")))
+            .is_some_and(|v| !(v == "0" || v.eq_ignore_ascii_case("false")))
     }
 
     /// An integer option; a value that is not one is a 400 naming the option.
@@ -735,6 +735,9 @@ mod tests {
                 tty: true
             }
         );
+        let p = params("stdin=&stdout=FALSE&stderr=0&tty=yes");
+        assert!(p.flag("stdin") && !p.flag("stdout") && !p.flag("stderr") && p.flag("tty"));
+        assert!(!p.flag("follow"));
         assert_eq!(
             params("command=sh&command=-c&command=exit%203").all("command"),
             ["sh", "-c", "exit 3"]
