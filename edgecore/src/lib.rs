@@ -170,6 +170,14 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
             }
         });
     }
+    // Streams the cloud opens for kubectl logs, exec, attach, port-forward and top.
+    let streams = streams::Dispatcher::new(
+        identity.config.node_name.clone(),
+        config.hub.data_dir.clone(),
+        runtime.clone(),
+        replica.subscribe(),
+        metrics.clone(),
+    );
     let reporter = node::Reporter::new(config.hub.data_dir.clone(), config.node, runtime);
     let result = hub::run(
         config.hub,
@@ -178,6 +186,7 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
         outbox,
         reporter,
         tokens,
+        streams,
         shutdown.clone(),
     )
     .await;
