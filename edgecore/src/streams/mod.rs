@@ -480,7 +480,291 @@ pub async fn serve_stream(
 
 #[cfg(test)]
 mod tests {
+    use proto::stream::{AttachRequest, LogsRequest};
+    use proto::sync::{ObjectKey, StoreOp};
+
     use super::*;
+
+    /// A real QUIC connection over loopback: the cloud's side (which opens streams) and the
+    /// edge's. The endpoints must be kept alive.
+    async fn quic_pair() -> (
+        quinn::Connection,
+        quinn::Connection,
+        (quinn::Endpoint, quinn::Endpoint),
+    ) {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let certified = rcgen::generate_simple_self_signed(vec!["localhost".into()]).expect("cert");
+        let cert = certified.cert.der().clone();
+        let key = rustls::pki_types::PrivateKeyDer::try_from(certified.signing_key.serialize_der())
+            .expect("key");
+        let server_tls = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .expect("tls")
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.clone()], key)
+            .expect("server tls");
+        let server_config = quinn::ServerConfig::with_crypto(Arc::new(
+            quinn::crypto::rustls::QuicServerConfig::try_from(server_tls).expect("quic"),
+        ));
+        let server = quinn::Endpoint::server(server_config, "127.0.0.1:0".parse().expect("addr"))
+            .expect("server");
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert).expect("root");
+        let client_tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .expect("tls")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let mut client_config = quinn::ClientConfig::new(Arc::new(
+            quinn::crypto::rustls::QuicClientConfig::try_from(client_tls).expect("quic"),
+        ));
+        // The edge's transport limits, as `tls` sets them.
+        let mut transport = quinn::TransportConfig::default();
+        transport.max_concurrent_bidi_streams(TRANSPORT_MAX_STREAMS.into());
+        client_config.transport_config(Arc::new(transport));
+        let mut client =
+            quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("client");
+        client.set_default_client_config(client_config);
+        let connecting = client
+            .connect(server.local_addr().expect("addr"), "localhost")
+            .expect("connect");
+        let accepting = async { server.accept().await.expect("incoming").await };
+        let (cloud, edge) = tokio::join!(accepting, connecting);
+        (
+            cloud.expect("accepted"),
+            edge.expect("connected"),
+            (server, client),
+        )
+    }
+
+    fn pod_op(name: &str, uid: &str, node: &str) -> StoreOp {
+        let body = serde_json::json!({
+            "metadata": {"name": name, "namespace": "default", "uid": uid},
+            "spec": {"nodeName": node, "containers": [{"name": "app"}, {"name": "side"}]},
+        });
+        StoreOp::Put {
+            key: ObjectKey::new("Pod", "default", name),
+            uid: uid.into(),
+            resource_version: 1,
+            body: serde_json::to_vec(&body).expect("json"),
+        }
+    }
+
+    fn target(name: &str, uid: &str) -> PodTarget {
+        PodTarget {
+            namespace: "default".into(),
+            name: name.into(),
+            uid: uid.into(),
+        }
+    }
+
+    fn logs(name: &str, uid: &str, container: &str, follow: bool) -> StreamRequest {
+        StreamRequest::Logs(LogsRequest {
+            pod: target(name, uid),
+            container: container.into(),
+            follow,
+            ..Default::default()
+        })
+    }
+
+    /// An edge whose store holds `web` (bound here) and `other` (bound to gw-2), serving the
+    /// streams of `edge` with no container runtime.
+    struct Edge {
+        dir: tempfile::TempDir,
+        store: Store,
+        changed: watch::Sender<u64>,
+        metrics: Arc<Metrics>,
+        cloud: quinn::Connection,
+        _endpoints: (quinn::Endpoint, quinn::Endpoint),
+    }
+
+    impl Edge {
+        async fn start() -> Edge {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let mut store = Store::open(dir.path()).expect("store");
+            store
+                .apply(&[
+                    pod_op("web", "u-web", "gw-1"),
+                    pod_op("other", "u-other", "gw-2"),
+                ])
+                .expect("apply");
+            let (changed, watched) = watch::channel(0);
+            let metrics = Arc::new(Metrics::default());
+            let dispatcher = Dispatcher::new(
+                "gw-1".into(),
+                dir.path().to_path_buf(),
+                None,
+                watched,
+                metrics.clone(),
+            );
+            let (cloud, edge, endpoints) = quic_pair().await;
+            tokio::spawn(async move {
+                while let Ok((send, recv)) = edge.accept_bi().await {
+                    tokio::spawn(serve_stream(
+                        dispatcher.clone(),
+                        send,
+                        recv,
+                        CancellationToken::new(),
+                    ));
+                }
+            });
+            Edge {
+                dir,
+                store,
+                changed,
+                metrics,
+                cloud,
+                _endpoints: endpoints,
+            }
+        }
+
+        /// Opens a stream with `request` (any serializable header) and reads the reply.
+        async fn open<T: serde::Serialize>(
+            &self,
+            request: &T,
+        ) -> (StreamReply, quinn::SendStream, quinn::RecvStream) {
+            let (mut send, mut recv) = self.cloud.open_bi().await.expect("open");
+            proto::stream::write_header(&mut send, request)
+                .await
+                .expect("request");
+            let reply = tokio::time::timeout(
+                Duration::from_secs(5),
+                proto::stream::read_header(&mut recv, 1 << 16),
+            )
+            .await
+            .expect("a reply in time")
+            .expect("reply");
+            (reply, send, recv)
+        }
+
+        async fn refusal<T: serde::Serialize>(&self, request: &T) -> Refusal {
+            match self.open(request).await.0 {
+                StreamReply::Refused(refusal) => refusal,
+                other => panic!("not refused: {other:?}"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn the_edge_serves_only_its_own_pods_by_name_uid_and_node() {
+        let edge = Edge::start().await;
+        let dir = crate::pods::spec::pod_paths(edge.dir.path(), "u-web")
+            .log_dir
+            .join("app");
+        std::fs::create_dir_all(&dir).expect("log dir");
+        std::fs::write(
+            dir.join("0.log"),
+            "2026-11-24T05:31:04.8Z stdout F hello from web\n",
+        )
+        .expect("log");
+        let (reply, _send, mut recv) = edge.open(&logs("web", "u-web", "app", false)).await;
+        assert_eq!(reply, StreamReply::Accepted);
+        let body = tokio::time::timeout(Duration::from_secs(5), recv.read_to_end(1 << 20))
+            .await
+            .expect("in time")
+            .expect("body");
+        assert_eq!(String::from_utf8_lossy(&body), "hello from web\n");
+
+        let refusal = edge.refusal(&logs("web", "u-old", "app", false)).await;
+        assert_eq!(refusal.code, RefusalCode::PodNotFound);
+        assert_eq!(
+            refusal.message,
+            "pod default/web (uid u-old) does not run on node gw-1"
+        );
+        // In the store, with its uid, but bound to another node.
+        let refusal = edge.refusal(&logs("other", "u-other", "app", false)).await;
+        assert_eq!(refusal.code, RefusalCode::PodNotFound);
+        let refusal = edge.refusal(&logs("nope", "u-web", "app", false)).await;
+        assert_eq!(refusal.code, RefusalCode::PodNotFound);
+        let refusal = edge.refusal(&logs("web", "u-web", "db", false)).await;
+        assert_eq!(refusal.code, RefusalCode::ContainerNotFound);
+        assert_eq!(
+            refusal.message,
+            "container db is not valid for pod web, choose one of: [app side]"
+        );
+        let refusal = edge.refusal(&logs("web", "u-web", "side", false)).await;
+        assert_eq!(refusal.code, RefusalCode::ContainerNotFound);
+        assert!(
+            refusal.message.contains("waiting to start"),
+            "{}",
+            refusal.message
+        );
+    }
+
+    #[tokio::test]
+    async fn without_a_runtime_exec_and_stats_are_refused_and_unknown_kinds_are_unsupported() {
+        let edge = Edge::start().await;
+        let attach = StreamRequest::Attach(AttachRequest {
+            pod: target("web", "u-web"),
+            container: "app".into(),
+            stdout: true,
+            ..Default::default()
+        });
+        for request in [attach, StreamRequest::Stats] {
+            let refusal = edge.refusal(&request).await;
+            assert_eq!(refusal.code, RefusalCode::Runtime, "{request:?}");
+            assert!(
+                refusal.message.contains("without a container runtime"),
+                "{}",
+                refusal.message
+            );
+        }
+        let refusal = edge.refusal(&serde_json::json!({"kind": "teleport"})).await;
+        assert_eq!(refusal.code, RefusalCode::Unsupported);
+        let refusal = edge
+            .refusal(&serde_json::json!({"kind": "logs", "pod": 7}))
+            .await;
+        assert_eq!(refusal.code, RefusalCode::BadRequest);
+    }
+
+    #[tokio::test]
+    async fn a_followed_log_ends_when_the_pod_leaves_the_store() {
+        let mut edge = Edge::start().await;
+        let dir = crate::pods::spec::pod_paths(edge.dir.path(), "u-web")
+            .log_dir
+            .join("app");
+        std::fs::create_dir_all(&dir).expect("log dir");
+        std::fs::write(dir.join("0.log"), "2026-11-24T05:31:04.8Z stdout F one\n").expect("log");
+        let (reply, _send, mut recv) = edge.open(&logs("web", "u-web", "app", true)).await;
+        assert_eq!(reply, StreamReply::Accepted);
+        let mut first = [0u8; 4];
+        recv.read_exact(&mut first).await.expect("first line");
+        assert_eq!(&first, b"one\n");
+        assert!(
+            edge.metrics
+                .render()
+                .contains("edgecore_streams_open{kind=\"logs\"} 1")
+        );
+        // Still following: nothing ends the stream yet.
+        let early = tokio::time::timeout(Duration::from_millis(400), recv.read_to_end(1024)).await;
+        assert!(
+            early.is_err(),
+            "the followed log ended by itself: {early:?}"
+        );
+        edge.store
+            .apply(&[StoreOp::Delete {
+                key: ObjectKey::new("Pod", "default", "web"),
+            }])
+            .expect("delete");
+        edge.changed.send_modify(|v| *v += 1);
+        let rest = tokio::time::timeout(Duration::from_secs(5), recv.read_to_end(1024))
+            .await
+            .expect("the stream ends once the pod is gone")
+            .expect("finished cleanly");
+        assert!(rest.is_empty());
+        // The gauge drops once the serving task has returned, just after the stream's end.
+        let closed = tokio::time::timeout(Duration::from_secs(2), async {
+            while !edge
+                .metrics
+                .render()
+                .contains("edgecore_streams_open{kind=\"logs\"} 0")
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        assert!(closed.is_ok(), "{}", edge.metrics.render());
+    }
 
     fn pod(json: serde_json::Value) -> Pod {
         serde_json::from_value(json).expect("pod")
