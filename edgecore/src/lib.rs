@@ -121,6 +121,8 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
     // are sent first.
     let (outbox, outbox_writer) = outbox::Outbox::open(&config.hub.data_dir, metrics.clone())?;
     tracker.spawn(outbox_writer.run(replica.subscribe(), shutdown.clone()));
+    // `edgecore ctl` talks to the runtime this daemon uses.
+    ctl::record_runtime(&config.hub.data_dir, config.cri_endpoint.as_deref())?;
     let runtime = match &config.cri_endpoint {
         Some(endpoint) => Some(cri::Cri::new(endpoint)?),
         None => None,
