@@ -749,6 +749,8 @@ fn install_renewed(
 
 /// Connects, runs sessions, and reconnects with backoff until `shutdown`. Returns an error only
 /// if the identity files are unusable.
+// Each argument is a part of the edge built in `lib::run`; a struct would exist only for this.
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     config: HubConfig,
     metrics: Arc<Metrics>,
