@@ -112,7 +112,12 @@ pub fn record_runtime(
     };
     // Serializing a struct of strings cannot fail.
     let body = serde_json::to_vec_pretty(&record).unwrap_or_default();
-    daemon::files::write_atomic(&data_dir.join(RUNTIME_FILE), &body, 0o600)
+    let path = data_dir.join(RUNTIME_FILE);
+    // The same endpoint as at the last start: nothing to write (a full disk stays untouched).
+    if std::fs::read(&path).is_ok_and(|held| held == body) {
+        return Ok(());
+    }
+    daemon::files::write_atomic(&path, &body, 0o600)
 }
 
 /// The CRI endpoint `ctl` talks to: `flag` (`--cri-endpoint`) when given, else the one the

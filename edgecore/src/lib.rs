@@ -121,8 +121,14 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
     // are sent first.
     let (outbox, outbox_writer) = outbox::Outbox::open(&config.hub.data_dir, metrics.clone())?;
     tracker.spawn(outbox_writer.run(replica.subscribe(), shutdown.clone()));
-    // `edgecore ctl` talks to the runtime this daemon uses.
-    ctl::record_runtime(&config.hub.data_dir, config.cri_endpoint.as_deref())?;
+    // `edgecore ctl` talks to the runtime this daemon uses. Not fatal: pods run on a full disk
+    // too, and `ctl exec --cri-endpoint` still works.
+    if let Err(e) = ctl::record_runtime(&config.hub.data_dir, config.cri_endpoint.as_deref()) {
+        tracing::warn!(
+            error = %daemon::error_chain(&e),
+            "cannot record the CRI endpoint for edgecore ctl; ctl exec needs --cri-endpoint until it is"
+        );
+    }
     let runtime = match &config.cri_endpoint {
         Some(endpoint) => Some(cri::Cri::new(endpoint)?),
         None => None,
