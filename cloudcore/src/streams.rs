@@ -614,6 +614,40 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn stats_reads_the_summary_the_edge_sends_after_accepting() {
+        let streams = Streams::new(4);
+        let (connection, peer, _endpoints) = quic_pair().await;
+        let summary = stats::Summary {
+            node: stats::NodeUsage {
+                node_name: "gw-1".into(),
+                memory: stats::Memory {
+                    working_set_bytes: 42,
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+            pods: Vec::new(),
+        };
+        // A stand-in edge: a stats stream gets `Accepted`, then the summary, then the end.
+        let sent = summary.clone();
+        tokio::spawn(async move {
+            let (mut send, mut recv) = peer.accept_bi().await.expect("stream");
+            let request: StreamRequest = proto::stream::read_header(&mut recv, 1 << 16)
+                .await
+                .expect("request");
+            assert_eq!(request, StreamRequest::Stats);
+            write_header(&mut send, &StreamReply::Accepted)
+                .await
+                .expect("reply");
+            write_header(&mut send, &sent).await.expect("summary");
+            send.finish().expect("finish");
+            let _ = send.stopped().await;
+        });
+        streams.connected("gw-1", 1, connection, STREAMS);
+        assert_eq!(streams.stats("gw-1").await.expect("stats"), summary);
+    }
+
+    #[tokio::test]
     async fn the_cap_counts_open_streams_and_frees_a_slot_when_one_is_dropped() {
         let streams = Streams::new(2);
         let metrics = Arc::new(Metrics::default());
