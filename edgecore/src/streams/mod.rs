@@ -718,6 +718,42 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn streams_over_the_cap_are_refused_until_one_ends() {
+        let edge = Edge::start().await;
+        let dir = crate::pods::spec::pod_paths(edge.dir.path(), "u-web")
+            .log_dir
+            .join("app");
+        std::fs::create_dir_all(&dir).expect("log dir");
+        std::fs::write(dir.join("0.log"), "2026-11-24T05:31:04.8Z stdout F one\n").expect("log");
+        let follow = logs("web", "u-web", "app", true);
+        let mut open = Vec::new();
+        for _ in 0..MAX_STREAMS {
+            let (reply, send, recv) = edge.open(&follow).await;
+            assert_eq!(reply, StreamReply::Accepted);
+            open.push((send, recv));
+        }
+        let refusal = edge.refusal(&follow).await;
+        assert_eq!(refusal.code, RefusalCode::TooManyStreams);
+        assert_eq!(
+            refusal.message,
+            "node gw-1 serves 128 streams already, the most it allows; close some and retry"
+        );
+        // The cloud stops reading one: the edge ends it and has room again.
+        let (_send, mut recv) = open.pop().expect("one");
+        recv.stop(quinn::VarInt::from_u32(0)).expect("stop");
+        let freed = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                if edge.open(&follow).await.0 == StreamReply::Accepted {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        assert!(freed.is_ok(), "no slot came free");
+    }
+
+    #[tokio::test]
     async fn a_followed_log_ends_when_the_pod_leaves_the_store() {
         let mut edge = Edge::start().await;
         let dir = crate::pods::spec::pod_paths(edge.dir.path(), "u-web")
