@@ -167,6 +167,7 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> Result<(),
         downstream::DownstreamConfig::default(),
         metrics.clone(),
     ));
+    streams.attach(downstream.clone(), metrics.clone());
     let (upstream, upstream_worker) = upstream::Upstream::new(
         client.clone(),
         upstream::UpstreamConfig::default(),

@@ -341,6 +341,48 @@ impl Cri {
         Ok(reply.containers)
     }
 
+    /// CPU and memory usage of the sandboxes carrying all of `labels`.
+    pub async fn list_pod_sandbox_stats(
+        &self,
+        labels: HashMap<String, String>,
+    ) -> Result<Vec<api::PodSandboxStats>, CriError> {
+        let message = api::ListPodSandboxStatsRequest {
+            filter: Some(api::PodSandboxStatsFilter {
+                label_selector: labels,
+                ..Default::default()
+            }),
+        };
+        let reply = call(
+            "ListPodSandboxStats",
+            self.runtime
+                .clone()
+                .list_pod_sandbox_stats(request(message, CALL_TIMEOUT)),
+        )
+        .await?;
+        Ok(reply.stats)
+    }
+
+    /// CPU and memory usage of the containers carrying all of `labels`.
+    pub async fn list_container_stats(
+        &self,
+        labels: HashMap<String, String>,
+    ) -> Result<Vec<api::ContainerStats>, CriError> {
+        let message = api::ListContainerStatsRequest {
+            filter: Some(api::ContainerStatsFilter {
+                label_selector: labels,
+                ..Default::default()
+            }),
+        };
+        let reply = call(
+            "ListContainerStats",
+            self.runtime
+                .clone()
+                .list_container_stats(request(message, CALL_TIMEOUT)),
+        )
+        .await?;
+        Ok(reply.stats)
+    }
+
     /// Runs a command in a container and waits for it (`timeout` 0: no limit).
     pub async fn exec_sync(
         &self,

@@ -85,6 +85,77 @@ pub enum CtlError {
     /// The running daemon refused the request, saying why.
     #[error("{0}")]
     Refused(String),
+    /// No CRI endpoint was given and the daemon recorded none that `ctl` can use.
+    #[error("{0}")]
+    NoCriEndpoint(String),
+}
+
+/// The file in the data dir where `edgecore run` records the runtime it uses, so `ctl` talks to
+/// the same one.
+pub const RUNTIME_FILE: &str = "runtime.json";
+
+/// What `DIR/runtime.json` holds.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RuntimeRecord {
+    /// `unix:///PATH`; `None` when the daemon runs without a runtime (`--no-pod-runtime`).
+    pub cri_endpoint: Option<String>,
+}
+
+/// Records the CRI endpoint `edgecore run` uses in `DIR/runtime.json` (0600, atomically).
+pub fn record_runtime(
+    data_dir: &Path,
+    cri_endpoint: Option<&str>,
+) -> Result<(), daemon::files::FileError> {
+    let record = RuntimeRecord {
+        cri_endpoint: cri_endpoint.map(str::to_string),
+    };
+    // Serializing a struct of strings cannot fail.
+    let body = serde_json::to_vec_pretty(&record).unwrap_or_default();
+    let path = data_dir.join(RUNTIME_FILE);
+    // The same endpoint as at the last start: nothing to write (a full disk stays untouched).
+    if std::fs::read(&path).is_ok_and(|held| held == body) {
+        return Ok(());
+    }
+    daemon::files::write_atomic(&path, &body, 0o600)
+}
+
+/// The CRI endpoint `ctl` talks to: `flag` (`--cri-endpoint`) when given, else the one the
+/// daemon of `data_dir` recorded; an error saying what to do when neither is known.
+pub fn cri_endpoint(data_dir: &Path, flag: Option<&str>) -> Result<String, CtlError> {
+    if let Some(endpoint) = flag {
+        return Ok(endpoint.to_string());
+    }
+    let path = data_dir.join(RUNTIME_FILE);
+    let text = match std::fs::read(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(CtlError::NoCriEndpoint(format!(
+                "no CRI endpoint known: {} does not exist (`edgecore run --data-dir {}` writes it at start); pass --cri-endpoint unix:///PATH",
+                path.display(),
+                data_dir.display()
+            )));
+        }
+        Err(e) => {
+            return Err(CtlError::NoCriEndpoint(format!(
+                "cannot read {}: {e}; pass --cri-endpoint unix:///PATH",
+                path.display()
+            )));
+        }
+    };
+    let record: RuntimeRecord = serde_json::from_slice(&text).map_err(|e| {
+        CtlError::NoCriEndpoint(format!(
+            "{} is not a runtime record: {e}; pass --cri-endpoint unix:///PATH",
+            path.display()
+        ))
+    })?;
+    record.cri_endpoint.ok_or_else(|| {
+        CtlError::NoCriEndpoint(format!(
+            "the edgecore of {} runs without a container runtime (--no-pod-runtime, recorded in {}); pass --cri-endpoint unix:///PATH",
+            data_dir.display(),
+            path.display()
+        ))
+    })
 }
 
 /// Which container of which pod a `logs` or `exec` is about.
@@ -741,6 +812,35 @@ Pod         default     web        42                 uid-web        phase=Runni
         ] {
             assert_eq!(Resource::from_str(name, false), Ok(resource), "{name}");
         }
+    }
+
+    #[test]
+    fn the_cri_endpoint_is_the_flag_else_the_daemons_record() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let err = cri_endpoint(dir.path(), None).unwrap_err().to_string();
+        assert!(err.contains("runtime.json does not exist"), "{err}");
+        assert!(err.contains("--cri-endpoint"), "{err}");
+        record_runtime(dir.path(), Some("unix:///run/k3s/containerd.sock")).expect("record");
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.path().join(RUNTIME_FILE))
+            .expect("file")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(
+            cri_endpoint(dir.path(), None).expect("recorded"),
+            "unix:///run/k3s/containerd.sock"
+        );
+        assert_eq!(
+            cri_endpoint(dir.path(), Some("unix:///flag.sock")).expect("flag"),
+            "unix:///flag.sock"
+        );
+        record_runtime(dir.path(), None).expect("record");
+        let err = cri_endpoint(dir.path(), None).unwrap_err().to_string();
+        assert!(err.contains("--no-pod-runtime"), "{err}");
+        std::fs::write(dir.path().join(RUNTIME_FILE), "{not json").expect("write");
+        let err = cri_endpoint(dir.path(), None).unwrap_err().to_string();
+        assert!(err.contains("is not a runtime record"), "{err}");
     }
 
     #[test]

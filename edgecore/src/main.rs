@@ -171,9 +171,10 @@ enum CtlCommand {
         container: Option<String>,
         #[arg(long, env = "EDGECORE_DATA_DIR", default_value = "/var/lib/edgecore")]
         data_dir: PathBuf,
-        /// The container runtime's CRI socket.
-        #[arg(long, env = "EDGECORE_CRI_ENDPOINT", default_value = edgecore::cri::DEFAULT_ENDPOINT)]
-        cri_endpoint: String,
+        /// The container runtime's CRI socket; default: the one the daemon of the data dir
+        /// runs with (recorded in DIR/runtime.json).
+        #[arg(long, env = "EDGECORE_CRI_ENDPOINT")]
+        cri_endpoint: Option<String>,
         /// The command and its arguments.
         #[arg(last = true, required = true)]
         command: Vec<String>,
@@ -400,6 +401,14 @@ fn ctl(command: CtlCommand) -> ExitCode {
             };
             let Some(runtime) = runtime() else {
                 return ExitCode::FAILURE;
+            };
+            let cri_endpoint = match edgecore::ctl::cri_endpoint(&data_dir, cri_endpoint.as_deref())
+            {
+                Ok(endpoint) => endpoint,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(EXIT_USAGE);
+                }
             };
             let mut err = std::io::stderr().lock();
             match runtime.block_on(edgecore::ctl::exec(
