@@ -127,6 +127,41 @@ impl TunnelStream {
     pub fn into_parts(self) -> (quinn::SendStream, quinn::RecvStream, StreamSlot) {
         (self.send, self.recv, self.slot)
     }
+
+    /// The two halves, with the slot riding on the reader: the stream counts against the
+    /// edge's cap until the reader is dropped (the front-ends drop it when the session ends).
+    pub fn into_io(self) -> (quinn::SendStream, Slotted<quinn::RecvStream>) {
+        (
+            self.send,
+            Slotted {
+                inner: self.recv,
+                _slot: self.slot,
+            },
+        )
+    }
+
+    /// [`TunnelStream::into_io`], boxed as the `streaming` crate takes a tunnel.
+    pub fn into_boxed(self) -> (streaming::BoxWrite, streaming::BoxRead) {
+        let (send, recv) = self.into_io();
+        (Box::pin(send), Box::pin(recv))
+    }
+}
+
+/// A reader that holds its stream's [`StreamSlot`] until it is dropped.
+#[derive(Debug)]
+pub struct Slotted<R> {
+    inner: R,
+    _slot: StreamSlot,
+}
+
+impl<R: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Slotted<R> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
 }
 
 /// A stream's place in its edge's cap and in `cloudcore_streams_open`; released on drop.

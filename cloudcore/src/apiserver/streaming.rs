@@ -21,7 +21,7 @@ use proto::stream::{
     StreamRequest,
 };
 use serde_json::Value;
-use streaming::{BoxRead, BoxWrite, Dial, RcOptions, Rejection};
+use streaming::{Dial, RcOptions, Rejection};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 use super::objects::resource_id;
@@ -433,11 +433,7 @@ async fn logs(
     options.container = choose_container(&pod.object, &target.name, &options.container)?;
     options.pod = pod.target;
     let stream = open(api, &pod.node, StreamRequest::Logs(options)).await?;
-    let TunnelStream {
-        node: _,
-        mut send,
-        recv,
-    } = stream;
+    let (mut send, recv) = stream.into_io();
     // Nothing flows from the cloud on a logs stream.
     let _ = send.finish();
     Response::builder()
@@ -511,12 +507,7 @@ async fn remote_command(
             tty: options.tty,
         })
     };
-    let TunnelStream {
-        node: _,
-        send,
-        recv,
-    } = open(api, &pod.node, stream_request).await?;
-    let tunnel: (BoxWrite, BoxRead) = (Box::pin(send), Box::pin(recv));
+    let tunnel = open(api, &pod.node, stream_request).await?.into_boxed();
     streaming::remotecommand(&mut request, options, tunnel)
         .map(upgraded)
         .map_err(rejection)
@@ -580,11 +571,7 @@ async fn port_forward(
             )
             .await;
             match opened {
-                Ok(Ok(TunnelStream {
-                    node: _,
-                    send,
-                    recv,
-                })) => Ok((Box::pin(send) as BoxWrite, Box::pin(recv) as BoxRead)),
+                Ok(Ok(stream)) => Ok(stream.into_boxed()),
                 Ok(Err(e)) => Err(format!(
                     "error forwarding port {port} to pod {name}, uid {uid}: {e}"
                 )),
