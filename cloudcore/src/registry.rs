@@ -179,6 +179,8 @@ pub struct NodeRecord {
     pub address: Option<String>,
     /// Expiry of the newest unrevoked certificate.
     pub cert_not_after_ms: Option<i64>,
+    /// Kube mode's kubelet endpoint port of the node, once assigned.
+    pub kubelet_port: Option<u16>,
 }
 
 /// Whether a presented certificate may open a session.
@@ -781,6 +783,31 @@ impl Registry {
         let _ = self.kubelet_ports.set(range);
     }
 
+    /// When the node was last seen connected (its last session's end, or its start while
+    /// connected), if ever.
+    pub fn node_last_seen(&self, name: &str) -> Result<Option<i64>, RegistryError> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT last_seen_ms FROM nodes WHERE name = ?1",
+                [name],
+                |r| r.get(0),
+            )
+            .optional()?
+            .flatten())
+    }
+
+    /// Changes whenever a node joins, is revoked or gets another kubelet port (a cheap read the
+    /// kubelet endpoint polls; `data_version` misses this connection's own commits).
+    pub fn kubelet_fingerprint(&self) -> Result<(i64, i64, i64, i64), RegistryError> {
+        Ok(self.conn().query_row(
+            "SELECT COUNT(*), COALESCE(SUM(joined_ms), 0), COALESCE(SUM(kubelet_port), 0),
+                    COALESCE(SUM(revoked_ms IS NULL), 0) FROM nodes",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+        )?)
+    }
+
     /// Gives every non-revoked node a kubelet port in `range`: a node keeps the one it has
     /// when it is inside the range, others (joined before, or the range changed) get the
     /// lowest free one, and revoked nodes hold none. One transaction.
@@ -841,7 +868,8 @@ impl Registry {
         let serve_alive = now - heartbeat < stale_after.as_millis() as i64;
         let mut stmt = conn.prepare(
             "SELECT n.name, n.labels, n.joined_ms, n.revoked_ms, n.connected, n.connected_ms, n.last_seen_ms, n.address,
-                    (SELECT MAX(c.not_after_ms) FROM certificates c WHERE c.node = n.name AND c.revoked_ms IS NULL)
+                    (SELECT MAX(c.not_after_ms) FROM certificates c WHERE c.node = n.name AND c.revoked_ms IS NULL),
+                    n.kubelet_port
              FROM nodes n ORDER BY n.name",
         )?;
         let rows = stmt.query_map([], |r| {
@@ -856,6 +884,7 @@ impl Registry {
                 last_seen_ms: r.get(6)?,
                 address: r.get(7)?,
                 cert_not_after_ms: r.get(8)?,
+                kubelet_port: r.get(9)?,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -1160,7 +1189,12 @@ mod tests {
         let ports = reg.assign_kubelet_ports(narrow).expect("assign");
         assert_eq!(ports.assigned.len(), 2);
         assert_eq!(ports.unassigned.len(), 1);
-        assert!(ports.assigned.iter().all(|(_, p)| (20251..=20252).contains(p)));
+        assert!(
+            ports
+                .assigned
+                .iter()
+                .all(|(_, p)| (20251..=20252).contains(p))
+        );
     }
 
     #[test]
