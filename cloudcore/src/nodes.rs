@@ -800,6 +800,11 @@ pub async fn run(
             .collect();
         for (name, edge) in work {
             if edge.dirty {
+                // A node that just joined: its kubelet port reaches `Endpoints` within a
+                // second; write the Node once it has.
+                if config.kubelet.as_ref().is_some_and(|k| !k.knows(&name)) {
+                    continue;
+                }
                 let kubelet = config.kubelet.as_ref().and_then(|k| k.of(&name));
                 let written = match write_node(&nodes, &name, &edge, kubelet).await {
                     // Embedded mode: the taint goes with Ready=Unknown (kube mode: the

@@ -116,7 +116,8 @@ pub struct KubeletAddress {
 pub struct Endpoints {
     advertise: IpAddr,
     address_type: AddressType,
-    ports: Mutex<HashMap<String, u16>>,
+    /// Every non-revoked node the registry listed last, with its port if it got one.
+    ports: Mutex<HashMap<String, Option<u16>>>,
 }
 
 impl Endpoints {
@@ -128,24 +129,34 @@ impl Endpoints {
         })
     }
 
-    fn ports(&self) -> std::sync::MutexGuard<'_, HashMap<String, u16>> {
+    fn ports(&self) -> std::sync::MutexGuard<'_, HashMap<String, Option<u16>>> {
         self.ports.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The node's kubelet address, once it has a port.
     pub fn of(&self, node: &str) -> Option<KubeletAddress> {
-        self.ports().get(node).map(|&port| KubeletAddress {
-            address_type: self.address_type,
-            ip: self.advertise,
-            port,
-        })
+        self.ports()
+            .get(node)
+            .copied()
+            .flatten()
+            .map(|port| KubeletAddress {
+                address_type: self.address_type,
+                ip: self.advertise,
+                port,
+            })
+    }
+
+    /// Whether the registry's last listing had `node` (with or without a port): until it
+    /// does, a just-joined node's port is not known here yet, and its Node waits for it.
+    pub fn knows(&self, node: &str) -> bool {
+        self.ports().contains_key(node)
     }
 
     pub fn advertise(&self) -> IpAddr {
         self.advertise
     }
 
-    fn replace(&self, ports: HashMap<String, u16>) {
+    fn replace(&self, ports: HashMap<String, Option<u16>>) {
         *self.ports() = ports;
     }
 }
@@ -251,6 +262,14 @@ pub async fn run(
             );
         }
         let want: HashMap<String, u16> = assigned.assigned.into_iter().collect();
+        // Known to the node controller before the listeners are up: a Node written now
+        // already points at its port.
+        endpoints.replace(
+            want.iter()
+                .map(|(n, p)| (n.clone(), Some(*p)))
+                .chain(assigned.unassigned.iter().map(|n| (n.clone(), None)))
+                .collect(),
+        );
         running.retain(|name, (port, token)| {
             let keep = want.get(name) == Some(port);
             if !keep {
@@ -303,7 +322,6 @@ pub async fn run(
             tracker.spawn(server::serve(listener, tls, node, token.clone()));
             running.insert(name.clone(), (port, token));
         }
-        endpoints.replace(want);
     }
     for (_, token) in running.values() {
         token.cancel();
