@@ -511,6 +511,25 @@ fn kubelet_endpoint_authenticates_and_authorizes_like_a_kubelet() {
         "edge-b's kubelet port still open after its revocation\n{}",
         site.context()
     );
+
+    // The freed port is reused; once every port of the range has a node, a join is refused
+    // naming the range.
+    for node in ["edge-c", "edge-d", "edge-e"] {
+        site.join(node, false);
+    }
+    assert_eq!(site.node_port_from_registry("edge-c"), port_b);
+    let token = site.cloud.token(&[]);
+    let out = join(&site.tmp.path().join("edge-f"), &token, "edge-f");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "a fifth node joined a range of four ports"
+    );
+    let range = format!("{}-{}", site.first_port, site.first_port + PORTS - 1);
+    assert!(
+        stderr.contains("no kubelet port left") && stderr.contains(&range),
+        "{stderr}"
+    );
     site.assert_never_forbidden();
 }
 

@@ -398,7 +398,7 @@ impl NodeServer {
         let read = method == http::Method::GET || method == http::Method::HEAD;
         let stream = read || method == http::Method::POST;
         match segments.as_slice() {
-            ["healthz"] if read => self.healthz(),
+            ["healthz"] if read => self.healthz().await,
             ["metrics", "resource"] if read => self.resource_metrics().await,
             ["stats", "summary"] if read => self.stats_summary().await,
             ["containerLogs", ns, pod, container] if read => {
@@ -460,15 +460,10 @@ impl NodeServer {
         })
     }
 
-    fn healthz(&self) -> hyper::Response<Body> {
-        if self.shared.presence.is_connected(&self.node) {
-            hyper::Response::new(Body::from("ok"))
-        } else {
-            let e = OpenError::Disconnected {
-                node: self.node.clone(),
-                since: None,
-            };
-            text_response(e.http_status(), &e.to_string())
+    async fn healthz(&self) -> hyper::Response<Body> {
+        match self.disconnected().await {
+            None => hyper::Response::new(Body::from("ok")),
+            Some(e) => text_response(e.http_status(), &e.to_string()),
         }
     }
 
