@@ -10,7 +10,9 @@
 //!
 //! The edge owns its status, as a kubelet does (edgecore's `node` module builds it and reports
 //! it upstream); this controller adds only what the tunnel knows: that the edge connected,
-//! the address it connected from when the edge knows none, and liveness. See docs/nodes.md.
+//! the address it connected from when the edge knows none, and liveness; and in kube mode
+//! where cloudcore's kubelet endpoint for the node is ([`apply_kubelet_endpoint`]). See
+//! docs/nodes.md.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
