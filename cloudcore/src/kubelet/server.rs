@@ -4,9 +4,7 @@
 //! HTTP/1.1 with upgrades, authentication and authorization ([`super::auth`]), then the
 //! kubelet's paths, each reaching the node's edge through [`crate::streams::Streams`].
 
-use std::pin::Pin;
-use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
@@ -23,14 +21,14 @@ use rustls::pki_types::{CertificateDer, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use serde_json::json;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _, ReadBuf};
+use tokio::io::AsyncWriteExt as _;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::codec::{BytesCodec, FramedRead};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::auth::{self, Auth};
-use crate::streams::{OpenError, TunnelStream};
+use crate::streams::{OpenError, Slotted, TunnelStream};
 
 /// A TLS handshake that takes longer than this is dropped.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -327,50 +325,9 @@ fn rc_options(pairs: &[(String, String)]) -> streaming::RcOptions {
     }
 }
 
-/// A tunnel stream shared by its two halves, so it (and its slot in the edge's stream cap) is
-/// released when both are dropped. The lock is taken only inside a poll, never across an await.
-type Shared = Arc<Mutex<TunnelStream>>;
-
-struct TunnelRead(Shared);
-struct TunnelWrite(Shared);
-
-fn halves(stream: TunnelStream) -> (TunnelWrite, TunnelRead) {
-    let shared = Arc::new(Mutex::new(stream));
-    (TunnelWrite(shared.clone()), TunnelRead(shared))
-}
-
-impl AsyncRead for TunnelRead {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let mut stream = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        Pin::new(&mut stream.recv).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for TunnelWrite {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        let mut stream = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        Pin::new(&mut stream.send)
-            .poll_write(cx, buf)
-            .map_err(std::io::Error::other)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        let mut stream = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        AsyncWrite::poll_flush(Pin::new(&mut stream.send), cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        let mut stream = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        AsyncWrite::poll_shutdown(Pin::new(&mut stream.send), cx)
-    }
+/// A tunnel stream's halves; its slot in the edge's stream cap rides on the reader.
+fn halves(stream: TunnelStream) -> (quinn::SendStream, Slotted<quinn::RecvStream>) {
+    stream.into_io()
 }
 
 impl NodeServer {
