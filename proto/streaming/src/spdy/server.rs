@@ -509,7 +509,7 @@ async fn forward(mut error: Stream, data: Stream, dial: Dial) {
 
 /// Copies a SPDY stream to and from a byte stream; each direction's end is a half-close of
 /// the other side.
-pub(crate) async fn copy_both_ways(data: Stream, mut w: BoxWrite, mut r: BoxRead) {
+pub async fn copy_both_ways(data: Stream, mut w: BoxWrite, mut r: BoxRead) {
     let Stream {
         send: mut out,
         recv: mut input,
