@@ -249,6 +249,22 @@ pub async fn exec(
     stdout: &mut impl Write,
     stderr: &mut impl Write,
 ) -> Result<i32, CtlError> {
+    let (cri, id) = running_container(data_dir, endpoint, target).await?;
+    let reply = cri
+        .exec_sync(&id, command, std::time::Duration::ZERO)
+        .await?;
+    stdout.write_all(&reply.stdout).map_err(CtlError::Output)?;
+    stderr.write_all(&reply.stderr).map_err(CtlError::Output)?;
+    stdout.flush().map_err(CtlError::Output)?;
+    Ok(reply.exit_code)
+}
+
+/// The runtime and the id of the running container a target names.
+async fn running_container(
+    data_dir: &Path,
+    endpoint: &str,
+    target: &Target,
+) -> Result<(crate::cri::Cri, String), CtlError> {
     use crate::pods::spec::{LABEL_CONTAINER_NAME, LABEL_MANAGED_BY, LABEL_POD_UID, MANAGED_BY};
     let (uid, container) = resolve(data_dir, target)?;
     let cri = crate::cri::Cri::new(endpoint)?;
@@ -269,13 +285,7 @@ pub async fn exec(
                 target.pod
             ))
         })?;
-    let reply = cri
-        .exec_sync(&running.id, command, std::time::Duration::ZERO)
-        .await?;
-    stdout.write_all(&reply.stdout).map_err(CtlError::Output)?;
-    stderr.write_all(&reply.stderr).map_err(CtlError::Output)?;
-    stdout.flush().map_err(CtlError::Output)?;
-    Ok(reply.exit_code)
+    Ok((cri, running.id))
 }
 
 const HEADER: [&str; 6] = [
