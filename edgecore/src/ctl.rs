@@ -436,10 +436,9 @@ mod terminal {
             let _ = r.send(client::resize_message(w, h)).await;
         }
         let mut winch = match resize_tx {
-            Some(_) => tokio::signal::unix::signal(
-                tokio::signal::unix::SignalKind::window_change(),
-            )
-            .ok(),
+            Some(_) => {
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change()).ok()
+            }
             None => None,
         };
         let mut out = remote_out.map(|s| s.recv);

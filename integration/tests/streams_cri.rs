@@ -166,7 +166,11 @@ fn exec_and_attach_through_the_runtime_streaming_server() {
             "shell",
             &[
                 ("main", &["sleep", "3600"], false),
-                ("reader", &["sh", "-c", "read line; echo \"got $line\""], true),
+                (
+                    "reader",
+                    &["sh", "-c", "read line; echo \"got $line\""],
+                    true,
+                ),
             ],
         )
         .await;
@@ -178,7 +182,10 @@ fn exec_and_attach_through_the_runtime_streaming_server() {
             &cri,
             main,
             exec(&["cat"], true, false),
-            vec![RcFrame::Stdin(Bytes::from_static(b"hi\n")), RcFrame::StdinClosed],
+            vec![
+                RcFrame::Stdin(Bytes::from_static(b"hi\n")),
+                RcFrame::StdinClosed,
+            ],
         )
         .await;
         assert_eq!(seen.reply, Some(StreamReply::Accepted));
@@ -188,7 +195,13 @@ fn exec_and_attach_through_the_runtime_streaming_server() {
         eprintln!("exec cat: {:?}", started.elapsed());
 
         // A non-zero exit code comes back as it is.
-        let seen = remote_command(&cri, main, exec(&["sh", "-c", "exit 3"], false, false), vec![]).await;
+        let seen = remote_command(
+            &cri,
+            main,
+            exec(&["sh", "-c", "exit 3"], false, false),
+            vec![],
+        )
+        .await;
         assert_eq!(seen.exits.len(), 1, "{seen:?}");
         assert_eq!(seen.exits[0].code, Some(3), "{seen:?}");
 
@@ -250,7 +263,13 @@ fn exec_and_attach_through_the_runtime_streaming_server() {
         assert_eq!(seen.exits.len(), 1, "{seen:?}");
 
         // A container the runtime does not have: refused, naming the runtime's reason.
-        let seen = remote_command(&cri, "no-such-container", exec(&["true"], false, false), vec![]).await;
+        let seen = remote_command(
+            &cri,
+            "no-such-container",
+            exec(&["true"], false, false),
+            vec![],
+        )
+        .await;
         match seen.reply {
             Some(StreamReply::Refused(r)) => {
                 assert_eq!(r.code, RefusalCode::Runtime);
@@ -270,7 +289,9 @@ async fn fetch(cri: &Cri, sandbox: &str, port: u16) -> (StreamReply, String) {
     let (edge_r, edge_w) = tokio::io::split(edge);
     let (cri, sandbox) = (cri.clone(), sandbox.to_string());
     let served =
-        tokio::spawn(async move { remote::port_forward(&cri, &sandbox, port, edge_w, edge_r).await });
+        tokio::spawn(
+            async move { remote::port_forward(&cri, &sandbox, port, edge_w, edge_r).await },
+        );
     let (mut cloud_r, mut cloud_w) = tokio::io::split(cloud);
     let reply: StreamReply = read_header(&mut cloud_r, MAX_HEADER_SIZE)
         .await
@@ -369,7 +390,11 @@ fn site_with_pod() -> Site {
     let token = cloud.token(&[]);
     let edge_dir = tmp.path().join("edge-1");
     let out = join(&edge_dir, &token, "edge-1");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let edge = Edge::start_with(&edge_dir, &["--cri-endpoint", &containerd.endpoint]);
     assert!(
         eventually(Duration::from_secs(15), || edge.connected()),
@@ -442,7 +467,11 @@ fn ctl_exec_with_stdin_and_a_terminal() {
         stdin.write_all(b"hi\n").expect("write stdin");
     }
     let out = child.wait_with_output().expect("ctl exec");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(String::from_utf8_lossy(&out.stdout), "hi\n");
 
     // The exit code comes through, stderr apart from stdout.
@@ -474,7 +503,17 @@ fn ctl_exec_with_stdin_and_a_terminal() {
     );
     tmux(
         &socket,
-        &["new-session", "-d", "-s", "t", "-x", "100", "-y", "30", &script],
+        &[
+            "new-session",
+            "-d",
+            "-s",
+            "t",
+            "-x",
+            "100",
+            "-y",
+            "30",
+            &script,
+        ],
     );
     let screen = |socket: &Path| tmux(socket, &["capture-pane", "-p", "-t", "t"]);
     let send = |keys: &str| tmux(&socket, &["send-keys", "-t", "t", keys, "Enter"]);
@@ -490,7 +529,10 @@ fn ctl_exec_with_stdin_and_a_terminal() {
     wait_for("#");
     send("stty size");
     wait_for("30 100");
-    tmux(&socket, &["resize-window", "-t", "t", "-x", "120", "-y", "40"]);
+    tmux(
+        &socket,
+        &["resize-window", "-t", "t", "-x", "120", "-y", "40"],
+    );
     // Let SIGWINCH reach edgecore and the resize the container.
     std::thread::sleep(Duration::from_millis(500));
     send("stty size");
@@ -498,7 +540,8 @@ fn ctl_exec_with_stdin_and_a_terminal() {
     send("exit 5");
     assert!(
         eventually(Duration::from_secs(15), || code_file.exists()
-            && std::fs::read_to_string(&code_file).is_ok_and(|c| !c.trim().is_empty())),
+            && std::fs::read_to_string(&code_file)
+                .is_ok_and(|c| !c.trim().is_empty())),
         "ctl exec -t did not end:\n{}",
         screen(&socket)
     );
@@ -507,8 +550,15 @@ fn ctl_exec_with_stdin_and_a_terminal() {
     let after = std::fs::read_to_string(&stty_file).expect("stty after");
     // The size line differs after the resize; every mode is as it was.
     let modes = |s: &str| s.lines().skip(1).collect::<Vec<_>>().join("\n");
-    assert_eq!(modes(&before), modes(&after), "the terminal was not restored");
-    assert!(after.contains(" icanon") && after.contains(" echo "), "{after}");
+    assert_eq!(
+        modes(&before),
+        modes(&after),
+        "the terminal was not restored"
+    );
+    assert!(
+        after.contains(" icanon") && after.contains(" echo "),
+        "{after}"
+    );
     let _ = Command::new("tmux")
         .arg("-S")
         .arg(&socket)

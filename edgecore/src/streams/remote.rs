@@ -14,8 +14,8 @@ use proto::stream::{
     AttachRequest, ExecRequest, ExitStatus, MAX_RC_FRAME, RcCodec, RcFrame, Refusal, RefusalCode,
     StreamReply, write_header,
 };
-use streaming::spdy::client::{self, RcClient};
 use streaming::spdy::RecvHalf;
+use streaming::spdy::client::{self, RcClient};
 use streaming::{BoxRead, BoxWrite, RcOptions};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::oneshot;
@@ -249,7 +249,9 @@ where
                         let _ = s.send(client::resize_message(width, height)).await;
                     }
                 }
-                Ok(other) => tracing::debug!(frame = ?other, "exec: unexpected frame from the cloud"),
+                Ok(other) => {
+                    tracing::debug!(frame = ?other, "exec: unexpected frame from the cloud")
+                }
                 Err(e) => {
                     tracing::debug!(error = %e, "exec: the cloud's stream failed");
                     break;

@@ -82,7 +82,7 @@ pub async fn connect(url: &str, protocols: &[&str]) -> Result<Connected, ClientE
                 source,
             })?;
         let _ = tcp.set_nodelay(true);
-        upgrade(tcp, &authority.to_string(), path, protocols).await
+        upgrade(tcp, authority.as_ref(), path, protocols).await
     };
     tokio::time::timeout(CONNECT_TIMEOUT, attempt)
         .await
@@ -130,7 +130,9 @@ async fn upgrade(
         let body = read_body(&mut tcp, &response, rest).await;
         return Err(ClientError::Refused {
             status: response.status,
-            message: format!("{} {}", response.reason, body.trim()).trim().to_string(),
+            message: format!("{} {}", response.reason, body.trim())
+                .trim()
+                .to_string(),
         });
     }
     if !response
@@ -141,7 +143,10 @@ async fn upgrade(
             "101 without Upgrade: {UPGRADE}"
         )));
     }
-    let protocol = response.header(PROTOCOL_HEADER).unwrap_or_default().to_string();
+    let protocol = response
+        .header(PROTOCOL_HEADER)
+        .unwrap_or_default()
+        .to_string();
     if !protocols.contains(&protocol.as_str()) {
         return Err(ClientError::Malformed(format!(
             "the server chose protocol {protocol:?}, not one of {protocols:?}"
@@ -271,8 +276,7 @@ pub async fn remotecommand(url: &str, options: RcOptions) -> Result<RcClient, Cl
     } else {
         None
     };
-    let resize = if options.tty && protocol != "v2.channel.k8s.io" && protocol != "channel.k8s.io"
-    {
+    let resize = if options.tty && protocol != "v2.channel.k8s.io" && protocol != "channel.k8s.io" {
         Some(open("resize").await?)
     } else {
         None
@@ -341,7 +345,10 @@ pub fn exit_status(protocol: &str, body: &[u8]) -> ExitStatus {
             .and_then(|c| c["message"].as_str())
             .and_then(|m| m.parse::<i32>().ok());
         if let Some(code) = code {
-            return ExitStatus { code: Some(code), message };
+            return ExitStatus {
+                code: Some(code),
+                message,
+            };
         }
     }
     failure(message)
@@ -413,7 +420,10 @@ mod tests {
             });
             assert_eq!(exit_status("v4.channel.k8s.io", &body).code, code);
         }
-        let failed = exit_status("v4.channel.k8s.io", br#"{"status":"Failure","message":"boom"}"#);
+        let failed = exit_status(
+            "v4.channel.k8s.io",
+            br#"{"status":"Failure","message":"boom"}"#,
+        );
         assert_eq!((failed.code, failed.message.as_str()), (None, "boom"));
         assert_eq!(exit_status("v4.channel.k8s.io", b"").code, None);
         assert_eq!(exit_status("v3.channel.k8s.io", b"").code, Some(0));
@@ -454,25 +464,30 @@ mod tests {
                     let _ = w.shutdown().await;
                 });
                 let (r, w) = tokio::io::split(near);
-                Ok((Box::pin(w) as crate::BoxWrite, Box::pin(r) as crate::BoxRead))
+                Ok((
+                    Box::pin(w) as crate::BoxWrite,
+                    Box::pin(r) as crate::BoxRead,
+                ))
             })
         });
         tokio::spawn(async move {
             let (tcp, _) = listener.accept().await.unwrap();
-            let service = hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
-                let dial = dial.clone();
-                async move {
-                    let response = match crate::portforward(&mut req, vec![], dial) {
-                        Ok(r) => r,
-                        Err(rejection) => {
-                            let mut r = http::Response::new(Bytes::from(rejection.message));
-                            *r.status_mut() = http::StatusCode::from_u16(rejection.code).unwrap();
-                            r
-                        }
-                    };
-                    Ok::<_, std::convert::Infallible>(response.map(http_body_full))
-                }
-            });
+            let service =
+                hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
+                    let dial = dial.clone();
+                    async move {
+                        let response = match crate::portforward(&mut req, vec![], dial) {
+                            Ok(r) => r,
+                            Err(rejection) => {
+                                let mut r = http::Response::new(Bytes::from(rejection.message));
+                                *r.status_mut() =
+                                    http::StatusCode::from_u16(rejection.code).unwrap();
+                                r
+                            }
+                        };
+                        Ok::<_, std::convert::Infallible>(response.map(http_body_full))
+                    }
+                });
             hyper::server::conn::http1::Builder::new()
                 .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
                 .with_upgrades()
@@ -482,7 +497,10 @@ mod tests {
         let url = format!("http://{addr}/portforward/token");
         let session = portforward(&url).await.unwrap();
         let (mut error, mut data) = forward(&session, 8080, 0).await.unwrap();
-        data.send.send(Bytes::from_static(b"echo me")).await.unwrap();
+        data.send
+            .send(Bytes::from_static(b"echo me"))
+            .await
+            .unwrap();
         data.send.finish().await.unwrap();
         assert_eq!(data.recv.read_to_end(1024).await.unwrap(), b"echo me");
         assert_eq!(error.recv.read_to_end(1024).await.unwrap(), b"");

@@ -306,7 +306,13 @@ impl FrameDecoder {
                 }
                 let entries = p[4..]
                     .chunks_exact(8)
-                    .map(|e| (e[0], u32::from_be_bytes([0, e[1], e[2], e[3]]), word(&e[4..8])))
+                    .map(|e| {
+                        (
+                            e[0],
+                            u32::from_be_bytes([0, e[1], e[2], e[3]]),
+                            word(&e[4..8]),
+                        )
+                    })
                     .collect();
                 Frame::Settings {
                     clear: flags & FLAG_CLEAR_SETTINGS != 0,
@@ -376,8 +382,8 @@ impl FrameDecoder {
                 }
                 Err(e) => return Err(SpdyError::Compression(e.to_string())),
             }
-            let progressed = self.inflate.total_in() != in_before
-                || self.inflate.total_out() != out_before;
+            let progressed =
+                self.inflate.total_in() != in_before || self.inflate.total_out() != out_before;
             if consumed == input.len() && out.len() < out.capacity() {
                 break;
             }
@@ -395,7 +401,10 @@ fn parse_block(frame: &'static str, raw: &[u8]) -> Result<Headers, SpdyError> {
     let mut b = raw;
     let take = |b: &mut &[u8], what: &str| -> Result<Vec<u8>, SpdyError> {
         if b.len() < 4 {
-            return Err(malformed(frame, format!("header block ends before a {what} length")));
+            return Err(malformed(
+                frame,
+                format!("header block ends before a {what} length"),
+            ));
         }
         let len = b.get_u32() as usize;
         if len > b.len() {
@@ -429,14 +438,17 @@ fn parse_block(frame: &'static str, raw: &[u8]) -> Result<Headers, SpdyError> {
         if name.is_empty() {
             return Err(malformed(frame, "an empty header name"));
         }
-        let value =
-            String::from_utf8(value).map_err(|_| malformed(frame, "a header value is not UTF-8"))?;
+        let value = String::from_utf8(value)
+            .map_err(|_| malformed(frame, "a header value is not UTF-8"))?;
         for v in value.split('\0') {
             headers.push((name.clone(), v.to_string()));
         }
     }
     if !b.is_empty() {
-        return Err(malformed(frame, format!("{} bytes after the headers", b.len())));
+        return Err(malformed(
+            frame,
+            format!("{} bytes after the headers", b.len()),
+        ));
     }
     Ok(headers)
 }
@@ -486,7 +498,11 @@ impl FrameEncoder {
             } => {
                 let block = self.block(headers)?;
                 let flags = if *fin { FLAG_FIN } else { 0 }
-                    | if *unidirectional { FLAG_UNIDIRECTIONAL } else { 0 };
+                    | if *unidirectional {
+                        FLAG_UNIDIRECTIONAL
+                    } else {
+                        0
+                    };
                 control(dst, TYPE_SYN_STREAM, flags, 10 + block.len())?;
                 dst.put_u32(*stream_id);
                 dst.put_u32(*associated_to);
@@ -685,7 +701,12 @@ mod tests {
                 priority: 7,
                 fin: true,
                 unidirectional: false,
-                headers: h(&[("streamtype", "data"), ("port", "80"), ("x", "a"), ("x", "b")]),
+                headers: h(&[
+                    ("streamtype", "data"),
+                    ("port", "80"),
+                    ("x", "a"),
+                    ("x", "b"),
+                ]),
             },
             Frame::SynReply {
                 stream_id: 1,
@@ -749,14 +770,25 @@ mod tests {
     #[test]
     fn malformed_input_is_an_error_naming_what_was_wrong() {
         let cases: Vec<(&[u8], &str)> = vec![
-            (&[0x80, 0x02, 0x00, 0x06, 0, 0, 0, 4, 0, 0, 0, 1], "version 2"),
+            (
+                &[0x80, 0x02, 0x00, 0x06, 0, 0, 0, 4, 0, 0, 0, 1],
+                "version 2",
+            ),
             (&[0x80, 0x03, 0x00, 0x06, 0, 0, 0, 3, 0, 0, 1], "PING"),
-            (&[0x80, 0x03, 0x00, 0x09, 0, 0, 0, 8, 0, 0, 0, 1, 0, 0, 0, 0], "delta 0"),
-            (&[0x80, 0x03, 0x00, 0x04, 0, 0, 0, 4, 0, 0, 0, 9], "9 entries"),
+            (
+                &[0x80, 0x03, 0x00, 0x09, 0, 0, 0, 8, 0, 0, 0, 1, 0, 0, 0, 0],
+                "delta 0",
+            ),
+            (
+                &[0x80, 0x03, 0x00, 0x04, 0, 0, 0, 4, 0, 0, 0, 9],
+                "9 entries",
+            ),
             (&[0x00, 0x00, 0x00, 0x00, 0, 0, 0, 0], "stream id 0"),
             // A SYN_STREAM whose "compressed" block is garbage.
             (
-                &[0x80, 0x03, 0x00, 0x01, 0, 0, 0, 12, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0xde, 0xad],
+                &[
+                    0x80, 0x03, 0x00, 0x01, 0, 0, 0, 12, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0xde, 0xad,
+                ],
                 "header block",
             ),
         ];

@@ -77,10 +77,8 @@ pub fn portforward<B>(
 fn check_upgrade<B>(request: &http::Request<B>) -> Result<(), Rejection> {
     let has = |name: http::header::HeaderName, token: &str| {
         request.headers().get_all(name).iter().any(|v| {
-            v.to_str().is_ok_and(|v| {
-                v.split(',')
-                    .any(|t| t.trim().eq_ignore_ascii_case(token))
-            })
+            v.to_str()
+                .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
         })
     };
     if has(http::header::CONNECTION, "upgrade") && has(http::header::UPGRADE, UPGRADE) {
@@ -94,7 +92,10 @@ fn check_upgrade<B>(request: &http::Request<B>) -> Result<(), Rejection> {
 }
 
 /// The first of the client's protocols (in its order) that `ours` has.
-fn negotiate<B>(request: &http::Request<B>, ours: &[&'static str]) -> Result<&'static str, Rejection> {
+fn negotiate<B>(
+    request: &http::Request<B>,
+    ours: &[&'static str],
+) -> Result<&'static str, Rejection> {
     let theirs: Vec<String> = request
         .headers()
         .get_all(PROTOCOL_HEADER)
@@ -130,7 +131,10 @@ fn switching_protocols(protocol: &str) -> http::Response<Bytes> {
         http::header::CONNECTION,
         http::HeaderValue::from_static("Upgrade"),
     );
-    headers.insert(http::header::UPGRADE, http::HeaderValue::from_static(UPGRADE));
+    headers.insert(
+        http::header::UPGRADE,
+        http::HeaderValue::from_static(UPGRADE),
+    );
     if let Ok(v) = http::HeaderValue::from_str(protocol) {
         headers.insert(PROTOCOL_HEADER, v);
     }
@@ -444,10 +448,11 @@ where
                     continue;
                 }
                 *slot = Some(stream);
-                if pair.error.is_some() && pair.data.is_some() {
-                    if let Some(Pair { error: Some(error), data: Some(data), .. }) = pairs.remove(&request) {
-                        tokio::spawn(forward(error, data, dial.clone()));
-                    }
+                if pair.error.is_some()
+                    && pair.data.is_some()
+                    && let Some(Pair { error: Some(error), data: Some(data), .. }) = pairs.remove(&request)
+                {
+                    tokio::spawn(forward(error, data, dial.clone()));
                 }
             }
             _ = sweep.tick() => {
@@ -676,8 +681,14 @@ mod tests {
         });
         let mut error = client.open(hdrs(&[("streamtype", "error")])).await.unwrap();
         let mut stdin = client.open(hdrs(&[("streamtype", "stdin")])).await.unwrap();
-        let mut stdout = client.open(hdrs(&[("streamtype", "stdout")])).await.unwrap();
-        let mut stderr = client.open(hdrs(&[("streamtype", "stderr")])).await.unwrap();
+        let mut stdout = client
+            .open(hdrs(&[("streamtype", "stdout")]))
+            .await
+            .unwrap();
+        let mut stderr = client
+            .open(hdrs(&[("streamtype", "stderr")]))
+            .await
+            .unwrap();
         stdin.send.send(Bytes::from_static(b"hi\n")).await.unwrap();
         stdin.send.finish().await.unwrap();
         assert_eq!(stdout.recv.read_to_end(1024).await.unwrap(), b"hi\n");
@@ -719,11 +730,19 @@ mod tests {
         let mut connections = Vec::new();
         for (request, port) in [("0", "80"), ("1", "80")] {
             let error = client
-                .open(hdrs(&[("streamtype", "error"), ("port", port), ("requestid", request)]))
+                .open(hdrs(&[
+                    ("streamtype", "error"),
+                    ("port", port),
+                    ("requestid", request),
+                ]))
                 .await
                 .unwrap();
             let data = client
-                .open(hdrs(&[("streamtype", "data"), ("port", port), ("requestid", request)]))
+                .open(hdrs(&[
+                    ("streamtype", "data"),
+                    ("port", port),
+                    ("requestid", request),
+                ]))
                 .await
                 .unwrap();
             assert_eq!(header(&data.headers, "port"), Some(port));
@@ -742,11 +761,19 @@ mod tests {
             assert_eq!(error.recv.read_to_end(1024).await.unwrap(), b"");
         }
         let mut error = client
-            .open(hdrs(&[("streamtype", "error"), ("port", "81"), ("requestid", "2")]))
+            .open(hdrs(&[
+                ("streamtype", "error"),
+                ("port", "81"),
+                ("requestid", "2"),
+            ]))
             .await
             .unwrap();
         let _data = client
-            .open(hdrs(&[("streamtype", "data"), ("port", "81"), ("requestid", "2")]))
+            .open(hdrs(&[
+                ("streamtype", "data"),
+                ("port", "81"),
+                ("requestid", "2"),
+            ]))
             .await
             .unwrap();
         let message = error.recv.read_to_end(1024).await.unwrap();

@@ -232,7 +232,12 @@ impl Session {
             data: data_tx,
             open_lock: tokio::sync::Mutex::new(()),
         });
-        tokio::spawn(write_loop(writer, control_rx, data_rx, Arc::downgrade(&inner)));
+        tokio::spawn(write_loop(
+            writer,
+            control_rx,
+            data_rx,
+            Arc::downgrade(&inner),
+        ));
         tokio::spawn(read_loop(reader, inner.clone(), incoming_tx));
         (Session { inner }, incoming_rx)
     }
@@ -831,7 +836,10 @@ async fn credit_session(inner: &Arc<Inner>, len: usize) -> Result<(), SpdyError>
     if let Some(delta) = update {
         inner
             .control
-            .send(Frame::WindowUpdate { stream_id: 0, delta })
+            .send(Frame::WindowUpdate {
+                stream_id: 0,
+                delta,
+            })
             .await
             .map_err(|_| SpdyError::Closed)?;
     }
