@@ -704,6 +704,70 @@ mod tests {
         served.await.unwrap();
     }
 
+    /// A client that stops reading stdout stops the bridge from reading the tunnel: the edge's
+    /// writes block after a bounded amount, and everything arrives once the client reads.
+    #[tokio::test]
+    async fn a_stalled_client_stalls_the_edge_instead_of_growing_a_buffer() {
+        let (client, _ci, server_io) = duplex_session(Role::Client);
+        let (r, w) = tokio::io::split(server_io);
+        let (server, incoming) = Session::new(r, w, Role::Server);
+        let (tunnel_cloud, tunnel_edge) = tokio::io::duplex(16 * 1024);
+        let (cloud_r, cloud_w) = tokio::io::split(tunnel_cloud);
+        let options = RcOptions {
+            stdout: true,
+            ..Default::default()
+        };
+        tokio::spawn(serve_remotecommand(
+            server,
+            incoming,
+            RcVersion::V4,
+            options,
+            (Box::pin(cloud_w), Box::pin(cloud_r)),
+        ));
+        let mut error = client.open(hdrs(&[("streamtype", "error")])).await.unwrap();
+        let mut stdout = client.open(hdrs(&[("streamtype", "stdout")])).await.unwrap();
+        const CHUNK: usize = 32 * 1024;
+        const FRAMES: usize = 40;
+        let sent = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = sent.clone();
+        let flood = tokio::spawn(async move {
+            let (_er, ew) = tokio::io::split(tunnel_edge);
+            let mut out = FramedWrite::new(ew, RcCodec);
+            for _ in 0..FRAMES {
+                let frame = RcFrame::Stdout(Bytes::from(vec![b'x'; CHUNK]));
+                out.send(frame).await.unwrap();
+                counter.fetch_add(CHUNK, std::sync::atomic::Ordering::SeqCst);
+            }
+            out.send(RcFrame::Exit(ExitStatus {
+                code: Some(0),
+                message: String::new(),
+            }))
+            .await
+            .unwrap();
+        });
+        // Wait until the edge's writes stop progressing.
+        let mut last = usize::MAX;
+        loop {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let now = sent.load(std::sync::atomic::Ordering::SeqCst);
+            if now == last {
+                break;
+            }
+            last = now;
+        }
+        // The client's 64 KiB window, the bridge's frame in hand, the tunnel's buffers.
+        assert!(last >= 64 * 1024, "sent {last}");
+        assert!(last <= 512 * 1024, "sent {last}: the server buffered without bound");
+        let mut total = 0usize;
+        while let Some(c) = stdout.recv.recv().await.unwrap() {
+            total += c.len();
+        }
+        assert_eq!(total, FRAMES * CHUNK);
+        flood.await.unwrap();
+        let status = error.recv.read_to_end(4096).await.unwrap();
+        assert!(String::from_utf8_lossy(&status).contains("Success"));
+    }
+
     #[tokio::test]
     async fn portforward_dials_once_per_pair_and_reports_dial_errors() {
         let (client, _ci, server_io) = duplex_session(Role::Client);
