@@ -84,6 +84,26 @@ impl Seen {
     }
 }
 
+/// The cloud's end of a tunnel stream that carries nothing and fails with a reset when told
+/// (what a QUIC stream the cloud reset looks like to the edge).
+struct ResetReader(tokio::sync::mpsc::Receiver<()>);
+
+impl tokio::io::AsyncRead for ResetReader {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        _: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.0.poll_recv(cx) {
+            std::task::Poll::Ready(_) => std::task::Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionReset,
+                "stream reset by the cloud",
+            ))),
+            std::task::Poll::Pending => std::task::Poll::Pending,
+        }
+    }
+}
+
 enum Kind {
     Exec(ExecRequest),
     Attach(AttachRequest),
@@ -261,6 +281,31 @@ fn exec_and_attach_through_the_runtime_streaming_server() {
         assert_eq!(seen.reply, Some(StreamReply::Accepted));
         assert_eq!(seen.stdout(), "got hello\n");
         assert_eq!(seen.exits.len(), 1, "{seen:?}");
+
+        // The cloud resetting its stream (kubectl went away) ends a silent session at once.
+        let (reset_tx, reset_rx) = tokio::sync::mpsc::channel(1);
+        let (cloud, edge_w) = tokio::io::duplex(64 * 1024);
+        let (cri2, main2) = (cri.clone(), main.clone());
+        let served = tokio::spawn(async move {
+            let request = ExecRequest {
+                command: vec!["sleep".into(), "3600".into()],
+                stdout: true,
+                ..Default::default()
+            };
+            remote::exec(&cri2, &main2, &request, edge_w, ResetReader(reset_rx)).await
+        });
+        let mut cloud = cloud;
+        let reply: StreamReply = read_header(&mut cloud, MAX_HEADER_SIZE)
+            .await
+            .expect("reply header");
+        assert_eq!(reply, StreamReply::Accepted);
+        reset_tx.send(()).await.expect("reset");
+        let ended = tokio::time::timeout(Duration::from_secs(5), served)
+            .await
+            .expect("the session ends within 5 s of the reset")
+            .expect("task");
+        let err = ended.expect_err("a reset is an error");
+        assert!(err.to_string().contains("reset"), "{err}");
 
         // A container the runtime does not have: refused, naming the runtime's reason.
         let seen = remote_command(

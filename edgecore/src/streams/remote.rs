@@ -226,7 +226,9 @@ where
     let mut to_cloud = FramedWrite::new(send, RcCodec);
     let mut from_cloud = FramedRead::new(recv, RcCodec);
 
-    // Cloud → container: stdin, its end, terminal sizes.
+    // Cloud → container: stdin, its end, terminal sizes. A failed tunnel stream (the cloud
+    // reset it: kubectl went away) ends the whole session; a clean end only ends stdin.
+    let (gone_tx, mut gone) = oneshot::channel::<String>();
     let upstream = tokio::spawn(async move {
         let mut stdin = stdin.map(|s| s.send);
         let mut resize = resize.map(|s| s.send);
@@ -253,7 +255,7 @@ where
                     tracing::debug!(frame = ?other, "exec: unexpected frame from the cloud")
                 }
                 Err(e) => {
-                    tracing::debug!(error = %e, "exec: the cloud's stream failed");
+                    let _ = gone_tx.send(e.to_string());
                     break;
                 }
             }
@@ -272,6 +274,7 @@ where
     tokio::pin!(error_body);
     let mut status: Option<ExitStatus> = None;
     let mut failed: Option<RemoteError> = None;
+    let mut cloud_open = true;
     while stdout.is_some() || stderr.is_some() || status.is_none() {
         let frames: Vec<RcFrame> = tokio::select! {
             chunk = next_chunk(&mut stdout), if stdout.is_some() => match chunk {
@@ -286,6 +289,14 @@ where
                 status = Some(client::exit_status(&protocol, body.as_bytes()));
                 continue;
             }
+            why = &mut gone, if cloud_open => match why {
+                Ok(why) => {
+                    failed = Some(RemoteError(format!("the cloud's stream failed: {why}")));
+                    break;
+                }
+                // A clean end of the cloud's side: the output still goes back.
+                Err(_) => { cloud_open = false; continue; }
+            },
         };
         for frame in frames {
             if let Err(e) = to_cloud.send(frame).await {

@@ -725,7 +725,10 @@ mod tests {
             (Box::pin(cloud_w), Box::pin(cloud_r)),
         ));
         let mut error = client.open(hdrs(&[("streamtype", "error")])).await.unwrap();
-        let mut stdout = client.open(hdrs(&[("streamtype", "stdout")])).await.unwrap();
+        let mut stdout = client
+            .open(hdrs(&[("streamtype", "stdout")]))
+            .await
+            .unwrap();
         const CHUNK: usize = 32 * 1024;
         const FRAMES: usize = 40;
         let sent = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -757,7 +760,10 @@ mod tests {
         }
         // The client's 64 KiB window, the bridge's frame in hand, the tunnel's buffers.
         assert!(last >= 64 * 1024, "sent {last}");
-        assert!(last <= 512 * 1024, "sent {last}: the server buffered without bound");
+        assert!(
+            last <= 512 * 1024,
+            "sent {last}: the server buffered without bound"
+        );
         let mut total = 0usize;
         while let Some(c) = stdout.recv.recv().await.unwrap() {
             total += c.len();
