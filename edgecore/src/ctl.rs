@@ -487,7 +487,9 @@ mod terminal {
                 }
             }
         }
-        session.close().await;
+        session
+            .close_and_wait(std::time::Duration::from_secs(1))
+            .await;
         Ok(status.unwrap_or(ExitStatus {
             code: None,
             message: "the session ended without an exit status".into(),

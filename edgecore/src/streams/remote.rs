@@ -29,6 +29,9 @@ use crate::cri::{Cri, StreamsWanted};
 /// runtime's message; a later one ends the accepted stream.
 pub const CONNECT_GRACE: Duration = Duration::from_millis(200);
 
+/// How long a finished session waits for containerd to hang up before it is dropped.
+const LINGER: Duration = Duration::from_secs(2);
+
 /// A remote session failed after it was accepted (it is logged; the client sees the stream end
 /// or the exit status's message).
 #[derive(Debug, thiserror::Error)]
@@ -112,7 +115,7 @@ where
     if let Ok(Ok(message)) = tokio::time::timeout(CONNECT_GRACE, &mut failed).await
         && !message.is_empty()
     {
-        session.close().await;
+        session.close_and_wait(LINGER).await;
         return refuse(send, message).await;
     }
     accept(&mut send).await?;
@@ -132,7 +135,7 @@ where
             }
         },
     };
-    session.close().await;
+    session.close_and_wait(LINGER).await;
     result
 }
 
@@ -319,9 +322,7 @@ where
         let _ = to_cloud.close().await;
     }
     upstream.abort();
-    session.close().await;
-    let why_closed = session.closed();
-    let _ = tokio::time::timeout(Duration::from_secs(2), why_closed).await;
+    session.close_and_wait(LINGER).await;
     match failed {
         Some(e) => Err(e),
         None => Ok(()),

@@ -201,7 +201,7 @@ async fn serve_remotecommand(
             }
         };
         let Some(mut stream) = stream else {
-            session.close().await;
+            session.close_and_wait(LINGER).await;
             return;
         };
         let slot = match stream.header("streamtype").unwrap_or_default() {
@@ -230,8 +230,7 @@ async fn serve_remotecommand(
         }
     }
     bridge_remotecommand(&session, incoming, version, channels, tunnel).await;
-    session.close().await;
-    let _ = tokio::time::timeout(LINGER, session.closed()).await;
+    session.close_and_wait(LINGER).await;
 }
 
 async fn bridge_remotecommand(
@@ -476,8 +475,7 @@ where
             }
         }
     }
-    session.close().await;
-    let _ = tokio::time::timeout(LINGER, session.closed()).await;
+    session.close_and_wait(LINGER).await;
 }
 
 /// One forwarded connection: dial the port once, then copy both ways; a failed dial's message

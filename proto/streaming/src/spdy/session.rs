@@ -109,6 +109,8 @@ struct Inner {
     /// Stream ids must go out in increasing order: allocation and the SYN_STREAM's queueing
     /// happen under this lock.
     open_lock: tokio::sync::Mutex<()>,
+    /// The reader and writer tasks, for [`Session::abort`].
+    tasks: Mutex<Vec<tokio::task::AbortHandle>>,
 }
 
 impl Inner {
@@ -231,14 +233,18 @@ impl Session {
             control: control_tx,
             data: data_tx,
             open_lock: tokio::sync::Mutex::new(()),
+            tasks: Mutex::new(Vec::new()),
         });
-        tokio::spawn(write_loop(
+        let writer = tokio::spawn(write_loop(
             writer,
             control_rx,
             data_rx,
             Arc::downgrade(&inner),
         ));
-        tokio::spawn(read_loop(reader, inner.clone(), incoming_tx));
+        let reader = tokio::spawn(read_loop(reader, inner.clone(), incoming_tx));
+        if let Ok(mut tasks) = inner.tasks.lock() {
+            tasks.extend([writer.abort_handle(), reader.abort_handle()]);
+        }
         (Session { inner }, incoming_rx)
     }
 
@@ -327,6 +333,27 @@ impl Session {
             st.last_peer_id
         };
         let _ = self.inner.data.send(WriteCmd::Close(last)).await;
+    }
+
+    /// [`Session::close`], then waits up to `linger` for the peer to hang up (dropping a
+    /// socket with unread input resets it, which can cut off the last output), then
+    /// [`Session::abort`]s: a peer that never hangs up holds nothing.
+    pub async fn close_and_wait(&self, linger: Duration) {
+        self.close().await;
+        let _ = tokio::time::timeout(linger, self.closed()).await;
+        self.abort();
+    }
+
+    /// Ends the session's tasks now, dropping the transport; open streams end with
+    /// [`SpdyError::Closed`].
+    pub fn abort(&self) {
+        if let Ok(tasks) = self.inner.tasks.lock() {
+            for t in tasks.iter() {
+                t.abort();
+            }
+        }
+        self.inner.lock().ended.get_or_insert(SpdyError::Closed);
+        self.inner.changed.notify_waiters();
     }
 
     /// Waits until the peer closed the transport (or the session failed); returns why.
@@ -1073,6 +1100,30 @@ mod tests {
         raw_w.write_all(&buf).await.unwrap();
         let why = server.closed().await;
         assert!(why.to_string().contains("opened stream 2"), "{why}");
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_never_hangs_up_is_dropped_after_the_linger() {
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let (br, bw) = tokio::io::split(b);
+        let (server, _incoming) = Session::new(br, bw, Role::Server);
+        let (mut raw_r, _raw_w) = tokio::io::split(a);
+        let started = std::time::Instant::now();
+        server.close_and_wait(Duration::from_millis(200)).await;
+        assert!(started.elapsed() >= Duration::from_millis(200));
+        assert!(server.is_closed());
+        // The peer sees the GOAWAY, then the end of the transport.
+        let mut seen = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), raw_r.read_to_end(&mut seen))
+            .await
+            .expect("the transport is dropped")
+            .unwrap();
+        let mut frames = FramedRead::new(&seen[..], FrameDecoder::default());
+        let mut last = None;
+        while let Some(f) = frames.next().await {
+            last = Some(f.unwrap());
+        }
+        assert!(matches!(last, Some(Frame::GoAway { .. })), "{last:?}");
     }
 
     #[tokio::test]
