@@ -799,6 +799,56 @@ mod tests {
         }
     }
 
+    /// Garbage, and valid frames with bytes flipped, give frames or errors, never a panic.
+    #[test]
+    fn arbitrary_input_never_panics() {
+        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let mut valid = BytesMut::new();
+        let mut enc = FrameEncoder::default();
+        for f in [
+            Frame::SynStream {
+                stream_id: 1,
+                associated_to: 0,
+                priority: 0,
+                fin: false,
+                unidirectional: false,
+                headers: h(&[("streamtype", "stdout")]),
+            },
+            Frame::Settings {
+                clear: false,
+                entries: vec![(0, 7, 65536)],
+            },
+            Frame::Data {
+                stream_id: 1,
+                fin: true,
+                data: Bytes::from_static(b"abc"),
+            },
+        ] {
+            enc.encode(&f, &mut valid).unwrap();
+        }
+        for round in 0..5000 {
+            let mut buf = if round % 2 == 0 {
+                let mut b = valid.clone();
+                for _ in 0..(next() % 4 + 1) {
+                    let i = (next() as usize) % b.len();
+                    b[i] ^= next() as u8;
+                }
+                b
+            } else {
+                let len = (next() % 64) as usize;
+                (0..len).map(|_| next() as u8).collect::<BytesMut>()
+            };
+            let mut dec = FrameDecoder::default();
+            while let Ok(Some(_)) = dec.decode(&mut buf) {}
+        }
+    }
+
     #[test]
     fn oversized_frames_are_refused_before_their_payload_arrives() {
         let mut buf = BytesMut::from(&[0x00, 0x00, 0x00, 0x01, 0x00, 0xff, 0xff, 0xff][..]);

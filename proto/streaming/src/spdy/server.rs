@@ -37,6 +37,12 @@ pub fn remotecommand<B>(
     options: RcOptions,
     tunnel: (BoxWrite, BoxRead),
 ) -> Result<http::Response<bytes::Bytes>, Rejection> {
+    if !(options.stdin || options.stdout || options.stderr) {
+        return Err(Rejection {
+            code: 400,
+            message: "you must specify at least 1 of stdin, stdout, stderr".into(),
+        });
+    }
     check_upgrade(request)?;
     let protocol = negotiate(request, &RC_PROTOCOLS)?;
     let version = RcVersion::of(protocol);
@@ -579,6 +585,12 @@ mod tests {
         assert!(r.message.contains("v5.channel.k8s.io"), "{}", r.message);
         let r = check_upgrade(&request(&[("Upgrade", "SPDY/3.1")])).unwrap_err();
         assert_eq!(r.code, 400);
+        let mut full = ok;
+        let (r, w) = tokio::io::split(tokio::io::empty());
+        let r =
+            remotecommand(&mut full, RcOptions::default(), (Box::pin(w), Box::pin(r))).unwrap_err();
+        assert_eq!(r.code, 400);
+        assert!(r.message.contains("at least 1 of stdin"), "{}", r.message);
         let response = switching_protocols("v4.channel.k8s.io");
         assert_eq!(response.status(), 101);
         assert_eq!(response.headers()[PROTOCOL_HEADER], "v4.channel.k8s.io");
