@@ -1029,6 +1029,94 @@ mod tests {
         drop(stream);
     }
 
+    /// Counts DATA bytes until the sender stalls (false) or sends FIN (true).
+    async fn data_until_stall(
+        frames: &mut FramedRead<tokio::io::ReadHalf<DuplexStream>, FrameDecoder>,
+        received: &mut usize,
+    ) -> bool {
+        loop {
+            match tokio::time::timeout(Duration::from_millis(300), frames.next()).await {
+                Ok(Some(Ok(Frame::Data { data, fin, .. }))) => {
+                    *received += data.len();
+                    if fin {
+                        return true;
+                    }
+                }
+                Ok(Some(Ok(_))) => {}
+                Ok(other) => panic!("{other:?}"),
+                Err(_) => return false,
+            }
+        }
+    }
+
+    /// A peer's SETTINGS_INITIAL_WINDOW_SIZE and WINDOW_UPDATE frames decide how much this
+    /// side sends.
+    #[tokio::test]
+    async fn the_peers_initial_window_and_updates_are_honoured() {
+        let (a, b) = tokio::io::duplex(256 * 1024);
+        let (br, bw) = tokio::io::split(b);
+        let (_server, mut incoming) = Session::new(br, bw, Role::Server);
+        let (raw_r, mut raw_w) = tokio::io::split(a);
+        let mut enc = FrameEncoder::default();
+        let mut buf = bytes::BytesMut::new();
+        for f in [
+            Frame::Settings {
+                clear: false,
+                entries: vec![(0, SETTINGS_INITIAL_WINDOW_SIZE, 1000)],
+            },
+            Frame::SynStream {
+                stream_id: 1,
+                associated_to: 0,
+                priority: 0,
+                fin: false,
+                unidirectional: false,
+                headers: hdr("streamtype", "stdout"),
+            },
+        ] {
+            enc.encode(&f, &mut buf).unwrap();
+        }
+        raw_w.write_all(&buf).await.unwrap();
+        let mut stream = incoming.recv().await.unwrap();
+        let sender = tokio::spawn(async move {
+            stream
+                .send
+                .send(Bytes::from(vec![9u8; 5000]))
+                .await
+                .unwrap();
+            stream.send.finish().await.unwrap();
+            stream
+        });
+        let mut frames = FramedRead::new(raw_r, FrameDecoder::default());
+        let mut received = 0usize;
+        assert!(!data_until_stall(&mut frames, &mut received).await);
+        assert_eq!(received, 1000, "the initial window of 1000 bytes");
+        let mut buf = bytes::BytesMut::new();
+        enc.encode(
+            &Frame::WindowUpdate {
+                stream_id: 1,
+                delta: 1500,
+            },
+            &mut buf,
+        )
+        .unwrap();
+        raw_w.write_all(&buf).await.unwrap();
+        assert!(!data_until_stall(&mut frames, &mut received).await);
+        assert_eq!(received, 2500);
+        let mut buf = bytes::BytesMut::new();
+        enc.encode(
+            &Frame::WindowUpdate {
+                stream_id: 1,
+                delta: 10_000,
+            },
+            &mut buf,
+        )
+        .unwrap();
+        raw_w.write_all(&buf).await.unwrap();
+        assert!(data_until_stall(&mut frames, &mut received).await);
+        assert_eq!(received, 5000);
+        drop(sender.await.unwrap());
+    }
+
     #[tokio::test]
     async fn pings_from_the_peer_are_answered() {
         let (a, b): (DuplexStream, DuplexStream) = tokio::io::duplex(64 * 1024);
