@@ -344,7 +344,14 @@ async fn bridge_remotecommand(
         }
     };
     let _ = stop_tx.send(());
-    let _ = upstream.await;
+    // It may be stuck handing stdin to an edge that no longer reads.
+    let mut upstream = upstream;
+    if tokio::time::timeout(Duration::from_secs(1), &mut upstream)
+        .await
+        .is_err()
+    {
+        upstream.abort();
+    }
     if let Some(s) = stdout.as_mut() {
         let _ = s.finish().await;
     }
