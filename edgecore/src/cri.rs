@@ -407,6 +407,64 @@ impl Cri {
         .await
     }
 
+    /// Prepares an interactive exec: the runtime answers with a URL on its streaming server,
+    /// which serves it once (SPDY/3.1 or WebSocket remotecommand).
+    pub async fn exec(
+        &self,
+        id: &str,
+        command: Vec<String>,
+        streams: StreamsWanted,
+    ) -> Result<String, CriError> {
+        let message = api::ExecRequest {
+            container_id: id.to_string(),
+            cmd: command,
+            tty: streams.tty,
+            stdin: streams.stdin,
+            stdout: streams.stdout,
+            stderr: streams.stderr,
+        };
+        let reply = call(
+            "Exec",
+            self.runtime.clone().exec(request(message, CALL_TIMEOUT)),
+        )
+        .await?;
+        streaming_url("Exec", reply.url)
+    }
+
+    /// Prepares an attach to a container's main process; answers the streaming URL.
+    pub async fn attach(&self, id: &str, streams: StreamsWanted) -> Result<String, CriError> {
+        let message = api::AttachRequest {
+            container_id: id.to_string(),
+            stdin: streams.stdin,
+            tty: streams.tty,
+            stdout: streams.stdout,
+            stderr: streams.stderr,
+        };
+        let reply = call(
+            "Attach",
+            self.runtime.clone().attach(request(message, CALL_TIMEOUT)),
+        )
+        .await?;
+        streaming_url("Attach", reply.url)
+    }
+
+    /// Prepares a port-forward session into a sandbox's network namespace; answers the
+    /// streaming URL (each connection names its port there).
+    pub async fn port_forward(&self, sandbox_id: &str, port: u16) -> Result<String, CriError> {
+        let message = api::PortForwardRequest {
+            pod_sandbox_id: sandbox_id.to_string(),
+            port: vec![i32::from(port)],
+        };
+        let reply = call(
+            "PortForward",
+            self.runtime
+                .clone()
+                .port_forward(request(message, CALL_TIMEOUT)),
+        )
+        .await?;
+        streaming_url("PortForward", reply.url)
+    }
+
     /// Asks the runtime to reopen a container's log file (after it was rotated).
     pub async fn reopen_container_log(&self, id: &str) -> Result<(), CriError> {
         let message = api::ReopenContainerLogRequest {
@@ -421,6 +479,25 @@ impl Cri {
         .await
         .map(drop)
     }
+}
+
+/// Which standard streams an exec or attach carries.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StreamsWanted {
+    pub stdin: bool,
+    pub stdout: bool,
+    pub stderr: bool,
+    pub tty: bool,
+}
+
+fn streaming_url(call: &'static str, url: String) -> Result<String, CriError> {
+    if url.is_empty() {
+        return Err(CriError::Incomplete {
+            call,
+            what: "a streaming URL",
+        });
+    }
+    Ok(url)
 }
 
 async fn call<T>(
