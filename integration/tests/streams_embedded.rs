@@ -928,9 +928,11 @@ fn kubectl_exec_and_attach_through_the_tunnel() {
     assert!(!out.status.success());
 
     // A terminal: script gives kubectl a pseudo-terminal of 30 rows and 100 columns; the
-    // container sees that size.
+    // container sees that size. kubectl sends the size once its streams are up, and
+    // containerd applies it to a process it has already started (with a real kubelet too), so
+    // the shell reads it a moment later rather than at its first instruction.
     let shell = format!(
-        "stty rows 30 cols 100; {} exec -it web -- stty size",
+        "stty rows 30 cols 100; {} exec -it web -- sh -c 'sleep 1; stty size'",
         kubectl.shell_words()
     );
     let out = Command::new("script")
