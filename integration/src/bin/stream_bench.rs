@@ -37,7 +37,7 @@ use anyhow::{Context, Result, anyhow, bail, ensure};
 use clap::Parser;
 use edgecore::cri::Cri;
 use edgecore::pods::spec;
-use integration::bench::{self, BenchContainerd, Machine, mib, ms, percentile};
+use integration::bench::{self, BenchContainerd, Machine, Spread, mib, ms, percentile};
 use integration::{Cloud, Edge};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams, PostParams};
@@ -594,6 +594,8 @@ struct Received {
 #[derive(Debug, Clone, Copy)]
 struct LogFigures {
     window: Duration,
+    /// MB kubectl printed in each second of the window.
+    per_second: Spread,
     /// Bytes kubectl printed in the window.
     received: u64,
     /// Growth of the container's log file on the edge in the window (CRI format: each line
@@ -642,6 +644,7 @@ impl LogFigures {
             "window_s": self.window.as_secs_f64(),
             "received_bytes": self.received,
             "received_mb_per_s": self.received_mb_s(),
+            "received_mb_per_s_each_second": self.per_second.to_json(),
             "log_file_growth_bytes": self.written,
             "log_file_growth_mb_per_s": self.written_mb_s(),
             "log_file_bytes_at_end": self.file_total,
@@ -707,7 +710,15 @@ async fn log_throughput(cli: &Cli, site: &Site, writer_logs: &WriterLogs) -> Res
         let (received_before, written_before) =
             (received.bytes.load(Ordering::Relaxed), dir_bytes(&log_dir));
         let started = Instant::now();
-        tokio::time::sleep(Duration::from_secs(cli.log_secs)).await;
+        // Per-second rates too, for their median and spread.
+        let mut per_second = Vec::with_capacity(cli.log_secs as usize);
+        let mut last = received_before;
+        for second in 1..=cli.log_secs {
+            tokio::time::sleep_until((started + Duration::from_secs(second)).into()).await;
+            let now = received.bytes.load(Ordering::Relaxed);
+            per_second.push((now - last) as f64 / 1e6);
+            last = now;
+        }
         let window = started.elapsed();
         let (received_after, written_after) =
             (received.bytes.load(Ordering::Relaxed), dir_bytes(&log_dir));
@@ -722,6 +733,7 @@ async fn log_throughput(cli: &Cli, site: &Site, writer_logs: &WriterLogs) -> Res
         }
         anyhow::Ok(LogFigures {
             window,
+            per_second: Spread::of(per_second.into_iter()),
             received: received_after - received_before,
             written: written_after.saturating_sub(written_before),
             file_total: written_after,
@@ -1139,9 +1151,13 @@ impl bench::Report for Report {
         let l = &self.figures.logs;
         out.push_str(&format!(
             "kubectl logs -f of a fast writer, {:.1} s window\n  received {:.1} MB/s \
-             (log file grew {:.1} MB/s, CRI prefixes included)\n",
+             (each second: median {:.1}, {:.1} … {:.1}); log file grew {:.1} MB/s, CRI \
+             prefixes included\n",
             l.window.as_secs_f64(),
             l.received_mb_s(),
+            l.per_second.median,
+            l.per_second.min,
+            l.per_second.max,
             l.written_mb_s()
         ));
         for (name, cpu) in [
