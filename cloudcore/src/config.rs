@@ -51,6 +51,8 @@ pub struct ServeConfig {
     pub allow: crate::state::Allow,
     /// Streams (logs, exec, attach, port-forward, stats) open at once per edge.
     pub max_streams_per_edge: usize,
+    /// Kube mode's kubelet endpoint (`--kubelet-*`).
+    pub kubelet: crate::kubelet::KubeletSettings,
 }
 
 impl ServeConfig {
@@ -79,6 +81,7 @@ impl ServeConfig {
             node_grace_period: Duration::from_secs(40),
             allow: crate::state::Allow::default(),
             max_streams_per_edge: crate::streams::DEFAULT_MAX_STREAMS_PER_EDGE,
+            kubelet: crate::kubelet::KubeletSettings::default(),
         }
     }
 

@@ -248,6 +248,8 @@ pub fn endpoint(config: &ServeConfig, ca: &ClusterCa) -> Result<Endpoint, HubErr
             HubError::Transport(format!("dead-after {:?} is too long", config.dead_after))
         })?))
         .max_concurrent_uni_streams(VarInt::from_u32(0))
+        // What the *edge* may open (its session stream); streams the cloud opens to the edge
+        // (`crate::streams`) are limited by the edge's transport config instead.
         .max_concurrent_bidi_streams(VarInt::from_u32(4));
     server.transport_config(Arc::new(transport));
     let socket = bind_udp(config)?;
@@ -779,6 +781,13 @@ async fn serve_node(
         );
     }
     drop(permit);
+    // Streams to this node's pods go on this connection from now on.
+    shared.streams.connected(
+        &identity.node_name,
+        session_id,
+        connection.clone(),
+        hello.version,
+    );
     shared.metrics.connected_edges.inc();
     let labels = {
         let shared = shared.clone();
@@ -814,6 +823,7 @@ async fn serve_node(
     )
     .await;
     tracing::info!("edge disconnected: {ended}");
+    shared.streams.disconnected(&identity.node_name, session_id);
 
     shared.metrics.connected_edges.dec();
     shared.upstream.session_ended(&identity.node_name);

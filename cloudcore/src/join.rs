@@ -71,6 +71,8 @@ fn refusal_code(refusal: &JoinRefusal) -> ErrorCode {
         JoinRefusal::Revoked { .. } => ErrorCode::TokenRevoked,
         JoinRefusal::NodeMismatch { .. } => ErrorCode::TokenNodeMismatch,
         JoinRefusal::NameTaken { .. } => ErrorCode::NodeNameTaken,
+        // The protocol has no "exhausted" code; the message names the flag to change.
+        JoinRefusal::NoKubeletPort { .. } => ErrorCode::Internal,
     }
 }
 

@@ -9,6 +9,7 @@ pub mod config;
 pub mod downstream;
 pub mod hub;
 pub mod join;
+pub mod kubelet;
 pub mod metrics;
 pub mod nodes;
 pub mod permissions;
@@ -47,6 +48,8 @@ pub enum ServeError {
     Hub(#[from] hub::HubError),
     #[error("cannot build a Kubernetes client: {0}")]
     KubeClient(String),
+    #[error("cannot choose the kubelet endpoint's address: {0}; set --kubelet-advertise-address")]
+    KubeletAddress(String),
     #[error(
         "cloudcore's credentials lack permissions it needs: {}; apply deploy/kubernetes/rbac.yaml (or see `cloudcore permissions`)",
         .0.iter().map(|m| m.to_string()).collect::<Vec<_>>().join(", ")
@@ -105,6 +108,7 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> Result<(),
     let tracker = TaskTracker::new();
     let streams = streams::Streams::new(config.max_streams_per_edge);
     let mut embedded_store = None;
+    let mut cluster_url = None;
     let (client, lifecycle) = match &config.control_plane {
         config::ControlPlane::Embedded { listen } => {
             let embedded = apiserver::start(
@@ -124,7 +128,7 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> Result<(),
                 "Kubernetes API served by cloudcore"
             );
             embedded_store = Some(embedded.store.clone());
-            (kube_client(Some(&embedded.kubeconfig)).await?, true)
+            (kube_client(Some(&embedded.kubeconfig)).await?.0, true)
         }
         config::ControlPlane::Kube { kubeconfig } => {
             tracing::info!(
@@ -132,7 +136,8 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> Result<(),
                 kubeconfig = %kubeconfig.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "in-cluster".into()),
                 "using a real cluster's API"
             );
-            let client = kube_client(kubeconfig.as_deref()).await?;
+            let (client, api_server) = kube_client(kubeconfig.as_deref()).await?;
+            cluster_url = Some(api_server);
             let missing = permissions::check(&client)
                 .await
                 .map_err(ServeError::PermissionCheck)?;
@@ -167,6 +172,7 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> Result<(),
         downstream::DownstreamConfig::default(),
         metrics.clone(),
     ));
+    streams.attach(downstream.clone(), metrics.clone());
     let (upstream, upstream_worker) = upstream::Upstream::new(
         client.clone(),
         upstream::UpstreamConfig::default(),
@@ -185,6 +191,33 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> Result<(),
         tokens::Issuer::Embedded
     } else {
         tokens::Issuer::Kube(client.clone())
+    };
+    // Kube mode: the kubelet API for every edge node (the embedded API reaches streams itself).
+    let kubelet = match &cluster_url {
+        Some(api_server) => {
+            let advertise = match config.kubelet.advertise {
+                Some(ip) => ip,
+                None => kubelet::default_advertise(&config.advertise_addresses, Some(api_server))
+                    .await
+                    .map_err(ServeError::KubeletAddress)?,
+            };
+            registry.use_kubelet_ports(config.kubelet.ports);
+            let endpoints = kubelet::Endpoints::new(advertise, config.kubelet.address_type);
+            let rewrite_with = endpoints.clone();
+            upstream.rewrite_node_status(Arc::new(move |node, status| {
+                if let Some(address) = rewrite_with.of(node) {
+                    nodes::apply_kubelet_endpoint(status, address);
+                }
+            }));
+            tracing::info!(
+                listen = %config.kubelet.listen,
+                advertise = %advertise,
+                ports = %format!("{}-{}", config.kubelet.ports.first, config.kubelet.ports.last),
+                "kubelet endpoint: one listener per edge node"
+            );
+            Some((endpoints, kubelet::auth::Auth::new(client.clone())))
+        }
+        None => None,
     };
     let shared = Arc::new(hub::Shared::new(
         config,
@@ -229,12 +262,27 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> Result<(),
         shared.metrics.autonomy.clone(),
         shutdown.clone(),
     ));
+    if let Some((endpoints, auth)) = &kubelet {
+        tracker.spawn(kubelet::auth::watch_client_ca(
+            client.clone(),
+            auth.clone(),
+            shutdown.clone(),
+        ));
+        tracker.spawn(kubelet::run(
+            shared.config.kubelet.clone(),
+            endpoints.clone(),
+            shared.clone(),
+            auth.clone(),
+            shutdown.clone(),
+        ));
+    }
     tracker.spawn(nodes::run(
         client,
         shared.presence.clone(),
         nodes::NodeControllerConfig {
             grace_period: shared.config.node_grace_period,
             lifecycle,
+            kubelet: kubelet.as_ref().map(|(endpoints, _)| endpoints.clone()),
             ..nodes::NodeControllerConfig::default()
         },
         shutdown.clone(),
@@ -357,8 +405,11 @@ fn health_checks(
     health
 }
 
-/// A kube-rs client from a kubeconfig file, or the in-cluster configuration.
-async fn kube_client(kubeconfig: Option<&std::path::Path>) -> Result<kube::Client, ServeError> {
+/// A kube-rs client from a kubeconfig file, or the in-cluster configuration, and the API
+/// server's URL.
+async fn kube_client(
+    kubeconfig: Option<&std::path::Path>,
+) -> Result<(kube::Client, http::Uri), ServeError> {
     let config = match kubeconfig {
         Some(path) => {
             let file = kube::config::Kubeconfig::read_from(path)
@@ -370,7 +421,10 @@ async fn kube_client(kubeconfig: Option<&std::path::Path>) -> Result<kube::Clien
         None => kube::Config::incluster()
             .map_err(|e| ServeError::KubeClient(format!("in-cluster configuration: {e}")))?,
     };
-    kube::Client::try_from(config).map_err(|e| ServeError::KubeClient(e.to_string()))
+    let url = config.cluster_url.clone();
+    let client =
+        kube::Client::try_from(config).map_err(|e| ServeError::KubeClient(e.to_string()))?;
+    Ok((client, url))
 }
 
 /// The machine's hostname, if it has one.

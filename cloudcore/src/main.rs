@@ -109,6 +109,20 @@ struct ServeArgs {
     /// are refused with 429 naming the node.
     #[arg(long, default_value_t = cloudcore::streams::DEFAULT_MAX_STREAMS_PER_EDGE)]
     max_streams_per_edge: usize,
+    /// Kube mode: the kubelet endpoint's ports, one per edge node (START-END).
+    #[arg(long, default_value = "20250-30249", value_parser = cloudcore::kubelet::parse_port_range)]
+    kubelet_ports: cloudcore::registry::KubeletPortRange,
+    /// Kube mode: the IP the kubelet endpoint's listeners bind.
+    #[arg(long, default_value = "0.0.0.0")]
+    kubelet_listen: std::net::IpAddr,
+    /// Kube mode: the IP written on edge Nodes for the apiserver to dial (default: the first
+    /// --advertise-address that is an IP, else this host's IP toward the API server).
+    #[arg(long)]
+    kubelet_advertise_address: Option<std::net::IpAddr>,
+    /// Kube mode: the Node address type carrying that IP: Hostname, or InternalIP for an
+    /// apiserver with --kubelet-preferred-address-types=InternalIP,...
+    #[arg(long, default_value = "Hostname")]
+    kubelet_address_type: cloudcore::kubelet::AddressType,
     /// Failed joins allowed at once per source address.
     #[arg(long, default_value_t = 10)]
     join_failure_burst: u32,
@@ -279,6 +293,12 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     config.max_concurrent_handshakes = args.max_concurrent_handshakes;
     config.max_handshakes_per_address = args.max_handshakes_per_address;
     config.max_streams_per_edge = args.max_streams_per_edge;
+    config.kubelet = cloudcore::kubelet::KubeletSettings {
+        listen: args.kubelet_listen,
+        advertise: args.kubelet_advertise_address,
+        ports: args.kubelet_ports,
+        address_type: args.kubelet_address_type,
+    };
     config.join_failure_burst = args.join_failure_burst;
     config.join_failure_refill = args.join_failure_refill;
     config.udp_receive_buffer = args.udp_receive_buffer;

@@ -120,6 +120,40 @@ impl TokenMetrics {
     }
 }
 
+/// Metrics of streams to edge pods (`crate::streams`).
+#[derive(Debug, Default)]
+pub struct StreamMetrics {
+    open: Family<Vec<(&'static str, &'static str)>, Gauge>,
+    total: ReasonFamily,
+}
+
+impl StreamMetrics {
+    fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "cloudcore_streams_open",
+            "Streams to edge pods open now (logs, exec, attach, port-forward, stats), by kind",
+            self.open.clone(),
+        );
+        registry.register(
+            "cloudcore_streams",
+            "Streams to edge pods asked for, by kind and outcome (accepted, or why not)",
+            self.total.clone(),
+        );
+    }
+
+    /// The open-streams gauge of `kind`.
+    pub fn open(&self, kind: &'static str) -> Gauge {
+        self.open.get_or_create(&vec![("kind", kind)]).clone()
+    }
+
+    /// Counts one attempt to open a stream of `kind`.
+    pub fn outcome(&self, kind: &'static str, outcome: &'static str) {
+        self.total
+            .get_or_create(&vec![("kind", kind), ("outcome", outcome)])
+            .inc();
+    }
+}
+
 /// Metrics of the autonomy controller (`crate::autonomy`).
 #[derive(Debug, Default)]
 pub struct AutonomyMetrics {
@@ -171,6 +205,7 @@ pub struct Metrics {
     pub upstream: crate::upstream::UpstreamMetrics,
     pub autonomy: Arc<AutonomyMetrics>,
     pub tokens: TokenMetrics,
+    pub streams: StreamMetrics,
 }
 
 impl Default for Metrics {
@@ -191,6 +226,7 @@ impl Default for Metrics {
             upstream: crate::upstream::UpstreamMetrics::default(),
             autonomy: Arc::default(),
             tokens: TokenMetrics::default(),
+            streams: StreamMetrics::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -242,6 +278,7 @@ impl Default for Metrics {
         m.sync.register(&mut registry);
         m.autonomy.register(&mut registry);
         m.tokens.register(&mut registry);
+        m.streams.register(&mut registry);
         registry.register(
             "cloudcore_status_writes",
             "Status reports from edges written to the API",

@@ -10,7 +10,9 @@
 //!
 //! The edge owns its status, as a kubelet does (edgecore's `node` module builds it and reports
 //! it upstream); this controller adds only what the tunnel knows: that the edge connected,
-//! the address it connected from when the edge knows none, and liveness. See docs/nodes.md.
+//! the address it connected from when the edge knows none, and liveness; and in kube mode
+//! where cloudcore's kubelet endpoint for the node is ([`apply_kubelet_endpoint`]). See
+//! docs/nodes.md.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
@@ -116,6 +118,9 @@ pub struct NodeControllerConfig {
     /// Whether this controller marks lost nodes Unknown and taints them unreachable
     /// (embedded); a real cluster does it itself.
     pub lifecycle: bool,
+    /// Kube mode's kubelet endpoint: each Node gets cloudcore's address and the node's port
+    /// ([`apply_kubelet_endpoint`]).
+    pub kubelet: Option<std::sync::Arc<crate::kubelet::Endpoints>>,
 }
 
 impl Default for NodeControllerConfig {
@@ -125,6 +130,7 @@ impl Default for NodeControllerConfig {
             lease_duration: Duration::from_secs(40),
             grace_period: Duration::from_secs(40),
             lifecycle: true,
+            kubelet: None,
         }
     }
 }
@@ -392,9 +398,53 @@ fn reconcile_conditions(reported: &mut [Value], live: &[Value], now: &str) {
     }
 }
 
+/// What cloudcore adds to a Node's status for kube mode's kubelet endpoint
+/// ([`crate::kubelet`]): `daemonEndpoints.kubeletEndpoint.Port` = the node's port, and
+/// cloudcore's address where the apiserver looks first. `Hostname`: cloudcore's address is the
+/// one Hostname address (an edge's own Hostname goes; its IPs stay). `InternalIP`: cloudcore's
+/// is the first InternalIP and the edge's InternalIPs become ExternalIPs. A `$patch` directive
+/// in the list stays last.
+pub fn apply_kubelet_endpoint(status: &mut Value, kubelet: crate::kubelet::KubeletAddress) {
+    use crate::kubelet::AddressType;
+    let ours = kubelet.ip.to_string();
+    let reported = status["addresses"].as_array().cloned().unwrap_or_default();
+    let (directives, reported): (Vec<Value>, Vec<Value>) = reported
+        .into_iter()
+        .partition(|a| a.get("$patch").is_some());
+    let mut addresses = Vec::with_capacity(reported.len() + 2);
+    match kubelet.address_type {
+        AddressType::Hostname => {
+            addresses.push(json!({"type": "Hostname", "address": ours}));
+            addresses.extend(reported.into_iter().filter(|a| a["type"] != "Hostname"));
+        }
+        AddressType::InternalIp => {
+            addresses.push(json!({"type": "InternalIP", "address": ours}));
+            for mut a in reported {
+                if a["type"] == "InternalIP" {
+                    a["type"] = json!("ExternalIP");
+                }
+                if a["address"] == ours.as_str() {
+                    continue;
+                }
+                if !addresses.contains(&a) {
+                    addresses.push(a);
+                }
+            }
+        }
+    }
+    addresses.extend(directives);
+    status["addresses"] = json!(addresses);
+    status["daemonEndpoints"] = json!({"kubeletEndpoint": {"Port": kubelet.port}});
+}
+
 /// The status to write when an edge connects: the edge's own (from `Hello`) reconciled with the
-/// live conditions, or, from an edge too old to send one, what its node info gives.
-fn node_status(edge: &Edge, live_conditions: &[Value]) -> Value {
+/// live conditions, or, from an edge too old to send one, what its node info gives; with the
+/// kubelet endpoint in kube mode.
+fn node_status(
+    edge: &Edge,
+    live_conditions: &[Value],
+    kubelet: Option<crate::kubelet::KubeletAddress>,
+) -> Value {
     let now = now_text();
     let mut status = match serde_json::from_slice::<Value>(&edge.info.node_status) {
         Ok(mut status @ Value::Object(_)) => {
@@ -413,6 +463,9 @@ fn node_status(edge: &Edge, live_conditions: &[Value]) -> Value {
     // The list is the edge's: addresses it no longer reports (such as an old Hostname) go.
     addresses.push(json!({"$patch": "replace"}));
     status["addresses"] = json!(addresses);
+    if let Some(kubelet) = kubelet {
+        apply_kubelet_endpoint(&mut status, kubelet);
+    }
     status
 }
 
@@ -460,7 +513,12 @@ fn ready_of(node: &Node) -> Option<Value> {
 }
 
 /// Creates or updates the Node of a connected edge and writes the status it sent.
-async fn write_node(nodes: &Api<Node>, name: &str, edge: &Edge) -> Result<(), kube::Error> {
+async fn write_node(
+    nodes: &Api<Node>,
+    name: &str,
+    edge: &Edge,
+    kubelet: Option<crate::kubelet::KubeletAddress>,
+) -> Result<(), kube::Error> {
     let labels = node_labels(name, edge);
     let existing = nodes.get_opt(name).await?;
     let live_conditions = existing.as_ref().map(conditions_of).unwrap_or_default();
@@ -468,7 +526,7 @@ async fn write_node(nodes: &Api<Node>, name: &str, edge: &Edge) -> Result<(), ku
         None => {
             // With its status, as a kubelet registers: a real apiserver keeps it on create
             // (the status write below makes sure either way).
-            let mut status = node_status(edge, &[]);
+            let mut status = node_status(edge, &[], kubelet);
             remove_directives(&mut status);
             let node: Node = serde_json::from_value(json!({
                 "apiVersion": "v1",
@@ -491,7 +549,7 @@ async fn write_node(nodes: &Api<Node>, name: &str, edge: &Edge) -> Result<(), ku
         }
     }
     // Strategic merge: conditions merge by type (a condition the edge does not send stays).
-    let status = json!({"status": node_status(edge, &live_conditions)});
+    let status = json!({"status": node_status(edge, &live_conditions, kubelet)});
     nodes
         .patch_status(name, &PatchParams::default(), &Patch::Strategic(&status))
         .await?;
@@ -744,7 +802,13 @@ pub async fn run(
             .collect();
         for (name, edge) in work {
             if edge.dirty {
-                let written = match write_node(&nodes, &name, &edge).await {
+                // A node that just joined: its kubelet port reaches `Endpoints` within a
+                // second; write the Node once it has.
+                if config.kubelet.as_ref().is_some_and(|k| !k.knows(&name)) {
+                    continue;
+                }
+                let kubelet = config.kubelet.as_ref().and_then(|k| k.of(&name));
+                let written = match write_node(&nodes, &name, &edge, kubelet).await {
                     // Embedded mode: the taint goes with Ready=Unknown (kube mode: the
                     // cluster's node-lifecycle controller removes it).
                     Ok(()) if config.lifecycle => {
@@ -829,7 +893,7 @@ mod tests {
     #[test]
     fn legacy_status_reports_capacity_and_keeps_transition_time() {
         let previous = json!({"type": "Ready", "status": "True", "lastTransitionTime": "2020-01-01T00:00:00Z"});
-        let status = node_status(&edge(), &[previous]);
+        let status = node_status(&edge(), &[previous], None);
         assert_eq!(status["capacity"]["memory"], "2097152Ki");
         assert_eq!(status["capacity"]["cpu"], "4");
         assert_eq!(
@@ -841,10 +905,62 @@ mod tests {
             &[
                 json!({"type": "Ready", "status": "Unknown", "lastTransitionTime": "2020-01-01T00:00:00Z"}),
             ],
+            None,
         );
         assert_ne!(
             after_unknown["conditions"][0]["lastTransitionTime"],
             "2020-01-01T00:00:00Z"
+        );
+    }
+
+    #[test]
+    fn the_kubelet_endpoint_puts_cloudcores_address_first_and_the_nodes_port() {
+        use crate::kubelet::{AddressType, KubeletAddress};
+        let reported = json!({
+            "addresses": [
+                {"type": "InternalIP", "address": "10.1.1.1"},
+                {"type": "Hostname", "address": "gw-1"},
+                {"$patch": "replace"},
+            ],
+            "daemonEndpoints": {"kubeletEndpoint": {"Port": 10250}},
+        });
+        let kubelet = KubeletAddress {
+            address_type: AddressType::Hostname,
+            ip: "192.0.2.5".parse().expect("ip"),
+            port: 20251,
+        };
+        let mut status = reported.clone();
+        apply_kubelet_endpoint(&mut status, kubelet);
+        assert_eq!(
+            status["addresses"],
+            json!([
+                {"type": "Hostname", "address": "192.0.2.5"},
+                {"type": "InternalIP", "address": "10.1.1.1"},
+                {"$patch": "replace"},
+            ])
+        );
+        assert_eq!(status["daemonEndpoints"]["kubeletEndpoint"]["Port"], 20251);
+        // Applying it again (a later report of the same status) changes nothing.
+        let once = status.clone();
+        apply_kubelet_endpoint(&mut status, kubelet);
+        assert_eq!(status, once);
+
+        let mut status = reported;
+        apply_kubelet_endpoint(
+            &mut status,
+            KubeletAddress {
+                address_type: AddressType::InternalIp,
+                ..kubelet
+            },
+        );
+        assert_eq!(
+            status["addresses"],
+            json!([
+                {"type": "InternalIP", "address": "192.0.2.5"},
+                {"type": "ExternalIP", "address": "10.1.1.1"},
+                {"type": "Hostname", "address": "gw-1"},
+                {"$patch": "replace"},
+            ])
         );
     }
 
@@ -857,7 +973,7 @@ mod tests {
             "conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": "2026-01-01T00:00:00Z"}],
         }))
         .expect("json");
-        let status = node_status(&edge, &[]);
+        let status = node_status(&edge, &[], None);
         assert_eq!(
             status["nodeInfo"]["osImage"],
             "Debian GNU/Linux 12 (bookworm)"
@@ -875,7 +991,7 @@ mod tests {
             "conditions": [{"type": "Ready", "status": "True", "$retainKeys": ["type"]}],
         }))
         .expect("json");
-        let status = node_status(&edge, &[]);
+        let status = node_status(&edge, &[], None);
         assert_eq!(
             status["addresses"],
             json!([{"type": "InternalIP", "address": "10.1.1.1"}, {"$patch": "replace"}]),
@@ -1080,7 +1196,7 @@ mod tests {
         presence.connected("gw", info, "10.0.0.9".into(), BTreeMap::new());
         let held = presence.edges().get("gw").cloned().expect("recorded");
         assert!(held.info.node_status.is_empty());
-        let status = node_status(&held, &[]);
+        let status = node_status(&held, &[], None);
         assert_eq!(status["nodeInfo"]["architecture"], "arm64");
     }
 

@@ -73,7 +73,7 @@ pub const REQUIRED: &[Permission] = &[
         resource: "configmaps",
         verbs: &["list", "watch"],
         namespace: None,
-        used_by: "downstream (ConfigMaps edge pods use)",
+        used_by: "downstream (ConfigMaps edge pods use), kubelet (the client CA in kube-system/extension-apiserver-authentication)",
     },
     Permission {
         api_group: "",
@@ -88,6 +88,20 @@ pub const REQUIRED: &[Permission] = &[
         verbs: &["create"],
         namespace: None,
         used_by: "tokens (bound service-account tokens for edge pods' projected volumes)",
+    },
+    Permission {
+        api_group: "authentication.k8s.io",
+        resource: "tokenreviews",
+        verbs: &["create"],
+        namespace: None,
+        used_by: "kubelet (bearer tokens of callers of edge nodes' kubelet API)",
+    },
+    Permission {
+        api_group: "authorization.k8s.io",
+        resource: "subjectaccessreviews",
+        verbs: &["create"],
+        namespace: None,
+        used_by: "kubelet (may the caller use nodes/proxy, stats or metrics of this edge node)",
     },
     Permission {
         api_group: "coordination.k8s.io",

@@ -15,7 +15,7 @@ use serde::Serialize;
 use crate::token::{BootstrapToken, hashes_match};
 
 /// The schema migrations in order (`daemon::sqlite::migrate`); append only.
-const MIGRATIONS: &[&str] = &[SCHEMA_V1, SCHEMA_V2];
+const MIGRATIONS: &[&str] = &[SCHEMA_V1, SCHEMA_V2, SCHEMA_V3];
 const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 const SCHEMA_V1: &str = "
@@ -69,6 +69,13 @@ CREATE TABLE adoptions (
 );
 ";
 
+/// Version 3: each node's kubelet port (kube mode's kubelet endpoint, `cloudcore::kubelet`),
+/// one per node, unique; NULL until assigned and again once the node is revoked.
+const SCHEMA_V3: &str = "
+ALTER TABLE nodes ADD COLUMN kubelet_port INTEGER;
+CREATE UNIQUE INDEX nodes_by_kubelet_port ON nodes(kubelet_port) WHERE kubelet_port IS NOT NULL;
+";
+
 /// The API store this cloud last served, from `cloudcore.db`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServedState {
@@ -118,6 +125,10 @@ pub enum JoinRefusal {
         "node name {name:?} belongs to a live node; revoke it first or use a token bound to that name"
     )]
     NameTaken { name: String },
+    #[error(
+        "no kubelet port left for node {name:?}: every port of --kubelet-ports {first}-{last} belongs to a node; widen the range or revoke nodes that are gone"
+    )]
+    NoKubeletPort { name: String, first: u16, last: u16 },
 }
 
 /// Why a renewal was refused.
@@ -168,6 +179,8 @@ pub struct NodeRecord {
     pub address: Option<String>,
     /// Expiry of the newest unrevoked certificate.
     pub cert_not_after_ms: Option<i64>,
+    /// Kube mode's kubelet endpoint port of the node, once assigned.
+    pub kubelet_port: Option<u16>,
 }
 
 /// Whether a presented certificate may open a session.
@@ -191,6 +204,30 @@ pub struct Admission {
 pub struct Registry {
     path: PathBuf,
     conn: Mutex<Connection>,
+    /// `--kubelet-ports` when this `serve` runs the kubelet endpoint (kube mode): a join then
+    /// takes a port in the same transaction, or is refused when none is left.
+    kubelet_ports: std::sync::OnceLock<KubeletPortRange>,
+}
+
+/// The inclusive range of kubelet ports (`--kubelet-ports START-END`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KubeletPortRange {
+    pub first: u16,
+    pub last: u16,
+}
+
+/// The outcome of [`Registry::assign_kubelet_ports`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KubeletPorts {
+    /// Every non-revoked node and its port, by name.
+    pub assigned: Vec<(String, u16)>,
+    /// Non-revoked nodes that got none because the range is full.
+    pub unassigned: Vec<String>,
+}
+
+/// The lowest port of `range` not in `taken`.
+fn free_port(range: KubeletPortRange, taken: &HashSet<u16>) -> Option<u16> {
+    (range.first..=range.last).find(|p| !taken.contains(p))
 }
 
 /// Milliseconds since the Unix epoch.
@@ -232,6 +269,7 @@ impl Registry {
         Ok(Registry {
             path,
             conn: Mutex::new(conn),
+            kubelet_ports: std::sync::OnceLock::new(),
         })
     }
 
@@ -374,6 +412,21 @@ impl Registry {
                 }));
             }
         }
+        let kubelet_port = match self.kubelet_ports.get() {
+            Some(range) => {
+                match kubelet_port_for(&tx, node_name, *range).map_err(AdmitError::Registry)? {
+                    Some(port) => Some(port),
+                    None => {
+                        return Ok(Err(JoinRefusal::NoKubeletPort {
+                            name: node_name.to_string(),
+                            first: range.first,
+                            last: range.last,
+                        }));
+                    }
+                }
+            }
+            None => None,
+        };
         let issued = sign().map_err(AdmitError::Sign)?;
         let labels_json = serde_json::to_string(labels).unwrap_or_else(|_| "{}".into());
         tx.execute(
@@ -387,6 +440,13 @@ impl Registry {
             params![node_name, labels_json, now],
         )
         .map_err(AdmitError::Registry)?;
+        if let Some(port) = kubelet_port {
+            tx.execute(
+                "UPDATE nodes SET kubelet_port = ?2 WHERE name = ?1",
+                params![node_name, port],
+            )
+            .map_err(AdmitError::Registry)?;
+        }
         // A join replaces the node's identity: certificates issued to the name before (possible
         // only with a token bound to it) stop working, so a re-joined gateway and an old copy
         // of its key cannot both hold the name.
@@ -463,7 +523,7 @@ impl Registry {
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let now = now_ms();
         let n = tx.execute(
-            "UPDATE nodes SET revoked_ms = COALESCE(revoked_ms, ?2) WHERE name = ?1",
+            "UPDATE nodes SET revoked_ms = COALESCE(revoked_ms, ?2), kubelet_port = NULL WHERE name = ?1",
             params![name, now],
         )?;
         tx.execute(
@@ -717,6 +777,83 @@ impl Registry {
         Ok(())
     }
 
+    /// Makes joins take a kubelet port from `range` (kube mode's kubelet endpoint); set once
+    /// at start, before edges are accepted.
+    pub fn use_kubelet_ports(&self, range: KubeletPortRange) {
+        let _ = self.kubelet_ports.set(range);
+    }
+
+    /// When the node was last seen connected (its last session's end, or its start while
+    /// connected), if ever.
+    pub fn node_last_seen(&self, name: &str) -> Result<Option<i64>, RegistryError> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT last_seen_ms FROM nodes WHERE name = ?1",
+                [name],
+                |r| r.get(0),
+            )
+            .optional()?
+            .flatten())
+    }
+
+    /// Changes whenever a node joins, is revoked or gets another kubelet port (a cheap read the
+    /// kubelet endpoint polls; `data_version` misses this connection's own commits).
+    pub fn kubelet_fingerprint(&self) -> Result<(i64, i64, i64, i64), RegistryError> {
+        Ok(self.conn().query_row(
+            "SELECT COUNT(*), COALESCE(SUM(joined_ms), 0), COALESCE(SUM(kubelet_port), 0),
+                    COALESCE(SUM(revoked_ms IS NULL), 0) FROM nodes",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+        )?)
+    }
+
+    /// Gives every non-revoked node a kubelet port in `range`: a node keeps the one it has
+    /// when it is inside the range, others (joined before, or the range changed) get the
+    /// lowest free one, and revoked nodes hold none. One transaction.
+    pub fn assign_kubelet_ports(
+        &self,
+        range: KubeletPortRange,
+    ) -> Result<KubeletPorts, RegistryError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.execute(
+            "UPDATE nodes SET kubelet_port = NULL WHERE revoked_ms IS NOT NULL OR kubelet_port < ?1 OR kubelet_port > ?2",
+            params![range.first, range.last],
+        )?;
+        let nodes: Vec<(String, Option<u16>)> = {
+            let mut stmt = tx.prepare(
+                "SELECT name, kubelet_port FROM nodes WHERE revoked_ms IS NULL ORDER BY name",
+            )?;
+            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            rows.collect::<Result<_, _>>()?
+        };
+        let mut taken: HashSet<u16> = nodes.iter().filter_map(|(_, p)| *p).collect();
+        let mut ports = KubeletPorts::default();
+        for (name, port) in nodes {
+            let port = match port {
+                Some(p) => p,
+                None => match free_port(range, &taken) {
+                    Some(p) => {
+                        tx.execute(
+                            "UPDATE nodes SET kubelet_port = ?2 WHERE name = ?1",
+                            params![name, p],
+                        )?;
+                        taken.insert(p);
+                        p
+                    }
+                    None => {
+                        ports.unassigned.push(name);
+                        continue;
+                    }
+                },
+            };
+            ports.assigned.push((name, port));
+        }
+        tx.commit()?;
+        Ok(ports)
+    }
+
     /// All nodes. `connected` is true only while a `serve` heartbeat younger than `stale_after`
     /// vouches for it.
     pub fn list_nodes(&self, stale_after: Duration) -> Result<Vec<NodeRecord>, RegistryError> {
@@ -731,7 +868,8 @@ impl Registry {
         let serve_alive = now - heartbeat < stale_after.as_millis() as i64;
         let mut stmt = conn.prepare(
             "SELECT n.name, n.labels, n.joined_ms, n.revoked_ms, n.connected, n.connected_ms, n.last_seen_ms, n.address,
-                    (SELECT MAX(c.not_after_ms) FROM certificates c WHERE c.node = n.name AND c.revoked_ms IS NULL)
+                    (SELECT MAX(c.not_after_ms) FROM certificates c WHERE c.node = n.name AND c.revoked_ms IS NULL),
+                    n.kubelet_port
              FROM nodes n ORDER BY n.name",
         )?;
         let rows = stmt.query_map([], |r| {
@@ -746,6 +884,7 @@ impl Registry {
                 last_seen_ms: r.get(6)?,
                 address: r.get(7)?,
                 cert_not_after_ms: r.get(8)?,
+                kubelet_port: r.get(9)?,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -759,6 +898,33 @@ pub enum AdmitError<E> {
     Registry(#[source] rusqlite::Error),
     #[error("signing the node certificate failed")]
     Sign(#[source] E),
+}
+
+/// The node's kubelet port if it has one in `range`, else the lowest free one (`None` when the
+/// range is full); nothing is written.
+fn kubelet_port_for(
+    tx: &rusqlite::Transaction<'_>,
+    node: &str,
+    range: KubeletPortRange,
+) -> Result<Option<u16>, rusqlite::Error> {
+    let own: Option<Option<u16>> = tx
+        .query_row(
+            "SELECT kubelet_port FROM nodes WHERE name = ?1",
+            [node],
+            |r| r.get(0),
+        )
+        .optional()?;
+    if let Some(Some(port)) = own
+        && (range.first..=range.last).contains(&port)
+    {
+        return Ok(Some(port));
+    }
+    let mut stmt =
+        tx.prepare("SELECT kubelet_port FROM nodes WHERE kubelet_port IS NOT NULL AND name != ?1")?;
+    let taken = stmt
+        .query_map([node], |r| r.get(0))?
+        .collect::<Result<HashSet<u16>, _>>()?;
+    Ok(free_port(range, &taken))
 }
 
 fn to_ms(t: time::OffsetDateTime) -> i64 {
@@ -978,6 +1144,57 @@ mod tests {
         assert!(reg.take_adoption("gw-1").unwrap());
         assert!(!reg.take_adoption("gw-1").unwrap());
         assert_eq!(reg.pending_adoptions().unwrap(), vec!["gw-2".to_string()]);
+    }
+
+    #[test]
+    fn kubelet_ports_are_kept_assigned_freed_and_reused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let reg = Registry::open(dir.path()).expect("open");
+        // Joined before the kubelet endpoint existed: no port yet.
+        let t = token(&reg, HOUR, 10, None);
+        join(&reg, &t, "gw-b", "s1").expect("join");
+        join(&reg, &t, "gw-a", "s2").expect("join");
+        let range = KubeletPortRange {
+            first: 20250,
+            last: 20252,
+        };
+        let ports = reg.assign_kubelet_ports(range).expect("assign");
+        assert_eq!(
+            ports.assigned,
+            vec![("gw-a".to_string(), 20250), ("gw-b".to_string(), 20251)]
+        );
+        // Joins take a port in their transaction; a kept port survives a second pass.
+        reg.use_kubelet_ports(range);
+        join(&reg, &t, "gw-c", "s3").expect("join");
+        let ports = reg.assign_kubelet_ports(range).expect("assign");
+        assert_eq!(ports.assigned.len(), 3);
+        assert!(ports.assigned.contains(&("gw-c".to_string(), 20252)));
+        // Full: a fourth join is refused naming the range, and consumes nothing.
+        let before = reg.list_tokens().expect("tokens")[0].uses_left;
+        let err = join(&reg, &t, "gw-d", "s4").unwrap_err();
+        assert!(matches!(err, JoinRefusal::NoKubeletPort { .. }), "{err}");
+        assert!(err.to_string().contains("20250-20252"), "{err}");
+        assert_eq!(reg.list_tokens().expect("tokens")[0].uses_left, before);
+        // Revoking frees the port for the next join.
+        assert!(reg.revoke_node("gw-a").expect("revoke"));
+        join(&reg, &t, "gw-d", "s5").expect("join after a revocation");
+        let ports = reg.assign_kubelet_ports(range).expect("assign");
+        assert!(ports.assigned.contains(&("gw-d".to_string(), 20250)));
+        assert!(!ports.assigned.iter().any(|(n, _)| n == "gw-a"));
+        // A narrower range moves the nodes outside it and reports who is left without.
+        let narrow = KubeletPortRange {
+            first: 20251,
+            last: 20252,
+        };
+        let ports = reg.assign_kubelet_ports(narrow).expect("assign");
+        assert_eq!(ports.assigned.len(), 2);
+        assert_eq!(ports.unassigned.len(), 1);
+        assert!(
+            ports
+                .assigned
+                .iter()
+                .all(|(_, p)| (20251..=20252).contains(p))
+        );
     }
 
     #[test]

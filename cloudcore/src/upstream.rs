@@ -154,7 +154,13 @@ struct Shared {
     /// What each edge last reported, against the API's copy. Held only for map updates, never
     /// across an await; never held together with `pending`.
     truths: Mutex<Truths>,
+    /// Kube mode's kubelet endpoint: what cloudcore adds to each Node status an edge reports
+    /// (`nodes::apply_kubelet_endpoint`), set once at start.
+    node_status_rewrite: std::sync::OnceLock<NodeStatusRewrite>,
 }
+
+/// Adjusts the Node status `node` reported before it is recorded and written.
+pub type NodeStatusRewrite = Arc<dyn Fn(&str, &mut Value) + Send + Sync>;
 
 impl Shared {
     fn pending(&self) -> MutexGuard<'_, Pending> {
@@ -209,6 +215,7 @@ impl Upstream {
             work: Notify::new(),
             metrics,
             truths: Mutex::new(Truths::default()),
+            node_status_rewrite: std::sync::OnceLock::new(),
         });
         let worker = UpstreamWorker {
             shared: shared.clone(),
@@ -221,7 +228,13 @@ impl Upstream {
     /// Queues an update; the receiver resolves once it is written or dropped (an error on the
     /// receiver means the worker stopped first). Err(Busy) when `max_pending` distinct objects
     /// are already queued and this one is not among them.
-    pub fn submit(&self, update: StatusUpdate) -> Result<oneshot::Receiver<Outcome>, Busy> {
+    pub fn submit(&self, mut update: StatusUpdate) -> Result<oneshot::Receiver<Outcome>, Busy> {
+        if let (Some(rewrite), Change::Status(status)) =
+            (self.shared.node_status_rewrite.get(), &mut update.change)
+            && update.object.kind == "Node"
+        {
+            rewrite(&update.object.name, status);
+        }
         if update.origin == Origin::Edge {
             let mut truths = self.shared.truths();
             match &update.change {
@@ -249,6 +262,12 @@ impl Upstream {
             Push::Closed => {}
         }
         Ok(answer)
+    }
+
+    /// Sets what cloudcore adds to every Node status an edge reports (once; later calls are
+    /// ignored).
+    pub fn rewrite_node_status(&self, rewrite: NodeStatusRewrite) {
+        let _ = self.shared.node_status_rewrite.set(rewrite);
     }
 
     /// A session of `node` started; returns whether it is the node's first since this process

@@ -341,6 +341,48 @@ impl Cri {
         Ok(reply.containers)
     }
 
+    /// CPU and memory usage of the sandboxes carrying all of `labels`.
+    pub async fn list_pod_sandbox_stats(
+        &self,
+        labels: HashMap<String, String>,
+    ) -> Result<Vec<api::PodSandboxStats>, CriError> {
+        let message = api::ListPodSandboxStatsRequest {
+            filter: Some(api::PodSandboxStatsFilter {
+                label_selector: labels,
+                ..Default::default()
+            }),
+        };
+        let reply = call(
+            "ListPodSandboxStats",
+            self.runtime
+                .clone()
+                .list_pod_sandbox_stats(request(message, CALL_TIMEOUT)),
+        )
+        .await?;
+        Ok(reply.stats)
+    }
+
+    /// CPU and memory usage of the containers carrying all of `labels`.
+    pub async fn list_container_stats(
+        &self,
+        labels: HashMap<String, String>,
+    ) -> Result<Vec<api::ContainerStats>, CriError> {
+        let message = api::ListContainerStatsRequest {
+            filter: Some(api::ContainerStatsFilter {
+                label_selector: labels,
+                ..Default::default()
+            }),
+        };
+        let reply = call(
+            "ListContainerStats",
+            self.runtime
+                .clone()
+                .list_container_stats(request(message, CALL_TIMEOUT)),
+        )
+        .await?;
+        Ok(reply.stats)
+    }
+
     /// Runs a command in a container and waits for it (`timeout` 0: no limit).
     pub async fn exec_sync(
         &self,
@@ -365,6 +407,64 @@ impl Cri {
         .await
     }
 
+    /// Prepares an interactive exec: the runtime answers with a URL on its streaming server,
+    /// which serves it once (SPDY/3.1 or WebSocket remotecommand).
+    pub async fn exec(
+        &self,
+        id: &str,
+        command: Vec<String>,
+        streams: StreamsWanted,
+    ) -> Result<String, CriError> {
+        let message = api::ExecRequest {
+            container_id: id.to_string(),
+            cmd: command,
+            tty: streams.tty,
+            stdin: streams.stdin,
+            stdout: streams.stdout,
+            stderr: streams.stderr,
+        };
+        let reply = call(
+            "Exec",
+            self.runtime.clone().exec(request(message, CALL_TIMEOUT)),
+        )
+        .await?;
+        streaming_url("Exec", reply.url)
+    }
+
+    /// Prepares an attach to a container's main process; answers the streaming URL.
+    pub async fn attach(&self, id: &str, streams: StreamsWanted) -> Result<String, CriError> {
+        let message = api::AttachRequest {
+            container_id: id.to_string(),
+            stdin: streams.stdin,
+            tty: streams.tty,
+            stdout: streams.stdout,
+            stderr: streams.stderr,
+        };
+        let reply = call(
+            "Attach",
+            self.runtime.clone().attach(request(message, CALL_TIMEOUT)),
+        )
+        .await?;
+        streaming_url("Attach", reply.url)
+    }
+
+    /// Prepares a port-forward session into a sandbox's network namespace; answers the
+    /// streaming URL (each connection names its port there).
+    pub async fn port_forward(&self, sandbox_id: &str, port: u16) -> Result<String, CriError> {
+        let message = api::PortForwardRequest {
+            pod_sandbox_id: sandbox_id.to_string(),
+            port: vec![i32::from(port)],
+        };
+        let reply = call(
+            "PortForward",
+            self.runtime
+                .clone()
+                .port_forward(request(message, CALL_TIMEOUT)),
+        )
+        .await?;
+        streaming_url("PortForward", reply.url)
+    }
+
     /// Asks the runtime to reopen a container's log file (after it was rotated).
     pub async fn reopen_container_log(&self, id: &str) -> Result<(), CriError> {
         let message = api::ReopenContainerLogRequest {
@@ -379,6 +479,25 @@ impl Cri {
         .await
         .map(drop)
     }
+}
+
+/// Which standard streams an exec or attach carries.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StreamsWanted {
+    pub stdin: bool,
+    pub stdout: bool,
+    pub stderr: bool,
+    pub tty: bool,
+}
+
+fn streaming_url(call: &'static str, url: String) -> Result<String, CriError> {
+    if url.is_empty() {
+        return Err(CriError::Incomplete {
+            call,
+            what: "a streaming URL",
+        });
+    }
+    Ok(url)
 }
 
 async fn call<T>(

@@ -82,9 +82,86 @@ pub enum CtlError {
     /// The running daemon could not be asked.
     #[error(transparent)]
     Control(#[from] crate::control::ControlError),
+    /// The interactive session with the runtime failed, or the command could not run.
+    #[error("{0}")]
+    Remote(String),
+    /// The terminal could not be put in raw mode.
+    #[error("cannot set up the terminal")]
+    Terminal(#[source] std::io::Error),
     /// The running daemon refused the request, saying why.
     #[error("{0}")]
     Refused(String),
+    /// No CRI endpoint was given and the daemon recorded none that `ctl` can use.
+    #[error("{0}")]
+    NoCriEndpoint(String),
+}
+
+/// The file in the data dir where `edgecore run` records the runtime it uses, so `ctl` talks to
+/// the same one.
+pub const RUNTIME_FILE: &str = "runtime.json";
+
+/// What `DIR/runtime.json` holds.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RuntimeRecord {
+    /// `unix:///PATH`; `None` when the daemon runs without a runtime (`--no-pod-runtime`).
+    pub cri_endpoint: Option<String>,
+}
+
+/// Records the CRI endpoint `edgecore run` uses in `DIR/runtime.json` (0600, atomically).
+pub fn record_runtime(
+    data_dir: &Path,
+    cri_endpoint: Option<&str>,
+) -> Result<(), daemon::files::FileError> {
+    let record = RuntimeRecord {
+        cri_endpoint: cri_endpoint.map(str::to_string),
+    };
+    // Serializing a struct of strings cannot fail.
+    let body = serde_json::to_vec_pretty(&record).unwrap_or_default();
+    let path = data_dir.join(RUNTIME_FILE);
+    // The same endpoint as at the last start: nothing to write (a full disk stays untouched).
+    if std::fs::read(&path).is_ok_and(|held| held == body) {
+        return Ok(());
+    }
+    daemon::files::write_atomic(&path, &body, 0o600)
+}
+
+/// The CRI endpoint `ctl` talks to: `flag` (`--cri-endpoint`) when given, else the one the
+/// daemon of `data_dir` recorded; an error saying what to do when neither is known.
+pub fn cri_endpoint(data_dir: &Path, flag: Option<&str>) -> Result<String, CtlError> {
+    if let Some(endpoint) = flag {
+        return Ok(endpoint.to_string());
+    }
+    let path = data_dir.join(RUNTIME_FILE);
+    let text = match std::fs::read(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(CtlError::NoCriEndpoint(format!(
+                "no CRI endpoint known: {} does not exist (`edgecore run --data-dir {}` writes it at start); pass --cri-endpoint unix:///PATH",
+                path.display(),
+                data_dir.display()
+            )));
+        }
+        Err(e) => {
+            return Err(CtlError::NoCriEndpoint(format!(
+                "cannot read {}: {e}; pass --cri-endpoint unix:///PATH",
+                path.display()
+            )));
+        }
+    };
+    let record: RuntimeRecord = serde_json::from_slice(&text).map_err(|e| {
+        CtlError::NoCriEndpoint(format!(
+            "{} is not a runtime record: {e}; pass --cri-endpoint unix:///PATH",
+            path.display()
+        ))
+    })?;
+    record.cri_endpoint.ok_or_else(|| {
+        CtlError::NoCriEndpoint(format!(
+            "the edgecore of {} runs without a container runtime (--no-pod-runtime, recorded in {}); pass --cri-endpoint unix:///PATH",
+            data_dir.display(),
+            path.display()
+        ))
+    })
 }
 
 /// Which container of which pod a `logs` or `exec` is about.
@@ -249,6 +326,254 @@ pub async fn exec(
     stdout: &mut impl Write,
     stderr: &mut impl Write,
 ) -> Result<i32, CtlError> {
+    let (cri, id) = running_container(data_dir, endpoint, target).await?;
+    let reply = cri
+        .exec_sync(&id, command, std::time::Duration::ZERO)
+        .await?;
+    stdout.write_all(&reply.stdout).map_err(CtlError::Output)?;
+    stderr.write_all(&reply.stderr).map_err(CtlError::Output)?;
+    stdout.flush().map_err(CtlError::Output)?;
+    Ok(reply.exit_code)
+}
+
+/// How `ctl exec -i/-t` runs: stdin attached, a terminal.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Interactive {
+    pub stdin: bool,
+    pub tty: bool,
+}
+
+/// `edgecore ctl exec -i/-t`: runs a command in a running container with its stdio attached,
+/// through the runtime's streaming server (CRI `Exec` and SPDY, as the cloud's `kubectl exec`
+/// reaches it). With a tty, the local terminal is in raw mode for the session (restored on
+/// every way out) and its size follows SIGWINCH. Returns the command's exit code.
+pub async fn exec_interactive(
+    data_dir: &Path,
+    endpoint: &str,
+    target: &Target,
+    command: Vec<String>,
+    mode: Interactive,
+    stdout: &mut impl Write,
+    stderr: &mut impl Write,
+) -> Result<i32, CtlError> {
+    use streaming::spdy::client;
+    let mut mode = mode;
+    if mode.tty && !rustix::termios::isatty(std::io::stdin()) {
+        // As kubectl: a tty needs a terminal on stdin.
+        let _ = writeln!(
+            stderr,
+            "Unable to use a TTY - input is not a terminal or the right kind of file"
+        );
+        mode.tty = false;
+    }
+    let (cri, id) = running_container(data_dir, endpoint, target).await?;
+    let wanted = crate::cri::StreamsWanted {
+        stdin: mode.stdin,
+        stdout: true,
+        stderr: !mode.tty,
+        tty: mode.tty,
+    };
+    let url = cri.exec(&id, command, wanted).await?;
+    let rc = client::remotecommand(
+        &url,
+        streaming::RcOptions {
+            stdin: wanted.stdin,
+            stdout: wanted.stdout,
+            stderr: wanted.stderr,
+            tty: wanted.tty,
+        },
+    )
+    .await
+    .map_err(|e| CtlError::Remote(e.to_string()))?;
+    let raw = if mode.tty {
+        Some(terminal::RawMode::enter().map_err(CtlError::Terminal)?)
+    } else {
+        None
+    };
+    let status = terminal::session(rc, stdout, stderr).await;
+    drop(raw);
+    let status = status?;
+    match status.code {
+        Some(code) => Ok(code),
+        None => Err(CtlError::Remote(status.message)),
+    }
+}
+
+/// The local terminal side of `ctl exec -i/-t`.
+mod terminal {
+    use std::io::{Read, Write};
+
+    use bytes::Bytes;
+    use proto::stream::ExitStatus;
+    use rustix::termios::{OptionalActions, Termios, tcgetattr, tcgetwinsize, tcsetattr};
+    use streaming::spdy::RecvHalf;
+    use streaming::spdy::client::{self, RcClient};
+    use tokio::sync::mpsc;
+
+    use super::CtlError;
+
+    /// The terminal in raw mode until dropped, then as it was.
+    pub(super) struct RawMode {
+        saved: Termios,
+    }
+
+    impl RawMode {
+        pub(super) fn enter() -> std::io::Result<RawMode> {
+            let saved = tcgetattr(std::io::stdin())?;
+            let mut raw = saved.clone();
+            raw.make_raw();
+            tcsetattr(std::io::stdin(), OptionalActions::Now, &raw)?;
+            Ok(RawMode { saved })
+        }
+    }
+
+    impl Drop for RawMode {
+        fn drop(&mut self) {
+            let _ = tcsetattr(std::io::stdin(), OptionalActions::Now, &self.saved);
+        }
+    }
+
+    /// The local terminal's size (columns, rows), from stdout or stdin.
+    fn size() -> Option<(u16, u16)> {
+        let w = tcgetwinsize(std::io::stdout())
+            .or_else(|_| tcgetwinsize(std::io::stdin()))
+            .ok()?;
+        (w.ws_col > 0 && w.ws_row > 0).then_some((w.ws_col, w.ws_row))
+    }
+
+    /// Local stdin in chunks, read on a thread of its own (a blocking read of a terminal
+    /// cannot be cancelled; the thread ends with the process); `None` at end of input.
+    fn stdin_chunks() -> mpsc::Receiver<Option<Bytes>> {
+        let (tx, rx) = mpsc::channel(4);
+        std::thread::spawn(move || {
+            let mut stdin = std::io::stdin();
+            let mut buf = vec![0u8; 8192];
+            loop {
+                match stdin.read(&mut buf) {
+                    Ok(0) | Err(_) => {
+                        let _ = tx.blocking_send(None);
+                        return;
+                    }
+                    Ok(n) => {
+                        if tx
+                            .blocking_send(Some(Bytes::copy_from_slice(&buf[..n])))
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        rx
+    }
+
+    async fn next_chunk(recv: &mut Option<RecvHalf>) -> Option<Bytes> {
+        match recv.as_mut() {
+            Some(r) => r.recv().await.ok().flatten(),
+            None => std::future::pending().await,
+        }
+    }
+
+    async fn error_body(mut recv: RecvHalf) -> Vec<u8> {
+        let mut body = Vec::new();
+        while let Ok(Some(chunk)) = recv.recv().await {
+            let room = client::MAX_ERROR_MESSAGE.saturating_sub(body.len());
+            body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        }
+        body
+    }
+
+    /// Runs the session: local stdin and terminal size out, output in, until the command
+    /// ended; its exit status.
+    pub(super) async fn session(
+        rc: RcClient,
+        stdout: &mut impl Write,
+        stderr: &mut impl Write,
+    ) -> Result<ExitStatus, CtlError> {
+        let RcClient {
+            session,
+            protocol,
+            error,
+            stdin,
+            stdout: remote_out,
+            stderr: remote_err,
+            resize,
+        } = rc;
+        let mut stdin_tx = stdin.map(|s| s.send);
+        let mut input = stdin_tx.as_ref().map(|_| stdin_chunks());
+        let mut resize_tx = resize.map(|s| s.send);
+        if let (Some(r), Some((w, h))) = (resize_tx.as_mut(), size()) {
+            let _ = r.send(client::resize_message(w, h)).await;
+        }
+        let mut winch = match resize_tx {
+            Some(_) => {
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change()).ok()
+            }
+            None => None,
+        };
+        let mut out = remote_out.map(|s| s.recv);
+        let mut err = remote_err.map(|s| s.recv);
+        let status_body = error_body(error.recv);
+        tokio::pin!(status_body);
+        let mut status = None;
+        while out.is_some() || err.is_some() || status.is_none() {
+            tokio::select! {
+                chunk = async { input.as_mut()?.recv().await }, if input.is_some() => {
+                    match (chunk.flatten(), stdin_tx.as_mut()) {
+                        (Some(data), Some(tx)) => {
+                            if tx.send(data).await.is_err() {
+                                input = None;
+                            }
+                        }
+                        _ => {
+                            input = None;
+                            if let Some(mut tx) = stdin_tx.take() {
+                                let _ = tx.finish().await;
+                            }
+                        }
+                    }
+                }
+                Some(()) = async { winch.as_mut()?.recv().await }, if winch.is_some() => {
+                    if let (Some(r), Some((w, h))) = (resize_tx.as_mut(), size()) {
+                        let _ = r.send(client::resize_message(w, h)).await;
+                    }
+                }
+                chunk = next_chunk(&mut out), if out.is_some() => match chunk {
+                    Some(data) => {
+                        stdout.write_all(&data).map_err(CtlError::Output)?;
+                        stdout.flush().map_err(CtlError::Output)?;
+                    }
+                    None => out = None,
+                },
+                chunk = next_chunk(&mut err), if err.is_some() => match chunk {
+                    Some(data) => {
+                        stderr.write_all(&data).map_err(CtlError::Output)?;
+                        stderr.flush().map_err(CtlError::Output)?;
+                    }
+                    None => err = None,
+                },
+                body = &mut status_body, if status.is_none() => {
+                    status = Some(client::exit_status(&protocol, &body));
+                }
+            }
+        }
+        session
+            .close_and_wait(std::time::Duration::from_secs(1))
+            .await;
+        Ok(status.unwrap_or(ExitStatus {
+            code: None,
+            message: "the session ended without an exit status".into(),
+        }))
+    }
+}
+
+/// The runtime and the id of the running container a target names.
+async fn running_container(
+    data_dir: &Path,
+    endpoint: &str,
+    target: &Target,
+) -> Result<(crate::cri::Cri, String), CtlError> {
     use crate::pods::spec::{LABEL_CONTAINER_NAME, LABEL_MANAGED_BY, LABEL_POD_UID, MANAGED_BY};
     let (uid, container) = resolve(data_dir, target)?;
     let cri = crate::cri::Cri::new(endpoint)?;
@@ -269,13 +594,7 @@ pub async fn exec(
                 target.pod
             ))
         })?;
-    let reply = cri
-        .exec_sync(&running.id, command, std::time::Duration::ZERO)
-        .await?;
-    stdout.write_all(&reply.stdout).map_err(CtlError::Output)?;
-    stderr.write_all(&reply.stderr).map_err(CtlError::Output)?;
-    stdout.flush().map_err(CtlError::Output)?;
-    Ok(reply.exit_code)
+    Ok((cri, running.id))
 }
 
 const HEADER: [&str; 6] = [
@@ -741,6 +1060,35 @@ Pod         default     web        42                 uid-web        phase=Runni
         ] {
             assert_eq!(Resource::from_str(name, false), Ok(resource), "{name}");
         }
+    }
+
+    #[test]
+    fn the_cri_endpoint_is_the_flag_else_the_daemons_record() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let err = cri_endpoint(dir.path(), None).unwrap_err().to_string();
+        assert!(err.contains("runtime.json does not exist"), "{err}");
+        assert!(err.contains("--cri-endpoint"), "{err}");
+        record_runtime(dir.path(), Some("unix:///run/k3s/containerd.sock")).expect("record");
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.path().join(RUNTIME_FILE))
+            .expect("file")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(
+            cri_endpoint(dir.path(), None).expect("recorded"),
+            "unix:///run/k3s/containerd.sock"
+        );
+        assert_eq!(
+            cri_endpoint(dir.path(), Some("unix:///flag.sock")).expect("flag"),
+            "unix:///flag.sock"
+        );
+        record_runtime(dir.path(), None).expect("record");
+        let err = cri_endpoint(dir.path(), None).unwrap_err().to_string();
+        assert!(err.contains("--no-pod-runtime"), "{err}");
+        std::fs::write(dir.path().join(RUNTIME_FILE), "{not json").expect("write");
+        let err = cri_endpoint(dir.path(), None).unwrap_err().to_string();
+        assert!(err.contains("is not a runtime record"), "{err}");
     }
 
     #[test]

@@ -21,6 +21,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
+use tracing::Instrument;
 
 use crate::backoff::Backoff;
 use crate::dial::{self, DialError};
@@ -177,6 +178,9 @@ pub struct Session {
     reader: FrameReader<RecvStream>,
     writer: FrameWriter<SendStream>,
     pub ack: HelloAck,
+    /// Serves the streams the cloud opens on this connection; without one they are left
+    /// unanswered (the cloud gives up on them after its timeout).
+    streams: Option<Arc<crate::streams::Dispatcher>>,
 }
 
 fn describe_close(error: &ConnectionError) -> String {
@@ -296,7 +300,15 @@ impl Session {
             reader,
             writer,
             ack,
+            streams: None,
         })
+    }
+
+    /// Serves the cloud's streams (logs, exec, attach, port-forward, stats) while the session
+    /// runs.
+    pub fn serving(mut self, streams: Arc<crate::streams::Dispatcher>) -> Session {
+        self.streams = Some(streams);
+        self
     }
 
     /// Keeps the session alive until it ends; returns why it ended.
@@ -323,7 +335,18 @@ impl Session {
             reader,
             mut writer,
             ack,
+            streams,
         } = self;
+        // Streams the cloud opens are served on tasks of their own, cancelled with the session.
+        let streams_cancel = shutdown.child_token();
+        let _streams_end = streams_cancel.clone().drop_guard();
+        let _accepting = streams.map(|dispatcher| {
+            AbortOnDropHandle::new(tokio::spawn(accept_streams(
+                connection.clone(),
+                dispatcher,
+                streams_cancel.clone(),
+            )))
+        });
         let link = Link {
             endpoint,
             connection,
@@ -607,6 +630,35 @@ async fn send_due(
     Ok(())
 }
 
+/// Accepts the streams the cloud opens on the session's connection and serves each on a task
+/// of its own until the connection ends; `cancel` ends them all.
+async fn accept_streams(
+    connection: Connection,
+    dispatcher: Arc<crate::streams::Dispatcher>,
+    cancel: CancellationToken,
+) {
+    let tracker = tokio_util::task::TaskTracker::new();
+    loop {
+        let accepted = tokio::select! {
+            _ = cancel.cancelled() => break,
+            accepted = connection.accept_bi() => accepted,
+        };
+        match accepted {
+            Ok((send, recv)) => {
+                tracker.spawn(
+                    crate::streams::serve_stream(dispatcher.clone(), send, recv, cancel.clone())
+                        .in_current_span(),
+                );
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "no more streams from the cloud on this connection");
+                break;
+            }
+        }
+    }
+    tracker.close();
+}
+
 /// Reads frames into the session's queue until the stream ends or fails.
 async fn read_into(
     mut reader: FrameReader<RecvStream>,
@@ -697,6 +749,8 @@ fn install_renewed(
 
 /// Connects, runs sessions, and reconnects with backoff until `shutdown`. Returns an error only
 /// if the identity files are unusable.
+// Each argument is a part of the edge built in `lib::run`; a struct would exist only for this.
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     config: HubConfig,
     metrics: Arc<Metrics>,
@@ -704,6 +758,7 @@ pub async fn run(
     outbox: Arc<Outbox>,
     mut reporter: Reporter,
     tokens: Arc<Tokens>,
+    streams: Arc<crate::streams::Dispatcher>,
     shutdown: CancellationToken,
 ) -> Result<(), IdentityError> {
     let mut rng = StdRng::from_os_rng();
@@ -815,6 +870,7 @@ pub async fn run(
                 let started = Instant::now();
                 let connection = session.connection.clone();
                 let ended = session
+                    .serving(streams.clone())
                     .run(
                         &identity,
                         &config,

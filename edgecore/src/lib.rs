@@ -121,6 +121,14 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
     // are sent first.
     let (outbox, outbox_writer) = outbox::Outbox::open(&config.hub.data_dir, metrics.clone())?;
     tracker.spawn(outbox_writer.run(replica.subscribe(), shutdown.clone()));
+    // `edgecore ctl` talks to the runtime this daemon uses. Not fatal: pods run on a full disk
+    // too, and `ctl exec --cri-endpoint` still works.
+    if let Err(e) = ctl::record_runtime(&config.hub.data_dir, config.cri_endpoint.as_deref()) {
+        tracing::warn!(
+            error = %daemon::error_chain(&e),
+            "cannot record the CRI endpoint for edgecore ctl; ctl exec needs --cri-endpoint until it is"
+        );
+    }
     let runtime = match &config.cri_endpoint {
         Some(endpoint) => Some(cri::Cri::new(endpoint)?),
         None => None,
@@ -170,6 +178,14 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
             }
         });
     }
+    // Streams the cloud opens for kubectl logs, exec, attach, port-forward and top.
+    let streams = streams::Dispatcher::new(
+        identity.config.node_name.clone(),
+        config.hub.data_dir.clone(),
+        runtime.clone(),
+        replica.subscribe(),
+        metrics.clone(),
+    );
     let reporter = node::Reporter::new(config.hub.data_dir.clone(), config.node, runtime);
     let result = hub::run(
         config.hub,
@@ -178,6 +194,7 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
         outbox,
         reporter,
         tokens,
+        streams,
         shutdown.clone(),
     )
     .await;

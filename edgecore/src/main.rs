@@ -160,7 +160,7 @@ enum CtlCommand {
         #[arg(long, env = "EDGECORE_DATA_DIR", default_value = "/var/lib/edgecore")]
         data_dir: PathBuf,
     },
-    /// Run a command in a running container: `edgecore ctl exec POD [-c NAME] -- CMD...`.
+    /// Run a command in a running container: `edgecore ctl exec POD [-c NAME] [-i] [-t] -- CMD...`.
     Exec {
         /// The pod.
         pod: String,
@@ -169,11 +169,19 @@ enum CtlCommand {
         /// The container (needed when the pod has several).
         #[arg(short = 'c', long)]
         container: Option<String>,
+        /// Pass stdin to the container (an interactive session through the runtime's
+        /// streaming server, as `kubectl exec -i`).
+        #[arg(short = 'i', long)]
+        stdin: bool,
+        /// Stdin is a TTY: the local terminal goes raw and its size follows (`kubectl exec -t`).
+        #[arg(short = 't', long)]
+        tty: bool,
         #[arg(long, env = "EDGECORE_DATA_DIR", default_value = "/var/lib/edgecore")]
         data_dir: PathBuf,
-        /// The container runtime's CRI socket.
-        #[arg(long, env = "EDGECORE_CRI_ENDPOINT", default_value = edgecore::cri::DEFAULT_ENDPOINT)]
-        cri_endpoint: String,
+        /// The container runtime's CRI socket; default: the one the daemon of the data dir
+        /// runs with (recorded in DIR/runtime.json).
+        #[arg(long, env = "EDGECORE_CRI_ENDPOINT")]
+        cri_endpoint: Option<String>,
         /// The command and its arguments.
         #[arg(last = true, required = true)]
         command: Vec<String>,
@@ -389,6 +397,8 @@ fn ctl(command: CtlCommand) -> ExitCode {
             pod,
             namespace,
             container,
+            stdin,
+            tty,
             data_dir,
             cri_endpoint,
             command,
@@ -401,15 +411,36 @@ fn ctl(command: CtlCommand) -> ExitCode {
             let Some(runtime) = runtime() else {
                 return ExitCode::FAILURE;
             };
+            let cri_endpoint = match edgecore::ctl::cri_endpoint(&data_dir, cri_endpoint.as_deref())
+            {
+                Ok(endpoint) => endpoint,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(EXIT_USAGE);
+                }
+            };
             let mut err = std::io::stderr().lock();
-            match runtime.block_on(edgecore::ctl::exec(
-                &data_dir,
-                &cri_endpoint,
-                &target,
-                command,
-                &mut out,
-                &mut err,
-            )) {
+            let ran = if stdin || tty {
+                runtime.block_on(edgecore::ctl::exec_interactive(
+                    &data_dir,
+                    &cri_endpoint,
+                    &target,
+                    command,
+                    edgecore::ctl::Interactive { stdin, tty },
+                    &mut out,
+                    &mut err,
+                ))
+            } else {
+                runtime.block_on(edgecore::ctl::exec(
+                    &data_dir,
+                    &cri_endpoint,
+                    &target,
+                    command,
+                    &mut out,
+                    &mut err,
+                ))
+            };
+            match ran {
                 Ok(0) => Ok(()),
                 Ok(code) => {
                     let _ = std::io::Write::flush(&mut out);

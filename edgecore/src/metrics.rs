@@ -2,6 +2,7 @@
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
@@ -31,6 +32,8 @@ pub struct Metrics {
     pub outbox_pending: Gauge,
     /// Failed attempts to write the outbox into the store (disk full, I/O errors).
     pub outbox_write_errors: Counter,
+    /// Streams from the cloud being served, by kind (`edgecore::streams`).
+    streams_open: Family<Vec<(&'static str, &'static str)>, Gauge>,
 }
 
 impl Default for Metrics {
@@ -48,6 +51,12 @@ impl Default for Metrics {
         let status_reports = Counter::default();
         let outbox_pending = Gauge::default();
         let outbox_write_errors = Counter::default();
+        let streams_open = Family::<Vec<(&'static str, &'static str)>, Gauge>::default();
+        registry.register(
+            "edgecore_streams_open",
+            "Streams from the cloud being served now (logs, exec, attach, port-forward, stats), by kind",
+            streams_open.clone(),
+        );
         registry.register(
             "edgecore_sync_applied",
             "Store changes committed from the cloud's object messages",
@@ -122,11 +131,19 @@ impl Default for Metrics {
             status_reports,
             outbox_pending,
             outbox_write_errors,
+            streams_open,
         }
     }
 }
 
 impl Metrics {
+    /// The gauge of streams of `kind` being served.
+    pub fn stream_open(&self, kind: &'static str) -> Gauge {
+        self.streams_open
+            .get_or_create(&vec![("kind", kind)])
+            .clone()
+    }
+
     /// The OpenMetrics text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();

@@ -162,7 +162,9 @@ fn quic_client(tls: rustls::ClientConfig) -> Result<quinn::ClientConfig, TlsErro
                 .expect("30 s is a valid idle timeout"),
         ))
         .max_concurrent_uni_streams(0u32.into())
-        .max_concurrent_bidi_streams(0u32.into());
+        // Streams the cloud opens (logs, exec, attach, port-forward, stats); the dispatcher
+        // refuses those over its own cap with a clear reason.
+        .max_concurrent_bidi_streams(crate::streams::TRANSPORT_MAX_STREAMS.into());
     config.transport_config(Arc::new(transport));
     Ok(config)
 }

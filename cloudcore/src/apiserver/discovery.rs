@@ -21,7 +21,8 @@
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 
-use super::resources::{self, ResourceInfo, STATUS_VERBS};
+use super::metrics_api;
+use super::resources::{self, POD_STREAM_SUBRESOURCES, ResourceInfo, STATUS_VERBS};
 
 /// Major version reported by `/version`.
 pub const MAJOR: &str = "1";
@@ -81,6 +82,8 @@ fn groups() -> Vec<(&'static str, Vec<&'static str>)> {
             None => groups.push((r.group, vec![r.version])),
         }
     }
+    // Not in the resource table (nothing is stored): served by `metrics_api`.
+    groups.push((metrics_api::GROUP, vec![metrics_api::VERSION]));
     groups
 }
 
@@ -160,6 +163,9 @@ fn api_subresource(r: &ResourceInfo, sub: &str) -> Value {
 /// `GET /api/v1` (group `""`) or `GET /apis/{group}/{version}`: the `APIResourceList` with each
 /// resource and its subresources (`pods/status`), or `None` for a group-version not served.
 pub fn resource_list(group: &str, version: &str) -> Option<Value> {
+    if (group, version) == (metrics_api::GROUP, metrics_api::VERSION) {
+        return Some(metrics_api::resource_list());
+    }
     let served: Vec<&ResourceInfo> = resources::builtin()
         .iter()
         .filter(|r| r.group == group && r.version == version)
@@ -170,6 +176,17 @@ pub fn resource_list(group: &str, version: &str) -> Option<Value> {
         list.push(api_resource(r));
         for sub in r.subresources {
             list.push(api_subresource(r, sub));
+        }
+        if r.group.is_empty() && r.plural == "pods" {
+            for (sub, kind, verbs) in POD_STREAM_SUBRESOURCES {
+                list.push(json!({
+                    "name": format!("pods/{sub}"),
+                    "singularName": "",
+                    "namespaced": true,
+                    "kind": kind,
+                    "verbs": verbs,
+                }));
+            }
         }
     }
     Some(json!({
@@ -781,9 +798,21 @@ mod tests {
             .iter()
             .map(|g| g["name"].as_str().unwrap())
             .collect();
-        assert_eq!(names, ["coordination.k8s.io", "apiextensions.k8s.io"]);
+        assert_eq!(
+            names,
+            [
+                "coordination.k8s.io",
+                "apiextensions.k8s.io",
+                "metrics.k8s.io"
+            ]
+        );
         for g in groups["groups"].as_array().unwrap() {
-            let gv = format!("{}/v1", g["name"].as_str().unwrap());
+            let version = if g["name"] == "metrics.k8s.io" {
+                "v1beta1"
+            } else {
+                "v1"
+            };
+            let gv = format!("{}/{version}", g["name"].as_str().unwrap());
             assert_eq!(g["preferredVersion"]["groupVersion"], gv.as_str());
             assert_eq!(g["versions"][0]["groupVersion"], gv.as_str());
         }
@@ -856,6 +885,23 @@ mod tests {
             false
         );
         assert!(find(&crds, "customresourcedefinitions/status").is_some());
+        for (sub, kind, verbs) in [
+            ("pods/log", "Pod", json!(["get"])),
+            ("pods/exec", "PodExecOptions", json!(["create", "get"])),
+            ("pods/attach", "PodAttachOptions", json!(["create", "get"])),
+            (
+                "pods/portforward",
+                "PodPortForwardOptions",
+                json!(["create", "get"]),
+            ),
+        ] {
+            let entry = find(&core, sub).unwrap_or_else(|| panic!("{sub} listed"));
+            assert_eq!((&entry["kind"], &entry["verbs"]), (&json!(kind), &verbs));
+        }
+        let metrics = resource_list("metrics.k8s.io", "v1beta1").unwrap();
+        assert_eq!(metrics["groupVersion"], "metrics.k8s.io/v1beta1");
+        assert_eq!(find(&metrics, "nodes").unwrap()["kind"], "NodeMetrics");
+        assert_eq!(find(&metrics, "pods").unwrap()["namespaced"], true);
         assert!(resource_list("apps", "v1").is_none());
         assert!(resource_list("", "v2").is_none());
     }

@@ -9,12 +9,16 @@
 //! - [`patch`]: JSON patch, JSON merge patch and strategic merge patch.
 //! - [`resources`]: the resource table, selectors and server-side printing (tables).
 //! - [`discovery`]: `/version`, `/api`, `/apis`, resource lists and OpenAPI documents.
+//! - [`streaming`]: `pods/log`, `pods/exec`, `pods/attach`, `pods/portforward` through the
+//!   tunnel to the pod's edge.
+//! - [`metrics_api`]: `metrics.k8s.io` (`kubectl top`) from the edges' stats.
 //! - [`status`]: errors as Kubernetes `Status` bodies.
 //! - `fuzzing` (hidden): entry points for the fuzz targets in `integration/fuzz/`.
 
 pub mod discovery;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod metrics_api;
 pub mod objects;
 pub mod patch;
 pub mod request;
@@ -22,6 +26,7 @@ pub mod resources;
 pub mod server;
 pub mod status;
 pub mod store;
+pub mod streaming;
 pub mod verbs;
 
 use std::net::SocketAddr;

@@ -1,7 +1,9 @@
 //! Request paths to targets: discovery documents, or a resource collection/item/subresource.
 
+use super::metrics_api::{self, MetricsRequest};
 use super::resources::{self, ResourceInfo};
 use super::status::ApiError;
+use super::streaming::{PodStreamRequest, PodSubresource};
 
 /// What a request path names.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,6 +29,10 @@ pub enum Target {
     },
     OpenApiV2,
     Resource(ResourceRequest),
+    /// `pods/{log,exec,attach,portforward}`: served by [`super::streaming`] on the whole request.
+    PodStream(PodStreamRequest),
+    /// `/apis/metrics.k8s.io/v1beta1/...`: node and pod usage from the edges.
+    Metrics(MetricsRequest),
 }
 
 /// A request for objects of one resource.
@@ -62,6 +68,11 @@ pub fn route(path: &str) -> Result<Target, ApiError> {
             version: version.to_string(),
         }),
         ["openapi", "v2"] => Ok(Target::OpenApiV2),
+        ["apis", metrics_api::GROUP, metrics_api::VERSION, rest @ ..] if !rest.is_empty() => {
+            metrics_api::route(rest)
+                .map(Target::Metrics)
+                .ok_or_else(not_found)
+        }
         ["api", version, rest @ ..] => resource_target("", version, rest).ok_or_else(not_found),
         ["apis", group, version, rest @ ..] => {
             resource_target(group, version, rest).ok_or_else(not_found)
@@ -91,6 +102,19 @@ fn resource_target(group: &str, version: &str, rest: &[&str]) -> Option<Target> 
             match tail {
                 [] => request(info, Some(ns), None, None),
                 [name] => request(info, Some(ns), Some(name), None),
+                [name, sub] if group.is_empty() && info.plural == "pods" => {
+                    match PodSubresource::parse(sub) {
+                        Some(subresource) => Some(Target::PodStream(PodStreamRequest {
+                            namespace: ns.to_string(),
+                            name: name.to_string(),
+                            subresource,
+                        })),
+                        None if info.subresources.contains(sub) => {
+                            request(info, Some(ns), Some(name), Some(sub))
+                        }
+                        None => None,
+                    }
+                }
                 [name, sub] if info.subresources.contains(sub) => {
                     request(info, Some(ns), Some(name), Some(sub))
                 }
@@ -149,6 +173,41 @@ mod tests {
         );
         let r = resource("/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/gw-1");
         assert_eq!((r.info.plural, r.name.as_deref()), ("leases", Some("gw-1")));
+    }
+
+    #[test]
+    fn pod_stream_and_metrics_paths() {
+        for (sub, want) in [
+            ("log", PodSubresource::Log),
+            ("exec", PodSubresource::Exec),
+            ("attach", PodSubresource::Attach),
+            ("portforward", PodSubresource::PortForward),
+        ] {
+            let path = format!("/api/v1/namespaces/ns1/pods/web/{sub}");
+            assert_eq!(
+                route(&path).ok(),
+                Some(Target::PodStream(PodStreamRequest {
+                    namespace: "ns1".into(),
+                    name: "web".into(),
+                    subresource: want,
+                })),
+                "{path}"
+            );
+        }
+        assert!(matches!(
+            route("/api/v1/namespaces/ns1/pods/web/status"),
+            Ok(Target::Resource(_))
+        ));
+        assert!(matches!(
+            route("/apis/metrics.k8s.io/v1beta1/namespaces/ns1/pods/web"),
+            Ok(Target::Metrics(_))
+        ));
+        assert!(matches!(
+            route("/apis/metrics.k8s.io/v1beta1"),
+            Ok(Target::ResourceList { .. })
+        ));
+        assert!(route("/apis/metrics.k8s.io/v1beta1/widgets").is_err());
+        assert!(route("/api/v1/nodes/gw-1/log").is_err());
     }
 
     #[test]

@@ -71,6 +71,14 @@ const NAMESPACE_VERBS: &[&str] = &[
 ];
 /// Verbs of a `status` subresource.
 pub const STATUS_VERBS: &[&str] = &["get", "patch", "update"];
+/// The streaming subresources of pods, served by `apiserver::streaming` rather than by the
+/// object handler: name, kind and verbs as kube-apiserver lists them in discovery.
+pub const POD_STREAM_SUBRESOURCES: &[(&str, &str, &[&str])] = &[
+    ("attach", "PodAttachOptions", &["create", "get"]),
+    ("exec", "PodExecOptions", &["create", "get"]),
+    ("log", "Pod", &["get"]),
+    ("portforward", "PodPortForwardOptions", &["create", "get"]),
+];
 
 static BUILTIN: [ResourceInfo; 8] = [
     ResourceInfo {

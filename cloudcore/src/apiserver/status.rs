@@ -206,6 +206,26 @@ impl ApiError {
         Self::new(StatusCode::INSUFFICIENT_STORAGE, "InternalError", message)
     }
 
+    /// A failure known only by its HTTP code and message (a stream the edge refused, a
+    /// transport rejection): the reason is the one Kubernetes gives that code.
+    pub fn from_code(code: u16, message: impl Into<String>) -> Self {
+        let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let reason = match status.as_u16() {
+            400 => "BadRequest",
+            401 => "Unauthorized",
+            403 => "Forbidden",
+            404 => "NotFound",
+            405 => "MethodNotAllowed",
+            409 => "Conflict",
+            422 => "Invalid",
+            429 => "TooManyRequests",
+            503 => "ServiceUnavailable",
+            504 => "Timeout",
+            _ => "InternalError",
+        };
+        Self::new(status, reason, message)
+    }
+
     fn with_details(mut self, name: &str, group: &str, plural: &str) -> Self {
         self.details = Some(Box::new(Details {
             name: Some(name.to_string()),

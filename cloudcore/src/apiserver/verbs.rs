@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
-use axum::extract::State;
+use axum::extract::{Request, State};
 use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
@@ -19,7 +19,7 @@ use super::resources::{self, FieldSelector, LabelSelector, ResourceInfo};
 use super::server::User;
 use super::status::{ApiError, Cause};
 use super::store::{EventType, ResourceId, Store, StoreError, WatchEvent};
-use super::{discovery, objects};
+use super::{discovery, metrics_api, objects, streaming};
 
 /// Shared state of the API handlers.
 #[derive(Debug)]
@@ -129,43 +129,49 @@ fn wants_table(headers: &HeaderMap) -> bool {
 }
 
 /// The single entry point for every API request.
-pub async fn handle(
-    State(api): State<Arc<Api>>,
-    user: axum::Extension<User>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    let user = user.0;
+pub async fn handle(State(api): State<Arc<Api>>, request: Request) -> Response {
+    let user = request
+        .extensions()
+        .get::<User>()
+        .cloned()
+        .unwrap_or(User::Anonymous);
+    let method = request.method().clone();
+    let uri = request.uri().clone();
     // As kube-apiserver's `system:public-info-viewer` role: anyone may read the health
     // endpoints and the version, so probes and load balancers need no client certificate.
     if method == Method::GET && is_public_info(uri.path()) {
-        return match dispatch(&api, method, &uri, &headers, Bytes::new()).await {
+        return match dispatch(&api, method, &uri, request.headers(), Bytes::new()).await {
             Ok(response) => response,
             Err(e) => e.into_response(),
         };
     }
-    if user == User::Anonymous {
-        return ApiError::unauthorized().into_response();
+    if let Err(e) = authorize(&user) {
+        return e.into_response();
     }
-    if !user.is_master() {
-        return ApiError::forbidden(format!(
-            "user {:?} may not use the embedded API (only system:masters is authorized here)",
-            match &user {
-                User::Authenticated { name, .. } => name.as_str(),
-                User::Anonymous => "",
-            }
-        ))
-        .into_response();
+    // Logs, exec, attach and port-forward need the whole request (an upgrade rides in its
+    // extensions) and must not have their body read.
+    if let Ok(Target::PodStream(target)) = route(uri.path()) {
+        return streaming::handle(api, target, request).await;
     }
-    let body = match read_body(&headers, body).await {
+    let (parts, body) = request.into_parts();
+    let body = match read_body(&parts.headers, body).await {
         Ok(body) => body,
         Err(e) => return e.into_response(),
     };
-    match dispatch(&api, method, &uri, &headers, body).await {
+    match dispatch(&api, method, &uri, &parts.headers, body).await {
         Ok(response) => response,
         Err(e) => e.into_response(),
+    }
+}
+
+/// Anonymous users get a 401; only `system:masters` is authorized for now, anyone else a 403.
+fn authorize(user: &User) -> Result<(), ApiError> {
+    match user {
+        User::Anonymous => Err(ApiError::unauthorized()),
+        User::Authenticated { .. } if user.is_master() => Ok(()),
+        User::Authenticated { name, .. } => Err(ApiError::forbidden(format!(
+            "user {name:?} may not use the embedded API (only system:masters is authorized here)"
+        ))),
     }
 }
 
@@ -243,6 +249,14 @@ async fn dispatch(
             let query = query_of(uri)?;
             resource(api, method, request, query, headers, body).await
         }
+        Target::Metrics(request) => {
+            let query = query_of(uri)?;
+            metrics_api::serve(api, request, &query).await
+        }
+        // Served by `handle` before the body is read.
+        Target::PodStream(_) => Err(ApiError::internal(
+            "a pod stream request reached the object handler",
+        )),
     }
 }
 

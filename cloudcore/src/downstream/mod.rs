@@ -438,6 +438,15 @@ pub struct SessionRef {
     pub session: u64,
 }
 
+/// Where a bound pod runs, from [`Downstream::pod_location`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodLocation {
+    pub node: String,
+    pub uid: String,
+    /// The node is an edge node (its Node carries the edge role label).
+    pub edge: bool,
+}
+
 /// A session's claim on its edge's peer, from [`Downstream::attach`].
 #[derive(Debug)]
 pub struct Attachment {
@@ -600,6 +609,18 @@ impl Downstream {
             .get(&(namespace.to_string(), name.to_string()))
             .filter(|entry| entry.node == node)
             .map(|entry| entry.token_check.clone())
+    }
+
+    /// Where the pod `namespace/name` runs, if the index holds it (pods bound to a node): the
+    /// node, the pod's uid, and whether that node is an edge node of this cloudcore.
+    pub fn pod_location(&self, namespace: &str, name: &str) -> Option<PodLocation> {
+        let index = self.index();
+        let entry = index.pods.get(&(namespace.to_string(), name.to_string()))?;
+        Some(PodLocation {
+            node: entry.node.clone(),
+            uid: entry.token_check.uid.clone(),
+            edge: index.nodes.contains_key(&entry.node) || index.edges.contains_key(&entry.node),
+        })
     }
 
     /// Moves the peer's messages into the session's queue until the session ends. Releases
