@@ -389,6 +389,7 @@ fn the_stream_past_the_cap_is_refused_naming_the_node() {
     let out = setup.cloud.kubectl(&["logs", "ticker", "--tail=1"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "a fifth stream was let through");
+    eprintln!("the fifth stream: {}", stderr.trim());
     assert!(
         stderr.contains("TooManyRequests") && stderr.contains(NODE) && stderr.contains('4'),
         "the refusal should be a 429 naming node {NODE} and its cap of 4: {stderr}"
