@@ -591,8 +591,10 @@ struct Received {
 }
 
 /// One window of `kubectl logs -f` of the fast writer.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct LogFigures {
+    /// What `/proc/PID/exe` of the following kubectl showed.
+    kubectl_binary: Option<String>,
     window: Duration,
     /// MB kubectl printed in each second of the window.
     per_second: Spread,
@@ -639,8 +641,9 @@ impl LogFigures {
         if mb == 0.0 { 0.0 } else { ms(cpu) / mb }
     }
 
-    fn to_json(self) -> Value {
+    fn to_json(&self) -> Value {
         json!({
+            "kubectl_binary": self.kubectl_binary,
             "window_s": self.window.as_secs_f64(),
             "received_bytes": self.received,
             "received_mb_per_s": self.received_mb_s(),
@@ -697,6 +700,10 @@ async fn log_throughput(cli: &Cli, site: &Site, writer_logs: &WriterLogs) -> Res
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        // The binary that runs once the machine's kubectl dispatcher has picked a version.
+        let kubectl_binary = std::fs::read_link(format!("/proc/{kubectl_pid}/exe"))
+            .ok()
+            .map(|path| path.display().to_string());
         tokio::time::sleep(Duration::from_secs(cli.warmup_secs)).await;
         let (cloud, edge) = (site.cloud_pid()?, site.edge_pid()?);
         let containerd = site.containerd.pid();
@@ -732,6 +739,7 @@ async fn log_throughput(cli: &Cli, site: &Site, writer_logs: &WriterLogs) -> Res
             bail!("kubectl logs -f exited ({status}) during the window");
         }
         anyhow::Ok(LogFigures {
+            kubectl_binary,
             window,
             per_second: Spread::of(per_second.into_iter()),
             received: received_after - received_before,
@@ -830,8 +838,9 @@ struct StreamFigures {
     /// The open-stream gauges while every follow was open (`None`: not served).
     cloud_gauge_open: Option<f64>,
     edge_gauge_open: Option<f64>,
-    /// Seconds from killing the readers until both gauges were back to what they showed
-    /// before (`None`: a gauge is not served).
+    /// Seconds from the SIGKILL of the first reader until both gauges were back to what they
+    /// showed before (`None`: a gauge is not served); polled every 20 ms once every kubectl
+    /// was reaped.
     release_s: Option<f64>,
 }
 
@@ -935,6 +944,7 @@ async fn memory_per_stream(cli: &Cli, site: &Site) -> Result<StreamFigures> {
     }
     .await;
     // Close them all, then see both sides let go.
+    let closed = Instant::now();
     for follower in &mut followers {
         let _ = follower.child.start_kill();
     }
@@ -945,7 +955,6 @@ async fn memory_per_stream(cli: &Cli, site: &Site) -> Result<StreamFigures> {
     drop(followers);
     let (open_s, cloud_open_kib, edge_open_kib, gauges_open) =
         outcome.with_context(|| format!("kubectl said: {stderrs}"))?;
-    let closed = Instant::now();
     let release_s = match (gauges_before, gauges_open) {
         ((Some(cloud_was), Some(edge_was)), (Some(_), Some(_))) => {
             let deadline = closed + RELEASE_TIMEOUT;
@@ -1114,7 +1123,7 @@ impl bench::Report for Report {
         let mut out = String::new();
         let m = &self.machine;
         out.push_str(&format!(
-            "machine: {} CPUs ({}), {} MiB, kernel {}\nkubectl: {} ({})\n\n",
+            "machine: {} CPUs ({}), {} MiB, kernel {}\nkubectl: {} ({}), running {}\n\n",
             m.cpus,
             m.cpu_model,
             m.memory_mib,
@@ -1123,6 +1132,11 @@ impl bench::Report for Report {
             self.settings["kubectl_version"]
                 .as_str()
                 .unwrap_or("version unknown"),
+            self.figures
+                .logs
+                .kubectl_binary
+                .as_deref()
+                .unwrap_or("an unknown binary"),
         ));
         out.push_str("exec round trip of `true` (ms)            p50      p99     mean    n\n");
         for (kind, s) in self.exec_stats() {
