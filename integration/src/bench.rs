@@ -2,8 +2,8 @@
 //! the spread of a figure across rounds, failures grouped by message, a description of the
 //! machine, a process's memory and CPU time from `/proc`, log timestamps, the command-line
 //! plumbing of a load generator (flags, logging, the binaries, printing the report), and the
-//! harness's [`Cloud`] and [`Edge`] started from given binaries (the harness finds them only
-//! next to a test).
+//! harness's [`Cloud`], [`Edge`], a joined edge, `kubectl` and a private containerd started
+//! from given binaries (the harness finds them only next to a test).
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -177,7 +177,23 @@ const EDGE_START_TIMEOUT: Duration = Duration::from_secs(20);
 /// info to `dir/run.log` (truncated). Returns once the metrics listener is bound; an error
 /// holding the log (and the process killed) instead of a panic.
 pub fn start_edge_in(binary: &Path, net: &EdgeNet, dir: &Path, extra: &[&str]) -> Result<Edge> {
-    let mut command = net.command(binary);
+    start_edge_command(net.command(binary), Some(net.name()), dir, extra)
+}
+
+/// [`Edge::start_with`] with a given `edgecore` binary, in this network namespace; like
+/// [`start_edge_in`] otherwise.
+pub fn start_edge(binary: &Path, dir: &Path, extra: &[&str]) -> Result<Edge> {
+    start_edge_command(Command::new(binary), None, dir, extra)
+}
+
+/// `command` (`edgecore`, maybe behind `ip netns exec`) with the `run` arguments, started and
+/// waited for until its metrics listener is bound.
+fn start_edge_command(
+    mut command: Command,
+    netns: Option<&str>,
+    dir: &Path,
+    extra: &[&str],
+) -> Result<Edge> {
     command
         .arg("run")
         .arg("--data-dir")
@@ -191,7 +207,7 @@ pub fn start_edge_in(binary: &Path, net: &EdgeNet, dir: &Path, extra: &[&str]) -
         dir: dir.to_path_buf(),
         metrics_port: 0,
         child: Some(crate::try_spawn_logged(&mut command, &log)?),
-        netns: Some(net.name().to_string()),
+        netns: netns.map(str::to_string),
     };
     let deadline = Instant::now() + EDGE_START_TIMEOUT;
     loop {
@@ -247,6 +263,209 @@ pub fn run_tool(command: &mut Command, what: &str, limit: Duration) -> Result<Ve
         String::from_utf8_lossy(&output.stderr).trim()
     );
     Ok(output.stdout)
+}
+
+/// `cloudcore token create` and `edgecore join` (the real CLIs, each bounded by `limit`): joins
+/// `edge_dir` to `cloud` as node `node`.
+pub fn join_edge(
+    cloudcore: &Path,
+    edgecore: &Path,
+    cloud: &Cloud,
+    edge_dir: &Path,
+    node: &str,
+    limit: Duration,
+) -> Result<()> {
+    let stdout = run_tool(
+        Command::new(cloudcore)
+            .args(["token", "create", "--data-dir"])
+            .arg(&cloud.dir)
+            .args(["-o", "json", "--cloud", &cloud.address()]),
+        "cloudcore token create",
+        limit,
+    )?;
+    let token: Value = serde_json::from_slice(&stdout)
+        .context("`cloudcore token create -o json` printed no JSON")?;
+    let field = |name: &str| {
+        token[name]
+            .as_str()
+            .map(str::to_string)
+            .with_context(|| format!("`cloudcore token create -o json` has no {name:?}"))
+    };
+    run_tool(
+        Command::new(edgecore)
+            .args(["join", "--cloud", &field("cloud")?])
+            .args(["--token", &field("token")?])
+            .args(["--ca-hash", &field("ca_hash")?])
+            .args(["--node-name", node, "--data-dir"])
+            .arg(edge_dir),
+        "edgecore join",
+        limit,
+    )?;
+    Ok(())
+}
+
+/// `kubectl ARGS` (the binary `kubectl`, e.g. `kubectl` on PATH or `kubectl.1.33`) as admin of
+/// `cloud`'s API, with a private discovery cache and no user's `~/.kube`, as the tests'
+/// `cluster::kubectl` runs it; not started, so the caller picks its pipes and waits itself.
+pub fn kubectl_command(kubectl: &Path, cloud: &Cloud, args: &[&str]) -> Command {
+    let cache = cloud.dir.join("kubectl-cache");
+    let mut command = Command::new(kubectl);
+    command
+        .arg("--kubeconfig")
+        .arg(cloud.kubeconfig())
+        .arg("--cache-dir")
+        .arg(&cache)
+        .args(args)
+        .env("HOME", &cloud.dir)
+        .env_remove("KUBECONFIG");
+    command
+}
+
+/// A private containerd for a load generator, started with the project's config
+/// (`deploy/containerd/containerd.sh`) and the test images imported, as
+/// `integration::Containerd::start` does for a test (which finds `edgecore` only next to a
+/// test). Dropped on a plain thread (the harness's `Containerd` runs a runtime of its own when
+/// dropped), so this guard may go out of scope inside an async runtime too; then the pod
+/// cgroups the runtime leaves are removed for every pod uid [`BenchContainerd::started`] was
+/// told of.
+pub struct BenchContainerd {
+    containerd: Option<crate::Containerd>,
+    uids: std::sync::Mutex<Vec<String>>,
+}
+
+impl BenchContainerd {
+    /// Starts containerd in `dir` on the pod subnet `10.{octet}.N.0/24` and bridge
+    /// `{bridge}N`, N from this process's id (so two load generators do not collide; the
+    /// tests use 10.100-10.112). Each step is bounded by `limit`.
+    pub fn start(dir: &Path, octet: u8, bridge: &str, limit: Duration) -> Result<BenchContainerd> {
+        for tool in ["containerd", "runc", "ctr"] {
+            let found = Command::new("sh")
+                .args(["-c", &format!("command -v {tool}")])
+                .output()
+                .is_ok_and(|o| o.status.success());
+            ensure!(
+                found,
+                "{tool} is not installed: apt-get install containerd runc containernetworking-plugins iptables busybox-static"
+            );
+        }
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let n = std::process::id() % 250;
+        // The guard first: a start that fails half-way is stopped too.
+        let runtime = BenchContainerd {
+            containerd: Some(crate::Containerd {
+                dir: dir.to_path_buf(),
+                endpoint: format!("unix://{}/containerd.sock", dir.display()),
+                subnet: format!("10.{octet}.{n}.0/24"),
+                bridge: format!("{bridge}{n}"),
+            }),
+            uids: std::sync::Mutex::default(),
+        };
+        let containerd = runtime.get()?;
+        run_tool(
+            Command::new(crate::deploy_dir().join("containerd/containerd.sh"))
+                .arg("start")
+                .arg(dir)
+                .arg(&containerd.subnet)
+                .arg(&containerd.bridge),
+            "containerd.sh start",
+            limit,
+        )?;
+        let images = dir.join("images");
+        std::fs::create_dir_all(&images)
+            .with_context(|| format!("cannot create {}", images.display()))?;
+        let build = crate::deploy_dir().join("images/build.sh");
+        for (file, name, entrypoint, cmd) in [
+            ("busybox.tar", crate::BUSYBOX, "null", r#"["/bin/sh"]"#),
+            (
+                "pause.tar",
+                crate::PAUSE,
+                r#"["/bin/busybox","sleep","2147483647"]"#,
+                "null",
+            ),
+        ] {
+            run_tool(
+                Command::new(&build)
+                    .arg(images.join(file))
+                    .args([name, entrypoint, cmd]),
+                &format!("build.sh {name}"),
+                limit,
+            )?;
+            edgecore::images::import(&containerd.endpoint, &[images.join(file)])
+                .with_context(|| format!("cannot import {name}"))?;
+        }
+        Ok(runtime)
+    }
+
+    /// The running containerd.
+    pub fn get(&self) -> Result<&crate::Containerd> {
+        self.containerd.as_ref().context("containerd is stopped")
+    }
+
+    /// The containerd daemon's process id, from its pid file.
+    pub fn pid(&self) -> Option<u32> {
+        let containerd = self.containerd.as_ref()?;
+        std::fs::read_to_string(containerd.dir.join("containerd.pid"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    /// Notes a pod started in this runtime, whose cgroups are removed at the end.
+    pub fn started(&self, uid: &str) {
+        self.uids
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(uid.to_string());
+    }
+}
+
+impl Drop for BenchContainerd {
+    fn drop(&mut self) {
+        if let Some(containerd) = self.containerd.take() {
+            let _ = std::thread::spawn(move || drop(containerd)).join();
+        }
+        let uids = std::mem::take(self.uids.get_mut().unwrap_or_else(|p| p.into_inner()));
+        let mut left: Vec<PathBuf> = uids
+            .iter()
+            .flat_map(|uid| edgecore::pods::cgroups::pod_dirs(uid))
+            .collect();
+        // The shims remove the containers' own cgroups below these a moment after the pods
+        // are removed.
+        for _ in 0..50 {
+            left.retain(|dir| dir.exists() && std::fs::remove_dir(dir).is_err());
+            if left.is_empty() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// The sum of every series of metric family `name` in a Prometheus text page (`name 3`,
+/// `name{kind="logs"} 2`, ...): 0 for a family that is declared (`# TYPE name ...`) and has no
+/// series yet, `None` for one the page does not have.
+pub fn metric_sum(page: &str, name: &str) -> Option<f64> {
+    let declared = page.lines().any(|l| {
+        l.strip_prefix("# TYPE ")
+            .and_then(|rest| rest.split_whitespace().next())
+            == Some(name)
+    });
+    let mut sum = None;
+    for line in page.lines().filter(|l| !l.starts_with('#')) {
+        let Some(rest) = line.strip_prefix(name) else {
+            continue;
+        };
+        let value = match rest.chars().next() {
+            Some('{') => rest.rsplit_once('}').map(|(_, v)| v),
+            Some(' ') => Some(rest),
+            _ => None,
+        };
+        if let Some(v) = value.and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok()) {
+            *sum.get_or_insert(0.0) += v;
+        }
+    }
+    sum.or(declared.then_some(0.0))
 }
 
 /// Unix nanoseconds of an RFC 3339 UTC timestamp as tracing writes it at the start of a log
@@ -505,6 +724,16 @@ mod tests {
         .expect_err("too slow");
         assert!(err.to_string().contains("did not finish"), "{err}");
         assert!(started.elapsed() < Duration::from_secs(10));
+    }
+
+    #[test]
+    fn metric_sums_add_every_series_of_a_family() {
+        let page = "# HELP x_open Open.\n# TYPE x_open gauge\nx_open{kind=\"logs\"} 3\n\
+                    x_open{kind=\"exec\"} 1\nx_open_total 9\nx_other 5\n# TYPE y gauge\n";
+        assert_eq!(metric_sum(page, "x_open"), Some(4.0));
+        assert_eq!(metric_sum(page, "x_other"), Some(5.0));
+        assert_eq!(metric_sum(page, "y"), Some(0.0));
+        assert_eq!(metric_sum(page, "z"), None);
     }
 
     #[test]
