@@ -135,8 +135,10 @@ cat <<EOT
 
 containerd, cloudcore and one edgecore are running, with the sample pod "hello" (logs in $root).
   kubectl:      kubectl --kubeconfig $root/cloud/kubeconfig get pods -o wide
-  pod log:      $bin/edgecore ctl logs hello --data-dir $root/edge-1
-  exec:         $bin/edgecore ctl exec hello --data-dir $root/edge-1 --cri-endpoint $cri -- cat /etc/hello/greeting
+  pod log:      kubectl --kubeconfig $root/cloud/kubeconfig logs hello
+  exec:         kubectl --kubeconfig $root/cloud/kubeconfig exec -it hello -- sh
+  usage:        kubectl --kubeconfig $root/cloud/kubeconfig top pod
+  on the edge:  $bin/edgecore ctl logs hello --data-dir $root/edge-1   (also offline; ctl exec -it too)
   edge store:   $bin/edgecore ctl get all --data-dir $root/edge-1
   nodes:        $bin/cloudcore node list --data-dir $root/cloud
   metrics:      curl -s 127.0.0.1:10350/metrics   (edge: 127.0.0.1:10351)

@@ -79,4 +79,26 @@ fn the_quick_start_fails_loudly_when_a_step_does_not_happen_and_runs_the_sample_
         .expect("kubectl");
     let pods = String::from_utf8_lossy(&pods.stdout);
     assert!(pods.contains("Running"), "sample pod: {pods}");
+    // What the banner tells a new user to try: kubectl exec and logs through the cloud.
+    let kubectl = |args: &[&str]| {
+        Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(root.join("cloud/kubeconfig"))
+            .args(args)
+            .output()
+            .expect("kubectl")
+    };
+    let out = kubectl(&["exec", "hello", "--", "cat", "/etc/hello/greeting"]);
+    assert!(
+        out.status.success() && out.stdout == b"hello from the edge",
+        "kubectl exec: {:?} {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = kubectl(&["logs", "hello"]);
+    assert!(
+        out.status.success(),
+        "kubectl logs: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -471,7 +471,17 @@ impl NodeServer {
             .shared
             .streams
             .locate(namespace, name)
-            .map_err(|e| shape.respond(e.http_status(), &e.to_string()))?;
+            .map_err(|e| match e {
+                // Bound elsewhere: this node's endpoint does not say where.
+                OpenError::NotEdge { .. } => shape.respond(
+                    404,
+                    &format!(
+                        "pod {namespace}/{name} is not on node {}: this endpoint serves only that node's pods",
+                        self.node
+                    ),
+                ),
+                e => shape.respond(e.http_status(), &e.to_string()),
+            })?;
         if node != self.node {
             return Err(shape.respond(
                 404,
