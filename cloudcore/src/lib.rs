@@ -151,7 +151,18 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> Result<(),
     };
 
     // Which store this is, checked against what cloudcore.db recorded before edges connect.
-    let cloud_state = state::read(&client).await?;
+    let cloud_state = match state::read(&client).await {
+        Ok(state) => state,
+        // A stop asked for while starting: the embedded API is already going away, so the read
+        // fails; that is a clean stop, not a failed start.
+        Err(_) if shutdown.is_cancelled() => {
+            tracing::info!("stopped while starting");
+            tracker.close();
+            let _ = tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await;
+            return Ok(());
+        }
+        Err(e) => return Err(e.into()),
+    };
     let accepted_anyway = state::check_store(&registry, &cloud_state, config.allow)?;
     tracing::info!(
         store.id = %cloud_state.id,
