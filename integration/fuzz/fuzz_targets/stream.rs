@@ -155,8 +155,11 @@ where
             let mut encoded = Vec::new();
             futures::executor::block_on(write_header(&mut encoded, &header))
                 .expect("a decoded header encodes");
-            let again: T = futures::executor::block_on(read_header(&mut &encoded[..], limit))
-                .expect("an encoded header decodes");
+            // Defaults made explicit can grow a header past the reader's limit; only the
+            // round trip is checked here.
+            let again: T =
+                futures::executor::block_on(read_header(&mut &encoded[..], MAX_HEADER_SIZE))
+                    .expect("an encoded header decodes");
             assert_eq!(again, header, "round trip changed the header");
         }
         (other, announced) => panic!(
