@@ -15,8 +15,8 @@ use proto::{
     ErrorCode, ErrorMessage, FrameCodec, HeldObject, Hello, HelloAck, JoinRequest, Message,
     NodeInfo, ObjectRef, ObjectUpsert, PROTOCOL_VERSION, StatusReport, TokenRequest,
 };
-use streaming::spdy::frame::{Frame, FrameEncoder};
-use tokio_util::codec::Encoder;
+use streaming::spdy::frame::{Frame, FrameDecoder, FrameEncoder};
+use tokio_util::codec::{Decoder, Encoder};
 
 const TARGETS: [&str; 6] = [
     "frame",
@@ -181,12 +181,18 @@ fn stream_input(decoder: u8, chunk: u8, bytes: &[u8]) -> Vec<u8> {
 
 fn rc_frames(frames: Vec<RcFrame>) -> Vec<u8> {
     let mut buf = BytesMut::new();
-    for frame in frames {
+    for frame in frames.clone() {
         RcCodec
             .encode(frame, &mut buf)
             .expect("a seed frame encodes");
     }
-    buf.to_vec()
+    let encoded = buf.to_vec();
+    let mut decoded = Vec::new();
+    while let Some(frame) = RcCodec.decode(&mut buf).expect("a seed frame decodes") {
+        decoded.push(frame);
+    }
+    assert_eq!(decoded, frames, "the seed frames do not decode back");
+    encoded
 }
 
 fn header<T: serde::Serialize>(header: &T) -> Vec<u8> {
@@ -195,6 +201,8 @@ fn header<T: serde::Serialize>(header: &T) -> Vec<u8> {
     buf
 }
 
+/// The frames encoded with one compression context; they must decode back (with one
+/// decompression context) to themselves, so a seed is a session the decoder accepts.
 fn spdy_frames(frames: &[Frame]) -> Vec<u8> {
     let mut encoder = FrameEncoder::default();
     let mut buf = BytesMut::new();
@@ -203,7 +211,14 @@ fn spdy_frames(frames: &[Frame]) -> Vec<u8> {
             .encode(frame, &mut buf)
             .expect("a seed frame encodes");
     }
-    buf.to_vec()
+    let encoded = buf.to_vec();
+    let mut decoder = FrameDecoder::default();
+    let mut decoded = Vec::new();
+    while let Some(frame) = decoder.decode(&mut buf).expect("a seed frame decodes") {
+        decoded.push(frame);
+    }
+    assert_eq!(decoded, frames, "the seed frames do not decode back");
+    encoded
 }
 
 fn spdy_headers(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
