@@ -4,7 +4,7 @@
 #
 #   integration/fuzz/run.sh TARGET|all SECONDS
 #
-# TARGET is one of: frame message api_request api_selector api_patch. Each target starts from
+# TARGET is one of: frame message api_request api_selector api_patch stream. Each target starts from
 # its committed seed corpus (integration/fuzz/corpus/TARGET, never written to) plus the inputs
 # earlier runs found (WORK/corpus/TARGET). WORK is $FUZZ_WORK_DIR, else $CARGO_TARGET_DIR/fuzz-work,
 # else target/fuzz-work in the repository; the instrumented build goes to $CARGO_TARGET_DIR/fuzz-build
@@ -17,7 +17,7 @@ set -euo pipefail
 
 here="$(cd "$(dirname "$0")" && pwd)"
 repo="$(cd "$here/../.." && pwd)"
-targets=(frame message api_request api_selector api_patch)
+targets=(frame message api_request api_selector api_patch stream)
 
 usage() {
   echo "usage: $0 TARGET|all SECONDS   (TARGET: ${targets[*]})" >&2

@@ -1,24 +1,30 @@
 //! The fuzz targets of `integration/fuzz/` run briefly through their documented command
-//! (`run.sh`), and the seed corpus of the frame and message targets holds real frames
+//! (`run.sh`), and the seed corpus of the frame, message and stream targets holds real frames
 //! (docs/fuzzing.md).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
+use proto::stream::{
+    AttachRequest, ExecRequest, ExitStatus, LogsRequest, PodTarget, PortForwardRequest, RcCodec,
+    RcFrame, Refusal, RefusalCode, StreamReply, StreamRequest, stats, write_header,
+};
 use proto::{
     ErrorCode, ErrorMessage, FrameCodec, HeldObject, Hello, HelloAck, JoinRequest, Message,
     NodeInfo, ObjectRef, ObjectUpsert, PROTOCOL_VERSION, StatusReport, TokenRequest,
 };
-use tokio_util::codec::Encoder;
+use streaming::spdy::frame::{Frame, FrameDecoder, FrameEncoder};
+use tokio_util::codec::{Decoder, Encoder};
 
-const TARGETS: [&str; 5] = [
+const TARGETS: [&str; 6] = [
     "frame",
     "message",
     "api_request",
     "api_selector",
     "api_patch",
+    "stream",
 ];
 
 /// Seconds each target runs in the test suite (the 10-minute runs are in docs/fuzzing.md).
@@ -153,11 +159,347 @@ fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
         session.extend_from_slice(&framed);
     }
     seeds.push(("frame", "session".to_string(), session));
+    seeds.extend(stream_seeds());
     seeds
 }
 
-/// The committed frame and message seeds are what today's encoder writes for real messages.
-/// `FUZZ_WRITE_SEEDS=1` writes them again after a protocol change.
+fn web_0() -> PodTarget {
+    PodTarget {
+        namespace: "default".into(),
+        name: "web-0".into(),
+        uid: "7d1c8a9e-0000-4000-8000-000000000001".into(),
+    }
+}
+
+/// A stream target input: the decoder byte (0 remote command frames, 1 headers, 2 SPDY), the
+/// chunk-size byte, then the bytes.
+fn stream_input(decoder: u8, chunk: u8, bytes: &[u8]) -> Vec<u8> {
+    let mut input = vec![decoder, chunk];
+    input.extend_from_slice(bytes);
+    input
+}
+
+fn rc_frames(frames: Vec<RcFrame>) -> Vec<u8> {
+    let mut buf = BytesMut::new();
+    for frame in frames.clone() {
+        RcCodec
+            .encode(frame, &mut buf)
+            .expect("a seed frame encodes");
+    }
+    let encoded = buf.to_vec();
+    let mut decoded = Vec::new();
+    while let Some(frame) = RcCodec.decode(&mut buf).expect("a seed frame decodes") {
+        decoded.push(frame);
+    }
+    assert_eq!(decoded, frames, "the seed frames do not decode back");
+    encoded
+}
+
+fn header<T: serde::Serialize>(header: &T) -> Vec<u8> {
+    let mut buf = Vec::new();
+    futures::executor::block_on(write_header(&mut buf, header)).expect("a seed header encodes");
+    buf
+}
+
+/// The frames encoded with one compression context; they must decode back (with one
+/// decompression context) to themselves, so a seed is a session the decoder accepts.
+fn spdy_frames(frames: &[Frame]) -> Vec<u8> {
+    let mut encoder = FrameEncoder::default();
+    let mut buf = BytesMut::new();
+    for frame in frames {
+        encoder
+            .encode(frame, &mut buf)
+            .expect("a seed frame encodes");
+    }
+    let encoded = buf.to_vec();
+    let mut decoder = FrameDecoder::default();
+    let mut decoded = Vec::new();
+    while let Some(frame) = decoder.decode(&mut buf).expect("a seed frame decodes") {
+        decoded.push(frame);
+    }
+    assert_eq!(decoded, frames, "the seed frames do not decode back");
+    encoded
+}
+
+fn spdy_headers(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(n, v)| (n.to_string(), v.to_string()))
+        .collect()
+}
+
+fn syn_stream(stream_id: u32, pairs: &[(&str, &str)]) -> Frame {
+    Frame::SynStream {
+        stream_id,
+        associated_to: 0,
+        priority: 0,
+        fin: false,
+        unidirectional: false,
+        headers: spdy_headers(pairs),
+    }
+}
+
+/// The stream target's seeds: exec and attach frames both ways, every header kind, and the
+/// SPDY frames of a `kubectl exec -it` and a `kubectl port-forward` session, each direction
+/// with its own compression context.
+fn stream_seeds() -> Vec<(&'static str, String, Vec<u8>)> {
+    let mut seeds = Vec::new();
+    let mut seed = |name: &str, input: Vec<u8>| seeds.push(("stream", name.to_string(), input));
+    seed(
+        "rc-cloud-to-edge",
+        stream_input(
+            0,
+            3,
+            &rc_frames(vec![
+                RcFrame::Resize {
+                    width: 120,
+                    height: 40,
+                },
+                RcFrame::Stdin(Bytes::from_static(b"ls -l /\n")),
+                RcFrame::Stdin(Bytes::from_static(b"exit\n")),
+                RcFrame::StdinClosed,
+            ]),
+        ),
+    );
+    seed(
+        "rc-edge-to-cloud",
+        stream_input(
+            0,
+            17,
+            &rc_frames(vec![
+                RcFrame::Stdout(Bytes::from_static(b"bin\netc\nusr\n")),
+                RcFrame::Stderr(Bytes::from_static(b"ls: /root: Permission denied\n")),
+                RcFrame::Exit(ExitStatus {
+                    code: Some(2),
+                    message: String::new(),
+                }),
+            ]),
+        ),
+    );
+    seed(
+        "rc-exit-failed-to-start",
+        stream_input(
+            0,
+            64,
+            &rc_frames(vec![RcFrame::Exit(ExitStatus {
+                code: None,
+                message: "exec failed: \"sh\": executable file not found in $PATH".into(),
+            })]),
+        ),
+    );
+    let requests = [
+        (
+            "header-logs",
+            StreamRequest::Logs(LogsRequest {
+                pod: web_0(),
+                container: "web".into(),
+                follow: true,
+                timestamps: true,
+                tail_lines: Some(10),
+                since_time: Some("2026-12-04T10:00:00Z".into()),
+                limit_bytes: Some(1 << 20),
+                ..Default::default()
+            }),
+        ),
+        (
+            "header-exec",
+            StreamRequest::Exec(ExecRequest {
+                pod: web_0(),
+                container: "web".into(),
+                command: vec!["sh".into(), "-c".into(), "echo hi".into()],
+                stdin: true,
+                stdout: true,
+                stderr: false,
+                tty: true,
+            }),
+        ),
+        (
+            "header-attach",
+            StreamRequest::Attach(AttachRequest {
+                pod: web_0(),
+                container: "web".into(),
+                stdin: false,
+                stdout: true,
+                stderr: true,
+                tty: false,
+            }),
+        ),
+        (
+            "header-portforward",
+            StreamRequest::PortForward(PortForwardRequest {
+                pod: web_0(),
+                port: 8080,
+            }),
+        ),
+        ("header-stats", StreamRequest::Stats),
+    ];
+    for (name, request) in requests {
+        seed(name, stream_input(1, 5, &header(&request)));
+    }
+    seed(
+        "header-accepted",
+        stream_input(1, 64, &header(&StreamReply::Accepted)),
+    );
+    seed(
+        "header-refused",
+        stream_input(
+            1,
+            2,
+            &header(&StreamReply::Refused(Refusal {
+                code: RefusalCode::ContainerNotRunning,
+                message: "container web is not running".into(),
+            })),
+        ),
+    );
+    let usage = |core_ns: u64| stats::Usage {
+        time: "2026-12-04T10:00:00.123456789Z".into(),
+        usage_core_nano_seconds: core_ns,
+        usage_nano_cores: Some(1_500_000),
+    };
+    let memory = |bytes: u64| stats::Memory {
+        time: "2026-12-04T10:00:00.123456789Z".into(),
+        working_set_bytes: bytes,
+        usage_bytes: Some(bytes + 4096),
+        rss_bytes: Some(bytes / 2),
+        available_bytes: None,
+    };
+    let summary = stats::Summary {
+        node: stats::NodeUsage {
+            node_name: "edge-1".into(),
+            start_time: "2026-12-04T08:00:00Z".into(),
+            cpu: usage(9_000_000_000),
+            memory: memory(512 << 20),
+        },
+        pods: vec![stats::PodUsage {
+            namespace: "default".into(),
+            name: "web-0".into(),
+            uid: web_0().uid,
+            start_time: "2026-12-04T09:00:00Z".into(),
+            cpu: usage(1_000_000_000),
+            memory: memory(32 << 20),
+            containers: vec![stats::ContainerUsage {
+                name: "web".into(),
+                start_time: "2026-12-04T09:00:01Z".into(),
+                cpu: usage(990_000_000),
+                memory: memory(30 << 20),
+            }],
+        }],
+    };
+    seed("header-summary", stream_input(1, 33, &header(&summary)));
+    seed(
+        "resize",
+        stream_input(1, 7, br#"{"Width":120,"Height":40}"#),
+    );
+    // kubectl exec -it: the error, stdin, stdout and resize streams, then data both ways.
+    let protocol = ("x-stream-protocol-version", "v4.channel.k8s.io");
+    seed(
+        "spdy-exec-client",
+        stream_input(
+            2,
+            11,
+            &spdy_frames(&[
+                Frame::Settings {
+                    clear: false,
+                    entries: vec![(0, 7, 65536)],
+                },
+                syn_stream(1, &[("streamtype", "error"), protocol]),
+                syn_stream(3, &[("streamtype", "stdin")]),
+                syn_stream(5, &[("streamtype", "stdout")]),
+                syn_stream(7, &[("streamtype", "resize")]),
+                Frame::Data {
+                    stream_id: 7,
+                    fin: false,
+                    data: Bytes::from_static(br#"{"Width":120,"Height":40}"#),
+                },
+                Frame::Data {
+                    stream_id: 3,
+                    fin: true,
+                    data: Bytes::from_static(b"exit\n"),
+                },
+                Frame::WindowUpdate {
+                    stream_id: 5,
+                    delta: 32768,
+                },
+                Frame::Ping { id: 1 },
+            ]),
+        ),
+    );
+    seed(
+        "spdy-exec-server",
+        stream_input(
+            2,
+            29,
+            &spdy_frames(&[
+                Frame::SynReply {
+                    stream_id: 1,
+                    fin: false,
+                    headers: spdy_headers(&[("streamtype", "error"), protocol]),
+                },
+                Frame::SynReply {
+                    stream_id: 5,
+                    fin: false,
+                    headers: spdy_headers(&[("streamtype", "stdout")]),
+                },
+                Frame::Data {
+                    stream_id: 5,
+                    fin: true,
+                    data: Bytes::from_static(b"hi\n"),
+                },
+                Frame::Data {
+                    stream_id: 1,
+                    fin: true,
+                    data: Bytes::from_static(
+                        br#"{"kind":"Status","apiVersion":"v1","status":"Success"}"#,
+                    ),
+                },
+                Frame::Headers {
+                    stream_id: 3,
+                    fin: true,
+                    headers: spdy_headers(&[("a", "1"), ("a", "2")]),
+                },
+                Frame::RstStream {
+                    stream_id: 7,
+                    status: 5,
+                },
+                Frame::GoAway {
+                    last_good_stream_id: 7,
+                    status: 0,
+                },
+            ]),
+        ),
+    );
+    // kubectl port-forward: an error and a data stream per connection, tagged by request id.
+    seed(
+        "spdy-portforward",
+        stream_input(
+            2,
+            64,
+            &spdy_frames(&[
+                syn_stream(
+                    1,
+                    &[
+                        ("streamtype", "error"),
+                        ("port", "8080"),
+                        ("requestid", "0"),
+                    ],
+                ),
+                syn_stream(
+                    3,
+                    &[("streamtype", "data"), ("port", "8080"), ("requestid", "0")],
+                ),
+                Frame::Data {
+                    stream_id: 3,
+                    fin: false,
+                    data: Bytes::from_static(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n"),
+                },
+            ]),
+        ),
+    );
+    seeds
+}
+
+/// The committed frame, message and stream seeds are what today's encoders write for real
+/// messages. `FUZZ_WRITE_SEEDS=1` writes them again after a protocol change.
 #[test]
 fn frame_and_message_seeds_are_real_frames() {
     let write = std::env::var_os("FUZZ_WRITE_SEEDS").is_some();
