@@ -177,6 +177,15 @@ impl Site {
         self.cluster.get_json(&["node", &self.node])
     }
 
+    /// The edge's Node, or `Null` until cloudcore has created it (it writes the Node once the
+    /// edge's session and its kubelet port are known, a moment after the edge connects).
+    fn node_if_created(&self) -> Value {
+        let out = self
+            .cluster
+            .kubectl(&["get", "node", &self.node, "-o", "json"], None);
+        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+    }
+
     /// The pods of the Deployment, by name.
     fn web_pods(&self) -> BTreeMap<String, Value> {
         self.cluster.get_json(&["pods", "-l", "app=web"])["items"]
@@ -413,7 +422,9 @@ fn check_manifests(cluster: &KubeCluster) {
 #[test]
 fn deployment_survives_a_partition_and_rolls_out_after_it() {
     let site = Site::start("kube-gw");
-    site.wait(Duration::from_secs(30), "node Ready", |s| ready(&s.node()));
+    site.wait(Duration::from_secs(30), "node Ready", |s| {
+        ready(&s.node_if_created())
+    });
     assert_node_reports_like_a_kubelet(&site);
 
     // The real scheduler places the Deployment on the edge (the stand-in takes no pods).
