@@ -450,6 +450,13 @@ impl Streams {
         }
     }
 
+    /// Whether `node` has a live session whose edge speaks streams, with the error `open` would
+    /// give if not; no IO. For front-ends that must answer before they know what to open
+    /// (a SPDY port-forward learns its ports only after the upgrade).
+    pub fn check_live(&self, node: &str) -> Result<(), OpenError> {
+        self.live_connection(node).map(|_| ())
+    }
+
     /// The node's live connection, if its edge speaks streams.
     fn live_connection(&self, node: &str) -> Result<quinn::Connection, OpenError> {
         let sessions = self.sessions();

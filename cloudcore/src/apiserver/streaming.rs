@@ -17,8 +17,7 @@ use axum::extract::Request;
 use axum::http::{Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use proto::stream::{
-    AttachRequest, ExecRequest, LogsRequest, PodTarget, PortForwardRequest, RefusalCode,
-    StreamRequest,
+    AttachRequest, ExecRequest, LogsRequest, PodTarget, PortForwardRequest, StreamRequest,
 };
 use serde_json::Value;
 use streaming::{Dial, RcOptions, Rejection};
@@ -34,8 +33,6 @@ use crate::streams::{OpenError, TunnelStream};
 /// fails within a second for a disconnected node; this only bounds an edge that accepted the
 /// stream but never answers its header.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long the reachability check before a port-forward upgrade may take.
-const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 /// The largest piece of a log read from the tunnel at once (one chunk of the response body).
 const LOG_CHUNK: usize = 32 * 1024;
 
@@ -513,16 +510,7 @@ async fn remote_command(
         .map_err(rejection)
 }
 
-/// Whether a failed stats probe says the node cannot be reached at all (as opposed to the
-/// edge answering with a refusal of its own, which proves it is there).
-fn node_unreachable(e: &OpenError) -> bool {
-    match e {
-        OpenError::Refused { refusal, .. } => refusal.code == RefusalCode::TooManyStreams,
-        _ => true,
-    }
-}
-
-/// `pods/portforward`: the pod checked, the node's reachability checked before the upgrade
+/// `pods/portforward`: the pod checked, its node's live session checked before the upgrade (no IO)
 /// (kube-apiserver fails the same way when it cannot dial the kubelet), then each forwarded
 /// connection opens its own tunnel stream.
 async fn port_forward(
@@ -538,23 +526,9 @@ async fn port_forward(
             "Upgrade request required (SPDY/3.1 or websocket)",
         ));
     }
-    // The ports of a SPDY session arrive only with its streams, so the probe cannot be a
-    // forwarded connection: a stats stream is the one request every edge serves.
-    match tokio::time::timeout(PROBE_TIMEOUT, api.streams.stats(&pod.node)).await {
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) if node_unreachable(&e) => return Err(open_error(e)),
-        Ok(Err(e)) => tracing::debug!(node = %pod.node, error = %e, "port-forward probe refused"),
-        Err(_) => {
-            return Err(ApiError::from_code(
-                504,
-                format!(
-                    "node {} did not answer within {}s",
-                    pod.node,
-                    PROBE_TIMEOUT.as_secs()
-                ),
-            ));
-        }
-    }
+    // The ports of a SPDY session arrive only with its streams: before the upgrade, only the
+    // node's session can be checked.
+    api.streams.check_live(&pod.node).map_err(open_error)?;
     let streams = api.streams.clone();
     let node = pod.node.clone();
     let pod_target = pod.target.clone();
@@ -752,16 +726,5 @@ mod tests {
         });
         assert_eq!((e.code.as_u16(), e.reason), (503, "ServiceUnavailable"));
         assert_eq!(e.message, "node edge-1 is not connected to cloudcore");
-        assert!(node_unreachable(&OpenError::Disconnected {
-            node: "n".into(),
-            since: None
-        }));
-        assert!(!node_unreachable(&OpenError::Refused {
-            node: "n".into(),
-            refusal: proto::stream::Refusal {
-                code: RefusalCode::Runtime,
-                message: "no stats".into()
-            }
-        }));
     }
 }

@@ -635,6 +635,10 @@ impl NodeServer {
         if !streaming::is_upgrade(&request) {
             return shape.respond(400, "Upgrade request required (SPDY/3.1 or websocket)");
         }
+        // A SPDY session names its ports only after the upgrade: check the node's session now.
+        if let Err(e) = self.shared.streams.check_live(&self.node) {
+            return shape.respond(e.http_status(), &e.to_string());
+        }
         let streams = self.shared.streams.clone();
         let node = self.node.clone();
         let dial: streaming::Dial = Arc::new(move |port| {
@@ -644,13 +648,7 @@ impl NodeServer {
             Box::pin(async move {
                 let request = StreamRequest::PortForward(PortForwardRequest { pod, port });
                 match streams.open(&node, request).await {
-                    Ok(stream) => {
-                        let (write, read) = halves(stream);
-                        Ok((
-                            Box::pin(write) as streaming::BoxWrite,
-                            Box::pin(read) as streaming::BoxRead,
-                        ))
-                    }
+                    Ok(stream) => Ok(stream.into_boxed()),
                     Err(e) => Err(e.to_string()),
                 }
             })

@@ -44,8 +44,8 @@ use edgecore::pods::spec::{self, ContainerKind, Objects, PodPaths};
 use edgecore::pods::volumes;
 use edgecore::store::Store;
 use futures::StreamExt;
+use integration::Cloud;
 use integration::bench::{self, Machine, Spread, mib};
-use integration::{Cloud, Containerd};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{
     Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, WatchEvent, WatchParams,
@@ -178,7 +178,7 @@ async fn bench(cli: &Cli) -> Result<Report> {
         .context("cannot create a temp dir")?;
     let work = async {
         eprintln!("starting containerd and importing the images");
-        let runtime = Runtime::start(dir.path().join("containerd")).await?;
+        let runtime = start_runtime(dir.path().join("containerd")).await?;
         let mut rounds = Vec::with_capacity(cli.rounds);
         let mut kept: Option<Site> = None;
         for index in 1..=cli.rounds {
@@ -235,133 +235,17 @@ async fn bench(cli: &Cli) -> Result<Report> {
 // ---------------------------------------------------------------------------------------------
 // The container runtime
 
-/// The private containerd. `integration::Containerd` removes every pod and stops containerd
-/// when dropped, with a runtime of its own; it is therefore dropped on a plain thread, so this
-/// guard can go out of scope anywhere, inside the async runtime too. Then the pod cgroups the
-/// runtime leaves (`/edgecore/pod<uid>`, empty once the pods are gone) are removed for every
-/// pod started, which edgecore or the bench do themselves when all goes well.
-struct Runtime {
-    containerd: Option<Containerd>,
-    /// Uids of the pods started in it.
-    pods: Mutex<Vec<String>>,
-}
+/// The private containerd: `bench::BenchContainerd` on pod-bench's subnet `10.99.N.0/24` and
+/// bridge `edgepbN`, away from the tests' 10.100-10.112 and the other load generators.
+type Runtime = bench::BenchContainerd;
 
-impl Runtime {
-    /// Starts containerd in `dir` with the project's config and imports the test images, as
-    /// `integration::Containerd::start` does (which finds `edgecore` only next to a test).
-    async fn start(dir: PathBuf) -> Result<Runtime> {
-        tokio::task::spawn_blocking(move || Runtime::start_blocking(&dir))
-            .await
-            .context("the containerd start task panicked")?
-    }
+/// How long each step of containerd's start (the script, an image build) may take.
+const RUNTIME_START_LIMIT: Duration = Duration::from_secs(300);
 
-    fn start_blocking(dir: &Path) -> Result<Runtime> {
-        for tool in ["containerd", "runc", "ctr"] {
-            let found = Command::new("sh")
-                .args(["-c", &format!("command -v {tool}")])
-                .output()
-                .is_ok_and(|o| o.status.success());
-            ensure!(
-                found,
-                "{tool} is not installed: apt-get install containerd runc containernetworking-plugins iptables busybox-static"
-            );
-        }
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        // Guard first: a start that fails half-way is stopped too.
-        // A subnet and bridge of its own, away from the tests' 10.100-10.112 and from
-        // another bench running at the same time.
-        let n = std::process::id() % 250;
-        let runtime = Runtime {
-            containerd: Some(Containerd {
-                dir: dir.to_path_buf(),
-                endpoint: format!("unix://{}/containerd.sock", dir.display()),
-                subnet: format!("10.99.{n}.0/24"),
-                bridge: format!("edgepb{n}"),
-            }),
-            pods: Mutex::default(),
-        };
-        let script = integration::deploy_dir().join("containerd/containerd.sh");
-        let out = Command::new(&script)
-            .arg("start")
-            .arg(dir)
-            .arg(format!("10.99.{n}.0/24"))
-            .arg(format!("edgepb{n}"))
-            .stdin(Stdio::null())
-            .output()
-            .with_context(|| format!("cannot run {}", script.display()))?;
-        ensure!(
-            out.status.success(),
-            "containerd did not start: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let images = dir.join("images");
-        std::fs::create_dir_all(&images)?;
-        let build = integration::deploy_dir().join("images/build.sh");
-        for (file, name, entrypoint, cmd) in [
-            (
-                "busybox.tar",
-                integration::BUSYBOX,
-                "null",
-                r#"["/bin/sh"]"#,
-            ),
-            (
-                "pause.tar",
-                integration::PAUSE,
-                r#"["/bin/busybox","sleep","2147483647"]"#,
-                "null",
-            ),
-        ] {
-            let out = Command::new(&build)
-                .arg(images.join(file))
-                .args([name, entrypoint, cmd])
-                .stdin(Stdio::null())
-                .output()
-                .with_context(|| format!("cannot run {}", build.display()))?;
-            ensure!(
-                out.status.success(),
-                "building {name} failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            edgecore::images::import(&runtime.get()?.endpoint, &[images.join(file)])
-                .with_context(|| format!("cannot import {name}"))?;
-        }
-        Ok(runtime)
-    }
-
-    fn get(&self) -> Result<&Containerd> {
-        self.containerd.as_ref().context("containerd is stopped")
-    }
-
-    /// Notes a pod started in this runtime.
-    fn started(&self, uid: &str) {
-        self.pods
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(uid.to_string());
-    }
-}
-
-impl Drop for Runtime {
-    fn drop(&mut self) {
-        if let Some(containerd) = self.containerd.take() {
-            let _ = std::thread::spawn(move || drop(containerd)).join();
-        }
-        let pods = std::mem::take(self.pods.get_mut().unwrap_or_else(|p| p.into_inner()));
-        let mut left: Vec<PathBuf> = pods
-            .iter()
-            .flat_map(|uid| edgecore::pods::cgroups::pod_dirs(uid))
-            .collect();
-        // The shims remove the containers' own cgroups below these a moment after the pods
-        // are removed.
-        for _ in 0..50 {
-            left.retain(|dir| dir.exists() && std::fs::remove_dir(dir).is_err());
-            if left.is_empty() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
+async fn start_runtime(dir: PathBuf) -> Result<Runtime> {
+    tokio::task::spawn_blocking(move || Runtime::start(&dir, 99, "edgepb", RUNTIME_START_LIMIT))
+        .await
+        .context("the containerd start task panicked")?
 }
 
 // ---------------------------------------------------------------------------------------------
