@@ -112,7 +112,7 @@ impl OpenError {
 
 /// An accepted stream: after the edge's `Accepted`, the payload of its kind flows on `send`
 /// and `recv`. Dropping it releases its slot in the edge's stream cap; a front-end that takes
-/// `send` and `recv` apart keeps the slot with [`TunnelStream::into_parts`].
+/// `send` and `recv` apart keeps the slot on the reader with [`TunnelStream::into_io`].
 #[derive(Debug)]
 pub struct TunnelStream {
     pub node: String,
@@ -122,12 +122,6 @@ pub struct TunnelStream {
 }
 
 impl TunnelStream {
-    /// The two halves and the slot; the stream counts against the edge's cap until the slot
-    /// is dropped.
-    pub fn into_parts(self) -> (quinn::SendStream, quinn::RecvStream, StreamSlot) {
-        (self.send, self.recv, self.slot)
-    }
-
     /// The two halves, with the slot riding on the reader: the stream counts against the
     /// edge's cap until the reader is dropped (the front-ends drop it when the session ends).
     pub fn into_io(self) -> (quinn::SendStream, Slotted<quinn::RecvStream>) {
@@ -730,8 +724,8 @@ mod tests {
             "{text}"
         );
         drop(first);
-        // A slot kept apart from its stream still counts.
-        let (_send, _recv, slot) = second.into_parts();
+        // A slot riding on the reader of a stream taken apart still counts.
+        let (_send, slot) = second.into_io();
         let third = streams
             .open("gw-1", StreamRequest::Stats)
             .await
