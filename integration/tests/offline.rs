@@ -563,7 +563,16 @@ fn restart_and_reboot_while_partitioned_bring_every_pod_back() {
     });
     eprintln!("reboot while partitioned: every pod running {back_after:?} after edgecore started");
     assert!(!site.edge.connected(), "the partition must still hold");
-    let local = local_pods(&site);
+    // The containers run before edgecore's status pass records them in edge.db: wait for it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let local = loop {
+        let local = local_pods(&site);
+        if names.iter().all(|n| local[*n]["restarts"] == 1) || std::time::Instant::now() > deadline
+        {
+            break local;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
     for name in names {
         assert_eq!(local[name]["restarts"], 1, "{name}: {}", local[name]);
     }
