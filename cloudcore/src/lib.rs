@@ -260,6 +260,12 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> Result<(),
     if lifecycle {
         // Embedded mode: no kube-scheduler, so cloudcore binds pods itself.
         tracker.spawn(scheduler::run(client.clone(), shutdown.clone()));
+        // ... nor kube-controller-manager, so cloudcore runs the workload controllers.
+        controllers::run_all(
+            controllers::Context::new(client.clone()),
+            &tracker,
+            shutdown.clone(),
+        );
     }
     // Both modes: edge pods tolerate their node's absence for their autonomy duration; in
     // embedded mode, with no kube-controller-manager, cloudcore also evicts when that runs out.

@@ -13,9 +13,17 @@
 //!   tunnel to the pod's edge.
 //! - [`metrics_api`]: `metrics.k8s.io` (`kubectl top`) from the edges' stats.
 //! - [`status`]: errors as Kubernetes `Status` bodies.
+//! - [`workloads`]: apps/v1 and batch/v1 defaults and validation; [`scale`]: the scale
+//!   subresource.
+//! - [`apply`]: server-side apply and managedFields; [`validation`]: `fieldValidation`;
+//!   [`dryrun`]: `dryRun=All`.
+//! - [`crd`]: resources served from CustomResourceDefinitions.
 //! - `fuzzing` (hidden): entry points for the fuzz targets in `integration/fuzz/`.
 
+pub mod apply;
+pub mod crd;
 pub mod discovery;
+pub mod dryrun;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod metrics_api;
@@ -23,11 +31,14 @@ pub mod objects;
 pub mod patch;
 pub mod request;
 pub mod resources;
+pub mod scale;
 pub mod server;
 pub mod status;
 pub mod store;
 pub mod streaming;
+pub mod validation;
 pub mod verbs;
+pub mod workloads;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -1,0 +1,13 @@
+//! The Job controller (not written yet: see issue 14).
+
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::Context;
+
+/// Runs the Job controller until `shutdown`.
+pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
+    let _ = ctx;
+    shutdown.cancelled().await;
+}

@@ -1,0 +1,1 @@
+//! Server-side apply: managedFields, field managers, conflicts and force (`application/apply-patch+yaml`).

@@ -1,0 +1,1 @@
+//! Custom resources: what an applied CustomResourceDefinition makes served (discovery, schema validation, defaulting, pruning, subresources, printer columns).

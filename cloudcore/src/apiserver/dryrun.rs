@@ -1,0 +1,1 @@
+//! `dryRun=All`: what a request would have stored, answered without writing.

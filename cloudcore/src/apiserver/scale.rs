@@ -1,0 +1,1 @@
+//! The `scale` subresource (`autoscaling/v1` Scale) of Deployments, ReplicaSets, StatefulSets and custom resources.
