@@ -151,6 +151,19 @@ fn api_resource(r: &ResourceInfo) -> Value {
 }
 
 fn api_subresource(r: &ResourceInfo, sub: &str) -> Value {
+    if sub == "scale" {
+        // kube-apiserver names the Scale's own group and version: clients (`kubectl scale`)
+        // pick the Scale version from here.
+        return json!({
+            "name": format!("{}/scale", r.plural),
+            "singularName": "",
+            "namespaced": r.namespaced,
+            "group": super::scale::GROUP,
+            "version": super::scale::VERSION,
+            "kind": "Scale",
+            "verbs": STATUS_VERBS,
+        });
+    }
     json!({
         "name": format!("{}/{sub}", r.plural),
         "singularName": "",
@@ -801,6 +814,8 @@ mod tests {
         assert_eq!(
             names,
             [
+                "apps",
+                "batch",
                 "coordination.k8s.io",
                 "apiextensions.k8s.io",
                 "metrics.k8s.io"
@@ -863,7 +878,8 @@ mod tests {
                     assert_eq!(entry["kind"], "Binding");
                 } else {
                     assert_eq!(entry["verbs"], json!(["get", "patch", "update"]));
-                    assert_eq!(entry["kind"], r.kind);
+                    let kind = if *sub == "scale" { "Scale" } else { r.kind };
+                    assert_eq!(entry["kind"], kind);
                 }
             }
         }
@@ -902,7 +918,22 @@ mod tests {
         assert_eq!(metrics["groupVersion"], "metrics.k8s.io/v1beta1");
         assert_eq!(find(&metrics, "nodes").unwrap()["kind"], "NodeMetrics");
         assert_eq!(find(&metrics, "pods").unwrap()["namespaced"], true);
-        assert!(resource_list("apps", "v1").is_none());
+        let apps = resource_list("apps", "v1").unwrap();
+        let deployments = find(&apps, "deployments").unwrap();
+        assert_eq!(deployments["shortNames"], json!(["deploy"]));
+        assert_eq!(deployments["categories"], json!(["all"]));
+        let scale = find(&apps, "deployments/scale").unwrap();
+        assert_eq!(
+            (&scale["group"], &scale["version"], &scale["kind"]),
+            (&json!("autoscaling"), &json!("v1"), &json!("Scale"))
+        );
+        assert!(find(&apps, "daemonsets/scale").is_none());
+        let batch = resource_list("batch", "v1").unwrap();
+        assert_eq!(
+            find(&batch, "cronjobs").unwrap()["shortNames"],
+            json!(["cj"])
+        );
+        assert!(resource_list("apps", "v2").is_none());
         assert!(resource_list("", "v2").is_none());
     }
 
@@ -1005,7 +1036,7 @@ mod tests {
             paths["/api/v1/namespaces"].get("delete").is_none(),
             "namespaces have no deletecollection"
         );
-        assert!(openapi_v3_group_version("apps", "v1").is_none());
+        assert!(openapi_v3_group_version("apps", "v2").is_none());
     }
 
     #[test]
@@ -1013,9 +1044,11 @@ mod tests {
         let index = openapi_v3_index();
         let paths = index["paths"].as_object().unwrap();
         let keys: Vec<&str> = paths.keys().map(String::as_str).collect();
-        assert_eq!(keys.len(), 3);
+        assert_eq!(keys.len(), 5);
         for key in [
             "api/v1",
+            "apis/apps/v1",
+            "apis/batch/v1",
             "apis/coordination.k8s.io/v1",
             "apis/apiextensions.k8s.io/v1",
         ] {
