@@ -521,7 +521,7 @@ pub(super) fn default_pod_spec(spec: &mut Value) {
         }
     }
     for list in ["initContainers", "containers"] {
-        if let Some(containers) = spec[list].as_array_mut() {
+        if let Some(containers) = spec.get_mut(list).and_then(Value::as_array_mut) {
             for c in containers {
                 if c["imagePullPolicy"].is_null() {
                     let policy = image_pull_policy(c["image"].as_str().unwrap_or_default());
@@ -536,7 +536,7 @@ pub(super) fn default_pod_spec(spec: &mut Value) {
                         c[key] = value;
                     }
                 }
-                if let Some(ports) = c["ports"].as_array_mut() {
+                if let Some(ports) = c.get_mut("ports").and_then(Value::as_array_mut) {
                     for port in ports.iter_mut().filter(|p| p.is_object()) {
                         if port["protocol"].is_null() {
                             port["protocol"] = json!("TCP");
@@ -692,7 +692,7 @@ fn pod_spec_change_allowed(current: &Value, new: &Value) -> bool {
             }
         }
         for list in ["containers", "initContainers"] {
-            if let Some(containers) = spec[list].as_array_mut() {
+            if let Some(containers) = spec.get_mut(list).and_then(Value::as_array_mut) {
                 for c in containers {
                     if let Some(m) = c.as_object_mut() {
                         m.remove("image");

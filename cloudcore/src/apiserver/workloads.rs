@@ -83,7 +83,7 @@ fn fill(map: &mut Map<String, Value>, defaults: &[(&str, Value)]) {
 /// kube-apiserver's defaults for `object` of `info` (applied on create and on every update,
 /// as decoding does there): the kind's own and its pod template's. Other kinds are left alone.
 pub fn default(info: &ResourceInfo, object: &mut Value) {
-    if info.group.is_empty() {
+    if template_path(info.plural).is_none() {
         return;
     }
     let Some(spec) = object_at(object, "/spec") else {
