@@ -207,7 +207,7 @@ async fn dispatch(
     match target {
         Target::Version => doc(Some(discovery::version())),
         Target::Health(endpoint) => {
-            Ok(daemon::http::health_response(&api.health, endpoint, uri.query()).await)
+            Ok(super::health_response(&api.health, endpoint, uri.query()).await)
         }
         Target::CoreVersions => doc(Some(discovery::api_versions())),
         Target::Groups => doc(Some(discovery::api_group_list())),
