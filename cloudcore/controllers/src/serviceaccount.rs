@@ -25,8 +25,8 @@ pub const DEFAULT_SERVICE_ACCOUNT: &str = "default";
 
 /// What the two watches tell the sync loop.
 enum Change {
-    /// A namespace exists in this state (listed, added or changed).
-    Namespace(Namespace),
+    /// A namespace exists (listed, added or changed), and whether it is terminating.
+    Namespace { name: String, terminating: bool },
     /// The `default` account of this namespace was deleted.
     AccountDeleted(String),
     /// Watch `index` has listed everything (`true`) or lost its watch (`false`).
@@ -39,7 +39,16 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
     let accounts: Api<ServiceAccount> = Api::all(ctx.client.clone());
     let namespace_changes = watcher::watcher(namespaces, watcher::Config::default()).map(|event| {
         match event {
-            Ok(Event::Apply(ns) | Event::InitApply(ns)) => vec![Change::Namespace(ns)],
+            Ok(Event::Apply(ns) | Event::InitApply(ns)) => ns
+                .metadata
+                .name
+                .clone()
+                .map(|name| Change::Namespace {
+                    name,
+                    terminating: terminating(&ns),
+                })
+                .into_iter()
+                .collect(),
             Ok(Event::InitDone) => vec![Change::Synced(0, true)],
             Ok(Event::Init | Event::Delete(_)) => vec![],
             Err(e) => {
@@ -81,11 +90,8 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
                 synced[index] = ok;
                 ctx.mark_synced(NAME, synced.iter().all(|s| *s));
             }
-            Change::Namespace(ns) => {
-                if terminating(&ns) {
-                    continue;
-                }
-                if let Some(name) = ns.metadata.name {
+            Change::Namespace { name, terminating } => {
+                if !terminating {
                     ensure_default(&ctx, &name).await;
                 }
             }

@@ -981,10 +981,10 @@ pub fn prepare_update(
     }
     let mut causes = Vec::new();
     let (old_spec, new_spec) = (&current["spec"], &new["spec"]);
-    if is_apps(info.plural) || info.plural == "jobs" {
-        if new_spec["selector"] != old_spec["selector"] {
-            causes.push(immutable("spec.selector", &new_spec["selector"]));
-        }
+    if (is_apps(info.plural) || info.plural == "jobs")
+        && new_spec["selector"] != old_spec["selector"]
+    {
+        causes.push(immutable("spec.selector", &new_spec["selector"]));
     }
     match info.plural {
         "statefulsets" => {
