@@ -522,7 +522,8 @@ pub(super) fn default_pod_spec(spec: &mut Value) {
     }
     for list in ["initContainers", "containers"] {
         if let Some(containers) = spec.get_mut(list).and_then(Value::as_array_mut) {
-            for c in containers {
+            // A template's lists are not shape-checked like a pod's: validation reports them.
+            for c in containers.iter_mut().filter(|c| c.is_object()) {
                 if c["imagePullPolicy"].is_null() {
                     let policy = image_pull_policy(c["image"].as_str().unwrap_or_default());
                     c["imagePullPolicy"] = json!(policy);

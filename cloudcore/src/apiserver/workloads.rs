@@ -266,6 +266,9 @@ pub fn prepare_create(info: &ResourceInfo, object: &mut Value) {
 /// The Job's selector is its uid, and its template carries the uid and name labels; a Job
 /// without labels of its own takes its template's.
 fn generate_job_selector(job: &mut Value) {
+    if !job["spec"].is_object() || !job["metadata"].is_object() {
+        return;
+    }
     let uid = job["metadata"]["uid"]
         .as_str()
         .unwrap_or_default()
@@ -1314,6 +1317,28 @@ mod tests {
         let e = update(&mut new).expect_err("immutable");
         assert_eq!(fields(&e), ["spec.selector"]);
         assert!(e.message.contains("field is immutable"), "{}", e.message);
+    }
+
+    #[test]
+    fn odd_shapes_are_refused_not_panicked_on() {
+        for spec in [
+            json!({"template": "x"}),
+            json!({"template": {"spec": {"containers": ["x", 3]}}}),
+            json!({"template": {"spec": {"containers": [{"name": "c", "image": "i", "ports": ["x"]}]}}}),
+            json!({"strategy": "x", "updateStrategy": 1, "selector": []}),
+            json!({"jobTemplate": {"spec": "x"}}),
+        ] {
+            for plural in [
+                "deployments",
+                "daemonsets",
+                "statefulsets",
+                "jobs",
+                "cronjobs",
+            ] {
+                let object = json!({"metadata": {"name": "x"}, "spec": spec.clone()});
+                assert!(create(plural, object).is_err(), "{plural} {spec}");
+            }
+        }
     }
 
     #[test]
