@@ -13,6 +13,7 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, PostParams};
+use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use tokio_util::sync::CancellationToken;
 
@@ -37,7 +38,9 @@ enum Change {
 pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
     let namespaces: Api<Namespace> = Api::all(ctx.client.clone());
     let accounts: Api<ServiceAccount> = Api::all(ctx.client.clone());
-    let namespace_changes = watcher::watcher(namespaces, watcher::Config::default()).map(|event| {
+    let namespace_changes = watcher::watcher(namespaces, watcher::Config::default())
+        .default_backoff()
+        .map(|event| {
         match event {
             Ok(Event::Apply(ns) | Event::InitApply(ns)) => ns
                 .metadata
@@ -59,7 +62,9 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
     });
     let account_config =
         watcher::Config::default().fields(&format!("metadata.name={DEFAULT_SERVICE_ACCOUNT}"));
-    let account_changes = watcher::watcher(accounts, account_config).map(|event| match event {
+    let account_changes = watcher::watcher(accounts, account_config)
+        .default_backoff()
+        .map(|event| match event {
         Ok(Event::Delete(sa)) => sa
             .metadata
             .namespace

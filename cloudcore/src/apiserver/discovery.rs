@@ -612,6 +612,36 @@ fn meta_schemas(schemas: &mut Map<String, Value>) {
     );
 }
 
+/// The OpenAPI name of `autoscaling/v1` `Scale`.
+const SCALE: &str = "io.k8s.api.autoscaling.v1.Scale";
+
+fn scale_schema() -> Value {
+    json!({
+        "type": "object",
+        "description": "Scale (autoscaling/v1): spec.replicas, status.replicas and status.selector of a resource with a scale subresource.",
+        "x-kubernetes-group-version-kind": [{"group": super::scale::GROUP, "version": super::scale::VERSION, "kind": "Scale"}],
+        "x-kubernetes-preserve-unknown-fields": true,
+    })
+}
+
+/// A scale subresource's operations take and return a `Scale`, as kube-apiserver documents
+/// them: the parent's schema references and kind are replaced.
+fn scale_operations(ops: Map<String, Value>, parent: &str) -> Map<String, Value> {
+    let parent_ref = format!("#/components/schemas/{parent}");
+    let text = Value::Object(ops)
+        .to_string()
+        .replace(&parent_ref, &format!("#/components/schemas/{SCALE}"));
+    let mut ops: Map<String, Value> = serde_json::from_str(&text).unwrap_or_default();
+    for op in ops.values_mut() {
+        op["x-kubernetes-group-version-kind"] = json!({
+            "group": super::scale::GROUP,
+            "version": super::scale::VERSION,
+            "kind": "Scale",
+        });
+    }
+    ops
+}
+
 /// `GET /openapi/v3/api/v1` or `/openapi/v3/apis/{group}/{version}`: a minimal OpenAPI 3.0
 /// document with the paths and operations of every resource of the group-version, or `None` for
 /// a group-version not served.
@@ -660,9 +690,15 @@ pub fn openapi_v3_group_version(group: &str, version: &str) -> Option<Value> {
             with_parameters(item_operations(r, scope, ""), item_parameters.clone()),
         );
         for sub in r.subresources {
+            let ops = if *sub == "scale" {
+                schemas.insert(SCALE.into(), scale_schema());
+                scale_operations(item_operations(r, scope, "Scale"), &definition_name(r))
+            } else {
+                item_operations(r, scope, "Status")
+            };
             paths.insert(
                 format!("{base}/{{name}}/{sub}"),
-                with_parameters(item_operations(r, scope, "Status"), item_parameters.clone()),
+                with_parameters(ops, item_parameters.clone()),
             );
         }
         schemas.insert(definition_name(r), kind_schema(r, false));
@@ -957,12 +993,9 @@ mod tests {
                 .into_iter()
                 .filter(|(_, op)| op["x-kubernetes-group-version-kind"] == gvk)
                 .collect();
-            assert_eq!(
-                found.len(),
-                1 + r.subresources.len(),
-                "{} patch operations",
-                r.plural
-            );
+            // A scale subresource's operations are the Scale's.
+            let own = r.subresources.iter().filter(|s| **s != "scale").count();
+            assert_eq!(found.len(), 1 + own, "{} patch operations", r.plural);
             for (path, op) in found {
                 let names: Vec<&str> = op["parameters"]
                     .as_array()
@@ -1037,6 +1070,21 @@ mod tests {
             "namespaces have no deletecollection"
         );
         assert!(openapi_v3_group_version("apps", "v2").is_none());
+        let apps = openapi_v3_group_version("apps", "v1").unwrap();
+        let scale = &apps["paths"]["/apis/apps/v1/namespaces/{namespace}/deployments/{name}/scale"];
+        assert_eq!(
+            scale["put"]["operationId"],
+            "replaceAppsV1NamespacedDeploymentScale"
+        );
+        assert_eq!(
+            scale["put"]["x-kubernetes-group-version-kind"]["kind"],
+            "Scale"
+        );
+        assert_eq!(
+            scale["get"]["responses"]["200"]["content"]["application/json"]["schema"]["$ref"],
+            "#/components/schemas/io.k8s.api.autoscaling.v1.Scale"
+        );
+        assert!(apps["components"]["schemas"]["io.k8s.api.autoscaling.v1.Scale"].is_object());
     }
 
     #[test]
