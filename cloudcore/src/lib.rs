@@ -242,9 +242,13 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> Result<(),
         streams,
     ));
     let accepting = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Embedded mode: no kube-controller-manager, so cloudcore runs the workload controllers;
+    // readiness reports whether their caches have synced.
+    let controllers_ctx = lifecycle.then(|| controllers::Context::new(client.clone()));
     let health = health_checks(
         &shared,
         embedded_store.clone(),
+        controllers_ctx.clone(),
         accepting.clone(),
         shutdown.clone(),
     );
@@ -260,12 +264,9 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> Result<(),
     if lifecycle {
         // Embedded mode: no kube-scheduler, so cloudcore binds pods itself.
         tracker.spawn(scheduler::run(client.clone(), shutdown.clone()));
-        // ... nor kube-controller-manager, so cloudcore runs the workload controllers.
-        controllers::run_all(
-            controllers::Context::new(client.clone()),
-            &tracker,
-            shutdown.clone(),
-        );
+    }
+    if let Some(ctx) = controllers_ctx {
+        controllers::run_all(ctx, &tracker, shutdown.clone());
     }
     // Both modes: edge pods tolerate their node's absence for their autonomy duration; in
     // embedded mode, with no kube-controller-manager, cloudcore also evicts when that runs out.
@@ -374,6 +375,7 @@ fn private_data_dir(dir: &std::path::Path) -> Result<daemon::datadir::DataDirLoc
 fn health_checks(
     shared: &Arc<hub::Shared>,
     embedded_store: Option<apiserver::store::Store>,
+    controllers_ctx: Option<controllers::Context>,
     accepting: Arc<std::sync::atomic::AtomicBool>,
     shutdown: CancellationToken,
 ) -> daemon::health::Health {
@@ -417,6 +419,23 @@ fn health_checks(
     if let Some(store) = embedded_store {
         health = health.with("api-store", Probe::Readiness, move || {
             apiserver::store_check(store.clone())
+        });
+    }
+    if let Some(ctx) = controllers_ctx {
+        health = health.with("controllers", Probe::Readiness, move || {
+            let unsynced: Vec<&str> = ctx
+                .synced()
+                .into_iter()
+                .filter(|(_, synced)| !synced)
+                .map(|(name, _)| name)
+                .collect();
+            async move {
+                if unsynced.is_empty() {
+                    Ok(())
+                } else {
+                    Err(format!("caches not synced: {}", unsynced.join(", ")))
+                }
+            }
         });
     }
     health

@@ -339,8 +339,12 @@ fn cloudcore_readiness_follows_a_full_disk_and_liveness_does_not() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(!out.status.success(), "{text}");
-    // kubectl shows a 503 as ServiceUnavailable (the reasons are on the metrics port above).
-    assert!(text.contains("ServiceUnavailable"), "{text}");
+    // kube-apiserver answers a failed check with 500, which kubectl shows as InternalError
+    // with the check lines (the metrics port above keeps 503).
+    assert!(
+        text.contains("InternalError") && text.contains("[-]data-dir failed"),
+        "{text}"
+    );
     // A probe without a client certificate reads them too, as kube-apiserver lets everyone
     // read its health endpoints (system:public-info-viewer).
     let url = format!("https://127.0.0.1:{}/readyz?verbose", cloud.api_port);
@@ -350,7 +354,7 @@ fn cloudcore_readiness_follows_a_full_disk_and_liveness_does_not() {
         .expect("curl");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
-        text.ends_with("\n503") && text.contains("[-]data-dir failed"),
+        text.ends_with("\n500") && text.contains("[-]data-dir failed"),
         "anonymous /readyz on the embedded API: {text}"
     );
     let out = cloud.kubectl(&["get", "--raw", "/livez"]);

@@ -151,6 +151,19 @@ fn api_resource(r: &ResourceInfo) -> Value {
 }
 
 fn api_subresource(r: &ResourceInfo, sub: &str) -> Value {
+    if sub == "scale" {
+        // kube-apiserver names the Scale's own group and version: clients (`kubectl scale`)
+        // pick the Scale version from here.
+        return json!({
+            "name": format!("{}/scale", r.plural),
+            "singularName": "",
+            "namespaced": r.namespaced,
+            "group": super::scale::GROUP,
+            "version": super::scale::VERSION,
+            "kind": "Scale",
+            "verbs": STATUS_VERBS,
+        });
+    }
     json!({
         "name": format!("{}/{sub}", r.plural),
         "singularName": "",
@@ -599,6 +612,36 @@ fn meta_schemas(schemas: &mut Map<String, Value>) {
     );
 }
 
+/// The OpenAPI name of `autoscaling/v1` `Scale`.
+const SCALE: &str = "io.k8s.api.autoscaling.v1.Scale";
+
+fn scale_schema() -> Value {
+    json!({
+        "type": "object",
+        "description": "Scale (autoscaling/v1): spec.replicas, status.replicas and status.selector of a resource with a scale subresource.",
+        "x-kubernetes-group-version-kind": [{"group": super::scale::GROUP, "version": super::scale::VERSION, "kind": "Scale"}],
+        "x-kubernetes-preserve-unknown-fields": true,
+    })
+}
+
+/// A scale subresource's operations take and return a `Scale`, as kube-apiserver documents
+/// them: the parent's schema references and kind are replaced.
+fn scale_operations(ops: Map<String, Value>, parent: &str) -> Map<String, Value> {
+    let parent_ref = format!("#/components/schemas/{parent}");
+    let text = Value::Object(ops)
+        .to_string()
+        .replace(&parent_ref, &format!("#/components/schemas/{SCALE}"));
+    let mut ops: Map<String, Value> = serde_json::from_str(&text).unwrap_or_default();
+    for op in ops.values_mut() {
+        op["x-kubernetes-group-version-kind"] = json!({
+            "group": super::scale::GROUP,
+            "version": super::scale::VERSION,
+            "kind": "Scale",
+        });
+    }
+    ops
+}
+
 /// `GET /openapi/v3/api/v1` or `/openapi/v3/apis/{group}/{version}`: a minimal OpenAPI 3.0
 /// document with the paths and operations of every resource of the group-version, or `None` for
 /// a group-version not served.
@@ -647,9 +690,15 @@ pub fn openapi_v3_group_version(group: &str, version: &str) -> Option<Value> {
             with_parameters(item_operations(r, scope, ""), item_parameters.clone()),
         );
         for sub in r.subresources {
+            let ops = if *sub == "scale" {
+                schemas.insert(SCALE.into(), scale_schema());
+                scale_operations(item_operations(r, scope, "Scale"), &definition_name(r))
+            } else {
+                item_operations(r, scope, "Status")
+            };
             paths.insert(
                 format!("{base}/{{name}}/{sub}"),
-                with_parameters(item_operations(r, scope, "Status"), item_parameters.clone()),
+                with_parameters(ops, item_parameters.clone()),
             );
         }
         schemas.insert(definition_name(r), kind_schema(r, false));
@@ -801,6 +850,8 @@ mod tests {
         assert_eq!(
             names,
             [
+                "apps",
+                "batch",
                 "coordination.k8s.io",
                 "apiextensions.k8s.io",
                 "metrics.k8s.io"
@@ -863,7 +914,8 @@ mod tests {
                     assert_eq!(entry["kind"], "Binding");
                 } else {
                     assert_eq!(entry["verbs"], json!(["get", "patch", "update"]));
-                    assert_eq!(entry["kind"], r.kind);
+                    let kind = if *sub == "scale" { "Scale" } else { r.kind };
+                    assert_eq!(entry["kind"], kind);
                 }
             }
         }
@@ -902,7 +954,22 @@ mod tests {
         assert_eq!(metrics["groupVersion"], "metrics.k8s.io/v1beta1");
         assert_eq!(find(&metrics, "nodes").unwrap()["kind"], "NodeMetrics");
         assert_eq!(find(&metrics, "pods").unwrap()["namespaced"], true);
-        assert!(resource_list("apps", "v1").is_none());
+        let apps = resource_list("apps", "v1").unwrap();
+        let deployments = find(&apps, "deployments").unwrap();
+        assert_eq!(deployments["shortNames"], json!(["deploy"]));
+        assert_eq!(deployments["categories"], json!(["all"]));
+        let scale = find(&apps, "deployments/scale").unwrap();
+        assert_eq!(
+            (&scale["group"], &scale["version"], &scale["kind"]),
+            (&json!("autoscaling"), &json!("v1"), &json!("Scale"))
+        );
+        assert!(find(&apps, "daemonsets/scale").is_none());
+        let batch = resource_list("batch", "v1").unwrap();
+        assert_eq!(
+            find(&batch, "cronjobs").unwrap()["shortNames"],
+            json!(["cj"])
+        );
+        assert!(resource_list("apps", "v2").is_none());
         assert!(resource_list("", "v2").is_none());
     }
 
@@ -926,12 +993,9 @@ mod tests {
                 .into_iter()
                 .filter(|(_, op)| op["x-kubernetes-group-version-kind"] == gvk)
                 .collect();
-            assert_eq!(
-                found.len(),
-                1 + r.subresources.len(),
-                "{} patch operations",
-                r.plural
-            );
+            // A scale subresource's operations are the Scale's.
+            let own = r.subresources.iter().filter(|s| **s != "scale").count();
+            assert_eq!(found.len(), 1 + own, "{} patch operations", r.plural);
             for (path, op) in found {
                 let names: Vec<&str> = op["parameters"]
                     .as_array()
@@ -1005,7 +1069,22 @@ mod tests {
             paths["/api/v1/namespaces"].get("delete").is_none(),
             "namespaces have no deletecollection"
         );
-        assert!(openapi_v3_group_version("apps", "v1").is_none());
+        assert!(openapi_v3_group_version("apps", "v2").is_none());
+        let apps = openapi_v3_group_version("apps", "v1").unwrap();
+        let scale = &apps["paths"]["/apis/apps/v1/namespaces/{namespace}/deployments/{name}/scale"];
+        assert_eq!(
+            scale["put"]["operationId"],
+            "replaceAppsV1NamespacedDeploymentScale"
+        );
+        assert_eq!(
+            scale["put"]["x-kubernetes-group-version-kind"]["kind"],
+            "Scale"
+        );
+        assert_eq!(
+            scale["get"]["responses"]["200"]["content"]["application/json"]["schema"]["$ref"],
+            "#/components/schemas/io.k8s.api.autoscaling.v1.Scale"
+        );
+        assert!(apps["components"]["schemas"]["io.k8s.api.autoscaling.v1.Scale"].is_object());
     }
 
     #[test]
@@ -1013,9 +1092,11 @@ mod tests {
         let index = openapi_v3_index();
         let paths = index["paths"].as_object().unwrap();
         let keys: Vec<&str> = paths.keys().map(String::as_str).collect();
-        assert_eq!(keys.len(), 3);
+        assert_eq!(keys.len(), 5);
         for key in [
             "api/v1",
+            "apis/apps/v1",
+            "apis/batch/v1",
             "apis/coordination.k8s.io/v1",
             "apis/apiextensions.k8s.io/v1",
         ] {

@@ -179,15 +179,34 @@ pub async fn start(
     })
 }
 
-/// The `api-store` readiness check: `api.db` answers a read (the `default` namespace).
+/// The `api-store` readiness check: the file at `DIR/api.db` opens afresh and reads
+/// ([`Store::check_file`]), and the store answers a read (the `default` namespace).
 pub async fn store_check(store: Store) -> daemon::health::CheckResult {
     let id = ResourceId {
         group: String::new(),
         resource: "namespaces".into(),
     };
-    match tokio::task::spawn_blocking(move || store.get(&id, "", "default")).await {
+    let read = move || {
+        store.check_file()?;
+        store.get(&id, "", "default")
+    };
+    match tokio::task::spawn_blocking(read).await {
         Ok(Ok(_)) => Ok(()),
         Ok(Err(e)) => Err(daemon::error_chain(&e)),
         Err(e) => Err(format!("check task failed: {e}")),
     }
+}
+
+/// `/livez`, `/readyz` and `/healthz` of the embedded API: the checks' answer, with a failure
+/// as kube-apiserver answers it (500 and the `[-]` lines; the metrics port keeps 503).
+pub(crate) async fn health_response(
+    health: &daemon::health::Health,
+    endpoint: daemon::health::Endpoint,
+    query: Option<&str>,
+) -> axum::response::Response {
+    let mut response = daemon::http::health_response(health, endpoint, query).await;
+    if response.status() == axum::http::StatusCode::SERVICE_UNAVAILABLE {
+        *response.status_mut() = axum::http::StatusCode::INTERNAL_SERVER_ERROR;
+    }
+    response
 }

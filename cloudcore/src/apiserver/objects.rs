@@ -178,7 +178,9 @@ fn validate_labels(object: &Value, causes: &mut Vec<Cause>) {
     }
 }
 
-fn validate_pod(object: &Value, causes: &mut Vec<Cause>) {
+/// Validates a pod's `spec` (also run on pod templates by [`super::workloads`], with the
+/// field paths moved under the template).
+pub(super) fn validate_pod(object: &Value, causes: &mut Vec<Cause>) {
     let containers = object["spec"]["containers"].as_array();
     match containers {
         None => causes.push(Cause {
@@ -439,7 +441,7 @@ fn validate(info: &ResourceInfo, object: &Value) -> Result<(), ApiError> {
     match info.plural {
         "pods" => validate_pod(object, &mut causes),
         "secrets" | "configmaps" => validate_secret_and_configmap(info, object, &mut causes),
-        _ => {}
+        _ => super::workloads::validate(info, object, &mut causes),
     }
     if causes.is_empty() {
         Ok(())
@@ -502,14 +504,16 @@ fn qos_class(spec: &Value) -> &'static str {
     }
 }
 
-fn default_pod(object: &mut Value) {
-    let spec = &mut object["spec"];
+/// The defaults of a `PodSpec` wherever one appears: a pod's spec and the pod template of a
+/// workload (`spec.template.spec`), as kube-apiserver's `SetDefaults_PodSpec` and
+/// `SetDefaults_Container` fill them in. `enableServiceLinks` is a pod's own default
+/// ([`default_pod`]): templates do not get it.
+pub(super) fn default_pod_spec(spec: &mut Value) {
     for (key, value) in [
         ("restartPolicy", json!("Always")),
         ("terminationGracePeriodSeconds", json!(30)),
         ("dnsPolicy", json!("ClusterFirst")),
         ("schedulerName", json!("default-scheduler")),
-        ("enableServiceLinks", json!(true)),
         ("securityContext", json!({})),
     ] {
         if spec[key].is_null() {
@@ -517,8 +521,9 @@ fn default_pod(object: &mut Value) {
         }
     }
     for list in ["initContainers", "containers"] {
-        if let Some(containers) = spec[list].as_array_mut() {
-            for c in containers {
+        if let Some(containers) = spec.get_mut(list).and_then(Value::as_array_mut) {
+            // A template's lists are not shape-checked like a pod's: validation reports them.
+            for c in containers.iter_mut().filter(|c| c.is_object()) {
                 if c["imagePullPolicy"].is_null() {
                     let policy = image_pull_policy(c["image"].as_str().unwrap_or_default());
                     c["imagePullPolicy"] = json!(policy);
@@ -532,9 +537,24 @@ fn default_pod(object: &mut Value) {
                         c[key] = value;
                     }
                 }
+                if let Some(ports) = c.get_mut("ports").and_then(Value::as_array_mut) {
+                    for port in ports.iter_mut().filter(|p| p.is_object()) {
+                        if port["protocol"].is_null() {
+                            port["protocol"] = json!("TCP");
+                        }
+                    }
+                }
             }
         }
     }
+}
+
+fn default_pod(object: &mut Value) {
+    default_pod_spec(&mut object["spec"]);
+    if object["spec"]["enableServiceLinks"].is_null() {
+        object["spec"]["enableServiceLinks"] = json!(true);
+    }
+    super::workloads::admit_service_account(object);
     let qos = qos_class(&object["spec"]);
     object["status"] = json!({"phase": "Pending", "qosClass": qos});
 }
@@ -598,7 +618,7 @@ pub fn prepare_create(
             }
             merge_string_data(object);
         }
-        _ => {}
+        _ => super::workloads::prepare_create(info, object),
     }
     validate(info, object)
 }
@@ -673,7 +693,7 @@ fn pod_spec_change_allowed(current: &Value, new: &Value) -> bool {
             }
         }
         for list in ["containers", "initContainers"] {
-            if let Some(containers) = spec[list].as_array_mut() {
+            if let Some(containers) = spec.get_mut(list).and_then(Value::as_array_mut) {
                 for c in containers {
                     if let Some(m) = c.as_object_mut() {
                         m.remove("image");
@@ -727,6 +747,7 @@ pub fn prepare_update(
             }
         }
     }
+    super::workloads::default(info, new);
     if info.subresources.contains(&"status") {
         new["status"] = current["status"].clone();
         if new["spec"] != current["spec"]
@@ -758,6 +779,7 @@ pub fn prepare_update(
     if info.plural == "secrets" {
         merge_string_data(new);
     }
+    super::workloads::prepare_update(info, current, new)?;
     validate(info, new)
 }
 

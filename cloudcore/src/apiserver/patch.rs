@@ -246,15 +246,74 @@ const NAMESPACE: Schema = &[
     ),
 ];
 
-/// ConfigMap, Secret, Event (core and events.k8s.io) and Lease have no merging lists of their own.
+/// ConfigMap, Secret, Event (core and events.k8s.io), Lease, ControllerRevision and
+/// autoscaling/v1 Scale have no merging lists of their own.
 const METADATA_ONLY: Schema = &[("metadata", Strategy::Object(OBJECT_META))];
+
+/// `PodTemplateSpec`, inside every workload.
+const POD_TEMPLATE: Schema = &[
+    ("metadata", Strategy::Object(OBJECT_META)),
+    ("spec", Strategy::Object(POD_SPEC)),
+];
+
+/// The status of apps/v1 and batch/v1 kinds: conditions merge by type.
+const CONDITIONS_STATUS: Schema = &[("conditions", by_key("type", NONE))];
+
+/// Deployment, ReplicaSet and DaemonSet: the pod template in `spec.template`.
+const TEMPLATED: Schema = &[
+    ("metadata", Strategy::Object(OBJECT_META)),
+    (
+        "spec",
+        Strategy::Object(&[("template", Strategy::Object(POD_TEMPLATE))]),
+    ),
+    ("status", Strategy::Object(CONDITIONS_STATUS)),
+];
+
+/// `volumeClaimTemplates` is atomic; the PVC templates' own lists are not merged.
+const STATEFUL_SET: Schema = TEMPLATED;
+
+const JOB_SPEC: Schema = &[("template", Strategy::Object(POD_TEMPLATE))];
+
+const JOB: Schema = &[
+    ("metadata", Strategy::Object(OBJECT_META)),
+    ("spec", Strategy::Object(JOB_SPEC)),
+    ("status", Strategy::Object(CONDITIONS_STATUS)),
+];
+
+/// `status.active` (object references) is atomic.
+const CRON_JOB: Schema = &[
+    ("metadata", Strategy::Object(OBJECT_META)),
+    (
+        "spec",
+        Strategy::Object(&[(
+            "jobTemplate",
+            Strategy::Object(&[
+                ("metadata", Strategy::Object(OBJECT_META)),
+                ("spec", Strategy::Object(JOB_SPEC)),
+            ]),
+        )]),
+    ),
+];
+
+/// `secrets` merges by name; `imagePullSecrets` is atomic.
+const SERVICE_ACCOUNT: Schema = &[
+    ("metadata", Strategy::Object(OBJECT_META)),
+    ("secrets", by_key("name", NONE)),
+];
 
 fn schema_for(kind: &str) -> Option<Schema> {
     match kind {
         "Pod" => Some(POD),
         "Node" => Some(NODE),
         "Namespace" => Some(NAMESPACE),
-        "ConfigMap" | "Secret" | "Event" | "Lease" => Some(METADATA_ONLY),
+        "ConfigMap" | "Secret" | "Event" | "Lease" | "ControllerRevision" | "Scale" => {
+            Some(METADATA_ONLY)
+        }
+        "Deployment" | "ReplicaSet" | "DaemonSet" => Some(TEMPLATED),
+        "StatefulSet" => Some(STATEFUL_SET),
+        "Job" => Some(JOB),
+        "CronJob" => Some(CRON_JOB),
+        "ServiceAccount" => Some(SERVICE_ACCOUNT),
         _ => None,
     }
 }
@@ -1232,5 +1291,74 @@ mod tests {
                 "{content_type}"
             );
         }
+    }
+
+    #[test]
+    fn workload_templates_merge_containers_and_env_by_name() {
+        let live = json!({
+            "metadata": {"name": "web", "annotations": {"a": "1"}},
+            "spec": {"replicas": 1, "template": {
+                "metadata": {"labels": {"app": "web"}},
+                "spec": {"containers": [
+                    {"name": "web", "image": "nginx:1", "env": [{"name": "A", "value": "1"}]},
+                    {"name": "side", "image": "busybox"}
+                ]}
+            }},
+            "status": {"conditions": [{"type": "Available", "status": "True"}]}
+        });
+        // `kubectl set image deployment/web web=nginx:2` and `kubectl set env ... B=2`.
+        let patch = br#"{"spec":{"template":{"spec":{"containers":[{"name":"web","image":"nginx:2","env":[{"name":"B","value":"2"}]}]}}}}"#;
+        for kind in ["Deployment", "ReplicaSet", "DaemonSet", "StatefulSet"] {
+            let out = apply(PatchType::StrategicMerge, kind, &live, patch).unwrap();
+            let containers = &out["spec"]["template"]["spec"]["containers"];
+            assert_eq!(containers[0]["image"], "nginx:2", "{kind}");
+            let env = containers[0]["env"].as_array().unwrap();
+            assert_eq!(env.len(), 2, "{kind}: env merges by name");
+            assert!(env.contains(&json!({"name": "A", "value": "1"})), "{kind}");
+            assert!(env.contains(&json!({"name": "B", "value": "2"})), "{kind}");
+            assert_eq!(
+                containers[1]["name"], "side",
+                "{kind}: the other container stays"
+            );
+        }
+        // A Job's and a CronJob's templates are one and two levels further in.
+        let job = json!({"spec": {"template": {"spec": {"containers": [{"name": "a", "image": "x"}, {"name": "b", "image": "y"}]}}}});
+        let out = apply(
+            PatchType::StrategicMerge,
+            "Job",
+            &job,
+            br#"{"spec":{"template":{"spec":{"containers":[{"name":"b","image":"z"}]}}}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            out["spec"]["template"]["spec"]["containers"][0]["image"],
+            "x"
+        );
+        assert_eq!(
+            out["spec"]["template"]["spec"]["containers"][1]["image"],
+            "z"
+        );
+        let cj = json!({"spec": {"jobTemplate": {"spec": {"template": {"spec": {"containers": [{"name": "a", "image": "x"}, {"name": "b", "image": "y"}]}}}}}});
+        let out = apply(
+            PatchType::StrategicMerge,
+            "CronJob",
+            &cj,
+            br#"{"spec":{"jobTemplate":{"spec":{"template":{"spec":{"containers":[{"name":"a","image":"w"}]}}}}}}"#,
+        )
+        .unwrap();
+        let containers = &out["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"];
+        assert_eq!(
+            (&containers[0]["image"], &containers[1]["image"]),
+            (&json!("w"), &json!("y"))
+        );
+        // Status conditions merge by type.
+        let out = apply(
+            PatchType::StrategicMerge,
+            "Deployment",
+            &live,
+            br#"{"status":{"conditions":[{"type":"Progressing","status":"True"}]}}"#,
+        )
+        .unwrap();
+        assert_eq!(out["status"]["conditions"].as_array().unwrap().len(), 2);
     }
 }

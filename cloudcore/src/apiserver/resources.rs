@@ -7,6 +7,8 @@
 //! `kubectl get` looks the same against this server as against a cluster; docs/kubectl-compat.md
 //! lists the sources.
 
+mod workload_printers;
+
 use std::collections::BTreeMap;
 use std::fmt;
 
@@ -394,6 +396,8 @@ pub fn field_value(kind: &str, field: &str, object: &Value) -> Option<String> {
         ("Secret", "type") => path_text_or(object, &["type"], "Opaque"),
         ("Node", "spec.unschedulable") => path_bool(object, &["spec", "unschedulable"]),
         ("Namespace", "status.phase") => path_text_or(object, &["status", "phase"], "Active"),
+        // kube-apiserver's Job field: the count of succeeded pods, `0` when absent.
+        ("Job", "status.successful") => path_text_or(object, &["status", "succeeded"], "0"),
         _ => return None,
     };
     Some(value)
@@ -1421,6 +1425,9 @@ const DEFAULT_COLUMNS: &[Column] = &[
 ];
 
 fn columns_of(kind: &str) -> &'static [Column] {
+    if let Some(columns) = workload_printers::columns(kind) {
+        return columns;
+    }
     match kind {
         "Pod" => POD_COLUMNS,
         "Node" => NODE_COLUMNS,
@@ -1778,6 +1785,9 @@ fn created_at(object: &Value) -> String {
 fn row_cells(kind: &str, object: &Value, now: OffsetDateTime) -> (Vec<Value>, Option<Value>) {
     let name = json!(str_of(object, &["metadata", "name"]));
     let age = json!(since(&object["metadata"]["creationTimestamp"], now));
+    if let Some(cells) = workload_printers::cells(kind, object, now) {
+        return (cells, None);
+    }
     let cells = match kind {
         "Pod" => return pod_cells(object, now),
         "Node" => node_cells(object, now),
@@ -1920,7 +1930,8 @@ mod tests {
             "coordination.k8s.io/v1"
         );
         assert!(lookup("", "v1", "leases").is_none());
-        assert!(lookup("apps", "v1", "deployments").is_none());
+        assert!(lookup("apps", "v1", "deployments").is_some_and(|d| d.has_subresource("scale")));
+        assert!(lookup("apps", "v1beta1", "deployments").is_none());
     }
 
     #[test]

@@ -502,6 +502,17 @@ impl Store {
         Ok(object)
     }
 
+    /// Reads the store's bookkeeping through a new connection to the file at the store's path,
+    /// which the pooled connections' open files and page caches cannot hide: fails when the file
+    /// is gone, replaced (by a directory, by something that is not a SQLite database) or
+    /// unreadable. The `api-store` readiness check.
+    pub fn check_file(&self) -> Result<(), StoreError> {
+        let mut conn = self.open_reader()?;
+        let tx = conn.transaction()?;
+        read_meta(&tx)?;
+        Ok(())
+    }
+
     /// Runs `f` in a read transaction on a pooled read connection.
     fn read<T>(
         &self,

@@ -207,7 +207,7 @@ async fn dispatch(
     match target {
         Target::Version => doc(Some(discovery::version())),
         Target::Health(endpoint) => {
-            Ok(daemon::http::health_response(&api.health, endpoint, uri.query()).await)
+            Ok(super::health_response(&api.health, endpoint, uri.query()).await)
         }
         Target::CoreVersions => doc(Some(discovery::api_versions())),
         Target::Groups => doc(Some(discovery::api_group_list())),
@@ -269,6 +269,9 @@ async fn resource(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let watch = matches!(query.get("watch").map(String::as_str), Some("true" | "1"));
+    if request.subresource.as_deref() == Some("scale") {
+        return super::scale::serve(api, method, &request, headers, &body).await;
+    }
     match (&method, &request.name) {
         (&Method::GET, None) if watch => watch_collection(api, &request, &query, headers).await,
         (&Method::GET, None) => list(api, &request, &query, headers).await,
@@ -460,7 +463,7 @@ fn not_kept(requested: u64, current: u64) -> ApiError {
     ))
 }
 
-async fn load(
+pub(crate) async fn load(
     api: &Arc<Api>,
     info: &'static ResourceInfo,
     namespace: &str,
@@ -605,7 +608,7 @@ async fn create(
 
 /// Writes `new` over `current` (same object), applying the rules for updates: immutable
 /// metadata, status-subresource split, generation, and finalization.
-async fn write_update(
+pub(crate) async fn write_update(
     api: &Arc<Api>,
     request: &ResourceRequest,
     name: &str,
