@@ -249,12 +249,32 @@ const NAMESPACE: Schema = &[
 /// ConfigMap, Secret, Event (core and events.k8s.io) and Lease have no merging lists of their own.
 const METADATA_ONLY: Schema = &[("metadata", Strategy::Object(OBJECT_META))];
 
+/// The pod template of a DaemonSet or StatefulSet (what `kubectl set env`, `set image` and
+/// `rollout undo` patch).
+const SET_SPEC: Schema = &[(
+    "template",
+    Strategy::Object(&[
+        ("metadata", Strategy::Object(OBJECT_META)),
+        ("spec", Strategy::Object(POD_SPEC)),
+    ]),
+)];
+
+const SET: Schema = &[
+    ("metadata", Strategy::Object(OBJECT_META)),
+    ("spec", Strategy::Object(SET_SPEC)),
+    (
+        "status",
+        Strategy::Object(&[("conditions", by_key("type", NONE))]),
+    ),
+];
+
 fn schema_for(kind: &str) -> Option<Schema> {
     match kind {
         "Pod" => Some(POD),
         "Node" => Some(NODE),
         "Namespace" => Some(NAMESPACE),
         "ConfigMap" | "Secret" | "Event" | "Lease" => Some(METADATA_ONLY),
+        "DaemonSet" | "StatefulSet" => Some(SET),
         _ => None,
     }
 }
