@@ -652,6 +652,12 @@ fn daemonset_history_matches_the_real_control_plane() {
     };
     let real = run(&|args, stdin| cluster.kubectl_ok(args, stdin));
     let ours = run(&|args, stdin| cloud.kubectl_ok(args, stdin));
+    eprintln!("real control plane: {real:#?}");
+    assert_eq!(real.1.len(), 2, "two revisions after the undo: {real:?}");
+    assert!(
+        real.0[3].contains("REV:") && !real.0[2].contains("REV:"),
+        "{real:?}"
+    );
     assert_eq!(
         ours.0, real.0,
         "kubectl output differs from the real control plane's"
