@@ -185,7 +185,6 @@ impl Controller {
         .await?;
         let hash = revisions.hash();
         let now = Timestamp::now();
-        let min_ready = spec.min_ready_seconds.unwrap_or(0);
         let uid = ds.metadata.uid.clone().unwrap_or_default();
 
         // The set's pods by the node each targets.
@@ -203,66 +202,13 @@ impl Controller {
             pods.sort_by_key(|p| p.metadata.creation_timestamp.as_ref().map(|t| t.0));
         }
 
-        let mut plan = Plan::default();
         let mut nodes = self.nodes.state();
         nodes.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
-        let mut counts = Counts::default();
-        // The pods of nodes that should run one (disconnected nodes apart), for the update.
-        let mut updating: Vec<(String, Vec<Arc<Pod>>)> = Vec::new();
-        let mut wait_ready: Option<Duration> = None;
-        for node in &nodes {
-            let name = node.metadata.name.clone().unwrap_or_default();
-            let fit = fit(spec, node);
-            let disconnected = pods::node_disconnected(node);
-            let mut running: Vec<Arc<Pod>> = Vec::new();
-            for pod in by_node.remove(&name).unwrap_or_default() {
-                if pod.metadata.deletion_timestamp.is_some() {
-                    continue;
-                }
-                let finished = !pods::is_active(&pod);
-                if finished && fit.should_run && !disconnected {
-                    plan.delete.push((pod, "failed"));
-                } else if !finished || disconnected {
-                    running.push(pod);
-                }
-            }
-            counts.add(fit, &running, &hash, min_ready, now);
-            if let Some(first) = running.first()
-                && pods::is_ready(first)
-                && !pods::is_available(first, min_ready, now)
-            {
-                wait_ready = Some(Duration::from_secs(
-                    u64::try_from(min_ready).unwrap_or(0) + 1,
-                ));
-            }
-            if disconnected {
-                continue;
-            }
-            if fit.should_run {
-                if running.is_empty() {
-                    plan.create.push(name.clone());
-                } else if running.len() > 1 {
-                    plan.delete
-                        .extend(surplus(spec, &running, &hash, min_ready, now));
-                }
-                updating.push((name, running));
-            } else if !fit.should_continue {
-                plan.delete
-                    .extend(running.into_iter().map(|p| (p, "misscheduled")));
-            }
-        }
-        // Pods of nodes that are gone.
-        for pods in by_node.into_values() {
-            plan.delete.extend(
-                pods.into_iter()
-                    .filter(|p| p.metadata.deletion_timestamp.is_none())
-                    .map(|p| (p, "node gone")),
-            );
-        }
-
-        if plan.create.is_empty() && plan.delete.is_empty() && !is_on_delete(spec) {
-            plan = rolling_update(spec, &updating, counts.desired, &hash, min_ready, now);
-        }
+        let Decision {
+            plan,
+            counts,
+            wait_ready,
+        } = decide(spec, &nodes, by_node, &hash, now);
         let wrote = !plan.create.is_empty() || !plan.delete.is_empty();
         self.carry_out(&ds, plan, &hash).await?;
 
@@ -413,6 +359,96 @@ impl Controller {
         )
         .await?;
         Ok(())
+    }
+}
+
+/// What one pass decides from the caches, without IO.
+#[derive(Debug)]
+struct Decision {
+    plan: Plan,
+    counts: Counts,
+    /// When a Ready pod becomes available (`minReadySeconds`), if one is waiting.
+    wait_ready: Option<Duration>,
+}
+
+/// The pass over every node (kube-controller-manager's `manage`, then its rolling update when
+/// nothing else is to be done), the autonomy rule applied: pods of disconnected nodes are
+/// neither deleted nor replaced.
+fn decide(
+    spec: &DaemonSetSpec,
+    nodes: &[Arc<Node>],
+    mut by_node: BTreeMap<String, Vec<Arc<Pod>>>,
+    hash: &str,
+    now: Timestamp,
+) -> Decision {
+    let min_ready = spec.min_ready_seconds.unwrap_or(0);
+    let mut plan = Plan::default();
+    let mut counts = Counts::default();
+    // The pods of nodes that should run one (disconnected nodes apart), for the update.
+    let mut updating: Vec<(String, Vec<Arc<Pod>>)> = Vec::new();
+    let mut wait_ready: Option<Duration> = None;
+    for node in nodes {
+        let name = node.metadata.name.clone().unwrap_or_default();
+        let fit = fit(spec, node);
+        let disconnected = pods::node_disconnected(node);
+        let mut running: Vec<Arc<Pod>> = Vec::new();
+        for pod in by_node.remove(&name).unwrap_or_default() {
+            if pod.metadata.deletion_timestamp.is_some() {
+                continue;
+            }
+            let finished = !pods::is_active(&pod);
+            if finished && !disconnected {
+                let why = if fit.should_run {
+                    "failed"
+                } else {
+                    "misscheduled"
+                };
+                plan.delete.push((pod, why));
+            } else {
+                running.push(pod);
+            }
+        }
+        counts.add(fit, &running, hash, min_ready, now);
+        if let Some(first) = running.first()
+            && pods::is_ready(first)
+            && !pods::is_available(first, min_ready, now)
+        {
+            wait_ready = Some(Duration::from_secs(
+                u64::try_from(min_ready).unwrap_or(0) + 1,
+            ));
+        }
+        if disconnected {
+            continue;
+        }
+        if fit.should_run {
+            if running.is_empty() {
+                plan.create.push(name.clone());
+            } else if running.len() > 1 {
+                plan.delete
+                    .extend(surplus(spec, &running, hash, min_ready, now));
+            }
+            updating.push((name, running));
+        } else if !fit.should_continue {
+            plan.delete
+                .extend(running.into_iter().map(|p| (p, "misscheduled")));
+        }
+    }
+    // Pods of nodes that are gone.
+    for pods in by_node.into_values() {
+        plan.delete.extend(
+            pods.into_iter()
+                .filter(|p| p.metadata.deletion_timestamp.is_none())
+                .map(|p| (p, "node gone")),
+        );
+    }
+
+    if plan.create.is_empty() && plan.delete.is_empty() && !is_on_delete(spec) {
+        plan = rolling_update(spec, &updating, counts.desired, hash, min_ready, now);
+    }
+    Decision {
+        plan,
+        counts,
+        wait_ready,
     }
 }
 
@@ -1009,6 +1045,102 @@ mod tests {
         let plan = rolling_update(&surge, &nodes, 2, "new", 0, now);
         assert_eq!(names(&plan), vec!["a1"]);
         assert_eq!(plan.create, vec!["b"]);
+    }
+
+    fn on(mut pod: Arc<Pod>, node: &str, phase: &str) -> Arc<Pod> {
+        let p = Arc::make_mut(&mut pod);
+        p.spec.get_or_insert_with(Default::default).node_name = Some(node.to_string());
+        if let Some(status) = p.status.as_mut() {
+            status.phase = Some(phase.to_string());
+        }
+        pod
+    }
+
+    fn names(plan: &Plan) -> Vec<(String, &'static str)> {
+        plan.delete
+            .iter()
+            .map(|(p, why)| (p.metadata.name.clone().unwrap_or_default(), *why))
+            .collect()
+    }
+
+    #[test]
+    fn pods_of_disconnected_nodes_are_left_alone() {
+        let selected = spec(json!({"nodeSelector": {"role": "gw"}, "containers": []}));
+        let connected = |name: &str, labels: Value| Arc::new(node(name, labels, json!([])));
+        let mut offline = node("b", json!({}), json!([]));
+        offline.status =
+            serde_json::from_value(json!({"conditions": [{"type": "Ready", "status": "Unknown"}]}))
+                .expect("status");
+        let offline = Arc::new(offline);
+        let nodes = vec![connected("a", json!({"role": "gw"})), offline.clone()];
+        let now = Timestamp::now();
+
+        // b stopped matching and its pod failed, but b is disconnected: nothing happens to it.
+        let by_node: BTreeMap<String, Vec<Arc<Pod>>> = [
+            (
+                "a".to_string(),
+                vec![on(pod("a1", "h", true), "a", "Running")],
+            ),
+            (
+                "b".to_string(),
+                vec![on(pod("b1", "h", false), "b", "Failed")],
+            ),
+        ]
+        .into();
+        let decision = decide(&selected, &nodes, by_node.clone(), "h", now);
+        assert!(
+            decision.plan.delete.is_empty(),
+            "{:?}",
+            names(&decision.plan)
+        );
+        assert!(decision.plan.create.is_empty());
+        assert_eq!(
+            (decision.counts.desired, decision.counts.misscheduled),
+            (1, 1)
+        );
+
+        // Connected, the same node loses its misscheduled pod.
+        let nodes = vec![
+            connected("a", json!({"role": "gw"})),
+            connected("b", json!({})),
+        ];
+        let decision = decide(&selected, &nodes, by_node, "h", now);
+        assert_eq!(
+            names(&decision.plan),
+            vec![("b1".to_string(), "misscheduled")]
+        );
+
+        // A rolling update replaces a's pod and waits for b's; a pod of a node that is gone
+        // is deleted.
+        let matching = Arc::new({
+            let mut n = (*offline).clone();
+            n.metadata.labels = Some([("role".to_string(), "gw".to_string())].into());
+            n
+        });
+        let nodes = vec![connected("a", json!({"role": "gw"})), matching];
+        let by_node: BTreeMap<String, Vec<Arc<Pod>>> = [
+            (
+                "a".to_string(),
+                vec![on(pod("a1", "old", true), "a", "Running")],
+            ),
+            (
+                "b".to_string(),
+                vec![on(pod("b1", "old", true), "b", "Running")],
+            ),
+        ]
+        .into();
+        let decision = decide(&selected, &nodes, by_node.clone(), "new", now);
+        assert_eq!(
+            names(&decision.plan),
+            vec![("a1".to_string(), "rolling update")]
+        );
+        let mut gone = by_node;
+        gone.insert(
+            "z".to_string(),
+            vec![on(pod("z1", "old", true), "z", "Running")],
+        );
+        let decision = decide(&selected, &nodes, gone, "new", now);
+        assert_eq!(names(&decision.plan), vec![("z1".to_string(), "node gone")]);
     }
 
     #[test]
