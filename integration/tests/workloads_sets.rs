@@ -177,7 +177,7 @@ fn daemonset_runs_on_matching_edges_follows_them_and_rolls_one_at_a_time() {
     let runtimes: Vec<Containerd> = (1..=3)
         .map(|i| Containerd::start(&tmp.path().join(format!("containerd-{i}"))))
         .collect();
-    let cloud = Cloud::start(tmp.path(), &[]);
+    let cloud = Cloud::start(tmp.path(), &["--node-grace-period", "5s"]);
     let cri = |i: usize| vec!["--cri-endpoint", runtimes[i].endpoint.as_str()];
     let edge1 = join_and_run(&cloud, &tmp.path().join("edge-1"), "edge-1", &cri(0));
     let edge2 = join_and_run(&cloud, &tmp.path().join("edge-2"), "edge-2", &cri(1));
@@ -278,7 +278,7 @@ fn daemonset_runs_on_matching_edges_follows_them_and_rolls_one_at_a_time() {
     // A newly joined matching edge gets its pod.
     let dir4 = tmp.path().join("edge-4");
     join_labelled(&cloud, &dir4, "edge-4", "sets=agent");
-    let edge4 = Edge::start_with(&dir4, &cri(2));
+    let mut edge4 = Edge::start_with(&dir4, &cri(2));
     wait_agents(
         &cloud,
         &["edge-1", "edge-2", "edge-4"],
@@ -297,28 +297,67 @@ fn daemonset_runs_on_matching_edges_follows_them_and_rolls_one_at_a_time() {
         &[&edge1, &edge4],
     );
 
-    // A rolling update replaces them one at a time: never both down at once.
+    // The autonomy rule: edge-4 stops reporting; a rolling update replaces edge-1's pod and
+    // leaves edge-4's alone until edge-4 is back.
+    let old_uid = agents_by_node(&cloud)["edge-4"][0]["metadata"]["uid"].clone();
+    edge4.stop();
+    let node_ready = |node: &str| -> String {
+        let node: Value =
+            serde_json::from_str(&cloud.kubectl_ok(&["get", "node", node, "-o", "json"], None))
+                .expect("node");
+        node["status"]["conditions"]
+            .as_array()
+            .and_then(|cs| cs.iter().find(|c| c["type"] == "Ready"))
+            .and_then(|c| c["status"].as_str())
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert!(
+        eventually(Duration::from_secs(30), || node_ready("edge-4")
+            == "Unknown"),
+        "edge-4 did not become Unknown"
+    );
     cloud.kubectl_ok(&["set", "env", "daemonset/agent", "REV=2"], None);
     let ds: Value =
         serde_json::from_str(&cloud.kubectl_ok(&["get", "ds", "agent", "-o", "json"], None))
             .expect("ds");
-    let fewest = fewest_ready_during(&cloud, Duration::from_secs(90), |by_node| {
-        by_node.len() == 2
-            && by_node.values().all(|pods| {
-                pods.len() == 1
-                    && ready(&pods[0])
-                    && label(&pods[0], "controller-revision-hash") != first_hash
-            })
-    });
-    assert_eq!(
-        fewest, 1,
-        "one node at a time is updated (maxUnavailable 1)"
+    let mut second_hash = String::new();
+    assert!(
+        eventually(Duration::from_secs(60), || {
+            let pods = agents_by_node(&cloud);
+            let Some(pod) = pods.get("edge-1").and_then(|p| p.first()) else {
+                return false;
+            };
+            second_hash = label(pod, "controller-revision-hash").to_string();
+            ready(pod) && second_hash != first_hash
+        }),
+        "edge-1 was not updated: {:#?}",
+        agents_by_node(&cloud)
     );
-    let second_hash = label(
-        &agents_by_node(&cloud)["edge-1"][0],
-        "controller-revision-hash",
-    )
-    .to_string();
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until {
+        let pods = agents_by_node(&cloud);
+        let kept = &pods.get("edge-4").expect("edge-4 keeps its pod")[0];
+        assert_eq!(
+            kept["metadata"]["uid"], old_uid,
+            "edge-4's pod was replaced while it was away"
+        );
+        assert_eq!(label(kept, "controller-revision-hash"), first_hash);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let edge4 = Edge::start_with(&dir4, &cri(2));
+    assert!(
+        eventually(Duration::from_secs(15), || edge4.connected()),
+        "{}",
+        edge4.log()
+    );
+    wait_agents(
+        &cloud,
+        &["edge-1", "edge-4"],
+        &second_hash,
+        Duration::from_secs(90),
+        &[&edge1, &edge4],
+    );
     let env = &agents_by_node(&cloud)["edge-4"][0]["spec"]["containers"][0]["env"];
     assert_eq!(env[0]["value"], "2", "{env}");
     assert!(ds["metadata"]["generation"].as_i64() > Some(1));
@@ -354,7 +393,8 @@ fn daemonset_runs_on_matching_edges_follows_them_and_rolls_one_at_a_time() {
         );
     }
 
-    // kubectl rollout undo goes back to revision 1's template, which becomes revision 3.
+    // kubectl rollout undo goes back to revision 1's template, which becomes revision 3; the
+    // rolling update replaces one node's pod at a time: never both down at once.
     let undo = cloud.kubectl_ok(&["rollout", "undo", "daemonset/agent"], None);
     assert!(undo.contains("rolled back"), "{undo}");
     let fewest = fewest_ready_during(&cloud, Duration::from_secs(90), |by_node| {
@@ -365,7 +405,10 @@ fn daemonset_runs_on_matching_edges_follows_them_and_rolls_one_at_a_time() {
                     && label(&pods[0], "controller-revision-hash") == first_hash
             })
     });
-    assert_eq!(fewest, 1);
+    assert_eq!(
+        fewest, 1,
+        "one node at a time is updated (maxUnavailable 1)"
+    );
     let history = cloud.kubectl_ok(&["rollout", "history", "daemonset/agent"], None);
     let numbers: Vec<&str> = history
         .lines()
