@@ -51,6 +51,30 @@ spec:
         command: ["sh", "-c", "trap 'exit 0' TERM; while true; do sleep 0.2; done"]
 "#;
 
+const CACHE: &str = r#"
+apiVersion: apps/v1
+kind: StatefulSet
+metadata: {name: cache}
+spec:
+  replicas: 1
+  serviceName: cache
+  selector: {matchLabels: {app: cache}}
+  template:
+    metadata: {labels: {app: cache}}
+    spec:
+      terminationGracePeriodSeconds: 2
+      containers:
+      - name: cache
+        image: localhost/edge/busybox:1
+        command: ["sh", "-c", "trap 'exit 0' TERM; echo kept > /data/file; while true; do sleep 0.2; done"]
+        volumeMounts: [{name: data, mountPath: /data}]
+  volumeClaimTemplates:
+  - metadata: {name: data}
+    spec:
+      accessModes: [ReadWriteOnce]
+      resources: {requests: {storage: 1Gi}}
+"#;
+
 /// `edgecore join` with node labels (the harness' join has none).
 fn join_labelled(cloud: &Cloud, dir: &Path, node: &str, labels: &str) {
     let token = cloud.token(&[]);
@@ -582,6 +606,44 @@ fn statefulset_starts_in_order_scales_down_from_the_top_and_rolls_from_the_top()
     );
     assert!(
         events.contains("create Pod db-0 in StatefulSet db successful"),
+        "{events}"
+    );
+
+    // volumeClaimTemplates: accepted, served as emptyDir volumes, and said so in an Event.
+    cloud.kubectl_ok(&["apply", "-f", "-"], Some(CACHE));
+    let ok = eventually(Duration::from_secs(60), || {
+        cloud.pod("cache-0").is_some_and(|p| ready(&p))
+    });
+    assert!(
+        ok,
+        "cache-0 did not start: {:?}\n{}",
+        cloud.pod("cache-0"),
+        cloud.log()
+    );
+    let pod = cloud.pod("cache-0").expect("cache-0");
+    assert_eq!(
+        pod["spec"]["volumes"],
+        serde_json::json!([{"name": "data", "emptyDir": {}}]),
+        "{pod}"
+    );
+    let events = cloud.kubectl_ok(
+        &[
+            "get",
+            "events",
+            "--field-selector",
+            "involvedObject.name=cache",
+            "-o",
+            "json",
+        ],
+        None,
+    );
+    let events: Value = serde_json::from_str(&events).expect("events");
+    assert!(
+        events["items"].as_array().is_some_and(|es| es
+            .iter()
+            .any(|e| e["reason"] == "VolumeClaimTemplatesNotSupported"
+                && e["type"] == "Warning"
+                && e["message"].as_str().is_some_and(|m| m.contains("data")))),
         "{events}"
     );
     eprintln!("statefulset test took {:?}", started.elapsed());
