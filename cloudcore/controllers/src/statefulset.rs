@@ -1,5 +1,6 @@
-//! The StatefulSet controller: pods with stable names `<set>-<ordinal>`, made and replaced in
-//! order, as kube-controller-manager's does.
+//! The StatefulSet controller: pods with stable names `<set>-<ordinal>` (ordinals from
+//! `spec.ordinals.start`, default 0), made and replaced in order, as kube-controller-manager's
+//! does.
 //!
 //! `OrderedReady` (the default) creates ordinals 0..n-1 one at a time, each waiting until the
 //! one before is Running and Ready (available, with `minReadySeconds`), and removes pods from the
@@ -439,6 +440,20 @@ impl Pass<'_> {
         self.spec.replicas.unwrap_or(1)
     }
 
+    /// The first ordinal (`spec.ordinals.start`, default 0).
+    fn start(&self) -> i32 {
+        self.spec
+            .ordinals
+            .as_ref()
+            .and_then(|o| o.start)
+            .unwrap_or(0)
+    }
+
+    /// The ordinals the set should have: `start..start + replicas`.
+    fn wanted(&self) -> std::ops::Range<i32> {
+        self.start()..self.start().saturating_add(self.replicas().max(0))
+    }
+
     fn min_ready(&self) -> i32 {
         self.spec.min_ready_seconds.unwrap_or(0)
     }
@@ -562,11 +577,11 @@ impl Pass<'_> {
     /// The next write, in kube-controller-manager's order: replace failed pods and create
     /// missing ones (lowest ordinal first), remove condemned ones (highest first), then roll.
     fn step(&self) -> Option<Step> {
-        let replicas = self.replicas();
+        let wanted = self.wanted();
         let ordered = self.ordered();
         let mut create = Vec::new();
         let mut delete = Vec::new();
-        for ordinal in 0..replicas {
+        for ordinal in wanted.clone() {
             match self.pods.get(&ordinal) {
                 None => {
                     create.push(self.new_pod(ordinal));
@@ -597,12 +612,22 @@ impl Pass<'_> {
         if !create.is_empty() {
             return Some(Step::Create(create));
         }
-        if ordered && (0..replicas).any(|o| self.pods.get(&o).is_none_or(|p| !self.healthy(p))) {
+        if ordered
+            && wanted
+                .clone()
+                .any(|o| self.pods.get(&o).is_none_or(|p| !self.healthy(p)))
+        {
             return None;
         }
 
-        // Condemned pods, highest ordinal first.
-        let condemned: Vec<&Arc<Pod>> = self.pods.range(replicas..).map(|(_, p)| p).rev().collect();
+        // Condemned pods (ordinals outside the wanted range), highest ordinal first.
+        let condemned: Vec<&Arc<Pod>> = self
+            .pods
+            .iter()
+            .filter(|(o, _)| !wanted.contains(o))
+            .map(|(_, p)| p)
+            .rev()
+            .collect();
         for (i, pod) in condemned.iter().enumerate() {
             if pod.metadata.deletion_timestamp.is_some() || self.on_disconnected_node(pod) {
                 if ordered {
@@ -631,7 +656,8 @@ impl Pass<'_> {
             return None;
         }
         let update = self.update_revision();
-        for ordinal in (self.partition().max(0)..replicas).rev() {
+        let lowest = wanted.start.saturating_add(self.partition().max(0));
+        for ordinal in (lowest..wanted.end).rev() {
             let pod = self.pods.get(&ordinal)?;
             let revision = pod
                 .metadata
@@ -655,7 +681,8 @@ impl Pass<'_> {
     /// revision otherwise (kube-controller-manager's choice).
     fn new_pod(&self, ordinal: i32) -> Pod {
         let current = self.current_revision();
-        let below_partition = !self.on_delete() && ordinal < self.partition();
+        let below_partition =
+            !self.on_delete() && ordinal < self.start().saturating_add(self.partition());
         let (revision, template) = if below_partition {
             let template = history::template(current).unwrap_or_else(|| self.spec.template.clone());
             (current.metadata.name.clone().unwrap_or_default(), template)
@@ -878,6 +905,33 @@ mod tests {
         let on_delete = set(json!({"replicas": 3, "updateStrategy": {"type": "OnDelete"}}));
         let old: BTreeMap<i32, Arc<Pod>> = (0..3).map(|o| (o, pod(o, "db-old", true))).collect();
         assert!(step_of(&on_delete, &old, &[]).is_none());
+    }
+
+    #[test]
+    fn ordinals_can_start_elsewhere() {
+        let s = set(
+            json!({"replicas": 2, "ordinals": {"start": 5}, "updateStrategy": {"rollingUpdate": {"partition": 1}}}),
+        );
+        assert_eq!(created(step_of(&s, &BTreeMap::new(), &[])), vec!["db-5"]);
+        // db-0 is outside 5..7: condemned once db-5 and db-6 run.
+        let mut pods: BTreeMap<i32, Arc<Pod>> = [0, 5, 6]
+            .into_iter()
+            .map(|o| (o, pod(o, "db-new", true)))
+            .collect();
+        assert_eq!(
+            deleted(step_of(&s, &pods, &[])),
+            vec![("db-0".to_string(), Why::ScaleDown)]
+        );
+        // The partition counts from the start: only db-6 is updated.
+        pods.remove(&0);
+        pods.insert(5, pod(5, "db-old", true));
+        pods.insert(6, pod(6, "db-old", true));
+        assert_eq!(
+            deleted(step_of(&s, &pods, &[])),
+            vec![("db-6".to_string(), Why::Update)]
+        );
+        pods.insert(6, pod(6, "db-new", true));
+        assert!(step_of(&s, &pods, &[]).is_none());
     }
 
     #[test]
