@@ -38,7 +38,9 @@ use tokio_util::sync::CancellationToken;
 use crate::Context;
 use crate::events::{EventType, Recorder};
 use crate::history::{self, Owner, REVISION_HASH_LABEL};
-use crate::informer::{Key, Queue, Synced, all_keys, controller_key, key_of, observed, watch};
+use crate::informer::{
+    Key, Queue, Synced, all_keys, api_message, controller_key, key_of, observed, watch,
+};
 use crate::pods;
 
 /// The name this controller reports its caches under.
@@ -848,14 +850,6 @@ fn reference(ds: &DaemonSet) -> ObjectReference {
         uid: ds.metadata.uid.clone(),
         resource_version: ds.metadata.resource_version.clone(),
         ..ObjectReference::default()
-    }
-}
-
-/// The API's message for a failed request (what kube-controller-manager puts in its Events).
-pub(crate) fn api_message(e: &kube::Error) -> String {
-    match e {
-        kube::Error::Api(status) => status.message.clone(),
-        other => other.to_string(),
     }
 }
 

@@ -210,6 +210,14 @@ where
     keys.into_iter().collect()
 }
 
+/// The API's message for a failed request (what kube-controller-manager puts in its Events).
+pub(crate) fn api_message(e: &kube::Error) -> String {
+    match e {
+        kube::Error::Api(status) => status.message.clone(),
+        other => other.to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -38,10 +38,11 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::Context;
-use crate::daemonset::api_message;
 use crate::events::{EventType, Recorder};
 use crate::history::{self, Owner, REVISION_HASH_LABEL, Revisions};
-use crate::informer::{Key, Queue, Synced, all_keys, controller_key, key_of, observed, watch};
+use crate::informer::{
+    Key, Queue, Synced, all_keys, api_message, controller_key, key_of, observed, watch,
+};
 use crate::pods;
 
 /// The name this controller reports its caches under.
