@@ -179,6 +179,7 @@ impl Controller {
             Owner {
                 kind: "DaemonSet",
                 meta: &ds.metadata,
+                hash_label: REVISION_HASH_LABEL,
             },
             &spec.template,
             ds.metadata.annotations.clone(),
@@ -231,7 +232,7 @@ impl Controller {
             &self.revisions,
             &revisions,
             spec.revision_history_limit,
-            |r| live.contains(&history::hash_of(r)),
+            |r| live.contains(&history::hash_of(r, REVISION_HASH_LABEL)),
         )
         .await?;
 

@@ -3,7 +3,8 @@
 //! undo` work on them.
 //!
 //! One revision per distinct pod template, owned by the set (controller reference), named
-//! `<owner>-<hash>`, labelled with the template's labels and `controller-revision-hash: <hash>`.
+//! `<owner>-<hash>`, labelled with the template's labels and the hash (`controller-revision-hash`
+//! for a DaemonSet, `controller.kubernetes.io/hash` for a StatefulSet, as Kubernetes labels them).
 //! Its `data` is the patch kube-controller-manager stores: `{"spec": {"template": T}}` with
 //! `"$patch": "replace"` in T, which kubectl applies to the set as a strategic merge patch to roll
 //! back. `revision` numbers rise: a new template gets the highest number plus one, and going back
@@ -26,8 +27,13 @@ use serde_json::{Value, json};
 use crate::informer::observed;
 use crate::pods;
 
-/// The label holding a revision's hash, on revisions and on the pods made from them.
+/// The label holding a revision's hash on a DaemonSet's revisions and pods, and the revision's
+/// name on a StatefulSet's pods.
 pub const REVISION_HASH_LABEL: &str = "controller-revision-hash";
+
+/// The label holding a revision's hash on a StatefulSet's revisions (apimachinery's
+/// `ControllerRevisionHashLabel`, which kube-controller-manager's StatefulSet history uses).
+pub const STATEFUL_SET_HASH_LABEL: &str = "controller.kubernetes.io/hash";
 
 /// How many unused revisions a set keeps when `revisionHistoryLimit` is not given.
 pub const DEFAULT_HISTORY_LIMIT: i32 = 10;
@@ -53,6 +59,9 @@ pub struct Owner<'a> {
     /// `DaemonSet` or `StatefulSet` (group `apps/v1`).
     pub kind: &'static str,
     pub meta: &'a ObjectMeta,
+    /// The label the hash goes in on the revisions: [`REVISION_HASH_LABEL`] for DaemonSets,
+    /// [`STATEFUL_SET_HASH_LABEL`] for StatefulSets.
+    pub hash_label: &'static str,
 }
 
 /// The revisions of one set after [`sync`].
@@ -64,22 +73,24 @@ pub struct Revisions {
     pub all: Vec<ControllerRevision>,
     /// The set's collision count after this sync (raised when a name was taken).
     pub collision_count: Option<i32>,
+    /// The label holding the hash on these revisions ([`Owner::hash_label`]).
+    pub hash_label: &'static str,
 }
 
 impl Revisions {
-    /// The current revision's hash (its `controller-revision-hash` label).
+    /// The current revision's hash (its hash label).
     pub fn hash(&self) -> String {
-        hash_of(&self.current)
+        hash_of(&self.current, self.hash_label)
     }
 }
 
-/// The hash label of `revision`.
-pub fn hash_of(revision: &ControllerRevision) -> String {
+/// The hash of `revision`, from its `label`.
+pub fn hash_of(revision: &ControllerRevision, label: &str) -> String {
     revision
         .metadata
         .labels
         .as_ref()
-        .and_then(|l| l.get(REVISION_HASH_LABEL))
+        .and_then(|l| l.get(label))
         .cloned()
         .unwrap_or_default()
 }
@@ -170,6 +181,7 @@ pub async fn sync(
             current,
             all,
             collision_count,
+            hash_label: owner.hash_label,
         });
     }
 
@@ -182,7 +194,7 @@ pub async fn sync(
             .as_ref()
             .and_then(|m| m.labels.clone())
             .unwrap_or_default();
-        labels.insert(REVISION_HASH_LABEL.to_string(), hash.clone());
+        labels.insert(owner.hash_label.to_string(), hash.clone());
         let revision = ControllerRevision {
             metadata: ObjectMeta {
                 name: Some(name.clone()),
@@ -205,6 +217,7 @@ pub async fn sync(
                     current: created,
                     all,
                     collision_count: collisions,
+                    hash_label: owner.hash_label,
                 });
             }
             Err(kube::Error::Api(status)) if status.code == 409 => {
@@ -223,6 +236,7 @@ pub async fn sync(
                         current,
                         all,
                         collision_count: collisions,
+                        hash_label: owner.hash_label,
                     });
                 }
                 collisions = Some(collisions.unwrap_or(0) + 1);

@@ -193,6 +193,7 @@ impl Controller {
             Owner {
                 kind: "StatefulSet",
                 meta: &set.metadata,
+                hash_label: history::STATEFUL_SET_HASH_LABEL,
             },
             &spec.template,
             None,
@@ -797,6 +798,7 @@ mod tests {
             current: revision(update, 2),
             all: vec![revision("db-old", 1), revision(update, 2)],
             collision_count: None,
+            hash_label: history::STATEFUL_SET_HASH_LABEL,
         }
     }
 
