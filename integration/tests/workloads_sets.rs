@@ -649,11 +649,11 @@ fn statefulset_starts_in_order_scales_down_from_the_top_and_rolls_from_the_top()
     eprintln!("statefulset test took {:?}", started.elapsed());
 }
 
-/// The same kubectl sequence on a DaemonSet that matches no node, against the embedded API and
-/// the real control plane: the same revision history, the same template per revision, the same
-/// shape of ControllerRevisions.
+/// The same kubectl sequence on a DaemonSet that matches no node and a StatefulSet of no
+/// replicas, against the embedded API and the real control plane: the same revision history,
+/// the same template per revision, the same shape of ControllerRevisions.
 #[test]
-fn daemonset_history_matches_the_real_control_plane() {
+fn set_history_matches_the_real_control_plane() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let cluster = KubeCluster::start(
         &tmp.path().join("k8s"),
@@ -663,16 +663,24 @@ fn daemonset_history_matches_the_real_control_plane() {
         },
     );
     let cloud = Cloud::start(&tmp.path().join("cloud"), &[]);
-    let run = |kubectl: &dyn Fn(&[&str], Option<&str>) -> String| -> (Vec<String>, Vec<Value>) {
+    // `set` is `daemonset/agent` or `statefulset/db`, made from `manifest`.
+    let run = |kubectl: &dyn Fn(&[&str], Option<&str>) -> String,
+               set: &str,
+               manifest: &str|
+     -> (Vec<String>, Vec<Value>) {
+        let (resource, set_name) = set.split_once('/').expect("kind/name");
+        let printed = format!("{resource}.apps/{set_name}");
+        let kind = if resource == "daemonset" {
+            "DaemonSet"
+        } else {
+            "StatefulSet"
+        };
         let mut seen = Vec::new();
-        kubectl(
-            &["apply", "-f", "-"],
-            Some(&AGENT.replace("sets: agent", "sets: nowhere")),
-        );
+        kubectl(&["apply", "-f", "-"], Some(manifest));
         let wait_history = |n: usize| {
             let deadline = Instant::now() + Duration::from_secs(30);
             loop {
-                let text = kubectl(&["rollout", "history", "daemonset/agent"], None);
+                let text = kubectl(&["rollout", "history", set], None);
                 if text
                     .lines()
                     .skip(2)
@@ -690,30 +698,27 @@ fn daemonset_history_matches_the_real_control_plane() {
             }
         };
         seen.push(wait_history(1));
-        kubectl(&["set", "env", "daemonset/agent", "REV=2"], None);
+        kubectl(&["set", "env", set, "REV=2"], None);
         seen.push(wait_history(2));
         // The template per revision; the lines defaults cannot change (the real API server
         // fills in more of the template than ours may).
         for revision in ["--revision=1", "--revision=2"] {
-            let text = kubectl(&["rollout", "history", "daemonset/agent", revision], None);
+            let text = kubectl(&["rollout", "history", set, revision], None);
             let kept: Vec<&str> = text
                 .lines()
                 .map(str::trim)
                 .filter(|l| {
-                    ["Labels:", "Image:", "REV:", "daemonset.apps/agent"]
+                    ["Labels:", "Image:", "REV:", printed.as_str()]
                         .iter()
                         .any(|p| l.starts_with(p))
                 })
                 .collect();
             seen.push(kept.join("\n"));
         }
-        seen.push(kubectl(
-            &["rollout", "undo", "daemonset/agent", "--to-revision=1"],
-            None,
-        ));
+        seen.push(kubectl(&["rollout", "undo", set, "--to-revision=1"], None));
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let text = kubectl(&["rollout", "history", "daemonset/agent"], None);
+            let text = kubectl(&["rollout", "history", set], None);
             let numbers: Vec<&str> = text
                 .lines()
                 .skip(2)
@@ -736,16 +741,19 @@ fn daemonset_history_matches_the_real_control_plane() {
             .cloned()
             .unwrap_or_default()
             .into_iter()
-            .filter(|r| r["metadata"]["ownerReferences"][0]["kind"] == "DaemonSet")
+            .filter(|r| r["metadata"]["ownerReferences"][0]["kind"] == kind)
             .map(|r| {
                 let mut labels: Vec<String> = r["metadata"]["labels"].as_object().map(|m| m.keys().cloned().collect()).unwrap_or_default();
                 labels.sort();
                 let owner = &r["metadata"]["ownerReferences"][0];
+                let named = ["controller-revision-hash", "controller.kubernetes.io/hash"]
+                    .iter()
+                    .any(|l| name(&r) == format!("{set_name}-{}", label(&r, l)));
                 serde_json::json!({
                     "revision": r["revision"],
                     "labels": labels,
                     "owner": [owner["apiVersion"], owner["kind"], owner["name"], owner["controller"], owner["blockOwnerDeletion"]],
-                    "named": name(&r) == format!("agent-{}", label(&r, "controller-revision-hash")),
+                    "named": named,
                     "data_keys": r["data"].as_object().map(|o| o.keys().cloned().collect::<Vec<_>>()),
                     "patch": r["data"]["spec"]["template"]["$patch"],
                     "env": r["data"]["spec"]["template"]["spec"]["containers"][0]["env"],
@@ -755,20 +763,31 @@ fn daemonset_history_matches_the_real_control_plane() {
         shapes.sort_by_key(|s| s["revision"].as_i64());
         (seen, shapes)
     };
-    let real = run(&|args, stdin| cluster.kubectl_ok(args, stdin));
-    let ours = run(&|args, stdin| cloud.kubectl_ok(args, stdin));
-    eprintln!("real control plane: {real:#?}");
-    assert_eq!(real.1.len(), 2, "two revisions after the undo: {real:?}");
-    assert!(
-        real.0[3].contains("REV:") && !real.0[2].contains("REV:"),
-        "{real:?}"
-    );
-    assert_eq!(
-        ours.0, real.0,
-        "kubectl output differs from the real control plane's"
-    );
-    assert_eq!(
-        ours.1, real.1,
-        "ControllerRevisions differ from the real control plane's"
-    );
+    let db = DB.replace("replicas: 3", "replicas: 0");
+    let nowhere = AGENT.replace("sets: agent", "sets: nowhere");
+    for (set, manifest) in [
+        ("daemonset/agent", nowhere.as_str()),
+        ("statefulset/db", db.as_str()),
+    ] {
+        let real = run(
+            &|args, stdin| cluster.kubectl_ok(args, stdin),
+            set,
+            manifest,
+        );
+        let ours = run(&|args, stdin| cloud.kubectl_ok(args, stdin), set, manifest);
+        eprintln!("real control plane, {set}: {real:#?}");
+        assert_eq!(real.1.len(), 2, "two revisions after the undo: {real:?}");
+        assert!(
+            real.0[3].contains("REV:") && !real.0[2].contains("REV:"),
+            "{real:?}"
+        );
+        assert_eq!(
+            ours.0, real.0,
+            "{set}: kubectl output differs from the real control plane's"
+        );
+        assert_eq!(
+            ours.1, real.1,
+            "{set}: ControllerRevisions differ from the real control plane's"
+        );
+    }
 }
