@@ -34,6 +34,7 @@ use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::reflector::{ObjectRef, Store};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::Context;
 use crate::events::{EventType, Recorder};
@@ -125,7 +126,7 @@ struct Controller {
     revisions: Store<ControllerRevision>,
 }
 
-/// What one node needs, decided from the caches.
+/// The writes one pass decides: pods to create (by node) and pods to delete (and why).
 #[derive(Debug, Default)]
 struct Plan {
     create: Vec<String>,
@@ -147,9 +148,8 @@ impl Controller {
         loop {
             for key in queue.next().await {
                 let span =
-                    tracing::debug_span!("reconcile", daemonset = %format!("{}/{}", key.0, key.1));
-                let _guard = span.enter();
-                match self.reconcile(&key).await {
+                    tracing::debug_span!("reconcile", namespace = %key.0, daemonset = %key.1);
+                match self.reconcile(&key).instrument(span).await {
                     Ok(Some(after)) => queue.add_after(key, after),
                     Ok(None) => {}
                     Err(e) => {

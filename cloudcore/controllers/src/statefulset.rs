@@ -36,6 +36,7 @@ use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::reflector::{ObjectRef, Store};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::Context;
 use crate::events::{EventType, Recorder};
@@ -162,7 +163,9 @@ impl Controller {
         }
         loop {
             for key in queue.next().await {
-                match self.reconcile(&key).await {
+                let span =
+                    tracing::debug_span!("reconcile", namespace = %key.0, statefulset = %key.1);
+                match self.reconcile(&key).instrument(span).await {
                     Ok(Some(after)) => queue.add_after(key, after),
                     Ok(None) => {}
                     Err(e) => {
