@@ -139,7 +139,10 @@ fn misfit(pod: &Value, node: &Value) -> Option<Misfit> {
     if !is_ready(node) {
         return Some(Misfit::NotReady);
     }
-    if node["spec"]["unschedulable"] == json!(true) {
+    // kube-scheduler's NodeUnschedulable: a cordoned node still takes pods that tolerate its
+    // taint (DaemonSet pods do).
+    let cordon = json!({"key": "node.kubernetes.io/unschedulable", "effect": "NoSchedule"});
+    if node["spec"]["unschedulable"] == json!(true) && !tolerates(pod, &cordon) {
         return Some(Misfit::Unschedulable);
     }
     if !selector_fits(pod, node) {
@@ -535,5 +538,19 @@ mod tests {
         assert!(choose(&plain, &nodes, &HashMap::new()).is_err());
         let tolerant = json!({"spec": {"tolerations": [{"key": "dedicated", "operator": "Equal", "value": "line-1", "effect": "NoSchedule"}]}});
         assert_eq!(choose(&tolerant, &nodes, &HashMap::new()), Ok("a"));
+    }
+
+    #[test]
+    fn a_cordoned_node_takes_only_pods_tolerating_it() {
+        let mut cordoned = node("a", true, json!({}));
+        cordoned["spec"]["unschedulable"] = json!(true);
+        let nodes = vec![cordoned];
+        let plain = json!({"spec": {}});
+        assert_eq!(
+            choose(&plain, &nodes, &HashMap::new()),
+            Err("0/1 nodes are available: 1 node(s) were unschedulable.".into())
+        );
+        let daemon = json!({"spec": {"tolerations": [{"key": "node.kubernetes.io/unschedulable", "operator": "Exists", "effect": "NoSchedule"}]}});
+        assert_eq!(choose(&daemon, &nodes, &HashMap::new()), Ok("a"));
     }
 }

@@ -17,6 +17,8 @@ pub mod cronjob;
 pub mod daemonset;
 pub mod deployment;
 pub mod events;
+pub mod history;
+mod informer;
 pub mod job;
 pub mod pods;
 pub mod replicaset;
