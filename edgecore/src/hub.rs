@@ -181,6 +181,8 @@ pub struct Session {
     /// Serves the streams the cloud opens on this connection; without one they are left
     /// unanswered (the cloud gives up on them after its timeout).
     streams: Option<Arc<crate::streams::Dispatcher>>,
+    /// The pods' events to send (to a cloud of protocol 1.4 or later); without one none go.
+    events: Option<Arc<crate::events::Events>>,
 }
 
 fn describe_close(error: &ConnectionError) -> String {
@@ -301,6 +303,7 @@ impl Session {
             writer,
             ack,
             streams: None,
+            events: None,
         })
     }
 
@@ -308,6 +311,13 @@ impl Session {
     /// runs.
     pub fn serving(mut self, streams: Arc<crate::streams::Dispatcher>) -> Session {
         self.streams = Some(streams);
+        self
+    }
+
+    /// Sends the pods' events while the session runs (best effort, after the status reports
+    /// due at its start; only to a cloud that speaks protocol 1.4).
+    pub fn reporting(mut self, events: Arc<crate::events::Events>) -> Session {
+        self.events = Some(events);
         self
     }
 
@@ -336,7 +346,11 @@ impl Session {
             mut writer,
             ack,
             streams,
+            events,
         } = self;
+        // Events go only to a cloud that understands them; otherwise they wait in the bounded
+        // buffer (and the oldest are dropped) until one does.
+        let events = events.filter(|_| ack.version.has_events());
         // Streams the cloud opens are served on tasks of their own, cancelled with the session.
         let streams_cancel = shutdown.child_token();
         let _streams_end = streams_cancel.clone().drop_guard();
@@ -408,6 +422,12 @@ impl Session {
         if let Err(e) = send_due(outbox, session, &mut report_seq, &mut writer, metrics).await {
             return link.lost(e).into();
         }
+        // Events buffered while offline go after the statuses above, newest kept.
+        if let Some(events) = &events
+            && let Err(e) = send_events(events, &mut writer, metrics).await
+        {
+            return link.lost(e).into();
+        }
         // Token requests lost with the previous session go again now, as do those due.
         tokens.session_started();
         let mut token_ticker = tokio::time::interval(TOKEN_CHECK);
@@ -425,6 +445,7 @@ impl Session {
                     _ = tokio::time::sleep_until(renew_at) => Wake::Renew,
                     _ = tokens.wanted() => Wake::Tokens,
                     _ = token_ticker.tick() => Wake::Tokens,
+                    _ = events_changed(events.as_deref()) => Wake::Events,
                     item = incoming.recv() => Wake::Incoming(item),
                 },
             };
@@ -463,6 +484,19 @@ impl Session {
                 Wake::Outbox => {
                     if let Err(e) =
                         send_due(outbox, session, &mut report_seq, &mut writer, metrics).await
+                    {
+                        return link.lost(e).into();
+                    }
+                }
+                Wake::Events => {
+                    // Statuses due now go first: events never delay them.
+                    if let Err(e) =
+                        send_due(outbox, session, &mut report_seq, &mut writer, metrics).await
+                    {
+                        return link.lost(e).into();
+                    }
+                    if let Some(events) = &events
+                        && let Err(e) = send_events(events, &mut writer, metrics).await
                     {
                         return link.lost(e).into();
                     }
@@ -611,7 +645,33 @@ enum Wake {
     Outbox,
     Renew,
     Tokens,
+    Events,
     Incoming(Option<Result<Message, FrameError>>),
+}
+
+/// Resolves when an event was recorded; never without a buffer to send from.
+async fn events_changed(events: Option<&crate::events::Events>) {
+    match events {
+        Some(events) => events.changed().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Sends every waiting event, in reports of at most `MAX_EVENTS_PER_REPORT`.
+async fn send_events(
+    events: &crate::events::Events,
+    writer: &mut FrameWriter<SendStream>,
+    metrics: &Metrics,
+) -> Result<(), FrameError> {
+    loop {
+        let batch = events.take(proto::message::MAX_EVENTS_PER_REPORT);
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let n = batch.len() as u64;
+        writer.send(Message::Events(batch)).await?;
+        metrics.events_sent.inc_by(n);
+    }
 }
 
 /// Sends the outbox's reports that are due in `session` (paced by the outbox: oldest first, a
@@ -759,6 +819,7 @@ pub async fn run(
     mut reporter: Reporter,
     tokens: Arc<Tokens>,
     streams: Arc<crate::streams::Dispatcher>,
+    events: Arc<crate::events::Events>,
     shutdown: CancellationToken,
 ) -> Result<(), IdentityError> {
     let mut rng = StdRng::from_os_rng();
@@ -871,6 +932,7 @@ pub async fn run(
                 let connection = session.connection.clone();
                 let ended = session
                     .serving(streams.clone())
+                    .reporting(events.clone())
                     .run(
                         &identity,
                         &config,
