@@ -190,11 +190,16 @@ impl std::fmt::Debug for Recorder {
 
 impl Recorder {
     pub fn new(client: kube::Client, component: &str) -> Self {
+        Recorder::with_metrics(client, component, RecorderMetrics::default())
+    }
+
+    /// A recorder counting in `metrics` (counters already registered by the caller).
+    pub fn with_metrics(client: kube::Client, component: &str, metrics: RecorderMetrics) -> Self {
         Recorder {
             sink: Arc::new(Sink {
                 client,
                 queue: OnceLock::new(),
-                metrics: RecorderMetrics::default(),
+                metrics,
             }),
             component: component.to_string(),
             host: None,
