@@ -190,6 +190,46 @@ impl Events {
         taken
     }
 
+    /// Puts back events that were sent but never confirmed (the session ended first), as the
+    /// oldest: each merges into a waiting repeat of itself, and the bound drops the oldest.
+    pub fn requeue(&self, events: Vec<EdgeEvent>) {
+        if events.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let mut buffer = self.buffer.lock().unwrap_or_else(|e| e.into_inner());
+        let mut front = Vec::new();
+        for event in events {
+            if let Some(w) = buffer.waiting.iter_mut().find(|w| same(&w.event, &event)) {
+                w.event.count = w.event.count.saturating_add(event.count);
+                w.event.first_timestamp_ms =
+                    w.event.first_timestamp_ms.min(event.first_timestamp_ms);
+                continue;
+            }
+            if let Some(w) = front
+                .iter_mut()
+                .find(|w: &&mut Waiting| same(&w.event, &event))
+            {
+                w.event.count = w.event.count.saturating_add(event.count);
+                w.event.last_timestamp_ms = w.event.last_timestamp_ms.max(event.last_timestamp_ms);
+                continue;
+            }
+            front.push(Waiting { event, last: now });
+        }
+        front.append(&mut buffer.waiting);
+        let over = front.len().saturating_sub(buffer.capacity);
+        if over > 0 {
+            front.drain(..over);
+            for _ in 0..over {
+                self.metrics.event_dropped("buffer_full");
+            }
+        }
+        buffer.waiting = front;
+        self.metrics
+            .events_buffered
+            .set(buffer.waiting.len() as i64);
+    }
+
     /// Events waiting now.
     pub fn len(&self) -> usize {
         self.buffer
@@ -208,6 +248,15 @@ impl Events {
     pub async fn changed(&self) {
         self.changed.notified().await;
     }
+}
+
+/// Whether `a` and `b` are the same event (a repeat), whatever their counts and times.
+fn same(a: &EdgeEvent, b: &EdgeEvent) -> bool {
+    a.object == b.object
+        && a.field_path == b.field_path
+        && a.type_ == b.type_
+        && a.reason == b.reason
+        && a.message == b.message
 }
 
 impl Buffer {
@@ -415,6 +464,52 @@ mod tests {
             metrics
                 .render()
                 .contains("edgecore_events_dropped_total{reason=\"rate_limited\"} 6")
+        );
+    }
+
+    #[test]
+    fn unconfirmed_events_go_back_as_the_oldest_within_the_bound() {
+        let (events, metrics) = events(3);
+        let start = Instant::now();
+        let record = |name: &str, reason: &str, ms: i64| {
+            events.record_at(
+                &pod(name),
+                "",
+                EventType::Normal,
+                reason,
+                "m".into(),
+                start,
+                ms,
+            )
+        };
+        record("a", "Started", 1);
+        record("b", "Started", 2);
+        let sent = events.take(10);
+        record("b", "Started", 3);
+        record("c", "Started", 4);
+        events.requeue(sent);
+        let back: Vec<(String, u32, i64)> = events
+            .take(10)
+            .into_iter()
+            .map(|e| (e.object.name, e.count, e.first_timestamp_ms))
+            .collect();
+        assert_eq!(
+            back,
+            [("a".into(), 1, 1), ("b".into(), 2, 2), ("c".into(), 1, 4)],
+            "the unconfirmed b merged into its waiting repeat"
+        );
+        record("d", "Started", 5);
+        record("e", "Started", 6);
+        record("f", "Started", 7);
+        let sent = events.take(10);
+        record("g", "Started", 8);
+        events.requeue(sent);
+        let names: Vec<String> = events.take(10).into_iter().map(|e| e.object.name).collect();
+        assert_eq!(names, ["e", "f", "g"], "the oldest went over the bound");
+        assert!(
+            metrics
+                .render()
+                .contains("edgecore_events_dropped_total{reason=\"buffer_full\"} 1")
         );
     }
 

@@ -74,6 +74,8 @@ pub struct HubConfig {
     /// Longest use of a service-account token before a new one is asked for (80 % of its
     /// lifetime comes first when shorter); the kubelet's 24 h unless a test lowers it.
     pub token_refresh_max: Duration,
+    /// Pod events kept for the cloud at most (`edgecore::events`; the oldest go first).
+    pub max_buffered_events: usize,
 }
 
 impl HubConfig {
@@ -88,6 +90,7 @@ impl HubConfig {
             renew_window: (0.7, 0.9),
             node_status_interval: node::STATUS_CHECK_INTERVAL,
             token_refresh_max: crate::tokens::DEFAULT_REFRESH_MAX,
+            max_buffered_events: crate::events::DEFAULT_CAPACITY,
         }
     }
 }
@@ -351,6 +354,12 @@ impl Session {
         // Events go only to a cloud that understands them; otherwise they wait in the bounded
         // buffer (and the oldest are dropped) until one does.
         let events = events.filter(|_| ack.version.has_events());
+        // Events sent but not yet known to have arrived: put back in the buffer if the session
+        // ends first (a partition the edge has not noticed yet swallows what it sends).
+        let mut unconfirmed = events.as_ref().map(|e| Unconfirmed {
+            events: e.clone(),
+            batches: Vec::new(),
+        });
         // Streams the cloud opens are served on tasks of their own, cancelled with the session.
         let streams_cancel = shutdown.child_token();
         let _streams_end = streams_cancel.clone().drop_guard();
@@ -423,8 +432,8 @@ impl Session {
             return link.lost(e).into();
         }
         // Events buffered while offline go after the statuses above, newest kept.
-        if let Some(events) = &events
-            && let Err(e) = send_events(events, &mut writer, metrics).await
+        if let Some(unconfirmed) = &mut unconfirmed
+            && let Err(e) = unconfirmed.send(&mut writer, seq + 1, metrics).await
         {
             return link.lost(e).into();
         }
@@ -495,8 +504,8 @@ impl Session {
                     {
                         return link.lost(e).into();
                     }
-                    if let Some(events) = &events
-                        && let Err(e) = send_events(events, &mut writer, metrics).await
+                    if let Some(unconfirmed) = &mut unconfirmed
+                        && let Err(e) = unconfirmed.send(&mut writer, seq + 1, metrics).await
                     {
                         return link.lost(e).into();
                     }
@@ -552,7 +561,11 @@ impl Session {
                 Wake::Incoming(Some(Ok(message))) => {
                     last_heard = Instant::now();
                     match message {
-                        Message::Heartbeat { .. } => {}
+                        Message::Heartbeat { seq: echoed } => {
+                            if let Some(unconfirmed) = &mut unconfirmed {
+                                unconfirmed.confirm(echoed);
+                            }
+                        }
                         message @ (Message::Upsert(_) | Message::Delete(_)) => {
                             let mut batch = vec![message];
                             while batch.len() < APPLY_BATCH {
@@ -657,20 +670,57 @@ async fn events_changed(events: Option<&crate::events::Events>) {
     }
 }
 
-/// Sends every waiting event, in reports of at most `MAX_EVENTS_PER_REPORT`.
-async fn send_events(
-    events: &crate::events::Events,
-    writer: &mut FrameWriter<SendStream>,
-    metrics: &Metrics,
-) -> Result<(), FrameError> {
-    loop {
-        let batch = events.take(proto::message::MAX_EVENTS_PER_REPORT);
-        if batch.is_empty() {
-            return Ok(());
+/// Events a session sent, each batch with the first heartbeat sent after it. The stream is
+/// ordered, so the cloud's echo of that heartbeat confirms the batch arrived; whatever is
+/// unconfirmed when the session ends goes back to the buffer (the cloud may then count an event
+/// twice, if it got it but its echo was lost: events are best effort).
+struct Unconfirmed {
+    events: Arc<crate::events::Events>,
+    batches: Vec<(u64, Vec<proto::EdgeEvent>)>,
+}
+
+impl Unconfirmed {
+    /// Sends every waiting event, in reports of at most `MAX_EVENTS_PER_REPORT`, to be
+    /// confirmed by heartbeat `next_heartbeat`.
+    async fn send(
+        &mut self,
+        writer: &mut FrameWriter<SendStream>,
+        next_heartbeat: u64,
+        metrics: &Metrics,
+    ) -> Result<(), FrameError> {
+        loop {
+            let batch = self.events.take(proto::message::MAX_EVENTS_PER_REPORT);
+            if batch.is_empty() {
+                return Ok(());
+            }
+            let n = batch.len() as u64;
+            // Kept before the send: a send that fails mid-way leaves them unconfirmed.
+            self.batches.push((next_heartbeat, batch.clone()));
+            writer.send(Message::Events(batch)).await?;
+            metrics.events_sent.inc_by(n);
         }
-        let n = batch.len() as u64;
-        writer.send(Message::Events(batch)).await?;
-        metrics.events_sent.inc_by(n);
+    }
+
+    /// The cloud echoed heartbeat `seq`: every batch sent before it arrived.
+    fn confirm(&mut self, seq: u64) {
+        self.batches.retain(|(after, _)| *after > seq);
+    }
+}
+
+impl Drop for Unconfirmed {
+    fn drop(&mut self) {
+        let lost: Vec<proto::EdgeEvent> = self
+            .batches
+            .drain(..)
+            .flat_map(|(_, batch)| batch)
+            .collect();
+        if !lost.is_empty() {
+            tracing::debug!(
+                events = lost.len(),
+                "events the cloud did not confirm go back to the buffer"
+            );
+            self.events.requeue(lost);
+        }
     }
 }
 

@@ -138,7 +138,7 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
     // session, handed to the volume writer.
     let tokens = tokens::Tokens::open(&config.hub.data_dir, config.hub.token_refresh_max)?;
     // The pods' events for the cloud: in memory, bounded, best effort (docs/events.md).
-    let events = events::Events::new(events::DEFAULT_CAPACITY, metrics.clone());
+    let events = events::Events::new(config.hub.max_buffered_events, metrics.clone());
     let mut pod_requests = None;
     if let Some(cri) = &runtime {
         let cloud = config
