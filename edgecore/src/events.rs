@@ -262,15 +262,15 @@ fn same(a: &EdgeEvent, b: &EdgeEvent) -> bool {
 impl Buffer {
     /// The spam filter: takes a token of `key`'s bucket if it has one.
     fn allow(&mut self, key: String, now: Instant) -> bool {
-        if !self.buckets.contains_key(&key) && self.buckets.len() >= BUCKETS {
-            if let Some(oldest) = self
+        if !self.buckets.contains_key(&key)
+            && self.buckets.len() >= BUCKETS
+            && let Some(oldest) = self
                 .buckets
                 .iter()
                 .min_by_key(|(_, b)| b.last)
                 .map(|(k, _)| k.clone())
-            {
-                self.buckets.remove(&oldest);
-            }
+        {
+            self.buckets.remove(&oldest);
         }
         let bucket = self.buckets.entry(key).or_insert(Bucket {
             tokens: SPAM_BURST,

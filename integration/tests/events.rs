@@ -506,7 +506,9 @@ fn a_partitioned_edge_keeps_its_bound_and_delivers_the_newest_after_the_heal() {
         "nothing was dropped while cut; bound {BOUND}:\n{}",
         tail(&edge.log(), 40)
     );
-    eprintln!("while cut: at most {most_buffered} events buffered, {dropped} dropped (bound {BOUND})");
+    eprintln!(
+        "while cut: at most {most_buffered} events buffered, {dropped} dropped (bound {BOUND})"
+    );
 
     net.heal().unwrap_or_else(|e| panic!("{e:#}"));
     let healed = Instant::now();

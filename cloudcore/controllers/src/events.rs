@@ -56,6 +56,7 @@ pub enum EventType {
 }
 
 impl EventType {
+    /// The type as Kubernetes writes it.
     pub fn as_str(self) -> &'static str {
         match self {
             EventType::Normal => "Normal",
@@ -68,9 +69,12 @@ impl EventType {
 /// source (an edge aggregates before it sends): `count` of them between the two timestamps.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Occurrence {
+    /// The involved object (with its `fieldPath` for a container).
     pub object: ObjectReference,
     pub type_: EventType,
+    /// Short, CamelCase: `BackOff`, `Scheduled`.
     pub reason: String,
+    /// For humans.
     pub message: String,
     /// At least 1.
     pub count: i32,
@@ -97,7 +101,9 @@ impl Occurrence {
 /// Who reports an event: `source.component` and `source.host`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Source {
+    /// `kubelet`, `default-scheduler`, a controller's name.
     pub component: String,
+    /// The node, for the kubelet's events.
     pub host: Option<String>,
 }
 
@@ -146,7 +152,8 @@ impl RecorderMetrics {
 /// What goes through the queue to the writer.
 #[derive(Debug)]
 enum Item {
-    Record(Source, Occurrence),
+    /// Boxed: most of the queue's slots are empty, a record is large.
+    Record(Box<(Source, Occurrence)>),
     /// Answered once everything queued before it is written (tests, shutdown).
     Flush(oneshot::Sender<()>),
 }
@@ -189,6 +196,7 @@ impl std::fmt::Debug for Recorder {
 }
 
 impl Recorder {
+    /// A recorder writing as `component` through `client`, with a queue and writer of its own.
     pub fn new(client: kube::Client, component: &str) -> Self {
         Recorder::with_metrics(client, component, RecorderMetrics::default())
     }
@@ -252,7 +260,7 @@ impl Recorder {
         if self
             .sink
             .queue()
-            .try_send(Item::Record(source, occurrence))
+            .try_send(Item::Record(Box::new((source, occurrence))))
             .is_err()
         {
             self.sink.metrics.dropped("queue_full");
@@ -277,7 +285,7 @@ async fn write_events(
     let mut correlator = Correlator::default();
     while let Some(item) = queue.recv().await {
         let (source, occurrence) = match item {
-            Item::Record(source, occurrence) => (source, occurrence),
+            Item::Record(record) => *record,
             Item::Flush(done) => {
                 let _ = done.send(());
                 continue;
@@ -338,8 +346,11 @@ async fn apply(client: &kube::Client, write: &Write) -> Result<(&'static str, Ev
 /// written under `key` (a patch of its count, lastTimestamp and message).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Write {
+    /// The correlator's key of the Event (what repeats of it share).
     pub key: String,
+    /// Whether the Event exists already (a patch) or is new (a create).
     pub repeat: bool,
+    /// The Event as it should be after the write.
     pub event: Event,
 }
 
