@@ -1154,6 +1154,43 @@ mod tests {
     use super::*;
 
     #[test]
+    fn events_go_back_unless_a_later_heartbeat_was_echoed() {
+        let metrics = Arc::new(Metrics::default());
+        let events = crate::events::Events::new(16, metrics);
+        let pod = ObjectRef {
+            kind: "Pod".into(),
+            namespace: "default".into(),
+            name: "web".into(),
+            uid: "u1".into(),
+        };
+        let event = |reason: &str| proto::EdgeEvent {
+            object: pod.clone(),
+            field_path: String::new(),
+            type_: proto::EventType::Normal,
+            reason: reason.into(),
+            message: "m".into(),
+            count: 1,
+            first_timestamp_ms: 1,
+            last_timestamp_ms: 1,
+        };
+        let mut unconfirmed = Unconfirmed {
+            events: events.clone(),
+            batches: vec![(3, vec![event("Pulled")]), (4, vec![event("Started")])],
+        };
+        unconfirmed.confirm(2);
+        assert_eq!(
+            unconfirmed.batches.len(),
+            2,
+            "an echo of an earlier heartbeat confirms nothing"
+        );
+        unconfirmed.confirm(3);
+        assert_eq!(unconfirmed.batches.len(), 1);
+        drop(unconfirmed);
+        let back: Vec<String> = events.take(10).into_iter().map(|e| e.reason).collect();
+        assert_eq!(back, ["Started"], "only the unconfirmed batch went back");
+    }
+
+    #[test]
     fn a_foreign_ca_and_a_fenced_session_are_named_not_retried_quietly() {
         let dir = std::path::Path::new("/var/lib/edgecore");
         let foreign =

@@ -251,7 +251,8 @@ impl Recorder {
     }
 
     /// Records an event with its own count and timestamps (events an edge aggregated), from
-    /// this recorder's component and host. Does not wait, as [`Recorder::publish`].
+    /// this recorder's component and host. Does not wait, as [`Recorder::publish`]. Call it
+    /// within a Tokio runtime: the first event starts the writer task.
     pub fn record(&self, occurrence: Occurrence) {
         let source = Source {
             component: self.component.clone(),
