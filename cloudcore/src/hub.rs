@@ -106,6 +106,8 @@ pub struct Shared {
     conflicts: Mutex<IdentityConflicts>,
     /// Streams to edge pods (logs, exec, attach, port-forward, stats) on sessions' connections.
     pub streams: Arc<crate::streams::Streams>,
+    /// Where edges' events go once checked (`crate::events`).
+    pub events: crate::events::EdgeEvents,
 }
 
 /// A node replaced by a different peer address again within this window is used by two
@@ -207,6 +209,7 @@ impl Shared {
             conflicts: Mutex::default(),
             streams,
             fence,
+            events: crate::events::EdgeEvents::default(),
         }
     }
 
@@ -1004,6 +1007,15 @@ async fn run_session(
                 {
                     let _ = tx.send(error).await;
                 }
+            }
+            Message::Events(events) => {
+                // Best effort and never answered: refusals are counted and logged only.
+                shared.events.submit(
+                    &shared.downstream,
+                    &shared.metrics.events,
+                    &identity.node_name,
+                    events,
+                );
             }
             Message::TokenRequest(request) => {
                 if let Some(refusal) =

@@ -7,6 +7,7 @@ pub mod apiserver;
 pub mod autonomy;
 pub mod config;
 pub mod downstream;
+pub mod events;
 pub mod hub;
 pub mod join;
 pub mod kubelet;
@@ -241,10 +242,21 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> Result<(),
         fence,
         streams,
     ));
+    // The one Event recorder (one queue, one writer): edges' events in both modes, the
+    // scheduler's and the controllers' in embedded mode.
+    let recorder = controllers::events::Recorder::with_metrics(
+        client.clone(),
+        "cloudcore",
+        shared.metrics.events.recorder.clone(),
+    );
+    shared.events.connect(&recorder);
     let accepting = Arc::new(std::sync::atomic::AtomicBool::new(false));
     // Embedded mode: no kube-controller-manager, so cloudcore runs the workload controllers;
     // readiness reports whether their caches have synced.
-    let controllers_ctx = lifecycle.then(|| controllers::Context::new(client.clone()));
+    let controllers_ctx = lifecycle.then(|| {
+        controllers::Context::new(client.clone())
+            .with_recorder(recorder.for_component("controller-manager"))
+    });
     let health = health_checks(
         &shared,
         embedded_store.clone(),
@@ -263,7 +275,11 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> Result<(),
     });
     if lifecycle {
         // Embedded mode: no kube-scheduler, so cloudcore binds pods itself.
-        tracker.spawn(scheduler::run(client.clone(), shutdown.clone()));
+        tracker.spawn(scheduler::run_with_events(
+            client.clone(),
+            recorder.for_component(scheduler::COMPONENT),
+            shutdown.clone(),
+        ));
     }
     if let Some(ctx) = controllers_ctx {
         controllers::run_all(ctx, &tracker, shutdown.clone());

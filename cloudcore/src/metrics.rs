@@ -206,6 +206,8 @@ pub struct Metrics {
     pub autonomy: Arc<AutonomyMetrics>,
     pub tokens: TokenMetrics,
     pub streams: StreamMetrics,
+    /// Edges' events and the Event recorder (`crate::events`).
+    pub events: crate::events::EventMetrics,
 }
 
 impl Default for Metrics {
@@ -227,6 +229,7 @@ impl Default for Metrics {
             autonomy: Arc::default(),
             tokens: TokenMetrics::default(),
             streams: StreamMetrics::default(),
+            events: crate::events::EventMetrics::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -279,6 +282,7 @@ impl Default for Metrics {
         m.autonomy.register(&mut registry);
         m.tokens.register(&mut registry);
         m.streams.register(&mut registry);
+        m.events.register(&mut registry);
         registry.register(
             "cloudcore_status_writes",
             "Status reports from edges written to the API",

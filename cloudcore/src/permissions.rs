@@ -84,6 +84,13 @@ pub const REQUIRED: &[Permission] = &[
     },
     Permission {
         api_group: "",
+        resource: "events",
+        verbs: &["create", "patch"],
+        namespace: None,
+        used_by: "events (edges' kubelet events: created, and patched when they repeat)",
+    },
+    Permission {
+        api_group: "",
         resource: "serviceaccounts/token",
         verbs: &["create"],
         namespace: None,

@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use controllers::events::{EventType, Recorder};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, Patch, PatchParams, PostParams};
@@ -16,6 +17,9 @@ use kube::runtime::watcher;
 use serde_json::{Value, json};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
+
+/// The component the scheduler's events are written as.
+pub const COMPONENT: &str = "default-scheduler";
 
 /// Unschedulable pods are looked at again this often even without a change.
 const RETRY: Duration = Duration::from_secs(5);
@@ -289,6 +293,7 @@ async fn schedule_once(
     pods: &std::sync::Mutex<PodIndex>,
     nodes: &Store<Node>,
     client: &kube::Client,
+    recorder: &Recorder,
 ) -> Result<usize, kube::Error> {
     // Copy what this round needs and release the lock before any await.
     let (pending, mut load) = {
@@ -338,6 +343,14 @@ async fn schedule_once(
                 {
                     Ok(_) => {
                         tracing::info!(pod = %format!("{namespace}/{name}"), node.name = %node, "pod scheduled");
+                        recorder
+                            .publish(
+                                &pod_reference(pod),
+                                EventType::Normal,
+                                "Scheduled",
+                                &format!("Successfully assigned {namespace}/{name} to {node}"),
+                            )
+                            .await;
                         *load.entry(node.to_string()).or_default() += 1;
                     }
                     // Deleted or bound meanwhile: the caches will show the truth.
@@ -350,6 +363,16 @@ async fn schedule_once(
                 let current = pod["status"]["conditions"]
                     .as_array()
                     .and_then(|cs| cs.iter().find(|c| c["type"] == "PodScheduled"));
+                // kube-scheduler records FailedScheduling at every attempt; the recorder
+                // counts the repeats on one Event.
+                recorder
+                    .publish(
+                        &pod_reference(pod),
+                        EventType::Warning,
+                        "FailedScheduling",
+                        &message,
+                    )
+                    .await;
                 if current
                     .is_some_and(|c| c["status"] == "False" && c["message"] == message.as_str())
                 {
@@ -375,6 +398,20 @@ async fn schedule_once(
         }
     }
     Ok(still_pending)
+}
+
+/// The Event's reference to a pod, as kube-scheduler writes it.
+fn pod_reference(pod: &Value) -> k8s_openapi::api::core::v1::ObjectReference {
+    let text = |v: &Value| v.as_str().map(str::to_string);
+    k8s_openapi::api::core::v1::ObjectReference {
+        api_version: Some("v1".into()),
+        kind: Some("Pod".into()),
+        namespace: text(&pod["metadata"]["namespace"]),
+        name: text(&pod["metadata"]["name"]),
+        uid: text(&pod["metadata"]["uid"]),
+        resource_version: text(&pod["metadata"]["resourceVersion"]),
+        ..Default::default()
+    }
 }
 
 /// Keeps a reflector cache of `api` and pokes `changed` on every event.
@@ -405,8 +442,19 @@ where
 }
 
 /// Schedules pending pods until cancelled: woken by any pod or node change (watch caches, as
-/// kube-scheduler's informers), and every few seconds to retry.
+/// kube-scheduler's informers), and every few seconds to retry. Events go through a recorder
+/// of its own; cloudcore uses [`run_with_events`] to share one.
 pub async fn run(client: kube::Client, shutdown: CancellationToken) {
+    let recorder = Recorder::new(client.clone(), COMPONENT);
+    run_with_events(client, recorder, shutdown).await
+}
+
+/// [`run`], recording `Scheduled` and `FailedScheduling` Events through `recorder`.
+pub async fn run_with_events(
+    client: kube::Client,
+    recorder: Recorder,
+    shutdown: CancellationToken,
+) {
     let changed = Arc::new(Notify::new());
     let pods = Arc::new(std::sync::Mutex::new(PodIndex::default()));
     let pod_cache = follow_pods(
@@ -427,7 +475,7 @@ pub async fn run(client: kube::Client, shutdown: CancellationToken) {
             }
             // Let a burst of events settle before a round.
             tokio::time::sleep(SETTLE).await;
-            if let Err(e) = schedule_once(&pods, &nodes, &client).await {
+            if let Err(e) = schedule_once(&pods, &nodes, &client, &recorder).await {
                 tracing::warn!(error = %e, "scheduling round failed; will retry");
             }
         }

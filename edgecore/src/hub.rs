@@ -74,6 +74,8 @@ pub struct HubConfig {
     /// Longest use of a service-account token before a new one is asked for (80 % of its
     /// lifetime comes first when shorter); the kubelet's 24 h unless a test lowers it.
     pub token_refresh_max: Duration,
+    /// Pod events kept for the cloud at most (`edgecore::events`; the oldest go first).
+    pub max_buffered_events: usize,
 }
 
 impl HubConfig {
@@ -88,6 +90,7 @@ impl HubConfig {
             renew_window: (0.7, 0.9),
             node_status_interval: node::STATUS_CHECK_INTERVAL,
             token_refresh_max: crate::tokens::DEFAULT_REFRESH_MAX,
+            max_buffered_events: crate::events::DEFAULT_CAPACITY,
         }
     }
 }
@@ -181,6 +184,8 @@ pub struct Session {
     /// Serves the streams the cloud opens on this connection; without one they are left
     /// unanswered (the cloud gives up on them after its timeout).
     streams: Option<Arc<crate::streams::Dispatcher>>,
+    /// The pods' events to send (to a cloud of protocol 1.4 or later); without one none go.
+    events: Option<Arc<crate::events::Events>>,
 }
 
 fn describe_close(error: &ConnectionError) -> String {
@@ -301,6 +306,7 @@ impl Session {
             writer,
             ack,
             streams: None,
+            events: None,
         })
     }
 
@@ -308,6 +314,13 @@ impl Session {
     /// runs.
     pub fn serving(mut self, streams: Arc<crate::streams::Dispatcher>) -> Session {
         self.streams = Some(streams);
+        self
+    }
+
+    /// Sends the pods' events while the session runs (best effort, after the status reports
+    /// due at its start; only to a cloud that speaks protocol 1.4).
+    pub fn reporting(mut self, events: Arc<crate::events::Events>) -> Session {
+        self.events = Some(events);
         self
     }
 
@@ -336,7 +349,17 @@ impl Session {
             mut writer,
             ack,
             streams,
+            events,
         } = self;
+        // Events go only to a cloud that understands them; otherwise they wait in the bounded
+        // buffer (and the oldest are dropped) until one does.
+        let events = events.filter(|_| ack.version.has_events());
+        // Events sent but not yet known to have arrived: put back in the buffer if the session
+        // ends first (a partition the edge has not noticed yet swallows what it sends).
+        let mut unconfirmed = events.as_ref().map(|e| Unconfirmed {
+            events: e.clone(),
+            batches: Vec::new(),
+        });
         // Streams the cloud opens are served on tasks of their own, cancelled with the session.
         let streams_cancel = shutdown.child_token();
         let _streams_end = streams_cancel.clone().drop_guard();
@@ -408,6 +431,12 @@ impl Session {
         if let Err(e) = send_due(outbox, session, &mut report_seq, &mut writer, metrics).await {
             return link.lost(e).into();
         }
+        // Events buffered while offline go after the statuses above, newest kept.
+        if let Some(unconfirmed) = &mut unconfirmed
+            && let Err(e) = unconfirmed.send(&mut writer, seq + 1, metrics).await
+        {
+            return link.lost(e).into();
+        }
         // Token requests lost with the previous session go again now, as do those due.
         tokens.session_started();
         let mut token_ticker = tokio::time::interval(TOKEN_CHECK);
@@ -425,6 +454,7 @@ impl Session {
                     _ = tokio::time::sleep_until(renew_at) => Wake::Renew,
                     _ = tokens.wanted() => Wake::Tokens,
                     _ = token_ticker.tick() => Wake::Tokens,
+                    _ = events_changed(events.as_deref()) => Wake::Events,
                     item = incoming.recv() => Wake::Incoming(item),
                 },
             };
@@ -463,6 +493,19 @@ impl Session {
                 Wake::Outbox => {
                     if let Err(e) =
                         send_due(outbox, session, &mut report_seq, &mut writer, metrics).await
+                    {
+                        return link.lost(e).into();
+                    }
+                }
+                Wake::Events => {
+                    // Statuses due now go first: events never delay them.
+                    if let Err(e) =
+                        send_due(outbox, session, &mut report_seq, &mut writer, metrics).await
+                    {
+                        return link.lost(e).into();
+                    }
+                    if let Some(unconfirmed) = &mut unconfirmed
+                        && let Err(e) = unconfirmed.send(&mut writer, seq + 1, metrics).await
                     {
                         return link.lost(e).into();
                     }
@@ -518,7 +561,11 @@ impl Session {
                 Wake::Incoming(Some(Ok(message))) => {
                     last_heard = Instant::now();
                     match message {
-                        Message::Heartbeat { .. } => {}
+                        Message::Heartbeat { seq: echoed } => {
+                            if let Some(unconfirmed) = &mut unconfirmed {
+                                unconfirmed.confirm(echoed);
+                            }
+                        }
                         message @ (Message::Upsert(_) | Message::Delete(_)) => {
                             let mut batch = vec![message];
                             while batch.len() < APPLY_BATCH {
@@ -611,7 +658,70 @@ enum Wake {
     Outbox,
     Renew,
     Tokens,
+    Events,
     Incoming(Option<Result<Message, FrameError>>),
+}
+
+/// Resolves when an event was recorded; never without a buffer to send from.
+async fn events_changed(events: Option<&crate::events::Events>) {
+    match events {
+        Some(events) => events.changed().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Events a session sent, each batch with the first heartbeat sent after it. The stream is
+/// ordered, so the cloud's echo of that heartbeat confirms the batch arrived; whatever is
+/// unconfirmed when the session ends goes back to the buffer (the cloud may then count an event
+/// twice, if it got it but its echo was lost: events are best effort).
+struct Unconfirmed {
+    events: Arc<crate::events::Events>,
+    batches: Vec<(u64, Vec<proto::EdgeEvent>)>,
+}
+
+impl Unconfirmed {
+    /// Sends every waiting event, in reports of at most `MAX_EVENTS_PER_REPORT`, to be
+    /// confirmed by heartbeat `next_heartbeat`.
+    async fn send(
+        &mut self,
+        writer: &mut FrameWriter<SendStream>,
+        next_heartbeat: u64,
+        metrics: &Metrics,
+    ) -> Result<(), FrameError> {
+        loop {
+            let batch = self.events.take(proto::message::MAX_EVENTS_PER_REPORT);
+            if batch.is_empty() {
+                return Ok(());
+            }
+            let n = batch.len() as u64;
+            // Kept before the send: a send that fails mid-way leaves them unconfirmed.
+            self.batches.push((next_heartbeat, batch.clone()));
+            writer.send(Message::Events(batch)).await?;
+            metrics.events_sent.inc_by(n);
+        }
+    }
+
+    /// The cloud echoed heartbeat `seq`: every batch sent before it arrived.
+    fn confirm(&mut self, seq: u64) {
+        self.batches.retain(|(after, _)| *after > seq);
+    }
+}
+
+impl Drop for Unconfirmed {
+    fn drop(&mut self) {
+        let lost: Vec<proto::EdgeEvent> = self
+            .batches
+            .drain(..)
+            .flat_map(|(_, batch)| batch)
+            .collect();
+        if !lost.is_empty() {
+            tracing::debug!(
+                events = lost.len(),
+                "events the cloud did not confirm go back to the buffer"
+            );
+            self.events.requeue(lost);
+        }
+    }
 }
 
 /// Sends the outbox's reports that are due in `session` (paced by the outbox: oldest first, a
@@ -759,6 +869,7 @@ pub async fn run(
     mut reporter: Reporter,
     tokens: Arc<Tokens>,
     streams: Arc<crate::streams::Dispatcher>,
+    events: Arc<crate::events::Events>,
     shutdown: CancellationToken,
 ) -> Result<(), IdentityError> {
     let mut rng = StdRng::from_os_rng();
@@ -871,6 +982,7 @@ pub async fn run(
                 let connection = session.connection.clone();
                 let ended = session
                     .serving(streams.clone())
+                    .reporting(events.clone())
                     .run(
                         &identity,
                         &config,
@@ -1040,6 +1152,43 @@ fn expired_certificate(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn events_go_back_unless_a_later_heartbeat_was_echoed() {
+        let metrics = Arc::new(Metrics::default());
+        let events = crate::events::Events::new(16, metrics);
+        let pod = ObjectRef {
+            kind: "Pod".into(),
+            namespace: "default".into(),
+            name: "web".into(),
+            uid: "u1".into(),
+        };
+        let event = |reason: &str| proto::EdgeEvent {
+            object: pod.clone(),
+            field_path: String::new(),
+            type_: proto::EventType::Normal,
+            reason: reason.into(),
+            message: "m".into(),
+            count: 1,
+            first_timestamp_ms: 1,
+            last_timestamp_ms: 1,
+        };
+        let mut unconfirmed = Unconfirmed {
+            events: events.clone(),
+            batches: vec![(3, vec![event("Pulled")]), (4, vec![event("Started")])],
+        };
+        unconfirmed.confirm(2);
+        assert_eq!(
+            unconfirmed.batches.len(),
+            2,
+            "an echo of an earlier heartbeat confirms nothing"
+        );
+        unconfirmed.confirm(3);
+        assert_eq!(unconfirmed.batches.len(), 1);
+        drop(unconfirmed);
+        let back: Vec<String> = events.take(10).into_iter().map(|e| e.reason).collect();
+        assert_eq!(back, ["Started"], "only the unconfirmed batch went back");
+    }
 
     #[test]
     fn a_foreign_ca_and_a_fenced_session_are_named_not_retried_quietly() {

@@ -7,6 +7,7 @@ pub mod control;
 pub mod cri;
 pub mod ctl;
 pub mod dial;
+pub mod events;
 pub mod hub;
 pub mod identity;
 pub mod images;
@@ -136,6 +137,8 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
     // Service-account tokens of pods' projected volumes: kept in the store, asked for over the
     // session, handed to the volume writer.
     let tokens = tokens::Tokens::open(&config.hub.data_dir, config.hub.token_refresh_max)?;
+    // The pods' events for the cloud: in memory, bounded, best effort (docs/events.md).
+    let events = events::Events::new(config.hub.max_buffered_events, metrics.clone());
     let mut pod_requests = None;
     if let Some(cri) = &runtime {
         let cloud = config
@@ -150,6 +153,7 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
             host_ip: host_ip(&cloud).await,
             outbox: outbox.clone(),
             tokens: tokens.clone(),
+            events: events.clone(),
         };
         let host_ip = context
             .host_ip
@@ -195,6 +199,7 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
         reporter,
         tokens,
         streams,
+        events,
         shutdown.clone(),
     )
     .await;

@@ -94,6 +94,10 @@ enum Command {
         /// token's lifetime applies when shorter. Lower it only to test refreshes.
         #[arg(long, env = "EDGECORE_TOKEN_REFRESH_MAX", default_value = "24h", value_parser = humantime::parse_duration)]
         token_refresh_max: Duration,
+        /// Pod events kept in memory for the cloud at most (while offline the oldest are
+        /// dropped first).
+        #[arg(long, default_value_t = edgecore::events::DEFAULT_CAPACITY, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=100_000))]
+        max_buffered_events: usize,
     },
     /// Images for gateways without a registry.
     Images {
@@ -305,6 +309,7 @@ fn main() -> ExitCode {
             max_pods,
             system_reserved,
             token_refresh_max,
+            max_buffered_events,
         } => {
             if token_refresh_max < Duration::from_secs(1) {
                 eprintln!("error: --token-refresh-max must be at least 1s");
@@ -317,6 +322,7 @@ fn main() -> ExitCode {
             hub.cloud = cloud;
             hub.max_frame_size = max_frame_size;
             hub.token_refresh_max = token_refresh_max;
+            hub.max_buffered_events = max_buffered_events;
             let config = RunConfig {
                 hub,
                 metrics_listen,

@@ -34,6 +34,13 @@ pub struct Metrics {
     pub outbox_write_errors: Counter,
     /// Streams from the cloud being served, by kind (`edgecore::streams`).
     streams_open: Family<Vec<(&'static str, &'static str)>, Gauge>,
+    /// Events the pod workers recorded (`edgecore::events`), repeats included.
+    pub events_recorded: Counter,
+    /// Events sent to the cloud (each with its count of repeats).
+    pub events_sent: Counter,
+    /// Events waiting for the cloud.
+    pub events_buffered: Gauge,
+    events_dropped: Family<Vec<(&'static str, &'static str)>, Counter>,
 }
 
 impl Default for Metrics {
@@ -52,6 +59,30 @@ impl Default for Metrics {
         let outbox_pending = Gauge::default();
         let outbox_write_errors = Counter::default();
         let streams_open = Family::<Vec<(&'static str, &'static str)>, Gauge>::default();
+        let events_recorded = Counter::default();
+        let events_sent = Counter::default();
+        let events_buffered = Gauge::default();
+        let events_dropped = Family::<Vec<(&'static str, &'static str)>, Counter>::default();
+        registry.register(
+            "edgecore_events_recorded",
+            "Pod events recorded on this node (repeats included)",
+            events_recorded.clone(),
+        );
+        registry.register(
+            "edgecore_events_sent",
+            "Events sent to the cloud (a repeat counted on a waiting event is sent once)",
+            events_sent.clone(),
+        );
+        registry.register(
+            "edgecore_events_buffered",
+            "Events waiting for the cloud (in memory, bounded)",
+            events_buffered.clone(),
+        );
+        registry.register(
+            "edgecore_events_dropped",
+            "Events dropped: rate_limited (per object), buffer_full (the oldest, while offline or while the cloud is older than protocol 1.4)",
+            events_dropped.clone(),
+        );
         registry.register(
             "edgecore_streams_open",
             "Streams from the cloud being served now (logs, exec, attach, port-forward, stats), by kind",
@@ -132,6 +163,10 @@ impl Default for Metrics {
             outbox_pending,
             outbox_write_errors,
             streams_open,
+            events_recorded,
+            events_sent,
+            events_buffered,
+            events_dropped,
         }
     }
 }
@@ -142,6 +177,13 @@ impl Metrics {
         self.streams_open
             .get_or_create(&vec![("kind", kind)])
             .clone()
+    }
+
+    /// Counts an event dropped for `reason`.
+    pub fn event_dropped(&self, reason: &'static str) {
+        self.events_dropped
+            .get_or_create(&vec![("reason", reason)])
+            .inc();
     }
 
     /// The OpenMetrics text exposition.

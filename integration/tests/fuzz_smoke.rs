@@ -127,6 +127,19 @@ fn seed_messages() -> Vec<(&'static str, Message)> {
             }),
         ),
         (
+            "events",
+            Message::Events(vec![proto::EdgeEvent {
+                object: pod(),
+                field_path: "spec.containers{app}".into(),
+                type_: proto::EventType::Normal,
+                reason: "BackOff".into(),
+                message: "Back-off pulling image \"localhost/edge/nonexistent:1\"".into(),
+                count: 4,
+                first_timestamp_ms: 1_800_000_000_000,
+                last_timestamp_ms: 1_800_000_030_000,
+            }]),
+        ),
+        (
             "error",
             Message::Error(ErrorMessage {
                 code: ErrorCode::Forbidden,

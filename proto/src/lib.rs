@@ -21,9 +21,9 @@ pub mod pb {
 
 pub use frame::{DEFAULT_MAX_FRAME_SIZE, FrameCodec, FrameError, FrameReader, FrameWriter};
 pub use message::{
-    ErrorCode, ErrorMessage, HeldObject, Hello, HelloAck, InvalidMessage, IssuedToken, JoinRequest,
-    JoinResponse, Message, NodeInfo, ObjectDelete, ObjectRef, ObjectUpsert, PROTOCOL_VERSION,
-    ProtocolVersion, StatusReport, TokenRequest, TokenResponse,
+    EdgeEvent, ErrorCode, ErrorMessage, EventType, HeldObject, Hello, HelloAck, InvalidMessage,
+    IssuedToken, JoinRequest, JoinResponse, Message, NodeInfo, ObjectDelete, ObjectRef,
+    ObjectUpsert, PROTOCOL_VERSION, ProtocolVersion, StatusReport, TokenRequest, TokenResponse,
 };
 
 /// QUIC application close codes. The reason text that goes with them is for humans.

@@ -8,11 +8,21 @@ use crate::pb::envelope::Body;
 
 /// The version this build speaks. Peers with another major version are refused; the minor
 /// says which optional messages a peer understands.
-pub const PROTOCOL_VERSION: ProtocolVersion = ProtocolVersion { major: 1, minor: 3 };
+pub const PROTOCOL_VERSION: ProtocolVersion = ProtocolVersion { major: 1, minor: 4 };
 /// The first minor version with `TokenRequest`/`TokenResponse`: an edge sends a token request
 /// only to a cloud that speaks it (an older cloud would close the session on the unknown
 /// message).
 pub const TOKENS_SINCE_MINOR: u32 = 1;
+/// The first minor version with `EventReport`: an edge sends events only to a cloud that speaks
+/// it (an older cloud would close the session on the unknown message) and keeps them buffered
+/// otherwise.
+pub const EVENTS_SINCE_MINOR: u32 = 4;
+/// Most events one `EventReport` may carry.
+pub const MAX_EVENTS_PER_REPORT: usize = 256;
+/// Largest event reason accepted (events.k8s.io's limit for `reason`).
+pub const MAX_EVENT_REASON_LEN: usize = 128;
+/// Largest event message accepted (events.k8s.io's limit for `note`); the edge cuts longer ones.
+pub const MAX_EVENT_MESSAGE_LEN: usize = 1024;
 
 /// Largest size accepted for short string fields (names, kinds, versions).
 const MAX_NAME_LEN: usize = 253;
@@ -226,6 +236,11 @@ impl ProtocolVersion {
     /// Whether a peer speaking `self` understands `TokenRequest`/`TokenResponse`.
     pub fn has_tokens(self) -> bool {
         self.is_supported() && self.minor >= TOKENS_SINCE_MINOR
+    }
+
+    /// Whether a cloud speaking `self` accepts `EventReport`s.
+    pub fn has_events(self) -> bool {
+        self.is_supported() && self.minor >= EVENTS_SINCE_MINOR
     }
 
     /// Whether an edge speaking `self` accepts streams the cloud opens ([`crate::stream`]).
@@ -537,6 +552,40 @@ pub struct TokenResponse {
     pub result: Result<IssuedToken, ErrorMessage>,
 }
 
+/// `Normal` or `Warning`, an event's type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EventType {
+    Normal,
+    Warning,
+}
+
+impl EventType {
+    /// The type as Kubernetes writes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventType::Normal => "Normal",
+            EventType::Warning => "Warning",
+        }
+    }
+}
+
+/// An event about one of the edge's pods or its Node, with the occurrences the edge counted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EdgeEvent {
+    /// The Pod (with its uid) or the Node.
+    pub object: ObjectRef,
+    /// The involved object's `fieldPath` (`spec.containers{app}`), empty for the whole object.
+    pub field_path: String,
+    pub type_: EventType,
+    pub reason: String,
+    pub message: String,
+    /// At least 1.
+    pub count: u32,
+    /// Unix milliseconds of the first and the last occurrence.
+    pub first_timestamp_ms: i64,
+    pub last_timestamp_ms: i64,
+}
+
 /// One message of the protocol.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
@@ -568,6 +617,8 @@ pub enum Message {
     },
     TokenRequest(TokenRequest),
     TokenResponse(TokenResponse),
+    /// Best-effort events from the edge (since 1.4); never acknowledged.
+    Events(Vec<EdgeEvent>),
 }
 
 impl Message {
@@ -590,6 +641,7 @@ impl Message {
             Message::RenewResponse { .. } => "renew_response",
             Message::TokenRequest(_) => "token_request",
             Message::TokenResponse(_) => "token_response",
+            Message::Events(_) => "events",
         }
     }
 
@@ -703,6 +755,50 @@ fn token_response_from(r: pb::TokenResponse) -> Result<TokenResponse, InvalidMes
     Ok(TokenResponse {
         request_id: r.request_id,
         result,
+    })
+}
+
+fn edge_event_from(e: pb::EdgeEvent) -> Result<EdgeEvent, InvalidMessage> {
+    const M: &str = "events";
+    let object = object_from(e.object, M)?;
+    let type_ = match e.r#type.as_str() {
+        "Normal" => EventType::Normal,
+        "Warning" => EventType::Warning,
+        other => {
+            return Err(InvalidMessage::InvalidValue {
+                message: M,
+                field: "type",
+                value: shown(other),
+                why: "an event type is Normal or Warning",
+            });
+        }
+    };
+    if e.count == 0 {
+        return Err(InvalidMessage::MissingField {
+            message: M,
+            field: "count",
+        });
+    }
+    Ok(EdgeEvent {
+        object,
+        field_path: bounded(e.field_path, M, "field_path")?,
+        type_,
+        reason: checked(
+            bounded_to(
+                non_empty(e.reason, M, "reason")?,
+                MAX_EVENT_REASON_LEN,
+                M,
+                "reason",
+            )?,
+            M,
+            "reason",
+            is_printable_ascii,
+            "only printable ASCII is allowed",
+        )?,
+        message: bounded_to(e.message, MAX_EVENT_MESSAGE_LEN, M, "message")?,
+        count: e.count,
+        first_timestamp_ms: e.first_timestamp_ms,
+        last_timestamp_ms: e.last_timestamp_ms,
     })
 }
 
@@ -840,6 +936,22 @@ impl TryFrom<pb::Envelope> for Message {
             },
             Body::TokenRequest(r) => Message::TokenRequest(token_request_from(r)?),
             Body::TokenResponse(r) => Message::TokenResponse(token_response_from(r)?),
+            Body::Events(r) => {
+                if r.events.len() > MAX_EVENTS_PER_REPORT {
+                    return Err(InvalidMessage::FieldTooLong {
+                        message: "events",
+                        field: "events",
+                        len: r.events.len(),
+                        max: MAX_EVENTS_PER_REPORT,
+                    });
+                }
+                Message::Events(
+                    r.events
+                        .into_iter()
+                        .map(edge_event_from)
+                        .collect::<Result<_, _>>()?,
+                )
+            }
         })
     }
 }
@@ -948,6 +1060,21 @@ impl From<Message> for pb::Envelope {
                     ..Default::default()
                 },
             }),
+            Message::Events(events) => Body::Events(pb::EventReport {
+                events: events
+                    .into_iter()
+                    .map(|e| pb::EdgeEvent {
+                        object: object_to(e.object),
+                        field_path: e.field_path,
+                        r#type: e.type_.as_str().to_string(),
+                        reason: e.reason,
+                        message: e.message,
+                        count: e.count,
+                        first_timestamp_ms: e.first_timestamp_ms,
+                        last_timestamp_ms: e.last_timestamp_ms,
+                    })
+                    .collect(),
+            }),
         };
         pb::Envelope { body: Some(body) }
     }
@@ -1039,6 +1166,21 @@ mod tests {
                     lifetime_seconds: 3600,
                 }),
             }),
+            Message::Events(vec![EdgeEvent {
+                object: ObjectRef {
+                    kind: "Pod".into(),
+                    namespace: "default".into(),
+                    name: "web".into(),
+                    uid: "u-1".into(),
+                },
+                field_path: "spec.containers{app}".into(),
+                type_: EventType::Warning,
+                reason: "BackOff".into(),
+                message: "Back-off pulling image \"missing:1\"".into(),
+                count: 3,
+                first_timestamp_ms: 1_800_000_000_000,
+                last_timestamp_ms: 1_800_000_020_000,
+            }]),
             Message::TokenResponse(TokenResponse {
                 request_id: 9,
                 result: Err(ErrorMessage {
@@ -1342,6 +1484,60 @@ mod tests {
         assert!(ProtocolVersion { major: 1, minor: 9 }.is_supported());
         assert!(!ProtocolVersion { major: 2, minor: 0 }.is_supported());
         assert!(!ProtocolVersion { major: 0, minor: 1 }.is_supported());
+    }
+
+    #[test]
+    fn events_need_minor_4() {
+        assert!(PROTOCOL_VERSION.has_events());
+        assert!(!ProtocolVersion { major: 1, minor: 3 }.has_events());
+        assert!(!ProtocolVersion { major: 2, minor: 4 }.has_events());
+    }
+
+    #[test]
+    fn bad_events_are_refused_naming_the_field() {
+        let event = |f: &dyn Fn(&mut pb::EdgeEvent)| {
+            let mut e = pb::EdgeEvent {
+                object: object_to(ObjectRef {
+                    kind: "Pod".into(),
+                    namespace: "default".into(),
+                    name: "web".into(),
+                    uid: "u-1".into(),
+                }),
+                field_path: String::new(),
+                r#type: "Warning".into(),
+                reason: "BackOff".into(),
+                message: "m".into(),
+                count: 1,
+                first_timestamp_ms: 1,
+                last_timestamp_ms: 1,
+            };
+            f(&mut e);
+            Message::try_from(pb::Envelope {
+                body: Some(Body::Events(pb::EventReport { events: vec![e] })),
+            })
+        };
+        assert!(event(&|_| {}).is_ok());
+        let field = |r: Result<Message, InvalidMessage>| match r {
+            Err(InvalidMessage::InvalidValue { field, .. })
+            | Err(InvalidMessage::MissingField { field, .. })
+            | Err(InvalidMessage::FieldTooLong { field, .. }) => field,
+            other => panic!("not refused: {other:?}"),
+        };
+        assert_eq!(field(event(&|e| e.r#type = "Fatal".into())), "type");
+        assert_eq!(field(event(&|e| e.count = 0)), "count");
+        assert_eq!(field(event(&|e| e.reason = String::new())), "reason");
+        assert_eq!(field(event(&|e| e.reason = "a\nb".into())), "reason");
+        assert_eq!(field(event(&|e| e.reason = "r".repeat(129))), "reason");
+        assert_eq!(field(event(&|e| e.message = "m".repeat(1025))), "message");
+        let many = pb::EventReport {
+            events: vec![pb::EdgeEvent::default(); MAX_EVENTS_PER_REPORT + 1],
+        };
+        assert_eq!(
+            field(Message::try_from(pb::Envelope {
+                body: Some(Body::Events(many))
+            })),
+            "events"
+        );
     }
 
     #[test]

@@ -60,6 +60,13 @@ impl Context {
         }
     }
 
+    /// The same context writing Events through `recorder` (cloudcore shares one recorder's
+    /// queue and writer between the scheduler, the controllers and the edges' events).
+    pub fn with_recorder(mut self, recorder: events::Recorder) -> Self {
+        self.recorder = recorder;
+        self
+    }
+
     /// Records that controller `name` has listed everything it watches (or lost its watch and
     /// has not listed again: `false`).
     pub fn mark_synced(&self, name: &'static str, synced: bool) {

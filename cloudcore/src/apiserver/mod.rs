@@ -24,6 +24,7 @@ pub mod apply;
 pub mod crd;
 pub mod discovery;
 pub mod dryrun;
+pub mod event_ttl;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod metrics_api;
@@ -171,6 +172,8 @@ pub async fn start(
     });
     let router = axum::Router::new().fallback(verbs::handle).with_state(api);
     tracker.spawn(keep_system_namespaces(store.clone(), shutdown.clone()));
+    // Events expire after an hour, as with kube-apiserver's --event-ttl=1h.
+    tracker.spawn(event_ttl::run(store.clone(), shutdown.clone()));
     tracker.spawn(server::serve(listener, tls, router, shutdown));
     Ok(Embedded {
         listen: bound,

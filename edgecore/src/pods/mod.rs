@@ -362,7 +362,7 @@ mod tests {
     async fn no_worker_starts_before_the_runtime_answers() {
         let dir = tempfile::tempdir().unwrap();
         let metrics = Arc::new(crate::metrics::Metrics::default());
-        let (outbox, _writer) = crate::outbox::Outbox::open(dir.path(), metrics).unwrap();
+        let (outbox, _writer) = crate::outbox::Outbox::open(dir.path(), metrics.clone()).unwrap();
         let ctx = Context {
             cri: crate::cri::Cri::new(&format!("unix://{}/containerd.sock", dir.path().display()))
                 .unwrap(),
@@ -371,6 +371,7 @@ mod tests {
             host_ip: None,
             outbox,
             tokens: crate::tokens::Tokens::in_memory(crate::tokens::DEFAULT_REFRESH_MAX),
+            events: crate::events::Events::new(16, metrics),
         };
         let shutdown = CancellationToken::new();
         let cancel = shutdown.clone();

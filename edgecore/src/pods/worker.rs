@@ -29,8 +29,10 @@ use super::probes::{ProbeKind, Prober};
 use super::spec::{self, ContainerKind, Objects, PodPaths};
 use super::{cgroups, volumes};
 use crate::cri::Cri;
+use crate::events::Events;
 use crate::outbox::{Outbox, Report};
 use crate::tokens::Tokens;
+use proto::EventType;
 
 /// How often a pod is looked at when nothing else wakes it (the kubelet's PLEG relists every
 /// second).
@@ -41,6 +43,10 @@ const BACKOFF_MAX: Duration = Duration::from_secs(300);
 const BACKOFF_RESET: Duration = Duration::from_secs(600);
 /// Grace period when the pod does not give one.
 const DEFAULT_GRACE: Duration = Duration::from_secs(30);
+/// A failure that repeats every step (a back-off, a volume or sandbox that cannot be set up)
+/// is recorded as an event at most this often: the kubelet's pod worker retries a failed sync
+/// after 10 s and records it once per retry.
+const EVENT_REPEAT: Duration = Duration::from_secs(10);
 
 /// What the manager wants for a pod.
 #[derive(Debug, Clone)]
@@ -80,6 +86,8 @@ pub struct Context {
     pub outbox: Arc<Outbox>,
     /// Service-account tokens for projected volumes.
     pub tokens: Arc<Tokens>,
+    /// The pods' events for the cloud (`edgecore::events`).
+    pub events: Arc<Events>,
 }
 
 /// Runtime objects found at start for this pod (adoption).
@@ -245,6 +253,29 @@ pub struct Worker {
     final_status: Option<Value>,
     last_status: Option<Value>,
     transitions: HashMap<&'static str, (bool, String)>,
+    /// When each repeating event (by field path and reason) was last recorded.
+    repeated: HashMap<(String, &'static str), Instant>,
+}
+
+/// The involved object's `fieldPath` for a container, as the kubelet sets it.
+fn field_path(kind: ContainerKind, name: &str) -> String {
+    match kind {
+        ContainerKind::Init => format!("spec.initContainers{{{name}}}"),
+        ContainerKind::Regular => format!("spec.containers{{{name}}}"),
+    }
+}
+
+/// A volume error in the kubelet's words: `MountVolume.SetUp failed for volume "v" : why`.
+fn mount_failure(error: &str) -> String {
+    match error
+        .strip_prefix("volume \"")
+        .and_then(|rest| rest.split_once("\": "))
+    {
+        Some((volume, why)) => {
+            format!("MountVolume.SetUp failed for volume \"{volume}\" : {why}")
+        }
+        None => format!("MountVolume.SetUp failed: {error}"),
+    }
 }
 
 impl Worker {
@@ -281,7 +312,36 @@ impl Worker {
             final_status: None,
             last_status: None,
             transitions: HashMap::new(),
+            repeated: HashMap::new(),
         }
+    }
+
+    /// Records an event about this pod (`field_path` empty) or one of its containers.
+    fn event(&self, field_path: &str, type_: EventType, reason: &str, message: String) {
+        self.ctx
+            .events
+            .record(&self.object, field_path, type_, reason, message);
+    }
+
+    /// Records an event that repeats every step at most once per [`EVENT_REPEAT`].
+    fn repeating_event(
+        &mut self,
+        field_path: &str,
+        type_: EventType,
+        reason: &'static str,
+        message: String,
+    ) {
+        let now = Instant::now();
+        let key = (field_path.to_string(), reason);
+        if self
+            .repeated
+            .get(&key)
+            .is_some_and(|last| now.duration_since(*last) < EVENT_REPEAT)
+        {
+            return;
+        }
+        self.repeated.insert(key, now);
+        self.event(field_path, type_, reason, message);
     }
 
     /// Takes over what the runtime already runs for this pod: a ready sandbox and, per
@@ -479,6 +539,12 @@ impl Worker {
             return;
         };
         tracing::warn!(sandbox = %sandbox.id, "pod sandbox is not ready any more; starting a new one");
+        self.event(
+            "",
+            EventType::Normal,
+            "SandboxChanged",
+            "Pod sandbox changed, it will be killed and re-created.".into(),
+        );
         let _ = self.ctx.cri.stop_pod_sandbox(&sandbox.id).await;
         let _ = self.ctx.cri.remove_pod_sandbox(&sandbox.id).await;
         for state in self.init.iter_mut().chain(self.containers.iter_mut()) {
@@ -507,7 +573,14 @@ impl Worker {
                 p
             }
             Err(e) => {
-                self.blocked = Some(("ContainerCreating".into(), e.to_string()));
+                let message = e.to_string();
+                self.repeating_event(
+                    "",
+                    EventType::Warning,
+                    "FailedMount",
+                    mount_failure(&message),
+                );
+                self.blocked = Some(("ContainerCreating".into(), message));
                 return;
             }
         };
@@ -562,6 +635,20 @@ impl Worker {
                     if let Some(probe) = failed {
                         let why = probe.last_failure.clone().unwrap_or_default();
                         tracing::info!(container = %state.name, "probe failed, restarting: {why}");
+                        let which = if probe.kind == ProbeKind::Startup {
+                            "startup"
+                        } else {
+                            "liveness"
+                        };
+                        self.event(
+                            &field_path(ContainerKind::Regular, &state.name),
+                            EventType::Normal,
+                            "Killing",
+                            format!(
+                                "Container {} failed {which} probe, will be restarted",
+                                state.name
+                            ),
+                        );
                         let grace = grace_period(pod);
                         if let Some(id) = state.id.clone() {
                             let _ = self.ctx.cri.stop_container(&id, grace).await;
@@ -577,6 +664,17 @@ impl Worker {
             if let Some(not_before) = self.containers[i].backoff.not_before
                 && Instant::now() < not_before
             {
+                let name = self.containers[i].name.clone();
+                let message = format!(
+                    "Back-off restarting failed container {name} in pod {}_{}({})",
+                    self.object.name, self.object.namespace, self.uid
+                );
+                self.repeating_event(
+                    &field_path(ContainerKind::Regular, &name),
+                    EventType::Warning,
+                    "BackOff",
+                    message,
+                );
                 continue;
             }
             self.start_container(
@@ -735,6 +833,12 @@ impl Worker {
             Ok(id) => id,
             Err(e) => {
                 tracing::warn!(attempt, error = %e, "cannot start the pod sandbox");
+                self.repeating_event(
+                    "",
+                    EventType::Warning,
+                    "FailedCreatePodSandBox",
+                    format!("Failed to create pod sandbox: {e}"),
+                );
                 self.blocked = Some(("CreatePodSandboxError".into(), e.to_string()));
                 // A failed start may leave a NOTREADY sandbox behind; the manager's garbage
                 // collection removes it.
@@ -752,6 +856,8 @@ impl Worker {
         true
     }
 
+    /// Starts a container (pulling its image first when needed) and records the kubelet's
+    /// events for what happened.
     async fn start_container(
         &mut self,
         pod: &Pod,
@@ -760,6 +866,30 @@ impl Worker {
         index: usize,
         input: &PodInput,
         prepared: &volumes::Prepared,
+    ) {
+        let mut events = Vec::new();
+        self.start_container_recording(pod, container, kind, index, input, prepared, &mut events)
+            .await;
+        let path = field_path(kind, &container.name);
+        for (repeat, type_, reason, message) in events {
+            match repeat {
+                Repeat::EveryStep => self.repeating_event(&path, type_, reason, message),
+                Repeat::Once => self.event(&path, type_, reason, message),
+            }
+        }
+    }
+
+    // `start_container`'s arguments and where its events go.
+    #[allow(clippy::too_many_arguments)]
+    async fn start_container_recording(
+        &mut self,
+        pod: &Pod,
+        container: &Container,
+        kind: ContainerKind,
+        index: usize,
+        input: &PodInput,
+        prepared: &volumes::Prepared,
+        events: &mut Vec<ContainerEvent>,
     ) {
         let Some(sandbox) = self.sandbox.clone() else {
             return;
@@ -773,9 +903,27 @@ impl Worker {
         if let Some(not_before) = state.image_backoff.not_before
             && Instant::now() < not_before
         {
+            if state
+                .waiting
+                .as_ref()
+                .is_some_and(|(r, _)| r == "ErrImagePull" || r == "ImagePullBackOff")
+            {
+                events.push((
+                    Repeat::EveryStep,
+                    EventType::Normal,
+                    "BackOff",
+                    format!("Back-off pulling image \"{image}\""),
+                ));
+                events.push((
+                    Repeat::EveryStep,
+                    EventType::Warning,
+                    "Failed",
+                    "Error: ImagePullBackOff".into(),
+                ));
+            }
             return;
         }
-        let image_info = match ensure_image(&ctx.cri, &image, container).await {
+        let image_info = match ensure_image(&ctx.cri, &image, container, events).await {
             Ok(info) => {
                 state.image_backoff = Backoff::default();
                 info
@@ -793,6 +941,12 @@ impl Worker {
                     (state.image_backoff.delay * 2).min(BACKOFF_MAX)
                 };
                 state.image_backoff.not_before = Some(Instant::now() + state.image_backoff.delay);
+                events.push((
+                    Repeat::Once,
+                    EventType::Warning,
+                    "Failed",
+                    format!("Error: {reason}"),
+                ));
                 state.waiting = Some(if again && reason == "ErrImagePull" {
                     (
                         "ImagePullBackOff".into(),
@@ -813,6 +967,12 @@ impl Worker {
         ) {
             Ok(env) => env,
             Err(e) => {
+                events.push((
+                    Repeat::EveryStep,
+                    EventType::Warning,
+                    "Failed",
+                    format!("Error: {e}"),
+                ));
                 state.waiting = Some(("CreateContainerConfigError".into(), e.to_string()));
                 return;
             }
@@ -820,6 +980,12 @@ impl Worker {
         let mounts = match volumes::mounts(container, prepared) {
             Ok(m) => m,
             Err(e) => {
+                events.push((
+                    Repeat::EveryStep,
+                    EventType::Warning,
+                    "Failed",
+                    format!("Error: {e}"),
+                ));
                 state.waiting = Some(("CreateContainerConfigError".into(), e.to_string()));
                 return;
             }
@@ -834,6 +1000,12 @@ impl Worker {
         let config = match config {
             Ok(c) => c,
             Err(e) => {
+                events.push((
+                    Repeat::EveryStep,
+                    EventType::Warning,
+                    "Failed",
+                    format!("Error: {e}"),
+                ));
                 state.waiting = Some(("CreateContainerConfigError".into(), e.to_string()));
                 return;
             }
@@ -860,15 +1032,39 @@ impl Worker {
                     tracing::info!(container = %state.name, id = %stale, "removing a container left half-created by an earlier edgecore");
                     let _ = ctx.cri.remove_container(stale).await;
                 }
+                events.push((
+                    Repeat::EveryStep,
+                    EventType::Warning,
+                    "Failed",
+                    format!("Error: {message}"),
+                ));
                 state.waiting = Some(("CreateContainerError".into(), message));
                 return;
             }
         };
+        events.push((
+            Repeat::Once,
+            EventType::Normal,
+            "Created",
+            format!("Created container: {}", container.name),
+        ));
         if let Err(e) = ctx.cri.start_container(&id).await {
+            events.push((
+                Repeat::Once,
+                EventType::Warning,
+                "Failed",
+                format!("Error: {e}"),
+            ));
             state.waiting = Some(("RunContainerError".into(), e.to_string()));
             state.id = Some(id);
             return;
         }
+        events.push((
+            Repeat::Once,
+            EventType::Normal,
+            "Started",
+            format!("Started container {}", container.name),
+        ));
         tracing::info!(container = %state.name, id = %id, restarts = state.attempt, "container started");
         state.id = Some(id);
         state.waiting = None;
@@ -903,6 +1099,20 @@ impl Worker {
                     continue;
                 }
                 let result = probe.run(&self.ctx.cri, &id, &sandbox.ip).await;
+                if let Err(why) = &result {
+                    let which = match probe.kind {
+                        ProbeKind::Liveness => "Liveness",
+                        ProbeKind::Readiness => "Readiness",
+                        ProbeKind::Startup => "Startup",
+                    };
+                    self.ctx.events.record(
+                        &self.object,
+                        &field_path(ContainerKind::Regular, &state.name),
+                        EventType::Warning,
+                        "Unhealthy",
+                        format!("{which} probe failed: {why}"),
+                    );
+                }
                 probe.record(now, result);
             }
         }
@@ -914,6 +1124,15 @@ impl Worker {
         let mut stops = Vec::new();
         for state in self.init.iter().chain(self.containers.iter()) {
             let Some(id) = state.id.clone() else { continue };
+            if state.exited().is_none() {
+                self.ctx.events.record(
+                    &self.object,
+                    &field_path(state.kind, &state.name),
+                    EventType::Normal,
+                    "Killing",
+                    format!("Stopping container {}", state.name),
+                );
+            }
             let hook = pod
                 .and_then(|p| p.spec.as_ref())
                 .and_then(|s| s.containers.iter().find(|c| c.name == state.name))
@@ -1185,7 +1404,20 @@ async fn ensure_image(
     cri: &Cri,
     image: &str,
     container: &Container,
+    events: &mut Vec<ContainerEvent>,
 ) -> Result<Option<api::Image>, (String, String)> {
+    if !is_image_reference(image) {
+        let message = format!(
+            "Failed to apply default image tag \"{image}\": couldn't parse image name \"{image}\": invalid reference format"
+        );
+        events.push((
+            Repeat::EveryStep,
+            EventType::Warning,
+            "InspectFailed",
+            message.clone(),
+        ));
+        return Err(("InvalidImageName".into(), message));
+    }
     let policy = pull_policy(container, image);
     let found = match cri.image_status(image).await {
         Ok(found) => found,
@@ -1193,23 +1425,134 @@ async fn ensure_image(
     };
     let present = found.is_some();
     if present && policy != "Always" {
+        events.push((
+            Repeat::Once,
+            EventType::Normal,
+            "Pulled",
+            format!("Container image \"{image}\" already present on machine"),
+        ));
         return Ok(found);
     }
     if policy == "Never" {
-        return Err((
-            "ErrImageNeverPull".into(),
-            format!("Container image \"{image}\" is not present with pull policy of Never"),
+        let message =
+            format!("Container image \"{image}\" is not present with pull policy of Never");
+        events.push((
+            Repeat::EveryStep,
+            EventType::Warning,
+            "ErrImageNeverPull",
+            message.clone(),
         ));
+        return Err(("ErrImageNeverPull".into(), message));
     }
+    events.push((
+        Repeat::Once,
+        EventType::Normal,
+        "Pulling",
+        format!("Pulling image \"{image}\""),
+    ));
+    let started = Instant::now();
     match cri.pull_image(image).await {
-        Ok(_) => Ok(cri.image_status(image).await.ok().flatten()),
+        Ok(_) => {
+            let took = go_duration(started.elapsed());
+            let pulled = cri.image_status(image).await.ok().flatten();
+            let size = pulled.as_ref().map_or(0, |i| i.size);
+            events.push((
+                Repeat::Once,
+                EventType::Normal,
+                "Pulled",
+                format!(
+                    "Successfully pulled image \"{image}\" in {took} ({took} including waiting). Image size: {size} bytes."
+                ),
+            ));
+            Ok(pulled)
+        }
         // An air-gapped gateway: a present image is good enough even under Always.
         Err(_) if present => Ok(found),
-        Err(e) => Err((
-            "ErrImagePull".into(),
-            format!("failed to pull image \"{image}\": {e}"),
-        )),
+        Err(e) => {
+            let message = format!("failed to pull image \"{image}\": {e}");
+            events.push((
+                Repeat::Once,
+                EventType::Warning,
+                "Failed",
+                format!("Failed to pull image \"{image}\": {e}"),
+            ));
+            Err(("ErrImagePull".into(), message))
+        }
     }
+}
+
+/// How often a container event may be recorded: once per occurrence, or (a failure met at
+/// every step) at most once per [`EVENT_REPEAT`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Repeat {
+    Once,
+    EveryStep,
+}
+
+/// An event about a container, recorded once the container's state is no longer borrowed.
+type ContainerEvent = (Repeat, EventType, &'static str, String);
+
+/// A duration as Go prints one (`523ms`, `1.25s`), for the kubelet's Pulled message.
+fn go_duration(d: Duration) -> String {
+    if d < Duration::from_secs(1) {
+        let ms = d.as_secs_f64() * 1000.0;
+        let text = format!("{ms:.3}");
+        format!("{}ms", text.trim_end_matches('0').trim_end_matches('.'))
+    } else {
+        let text = format!("{:.3}", d.as_secs_f64());
+        format!("{}s", text.trim_end_matches('0').trim_end_matches('.'))
+    }
+}
+
+/// Whether `image` parses as an image reference: `[host[:port]/]path[:tag][@digest]` with a
+/// lowercase path (what the kubelet refuses as InvalidImageName otherwise).
+fn is_image_reference(image: &str) -> bool {
+    let (name, digest) = match image.split_once('@') {
+        Some((name, digest)) => (name, Some(digest)),
+        None => (image, None),
+    };
+    if let Some(digest) = digest
+        && !digest.split_once(':').is_some_and(|(alg, hex)| {
+            !alg.is_empty() && !hex.is_empty() && hex.bytes().all(|b| b.is_ascii_alphanumeric())
+        })
+    {
+        return false;
+    }
+    let last_slash = name.rfind('/').map_or(0, |i| i + 1);
+    let (path, tag) = match name[last_slash..].rfind(':') {
+        Some(i) => (&name[..last_slash + i], Some(&name[last_slash + i + 1..])),
+        None => (name, None),
+    };
+    if let Some(tag) = tag
+        && (tag.is_empty()
+            || tag.len() > 128
+            || !tag
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-')))
+    {
+        return false;
+    }
+    let mut components = path.split('/');
+    let first = components.next().unwrap_or_default();
+    // A first component with a '.' or ':' (or localhost) is a registry host, which may hold
+    // capitals and a port.
+    let has_host = path.contains('/') && (first.contains(['.', ':']) || first == "localhost");
+    let lower = |c: &str| {
+        !c.is_empty()
+            && c.bytes().all(|b| {
+                b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-')
+            })
+    };
+    let host_ok = |c: &str| {
+        !c.is_empty()
+            && c.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':'))
+    };
+    (if has_host {
+        host_ok(first)
+    } else {
+        lower(first)
+    }) && components.all(lower)
 }
 
 /// Removes what the runtime leaves behind: logs, volumes, pod cgroups.
@@ -1297,7 +1640,7 @@ mod tests {
 
     fn worker_at(dir: &std::path::Path, pod: &Pod, host_ip: Option<std::net::IpAddr>) -> Worker {
         let metrics = Arc::new(crate::metrics::Metrics::default());
-        let (outbox, _writer) = Outbox::open(dir, metrics).expect("outbox");
+        let (outbox, _writer) = Outbox::open(dir, metrics.clone()).expect("outbox");
         let ctx = Arc::new(Context {
             cri: Cri::new("unix:///nonexistent/containerd.sock").expect("lazy client"),
             data_dir: dir.to_path_buf(),
@@ -1305,6 +1648,7 @@ mod tests {
             host_ip,
             outbox,
             tokens: Tokens::in_memory(crate::tokens::DEFAULT_REFRESH_MAX),
+            events: crate::events::Events::new(16, metrics.clone()),
         });
         Worker::new(ctx, pod)
     }
@@ -1390,6 +1734,49 @@ mod tests {
                 && status.get("message").is_some_and(Value::is_null),
             "explicit nulls remove the reason in the cloud's merge patch: {status:?}"
         );
+    }
+
+    #[test]
+    fn image_references_are_checked_as_the_kubelet_parses_them() {
+        for good in [
+            "busybox",
+            "busybox:1.36",
+            "docker.io/library/busybox:latest",
+            "localhost:5000/edge/app:v1",
+            "Registry.Example.com/app@sha256:abc123",
+            "edge-test/missing:1",
+        ] {
+            assert!(is_image_reference(good), "{good}");
+        }
+        for bad in [
+            "",
+            "BusyBox",
+            "busybox:",
+            "bad image",
+            "app:t@g",
+            "a//b",
+            "app@sha256",
+        ] {
+            assert!(!is_image_reference(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn events_name_containers_and_volumes_as_the_kubelet_does() {
+        assert_eq!(
+            field_path(ContainerKind::Regular, "app"),
+            "spec.containers{app}"
+        );
+        assert_eq!(
+            field_path(ContainerKind::Init, "setup"),
+            "spec.initContainers{setup}"
+        );
+        assert_eq!(
+            mount_failure("volume \"config\": configmap \"app\" not found"),
+            "MountVolume.SetUp failed for volume \"config\" : configmap \"app\" not found"
+        );
+        assert_eq!(go_duration(Duration::from_millis(523)), "523ms");
+        assert_eq!(go_duration(Duration::from_millis(1250)), "1.25s");
     }
 
     #[test]
