@@ -315,6 +315,7 @@ fn cause_reason(message: &str) -> &'static str {
         ("Duplicate value", "FieldValueDuplicate"),
         ("Forbidden", "FieldValueForbidden"),
         ("Too large resource version", "ResourceVersionTooLarge"),
+        ("conflict with ", "FieldManagerConflict"),
     ]
     .iter()
     .find(|(prefix, _)| message.starts_with(prefix))
