@@ -228,6 +228,34 @@ fn sequence(k: &Kubectl) -> Value {
     // An Update manager: kubectl label.
     k.ok(&["label", "-n", "default", "configmap/ssa", "tier=a"], None);
     seen.insert("labelled".into(), managed(&k.get("configmap/ssa")));
+    // Update managers of a ConfigMap: create, merge patch, client-side apply.
+    k.ok(
+        &["create", "-n", "default", "-f", "-"],
+        Some("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: upd}\ndata: {a: b}\n"),
+    );
+    seen.insert("created".into(), managed(&k.get("configmap/upd")));
+    k.ok(
+        &[
+            "patch",
+            "configmap",
+            "upd",
+            "-n",
+            "default",
+            "--type=merge",
+            "-p",
+            r#"{"data":{"a":"c","n":"1"}}"#,
+        ],
+        None,
+    );
+    seen.insert("patched".into(), managed(&k.get("configmap/upd")));
+    k.ok(
+        &["apply", "-n", "default", "-f", "-"],
+        Some("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: csa\n  labels: {x: z}\ndata: {q: r}\n"),
+    );
+    seen.insert(
+        "client_side_applied".into(),
+        managed(&k.get("configmap/csa")),
+    );
     // Client-side apply, then server-side apply: kubectl migrates the ownership.
     k.ok(
         &["apply", "-n", "default", "-f", "-"],
@@ -341,6 +369,45 @@ fn check_sequence(seen: &Value) {
             json!({"f:metadata": {"f:labels": {"f:tier": {}}}}),
             true
         ),
+        "{seen:#}"
+    );
+    assert_eq!(
+        seen["created"],
+        json!([entry(
+            "kubectl-create",
+            "v1",
+            "Update",
+            json!({"f:data": {".": {}, "f:a": {}}}),
+            true
+        )]),
+        "{seen:#}"
+    );
+    assert_eq!(
+        seen["patched"][1],
+        entry(
+            "kubectl-patch",
+            "v1",
+            "Update",
+            json!({"f:data": {"f:a": {}, "f:n": {}}}),
+            true
+        ),
+        "{seen:#}"
+    );
+    assert_eq!(
+        seen["client_side_applied"],
+        json!([entry(
+            "kubectl-client-side-apply",
+            "v1",
+            "Update",
+            json!({
+                "f:data": {".": {}, "f:q": {}},
+                "f:metadata": {
+                    "f:annotations": {".": {}, "f:kubectl.kubernetes.io/last-applied-configuration": {}},
+                    "f:labels": {".": {}, "f:x": {}},
+                },
+            }),
+            true
+        )]),
         "{seen:#}"
     );
     assert_eq!(seen["migrated_exit"], 0, "{seen:#}");
