@@ -696,10 +696,10 @@ fn remove_path(value: &mut Value, elements: &[String]) {
         } else {
             remove_path(&mut list[i], rest);
         }
-    } else if let Some(text) = first.strip_prefix("v:") {
-        if let (Ok(v), Some(list)) = (serde_json::from_str::<Value>(text), value.as_array_mut()) {
-            list.retain(|element| *element != v);
-        }
+    } else if let Some(text) = first.strip_prefix("v:")
+        && let (Ok(v), Some(list)) = (serde_json::from_str::<Value>(text), value.as_array_mut())
+    {
+        list.retain(|element| *element != v);
     }
 }
 
@@ -903,8 +903,13 @@ pub fn field_manager(query: &HashMap<String, String>, headers: &HeaderMap) -> St
 }
 
 fn invalid_patch_options(field: &str, message: &str) -> ApiError {
+    invalid_options("PatchOptions", field, message)
+}
+
+/// kube-apiserver's 422 for bad request options (`PatchOptions.meta.k8s.io "" is invalid: ...`).
+fn invalid_options(options: &str, field: &str, message: &str) -> ApiError {
     let mut e = ApiError::invalid(
-        "PatchOptions.meta.k8s.io",
+        &format!("{options}.meta.k8s.io"),
         "",
         vec![Cause {
             field: field.into(),
@@ -914,26 +919,44 @@ fn invalid_patch_options(field: &str, message: &str) -> ApiError {
     if let Some(details) = e.details.as_mut() {
         details.name = None;
         details.group = Some("meta.k8s.io".into());
-        details.kind = Some("PatchOptions".into());
+        details.kind = Some(options.into());
     }
     e
 }
 
-/// Whether the field manager may be used: kube-apiserver's 128-character limit.
-pub fn check_field_manager(query: &HashMap<String, String>) -> Result<(), ApiError> {
-    match query.get("fieldManager") {
-        Some(m) if m.chars().count() > MAX_MANAGER_LENGTH => Err(invalid_patch_options(
+/// Whether the `fieldManager` of a write may be used: at most 128 bytes, printable characters
+/// only (kube-apiserver's 422 naming `options`: `CreateOptions`, `UpdateOptions` or
+/// `PatchOptions`).
+pub fn check_field_manager(options: &str, query: &HashMap<String, String>) -> Result<(), ApiError> {
+    let Some(manager) = query.get("fieldManager") else {
+        return Ok(());
+    };
+    if manager.len() > MAX_MANAGER_LENGTH {
+        return Err(invalid_options(
+            options,
             "fieldManager",
-            &format!("Too long: may not be more than {MAX_MANAGER_LENGTH} bytes",),
-        )),
-        _ => Ok(()),
+            &format!("Too long: may not be more than {MAX_MANAGER_LENGTH} bytes"),
+        ));
     }
+    if let Some((i, c)) = manager
+        .char_indices()
+        .find(|(_, c)| c.is_control() || (c.is_whitespace() && *c != ' '))
+    {
+        return Err(invalid_options(
+            options,
+            "fieldManager",
+            &format!(
+                "Invalid value: {manager:?}: invalid character U+{:04X} (at position {i})",
+                u32::from(c)
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// The `force` option of a PATCH: only an apply may have it, and an apply needs a
 /// `fieldManager` (kube-apiserver's 422s).
 pub fn patch_force(apply: bool, query: &HashMap<String, String>) -> Result<bool, ApiError> {
-    check_field_manager(query)?;
     let force = match query.get("force").map(String::as_str) {
         None => None,
         Some("true" | "1") => Some(true),
@@ -1638,5 +1661,24 @@ mod tests {
         );
         assert_eq!(field_manager(&q(&[]), &headers), "kubectl");
         assert_eq!(field_manager(&q(&[("fieldManager", "x")]), &headers), "x");
+        let long = "m".repeat(129);
+        let e = check_field_manager("CreateOptions", &q(&[("fieldManager", &long)]))
+            .expect_err("too long");
+        assert_eq!(
+            e.message,
+            "CreateOptions.meta.k8s.io \"\" is invalid: fieldManager: Too long: may not be more than 128 bytes"
+        );
+        let e = check_field_manager("UpdateOptions", &q(&[("fieldManager", "a\u{1}b")]))
+            .expect_err("control character");
+        assert!(
+            e.message
+                .ends_with("invalid character U+0001 (at position 1)"),
+            "{}",
+            e.message
+        );
+        assert_eq!(
+            check_field_manager("PatchOptions", &q(&[("fieldManager", "ok")])),
+            Ok(())
+        );
     }
 }

@@ -36,7 +36,8 @@ pub enum PatchType {
     Merge,
     /// `application/strategic-merge-patch+json`: Kubernetes' strategic merge patch.
     StrategicMerge,
-    /// `application/apply-patch+yaml`: server-side apply, which this server does not implement.
+    /// `application/apply-patch+yaml`: server-side apply, served by `apiserver::apply` (not a
+    /// patch this module applies).
     Apply,
 }
 
@@ -91,7 +92,7 @@ pub fn apply(
         PatchType::Merge => apply_merge_patch(original, patch),
         PatchType::StrategicMerge => apply_strategic_merge_patch(kind, original, patch),
         PatchType::Apply => Err(PatchError::Unsupported(
-            "server-side apply (application/apply-patch+yaml) is not supported, use client-side kubectl apply".into(),
+            "server-side apply (application/apply-patch+yaml) is not a patch of this module, apiserver::apply serves it".into(),
         )),
     }
 }

@@ -316,6 +316,7 @@ fn cause_reason(message: &str) -> &'static str {
         ("Forbidden", "FieldValueForbidden"),
         ("Too large resource version", "ResourceVersionTooLarge"),
         ("conflict with ", "FieldManagerConflict"),
+        ("Too long", "FieldValueTooLong"),
     ]
     .iter()
     .find(|(prefix, _)| message.starts_with(prefix))

@@ -270,6 +270,15 @@ async fn resource(
 ) -> Result<Response, ApiError> {
     let watch = matches!(query.get("watch").map(String::as_str), Some("true" | "1"));
     let manager = apply::field_manager(&query, headers);
+    let options = match method {
+        Method::POST => Some("CreateOptions"),
+        Method::PUT => Some("UpdateOptions"),
+        Method::PATCH => Some("PatchOptions"),
+        _ => None,
+    };
+    if let Some(options) = options {
+        apply::check_field_manager(options, &query)?;
+    }
     match (&method, &request.name) {
         (&Method::GET, None) if watch => watch_collection(api, &request, &query, headers).await,
         (&Method::GET, None) => list(api, &request, &query, headers).await,
