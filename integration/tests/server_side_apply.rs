@@ -543,6 +543,22 @@ async fn kube_rs_apply_and_status_subresource() {
         .filter_map(|e| e.manager.clone())
         .collect();
     assert_eq!(managers, ["beta"], "alpha lost its only field");
+    // A resourceVersion in the configuration is a precondition.
+    let mut stale = config("3");
+    stale["metadata"]["resourceVersion"] = json!("1");
+    let e = maps
+        .patch("kr", &PatchParams::apply("beta"), &Patch::Apply(stale))
+        .await
+        .expect_err("stale resourceVersion");
+    let kube::Error::Api(status) = e else {
+        panic!("not an API error: {e}")
+    };
+    assert_eq!((status.code, status.reason.as_str()), (409, "Conflict"));
+    assert!(
+        status.message.ends_with("the object has been modified; please apply your changes to the latest version and try again"),
+        "{}",
+        status.message
+    );
 
     // Status: only status fields, recorded with the subresource.
     let deployments: Api<Deployment> = Api::namespaced(client, "default");

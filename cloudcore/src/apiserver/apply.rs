@@ -603,25 +603,12 @@ impl<'k> Shape<'k> {
             }
             (Value::Array(l), Value::Array(c)) => match self.list_type() {
                 ListType::Set => {
-                    let mut out = l.clone();
-                    out.extend(c.iter().filter(|v| !l.contains(v)).cloned());
-                    Value::Array(out)
+                    let ids = |list: &[Value]| list.iter().map(value_element).collect::<Vec<_>>();
+                    Value::Array(self.merge_elements(l, &ids(l), c, &ids(c)))
                 }
                 ListType::Map(keys) => match (keys_of(l, &keys), keys_of(c, &keys)) {
                     (Some(live_keys), Some(config_keys)) => {
-                        let mut out = Vec::with_capacity(l.len() + c.len());
-                        for (key, element) in live_keys.iter().zip(l) {
-                            match config_keys.iter().position(|k| k == key) {
-                                Some(i) => out.push(self.merge(element, &c[i])),
-                                None => out.push(element.clone()),
-                            }
-                        }
-                        for (key, element) in config_keys.iter().zip(c) {
-                            if !live_keys.contains(key) {
-                                out.push(element.clone());
-                            }
-                        }
-                        Value::Array(out)
+                        Value::Array(self.merge_elements(l, &live_keys, c, &config_keys))
                     }
                     _ => config.clone(),
                 },
@@ -629,6 +616,71 @@ impl<'k> Shape<'k> {
             },
             _ => config.clone(),
         }
+    }
+
+    /// The elements of a keyed list or set (`live` and `config`, each element identified by
+    /// the matching entry of `live_ids`/`config_ids`) merged in structured-merge-diff's order:
+    /// the elements the configuration names come in its order, each live element it does not
+    /// name stays just before the named element that followed it.
+    fn merge_elements(
+        &mut self,
+        live: &[Value],
+        live_ids: &[String],
+        config: &[Value],
+        config_ids: &[String],
+    ) -> Vec<Value> {
+        let shared: Vec<&String> = config_ids.iter().filter(|k| live_ids.contains(k)).collect();
+        let mut next_shared = 0;
+        let mut merged: Vec<&String> = Vec::new();
+        let mut out = Vec::with_capacity(live.len() + config.len());
+        let (mut li, mut ci) = (0, 0);
+        while li < live.len() || ci < config.len() {
+            if li < live.len() && ci < config.len() {
+                if live_ids[li] == config_ids[ci] {
+                    out.push(self.merge(&live[li], &config[ci]));
+                    merged.push(&config_ids[ci]);
+                    if shared.get(next_shared) == Some(&&config_ids[ci]) {
+                        next_shared += 1;
+                    }
+                    li += 1;
+                    ci += 1;
+                    continue;
+                }
+                if config_ids.contains(&live_ids[li])
+                    && shared
+                        .get(next_shared)
+                        .is_some_and(|next| **next != live_ids[li])
+                {
+                    // Named by the configuration, but not the element due here.
+                    li += 1;
+                    continue;
+                }
+            }
+            if li < live.len() {
+                if !config_ids.contains(&live_ids[li]) {
+                    out.push(live[li].clone());
+                    li += 1;
+                    continue;
+                }
+                if merged.contains(&&live_ids[li]) {
+                    li += 1;
+                    continue;
+                }
+            }
+            if ci < config.len() {
+                let id = &config_ids[ci];
+                merged.push(id);
+                out.push(match live_ids.iter().position(|k| k == id) {
+                    Some(i) => self.merge(&live[i], &config[ci]),
+                    None => config[ci].clone(),
+                });
+                if shared.get(next_shared) == Some(&id) {
+                    next_shared += 1;
+                }
+                ci += 1;
+            }
+        }
+        out
     }
 }
 
@@ -1613,6 +1665,34 @@ mod tests {
         let container = &second["spec"]["template"]["spec"]["containers"][0];
         assert_eq!(container["env"], json!([{"name": "B", "value": "3"}]));
         assert_eq!(container["imagePullPolicy"], "Always", "{second}");
+    }
+
+    #[test]
+    fn merged_lists_follow_the_configuration_order() {
+        let names = |list: &Value| -> Vec<String> {
+            list.as_array()
+                .expect("list")
+                .iter()
+                .map(|e| e["name"].as_str().unwrap_or_default().to_string())
+                .collect()
+        };
+        let containers = |names: &[&str]| -> Value {
+            names
+                .iter()
+                .map(|n| json!({"name": n, "image": "i"}))
+                .collect()
+        };
+        let mut shape = Shape::new("Pod");
+        shape.names = vec!["spec".into(), "containers".into()];
+        // Live a, x, b, c; the configuration names c, a, d: x (unnamed) keeps its place before
+        // b, the named ones follow the configuration, d comes after the one it follows.
+        let merged = shape.merge(
+            &containers(&["a", "x", "b", "c"]),
+            &containers(&["c", "a", "d"]),
+        );
+        assert_eq!(names(&merged), ["x", "b", "c", "a", "d"]);
+        let merged = shape.merge(&containers(&["a", "b"]), &containers(&["a", "n", "b"]));
+        assert_eq!(names(&merged), ["a", "n", "b"]);
     }
 
     #[test]

@@ -821,6 +821,8 @@ async fn apply_patch(
     }
     let namespace = request.namespace.clone().unwrap_or_default();
     let subresource = request.subresource.as_deref();
+    // A resourceVersion in the configuration is a precondition (409 when stale, no retry).
+    let requested = requested_rv(&config)?;
     let mut attempts = 0;
     loop {
         attempts += 1;
@@ -848,7 +850,7 @@ async fn apply_patch(
                     .map(|created| (StatusCode::CREATED, created))
             }
             Some(current) => {
-                let expected = rv_of(current);
+                let expected = requested.or_else(|| rv_of(current));
                 write_update(
                     api,
                     request,
@@ -863,7 +865,10 @@ async fn apply_patch(
             }
         };
         match written {
-            Err(e) if matches!(e.reason, "Conflict" | "AlreadyExists") && attempts < 5 => {}
+            Err(e)
+                if matches!(e.reason, "Conflict" | "AlreadyExists")
+                    && requested.is_none()
+                    && attempts < 5 => {}
             Err(e) => return Err(e),
             Ok((code, object)) => return Ok(json_response(code, &object)),
         }
