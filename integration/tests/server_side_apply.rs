@@ -248,6 +248,21 @@ fn sequence(k: &Kubectl) -> Value {
         None,
     );
     seen.insert("patched".into(), managed(&k.get("configmap/upd")));
+    // `[{}]` is the documented way to clear them.
+    k.ok(
+        &[
+            "patch",
+            "configmap",
+            "upd",
+            "-n",
+            "default",
+            "--type=json",
+            "-p",
+            r#"[{"op":"replace","path":"/metadata/managedFields","value":[{}]}]"#,
+        ],
+        None,
+    );
+    seen.insert("reset".into(), managed(&k.get("configmap/upd")));
     k.ok(
         &["apply", "-n", "default", "-f", "-"],
         Some("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: csa\n  labels: {x: z}\ndata: {q: r}\n"),
@@ -393,6 +408,7 @@ fn check_sequence(seen: &Value) {
         ),
         "{seen:#}"
     );
+    assert_eq!(seen["reset"], json!([]), "{seen:#}");
     assert_eq!(
         seen["client_side_applied"],
         json!([entry(

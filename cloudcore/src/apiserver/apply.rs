@@ -1081,15 +1081,20 @@ pub fn track_update(
     now: OffsetDateTime,
 ) {
     let subresource = subresource.unwrap_or_default();
-    let requested_entries = if subresource.is_empty() {
+    // `[]` or `[{}]` is kube-apiserver's reset: no managedFields at all, this write included.
+    if matches!(requested.as_array().map(Vec::as_slice), Some([]))
+        || matches!(requested.as_array().map(Vec::as_slice), Some([Value::Object(m)]) if m.is_empty())
+    {
+        set_managed_fields(new, Value::Null);
+        return;
+    }
+    // Other entries are the client's word (a subresource never sets them); none keeps the
+    // stored ones, so a client unaware of them cannot erase them.
+    let honoured = requested.is_array() && subresource.is_empty();
+    let mut entries = if honoured {
         decode(&json!({"metadata": {"managedFields": requested}}))
     } else {
-        Vec::new()
-    };
-    let mut entries = if requested_entries.is_empty() {
         current.map(decode).unwrap_or_default()
-    } else {
-        requested_entries
     };
     let old = current.map_or_else(|| json!({}), without_managed_fields);
     let after = without_managed_fields(new);
@@ -1538,6 +1543,23 @@ mod tests {
         new["metadata"]["managedFields"] = requested.clone();
         track_update(cm, None, Some(&live), &mut new, &requested, "three", now());
         assert_eq!(new["metadata"]["managedFields"], requested);
+        // `[{}]` and `[]` clear them, this write's own change included; none keeps them.
+        for reset in [json!([{}]), json!([])] {
+            let mut cleared = new.clone();
+            cleared["data"]["a"] = json!("changed");
+            track_update(cm, None, Some(&new), &mut cleared, &reset, "four", now());
+            assert!(
+                cleared["metadata"].get("managedFields").is_none(),
+                "{cleared}"
+            );
+        }
+        let mut kept = new.clone();
+        kept["metadata"]
+            .as_object_mut()
+            .expect("meta")
+            .remove("managedFields");
+        track_update(cm, None, Some(&new), &mut kept, &Value::Null, "five", now());
+        assert_eq!(kept["metadata"]["managedFields"], requested);
     }
 
     fn apply_cm(
