@@ -576,6 +576,23 @@ async fn kube_rs_apply_and_status_subresource() {
         status.message
     );
 
+    // kube-rs sends no User-Agent: its updates are recorded as `unknown`, as kube-apiserver does.
+    let plain: ConfigMap = serde_json::from_value(json!({"metadata": {"name": "plain"},
+        "data": {"a": "b"}}))
+    .expect("configmap");
+    let created = maps
+        .create(&kube::api::PostParams::default(), &plain)
+        .await
+        .expect("create");
+    let entries = created.metadata.managed_fields.expect("managedFields");
+    assert_eq!(
+        (
+            entries[0].manager.as_deref(),
+            entries[0].operation.as_deref()
+        ),
+        (Some("unknown"), Some("Update"))
+    );
+
     // Status: only status fields, recorded with the subresource.
     let deployments: Api<Deployment> = Api::namespaced(client, "default");
     let spec = json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "st"},

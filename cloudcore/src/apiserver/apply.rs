@@ -951,6 +951,10 @@ pub fn field_manager(query: &HashMap<String, String>, headers: &HeaderMap) -> St
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default();
     let prefix = agent.split('/').next().unwrap_or_default();
+    if prefix.is_empty() {
+        // What kube-apiserver records for a client without a User-Agent (observed).
+        return "unknown".into();
+    }
     prefix.chars().take(MAX_MANAGER_LENGTH).collect()
 }
 
@@ -1763,6 +1767,7 @@ mod tests {
         );
         assert_eq!(field_manager(&q(&[]), &headers), "kubectl");
         assert_eq!(field_manager(&q(&[("fieldManager", "x")]), &headers), "x");
+        assert_eq!(field_manager(&q(&[]), &HeaderMap::new()), "unknown");
         let long = "m".repeat(129);
         let e = check_field_manager("CreateOptions", &q(&[("fieldManager", &long)]))
             .expect_err("too long");
