@@ -109,6 +109,7 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> Result<(),
     let tracker = TaskTracker::new();
     let streams = streams::Streams::new(config.max_streams_per_edge);
     let mut embedded_store = None;
+    let mut embedded_kubeconfig = None;
     let mut cluster_url = None;
     let (client, lifecycle) = match &config.control_plane {
         config::ControlPlane::Embedded { listen } => {
@@ -129,7 +130,11 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> Result<(),
                 "Kubernetes API served by cloudcore"
             );
             embedded_store = Some(embedded.store.clone());
-            (kube_client(Some(&embedded.kubeconfig)).await?.0, true)
+            embedded_kubeconfig = Some(embedded.kubeconfig.clone());
+            (
+                kube_client(Some(&embedded.kubeconfig), USER_AGENT).await?.0,
+                true,
+            )
         }
         config::ControlPlane::Kube { kubeconfig } => {
             tracing::info!(
@@ -137,7 +142,7 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> Result<(),
                 kubeconfig = %kubeconfig.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "in-cluster".into()),
                 "using a real cluster's API"
             );
-            let (client, api_server) = kube_client(kubeconfig.as_deref()).await?;
+            let (client, api_server) = kube_client(kubeconfig.as_deref(), USER_AGENT).await?;
             cluster_url = Some(api_server);
             let missing = permissions::check(&client)
                 .await
@@ -253,10 +258,20 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> Result<(),
     let accepting = Arc::new(std::sync::atomic::AtomicBool::new(false));
     // Embedded mode: no kube-controller-manager, so cloudcore runs the workload controllers;
     // readiness reports whether their caches have synced.
-    let controllers_ctx = lifecycle.then(|| {
-        controllers::Context::new(client.clone())
-            .with_recorder(recorder.for_component("controller-manager"))
-    });
+    // Their own client, so the API records their writes under kube-controller-manager's name
+    // (managedFields), as it does for the real one.
+    let controllers_ctx = if lifecycle {
+        let controllers_client = match &embedded_kubeconfig {
+            Some(path) => kube_client(Some(path), CONTROLLERS_USER_AGENT).await?.0,
+            None => client.clone(),
+        };
+        Some(
+            controllers::Context::new(controllers_client)
+                .with_recorder(recorder.for_component("controller-manager")),
+        )
+    } else {
+        None
+    };
     let health = health_checks(
         &shared,
         embedded_store.clone(),
@@ -457,12 +472,24 @@ fn health_checks(
     health
 }
 
-/// A kube-rs client from a kubeconfig file, or the in-cluster configuration, and the API
-/// server's URL.
+/// The User-Agent of cloudcore's requests: the API servers name the field manager of its
+/// writes after it (`cloudcore`).
+const USER_AGENT: &str = concat!("cloudcore/v", env!("CARGO_PKG_VERSION"));
+/// The User-Agent of the embedded workload controllers, named after kube-controller-manager
+/// whose work they do, so managedFields read as in a real cluster.
+const CONTROLLERS_USER_AGENT: &str = concat!(
+    "kube-controller-manager/v",
+    env!("CARGO_PKG_VERSION"),
+    " cloudcore"
+);
+
+/// A kube-rs client sending `user_agent` from a kubeconfig file, or the in-cluster
+/// configuration, and the API server's URL.
 async fn kube_client(
     kubeconfig: Option<&std::path::Path>,
+    user_agent: &'static str,
 ) -> Result<(kube::Client, http::Uri), ServeError> {
-    let config = match kubeconfig {
+    let mut config = match kubeconfig {
         Some(path) => {
             let file = kube::config::Kubeconfig::read_from(path)
                 .map_err(|e| ServeError::KubeClient(format!("{}: {e}", path.display())))?;
@@ -473,6 +500,10 @@ async fn kube_client(
         None => kube::Config::incluster()
             .map_err(|e| ServeError::KubeClient(format!("in-cluster configuration: {e}")))?,
     };
+    config.headers.push((
+        http::header::USER_AGENT,
+        http::HeaderValue::from_static(user_agent),
+    ));
     let url = config.cluster_url.clone();
     let client =
         kube::Client::try_from(config).map_err(|e| ServeError::KubeClient(e.to_string()))?;

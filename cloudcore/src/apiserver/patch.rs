@@ -36,7 +36,8 @@ pub enum PatchType {
     Merge,
     /// `application/strategic-merge-patch+json`: Kubernetes' strategic merge patch.
     StrategicMerge,
-    /// `application/apply-patch+yaml`: server-side apply, which this server does not implement.
+    /// `application/apply-patch+yaml`: server-side apply, served by `apiserver::apply` (not a
+    /// patch this module applies).
     Apply,
 }
 
@@ -91,7 +92,7 @@ pub fn apply(
         PatchType::Merge => apply_merge_patch(original, patch),
         PatchType::StrategicMerge => apply_strategic_merge_patch(kind, original, patch),
         PatchType::Apply => Err(PatchError::Unsupported(
-            "server-side apply (application/apply-patch+yaml) is not supported, use client-side kubectl apply".into(),
+            "server-side apply (application/apply-patch+yaml) is not a patch of this module, apiserver::apply serves it".into(),
         )),
     }
 }
@@ -330,6 +331,40 @@ fn object_schema(schema: Schema, name: &str) -> Schema {
         Some(Strategy::Object(fields)) => fields,
         _ => NONE,
     }
+}
+
+/// How a list field of a built-in kind merges, as its patch metadata says (server-side apply
+/// reads the same table, `apiserver::apply`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListMerge {
+    /// Untagged: the list is replaced whole.
+    Replace,
+    /// Elements merged by this field.
+    ByKey(&'static str),
+    /// A list of primitives merged as a set.
+    Set,
+}
+
+/// How the list at `path` (field names from the object's root; list elements are crossed
+/// implicitly, e.g. `["spec", "containers", "env"]`) of `kind` merges, or `None` when `kind`
+/// has no patch metadata here (custom resources).
+pub fn list_merge(kind: &str, path: &[&str]) -> Option<ListMerge> {
+    let mut schema = schema_for(kind)?;
+    let Some((last, parents)) = path.split_last() else {
+        return Some(ListMerge::Replace);
+    };
+    for name in parents {
+        schema = match field_strategy(schema, name) {
+            Some(Strategy::Object(fields)) => fields,
+            Some(Strategy::ByKey { element, .. }) => element,
+            Some(Strategy::Set) | None => NONE,
+        };
+    }
+    Some(match ListStrategy::of(schema, last) {
+        ListStrategy::Replace => ListMerge::Replace,
+        ListStrategy::ByKey { key, .. } => ListMerge::ByKey(key),
+        ListStrategy::Set => ListMerge::Set,
+    })
 }
 
 /// How a list field merges.

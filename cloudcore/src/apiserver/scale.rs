@@ -192,10 +192,11 @@ pub async fn serve(
     request: &ResourceRequest,
     headers: &HeaderMap,
     body: &Bytes,
+    manager: &str,
 ) -> Result<Response, ApiError> {
     let paths = builtin_paths(request.info.plural)
         .ok_or_else(|| ApiError::no_route(&format!("{}/scale", request.info.plural)))?;
-    serve_with(api, &paths, method, request, headers, body).await
+    serve_with(api, &paths, method, request, headers, body, manager).await
 }
 
 /// [`serve`] for any resource whose objects keep their replicas at `paths`.
@@ -206,6 +207,7 @@ pub async fn serve_with(
     request: &ResourceRequest,
     headers: &HeaderMap,
     body: &Bytes,
+    manager: &str,
 ) -> Result<Response, ApiError> {
     let info = request.info;
     let Some(name) = request.name.as_deref() else {
@@ -285,7 +287,17 @@ pub async fn serve_with(
         let new = scaled(&current, paths, &wanted, name)?;
         // Written as an update of the object itself (`scale` is not `status`): generation,
         // defaults and validation apply.
-        match verbs::write_update(api, request, name, &current, new, expected).await {
+        match verbs::write_update(
+            api,
+            request,
+            name,
+            &current,
+            new,
+            expected,
+            verbs::Ownership::Update(manager),
+        )
+        .await
+        {
             Err(e) if e.reason == "Conflict" && method == Method::PATCH && attempts < 5 => continue,
             Err(e) => return Err(e),
             Ok(written) => return Ok(scale_response(&scale_of(&written, paths))),

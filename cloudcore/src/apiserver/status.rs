@@ -315,6 +315,8 @@ fn cause_reason(message: &str) -> &'static str {
         ("Duplicate value", "FieldValueDuplicate"),
         ("Forbidden", "FieldValueForbidden"),
         ("Too large resource version", "ResourceVersionTooLarge"),
+        ("conflict with ", "FieldManagerConflict"),
+        ("Too long", "FieldValueTooLong"),
     ]
     .iter()
     .find(|(prefix, _)| message.starts_with(prefix))

@@ -19,7 +19,7 @@ use super::resources::{self, FieldSelector, LabelSelector, ResourceInfo};
 use super::server::User;
 use super::status::{ApiError, Cause};
 use super::store::{EventType, ResourceId, Store, StoreError, WatchEvent};
-use super::{discovery, metrics_api, objects, streaming};
+use super::{apply, discovery, metrics_api, objects, streaming};
 
 /// Shared state of the API handlers.
 #[derive(Debug)]
@@ -269,19 +269,31 @@ async fn resource(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let watch = matches!(query.get("watch").map(String::as_str), Some("true" | "1"));
+    let manager = apply::field_manager(&query, headers);
+    let options = match method {
+        Method::POST => Some("CreateOptions"),
+        Method::PUT => Some("UpdateOptions"),
+        Method::PATCH => Some("PatchOptions"),
+        _ => None,
+    };
+    if let Some(options) = options {
+        apply::check_field_manager(options, &query)?;
+    }
     if request.subresource.as_deref() == Some("scale") {
-        return super::scale::serve(api, method, &request, headers, &body).await;
+        return super::scale::serve(api, method, &request, headers, &body, &manager).await;
     }
     match (&method, &request.name) {
         (&Method::GET, None) if watch => watch_collection(api, &request, &query, headers).await,
         (&Method::GET, None) => list(api, &request, &query, headers).await,
         (&Method::GET, Some(name)) => get(api, &request, name, &query, headers).await,
-        (&Method::POST, None) => create(api, &request, &body).await,
+        (&Method::POST, None) => create(api, &request, &body, &manager).await,
         (&Method::POST, Some(name)) if request.subresource.as_deref() == Some("binding") => {
             bind(api, &request, name, &body).await
         }
-        (&Method::PUT, Some(name)) => update(api, &request, name, &body).await,
-        (&Method::PATCH, Some(name)) => patch_object(api, &request, name, headers, &body).await,
+        (&Method::PUT, Some(name)) => update(api, &request, name, &body, &manager).await,
+        (&Method::PATCH, Some(name)) => {
+            patch_object(api, &request, name, &query, headers, &body, &manager).await
+        }
         (&Method::DELETE, Some(name)) => delete(api, &request, name, &query, &body).await,
         (&Method::DELETE, None) => delete_collection(api, &request, &query).await,
         _ => Err(ApiError::method_not_allowed(format!(
@@ -546,9 +558,30 @@ async fn create(
     api: &Arc<Api>,
     request: &ResourceRequest,
     body: &[u8],
+    manager: &str,
 ) -> Result<Response, ApiError> {
+    let object = parse_body(body)?;
+    let stored = create_object(api, request, object, Ownership::Update(manager)).await?;
+    Ok(json_response(StatusCode::CREATED, &stored))
+}
+
+/// Who owns the fields a write changes (`metadata.managedFields`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Ownership<'a> {
+    /// An `Update` (create, update, non-apply patch) by this field manager.
+    Update(&'a str),
+    /// A server-side apply, which computed the object's managedFields itself.
+    Applied,
+}
+
+/// Creates `object` (the body of a create, or what an apply creates).
+async fn create_object(
+    api: &Arc<Api>,
+    request: &ResourceRequest,
+    mut object: Value,
+    ownership: Ownership<'_>,
+) -> Result<Value, ApiError> {
     let info = request.info;
-    let mut object = parse_body(body)?;
     objects::check_type(info, &object)?;
     if info.namespaced {
         let Some(ns) = request.namespace.clone() else {
@@ -574,7 +607,24 @@ async fn create(
             )));
         }
     }
-    objects::prepare_create(info, &mut object, OffsetDateTime::now_utc())?;
+    let requested_fields = object["metadata"]
+        .get("managedFields")
+        .cloned()
+        .unwrap_or_default();
+    let now = OffsetDateTime::now_utc();
+    objects::prepare_create(info, &mut object, now)?;
+    match ownership {
+        Ownership::Update(manager) => apply::track_update(
+            info,
+            None,
+            None,
+            &mut object,
+            &requested_fields,
+            manager,
+            now,
+        ),
+        Ownership::Applied => apply::set_managed_fields(&mut object, requested_fields),
+    }
     let name = object["metadata"]["name"]
         .as_str()
         .unwrap_or_default()
@@ -585,6 +635,7 @@ async fn create(
         .to_string();
     let store = api.store.clone();
     let id = resource_id(info);
+    let body_name = name.clone();
     let stored = blocking(move || store.create(&id, &namespace, &name.clone(), object))
         .await?
         .map_err(|e| {
@@ -594,16 +645,15 @@ async fn create(
             };
             ApiError::from_store(e, info.group, info.plural, name)
         });
-    let stored = match stored {
-        Ok(s) => s,
+    match stored {
+        Ok(s) => Ok(s),
         Err(mut e) => {
             if e.reason == "AlreadyExists" {
-                e = ApiError::already_exists(info.group, info.plural, &objects::name_of_body(body));
+                e = ApiError::already_exists(info.group, info.plural, &body_name);
             }
-            return Err(e);
+            Err(e)
         }
-    };
-    Ok(json_response(StatusCode::CREATED, &stored))
+    }
 }
 
 /// Writes `new` over `current` (same object), applying the rules for updates: immutable
@@ -615,10 +665,28 @@ pub(crate) async fn write_update(
     current: &Value,
     mut new: Value,
     expected: Option<u64>,
+    ownership: Ownership<'_>,
 ) -> Result<Value, ApiError> {
     let info = request.info;
     objects::check_type(info, &new)?;
+    let requested_fields = new["metadata"]["managedFields"].clone();
     objects::prepare_update(info, request.subresource.as_deref(), current, &mut new)?;
+    match ownership {
+        Ownership::Update(manager) => apply::track_update(
+            info,
+            request.subresource.as_deref(),
+            Some(current),
+            &mut new,
+            &requested_fields,
+            manager,
+            OffsetDateTime::now_utc(),
+        ),
+        Ownership::Applied => apply::set_managed_fields(&mut new, requested_fields),
+    }
+    if matches!(ownership, Ownership::Applied) && new == *current {
+        // An apply that changes nothing writes nothing (the resourceVersion stays).
+        return Ok(new);
+    }
     let namespace = request.namespace.clone().unwrap_or_default();
     let store = api.store.clone();
     let id = resource_id(info);
@@ -642,6 +710,7 @@ async fn update(
     request: &ResourceRequest,
     name: &str,
     body: &[u8],
+    manager: &str,
 ) -> Result<Response, ApiError> {
     let new = parse_body(body)?;
     if let Some(given) = new["metadata"]["name"].as_str()
@@ -655,7 +724,16 @@ async fn update(
     let current = load(api, request.info, &namespace, name).await?;
     // With a resourceVersion in the body the update is conditional on it (409 on mismatch).
     let expected = requested_rv(&new)?;
-    let written = write_update(api, request, name, &current, new, expected).await?;
+    let written = write_update(
+        api,
+        request,
+        name,
+        &current,
+        new,
+        expected,
+        Ownership::Update(manager),
+    )
+    .await?;
     Ok(json_response(StatusCode::OK, &written))
 }
 
@@ -663,8 +741,10 @@ async fn patch_object(
     api: &Arc<Api>,
     request: &ResourceRequest,
     name: &str,
+    query: &Query,
     headers: &HeaderMap,
     body: &[u8],
+    manager: &str,
 ) -> Result<Response, ApiError> {
     let content_type = headers
         .get(header::CONTENT_TYPE)
@@ -675,6 +755,10 @@ async fn patch_object(
             "the patch content type {content_type:?} is not supported"
         ))
     })?;
+    let force = apply::patch_force(patch_type == PatchType::Apply, query)?;
+    if patch_type == PatchType::Apply {
+        return apply_patch(api, request, name, body, manager, force).await;
+    }
     let namespace = request.namespace.clone().unwrap_or_default();
     // Optimistic retry: a concurrent write between our read and our write is retried with the
     // fresh object, as the apiserver does for patches without a resourceVersion.
@@ -700,10 +784,96 @@ async fn patch_object(
             Some(rv) if Some(rv) != rv_of(&current) => Some(rv),
             _ => rv_of(&current),
         };
-        match write_update(api, request, name, &current, patched, expected).await {
+        match write_update(
+            api,
+            request,
+            name,
+            &current,
+            patched,
+            expected,
+            Ownership::Update(manager),
+        )
+        .await
+        {
             Err(e) if e.reason == "Conflict" && attempts < 5 => continue,
             Err(e) => return Err(e),
             Ok(written) => return Ok(json_response(StatusCode::OK, &written)),
+        }
+    }
+}
+
+/// `PATCH` with `application/apply-patch+yaml`: server-side apply ([`apply`]), creating the
+/// object when it does not exist; the result takes the same write path as any update.
+async fn apply_patch(
+    api: &Arc<Api>,
+    request: &ResourceRequest,
+    name: &str,
+    body: &[u8],
+    manager: &str,
+    force: bool,
+) -> Result<Response, ApiError> {
+    let info = request.info;
+    let config = apply::parse_config(body)?;
+    objects::check_type(info, &config)?;
+    if let Some(given) = config["metadata"]["name"].as_str()
+        && given != name
+    {
+        return Err(ApiError::bad_request(format!(
+            "the name of the object ({given}) does not match the name on the URL ({name})"
+        )));
+    }
+    let namespace = request.namespace.clone().unwrap_or_default();
+    let subresource = request.subresource.as_deref();
+    // A resourceVersion in the configuration is a precondition (409 when stale, no retry).
+    let requested = requested_rv(&config)?;
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let current = match load(api, info, &namespace, name).await {
+            Ok(current) => Some(current),
+            Err(e) if e.reason == "NotFound" && subresource.is_none() => None,
+            Err(e) => return Err(e),
+        };
+        let now = OffsetDateTime::now_utc();
+        let applied = apply::apply(
+            info,
+            subresource,
+            current.as_ref(),
+            &config,
+            manager,
+            force,
+            now,
+        )?;
+        let written = match &current {
+            None => {
+                let mut object = applied;
+                object["metadata"]["name"] = json!(name);
+                create_object(api, request, object, Ownership::Applied)
+                    .await
+                    .map(|created| (StatusCode::CREATED, created))
+            }
+            Some(current) => {
+                let expected = requested.or_else(|| rv_of(current));
+                write_update(
+                    api,
+                    request,
+                    name,
+                    current,
+                    applied,
+                    expected,
+                    Ownership::Applied,
+                )
+                .await
+                .map(|updated| (StatusCode::OK, updated))
+            }
+        };
+        match written {
+            Err(e)
+                if matches!(e.reason, "Conflict" | "AlreadyExists")
+                    && requested.is_none()
+                    && attempts < 5 => {}
+            Err(e) => return Err(e),
+            Ok((code, object)) => return Ok(json_response(code, &object)),
         }
     }
 }
