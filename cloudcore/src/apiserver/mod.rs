@@ -135,6 +135,7 @@ pub async fn start(
 ) -> Result<Embedded, EmbeddedError> {
     let store = Store::open(&data_dir.join("api.db"), StoreOptions::default())?;
     bootstrap(&store)?;
+    let definitions_rv = crd::load(&store)?;
     let tls = server::tls_config(ca, sans)?;
     let listener = server::bind(listen).await?;
     let bound = listener
@@ -171,6 +172,7 @@ pub async fn start(
     });
     let router = axum::Router::new().fallback(verbs::handle).with_state(api);
     tracker.spawn(keep_system_namespaces(store.clone(), shutdown.clone()));
+    tracker.spawn(crd::run(store.clone(), definitions_rv, shutdown.clone()));
     tracker.spawn(server::serve(listener, tls, router, shutdown));
     Ok(Embedded {
         listen: bound,
