@@ -220,7 +220,12 @@ fn version_priority(version: &str) -> (u8, i64, i64, String) {
 fn strings(value: &Value) -> Vec<String> {
     value
         .as_array()
-        .map(|a| a.iter().filter_map(Value::as_str).map(String::from).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(Value::as_str)
+                .map(String::from)
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -297,7 +302,7 @@ fn served_versions(definition: &Value) -> Vec<Arc<Served>> {
             terminating,
         }));
     }
-    out.sort_by(|a, b| version_priority(a.info.version).cmp(&version_priority(b.info.version)));
+    out.sort_by_key(|a| version_priority(a.info.version));
     out
 }
 
@@ -452,10 +457,18 @@ fn establish(definition: &Value, now: OffsetDateTime) -> Value {
     match conflict {
         None => {
             registry_mut().insert(name, served_versions(definition));
-            set_condition(&mut status, "NamesAccepted", "True", "NoConflicts", "no conflicts found", now);
-            let established_before = status["conditions"]
-                .as_array()
-                .is_some_and(|c| c.iter().any(|c| c["type"] == "Established" && c["status"] == "True"));
+            set_condition(
+                &mut status,
+                "NamesAccepted",
+                "True",
+                "NoConflicts",
+                "no conflicts found",
+                now,
+            );
+            let established_before = status["conditions"].as_array().is_some_and(|c| {
+                c.iter()
+                    .any(|c| c["type"] == "Established" && c["status"] == "True")
+            });
             if !established_before {
                 set_condition(
                     &mut status,
@@ -506,12 +519,12 @@ pub fn load(store: &Store) -> Result<u64, StoreError> {
     let (definitions, rv) = store.list(&definitions_id(), None)?;
     // Established definitions first, so that a definition that lost a conflict does not take
     // the names of one that was serving before the restart.
-    let (established, others): (Vec<Value>, Vec<Value>) =
-        definitions.into_iter().partition(|d| {
-            d["status"]["conditions"]
-                .as_array()
-                .is_some_and(|c| c.iter().any(|c| c["type"] == "Established" && c["status"] == "True"))
-        });
+    let (established, others): (Vec<Value>, Vec<Value>) = definitions.into_iter().partition(|d| {
+        d["status"]["conditions"].as_array().is_some_and(|c| {
+            c.iter()
+                .any(|c| c["type"] == "Established" && c["status"] == "True")
+        })
+    });
     for definition in established.iter().chain(others.iter()) {
         reconcile(store, definition)?;
     }
@@ -546,7 +559,12 @@ fn reconcile(store: &Store, definition: &Value) -> Result<(), StoreError> {
 
 /// A definition being deleted: every object of it is deleted, then the cleanup finalizer is
 /// removed and, with no finalizer left, the definition itself.
-fn finalize(store: &Store, definition: &Value, name: &str, now: OffsetDateTime) -> Result<(), StoreError> {
+fn finalize(
+    store: &Store,
+    definition: &Value,
+    name: &str,
+    now: OffsetDateTime,
+) -> Result<(), StoreError> {
     let versions = served_versions(definition);
     if versions.is_empty() {
         registry_mut().remove(name);
@@ -577,7 +595,11 @@ fn finalize(store: &Store, definition: &Value, name: &str, now: OffsetDateTime) 
             Err(e) => return Err(e),
         }
     }
-    tracing::info!(definition = name, objects = count, "custom resources of a deleted definition removed");
+    tracing::info!(
+        definition = name,
+        objects = count,
+        "custom resources of a deleted definition removed"
+    );
     registry_mut().remove(name);
     let mut finalized = definition.clone();
     set_condition(
@@ -585,7 +607,7 @@ fn finalize(store: &Store, definition: &Value, name: &str, now: OffsetDateTime) 
         "Terminating",
         "True",
         "InstanceDeletionCompleted",
-        &format!("removed all instances"),
+        "removed all instances",
         now,
     );
     if let Some(list) = finalized["metadata"]["finalizers"].as_array_mut() {
@@ -598,7 +620,9 @@ fn finalize(store: &Store, definition: &Value, name: &str, now: OffsetDateTime) 
         .as_array()
         .is_none_or(Vec::is_empty)
     {
-        store.delete(&definitions_id(), "", name, expected).map(|_| ())
+        store
+            .delete(&definitions_id(), "", name, expected)
+            .map(|_| ())
     } else {
         store
             .update(&definitions_id(), "", name, finalized, expected)
@@ -615,7 +639,9 @@ fn finalize(store: &Store, definition: &Value, name: &str, now: OffsetDateTime) 
 pub async fn run(store: Store, mut from: u64, shutdown: CancellationToken) {
     loop {
         let watch_store = store.clone();
-        let watch = tokio::task::spawn_blocking(move || watch_store.watch(&definitions_id(), None, from)).await;
+        let watch =
+            tokio::task::spawn_blocking(move || watch_store.watch(&definitions_id(), None, from))
+                .await;
         let mut watch = match watch {
             Ok(Ok(w)) => w,
             Ok(Err(e)) => {
@@ -644,7 +670,9 @@ pub async fn run(store: Store, mut from: u64, shutdown: CancellationToken) {
             let object = event.object.clone();
             match tokio::task::spawn_blocking(move || reconcile(&s, &object)).await {
                 Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::warn!(definition = %event.name, error = %e, "cannot reconcile a custom resource definition"),
+                Ok(Err(e)) => {
+                    tracing::warn!(definition = %event.name, error = %e, "cannot reconcile a custom resource definition")
+                }
                 Err(e) => tracing::warn!(error = %e, "definition reconcile task failed"),
             }
         }
@@ -653,7 +681,11 @@ pub async fn run(store: Store, mut from: u64, shutdown: CancellationToken) {
 
 /// The delete of a definition: marked with `deletionTimestamp`, the cleanup finalizer and a
 /// `Terminating` condition, and left for [`run`] to finish. `None` for any other resource.
-pub fn pending_deletion(info: &ResourceInfo, current: &Value, now: OffsetDateTime) -> Option<Value> {
+pub fn pending_deletion(
+    info: &ResourceInfo,
+    current: &Value,
+    now: OffsetDateTime,
+) -> Option<Value> {
     if info.group != GROUP || info.plural != "customresourcedefinitions" {
         return None;
     }
@@ -662,7 +694,10 @@ pub fn pending_deletion(info: &ResourceInfo, current: &Value, now: OffsetDateTim
         pending["metadata"]["deletionTimestamp"] = json!(objects::timestamp(now));
         pending["metadata"]["deletionGracePeriodSeconds"] = json!(0);
     }
-    let finalizers = pending["metadata"]["finalizers"].as_array().cloned().unwrap_or_default();
+    let finalizers = pending["metadata"]["finalizers"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
     if !finalizers.iter().any(|f| f == CLEANUP_FINALIZER) {
         let mut list = finalizers;
         list.push(json!(CLEANUP_FINALIZER));
@@ -716,10 +751,16 @@ pub fn default_definition(definition: &mut Value) {
         return;
     }
     if !kind.is_empty() {
-        if definition["spec"]["names"]["singular"].as_str().is_none_or(str::is_empty) {
+        if definition["spec"]["names"]["singular"]
+            .as_str()
+            .is_none_or(str::is_empty)
+        {
             definition["spec"]["names"]["singular"] = json!(kind.to_ascii_lowercase());
         }
-        if definition["spec"]["names"]["listKind"].as_str().is_none_or(str::is_empty) {
+        if definition["spec"]["names"]["listKind"]
+            .as_str()
+            .is_none_or(str::is_empty)
+        {
             definition["spec"]["names"]["listKind"] = json!(format!("{kind}List"));
         }
     }
@@ -761,7 +802,12 @@ pub fn validate_definition(definition: &Value, causes: &mut Vec<Cause>) {
             format!("Unsupported value: {other:?}: supported values: \"Cluster\", \"Namespaced\""),
         ),
     }
-    for (field, required) in [("plural", true), ("singular", true), ("kind", true), ("listKind", true)] {
+    for (field, required) in [
+        ("plural", true),
+        ("singular", true),
+        ("kind", true),
+        ("listKind", true),
+    ] {
         let value = names[field].as_str().unwrap_or_default();
         if value.is_empty() {
             if required {
@@ -771,7 +817,9 @@ pub fn validate_definition(definition: &Value, causes: &mut Vec<Cause>) {
             cause(
                 causes,
                 format!("spec.names.{field}"),
-                format!("Invalid value: {value:?}: a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', and must start and end with an alphanumeric character"),
+                format!(
+                    "Invalid value: {value:?}: a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', and must start and end with an alphanumeric character"
+                ),
             );
         }
     }
@@ -780,7 +828,9 @@ pub fn validate_definition(definition: &Value, causes: &mut Vec<Cause>) {
             cause(
                 causes,
                 format!("spec.names.shortNames[{i}]"),
-                format!("Invalid value: {short:?}: a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', and must start and end with an alphanumeric character"),
+                format!(
+                    "Invalid value: {short:?}: a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', and must start and end with an alphanumeric character"
+                ),
             );
         }
     }
@@ -792,13 +842,19 @@ pub fn validate_definition(definition: &Value, causes: &mut Vec<Cause>) {
         match version["name"].as_str() {
             Some(v) if is_dns_label(v) => {
                 if !seen.insert(v.to_string()) {
-                    cause(causes, format!("{at}.name"), format!("Duplicate value: {v:?}"));
+                    cause(
+                        causes,
+                        format!("{at}.name"),
+                        format!("Duplicate value: {v:?}"),
+                    );
                 }
             }
             Some(v) => cause(
                 causes,
                 format!("{at}.name"),
-                format!("Invalid value: {v:?}: a DNS-1035 label must consist of lower case alphanumeric characters or '-', start with an alphabetic character, and end with an alphanumeric character"),
+                format!(
+                    "Invalid value: {v:?}: a DNS-1035 label must consist of lower case alphanumeric characters or '-', start with an alphabetic character, and end with an alphanumeric character"
+                ),
             ),
             None => cause(causes, format!("{at}.name"), "Required value"),
         }
@@ -809,7 +865,11 @@ pub fn validate_definition(definition: &Value, causes: &mut Vec<Cause>) {
         };
         match version["schema"].get("openAPIV3Schema") {
             Some(s) if s.is_object() => validate_schema(s, &schema_at, true, causes),
-            _ => cause(causes, format!("{at}.schema.openAPIV3Schema"), "Required value"),
+            _ => cause(
+                causes,
+                format!("{at}.schema.openAPIV3Schema"),
+                "Required value",
+            ),
         }
         let columns_at = if single {
             "spec.additionalPrinterColumns".to_string()
@@ -850,21 +910,33 @@ pub fn validate_definition(definition: &Value, causes: &mut Vec<Cause>) {
                 None => cause(causes, format!("{at}.JSONPath"), "Required value"),
             }
         }
-        if let Some(scale) = version["subresources"].get("scale").filter(|s| s.is_object()) {
+        if let Some(scale) = version["subresources"]
+            .get("scale")
+            .filter(|s| s.is_object())
+        {
             for field in ["specReplicasPath", "statusReplicasPath"] {
                 match scale[field].as_str() {
                     Some(p) if p.starts_with('.') && JsonPath::parse(p).is_ok() => {}
                     Some(p) => cause(
                         causes,
                         format!("{at}.subresources.scale.{field}"),
-                        format!("Invalid value: {p:?}: should be a json path under either .spec or .status"),
+                        format!(
+                            "Invalid value: {p:?}: should be a json path under either .spec or .status"
+                        ),
                     ),
-                    None => cause(causes, format!("{at}.subresources.scale.{field}"), "Required value"),
+                    None => cause(
+                        causes,
+                        format!("{at}.subresources.scale.{field}"),
+                        "Required value",
+                    ),
                 }
             }
         }
     }
-    let storage = versions.iter().filter(|v| v["storage"] == json!(true)).count();
+    let storage = versions
+        .iter()
+        .filter(|v| v["storage"] == json!(true))
+        .count();
     if storage != 1 {
         cause(
             causes,
@@ -908,7 +980,10 @@ fn validate_schema(schema: &Value, at: &str, root: bool, causes: &mut Vec<Cause>
             cause(
                 causes,
                 format!("{at}.type"),
-                format!("Unsupported value: {t:?}: supported values: {}", supported.join(", ")),
+                format!(
+                    "Unsupported value: {t:?}: supported values: {}",
+                    supported.join(", ")
+                ),
             )
         }
         Some(t) if root && t != "object" => cause(
@@ -946,7 +1021,12 @@ fn validate_schema(schema: &Value, at: &str, root: bool, causes: &mut Vec<Cause>
         validate_schema(items, &format!("{at}.items"), false, causes);
     }
     if let Some(additional) = schema.get("additionalProperties").filter(|a| a.is_object()) {
-        validate_schema(additional, &format!("{at}.additionalProperties"), false, causes);
+        validate_schema(
+            additional,
+            &format!("{at}.additionalProperties"),
+            false,
+            causes,
+        );
     }
 }
 
@@ -972,10 +1052,16 @@ pub fn unknown_fields(info: &ResourceInfo, object: &Value) -> Vec<String> {
 /// (`current` is `None`) and `objects::prepare_update` before the generic validation: for a
 /// custom resource, the status split on create, pruning, defaulting and schema validation,
 /// `metadata.generation`, and the `scale` replicas check; for a definition, its defaults.
-pub fn prepare(info: &ResourceInfo, current: Option<&Value>, object: &mut Value) -> Result<(), ApiError> {
+pub fn prepare(
+    info: &ResourceInfo,
+    current: Option<&Value>,
+    object: &mut Value,
+) -> Result<(), ApiError> {
     if info.group == GROUP && info.plural == "customresourcedefinitions" {
         default_definition(object);
-        if current.is_none() && let Some(meta) = object["metadata"].as_object_mut() {
+        if current.is_none()
+            && let Some(meta) = object["metadata"].as_object_mut()
+        {
             meta.remove("finalizers");
         }
         if current.is_none() {
@@ -987,16 +1073,22 @@ pub fn prepare(info: &ResourceInfo, current: Option<&Value>, object: &mut Value)
         return Ok(());
     };
     if current.is_none() && served.terminating {
-        return Err(ApiError::method_not_allowed(format!(
-            "create not allowed while custom resource definition is terminating"
-        )));
+        return Err(ApiError::method_not_allowed(
+            "create not allowed while custom resource definition is terminating",
+        ));
     }
     let has_status = info.has_subresource("status");
-    if current.is_none() && has_status && let Some(map) = object.as_object_mut() {
+    if current.is_none()
+        && has_status
+        && let Some(map) = object.as_object_mut()
+    {
         map.remove("status");
     }
     schema::normalize_numbers(object);
-    let name = object["metadata"]["name"].as_str().unwrap_or_default().to_string();
+    let name = object["metadata"]["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
     let mut causes = Vec::new();
     if let Some(schema) = &served.schema {
         schema::prune(schema, object);
@@ -1020,7 +1112,10 @@ pub fn prepare(info: &ResourceInfo, current: Option<&Value>, object: &mut Value)
                 format!(
                     "Invalid value: 0: {} accessor error: {} is of the type {}, expected int64",
                     scale.spec_replicas,
-                    replicas.as_str().map(String::from).unwrap_or_else(|| replicas.to_string()),
+                    replicas
+                        .as_str()
+                        .map(String::from)
+                        .unwrap_or_else(|| replicas.to_string()),
                     go_type(replicas)
                 ),
             ),
@@ -1045,7 +1140,8 @@ pub fn prepare(info: &ResourceInfo, current: Option<&Value>, object: &mut Value)
                 };
                 strip(object) != strip(current)
             };
-            object["metadata"]["generation"] = json!(if changed { generation + 1 } else { generation });
+            object["metadata"]["generation"] =
+                json!(if changed { generation + 1 } else { generation });
         }
     }
     Ok(())
@@ -1122,9 +1218,17 @@ pub fn definition_name(info: &ResourceInfo) -> String {
 
 /// The `autoscaling/v1` Scale of a custom resource object.
 pub fn scale_of(paths: &ScalePaths, object: &Value) -> Value {
-    let read = |p: &str| JsonPath::parse(p).ok().and_then(|j| j.first(object).cloned());
-    let spec = read(&paths.spec_replicas).and_then(|v| v.as_i64()).unwrap_or(0);
-    let status = read(&paths.status_replicas).and_then(|v| v.as_i64()).unwrap_or(0);
+    let read = |p: &str| {
+        JsonPath::parse(p)
+            .ok()
+            .and_then(|j| j.first(object).cloned())
+    };
+    let spec = read(&paths.spec_replicas)
+        .and_then(|v| v.as_i64())
+        .unwrap_or(0);
+    let status = read(&paths.status_replicas)
+        .and_then(|v| v.as_i64())
+        .unwrap_or(0);
     let mut scale = json!({
         "kind": "Scale",
         "apiVersion": "autoscaling/v1",
@@ -1184,8 +1288,8 @@ pub async fn serve_scale(
     use axum::http::{Method, StatusCode, header};
     use axum::response::IntoResponse;
     let info = request.info;
-    let served = served_version(info)
-        .ok_or_else(|| ApiError::not_found(info.group, info.plural, ""))?;
+    let served =
+        served_version(info).ok_or_else(|| ApiError::not_found(info.group, info.plural, ""))?;
     let paths = served
         .scale
         .clone()
@@ -1199,10 +1303,20 @@ pub async fn serve_scale(
             .map_err(|e| ApiError::internal(format!("storage task failed: {e}")))
     };
     let respond = |code: StatusCode, value: &Value| {
-        (code, [(header::CONTENT_TYPE, "application/json")], value.to_string()).into_response()
+        (
+            code,
+            [(header::CONTENT_TYPE, "application/json")],
+            value.to_string(),
+        )
+            .into_response()
     };
     for _attempt in 0..5 {
-        let (store, id2, ns, n) = (api.store.clone(), id.clone(), namespace.clone(), name.clone());
+        let (store, id2, ns, n) = (
+            api.store.clone(),
+            id.clone(),
+            namespace.clone(),
+            name.clone(),
+        );
         let current = blocking(Box::new(move || store.get(&id2, &ns, &n)))
             .await?
             .map_err(|e| ApiError::from_store(e, info.group, info.plural, &name))?
@@ -1225,7 +1339,14 @@ pub async fn serve_scale(
                     })?;
                 super::patch::apply(patch_type, "Scale", &scale, body).map_err(|e| match e {
                     super::patch::PatchError::Malformed(m) => ApiError::bad_request(m),
-                    other => ApiError::invalid("Scale", &name, vec![Cause { field: "patch".into(), message: other.to_string() }]),
+                    other => ApiError::invalid(
+                        "Scale",
+                        &name,
+                        vec![Cause {
+                            field: "patch".into(),
+                            message: other.to_string(),
+                        }],
+                    ),
                 })?
             }
             _ => {
@@ -1243,7 +1364,10 @@ pub async fn serve_scale(
                     &name,
                     vec![Cause {
                         field: "spec.replicas".into(),
-                        message: format!("Invalid value: {}: must be greater than or equal to 0", schema::go_value(v)),
+                        message: format!(
+                            "Invalid value: {}: must be greater than or equal to 0",
+                            schema::go_value(v)
+                        ),
                     }],
                 )
             })?,
@@ -1253,7 +1377,9 @@ pub async fn serve_scale(
             .filter(|s| !s.is_empty())
             .map(|s| s.parse::<u64>().map_err(|_| ApiError::bad_request(format!("metadata.resourceVersion: Invalid value: {s:?}: must be an unsigned decimal integer"))))
             .transpose()?;
-        let current_rv = current["metadata"]["resourceVersion"].as_str().and_then(|s| s.parse::<u64>().ok());
+        let current_rv = current["metadata"]["resourceVersion"]
+            .as_str()
+            .and_then(|s| s.parse::<u64>().ok());
         let mut updated = current.clone();
         set_replicas(&paths, &mut updated, replicas);
         if updated["spec"] != current["spec"] {
@@ -1261,8 +1387,16 @@ pub async fn serve_scale(
             updated["metadata"]["generation"] = json!(generation + 1);
         }
         let expected = requested_rv.or(current_rv);
-        let (store, id2, ns, n) = (api.store.clone(), id.clone(), namespace.clone(), name.clone());
-        let written = blocking(Box::new(move || store.update(&id2, &ns, &n, updated, expected).map(Some))).await?;
+        let (store, id2, ns, n) = (
+            api.store.clone(),
+            id.clone(),
+            namespace.clone(),
+            name.clone(),
+        );
+        let written = blocking(Box::new(move || {
+            store.update(&id2, &ns, &n, updated, expected).map(Some)
+        }))
+        .await?;
         match written {
             Ok(Some(object)) => return Ok(respond(StatusCode::OK, &scale_of(&paths, &object))),
             Ok(None) => return Err(ApiError::internal("the scale update wrote nothing")),
@@ -1270,7 +1404,12 @@ pub async fn serve_scale(
             Err(e) => return Err(ApiError::from_store(e, info.group, info.plural, &name)),
         }
     }
-    Err(ApiError::conflict(info.group, info.plural, &name, "the object kept changing; try again"))
+    Err(ApiError::conflict(
+        info.group,
+        info.plural,
+        &name,
+        "the object kept changing; try again",
+    ))
 }
 
 #[cfg(test)]
@@ -1300,12 +1439,20 @@ mod tests {
     fn version_priority_follows_kube() {
         let mut versions = vec!["v1alpha1", "foo", "v2", "v1beta2", "v1", "v1beta1", "v10"];
         versions.sort_by_key(|v| version_priority(v));
-        assert_eq!(versions, ["v10", "v2", "v1", "v1beta2", "v1beta1", "v1alpha1", "foo"]);
+        assert_eq!(
+            versions,
+            ["v10", "v2", "v1", "v1beta2", "v1beta1", "v1alpha1", "foo"]
+        );
     }
 
     #[test]
     fn established_definitions_are_looked_up_and_conflicts_are_not() {
-        let mut definition = widget_definition("sprockets.unit.example.com", "sprockets", "Sprocket", &["spr"]);
+        let mut definition = widget_definition(
+            "sprockets.unit.example.com",
+            "sprockets",
+            "Sprocket",
+            &["spr"],
+        );
         default_definition(&mut definition);
         let status = establish(&definition, OffsetDateTime::now_utc());
         assert_eq!(status["conditions"][0]["type"], "NamesAccepted");
@@ -1333,7 +1480,10 @@ mod tests {
         let status = establish(&rival, OffsetDateTime::now_utc());
         assert_eq!(status["conditions"][0]["status"], "False");
         assert_eq!(status["conditions"][0]["reason"], "ListKindConflict");
-        assert_eq!(status["conditions"][0]["message"], "\"SprocketList\" is already in use");
+        assert_eq!(
+            status["conditions"][0]["message"],
+            "\"SprocketList\" is already in use"
+        );
         assert_eq!(status["conditions"][1]["status"], "False");
         assert_eq!(status["acceptedNames"]["plural"], "cogs");
         assert!(status["acceptedNames"].get("shortNames").is_none());
@@ -1356,11 +1506,15 @@ mod tests {
         default_definition(&mut wrong_name);
         assert_eq!(
             messages(wrong_name),
-            [r#"metadata.name: Invalid value: "foo.example.com": must be spec.names.plural+"."+spec.group"#]
+            [
+                r#"metadata.name: Invalid value: "foo.example.com": must be spec.names.plural+"."+spec.group"#
+            ]
         );
-        let got = messages(json!({"metadata": {"name": "bars.example"}, "spec": {"group": "example",
+        let got = messages(
+            json!({"metadata": {"name": "bars.example"}, "spec": {"group": "example",
             "scope": "Bogus", "names": {"plural": "bars"},
-            "versions": [{"name": "v1", "served": true, "storage": false}]}}));
+            "versions": [{"name": "v1", "served": true, "storage": false}]}}),
+        );
         for want in [
             r#"spec.group: Invalid value: "example": should be a domain with at least one dot"#,
             r#"spec.scope: Unsupported value: "Bogus": supported values: "Cluster", "Namespaced""#,
@@ -1369,15 +1523,20 @@ mod tests {
         ] {
             assert!(got.iter().any(|g| g == want), "{want} in {got:#?}");
         }
-        assert!(got.iter().any(|g| g.ends_with("must have exactly one version marked as storage version")));
-        let got = messages(json!({"metadata": {"name": "quxs.example.com"}, "spec": {"group": "example.com",
+        assert!(
+            got.iter()
+                .any(|g| g.ends_with("must have exactly one version marked as storage version"))
+        );
+        let got = messages(
+            json!({"metadata": {"name": "quxs.example.com"}, "spec": {"group": "example.com",
             "scope": "Namespaced", "names": {"plural": "quxs", "singular": "qux", "kind": "Qux", "listKind": "QuxList"},
             "versions": [{"name": "v1", "served": true, "storage": true,
                 "additionalPrinterColumns": [{"name": "X", "type": "string", "jsonPath": "spec.x"},
                                              {"name": "Y", "type": "foo", "jsonPath": ".spec.y"}],
                 "schema": {"openAPIV3Schema": {"properties": {"spec": {"properties": {
                     "a": {"type": "strin"}, "b": {"type": "string", "pattern": "(("},
-                    "c": {"type": "array", "uniqueItems": true, "items": {"type": "string"}}}}}}}}]}}));
+                    "c": {"type": "array", "uniqueItems": true, "items": {"type": "string"}}}}}}}}]}}),
+        );
         let want = [
             "spec.validation.openAPIV3Schema.type: Required value: must not be empty at the root",
             "spec.validation.openAPIV3Schema.properties[spec].type: Required value: must not be empty for specified object fields",

@@ -21,8 +21,8 @@
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 
-use super::{crd, metrics_api};
 use super::resources::{self, POD_STREAM_SUBRESOURCES, ResourceInfo, STATUS_VERBS};
+use super::{crd, metrics_api};
 
 /// Major version reported by `/version`.
 pub const MAJOR: &str = "1";

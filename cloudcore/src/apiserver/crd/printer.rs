@@ -246,7 +246,9 @@ pub fn table(
     let rows: Vec<Value> = objects
         .iter()
         .map(|object| {
-            let mut cells = vec![json!(object["metadata"]["name"].as_str().unwrap_or_default())];
+            let mut cells = vec![json!(
+                object["metadata"]["name"].as_str().unwrap_or_default()
+            )];
             cells.extend(columns.iter().map(|c| c.cell(object, now)));
             let mut row = Map::new();
             row.insert("cells".into(), Value::Array(cells));
@@ -311,11 +313,26 @@ mod tests {
         };
         let object = json!({"metadata": {"name": "w", "creationTimestamp": "2024-05-01T11:00:00Z"},
             "spec": {"replicas": 2.0, "size": 1.5, "on": true, "color": "red", "list": [1]}});
-        assert_eq!(column("integer", ".spec.replicas").cell(&object, now), json!(2));
-        assert_eq!(column("integer", ".spec.color").cell(&object, now), Value::Null);
-        assert_eq!(column("number", ".spec.size").cell(&object, now), json!(1.5));
-        assert_eq!(column("boolean", ".spec.on").cell(&object, now), json!(true));
-        assert_eq!(column("string", ".spec.list").cell(&object, now), json!("[1]"));
+        assert_eq!(
+            column("integer", ".spec.replicas").cell(&object, now),
+            json!(2)
+        );
+        assert_eq!(
+            column("integer", ".spec.color").cell(&object, now),
+            Value::Null
+        );
+        assert_eq!(
+            column("number", ".spec.size").cell(&object, now),
+            json!(1.5)
+        );
+        assert_eq!(
+            column("boolean", ".spec.on").cell(&object, now),
+            json!(true)
+        );
+        assert_eq!(
+            column("string", ".spec.list").cell(&object, now),
+            json!("[1]")
+        );
         assert_eq!(PrinterColumn::age().cell(&object, now), json!("60m"));
         let t = table(
             &[column("string", ".spec.color")],

@@ -117,7 +117,13 @@ fn prune_meta(meta: &mut Value, path: &str, dropped: &mut Vec<String>) {
     }
 }
 
-fn prune_at(schema: &Value, value: &mut Value, path: &str, resource: bool, dropped: &mut Vec<String>) {
+fn prune_at(
+    schema: &Value,
+    value: &mut Value,
+    path: &str,
+    resource: bool,
+    dropped: &mut Vec<String>,
+) {
     match value {
         Value::Object(map) => {
             let preserve = flag(schema, "x-kubernetes-preserve-unknown-fields");
@@ -476,7 +482,10 @@ fn validate_number(schema: &Value, value: &Value, path: &str, causes: &mut Vec<C
             push(
                 causes,
                 path,
-                format!("Invalid value: {shown}: {path} in body should be less than {}", bound(max)),
+                format!(
+                    "Invalid value: {shown}: {path} in body should be less than {}",
+                    bound(max)
+                ),
             );
         } else if !exclusive && n > max {
             push(
@@ -531,11 +540,10 @@ fn validate_number(schema: &Value, value: &Value, path: &str, causes: &mut Vec<C
 fn format_matches(format: &str, text: &str) -> bool {
     match format {
         "uuid" | "uuid3" | "uuid4" | "uuid5" => uuid::Uuid::try_parse(text).is_ok(),
-        "date-time" | "datetime" => time::OffsetDateTime::parse(
-            text,
-            &time::format_description::well_known::Rfc3339,
-        )
-        .is_ok(),
+        "date-time" | "datetime" => {
+            time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+                .is_ok()
+        }
         "date" => {
             let parts: Vec<&str> = text.split('-').collect();
             parts.len() == 3
@@ -551,7 +559,9 @@ fn format_matches(format: &str, text: &str) -> bool {
         }),
         "byte" => {
             use base64::Engine as _;
-            base64::engine::general_purpose::STANDARD.decode(text).is_ok()
+            base64::engine::general_purpose::STANDARD
+                .decode(text)
+                .is_ok()
         }
         "hostname" => {
             !text.is_empty()
@@ -559,7 +569,9 @@ fn format_matches(format: &str, text: &str) -> bool {
                 && text.split('.').all(|label| {
                     !label.is_empty()
                         && label.len() <= 63
-                        && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                        && label
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
                         && !label.starts_with('-')
                         && !label.ends_with('-')
                 })
@@ -613,11 +625,15 @@ mod tests {
     fn messages_follow_kube_apiserver() {
         assert_eq!(
             messages(json!({"spec": {"color": "red", "replicas": "x"}})),
-            [r#"spec.replicas: Invalid value: "string": spec.replicas in body must be of type integer: "string""#]
+            [
+                r#"spec.replicas: Invalid value: "string": spec.replicas in body must be of type integer: "string""#
+            ]
         );
         assert_eq!(
-            messages(json!({"spec": {"color": "pink", "replicas": 11, "size": 0, "name": "A",
-                                     "tags": ["a", "b", "c"], "port": 1.5}})),
+            messages(
+                json!({"spec": {"color": "pink", "replicas": 11, "size": 0, "name": "A",
+                                     "tags": ["a", "b", "c"], "port": 1.5}})
+            ),
             [
                 r#"spec.color: Unsupported value: "pink": supported values: "red", "green", "blue""#,
                 r#"spec.name: Invalid value: "A": spec.name in body should be at least 2 chars long"#,
@@ -629,11 +645,16 @@ mod tests {
         );
         assert_eq!(
             messages(json!({"spec": {"name": "abcdefg"}})),
-            ["spec.color: Required value", "spec.name: Too long: may not be more than 5 bytes"]
+            [
+                "spec.color: Required value",
+                "spec.name: Too long: may not be more than 5 bytes"
+            ]
         );
         assert_eq!(
-            messages(json!({"spec": {"color": "red", "name": "AB1", "labels": {"b": 5},
-                                     "tags": [1], "tmpl": {"foo": 1}}})),
+            messages(
+                json!({"spec": {"color": "red", "name": "AB1", "labels": {"b": 5},
+                                     "tags": [1], "tmpl": {"foo": 1}}})
+            ),
             [
                 r#"spec.labels.b: Invalid value: "integer": spec.labels.b in body must be of type string: "integer""#,
                 r#"spec.name: Invalid value: "AB1": spec.name in body should match '^[a-z]+$'"#,
@@ -647,7 +668,12 @@ mod tests {
             [r#"spec: Invalid value: "string": spec in body must be of type object: "string""#]
         );
         // Whole floats are integers; nullable takes null; int-or-string takes both.
-        assert!(messages(json!({"spec": {"color": "red", "replicas": 2.0, "nullable": null, "port": "http"}})).is_empty());
+        assert!(
+            messages(
+                json!({"spec": {"color": "red", "replicas": 2.0, "nullable": null, "port": "http"}})
+            )
+            .is_empty()
+        );
     }
 
     #[test]
@@ -688,8 +714,14 @@ mod tests {
             got[0].message,
             "Invalid value: 100: spec.list[1] in body should be less than 100"
         );
-        assert!(validate(&schema, &json!({"spec": {"id": "8e813ff2-c608-4e25-b6cb-3772eb2cff40",
-            "when": "2024-05-01T11:00:00Z", "ip": "10.0.0.1", "list": [2, 4]}})).is_empty());
+        assert!(
+            validate(
+                &schema,
+                &json!({"spec": {"id": "8e813ff2-c608-4e25-b6cb-3772eb2cff40",
+            "when": "2024-05-01T11:00:00Z", "ip": "10.0.0.1", "list": [2, 4]}})
+            )
+            .is_empty()
+        );
     }
 
     #[test]
@@ -706,7 +738,13 @@ mod tests {
         dropped.sort();
         assert_eq!(
             dropped,
-            ["junk", "metadata.bogus", "spec.tmpl.metadata.odd", "spec.unknown", "status.gone"]
+            [
+                "junk",
+                "metadata.bogus",
+                "spec.tmpl.metadata.odd",
+                "spec.unknown",
+                "status.gone"
+            ]
         );
         assert_eq!(object["spec"]["extra"]["kept"]["deep"], 1);
         assert_eq!(object["spec"]["tmpl"]["any"], 2);
@@ -719,7 +757,8 @@ mod tests {
 
     #[test]
     fn defaults_fill_absent_fields_and_nulls() {
-        let mut object = json!({"spec": {"color": "red", "mode": null, "nullable": null, "tags": null}});
+        let mut object =
+            json!({"spec": {"color": "red", "mode": null, "nullable": null, "tags": null}});
         apply_defaults(&widget_schema(), &mut object);
         assert_eq!(
             object["spec"],
