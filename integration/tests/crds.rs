@@ -75,7 +75,8 @@ spec:
                     status: {type: string}
 "#;
 
-/// A cluster-scoped definition without printer columns (kube-apiserver's default Age column).
+/// A cluster-scoped definition without printer columns (kube-apiserver's default Age column),
+/// served in two versions (conversion `None`: objects stored once, read in either).
 const GADGETS: &str = r#"
 apiVersion: apiextensions.k8s.io/v1
 kind: CustomResourceDefinition
@@ -86,6 +87,16 @@ spec:
   scope: Cluster
   names: {plural: gadgets, singular: gadget, kind: Gadget}
   versions:
+  - name: v1beta1
+    served: true
+    storage: false
+    schema:
+      openAPIV3Schema:
+        type: object
+        properties:
+          spec:
+            type: object
+            x-kubernetes-preserve-unknown-fields: true
   - name: v1
     served: true
     storage: true
@@ -273,6 +284,11 @@ fn custom_resources_are_served_from_their_definitions() {
             .status
             .success()
     );
+    let explained = cloud.ok(&["explain", "widgets.spec.replicas"], None);
+    assert!(
+        explained.contains("KIND:       Widget") && explained.contains("replicas <integer>"),
+        "{explained}"
+    );
 
     // Printer columns, by plural, short name and kind; the priority-1 column only wide.
     for name in ["widgets", "wd", "Widget", "widget.example.com"] {
@@ -322,6 +338,24 @@ fn custom_resources_are_served_from_their_definitions() {
     assert_eq!(
         without_age(&cloud.ok(&["get", "wd", "w1", "--no-headers"], None)),
         ["w1 3 blue True"]
+    );
+    let out = cloud.run(
+        &[
+            "patch",
+            "widget",
+            "w1",
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            r#"{"status":{"replicas":-1}}"#,
+        ],
+        None,
+    );
+    assert_eq!(
+        causes(&text(&out.stderr)),
+        [".status.replicas: Invalid value: -1: should be a non-negative integer"],
+        "{}",
+        text(&out.stderr)
     );
 
     // scale reads and writes the declared paths.
@@ -380,6 +414,15 @@ fn custom_resources_are_served_from_their_definitions() {
         "{table}"
     );
     assert!(table.contains("g1"), "{table}");
+    for version in ["v1", "v1beta1"] {
+        let read = cloud.json(&[&format!("gadgets.{version}.example.com"), "g1"]);
+        assert_eq!(read["apiVersion"], format!("example.com/{version}"));
+        assert_eq!(read["spec"]["list"], json!([2, 4]));
+    }
+    let groups: Value =
+        serde_json::from_str(&cloud.ok(&["get", "--raw", "/apis/example.com"], None))
+            .expect("group");
+    assert_eq!(groups["preferredVersion"]["version"], "v1", "{groups}");
     let bad = r#"{"apiVersion":"example.com/v1","kind":"Gadget","metadata":{"name":"g2"},"spec":{"id":"nope","list":[3]}}"#;
     let out = cloud.run(&["create", "-f", "-"], Some(bad));
     assert_eq!(
@@ -564,9 +607,38 @@ fn custom_resources_answer_as_kube_apiserver_does() {
             ],
             None,
         ));
+        let out = server.run(
+            &[
+                "patch",
+                "widget",
+                "w1",
+                "--subresource=status",
+                "--type=merge",
+                "-p",
+                r#"{"status":{"replicas":"x"}}"#,
+            ],
+            None,
+        );
+        answer.push(format!("status: {:?}", causes(&text(&out.stderr))));
         let gadget = r#"{"apiVersion":"example.com/v1","kind":"Gadget","metadata":{"name":"g1"},"spec":{"id":"nope","list":[3]}}"#;
         let out = server.run(&["create", "-f", "-"], Some(gadget));
         answer.push(format!("gadget: {:?}", causes(&text(&out.stderr))));
+        let gadget = r#"{"apiVersion":"example.com/v1beta1","kind":"Gadget","metadata":{"name":"g2"},"spec":{"free":1,"id":"8e813ff2-c608-4e25-b6cb-3772eb2cff40"}}"#;
+        server.ok(&["create", "-f", "-"], Some(gadget));
+        answer.push(server.ok(
+            &[
+                "get",
+                "gadgets.v1.example.com",
+                "g2",
+                "-o",
+                "jsonpath={.apiVersion} {.spec}",
+            ],
+            None,
+        ));
+        answer.push(server.ok(
+            &["get", "gadgets", "g2", "-o", "jsonpath={.apiVersion}"],
+            None,
+        ));
         server.ok(
             &["delete", "crd", "widgets.example.com", "--timeout=60s"],
             None,
@@ -588,6 +660,10 @@ fn custom_resources_answer_as_kube_apiserver_does() {
         "NAME REPLICAS COLOR READY SIZE",
         "w1 4 green",
         "must be of type uuid",
+        "replicas in body must be of type integer",
+        // Written in v1beta1 (which keeps unknown fields), pruned by the storage version's
+        // schema.
+        "example.com/v1 {\"id\":\"8e813ff2-c608-4e25-b6cb-3772eb2cff40\"}",
     ] {
         assert!(embedded.contains(expected), "{expected} in {embedded}");
     }

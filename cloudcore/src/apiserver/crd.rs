@@ -71,6 +71,8 @@ pub struct Served {
     pub scale: Option<ScalePaths>,
     /// The definition is being deleted: reads go on, creates are refused.
     pub terminating: bool,
+    /// This is the storage version.
+    pub storage: bool,
 }
 
 /// Definition name → its served versions, in version priority order.
@@ -300,6 +302,7 @@ fn served_versions(definition: &Value) -> Vec<Arc<Served>> {
             columns,
             scale,
             terminating,
+            storage: version["storage"] == json!(true),
         }));
     }
     out.sort_by_key(|a| version_priority(a.info.version));
@@ -1095,31 +1098,13 @@ pub fn prepare(
         schema::apply_defaults(schema, object);
         causes = schema::validate(schema, object);
     }
-    if let Some(scale) = &served.scale
-        && let Ok(path) = JsonPath::parse(&scale.spec_replicas)
-        && let Some(replicas) = path.first(object)
-    {
-        match replicas.as_i64() {
-            Some(n) if n < 0 => cause(
-                &mut causes,
-                &scale.spec_replicas,
-                format!("Invalid value: {n}: should be a non-negative integer"),
-            ),
-            Some(_) => {}
-            None => cause(
-                &mut causes,
-                &scale.spec_replicas,
-                format!(
-                    "Invalid value: 0: {} accessor error: {} is of the type {}, expected int64",
-                    scale.spec_replicas,
-                    replicas
-                        .as_str()
-                        .map(String::from)
-                        .unwrap_or_else(|| replicas.to_string()),
-                    go_type(replicas)
-                ),
-            ),
-        }
+    // Stored in the storage version: what its schema does not declare is dropped too, as
+    // kube-apiserver's storage decoding does.
+    if let Some(storage) = storage_schema(&served) {
+        schema::prune(&storage, object);
+    }
+    if let Some(scale) = &served.scale {
+        replicas_causes(&scale.spec_replicas, object, &mut causes);
     }
     if !causes.is_empty() {
         return Err(ApiError::invalid(info.kind, &name, causes));
@@ -1147,6 +1132,66 @@ pub fn prepare(
     Ok(())
 }
 
+/// A write to a custom resource's `/status` (the object with only `status` taken from the
+/// request): pruned, defaulted, and its `status` validated against the schema.
+pub fn prepare_status(info: &ResourceInfo, object: &mut Value) -> Result<(), ApiError> {
+    let Some(served) = served_version(info) else {
+        return Ok(());
+    };
+    let Some(schema) = &served.schema else {
+        return Ok(());
+    };
+    schema::normalize_numbers(object);
+    schema::prune(schema, object);
+    schema::apply_defaults(schema, object);
+    let mut causes = match (schema["properties"].get("status"), object.get("status")) {
+        (Some(status_schema), Some(status)) => {
+            schema::validate_subtree(status_schema, status, "status")
+        }
+        _ => Vec::new(),
+    };
+    if let Some(scale) = &served.scale {
+        replicas_causes(&scale.status_replicas, object, &mut causes);
+    }
+    if causes.is_empty() {
+        Ok(())
+    } else {
+        let name = object["metadata"]["name"].as_str().unwrap_or_default();
+        Err(ApiError::invalid(info.kind, name, causes))
+    }
+}
+
+/// The checks of a `scale` replicas path kube-apiserver makes on every write: a
+/// non-negative integer when present.
+fn replicas_causes(path_text: &str, object: &Value, causes: &mut Vec<Cause>) {
+    let Some(replicas) = JsonPath::parse(path_text)
+        .ok()
+        .and_then(|path| path.first(object).cloned())
+    else {
+        return;
+    };
+    match replicas.as_i64() {
+        Some(n) if n < 0 => cause(
+            causes,
+            path_text,
+            format!("Invalid value: {n}: should be a non-negative integer"),
+        ),
+        Some(_) => {}
+        None => cause(
+            causes,
+            path_text,
+            format!(
+                "Invalid value: 0: {path_text} accessor error: {} is of the type {}, expected int64",
+                replicas
+                    .as_str()
+                    .map(String::from)
+                    .unwrap_or_else(|| replicas.to_string()),
+                go_type(&replicas)
+            ),
+        ),
+    }
+}
+
 fn go_type(value: &Value) -> &'static str {
     match value {
         Value::String(_) => "string",
@@ -1158,14 +1203,28 @@ fn go_type(value: &Value) -> &'static str {
     }
 }
 
+/// The schema of the storage version of `served`'s definition, when `served` is not it.
+fn storage_schema(served: &Served) -> Option<Value> {
+    if served.storage {
+        return None;
+    }
+    registry()
+        .get(&served.definition)?
+        .iter()
+        .find(|s| s.storage)
+        .and_then(|s| s.schema.clone())
+}
+
 /// A stored custom resource as the version `info` serves it: its `apiVersion`, and the
-/// schema's defaults (kube-apiserver defaults on read too). Built-ins are left alone.
+/// schema's pruning and defaults (kube-apiserver prunes and defaults on read too).
+/// Built-ins are left alone.
 pub fn present(info: &ResourceInfo, object: &mut Value) {
     let Some(served) = served_version(info) else {
         return;
     };
     object["apiVersion"] = json!(info.api_version());
     if let Some(schema) = &served.schema {
+        schema::prune(schema, object);
         schema::apply_defaults(schema, object);
     }
 }
@@ -1551,6 +1610,42 @@ mod tests {
         assert!(got.iter().any(|g| g.starts_with(
             r#"spec.validation.openAPIV3Schema.properties[spec].properties[b].pattern: Invalid value: "((": must be a valid regular expression"#
         )));
+    }
+
+    #[test]
+    fn unknown_fields_are_what_the_schema_prunes() {
+        let mut definition = widget_definition("knobs.unit2.example.com", "knobs", "Knob", &[]);
+        default_definition(&mut definition);
+        establish(&definition, OffsetDateTime::now_utc());
+        let info = resources::lookup("unit2.example.com", "v1", "knobs").expect("served");
+        let object = json!({"apiVersion": "unit2.example.com/v1", "kind": "Knob",
+            "metadata": {"name": "k"}, "spec": {"replicas": 1, "turns": 3}, "extra": true});
+        let mut unknown = unknown_fields(info, &object);
+        unknown.sort();
+        assert_eq!(unknown, ["extra", "spec.turns"]);
+        // The v1beta1 schema declares nothing under the root: everything but the
+        // always-kept fields is unknown there.
+        let beta = resources::lookup("unit2.example.com", "v1beta1", "knobs").expect("served");
+        assert_eq!(
+            unknown_fields(beta, &json!({"metadata": {}, "spec": {}})),
+            ["spec"]
+        );
+        assert!(unknown_fields(objects::namespace_info(), &object).is_empty());
+        let mut written = object.clone();
+        let e = prepare(
+            info,
+            None,
+            &mut json!({"metadata": {"name": "k"}, "spec": {"replicas": -2}}),
+        )
+        .expect_err("negative replicas");
+        assert_eq!(
+            e.causes()[0].message,
+            "Invalid value: -2: should be a non-negative integer"
+        );
+        prepare(info, None, &mut written).expect("valid");
+        assert!(written.get("extra").is_none() && written["spec"].get("turns").is_none());
+        assert_eq!(written["metadata"]["generation"], 1);
+        registry_mut().remove("knobs.unit2.example.com");
     }
 
     #[test]

@@ -706,7 +706,7 @@ pub fn prepare_update(
         let status = new["status"].take();
         *new = current.clone();
         new["status"] = status;
-        return Ok(());
+        return super::crd::prepare_status(info, new);
     }
     new["kind"] = json!(info.kind);
     new["apiVersion"] = json!(info.api_version());

@@ -253,6 +253,24 @@ pub fn validate(schema: &Value, object: &Value) -> Vec<Cause> {
     causes
 }
 
+/// Validates `value` against a sub-schema as kube-apiserver validates a `/status` write: the
+/// messages name paths from the sub-schema's root (`replicas in body ...`), the causes' fields
+/// carry `prefix` (`status.replicas`).
+pub fn validate_subtree(schema: &Value, value: &Value, prefix: &str) -> Vec<Cause> {
+    let mut causes = Vec::new();
+    validate_at(schema, value, "", false, &mut causes);
+    for cause in &mut causes {
+        cause.field = if cause.field.is_empty() {
+            prefix.to_string()
+        } else if cause.field.starts_with('[') {
+            format!("{prefix}{}", cause.field)
+        } else {
+            format!("{prefix}.{}", cause.field)
+        };
+    }
+    causes
+}
+
 fn push(causes: &mut Vec<Cause>, field: &str, message: String) {
     causes.push(Cause {
         field: field.to_string(),
