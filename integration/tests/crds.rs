@@ -111,6 +111,24 @@ spec:
               list: {type: array, minItems: 2, items: {type: integer, multipleOf: 2}}
 "#;
 
+/// A definition asking for names `WIDGETS` has: kind `Widget` and short name `wd`.
+const RIVAL: &str = r#"
+apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata:
+  name: rivals.example.com
+spec:
+  group: example.com
+  scope: Namespaced
+  names: {plural: rivals, kind: Widget, shortNames: [wd]}
+  versions:
+  - name: v1
+    served: true
+    storage: true
+    schema:
+      openAPIV3Schema: {type: object}
+"#;
+
 /// Objects kube-apiserver refuses, each with the causes it gives.
 const INVALID: &[(&str, &str)] = &[
     (
@@ -584,6 +602,24 @@ fn custom_resources_answer_as_kube_apiserver_does() {
         server.establish(WIDGETS, "widgets.example.com");
         server.establish(GADGETS, "gadgets.example.com");
         let mut answer = Vec::new();
+        // A definition whose kind and short name are taken is stored, not established.
+        server.ok(&["apply", "-f", "-"], Some(RIVAL));
+        server.ok(
+            &[
+                "wait",
+                "--for=condition=NamesAccepted=false",
+                "--timeout=30s",
+                "crd/rivals.example.com",
+            ],
+            None,
+        );
+        answer.push(server.ok(
+            &["get", "crd", "rivals.example.com", "-o",
+              "jsonpath={.status.conditions[*].reason} {.status.conditions[*].message} {.status.acceptedNames}"],
+            None,
+        ));
+        let out = server.run(&["get", "rivals"], None);
+        answer.push(format!("rivals served: {}", out.status.success()));
         for (name, body) in INVALID {
             let out = server.run(&["create", "--validate=false", "-f", "-"], Some(body));
             assert!(!out.status.success(), "{who} accepted {name}");
@@ -661,6 +697,8 @@ fn custom_resources_answer_as_kube_apiserver_does() {
         "w1 4 green",
         "must be of type uuid",
         "replicas in body must be of type integer",
+        "ListKindConflict",
+        "rivals served: false",
         // Written in v1beta1 (which keeps unknown fields), pruned by the storage version's
         // schema.
         "example.com/v1 {\"id\":\"8e813ff2-c608-4e25-b6cb-3772eb2cff40\"}",
