@@ -75,16 +75,32 @@ pub struct Served {
     pub storage: bool,
 }
 
+type Registry = RwLock<BTreeMap<String, Vec<Arc<Served>>>>;
+
 /// Definition name → its served versions, in version priority order.
-static REGISTRY: LazyLock<RwLock<BTreeMap<String, Vec<Arc<Served>>>>> =
-    LazyLock::new(|| RwLock::new(BTreeMap::new()));
+#[cfg(not(test))]
+static REGISTRY: LazyLock<Registry> = LazyLock::new(|| RwLock::new(BTreeMap::new()));
+
+// Unit tests run in parallel threads of one process: each gets a registry of its own, so a
+// test that registers definitions never shows them to another's discovery documents.
+#[cfg(test)]
+thread_local! {
+    static REGISTRY: &'static Registry = Box::leak(Box::new(RwLock::new(BTreeMap::new())));
+}
+
+fn registry_lock() -> &'static Registry {
+    #[cfg(test)]
+    return REGISTRY.with(|r| *r);
+    #[cfg(not(test))]
+    &REGISTRY
+}
 
 fn registry() -> std::sync::RwLockReadGuard<'static, BTreeMap<String, Vec<Arc<Served>>>> {
-    REGISTRY.read().unwrap_or_else(|p| p.into_inner())
+    registry_lock().read().unwrap_or_else(|p| p.into_inner())
 }
 
 fn registry_mut() -> std::sync::RwLockWriteGuard<'static, BTreeMap<String, Vec<Arc<Served>>>> {
-    REGISTRY.write().unwrap_or_else(|p| p.into_inner())
+    registry_lock().write().unwrap_or_else(|p| p.into_inner())
 }
 
 // ---------------------------------------------------------------------------------------------
