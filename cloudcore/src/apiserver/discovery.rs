@@ -21,8 +21,8 @@
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 
-use super::metrics_api;
 use super::resources::{self, POD_STREAM_SUBRESOURCES, ResourceInfo, STATUS_VERBS};
+use super::{crd, metrics_api};
 
 /// Major version reported by `/version`.
 pub const MAJOR: &str = "1";
@@ -75,7 +75,11 @@ pub fn api_versions_for(server_address: &str) -> Value {
 /// The non-core groups, in table order, each with its versions (first is preferred).
 fn groups() -> Vec<(&'static str, Vec<&'static str>)> {
     let mut groups: Vec<(&'static str, Vec<&'static str>)> = Vec::new();
-    for r in resources::builtin().iter().filter(|r| !r.group.is_empty()) {
+    for r in resources::builtin()
+        .iter()
+        .chain(crd::served())
+        .filter(|r| !r.group.is_empty())
+    {
         match groups.iter_mut().find(|(g, _)| *g == r.group) {
             Some((_, versions)) if !versions.contains(&r.version) => versions.push(r.version),
             Some(_) => {}
@@ -181,6 +185,7 @@ pub fn resource_list(group: &str, version: &str) -> Option<Value> {
     }
     let served: Vec<&ResourceInfo> = resources::builtin()
         .iter()
+        .chain(crd::served())
         .filter(|r| r.group == group && r.version == version)
         .collect();
     let first = served.first()?;
@@ -227,7 +232,7 @@ fn gv_path(group: &str, version: &str) -> String {
 /// The group-versions served, in table order.
 fn group_versions() -> Vec<(&'static str, &'static str)> {
     let mut gvs: Vec<(&'static str, &'static str)> = Vec::new();
-    for r in resources::builtin() {
+    for r in resources::builtin().iter().chain(crd::served()) {
         if !gvs.contains(&(r.group, r.version)) {
             gvs.push((r.group, r.version));
         }
@@ -255,6 +260,9 @@ pub fn openapi_v3_index() -> Value {
 
 /// The OpenAPI definition name of a kind, as the apiserver names it (`io.k8s.api.core.v1.Pod`).
 fn definition_name(r: &ResourceInfo) -> String {
+    if crd::is_custom(r) {
+        return crd::definition_name(r);
+    }
     match r.group {
         "" => format!("io.k8s.api.core.{}.{}", r.version, r.kind),
         "apiextensions.k8s.io" => format!(
@@ -652,6 +660,7 @@ fn scale_operations(ops: Map<String, Value>, parent: &str) -> Map<String, Value>
 pub fn openapi_v3_group_version(group: &str, version: &str) -> Option<Value> {
     let served: Vec<&ResourceInfo> = resources::builtin()
         .iter()
+        .chain(crd::served())
         .filter(|r| r.group == group && r.version == version)
         .collect();
     if served.is_empty() {
@@ -701,7 +710,10 @@ pub fn openapi_v3_group_version(group: &str, version: &str) -> Option<Value> {
                 with_parameters(ops, item_parameters.clone()),
             );
         }
-        schemas.insert(definition_name(r), kind_schema(r, false));
+        schemas.insert(
+            definition_name(r),
+            crd::openapi_schema(r).unwrap_or_else(|| kind_schema(r, false)),
+        );
         schemas.insert(format!("{}List", definition_name(r)), kind_schema(r, true));
     }
     Some(json!({
@@ -725,7 +737,7 @@ pub fn openapi_v3_group_version(group: &str, version: &str) -> Option<Value> {
 pub fn openapi_v2() -> Value {
     let mut paths = Map::new();
     let mut definitions = Map::new();
-    for r in resources::builtin() {
+    for r in resources::builtin().iter().chain(crd::served()) {
         let prefix = format!("/{}", gv_path(r.group, r.version));
         let item = if r.namespaced {
             format!("{prefix}/namespaces/{{namespace}}/{}/{{name}}", r.plural)

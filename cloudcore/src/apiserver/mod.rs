@@ -136,6 +136,7 @@ pub async fn start(
 ) -> Result<Embedded, EmbeddedError> {
     let store = Store::open(&data_dir.join("api.db"), StoreOptions::default())?;
     bootstrap(&store)?;
+    let definitions_rv = crd::load(&store)?;
     let tls = server::tls_config(ca, sans)?;
     let listener = server::bind(listen).await?;
     let bound = listener
@@ -174,6 +175,7 @@ pub async fn start(
     tracker.spawn(keep_system_namespaces(store.clone(), shutdown.clone()));
     // Events expire after an hour, as with kube-apiserver's --event-ttl=1h.
     tracker.spawn(event_ttl::run(store.clone(), shutdown.clone()));
+    tracker.spawn(crd::run(store.clone(), definitions_rv, shutdown.clone()));
     tracker.spawn(server::serve(listener, tls, router, shutdown));
     Ok(Embedded {
         listen: bound,

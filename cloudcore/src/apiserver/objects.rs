@@ -441,6 +441,9 @@ fn validate(info: &ResourceInfo, object: &Value) -> Result<(), ApiError> {
     match info.plural {
         "pods" => validate_pod(object, &mut causes),
         "secrets" | "configmaps" => validate_secret_and_configmap(info, object, &mut causes),
+        "customresourcedefinitions" if info.group == super::crd::GROUP => {
+            super::crd::validate_definition(object, &mut causes)
+        }
         _ => super::workloads::validate(info, object, &mut causes),
     }
     if causes.is_empty() {
@@ -620,6 +623,7 @@ pub fn prepare_create(
         }
         _ => super::workloads::prepare_create(info, object),
     }
+    super::crd::prepare(info, None, object)?;
     validate(info, object)
 }
 
@@ -722,7 +726,7 @@ pub fn prepare_update(
         let status = new["status"].take();
         *new = current.clone();
         new["status"] = status;
-        return Ok(());
+        return super::crd::prepare_status(info, new);
     }
     new["kind"] = json!(info.kind);
     new["apiVersion"] = json!(info.api_version());
@@ -780,6 +784,7 @@ pub fn prepare_update(
         merge_string_data(new);
     }
     super::workloads::prepare_update(info, current, new)?;
+    super::crd::prepare(info, Some(current), new)?;
     validate(info, new)
 }
 
@@ -806,6 +811,9 @@ pub fn pending_deletion(
     _propagation: Option<&str>,
     now: OffsetDateTime,
 ) -> Option<Value> {
+    if let Some(pending) = super::crd::pending_deletion(info, current, now) {
+        return Some(pending);
+    }
     let terminating = current["metadata"]["deletionTimestamp"].is_string();
     if info.plural == "namespaces" {
         let mut pending = current.clone();
@@ -877,7 +885,12 @@ fn owner_exists(store: &Store, namespace: &str, reference: &Value) -> Result<boo
     ) else {
         return Ok(false);
     };
-    for info in resources::builtin().iter().filter(|i| i.kind == kind) {
+    let custom = super::crd::stored();
+    for info in resources::builtin()
+        .iter()
+        .chain(custom)
+        .filter(|i| i.kind == kind)
+    {
         let ns = if info.namespaced { namespace } else { "" };
         if let Some(owner) = store.get(&resource_id(info), ns, name)?
             && owner["metadata"]["uid"].as_str() == Some(uid)
@@ -896,7 +909,7 @@ pub fn collect_garbage(
 ) -> Result<(), StoreError> {
     let mut queue = vec![uid.to_string()];
     while let Some(owner_uid) = queue.pop() {
-        for info in resources::builtin() {
+        for info in resources::builtin().iter().chain(super::crd::stored()) {
             let id = resource_id(info);
             let (objects, _) = store.list(&id, None)?;
             for object in objects {
@@ -971,7 +984,12 @@ pub fn collect_garbage(
 
 /// Deletes every object in a terminating namespace, then the namespace.
 pub fn empty_namespace(store: &Store, namespace: &str) -> Result<(), StoreError> {
-    for info in resources::builtin().iter().filter(|i| i.namespaced) {
+    let custom = super::crd::stored();
+    for info in resources::builtin()
+        .iter()
+        .chain(custom)
+        .filter(|i| i.namespaced)
+    {
         let id = resource_id(info);
         let (objects, _) = store.list(&id, Some(namespace))?;
         for object in objects {

@@ -16,7 +16,7 @@ use serde_json::{Map, Value, json};
 use time::{Date, Month, OffsetDateTime, PrimitiveDateTime, Time, UtcOffset};
 
 /// One servable resource: a group/version/kind, its URL name, scope, verbs and subresources.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ResourceInfo {
     /// API group; `""` is the core group (served under `/api`).
     pub group: &'static str,
@@ -285,18 +285,21 @@ pub fn builtin() -> &'static [ResourceInfo] {
     &BUILTIN
 }
 
-/// The built-in resource at `group`/`version` with URL name `plural`.
+/// The resource at `group`/`version` with URL name `plural`: a built-in, else a served custom
+/// resource ([`super::crd`]).
 pub fn lookup(group: &str, version: &str, plural: &str) -> Option<&'static ResourceInfo> {
     BUILTIN
         .iter()
         .find(|r| r.group == group && r.version == version && r.plural == plural)
+        .or_else(|| super::crd::lookup(group, version, plural))
 }
 
-/// The built-in resource serving `kind` in `group`/`version`.
+/// The resource serving `kind` in `group`/`version`: a built-in, else a served custom resource.
 pub fn lookup_kind(group: &str, version: &str, kind: &str) -> Option<&'static ResourceInfo> {
     BUILTIN
         .iter()
         .find(|r| r.group == group && r.version == version && r.kind == kind)
+        .or_else(|| super::crd::lookup_kind(group, version, kind))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1821,7 +1824,7 @@ fn row_cells(kind: &str, object: &Value, now: OffsetDateTime) -> (Vec<Value>, Op
     (cells, None)
 }
 
-fn row_object(object: &Value, include: IncludeObject) -> Option<Value> {
+pub(crate) fn row_object(object: &Value, include: IncludeObject) -> Option<Value> {
     match include {
         IncludeObject::None => None,
         IncludeObject::Object => Some(object.clone()),

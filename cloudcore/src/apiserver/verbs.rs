@@ -19,7 +19,7 @@ use super::resources::{self, FieldSelector, LabelSelector, ResourceInfo};
 use super::server::User;
 use super::status::{ApiError, Cause};
 use super::store::{EventType, ResourceId, Store, StoreError, WatchEvent};
-use super::{apply, discovery, metrics_api, objects, streaming};
+use super::{apply, crd, discovery, metrics_api, objects, streaming};
 
 /// Shared state of the API handlers.
 #[derive(Debug)]
@@ -279,6 +279,9 @@ async fn resource(
     if let Some(options) = options {
         apply::check_field_manager(options, &query)?;
     }
+    if request.subresource.as_deref() == Some("scale") && crd::is_custom(request.info) {
+        return crd::serve_scale(api, &method, &request, headers, &body).await;
+    }
     if request.subresource.as_deref() == Some("scale") {
         return super::scale::serve(api, method, &request, headers, &body, &manager).await;
     }
@@ -390,14 +393,15 @@ async fn list(
         return Err(not_kept(requested, rv));
     }
     let mut items = Vec::with_capacity(objects.len());
-    for object in objects {
+    for mut object in objects {
         if matches(request.info, &labels, &fields, &object)? {
+            crd::present(request.info, &mut object);
             items.push(object);
         }
     }
     let body = if wants_table(headers) {
-        resources::table_with(
-            request.info.kind,
+        crd::table_with(
+            request.info,
             &items,
             &rv.to_string(),
             OffsetDateTime::now_utc(),
@@ -501,14 +505,15 @@ async fn get(
     // object, which is never older than the one asked for.
     query_rv(query)?;
     let namespace = request.namespace.clone().unwrap_or_default();
-    let object = load(api, request.info, &namespace, name).await?;
+    let mut object = load(api, request.info, &namespace, name).await?;
+    crd::present(request.info, &mut object);
     if wants_table(headers) {
         let rv = object["metadata"]["resourceVersion"]
             .as_str()
             .unwrap_or_default()
             .to_string();
-        let table = resources::table_with(
-            request.info.kind,
+        let table = crd::table_with(
+            request.info,
             &[object],
             &rv,
             OffsetDateTime::now_utc(),
@@ -1191,13 +1196,16 @@ async fn watch_collection(
     let watch = blocking(move || store2.watch(&id2, ns2.as_deref(), from)).await?;
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(64);
     let render = move |object: &Value| -> Value {
+        let mut object = object.clone();
+        crd::present(info, &mut object);
+        let object = &object;
         if table {
             let rv = object["metadata"]["resourceVersion"]
                 .as_str()
                 .unwrap_or_default()
                 .to_string();
-            resources::table_with(
-                info.kind,
+            crd::table_with(
+                info,
                 std::slice::from_ref(object),
                 &rv,
                 OffsetDateTime::now_utc(),
