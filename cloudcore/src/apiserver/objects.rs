@@ -447,7 +447,7 @@ fn validate(info: &ResourceInfo, object: &Value) -> Result<(), ApiError> {
     if causes.is_empty() {
         Ok(())
     } else {
-        Err(ApiError::invalid(info.kind, name, causes))
+        Err(ApiError::invalid_in(info.group, info.kind, name, causes))
     }
 }
 
