@@ -191,6 +191,11 @@ impl Schedule {
 /// The bounds of the five fields: minute, hour, day of month, month, day of week.
 const FIELD_BOUNDS: [(u32, u32); 5] = [(0, 59), (0, 23), (1, 31), (1, 12), (0, 7)];
 
+const MONTHS: [&str; 12] = [
+    "jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec",
+];
+const WEEKDAYS: [&str; 7] = ["sun", "mon", "tue", "wed", "thu", "fri", "sat"];
+
 /// The field count and numeric bounds, with the messages of the cron parser kube-apiserver
 /// uses (the rest of the syntax is the cron crate's to check).
 fn check_fields(pattern: &str) -> Result<(), ScheduleError> {
@@ -202,10 +207,27 @@ fn check_fields(pattern: &str) -> Result<(), ScheduleError> {
             fields.join(" ")
         )));
     }
-    for (field, (min, max)) in fields.iter().zip(FIELD_BOUNDS) {
+    for (i, (field, (min, max))) in fields.iter().zip(FIELD_BOUNDS).enumerate() {
         for part in field.split(',') {
-            let range = part.split_once('/').map_or(part, |(r, _)| r);
+            let (range, step) = part.split_once('/').unwrap_or((part, "1"));
             let (start, end) = range.split_once('-').unwrap_or((range, range));
+            // Numbers, `*`/`?`, and month or weekday names where they belong; nothing else
+            // (no `L`, `W` or `#`, which the cron crate would take).
+            let names: &[&str] = match i {
+                3 => &MONTHS,
+                4 => &WEEKDAYS,
+                _ => &[],
+            };
+            for token in [start, end, step] {
+                let known = token.parse::<u32>().is_ok()
+                    || (token != step && matches!(token, "*" | "?"))
+                    || names.iter().any(|n| n.eq_ignore_ascii_case(token));
+                if !known {
+                    return Err(ScheduleError::Unparseable(format!(
+                        "failed to parse int from {token}: strconv.Atoi: parsing {token:?}: invalid syntax"
+                    )));
+                }
+            }
             if let Ok(start) = start.parse::<u32>()
                 && start < min
             {
@@ -849,6 +871,13 @@ mod tests {
             "expected exactly 5 fields, found 4: [* * * *]"
         );
         assert!(!validate("* * * * MON-FOO", None).is_empty());
+        assert_eq!(
+            validate("0 0 L * *", None)[0].1,
+            "failed to parse int from L: strconv.Atoi: parsing \"L\": invalid syntax"
+        );
+        assert!(!validate("0 0 * * 1#2", None).is_empty());
+        assert!(validate("0 0 ? JUL-DEC mon-FRI", None).is_empty());
+        assert!(validate("*/15 0-6/2 1,15 * *", None).is_empty());
         assert_eq!(
             validate("* * * * *", Some("Europe/Pariss")),
             vec![(
