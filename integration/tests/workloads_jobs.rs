@@ -671,6 +671,84 @@ spec:
       containers: [{name: main, image: localhost/edge/busybox:1, command: ["true"]}]
 "#;
 
+const CATCH_UP: &str = r#"
+apiVersion: batch/v1
+kind: CronJob
+metadata: {name: catchup}
+spec:
+  schedule: "*/1 * * * *"
+  timeZone: UTC
+  suspend: true
+  jobTemplate:
+    spec:
+      template:
+        spec:
+          restartPolicy: Never
+          containers: [{name: main, image: busybox}]
+"#;
+
+/// A CronJob whose last run was three hours ago (as after a long cloudcore outage, set in its
+/// status while suspended): one run for the most recent time, and a warning about the 180
+/// missed ones.
+fn missed_runs(side: &Side) -> Value {
+    side.ok(&["apply", "-f", "-"], Some(CATCH_UP));
+    let three_hours_ago =
+        Timestamp::from_second((Timestamp::now().as_second() - 3 * 3600).div_euclid(60) * 60)
+            .expect("timestamp");
+    let status = serde_json::json!({"status": {"lastScheduleTime": three_hours_ago.to_string()}});
+    side.ok(
+        &[
+            "patch",
+            "cronjob",
+            "catchup",
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            &status.to_string(),
+        ],
+        None,
+    );
+    side.ok(
+        &[
+            "patch",
+            "cronjob",
+            "catchup",
+            "--type=merge",
+            "-p",
+            r#"{"spec":{"suspend":false}}"#,
+        ],
+        None,
+    );
+    let owned = || -> Vec<Value> {
+        side.get(&["jobs"])["items"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|j| j["metadata"]["ownerReferences"][0]["name"] == "catchup")
+            .collect()
+    };
+    assert!(
+        eventually(Duration::from_secs(20), || !owned().is_empty()),
+        "no catch-up run"
+    );
+    // Time for a wrong second run to show.
+    std::thread::sleep(Duration::from_secs(2));
+    let jobs = owned();
+    let cronjob = side.get(&["cronjob", "catchup"]);
+    let last: Timestamp = cronjob["status"]["lastScheduleTime"]
+        .as_str()
+        .expect("lastScheduleTime")
+        .parse()
+        .expect("timestamp");
+    serde_json::json!({
+        "jobs": jobs.len(),
+        "named after lastScheduleTime": jobs.first().map(name) == Some(format!("catchup-{}", last.as_second() / 60)),
+        "lastScheduleTime within the last minute": Timestamp::now().duration_since(last).as_secs() < 60,
+        "events": sorted_reasons(&events(|a| side.run(a, None), "CronJob", "catchup")),
+    })
+}
+
 const BAD_ZONE: &str = r#"
 apiVersion: batch/v1
 kind: CronJob
@@ -772,7 +850,9 @@ fn jobs_match_the_real_control_plane() {
         let manual = side.get(&["job", "manual"]);
         let mut owner = manual["metadata"]["ownerReferences"].clone();
         owner[0]["uid"] = Value::Null;
+        let catch_up = missed_runs(side);
         serde_json::json!({
+            "missed runs": catch_up,
             "started": started,
             "suspended": status,
             "job events": job_events,
@@ -785,6 +865,17 @@ fn jobs_match_the_real_control_plane() {
         })
     };
     let embedded = observe(&sides[0]);
+    // What both must show, so that equal is not vacuous.
+    assert_eq!(
+        embedded["missed runs"],
+        serde_json::json!({
+            "jobs": 1,
+            "named after lastScheduleTime": true,
+            "lastScheduleTime within the last minute": true,
+            "events": ["SuccessfulCreate", "TooManyMissedTimes"],
+        }),
+        "{embedded:#}"
+    );
     let kube = observe(&sides[1]);
     assert_eq!(embedded, kube, "embedded:\n{embedded:#}\nreal:\n{kube:#}");
 }
