@@ -72,6 +72,9 @@ const BACKOFF_BASE: Duration = Duration::from_secs(10);
 /// The longest back-off.
 const BACKOFF_MAX: Duration = Duration::from_secs(360);
 
+/// How often a finishing Job looks again at a pod it keeps for a disconnected node.
+const KEPT_POD_RECHECK: Duration = Duration::from_secs(5);
+
 /// What a reconcile can fail with; the Job is retried.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -586,8 +589,13 @@ impl Reconcile<'_> {
                 return self.after_finished().await;
             }
             self.write_status(status).await?;
-            // The deleted pods come back as watch events; a kept one waits for its node.
-            return Ok(Action::requeue(Duration::from_secs(30)));
+            // The deleted pods come back as watch events. A pod kept for its disconnected node
+            // is looked at again soon: nothing here watches nodes coming back.
+            return Ok(Action::requeue(if left > 0 {
+                KEPT_POD_RECHECK
+            } else {
+                Duration::from_secs(30)
+            }));
         }
 
         let mut active_count = active.len();
