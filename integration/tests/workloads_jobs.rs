@@ -544,6 +544,59 @@ fn jobs_and_cronjobs_run_on_an_edge() {
         assert!(failed.is_empty(), "failed: {failed:?}");
     });
     eprintln!("all job scenarios took {:?}", started.elapsed());
+    // Last: it taints the only node.
+    kept_on_a_disconnected_node(&s);
+}
+
+/// The autonomy rule: a Job past its deadline does not delete its pod while the pod's node is
+/// unreachable (tainted `node.kubernetes.io/unreachable`, as the node lifecycle marks it); it
+/// stays active until the node is back, then the Job deletes it and fails.
+fn kept_on_a_disconnected_node(s: &Setup) {
+    s.kubectl(
+        &["apply", "-f", "-"],
+        Some(&job_manifest(
+            "kept",
+            "  activeDeadlineSeconds: 8",
+            "sleep 300",
+        )),
+    );
+    assert!(
+        eventually(Duration::from_secs(20), || {
+            s.pods_of("kept")
+                .iter()
+                .any(|p| p["status"]["phase"] == "Running")
+        }),
+        "the pod of kept never ran: {:#?}",
+        s.pods_of("kept")
+    );
+    let taint = "node.kubernetes.io/unreachable:NoSchedule";
+    s.kubectl(&["taint", "node", "edge-1", taint], None);
+    let job = s.wait_job("kept", Duration::from_secs(20), "FailureTarget", |j| {
+        condition(j, "FailureTarget").is_some()
+    });
+    assert_eq!(
+        reason(&job, "FailureTarget").as_deref(),
+        Some("DeadlineExceeded")
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    let job = s.job("kept").expect("job kept");
+    assert!(condition(&job, "Failed").is_none(), "{}", job["status"]);
+    assert_eq!(job["status"]["active"], 1, "{}", job["status"]);
+    let pods = s.pods_of("kept");
+    assert_eq!(pods.len(), 1, "{pods:#?}");
+    assert!(
+        pods[0]["metadata"]["deletionTimestamp"].is_null(),
+        "the pod on the unreachable node was deleted"
+    );
+    s.kubectl(&["taint", "node", "edge-1", &format!("{taint}-")], None);
+    let job = s.wait_job("kept", Duration::from_secs(30), "Failed", |j| {
+        condition(j, "Failed").is_some()
+    });
+    assert_eq!(reason(&job, "Failed").as_deref(), Some("DeadlineExceeded"));
+    assert!(
+        eventually(Duration::from_secs(20), || s.pods_of("kept").is_empty()),
+        "the pod stays after the node came back"
+    );
 }
 
 /// What the two control planes are compared on.
