@@ -922,6 +922,45 @@ mod tests {
     }
 
     #[test]
+    fn jobs_carry_the_template_metadata_the_scheduled_time_and_the_owner() {
+        use k8s_openapi::api::batch::v1::{CronJobSpec, JobTemplateSpec};
+        let cj = CronJob {
+            metadata: ObjectMeta {
+                name: Some("tick".into()),
+                namespace: Some("ops".into()),
+                uid: Some("cj-1".into()),
+                ..ObjectMeta::default()
+            },
+            spec: Some(CronJobSpec {
+                schedule: "*/5 * * * *".into(),
+                job_template: JobTemplateSpec {
+                    metadata: Some(ObjectMeta {
+                        labels: Some([("app".to_string(), "tick".to_string())].into()),
+                        annotations: Some([("note".to_string(), "x".to_string())].into()),
+                        ..ObjectMeta::default()
+                    }),
+                    spec: None,
+                },
+                ..CronJobSpec::default()
+            }),
+            status: None,
+        };
+        let spec = cj.spec.clone().expect("spec");
+        let job = job_for(&cj, &spec, "tick-29454365", "2026-01-01T10:05:00Z".into());
+        assert_eq!(job.metadata.name.as_deref(), Some("tick-29454365"));
+        assert_eq!(job.metadata.namespace.as_deref(), Some("ops"));
+        assert_eq!(job.metadata.labels.unwrap_or_default()["app"], "tick");
+        let annotations = job.metadata.annotations.unwrap_or_default();
+        assert_eq!(annotations["note"], "x");
+        assert_eq!(annotations[SCHEDULED_TIMESTAMP], "2026-01-01T10:05:00Z");
+        let owner = &job.metadata.owner_references.unwrap_or_default()[0];
+        assert_eq!(
+            (owner.kind.as_str(), owner.uid.as_str(), owner.controller),
+            ("CronJob", "cj-1", Some(true))
+        );
+    }
+
+    #[test]
     fn job_names_count_minutes_since_the_epoch() {
         assert_eq!(
             job_name("hello", at("2026-01-01T10:01:00Z")),
