@@ -438,6 +438,9 @@ fn validate(info: &ResourceInfo, object: &Value) -> Result<(), ApiError> {
     let mut causes = Vec::new();
     validate_name(info, name, &mut causes);
     validate_labels(object, &mut causes);
+    if info.plural == "cronjobs" {
+        validate_cronjob_schedule(object, &mut causes);
+    }
     match info.plural {
         "pods" => validate_pod(object, &mut causes),
         "secrets" | "configmaps" => validate_secret_and_configmap(info, object, &mut causes),
@@ -449,7 +452,30 @@ fn validate(info: &ResourceInfo, object: &Value) -> Result<(), ApiError> {
     if causes.is_empty() {
         Ok(())
     } else {
-        Err(ApiError::invalid(info.kind, name, causes))
+        Err(ApiError::invalid_in(info.group, info.kind, name, causes))
+    }
+}
+
+/// A CronJob's `spec.schedule` and `spec.timeZone`, read as the CronJob controller reads them
+/// (`controllers::cronjob::validate`, kube-apiserver's messages).
+fn validate_cronjob_schedule(object: &Value, causes: &mut Vec<Cause>) {
+    let schedule = object["spec"]["schedule"].as_str().unwrap_or_default();
+    let time_zone = object["spec"]["timeZone"].as_str();
+    for (field, message) in controllers::cronjob::validate(schedule, time_zone) {
+        let value = if field == "spec.timeZone" {
+            time_zone.unwrap_or_default()
+        } else {
+            schedule
+        };
+        let message = if message == "Required value" {
+            message
+        } else {
+            format!("Invalid value: {value:?}: {message}")
+        };
+        causes.push(Cause {
+            field: field.into(),
+            message,
+        });
     }
 }
 

@@ -177,6 +177,23 @@ impl ApiError {
         e
     }
 
+    /// 422 with field causes for an object of `kind` in API `group`: kube-apiserver names it
+    /// `Kind.group` in the message (`CronJob.batch "x" is invalid: ...`), `Kind` alone in the
+    /// core group, and puts both in the details.
+    pub fn invalid_in(group: &str, kind: &str, name: &str, causes: Vec<Cause>) -> Self {
+        let qualified = if group.is_empty() {
+            kind.to_string()
+        } else {
+            format!("{kind}.{group}")
+        };
+        let mut e = Self::invalid(&qualified, name, causes);
+        if let Some(details) = e.details.as_mut() {
+            details.kind = Some(kind.to_string());
+            details.group = (!group.is_empty()).then(|| group.to_string());
+        }
+        e
+    }
+
     pub fn gone(message: impl Into<String>) -> Self {
         Self::new(StatusCode::GONE, "Expired", message)
     }
@@ -371,5 +388,28 @@ mod tests {
                 .unwrap_or("")
                 .starts_with("Pod \"Bad_Name\" is invalid")
         );
+    }
+
+    #[test]
+    fn invalid_names_the_group_qualified_kind() {
+        let cause = || Cause {
+            field: "spec.schedule".into(),
+            message: "Required value".into(),
+        };
+        let status = ApiError::invalid_in("batch", "CronJob", "x", vec![cause()]).to_status();
+        assert_eq!(
+            status["message"],
+            "CronJob.batch \"x\" is invalid: spec.schedule: Required value"
+        );
+        assert_eq!(status["details"]["kind"], "CronJob");
+        assert_eq!(status["details"]["group"], "batch");
+        let status = ApiError::invalid_in("", "Pod", "p", vec![cause()]).to_status();
+        assert!(
+            status["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("Pod \"p\" is invalid")),
+            "{status}"
+        );
+        assert!(status["details"]["group"].is_null(), "{status}");
     }
 }
