@@ -346,14 +346,12 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
         .owns(jobs, watcher::Config::default())
         .graceful_shutdown_on(shutdown.clone().cancelled_owned());
     let store = controller.store();
-    let ready_ctx = ctx.clone();
-    let ready_shutdown = shutdown.clone();
-    tokio::spawn(async move {
-        tokio::select! {
-            r = store.wait_until_ready() => if r.is_ok() { ready_ctx.mark_synced(NAME, true) },
-            () = ready_shutdown.cancelled() => {}
-        }
-    });
+    tokio::spawn(crate::job::mark_when_listed(
+        ctx.clone(),
+        NAME,
+        store,
+        shutdown.clone(),
+    ));
     controller
         .run(reconcile, error_policy, state)
         .for_each(|result| {

@@ -31,7 +31,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::batch::v1::{Job, JobCondition, JobStatus, UncountedTerminatedPods};
 use k8s_openapi::api::core::v1::{EnvVar, Node, ObjectReference, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -106,14 +106,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
         )
         .graceful_shutdown_on(shutdown.clone().cancelled_owned());
     let store = controller.store();
-    let ready_ctx = ctx.clone();
-    let ready_shutdown = shutdown.clone();
-    tokio::spawn(async move {
-        tokio::select! {
-            r = store.wait_until_ready() => if r.is_ok() { ready_ctx.mark_synced(NAME, true) },
-            () = ready_shutdown.cancelled() => {}
-        }
-    });
+    tokio::spawn(mark_when_listed(ctx.clone(), NAME, store, shutdown.clone()));
     controller
         .run(reconcile, error_policy, state)
         .for_each(|result| {
@@ -121,6 +114,32 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
             async {}
         })
         .await;
+}
+
+/// Marks controller `name` synced once its main cache has listed. The store is looked at
+/// every 200 ms rather than awaited: kube-runtime's readiness signal wakes only the last of
+/// several waiters, and the controller's own runner already waits on it.
+pub(crate) async fn mark_when_listed<K>(
+    ctx: Arc<Context>,
+    name: &'static str,
+    store: kube::runtime::reflector::Store<K>,
+    shutdown: CancellationToken,
+) where
+    K: kube::runtime::reflector::Lookup + Clone + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    loop {
+        if let Some(listed) = store.wait_until_ready().now_or_never() {
+            if listed.is_ok() {
+                ctx.mark_synced(name, true);
+            }
+            return;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_millis(200)) => {}
+            () = shutdown.cancelled() => return,
+        }
+    }
 }
 
 /// Records a controller's sync state from its run stream: a lost watch makes it unsynced until
