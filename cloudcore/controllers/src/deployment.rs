@@ -57,6 +57,10 @@ const NOT_COPIED: [&str; 6] = [
     MAX_REPLICAS,
     "deprecated.deployment.rollback.to",
 ];
+/// kube's defaults of `progressDeadlineSeconds` and `revisionHistoryLimit`, used when the
+/// stored object has none.
+const DEFAULT_PROGRESS_DEADLINE: i32 = 600;
+const DEFAULT_REVISION_HISTORY_LIMIT: i32 = 10;
 /// The longest `revision-history` annotation kept, in characters.
 const MAX_REVISION_HISTORY_CHARS: usize = 2000;
 
@@ -989,9 +993,11 @@ impl Controller {
 
     /// Deletes the oldest revisions beyond `revisionHistoryLimit` that have no pods left.
     async fn cleanup(&self, d: &Deployment, old: &[ReplicaSet]) -> Result<(), Error> {
-        let Some(limit) = d.spec.as_ref().and_then(|s| s.revision_history_limit) else {
-            return Ok(());
-        };
+        let limit = d
+            .spec
+            .as_ref()
+            .and_then(|s| s.revision_history_limit)
+            .unwrap_or(DEFAULT_REVISION_HISTORY_LIMIT);
         let mut cleanable: Vec<&ReplicaSet> = old
             .iter()
             .filter(|rs| rs.metadata.deletion_timestamp.is_none())
@@ -1345,7 +1351,7 @@ impl Controller {
 
         // Look again when the progress deadline would pass.
         let progressing = get_condition(&working.conditions, "Progressing");
-        let deadline = d.spec.as_ref().and_then(|s| s.progress_deadline_seconds);
+        let deadline = has_progress_deadline(d).then(|| progress_deadline(d));
         match (progressing, deadline) {
             (Some(c), Some(seconds))
                 if !complete
@@ -1446,11 +1452,16 @@ fn reference(d: &Deployment) -> ObjectReference {
     d.object_ref(&())
 }
 
-fn has_progress_deadline(d: &Deployment) -> bool {
+/// `spec.progressDeadlineSeconds`, kube's default (600) when unset; `i32::MAX` means none.
+fn progress_deadline(d: &Deployment) -> i32 {
     d.spec
         .as_ref()
         .and_then(|s| s.progress_deadline_seconds)
-        .is_some_and(|s| s != i32::MAX)
+        .unwrap_or(DEFAULT_PROGRESS_DEADLINE)
+}
+
+fn has_progress_deadline(d: &Deployment) -> bool {
+    progress_deadline(d) != i32::MAX
 }
 
 /// Paused and resumed show in `Progressing` (status Unknown), as kube's `checkPausedConditions`.
@@ -1695,9 +1706,10 @@ fn timed_out(d: &Deployment, current: Option<&DeploymentCondition>) -> bool {
         Some(WAITING_FOR_DISCONNECTED_NODE) => return false,
         _ => {}
     }
-    let Some(seconds) = d.spec.as_ref().and_then(|s| s.progress_deadline_seconds) else {
+    if !has_progress_deadline(d) {
         return false;
-    };
+    }
+    let seconds = progress_deadline(d);
     let Some(from) = c.last_update_time.as_ref() else {
         return false;
     };
