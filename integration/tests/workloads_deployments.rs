@@ -626,7 +626,14 @@ fn a_deployment_keeps_its_pod_on_a_partitioned_edge_and_a_rollout_waits_for_it()
     let cloud = Cloud::start_at(
         tmp.path(),
         net.host_ip().into(),
-        &["--node-grace-period", NODE_GRACE],
+        &[
+            "--node-grace-period",
+            NODE_GRACE,
+            "--heartbeat-interval",
+            "1s",
+            "--dead-after",
+            "4s",
+        ],
         "info",
     );
     // edge-far behind the veth pair (partitionable), edge-near on the host.
@@ -697,7 +704,9 @@ fn a_deployment_keeps_its_pod_on_a_partitioned_edge_and_a_rollout_waits_for_it()
     assert!(
         eventually(Duration::from_secs(30), || node_ready(&cloud, "edge-far")
             == "Unknown"),
-        "edge-far never became Unknown"
+        "edge-far never became Unknown: {}\ncloud log (end):\n{}",
+        node_ready(&cloud, "edge-far"),
+        tail(&cloud.log(), 40)
     );
     let until = Instant::now() + Duration::from_secs(6);
     while Instant::now() < until {
@@ -787,16 +796,14 @@ fn a_deployment_keeps_its_pod_on_a_partitioned_edge_and_a_rollout_waits_for_it()
     drop(far);
 }
 
+/// The status of the Node's Ready condition in the API.
 fn node_ready(cloud: &Cloud, name: &str) -> String {
-    cloud
-        .node(name)
-        .and_then(|n| {
-            n["status"]["conditions"]
-                .as_array()
-                .and_then(|cs| cs.iter().find(|c| c["type"] == "Ready"))
-                .and_then(|c| c["status"].as_str().map(String::from))
-        })
+    let out = cloud.kubectl(&["get", "node", name, "-o", "json"]);
+    let node: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    condition(&node, "Ready")["status"]
+        .as_str()
         .unwrap_or_default()
+        .to_string()
 }
 
 fn tail(log: &str, lines: usize) -> String {
