@@ -387,9 +387,7 @@ impl Controller {
         let api: Api<Pod> = Api::namespaced(self.client.clone(), &key.namespace);
         let reference = reference(rs);
         if owned.len() < want {
-            let Some(template) = rs.spec.as_ref().and_then(|s| s.template.as_ref()) else {
-                return None;
-            };
+            let template = rs.spec.as_ref().and_then(|s| s.template.as_ref())?;
             let missing = (want - owned.len()).min(BURST);
             let owner = pods::owner_reference("apps/v1", "ReplicaSet", &rs.metadata);
             let pod = pods::pod_from_template(
