@@ -810,3 +810,186 @@ fn tail(log: &str, lines: usize) -> String {
     let all: Vec<&str> = log.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
 }
+
+/// What a user sees of a Deployment after the comparison sequence, without what differs by
+/// nature between two control planes (names' hashes, times, uids).
+#[derive(Debug, PartialEq, Eq)]
+struct Observed {
+    /// The last line of each `kubectl rollout status`.
+    rollouts: Vec<String>,
+    /// Each ReplicaSet is `<deployment>-<its pod-template-hash>`, selecting on that hash.
+    named_by_hash: bool,
+    /// (revision, revision-history, spec.replicas, desired-replicas, max-replicas) of each
+    /// ReplicaSet after the update and after the undo.
+    replicasets_after_update: BTreeSet<(String, String, i64, String, String)>,
+    replicasets_after_undo: BTreeSet<(String, String, i64, String, String)>,
+    /// The REVISION column of `kubectl rollout history`.
+    history: Vec<String>,
+    /// Status counters, whether observedGeneration caught up, and the revision annotation.
+    status: (i64, i64, i64, i64, i64, bool, String),
+    /// (type, status, reason) of the Deployment's conditions.
+    conditions: BTreeSet<(String, String, String)>,
+    /// Event reasons about the Deployment and about its ReplicaSets.
+    deployment_events: BTreeSet<String>,
+    replicaset_events: BTreeSet<String>,
+}
+
+/// The same kubectl sequence on any control plane: create (pinned to `node`), scale to 3,
+/// set image, undo; each followed by `rollout status`.
+fn compare_sequence(cloud: &Cloud, node: &str) -> Observed {
+    let manifest = cloud.kubectl_ok(
+        &[
+            "create",
+            "deployment",
+            "cmp",
+            &format!("--image={BUSYBOX}"),
+            "--replicas=2",
+            "--dry-run=client",
+            "-o",
+            "json",
+            "--",
+            "sh",
+            "-c",
+            LOOP,
+        ],
+        None,
+    );
+    let mut manifest = json(&manifest);
+    manifest["spec"]["template"]["spec"]["nodeSelector"] =
+        serde_json::json!({"kubernetes.io/hostname": node});
+    manifest["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] = 2.into();
+    cloud.kubectl_ok(&["create", "-f", "-"], Some(&manifest.to_string()));
+    let last_line = |s: String| s.lines().last().unwrap_or_default().to_string();
+    let mut rollouts = vec![last_line(rollout_status(cloud, "cmp", "90s"))];
+    scale(cloud, "cmp", 3);
+    rollouts.push(last_line(rollout_status(cloud, "cmp", "90s")));
+    set_image(cloud, "cmp", BUSYBOX_2);
+    rollouts.push(last_line(rollout_status(cloud, "cmp", "90s")));
+    let replicasets = |cloud: &Cloud| {
+        items(cloud, "replicasets", "app=cmp")
+            .iter()
+            .map(|rs| {
+                (
+                    annotation(rs, "deployment.kubernetes.io/revision"),
+                    annotation(rs, "deployment.kubernetes.io/revision-history"),
+                    rs["spec"]["replicas"].as_i64().unwrap_or(-1),
+                    annotation(rs, "deployment.kubernetes.io/desired-replicas"),
+                    annotation(rs, "deployment.kubernetes.io/max-replicas"),
+                )
+            })
+            .collect::<BTreeSet<_>>()
+    };
+    // Old pods may still be terminating; the ReplicaSets are settled once rollout status is.
+    let replicasets_after_update = replicasets(cloud);
+    cloud.kubectl_ok(&["rollout", "undo", "deployment/cmp"], None);
+    rollouts.push(last_line(rollout_status(cloud, "cmp", "90s")));
+    let replicasets_after_undo = replicasets(cloud);
+    let history = cloud.kubectl_ok(&["rollout", "history", "deployment/cmp"], None);
+    let history = history
+        .lines()
+        .skip(2)
+        .filter_map(|l| l.split_whitespace().next().map(String::from))
+        .collect();
+    let named_by_hash = items(cloud, "replicasets", "app=cmp").iter().all(|rs| {
+        let hash = rs["metadata"]["labels"]["pod-template-hash"]
+            .as_str()
+            .unwrap_or("?");
+        rs["metadata"]["name"] == format!("cmp-{hash}").as_str()
+            && rs["spec"]["selector"]["matchLabels"]["pod-template-hash"] == hash
+    });
+    let d = deployment(cloud, "cmp");
+    let n = |field: &str| d["status"][field].as_i64().unwrap_or(0);
+    let status = (
+        n("replicas"),
+        n("updatedReplicas"),
+        n("readyReplicas"),
+        n("availableReplicas"),
+        n("unavailableReplicas"),
+        d["status"]["observedGeneration"] == d["metadata"]["generation"],
+        annotation(&d, "deployment.kubernetes.io/revision"),
+    );
+    let conditions = d["status"]["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|c| {
+            let s = |k: &str| c[k].as_str().unwrap_or_default().to_string();
+            (s("type"), s("status"), s("reason"))
+        })
+        .collect();
+    let events = json(&cloud.kubectl_ok(&["get", "events", "-o", "json"], None));
+    let reasons = |kind: &str| {
+        events["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|e| {
+                e["involvedObject"]["kind"] == kind
+                    && e["involvedObject"]["name"]
+                        .as_str()
+                        .is_some_and(|n| n.starts_with("cmp"))
+            })
+            .map(|e| e["reason"].as_str().unwrap_or_default().to_string())
+            .collect()
+    };
+    Observed {
+        rollouts,
+        named_by_hash,
+        replicasets_after_update,
+        replicasets_after_undo,
+        history,
+        status,
+        conditions,
+        deployment_events: reasons("Deployment"),
+        replicaset_events: reasons("ReplicaSet"),
+    }
+}
+
+#[test]
+fn the_same_kubectl_sequence_looks_the_same_as_on_kube_controller_manager() {
+    use integration::cluster::{ClusterOptions, KubeCluster};
+
+    let embedded = {
+        let s = Setup::start();
+        let started = Instant::now();
+        let observed = compare_sequence(&s.cloud, "edge-1");
+        eprintln!("embedded sequence: {:?}", started.elapsed());
+        observed
+    };
+
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let cluster = KubeCluster::start(tmp.path(), &ClusterOptions::default());
+    let credentials = cluster.cloudcore_credentials(|rbac| rbac);
+    let net = EdgeNet::create().unwrap_or_else(|e| panic!("{e:#}"));
+    let containerd = Containerd::start(&tmp.path().join("containerd"));
+    import_second_image(&containerd);
+    let cloud = Cloud::start_kube(
+        tmp.path(),
+        &cluster,
+        &credentials,
+        net.host_ip().into(),
+        &[],
+    )
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    let edge = integration::join_and_run_in(
+        &net,
+        &cloud,
+        &tmp.path().join("edge"),
+        "edge-k",
+        &["--cri-endpoint", &containerd.endpoint],
+    );
+    assert!(
+        eventually(Duration::from_secs(30), || node_ready(&cloud, "edge-k")
+            == "True"),
+        "edge-k not Ready in the cluster; edge log:\n{}",
+        tail(&edge.log(), 30)
+    );
+    let started = Instant::now();
+    let kube = compare_sequence(&cloud, "edge-k");
+    eprintln!("kube-controller-manager sequence: {:?}", started.elapsed());
+    assert_eq!(
+        embedded, kube,
+        "embedded (left) and kube-controller-manager (right) differ"
+    );
+    drop(edge);
+}
