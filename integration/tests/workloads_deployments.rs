@@ -987,9 +987,36 @@ fn the_same_kubectl_sequence_looks_the_same_as_on_kube_controller_manager() {
     let started = Instant::now();
     let kube = compare_sequence(&cloud, "edge-k");
     eprintln!("kube-controller-manager sequence: {:?}", started.elapsed());
+    eprintln!("observed on both: {kube:#?}");
     assert_eq!(
         embedded, kube,
         "embedded (left) and kube-controller-manager (right) differ"
+    );
+    // Not equal by being empty: the sequence showed what it should.
+    assert_eq!(kube.rollouts.len(), 4);
+    assert!(
+        kube.rollouts
+            .iter()
+            .all(|l| l.contains("successfully rolled out")),
+        "{:?}",
+        kube.rollouts
+    );
+    assert!(kube.named_by_hash);
+    assert_eq!(kube.history, ["2", "3"]);
+    assert!(
+        kube.replicasets_after_undo
+            .iter()
+            .any(|rs| rs.0 == "3" && rs.1 == "1" && rs.2 == 3)
+    );
+    assert!(
+        kube.deployment_events.contains("ScalingReplicaSet"),
+        "{:?}",
+        kube.deployment_events
+    );
+    assert!(
+        kube.replicaset_events.contains("SuccessfulCreate"),
+        "{:?}",
+        kube.replicaset_events
     );
     drop(edge);
 }
