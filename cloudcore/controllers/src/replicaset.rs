@@ -39,6 +39,9 @@ pub const BURST: usize = 500;
 /// is managed again regardless (a lost watch event must not stall it for good).
 const EXPECTATIONS_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// How soon a ReplicaSet waiting for its pod changes to be observed looks again.
+const EXPECTATIONS_RECHECK: Duration = Duration::from_secs(1);
+
 /// The annotation whose lower value makes a pod go first on scale-down.
 pub const POD_DELETION_COST: &str = "controller.kubernetes.io/pod-deletion-cost";
 
@@ -169,22 +172,34 @@ impl Expectations {
         );
     }
 
-    /// Whether `key` has seen what it did (or waited long enough).
-    fn satisfied(&self, key: &Key) -> bool {
+    /// Whether `key` has seen what it did (or waited long enough). The pod store is asked
+    /// too: a pod's event may have come before the expectation was recorded (creations are
+    /// recorded once the whole slow-start round is done).
+    fn satisfied(&self, key: &Key, pods: &Store<Pod>) -> bool {
         let mut map = self.lock();
-        match map.get(key) {
-            None => true,
-            Some(e) if e.creates.is_empty() && e.deletes.is_empty() => {
-                map.remove(key);
-                true
-            }
-            Some(e) if e.since.elapsed() > EXPECTATIONS_TIMEOUT => {
-                tracing::info!(replicaset = %key, "pod changes not observed in time, managing again");
-                map.remove(key);
-                true
-            }
-            Some(_) => false,
+        let Some(e) = map.get_mut(key) else {
+            return true;
+        };
+        e.creates.retain(|name| {
+            pods.get(&ObjectRef::new(name).within(&key.namespace))
+                .is_none()
+        });
+        e.deletes.retain(|uid| {
+            pods.find(|p| {
+                p.metadata.uid.as_ref() == Some(uid) && p.metadata.deletion_timestamp.is_none()
+            })
+            .is_some()
+        });
+        if e.creates.is_empty() && e.deletes.is_empty() {
+            map.remove(key);
+            return true;
         }
+        if e.since.elapsed() > EXPECTATIONS_TIMEOUT {
+            tracing::info!(replicaset = %key, "pod changes not observed in time, managing again");
+            map.remove(key);
+            return true;
+        }
+        false
     }
 
     fn observe(&self, key: &Key, pod: &Pod, change: Change) {
@@ -289,7 +304,11 @@ impl Controller {
             }
         }
 
-        let needs_sync = self.expectations.satisfied(key);
+        let needs_sync = self.expectations.satisfied(key, &self.pods);
+        if !needs_sync {
+            // Look again soon even if the events it waits for went by unseen.
+            self.queue.add_after(key.clone(), EXPECTATIONS_RECHECK);
+        }
         let mut failure = None;
         if needs_sync && rs.metadata.deletion_timestamp.is_none() {
             failure = self.manage(key, &rs, &owned).await;
@@ -552,7 +571,7 @@ impl Controller {
                 "lastTransitionTime": k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(now),
             })),
             // A failure is cleared only by a reconcile that managed the pods.
-            (None, Some(c)) if !self.expectations.satisfied(key) => {
+            (None, Some(c)) if !self.expectations.satisfied(key, &self.pods) => {
                 Some(serde_json::to_value(c).unwrap_or_default())
             }
             (None, _) => None,
