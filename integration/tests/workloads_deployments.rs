@@ -753,13 +753,15 @@ fn a_deployment_keeps_its_pod_on_a_partitioned_edge_and_a_rollout_waits_for_it()
         kept["metadata"]["deletionTimestamp"].is_null(),
         "far pod deleted while its node is disconnected"
     );
-    let new_ready = pods
-        .iter()
-        .filter(|p| image(p) == BUSYBOX_2 && is_ready(p))
-        .count();
+    let new_ready = |pods: &[Value]| {
+        pods.iter()
+            .filter(|p| image(p) == BUSYBOX_2 && is_ready(p))
+            .count()
+    };
     assert_eq!(
-        new_ready, 2,
-        "the new pods run on the connected edge: {pods:?}"
+        new_ready(&pods),
+        2,
+        "the rollout waits only once the new pods run on the connected edge: {pods:?}"
     );
     let status = cloud.kubectl(&["rollout", "status", "deployment/app", "--timeout=1s"]);
     assert!(

@@ -1223,16 +1223,20 @@ impl Controller {
             let Some(uid) = rs.metadata.uid.as_deref() else {
                 continue;
             };
-            for pod in self.pods.state() {
+            let active: Vec<Arc<Pod>> = self.pods.state_filter(|p| {
+                pods::is_active(p) && pods::controller_of(&p.metadata).is_some_and(|o| o.uid == uid)
+            });
+            // Only a ReplicaSet that wants fewer pods than it has is held up by them.
+            if active.len() <= rs_replicas(rs).max(0) as usize {
+                continue;
+            }
+            for pod in active {
                 let node = pod
                     .spec
                     .as_ref()
                     .and_then(|s| s.node_name.clone())
                     .unwrap_or_default();
-                if pods::is_active(&pod)
-                    && disconnected.contains(&node)
-                    && pods::controller_of(&pod.metadata).is_some_and(|o| o.uid == uid)
-                {
+                if disconnected.contains(&node) {
                     let entry = waiting.entry(rs.name_any()).or_default();
                     entry.0 += 1;
                     entry.1.insert(node);
