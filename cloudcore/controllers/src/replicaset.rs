@@ -788,6 +788,37 @@ mod tests {
         assert!(deletion_order(&only_offline, &disconnected, now).is_empty());
     }
 
+    fn applied(writer: &mut reflector::store::Writer<Pod>, pod: &Pod) {
+        writer.apply_watcher_event(&kube::runtime::watcher::Event::Apply(pod.clone()));
+    }
+
+    #[test]
+    fn expectations_are_met_by_the_store_even_when_events_went_first() {
+        let (store, mut writer) = reflector::store::<Pod>();
+        let expectations = Expectations::default();
+        let key = Key::new("ns", "web");
+        let mut created = Pod::clone(&pod("web-a", "", "Pending", None));
+        created.metadata.namespace = Some("ns".into());
+        created.metadata.uid = Some("uid-a".into());
+        // The pod's event arrived before the expectation was recorded.
+        applied(&mut writer, &created);
+        expectations.observe(&key, &created, Change::Applied);
+        expectations.expect(&key, HashSet::from(["web-a".to_string()]), HashSet::new());
+        assert!(expectations.satisfied(&key, &store));
+
+        // A deletion is met once the pod is terminating (or gone), not before.
+        expectations.expect(&key, HashSet::new(), HashSet::from(["uid-a".to_string()]));
+        assert!(!expectations.satisfied(&key, &store));
+        created.metadata.deletion_timestamp =
+            Some(Time(Timestamp::from_second(2_000).expect("ts")));
+        applied(&mut writer, &created);
+        assert!(expectations.satisfied(&key, &store));
+
+        // A creation nobody has seen yet holds the ReplicaSet back.
+        expectations.expect(&key, HashSet::from(["web-b".to_string()]), HashSet::new());
+        assert!(!expectations.satisfied(&key, &store));
+    }
+
     #[test]
     fn an_empty_selector_selects_nothing() {
         let labels = BTreeMap::from([("app".to_string(), "web".to_string())]);
