@@ -833,6 +833,10 @@ struct Observed {
     conditions: BTreeSet<(String, String, String)>,
     /// Event reasons about the Deployment and about its ReplicaSets.
     deployment_events: BTreeSet<String>,
+    /// The Deployment's event messages, each ReplicaSet name written `RS` and each number `N`
+    /// (which steps a rollout takes depends on timing; the wording does not), without the
+    /// prefix client-go's aggregation adds.
+    deployment_messages: BTreeSet<String>,
     replicaset_events: BTreeSet<String>,
 }
 
@@ -934,7 +938,32 @@ fn compare_sequence(cloud: &Cloud, node: &str) -> Observed {
             .map(|e| e["reason"].as_str().unwrap_or_default().to_string())
             .collect()
     };
+    let deployment_messages = events["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| {
+            e["involvedObject"]["kind"] == "Deployment" && e["involvedObject"]["name"] == "cmp"
+        })
+        .filter_map(|e| e["message"].as_str())
+        .map(|m| {
+            let m = m.trim_start_matches("(combined from similar events): ");
+            m.split(' ')
+                .map(|w| {
+                    if w.starts_with("cmp-") {
+                        "RS"
+                    } else if !w.is_empty() && w.bytes().all(|b| b.is_ascii_digit()) {
+                        "N"
+                    } else {
+                        w
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect();
     Observed {
+        deployment_messages,
         rollouts,
         named_by_hash,
         replicasets_after_update,
@@ -1009,6 +1038,12 @@ fn the_same_kubectl_sequence_looks_the_same_as_on_kube_controller_manager() {
         kube.replicasets_after_undo
             .iter()
             .any(|rs| rs.0 == "3" && rs.1 == "1" && rs.2 == 3)
+    );
+    assert!(
+        kube.deployment_messages
+            .contains("Scaled down replica set RS from N to N"),
+        "{:?}",
+        kube.deployment_messages
     );
     assert!(
         kube.deployment_events.contains("ScalingReplicaSet"),
