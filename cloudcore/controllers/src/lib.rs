@@ -24,6 +24,7 @@ pub mod pods;
 pub mod replicaset;
 pub mod serviceaccount;
 pub mod statefulset;
+pub mod workqueue;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
