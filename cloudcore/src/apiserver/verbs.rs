@@ -19,6 +19,8 @@ use super::resources::{self, FieldSelector, LabelSelector, ResourceInfo};
 use super::server::User;
 use super::status::{ApiError, Cause};
 use super::store::{EventType, ResourceId, Store, StoreError, WatchEvent};
+use super::dryrun::{DryRun, Writer};
+use super::validation::{self, FieldValidation};
 use super::{discovery, metrics_api, objects, streaming};
 
 /// Shared state of the API handlers.
@@ -268,17 +270,35 @@ async fn resource(
     headers: &HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
+    // Decided once for the whole verb: every store write below goes through
+    // `dryrun::Writer`, which reads this scope.
+    let dry_run = DryRun::from_request(&method, &query, &body)?;
+    dry_run
+        .scope(verb(api, method, request, query, headers, body))
+        .await
+}
+
+async fn verb(
+    api: &Arc<Api>,
+    method: Method,
+    request: ResourceRequest,
+    query: Query,
+    headers: &HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
     let watch = matches!(query.get("watch").map(String::as_str), Some("true" | "1"));
     match (&method, &request.name) {
         (&Method::GET, None) if watch => watch_collection(api, &request, &query, headers).await,
         (&Method::GET, None) => list(api, &request, &query, headers).await,
         (&Method::GET, Some(name)) => get(api, &request, name, &query, headers).await,
-        (&Method::POST, None) => create(api, &request, &body).await,
+        (&Method::POST, None) => create(api, &request, &query, &body).await,
         (&Method::POST, Some(name)) if request.subresource.as_deref() == Some("binding") => {
             bind(api, &request, name, &body).await
         }
-        (&Method::PUT, Some(name)) => update(api, &request, name, &body).await,
-        (&Method::PATCH, Some(name)) => patch_object(api, &request, name, headers, &body).await,
+        (&Method::PUT, Some(name)) => update(api, &request, name, &query, &body).await,
+        (&Method::PATCH, Some(name)) => {
+            patch_object(api, &request, name, &query, headers, &body).await
+        }
         (&Method::DELETE, Some(name)) => delete(api, &request, name, &query, &body).await,
         (&Method::DELETE, None) => delete_collection(api, &request, &query).await,
         _ => Err(ApiError::method_not_allowed(format!(
@@ -542,10 +562,15 @@ fn requested_rv(object: &Value) -> Result<Option<u64>, ApiError> {
 async fn create(
     api: &Arc<Api>,
     request: &ResourceRequest,
+    query: &Query,
     body: &[u8],
 ) -> Result<Response, ApiError> {
     let info = request.info;
+    let mode = FieldValidation::from_query(&Method::POST, query)?;
     let mut object = parse_body(body)?;
+    let findings = validation::body_findings(info, request.subresource.as_deref(), body);
+    let warnings =
+        validation::enforce(mode, &findings, &mut object, |f| validation::body_error(info, f))?;
     objects::check_type(info, &object)?;
     if info.namespaced {
         let Some(ns) = request.namespace.clone() else {
@@ -580,9 +605,9 @@ async fn create(
         .as_str()
         .unwrap_or_default()
         .to_string();
-    let store = api.store.clone();
+    let writer = Writer::new(&api.store);
     let id = resource_id(info);
-    let stored = blocking(move || store.create(&id, &namespace, &name.clone(), object))
+    let stored = blocking(move || writer.create(&id, &namespace, &name.clone(), object))
         .await?
         .map_err(|e| {
             let name = match &e {
@@ -600,7 +625,10 @@ async fn create(
             return Err(e);
         }
     };
-    Ok(json_response(StatusCode::CREATED, &stored))
+    Ok(validation::with_warnings(
+        json_response(StatusCode::CREATED, &stored),
+        &warnings,
+    ))
 }
 
 /// Writes `new` over `current` (same object), applying the rules for updates: immutable
@@ -617,15 +645,15 @@ async fn write_update(
     objects::check_type(info, &new)?;
     objects::prepare_update(info, request.subresource.as_deref(), current, &mut new)?;
     let namespace = request.namespace.clone().unwrap_or_default();
-    let store = api.store.clone();
+    let writer = Writer::new(&api.store);
     let id = resource_id(info);
     let n = name.to_string();
     let finalized = objects::is_finalized(current, &new);
     let result = if finalized {
         // Deletion was pending on finalizers and the last one is gone: remove the object.
-        blocking(move || store.delete(&id, &namespace, &n, expected)).await?
+        blocking(move || writer.delete(&id, &namespace, &n, expected)).await?
     } else {
-        blocking(move || store.update(&id, &namespace, &n, new, expected)).await?
+        blocking(move || writer.update(&id, &namespace, &n, new, expected)).await?
     };
     let written = result.map_err(|e| ApiError::from_store(e, info.group, info.plural, name))?;
     if finalized {
@@ -638,9 +666,15 @@ async fn update(
     api: &Arc<Api>,
     request: &ResourceRequest,
     name: &str,
+    query: &Query,
     body: &[u8],
 ) -> Result<Response, ApiError> {
-    let new = parse_body(body)?;
+    let mode = FieldValidation::from_query(&Method::PUT, query)?;
+    let mut new = parse_body(body)?;
+    let info = request.info;
+    let findings = validation::body_findings(info, request.subresource.as_deref(), body);
+    let warnings =
+        validation::enforce(mode, &findings, &mut new, |f| validation::body_error(info, f))?;
     if let Some(given) = new["metadata"]["name"].as_str()
         && given != name
     {
@@ -653,16 +687,21 @@ async fn update(
     // With a resourceVersion in the body the update is conditional on it (409 on mismatch).
     let expected = requested_rv(&new)?;
     let written = write_update(api, request, name, &current, new, expected).await?;
-    Ok(json_response(StatusCode::OK, &written))
+    Ok(validation::with_warnings(
+        json_response(StatusCode::OK, &written),
+        &warnings,
+    ))
 }
 
 async fn patch_object(
     api: &Arc<Api>,
     request: &ResourceRequest,
     name: &str,
+    query: &Query,
     headers: &HeaderMap,
     body: &[u8],
 ) -> Result<Response, ApiError> {
+    let mode = FieldValidation::from_query(&Method::PATCH, query)?;
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -679,7 +718,7 @@ async fn patch_object(
     loop {
         attempts += 1;
         let current = load(api, request.info, &namespace, name).await?;
-        let patched =
+        let mut patched =
             patch::apply(patch_type, request.info.kind, &current, body).map_err(|e| match e {
                 PatchError::Malformed(m) => ApiError::bad_request(m),
                 PatchError::Failed(m) => ApiError::invalid(
@@ -692,6 +731,15 @@ async fn patch_object(
                 ),
                 PatchError::Unsupported(m) => ApiError::unsupported_media_type(m),
             })?;
+        // Unknown fields of the patch show in its result (the stored object has none).
+        let findings =
+            validation::object_findings(request.info, request.subresource.as_deref(), &patched);
+        if mode == FieldValidation::Strict && !findings.is_empty() {
+            return Err(validation::patch_error(&patched, &findings));
+        }
+        let warnings = validation::enforce(mode, &findings, &mut patched, |f| {
+            validation::patch_error(&Value::Null, f)
+        })?;
         let expected = match requested_rv(&patched)? {
             // The patch itself asked for a resourceVersion: honour it (no retry).
             Some(rv) if Some(rv) != rv_of(&current) => Some(rv),
@@ -700,7 +748,12 @@ async fn patch_object(
         match write_update(api, request, name, &current, patched, expected).await {
             Err(e) if e.reason == "Conflict" && attempts < 5 => continue,
             Err(e) => return Err(e),
-            Ok(written) => return Ok(json_response(StatusCode::OK, &written)),
+            Ok(written) => {
+                return Ok(validation::with_warnings(
+                    json_response(StatusCode::OK, &written),
+                    &warnings,
+                ));
+            }
         }
     }
 }
@@ -858,11 +911,11 @@ async fn delete(
         }
         return Ok(json_response(StatusCode::OK, &written));
     }
-    let store = api.store.clone();
+    let writer = Writer::new(&api.store);
     let id = resource_id(info);
     let (ns, n) = (namespace.clone(), name.to_string());
     let expected = rv_of(&current);
-    let deleted = blocking(move || store.delete(&id, &ns, &n, expected))
+    let deleted = blocking(move || writer.delete(&id, &ns, &n, expected))
         .await?
         .map_err(|e| ApiError::from_store(e, info.group, info.plural, name))?;
     let propagation = if opts.propagation.as_deref() == Some("Orphan") {
@@ -883,10 +936,10 @@ async fn api_update_raw(
     object: Value,
     expected: Option<u64>,
 ) -> Result<Value, ApiError> {
-    let store = api.store.clone();
+    let writer = Writer::new(&api.store);
     let id = resource_id(info);
     let (ns, n) = (namespace.to_string(), name.to_string());
-    blocking(move || store.update(&id, &ns, &n, object, expected))
+    blocking(move || writer.update(&id, &ns, &n, object, expected))
         .await?
         .map_err(|e| ApiError::from_store(e, info.group, info.plural, name))
 }
@@ -944,6 +997,9 @@ async fn delete_collection(
 /// Handles the dependents of a deleted owner in the background: `Background` deletes those
 /// whose owners are all gone, `Orphan` only removes the owner reference.
 fn spawn_garbage_collection(api: &Arc<Api>, deleted: &Value, propagation: objects::Propagation) {
+    if DryRun::current().is_dry() {
+        return;
+    }
     let Some(uid) = deleted["metadata"]["uid"].as_str().map(String::from) else {
         return;
     };
@@ -957,6 +1013,9 @@ fn spawn_garbage_collection(api: &Arc<Api>, deleted: &Value, propagation: object
 
 /// Deletes everything in a terminating namespace, then the namespace itself.
 fn spawn_namespace_cleanup(api: &Arc<Api>, namespace: &str) {
+    if DryRun::current().is_dry() {
+        return;
+    }
     let store = api.store.clone();
     let namespace = namespace.to_string();
     tokio::task::spawn_blocking(move || {
