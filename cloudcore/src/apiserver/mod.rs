@@ -16,7 +16,7 @@
 //! - [`workloads`]: apps/v1 and batch/v1 defaults and validation; [`scale`]: the scale
 //!   subresource.
 //! - [`apply`]: server-side apply and managedFields; [`validation`]: `fieldValidation`;
-//!   [`dryrun`]: `dryRun=All`.
+//!   [`dryrun`]: `dryRun=All`; [`pagination`]: lists in pages (`limit`, `continue`).
 //! - [`crd`]: resources served from CustomResourceDefinitions.
 //! - `fuzzing` (hidden): entry points for the fuzz targets in `integration/fuzz/`.
 
@@ -28,6 +28,7 @@ pub mod dryrun;
 pub mod fuzzing;
 pub mod metrics_api;
 pub mod objects;
+pub mod pagination;
 pub mod patch;
 pub mod request;
 pub mod resources;

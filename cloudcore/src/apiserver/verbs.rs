@@ -20,6 +20,7 @@ use super::server::User;
 use super::status::{ApiError, Cause};
 use super::store::{EventType, ResourceId, Store, StoreError, WatchEvent};
 use super::dryrun::{DryRun, Writer};
+use super::pagination::{self, Paging};
 use super::validation::{self, FieldValidation};
 use super::{discovery, metrics_api, objects, streaming};
 
@@ -380,27 +381,58 @@ async fn list(
     let (labels, fields) = selectors(query)?;
     check_fields(request.info, &fields)?;
     let exact = list_version(query)?;
+    let paging = Paging::from_query(query)?;
     let store = api.store.clone();
     let id = resource_id(request.info);
     let namespace = request.namespace.clone();
     if let Some(requested) = exact {
         check_exact(api, &id, namespace.as_deref(), requested).await?;
     }
-    let (objects, rv) = blocking(move || store.list(&id, namespace.as_deref()))
-        .await?
-        .map_err(|e| ApiError::from_store(e, request.info.group, request.info.plural, ""))?;
-    if let Some(requested) = exact
-        && requested != rv
-    {
-        return Err(not_kept(requested, rv));
-    }
+    // A continued list is served at its first page's version, an exact one at the version
+    // asked for (both rebuilt from the event history), any other at the latest.
+    let at = paging.from.as_ref().and_then(|from| from.rv).or(exact);
+    let (objects, rv) = match at {
+        Some(at) => match blocking(move || store.list_at(&id, namespace.as_deref(), at)).await? {
+            Ok(objects) => (objects, at),
+            Err(StoreError::Gone { .. }) => {
+                return match &paging.from {
+                    Some(from) => Ok(json_response(
+                        StatusCode::GONE,
+                        &pagination::expired(from),
+                    )),
+                    None => Err(ApiError::gone(
+                        "The resourceVersion for the provided list is too old.",
+                    )),
+                };
+            }
+            Err(e) => {
+                return Err(ApiError::from_store(
+                    e,
+                    request.info.group,
+                    request.info.plural,
+                    "",
+                ));
+            }
+        },
+        None => blocking(move || store.list(&id, namespace.as_deref()))
+            .await?
+            .map_err(|e| ApiError::from_store(e, request.info.group, request.info.plural, ""))?,
+    };
     let mut items = Vec::with_capacity(objects.len());
     for object in objects {
         if matches(request.info, &labels, &fields, &object)? {
             items.push(object);
         }
     }
-    let body = if wants_table(headers) {
+    let mut next = None;
+    let mut remaining = None;
+    if paging.is_paged() {
+        let across_namespaces = request.namespace.is_none();
+        let counted = labels.is_none() && fields.is_none();
+        let page = pagination::page(items, &paging, rv, across_namespaces, counted);
+        (items, next, remaining) = (page.items, page.next, page.remaining);
+    }
+    let mut body = if wants_table(headers) {
         resources::table_with(
             request.info.kind,
             &items,
@@ -416,6 +448,12 @@ async fn list(
             "items": items,
         })
     };
+    if let Some(token) = next {
+        body["metadata"]["continue"] = json!(token);
+    }
+    if let Some(count) = remaining {
+        body["metadata"]["remainingItemCount"] = json!(count);
+    }
     Ok(json_response(StatusCode::OK, &body))
 }
 
@@ -425,8 +463,14 @@ async fn list(
 fn list_version(query: &Query) -> Result<Option<u64>, ApiError> {
     let rv = query_rv(query)?;
     let field = || "resourceVersionMatch".to_string();
+    let continued = query.get("continue").is_some_and(|c| !c.is_empty());
     match query.get("resourceVersionMatch").map(String::as_str) {
         None | Some("") => Ok(None),
+        Some(_) if continued => Err(ApiError::invalid_list_options(vec![Cause {
+            field: field(),
+            message: "Forbidden: resourceVersionMatch is forbidden when continue is provided"
+                .into(),
+        }])),
         Some(_) if rv.is_none() => Err(ApiError::invalid_list_options(vec![Cause {
             field: field(),
             message:
@@ -470,14 +514,6 @@ async fn check_exact(
         )),
         _ => Ok(()),
     }
-}
-
-/// 410 for an exact list at an older version that is still in the event log: the store keeps
-/// the current objects only, not earlier snapshots (a client lists again without a version).
-fn not_kept(requested: u64, current: u64) -> ApiError {
-    ApiError::gone(format!(
-        "The resourceVersion for the provided list is too old: resourceVersion {requested} is older than the current {current} and this server keeps no earlier snapshot to list at it exactly."
-    ))
 }
 
 async fn load(
