@@ -4,7 +4,8 @@
 //! - [`server`]: HTTPS with client-certificate authentication, the admin kubeconfig.
 //! - [`request`]: paths to discovery documents or resource requests.
 //! - [`verbs`]: get, list, watch, create, update, patch, delete.
-//! - [`objects`]: metadata, defaults, validation, deletion, garbage collection.
+//! - [`objects`]: metadata, defaults, validation, deletion, garbage collection; [`gc`]: the
+//!   `orphan` and `foregroundDeletion` finalizers (Orphan and Foreground propagation).
 //! - [`store`]: objects and watch events in `DIR/api.db`, resourceVersion, watch fan-out.
 //! - [`patch`]: JSON patch, JSON merge patch and strategic merge patch.
 //! - [`resources`]: the resource table, selectors and server-side printing (tables).
@@ -26,6 +27,7 @@ pub mod discovery;
 pub mod dryrun;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod gc;
 pub mod metrics_api;
 pub mod objects;
 pub mod pagination;
@@ -172,6 +174,7 @@ pub async fn start(
     });
     let router = axum::Router::new().fallback(verbs::handle).with_state(api);
     tracker.spawn(keep_system_namespaces(store.clone(), shutdown.clone()));
+    tracker.spawn(gc::run(store.clone(), shutdown.clone()));
     tracker.spawn(server::serve(listener, tls, router, shutdown));
     Ok(Embedded {
         listen: bound,

@@ -22,7 +22,7 @@ use super::store::{EventType, ResourceId, Store, StoreError, WatchEvent};
 use super::dryrun::{DryRun, Writer};
 use super::pagination::{self, Paging};
 use super::validation::{self, FieldValidation};
-use super::{discovery, metrics_api, objects, streaming};
+use super::{discovery, gc, metrics_api, objects, streaming};
 
 /// Shared state of the API handlers.
 #[derive(Debug)]
@@ -866,8 +866,12 @@ pub(crate) fn delete_options(query: &Query, body: &[u8]) -> Result<DeleteOptions
             .map_err(|e| ApiError::bad_request(format!("DeleteOptions is not valid JSON: {e}")))?;
         opts.grace_period = v["gracePeriodSeconds"].as_i64();
         opts.propagation = v["propagationPolicy"].as_str().map(String::from);
-        if v["orphanDependents"] == json!(true) {
-            opts.propagation = Some("Orphan".into());
+        match &v["orphanDependents"] {
+            Value::Bool(true) => opts.propagation = Some("Orphan".into()),
+            Value::Bool(false) if opts.propagation.is_none() => {
+                opts.propagation = Some("Background".into())
+            }
+            _ => {}
         }
         opts.uid = v["preconditions"]["uid"].as_str().map(String::from);
         opts.resource_version = match &v["preconditions"]["resourceVersion"] {
@@ -932,20 +936,35 @@ async fn delete(
         ));
     }
     let now = OffsetDateTime::now_utc();
-    if let Some(pending) = objects::pending_deletion(
-        info,
-        &current,
-        opts.grace_period,
-        opts.propagation.as_deref(),
-        now,
-    ) {
+    // Without a policy: the one an earlier delete chose (its finalizer), else the kind's.
+    let mut warnings = Vec::new();
+    let propagation = match opts.propagation.as_deref() {
+        Some(policy) => Some(policy),
+        None if has_gc_finalizer(&current) => None,
+        None => {
+            let policy = gc::default_propagation(info);
+            if policy == "Orphan" {
+                warnings.push(gc::JOB_ORPHAN_WARNING.to_string());
+            }
+            Some(policy)
+        }
+    };
+    if let Some(pending) =
+        objects::pending_deletion(info, &current, opts.grace_period, propagation, now)
+    {
         // Finalizers or a graceful pod deletion: mark it and keep the object.
         let expected = rv_of(&current);
         let written = api_update_raw(api, info, &namespace, name, pending, expected).await?;
         if info.plural == "namespaces" {
             spawn_namespace_cleanup(api, name);
         }
-        return Ok(json_response(StatusCode::OK, &written));
+        if has_gc_finalizer(&written) && !DryRun::current().is_dry() {
+            gc::wake();
+        }
+        return Ok(validation::with_warnings(
+            json_response(StatusCode::OK, &written),
+            &warnings,
+        ));
     }
     let writer = Writer::new(&api.store);
     let id = resource_id(info);
@@ -961,6 +980,17 @@ async fn delete(
     };
     spawn_garbage_collection(api, &deleted, propagation);
     Ok(json_response(StatusCode::OK, &deleted))
+}
+
+/// Whether the garbage collector's `orphan` or `foregroundDeletion` finalizer is set.
+fn has_gc_finalizer(object: &Value) -> bool {
+    object["metadata"]["finalizers"]
+        .as_array()
+        .is_some_and(|list| {
+            list.iter().any(|f| {
+                f == objects::ORPHAN_FINALIZER || f == objects::FOREGROUND_FINALIZER
+            })
+        })
 }
 
 /// Writes an object prepared by this module (no update rules applied).
