@@ -119,7 +119,10 @@ fn observe(kubectl: Kubectl<'_>) -> Seen {
     assert!(!refused.status.success(), "strict apply must fail");
     let strict_error = stderr(&refused)
         .lines()
-        .find_map(|l| l.split_once("cannot be handled as a Pod: ").map(|(_, m)| m.to_string()))
+        .find_map(|l| {
+            l.split_once("cannot be handled as a Pod: ")
+                .map(|(_, m)| m.to_string())
+        })
         .unwrap_or_else(|| panic!("no strict decoding error: {}", stderr(&refused)));
     assert!(get_json(kubectl, &sem(&["pod", "strict"])).is_none());
 
@@ -148,7 +151,13 @@ fn observe(kubectl: Kubectl<'_>) -> Seen {
     let dry = ok(
         kubectl,
         &sem(&[
-            "create", "configmap", "dry", "--from-literal=k=v", "--dry-run=server", "-o", "json",
+            "create",
+            "configmap",
+            "dry",
+            "--from-literal=k=v",
+            "--dry-run=server",
+            "-o",
+            "json",
         ]),
         None,
     );
@@ -173,11 +182,11 @@ fn observe(kubectl: Kubectl<'_>) -> Seen {
         &sem(&["apply", "--validate=false", "--dry-run=server", "-f", "-"]),
         Some(&changed),
     );
-    let dry_apply_kept = get_json(kubectl, &sem(&["configmap", "warned"])).expect("kept")["data"]
-        ["a"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
+    let dry_apply_kept =
+        get_json(kubectl, &sem(&["configmap", "warned"])).expect("kept")["data"]["a"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
 
     // Pages.
     for i in 0..5 {
@@ -214,11 +223,25 @@ fn observe(kubectl: Kubectl<'_>) -> Seen {
     // Foreground: dependents first; one with blockOwnerDeletion holds the owner.
     ok(kubectl, &sem(&["create", "configmap", "owner"]), None);
     let owner = get_json(kubectl, &sem(&["configmap", "owner"])).expect("owner");
-    ok(kubectl, &["apply", "-f", "-"], Some(&owned_cm("blocker", &owner, true, true)));
-    ok(kubectl, &["apply", "-f", "-"], Some(&owned_cm("loose", &owner, false, false)));
     ok(
         kubectl,
-        &sem(&["delete", "configmap", "owner", "--cascade=foreground", "--wait=false"]),
+        &["apply", "-f", "-"],
+        Some(&owned_cm("blocker", &owner, true, true)),
+    );
+    ok(
+        kubectl,
+        &["apply", "-f", "-"],
+        Some(&owned_cm("loose", &owner, false, false)),
+    );
+    ok(
+        kubectl,
+        &sem(&[
+            "delete",
+            "configmap",
+            "owner",
+            "--cascade=foreground",
+            "--wait=false",
+        ]),
         None,
     );
     let mut foreground = Vec::new();
@@ -244,7 +267,11 @@ fn observe(kubectl: Kubectl<'_>) -> Seen {
     ok(
         kubectl,
         &sem(&[
-            "patch", "configmap", "blocker", "--type=merge", "-p",
+            "patch",
+            "configmap",
+            "blocker",
+            "--type=merge",
+            "-p",
             r#"{"metadata":{"finalizers":null}}"#,
         ]),
         None,
@@ -257,7 +284,11 @@ fn observe(kubectl: Kubectl<'_>) -> Seen {
     // Orphan: the owner goes, the dependent stays without the reference.
     ok(kubectl, &sem(&["create", "configmap", "owner2"]), None);
     let owner2 = get_json(kubectl, &sem(&["configmap", "owner2"])).expect("owner2");
-    ok(kubectl, &["apply", "-f", "-"], Some(&owned_cm("orphan", &owner2, true, false)));
+    ok(
+        kubectl,
+        &["apply", "-f", "-"],
+        Some(&owned_cm("orphan", &owner2, true, false)),
+    );
     ok(
         kubectl,
         &sem(&["delete", "configmap", "owner2", "--cascade=orphan"]),
@@ -272,7 +303,11 @@ fn observe(kubectl: Kubectl<'_>) -> Seen {
     // Background (kubectl's default): the owner goes, then its dependent.
     ok(kubectl, &sem(&["create", "configmap", "owner3"]), None);
     let owner3 = get_json(kubectl, &sem(&["configmap", "owner3"])).expect("owner3");
-    ok(kubectl, &["apply", "-f", "-"], Some(&owned_cm("child3", &owner3, false, false)));
+    ok(
+        kubectl,
+        &["apply", "-f", "-"],
+        Some(&owned_cm("child3", &owner3, false, false)),
+    );
     ok(kubectl, &sem(&["delete", "configmap", "owner3"]), None);
     let background_gone = eventually(Duration::from_secs(30), || {
         get_json(kubectl, &sem(&["configmap", "child3"])).is_none()
@@ -314,7 +349,10 @@ fn kubectl_sees_the_same_options_honoured_as_on_a_real_control_plane() {
             r#"Warning: unknown field "metadata.surprise""#
         ]
     );
-    assert_eq!(embedded.warned_keys, ["apiVersion", "data", "kind", "metadata"]);
+    assert_eq!(
+        embedded.warned_keys,
+        ["apiVersion", "data", "kind", "metadata"]
+    );
     assert_eq!(embedded.dry_create, (true, true, true, true));
     assert_eq!(
         embedded.dry_delete_output,
@@ -340,7 +378,10 @@ fn kubectl_sees_the_same_options_honoured_as_on_a_real_control_plane() {
     // collector does the propagation there).
     let cluster = KubeCluster::start(&tmp.path().join("k8s"), &ClusterOptions::default());
     let real = observe(&|args, stdin| cluster.kubectl(args, stdin));
-    assert_eq!(embedded, real, "the embedded API differs from kube-apiserver");
+    assert_eq!(
+        embedded, real,
+        "the embedded API differs from kube-apiserver"
+    );
 }
 
 fn config_map(name: &str) -> ConfigMap {
@@ -392,16 +433,32 @@ async fn kube_rs_dry_runs_write_nothing_and_pages_hold_one_version() {
         dry_run: true,
         ..PostParams::default()
     };
-    let created = api.create(&dry, &config_map("ghost")).await.expect("dry create");
+    let created = api
+        .create(&dry, &config_map("ghost"))
+        .await
+        .expect("dry create");
     assert!(created.metadata.uid.is_some(), "{created:?}");
     assert_eq!(created.metadata.resource_version, None);
-    let mut patch = PatchParams::default();
-    patch.dry_run = true;
+    let patch = PatchParams {
+        dry_run: true,
+        ..PatchParams::default()
+    };
     let patched = api
-        .patch("kept", &patch, &Patch::Merge(json!({"data": {"k": "changed"}})))
+        .patch(
+            "kept",
+            &patch,
+            &Patch::Merge(json!({"data": {"k": "changed"}})),
+        )
         .await
         .expect("dry patch");
-    assert_eq!(patched.data.as_ref().and_then(|d| d.get("k")).map(String::as_str), Some("changed"));
+    assert_eq!(
+        patched
+            .data
+            .as_ref()
+            .and_then(|d| d.get("k"))
+            .map(String::as_str),
+        Some("changed")
+    );
     let mut kept = api.get("kept").await.expect("get");
     kept.data = Some([("k".to_string(), "replaced".to_string())].into());
     api.replace("kept", &dry, &kept).await.expect("dry replace");
@@ -418,30 +475,43 @@ async fn kube_rs_dry_runs_write_nothing_and_pages_hold_one_version() {
     let pod: Pod = serde_json::from_value(json!({"metadata": {"name": "waiting"},
         "spec": {"containers": [{"name": "c", "image": "busybox"}]}}))
     .expect("pod");
-    pods.create(&PostParams::default(), &pod).await.expect("pod");
-    let before = pods.get("waiting").await.expect("pod");
-    pods.patch_status("waiting", &patch, &Patch::Merge(json!({"status": {"phase": "Failed"}})))
+    pods.create(&PostParams::default(), &pod)
         .await
-        .expect("dry status patch");
+        .expect("pod");
+    let before = pods.get("waiting").await.expect("pod");
+    pods.patch_status(
+        "waiting",
+        &patch,
+        &Patch::Merge(json!({"status": {"phase": "Failed"}})),
+    )
+    .await
+    .expect("dry status patch");
     let binding = json!({"apiVersion": "v1", "kind": "Binding",
         "metadata": {"name": "waiting"}, "target": {"kind": "Node", "name": "nowhere"}});
     let bound: Result<Value, _> = pods
-        .create_subresource(
-            "binding",
-            "waiting",
-            &dry,
-            &binding,
-        )
+        .create_subresource("binding", "waiting", &dry, &binding)
         .await;
     bound.expect("dry binding");
     let after = pods.get("waiting").await.expect("pod");
-    assert_eq!(after.metadata.resource_version, before.metadata.resource_version);
+    assert_eq!(
+        after.metadata.resource_version,
+        before.metadata.resource_version
+    );
     assert_eq!(after.spec.as_ref().and_then(|s| s.node_name.clone()), None);
-    assert_ne!(after.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Failed"));
+    assert_ne!(
+        after.status.as_ref().and_then(|s| s.phase.as_deref()),
+        Some("Failed")
+    );
 
     assert!(api.get_opt("ghost").await.expect("get").is_none());
     let now = api.get("kept").await.expect("kept survives every dry run");
-    assert_eq!(now.data.as_ref().and_then(|d| d.get("k")).map(String::as_str), Some("v"));
+    assert_eq!(
+        now.data
+            .as_ref()
+            .and_then(|d| d.get("k"))
+            .map(String::as_str),
+        Some("v")
+    );
     assert!(now.metadata.deletion_timestamp.is_none());
     // The watch opened before sees the next real write first: no dry run reached it.
     api.create(&PostParams::default(), &config_map("real"))
@@ -463,7 +533,12 @@ async fn kube_rs_dry_runs_write_nothing_and_pages_hold_one_version() {
             .await
             .expect("create");
     }
-    let all = api.list(&ListParams::default()).await.expect("list").items.len();
+    let all = api
+        .list(&ListParams::default())
+        .await
+        .expect("list")
+        .items
+        .len();
     let mut params = ListParams::default().limit(3);
     let first = api.list(&params).await.expect("page 1");
     assert_eq!(first.items.len(), 3);
@@ -472,19 +547,38 @@ async fn kube_rs_dry_runs_write_nothing_and_pages_hold_one_version() {
     api.create(&PostParams::default(), &config_map("p-late"))
         .await
         .expect("create");
-    api.delete("p0", &DeleteParams::default()).await.expect("delete");
-    let mut names: Vec<String> = first.items.iter().map(|c| c.metadata.name.clone().unwrap_or_default()).collect();
+    api.delete("p0", &DeleteParams::default())
+        .await
+        .expect("delete");
+    let mut names: Vec<String> = first
+        .items
+        .iter()
+        .map(|c| c.metadata.name.clone().unwrap_or_default())
+        .collect();
     let mut token = first.metadata.continue_;
     while let Some(next) = token.filter(|t| !t.is_empty()) {
         params = params.continue_token(&next);
         let page = api.list(&params).await.expect("next page");
-        assert_eq!(page.metadata.resource_version, version, "one version for every page");
-        names.extend(page.items.iter().map(|c| c.metadata.name.clone().unwrap_or_default()));
+        assert_eq!(
+            page.metadata.resource_version, version,
+            "one version for every page"
+        );
+        names.extend(
+            page.items
+                .iter()
+                .map(|c| c.metadata.name.clone().unwrap_or_default()),
+        );
         token = page.metadata.continue_;
     }
     assert_eq!(names.len(), all, "{names:?}");
-    assert!(names.contains(&"p0".to_string()), "deleted after the first page, still listed at its version");
-    assert!(!names.contains(&"p-late".to_string()), "created after the first page: not at its version");
+    assert!(
+        names.contains(&"p0".to_string()),
+        "deleted after the first page, still listed at its version"
+    );
+    assert!(
+        !names.contains(&"p-late".to_string()),
+        "created after the first page: not at its version"
+    );
 
     // A malformed token is a 400 naming it.
     let bad = api
@@ -494,7 +588,13 @@ async fn kube_rs_dry_runs_write_nothing_and_pages_hold_one_version() {
     match bad {
         kube::Error::Api(status) => {
             assert_eq!(status.code, 400);
-            assert!(status.message.starts_with("invalid continue token: continue key is not valid"), "{}", status.message);
+            assert!(
+                status
+                    .message
+                    .starts_with("invalid continue token: continue key is not valid"),
+                "{}",
+                status.message
+            );
         }
         other => panic!("unexpected error {other}"),
     }
@@ -519,16 +619,34 @@ fn kubectl_chunks_lists_and_dry_runs_pods() {
         .lines()
         .filter(|l| l.contains("/configmaps?continue=") && l.contains("limit=2"))
         .count();
-    assert_eq!(continued, 2, "kubectl follows two continue tokens for 5 items in pages of 2: {}", stderr(&chunked));
+    assert_eq!(
+        continued,
+        2,
+        "kubectl follows two continue tokens for 5 items in pages of 2: {}",
+        stderr(&chunked)
+    );
 
     // `kubectl run --dry-run=server` prints the pod the server would store, and stores nothing.
-    let run = kubectl(&["run", "x", "--image=busybox", "--dry-run=server", "-o", "json"]);
+    let run = kubectl(&[
+        "run",
+        "x",
+        "--image=busybox",
+        "--dry-run=server",
+        "-o",
+        "json",
+    ]);
     assert!(run.status.success(), "{}", stderr(&run));
     let pod: Value = serde_json::from_slice(&run.stdout).expect("pod JSON");
     assert_eq!(pod["metadata"]["name"], "x");
     assert!(pod["metadata"]["uid"].is_string());
-    assert_eq!(pod["spec"]["containers"][0]["imagePullPolicy"], "Always", "defaults applied");
-    assert!(!kubectl(&["get", "pod", "x"]).status.success(), "the dry run created the pod");
+    assert_eq!(
+        pod["spec"]["containers"][0]["imagePullPolicy"], "Always",
+        "defaults applied"
+    );
+    assert!(
+        !kubectl(&["get", "pod", "x"]).status.success(),
+        "the dry run created the pod"
+    );
     let y = kubectl(&["run", "y", "--image=busybox"]);
     assert!(y.status.success(), "{}", stderr(&y));
     let del = kubectl(&["delete", "pod", "y", "--dry-run=server"]);

@@ -259,8 +259,8 @@ mod tests {
             DryRun::from_request(&Method::GET, &query(&[("dryRun", "x")]), b""),
             Ok(DryRun::No)
         );
-        let e = DryRun::from_request(&post, &query(&[("dryRun", "Bogus")]), b"")
-            .expect_err("bogus");
+        let e =
+            DryRun::from_request(&post, &query(&[("dryRun", "Bogus")]), b"").expect_err("bogus");
         assert_eq!((e.code.as_u16(), e.reason), (422, "Invalid"));
         assert_eq!(
             e.message,
@@ -285,7 +285,8 @@ mod tests {
         let e = DryRun::from_request(&delete, &query(&[]), br#"{"dryRun":["Nope"]}"#)
             .expect_err("nope");
         assert!(
-            e.message.starts_with("DeleteOptions.meta.k8s.io \"\" is invalid: dryRun"),
+            e.message
+                .starts_with("DeleteOptions.meta.k8s.io \"\" is invalid: dryRun"),
             "{}",
             e.message
         );
@@ -327,7 +328,10 @@ mod tests {
             writer.delete(&id, "ns", "missing", None),
             Err(StoreError::NotFound)
         ));
-        assert_eq!(writer.delete(&id, "ns", "a", None).expect("dry delete"), stored);
+        assert_eq!(
+            writer.delete(&id, "ns", "a", None).expect("dry delete"),
+            stored
+        );
 
         assert_eq!(store.resource_version(), rv, "nothing was written");
         assert_eq!(store.get(&id, "ns", "a").expect("get"), Some(stored));

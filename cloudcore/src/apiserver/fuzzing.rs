@@ -9,11 +9,11 @@ use axum::http::{Method, Uri};
 use serde_json::{Value, json};
 use time::OffsetDateTime;
 
+use super::dryrun::DryRun;
 use super::patch::{self, PatchType};
 use super::request::{self, Target};
 use super::resources::{self, FieldSelector, LabelSelector};
 use super::status::ApiError;
-use super::dryrun::DryRun;
 use super::validation::{self, FieldValidation};
 use super::{objects, pagination, verbs};
 

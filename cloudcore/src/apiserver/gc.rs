@@ -224,8 +224,7 @@ fn foreground(
             continue;
         }
         tracing::info!(resource = dependent_info.plural, %namespace, %name, owner.uid = %uid, "deleting a dependent of an owner deleted in the foreground");
-        match objects::pending_deletion(dependent_info, &dependent, None, Some("Foreground"), now)
-        {
+        match objects::pending_deletion(dependent_info, &dependent, None, Some("Foreground"), now) {
             Some(pending) => {
                 store.update(&id, &namespace, &name, pending, rv_of(&dependent))?;
                 blocked |= blocks;
@@ -331,8 +330,9 @@ mod tests {
     fn delete(store: &Store, plural: &str, object: &Value, policy: &str) {
         let i = info(plural);
         let (ns, name) = key(object);
-        let pending = objects::pending_deletion(i, object, None, Some(policy), OffsetDateTime::now_utc())
-            .expect("a propagation finalizer makes the delete wait");
+        let pending =
+            objects::pending_deletion(i, object, None, Some(policy), OffsetDateTime::now_utc())
+                .expect("a propagation finalizer makes the delete wait");
         store
             .update(&resource_id(i), &ns, &name, pending, rv_of(object))
             .expect("mark");
@@ -347,7 +347,12 @@ mod tests {
         // A dependent whose own dependent blocks it: the chain goes bottom up.
         let grandchild = create(&store, "configmaps", "grandchild", &[(&blocking, true)]);
         let other = create(&store, "configmaps", "other-owner", &[]);
-        let shared = create(&store, "configmaps", "shared", &[(&owner, true), (&other, true)]);
+        let shared = create(
+            &store,
+            "configmaps",
+            "shared",
+            &[(&owner, true), (&other, true)],
+        );
         delete(&store, "configmaps", &owner, "Foreground");
         let marked = get(&store, "configmaps", "owner").expect("owner stays");
         assert!(terminating(&marked));
@@ -367,7 +372,9 @@ mod tests {
             assert_eq!(get(&store, "configmaps", gone), None, "{gone}");
         }
         let kept = get(&store, "configmaps", "shared").expect("another owner keeps it");
-        let refs = kept["metadata"]["ownerReferences"].as_array().expect("refs");
+        let refs = kept["metadata"]["ownerReferences"]
+            .as_array()
+            .expect("refs");
         assert_eq!(refs.len(), 1);
         assert_eq!(refs[0]["uid"], other["metadata"]["uid"]);
         let _ = (loose, grandchild, shared);
@@ -400,7 +407,9 @@ mod tests {
                     .expect("confirm");
             }
             None => {
-                store.delete(&id, "ns", "p", rv_of(&current)).expect("confirm");
+                store
+                    .delete(&id, "ns", "p", rv_of(&current))
+                    .expect("confirm");
             }
         }
         while pass(&store, now).expect("pass") {}

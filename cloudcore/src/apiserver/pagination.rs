@@ -113,9 +113,7 @@ pub fn decode(token: &str) -> Result<Continue, String> {
     };
     let start = value["start"].as_str().unwrap_or_default();
     if start.is_empty() {
-        return Err(invalid(
-            "encoded start key empty (version meta.k8s.io/v1)",
-        ));
+        return Err(invalid("encoded start key empty (version meta.k8s.io/v1)"));
     }
     Ok(Continue {
         rv,
@@ -233,13 +231,22 @@ mod tests {
             assert_eq!((e.code.as_u16(), e.reason), (400, "BadRequest"));
             e.message
         };
-        assert!(err(&[("continue", "zzz")]).starts_with("invalid continue token: continue key is not valid: "));
+        assert!(
+            err(&[("continue", "zzz")])
+                .starts_with("invalid continue token: continue key is not valid: ")
+        );
         assert_eq!(
-            err(&[("continue", &token(json!({"v": "meta.k8s.io/v1", "rv": 0, "start": "a"})))]),
+            err(&[(
+                "continue",
+                &token(json!({"v": "meta.k8s.io/v1", "rv": 0, "start": "a"}))
+            )]),
             "invalid continue token: continue key is not valid: incorrect encoded start resourceVersion (version meta.k8s.io/v1)"
         );
         assert_eq!(
-            err(&[("continue", &token(json!({"v": "meta.k8s.io/v1", "rv": 5, "start": ""})))]),
+            err(&[(
+                "continue",
+                &token(json!({"v": "meta.k8s.io/v1", "rv": 5, "start": ""}))
+            )]),
             "invalid continue token: continue key is not valid: encoded start key empty (version meta.k8s.io/v1)"
         );
         assert_eq!(
@@ -251,10 +258,14 @@ mod tests {
             err(&[("continue", &good), ("resourceVersion", "5")]),
             "specifying resource version is not allowed when using continue"
         );
-        assert!(Paging::from_query(&query(&[("continue", &good), ("resourceVersion", "0")])).is_ok());
+        assert!(
+            Paging::from_query(&query(&[("continue", &good), ("resourceVersion", "0")])).is_ok()
+        );
         assert!(err(&[("limit", "x")]).contains("limit"));
         assert_eq!(
-            Paging::from_query(&query(&[("limit", "0")])).expect("zero").limit,
+            Paging::from_query(&query(&[("limit", "0")]))
+                .expect("zero")
+                .limit,
             None
         );
     }
@@ -280,9 +291,27 @@ mod tests {
         }
         assert_eq!(names, ["a-b/y", "a/x", "a/z", "b/w"]);
         assert_eq!(remaining, [Some(2), None]);
-        let exact = page(all.clone(), &Paging { limit: Some(4), from: None }, 9, true, true);
+        let exact = page(
+            all.clone(),
+            &Paging {
+                limit: Some(4),
+                from: None,
+            },
+            9,
+            true,
+            true,
+        );
         assert_eq!((exact.items.len(), exact.next), (4, None));
-        let filtered = page(all, &Paging { limit: Some(1), from: None }, 9, true, false);
+        let filtered = page(
+            all,
+            &Paging {
+                limit: Some(1),
+                from: None,
+            },
+            9,
+            true,
+            false,
+        );
         assert_eq!(filtered.remaining, None);
         assert!(filtered.next.is_some());
     }

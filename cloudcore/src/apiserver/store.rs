@@ -1483,19 +1483,33 @@ mod tests {
             let (objects, rv) = store.list(&pods(), None).expect("list");
             snapshots.push((rv, objects));
         };
-        store.create(&pods(), "a", "p", pod("a", "p")).expect("create");
-        store.create(&pods(), "b", "q", pod("b", "q")).expect("create");
+        store
+            .create(&pods(), "a", "p", pod("a", "p"))
+            .expect("create");
+        store
+            .create(&pods(), "b", "q", pod("b", "q"))
+            .expect("create");
         snap(&store);
         let mut changed = pod("a", "p");
         changed["spec"]["nodeName"] = json!("edge-2");
-        store.update(&pods(), "a", "p", changed, None).expect("update");
+        store
+            .update(&pods(), "a", "p", changed, None)
+            .expect("update");
         snap(&store);
         store.delete(&pods(), "b", "q", None).expect("delete");
-        store.create(&pods(), "a", "r", pod("a", "r")).expect("create");
+        store
+            .create(&pods(), "a", "r", pod("a", "r"))
+            .expect("create");
         snap(&store);
-        store.create(&leases(), "a", "l", pod("a", "l")).expect("other resource");
+        store
+            .create(&leases(), "a", "l", pod("a", "l"))
+            .expect("other resource");
         for (rv, objects) in &snapshots {
-            assert_eq!(&store.list_at(&pods(), None, *rv).expect("list_at"), objects, "at {rv}");
+            assert_eq!(
+                &store.list_at(&pods(), None, *rv).expect("list_at"),
+                objects,
+                "at {rv}"
+            );
         }
         let (rv, objects) = &snapshots[0];
         let in_b: Vec<Value> = objects
@@ -1511,7 +1525,9 @@ mod tests {
         // Once the events after it are compacted, a version cannot be rebuilt.
         for i in 0..10 {
             let name = format!("x{i}");
-            store.create(&pods(), "a", &name, pod("a", &name)).expect("create");
+            store
+                .create(&pods(), "a", &name, pod("a", &name))
+                .expect("create");
         }
         assert!(matches!(
             store.list_at(&pods(), None, *rv),

@@ -543,14 +543,20 @@ mod tests {
         })
         .expect("warn");
         assert_eq!(warnings.len(), 3);
-        assert_eq!(object, json!({"metadata": {"name": "c"}, "data": {"x": "2"}}));
+        assert_eq!(
+            object,
+            json!({"metadata": {"name": "c"}, "data": {"x": "2"}})
+        );
         let mut object = parsed.clone();
         let warnings = enforce(FieldValidation::Ignore, &findings, &mut object, |_| {
             unreachable!("ignore never refuses")
         })
         .expect("ignore");
         assert!(warnings.is_empty());
-        assert_eq!(object, json!({"metadata": {"name": "c"}, "data": {"x": "2"}}));
+        assert_eq!(
+            object,
+            json!({"metadata": {"name": "c"}, "data": {"x": "2"}})
+        );
         let mut object = parsed;
         let e = enforce(FieldValidation::Strict, &findings, &mut object, |f| {
             body_error(configmaps, f)
@@ -567,7 +573,8 @@ mod tests {
         let e = patch_error(&patched, &findings);
         assert_eq!((e.code.as_u16(), e.reason), (422, "Invalid"));
         assert!(
-            e.message.starts_with(" \"\" is invalid: patch: Invalid value: \"{"),
+            e.message
+                .starts_with(" \"\" is invalid: patch: Invalid value: \"{"),
             "{}",
             e.message
         );
@@ -620,7 +627,13 @@ mod tests {
     #[test]
     fn malformed_documents_do_not_panic() {
         let pods = info("", "v1", "pods");
-        for body in [&b"{"[..], b"[]", b"{\"spec\": 5}", b"{\"spec\":{\"containers\":\"x\"}}", b""] {
+        for body in [
+            &b"{"[..],
+            b"[]",
+            b"{\"spec\": 5}",
+            b"{\"spec\":{\"containers\":\"x\"}}",
+            b"",
+        ] {
             let _ = body_findings(pods, None, body);
         }
     }

@@ -12,15 +12,15 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 use time::OffsetDateTime;
 
+use super::dryrun::{DryRun, Writer};
 use super::objects::resource_id;
+use super::pagination::{self, Paging};
 use super::patch::{self, PatchError, PatchType};
 use super::request::{ResourceRequest, Target, route};
 use super::resources::{self, FieldSelector, LabelSelector, ResourceInfo};
 use super::server::User;
 use super::status::{ApiError, Cause};
 use super::store::{EventType, ResourceId, Store, StoreError, WatchEvent};
-use super::dryrun::{DryRun, Writer};
-use super::pagination::{self, Paging};
 use super::validation::{self, FieldValidation};
 use super::{discovery, gc, metrics_api, objects, streaming};
 
@@ -396,10 +396,7 @@ async fn list(
             Ok(objects) => (objects, at),
             Err(StoreError::Gone { .. }) => {
                 return match &paging.from {
-                    Some(from) => Ok(json_response(
-                        StatusCode::GONE,
-                        &pagination::expired(from),
-                    )),
+                    Some(from) => Ok(json_response(StatusCode::GONE, &pagination::expired(from))),
                     None => Err(ApiError::gone(
                         "The resourceVersion for the provided list is too old.",
                     )),
@@ -605,8 +602,9 @@ async fn create(
     let mode = FieldValidation::from_query(&Method::POST, query)?;
     let mut object = parse_body(body)?;
     let findings = validation::body_findings(info, request.subresource.as_deref(), body);
-    let warnings =
-        validation::enforce(mode, &findings, &mut object, |f| validation::body_error(info, f))?;
+    let warnings = validation::enforce(mode, &findings, &mut object, |f| {
+        validation::body_error(info, f)
+    })?;
     objects::check_type(info, &object)?;
     if info.namespaced {
         let Some(ns) = request.namespace.clone() else {
@@ -709,8 +707,9 @@ async fn update(
     let mut new = parse_body(body)?;
     let info = request.info;
     let findings = validation::body_findings(info, request.subresource.as_deref(), body);
-    let warnings =
-        validation::enforce(mode, &findings, &mut new, |f| validation::body_error(info, f))?;
+    let warnings = validation::enforce(mode, &findings, &mut new, |f| {
+        validation::body_error(info, f)
+    })?;
     if let Some(given) = new["metadata"]["name"].as_str()
         && given != name
     {
@@ -987,9 +986,8 @@ fn has_gc_finalizer(object: &Value) -> bool {
     object["metadata"]["finalizers"]
         .as_array()
         .is_some_and(|list| {
-            list.iter().any(|f| {
-                f == objects::ORPHAN_FINALIZER || f == objects::FOREGROUND_FINALIZER
-            })
+            list.iter()
+                .any(|f| f == objects::ORPHAN_FINALIZER || f == objects::FOREGROUND_FINALIZER)
         })
 }
 
