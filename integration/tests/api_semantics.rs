@@ -439,6 +439,16 @@ async fn kube_rs_dry_runs_write_nothing_and_pages_hold_one_version() {
         .expect("dry create");
     assert!(created.metadata.uid.is_some(), "{created:?}");
     assert_eq!(created.metadata.resource_version, None);
+    let mut generated = config_map("");
+    generated.metadata.name = None;
+    generated.metadata.generate_name = Some("gen-".into());
+    let generated = api
+        .create(&dry, &generated)
+        .await
+        .expect("dry generateName");
+    let name = generated.metadata.name.unwrap_or_default();
+    assert!(name.starts_with("gen-") && name.len() > 4, "{name}");
+    assert!(api.get_opt(&name).await.expect("get").is_none());
     let patch = PatchParams {
         dry_run: true,
         ..PatchParams::default()

@@ -202,6 +202,18 @@ fn typed_unknown<'de, D: Deserializer<'de>>(
     })
 }
 
+/// Which schema a subresource's document has: `scale` and `binding` bodies are `Scale` and
+/// `Binding` objects, but a handler may also hand over the parent object itself (a patched
+/// Deployment behind `/scale`), which is checked against its own kind. A body without a
+/// `kind` is taken as the subresource's.
+fn schema_of<'a>(subresource: Option<&'a str>, kind: Option<&str>) -> Option<&'a str> {
+    match (subresource, kind) {
+        (Some("scale"), Some(kind)) if kind != "Scale" => None,
+        (Some("binding"), Some(kind)) if kind != "Binding" => None,
+        (other, _) => other,
+    }
+}
+
 /// The unknown fields of `object`: from the typed schema of a built-in kind, else from the
 /// CRD of a custom resource.
 pub fn unknown_fields(
@@ -209,6 +221,7 @@ pub fn unknown_fields(
     subresource: Option<&str>,
     object: &Value,
 ) -> Vec<FieldPath> {
+    let subresource = schema_of(subresource, object["kind"].as_str());
     typed_unknown(info, subresource, object).unwrap_or_else(|| {
         crd::unknown_fields(info, object)
             .iter()
@@ -332,6 +345,15 @@ fn in_document_order(document: &[u8], unknown: Vec<FieldPath>) -> Vec<Finding> {
 
 /// The findings in a create or update body, in document order.
 pub fn body_findings(info: &ResourceInfo, subresource: Option<&str>, body: &[u8]) -> Vec<Finding> {
+    let subresource = match subresource {
+        Some("scale" | "binding") => {
+            let kind = serde_json::from_slice::<Value>(body)
+                .ok()
+                .and_then(|v| v["kind"].as_str().map(String::from));
+            schema_of(subresource, kind.as_deref())
+        }
+        other => other,
+    };
     let unknown = match typed_unknown(
         info,
         subresource,
@@ -520,6 +542,12 @@ mod tests {
         assert_eq!(
             texts(&object_findings(deployments, Some("scale"), &scale)),
             vec![r#"unknown field "spec.bogus""#]
+        );
+        // The parent object behind `/scale` is checked as itself, never as a Scale.
+        assert_eq!(object_findings(deployments, Some("scale"), &body), vec![]);
+        assert_eq!(
+            body_findings(deployments, Some("scale"), text.as_bytes()),
+            vec![]
         );
     }
 
