@@ -14,7 +14,8 @@
 //! When the last finalizer is gone the owner is removed (a pod only once its node confirmed
 //! it stopped, [`objects::may_remove`]), and its remaining dependents are collected in the
 //! background. Passes run when a delete asks for one ([`wake`]), every second while an owner
-//! waits, and once at start, so a deletion interrupted by a restart completes.
+//! waits and the store changed, and once at start, so a deletion interrupted by a restart
+//! completes.
 
 use std::sync::LazyLock;
 use std::time::Duration;
@@ -55,6 +56,10 @@ pub const JOB_ORPHAN_WARNING: &str = "child pods are preserved by default when j
 /// Runs passes until cancelled.
 pub async fn run(store: Store, shutdown: CancellationToken) {
     let mut waiting = true; // the first pass finds what a restart interrupted
+    // The store's version after the last pass: while an owner waits on a dependent (a pod
+    // whose edge is offline, say), a tick with no write since finds nothing new and is skipped,
+    // so a long wait costs no scans.
+    let mut seen = None;
     loop {
         if !waiting {
             tokio::select! {
@@ -65,11 +70,23 @@ pub async fn run(store: Store, shutdown: CancellationToken) {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = WAKE.notified() => {}
-                _ = tokio::time::sleep(WAITING_INTERVAL) => {}
+                _ = tokio::time::sleep(WAITING_INTERVAL) => {
+                    if seen == Some(store.resource_version()) {
+                        continue;
+                    }
+                }
             }
         }
         let store = store.clone();
-        match tokio::task::spawn_blocking(move || pass(&store, OffsetDateTime::now_utc())).await {
+        let before = store.resource_version();
+        let result = tokio::task::spawn_blocking({
+            let store = store.clone();
+            move || pass(&store, OffsetDateTime::now_utc())
+        })
+        .await;
+        // What the pass itself wrote is looked at once more (a release may free an owner).
+        seen = (store.resource_version() == before).then_some(before);
+        match result {
             Ok(Ok(still_waiting)) => waiting = still_waiting,
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "garbage collector pass failed; will retry");
