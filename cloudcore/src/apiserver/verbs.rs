@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 use time::OffsetDateTime;
 
-use super::dryrun::{DryRun, Writer};
+use super::dryrun::{self, DryRun, Writer};
 use super::objects::resource_id;
 use super::pagination::{self, Paging};
 use super::patch::{self, PatchError, PatchType};
@@ -860,18 +860,15 @@ pub(crate) struct DeleteOptions {
 
 pub(crate) fn delete_options(query: &Query, body: &[u8]) -> Result<DeleteOptions, ApiError> {
     let mut opts = DeleteOptions::default();
+    // The deprecated `orphanDependents`: true is `Orphan`, false `Background`; it may not be
+    // combined with `propagationPolicy` (kube-apiserver's `ValidateDeleteOptions`).
+    let mut orphan_dependents = None;
     if !body.is_empty() {
         let v: Value = serde_json::from_slice(body)
             .map_err(|e| ApiError::bad_request(format!("DeleteOptions is not valid JSON: {e}")))?;
         opts.grace_period = v["gracePeriodSeconds"].as_i64();
         opts.propagation = v["propagationPolicy"].as_str().map(String::from);
-        match &v["orphanDependents"] {
-            Value::Bool(true) => opts.propagation = Some("Orphan".into()),
-            Value::Bool(false) if opts.propagation.is_none() => {
-                opts.propagation = Some("Background".into())
-            }
-            _ => {}
-        }
+        orphan_dependents = v["orphanDependents"].as_bool();
         opts.uid = v["preconditions"]["uid"].as_str().map(String::from);
         opts.resource_version = match &v["preconditions"]["resourceVersion"] {
             Value::String(text) if !text.is_empty() => Some(parse_rv(text).ok_or_else(|| {
@@ -891,10 +888,32 @@ pub(crate) fn delete_options(query: &Query, body: &[u8]) -> Result<DeleteOptions
     if let Some(p) = query.get("propagationPolicy") {
         opts.propagation = Some(p.clone());
     }
+    if let Some(o) = query.get("orphanDependents") {
+        orphan_dependents = Some(o == "true" || o == "1");
+    }
+    let invalid = |message: String| {
+        dryrun::invalid_options(
+            &Method::DELETE,
+            vec![Cause {
+                field: "propagationPolicy".into(),
+                message,
+            }],
+        )
+    };
+    match (orphan_dependents, opts.propagation.as_deref()) {
+        (Some(_), Some(policy)) => {
+            return Err(invalid(format!(
+                "Invalid value: {policy:?}: orphanDependents and deletionPropagation cannot be both set"
+            )));
+        }
+        (Some(true), None) => opts.propagation = Some("Orphan".into()),
+        (Some(false), None) => opts.propagation = Some("Background".into()),
+        _ => {}
+    }
     match opts.propagation.as_deref() {
         None | Some("Orphan" | "Background" | "Foreground") => Ok(opts),
-        Some(other) => Err(ApiError::bad_request(format!(
-            "propagationPolicy {other:?} is not one of Orphan, Background, Foreground"
+        Some(other) => Err(invalid(format!(
+            "Unsupported value: {other:?}: supported values: \"Foreground\", \"Background\", \"Orphan\", \"nil\""
         ))),
     }
 }
@@ -1337,6 +1356,40 @@ mod tests {
         assert!(
             message.starts_with("Unsupported value: \"Bogus\""),
             "{message}"
+        );
+    }
+
+    #[test]
+    fn delete_options_are_validated_as_kube_apiserver_does() {
+        let opts = |q: &[(&str, &str)], body: &str| delete_options(&query(q), body.as_bytes());
+        assert_eq!(
+            opts(&[], r#"{"orphanDependents":true}"#)
+                .expect("orphan")
+                .propagation
+                .as_deref(),
+            Some("Orphan")
+        );
+        assert_eq!(
+            opts(&[], r#"{"orphanDependents":false}"#)
+                .expect("background")
+                .propagation
+                .as_deref(),
+            Some("Background")
+        );
+        let both = opts(
+            &[],
+            r#"{"orphanDependents":true,"propagationPolicy":"Foreground"}"#,
+        )
+        .expect_err("both");
+        assert_eq!(
+            both.message,
+            "DeleteOptions.meta.k8s.io \"\" is invalid: propagationPolicy: Invalid value: \"Foreground\": orphanDependents and deletionPropagation cannot be both set"
+        );
+        let bogus = opts(&[("propagationPolicy", "Bogus")], "").expect_err("bogus");
+        assert_eq!((bogus.code.as_u16(), bogus.reason), (422, "Invalid"));
+        assert_eq!(
+            bogus.message,
+            "DeleteOptions.meta.k8s.io \"\" is invalid: propagationPolicy: Unsupported value: \"Bogus\": supported values: \"Foreground\", \"Background\", \"Orphan\", \"nil\""
         );
     }
 
