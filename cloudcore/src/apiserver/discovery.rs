@@ -485,7 +485,19 @@ fn item_operations(
             op(
                 "delete",
                 "delete",
-                vec![dry_run_parameter()],
+                vec![
+                    dry_run_parameter(),
+                    query_parameter(
+                        "gracePeriodSeconds",
+                        "integer",
+                        "Seconds before a pod is stopped.",
+                    ),
+                    query_parameter(
+                        "propagationPolicy",
+                        "string",
+                        "Orphan, Background or Foreground: what happens to dependents.",
+                    ),
+                ],
                 Some(
                     json!({"content": json_content(schema_ref(&format!("{META}.DeleteOptions")))}),
                 ),
@@ -536,6 +548,16 @@ fn collection_operations(r: &ResourceInfo, scope: &'static str) -> Map<String, V
                 "timeoutSeconds",
                 "integer",
                 "End a watch after this many seconds.",
+            ),
+            query_parameter(
+                "limit",
+                "integer",
+                "At most this many items; more are reached with metadata.continue.",
+            ),
+            query_parameter(
+                "continue",
+                "string",
+                "The token of the previous page (same resourceVersion).",
             ),
         ]
     };

@@ -5,15 +5,17 @@
 //! order, and returns nothing: a fuzz target only looks for panics, hangs and memory blow-ups.
 //! An error a function meets is rendered as a `Status` body, as the server would answer it.
 
-use axum::http::Uri;
+use axum::http::{Method, Uri};
 use serde_json::{Value, json};
 use time::OffsetDateTime;
 
+use super::dryrun::DryRun;
 use super::patch::{self, PatchType};
 use super::request::{self, Target};
 use super::resources::{self, FieldSelector, LabelSelector};
 use super::status::ApiError;
-use super::{objects, verbs};
+use super::validation::{self, FieldValidation};
+use super::{objects, pagination, verbs};
 
 /// Renders an error the way a response would carry it.
 fn answer<T>(result: Result<T, ApiError>) -> Option<T> {
@@ -82,8 +84,9 @@ fn sample_of(kind: &str) -> Value {
 
 /// A request line and body: `target` is a path with an optional query string, e.g.
 /// `/api/v1/namespaces/default/pods/web-0?labelSelector=app%3Dweb`. Runs routing, the query
-/// parameters (selectors, table options, delete options) and, when the path names a resource,
-/// the body through create and update preparation.
+/// parameters (selectors, table options, delete options, dryRun, fieldValidation, limit and
+/// the continue token) and, when the path names a resource, the body through strict decoding
+/// and create and update preparation.
 pub fn request(target: &str, body: &[u8]) {
     let Ok(uri) = target.parse::<Uri>() else {
         return;
@@ -96,6 +99,9 @@ pub fn request(target: &str, body: &[u8]) {
     };
     let _ = verbs::table_options(&query);
     let _ = answer(verbs::delete_options(&query, body));
+    let _ = answer(pagination::Paging::from_query(&query));
+    let _ = answer(DryRun::from_request(&Method::DELETE, &query, body));
+    let _ = answer(FieldValidation::from_query(&Method::PATCH, &query));
     let selectors = answer(verbs::selectors(&query));
     let Target::Resource(resource) = routed else {
         return;
@@ -114,6 +120,7 @@ pub fn request(target: &str, body: &[u8]) {
 /// A create or update body for the resource `info`, as `verbs` decodes and prepares it.
 fn body_for(info: &'static resources::ResourceInfo, subresource: Option<&str>, body: &[u8]) {
     let _ = objects::name_of_body(body);
+    let _ = validation::body_findings(info, subresource, body);
     let Some(object) = answer(verbs::parse_body(body)) else {
         return;
     };

@@ -4,7 +4,8 @@
 //! - [`server`]: HTTPS with client-certificate authentication, the admin kubeconfig.
 //! - [`request`]: paths to discovery documents or resource requests.
 //! - [`verbs`]: get, list, watch, create, update, patch, delete.
-//! - [`objects`]: metadata, defaults, validation, deletion, garbage collection.
+//! - [`objects`]: metadata, defaults, validation, deletion, garbage collection; [`gc`]: the
+//!   `orphan` and `foregroundDeletion` finalizers (Orphan and Foreground propagation).
 //! - [`store`]: objects and watch events in `DIR/api.db`, resourceVersion, watch fan-out.
 //! - [`patch`]: JSON patch, JSON merge patch and strategic merge patch.
 //! - [`resources`]: the resource table, selectors and server-side printing (tables).
@@ -16,7 +17,7 @@
 //! - [`workloads`]: apps/v1 and batch/v1 defaults and validation; [`scale`]: the scale
 //!   subresource.
 //! - [`apply`]: server-side apply and managedFields; [`validation`]: `fieldValidation`;
-//!   [`dryrun`]: `dryRun=All`.
+//!   [`dryrun`]: `dryRun=All`; [`pagination`]: lists in pages (`limit`, `continue`).
 //! - [`crd`]: resources served from CustomResourceDefinitions.
 //! - `fuzzing` (hidden): entry points for the fuzz targets in `integration/fuzz/`.
 
@@ -27,8 +28,10 @@ pub mod dryrun;
 pub mod event_ttl;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod gc;
 pub mod metrics_api;
 pub mod objects;
+pub mod pagination;
 pub mod patch;
 pub mod request;
 pub mod resources;
@@ -176,6 +179,7 @@ pub async fn start(
     // Events expire after an hour, as with kube-apiserver's --event-ttl=1h.
     tracker.spawn(event_ttl::run(store.clone(), shutdown.clone()));
     tracker.spawn(crd::run(store.clone(), definitions_rv, shutdown.clone()));
+    tracker.spawn(gc::run(store.clone(), shutdown.clone()));
     tracker.spawn(server::serve(listener, tls, router, shutdown));
     Ok(Embedded {
         listen: bound,

@@ -828,13 +828,56 @@ pub fn is_finalized(current: &Value, new: &Value) -> bool {
         && finalizers(new) == 0
 }
 
+/// The finalizer that makes the garbage collector remove the owner references to an object
+/// from its dependents before the object goes (`propagationPolicy=Orphan`).
+pub const ORPHAN_FINALIZER: &str = "orphan";
+/// The finalizer that makes the garbage collector delete an object's dependents before the
+/// object goes (`propagationPolicy=Foreground`).
+pub const FOREGROUND_FINALIZER: &str = "foregroundDeletion";
+
+/// Sets the garbage collector's finalizer for `propagation` on `object`, as kube-apiserver
+/// does on delete: `Orphan` adds `orphan`, `Foreground` adds `foregroundDeletion`, each
+/// removing the other, `Background` removes both; `None` leaves them as they are.
+fn set_propagation_finalizer(object: &mut Value, propagation: Option<&str>) {
+    let wanted = match propagation {
+        None => return,
+        Some("Orphan") => Some(ORPHAN_FINALIZER),
+        Some("Foreground") => Some(FOREGROUND_FINALIZER),
+        Some(_) => None,
+    };
+    let mut list: Vec<Value> = object["metadata"]["finalizers"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    list.retain(|f| {
+        let f = f.as_str().unwrap_or_default();
+        (f != ORPHAN_FINALIZER && f != FOREGROUND_FINALIZER) || Some(f) == wanted
+    });
+    if let Some(wanted) = wanted
+        && !list.iter().any(|f| f == wanted)
+    {
+        list.push(json!(wanted));
+    }
+    match object["metadata"].as_object_mut() {
+        Some(meta) if list.is_empty() => {
+            meta.remove("finalizers");
+        }
+        Some(meta) => {
+            meta.insert("finalizers".into(), Value::Array(list));
+        }
+        None => {}
+    }
+}
+
 /// If a delete must wait (finalizers, a running pod's grace period, a namespace's content),
-/// the object as it should be stored meanwhile; `None` to delete it now.
+/// the object as it should be stored meanwhile; `None` to delete it now. `propagation`
+/// (`Orphan`, `Foreground`, `Background`; `None` keeps what an earlier delete chose) sets the
+/// garbage collector's finalizer, which makes the deletion wait for `apiserver::gc`.
 pub fn pending_deletion(
     info: &ResourceInfo,
     current: &Value,
     grace: Option<i64>,
-    _propagation: Option<&str>,
+    propagation: Option<&str>,
     now: OffsetDateTime,
 ) -> Option<Value> {
     if let Some(pending) = super::crd::pending_deletion(info, current, now) {
@@ -851,12 +894,18 @@ pub fn pending_deletion(
     }
     if finalizers(current) > 0 {
         let mut pending = current.clone();
+        set_propagation_finalizer(&mut pending, propagation);
         if !terminating {
             pending["metadata"]["deletionTimestamp"] = json!(timestamp(now));
+            pending["metadata"]["deletionGracePeriodSeconds"] = json!(0);
+        } else if grace == Some(0) {
+            // The node's confirmation (kubelet semantics): nothing to wait for but finalizers.
             pending["metadata"]["deletionGracePeriodSeconds"] = json!(0);
         }
         return Some(pending);
     }
+    let mut with_finalizer = current.clone();
+    set_propagation_finalizer(&mut with_finalizer, propagation);
     if info.plural == "pods" {
         let grace = grace
             .or_else(|| current["spec"]["terminationGracePeriodSeconds"].as_i64())
@@ -871,7 +920,7 @@ pub fn pending_deletion(
         );
         if grace > 0 && bound && !finished {
             // The node confirms the termination by deleting with grace 0 (kubelet semantics).
-            let mut pending = current.clone();
+            let mut pending = with_finalizer;
             let shortened = current["metadata"]["deletionGracePeriodSeconds"]
                 .as_i64()
                 .is_none_or(|g| grace < g);
@@ -883,7 +932,32 @@ pub fn pending_deletion(
             return Some(pending);
         }
     }
+    if finalizers(&with_finalizer) > 0 {
+        with_finalizer["metadata"]["deletionTimestamp"] = json!(timestamp(now));
+        with_finalizer["metadata"]["deletionGracePeriodSeconds"] = json!(0);
+        return Some(with_finalizer);
+    }
     None
+}
+
+/// Whether a terminating object whose finalizers are all gone may be removed now: anything
+/// but a pod its node has not yet confirmed stopping (bound, not finished, a grace period
+/// left), which goes when the node deletes it with grace 0.
+pub fn may_remove(info: &ResourceInfo, object: &Value) -> bool {
+    if info.plural != "pods" {
+        return true;
+    }
+    let bound = object["spec"]["nodeName"]
+        .as_str()
+        .is_some_and(|n| !n.is_empty());
+    let finished = matches!(
+        object["status"]["phase"].as_str(),
+        Some("Succeeded" | "Failed")
+    );
+    let grace = object["metadata"]["deletionGracePeriodSeconds"]
+        .as_i64()
+        .unwrap_or(0);
+    !bound || finished || grace == 0
 }
 
 /// How dependents of a deleted owner are treated.

@@ -5,7 +5,8 @@
 //! advances the global resourceVersion (rv) in `meta`; after the commit the event is published to
 //! live watchers while the writer lock is still held, so live events go out in rv order. Every
 //! rv has exactly one event, so the retained events are the contiguous range
-//! `compacted + 1 ..= rv`.
+//! `compacted + 1 ..= rv`. A MODIFIED or DELETED event keeps the body it replaced, so a list
+//! at any retained rv can be rebuilt ([`Store::list_at`]: pages of one list, exact lists).
 //!
 //! One process writes the file: rvs stay unique even if another connection writes (each write
 //! reads the rv inside its transaction), but only this process's writes reach its watchers.
@@ -13,7 +14,7 @@
 //! All SQLite work happens on the calling thread (callers on a runtime use `spawn_blocking`);
 //! only [`Watch::next`] is async.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -335,6 +336,67 @@ impl Store {
         })
     }
 
+    /// The list as it was at `rv` (sorted by (namespace, name)): the current objects with the
+    /// changes after `rv` undone from the event history (an object added since is left out,
+    /// one modified or deleted since is taken as it was before). Gone when events after `rv`
+    /// were compacted (or a deletion's event predates the prior body being kept), or when
+    /// `rv` is newer than the store.
+    pub fn list_at(
+        &self,
+        r: &ResourceId,
+        namespace: Option<&str>,
+        rv: u64,
+    ) -> Result<Vec<Value>, StoreError> {
+        self.read(|tx| {
+            let (current, compacted) = read_meta(tx)?;
+            let gone = || StoreError::Gone {
+                requested: rv,
+                oldest: compacted + 1,
+            };
+            if rv < compacted || rv > current {
+                return Err(gone());
+            }
+            let mut objects: BTreeMap<(String, String), Value> = BTreeMap::new();
+            let mut stmt = tx.prepare_cached(
+                r#"SELECT namespace, name, body FROM objects
+                   WHERE "group" = ?1 AND resource = ?2 AND (?3 IS NULL OR namespace = ?3)"#,
+            )?;
+            let rows = stmt.query_map(params![r.group, r.resource, namespace], |row| {
+                Ok(((row.get(0)?, row.get(1)?), json_column(row, 2)?))
+            })?;
+            for row in rows {
+                let (key, object) = row?;
+                objects.insert(key, object);
+            }
+            let mut stmt = tx.prepare_cached(
+                r#"SELECT namespace, name, type, prev_body FROM events
+                   WHERE rv > ?1 AND "group" = ?2 AND resource = ?3
+                     AND (?4 IS NULL OR namespace = ?4)
+                   ORDER BY rv"#,
+            )?;
+            let mut rows = stmt.query(params![rv, r.group, r.resource, namespace])?;
+            let mut undone = std::collections::HashSet::new();
+            while let Some(row) = rows.next()? {
+                let key: (String, String) = (row.get(0)?, row.get(1)?);
+                if !undone.insert(key.clone()) {
+                    continue; // only the first change after rv tells the state at rv
+                }
+                let kind: String = row.get(2)?;
+                if kind == EventType::Added.as_str() {
+                    objects.remove(&key);
+                    continue;
+                }
+                match row.get_ref(3)? {
+                    rusqlite::types::ValueRef::Null => return Err(gone()),
+                    _ => {
+                        objects.insert(key, json_column(row, 3)?);
+                    }
+                }
+            }
+            Ok(objects.into_values().collect())
+        })
+    }
+
     /// Stores a new object; sets metadata.resourceVersion (decimal string) to the new rv.
     /// AlreadyExists if present.
     pub fn create(
@@ -437,6 +499,7 @@ impl Store {
                                 format!("unknown event type {text:?}").into(),
                             )
                         })?;
+                        let modified = event_type == EventType::Modified;
                         Ok(WatchEvent {
                             rv: row.get(0)?,
                             event_type,
@@ -446,6 +509,7 @@ impl Store {
                             object: Arc::new(json_column(row, 4)?),
                             previous: match row.get_ref(5)? {
                                 rusqlite::types::ValueRef::Null => None,
+                                _ if !modified => None,
                                 _ => Some(Arc::new(json_column(row, 5)?)),
                             },
                         })
@@ -918,7 +982,8 @@ fn commit_change(
                 )?
                 .query_row(key, |row| json_column(row, 0))?;
             let body = stamp(&mut object, new_rv)?;
-            (EventType::Deleted, object, body, None)
+            // The body before the deletion: `list_at` serves older versions from it.
+            (EventType::Deleted, object, body, stored.map(|(_, b)| b))
         }
     };
     tx.prepare_cached(
@@ -938,10 +1003,10 @@ fn commit_change(
     compact(&tx, new_rv, compacted, retention)?;
     tx.commit()?;
     let previous = match &prev_body {
-        Some(text) => {
+        Some(text) if event_type == EventType::Modified => {
             Some(serde_json::from_str(text).map_err(|e| StoreError::InvalidObject(e.to_string()))?)
         }
-        None => None,
+        _ => None,
     };
     Ok((event_type, object, previous, new_rv))
 }
@@ -1418,6 +1483,67 @@ mod tests {
             .expect("rewatch");
         let rvs: Vec<u64> = take(&mut resumed, 10).await.iter().map(|e| e.rv).collect();
         assert_eq!(rvs, (1..=10).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn lists_at_retained_versions_are_rebuilt_from_the_history() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open_with(&dir, 8, 64);
+        let mut snapshots = Vec::new();
+        let mut snap = |store: &Store| {
+            let (objects, rv) = store.list(&pods(), None).expect("list");
+            snapshots.push((rv, objects));
+        };
+        store
+            .create(&pods(), "a", "p", pod("a", "p"))
+            .expect("create");
+        store
+            .create(&pods(), "b", "q", pod("b", "q"))
+            .expect("create");
+        snap(&store);
+        let mut changed = pod("a", "p");
+        changed["spec"]["nodeName"] = json!("edge-2");
+        store
+            .update(&pods(), "a", "p", changed, None)
+            .expect("update");
+        snap(&store);
+        store.delete(&pods(), "b", "q", None).expect("delete");
+        store
+            .create(&pods(), "a", "r", pod("a", "r"))
+            .expect("create");
+        snap(&store);
+        store
+            .create(&leases(), "a", "l", pod("a", "l"))
+            .expect("other resource");
+        for (rv, objects) in &snapshots {
+            assert_eq!(
+                &store.list_at(&pods(), None, *rv).expect("list_at"),
+                objects,
+                "at {rv}"
+            );
+        }
+        let (rv, objects) = &snapshots[0];
+        let in_b: Vec<Value> = objects
+            .iter()
+            .filter(|o| o["metadata"]["namespace"] == "b")
+            .cloned()
+            .collect();
+        assert_eq!(store.list_at(&pods(), Some("b"), *rv).expect("ns"), in_b);
+        assert!(matches!(
+            store.list_at(&pods(), None, store.resource_version() + 1),
+            Err(StoreError::Gone { .. })
+        ));
+        // Once the events after it are compacted, a version cannot be rebuilt.
+        for i in 0..10 {
+            let name = format!("x{i}");
+            store
+                .create(&pods(), "a", &name, pod("a", &name))
+                .expect("create");
+        }
+        assert!(matches!(
+            store.list_at(&pods(), None, *rv),
+            Err(StoreError::Gone { .. })
+        ));
     }
 
     #[tokio::test]

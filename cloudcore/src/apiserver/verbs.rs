@@ -12,14 +12,17 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 use time::OffsetDateTime;
 
+use super::dryrun::{self, DryRun, Writer};
 use super::objects::resource_id;
+use super::pagination::{self, Paging};
 use super::patch::{self, PatchError, PatchType};
 use super::request::{ResourceRequest, Target, route};
 use super::resources::{self, FieldSelector, LabelSelector, ResourceInfo};
 use super::server::User;
 use super::status::{ApiError, Cause};
 use super::store::{EventType, ResourceId, Store, StoreError, WatchEvent};
-use super::{apply, crd, discovery, metrics_api, objects, streaming};
+use super::validation::{self, FieldValidation};
+use super::{apply, crd, discovery, gc, metrics_api, objects, streaming};
 
 /// Shared state of the API handlers.
 #[derive(Debug)]
@@ -268,6 +271,22 @@ async fn resource(
     headers: &HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
+    // Decided once for the whole verb: every store write below goes through
+    // `dryrun::Writer`, which reads this scope.
+    let dry_run = DryRun::from_request(&method, &query, &body)?;
+    dry_run
+        .scope(verb(api, method, request, query, headers, body))
+        .await
+}
+
+async fn verb(
+    api: &Arc<Api>,
+    method: Method,
+    request: ResourceRequest,
+    query: Query,
+    headers: &HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
     let watch = matches!(query.get("watch").map(String::as_str), Some("true" | "1"));
     let manager = apply::field_manager(&query, headers);
     let options = match method {
@@ -289,11 +308,11 @@ async fn resource(
         (&Method::GET, None) if watch => watch_collection(api, &request, &query, headers).await,
         (&Method::GET, None) => list(api, &request, &query, headers).await,
         (&Method::GET, Some(name)) => get(api, &request, name, &query, headers).await,
-        (&Method::POST, None) => create(api, &request, &body, &manager).await,
+        (&Method::POST, None) => create(api, &request, &query, &body, &manager).await,
         (&Method::POST, Some(name)) if request.subresource.as_deref() == Some("binding") => {
             bind(api, &request, name, &body).await
         }
-        (&Method::PUT, Some(name)) => update(api, &request, name, &body, &manager).await,
+        (&Method::PUT, Some(name)) => update(api, &request, name, &query, &body, &manager).await,
         (&Method::PATCH, Some(name)) => {
             patch_object(api, &request, name, &query, headers, &body, &manager).await
         }
@@ -378,20 +397,40 @@ async fn list(
     let (labels, fields) = selectors(query)?;
     check_fields(request.info, &fields)?;
     let exact = list_version(query)?;
+    let paging = Paging::from_query(query)?;
     let store = api.store.clone();
     let id = resource_id(request.info);
     let namespace = request.namespace.clone();
     if let Some(requested) = exact {
         check_exact(api, &id, namespace.as_deref(), requested).await?;
     }
-    let (objects, rv) = blocking(move || store.list(&id, namespace.as_deref()))
-        .await?
-        .map_err(|e| ApiError::from_store(e, request.info.group, request.info.plural, ""))?;
-    if let Some(requested) = exact
-        && requested != rv
-    {
-        return Err(not_kept(requested, rv));
-    }
+    // A continued list is served at its first page's version, an exact one at the version
+    // asked for (both rebuilt from the event history), any other at the latest.
+    let at = paging.from.as_ref().and_then(|from| from.rv).or(exact);
+    let (objects, rv) = match at {
+        Some(at) => match blocking(move || store.list_at(&id, namespace.as_deref(), at)).await? {
+            Ok(objects) => (objects, at),
+            Err(StoreError::Gone { .. }) => {
+                return match &paging.from {
+                    Some(from) => Ok(json_response(StatusCode::GONE, &pagination::expired(from))),
+                    None => Err(ApiError::gone(
+                        "The resourceVersion for the provided list is too old.",
+                    )),
+                };
+            }
+            Err(e) => {
+                return Err(ApiError::from_store(
+                    e,
+                    request.info.group,
+                    request.info.plural,
+                    "",
+                ));
+            }
+        },
+        None => blocking(move || store.list(&id, namespace.as_deref()))
+            .await?
+            .map_err(|e| ApiError::from_store(e, request.info.group, request.info.plural, ""))?,
+    };
     let mut items = Vec::with_capacity(objects.len());
     for mut object in objects {
         if matches(request.info, &labels, &fields, &object)? {
@@ -399,7 +438,15 @@ async fn list(
             items.push(object);
         }
     }
-    let body = if wants_table(headers) {
+    let mut next = None;
+    let mut remaining = None;
+    if paging.is_paged() {
+        let across_namespaces = request.namespace.is_none();
+        let counted = labels.is_none() && fields.is_none();
+        let page = pagination::page(items, &paging, rv, across_namespaces, counted);
+        (items, next, remaining) = (page.items, page.next, page.remaining);
+    }
+    let mut body = if wants_table(headers) {
         crd::table_with(
             request.info,
             &items,
@@ -415,6 +462,12 @@ async fn list(
             "items": items,
         })
     };
+    if let Some(token) = next {
+        body["metadata"]["continue"] = json!(token);
+    }
+    if let Some(count) = remaining {
+        body["metadata"]["remainingItemCount"] = json!(count);
+    }
     Ok(json_response(StatusCode::OK, &body))
 }
 
@@ -424,8 +477,14 @@ async fn list(
 fn list_version(query: &Query) -> Result<Option<u64>, ApiError> {
     let rv = query_rv(query)?;
     let field = || "resourceVersionMatch".to_string();
+    let continued = query.get("continue").is_some_and(|c| !c.is_empty());
     match query.get("resourceVersionMatch").map(String::as_str) {
         None | Some("") => Ok(None),
+        Some(_) if continued => Err(ApiError::invalid_list_options(vec![Cause {
+            field: field(),
+            message: "Forbidden: resourceVersionMatch is forbidden when continue is provided"
+                .into(),
+        }])),
         Some(_) if rv.is_none() => Err(ApiError::invalid_list_options(vec![Cause {
             field: field(),
             message:
@@ -469,14 +528,6 @@ async fn check_exact(
         )),
         _ => Ok(()),
     }
-}
-
-/// 410 for an exact list at an older version that is still in the event log: the store keeps
-/// the current objects only, not earlier snapshots (a client lists again without a version).
-fn not_kept(requested: u64, current: u64) -> ApiError {
-    ApiError::gone(format!(
-        "The resourceVersion for the provided list is too old: resourceVersion {requested} is older than the current {current} and this server keeps no earlier snapshot to list at it exactly."
-    ))
 }
 
 pub(crate) async fn load(
@@ -562,12 +613,22 @@ fn requested_rv(object: &Value) -> Result<Option<u64>, ApiError> {
 async fn create(
     api: &Arc<Api>,
     request: &ResourceRequest,
+    query: &Query,
     body: &[u8],
     manager: &str,
 ) -> Result<Response, ApiError> {
-    let object = parse_body(body)?;
+    let info = request.info;
+    let mode = FieldValidation::from_query(&Method::POST, query)?;
+    let mut object = parse_body(body)?;
+    let findings = validation::body_findings(info, request.subresource.as_deref(), body);
+    let warnings = validation::enforce(mode, &findings, &mut object, |f| {
+        validation::body_error(info, f)
+    })?;
     let stored = create_object(api, request, object, Ownership::Update(manager)).await?;
-    Ok(json_response(StatusCode::CREATED, &stored))
+    Ok(validation::with_warnings(
+        json_response(StatusCode::CREATED, &stored),
+        &warnings,
+    ))
 }
 
 /// Who owns the fields a write changes (`metadata.managedFields`).
@@ -638,10 +699,10 @@ async fn create_object(
         .as_str()
         .unwrap_or_default()
         .to_string();
-    let store = api.store.clone();
+    let writer = Writer::new(&api.store);
     let id = resource_id(info);
     let body_name = name.clone();
-    let stored = blocking(move || store.create(&id, &namespace, &name.clone(), object))
+    let stored = blocking(move || writer.create(&id, &namespace, &name.clone(), object))
         .await?
         .map_err(|e| {
             let name = match &e {
@@ -693,15 +754,15 @@ pub(crate) async fn write_update(
         return Ok(new);
     }
     let namespace = request.namespace.clone().unwrap_or_default();
-    let store = api.store.clone();
+    let writer = Writer::new(&api.store);
     let id = resource_id(info);
     let n = name.to_string();
     let finalized = objects::is_finalized(current, &new);
     let result = if finalized {
         // Deletion was pending on finalizers and the last one is gone: remove the object.
-        blocking(move || store.delete(&id, &namespace, &n, expected)).await?
+        blocking(move || writer.delete(&id, &namespace, &n, expected)).await?
     } else {
-        blocking(move || store.update(&id, &namespace, &n, new, expected)).await?
+        blocking(move || writer.update(&id, &namespace, &n, new, expected)).await?
     };
     let written = result.map_err(|e| ApiError::from_store(e, info.group, info.plural, name))?;
     if finalized {
@@ -714,10 +775,17 @@ async fn update(
     api: &Arc<Api>,
     request: &ResourceRequest,
     name: &str,
+    query: &Query,
     body: &[u8],
     manager: &str,
 ) -> Result<Response, ApiError> {
-    let new = parse_body(body)?;
+    let mode = FieldValidation::from_query(&Method::PUT, query)?;
+    let mut new = parse_body(body)?;
+    let info = request.info;
+    let findings = validation::body_findings(info, request.subresource.as_deref(), body);
+    let warnings = validation::enforce(mode, &findings, &mut new, |f| {
+        validation::body_error(info, f)
+    })?;
     if let Some(given) = new["metadata"]["name"].as_str()
         && given != name
     {
@@ -739,7 +807,10 @@ async fn update(
         Ownership::Update(manager),
     )
     .await?;
-    Ok(json_response(StatusCode::OK, &written))
+    Ok(validation::with_warnings(
+        json_response(StatusCode::OK, &written),
+        &warnings,
+    ))
 }
 
 async fn patch_object(
@@ -751,6 +822,7 @@ async fn patch_object(
     body: &[u8],
     manager: &str,
 ) -> Result<Response, ApiError> {
+    let mode = FieldValidation::from_query(&Method::PATCH, query)?;
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -771,7 +843,7 @@ async fn patch_object(
     loop {
         attempts += 1;
         let current = load(api, request.info, &namespace, name).await?;
-        let patched =
+        let mut patched =
             patch::apply(patch_type, request.info.kind, &current, body).map_err(|e| match e {
                 PatchError::Malformed(m) => ApiError::bad_request(m),
                 PatchError::Failed(m) => ApiError::invalid(
@@ -784,6 +856,15 @@ async fn patch_object(
                 ),
                 PatchError::Unsupported(m) => ApiError::unsupported_media_type(m),
             })?;
+        // Unknown fields of the patch show in its result (the stored object has none).
+        let findings =
+            validation::object_findings(request.info, request.subresource.as_deref(), &patched);
+        if mode == FieldValidation::Strict && !findings.is_empty() {
+            return Err(validation::patch_error(&patched, &findings));
+        }
+        let warnings = validation::enforce(mode, &findings, &mut patched, |f| {
+            validation::patch_error(&Value::Null, f)
+        })?;
         let expected = match requested_rv(&patched)? {
             // The patch itself asked for a resourceVersion: honour it (no retry).
             Some(rv) if Some(rv) != rv_of(&current) => Some(rv),
@@ -802,7 +883,12 @@ async fn patch_object(
         {
             Err(e) if e.reason == "Conflict" && attempts < 5 => continue,
             Err(e) => return Err(e),
-            Ok(written) => return Ok(json_response(StatusCode::OK, &written)),
+            Ok(written) => {
+                return Ok(validation::with_warnings(
+                    json_response(StatusCode::OK, &written),
+                    &warnings,
+                ));
+            }
         }
     }
 }
@@ -950,14 +1036,15 @@ pub(crate) struct DeleteOptions {
 
 pub(crate) fn delete_options(query: &Query, body: &[u8]) -> Result<DeleteOptions, ApiError> {
     let mut opts = DeleteOptions::default();
+    // The deprecated `orphanDependents`: true is `Orphan`, false `Background`; it may not be
+    // combined with `propagationPolicy` (kube-apiserver's `ValidateDeleteOptions`).
+    let mut orphan_dependents = None;
     if !body.is_empty() {
         let v: Value = serde_json::from_slice(body)
             .map_err(|e| ApiError::bad_request(format!("DeleteOptions is not valid JSON: {e}")))?;
         opts.grace_period = v["gracePeriodSeconds"].as_i64();
         opts.propagation = v["propagationPolicy"].as_str().map(String::from);
-        if v["orphanDependents"] == json!(true) {
-            opts.propagation = Some("Orphan".into());
-        }
+        orphan_dependents = v["orphanDependents"].as_bool();
         opts.uid = v["preconditions"]["uid"].as_str().map(String::from);
         opts.resource_version = match &v["preconditions"]["resourceVersion"] {
             Value::String(text) if !text.is_empty() => Some(parse_rv(text).ok_or_else(|| {
@@ -977,10 +1064,32 @@ pub(crate) fn delete_options(query: &Query, body: &[u8]) -> Result<DeleteOptions
     if let Some(p) = query.get("propagationPolicy") {
         opts.propagation = Some(p.clone());
     }
+    if let Some(o) = query.get("orphanDependents") {
+        orphan_dependents = Some(o == "true" || o == "1");
+    }
+    let invalid = |message: String| {
+        dryrun::invalid_options(
+            &Method::DELETE,
+            vec![Cause {
+                field: "propagationPolicy".into(),
+                message,
+            }],
+        )
+    };
+    match (orphan_dependents, opts.propagation.as_deref()) {
+        (Some(_), Some(policy)) => {
+            return Err(invalid(format!(
+                "Invalid value: {policy:?}: orphanDependents and deletionPropagation cannot be both set"
+            )));
+        }
+        (Some(true), None) => opts.propagation = Some("Orphan".into()),
+        (Some(false), None) => opts.propagation = Some("Background".into()),
+        _ => {}
+    }
     match opts.propagation.as_deref() {
         None | Some("Orphan" | "Background" | "Foreground") => Ok(opts),
-        Some(other) => Err(ApiError::bad_request(format!(
-            "propagationPolicy {other:?} is not one of Orphan, Background, Foreground"
+        Some(other) => Err(invalid(format!(
+            "Unsupported value: {other:?}: supported values: \"Foreground\", \"Background\", \"Orphan\", \"nil\""
         ))),
     }
 }
@@ -1021,26 +1130,41 @@ async fn delete(
         ));
     }
     let now = OffsetDateTime::now_utc();
-    if let Some(pending) = objects::pending_deletion(
-        info,
-        &current,
-        opts.grace_period,
-        opts.propagation.as_deref(),
-        now,
-    ) {
+    // Without a policy: the one an earlier delete chose (its finalizer), else the kind's.
+    let mut warnings = Vec::new();
+    let propagation = match opts.propagation.as_deref() {
+        Some(policy) => Some(policy),
+        None if has_gc_finalizer(&current) => None,
+        None => {
+            let policy = gc::default_propagation(info);
+            if policy == "Orphan" {
+                warnings.push(gc::JOB_ORPHAN_WARNING.to_string());
+            }
+            Some(policy)
+        }
+    };
+    if let Some(pending) =
+        objects::pending_deletion(info, &current, opts.grace_period, propagation, now)
+    {
         // Finalizers or a graceful pod deletion: mark it and keep the object.
         let expected = rv_of(&current);
         let written = api_update_raw(api, info, &namespace, name, pending, expected).await?;
         if info.plural == "namespaces" {
             spawn_namespace_cleanup(api, name);
         }
-        return Ok(json_response(StatusCode::OK, &written));
+        if has_gc_finalizer(&written) && !DryRun::current().is_dry() {
+            gc::wake();
+        }
+        return Ok(validation::with_warnings(
+            json_response(StatusCode::OK, &written),
+            &warnings,
+        ));
     }
-    let store = api.store.clone();
+    let writer = Writer::new(&api.store);
     let id = resource_id(info);
     let (ns, n) = (namespace.clone(), name.to_string());
     let expected = rv_of(&current);
-    let deleted = blocking(move || store.delete(&id, &ns, &n, expected))
+    let deleted = blocking(move || writer.delete(&id, &ns, &n, expected))
         .await?
         .map_err(|e| ApiError::from_store(e, info.group, info.plural, name))?;
     let propagation = if opts.propagation.as_deref() == Some("Orphan") {
@@ -1052,6 +1176,16 @@ async fn delete(
     Ok(json_response(StatusCode::OK, &deleted))
 }
 
+/// Whether the garbage collector's `orphan` or `foregroundDeletion` finalizer is set.
+fn has_gc_finalizer(object: &Value) -> bool {
+    object["metadata"]["finalizers"]
+        .as_array()
+        .is_some_and(|list| {
+            list.iter()
+                .any(|f| f == objects::ORPHAN_FINALIZER || f == objects::FOREGROUND_FINALIZER)
+        })
+}
+
 /// Writes an object prepared by this module (no update rules applied).
 async fn api_update_raw(
     api: &Arc<Api>,
@@ -1061,10 +1195,10 @@ async fn api_update_raw(
     object: Value,
     expected: Option<u64>,
 ) -> Result<Value, ApiError> {
-    let store = api.store.clone();
+    let writer = Writer::new(&api.store);
     let id = resource_id(info);
     let (ns, n) = (namespace.to_string(), name.to_string());
-    blocking(move || store.update(&id, &ns, &n, object, expected))
+    blocking(move || writer.update(&id, &ns, &n, object, expected))
         .await?
         .map_err(|e| ApiError::from_store(e, info.group, info.plural, name))
 }
@@ -1122,6 +1256,9 @@ async fn delete_collection(
 /// Handles the dependents of a deleted owner in the background: `Background` deletes those
 /// whose owners are all gone, `Orphan` only removes the owner reference.
 fn spawn_garbage_collection(api: &Arc<Api>, deleted: &Value, propagation: objects::Propagation) {
+    if DryRun::current().is_dry() {
+        return;
+    }
     let Some(uid) = deleted["metadata"]["uid"].as_str().map(String::from) else {
         return;
     };
@@ -1135,6 +1272,9 @@ fn spawn_garbage_collection(api: &Arc<Api>, deleted: &Value, propagation: object
 
 /// Deletes everything in a terminating namespace, then the namespace itself.
 fn spawn_namespace_cleanup(api: &Arc<Api>, namespace: &str) {
+    if DryRun::current().is_dry() {
+        return;
+    }
     let store = api.store.clone();
     let namespace = namespace.to_string();
     tokio::task::spawn_blocking(move || {
@@ -1395,6 +1535,40 @@ mod tests {
         assert!(
             message.starts_with("Unsupported value: \"Bogus\""),
             "{message}"
+        );
+    }
+
+    #[test]
+    fn delete_options_are_validated_as_kube_apiserver_does() {
+        let opts = |q: &[(&str, &str)], body: &str| delete_options(&query(q), body.as_bytes());
+        assert_eq!(
+            opts(&[], r#"{"orphanDependents":true}"#)
+                .expect("orphan")
+                .propagation
+                .as_deref(),
+            Some("Orphan")
+        );
+        assert_eq!(
+            opts(&[], r#"{"orphanDependents":false}"#)
+                .expect("background")
+                .propagation
+                .as_deref(),
+            Some("Background")
+        );
+        let both = opts(
+            &[],
+            r#"{"orphanDependents":true,"propagationPolicy":"Foreground"}"#,
+        )
+        .expect_err("both");
+        assert_eq!(
+            both.message,
+            "DeleteOptions.meta.k8s.io \"\" is invalid: propagationPolicy: Invalid value: \"Foreground\": orphanDependents and deletionPropagation cannot be both set"
+        );
+        let bogus = opts(&[("propagationPolicy", "Bogus")], "").expect_err("bogus");
+        assert_eq!((bogus.code.as_u16(), bogus.reason), (422, "Invalid"));
+        assert_eq!(
+            bogus.message,
+            "DeleteOptions.meta.k8s.io \"\" is invalid: propagationPolicy: Unsupported value: \"Bogus\": supported values: \"Foreground\", \"Background\", \"Orphan\", \"nil\""
         );
     }
 
