@@ -120,90 +120,36 @@ fn create_deployment(cloud: &Cloud, name: &str, replicas: u32) {
     );
 }
 
-/// Runs a kubectl command; if the API lacks the server side it needs in this branch (the
-/// scale subresource and the strategic-merge schemas of apps/v1 kinds, served by
-/// `apiserver::scale` and `apiserver::patch` once those land), and only then, makes the same
-/// change with `kubectl patch` of `fallback_type` instead and says so on stderr.
-fn kubectl_or_patch(cloud: &Cloud, args: &[&str], name: &str, fallback_type: &str, fallback: &str) {
-    let out = cloud.kubectl(args);
-    if out.status.success() {
-        return;
-    }
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let unsupported = stderr.contains("strategic merge patch is not supported for Deployment")
-        || stderr.contains(r#"no kind "Deployment" is registered for version "apps/v1""#);
-    assert!(unsupported, "kubectl {args:?}: {stderr}");
-    eprintln!(
-        "kubectl {args:?} not served yet ({}), patching instead",
-        stderr.trim()
-    );
-    cloud.kubectl_ok(
-        &[
-            "patch",
-            "deployment",
-            name,
-            &format!("--type={fallback_type}"),
-            "-p",
-            fallback,
-        ],
-        None,
-    );
-}
-
 fn scale(cloud: &Cloud, name: &str, replicas: u32) {
-    kubectl_or_patch(
-        cloud,
+    cloud.kubectl_ok(
         &[
             "scale",
             &format!("deployment/{name}"),
             &format!("--replicas={replicas}"),
         ],
-        name,
-        "merge",
-        &format!(r#"{{"spec":{{"replicas":{replicas}}}}}"#),
+        None,
     );
 }
 
 fn set_image(cloud: &Cloud, name: &str, image: &str) {
-    kubectl_or_patch(
-        cloud,
+    cloud.kubectl_ok(
         &[
             "set",
             "image",
             &format!("deployment/{name}"),
             &format!("busybox={image}"),
         ],
-        name,
-        "json",
-        &format!(
-            r#"[{{"op":"replace","path":"/spec/template/spec/containers/0/image","value":"{image}"}}]"#
-        ),
+        None,
     );
 }
 
 fn pause(cloud: &Cloud, name: &str, paused: bool) {
     let verb = if paused { "pause" } else { "resume" };
-    kubectl_or_patch(
-        cloud,
-        &["rollout", verb, &format!("deployment/{name}")],
-        name,
-        "merge",
-        &format!(r#"{{"spec":{{"paused":{paused}}}}}"#),
-    );
+    cloud.kubectl_ok(&["rollout", verb, &format!("deployment/{name}")], None);
 }
 
 fn restart(cloud: &Cloud, name: &str) {
-    let now = format!("{:?}", std::time::SystemTime::now());
-    kubectl_or_patch(
-        cloud,
-        &["rollout", "restart", &format!("deployment/{name}")],
-        name,
-        "merge",
-        &format!(
-            r#"{{"spec":{{"template":{{"metadata":{{"annotations":{{"kubectl.kubernetes.io/restartedAt":"{}"}}}}}}}}}}"#,
-            now.replace('"', "")
-        ),
-    );
+    cloud.kubectl_ok(&["rollout", "restart", &format!("deployment/{name}")], None);
 }
 
 /// Fields drop in order: edgecore, containerd (removing its pods), cloudcore, the directory.

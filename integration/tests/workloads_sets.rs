@@ -563,17 +563,7 @@ fn statefulset_starts_in_order_scales_down_from_the_top_and_rolls_from_the_top()
     assert_eq!(numbers, vec!["1", "2"], "{history}");
 
     // Scaling down removes the highest ordinal first, one at a time.
-    cloud.kubectl_ok(
-        &[
-            "patch",
-            "statefulset",
-            "db",
-            "--type=merge",
-            "-p",
-            r#"{"spec":{"replicas":1}}"#,
-        ],
-        None,
-    );
+    cloud.kubectl_ok(&["scale", "statefulset/db", "--replicas=1"], None);
     let ok = eventually(Duration::from_secs(60), || {
         let pods = db_pods(&cloud);
         if pods
