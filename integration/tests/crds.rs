@@ -390,6 +390,33 @@ fn custom_resources_are_served_from_their_definitions() {
     assert_eq!(scale["kind"], "Scale");
     assert_eq!(scale["spec"]["replicas"], 5);
     assert_eq!(scale["status"], json!({"replicas": 2, "selector": "app=w"}));
+    // A dry-run scale answers the new count and changes nothing; the scale above recorded its
+    // manager like any other update.
+    cloud.ok(
+        &["scale", "widget", "w1", "--replicas=7", "--dry-run=server"],
+        None,
+    );
+    let replicas = cloud.ok(
+        &["get", "widget", "w1", "-o", "jsonpath={.spec.replicas}"],
+        None,
+    );
+    assert_eq!(replicas.trim(), "5", "a dry-run scale changed the object");
+    let managers = cloud.ok(
+        &[
+            "get",
+            "widget",
+            "w1",
+            "--show-managed-fields",
+            "-o",
+            "jsonpath={.metadata.managedFields[*].manager}",
+        ],
+        None,
+    );
+    // `kubectl scale` sends no fieldManager: its User-Agent names it `kubectl`.
+    assert!(
+        managers.split_whitespace().any(|m| m == "kubectl"),
+        "the scale was not recorded: {managers}"
+    );
     assert_eq!(cloud.json(&["widget", "w1"])["spec"]["replicas"], 5);
 
     // Selectors on custom resources.

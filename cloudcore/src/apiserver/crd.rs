@@ -28,7 +28,7 @@ use serde_json::{Value, json};
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
-use super::objects::{self, resource_id};
+use super::objects;
 use super::resources::{self, ResourceInfo, TableOptions};
 use super::status::{ApiError, Cause};
 use super::store::{EventType, ResourceId, Store, StoreError};
@@ -1291,200 +1291,30 @@ pub fn definition_name(info: &ResourceInfo) -> String {
 // The scale subresource
 // ---------------------------------------------------------------------------------------------
 
-/// The `autoscaling/v1` Scale of a custom resource object.
-pub fn scale_of(paths: &ScalePaths, object: &Value) -> Value {
-    let read = |p: &str| {
-        JsonPath::parse(p)
-            .ok()
-            .and_then(|j| j.first(object).cloned())
-    };
-    let spec = read(&paths.spec_replicas)
-        .and_then(|v| v.as_i64())
-        .unwrap_or(0);
-    let status = read(&paths.status_replicas)
-        .and_then(|v| v.as_i64())
-        .unwrap_or(0);
-    let mut scale = json!({
-        "kind": "Scale",
-        "apiVersion": "autoscaling/v1",
-        "metadata": {
-            "name": object["metadata"]["name"],
-            "uid": object["metadata"]["uid"],
-            "resourceVersion": object["metadata"]["resourceVersion"],
-            "creationTimestamp": object["metadata"]["creationTimestamp"],
-        },
-        "spec": {"replicas": spec},
-        "status": {"replicas": status},
-    });
-    if let Some(ns) = object["metadata"]["namespace"].as_str() {
-        scale["metadata"]["namespace"] = json!(ns);
-    }
-    if let Some(selector) = paths
-        .label_selector
-        .as_deref()
-        .and_then(read)
-        .and_then(|v| v.as_str().map(String::from))
-    {
-        scale["status"]["selector"] = json!(selector);
-    }
-    scale
-}
-
-/// Writes `replicas` at a simple `.a.b` path, creating the objects on the way.
-pub fn set_replicas(paths: &ScalePaths, object: &mut Value, replicas: i64) -> bool {
-    let fields: Vec<&str> = paths
-        .spec_replicas
-        .trim_start_matches('.')
-        .split('.')
-        .collect();
-    let Some((last, parents)) = fields.split_last() else {
-        return false;
-    };
-    let mut at = object;
-    for field in parents {
-        if !at[*field].is_object() {
-            at[*field] = json!({});
-        }
-        at = &mut at[*field];
-    }
-    at[*last] = json!(replicas);
-    true
-}
-
-/// `GET`, `PUT` and `PATCH` (merge or JSON patch) of a custom resource's `scale`: the
-/// `autoscaling/v1` Scale read from and written to the version's replicas paths.
+/// The `scale` subresource of a custom resource: the shared one (`apiserver::scale`) at the
+/// paths its definition declares, so a scale write goes through the same update path (schema
+/// checks, managedFields, `dryRun`) as any other write.
 pub async fn serve_scale(
     api: &std::sync::Arc<super::verbs::Api>,
-    method: &axum::http::Method,
+    method: axum::http::Method,
     request: &super::request::ResourceRequest,
     headers: &axum::http::HeaderMap,
-    body: &[u8],
+    body: &bytes::Bytes,
+    manager: &str,
 ) -> Result<axum::response::Response, ApiError> {
-    use axum::http::{Method, StatusCode, header};
-    use axum::response::IntoResponse;
     let info = request.info;
     let served =
         served_version(info).ok_or_else(|| ApiError::not_found(info.group, info.plural, ""))?;
-    let paths = served
+    let declared = served
         .scale
-        .clone()
+        .as_ref()
         .ok_or_else(|| ApiError::not_found(info.group, info.plural, ""))?;
-    let name = request.name.clone().unwrap_or_default();
-    let namespace = request.namespace.clone().unwrap_or_default();
-    let id = resource_id(info);
-    let blocking = |f: Box<dyn FnOnce() -> Result<Option<Value>, StoreError> + Send>| async move {
-        tokio::task::spawn_blocking(f)
-            .await
-            .map_err(|e| ApiError::internal(format!("storage task failed: {e}")))
-    };
-    let respond = |code: StatusCode, value: &Value| {
-        (
-            code,
-            [(header::CONTENT_TYPE, "application/json")],
-            value.to_string(),
-        )
-            .into_response()
-    };
-    for _attempt in 0..5 {
-        let (store, id2, ns, n) = (
-            api.store.clone(),
-            id.clone(),
-            namespace.clone(),
-            name.clone(),
-        );
-        let current = blocking(Box::new(move || store.get(&id2, &ns, &n)))
-            .await?
-            .map_err(|e| ApiError::from_store(e, info.group, info.plural, &name))?
-            .ok_or_else(|| ApiError::not_found(info.group, info.plural, &name))?;
-        let scale = scale_of(&paths, &current);
-        let wanted = match *method {
-            Method::GET => return Ok(respond(StatusCode::OK, &scale)),
-            Method::PUT => super::verbs::parse_body(body)?,
-            Method::PATCH => {
-                let content_type = headers
-                    .get(header::CONTENT_TYPE)
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or_default();
-                let patch_type = super::patch::PatchType::from_content_type(content_type)
-                    .filter(|t| matches!(t, super::patch::PatchType::Merge | super::patch::PatchType::Json))
-                    .ok_or_else(|| {
-                        ApiError::unsupported_media_type(format!(
-                            "the patch content type {content_type:?} is not supported on a custom resource's scale (use merge or JSON patch)"
-                        ))
-                    })?;
-                super::patch::apply(patch_type, "Scale", &scale, body).map_err(|e| match e {
-                    super::patch::PatchError::Malformed(m) => ApiError::bad_request(m),
-                    other => ApiError::invalid(
-                        "Scale",
-                        &name,
-                        vec![Cause {
-                            field: "patch".into(),
-                            message: other.to_string(),
-                        }],
-                    ),
-                })?
-            }
-            _ => {
-                return Err(ApiError::method_not_allowed(format!(
-                    "{method} is not supported on {}/scale",
-                    info.plural
-                )));
-            }
-        };
-        let replicas = match &wanted["spec"]["replicas"] {
-            Value::Null => 0,
-            v => v.as_i64().filter(|n| *n >= 0).ok_or_else(|| {
-                ApiError::invalid(
-                    "Scale",
-                    &name,
-                    vec![Cause {
-                        field: "spec.replicas".into(),
-                        message: format!(
-                            "Invalid value: {}: must be greater than or equal to 0",
-                            schema::go_value(v)
-                        ),
-                    }],
-                )
-            })?,
-        };
-        let requested_rv = wanted["metadata"]["resourceVersion"]
-            .as_str()
-            .filter(|s| !s.is_empty())
-            .map(|s| s.parse::<u64>().map_err(|_| ApiError::bad_request(format!("metadata.resourceVersion: Invalid value: {s:?}: must be an unsigned decimal integer"))))
-            .transpose()?;
-        let current_rv = current["metadata"]["resourceVersion"]
-            .as_str()
-            .and_then(|s| s.parse::<u64>().ok());
-        let mut updated = current.clone();
-        set_replicas(&paths, &mut updated, replicas);
-        if updated["spec"] != current["spec"] {
-            let generation = current["metadata"]["generation"].as_i64().unwrap_or(1);
-            updated["metadata"]["generation"] = json!(generation + 1);
-        }
-        let expected = requested_rv.or(current_rv);
-        let (store, id2, ns, n) = (
-            api.store.clone(),
-            id.clone(),
-            namespace.clone(),
-            name.clone(),
-        );
-        let written = blocking(Box::new(move || {
-            store.update(&id2, &ns, &n, updated, expected).map(Some)
-        }))
-        .await?;
-        match written {
-            Ok(Some(object)) => return Ok(respond(StatusCode::OK, &scale_of(&paths, &object))),
-            Ok(None) => return Err(ApiError::internal("the scale update wrote nothing")),
-            Err(StoreError::Conflict { .. }) if requested_rv.is_none() => continue,
-            Err(e) => return Err(ApiError::from_store(e, info.group, info.plural, &name)),
-        }
-    }
-    Err(ApiError::conflict(
-        info.group,
-        info.plural,
-        &name,
-        "the object kept changing; try again",
-    ))
+    let paths = super::scale::ScalePaths::from_json_paths(
+        &declared.spec_replicas,
+        &declared.status_replicas,
+        declared.label_selector.as_deref(),
+    );
+    super::scale::serve_with(api, &paths, method, request, headers, body, manager).await
 }
 
 #[cfg(test)]
@@ -1662,22 +1492,5 @@ mod tests {
         assert!(written.get("extra").is_none() && written["spec"].get("turns").is_none());
         assert_eq!(written["metadata"]["generation"], 1);
         registry_mut().remove("knobs.unit2.example.com");
-    }
-
-    #[test]
-    fn scale_reads_and_writes_the_declared_paths() {
-        let paths = ScalePaths {
-            spec_replicas: ".spec.replicas".into(),
-            status_replicas: ".status.replicas".into(),
-            label_selector: Some(".status.selector".into()),
-        };
-        let mut object = json!({"metadata": {"name": "w", "namespace": "default", "uid": "u", "resourceVersion": "7"},
-            "spec": {"replicas": 3}, "status": {"selector": "app=w"}});
-        let scale = scale_of(&paths, &object);
-        assert_eq!(scale["spec"]["replicas"], 3);
-        assert_eq!(scale["status"], json!({"replicas": 0, "selector": "app=w"}));
-        assert_eq!(scale["metadata"]["namespace"], "default");
-        assert!(set_replicas(&paths, &mut object, 5));
-        assert_eq!(object["spec"]["replicas"], 5);
     }
 }

@@ -299,7 +299,7 @@ async fn verb(
         apply::check_field_manager(options, &query)?;
     }
     if request.subresource.as_deref() == Some("scale") && crd::is_custom(request.info) {
-        return crd::serve_scale(api, &method, &request, headers, &body).await;
+        return crd::serve_scale(api, method, &request, headers, &body, &manager).await;
     }
     if request.subresource.as_deref() == Some("scale") {
         return super::scale::serve(api, method, &request, headers, &body, &manager).await;
