@@ -171,7 +171,16 @@ fn a_second_serve_or_run_on_a_data_dir_is_refused_and_the_first_keeps_working() 
         "{}",
         String::from_utf8_lossy(&list.stderr)
     );
-    assert_eq!(get(cloud.metrics_port, "/readyz").map(|r| r.0), Some(200));
+    // Ready once the controllers' caches have listed (a moment after the start).
+    assert!(
+        eventually(Duration::from_secs(20), || get(
+            cloud.metrics_port,
+            "/readyz"
+        )
+        .is_some_and(|r| r.0 == 200)),
+        "{:?}",
+        get(cloud.metrics_port, "/readyz?verbose")
+    );
 
     let edge_dir = tmp.path().join("edge");
     let edge = join_and_run(&cloud, &edge_dir, "gw-once", &["--no-pod-runtime"]);
@@ -309,6 +318,7 @@ fn cloudcore_readiness_follows_a_full_disk_and_liveness_does_not() {
         "watch-caches",
         "hub",
         "api-store",
+        "controllers",
     ] {
         assert!(body.contains(&format!("[+]{check} ok")), "{body}");
     }
