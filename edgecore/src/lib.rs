@@ -6,6 +6,7 @@ pub mod backoff;
 pub mod control;
 pub mod cri;
 pub mod ctl;
+pub mod devices;
 pub mod dial;
 pub mod events;
 pub mod hub;
@@ -39,6 +40,7 @@ pub struct RunConfig {
     pub cri_endpoint: Option<String>,
     /// Max pods and reserved resources of the Node this gateway reports.
     pub node: node::NodeConfig,
+    pub devices: devices::DevicesConfig,
 }
 
 /// `edgecore run` could not start or lost its identity.
@@ -139,6 +141,14 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
     let tokens = tokens::Tokens::open(&config.hub.data_dir, config.hub.token_refresh_max)?;
     // The pods' events for the cloud: in memory, bounded, best effort (docs/events.md).
     let events = events::Events::new(config.hub.max_buffered_events, metrics.clone());
+    let _devices = devices::start(
+        config.devices.clone(),
+        config.hub.data_dir.clone(),
+        replica.subscribe(),
+        outbox.clone(),
+        &tracker,
+        shutdown.clone(),
+    )?;
     let mut pod_requests = None;
     if let Some(cri) = &runtime {
         let cloud = config

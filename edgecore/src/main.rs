@@ -331,6 +331,7 @@ fn main() -> ExitCode {
                     max_pods,
                     reserved: system_reserved,
                 },
+                devices: edgecore::devices::DevicesConfig::new(),
             };
             let result = runtime.block_on(async {
                 let shutdown = CancellationToken::new();

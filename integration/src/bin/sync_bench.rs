@@ -467,6 +467,7 @@ async fn start_edge(data_dir: &Path, cloud: &str) -> Result<RunningEdge> {
             // Sync only: the bench measures desired state reaching the store, not pods.
             cri_endpoint: None,
             node: edgecore::node::NodeConfig::default(),
+            devices: edgecore::devices::DevicesConfig::disabled(),
         };
         let shutdown = CancellationToken::new();
         let mut edge = RunningEdge {
