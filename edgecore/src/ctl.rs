@@ -1273,6 +1273,9 @@ Pod         default     web        42                 uid-web        phase=Runni
             ("nodes", Resource::Nodes),
             ("node", Resource::Nodes),
             ("no", Resource::Nodes),
+            ("devices", Resource::Devices),
+            ("device", Resource::Devices),
+            ("devicemodels", Resource::Devicemodels),
             ("all", Resource::All),
         ] {
             assert_eq!(Resource::from_str(name, false), Ok(resource), "{name}");
@@ -1306,6 +1309,116 @@ Pod         default     web        42                 uid-web        phase=Runni
         std::fs::write(dir.path().join(RUNTIME_FILE), "{not json").expect("write");
         let err = cri_endpoint(dir.path(), None).unwrap_err().to_string();
         assert!(err.contains("is not a runtime record"), "{err}");
+    }
+
+    /// A store with a device twin as the daemon leaves it.
+    fn device_store() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut store = Store::open(dir.path()).expect("open");
+        store
+            .apply(&[
+                put(
+                    "DeviceModel",
+                    "default",
+                    "thermo",
+                    1,
+                    r#"{"spec":{"protocol":"modbus","properties":[{"name":"setpoint","type":"INT","accessMode":"ReadWrite"}]}}"#,
+                ),
+                put(
+                    "Device",
+                    "default",
+                    "sensor",
+                    2,
+                    r#"{"spec":{"deviceModelRef":{"name":"thermo"},"nodeName":"gw-1",
+                        "protocol":{"protocolName":"modbus"},
+                        "properties":[{"name":"setpoint","desired":{"value":"20"}},{"name":"raw"}]}}"#,
+                ),
+                put("Device", "default", "bare", 3, r#"{"spec":{}}"#),
+            ])
+            .expect("apply");
+        let value = |v: &str, ts: &str| devices::TwinProperty {
+            value: v.into(),
+            metadata: [("timestamp".to_string(), ts.to_string())].into(),
+        };
+        store
+            .write_twins(&crate::store::TwinsWrite {
+                devices: vec![StoredTwin {
+                    namespace: "default".into(),
+                    name: "sensor".into(),
+                    uid: "uid-sensor".into(),
+                    state: "ok".into(),
+                    last_online_time: "2026-12-05T10:00:00Z".into(),
+                    ..StoredTwin::default()
+                }],
+                properties: vec![(
+                    "default".into(),
+                    "sensor".into(),
+                    "setpoint".into(),
+                    crate::store::StoredProperty {
+                        desired: None,
+                        reported: Some(value("19", "1764928800000")),
+                        observed_desired: Some(value("20", "1764928800000")),
+                    },
+                )],
+                ..Default::default()
+            })
+            .expect("twins");
+        dir
+    }
+
+    #[test]
+    fn get_devices_shows_model_protocol_state_and_last_online() {
+        let dir = device_store();
+        let text = output(dir.path(), Resource::Devices);
+        let expected = "\
+NAMESPACE   NAME     MODEL    PROTOCOL   STATE    LAST-ONLINE
+default     bare     <none>   <none>     <none>   <none>
+default     sensor   thermo   modbus     ok       2026-12-05T10:00:00Z
+";
+        assert_eq!(text, expected);
+        let mut out = Vec::new();
+        get_as(dir.path(), Resource::Devices, Output::Json, &mut out).expect("get");
+        let items: Vec<TwinView> = serde_json::from_slice(&out).expect("json");
+        assert_eq!(items[1].state, "ok");
+        assert!(items[1].properties.is_empty());
+        let all = output(dir.path(), Resource::All);
+        assert!(all.contains("model=thermo node=gw-1"), "{all}");
+        assert!(all.contains("protocol=modbus properties=1"), "{all}");
+    }
+
+    #[test]
+    fn twin_shows_desired_reported_and_observed_values() {
+        let dir = device_store();
+        let mut out = Vec::new();
+        twin(dir.path(), "default", "sensor", Output::Table, &mut out).expect("twin");
+        let expected = "\
+Device default/sensor: model thermo, protocol modbus, state ok, last online 2026-12-05T10:00:00Z
+PROPERTY   TYPE     ACCESS      DESIRED   REPORTED   REPORTED-AT            OBSERVED-DESIRED
+setpoint   INT      ReadWrite   20        19         2025-12-05T10:00:00Z   20
+raw        <none>   <none>      <none>    <none>     <none>                 <none>
+";
+        assert_eq!(String::from_utf8(out).expect("utf-8"), expected);
+        let mut out = Vec::new();
+        twin(dir.path(), "default", "sensor", Output::Json, &mut out).expect("twin");
+        let view: serde_json::Value = serde_json::from_slice(&out).expect("json");
+        assert_eq!(view["properties"][0]["desired"]["value"], "20");
+        assert_eq!(view["properties"][0]["reported"]["value"], "19");
+        assert_eq!(view["properties"][0]["observedDesired"]["value"], "20");
+        assert_eq!(view["properties"][0]["accessMode"], "ReadWrite");
+        assert!(view["properties"][1].get("reported").is_none(), "{view}");
+        let err = twin(
+            dir.path(),
+            "other",
+            "sensor",
+            Output::Table,
+            &mut Vec::new(),
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("device other/sensor is not bound to this node"),
+            "{err}"
+        );
     }
 
     #[test]

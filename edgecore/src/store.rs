@@ -1310,6 +1310,64 @@ mod tests {
     }
 
     #[test]
+    fn device_twins_survive_reopen_and_go_with_their_device() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let value = |v: &str| TwinProperty {
+            value: v.into(),
+            metadata: [("timestamp".to_string(), "1".to_string())].into(),
+        };
+        let twin = StoredTwin {
+            namespace: "default".into(),
+            name: "sensor".into(),
+            uid: "u1".into(),
+            state: "ok".into(),
+            last_online_time: "2026-12-05T10:00:00Z".into(),
+            properties: BTreeMap::new(),
+        };
+        let row = |property: &str, reported: &str| {
+            (
+                "default".to_string(),
+                "sensor".to_string(),
+                property.to_string(),
+                StoredProperty {
+                    desired: Some(value("20")),
+                    reported: Some(value(reported)),
+                    observed_desired: None,
+                },
+            )
+        };
+        {
+            let mut store = Store::open(dir.path()).expect("open");
+            store
+                .write_twins(&TwinsWrite {
+                    devices: vec![twin.clone()],
+                    properties: vec![row("a", "1"), row("b", "2")],
+                    ..TwinsWrite::default()
+                })
+                .expect("write");
+            store
+                .write_twins(&TwinsWrite {
+                    remove_properties: vec![("default".into(), "sensor".into(), "b".into())],
+                    properties: vec![row("a", "3")],
+                    ..TwinsWrite::default()
+                })
+                .expect("write");
+        }
+        let mut store = Store::open(dir.path()).expect("reopen");
+        let twins = store.device_twins().expect("read");
+        let mut expected = twin.clone();
+        expected.properties.insert("a".into(), row("a", "3").3);
+        assert_eq!(twins, [expected]);
+        store
+            .write_twins(&TwinsWrite {
+                remove_devices: vec![("default".into(), "sensor".into())],
+                ..TwinsWrite::default()
+            })
+            .expect("write");
+        assert_eq!(store.device_twins().expect("read"), []);
+    }
+
+    #[test]
     fn tokens_survive_reopen_are_replaced_per_source_and_go_with_their_pod() {
         let dir = tempfile::tempdir().expect("tempdir");
         let token = |uid: &str, audience: &str, jwt: &str| StoredToken {

@@ -918,3 +918,526 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
         None => std::future::pending().await,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Metrics;
+    use crate::outbox::OutboxWriter;
+    use proto::sync::{ObjectKey, StoreOp};
+    use serde_json::json;
+
+    const MODEL: &str = r#"{"apiVersion":"devices.kubeedge.io/v1beta1","kind":"DeviceModel",
+        "metadata":{"name":"thermo","namespace":"default"},
+        "spec":{"protocol":"modbus","properties":[
+            {"name":"temperature","type":"INT","accessMode":"ReadOnly"},
+            {"name":"setpoint","type":"INT","accessMode":"ReadWrite"},
+            {"name":"debug","type":"STRING","accessMode":"ReadOnly"}]}}"#;
+
+    /// A Device of model `thermo`: `temperature` reported to the cloud every `cycle_ns`,
+    /// `setpoint` reported with the desired value `desired`, `debug` kept local.
+    fn device(cycle_ns: i64, desired: &str) -> String {
+        json!({
+            "apiVersion": "devices.kubeedge.io/v1beta1", "kind": "Device",
+            "metadata": {"name": "sensor", "namespace": "default"},
+            "spec": {
+                "deviceModelRef": {"name": "thermo"}, "nodeName": "edge-1",
+                "protocol": {"protocolName": "modbus", "configData": {"ip": "127.0.0.1", "port": 5020}},
+                "properties": [
+                    {"name": "temperature", "reportToCloud": true, "reportCycle": cycle_ns},
+                    {"name": "setpoint", "reportToCloud": true, "reportCycle": cycle_ns,
+                     "desired": {"value": desired}},
+                    {"name": "debug"}
+                ]
+            }
+        })
+        .to_string()
+    }
+
+    fn put(kind: &str, name: &str, uid: &str, rv: u64, body: &str) -> StoreOp {
+        StoreOp::Put {
+            key: ObjectKey::new(kind, "default", name),
+            uid: uid.into(),
+            resource_version: rv,
+            body: body.as_bytes().to_vec(),
+        }
+    }
+
+    fn delete(kind: &str, name: &str) -> StoreOp {
+        StoreOp::Delete {
+            key: ObjectKey::new(kind, "default", name),
+        }
+    }
+
+    /// A node with a real `edge.db`: the replica's store, the outbox and the twins.
+    struct Node {
+        dir: tempfile::TempDir,
+        store: Store,
+        outbox: Arc<Outbox>,
+        writer: OutboxWriter,
+        twins: Arc<Twins>,
+    }
+
+    impl Node {
+        fn new(ops: &[StoreOp]) -> Node {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let mut store = Store::open(dir.path()).expect("open");
+            store.apply(ops).expect("apply");
+            Node::open(dir, store)
+        }
+
+        fn open(dir: tempfile::TempDir, store: Store) -> Node {
+            let (outbox, writer) =
+                Outbox::open(dir.path(), Arc::new(Metrics::default())).expect("outbox");
+            let twins = Arc::new(Twins::open(dir.path(), outbox.clone()).expect("twins"));
+            twins.sync(Instant::now()).expect("first sync");
+            Node {
+                dir,
+                store,
+                outbox,
+                writer,
+                twins,
+            }
+        }
+
+        /// Writes the outbox and drops everything but the files.
+        fn restart(self) -> Node {
+            self.writer.write().expect("outbox write");
+            let Node { dir, store, .. } = self;
+            Node::open(dir, store)
+        }
+
+        fn apply(&mut self, ops: &[StoreOp]) {
+            self.store.apply(ops).expect("apply");
+            self.twins.sync(Instant::now()).expect("sync");
+        }
+
+        fn object(&self, uid: &str) -> ObjectRef {
+            ObjectRef {
+                kind: "Device".into(),
+                namespace: "default".into(),
+                name: "sensor".into(),
+                uid: uid.into(),
+            }
+        }
+
+        /// The status in the outbox for the device.
+        fn reported(&self, uid: &str) -> Option<serde_json::Value> {
+            self.outbox.last_status(&self.object(uid))
+        }
+
+        fn record(&self, property: &str, value: &str, timestamp: Option<i64>) {
+            self.record_at(property, value, timestamp, Instant::now())
+        }
+
+        fn record_at(&self, property: &str, value: &str, timestamp: Option<i64>, now: Instant) {
+            self.twins
+                .record(
+                    "default",
+                    "sensor",
+                    vec![reported(property, value, timestamp)],
+                    now,
+                )
+                .expect("record");
+        }
+
+        fn value(&self, property: &str) -> Option<String> {
+            let view = self.twins.twin("default", "sensor")?;
+            let p = view.properties.into_iter().find(|p| p.name == property)?;
+            p.reported.map(|r| r.value)
+        }
+    }
+
+    fn reported(property: &str, value: &str, timestamp: Option<i64>) -> Reported {
+        Reported {
+            property: property.into(),
+            value: value.into(),
+            metadata: timestamp
+                .map(|t| [("timestamp".to_string(), t.to_string())].into())
+                .unwrap_or_default(),
+            observed_desired: None,
+        }
+    }
+
+    fn drain(events: &mut broadcast::Receiver<DeviceEvent>) -> Vec<String> {
+        let mut out = Vec::new();
+        while let Ok(event) = events.try_recv() {
+            out.push(match event {
+                DeviceEvent::DeviceUpserted {
+                    device,
+                    model,
+                    desired_changed,
+                } => format!(
+                    "device {} model={} desired={}",
+                    device.name(),
+                    model.is_some(),
+                    desired_changed.join(",")
+                ),
+                DeviceEvent::DeviceRemoved { name, protocol, .. } => {
+                    format!("removed {name} {protocol}")
+                }
+                DeviceEvent::ModelUpserted(model) => format!("model {}", model.name()),
+                DeviceEvent::ModelRemoved { name, .. } => format!("model removed {name}"),
+            });
+        }
+        out
+    }
+
+    const SECOND: i64 = 1_000_000_000;
+
+    #[test]
+    fn devices_and_models_are_followed_and_announced() {
+        let mut node = Node::new(&[]);
+        let mut events = node.twins.subscribe();
+        // A device whose model is missing is held; a body that does not parse is skipped.
+        node.apply(&[
+            put("Device", "sensor", "u1", 1, &device(SECOND, "20")),
+            put("Device", "broken", "u2", 2, "{not json"),
+        ]);
+        assert_eq!(
+            drain(&mut events),
+            ["device sensor model=false desired=temperature,setpoint,debug"]
+        );
+        assert_eq!(node.twins.devices().len(), 1);
+        assert!(
+            node.twins
+                .device("default", "sensor")
+                .expect("held")
+                .1
+                .is_none()
+        );
+        // The model arrives: the device is announced again, with it.
+        node.apply(&[put("DeviceModel", "thermo", "m1", 3, MODEL)]);
+        assert_eq!(
+            drain(&mut events),
+            ["model thermo", "device sensor model=true desired="]
+        );
+        let view = node.twins.twin("default", "sensor").expect("twin");
+        assert_eq!(view.protocol, "modbus");
+        assert_eq!(view.properties[1].type_, "INT");
+        assert_eq!(view.properties[1].access_mode, "ReadWrite");
+        assert_eq!(
+            view.properties[1].desired.as_ref().expect("desired").value,
+            "20"
+        );
+        // A new desired value names its property; a status written back by the cloud (a new
+        // resourceVersion, same spec) is no change.
+        node.apply(&[put("Device", "sensor", "u1", 4, &device(SECOND, "25"))]);
+        assert_eq!(
+            drain(&mut events),
+            ["device sensor model=true desired=setpoint"]
+        );
+        let mut with_status: serde_json::Value =
+            serde_json::from_str(&device(SECOND, "25")).expect("json");
+        with_status["status"] = json!({"state": "ok"});
+        node.apply(&[put("Device", "sensor", "u1", 5, &with_status.to_string())]);
+        assert_eq!(drain(&mut events), Vec::<String>::new());
+        // The desired value is in the twin table.
+        let stored = node.store.device_twins().expect("twins");
+        assert_eq!(stored.len(), 1);
+        assert_eq!(
+            stored[0].properties["setpoint"].desired,
+            Some(TwinProperty {
+                value: "25".into(),
+                metadata: BTreeMap::new()
+            })
+        );
+        // A body that stops parsing keeps the device held as it was.
+        node.apply(&[put("Device", "sensor", "u1", 6, r#"{"spec": 5}"#)]);
+        assert_eq!(drain(&mut events), Vec::<String>::new());
+        assert_eq!(node.twins.devices().len(), 1);
+        node.apply(&[delete("Device", "sensor"), delete("DeviceModel", "thermo")]);
+        assert_eq!(
+            drain(&mut events),
+            ["removed sensor modbus", "model removed thermo"]
+        );
+    }
+
+    #[test]
+    fn an_older_value_never_replaces_a_newer_one() {
+        let node = Node::new(&[
+            put("DeviceModel", "thermo", "m1", 1, MODEL),
+            put("Device", "sensor", "u1", 2, &device(0, "20")),
+        ]);
+        let t0 = Instant::now();
+        node.record_at("temperature", "21", Some(2_000), t0);
+        node.record_at(
+            "temperature",
+            "19",
+            Some(1_000),
+            t0 + Duration::from_secs(5),
+        );
+        assert_eq!(node.value("temperature").as_deref(), Some("21"));
+        let status = node.reported("u1").expect("reported");
+        assert_eq!(status["twins"][0]["reported"]["value"], "21");
+        assert_eq!(
+            status["twins"][0]["reported"]["metadata"]["timestamp"],
+            "2000"
+        );
+        node.record_at(
+            "temperature",
+            "23",
+            Some(3_000),
+            t0 + Duration::from_secs(10),
+        );
+        assert_eq!(node.value("temperature").as_deref(), Some("23"));
+        assert_eq!(
+            node.reported("u1").expect("reported")["twins"][0]["reported"]["value"],
+            "23"
+        );
+        // Without a timestamp the edge's clock stamps it.
+        node.record_at("setpoint", "20", None, t0 + Duration::from_secs(20));
+        let view = node.twins.twin("default", "sensor").expect("twin");
+        let stamp: i64 = view.properties[1]
+            .reported
+            .as_ref()
+            .expect("reported")
+            .metadata["timestamp"]
+            .parse()
+            .expect("ms");
+        assert!(stamp > 1_700_000_000_000, "{stamp}");
+        // An unknown property is named; the known values of the same report are kept.
+        let err = node
+            .twins
+            .record(
+                "default",
+                "sensor",
+                vec![reported("nope", "1", None), reported("debug", "x", None)],
+                t0 + Duration::from_secs(30),
+            )
+            .unwrap_err();
+        assert!(err.to_string().contains("\"nope\""), "{err}");
+        assert_eq!(node.value("debug").as_deref(), Some("x"));
+        let err = node
+            .twins
+            .record("default", "other", vec![], t0)
+            .unwrap_err();
+        assert!(matches!(err, DeviceError::UnknownDevice { .. }), "{err}");
+    }
+
+    #[test]
+    fn only_properties_reported_to_the_cloud_reach_the_outbox() {
+        let node = Node::new(&[
+            put("DeviceModel", "thermo", "m1", 1, MODEL),
+            put("Device", "sensor", "u1", 2, &device(0, "20")),
+        ]);
+        node.record("debug", "local only", Some(1));
+        assert_eq!(node.value("debug").as_deref(), Some("local only"));
+        assert_eq!(node.reported("u1"), None);
+        node.record("temperature", "21", Some(2));
+        let status = node.reported("u1").expect("reported");
+        assert_eq!(
+            status,
+            json!({"twins": [{"propertyName": "temperature",
+                "reported": {"value": "21", "metadata": {"timestamp": "2"}},
+                "observedDesired": {"value": ""}}]})
+        );
+    }
+
+    #[test]
+    fn reports_go_at_most_once_per_report_cycle_and_states_at_once() {
+        let node = Node::new(&[
+            put("DeviceModel", "thermo", "m1", 1, MODEL),
+            put("Device", "sensor", "u1", 2, &device(10 * SECOND, "20")),
+        ]);
+        let value = |node: &Node| {
+            node.reported("u1")
+                .map(|s| s["twins"][0]["reported"]["value"].clone())
+        };
+        let t0 = Instant::now();
+        // Leading edge: the first value goes at once.
+        node.record_at("temperature", "1", Some(1), t0);
+        assert_eq!(value(&node), Some(json!("1")));
+        // Within the cycle: held back, and the latest goes at its end.
+        node.record_at("temperature", "2", Some(2), t0 + Duration::from_secs(1));
+        node.record_at("temperature", "3", Some(3), t0 + Duration::from_secs(2));
+        assert_eq!(value(&node), Some(json!("1")));
+        assert_eq!(
+            node.twins.flush_due(t0 + Duration::from_secs(9)),
+            Some(t0 + Duration::from_secs(10))
+        );
+        assert_eq!(value(&node), Some(json!("1")));
+        assert_eq!(node.twins.flush_due(t0 + Duration::from_secs(10)), None);
+        assert_eq!(value(&node), Some(json!("3")));
+        // A new state goes at once, with the latest values.
+        node.record_at("temperature", "4", Some(4), t0 + Duration::from_secs(11));
+        assert_eq!(value(&node), Some(json!("3")));
+        node.twins
+            .record_state("default", "sensor", "ok", t0 + Duration::from_secs(12))
+            .expect("state");
+        let status = node.reported("u1").expect("reported");
+        assert_eq!(status["state"], "ok");
+        assert_eq!(status["twins"][0]["reported"]["value"], "4");
+        let online = status["lastOnlineTime"].as_str().expect("lastOnlineTime");
+        OffsetDateTime::parse(online, &Rfc3339).expect("RFC 3339");
+        // Offline keeps the last time it was seen.
+        node.twins
+            .record_state("default", "sensor", "offline", t0 + Duration::from_secs(13))
+            .expect("state");
+        let status = node.reported("u1").expect("reported");
+        assert_eq!(status["state"], "offline");
+        assert_eq!(status["lastOnlineTime"], online);
+        // Past the cycle since the last report: at once again.
+        node.record_at("temperature", "5", Some(5), t0 + Duration::from_secs(30));
+        assert_eq!(value(&node), Some(json!("5")));
+    }
+
+    #[test]
+    fn a_device_leaving_the_node_takes_its_twin_and_its_report() {
+        let mut node = Node::new(&[
+            put("DeviceModel", "thermo", "m1", 1, MODEL),
+            put("Device", "sensor", "u1", 2, &device(0, "20")),
+        ]);
+        node.record("temperature", "21", Some(1));
+        assert!(node.reported("u1").is_some());
+        node.apply(&[delete("Device", "sensor")]);
+        assert_eq!(node.reported("u1"), None);
+        assert_eq!(node.store.device_twins().expect("twins"), Vec::new());
+        assert!(node.twins.twin("default", "sensor").is_none());
+        let err = node
+            .twins
+            .record(
+                "default",
+                "sensor",
+                vec![reported("temperature", "1", None)],
+                Instant::now(),
+            )
+            .unwrap_err();
+        assert!(matches!(err, DeviceError::UnknownDevice { .. }), "{err}");
+        // Created again under the same name (a new uid): a fresh twin.
+        node.apply(&[put("Device", "sensor", "u2", 3, &device(0, "20"))]);
+        assert_eq!(node.value("temperature"), None);
+        node.record("temperature", "30", Some(2));
+        node.apply(&[put("Device", "sensor", "u3", 4, &device(0, "20"))]);
+        assert_eq!(node.value("temperature"), None);
+        assert_eq!(node.reported("u2"), None);
+        let stored = node.store.device_twins().expect("twins");
+        assert_eq!(stored.len(), 1);
+        assert_eq!(stored[0].uid, "u3");
+        assert!(stored[0].properties.values().all(|p| p.reported.is_none()));
+    }
+
+    #[test]
+    fn a_restart_reloads_the_twins_and_sends_what_was_held_back() {
+        let node = Node::new(&[
+            put("DeviceModel", "thermo", "m1", 1, MODEL),
+            put("Device", "sensor", "u1", 2, &device(10 * SECOND, "20")),
+        ]);
+        let t0 = Instant::now();
+        node.record_at("temperature", "1", Some(1), t0);
+        node.twins
+            .record_state("default", "sensor", "ok", t0)
+            .expect("state");
+        // Held back by the cycle when edgecore stops.
+        node.record_at("temperature", "2", Some(2), t0 + Duration::from_secs(1));
+        node.record_at("debug", "kept", Some(3), t0 + Duration::from_secs(1));
+        let before = node.twins.twin("default", "sensor").expect("twin");
+        let node = node.restart();
+        let after = node.twins.twin("default", "sensor").expect("twin");
+        assert_eq!(after, before);
+        assert_eq!(node.value("temperature").as_deref(), Some("2"));
+        assert_eq!(node.value("debug").as_deref(), Some("kept"));
+        assert_eq!(
+            node.reported("u1").expect("reported")["twins"][0]["reported"]["value"],
+            "1"
+        );
+        node.twins.flush_due(Instant::now());
+        let status = node.reported("u1").expect("reported");
+        assert_eq!(status["twins"][0]["reported"]["value"], "2");
+        assert_eq!(status["state"], "ok");
+        // A device deleted while edgecore was stopped loses its twin at the first sync.
+        let Node {
+            dir,
+            mut store,
+            writer,
+            ..
+        } = node;
+        writer.write().expect("outbox write");
+        store.apply(&[delete("Device", "sensor")]).expect("apply");
+        let node = Node::open(dir, store);
+        assert_eq!(node.store.device_twins().expect("twins"), Vec::new());
+        assert!(node.twins.devices().is_empty());
+    }
+
+    #[tokio::test]
+    async fn the_run_task_follows_commits_and_sends_deferred_reports() {
+        let node = Node::new(&[put("DeviceModel", "thermo", "m1", 1, MODEL)]);
+        let (changed, changed_rx) = tokio::sync::watch::channel(0u64);
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(run(node.twins.clone(), changed_rx, shutdown.clone()));
+        let mut store = Store::open(node.dir.path()).expect("open");
+        store
+            .apply(&[put("Device", "sensor", "u1", 2, &device(SECOND / 5, "20"))])
+            .expect("apply");
+        let mut events = node.twins.subscribe();
+        changed.send_replace(1);
+        let event = tokio::time::timeout(Duration::from_secs(5), events.recv())
+            .await
+            .expect("announced")
+            .expect("event");
+        assert!(
+            matches!(event, DeviceEvent::DeviceUpserted { .. }),
+            "{event:?}"
+        );
+        let devices = super::super::Devices {
+            twins: node.twins.clone(),
+        };
+        devices
+            .report(
+                "default",
+                "sensor",
+                vec![reported("temperature", "1", Some(1))],
+            )
+            .await
+            .expect("report");
+        devices
+            .report(
+                "default",
+                "sensor",
+                vec![reported("temperature", "2", Some(2))],
+            )
+            .await
+            .expect("report");
+        assert_eq!(
+            node.reported("u1").expect("reported")["twins"][0]["reported"]["value"],
+            "1"
+        );
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while node.reported("u1").expect("reported")["twins"][0]["reported"]["value"] != "2" {
+            assert!(Instant::now() < deadline, "the deferred report never went");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        shutdown.cancel();
+        task.await.expect("run ends");
+    }
+
+    #[test]
+    fn the_twin_view_serializes_as_the_ctl_contract_says() {
+        let view = TwinView {
+            namespace: "default".into(),
+            name: "sensor".into(),
+            model: "thermo".into(),
+            protocol: "modbus".into(),
+            state: "ok".into(),
+            last_online_time: "2026-12-05T10:00:00Z".into(),
+            properties: vec![PropertyTwin {
+                name: "setpoint".into(),
+                type_: "INT".into(),
+                access_mode: "ReadWrite".into(),
+                desired: Some(TwinProperty {
+                    value: "20".into(),
+                    metadata: BTreeMap::new(),
+                }),
+                reported: None,
+                observed_desired: None,
+            }],
+        };
+        assert_eq!(
+            serde_json::to_value(&view).expect("json"),
+            json!({"namespace": "default", "name": "sensor", "model": "thermo",
+                "protocol": "modbus", "state": "ok", "lastOnlineTime": "2026-12-05T10:00:00Z",
+                "properties": [{"name": "setpoint", "type": "INT", "accessMode": "ReadWrite",
+                    "desired": {"value": "20"}}]})
+        );
+    }
+}
