@@ -1,7 +1,8 @@
 //! `edgecore ctl`: local operations on the edge's store, without the cloud or a running daemon.
 //!
 //! `get` prints what the store holds as a kubectl-like table. Secret values never leave the
-//! store this way: a Secret shows only its key names.
+//! store this way: a Secret shows only its key names. `get devices` and `twin` show the device
+//! twins the daemon keeps in the store (`edgecore::devices::twins`).
 
 use std::collections::{BTreeSet, HashMap};
 use std::io::Write;
@@ -9,7 +10,8 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use crate::store::{Store, StoreError, StoredObject};
+use crate::devices::{TwinView, twins};
+use crate::store::{Store, StoreError, StoredObject, StoredTwin};
 
 /// What `edgecore ctl get` lists.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -26,6 +28,12 @@ pub enum Resource {
     /// This node.
     #[value(aliases = ["node", "no"])]
     Nodes,
+    /// Devices bound to this node, with their twin's state (`devices.kubeedge.io`).
+    #[value(aliases = ["device", "dev"])]
+    Devices,
+    /// DeviceModels the node's devices use.
+    #[value(aliases = ["devicemodel", "dm"])]
+    Devicemodels,
     /// Everything the store holds.
     All,
 }
@@ -38,6 +46,8 @@ impl Resource {
             Resource::Configmaps => &["ConfigMap"],
             Resource::Secrets => &["Secret"],
             Resource::Nodes => &["Node"],
+            Resource::Devices => &[devices::DEVICE_KIND],
+            Resource::Devicemodels => &[devices::DEVICE_MODEL_KIND],
             Resource::All => &[],
         }
     }
@@ -49,6 +59,8 @@ impl Resource {
             Resource::Configmaps => "configmaps",
             Resource::Secrets => "secrets",
             Resource::Nodes => "nodes",
+            Resource::Devices => "devices",
+            Resource::Devicemodels => "devicemodels",
             Resource::All => "objects",
         }
     }
@@ -629,6 +641,9 @@ pub fn get_as(
     out: &mut impl Write,
 ) -> Result<(), CtlError> {
     let store = Store::open_read_only(data_dir)?;
+    if what == Resource::Devices {
+        return get_devices(&store, format, out);
+    }
     let objects = store.list(what.kinds())?;
     let local = local_pod_statuses(&store);
     if format == Output::Json {
@@ -680,7 +695,190 @@ pub fn get_as(
             row
         })
         .collect();
-    write_table(out, &rows).map_err(CtlError::Output)
+    write_table(out, HEADER, &rows).map_err(CtlError::Output)
+}
+
+/// The columns of `ctl get devices`.
+const DEVICE_HEADER: [&str; 6] = [
+    "NAMESPACE",
+    "NAME",
+    "MODEL",
+    "PROTOCOL",
+    "STATE",
+    "LAST-ONLINE",
+];
+
+/// The twins of the Devices in the store, by namespace and name, as `Devices::twin` would
+/// give them (a body that does not parse is left out, with a warning on stderr).
+fn local_twins(store: &Store) -> Result<Vec<TwinView>, CtlError> {
+    let objects = store.list(&[devices::DEVICE_KIND, devices::DEVICE_MODEL_KIND])?;
+    let models: HashMap<(String, String), devices::DeviceModel> = objects
+        .iter()
+        .filter(|o| o.key.kind == devices::DEVICE_MODEL_KIND)
+        .filter_map(|o| twins::parse_model(o).ok())
+        .map(|m| ((m.namespace().to_string(), m.name().to_string()), m))
+        .collect();
+    let stored: HashMap<(String, String), StoredTwin> = store
+        .device_twins()?
+        .into_iter()
+        .map(|t| ((t.namespace.clone(), t.name.clone()), t))
+        .collect();
+    let mut views = Vec::new();
+    for object in objects
+        .iter()
+        .filter(|o| o.key.kind == devices::DEVICE_KIND)
+    {
+        let device = match twins::parse_device(object) {
+            Ok(device) => device,
+            Err(e) => {
+                eprintln!(
+                    "warning: device {}/{} in the store cannot be read: {e}",
+                    object.key.namespace, object.key.name
+                );
+                continue;
+            }
+        };
+        let model = device
+            .model_name()
+            .and_then(|m| models.get(&(object.key.namespace.clone(), m.to_string())));
+        let twin = stored
+            .get(&(object.key.namespace.clone(), object.key.name.clone()))
+            .filter(|t| t.uid == object.uid);
+        views.push(twins::view(&device, model, twin));
+    }
+    Ok(views)
+}
+
+/// `edgecore ctl get devices`: the Devices and their twin's state, from the store.
+fn get_devices(store: &Store, format: Output, out: &mut impl Write) -> Result<(), CtlError> {
+    let views = local_twins(store)?;
+    if format == Output::Json {
+        let items: Vec<TwinView> = views
+            .into_iter()
+            .map(|v| TwinView {
+                properties: Vec::new(),
+                ..v
+            })
+            .collect();
+        serde_json::to_writer_pretty(&mut *out, &items).map_err(|e| CtlError::Output(e.into()))?;
+        writeln!(out).map_err(CtlError::Output)?;
+        return out.flush().map_err(CtlError::Output);
+    }
+    if views.is_empty() {
+        writeln!(out, "No devices in {}.", store.path().display()).map_err(CtlError::Output)?;
+        return out.flush().map_err(CtlError::Output);
+    }
+    let rows: Vec<[String; 6]> = views
+        .iter()
+        .map(|v| {
+            [
+                cell(&v.namespace),
+                cell(&v.name),
+                cell(&v.model),
+                cell(&v.protocol),
+                cell(&v.state),
+                cell(&v.last_online_time),
+            ]
+        })
+        .collect();
+    write_table(out, DEVICE_HEADER, &rows).map_err(CtlError::Output)
+}
+
+/// The columns of `ctl twin`.
+const TWIN_HEADER: [&str; 7] = [
+    "PROPERTY",
+    "TYPE",
+    "ACCESS",
+    "DESIRED",
+    "REPORTED",
+    "REPORTED-AT",
+    "OBSERVED-DESIRED",
+];
+
+/// `edgecore ctl twin`: one device's twin from the store (desired values from the spec,
+/// reported and observed desired values as the mapper last gave them).
+pub fn twin(
+    data_dir: &Path,
+    namespace: &str,
+    name: &str,
+    format: Output,
+    out: &mut impl Write,
+) -> Result<(), CtlError> {
+    let store = Store::open_read_only(data_dir)?;
+    let Some(view) = local_twins(&store)?
+        .into_iter()
+        .find(|v| v.namespace == namespace && v.name == name)
+    else {
+        return Err(CtlError::NotFound(format!(
+            "device {namespace}/{name} is not bound to this node (not in {})",
+            store.path().display()
+        )));
+    };
+    if format == Output::Json {
+        serde_json::to_writer_pretty(&mut *out, &view).map_err(|e| CtlError::Output(e.into()))?;
+        writeln!(out).map_err(CtlError::Output)?;
+        return out.flush().map_err(CtlError::Output);
+    }
+    let or_none = |text: &str| if text.is_empty() { "<none>" } else { text }.to_string();
+    writeln!(
+        out,
+        "Device {}/{}: model {}, protocol {}, state {}, last online {}",
+        cell(&view.namespace),
+        cell(&view.name),
+        cell(&view.model),
+        cell(&view.protocol),
+        cell(&view.state),
+        cell(&view.last_online_time),
+    )
+    .map_err(CtlError::Output)?;
+    let value = |p: &Option<devices::TwinProperty>| {
+        p.as_ref()
+            .map_or_else(|| "<none>".to_string(), |p| or_none(&cell_value(&p.value)))
+    };
+    let rows: Vec<[String; 7]> = view
+        .properties
+        .iter()
+        .map(|p| {
+            let at = p
+                .reported
+                .as_ref()
+                .and_then(|r| r.metadata.get("timestamp"))
+                .map_or_else(|| "<none>".to_string(), |t| reported_at(t));
+            [
+                cell(&p.name),
+                cell(&p.type_),
+                cell(&p.access_mode),
+                value(&p.desired),
+                value(&p.reported),
+                at,
+                value(&p.observed_desired),
+            ]
+        })
+        .collect();
+    write_table(out, TWIN_HEADER, &rows).map_err(CtlError::Output)
+}
+
+/// A twin value for the table: like [`cell`], but an empty value stays empty (`""`).
+fn cell_value(text: &str) -> String {
+    if text.is_empty() {
+        "\"\"".to_string()
+    } else {
+        cell(text)
+    }
+}
+
+/// A reported value's `metadata.timestamp` (ms since the epoch) as RFC 3339 UTC; the text as
+/// it is when it is not a number.
+fn reported_at(timestamp: &str) -> String {
+    use time::format_description::well_known::Rfc3339;
+    timestamp
+        .parse::<i64>()
+        .ok()
+        .and_then(|ms| {
+            time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000).ok()
+        })
+        .and_then(|t| t.format(&Rfc3339).ok())
+        .unwrap_or_else(|| cell(timestamp))
 }
 
 /// A pod as this gateway last saw it (its latest status report), in kubectl's words.
@@ -793,6 +991,21 @@ fn detail(kind: &str, body: &[u8]) -> String {
             "keys={} (values hidden)",
             key_names(&body, &["data", "stringData"])
         ),
+        "Device" => match serde_json::from_value::<devices::Device>(body.clone()) {
+            Ok(device) => format!(
+                "model={} node={}",
+                cell(device.model_name().unwrap_or_default()),
+                cell(&device.spec.node_name)
+            ),
+            Err(_) => "<unreadable body>".to_string(),
+        },
+        "DeviceModel" => format!(
+            "protocol={} properties={}",
+            text("/spec/protocol").unwrap_or_else(|| "<none>".to_string()),
+            body.pointer("/spec/properties")
+                .and_then(Value::as_array)
+                .map_or(0, Vec::len)
+        ),
         "Node" => {
             let ready = body
                 .pointer("/status/conditions")
@@ -822,15 +1035,19 @@ fn key_names(body: &Value, fields: &[&str]) -> String {
     names.into_iter().collect::<Vec<_>>().join(",")
 }
 
-/// Writes rows under [`HEADER`] in columns three spaces apart, as kubectl does.
-fn write_table(out: &mut impl Write, rows: &[[String; 6]]) -> std::io::Result<()> {
-    let mut widths = HEADER.map(|h| h.chars().count());
+/// Writes rows under `header` in columns three spaces apart, as kubectl does.
+fn write_table<const N: usize>(
+    out: &mut impl Write,
+    header: [&str; N],
+    rows: &[[String; N]],
+) -> std::io::Result<()> {
+    let mut widths = header.map(|h| h.chars().count());
     for row in rows {
         for (width, value) in widths.iter_mut().zip(row) {
             *width = (*width).max(value.chars().count());
         }
     }
-    let header = HEADER.map(str::to_string);
+    let header = header.map(str::to_string);
     for row in std::iter::once(&header).chain(rows) {
         let mut line = String::new();
         for (i, (value, width)) in row.iter().zip(widths).enumerate() {
@@ -1056,6 +1273,9 @@ Pod         default     web        42                 uid-web        phase=Runni
             ("nodes", Resource::Nodes),
             ("node", Resource::Nodes),
             ("no", Resource::Nodes),
+            ("devices", Resource::Devices),
+            ("device", Resource::Devices),
+            ("devicemodels", Resource::Devicemodels),
             ("all", Resource::All),
         ] {
             assert_eq!(Resource::from_str(name, false), Ok(resource), "{name}");
@@ -1089,6 +1309,116 @@ Pod         default     web        42                 uid-web        phase=Runni
         std::fs::write(dir.path().join(RUNTIME_FILE), "{not json").expect("write");
         let err = cri_endpoint(dir.path(), None).unwrap_err().to_string();
         assert!(err.contains("is not a runtime record"), "{err}");
+    }
+
+    /// A store with a device twin as the daemon leaves it.
+    fn device_store() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut store = Store::open(dir.path()).expect("open");
+        store
+            .apply(&[
+                put(
+                    "DeviceModel",
+                    "default",
+                    "thermo",
+                    1,
+                    r#"{"spec":{"protocol":"modbus","properties":[{"name":"setpoint","type":"INT","accessMode":"ReadWrite"}]}}"#,
+                ),
+                put(
+                    "Device",
+                    "default",
+                    "sensor",
+                    2,
+                    r#"{"spec":{"deviceModelRef":{"name":"thermo"},"nodeName":"gw-1",
+                        "protocol":{"protocolName":"modbus"},
+                        "properties":[{"name":"setpoint","desired":{"value":"20"}},{"name":"raw"}]}}"#,
+                ),
+                put("Device", "default", "bare", 3, r#"{"spec":{}}"#),
+            ])
+            .expect("apply");
+        let value = |v: &str, ts: &str| devices::TwinProperty {
+            value: v.into(),
+            metadata: [("timestamp".to_string(), ts.to_string())].into(),
+        };
+        store
+            .write_twins(&crate::store::TwinsWrite {
+                devices: vec![StoredTwin {
+                    namespace: "default".into(),
+                    name: "sensor".into(),
+                    uid: "uid-sensor".into(),
+                    state: "ok".into(),
+                    last_online_time: "2026-12-05T10:00:00Z".into(),
+                    ..StoredTwin::default()
+                }],
+                properties: vec![(
+                    "default".into(),
+                    "sensor".into(),
+                    "setpoint".into(),
+                    crate::store::StoredProperty {
+                        desired: None,
+                        reported: Some(value("19", "1764928800000")),
+                        observed_desired: Some(value("20", "1764928800000")),
+                    },
+                )],
+                ..Default::default()
+            })
+            .expect("twins");
+        dir
+    }
+
+    #[test]
+    fn get_devices_shows_model_protocol_state_and_last_online() {
+        let dir = device_store();
+        let text = output(dir.path(), Resource::Devices);
+        let expected = "\
+NAMESPACE   NAME     MODEL    PROTOCOL   STATE    LAST-ONLINE
+default     bare     <none>   <none>     <none>   <none>
+default     sensor   thermo   modbus     ok       2026-12-05T10:00:00Z
+";
+        assert_eq!(text, expected);
+        let mut out = Vec::new();
+        get_as(dir.path(), Resource::Devices, Output::Json, &mut out).expect("get");
+        let items: Vec<TwinView> = serde_json::from_slice(&out).expect("json");
+        assert_eq!(items[1].state, "ok");
+        assert!(items[1].properties.is_empty());
+        let all = output(dir.path(), Resource::All);
+        assert!(all.contains("model=thermo node=gw-1"), "{all}");
+        assert!(all.contains("protocol=modbus properties=1"), "{all}");
+    }
+
+    #[test]
+    fn twin_shows_desired_reported_and_observed_values() {
+        let dir = device_store();
+        let mut out = Vec::new();
+        twin(dir.path(), "default", "sensor", Output::Table, &mut out).expect("twin");
+        let expected = "\
+Device default/sensor: model thermo, protocol modbus, state ok, last online 2026-12-05T10:00:00Z
+PROPERTY   TYPE     ACCESS      DESIRED   REPORTED   REPORTED-AT            OBSERVED-DESIRED
+setpoint   INT      ReadWrite   20        19         2025-12-05T10:00:00Z   20
+raw        <none>   <none>      <none>    <none>     <none>                 <none>
+";
+        assert_eq!(String::from_utf8(out).expect("utf-8"), expected);
+        let mut out = Vec::new();
+        twin(dir.path(), "default", "sensor", Output::Json, &mut out).expect("twin");
+        let view: serde_json::Value = serde_json::from_slice(&out).expect("json");
+        assert_eq!(view["properties"][0]["desired"]["value"], "20");
+        assert_eq!(view["properties"][0]["reported"]["value"], "19");
+        assert_eq!(view["properties"][0]["observedDesired"]["value"], "20");
+        assert_eq!(view["properties"][0]["accessMode"], "ReadWrite");
+        assert!(view["properties"][1].get("reported").is_none(), "{view}");
+        let err = twin(
+            dir.path(),
+            "other",
+            "sensor",
+            Output::Table,
+            &mut Vec::new(),
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("device other/sensor is not bound to this node"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -137,6 +137,19 @@ enum CtlCommand {
         #[arg(long, env = "EDGECORE_DATA_DIR", default_value = "/var/lib/edgecore")]
         data_dir: PathBuf,
     },
+    /// Show a device's twin from the local store: desired, reported and observed desired
+    /// values per property, the device's state (works with the daemon stopped).
+    Twin {
+        /// The Device.
+        device: String,
+        #[arg(short = 'n', long, default_value = "default")]
+        namespace: String,
+        /// Output format.
+        #[arg(short = 'o', long, value_enum, default_value_t = edgecore::ctl::Output::Table)]
+        output: edgecore::ctl::Output,
+        #[arg(long, env = "EDGECORE_DATA_DIR", default_value = "/var/lib/edgecore")]
+        data_dir: PathBuf,
+    },
     /// Print a container's log from this gateway's files.
     Logs {
         /// The pod.
@@ -373,6 +386,12 @@ fn ctl(command: CtlCommand) -> ExitCode {
             output,
             data_dir,
         } => edgecore::ctl::get_as(&data_dir, what, output, &mut out),
+        CtlCommand::Twin {
+            device,
+            namespace,
+            output,
+            data_dir,
+        } => edgecore::ctl::twin(&data_dir, &namespace, &device, output, &mut out),
         CtlCommand::Logs {
             pod,
             namespace,

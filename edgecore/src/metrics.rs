@@ -41,6 +41,12 @@ pub struct Metrics {
     /// Events waiting for the cloud.
     pub events_buffered: Gauge,
     events_dropped: Family<Vec<(&'static str, &'static str)>, Counter>,
+    /// Property values the mappers reported that changed a twin (`edgecore::devices::twins`).
+    pub device_twin_updates: Counter,
+    /// Reported values ignored as older than the one held.
+    pub device_reports_ignored: Counter,
+    /// Device status reports put into the outbox.
+    pub device_reports: Counter,
 }
 
 impl Default for Metrics {
@@ -148,6 +154,24 @@ impl Default for Metrics {
             "When the node certificate expires, in Unix seconds (renewed over the tunnel from 70 % of its lifetime)",
             certificate_not_after.clone(),
         );
+        let device_twin_updates = Counter::default();
+        let device_reports_ignored = Counter::default();
+        let device_reports = Counter::default();
+        registry.register(
+            "edgecore_device_twin_updates",
+            "Property values reported by mappers or MQTT clients that changed a device twin (written to edge.db)",
+            device_twin_updates.clone(),
+        );
+        registry.register(
+            "edgecore_device_reports_ignored",
+            "Reported property values ignored because their timestamp is older than the value held",
+            device_reports_ignored.clone(),
+        );
+        registry.register(
+            "edgecore_device_reports",
+            "Device status reports put into the outbox for the cloud (coalesced per device and report cycle)",
+            device_reports.clone(),
+        );
         Metrics {
             registry,
             cloud_connected,
@@ -167,6 +191,9 @@ impl Default for Metrics {
             events_sent,
             events_buffered,
             events_dropped,
+            device_twin_updates,
+            device_reports_ignored,
+            device_reports,
         }
     }
 }

@@ -14,7 +14,7 @@
 //! - the [`OutboxWriter`] task, the only user of its SQLite connection: it writes what changed
 //!   in one transaction as soon as it is told (a group commit: puts that arrive during a
 //!   commit go in the next one), marks acknowledged reports, removes rows of forgotten
-//!   objects, and drops reports of pods the store no longer holds;
+//!   objects, and drops reports of pods and Devices the store no longer holds;
 //! - the hub, which sends what is [`due`](Outbox::due) in its session, oldest generation
 //!   first, at most [`MAX_IN_FLIGHT`] unacknowledged at a time, again after [`RESEND_AFTER`],
 //!   and hands back the acknowledgements.
@@ -73,6 +73,8 @@ const ACK_MEMORY: Duration = Duration::from_secs(60);
 pub const GENERATION_BLOCK: u64 = 100_000;
 /// A failed write is tried again after this long.
 pub const RETRY_WRITE_AFTER: Duration = Duration::from_secs(1);
+/// Kinds whose reports go when the store no longer holds the object (the node's stays).
+const DROPPED_WHEN_GONE: [&str; 2] = ["Pod", devices::DEVICE_KIND];
 
 /// What the cloud should learn.
 #[derive(Debug, Clone, PartialEq)]
@@ -493,6 +495,11 @@ impl Outbox {
         }
     }
 
+    /// The metrics the outbox counts in (shared with the producers that feed it).
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
     /// Reports waiting for an acknowledgement.
     pub fn len(&self) -> usize {
         self.state().pending()
@@ -604,27 +611,34 @@ impl OutboxWriter {
         result
     }
 
-    /// Drops the reports of pods the store no longer holds (blocking): the cloud refuses
-    /// reports of pods not bound to this node, and the store holds exactly those the cloud
-    /// has told it about. Reports put after the store was read are kept (their pod may have
-    /// arrived since).
-    pub fn drop_reports_of_gone_pods(&self) -> Result<usize, StoreError> {
+    /// Drops the reports of pods and Devices the store no longer holds (blocking): the cloud
+    /// refuses reports of objects not bound to this node, and the store holds exactly those
+    /// the cloud has told it about. Reports put after the store was read are kept (their
+    /// object may have arrived since).
+    pub fn drop_reports_of_gone_objects(&self) -> Result<usize, StoreError> {
         let before = self.outbox.state().next_generation;
-        let held: HashSet<ObjectRef> = lock(&self.store).refs("Pod")?.into_iter().collect();
+        let held: HashSet<ObjectRef> = {
+            let store = lock(&self.store);
+            let mut held = store.refs("Pod")?;
+            held.extend(store.refs(devices::DEVICE_KIND)?);
+            held.into_iter().collect()
+        };
         let mut guard = self.outbox.state();
         let state = &mut *guard;
         let gone: Vec<ObjectRef> = state
             .entries
             .iter()
             .filter(|(object, e)| {
-                object.kind == "Pod" && e.generation < before && !held.contains(*object)
+                DROPPED_WHEN_GONE.contains(&object.kind.as_str())
+                    && e.generation < before
+                    && !held.contains(*object)
             })
             .map(|(object, _)| object.clone())
             .collect();
         for object in &gone {
             tracing::debug!(
                 ?object,
-                "dropping the status report of a pod the store no longer holds"
+                "dropping the status report of an object the store no longer holds"
             );
             state.entries.remove(object);
             state.removed.insert(object.clone());
@@ -652,8 +666,8 @@ impl OutboxWriter {
         }
     }
 
-    /// Writes changes as they come, retries failed writes, drops reports of pods that left
-    /// the store after each of its commits (`store_changed`), and writes a last time when
+    /// Writes changes as they come, retries failed writes, drops reports of pods and Devices
+    /// that left the store after each of its commits (`store_changed`), and writes a last time when
     /// `shutdown` is cancelled.
     pub async fn run(self, mut store_changed: watch::Receiver<u64>, shutdown: CancellationToken) {
         let mut check_pods = true;
@@ -662,7 +676,7 @@ impl OutboxWriter {
         loop {
             if check_pods {
                 check_pods = false;
-                if let Err(e) = self.blocking(|w| w.drop_reports_of_gone_pods()).await {
+                if let Err(e) = self.blocking(|w| w.drop_reports_of_gone_objects()).await {
                     tracing::warn!("cannot check which pods the store holds: {e}");
                 }
             }
@@ -1170,21 +1184,32 @@ mod tests {
     }
 
     #[test]
-    fn reports_of_pods_the_store_no_longer_holds_are_dropped() {
+    fn reports_of_pods_and_devices_the_store_no_longer_holds_are_dropped() {
         let edge = Edge::new();
+        let device = |name: &str| ObjectRef {
+            kind: "Device".into(),
+            namespace: "default".into(),
+            name: name.into(),
+            uid: format!("uid-{name}"),
+        };
         {
             let mut store = Store::open(edge.dir.path()).expect("open");
+            let put = |kind: &str, name: &str| proto::sync::StoreOp::Put {
+                key: proto::sync::ObjectKey::new(kind, "default", name),
+                uid: format!("uid-{name}"),
+                resource_version: 1,
+                body: b"{}".to_vec(),
+            };
             store
-                .apply(&[proto::sync::StoreOp::Put {
-                    key: proto::sync::ObjectKey::new("Pod", "default", "kept"),
-                    uid: "uid-kept".into(),
-                    resource_version: 1,
-                    body: b"{}".to_vec(),
-                }])
+                .apply(&[put("Pod", "kept"), put("Device", "sensor")])
                 .expect("apply");
         }
         edge.outbox.put(pod("kept"), status("Running"));
         edge.outbox.put(pod("gone"), Report::PodDeleted);
+        edge.outbox
+            .put(device("sensor"), Report::Status(json!({"state": "ok"})));
+        edge.outbox
+            .put(device("unbound"), Report::Status(json!({"state": "ok"})));
         let node = ObjectRef {
             kind: "Node".into(),
             namespace: String::new(),
@@ -1193,12 +1218,15 @@ mod tests {
         };
         edge.outbox.put(node.clone(), Report::Status(json!({})));
         edge.write();
-        assert_eq!(edge.writer.drop_reports_of_gone_pods().expect("check"), 1);
+        assert_eq!(
+            edge.writer.drop_reports_of_gone_objects().expect("check"),
+            2
+        );
         edge.write();
         let edge = edge.restart();
         let mut seq = 0;
         let sent = edge.outbox.due(1, Instant::now(), &mut seq);
-        assert_eq!(names(&sent), ["kept", "gw-1"]);
+        assert_eq!(names(&sent), ["kept", "sensor", "gw-1"]);
     }
 
     #[tokio::test]

@@ -29,8 +29,11 @@
 //! file and its `-wal`/`-shm`); SQLite gives its `-wal` and `-shm` files the mode of the
 //! database file.
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
+
+use devices::TwinProperty;
 
 use proto::sync::{ObjectKey, StoreOp};
 use proto::{HeldObject, ObjectRef};
@@ -100,6 +103,31 @@ pub const MIGRATIONS: &[&str] = &[
         id INTEGER PRIMARY KEY CHECK (id = 1),
         state_id TEXT NOT NULL,
         updated_at INTEGER NOT NULL
+    );",
+    // 5: the device twins (`edgecore::devices::twins`). `device_states` has one row per Device
+    // the node holds (its uid, so a Device deleted and created again under the same name starts
+    // a fresh twin), with the state the mapper reported and the RFC 3339 time it was last
+    // online ("" when unknown). `device_twins` has one row per device property: the desired
+    // value from the spec, the value the mapper reported and the desired value it says it holds,
+    // each a JSON `{value, metadata}` text or NULL. Rows go when the device leaves the node.
+    "CREATE TABLE device_states (
+        namespace TEXT NOT NULL,
+        name TEXT NOT NULL,
+        uid TEXT NOT NULL,
+        state TEXT NOT NULL,
+        last_online_time TEXT NOT NULL,
+        updated_at INTEGER NOT NULL,
+        PRIMARY KEY (namespace, name)
+    );
+    CREATE TABLE device_twins (
+        namespace TEXT NOT NULL,
+        name TEXT NOT NULL,
+        property TEXT NOT NULL,
+        desired TEXT,
+        reported TEXT,
+        observed_desired TEXT,
+        updated_at INTEGER NOT NULL,
+        PRIMARY KEY (namespace, name, property)
     );",
 ];
 
@@ -797,6 +825,167 @@ impl Store {
         tx.commit().map_err(write_err(path))
     }
 
+    /// Every device twin the store holds, by namespace and name.
+    pub fn device_twins(&self) -> Result<Vec<StoredTwin>, StoreError> {
+        let path = &self.path;
+        let mut twins: BTreeMap<(String, String), StoredTwin> = BTreeMap::new();
+        let mut statement = self
+            .conn
+            .prepare_cached(
+                "SELECT namespace, name, uid, state, last_online_time FROM device_states",
+            )
+            .map_err(read_err(path))?;
+        let rows = statement
+            .query_map([], |row| {
+                Ok(StoredTwin {
+                    namespace: row.get(0)?,
+                    name: row.get(1)?,
+                    uid: row.get(2)?,
+                    state: row.get(3)?,
+                    last_online_time: row.get(4)?,
+                    properties: BTreeMap::new(),
+                })
+            })
+            .map_err(read_err(path))?;
+        for twin in rows {
+            let twin = twin.map_err(read_err(path))?;
+            twins.insert((twin.namespace.clone(), twin.name.clone()), twin);
+        }
+        let mut statement = self
+            .conn
+            .prepare_cached(
+                "SELECT namespace, name, property, desired, reported, observed_desired
+                 FROM device_twins",
+            )
+            .map_err(read_err(path))?;
+        let rows = statement
+            .query_map([], |row| {
+                let key: (String, String) = (row.get(0)?, row.get(1)?);
+                let property: String = row.get(2)?;
+                let values: [Option<String>; 3] = [row.get(3)?, row.get(4)?, row.get(5)?];
+                Ok((key, property, values))
+            })
+            .map_err(read_err(path))?;
+        for row in rows {
+            let (key, property, [desired, reported, observed_desired]) =
+                row.map_err(read_err(path))?;
+            let parse = |text: Option<String>| -> Result<Option<TwinProperty>, StoreError> {
+                text.map(|text| serde_json::from_str(&text))
+                    .transpose()
+                    .map_err(|e| StoreError::Corrupt {
+                        path: path.clone(),
+                        detail: format!(
+                            "twin of property {property:?} of device {}/{} is not a value: {e}",
+                            key.0, key.1
+                        ),
+                    })
+            };
+            let stored = StoredProperty {
+                desired: parse(desired)?,
+                reported: parse(reported)?,
+                observed_desired: parse(observed_desired)?,
+            };
+            // A property row without its device row (cannot happen through `write_twins`) is
+            // left out: the twin of a device starts with its device row.
+            if let Some(twin) = twins.get_mut(&key) {
+                twin.properties.insert(property, stored);
+            }
+        }
+        Ok(twins.into_values().collect())
+    }
+
+    /// Applies one write of the device twins in ONE transaction (removals first, then
+    /// upserts); returns only once it is durable. On any error nothing is applied.
+    pub fn write_twins(&mut self, write: &TwinsWrite) -> Result<(), StoreError> {
+        let path = &self.path;
+        let json = |value: &Option<TwinProperty>| {
+            // Serializing strings cannot fail.
+            value
+                .as_ref()
+                .map(|v| serde_json::to_string(v).unwrap_or_default())
+        };
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(write_err(path))?;
+        {
+            let mut delete_states = tx
+                .prepare_cached("DELETE FROM device_states WHERE namespace = ?1 AND name = ?2")
+                .map_err(write_err(path))?;
+            let mut delete_twins = tx
+                .prepare_cached("DELETE FROM device_twins WHERE namespace = ?1 AND name = ?2")
+                .map_err(write_err(path))?;
+            for (namespace, name) in &write.remove_devices {
+                delete_states
+                    .execute([namespace, name])
+                    .map_err(write_err(path))?;
+                delete_twins
+                    .execute([namespace, name])
+                    .map_err(write_err(path))?;
+            }
+            let mut delete_property = tx
+                .prepare_cached(
+                    "DELETE FROM device_twins
+                     WHERE namespace = ?1 AND name = ?2 AND property = ?3",
+                )
+                .map_err(write_err(path))?;
+            for (namespace, name, property) in &write.remove_properties {
+                delete_property
+                    .execute([namespace, name, property])
+                    .map_err(write_err(path))?;
+            }
+            let mut put_state = tx
+                .prepare_cached(
+                    "INSERT INTO device_states
+                         (namespace, name, uid, state, last_online_time, updated_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, unixepoch())
+                     ON CONFLICT (namespace, name) DO UPDATE SET
+                         uid = excluded.uid,
+                         state = excluded.state,
+                         last_online_time = excluded.last_online_time,
+                         updated_at = excluded.updated_at",
+                )
+                .map_err(write_err(path))?;
+            for device in &write.devices {
+                put_state
+                    .execute([
+                        &device.namespace,
+                        &device.name,
+                        &device.uid,
+                        &device.state,
+                        &device.last_online_time,
+                    ])
+                    .map_err(write_err(path))?;
+            }
+            let mut put_property = tx
+                .prepare_cached(
+                    "INSERT INTO device_twins (namespace, name, property, desired, reported,
+                         observed_desired, updated_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, unixepoch())
+                     ON CONFLICT (namespace, name, property) DO UPDATE SET
+                         desired = excluded.desired,
+                         reported = excluded.reported,
+                         observed_desired = excluded.observed_desired,
+                         updated_at = excluded.updated_at",
+                )
+                .map_err(write_err(path))?;
+            for (namespace, name, property, values) in &write.properties {
+                put_property
+                    .execute(rusqlite::params![
+                        namespace,
+                        name,
+                        property,
+                        json(&values.desired),
+                        json(&values.reported),
+                        json(&values.observed_desired),
+                    ])
+                    .map_err(write_err(path))?;
+            }
+        }
+        // With synchronous=FULL the commit has synced the WAL when it returns.
+        tx.commit().map_err(write_err(path))
+    }
+
     /// Makes writes of this connection fail with SQLITE_FULL as on a full file system once
     /// the file would grow (`full`), or lifts that limit. Fault injection for tests.
     #[cfg(test)]
@@ -843,6 +1032,45 @@ impl std::fmt::Debug for StoredToken {
             .field("refresh_at", &self.refresh_at)
             .finish_non_exhaustive()
     }
+}
+
+/// A device's twin as the store keeps it (`device_states` and its `device_twins` rows).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct StoredTwin {
+    pub namespace: String,
+    pub name: String,
+    /// The uid of the Device the twin belongs to.
+    pub uid: String,
+    /// The mapper's last state ("" before the first).
+    pub state: String,
+    /// RFC 3339; "" when the device was never seen online.
+    pub last_online_time: String,
+    /// By property name.
+    pub properties: BTreeMap<String, StoredProperty>,
+}
+
+/// One property's row of a twin.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct StoredProperty {
+    /// The desired value of the spec, as last written.
+    pub desired: Option<TwinProperty>,
+    /// The value the mapper (or an MQTT client) reported, with its metadata.
+    pub reported: Option<TwinProperty>,
+    /// The desired value the mapper said it holds.
+    pub observed_desired: Option<TwinProperty>,
+}
+
+/// One durable write of the device twins.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TwinsWrite {
+    /// Devices whose twin goes (both tables), by namespace and name; applied first.
+    pub remove_devices: Vec<(String, String)>,
+    /// Property rows that go: namespace, name, property.
+    pub remove_properties: Vec<(String, String, String)>,
+    /// Device rows inserted or replaced (their `properties` are ignored here).
+    pub devices: Vec<StoredTwin>,
+    /// Property rows inserted or replaced: namespace, name, property, values.
+    pub properties: Vec<(String, String, String, StoredProperty)>,
 }
 
 /// One status report as the store keeps it (a row of the outbox).
@@ -1079,6 +1307,64 @@ mod tests {
                 None
             );
         }
+    }
+
+    #[test]
+    fn device_twins_survive_reopen_and_go_with_their_device() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let value = |v: &str| TwinProperty {
+            value: v.into(),
+            metadata: [("timestamp".to_string(), "1".to_string())].into(),
+        };
+        let twin = StoredTwin {
+            namespace: "default".into(),
+            name: "sensor".into(),
+            uid: "u1".into(),
+            state: "ok".into(),
+            last_online_time: "2026-12-05T10:00:00Z".into(),
+            properties: BTreeMap::new(),
+        };
+        let row = |property: &str, reported: &str| {
+            (
+                "default".to_string(),
+                "sensor".to_string(),
+                property.to_string(),
+                StoredProperty {
+                    desired: Some(value("20")),
+                    reported: Some(value(reported)),
+                    observed_desired: None,
+                },
+            )
+        };
+        {
+            let mut store = Store::open(dir.path()).expect("open");
+            store
+                .write_twins(&TwinsWrite {
+                    devices: vec![twin.clone()],
+                    properties: vec![row("a", "1"), row("b", "2")],
+                    ..TwinsWrite::default()
+                })
+                .expect("write");
+            store
+                .write_twins(&TwinsWrite {
+                    remove_properties: vec![("default".into(), "sensor".into(), "b".into())],
+                    properties: vec![row("a", "3")],
+                    ..TwinsWrite::default()
+                })
+                .expect("write");
+        }
+        let mut store = Store::open(dir.path()).expect("reopen");
+        let twins = store.device_twins().expect("read");
+        let mut expected = twin.clone();
+        expected.properties.insert("a".into(), row("a", "3").3);
+        assert_eq!(twins, [expected]);
+        store
+            .write_twins(&TwinsWrite {
+                remove_devices: vec![("default".into(), "sensor".into())],
+                ..TwinsWrite::default()
+            })
+            .expect("write");
+        assert_eq!(store.device_twins().expect("read"), []);
     }
 
     #[test]

@@ -16,6 +16,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use devices::{Device, DeviceModel, TwinProperty};
+use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -96,27 +97,48 @@ pub struct Reported {
     pub observed_desired: Option<TwinProperty>,
 }
 
-/// One property's twin as the node holds it.
-#[derive(Debug, Clone, PartialEq)]
+/// One property's twin as the node holds it. Serialized in camelCase (`edgecore ctl twin -o
+/// json`), absent parts omitted.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct PropertyTwin {
     pub name: String,
     /// The model's `type` and `accessMode` for it ("" when the model is missing).
+    #[serde(rename = "type", default, skip_serializing_if = "String::is_empty")]
     pub type_: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub access_mode: String,
+    /// The spec's desired value (`None` when the spec gives none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub desired: Option<TwinProperty>,
+    /// The last value the mapper reported, `metadata.timestamp` in ms since the epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reported: Option<TwinProperty>,
+    /// The desired value the mapper said it holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_desired: Option<TwinProperty>,
 }
 
-/// A device's twin as the node holds it.
-#[derive(Debug, Clone, PartialEq)]
+/// A device's twin as the node holds it. Serialized in camelCase, absent parts omitted.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct TwinView {
     pub namespace: String,
     pub name: String,
+    /// The DeviceModel's name ("" when the device names none).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub model: String,
+    /// `spec.protocol.protocolName`, else the model's `protocol`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub protocol: String,
+    /// The mapper's last state ("" before the first).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub state: String,
+    /// RFC 3339; "" when the device was never seen online.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub last_online_time: String,
+    /// In the order of the spec.
+    #[serde(default)]
     pub properties: Vec<PropertyTwin>,
 }
 
@@ -173,7 +195,8 @@ impl Devices {
 
     /// Records reported values durably in `edge.db`, then queues them for the cloud per the
     /// properties' `reportToCloud`/`reportCycle`. A value older (by timestamp) than the one held
-    /// is ignored.
+    /// is ignored. A value without `metadata.timestamp` gets the edge's clock. Values of the
+    /// device's properties are recorded even when the error names another, unknown, property.
     pub async fn report(
         &self,
         namespace: &str,
@@ -184,7 +207,8 @@ impl Devices {
     }
 
     /// Records the device's state (`ok`, `online`, `offline`, ...), and `lastOnlineTime` when
-    /// it is online.
+    /// it is `ok` or `online` (an offline device keeps the last time it was seen). A new state
+    /// goes to the cloud at once.
     pub async fn set_state(
         &self,
         namespace: &str,
