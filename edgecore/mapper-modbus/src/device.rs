@@ -385,7 +385,7 @@ impl Task {
                 (Some(reading), Some((sent, at))) => {
                     reading.value != sent.value
                         || (reading.timestamp_ms != sent.timestamp_ms
-                            && now.duration_since(*at) >= property.report_cycle)
+                            && now.duration_since(*at) >= report_due(property.report_cycle))
                 }
             };
             if !fresh && !state.observed_unsent {
@@ -479,6 +479,13 @@ impl Task {
         }
         wake
     }
+}
+
+/// How long after a report a fresh reading of an unchanged value is reported again: the
+/// `reportCycle` less a tenth, so that reading jitter never pushes a report to the next collect
+/// (with equal cycles that would halve the rate).
+fn report_due(report_cycle: Duration) -> Duration {
+    report_cycle - report_cycle / 10
 }
 
 /// Whether the device holds what `wanted` would write (compared as values, so a boolean held
