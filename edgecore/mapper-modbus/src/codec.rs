@@ -181,7 +181,11 @@ pub fn decode(
     }
 }
 
-fn decode_bits(visitor: &Visitor, value_type: ValueType, bits: &[bool]) -> Result<String, CodecError> {
+fn decode_bits(
+    visitor: &Visitor,
+    value_type: ValueType,
+    bits: &[bool],
+) -> Result<String, CodecError> {
     let Some(first) = bits.first() else {
         return Err(CodecError::ShortRead {
             got: 0,
@@ -303,7 +307,11 @@ fn scaled_int(raw: u64, scale: f64) -> String {
 }
 
 /// What to write so that the device holds `value`.
-pub fn encode(visitor: &Visitor, value_type: ValueType, value: &str) -> Result<Contents, CodecError> {
+pub fn encode(
+    visitor: &Visitor,
+    value_type: ValueType,
+    value: &str,
+) -> Result<Contents, CodecError> {
     if !visitor.register.is_writable() {
         return Err(CodecError::ReadOnly {
             register: visitor.register,
@@ -322,14 +330,19 @@ pub fn encode(visitor: &Visitor, value_type: ValueType, value: &str) -> Result<C
     let number = || value.trim().parse::<f64>().map_err(|_| not_a_value());
     if visitor.register.holds_bits() {
         return match value_type {
-            ValueType::Boolean => Ok(Contents::Bits(vec![parse_bool(value).ok_or_else(not_a_value)?])),
+            ValueType::Boolean => Ok(Contents::Bits(vec![
+                parse_bool(value).ok_or_else(not_a_value)?,
+            ])),
             ValueType::Int => {
-                let raw = unscaled_int(number()?, visitor.scale).ok_or_else(|| out_of_range("bits"))?;
+                let raw =
+                    unscaled_int(number()?, visitor.scale).ok_or_else(|| out_of_range("bits"))?;
                 let limit = u32::from(visitor.limit.clamp(1, 64));
                 if limit < 64 && raw >> limit != 0 {
                     return Err(out_of_range("bits"));
                 }
-                Ok(Contents::Bits((0..limit).map(|i| raw >> i & 1 == 1).collect()))
+                Ok(Contents::Bits(
+                    (0..limit).map(|i| raw >> i & 1 == 1).collect(),
+                ))
             }
             other => Err(CodecError::Unsupported {
                 value_type: other,
@@ -347,7 +360,8 @@ pub fn encode(visitor: &Visitor, value_type: ValueType, value: &str) -> Result<C
                     want: "1, 2 or 4",
                 });
             }
-            let raw = unscaled_int(number()?, visitor.scale).ok_or_else(|| out_of_range("registers"))?;
+            let raw =
+                unscaled_int(number()?, visitor.scale).ok_or_else(|| out_of_range("registers"))?;
             let width = limit * 2;
             if width < 8 && raw >> (width * 8) != 0 {
                 return Err(out_of_range("registers"));
@@ -380,10 +394,10 @@ pub fn encode(visitor: &Visitor, value_type: ValueType, value: &str) -> Result<C
         }
         ValueType::Boolean => {
             let mut bytes = vec![0; limit.max(1) * 2];
-            if parse_bool(value).ok_or_else(not_a_value)? {
-                if let Some(last) = bytes.last_mut() {
-                    *last = 1;
-                }
+            if parse_bool(value).ok_or_else(not_a_value)?
+                && let Some(last) = bytes.last_mut()
+            {
+                *last = 1;
             }
             bytes
         }
@@ -403,7 +417,9 @@ pub fn encode(visitor: &Visitor, value_type: ValueType, value: &str) -> Result<C
 /// `value / scale` rounded to the nearest non-negative integer, or `None` if it is not one.
 fn unscaled_int(value: f64, scale: f64) -> Option<u64> {
     let raw = (value / scale).round();
-    (raw.is_finite() && raw >= 0.0 && raw < 18_446_744_073_709_551_616.0).then_some(raw as u64)
+    (0.0..18_446_744_073_709_551_616.0)
+        .contains(&raw)
+        .then_some(raw as u64)
 }
 
 fn parse_bool(value: &str) -> Option<bool> {
@@ -436,19 +452,28 @@ mod tests {
             (holding(1), ValueType::Int, words(&[42]), "42"),
             (holding(1), ValueType::Int, words(&[0xffff]), "65535"),
             (
-                Visitor { scale: 0.1, ..holding(1) },
+                Visitor {
+                    scale: 0.1,
+                    ..holding(1)
+                },
                 ValueType::Int,
                 words(&[235]),
                 "23",
             ),
             (
-                Visitor { scale: 0.01, ..holding(1) },
+                Visitor {
+                    scale: 0.01,
+                    ..holding(1)
+                },
                 ValueType::Int,
                 words(&[5700]),
                 "57",
             ),
             (
-                Visitor { scale: 10.0, ..holding(1) },
+                Visitor {
+                    scale: 10.0,
+                    ..holding(1)
+                },
                 ValueType::Int,
                 words(&[7]),
                 "70",
@@ -457,39 +482,70 @@ mod tests {
             (holding(2), ValueType::Int, words(&[1, 2]), "65538"),
             // isRegisterSwap: the low word first.
             (
-                Visitor { register_swap: true, ..holding(2) },
+                Visitor {
+                    register_swap: true,
+                    ..holding(2)
+                },
                 ValueType::Int,
                 words(&[2, 1]),
                 "65538",
             ),
             // isSwap: bytes swapped inside the register.
             (
-                Visitor { swap: true, ..holding(1) },
+                Visitor {
+                    swap: true,
+                    ..holding(1)
+                },
                 ValueType::Int,
                 words(&[0x3412]),
                 "4660",
             ),
             // 23.5f32 is 0x41BC_0000.
-            (holding(2), ValueType::Float, words(&[0x41bc, 0]), "23.500000"),
             (
-                Visitor { register_swap: true, swap: true, ..holding(2) },
+                holding(2),
+                ValueType::Float,
+                words(&[0x41bc, 0]),
+                "23.500000",
+            ),
+            (
+                Visitor {
+                    register_swap: true,
+                    swap: true,
+                    ..holding(2)
+                },
                 ValueType::Float,
                 words(&[0x0000, 0xbc41]),
                 "23.500000",
             ),
             (
-                Visitor { scale: 2.0, ..holding(2) },
+                Visitor {
+                    scale: 2.0,
+                    ..holding(2)
+                },
                 ValueType::Float,
                 words(&[0x41bc, 0]),
                 "47.000000",
             ),
             // 1.25f64 is 0x3FF4_0000_0000_0000.
-            (holding(4), ValueType::Double, words(&[0x3ff4, 0, 0, 0]), "1.250000"),
+            (
+                holding(4),
+                ValueType::Double,
+                words(&[0x3ff4, 0, 0, 0]),
+                "1.250000",
+            ),
             (holding(1), ValueType::Boolean, words(&[1]), "true"),
             (holding(1), ValueType::Boolean, words(&[0]), "false"),
-            (holding(2), ValueType::String, words(&[0x4142, 0x4300]), "ABC"),
             (
-                Visitor { swap: true, ..holding(2) },
+                holding(2),
+                ValueType::String,
+                words(&[0x4142, 0x4300]),
+                "ABC",
+            ),
+            (
+                Visitor {
+                    swap: true,
+                    ..holding(2)
+                },
                 ValueType::String,
                 words(&[0x4241, 0x0043]),
                 "ABC",
@@ -511,10 +567,22 @@ mod tests {
             ..holding(1)
         };
         let bits = |b: &[bool]| Contents::Bits(b.to_vec());
-        assert_eq!(decode(&coil, ValueType::Boolean, &bits(&[true])).as_deref(), Ok("true"));
-        assert_eq!(decode(&coil, ValueType::Int, &bits(&[true])).as_deref(), Ok("1"));
-        let three = Visitor { limit: 3, ..coil.clone() };
-        assert_eq!(decode(&three, ValueType::Int, &bits(&[false, true, true])).as_deref(), Ok("6"));
+        assert_eq!(
+            decode(&coil, ValueType::Boolean, &bits(&[true])).as_deref(),
+            Ok("true")
+        );
+        assert_eq!(
+            decode(&coil, ValueType::Int, &bits(&[true])).as_deref(),
+            Ok("1")
+        );
+        let three = Visitor {
+            limit: 3,
+            ..coil.clone()
+        };
+        assert_eq!(
+            decode(&three, ValueType::Int, &bits(&[false, true, true])).as_deref(),
+            Ok("6")
+        );
         assert!(matches!(
             decode(&coil, ValueType::Float, &bits(&[true])),
             Err(CodecError::Unsupported { .. })
@@ -525,7 +593,10 @@ mod tests {
     fn lengths_that_cannot_hold_the_type_are_refused() {
         let err = decode(&holding(3), ValueType::Int, &Contents::Words(vec![0, 0, 0]))
             .expect_err("3 registers");
-        assert_eq!(err.to_string(), "type int cannot be read from 3 registers (want 1, 2 or 4)");
+        assert_eq!(
+            err.to_string(),
+            "type int cannot be read from 3 registers (want 1, 2 or 4)"
+        );
         assert!(decode(&holding(1), ValueType::Float, &Contents::Words(vec![0])).is_err());
         assert!(decode(&holding(2), ValueType::Double, &Contents::Words(vec![0, 0])).is_err());
     }
@@ -535,42 +606,86 @@ mod tests {
         let cases: Vec<(Visitor, ValueType, &str, Contents)> = vec![
             (holding(1), ValueType::Int, "42", Contents::Words(vec![42])),
             (
-                Visitor { scale: 10.0, ..holding(1) },
+                Visitor {
+                    scale: 10.0,
+                    ..holding(1)
+                },
                 ValueType::Int,
                 "70",
                 Contents::Words(vec![7]),
             ),
-            (holding(2), ValueType::Int, "65538", Contents::Words(vec![1, 2])),
             (
-                Visitor { register_swap: true, ..holding(2) },
+                holding(2),
+                ValueType::Int,
+                "65538",
+                Contents::Words(vec![1, 2]),
+            ),
+            (
+                Visitor {
+                    register_swap: true,
+                    ..holding(2)
+                },
                 ValueType::Int,
                 "65538",
                 Contents::Words(vec![2, 1]),
             ),
             (
-                Visitor { swap: true, ..holding(1) },
+                Visitor {
+                    swap: true,
+                    ..holding(1)
+                },
                 ValueType::Int,
                 "4660",
                 Contents::Words(vec![0x3412]),
             ),
-            (holding(2), ValueType::Float, "23.5", Contents::Words(vec![0x41bc, 0])),
             (
-                Visitor { register_swap: true, swap: true, ..holding(2) },
+                holding(2),
+                ValueType::Float,
+                "23.5",
+                Contents::Words(vec![0x41bc, 0]),
+            ),
+            (
+                Visitor {
+                    register_swap: true,
+                    swap: true,
+                    ..holding(2)
+                },
                 ValueType::Float,
                 "23.5",
                 Contents::Words(vec![0, 0xbc41]),
             ),
-            (holding(4), ValueType::Double, "1.25", Contents::Words(vec![0x3ff4, 0, 0, 0])),
-            (holding(1), ValueType::Boolean, "true", Contents::Words(vec![1])),
-            (holding(2), ValueType::String, "ABC", Contents::Words(vec![0x4142, 0x4300])),
             (
-                Visitor { register: Register::Coil, ..holding(1) },
+                holding(4),
+                ValueType::Double,
+                "1.25",
+                Contents::Words(vec![0x3ff4, 0, 0, 0]),
+            ),
+            (
+                holding(1),
+                ValueType::Boolean,
+                "true",
+                Contents::Words(vec![1]),
+            ),
+            (
+                holding(2),
+                ValueType::String,
+                "ABC",
+                Contents::Words(vec![0x4142, 0x4300]),
+            ),
+            (
+                Visitor {
+                    register: Register::Coil,
+                    ..holding(1)
+                },
                 ValueType::Boolean,
                 "true",
                 Contents::Bits(vec![true]),
             ),
             (
-                Visitor { register: Register::Coil, ..holding(3) },
+                Visitor {
+                    register: Register::Coil,
+                    ..holding(3)
+                },
                 ValueType::Int,
                 "6",
                 Contents::Bits(vec![false, true, true]),
@@ -588,13 +703,28 @@ mod tests {
     #[test]
     fn a_fractional_scale_writes_the_fraction_and_reads_it_truncated() {
         // KubeEdge's INT is truncated after scaling: 235 × 0.1 reads as 23.
-        let tenths = Visitor { scale: 0.1, ..holding(1) };
-        assert_eq!(encode(&tenths, ValueType::Int, "23.5"), Ok(Contents::Words(vec![235])));
-        assert_eq!(decode(&tenths, ValueType::Int, &Contents::Words(vec![235])).as_deref(), Ok("23"));
+        let tenths = Visitor {
+            scale: 0.1,
+            ..holding(1)
+        };
+        assert_eq!(
+            encode(&tenths, ValueType::Int, "23.5"),
+            Ok(Contents::Words(vec![235]))
+        );
+        assert_eq!(
+            decode(&tenths, ValueType::Int, &Contents::Words(vec![235])).as_deref(),
+            Ok("23")
+        );
         // A FLOAT keeps it.
-        let float = Visitor { scale: 0.5, ..holding(2) };
+        let float = Visitor {
+            scale: 0.5,
+            ..holding(2)
+        };
         let contents = encode(&float, ValueType::Float, "23.5").expect("encodes");
-        assert_eq!(decode(&float, ValueType::Float, &contents).as_deref(), Ok("23.500000"));
+        assert_eq!(
+            decode(&float, ValueType::Float, &contents).as_deref(),
+            Ok("23.500000")
+        );
     }
 
     #[test]
@@ -604,11 +734,15 @@ mod tests {
             ..holding(1)
         };
         assert_eq!(
-            encode(&input, ValueType::Int, "1").expect_err("read-only").to_string(),
+            encode(&input, ValueType::Int, "1")
+                .expect_err("read-only")
+                .to_string(),
             "InputRegister is read-only"
         );
         assert_eq!(
-            encode(&holding(1), ValueType::Int, "hot").expect_err("not a number").to_string(),
+            encode(&holding(1), ValueType::Int, "hot")
+                .expect_err("not a number")
+                .to_string(),
             "\"hot\" is not of type int"
         );
         assert!(matches!(
@@ -631,8 +765,16 @@ mod tests {
         assert_eq!(ValueType::parse("INT"), Some(ValueType::Int));
         assert_eq!(ValueType::parse("boolean"), Some(ValueType::Boolean));
         assert_eq!(ValueType::parse("BYTES"), None);
-        for name in ["CoilRegister", "DiscreteInputRegister", "HoldingRegister", "InputRegister"] {
-            assert_eq!(Register::parse(name).map(|r| r.to_string()).as_deref(), Some(name));
+        for name in [
+            "CoilRegister",
+            "DiscreteInputRegister",
+            "HoldingRegister",
+            "InputRegister",
+        ] {
+            assert_eq!(
+                Register::parse(name).map(|r| r.to_string()).as_deref(),
+                Some(name)
+            );
         }
         assert_eq!(Register::parse("holding"), None);
     }

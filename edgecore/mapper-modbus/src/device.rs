@@ -149,6 +149,8 @@ struct PropertyState {
     observed_desired: Option<pb::TwinProperty>,
     /// `observed_desired` changed since the last accepted report.
     observed_unsent: bool,
+    /// The last read problem logged, so a property that keeps failing logs once.
+    problem: Option<String>,
 }
 
 struct Task {
@@ -350,8 +352,8 @@ impl Task {
                     return;
                 }
                 Err(IoFailure::Exception(error)) => {
-                    warn!(property = %property.name, %error, "device refused the read");
                     self.answered();
+                    self.problem(property, format!("device refused the read: {error}"));
                     continue;
                 }
             };
@@ -359,13 +361,23 @@ impl Task {
             match codec::decode(&property.visitor, property.value_type, &contents) {
                 Ok(value) => {
                     let state = self.properties.entry(property.name.clone()).or_default();
+                    state.problem = None;
                     state.reading = Some(Reading {
                         value,
                         timestamp_ms: now_ms(),
                     });
                 }
-                Err(error) => warn!(property = %property.name, %error, "cannot decode"),
+                Err(error) => self.problem(property, format!("cannot decode: {error}")),
             }
+        }
+    }
+
+    /// Logs a property's problem once, until it changes or a read succeeds.
+    fn problem(&mut self, property: &PropertyPlan, problem: String) {
+        let state = self.properties.entry(property.name.clone()).or_default();
+        if state.problem.as_deref() != Some(problem.as_str()) {
+            warn!(property = %property.name, %problem, "property not read");
+            state.problem = Some(problem);
         }
     }
 
@@ -393,7 +405,8 @@ impl Task {
             }
             twins.push(self.twin(property, state));
             report_to_cloud |= property.report_to_cloud;
-            report_cycle = Some(report_cycle.map_or(property.report_cycle, |c| c.min(property.report_cycle)));
+            report_cycle =
+                Some(report_cycle.map_or(property.report_cycle, |c| c.min(property.report_cycle)));
         }
         if !twins.is_empty() {
             let names: Vec<String> = twins.iter().map(|t| t.property_name.clone()).collect();
@@ -472,7 +485,11 @@ impl Task {
             return self.next_connect.max(now);
         }
         for property in &self.plan.properties {
-            match self.properties.get(&property.name).and_then(|s| s.next_collect) {
+            match self
+                .properties
+                .get(&property.name)
+                .and_then(|s| s.next_collect)
+            {
                 Some(due) => wake = wake.min(due),
                 None => return now,
             }
@@ -495,12 +512,18 @@ fn same_value(property: &PropertyPlan, held: &Contents, wanted: &Contents) -> bo
     held == wanted || decode(held).is_some_and(|h| Some(h) == decode(wanted))
 }
 
-async fn read(connection: &mut ModbusContext, property: &PropertyPlan) -> Result<Contents, IoFailure> {
+async fn read(
+    connection: &mut ModbusContext,
+    property: &PropertyPlan,
+) -> Result<Contents, IoFailure> {
     let visitor = &property.visitor;
     let (offset, limit) = (visitor.offset, visitor.limit);
     let call = async {
         Ok(match visitor.register {
-            Register::Coil => connection.read_coils(offset, limit).await?.map(Contents::Bits),
+            Register::Coil => connection
+                .read_coils(offset, limit)
+                .await?
+                .map(Contents::Bits),
             Register::DiscreteInput => connection
                 .read_discrete_inputs(offset, limit)
                 .await?
@@ -534,7 +557,9 @@ async fn write(
     let offset = property.visitor.offset;
     let call = async {
         match contents {
-            Contents::Bits(bits) if bits.len() == 1 => connection.write_single_coil(offset, bits[0]).await,
+            Contents::Bits(bits) if bits.len() == 1 => {
+                connection.write_single_coil(offset, bits[0]).await
+            }
             Contents::Bits(bits) => connection.write_multiple_coils(offset, bits).await,
             Contents::Words(words) if words.len() == 1 => {
                 connection.write_single_register(offset, words[0]).await
@@ -552,7 +577,9 @@ async fn timed<T>(
         Ok(Ok(Ok(value))) => Ok(value),
         Ok(Ok(Err(exception))) => Err(IoFailure::Exception(format!("{exception:?}"))),
         Ok(Err(error)) => Err(IoFailure::Transport(error.to_string())),
-        Err(_) => Err(IoFailure::Transport(format!("no answer within {IO_TIMEOUT:?}"))),
+        Err(_) => Err(IoFailure::Transport(format!(
+            "no answer within {IO_TIMEOUT:?}"
+        ))),
     }
 }
 
@@ -561,7 +588,10 @@ fn twin_property(value: &str, property: &PropertyPlan, timestamp_ms: u128) -> pb
         value: value.to_string(),
         metadata: [
             ("timestamp".to_string(), timestamp_ms.to_string()),
-            ("type".to_string(), property.value_type.metadata_name().to_string()),
+            (
+                "type".to_string(),
+                property.value_type.metadata_name().to_string(),
+            ),
         ]
         .into_iter()
         .collect(),
@@ -575,5 +605,8 @@ fn now_ms() -> u128 {
 }
 
 fn endpoint_text(endpoint: &Endpoint) -> String {
-    format!("{}:{} unit {}", endpoint.host, endpoint.port, endpoint.slave)
+    format!(
+        "{}:{} unit {}",
+        endpoint.host, endpoint.port, endpoint.slave
+    )
 }

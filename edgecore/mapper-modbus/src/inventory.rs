@@ -21,7 +21,10 @@ use crate::plan::{self, PlanError, namespace_or_default};
 type Key = (String, String);
 
 fn key(namespace: &str, name: &str) -> Key {
-    (namespace_or_default(namespace).to_string(), name.to_string())
+    (
+        namespace_or_default(namespace).to_string(),
+        name.to_string(),
+    )
 }
 
 struct Entry {
@@ -64,7 +67,9 @@ impl Inventory {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         // A panic while holding the lock leaves plain maps behind; keep using them.
-        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Starts `device`, or hands its task the new plan. Refuses a device whose protocol

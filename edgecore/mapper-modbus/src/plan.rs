@@ -80,7 +80,11 @@ impl DevicePlan {
 
 /// The namespace a DMI message names, `default` when empty.
 pub fn namespace_or_default(namespace: &str) -> &str {
-    if namespace.is_empty() { "default" } else { namespace }
+    if namespace.is_empty() {
+        "default"
+    } else {
+        namespace
+    }
 }
 
 /// Plans `device`, typed by `model` (the DeviceModel it references, if this mapper has it).
@@ -107,8 +111,8 @@ pub fn plan(
     let protocol = spec.protocol.unwrap_or_default();
     let config = dmi::convert::customized_to_json(protocol.config_data.as_ref())
         .map_err(|e| error("spec.protocol.configData", e.to_string()))?;
-    let endpoint =
-        endpoint(&config).map_err(|(key, problem)| error(&format!("spec.protocol.configData.{key}"), problem))?;
+    let endpoint = endpoint(&config)
+        .map_err(|(key, problem)| error(&format!("spec.protocol.configData.{key}"), problem))?;
 
     let mut properties = Vec::new();
     let mut skipped = Vec::new();
@@ -144,7 +148,8 @@ fn endpoint(config: &Map<String, Value>) -> Result<Endpoint, FieldError> {
             ));
         }
     };
-    let port = optional_integer(config, "port", 1, u64::from(u16::MAX))?.map_or(DEFAULT_PORT, |p| p as u16);
+    let port = optional_integer(config, "port", 1, u64::from(u16::MAX))?
+        .map_or(DEFAULT_PORT, |p| p as u16);
     let slave = optional_integer(config, "slaveID", 0, 255)?.map_or(1, |s| s as u8);
     Ok(Endpoint { host, port, slave })
 }
@@ -172,7 +177,11 @@ fn property_plan(
             },
         ),
         None => (
-            desired.metadata.get("type").cloned().unwrap_or_else(|| "int".into()),
+            desired
+                .metadata
+                .get("type")
+                .cloned()
+                .unwrap_or_else(|| "int".into()),
             Access::ReadOnly,
         ),
     };
@@ -254,7 +263,10 @@ fn optional_integer(
     };
     match number(value) {
         Some(n) if n.fract() == 0.0 && n >= min as f64 && n <= max as f64 => Ok(Some(n as u64)),
-        _ => Err((key.to_string(), format!("want an integer from {min} to {max}, got {value}"))),
+        _ => Err((
+            key.to_string(),
+            format!("want an integer from {min} to {max}, got {value}"),
+        )),
     }
 }
 
@@ -371,7 +383,10 @@ mod tests {
 
     #[test]
     fn defaults_fill_what_a_manifest_leaves_out() {
-        let device = device(json!({"ip": "plc.local"}), json!({"register": "CoilRegister"}));
+        let device = device(
+            json!({"ip": "plc.local"}),
+            json!({"register": "CoilRegister"}),
+        );
         let (plan, _) = plan(&device, None).expect("plans");
         assert_eq!(plan.endpoint.port, DEFAULT_PORT);
         assert_eq!(plan.endpoint.slave, 1);
@@ -409,20 +424,35 @@ mod tests {
     #[test]
     fn an_unusable_protocol_refuses_the_device() {
         let cases = [
-            (json!({"serialPort": "/dev/ttyS0"}), "spec.protocol.configData.ip"),
-            (json!({"ip": "127.0.0.1", "port": 70000}), "spec.protocol.configData.port"),
-            (json!({"ip": "127.0.0.1", "slaveID": "x"}), "spec.protocol.configData.slaveID"),
+            (
+                json!({"serialPort": "/dev/ttyS0"}),
+                "spec.protocol.configData.ip",
+            ),
+            (
+                json!({"ip": "127.0.0.1", "port": 70000}),
+                "spec.protocol.configData.port",
+            ),
+            (
+                json!({"ip": "127.0.0.1", "slaveID": "x"}),
+                "spec.protocol.configData.slaveID",
+            ),
         ];
         for (protocol, field) in cases {
-            let error = plan(&device(protocol, json!({"register": "HoldingRegister"})), None)
-                .expect_err("refused");
+            let error = plan(
+                &device(protocol, json!({"register": "HoldingRegister"})),
+                None,
+            )
+            .expect_err("refused");
             assert_eq!(error.field, field);
         }
     }
 
     #[test]
     fn a_type_a_register_cannot_hold_is_refused() {
-        let device = device(json!({"ip": "127.0.0.1"}), json!({"register": "HoldingRegister"}));
+        let device = device(
+            json!({"ip": "127.0.0.1"}),
+            json!({"register": "HoldingRegister"}),
+        );
         let (plan, skipped) = plan(&device, Some(&model("BYTES", "ReadOnly"))).expect("plans");
         assert!(plan.properties.is_empty());
         assert_eq!(skipped[0].field, "spec.properties[temperature].type");

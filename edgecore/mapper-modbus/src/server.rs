@@ -204,7 +204,10 @@ mod tests {
 
         let plain = dir.path().join("plain");
         std::fs::write(&plain, b"x").expect("writes");
-        assert!(matches!(bind(&plain).await, Err(ServeError::NotASocket { .. })));
+        assert!(matches!(
+            bind(&plain).await,
+            Err(ServeError::NotASocket { .. })
+        ));
         assert!(plain.exists(), "a regular file is never removed");
     }
 }
