@@ -2034,6 +2034,106 @@ mod tests {
         assert!(view.missing(&more).contains("d/p000 at 1, sent 2"));
     }
 
+    /// A test double of edgecore's `DeviceManagerService`: gives every mapper the devices it
+    /// holds and records the reports.
+    #[derive(Clone, Default)]
+    struct FakeEdgeDmi {
+        reports: Arc<Mutex<Vec<pb::ReportDeviceStatusRequest>>>,
+    }
+
+    #[tonic::async_trait]
+    impl pb::device_manager_service_server::DeviceManagerService for FakeEdgeDmi {
+        async fn mapper_register(
+            &self,
+            _request: tonic::Request<pb::MapperRegisterRequest>,
+        ) -> Result<tonic::Response<pb::MapperRegisterResponse>, tonic::Status> {
+            let device = pb::Device {
+                name: "d0".into(),
+                namespace: NAMESPACE.into(),
+                ..pb::Device::default()
+            };
+            Ok(tonic::Response::new(pb::MapperRegisterResponse {
+                model_list: Vec::new(),
+                device_list: vec![device],
+            }))
+        }
+
+        async fn report_device_status(
+            &self,
+            request: tonic::Request<pb::ReportDeviceStatusRequest>,
+        ) -> Result<tonic::Response<pb::ReportDeviceStatusResponse>, tonic::Status> {
+            self.reports
+                .lock()
+                .expect("reports")
+                .push(request.into_inner());
+            Ok(tonic::Response::new(pb::ReportDeviceStatusResponse {}))
+        }
+
+        async fn report_device_states(
+            &self,
+            _request: tonic::Request<pb::ReportDeviceStatesRequest>,
+        ) -> Result<tonic::Response<pb::ReportDeviceStatesResponse>, tonic::Status> {
+            Ok(tonic::Response::new(pb::ReportDeviceStatesResponse {}))
+        }
+    }
+
+    #[tokio::test]
+    async fn the_bench_mapper_registers_reports_and_answers_over_unix_sockets() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let edge_socket = dir.path().join("dmi.sock");
+        let edge = FakeEdgeDmi::default();
+        let listener = tokio::net::UnixListener::bind(&edge_socket).expect("bind");
+        let incoming = futures::stream::unfold(listener, |l| async move {
+            Some((l.accept().await.map(|(s, _)| s), l))
+        });
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(
+                    pb::device_manager_service_server::DeviceManagerServiceServer::new(
+                        edge.clone(),
+                    ),
+                )
+                .serve_with_incoming(incoming),
+        );
+
+        let mapper = BenchMapper::start(
+            "bench-test".into(),
+            &edge_socket,
+            dir.path().join("mapper.sock"),
+        )
+        .expect("mapper");
+        mapper
+            .wait_for_devices(&["d0".to_string()], Duration::from_secs(5))
+            .await
+            .expect("registered");
+        let load = Arc::new(EdgeLoad::new(mapper, &["d0".to_string()], 2));
+        let deadline = Instant::now() + Duration::from_millis(200);
+        let sent = load.drive(2, deadline).await.expect("reports");
+        let reports = edge.reports.lock().expect("reports").clone();
+        assert!(sent > 0);
+        assert_eq!(reports.len() as u64, sent);
+        let twin = &reports[0].reported_device.as_ref().expect("status").twins[0];
+        assert_eq!(reports[0].device_namespace, NAMESPACE);
+        assert!(twin.property_name.starts_with('p'));
+        let reported = twin.reported.as_ref().expect("reported");
+        assert_eq!(reported.value, "1");
+        assert!(reported.metadata.contains_key("timestamp"));
+        let last = load.last_values();
+        assert_eq!(last.len(), 2);
+        assert_eq!(last.values().sum::<u64>(), sent);
+
+        // What edgecore sends down is accepted and counted.
+        let mut client = pb::device_mapper_service_client::DeviceMapperServiceClient::new(
+            unix_channel(&dir.path().join("mapper.sock")).expect("channel"),
+        );
+        client
+            .remove_device(pb::RemoveDeviceRequest::default())
+            .await
+            .expect("accepted");
+        assert_eq!(load.mapper.calls.load(Ordering::Relaxed), 1);
+        server.abort();
+    }
+
     #[test]
     fn a_property_timestamp_always_rises() {
         assert_eq!(next_timestamp(0, 1_000), 1_000);
