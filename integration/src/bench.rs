@@ -3,7 +3,8 @@
 //! machine, a process's memory and CPU time from `/proc`, log timestamps, the command-line
 //! plumbing of a load generator (flags, logging, the binaries, printing the report), and the
 //! harness's [`Cloud`], [`Edge`], a joined edge, `kubectl` and a private containerd started
-//! from given binaries (the harness finds them only next to a test).
+//! from given binaries (the harness finds them only next to a test), and in-process edges
+//! (`edgecore::join` and `edgecore::run` inside the load generator: [`RunningEdge`]).
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -12,6 +13,7 @@ use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
+use futures::StreamExt;
 use serde_json::{Value, json};
 
 use crate::netns::EdgeNet;
@@ -652,6 +654,218 @@ fn cpu_time_of_stat(stat: &str) -> Option<Duration> {
     let utime: u64 = fields.next()?.parse().ok()?;
     let stime: u64 = fields.next()?.parse().ok()?;
     Some(Duration::from_secs_f64((utime + stime) as f64 / USER_HZ))
+}
+
+// ---------------------------------------------------------------------------------------------
+// In-process edges (`edgecore::join` and `edgecore::run` inside the load generator)
+
+/// How long an in-process edge may take to serve its metrics after `edgecore::run` starts.
+const RUN_START_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an in-process edge may take to stop after its shutdown is cancelled.
+const RUN_STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The output of `cloudcore token create -o json` that joins need.
+#[derive(Debug, Clone)]
+pub struct JoinToken {
+    pub token: String,
+    pub ca_hash: String,
+    pub cloud: String,
+}
+
+/// `cloudcore token create --uses N -o json`, through the real CLI.
+pub async fn create_token(binary: &Path, cloud: &Cloud, uses: usize) -> Result<JoinToken> {
+    let output = tokio::process::Command::new(binary)
+        .args(["token", "create", "--data-dir"])
+        .arg(&cloud.dir)
+        .args(["--uses", &uses.to_string(), "-o", "json"])
+        .args(["--cloud", &cloud.address()])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .context("cannot run `cloudcore token create`")?;
+    ensure!(
+        output.status.success(),
+        "`cloudcore token create` failed ({}): {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr).trim()
+    );
+    let value: Value = serde_json::from_slice(&output.stdout)
+        .context("`cloudcore token create -o json` printed no JSON")?;
+    let field = |name: &str| {
+        value[name]
+            .as_str()
+            .map(str::to_string)
+            .with_context(|| format!("`cloudcore token create -o json` has no {name:?}"))
+    };
+    Ok(JoinToken {
+        token: field("token")?,
+        ca_hash: field("ca_hash")?,
+        cloud: field("cloud")?,
+    })
+}
+
+/// Joins `names` in-process, `concurrency` at once, each into `edges_dir/NAME`.
+pub async fn join_edges(
+    token: &JoinToken,
+    names: &[String],
+    edges_dir: &Path,
+    concurrency: usize,
+) -> Result<Vec<PathBuf>> {
+    let results: Vec<Result<PathBuf, String>> = futures::stream::iter(names)
+        .map(|name| async move {
+            let data_dir = edges_dir.join(name);
+            let params = edgecore::join::JoinParams {
+                cloud: token.cloud.clone(),
+                token: token.token.clone(),
+                ca_hash: token.ca_hash.clone(),
+                data_dir: data_dir.clone(),
+                node_name: name.clone(),
+                labels: BTreeMap::new(),
+                timeout: Duration::from_secs(15),
+                max_frame_size: proto::DEFAULT_MAX_FRAME_SIZE,
+                rejoin: false,
+            };
+            edgecore::join::join(params)
+                .await
+                .map(|_| data_dir)
+                .map_err(|e| format!("{:#}", anyhow::Error::new(e)))
+        })
+        .buffered(concurrency)
+        .collect()
+        .await;
+    let mut failures = Failures::default();
+    let mut dirs = Vec::with_capacity(names.len());
+    for result in results {
+        match result {
+            Ok(dir) => dirs.push(dir),
+            Err(why) => failures.add(why),
+        }
+    }
+    failures.check("joins")?;
+    Ok(dirs)
+}
+
+/// `bench-000`, `bench-001`, ... (as wide as the largest index needs, at least 3 digits).
+pub fn node_name(edges: usize, index: usize) -> String {
+    let width = edges.saturating_sub(1).to_string().len().max(3);
+    format!("bench-{index:0width$}")
+}
+
+/// One in-process `edgecore::run`.
+pub struct RunningEdge {
+    pub metrics_port: u16,
+    pub shutdown: tokio_util::sync::CancellationToken,
+    pub task: tokio::task::JoinHandle<Result<(), edgecore::RunError>>,
+}
+
+impl Drop for RunningEdge {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        self.task.abort();
+    }
+}
+
+/// Starts a complete edge on a joined data dir, dialing `cloud`, with `devices` (DMI, MQTT)
+/// and no pod runtime, and waits for its metrics endpoint. The metrics port is picked free first and passed in, so the bench can read the
+/// edge's counters; if another process takes it in between, the start is retried.
+pub async fn run_edge(
+    data_dir: &Path,
+    cloud: &str,
+    devices: edgecore::devices::DevicesConfig,
+) -> Result<RunningEdge> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|s| s.local_addr())
+            .context("cannot find a free TCP port")?
+            .port();
+        let mut hub = edgecore::hub::HubConfig::new(data_dir.to_path_buf());
+        hub.cloud = Some(cloud.to_string());
+        let config = edgecore::RunConfig {
+            hub,
+            metrics_listen: ([127, 0, 0, 1], metrics_port).into(),
+            cri_endpoint: None,
+            node: edgecore::node::NodeConfig::default(),
+            devices: devices.clone(),
+        };
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let mut edge = RunningEdge {
+            metrics_port,
+            shutdown: shutdown.clone(),
+            task: tokio::spawn(edgecore::run(config, shutdown)),
+        };
+        let deadline = Instant::now() + RUN_START_TIMEOUT;
+        loop {
+            if edge.task.is_finished() {
+                let ended = (&mut edge.task).await.context("an edge task panicked")?;
+                match ended {
+                    Err(edgecore::RunError::Metrics { .. }) if attempt < 3 => break,
+                    Err(e) => {
+                        return Err(anyhow::Error::new(e))
+                            .with_context(|| format!("edge {} failed", data_dir.display()));
+                    }
+                    Ok(()) => bail!("edge {} stopped at start", data_dir.display()),
+                }
+            }
+            let port = edge.metrics_port;
+            let healthy = tokio::task::spawn_blocking(move || {
+                crate::http_get(port, "/healthz").is_some_and(|b| b.starts_with("ok"))
+            })
+            .await
+            .unwrap_or(false);
+            if healthy {
+                return Ok(edge);
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "edge {} did not serve its metrics within {RUN_START_TIMEOUT:?}",
+                data_dir.display()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+/// Starts every edge at once, each with the devices settings `devices` gives for its data dir.
+pub async fn run_edges(
+    dirs: &[PathBuf],
+    cloud: &str,
+    devices: impl Fn(&Path) -> edgecore::devices::DevicesConfig,
+) -> Result<Vec<RunningEdge>> {
+    let mut starting = tokio::task::JoinSet::new();
+    for (index, dir) in dirs.iter().enumerate() {
+        let (dir, cloud, devices) = (dir.clone(), cloud.to_string(), devices(dir));
+        starting.spawn(async move { (index, run_edge(&dir, &cloud, devices).await) });
+    }
+    let mut edges: Vec<Option<RunningEdge>> = dirs.iter().map(|_| None).collect();
+    let mut failures = Failures::default();
+    while let Some(started) = starting.join_next().await {
+        let (index, started) = started.context("an edge start task panicked")?;
+        match started {
+            Ok(edge) => edges[index] = Some(edge),
+            Err(e) => failures.add(format!("{e:#}")),
+        }
+    }
+    failures.check("edge starts")?;
+    Ok(edges.into_iter().flatten().collect())
+}
+
+/// Cancels every edge and waits until each has returned from `edgecore::run`.
+pub async fn stop_edges(edges: Vec<RunningEdge>) -> Result<()> {
+    for edge in &edges {
+        edge.shutdown.cancel();
+    }
+    let mut failures = Failures::default();
+    for mut edge in edges {
+        match tokio::time::timeout(RUN_STOP_TIMEOUT, &mut edge.task).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => failures.add(format!("{:#}", anyhow::Error::new(e))),
+            Ok(Err(e)) => failures.add(format!("edge task failed: {e}")),
+            Err(_) => failures.add(format!("did not stop within {RUN_STOP_TIMEOUT:?}")),
+        }
+    }
+    failures.check("edge stops")
 }
 
 #[cfg(test)]

@@ -208,18 +208,30 @@ impl Cloud {
         tunnel_ip: IpAddr,
         extra: &[&str],
     ) -> anyhow::Result<Cloud> {
+        Cloud::start_kube_binary(
+            &bin("cloudcore"),
+            dir,
+            cluster,
+            credentials,
+            tunnel_ip,
+            extra,
+        )
+    }
+
+    /// Like [`Cloud::start_kube`] with a given `cloudcore` binary, for the load generators.
+    pub fn start_kube_binary(
+        binary: &Path,
+        dir: &Path,
+        cluster: &cluster::KubeCluster,
+        credentials: &Path,
+        tunnel_ip: IpAddr,
+        extra: &[&str],
+    ) -> anyhow::Result<Cloud> {
         let control_plane = ControlPlane::Kube {
             credentials: credentials.to_path_buf(),
             admin: cluster.kubeconfig.clone(),
         };
-        Cloud::start_with(
-            &bin("cloudcore"),
-            dir,
-            tunnel_ip,
-            extra,
-            "info",
-            control_plane,
-        )
+        Cloud::start_with(binary, dir, tunnel_ip, extra, "info", control_plane)
     }
 
     fn start_full(

@@ -38,10 +38,9 @@
 //! Failures (an edge that never converges, a refused write) stop the bench with the objects
 //! still missing; the temp dir with every log and store is then kept for inspection.
 
-use std::collections::{BTreeMap, HashMap};
-use std::net::TcpListener;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{ExitCode, Stdio};
+use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -51,22 +50,19 @@ use clap::Parser;
 use edgecore::store::Store;
 use futures::StreamExt;
 use integration::Cloud;
-use integration::bench::{self, Failures, Machine, Spread, mib, ms, percentile};
+use integration::bench::{
+    self, Failures, Machine, RunningEdge, Spread, create_token, join_edges, mib, ms, node_name,
+    percentile, stop_edges,
+};
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod};
 use kube::api::{
     Api, ListParams, ObjectMeta, Patch, PatchParams, PostParams, WatchEvent, WatchParams,
 };
 use proto::sync::{ObjectKey, StoreOp};
 use serde_json::{Value, json};
-use tokio::task::JoinSet;
-use tokio_util::sync::CancellationToken;
 
 /// How long the API may take to answer after cloudcore reports healthy.
 const API_READY_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long an edge may take to serve its metrics after `edgecore::run` starts.
-const EDGE_START_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long an edge may take to stop after its shutdown is cancelled.
-const EDGE_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long cloudcore may take to count connected (or departed) edges.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long edges may take to hold what they should, once the writes are done. Far above any
@@ -296,6 +292,15 @@ async fn metrics_page(port: u16) -> Result<String> {
         .with_context(|| format!("127.0.0.1:{port}/metrics does not answer"))
 }
 
+/// Starts every edge at once, sync only: the bench measures desired state reaching the store,
+/// not pods or devices.
+async fn start_edges(dirs: &[PathBuf], cloud: &str) -> Result<Vec<RunningEdge>> {
+    bench::run_edges(dirs, cloud, |_| {
+        edgecore::devices::DevicesConfig::disabled()
+    })
+    .await
+}
+
 /// Polls `cloudcore_connected_edges` until it equals `want`.
 async fn wait_for_connected(cloud: &mut Cloud, want: usize) -> Result<()> {
     let deadline = Instant::now() + CONNECT_TIMEOUT;
@@ -343,205 +348,6 @@ async fn create_namespace(client: &kube::Client) -> Result<()> {
         .await
         .context("cannot create the bench namespace")?;
     Ok(())
-}
-
-// ---------------------------------------------------------------------------------------------
-// Edges
-
-/// The output of `cloudcore token create -o json` that joins need.
-struct Token {
-    token: String,
-    ca_hash: String,
-    cloud: String,
-}
-
-/// `cloudcore token create --uses N -o json`, through the real CLI.
-async fn create_token(binary: &Path, cloud: &Cloud, uses: usize) -> Result<Token> {
-    let output = tokio::process::Command::new(binary)
-        .args(["token", "create", "--data-dir"])
-        .arg(&cloud.dir)
-        .args(["--uses", &uses.to_string(), "-o", "json"])
-        .args(["--cloud", &cloud.address()])
-        .stdin(Stdio::null())
-        .output()
-        .await
-        .context("cannot run `cloudcore token create`")?;
-    ensure!(
-        output.status.success(),
-        "`cloudcore token create` failed ({}): {}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr).trim()
-    );
-    let value: Value = serde_json::from_slice(&output.stdout)
-        .context("`cloudcore token create -o json` printed no JSON")?;
-    let field = |name: &str| {
-        value[name]
-            .as_str()
-            .map(str::to_string)
-            .with_context(|| format!("`cloudcore token create -o json` has no {name:?}"))
-    };
-    Ok(Token {
-        token: field("token")?,
-        ca_hash: field("ca_hash")?,
-        cloud: field("cloud")?,
-    })
-}
-
-/// Joins `names` in-process, `concurrency` at once, each into `edges_dir/NAME`.
-async fn join_edges(
-    token: &Token,
-    names: &[String],
-    edges_dir: &Path,
-    concurrency: usize,
-) -> Result<Vec<PathBuf>> {
-    let results: Vec<Result<PathBuf, String>> = futures::stream::iter(names)
-        .map(|name| async move {
-            let data_dir = edges_dir.join(name);
-            let params = edgecore::join::JoinParams {
-                cloud: token.cloud.clone(),
-                token: token.token.clone(),
-                ca_hash: token.ca_hash.clone(),
-                data_dir: data_dir.clone(),
-                node_name: name.clone(),
-                labels: BTreeMap::new(),
-                timeout: Duration::from_secs(15),
-                max_frame_size: proto::DEFAULT_MAX_FRAME_SIZE,
-                rejoin: false,
-            };
-            edgecore::join::join(params)
-                .await
-                .map(|_| data_dir)
-                .map_err(|e| format!("{:#}", anyhow::Error::new(e)))
-        })
-        .buffered(concurrency)
-        .collect()
-        .await;
-    let mut failures = Failures::default();
-    let mut dirs = Vec::with_capacity(names.len());
-    for result in results {
-        match result {
-            Ok(dir) => dirs.push(dir),
-            Err(why) => failures.add(why),
-        }
-    }
-    failures.check("joins")?;
-    Ok(dirs)
-}
-
-/// `bench-000`, `bench-001`, ... (as wide as the largest index needs, at least 3 digits).
-fn node_name(edges: usize, index: usize) -> String {
-    let width = edges.saturating_sub(1).to_string().len().max(3);
-    format!("bench-{index:0width$}")
-}
-
-/// One in-process `edgecore::run`.
-struct RunningEdge {
-    metrics_port: u16,
-    shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<Result<(), edgecore::RunError>>,
-}
-
-impl Drop for RunningEdge {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
-        self.task.abort();
-    }
-}
-
-/// Starts a complete edge on a joined data dir, dialing `cloud`, and waits for its metrics
-/// endpoint. The metrics port is picked free first and passed in, so the bench can read the
-/// edge's counters; if another process takes it in between, the start is retried.
-async fn start_edge(data_dir: &Path, cloud: &str) -> Result<RunningEdge> {
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        let metrics_port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|s| s.local_addr())
-            .context("cannot find a free TCP port")?
-            .port();
-        let mut hub = edgecore::hub::HubConfig::new(data_dir.to_path_buf());
-        hub.cloud = Some(cloud.to_string());
-        let config = edgecore::RunConfig {
-            hub,
-            metrics_listen: ([127, 0, 0, 1], metrics_port).into(),
-            // Sync only: the bench measures desired state reaching the store, not pods.
-            cri_endpoint: None,
-            node: edgecore::node::NodeConfig::default(),
-            devices: edgecore::devices::DevicesConfig::disabled(),
-        };
-        let shutdown = CancellationToken::new();
-        let mut edge = RunningEdge {
-            metrics_port,
-            shutdown: shutdown.clone(),
-            task: tokio::spawn(edgecore::run(config, shutdown)),
-        };
-        let deadline = Instant::now() + EDGE_START_TIMEOUT;
-        loop {
-            if edge.task.is_finished() {
-                let ended = (&mut edge.task).await.context("an edge task panicked")?;
-                match ended {
-                    Err(edgecore::RunError::Metrics { .. }) if attempt < 3 => break,
-                    Err(e) => {
-                        return Err(anyhow::Error::new(e))
-                            .with_context(|| format!("edge {} failed", data_dir.display()));
-                    }
-                    Ok(()) => bail!("edge {} stopped at start", data_dir.display()),
-                }
-            }
-            let port = edge.metrics_port;
-            let healthy = tokio::task::spawn_blocking(move || {
-                integration::http_get(port, "/healthz").is_some_and(|b| b.starts_with("ok"))
-            })
-            .await
-            .unwrap_or(false);
-            if healthy {
-                return Ok(edge);
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "edge {} did not serve its metrics within {EDGE_START_TIMEOUT:?}",
-                data_dir.display()
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-}
-
-/// Starts every edge at once.
-async fn start_edges(dirs: &[PathBuf], cloud: &str) -> Result<Vec<RunningEdge>> {
-    let mut starting = JoinSet::new();
-    for (index, dir) in dirs.iter().enumerate() {
-        let (dir, cloud) = (dir.clone(), cloud.to_string());
-        starting.spawn(async move { (index, start_edge(&dir, &cloud).await) });
-    }
-    let mut edges: Vec<Option<RunningEdge>> = dirs.iter().map(|_| None).collect();
-    let mut failures = Failures::default();
-    while let Some(started) = starting.join_next().await {
-        let (index, started) = started.context("an edge start task panicked")?;
-        match started {
-            Ok(edge) => edges[index] = Some(edge),
-            Err(e) => failures.add(format!("{e:#}")),
-        }
-    }
-    failures.check("edge starts")?;
-    Ok(edges.into_iter().flatten().collect())
-}
-
-/// Cancels every edge and waits until each has returned from `edgecore::run`.
-async fn stop_edges(edges: Vec<RunningEdge>) -> Result<()> {
-    for edge in &edges {
-        edge.shutdown.cancel();
-    }
-    let mut failures = Failures::default();
-    for mut edge in edges {
-        match tokio::time::timeout(EDGE_STOP_TIMEOUT, &mut edge.task).await {
-            Ok(Ok(Ok(()))) => {}
-            Ok(Ok(Err(e))) => failures.add(format!("{:#}", anyhow::Error::new(e))),
-            Ok(Err(e)) => failures.add(format!("edge task failed: {e}")),
-            Err(_) => failures.add(format!("did not stop within {EDGE_STOP_TIMEOUT:?}")),
-        }
-    }
-    failures.check("edge stops")
 }
 
 /// `edgecore_sync_applied_total` and `edgecore_sync_skipped_total`, summed over `edges`.
