@@ -44,6 +44,24 @@ pub fn require_pymodbus() {
     );
 }
 
+/// The broker's binary: on PATH, or where Debian puts it (`/usr/sbin`, not on every PATH).
+pub fn mosquitto_program() -> PathBuf {
+    let on_path = Command::new("sh")
+        .args(["-c", "command -v mosquitto"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()));
+    let debian = Path::new("/usr/sbin/mosquitto");
+    on_path
+        .or_else(|| debian.is_file().then(|| debian.to_path_buf()))
+        .unwrap_or_else(|| {
+            panic!(
+                "mosquitto is not installed: apt-get install mosquitto (.ci/run does); the device tests need it"
+            )
+        })
+}
+
 /// Runs `program` in `netns` (by name), or in the root namespace when `None`.
 fn command_in(netns: Option<&str>, program: impl AsRef<std::ffi::OsStr>) -> Command {
     match netns {
@@ -100,7 +118,7 @@ impl Mosquitto {
     }
 
     fn spawn(dir: &Path, netns: Option<String>) -> Mosquitto {
-        require_program("mosquitto", "apt-get install mosquitto");
+        let program = mosquitto_program();
         require_program("mosquitto_sub", "apt-get install mosquitto-clients");
         std::fs::create_dir_all(dir).expect("mosquitto dir");
         let mut last_log = String::new();
@@ -116,7 +134,7 @@ impl Mosquitto {
             .expect("write mosquitto.conf");
             let log = dir.join("mosquitto.log");
             let file = std::fs::File::create(&log).expect("mosquitto log");
-            let child = command_in(netns.as_deref(), "mosquitto")
+            let child = command_in(netns.as_deref(), &program)
                 .arg("-c")
                 .arg(&config)
                 .stdin(Stdio::null())

@@ -225,7 +225,7 @@ enum Mode {
 impl Site {
     fn start(mode: Mode) -> Site {
         // Prerequisites first, so a missing one fails before anything starts.
-        integration::devices::require_program("mosquitto", "apt-get install mosquitto");
+        integration::devices::mosquitto_program();
         integration::devices::require_program("mosquitto_sub", "apt-get install mosquitto-clients");
         integration::devices::require_pymodbus();
         let tmp = tempfile::tempdir().expect("tempdir");
