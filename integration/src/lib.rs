@@ -7,6 +7,7 @@
 
 pub mod bench;
 pub mod cluster;
+pub mod devices;
 pub mod netns;
 pub mod peer;
 
@@ -685,12 +686,17 @@ impl Edge {
 
     /// Starts `command` (`edgecore`, maybe behind `ip netns exec`, which execs it, so the
     /// child is edgecore itself) with the `run` arguments.
+    ///
+    /// Unless `extra` says otherwise, DMI is served on `DIR/dmi.sock` and no MQTT broker is
+    /// used ([`device_defaults`]): edges of parallel tests never share KubeEdge's default socket
+    /// or broker.
     fn spawn(mut command: Command, dir: &Path, extra: &[&str], netns: Option<String>) -> Edge {
         command
             .arg("run")
             .arg("--data-dir")
             .arg(dir)
             .args(["--metrics-listen", "127.0.0.1:0"])
+            .args(device_defaults(dir, extra))
             .args(extra);
         let log = dir.join("run.log");
         let mut child = spawn_logged(command, &log);
@@ -765,6 +771,25 @@ impl Edge {
     pub fn objects(&self) -> Vec<EdgeObject> {
         edge_objects(&self.dir)
     }
+}
+
+/// The device flags `edgecore run` gets unless `extra` gives them: `--dmi-socket DIR/dmi.sock`
+/// and `--mqtt-broker none`.
+fn device_defaults(dir: &Path, extra: &[&str]) -> Vec<String> {
+    let given = |flag: &str| {
+        extra
+            .iter()
+            .any(|a| *a == flag || a.starts_with(&format!("{flag}=")))
+    };
+    let mut flags = Vec::new();
+    if !given("--dmi-socket") {
+        flags.push("--dmi-socket".to_string());
+        flags.push(dir.join("dmi.sock").display().to_string());
+    }
+    if !given("--mqtt-broker") {
+        flags.extend(["--mqtt-broker".to_string(), "none".to_string()]);
+    }
+    flags
 }
 
 /// One object in an edge's store, as `edgecore ctl get -o json` lists it.
@@ -1074,6 +1099,23 @@ mod tests {
         let log = "2026-11-24T06:39:17Z  INFO edgecore: edgecore running node.name=gw-1 metrics=127.0.0.1:41234 data_dir=x\n";
         assert_eq!(bound_metrics_port(log), Some(41234));
         assert_eq!(bound_metrics_port("nothing yet"), None);
+    }
+
+    #[test]
+    fn edges_get_a_private_dmi_socket_and_no_broker_unless_told() {
+        let dir = Path::new("/tmp/e");
+        assert_eq!(
+            device_defaults(dir, &["--no-pod-runtime"]),
+            ["--dmi-socket", "/tmp/e/dmi.sock", "--mqtt-broker", "none"]
+        );
+        assert_eq!(
+            device_defaults(dir, &["--mqtt-broker", "tcp://127.0.0.1:1"]),
+            ["--dmi-socket", "/tmp/e/dmi.sock"]
+        );
+        assert_eq!(
+            device_defaults(dir, &["--dmi-socket=none", "--mqtt-broker=none"]),
+            Vec::<String>::new()
+        );
     }
 
     #[test]

@@ -2,8 +2,8 @@
 //! the test build's binaries instead of a release build (`QUICKSTART_BIN`): it ends with the
 //! sample pod running and its banner, or fails loudly naming the step that did not happen.
 //!
-//! It uses the quick start's fixed ports (10000/udp, 10350, 10351, 6443) and bridge `edge0`,
-//! so this file holds one test.
+//! It uses the quick start's fixed ports (10000/udp, 10350, 10351, 6443, MQTT on 1883, the
+//! simulated Modbus device on 5020) and bridge `edge0`, so this file holds one test.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -100,5 +100,22 @@ fn the_quick_start_fails_loudly_when_a_step_does_not_happen_and_runs_the_sample_
         out.status.success(),
         "kubectl logs: {}",
         String::from_utf8_lossy(&out.stderr)
+    );
+    // The sample device: the mapper set the desired setpoint on the simulated device, read it
+    // back, and the edge reported it; the gateway shows the same twin locally.
+    let out = kubectl(&["get", "device", "thermometer", "-o", "json"]);
+    let device: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    assert_eq!(
+        integration::devices::status_twin(&device, "setpoint")["reported"]["value"],
+        "215",
+        "the sample device's status: {}",
+        device["status"]
+    );
+    let twin = integration::devices::ctl_twin(&root.join("edge-1"), "default", "thermometer")
+        .expect("edgecore ctl twin thermometer");
+    assert_eq!(
+        integration::devices::twin_property(&twin, "setpoint")["reported"]["value"],
+        "215",
+        "ctl twin: {twin}"
     );
 }
