@@ -615,3 +615,398 @@ async fn poll(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use devices::{Device, DeviceModel};
+    use serde_json::{Value, json};
+
+    use super::*;
+    use crate::devices::dmi::fake::FakeDevices;
+
+    fn node() -> FakeDevices {
+        let devices = FakeDevices::new();
+        let model: DeviceModel = serde_json::from_value(json!({
+            "metadata": {"name": "model", "namespace": "plant"},
+            "spec": {"protocol": "modbus", "properties": [
+                {"name": "temperature", "type": "INT", "accessMode": "ReadWrite"},
+                {"name": "label", "type": "STRING", "accessMode": "ReadOnly"}]}
+        }))
+        .expect("model");
+        devices.put_model(model);
+        devices.put_device(device("20"));
+        devices
+    }
+
+    fn device(desired: &str) -> Device {
+        serde_json::from_value(json!({
+            "metadata": {"name": "m1", "namespace": "plant"},
+            "spec": {"deviceModelRef": {"name": "model"}, "nodeName": "edge-1",
+                     "protocol": {"protocolName": "modbus"},
+                     "properties": [{"name": "temperature", "desired": {"value": desired}},
+                                    {"name": "label"}]}
+        }))
+        .expect("device")
+    }
+
+    const BASE: &str = "$hw/events/device/plant/m1/";
+
+    fn body(out: &Outgoing) -> Value {
+        serde_json::from_slice(&out.payload).expect("JSON")
+    }
+
+    fn only<'a>(out: &'a [Outgoing], suffix: &str) -> &'a Outgoing {
+        let found: Vec<_> = out
+            .iter()
+            .filter(|o| o.topic == format!("{BASE}{suffix}"))
+            .collect();
+        assert_eq!(found.len(), 1, "one {suffix} in {out:?}");
+        found[0]
+    }
+
+    #[tokio::test]
+    async fn an_actual_value_becomes_the_reported_twin_and_is_answered() {
+        let devices = node();
+        let mut speaker = Speaker::new(devices.clone());
+        let request = json!({"event_id": "e1", "timestamp": 1,
+                             "twin": {"temperature": {"actual": {"value": "21"},
+                                                      "metadata": {"type": "int"}}}});
+        let out = speaker
+            .on_publish(
+                &format!("{BASE}twin/update"),
+                request.to_string().as_bytes(),
+            )
+            .await;
+        let reports = devices.reports();
+        assert_eq!(reports.len(), 1);
+        assert_eq!(reports[0].2[0].value, "21");
+        assert_eq!(reports[0].2[0].metadata["type"], "int");
+
+        let result = body(only(&out, "twin/update/result"));
+        assert_eq!(result["event_id"], "e1");
+        assert_eq!(result["twin"]["temperature"]["actual"]["value"], "21");
+        assert!(result.get("code").is_none(), "{result}");
+        let document = body(only(&out, "twin/update/document"));
+        assert_eq!(
+            document["twin"]["temperature"]["last"]["actual"],
+            Value::Null
+        );
+        assert_eq!(
+            document["twin"]["temperature"]["current"]["actual"]["value"],
+            "21"
+        );
+        assert_eq!(
+            document["twin"]["temperature"]["current"]["expected"]["value"],
+            "20"
+        );
+        assert!(document["twin"].get("label").is_none(), "only what changed");
+    }
+
+    #[tokio::test]
+    async fn bad_updates_are_answered_with_a_code_and_change_nothing() {
+        let devices = node();
+        let mut speaker = Speaker::new(devices.clone());
+        let cases: [(&str, &[u8], i64, &str); 8] = [
+            ("twin/update", b"not json", 400, "not a twin update"),
+            ("twin/update", br#"{"event_id": "e"}"#, 400, "no twin"),
+            (
+                "twin/update",
+                br#"{"twin": {"temperature": {"expected": {"value": "1"}}}}"#,
+                400,
+                "spec.properties[].desired",
+            ),
+            (
+                "twin/update",
+                br#"{"twin": {"temperature": {"actual": {"value": "hot"}}}}"#,
+                400,
+                "not a valid INT",
+            ),
+            (
+                "twin/update",
+                br#"{"twin": {"temperature": null}}"#,
+                400,
+                "not deleted",
+            ),
+            (
+                "twin/update",
+                br#"{"twin": {"pressure": {"actual": {"value": "1"}}}}"#,
+                404,
+                "pressure",
+            ),
+            (
+                "twin/update",
+                br#"{"twin": {"temperature": {"metadata": {"type": "int"}}}}"#,
+                400,
+                "no actual value",
+            ),
+            ("state/update", br#"{"state": "sleepy"}"#, 400, "not one of"),
+        ];
+        for (suffix, payload, code, reason) in cases {
+            let out = speaker
+                .on_publish(&format!("{BASE}{suffix}"), payload)
+                .await;
+            let result = body(only(&out, &format!("{suffix}/result")));
+            assert_eq!(result["code"], code, "{result}");
+            let text = result["reason"].as_str().expect("a reason");
+            assert!(text.contains(reason), "{reason:?} in {text:?}");
+        }
+        let out = speaker
+            .on_publish(
+                "$hw/events/device/plant/ghost/twin/update",
+                br#"{"twin": {}}"#,
+            )
+            .await;
+        assert_eq!(out.len(), 1);
+        assert_eq!(body(&out[0])["code"], 404);
+        assert!(devices.reports().is_empty(), "nothing refused was recorded");
+        assert!(devices.state_of("plant", "m1").is_none());
+    }
+
+    #[tokio::test]
+    async fn get_answers_the_whole_twin() {
+        let devices = node();
+        let mut speaker = Speaker::new(devices.clone());
+        let out = speaker
+            .on_publish(&format!("{BASE}twin/get"), br#"{"event_id": "g1"}"#)
+            .await;
+        let result = body(only(&out, "twin/get/result"));
+        assert_eq!(result["event_id"], "g1");
+        assert_eq!(result["twin"]["temperature"]["expected"]["value"], "20");
+        assert_eq!(result["twin"]["temperature"]["metadata"]["type"], "int");
+        assert_eq!(result["twin"]["label"]["metadata"]["type"], "string");
+        let out = speaker
+            .on_publish("$hw/events/device/plant/ghost/twin/get", b"")
+            .await;
+        assert_eq!(body(&out[0])["code"], 404);
+    }
+
+    #[tokio::test]
+    async fn a_state_update_is_recorded_and_answered_once() {
+        let devices = node();
+        let mut speaker = Speaker::new(devices.clone());
+        let out = speaker
+            .on_publish(
+                &format!("{BASE}state/update"),
+                br#"{"event_id": "s1", "state": "Online"}"#,
+            )
+            .await;
+        assert_eq!(devices.state_of("plant", "m1").as_deref(), Some("online"));
+        let result = body(only(&out, "state/update/result"));
+        assert_eq!(result["event_id"], "s1");
+        assert_eq!(result["device"]["name"], "m1");
+        assert_eq!(result["device"]["state"], "online");
+    }
+
+    #[tokio::test]
+    async fn a_desired_change_publishes_the_delta_and_the_document() {
+        let devices = node();
+        let mut speaker = Speaker::new(devices.clone());
+        let mut events = devices.subscribe();
+        devices.put_device(device("25"));
+        let event = events.recv().await.expect("an event");
+        let out = speaker.on_event(&event);
+        let delta = body(only(&out, "twin/update/delta"));
+        assert_eq!(delta["delta"]["temperature"], "25");
+        assert_eq!(delta["twin"]["temperature"]["expected"]["value"], "25");
+        let document = body(only(&out, "twin/update/document"));
+        assert_eq!(
+            document["twin"]["temperature"]["last"]["expected"]["value"],
+            "20"
+        );
+        assert_eq!(
+            document["twin"]["temperature"]["current"]["expected"]["value"],
+            "25"
+        );
+    }
+
+    #[tokio::test]
+    async fn changes_made_through_dmi_are_published_once() {
+        let devices = node();
+        let mut speaker = Speaker::new(devices.clone());
+        let reported = Reported {
+            property: "temperature".into(),
+            value: "19".into(),
+            metadata: Default::default(),
+            observed_desired: None,
+        };
+        devices
+            .report("plant", "m1", vec![reported])
+            .await
+            .expect("reports");
+        devices.set_state("plant", "m1", "ok").await.expect("sets");
+        let out = speaker.changed("plant", "m1");
+        let document = body(only(&out, "twin/update/document"));
+        assert_eq!(
+            document["twin"]["temperature"]["current"]["actual"]["value"],
+            "19"
+        );
+        assert_eq!(
+            body(only(&out, "state/update/result"))["device"]["state"],
+            "ok"
+        );
+        assert!(speaker.changed("plant", "m1").is_empty(), "nothing new");
+    }
+
+    #[test]
+    fn broker_addresses_are_tcp_host_port() {
+        assert_eq!(
+            parse_broker("tcp://127.0.0.1:1883"),
+            Ok(("127.0.0.1".into(), 1883))
+        );
+        assert_eq!(parse_broker("tcp://[::1]:1883"), Ok(("::1".into(), 1883)));
+        for bad in [
+            "127.0.0.1:1883",
+            "tcp://host",
+            "tcp://:1883",
+            "tcp://h:0",
+            "ssl://h:1",
+        ] {
+            assert!(parse_broker(bad).is_err(), "{bad}");
+        }
+    }
+
+    /// A real mosquitto on a free loopback port, stopped on drop.
+    struct Broker {
+        child: std::process::Child,
+        _dir: tempfile::TempDir,
+    }
+
+    impl Broker {
+        fn start(port: u16) -> Broker {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let config = dir.path().join("mosquitto.conf");
+            std::fs::write(
+                &config,
+                format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
+            )
+            .expect("writes the config");
+            let child = std::process::Command::new("mosquitto")
+                .arg("-c")
+                .arg(&config)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("mosquitto (Debian package mosquitto) must be installed for this test");
+            for _ in 0..100 {
+                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Broker { child, _dir: dir }
+        }
+    }
+
+    impl Drop for Broker {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port")
+    }
+
+    /// Publishes `payload` on `topic` with mosquitto_pub until mosquitto_sub sees a message on
+    /// `answer` (edgecore may not have subscribed yet), and returns that message.
+    async fn ask(port: u16, topic: &str, payload: &str, answer: &str) -> Value {
+        let port_text = port.to_string();
+        let sub = tokio::process::Command::new("mosquitto_sub")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port_text,
+                "-t",
+                answer,
+                "-C",
+                "1",
+                "-W",
+                "20",
+            ])
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("mosquitto_sub (Debian package mosquitto-clients) must be installed");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let waiting = tokio::spawn(sub.wait_with_output());
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while !waiting.is_finished() && tokio::time::Instant::now() < deadline {
+            let status = tokio::process::Command::new("mosquitto_pub")
+                .args([
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &port_text,
+                    "-t",
+                    topic,
+                    "-m",
+                    payload,
+                ])
+                .status()
+                .await
+                .expect("mosquitto_pub runs");
+            assert!(status.success() || !waiting.is_finished());
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        let output = waiting.await.expect("joins").expect("mosquitto_sub ran");
+        serde_json::from_slice(&output.stdout)
+            .unwrap_or_else(|e| panic!("no answer on {answer}: {e}: {:?}", output))
+    }
+
+    #[tokio::test]
+    async fn the_client_speaks_through_a_real_broker_and_comes_back_after_it_restarts() {
+        let port = free_port();
+        let broker = Broker::start(port);
+        let devices = node();
+        let shutdown = CancellationToken::new();
+        tokio::spawn(run_with(
+            format!("tcp://127.0.0.1:{port}"),
+            devices.clone(),
+            Notices::new(),
+            shutdown.clone(),
+        ));
+        let result = ask(
+            port,
+            &format!("{BASE}twin/update"),
+            r#"{"event_id": "u1", "twin": {"temperature": {"actual": {"value": "23"}}}}"#,
+            &format!("{BASE}twin/update/result"),
+        )
+        .await;
+        assert_eq!(
+            result["twin"]["temperature"]["actual"]["value"], "23",
+            "{result}"
+        );
+        assert_eq!(
+            devices
+                .reports()
+                .last()
+                .map(|r| r.2[0].value.clone())
+                .as_deref(),
+            Some("23")
+        );
+
+        // The broker goes away and comes back on the same port: edgecore reconnects and
+        // subscribes again.
+        drop(broker);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let _broker = Broker::start(port);
+        let result = ask(
+            port,
+            &format!("{BASE}twin/get"),
+            r#"{"event_id": "g2"}"#,
+            &format!("{BASE}twin/get/result"),
+        )
+        .await;
+        assert_eq!(result["event_id"], "g2");
+        assert_eq!(
+            result["twin"]["temperature"]["actual"]["value"], "23",
+            "{result}"
+        );
+        shutdown.cancel();
+    }
+}
