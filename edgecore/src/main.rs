@@ -528,3 +528,26 @@ fn default_node_name() -> Option<String> {
     let host = host.trim().to_ascii_lowercase();
     (!host.is_empty()).then_some(host)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn devices_flags_turn_parts_off_with_none_and_name_bad_values() {
+        let config = devices_config("none", "none", 20.0).expect("valid");
+        assert!(config.dmi_socket.is_none() && config.mqtt_broker.is_none());
+        let config = devices_config("/run/dmi.sock", "tcp://127.0.0.1:1883", 5.0).expect("valid");
+        assert_eq!(config.dmi_socket, Some(PathBuf::from("/run/dmi.sock")));
+        assert_eq!(config.mapper_qps, 5.0);
+        for (socket, broker, qps, named) in [
+            ("", "none", 20.0, "--dmi-socket"),
+            ("none", "localhost:1883", 20.0, "--mqtt-broker"),
+            ("none", "none", 0.0, "--mapper-qps"),
+            ("none", "none", f64::NAN, "--mapper-qps"),
+        ] {
+            let error = devices_config(socket, broker, qps).expect_err("invalid");
+            assert!(error.contains(named), "{named}: {error}");
+        }
+    }
+}
