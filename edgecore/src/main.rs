@@ -98,6 +98,16 @@ enum Command {
         /// dropped first).
         #[arg(long, default_value_t = edgecore::events::DEFAULT_CAPACITY, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=100_000))]
         max_buffered_events: usize,
+        /// Where mappers reach edgecore's DMI (`DeviceManagerService`), a Unix socket path, or
+        /// `none` for no DMI.
+        #[arg(long, env = "EDGECORE_DMI_SOCKET", default_value = edgecore::devices::dmi::DEFAULT_SOCKET)]
+        dmi_socket: String,
+        /// The local MQTT broker for KubeEdge's device topics, `tcp://HOST:PORT`, or `none`.
+        #[arg(long, env = "EDGECORE_MQTT_BROKER", default_value = edgecore::devices::mqtt::DEFAULT_BROKER)]
+        mqtt_broker: String,
+        /// Calls per second edgecore makes to one mapper (burst: twice it).
+        #[arg(long, default_value_t = 20.0)]
+        mapper_qps: f64,
     },
     /// Images for gateways without a registry.
     Images {
@@ -323,11 +333,21 @@ fn main() -> ExitCode {
             system_reserved,
             token_refresh_max,
             max_buffered_events,
+            dmi_socket,
+            mqtt_broker,
+            mapper_qps,
         } => {
             if token_refresh_max < Duration::from_secs(1) {
                 eprintln!("error: --token-refresh-max must be at least 1s");
                 return ExitCode::from(EXIT_USAGE);
             }
+            let devices = match devices_config(&dmi_socket, &mqtt_broker, mapper_qps) {
+                Ok(devices) => devices,
+                Err(message) => {
+                    eprintln!("error: {message}");
+                    return ExitCode::from(EXIT_USAGE);
+                }
+            };
             let Some(runtime) = runtime() else {
                 return ExitCode::FAILURE;
             };
@@ -344,7 +364,7 @@ fn main() -> ExitCode {
                     max_pods,
                     reserved: system_reserved,
                 },
-                devices: edgecore::devices::DevicesConfig::new(),
+                devices,
             };
             let result = runtime.block_on(async {
                 let shutdown = CancellationToken::new();
@@ -364,6 +384,37 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// The devices flags of `run`, checked: `none` turns DMI or MQTT off.
+fn devices_config(
+    dmi_socket: &str,
+    mqtt_broker: &str,
+    mapper_qps: f64,
+) -> Result<edgecore::devices::DevicesConfig, String> {
+    if !(mapper_qps.is_finite() && mapper_qps > 0.0) {
+        return Err(format!(
+            "--mapper-qps must be a number above 0, not {mapper_qps}"
+        ));
+    }
+    let dmi_socket = match dmi_socket {
+        "none" => None,
+        "" => return Err("--dmi-socket is empty (give a path, or none)".to_string()),
+        path => Some(PathBuf::from(path)),
+    };
+    let mqtt_broker = match mqtt_broker {
+        "none" => None,
+        broker => {
+            edgecore::devices::mqtt::parse_broker(broker)
+                .map_err(|e| format!("--mqtt-broker: {e} (or none)"))?;
+            Some(broker.to_string())
+        }
+    };
+    Ok(edgecore::devices::DevicesConfig {
+        dmi_socket,
+        mqtt_broker,
+        mapper_qps,
+    })
 }
 
 /// The async runtime of `join` and `run`; `ctl` does without one.
@@ -495,4 +546,27 @@ fn default_node_name() -> Option<String> {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").ok()?;
     let host = host.trim().to_ascii_lowercase();
     (!host.is_empty()).then_some(host)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn devices_flags_turn_parts_off_with_none_and_name_bad_values() {
+        let config = devices_config("none", "none", 20.0).expect("valid");
+        assert!(config.dmi_socket.is_none() && config.mqtt_broker.is_none());
+        let config = devices_config("/run/dmi.sock", "tcp://127.0.0.1:1883", 5.0).expect("valid");
+        assert_eq!(config.dmi_socket, Some(PathBuf::from("/run/dmi.sock")));
+        assert_eq!(config.mapper_qps, 5.0);
+        for (socket, broker, qps, named) in [
+            ("", "none", 20.0, "--dmi-socket"),
+            ("none", "localhost:1883", 20.0, "--mqtt-broker"),
+            ("none", "none", 0.0, "--mapper-qps"),
+            ("none", "none", f64::NAN, "--mapper-qps"),
+        ] {
+            let error = devices_config(socket, broker, qps).expect_err("invalid");
+            assert!(error.contains(named), "{named}: {error}");
+        }
+    }
 }

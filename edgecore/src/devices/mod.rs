@@ -241,16 +241,19 @@ pub fn start(
         store_changed,
         shutdown.clone(),
     ));
+    // Twin and state changes made through DMI, for MQTT to publish.
+    let notices = mqtt::Notices::new();
     if let Some(socket) = config.dmi_socket.clone() {
         tracker.spawn(dmi::serve(
             socket,
             devices.clone(),
             config.mapper_qps,
+            notices.clone(),
             shutdown.clone(),
         ));
     }
     if let Some(broker) = config.mqtt_broker.clone() {
-        tracker.spawn(mqtt::run(broker, devices.clone(), shutdown));
+        tracker.spawn(mqtt::run(broker, devices.clone(), notices, shutdown));
     }
     Ok(devices)
 }
