@@ -997,11 +997,13 @@ async fn follow<K, S>(
 }
 
 /// Whether a watch failed because the API does not serve the resource at all (404 on the list
-/// or the watch), as for a custom resource whose definition is not installed.
+/// or the watch), as for a custom resource whose definition is not installed. The code decides:
+/// kube-apiserver answers an unknown group with a plain-text "404 page not found", which has
+/// no `NotFound` reason.
 fn not_served(error: &watcher::Error) -> bool {
     match error {
         watcher::Error::InitialListFailed(kube::Error::Api(status))
-        | watcher::Error::WatchStartFailed(kube::Error::Api(status)) => status.is_not_found(),
+        | watcher::Error::WatchStartFailed(kube::Error::Api(status)) => status.code == 404,
         _ => false,
     }
 }
@@ -1151,6 +1153,30 @@ mod tests {
         let value: serde_json::Value = serde_json::from_slice(body).expect("json");
         assert!(value["metadata"].get("managedFields").is_none(), "{value}");
         assert_eq!(value["data"]["k"], "v");
+    }
+
+    #[test]
+    fn a_404_list_or_watch_means_not_served() {
+        let api = |code: u16, reason: &str| {
+            let status: kube::core::Status = serde_json::from_value(
+                json!({"status": "Failure", "code": code, "reason": reason, "message": "m"}),
+            )
+            .expect("a status");
+            kube::Error::Api(Box::new(status))
+        };
+        // kube-apiserver's plain-text 404 for an unknown group, and the embedded API's Status.
+        assert!(not_served(&watcher::Error::InitialListFailed(api(
+            404,
+            "Failed to parse error data"
+        ))));
+        assert!(not_served(&watcher::Error::WatchStartFailed(api(
+            404, "NotFound"
+        ))));
+        assert!(!not_served(&watcher::Error::InitialListFailed(api(
+            403,
+            "Forbidden"
+        ))));
+        assert!(!not_served(&watcher::Error::NoResourceVersion));
     }
 
     #[tokio::test]
