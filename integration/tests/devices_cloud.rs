@@ -414,6 +414,18 @@ async fn devices_reach_their_node_and_report_status(cloud: &Cloud, tmp: &Path) {
         ["edge-1", EXAMPLE_MODEL],
         "{table}"
     );
+    let models = cloud.kubectl_ok(&["get", "devicemodels", "-n", "default"], None);
+    assert!(
+        models
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .contains("PROTOCOL")
+            && models
+                .lines()
+                .any(|l| l.starts_with("thermo-model ") && l.contains("modbus")),
+        "{models}"
+    );
 
     // Rebinding moves the device and its model; edge-1 lets go of both.
     cloud.kubectl_ok(
