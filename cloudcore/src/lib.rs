@@ -6,6 +6,7 @@
 pub mod apiserver;
 pub mod autonomy;
 pub mod config;
+pub mod device_crds;
 pub mod downstream;
 pub mod events;
 pub mod hub;
@@ -169,6 +170,12 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> Result<(),
         }
         Err(e) => return Err(e.into()),
     };
+    // Embedded mode: KubeEdge's device API is part of the API this cloudcore serves; its
+    // definitions are established before the relay lists Devices. A failure costs devices
+    // only: the relay treats them as not served and retries.
+    if lifecycle && let Err(e) = device_crds::install(&client).await {
+        tracing::error!(error = %daemon::error_chain(&e), "cannot install the device definitions; Devices are not relayed");
+    }
     let accepted_anyway = state::check_store(&registry, &cloud_state, config.allow)?;
     tracing::info!(
         store.id = %cloud_state.id,

@@ -111,6 +111,27 @@ pub const REQUIRED: &[Permission] = &[
         used_by: "kubelet (may the caller use nodes/proxy, stats or metrics of this edge node)",
     },
     Permission {
+        api_group: "devices.kubeedge.io",
+        resource: "devices",
+        verbs: &["get", "list", "watch"],
+        namespace: None,
+        used_by: "downstream (Devices bound to edges), upstream (uid checks before a status write)",
+    },
+    Permission {
+        api_group: "devices.kubeedge.io",
+        resource: "devices/status",
+        verbs: &["patch"],
+        namespace: None,
+        used_by: "upstream (device twins and state the edge reports)",
+    },
+    Permission {
+        api_group: "devices.kubeedge.io",
+        resource: "devicemodels",
+        verbs: &["list", "watch"],
+        namespace: None,
+        used_by: "downstream (DeviceModels of the Devices bound to edges)",
+    },
+    Permission {
         api_group: "coordination.k8s.io",
         resource: "leases",
         verbs: &["get", "create", "patch"],

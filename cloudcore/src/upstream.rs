@@ -21,6 +21,9 @@
 //!    - Node: strategic merge patch, so conditions and addresses merge by `type` and the Ready
 //!      condition written by [`crate::nodes`] stays. Strategic directives (`$patch`, ...) in
 //!      the reported status are removed: an edge reports values, not patch instructions.
+//!    - Device (`devices.kubeedge.io/v1beta1`): JSON merge patch; `twins` is replaced whole
+//!      (the edge reports every twin it reports to the cloud), `state` and `lastOnlineTime`
+//!      when reported.
 //!
 //! Each API request (the GET and the PATCH) takes one token. 404 → `Gone`; 409 → the whole
 //! GET + PATCH is retried once; any other error → [`Outcome::Failed`] and the report is
@@ -71,7 +74,8 @@ impl Default for UpstreamConfig {
 pub struct StatusUpdate {
     /// The reporting node (for logs; authorization is the caller's).
     pub node: String,
-    /// The object, kind "Pod" or "Node". An empty uid writes whatever object has that name.
+    /// The object, kind "Pod", "Node" or "Device". An empty uid writes whatever object has
+    /// that name.
     pub object: proto::ObjectRef,
     /// Grows with every report the edge makes about this object.
     pub generation: u64,
@@ -534,6 +538,7 @@ impl Attempt {
 enum StatusKind {
     Pod,
     Node,
+    Device,
 }
 
 impl StatusKind {
@@ -541,6 +546,7 @@ impl StatusKind {
         match kind {
             "Pod" => Some(StatusKind::Pod),
             "Node" => Some(StatusKind::Node),
+            devices::DEVICE_KIND => Some(StatusKind::Device),
             _ => None,
         }
     }
@@ -556,6 +562,14 @@ impl StatusKind {
                 &ApiResource::erase::<Pod>(&()),
             )),
             StatusKind::Node => Ok(Api::all_with(client, &ApiResource::erase::<Node>(&()))),
+            StatusKind::Device if namespace.is_empty() => {
+                Err("a device's status report has no namespace".into())
+            }
+            StatusKind::Device => Ok(Api::namespaced_with(
+                client,
+                namespace,
+                &crate::device_crds::device_resource(),
+            )),
         }
     }
 
@@ -587,7 +601,7 @@ impl StatusKind {
 
     fn patch(self, body: Value) -> Patch<Value> {
         match self {
-            StatusKind::Pod => Patch::Merge(body),
+            StatusKind::Pod | StatusKind::Device => Patch::Merge(body),
             StatusKind::Node => Patch::Strategic(body),
         }
     }
@@ -1287,6 +1301,29 @@ mod tests {
             Attempt::of(api_error(422, "Invalid")),
             Attempt::Done(Outcome::Failed(_), None)
         ));
+    }
+
+    #[test]
+    fn device_patches_merge_the_reported_status_with_preconditions() {
+        let live: DynamicObject = serde_json::from_value(json!({
+            "apiVersion": "devices.kubeedge.io/v1beta1", "kind": "Device",
+            "metadata": {"name": "thermo", "namespace": "default", "uid": "d1", "resourceVersion": "9"},
+            "status": {"twins": [{"propertyName": "old"}], "state": "offline"}
+        }))
+        .expect("a device");
+        let reported = json!({"twins": [{"propertyName": "t", "reported": {"value": "21"}}],
+            "state": "ok", "lastOnlineTime": "2026-01-01T00:00:00Z"});
+        assert_eq!(StatusKind::of("Device"), Some(StatusKind::Device));
+        let body = StatusKind::Device.body(&live, &reported);
+        assert_eq!(
+            body["status"], reported,
+            "the twins list replaces the live one"
+        );
+        assert_eq!(
+            body["metadata"],
+            json!({"uid": "d1", "resourceVersion": "9"})
+        );
+        assert!(matches!(StatusKind::Device.patch(body), Patch::Merge(_)));
     }
 
     /// The worker against the embedded API server: uid precondition, pod conditions kept,

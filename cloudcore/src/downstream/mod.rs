@@ -1,10 +1,11 @@
 //! What each edge node should hold, taken from the cluster through kube-rs, and the per-edge
 //! sync state that sends it (KubeEdge's edgecontroller "downstream").
 //!
-//! Watchers (pods with a `spec.nodeName`, ConfigMaps, Secrets, edge Nodes) feed an [`Index`]:
-//! for every edge node its desired set is its own Node, the pods bound to it, and the ConfigMaps
-//! and Secrets those pods reference ([`refs`]) — nothing else, in the spirit of Kubernetes' Node
-//! authorizer. The desired sets live in one [`CloudPeer`] per edge (the sans-IO engine in
+//! Watchers (pods with a `spec.nodeName`, ConfigMaps, Secrets, edge Nodes, KubeEdge's Devices
+//! and DeviceModels) feed an [`Index`]: for every edge node its desired set is its own Node, the
+//! pods bound to it, the ConfigMaps and Secrets those pods reference ([`refs`]), the Devices
+//! bound to it and the DeviceModels those reference ([`device_index`]) — nothing else, in the
+//! spirit of Kubernetes' Node authorizer. The desired sets live in one [`CloudPeer`] per edge (the sans-IO engine in
 //! `proto::sync`); tunnel sessions [`Downstream::attach`] to their peer and a pump task moves the
 //! peer's messages into the session's bounded send queue.
 //!
@@ -13,6 +14,7 @@
 //! never tells edges to delete everything) and for one of a bounded number of resync slots (so
 //! a reconnect storm is paced).
 
+pub mod device_index;
 pub mod refs;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
@@ -20,7 +22,7 @@ use std::sync::{Arc, Mutex};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Secret};
-use kube::api::Api;
+use kube::api::{Api, DynamicObject};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Resource, ResourceExt};
 use proto::HeldObject;
@@ -30,6 +32,7 @@ use serde::Serialize;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
+use crate::device_crds;
 use crate::metrics::Metrics;
 use crate::nodes::EDGE_ROLE_LABEL;
 use crate::tokens::BoundPod;
@@ -37,7 +40,36 @@ use crate::upstream::Upstream;
 use refs::{PodRefs, pod_refs};
 
 /// Kinds an edge may hold.
-pub const KINDS: [&str; 4] = ["Node", "Pod", "ConfigMap", "Secret"];
+pub const KINDS: [&str; 6] = [
+    "Node",
+    "Pod",
+    "ConfigMap",
+    "Secret",
+    devices::DEVICE_KIND,
+    devices::DEVICE_MODEL_KIND,
+];
+
+/// The kinds an edge holds because something bound to it references them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Referenced {
+    /// Referenced by a pod.
+    ConfigMap,
+    /// Referenced by a pod.
+    Secret,
+    /// Referenced by a Device (`spec.deviceModelRef`).
+    DeviceModel,
+}
+
+impl Referenced {
+    /// The object kind in the sync protocol.
+    pub fn kind(self) -> &'static str {
+        match self {
+            Referenced::ConfigMap => "ConfigMap",
+            Referenced::Secret => "Secret",
+            Referenced::DeviceModel => devices::DEVICE_MODEL_KIND,
+        }
+    }
+}
 
 /// Settings of the downstream dispatcher.
 #[derive(Debug, Clone)]
@@ -127,7 +159,11 @@ pub struct Index {
     config_maps: HashMap<(String, String), Cached>,
     secrets: HashMap<(String, String), Cached>,
     nodes: HashMap<String, Cached>,
-    /// ConfigMap/Secret key -> node -> number of that node's pods referencing it.
+    /// Devices by (namespace, name), bound to a node or not.
+    devices: HashMap<(String, String), device_index::DeviceEntry>,
+    device_models: HashMap<(String, String), Cached>,
+    /// ConfigMap/Secret/DeviceModel key -> node -> number of that node's pods or Devices
+    /// referencing it.
     referrers: HashMap<ObjectKey, HashMap<String, usize>>,
     edges: HashMap<String, EdgeState>,
 }
@@ -159,18 +195,30 @@ impl Index {
             config_maps: HashMap::new(),
             secrets: HashMap::new(),
             nodes: HashMap::new(),
+            devices: HashMap::new(),
+            device_models: HashMap::new(),
             referrers: HashMap::new(),
             edges: HashMap::new(),
         }
     }
 
-    /// The cached version of a ConfigMap or Secret.
+    /// The cached version of a ConfigMap, Secret or DeviceModel.
     fn referenced(&self, key: &ObjectKey) -> Option<&Cached> {
         let id = (key.namespace.clone(), key.name.clone());
         match key.kind.as_str() {
             "ConfigMap" => self.config_maps.get(&id),
             "Secret" => self.secrets.get(&id),
+            devices::DEVICE_MODEL_KIND => self.device_models.get(&id),
             _ => None,
+        }
+    }
+
+    /// The cache of one referenced kind.
+    fn referenced_objects(&mut self, kind: Referenced) -> &mut HashMap<(String, String), Cached> {
+        match kind {
+            Referenced::ConfigMap => &mut self.config_maps,
+            Referenced::Secret => &mut self.secrets,
+            Referenced::DeviceModel => &mut self.device_models,
         }
     }
 
@@ -197,6 +245,14 @@ impl Index {
                     peer.set_desired(pod_key(namespace, name), Some(body.desired()));
                 }
             }
+            for ((namespace, name), entry) in &self.devices {
+                if entry.node == node {
+                    peer.set_desired(
+                        device_index::device_key(namespace, name),
+                        Some(entry.cached.desired()),
+                    );
+                }
+            }
             for (key, nodes) in &self.referrers {
                 if nodes.contains_key(node)
                     && let Some(cached) = self.referenced(key)
@@ -218,8 +274,8 @@ impl Index {
             .unwrap_or_else(|| unreachable!("inserted above"))
     }
 
-    fn add_refs(&mut self, node: &str, namespace: &str, refs: &PodRefs) {
-        for key in ref_keys(namespace, refs) {
+    fn add_refs(&mut self, node: &str, keys: impl IntoIterator<Item = ObjectKey>) {
+        for key in keys {
             let count = self
                 .referrers
                 .entry(key.clone())
@@ -234,8 +290,8 @@ impl Index {
         }
     }
 
-    fn remove_refs(&mut self, node: &str, namespace: &str, refs: &PodRefs) {
-        for key in ref_keys(namespace, refs) {
+    fn remove_refs(&mut self, node: &str, keys: impl IntoIterator<Item = ObjectKey>) {
+        for key in keys {
             let Some(nodes) = self.referrers.get_mut(&key) else {
                 continue;
             };
@@ -286,14 +342,14 @@ impl Index {
         if node.is_empty() {
             self.pod_bodies.remove(&id);
             if let Some(old) = old {
-                self.remove_refs(&old.node, &namespace, &old.refs);
+                self.remove_refs(&old.node, ref_keys(&namespace, &old.refs));
             }
             return;
         }
         // Add before removing, so a reference kept across the change never drops to zero.
-        self.add_refs(&node, &namespace, &refs);
+        self.add_refs(&node, ref_keys(&namespace, &refs));
         if let Some(old) = old {
-            self.remove_refs(&old.node, &namespace, &old.refs);
+            self.remove_refs(&old.node, ref_keys(&namespace, &old.refs));
         }
         self.publish(&node, pod_key(&namespace, &name), Some(cached.desired()));
         self.pod_bodies.insert(id.clone(), cached);
@@ -314,7 +370,7 @@ impl Index {
         self.pod_bodies.remove(&id);
         if let Some(old) = self.pods.remove(&id) {
             self.publish(&old.node, pod_key(namespace, name), None);
-            self.remove_refs(&old.node, namespace, &old.refs);
+            self.remove_refs(&old.node, ref_keys(namespace, &old.refs));
         }
     }
 
@@ -325,36 +381,30 @@ impl Index {
             .unwrap_or_default()
     }
 
-    /// A ConfigMap or Secret was created or changed (`kind` is `ConfigMap` or `Secret`).
-    fn apply_referenced<K: Resource + Serialize + Clone>(&mut self, kind: &str, object: &K) {
+    /// A ConfigMap, Secret or DeviceModel was created or changed.
+    fn apply_referenced<K: Resource + Serialize + Clone>(&mut self, kind: Referenced, object: &K) {
         let namespace = object.meta().namespace.clone().unwrap_or_default();
         let name = object.meta().name.clone().unwrap_or_default();
         let cached = match cache(object) {
             Ok(c) => c,
             Err(e) => {
-                tracing::warn!(kind, object = %format!("{namespace}/{name}"), "not sent to edges: {e}");
+                tracing::warn!(kind = kind.kind(), object = %format!("{namespace}/{name}"), "not sent to edges: {e}");
                 return;
             }
         };
-        let key = ObjectKey::new(kind, &namespace, &name);
+        let key = ObjectKey::new(kind.kind(), &namespace, &name);
         for node in self.referencing_nodes(&key) {
             self.publish(&node, key.clone(), Some(cached.desired()));
         }
-        let id = (namespace, name);
-        match kind {
-            "ConfigMap" => self.config_maps.insert(id, cached),
-            _ => self.secrets.insert(id, cached),
-        };
+        self.referenced_objects(kind)
+            .insert((namespace, name), cached);
     }
 
-    fn delete_referenced(&mut self, kind: &str, namespace: &str, name: &str) {
+    /// A ConfigMap, Secret or DeviceModel was deleted.
+    pub fn delete_referenced(&mut self, kind: Referenced, namespace: &str, name: &str) {
         let id = (namespace.to_string(), name.to_string());
-        let known = match kind {
-            "ConfigMap" => self.config_maps.remove(&id).is_some(),
-            _ => self.secrets.remove(&id).is_some(),
-        };
-        if known {
-            let key = ObjectKey::new(kind, namespace, name);
+        if self.referenced_objects(kind).remove(&id).is_some() {
+            let key = ObjectKey::new(kind.kind(), namespace, name);
             for node in self.referencing_nodes(&key) {
                 self.publish(&node, key.clone(), None);
             }
@@ -363,12 +413,12 @@ impl Index {
 
     /// A ConfigMap was created or changed.
     pub fn apply_config_map(&mut self, object: &ConfigMap) {
-        self.apply_referenced("ConfigMap", object);
+        self.apply_referenced(Referenced::ConfigMap, object);
     }
 
     /// A Secret was created or changed.
     pub fn apply_secret(&mut self, object: &Secret) {
-        self.apply_referenced("Secret", object);
+        self.apply_referenced(Referenced::Secret, object);
     }
 
     /// An edge Node was created or changed.
@@ -596,7 +646,7 @@ impl Downstream {
                     .map(|c| c.uid.clone())
                     .unwrap_or_default(),
             ),
-            "Pod" => self.index().desired(node, key).map(|d| d.uid.clone()),
+            "Pod" | devices::DEVICE_KIND => self.index().desired(node, key).map(|d| d.uid.clone()),
             _ => None,
         }
     }
@@ -707,12 +757,17 @@ pub async fn run(
     let pods: Api<Pod> = Api::all(client.clone());
     let config_maps: Api<ConfigMap> = Api::all(client.clone());
     let secrets: Api<Secret> = Api::all(client.clone());
-    let nodes: Api<Node> = Api::all(client);
+    let nodes: Api<Node> = Api::all(client.clone());
+    let device_objects: Api<DynamicObject> =
+        Api::all_with(client.clone(), &device_crds::device_resource());
+    let device_models: Api<DynamicObject> = Api::all_with(client, &device_crds::model_resource());
     let pending = Arc::new(Mutex::new(BTreeSet::from([
         "pods",
         "configmaps",
         "secrets",
         "nodes",
+        devices::DEVICES,
+        devices::DEVICE_MODELS,
     ])));
     let bound = watcher::Config::default().fields("spec.nodeName!=");
     let edge_nodes = watcher::Config::default().labels(EDGE_ROLE_LABEL);
@@ -738,7 +793,7 @@ pub async fn run(
             },
             watcher(config_maps, watcher::Config::default()).default_backoff(),
             |i, c| i.apply_config_map(c),
-            |i, namespace, name| i.delete_referenced("ConfigMap", namespace, name),
+            |i, namespace, name| i.delete_referenced(Referenced::ConfigMap, namespace, name),
             |_| {},
         ),
         follow(
@@ -750,7 +805,7 @@ pub async fn run(
             },
             watcher(secrets, watcher::Config::default()).default_backoff(),
             |i, s| i.apply_secret(s),
-            |i, namespace, name| i.delete_referenced("Secret", namespace, name),
+            |i, namespace, name| i.delete_referenced(Referenced::Secret, namespace, name),
             |_| {},
         ),
         follow(
@@ -766,6 +821,36 @@ pub async fn run(
             |change| observe(&upstream, "Node", change, |n| status_json(
                 n.status.as_ref()
             )),
+        ),
+        // Devices and models: in kube mode their definitions may not be installed; the watch
+        // then counts as listed (empty) and keeps retrying (`follow`).
+        follow(
+            Watched {
+                resource: devices::DEVICES,
+                downstream: &downstream,
+                pending: &pending,
+                shutdown: &shutdown,
+            },
+            watcher(device_objects, watcher::Config::default())
+                .backoff(device_index::DefinitionBackoff::new()),
+            |i, d| i.apply_device(d),
+            |i, namespace, name| i.delete_device(namespace, name),
+            |change| observe(&upstream, devices::DEVICE_KIND, change, |d| {
+                d.data["status"].clone()
+            }),
+        ),
+        follow(
+            Watched {
+                resource: devices::DEVICE_MODELS,
+                downstream: &downstream,
+                pending: &pending,
+                shutdown: &shutdown,
+            },
+            watcher(device_models, watcher::Config::default())
+                .backoff(device_index::DefinitionBackoff::new()),
+            |i, m| i.apply_device_model(m),
+            |i, namespace, name| i.delete_referenced(Referenced::DeviceModel, namespace, name),
+            |_| {},
         ),
     );
 }
@@ -835,6 +920,15 @@ async fn follow<K, S>(
     // (namespace, name) of every object seen, to delete what a relist no longer has.
     let mut known: HashSet<(String, String)> = HashSet::new();
     let mut relisted: Option<HashSet<(String, String)>> = None;
+    // The API does not serve the resource (a custom resource whose definition is missing).
+    let mut unserved = false;
+    let listed = || {
+        let mut pending = pending.lock().unwrap_or_else(|p| p.into_inner());
+        if pending.remove(resource) && pending.is_empty() {
+            tracing::info!("edge objects cached; resyncs may start");
+            downstream.synced.send_replace(true);
+        }
+    };
     loop {
         let event = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -875,15 +969,42 @@ async fn follow<K, S>(
                     downstream.update(|i| delete(i, namespace, name));
                 }
                 known = seen;
-                let mut pending = pending.lock().unwrap_or_else(|p| p.into_inner());
-                if pending.remove(resource) && pending.is_empty() {
-                    tracing::info!("edge objects cached; resyncs may start");
-                    downstream.synced.send_replace(true);
+                if std::mem::take(&mut unserved) {
+                    tracing::info!(resource, "the API serves the resource now");
                 }
+                listed();
+            }
+            // Not served: as good as an empty list, so neither resyncs nor readiness wait for
+            // a definition that may never be installed. The stream keeps retrying.
+            Err(e) if not_served(&e) => {
+                if !unserved {
+                    tracing::warn!(
+                        resource,
+                        "the API does not serve this resource (is its CustomResourceDefinition installed?); none are relayed until it does"
+                    );
+                    unserved = true;
+                }
+                relisted = None;
+                for (namespace, name) in known.drain() {
+                    downstream.update(|i| delete(i, &namespace, &name));
+                }
+                listed();
             }
             // The stream backs off and retries by itself.
             Err(e) => tracing::warn!(resource, error = %e, "watch failed; retrying"),
         }
+    }
+}
+
+/// Whether a watch failed because the API does not serve the resource at all (404 on the list
+/// or the watch), as for a custom resource whose definition is not installed. The code decides:
+/// kube-apiserver answers an unknown group with a plain-text "404 page not found", which has
+/// no `NotFound` reason.
+fn not_served(error: &watcher::Error) -> bool {
+    match error {
+        watcher::Error::InitialListFailed(kube::Error::Api(status))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(status)) => status.code == 404,
+        _ => false,
     }
 }
 
@@ -1001,7 +1122,7 @@ mod tests {
         index.apply_config_map(&config_map("cm", 2));
         index.apply_secret(&secret("s", 3));
         index.apply_pod(&pod("p", "n1", "cm", "s", 4));
-        index.delete_referenced("Secret", "ns", "s");
+        index.delete_referenced(Referenced::Secret, "ns", "s");
         assert_eq!(wants(&index, "n1", "Secret", "s"), None);
         // It comes back when it is created again.
         index.apply_secret(&secret("s", 7));
@@ -1032,6 +1153,30 @@ mod tests {
         let value: serde_json::Value = serde_json::from_slice(body).expect("json");
         assert!(value["metadata"].get("managedFields").is_none(), "{value}");
         assert_eq!(value["data"]["k"], "v");
+    }
+
+    #[test]
+    fn a_404_list_or_watch_means_not_served() {
+        let api = |code: u16, reason: &str| {
+            let status: kube::core::Status = serde_json::from_value(
+                json!({"status": "Failure", "code": code, "reason": reason, "message": "m"}),
+            )
+            .expect("a status");
+            kube::Error::Api(Box::new(status))
+        };
+        // kube-apiserver's plain-text 404 for an unknown group, and the embedded API's Status.
+        assert!(not_served(&watcher::Error::InitialListFailed(api(
+            404,
+            "Failed to parse error data"
+        ))));
+        assert!(not_served(&watcher::Error::WatchStartFailed(api(
+            404, "NotFound"
+        ))));
+        assert!(!not_served(&watcher::Error::InitialListFailed(api(
+            403,
+            "Forbidden"
+        ))));
+        assert!(!not_served(&watcher::Error::NoResourceVersion));
     }
 
     #[tokio::test]
