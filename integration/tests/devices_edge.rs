@@ -231,14 +231,12 @@ fn device_twins_at_the_edge_kube() {
             .expect("deploy/kubernetes/devices-crds.yaml (the device CRDs)");
     cluster.kubectl_ok(&["apply", "-f", "-"], Some(&crds));
     let credentials = cluster.cloudcore_credentials(|rbac| rbac);
-    let port = integration::free_tcp_port();
-    let ports = format!("{port}-{port}");
     let cloud = Cloud::start_kube(
         &tmp.path().join("cloud"),
         &cluster,
         &credentials,
         std::net::Ipv4Addr::LOCALHOST.into(),
-        &["--kubelet-ports", &ports],
+        &[],
     )
     .unwrap_or_else(|e| panic!("{e:#}"));
     assert!(
