@@ -492,8 +492,6 @@ fn run_all_checks(mode: Mode) {
                     .collect()
             };
             let pair = |kind: &str, name: &str| (kind.to_string(), name.to_string());
-            let mut edge1 = kinds(&site.edge1_dir);
-            edge1.sort();
             let mut expected1 = vec![
                 pair("Device", PANEL),
                 pair("Device", THERMO),
@@ -501,6 +499,14 @@ fn run_all_checks(mode: Mode) {
                 pair("DeviceModel", THERMO_MODEL),
             ];
             expected1.sort();
+            // Devices and models come from two watches, so a model may land a moment after
+            // the device that names it.
+            let mut edge1 = Vec::new();
+            eventually(Duration::from_secs(10), || {
+                edge1 = kinds(&site.edge1_dir);
+                edge1.sort();
+                edge1 == expected1
+            });
             assert_eq!(
                 edge1, expected1,
                 "edge-1 holds exactly its devices and their models"
