@@ -674,11 +674,21 @@ pub struct JoinToken {
 
 /// `cloudcore token create --uses N -o json`, through the real CLI.
 pub async fn create_token(binary: &Path, cloud: &Cloud, uses: usize) -> Result<JoinToken> {
+    create_token_in(binary, &cloud.dir, &cloud.address(), uses).await
+}
+
+/// [`create_token`] for a cloudcore data dir `data_dir` serving at `address`.
+pub async fn create_token_in(
+    binary: &Path,
+    data_dir: &Path,
+    address: &str,
+    uses: usize,
+) -> Result<JoinToken> {
     let output = tokio::process::Command::new(binary)
         .args(["token", "create", "--data-dir"])
-        .arg(&cloud.dir)
+        .arg(data_dir)
         .args(["--uses", &uses.to_string(), "-o", "json"])
-        .args(["--cloud", &cloud.address()])
+        .args(["--cloud", address])
         .stdin(std::process::Stdio::null())
         .output()
         .await

@@ -204,11 +204,7 @@ async fn measure(cli: &Cli, cloud: &mut Cloud, dir: &Path) -> Result<Report> {
 }
 
 /// The output of `cloudcore token create -o json` that joins need.
-struct Token {
-    token: String,
-    ca_hash: String,
-    cloud: String,
-}
+type Token = bench::JoinToken;
 
 /// The join phase's figures.
 struct JoinPhase {
@@ -520,34 +516,13 @@ impl Cloud {
 
     /// `cloudcore token create --uses N -o json`, through the real CLI.
     async fn create_token(&self, uses: usize) -> Result<Token> {
-        let output = Command::new(&self.binary)
-            .args(["token", "create", "--data-dir"])
-            .arg(&self.data_dir)
-            .args(["--uses", &uses.to_string(), "-o", "json"])
-            .args(["--cloud", &self.address().to_string()])
-            .stdin(Stdio::null())
-            .output()
-            .await
-            .context("cannot run `cloudcore token create`")?;
-        ensure!(
-            output.status.success(),
-            "`cloudcore token create` failed ({}): {}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
-        let value: Value = serde_json::from_slice(&output.stdout)
-            .context("`cloudcore token create -o json` printed no JSON")?;
-        let field = |name: &str| {
-            value[name]
-                .as_str()
-                .map(str::to_string)
-                .with_context(|| format!("`cloudcore token create -o json` has no {name:?}"))
-        };
-        Ok(Token {
-            token: field("token")?,
-            ca_hash: field("ca_hash")?,
-            cloud: field("cloud")?,
-        })
+        bench::create_token_in(
+            &self.binary,
+            &self.data_dir,
+            &self.address().to_string(),
+            uses,
+        )
+        .await
     }
 
     /// One series from `/metrics`.
