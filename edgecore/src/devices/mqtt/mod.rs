@@ -167,19 +167,9 @@ impl<D: DeviceAccess> Speaker<D> {
 
     async fn twin_update(&mut self, namespace: &str, name: &str, body: &[u8]) -> Vec<Outgoing> {
         const SUFFIX: &str = payload::TWIN_UPDATE_RESULT;
-        let message: TwinMessage = match serde_json::from_slice(body) {
+        let message: TwinMessage = match decode(namespace, name, SUFFIX, body, "a twin update") {
             Ok(m) => m,
-            Err(e) => {
-                let reason = format!("payload is not a twin update: {e}");
-                return vec![Outgoing::error(
-                    namespace,
-                    name,
-                    SUFFIX,
-                    String::new(),
-                    BAD_REQUEST,
-                    reason,
-                )];
-            }
+            Err(refusal) => return vec![*refusal],
         };
         let event_id = message.base.event_id;
         let refuse = |code, reason: String| {
@@ -299,19 +289,9 @@ impl<D: DeviceAccess> Speaker<D> {
         let base: BaseMessage = if body.iter().all(u8::is_ascii_whitespace) {
             BaseMessage::default()
         } else {
-            match serde_json::from_slice(body) {
+            match decode(namespace, name, SUFFIX, body, "a twin get") {
                 Ok(b) => b,
-                Err(e) => {
-                    let reason = format!("payload is not a twin get: {e}");
-                    return Outgoing::error(
-                        namespace,
-                        name,
-                        SUFFIX,
-                        String::new(),
-                        BAD_REQUEST,
-                        reason,
-                    );
-                }
+                Err(refusal) => return *refusal,
             }
         };
         let Some(view) = self.devices.twin(namespace, name) else {
@@ -327,19 +307,9 @@ impl<D: DeviceAccess> Speaker<D> {
 
     async fn state_update(&mut self, namespace: &str, name: &str, body: &[u8]) -> Vec<Outgoing> {
         const SUFFIX: &str = payload::STATE_UPDATE_RESULT;
-        let update: StateUpdate = match serde_json::from_slice(body) {
+        let update: StateUpdate = match decode(namespace, name, SUFFIX, body, "a state update") {
             Ok(u) => u,
-            Err(e) => {
-                let reason = format!("payload is not a state update: {e}");
-                return vec![Outgoing::error(
-                    namespace,
-                    name,
-                    SUFFIX,
-                    String::new(),
-                    BAD_REQUEST,
-                    reason,
-                )];
-            }
+            Err(refusal) => return vec![*refusal],
         };
         let event_id = update.base.event_id;
         let Some(state) = normalize_state(&update.state) else {
@@ -614,6 +584,26 @@ async fn poll(
             }
         }
     }
+}
+
+/// `body` as a `T`, or the 400 answer on `suffix` naming what the payload should have been.
+fn decode<T: serde::de::DeserializeOwned>(
+    namespace: &str,
+    name: &str,
+    suffix: &str,
+    body: &[u8],
+    what: &str,
+) -> Result<T, Box<Outgoing>> {
+    serde_json::from_slice(body).map_err(|e| {
+        Box::new(Outgoing::error(
+            namespace,
+            name,
+            suffix,
+            String::new(),
+            BAD_REQUEST,
+            format!("payload is not {what}: {e}"),
+        ))
+    })
 }
 
 #[cfg(test)]
