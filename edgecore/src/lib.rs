@@ -18,6 +18,7 @@ pub mod node;
 pub mod outbox;
 pub mod pods;
 pub mod replica;
+pub mod services;
 pub mod store;
 pub mod streams;
 pub mod tls;
@@ -41,6 +42,8 @@ pub struct RunConfig {
     /// Max pods and reserved resources of the Node this gateway reports.
     pub node: node::NodeConfig,
     pub devices: devices::DevicesConfig,
+    /// The data path, DNS and environment variables of Services (docs/services.md).
+    pub services: services::ServicesConfig,
 }
 
 /// `edgecore run` could not start or lost its identity.
@@ -68,6 +71,8 @@ pub enum RunError {
     Lock(#[from] daemon::datadir::LockError),
     #[error(transparent)]
     DataDir(#[from] daemon::files::FileError),
+    #[error("cannot start the services")]
+    Services(#[from] services::ServicesError),
 }
 
 /// The lock file `run` holds in its data dir.
@@ -149,6 +154,16 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
         &tracker,
         shutdown.clone(),
     )?;
+    // Services before pods: a pod started now sees its Services' environment variables.
+    let services = services::start(
+        config.services.clone(),
+        config.hub.data_dir.clone(),
+        identity.config.node_name.clone(),
+        replica.subscribe(),
+        outbox.clone(),
+        &tracker,
+        shutdown.clone(),
+    )?;
     let mut pod_requests = None;
     if let Some(cri) = &runtime {
         let cloud = config
@@ -164,6 +179,7 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
             outbox: outbox.clone(),
             tokens: tokens.clone(),
             events: events.clone(),
+            services: services.clone(),
         };
         let host_ip = context
             .host_ip

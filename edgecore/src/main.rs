@@ -108,6 +108,14 @@ enum Command {
         /// Calls per second edgecore makes to one mapper (burst: twice it).
         #[arg(long, default_value_t = 20.0)]
         mapper_qps: f64,
+        #[command(flatten)]
+        services: ServicesArgs,
+    },
+    /// Remove what edgecore put into the gateway's network (its nftables table, the cluster
+    /// DNS address on lo), for an uninstall; pods and the data dir are left alone.
+    Cleanup {
+        #[command(flatten)]
+        services: ServicesArgs,
     },
     /// Images for gateways without a registry.
     Images {
@@ -119,6 +127,88 @@ enum Command {
         #[command(subcommand)]
         command: CtlCommand,
     },
+}
+
+/// Services at the edge (docs/services.md).
+#[derive(clap::Args, Debug)]
+struct ServicesArgs {
+    /// The Services data path: `nftables` (a table of edgecore's own), or `none`.
+    #[arg(long, env = "EDGECORE_SERVICE_PROXY", default_value = "nftables")]
+    service_proxy: String,
+    /// The nftables table (family ip) edgecore creates and alone writes.
+    #[arg(long, default_value = edgecore::services::DEFAULT_NFT_TABLE)]
+    nft_table: String,
+    /// Where the cluster DNS server answers (an address edgecore puts on lo), or `none`:
+    /// then ClusterFirst pods get the gateway's resolv.conf.
+    #[arg(long, env = "EDGECORE_CLUSTER_DNS", default_value = "169.254.96.16")]
+    cluster_dns: String,
+    /// The cluster domain.
+    #[arg(long, default_value = edgecore::services::DEFAULT_CLUSTER_DOMAIN)]
+    cluster_domain: String,
+    /// The resolv.conf whose nameservers answer names outside the cluster domain.
+    #[arg(long, default_value = edgecore::services::DEFAULT_DNS_UPSTREAM)]
+    dns_upstream: PathBuf,
+}
+
+impl ServicesArgs {
+    /// The settings, checked: `none` turns the data path or the DNS off.
+    fn config(&self) -> Result<edgecore::services::ServicesConfig, String> {
+        let proxy = match self.service_proxy.as_str() {
+            "nftables" => true,
+            "none" => false,
+            other => {
+                return Err(format!(
+                    "--service-proxy must be nftables or none, not {other:?}"
+                ));
+            }
+        };
+        let cluster_dns = match self.cluster_dns.as_str() {
+            "none" => None,
+            address => Some(address.parse().map_err(|_| {
+                format!("--cluster-dns must be an IP address or none, not {address:?}")
+            })?),
+        };
+        if !valid_table_name(&self.nft_table) {
+            return Err(format!(
+                "--nft-table must be 1 to 64 letters, digits, '-' or '_', not {:?}",
+                self.nft_table
+            ));
+        }
+        let domain = self.cluster_domain.trim_end_matches('.');
+        if domain.is_empty()
+            || domain.len() > 253
+            || !domain.split('.').all(|label| {
+                !label.is_empty()
+                    && label.len() <= 63
+                    && label
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                    && !label.starts_with('-')
+                    && !label.ends_with('-')
+            })
+        {
+            return Err(format!(
+                "--cluster-domain must be a lower-case DNS name, not {:?}",
+                self.cluster_domain
+            ));
+        }
+        Ok(edgecore::services::ServicesConfig {
+            proxy,
+            nft_table: self.nft_table.clone(),
+            cluster_dns,
+            cluster_domain: domain.to_string(),
+            dns_upstream: self.dns_upstream.clone(),
+        })
+    }
+}
+
+/// An nftables table name edgecore accepts: nothing the nft parser could read as syntax.
+fn valid_table_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        && name.as_bytes()[0].is_ascii_alphabetic()
 }
 
 #[derive(Subcommand, Debug)]
@@ -230,6 +320,25 @@ fn main() -> ExitCode {
     daemon::logging::init(cli.log_format);
     match cli.command {
         Command::Ctl { command } => ctl(command),
+        Command::Cleanup { services } => {
+            let config = match services.config() {
+                Ok(config) => config,
+                Err(message) => {
+                    eprintln!("error: {message}");
+                    return ExitCode::from(EXIT_USAGE);
+                }
+            };
+            let Some(runtime) = runtime() else {
+                return ExitCode::FAILURE;
+            };
+            match runtime.block_on(edgecore::services::cleanup(&config)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {}", daemon::error_chain(&e));
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Images {
             command:
                 ImagesCommand::Import {
@@ -336,6 +445,7 @@ fn main() -> ExitCode {
             dmi_socket,
             mqtt_broker,
             mapper_qps,
+            services,
         } => {
             if token_refresh_max < Duration::from_secs(1) {
                 eprintln!("error: --token-refresh-max must be at least 1s");
@@ -343,6 +453,13 @@ fn main() -> ExitCode {
             }
             let devices = match devices_config(&dmi_socket, &mqtt_broker, mapper_qps) {
                 Ok(devices) => devices,
+                Err(message) => {
+                    eprintln!("error: {message}");
+                    return ExitCode::from(EXIT_USAGE);
+                }
+            };
+            let services = match services.config() {
+                Ok(services) => services,
                 Err(message) => {
                     eprintln!("error: {message}");
                     return ExitCode::from(EXIT_USAGE);
@@ -365,6 +482,7 @@ fn main() -> ExitCode {
                     reserved: system_reserved,
                 },
                 devices,
+                services,
             };
             let result = runtime.block_on(async {
                 let shutdown = CancellationToken::new();

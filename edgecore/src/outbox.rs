@@ -162,6 +162,9 @@ pub struct Outbox {
     ready: Notify,
     /// Wakes the writer: something changed that the store does not hold yet.
     dirty: Notify,
+    /// Counts the statuses put, for local readers that follow them without the cloud
+    /// ([`Outbox::subscribe_puts`]).
+    puts: watch::Sender<u64>,
     metrics: Arc<Metrics>,
 }
 
@@ -262,6 +265,7 @@ impl Outbox {
             state: Mutex::new(state),
             ready: Notify::new(),
             dirty: Notify::new(),
+            puts: watch::Sender::new(0),
             metrics,
         });
         let writer = OutboxWriter {
@@ -322,6 +326,24 @@ impl Outbox {
         if failing {
             self.ready.notify_one();
         }
+        self.puts.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Changes whenever a report is put: the service table follows local pods' readiness
+    /// through it, with or without the cloud.
+    pub fn subscribe_puts(&self) -> watch::Receiver<u64> {
+        self.puts.subscribe()
+    }
+
+    /// The latest status put for every object of `kind` (acknowledged or not, including what
+    /// an earlier run put), with deleted pods' last status left out.
+    pub fn statuses(&self, kind: &str) -> Vec<(ObjectRef, Value)> {
+        self.state()
+            .entries
+            .iter()
+            .filter(|(object, entry)| object.kind == kind && !entry.pod_deleted)
+            .filter_map(|(object, entry)| Some((object.clone(), entry.status.clone()?)))
+            .collect()
     }
 
     /// Makes every acknowledged status due again (not pod deletions, which are final): the
@@ -355,6 +377,7 @@ impl Outbox {
             self.count_pending(&state);
             drop(state);
             self.dirty.notify_one();
+            self.puts.send_modify(|n| *n = n.wrapping_add(1));
         }
     }
 

@@ -203,6 +203,13 @@ fn start_edge_command(
         .args(["--metrics-listen", "127.0.0.1:0"])
         .args(extra)
         .env("RUST_LOG", "info");
+    // Benches' edges share the machine's network namespace: no data path or DNS of Services
+    // unless a bench asks for them.
+    for flag in ["--service-proxy", "--cluster-dns"] {
+        if !extra.iter().any(|a| *a == flag) {
+            command.args([flag, "none"]);
+        }
+    }
     let log = dir.join("run.log");
     // The guard first: an edgecore that does not come up is killed when this returns.
     let mut edge = Edge {
@@ -798,6 +805,7 @@ pub async fn run_edge(
             cri_endpoint: None,
             node: edgecore::node::NodeConfig::default(),
             devices: devices.clone(),
+            services: edgecore::services::ServicesConfig::disabled(),
         };
         let shutdown = tokio_util::sync::CancellationToken::new();
         let mut edge = RunningEdge {

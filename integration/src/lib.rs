@@ -773,8 +773,10 @@ impl Edge {
     }
 }
 
-/// The device flags `edgecore run` gets unless `extra` gives them: `--dmi-socket DIR/dmi.sock`
-/// and `--mqtt-broker none`.
+/// The flags `edgecore run` gets unless `extra` gives them: `--dmi-socket DIR/dmi.sock`,
+/// `--mqtt-broker none`, `--service-proxy none` and `--cluster-dns none` (edges of parallel
+/// tests share the root network namespace; a test of Services runs its gateway in a namespace
+/// of its own and turns them on).
 fn device_defaults(dir: &Path, extra: &[&str]) -> Vec<String> {
     let given = |flag: &str| {
         extra
@@ -788,6 +790,11 @@ fn device_defaults(dir: &Path, extra: &[&str]) -> Vec<String> {
     }
     if !given("--mqtt-broker") {
         flags.extend(["--mqtt-broker".to_string(), "none".to_string()]);
+    }
+    for flag in ["--service-proxy", "--cluster-dns"] {
+        if !given(flag) {
+            flags.extend([flag.to_string(), "none".to_string()]);
+        }
     }
     flags
 }

@@ -372,6 +372,7 @@ mod tests {
             outbox,
             tokens: crate::tokens::Tokens::in_memory(crate::tokens::DEFAULT_REFRESH_MAX),
             events: crate::events::Events::new(16, metrics),
+            services: crate::services::Services::detached(),
         };
         let shutdown = CancellationToken::new();
         let cancel = shutdown.clone();

@@ -88,6 +88,8 @@ pub struct Context {
     pub tokens: Arc<Tokens>,
     /// The pods' events for the cloud (`edgecore::events`).
     pub events: Arc<Events>,
+    /// The service table (environment variables) and the cluster DNS (resolv.conf).
+    pub services: crate::services::Services,
 }
 
 /// Runtime objects found at start for this pod (adoption).
@@ -1649,6 +1651,7 @@ mod tests {
             outbox,
             tokens: Tokens::in_memory(crate::tokens::DEFAULT_REFRESH_MAX),
             events: crate::events::Events::new(16, metrics.clone()),
+            services: crate::services::Services::detached(),
         });
         Worker::new(ctx, pod)
     }

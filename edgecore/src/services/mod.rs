@@ -1,0 +1,151 @@
+//! Services at the edge, built in (what KubeEdge leaves to EdgeMesh, and a kubelet node gets
+//! from kube-proxy and the cluster DNS): pods on this gateway reach Services by cluster IP and
+//! by name, and the LAN reaches NodePorts, from the local store alone ([docs/services.md]).
+//!
+//! - [`table`]: the service table, rebuilt from the store and the local pods' statuses;
+//! - [`proxy`]: the data path, one nftables table of edgecore's own, replaced atomically;
+//! - [`dns`]: the cluster DNS server on `--cluster-dns`, forwarding other names upstream;
+//! - [`env`]: the Service environment variables the kubelet gives containers.
+
+pub mod dns;
+pub mod env;
+pub mod proxy;
+pub mod table;
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::outbox::Outbox;
+pub use table::ServiceTable;
+
+/// The cluster DNS address by default: a link-local address, as EdgeMesh and NodeLocal
+/// DNSCache use, so it can never clash with a pod or Service range.
+pub const DEFAULT_CLUSTER_DNS: IpAddr = IpAddr::V4(Ipv4Addr::new(169, 254, 96, 16));
+/// The cluster domain by default (kubelet's `--cluster-domain`).
+pub const DEFAULT_CLUSTER_DOMAIN: &str = "cluster.local";
+/// The nftables table (family `ip`) edgecore owns by default.
+pub const DEFAULT_NFT_TABLE: &str = "edgecore";
+/// The resolver configuration whose nameservers get the names outside the cluster domain.
+pub const DEFAULT_DNS_UPSTREAM: &str = "/etc/resolv.conf";
+
+/// Settings of the services at the edge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServicesConfig {
+    /// Program the data path (`--service-proxy nftables`); `false` for `none`.
+    pub proxy: bool,
+    /// The nftables table (family `ip`) edgecore creates and alone writes (`--nft-table`).
+    pub nft_table: String,
+    /// Where the DNS server answers, an address edgecore puts on `lo` (`--cluster-dns`);
+    /// `None` (`none`) serves no DNS, and `ClusterFirst` pods get the gateway's resolv.conf, as
+    /// with a kubelet without `clusterDNS`.
+    pub cluster_dns: Option<IpAddr>,
+    /// The cluster domain (`--cluster-domain`).
+    pub cluster_domain: String,
+    /// The resolv.conf whose nameservers get every other name (`--dns-upstream`).
+    pub dns_upstream: PathBuf,
+}
+
+impl Default for ServicesConfig {
+    fn default() -> Self {
+        ServicesConfig {
+            proxy: true,
+            nft_table: DEFAULT_NFT_TABLE.to_string(),
+            cluster_dns: Some(DEFAULT_CLUSTER_DNS),
+            cluster_domain: DEFAULT_CLUSTER_DOMAIN.to_string(),
+            dns_upstream: PathBuf::from(DEFAULT_DNS_UPSTREAM),
+        }
+    }
+}
+
+impl ServicesConfig {
+    /// Neither data path nor DNS (in-process test edges and benches); the table is still kept
+    /// for the pods' environment variables.
+    pub fn disabled() -> ServicesConfig {
+        ServicesConfig {
+            proxy: false,
+            cluster_dns: None,
+            ..ServicesConfig::default()
+        }
+    }
+}
+
+/// The services could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServicesError {
+    #[error("cannot read the local store")]
+    Store(#[from] crate::store::StoreError),
+    #[error(transparent)]
+    Proxy(#[from] proxy::ProxyError),
+    #[error(transparent)]
+    Dns(#[from] dns::DnsError),
+}
+
+/// The running services: the current table, for the pods' environment variables.
+#[derive(Debug, Clone)]
+pub struct Services {
+    pub table: watch::Receiver<Arc<ServiceTable>>,
+    /// What `ClusterFirst` pods get in their resolv.conf; `None` without DNS.
+    pub pod_dns: Option<PodDns>,
+}
+
+impl Services {
+    /// An empty table and no DNS, for tests of code that reads them.
+    pub fn detached() -> Services {
+        Services {
+            table: watch::Sender::new(Arc::new(ServiceTable::default())).subscribe(),
+            pod_dns: None,
+        }
+    }
+}
+
+/// The cluster DNS as pods see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodDns {
+    pub server: IpAddr,
+    pub cluster_domain: String,
+}
+
+/// Builds the table from the store, then keeps it current (store commits, local pod
+/// statuses) and starts the data path and the DNS server as `config` says. The first table is
+/// built before this returns, so pods started after it see their Services. On `shutdown` the
+/// data path's rules and the DNS address are removed (a killed edgecore leaves them in place,
+/// and the next start takes them over).
+pub fn start(
+    config: ServicesConfig,
+    data_dir: PathBuf,
+    node_name: String,
+    store_changed: watch::Receiver<u64>,
+    outbox: Arc<Outbox>,
+    tracker: &TaskTracker,
+    shutdown: CancellationToken,
+) -> Result<Services, ServicesError> {
+    let _ = (
+        &data_dir,
+        &node_name,
+        &store_changed,
+        &outbox,
+        tracker,
+        &shutdown,
+    );
+    let (_tx, table) = watch::channel(Arc::new(ServiceTable::default()));
+    let pod_dns = config.cluster_dns.map(|server| PodDns {
+        server,
+        cluster_domain: config.cluster_domain.clone(),
+    });
+    Ok(Services { table, pod_dns })
+}
+
+/// `edgecore cleanup`: removes what the services put on this gateway (the nftables table
+/// named in `config`, the DNS address on `lo`), for an uninstall after edgecore was killed.
+pub async fn cleanup(config: &ServicesConfig) -> Result<(), ServicesError> {
+    proxy::cleanup(&config.nft_table).await?;
+    if let Some(address) = config.cluster_dns {
+        dns::remove_address(address).await?;
+    }
+    Ok(())
+}
