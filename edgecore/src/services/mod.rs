@@ -121,6 +121,7 @@ pub fn start(
     node_name: String,
     store_changed: watch::Receiver<u64>,
     outbox: Arc<Outbox>,
+    metrics: Arc<crate::metrics::Metrics>,
     tracker: &TaskTracker,
     shutdown: CancellationToken,
 ) -> Result<Services, ServicesError> {
@@ -133,6 +134,16 @@ pub fn start(
         &shutdown,
     );
     let (_tx, table) = watch::channel(Arc::new(ServiceTable::default()));
+    if let Some(address) = config.cluster_dns {
+        dns::spawn(
+            address,
+            &config,
+            table.clone(),
+            metrics,
+            tracker,
+            shutdown.clone(),
+        )?;
+    }
     let pod_dns = config.cluster_dns.map(|server| PodDns {
         server,
         cluster_domain: config.cluster_domain.clone(),
