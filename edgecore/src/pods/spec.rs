@@ -2317,6 +2317,33 @@ mod tests {
         }
     }
 
+    #[test]
+    fn service_variables_come_last_and_the_containers_own_win() {
+        let p = pod_with(
+            json!({}),
+            json!({"env": [
+                {"name": "WEB_SERVICE_PORT", "value": "8080"},
+                {"name": "URL", "value": "http://$(WEB_SERVICE_HOST):$(WEB_SERVICE_PORT)"},
+            ]}),
+        );
+        let c = p.spec.as_ref().expect("spec").containers[0].clone();
+        let services = [
+            ("WEB_SERVICE_HOST".to_string(), "10.96.0.10".to_string()),
+            ("WEB_SERVICE_PORT".to_string(), "80".to_string()),
+            ("WEB_PORT".to_string(), "tcp://10.96.0.10:80".to_string()),
+        ];
+        let env = container_env(&p, &c, &objects(), &services, "10.99.0.7", "edge-1").expect("env");
+        assert_eq!(
+            env,
+            kv(&[
+                ("WEB_SERVICE_PORT", "8080"),
+                ("URL", "http://10.96.0.10:8080"),
+                ("WEB_SERVICE_HOST", "10.96.0.10"),
+                ("WEB_PORT", "tcp://10.96.0.10:80"),
+            ])
+        );
+    }
+
     fn env_of(container: serde_json::Value) -> Result<Vec<api::KeyValue>, EnvError> {
         let mut p = pod_with(
             json!({"nodeName": "stored-node", "serviceAccountName": "sa"}),
