@@ -442,7 +442,7 @@ enum Lookup {
         additionals: Vec<Record>,
     },
     /// An ExternalName Service: its CNAME, then the target's records of the type asked for.
-    Alias { cname: Record, target: Name },
+    Alias { cname: Box<Record>, target: Name },
     /// No such name.
     NxDomain,
 }
@@ -629,7 +629,10 @@ fn service_lookup(
         let cname = Record::from_rdata(owner.clone(), TTL, RData::CNAME(CNAME(target.clone())));
         return match qtype {
             RecordType::CNAME => Lookup::answers(vec![cname]),
-            _ => Lookup::Alias { cname, target },
+            _ => Lookup::Alias {
+                cname: Box::new(cname),
+                target,
+            },
         };
     }
     match qtype {
@@ -808,7 +811,7 @@ impl ClusterDns {
             },
             Some(Lookup::Alias { cname, target }) => {
                 // The target's records too: stub resolvers do not chase a lone CNAME.
-                let mut answers = vec![cname];
+                let mut answers = vec![*cname];
                 match cluster_lookup(&table, &self.zone, &target, qtype) {
                     Some(Lookup::Found { answers: more, .. }) => answers.extend(more),
                     Some(_) => {}

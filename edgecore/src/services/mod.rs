@@ -115,6 +115,8 @@ pub struct PodDns {
 /// built before this returns, so pods started after it see their Services. On `shutdown` the
 /// data path's rules and the DNS address are removed (a killed edgecore leaves them in place,
 /// and the next start takes them over).
+// What the services read (store, statuses), export (metrics) and run under (tracker, shutdown).
+#[allow(clippy::too_many_arguments)]
 pub fn start(
     config: ServicesConfig,
     data_dir: PathBuf,
