@@ -212,7 +212,7 @@ pub enum FieldError {
 ///
 /// - hostname: `spec.hostname`, else the pod name, cut to 63 bytes and stripped of trailing
 ///   `-`/`.` (kubelet); empty for hostNetwork pods, which keep the node's. `subdomain` and
-///   `setHostnameAsFQDN` are ignored: there is no cluster domain here.
+///   `setHostnameAsFQDN` are ignored (not supported yet, docs/services.md).
 /// - DNS: `dns`, from [`pod_dns_config`].
 /// - port mappings: every container port with a hostPort (not for hostNetwork pods, where the
 ///   ports are the host's own).
