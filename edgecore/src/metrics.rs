@@ -47,6 +47,8 @@ pub struct Metrics {
     pub device_reports_ignored: Counter,
     /// Device status reports put into the outbox.
     pub device_reports: Counter,
+    /// Queries the cluster DNS answered, by result (`edgecore::services::dns`).
+    dns_queries: Family<Vec<(&'static str, &'static str)>, Counter>,
 }
 
 impl Default for Metrics {
@@ -172,6 +174,12 @@ impl Default for Metrics {
             "Device status reports put into the outbox for the cloud (coalesced per device and report cycle)",
             device_reports.clone(),
         );
+        let dns_queries = Family::<Vec<(&'static str, &'static str)>, Counter>::default();
+        registry.register(
+            "edgecore_dns_queries",
+            "Queries the cluster DNS answered, by result: cluster (from the service table), nxdomain (unknown name of the cluster domain), forwarded (answered upstream), failed (SERVFAIL: no upstream answered), refused (not a query)",
+            dns_queries.clone(),
+        );
         Metrics {
             registry,
             cloud_connected,
@@ -194,6 +202,7 @@ impl Default for Metrics {
             device_twin_updates,
             device_reports_ignored,
             device_reports,
+            dns_queries,
         }
     }
 }
@@ -210,6 +219,13 @@ impl Metrics {
     pub fn event_dropped(&self, reason: &'static str) {
         self.events_dropped
             .get_or_create(&vec![("reason", reason)])
+            .inc();
+    }
+
+    /// Counts a query the cluster DNS answered with `result`.
+    pub fn dns_query(&self, result: &'static str) {
+        self.dns_queries
+            .get_or_create(&vec![("result", result)])
             .inc();
     }
 

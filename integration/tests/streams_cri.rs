@@ -50,7 +50,7 @@ async fn start_pod(
     .expect("pod");
     let paths = spec::pod_paths(dir, &uid);
     std::fs::create_dir_all(&paths.log_dir).expect("log dir");
-    let sandbox_config = spec::sandbox_config(&pod, &paths, 0).expect("sandbox config");
+    let sandbox_config = spec::sandbox_config(&pod, &paths, 0, None).expect("sandbox config");
     let sandbox = cri
         .run_pod_sandbox(sandbox_config.clone())
         .await

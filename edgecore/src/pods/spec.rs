@@ -212,8 +212,8 @@ pub enum FieldError {
 ///
 /// - hostname: `spec.hostname`, else the pod name, cut to 63 bytes and stripped of trailing
 ///   `-`/`.` (kubelet); empty for hostNetwork pods, which keep the node's. `subdomain` and
-///   `setHostnameAsFQDN` are ignored: there is no cluster domain here.
-/// - DNS: see [`dns_config`].
+///   `setHostnameAsFQDN` are ignored (not supported yet, docs/services.md).
+/// - DNS: `dns`, from [`pod_dns_config`].
 /// - port mappings: every container port with a hostPort (not for hostNetwork pods, where the
 ///   ports are the host's own).
 /// - labels: the pod's, then [`LABEL_POD_NAME`], [`LABEL_POD_NAMESPACE`], [`LABEL_POD_UID`] and
@@ -225,6 +225,7 @@ pub fn sandbox_config(
     pod: &Pod,
     paths: &PodPaths,
     attempt: u32,
+    dns: Option<api::DnsConfig>,
 ) -> Result<api::PodSandboxConfig, SpecError> {
     let id = PodId::of(pod)?;
     if id.uid.is_empty() || plain_name(id.uid) != id.uid {
@@ -288,7 +289,7 @@ pub fn sandbox_config(
         }),
         hostname,
         log_directory: paths.log_dir.to_string_lossy().into_owned(),
-        dns_config: dns_config(spec),
+        dns_config: dns,
         port_mappings,
         labels,
         annotations,
@@ -302,34 +303,164 @@ pub fn sandbox_config(
     })
 }
 
-/// The sandbox DNS config.
+/// Most nameservers a pod's resolv.conf gets (the kubelet's and glibc's limit).
+pub const MAX_DNS_NAMESERVERS: usize = 3;
+/// Most search domains, and most characters of the search line (the kubelet's limits with
+/// ExpandedDNSConfig, GA since 1.28).
+pub const MAX_DNS_SEARCHES: usize = 32;
+pub const MAX_DNS_SEARCH_CHARS: usize = 2048;
+/// Longest search domain kept (glibc aborts on longer ones).
+const MAX_DNS_SEARCH_LEN: usize = 253;
+/// The options of a `ClusterFirst` pod (the kubelet's).
+const CLUSTER_DNS_OPTIONS: [&str; 1] = ["ndots:5"];
+
+/// A pod's DNS: the sandbox's config and the warnings the kubelet records for it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PodDnsConfig {
+    /// `None`: the runtime's default, a copy of the gateway's resolv.conf.
+    pub config: Option<api::DnsConfig>,
+    /// Warning events for the pod: (reason, message).
+    pub warnings: Vec<(&'static str, String)>,
+}
+
+/// The sandbox DNS config of `pod`, with the kubelet's rules (`dnsPolicy`, default
+/// `ClusterFirst`):
 ///
-/// Only dnsPolicy `None` yields one, built from `spec.dnsConfig` alone (options as `name` or
-/// `name:value`). Every other policy yields `None`, so containerd copies the host's
-/// resolv.conf: there is no cluster DNS on an edge node, and the kubelet too falls back to the
-/// host's resolver for `Default` and for `ClusterFirst` without cluster DNS. A `dnsConfig`
-/// given with those policies is not merged into the host's (that would need the host file).
-pub fn dns_config(spec: &PodSpec) -> Option<api::DnsConfig> {
-    if spec.dns_policy.as_deref() != Some("None") {
-        return None;
+/// - `ClusterFirst` (not hostNetwork) and `ClusterFirstWithHostNet`, with cluster DNS: the
+///   cluster DNS as the only nameserver, search `NS.svc.DOMAIN svc.DOMAIN DOMAIN` then the
+///   host's searches, `options ndots:5`;
+/// - the same without cluster DNS (`--cluster-dns none`): a `MissingClusterDNS` warning and
+///   `Default`;
+/// - `Default` (and `ClusterFirst` with hostNetwork): the host's resolv.conf: without a
+///   `dnsConfig`, `None` (containerd copies the host's file); with one, the host's settings
+///   read through `host`;
+/// - `None`: only what `dnsConfig` gives.
+///
+/// Then `dnsConfig` is merged in: nameservers and searches appended (each once), options by
+/// name (a value given replacing the one there). Past the limits ([`MAX_DNS_NAMESERVERS`],
+/// [`MAX_DNS_SEARCHES`], [`MAX_DNS_SEARCH_CHARS`], search domains over 253 characters) the
+/// rest is left out with a `DNSConfigForming` warning. `host` is called only when needed.
+pub fn pod_dns_config(
+    pod: &Pod,
+    cluster: Option<&crate::services::PodDns>,
+    host: impl FnOnce() -> crate::services::dns::ResolvConf,
+) -> PodDnsConfig {
+    let mut warnings = Vec::new();
+    let Some(spec) = pod.spec.as_ref() else {
+        return PodDnsConfig::default();
+    };
+    let host_network = spec.host_network.unwrap_or(false);
+    let policy = spec.dns_policy.as_deref().unwrap_or("ClusterFirst");
+    let cluster_policy = match policy {
+        "None" | "Default" => false,
+        "ClusterFirst" => !host_network,
+        // ClusterFirstWithHostNet, and an unknown policy as the kubelet (ClusterFirst).
+        _ => true,
+    };
+    let mut base = if policy == "None" {
+        api::DnsConfig::default()
+    } else if let (true, Some(cluster)) = (cluster_policy, cluster) {
+        let domain = cluster.cluster_domain.as_str();
+        let namespace = pod.metadata.namespace.as_deref().unwrap_or("default");
+        let mut searches = vec![
+            format!("{namespace}.svc.{domain}"),
+            format!("svc.{domain}"),
+            domain.to_string(),
+        ];
+        searches.extend(host().searches);
+        api::DnsConfig {
+            servers: vec![cluster.server.to_string()],
+            searches: unique(searches),
+            options: CLUSTER_DNS_OPTIONS.iter().map(|o| o.to_string()).collect(),
+        }
+    } else {
+        if cluster_policy {
+            warnings.push((
+                "MissingClusterDNS",
+                format!(
+                    "pod: \"{}_{}({})\". edgecore runs without cluster DNS (--cluster-dns none) and cannot create Pod using \"{policy}\" policy. Falling back to \"Default\" policy.",
+                    pod.metadata.name.as_deref().unwrap_or_default(),
+                    pod.metadata.namespace.as_deref().unwrap_or_default(),
+                    pod.metadata.uid.as_deref().unwrap_or_default(),
+                ),
+            ));
+        }
+        if spec.dns_config.is_none() {
+            return PodDnsConfig {
+                config: None,
+                warnings,
+            };
+        }
+        let host = host();
+        api::DnsConfig {
+            servers: host.nameservers,
+            searches: host.searches,
+            options: host.options,
+        }
+    };
+    if let Some(extra) = &spec.dns_config {
+        base.servers
+            .extend(extra.nameservers.iter().flatten().cloned());
+        base.servers = unique(std::mem::take(&mut base.servers));
+        base.searches
+            .extend(extra.searches.iter().flatten().cloned());
+        base.searches = unique(std::mem::take(&mut base.searches));
+        for option in extra.options.iter().flatten() {
+            let Some(name) = option.name.as_deref().filter(|n| !n.is_empty()) else {
+                continue;
+            };
+            let merged = match &option.value {
+                Some(value) => format!("{name}:{value}"),
+                None => name.to_string(),
+            };
+            let same = |o: &String| o.split(':').next() == Some(name);
+            match base.options.iter_mut().find(|o| same(o)) {
+                Some(existing) => *existing = merged,
+                None => base.options.push(merged),
+            }
+        }
     }
-    let config = spec.dns_config.as_ref();
-    Some(api::DnsConfig {
-        servers: config
-            .and_then(|c| c.nameservers.clone())
-            .unwrap_or_default(),
-        searches: config.and_then(|c| c.searches.clone()).unwrap_or_default(),
-        options: config
-            .and_then(|c| c.options.as_ref())
-            .into_iter()
-            .flatten()
-            .filter_map(|o| match (&o.name, &o.value) {
-                (Some(name), Some(value)) => Some(format!("{name}:{value}")),
-                (Some(name), None) => Some(name.clone()),
-                (None, _) => None,
-            })
-            .collect(),
-    })
+    if base.servers.len() > MAX_DNS_NAMESERVERS {
+        base.servers.truncate(MAX_DNS_NAMESERVERS);
+        warnings.push((
+            "DNSConfigForming",
+            format!(
+                "Nameserver limits were exceeded, some nameservers have been omitted, the applied nameserver line is: {}",
+                base.servers.join(" ")
+            ),
+        ));
+    }
+    let mut exceeded = base.searches.len() > MAX_DNS_SEARCHES;
+    base.searches.truncate(MAX_DNS_SEARCHES);
+    let before = base.searches.len();
+    base.searches.retain(|s| s.len() <= MAX_DNS_SEARCH_LEN);
+    exceeded |= base.searches.len() != before;
+    while base.searches.join(" ").len() > MAX_DNS_SEARCH_CHARS {
+        base.searches.pop();
+        exceeded = true;
+    }
+    if exceeded {
+        warnings.push((
+            "DNSConfigForming",
+            format!(
+                "Search Line limits were exceeded, some search paths have been omitted, the applied search line is: {}",
+                base.searches.join(" ")
+            ),
+        ));
+    }
+    PodDnsConfig {
+        config: Some(base),
+        warnings,
+    }
+}
+
+/// `items` without repeats, in first-seen order.
+fn unique(items: Vec<String>) -> Vec<String> {
+    let mut seen = std::collections::HashSet::new();
+    items
+        .into_iter()
+        .filter(|item| seen.insert(item.clone()))
+        .collect()
 }
 
 /// The CreateContainer config of `container` in `pod`; `attempt` counts its restarts, from 0.
@@ -514,12 +645,14 @@ pub fn apply_image_user(
 ///    resourceFieldRef (`limits.*`/`requests.*` of cpu, memory, ephemeral-storage; a limit the
 ///    container does not set is an error, since the node's allocatable is not known here).
 ///
-/// Variables keep the position of their first definition. No service environment variables
-/// are added (edge nodes have no Services).
+/// Variables keep the position of their first definition. Then come the Service variables
+/// (`service_env`, from [`crate::services::env::service_env`]) whose names the container
+/// does not define; `$(VAR)` in `env` values sees them too, the container's own first.
 pub fn container_env(
     pod: &Pod,
     container: &Container,
     objects: &Objects,
+    service_env: &[(String, String)],
     pod_ip: &str,
     node_name: &str,
 ) -> Result<Vec<api::KeyValue>, EnvError> {
@@ -561,7 +694,14 @@ pub fn container_env(
     }
     for var in container.env.iter().flatten() {
         let value = match (var.value.as_deref(), &var.value_from) {
-            (Some(value), _) if !value.is_empty() => expand(value, |name| env.get(name)),
+            (Some(value), _) if !value.is_empty() => expand(value, |name| {
+                env.get(name).or_else(|| {
+                    service_env
+                        .iter()
+                        .find(|(key, _)| key == name)
+                        .map(|(_, value)| value.clone())
+                })
+            }),
             (_, Some(_)) => {
                 match env_source(pod, container, objects, &namespace, var, pod_ip, node_name)? {
                     Some(value) => value,
@@ -571,6 +711,11 @@ pub fn container_env(
             (_, None) => String::new(),
         };
         env.set(var.name.clone(), value);
+    }
+    for (name, value) in service_env {
+        if env.get(name).is_none() {
+            env.set(name.clone(), value.clone());
+        }
     }
     Ok(env.into_key_values())
 }
@@ -1348,7 +1493,7 @@ mod tests {
     }
 
     fn sandbox(pod: &Pod) -> api::PodSandboxConfig {
-        sandbox_config(pod, &paths(), 0).expect("sandbox config")
+        sandbox_config(pod, &paths(), 0, None).expect("sandbox config")
     }
 
     fn config(pod: &Pod) -> api::ContainerConfig {
@@ -1406,7 +1551,7 @@ mod tests {
             (LABEL_MANAGED_BY.to_string(), "someone-else".to_string()),
         ]));
         p.metadata.annotations = Some(BTreeMap::from([("a".to_string(), "b".to_string())]));
-        let s = sandbox_config(&p, &paths(), 3).expect("config");
+        let s = sandbox_config(&p, &paths(), 3, None).expect("config");
         assert_eq!(
             s.metadata,
             Some(api::PodSandboxMetadata {
@@ -1456,10 +1601,17 @@ mod tests {
         ];
         for (metadata, want) in cases {
             let p = pod(json!({"metadata": metadata, "spec": {"containers": []}}));
-            assert_eq!(sandbox_config(&p, &paths(), 0), Err(want), "{metadata}");
+            assert_eq!(
+                sandbox_config(&p, &paths(), 0, None),
+                Err(want),
+                "{metadata}"
+            );
         }
         let p = pod(json!({"metadata": {"name": "a", "namespace": "n", "uid": "u"}}));
-        assert_eq!(sandbox_config(&p, &paths(), 0), Err(SpecError::MissingSpec));
+        assert_eq!(
+            sandbox_config(&p, &paths(), 0, None),
+            Err(SpecError::MissingSpec)
+        );
     }
 
     #[test]
@@ -1486,36 +1638,181 @@ mod tests {
         assert_eq!(sandbox(&p).hostname, "é".repeat(31));
     }
 
-    #[test]
-    fn sandbox_dns() {
-        let cases = [
-            (json!({}), None),
-            (json!({"dnsPolicy": "ClusterFirst"}), None),
-            (
-                json!({"dnsPolicy": "Default", "dnsConfig": {"nameservers": ["9.9.9.9"]}}),
-                None,
-            ),
-            (
-                json!({"dnsPolicy": "None", "dnsConfig": {
-                    "nameservers": ["1.1.1.1", "8.8.8.8"],
-                    "searches": ["a.local"],
-                    "options": [{"name": "ndots", "value": "2"}, {"name": "edns0"}, {"value": "x"}],
-                }}),
-                Some(api::DnsConfig {
-                    servers: vec!["1.1.1.1".into(), "8.8.8.8".into()],
-                    searches: vec!["a.local".into()],
-                    options: vec!["ndots:2".into(), "edns0".into()],
-                }),
-            ),
-            (
-                json!({"dnsPolicy": "None"}),
-                Some(api::DnsConfig::default()),
-            ),
-        ];
-        for (spec, want) in cases {
-            let p = pod_with(spec.clone(), json!({}));
-            assert_eq!(sandbox(&p).dns_config, want, "{spec}");
+    fn host_conf() -> crate::services::dns::ResolvConf {
+        crate::services::dns::ResolvConf {
+            nameservers: vec!["10.0.0.2".into(), "10.0.0.3".into()],
+            searches: vec!["factory.example".into(), "svc.cluster.local".into()],
+            options: vec!["ndots:1".into(), "timeout:2".into()],
         }
+    }
+
+    fn cluster() -> crate::services::PodDns {
+        crate::services::PodDns {
+            server: "169.254.96.16".parse().expect("address"),
+            cluster_domain: "cluster.local".into(),
+        }
+    }
+
+    fn dns(spec: serde_json::Value, cluster_dns: bool) -> PodDnsConfig {
+        let p = pod_with(spec, json!({}));
+        let cluster = cluster();
+        pod_dns_config(&p, cluster_dns.then_some(&cluster), host_conf)
+    }
+
+    fn dns_config(servers: &[&str], searches: &[&str], options: &[&str]) -> api::DnsConfig {
+        let strings = |v: &[&str]| v.iter().map(|s| s.to_string()).collect();
+        api::DnsConfig {
+            servers: strings(servers),
+            searches: strings(searches),
+            options: strings(options),
+        }
+    }
+
+    #[test]
+    fn cluster_first_pods_get_the_cluster_dns() {
+        let want = dns_config(
+            &["169.254.96.16"],
+            &[
+                "ns.svc.cluster.local",
+                "svc.cluster.local",
+                "cluster.local",
+                "factory.example",
+            ],
+            &["ndots:5"],
+        );
+        for spec in [
+            json!({}),
+            json!({"dnsPolicy": "ClusterFirst"}),
+            json!({"dnsPolicy": "ClusterFirstWithHostNet", "hostNetwork": true}),
+        ] {
+            let got = dns(spec.clone(), true);
+            assert_eq!(got.config.as_ref(), Some(&want), "{spec}");
+            assert!(got.warnings.is_empty(), "{spec}");
+        }
+        // hostNetwork with plain ClusterFirst falls back to the host's resolver.
+        assert_eq!(
+            dns(json!({"hostNetwork": true}), true),
+            PodDnsConfig::default()
+        );
+        assert_eq!(
+            dns(json!({"dnsPolicy": "Default"}), true),
+            PodDnsConfig::default()
+        );
+    }
+
+    #[test]
+    fn dns_config_is_merged_into_the_policy() {
+        let extra = json!({
+            "nameservers": ["10.0.0.3", "1.1.1.1"],
+            "searches": ["a.local", "cluster.local"],
+            "options": [{"name": "ndots", "value": "2"}, {"name": "edns0"}, {"value": "x"}],
+        });
+        assert_eq!(
+            dns(json!({"dnsConfig": extra}), true).config,
+            Some(dns_config(
+                &["169.254.96.16", "10.0.0.3", "1.1.1.1"],
+                &[
+                    "ns.svc.cluster.local",
+                    "svc.cluster.local",
+                    "cluster.local",
+                    "factory.example",
+                    "a.local"
+                ],
+                &["ndots:2", "edns0"],
+            ))
+        );
+        assert_eq!(
+            dns(json!({"dnsPolicy": "Default", "dnsConfig": extra}), true).config,
+            Some(dns_config(
+                &["10.0.0.2", "10.0.0.3", "1.1.1.1"],
+                &[
+                    "factory.example",
+                    "svc.cluster.local",
+                    "a.local",
+                    "cluster.local"
+                ],
+                &["ndots:2", "timeout:2", "edns0"],
+            ))
+        );
+        assert_eq!(
+            dns(json!({"dnsPolicy": "None", "dnsConfig": extra}), true).config,
+            Some(dns_config(
+                &["10.0.0.3", "1.1.1.1"],
+                &["a.local", "cluster.local"],
+                &["ndots:2", "edns0"],
+            ))
+        );
+        assert_eq!(
+            dns(json!({"dnsPolicy": "None"}), false).config,
+            Some(api::DnsConfig::default())
+        );
+    }
+
+    #[test]
+    fn without_cluster_dns_cluster_first_falls_back_with_a_warning() {
+        let got = dns(json!({}), false);
+        assert_eq!(got.config, None, "containerd copies the host's resolv.conf");
+        assert_eq!(got.warnings.len(), 1);
+        assert_eq!(got.warnings[0].0, "MissingClusterDNS");
+        assert!(
+            got.warnings[0].1.contains("web_ns(1234-abcd)"),
+            "{:?}",
+            got.warnings
+        );
+        let got = dns(json!({"dnsConfig": {"searches": ["a.local"]}}), false);
+        assert_eq!(
+            got.config,
+            Some(dns_config(
+                &["10.0.0.2", "10.0.0.3"],
+                &["factory.example", "svc.cluster.local", "a.local"],
+                &["ndots:1", "timeout:2"],
+            ))
+        );
+        assert!(
+            dns(json!({"dnsPolicy": "Default"}), false)
+                .warnings
+                .is_empty()
+        );
+        // The host's file is read only when needed.
+        let p = pod_with(json!({"dnsPolicy": "Default"}), json!({}));
+        pod_dns_config(&p, None, || panic!("read the host's resolv.conf"));
+    }
+
+    #[test]
+    fn dns_limits_are_the_kubelets() {
+        let got = dns(
+            json!({"dnsPolicy": "None", "dnsConfig": {"nameservers": ["1.0.0.1", "1.0.0.2", "1.0.0.3", "1.0.0.4"]}}),
+            true,
+        );
+        assert_eq!(
+            got.config.map(|c| c.servers),
+            Some(vec!["1.0.0.1".into(), "1.0.0.2".into(), "1.0.0.3".into()])
+        );
+        assert_eq!(got.warnings.len(), 1);
+        assert_eq!(got.warnings[0].0, "DNSConfigForming");
+
+        let many: Vec<String> = (0..40).map(|i| format!("d{i}.example")).collect();
+        let got = dns(json!({"dnsConfig": {"searches": many}}), true);
+        let searches = got.config.expect("config").searches;
+        assert_eq!(searches.len(), MAX_DNS_SEARCHES);
+        assert_eq!(searches[0], "ns.svc.cluster.local");
+        assert_eq!(got.warnings[0].0, "DNSConfigForming");
+
+        let long: Vec<String> = (0..12).map(|i| format!("{i}{}", "x".repeat(200))).collect();
+        let mut with_too_long = long.clone();
+        with_too_long.push("y".repeat(254));
+        let got = dns(
+            json!({"dnsPolicy": "None", "dnsConfig": {"searches": with_too_long}}),
+            true,
+        );
+        let searches = got.config.expect("config").searches;
+        assert!(searches.join(" ").len() <= MAX_DNS_SEARCH_CHARS);
+        assert_eq!(
+            searches,
+            long[..10].to_vec(),
+            "cut from the end to fit 2048 characters"
+        );
+        assert_eq!(got.warnings.len(), 1);
     }
 
     #[test]
@@ -1581,7 +1878,7 @@ mod tests {
         ];
         for (ports, want) in errors {
             let p = pod_with(json!({}), json!({"ports": ports.clone()}));
-            assert_eq!(sandbox_config(&p, &paths(), 0), Err(want), "{ports}");
+            assert_eq!(sandbox_config(&p, &paths(), 0, None), Err(want), "{ports}");
         }
     }
 
@@ -2020,6 +2317,33 @@ mod tests {
         }
     }
 
+    #[test]
+    fn service_variables_come_last_and_the_containers_own_win() {
+        let p = pod_with(
+            json!({}),
+            json!({"env": [
+                {"name": "WEB_SERVICE_PORT", "value": "8080"},
+                {"name": "URL", "value": "http://$(WEB_SERVICE_HOST):$(WEB_SERVICE_PORT)"},
+            ]}),
+        );
+        let c = p.spec.as_ref().expect("spec").containers[0].clone();
+        let services = [
+            ("WEB_SERVICE_HOST".to_string(), "10.96.0.10".to_string()),
+            ("WEB_SERVICE_PORT".to_string(), "80".to_string()),
+            ("WEB_PORT".to_string(), "tcp://10.96.0.10:80".to_string()),
+        ];
+        let env = container_env(&p, &c, &objects(), &services, "10.99.0.7", "edge-1").expect("env");
+        assert_eq!(
+            env,
+            kv(&[
+                ("WEB_SERVICE_PORT", "8080"),
+                ("URL", "http://10.96.0.10:8080"),
+                ("WEB_SERVICE_HOST", "10.96.0.10"),
+                ("WEB_PORT", "tcp://10.96.0.10:80"),
+            ])
+        );
+    }
+
     fn env_of(container: serde_json::Value) -> Result<Vec<api::KeyValue>, EnvError> {
         let mut p = pod_with(
             json!({"nodeName": "stored-node", "serviceAccountName": "sa"}),
@@ -2028,7 +2352,7 @@ mod tests {
         p.metadata.labels = Some(BTreeMap::from([("app".into(), "web".into())]));
         p.metadata.annotations = Some(BTreeMap::from([("note".into(), "n".into())]));
         let c = p.spec.as_ref().expect("spec").containers[0].clone();
-        container_env(&p, &c, &objects(), "10.99.0.7", "edge-1")
+        container_env(&p, &c, &objects(), &[], "10.99.0.7", "edge-1")
     }
 
     #[test]

@@ -268,6 +268,16 @@ fn field_path(kind: ContainerKind, name: &str) -> String {
 }
 
 /// A volume error in the kubelet's words: `MountVolume.SetUp failed for volume "v" : why`.
+/// The gateway's resolv.conf, the base of `Default` pods' DNS and the source of `ClusterFirst`
+/// pods' host searches (the kubelet's `--resolv-conf`); unreadable reads as empty.
+fn host_resolv_conf() -> crate::services::dns::ResolvConf {
+    let path = std::path::Path::new(crate::services::DEFAULT_DNS_UPSTREAM);
+    crate::services::dns::ResolvConf::read(path).unwrap_or_else(|e| {
+        tracing::warn!(path = %path.display(), error = %e, "cannot read the gateway's resolv.conf for a pod's DNS");
+        Default::default()
+    })
+}
+
 fn mount_failure(error: &str) -> String {
     match error
         .strip_prefix("volume \"")
@@ -818,13 +828,25 @@ impl Worker {
     }
 
     async fn start_sandbox(&mut self, input: &PodInput) -> bool {
-        let config = match spec::sandbox_config(&input.pod, &self.paths, self.sandbox_attempt) {
-            Ok(c) => c,
-            Err(e) => {
-                self.blocked = Some(("CreatePodSandboxError".into(), e.to_string()));
-                return false;
+        let dns = spec::pod_dns_config(
+            &input.pod,
+            self.ctx.services.pod_dns.as_ref(),
+            host_resolv_conf,
+        );
+        // The kubelet's DNS warnings, once per pod (its first sandbox).
+        if self.sandbox_attempt == 0 {
+            for (reason, message) in dns.warnings {
+                self.event("", EventType::Warning, reason, message);
             }
-        };
+        }
+        let config =
+            match spec::sandbox_config(&input.pod, &self.paths, self.sandbox_attempt, dns.config) {
+                Ok(c) => c,
+                Err(e) => {
+                    self.blocked = Some(("CreatePodSandboxError".into(), e.to_string()));
+                    return false;
+                }
+            };
         if let Err(e) = std::fs::create_dir_all(&self.paths.log_dir) {
             self.blocked = Some(("CreatePodSandboxError".into(), e.to_string()));
             return false;
@@ -960,10 +982,20 @@ impl Worker {
                 return;
             }
         };
+        // Read when the container is created: a later Service change restarts nothing.
+        let service_env = crate::services::env::service_env(
+            &ctx.services.table.borrow(),
+            pod.metadata.namespace.as_deref().unwrap_or_default(),
+            pod.spec
+                .as_ref()
+                .and_then(|s| s.enable_service_links)
+                .unwrap_or(true),
+        );
         let env = match spec::container_env(
             pod,
             container,
             &input.objects,
+            &service_env,
             &sandbox.ip,
             &ctx.node_name,
         ) {
@@ -1016,8 +1048,13 @@ impl Worker {
             sandbox.config.clone()
         } else {
             // Adopted sandbox: rebuild its config (only the metadata and paths matter here).
-            spec::sandbox_config(pod, &self.paths, self.sandbox_attempt.saturating_sub(1))
-                .unwrap_or_default()
+            spec::sandbox_config(
+                pod,
+                &self.paths,
+                self.sandbox_attempt.saturating_sub(1),
+                None,
+            )
+            .unwrap_or_default()
         };
         let id = match ctx
             .cri

@@ -115,12 +115,15 @@ pub struct PodDns {
 /// built before this returns, so pods started after it see their Services. On `shutdown` the
 /// data path's rules and the DNS address are removed (a killed edgecore leaves them in place,
 /// and the next start takes them over).
+// What the services read (store, statuses), export (metrics) and run under (tracker, shutdown).
+#[allow(clippy::too_many_arguments)]
 pub fn start(
     config: ServicesConfig,
     data_dir: PathBuf,
     node_name: String,
     store_changed: watch::Receiver<u64>,
     outbox: Arc<Outbox>,
+    metrics: Arc<crate::metrics::Metrics>,
     tracker: &TaskTracker,
     shutdown: CancellationToken,
 ) -> Result<Services, ServicesError> {
@@ -133,6 +136,16 @@ pub fn start(
         &shutdown,
     );
     let (_tx, table) = watch::channel(Arc::new(ServiceTable::default()));
+    if let Some(address) = config.cluster_dns {
+        dns::spawn(
+            address,
+            &config,
+            table.clone(),
+            metrics,
+            tracker,
+            shutdown.clone(),
+        )?;
+    }
     let pod_dns = config.cluster_dns.map(|server| PodDns {
         server,
         cluster_domain: config.cluster_domain.clone(),

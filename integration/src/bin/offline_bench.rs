@@ -1297,12 +1297,12 @@ fn raw_pod(
     let paths = spec::pod_paths(raw_dir, uid);
     std::fs::create_dir_all(&paths.log_dir)
         .with_context(|| format!("cannot create {}", paths.log_dir.display()))?;
-    let mut sandbox = spec::sandbox_config(&pod, &paths, 0)?;
+    let mut sandbox = spec::sandbox_config(&pod, &paths, 0, None)?;
     sandbox.labels.remove(spec::LABEL_MANAGED_BY);
     // The benchmark's pods have no service-account token volume.
     let tokens = edgecore::tokens::Tokens::in_memory(edgecore::tokens::DEFAULT_REFRESH_MAX);
     let prepared = volumes::prepare(&pod, objects, &tokens, &paths)?;
-    let env = spec::container_env(&pod, &container, objects, "", NODE)?;
+    let env = spec::container_env(&pod, &container, objects, &[], "", NODE)?;
     let mounts = volumes::mounts(&container, &prepared)?;
     let mut config =
         spec::container_config(&pod, &container, ContainerKind::Regular, 0, env, mounts)?;

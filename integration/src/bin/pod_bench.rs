@@ -1228,13 +1228,13 @@ async fn start_raw_pod(b: &Bench<'_>, template: &Pod, index: usize) -> Result<(R
         .with_context(|| format!("cannot create {}", paths.log_dir.display()))?;
     // Built before the clock starts; edgecore builds the container's after PodSandboxStatus
     // (for the pod IP, which this pod's env does not use). Building takes microseconds.
-    let mut sandbox_config = spec::sandbox_config(&pod, &paths, 0)?;
+    let mut sandbox_config = spec::sandbox_config(&pod, &paths, 0, None)?;
     sandbox_config.labels.remove(spec::LABEL_MANAGED_BY);
     let objects = Objects::default();
     // The benchmark's pods have no service-account token volume.
     let tokens = edgecore::tokens::Tokens::in_memory(edgecore::tokens::DEFAULT_REFRESH_MAX);
     let prepared = volumes::prepare(&pod, &objects, &tokens, &paths)?;
-    let env = spec::container_env(&pod, &container, &objects, "", NODE)?;
+    let env = spec::container_env(&pod, &container, &objects, &[], "", NODE)?;
     let mounts = volumes::mounts(&container, &prepared)?;
     let mut config =
         spec::container_config(&pod, &container, ContainerKind::Regular, 0, env, mounts)?;
