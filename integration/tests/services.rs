@@ -530,9 +530,8 @@ fn node_port_restart_and_cleanup(mode: Mode, node: &str) {
 /// The harness itself: a pod on the gateway gets an IP of the gateway's subnet (its bridge is
 /// inside the namespace) and is reachable by it from the root namespace through the route the
 /// harness adds.
-#[test]
-fn gateway_runs_pods_reachable_by_their_ip() {
-    let g = gateway(Mode::Embedded, "gw-harness");
+fn gateway_runs_pods_reachable_by_their_ip(mode: Mode, node: &str) {
+    let g = gateway(mode, node);
     let pods = start_web(&g);
     g.route_pods();
     let prefix = g.pod_subnet.trim_end_matches("0/24").to_string();
@@ -562,6 +561,16 @@ fn gateway_runs_pods_reachable_by_their_ip() {
         .output()
         .expect("ip");
     assert!(outside.stdout.is_empty(), "and not in the root namespace");
+}
+
+#[test]
+fn embedded_gateway_runs_pods_reachable_by_their_ip() {
+    gateway_runs_pods_reachable_by_their_ip(Mode::Embedded, "gw-harness-e");
+}
+
+#[test]
+fn kube_gateway_runs_pods_reachable_by_their_ip() {
+    gateway_runs_pods_reachable_by_their_ip(Mode::Kube, "gw-harness-k");
 }
 
 #[test]
