@@ -222,37 +222,6 @@ fn cluster_ip_dns_and_readiness(mode: Mode, node: &str) {
         "a headless Service gets no variables, as with the kubelet:\n{env}"
     );
 
-    let fqdn = "http://web.default.svc.cluster.local/";
-    wait_reachable(&g, "client", fqdn, &pods);
-    wait_reachable(&g, "client", "http://web/", &pods);
-    let seen = requests(&g, "client", "http://web/", 100);
-    assert_eq!(
-        seen.values().sum::<usize>(),
-        100,
-        "100 requests, each answered once: {seen:?}"
-    );
-    for name in &names {
-        assert!(
-            seen.get(name).is_some_and(|n| *n > 0),
-            "over 100 requests to http://web/ both replicas answer: {seen:?}\n{}",
-            g.context()
-        );
-    }
-    assert!(!seen.contains_key("FAIL"), "no request failed: {seen:?}");
-    let seen = requests(&g, "client", fqdn, 20);
-    assert!(
-        seen.keys().all(|k| pods.contains_key(k)) && seen.values().sum::<usize>() == 20,
-        "{fqdn}: {seen:?}"
-    );
-
-    wait_reachable(&g, "client", "http://web-sticky/", &pods);
-    let seen = requests(&g, "client", "http://web-sticky/", 40);
-    assert!(
-        seen.len() == 1 && seen.values().sum::<usize>() == 40 && !seen.contains_key("FAIL"),
-        "ClientIP affinity pins the client to one replica: {seen:?}\n{}",
-        g.context()
-    );
-
     // DNS: headless Services resolve to the pods, unknown names in the cluster domain get
     // NXDOMAIN without asking upstream, other names are forwarded upstream.
     // busybox nslookup asks for A and AAAA; its exit code says whether both were answered, so
@@ -289,6 +258,37 @@ fn cluster_ip_dns_and_readiness(mode: Mode, node: &str) {
     assert!(
         !asked.iter().any(|q| q.ends_with("svc.cluster.local")),
         "names of the cluster domain are answered on the gateway, never forwarded: {asked:?}"
+    );
+
+    let fqdn = "http://web.default.svc.cluster.local/";
+    wait_reachable(&g, "client", fqdn, &pods);
+    wait_reachable(&g, "client", "http://web/", &pods);
+    let seen = requests(&g, "client", "http://web/", 100);
+    assert_eq!(
+        seen.values().sum::<usize>(),
+        100,
+        "100 requests, each answered once: {seen:?}"
+    );
+    for name in &names {
+        assert!(
+            seen.get(name).is_some_and(|n| *n > 0),
+            "over 100 requests to http://web/ both replicas answer: {seen:?}\n{}",
+            g.context()
+        );
+    }
+    assert!(!seen.contains_key("FAIL"), "no request failed: {seen:?}");
+    let seen = requests(&g, "client", fqdn, 20);
+    assert!(
+        seen.keys().all(|k| pods.contains_key(k)) && seen.values().sum::<usize>() == 20,
+        "{fqdn}: {seen:?}"
+    );
+
+    wait_reachable(&g, "client", "http://web-sticky/", &pods);
+    let seen = requests(&g, "client", "http://web-sticky/", 40);
+    assert!(
+        seen.len() == 1 && seen.values().sum::<usize>() == 40 && !seen.contains_key("FAIL"),
+        "ClientIP affinity pins the client to one replica: {seen:?}\n{}",
+        g.context()
     );
 
     // Readiness, online.
