@@ -366,6 +366,7 @@ impl BenchContainerd {
                 endpoint: format!("unix://{}/containerd.sock", dir.display()),
                 subnet: format!("10.{octet}.{n}.0/24"),
                 bridge: format!("{bridge}{n}"),
+                netns: None,
             }),
             uids: std::sync::Mutex::default(),
         };

@@ -8,6 +8,7 @@
 pub mod bench;
 pub mod cluster;
 pub mod devices;
+pub mod gateway;
 pub mod netns;
 pub mod peer;
 
@@ -30,14 +31,17 @@ pub fn container_status<'a>(pod: &'a Value, name: &str) -> &'a Value {
         .unwrap_or(&Value::Null)
 }
 
-/// Path of a workspace binary next to the test executable (`target/<profile>/NAME`).
+/// Path of a workspace binary next to the test executable (`target/<profile>/NAME`), or next
+/// to a load generator that uses the harness (`target/<profile>/service-bench`).
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    // target/<profile>/deps/<test> -> target/<profile>/<name>
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test executable lives in target/<profile>/deps");
+    // A test runs in target/<profile>/deps, a load generator in target/<profile>.
+    let dir = exe.parent().expect("the executable has a directory");
+    let dir = if dir.ends_with("deps") {
+        dir.parent().expect("deps lives in target/<profile>")
+    } else {
+        dir
+    };
     let path = dir.join(name);
     assert!(
         path.exists(),
@@ -610,7 +614,7 @@ pub fn join_with(dir: &Path, cloud: &str, token: &str, ca_hash: &str, node: &str
 }
 
 /// Adds the join arguments to `command` (`edgecore`, maybe behind `ip netns exec`) and runs it.
-fn join_command(
+pub(crate) fn join_command(
     mut command: Command,
     dir: &Path,
     cloud: &str,
@@ -665,6 +669,18 @@ impl Edge {
     pub fn start_in(net: &EdgeNet, dir: &Path, extra: &[&str]) -> Edge {
         Edge::spawn(
             net.command(bin("edgecore")),
+            dir,
+            extra,
+            Some(net.name().to_string()),
+        )
+    }
+
+    /// Like [`Edge::start_in`] through [`EdgeNet::enter`] (`nsenter --net`): edgecore keeps the
+    /// machine's mount namespace, as it must next to a containerd in the same namespace
+    /// ([`gateway`]).
+    pub fn start_entered(net: &EdgeNet, dir: &Path, extra: &[&str]) -> Edge {
+        Edge::spawn(
+            net.enter(bin("edgecore")),
             dir,
             extra,
             Some(net.name().to_string()),
@@ -909,6 +925,8 @@ pub struct Containerd {
     /// The pod subnet and bridge of this instance (for [`Containerd::reboot`]).
     pub subnet: String,
     pub bridge: String,
+    /// The network namespace it runs in ([`Containerd::start_in`]); `None` for the root one.
+    pub netns: Option<String>,
 }
 
 /// Image names the tests use.
@@ -919,6 +937,27 @@ impl Containerd {
     /// Starts containerd in `dir`. Fails with what is missing when the machine cannot run it
     /// (not root, packages absent): these tests never pass silently.
     pub fn start(dir: &Path) -> Containerd {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = (std::process::id() % 200) * 16
+            + NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 16;
+        let subnet = format!("10.{}.{}.0/24", 100 + n / 250, n % 250);
+        let bridge = format!("edget{n}");
+        Containerd::start_full(dir, None, subnet, bridge)
+    }
+
+    /// Like [`Containerd::start`] inside `net`'s network namespace (through
+    /// [`EdgeNet::enter`]), with pod subnet `subnet` on bridge `bridge`, both inside the
+    /// namespace: the gateway of [`gateway`].
+    pub fn start_in(net: &EdgeNet, dir: &Path, subnet: &str, bridge: &str) -> Containerd {
+        Containerd::start_full(
+            dir,
+            Some(net.name().to_string()),
+            subnet.to_string(),
+            bridge.to_string(),
+        )
+    }
+
+    fn start_full(dir: &Path, netns: Option<String>, subnet: String, bridge: String) -> Containerd {
         assert!(
             is_root(),
             "containerd tests need root (CI runs as root); run the test suite as root"
@@ -932,17 +971,13 @@ impl Containerd {
                 "{tool} is not installed: apt-get install containerd runc containernetworking-plugins iptables busybox-static (.ci/run does)"
             );
         }
-        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = (std::process::id() % 200) * 16
-            + NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 16;
-        let subnet = format!("10.{}.{}.0/24", 100 + n / 250, n % 250);
-        let bridge = format!("edget{n}");
         std::fs::create_dir_all(dir).expect("containerd dir");
         let containerd = Containerd {
             dir: dir.to_path_buf(),
             endpoint: format!("unix://{}/containerd.sock", dir.display()),
             subnet,
             bridge,
+            netns,
         };
         containerd.start_daemon();
         let images = dir.join("images");
@@ -982,7 +1017,19 @@ impl Containerd {
 
     /// Starts this containerd's daemon (again), on the same state and images.
     pub fn start_daemon(&self) {
-        let out = Command::new(deploy_dir().join("containerd/containerd.sh"))
+        let script = deploy_dir().join("containerd/containerd.sh");
+        let mut command = match &self.netns {
+            None => Command::new(script),
+            Some(name) => {
+                let mut command = Command::new("nsenter");
+                command
+                    .arg(format!("--net=/var/run/netns/{name}"))
+                    .arg("--")
+                    .arg(script);
+                command
+            }
+        };
+        let out = command
             .arg("start")
             .arg(&self.dir)
             .arg(&self.subnet)
@@ -1113,14 +1160,41 @@ mod tests {
         let dir = Path::new("/tmp/e");
         assert_eq!(
             device_defaults(dir, &["--no-pod-runtime"]),
-            ["--dmi-socket", "/tmp/e/dmi.sock", "--mqtt-broker", "none"]
+            [
+                "--dmi-socket",
+                "/tmp/e/dmi.sock",
+                "--mqtt-broker",
+                "none",
+                "--service-proxy",
+                "none",
+                "--cluster-dns",
+                "none"
+            ]
         );
         assert_eq!(
-            device_defaults(dir, &["--mqtt-broker", "tcp://127.0.0.1:1"]),
+            device_defaults(
+                dir,
+                &[
+                    "--mqtt-broker",
+                    "tcp://127.0.0.1:1",
+                    "--service-proxy",
+                    "nftables",
+                    "--cluster-dns",
+                    "169.254.96.16"
+                ]
+            ),
             ["--dmi-socket", "/tmp/e/dmi.sock"]
         );
         assert_eq!(
-            device_defaults(dir, &["--dmi-socket=none", "--mqtt-broker=none"]),
+            device_defaults(
+                dir,
+                &[
+                    "--dmi-socket=none",
+                    "--mqtt-broker=none",
+                    "--service-proxy=none",
+                    "--cluster-dns=none"
+                ]
+            ),
             Vec::<String>::new()
         );
     }

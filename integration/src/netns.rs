@@ -133,6 +133,19 @@ impl EdgeNet {
         command
     }
 
+    /// A command that runs `program` in the namespace's network only (`nsenter --net=PATH
+    /// program`), keeping the mount namespace: unlike `ip netns exec`, `/sys` and with it the
+    /// cgroup hierarchy stay as they are, which containerd and runc need. nsenter execs the
+    /// program, so the child's pid is the program's.
+    pub fn enter(&self, program: impl AsRef<OsStr>) -> Command {
+        let mut command = Command::new("nsenter");
+        command
+            .arg(format!("--net={NETNS_DIR}/{}", self.name))
+            .arg("--")
+            .arg(program);
+        command
+    }
+
     /// Partitions by setting the host end down: no packet crosses the pair. While cut, the
     /// host's connected route to the /30 is gone, so packets the host sends to the edge follow
     /// its default route and are lost there.

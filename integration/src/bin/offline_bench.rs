@@ -321,6 +321,7 @@ impl Runtime {
                 endpoint: format!("unix://{}/containerd.sock", dir.display()),
                 subnet: format!("10.98.{n}.0/24"),
                 bridge: format!("edgeob{n}"),
+                netns: None,
             }),
             uids: Vec::new(),
         };
