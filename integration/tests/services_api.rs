@@ -455,7 +455,7 @@ fn defaults_and_refusals_match_kube_apiserver() {
     };
     assert_eq!(specs(&ours), specs(&theirs));
     // Both give the kubernetes Service the first address, port 443 named https.
-    let theirs_k = cluster.get_json(&["get", "svc", "kubernetes", "-o", "json"]);
+    let theirs_k = cluster.get_json(&["svc", "kubernetes"]);
     let ours_k = json_of(&cloud, &["get", "svc", "kubernetes"]);
     assert_eq!(ours_k["spec"]["clusterIP"], theirs_k["spec"]["clusterIP"]);
     assert_eq!(ours_k["spec"]["ports"][0]["name"], theirs_k["spec"]["ports"][0]["name"]);

@@ -646,13 +646,7 @@ fn validate_families(spec: &Value, causes: &mut Vec<Cause>) {
         .map(|a| a.iter().map(|v| v.as_str().unwrap_or_default()).collect())
         .unwrap_or_default();
     if spec["type"] == "ExternalName" {
-        if !ip.is_empty() || !ips.is_empty() {
-            cause(
-                causes,
-                "spec.clusterIPs",
-                "Forbidden: may not be set for ExternalName services",
-            );
-        }
+        // Checked with the type's other rules, in kube-apiserver's order.
         return;
     }
     if !spec["clusterIPs"].is_null() && !spec["clusterIPs"].is_array() {
@@ -773,10 +767,14 @@ fn validate_families(spec: &Value, causes: &mut Vec<Cause>) {
     }
 }
 
+/// kube-apiserver's `ValidateService`, its checks in its order (kubectl prints the causes in
+/// the order they come).
 fn validate_service(object: &Value, causes: &mut Vec<Cause>) {
     let spec = &object["spec"];
-    validate_families(spec, causes);
-    if !causes.is_empty() {
+    let mut families = Vec::new();
+    validate_families(spec, &mut families);
+    if !families.is_empty() {
+        causes.append(&mut families);
         return;
     }
     let kind = spec["type"].as_str().unwrap_or_default();
@@ -788,8 +786,41 @@ fn validate_service(object: &Value, causes: &mut Vec<Cause>) {
     if ports.is_empty() && !headless && kind != "ExternalName" {
         cause(causes, "spec.ports", "Required value");
     }
+    match kind {
+        "NodePort" | "LoadBalancer" if headless => cause(
+            causes,
+            "spec.clusterIPs[0]",
+            format!("Invalid value: \"None\": may not be set to 'None' for {kind} services"),
+        ),
+        "ExternalName" => {
+            let has_ip = !cluster_ip(object).is_empty()
+                || spec["clusterIPs"].as_array().is_some_and(|a| !a.is_empty());
+            if has_ip {
+                cause(
+                    causes,
+                    "spec.clusterIPs",
+                    "Forbidden: may not be set for ExternalName services",
+                );
+            }
+            match spec["externalName"].as_str() {
+                None | Some("") => cause(causes, "spec.externalName", "Required value"),
+                Some(name) => {
+                    let bare = name.strip_suffix('.').unwrap_or(name);
+                    if !objects::is_dns_subdomain(bare) {
+                        cause(
+                            causes,
+                            "spec.externalName",
+                            format!(
+                                "Invalid value: {name:?}: a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character (e.g. 'example.com', regex used for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*')"
+                            ),
+                        );
+                    }
+                }
+            }
+        }
+        _ => {}
+    }
     let mut names = HashSet::new();
-    let mut keys = HashSet::new();
     for (i, port) in ports.iter().enumerate() {
         let at = format!("spec.ports[{i}]");
         let name = port["name"].as_str().unwrap_or_default();
@@ -819,60 +850,37 @@ fn validate_service(object: &Value, causes: &mut Vec<Cause>) {
             }
             other => validate_port_number(causes, format!("{at}.targetPort"), other),
         }
-        let key = (int(&port["port"]), port["protocol"].to_string());
-        if !keys.insert(key) {
+        let node_port = int(&port["nodePort"]);
+        if !(0..=65535).contains(&node_port) {
             cause(
                 causes,
-                at.clone(),
-                format!(
-                    "Duplicate value: {{\"Port\":{},\"Protocol\":{}}}",
-                    port["port"], port["protocol"]
-                ),
+                format!("{at}.nodePort"),
+                format!("Invalid value: {node_port}: must be between 1 and 65535, inclusive"),
             );
         }
-        let node_port = int(&port["nodePort"]);
-        if node_port != 0 {
-            if !(1..=65535).contains(&node_port) {
+    }
+    if let Some(selector) = spec["selector"].as_object() {
+        for (key, value) in selector {
+            if !objects::is_qualified_name(key) {
                 cause(
                     causes,
-                    format!("{at}.nodePort"),
-                    format!("Invalid value: {node_port}: must be between 1 and 65535, inclusive"),
+                    "spec.selector",
+                    format!("Invalid value: {key:?}: name part must consist of alphanumeric characters, '-', '_' or '.'"),
                 );
-            } else if matches!(kind, "ClusterIP" | "ExternalName") {
+            }
+            if !value
+                .as_str()
+                .is_some_and(|v| v.is_empty() || objects::is_label_name(v))
+            {
                 cause(
                     causes,
-                    format!("{at}.nodePort"),
-                    format!("Forbidden: may not be used when `type` is '{kind}'"),
+                    "spec.selector",
+                    format!("Invalid value: {value}: a valid label must be an empty string or consist of alphanumeric characters, '-', '_' or '.'"),
                 );
             }
         }
-    }
-    if (!kind.is_empty() && !TYPES.contains(&kind)) || !spec["type"].is_string() {
-        unsupported(causes, "spec.type", &spec["type"], &TYPES);
-    }
-    if headless && matches!(kind, "NodePort" | "LoadBalancer") {
-        cause(
-            causes,
-            "spec.clusterIPs[0]",
-            format!("Invalid value: \"None\": may not be set to 'None' for {kind} services"),
-        );
-    }
-    if kind == "ExternalName" {
-        match spec["externalName"].as_str() {
-            None | Some("") => cause(causes, "spec.externalName", "Required value"),
-            Some(name) => {
-                let bare = name.strip_suffix('.').unwrap_or(name);
-                if !objects::is_dns_subdomain(bare) {
-                    cause(
-                        causes,
-                        "spec.externalName",
-                        format!(
-                            "Invalid value: {name:?}: a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character (e.g. 'example.com', regex used for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*')"
-                        ),
-                    );
-                }
-            }
-        }
+    } else if !spec["selector"].is_null() {
+        cause(causes, "spec.selector", "Invalid value: must be a map");
     }
     match spec["sessionAffinity"].as_str() {
         Some("None") => {}
@@ -898,6 +906,40 @@ fn validate_service(object: &Value, causes: &mut Vec<Cause>) {
             &["ClientIP", "None"],
         ),
     }
+    if (!kind.is_empty() && !TYPES.contains(&kind)) || !spec["type"].is_string() {
+        unsupported(causes, "spec.type", &spec["type"], &TYPES);
+    }
+    let mut keys = HashSet::new();
+    for (i, port) in ports.iter().enumerate() {
+        let at = format!("spec.ports[{i}]");
+        if kind == "ClusterIP" && int(&port["nodePort"]) != 0 {
+            cause(
+                causes,
+                format!("{at}.nodePort"),
+                "Forbidden: may not be used when `type` is 'ClusterIP'",
+            );
+        }
+        let key = (int(&port["port"]), port["protocol"].to_string());
+        if !keys.insert(key) {
+            cause(
+                causes,
+                at,
+                format!(
+                    "Duplicate value: {{\"Port\":{},\"Protocol\":{}}}",
+                    port["port"], port["protocol"]
+                ),
+            );
+        }
+    }
+    for (i, ip) in spec["externalIPs"].as_array().into_iter().flatten().enumerate() {
+        if !ip.as_str().is_some_and(|s| s.parse::<IpAddr>().is_ok()) {
+            cause(
+                causes,
+                format!("spec.externalIPs[{i}]"),
+                format!("Invalid value: {ip}: must be a valid IP address, (e.g. 10.9.8.7 or 2001:db8::ffff)"),
+            );
+        }
+    }
     let external = matches!(kind, "NodePort" | "LoadBalancer");
     let etp = &spec["externalTrafficPolicy"];
     if !etp.is_null() {
@@ -916,15 +958,6 @@ fn validate_service(object: &Value, causes: &mut Vec<Cause>) {
             );
         }
     }
-    let itp = &spec["internalTrafficPolicy"];
-    if !itp.is_null() && !matches!(itp.as_str(), Some("Cluster" | "Local")) {
-        unsupported(
-            causes,
-            "spec.internalTrafficPolicy",
-            itp,
-            &["Cluster", "Local"],
-        );
-    }
     let health = int(&spec["healthCheckNodePort"]);
     if health != 0 && !needs_health_check_port(object) {
         cause(
@@ -935,6 +968,15 @@ fn validate_service(object: &Value, causes: &mut Vec<Cause>) {
             ),
         );
     }
+    let itp = &spec["internalTrafficPolicy"];
+    if !itp.is_null() && !matches!(itp.as_str(), Some("Cluster" | "Local")) {
+        unsupported(
+            causes,
+            "spec.internalTrafficPolicy",
+            itp,
+            &["Cluster", "Local"],
+        );
+    }
     if !spec["publishNotReadyAddresses"].is_null() && !spec["publishNotReadyAddresses"].is_boolean()
     {
         cause(
@@ -942,38 +984,6 @@ fn validate_service(object: &Value, causes: &mut Vec<Cause>) {
             "spec.publishNotReadyAddresses",
             "Invalid value: must be a boolean",
         );
-    }
-    if let Some(selector) = spec["selector"].as_object() {
-        for (key, value) in selector {
-            if !objects::is_qualified_name(key) {
-                cause(
-                    causes,
-                    "spec.selector",
-                    format!("Invalid value: {key:?}: name part must consist of alphanumeric characters, '-', '_' or '.'"),
-                );
-            }
-            if !value
-                .as_str()
-                .is_some_and(|v| v.is_empty() || objects::is_label_name(v))
-            {
-                cause(
-                    causes,
-                    "spec.selector",
-                    format!("Invalid value: {value}: a valid label must be an empty string or consist of alphanumeric characters, '-', '_' or '.'"),
-                );
-            }
-        }
-    } else if !spec["selector"].is_null() {
-        cause(causes, "spec.selector", "Invalid value: must be a map");
-    }
-    for (i, ip) in spec["externalIPs"].as_array().into_iter().flatten().enumerate() {
-        if !ip.as_str().is_some_and(|s| s.parse::<IpAddr>().is_ok()) {
-            cause(
-                causes,
-                format!("spec.externalIPs[{i}]"),
-                format!("Invalid value: {ip}: must be a valid IP address, (e.g. 10.9.8.7 or 2001:db8::ffff)"),
-            );
-        }
     }
 }
 
