@@ -6,12 +6,12 @@ use std::process::ExitCode;
 use std::time::{Duration, UNIX_EPOCH};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use cloudcore::registry::{NewToken, Registry};
-use cloudcore::token::{BootstrapToken, validate_node_name};
-use cloudcore::{SERVER_STALE_AFTER, ServeConfig, config::join_host_port, pki::ClusterCa};
 use cloudcore::apiserver::services::{
     ClusterIpRange as ServiceCidr, NodePortRange as NodePorts, ServiceRanges,
 };
+use cloudcore::registry::{NewToken, Registry};
+use cloudcore::token::{BootstrapToken, validate_node_name};
+use cloudcore::{SERVER_STALE_AFTER, ServeConfig, config::join_host_port, pki::ClusterCa};
 use daemon::logging::LogFormat;
 use tokio_util::sync::CancellationToken;
 

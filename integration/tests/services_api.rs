@@ -106,7 +106,14 @@ fn services_through_kubectl() {
     let svc = ok(cloud.kubectl(&["get", "svc"]), "get svc");
     assert_eq!(
         header(&svc),
-        ["NAME", "TYPE", "CLUSTER-IP", "EXTERNAL-IP", "PORT(S)", "AGE"]
+        [
+            "NAME",
+            "TYPE",
+            "CLUSTER-IP",
+            "EXTERNAL-IP",
+            "PORT(S)",
+            "AGE"
+        ]
     );
     assert_eq!(
         row(&svc, "kubernetes")[..5],
@@ -142,7 +149,10 @@ fn services_through_kubectl() {
         "create clusterip",
     );
     let web_ip = cluster_ip(&cloud, "web");
-    assert!(in_range(&web_ip, net, 24) && web_ip != "10.100.0.1", "{web_ip}");
+    assert!(
+        in_range(&web_ip, net, 24) && web_ip != "10.100.0.1",
+        "{web_ip}"
+    );
     ok(
         cloud.kubectl(&[
             "create",
@@ -155,7 +165,13 @@ fn services_through_kubectl() {
         "create nodeport",
     );
     ok(
-        cloud.kubectl(&["create", "service", "clusterip", "headless", "--clusterip=None"]),
+        cloud.kubectl(&[
+            "create",
+            "service",
+            "clusterip",
+            "headless",
+            "--clusterip=None",
+        ]),
         "create headless",
     );
     ok(
@@ -170,7 +186,10 @@ fn services_through_kubectl() {
     );
     let svc = ok(cloud.kubectl(&["get", "svc", "-o", "wide"]), "get svc wide");
     let np = row(&svc, "np");
-    assert_eq!((np[1].as_str(), np[4].as_str()), ("NodePort", "80:31050/TCP"));
+    assert_eq!(
+        (np[1].as_str(), np[4].as_str()),
+        ("NodePort", "80:31050/TCP")
+    );
     assert_eq!(np[6], "app=np");
     let headless = row(&svc, "headless");
     assert_eq!(headless[2], "None");
@@ -204,11 +223,16 @@ fn services_through_kubectl() {
     let exposed = json_of(&cloud, &["get", "svc", "app"]);
     assert_eq!(exposed["spec"]["selector"]["app"], "app");
     assert_eq!(exposed["spec"]["ports"][0]["targetPort"], 8080);
-    let node_port = exposed["spec"]["ports"][0]["nodePort"].as_i64().unwrap_or(0);
+    let node_port = exposed["spec"]["ports"][0]["nodePort"]
+        .as_i64()
+        .unwrap_or(0);
     assert!((31000..=31099).contains(&node_port), "{exposed}");
 
     // apply with a fixed clusterIP and nodePort; applied again it keeps them.
-    ok(cloud.kubectl_with_stdin(&["apply", "-f", "-"], Some(FIXED)), "apply");
+    ok(
+        cloud.kubectl_with_stdin(&["apply", "-f", "-"], Some(FIXED)),
+        "apply",
+    );
     let again = ok(
         cloud.kubectl_with_stdin(&["apply", "-f", "-"], Some(FIXED)),
         "apply again",
@@ -225,7 +249,14 @@ fn services_through_kubectl() {
 
     // Conflicts and ranges, with kube-apiserver's 422 wording naming the field.
     let taken_ip = refused(
-        cloud.kubectl(&["create", "service", "clusterip", "dup", "--tcp=80", "--clusterip=10.100.0.50"]),
+        cloud.kubectl(&[
+            "create",
+            "service",
+            "clusterip",
+            "dup",
+            "--tcp=80",
+            "--clusterip=10.100.0.50",
+        ]),
         "a taken cluster IP",
     );
     assert!(
@@ -233,7 +264,14 @@ fn services_through_kubectl() {
         "{taken_ip}"
     );
     let outside = refused(
-        cloud.kubectl(&["create", "service", "clusterip", "dup", "--tcp=80", "--clusterip=10.96.0.50"]),
+        cloud.kubectl(&[
+            "create",
+            "service",
+            "clusterip",
+            "dup",
+            "--tcp=80",
+            "--clusterip=10.96.0.50",
+        ]),
         "an IP out of range",
     );
     assert!(
@@ -241,15 +279,31 @@ fn services_through_kubectl() {
         "{outside}"
     );
     let taken_port = refused(
-        cloud.kubectl(&["create", "service", "nodeport", "dup", "--tcp=80", "--node-port=31060"]),
+        cloud.kubectl(&[
+            "create",
+            "service",
+            "nodeport",
+            "dup",
+            "--tcp=80",
+            "--node-port=31060",
+        ]),
         "a taken node port",
     );
     assert!(
-        taken_port.contains("spec.ports[0].nodePort: Invalid value: 31060: provided port is already allocated"),
+        taken_port.contains(
+            "spec.ports[0].nodePort: Invalid value: 31060: provided port is already allocated"
+        ),
         "{taken_port}"
     );
     let far_port = refused(
-        cloud.kubectl(&["create", "service", "nodeport", "dup", "--tcp=80", "--node-port=30000"]),
+        cloud.kubectl(&[
+            "create",
+            "service",
+            "nodeport",
+            "dup",
+            "--tcp=80",
+            "--node-port=30000",
+        ]),
         "a node port out of range",
     );
     assert!(
@@ -257,35 +311,74 @@ fn services_through_kubectl() {
         "{far_port}"
     );
     let changed = refused(
-        cloud.kubectl(&["patch", "svc", "fixed", "-p", r#"{"spec":{"clusterIP":"10.100.0.51","clusterIPs":["10.100.0.51"]}}"#]),
+        cloud.kubectl(&[
+            "patch",
+            "svc",
+            "fixed",
+            "-p",
+            r#"{"spec":{"clusterIP":"10.100.0.51","clusterIPs":["10.100.0.51"]}}"#,
+        ]),
         "a cluster IP change",
     );
     assert!(changed.contains("may not change once set"), "{changed}");
 
     // A dry run answers with an address and holds nothing.
     let dry: Value = serde_json::from_str(&ok(
-        cloud.kubectl(&["create", "service", "clusterip", "dry", "--tcp=80", "--dry-run=server", "-o", "json"]),
+        cloud.kubectl(&[
+            "create",
+            "service",
+            "clusterip",
+            "dry",
+            "--tcp=80",
+            "--dry-run=server",
+            "-o",
+            "json",
+        ]),
         "dry run",
     ))
     .expect("json");
-    let dry_ip = dry["spec"]["clusterIP"].as_str().unwrap_or_default().to_string();
+    let dry_ip = dry["spec"]["clusterIP"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
     assert!(in_range(&dry_ip, net, 24), "{dry}");
     assert!(!cloud.kubectl(&["get", "svc", "dry"]).status.success());
     ok(
-        cloud.kubectl(&["create", "service", "clusterip", "wet", "--tcp=80", &format!("--clusterip={dry_ip}")]),
+        cloud.kubectl(&[
+            "create",
+            "service",
+            "clusterip",
+            "wet",
+            "--tcp=80",
+            &format!("--clusterip={dry_ip}"),
+        ]),
         "the dry run's address is free",
     );
 
     // Deleting a Service frees its address and ports.
     ok(cloud.kubectl(&["delete", "svc", "np"]), "delete np");
     ok(
-        cloud.kubectl(&["create", "service", "nodeport", "np2", "--tcp=80", "--node-port=31050"]),
+        cloud.kubectl(&[
+            "create",
+            "service",
+            "nodeport",
+            "np2",
+            "--tcp=80",
+            "--node-port=31050",
+        ]),
         "node port reused",
     );
     let web_ip_arg = format!("--clusterip={web_ip}");
     ok(cloud.kubectl(&["delete", "svc", "web"]), "delete web");
     ok(
-        cloud.kubectl(&["create", "service", "clusterip", "web2", "--tcp=80", &web_ip_arg]),
+        cloud.kubectl(&[
+            "create",
+            "service",
+            "clusterip",
+            "web2",
+            "--tcp=80",
+            &web_ip_arg,
+        ]),
         "cluster IP reused",
     );
 
@@ -320,9 +413,15 @@ fn services_through_kubectl() {
     assert!(ips.len() >= 16 + 4, "{ips:?}");
 
     // A restart keeps every allocation and still refuses the taken ones.
-    let before = ok(cloud.kubectl(&["get", "svc", "-o", "json"]), "before restart");
+    let before = ok(
+        cloud.kubectl(&["get", "svc", "-o", "json"]),
+        "before restart",
+    );
     cloud.restart();
-    let after = ok(cloud.kubectl(&["get", "svc", "-o", "json"]), "after restart");
+    let after = ok(
+        cloud.kubectl(&["get", "svc", "-o", "json"]),
+        "after restart",
+    );
     let specs = |text: &str| -> Vec<Value> {
         let list: Value = serde_json::from_str(text).expect("json");
         list["items"]
@@ -334,19 +433,38 @@ fn services_through_kubectl() {
     };
     assert_eq!(specs(&before), specs(&after));
     let taken_ip = refused(
-        cloud.kubectl(&["create", "service", "clusterip", "dup", "--tcp=80", "--clusterip=10.100.0.50"]),
+        cloud.kubectl(&[
+            "create",
+            "service",
+            "clusterip",
+            "dup",
+            "--tcp=80",
+            "--clusterip=10.100.0.50",
+        ]),
         "a taken cluster IP after restart",
     );
-    assert!(taken_ip.contains("provided IP is already allocated"), "{taken_ip}");
+    assert!(
+        taken_ip.contains("provided IP is already allocated"),
+        "{taken_ip}"
+    );
 }
 
 /// The range flags belong to the embedded API: in kube mode they are refused (exit 64).
 #[test]
 fn range_flags_are_refused_in_kube_mode() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    for flag in ["--service-cluster-ip-range=10.100.0.0/24", "--service-node-port-range=31000-31099"] {
+    for flag in [
+        "--service-cluster-ip-range=10.100.0.0/24",
+        "--service-node-port-range=31000-31099",
+    ] {
         let out = std::process::Command::new(bin("cloudcore"))
-            .args(["serve", "--control-plane", "kube", "--kubeconfig", "/nonexistent"])
+            .args([
+                "serve",
+                "--control-plane",
+                "kube",
+                "--kubeconfig",
+                "/nonexistent",
+            ])
             .arg("--data-dir")
             .arg(tmp.path())
             .arg(flag)
@@ -361,12 +479,21 @@ fn range_flags_are_refused_in_kube_mode() {
         );
     }
     let bad = std::process::Command::new(bin("cloudcore"))
-        .args(["serve", "--service-cluster-ip-range", "fd00::/108", "--data-dir"])
+        .args([
+            "serve",
+            "--service-cluster-ip-range",
+            "fd00::/108",
+            "--data-dir",
+        ])
         .arg(tmp.path())
         .output()
         .expect("run cloudcore");
     assert_eq!(bad.status.code(), Some(64), "{}", text(&bad));
-    assert!(text(&bad).contains("service-cluster-ip-range"), "{}", text(&bad));
+    assert!(
+        text(&bad).contains("service-cluster-ip-range"),
+        "{}",
+        text(&bad)
+    );
 }
 
 const COMPARED: &str = r#"
@@ -416,7 +543,10 @@ fn comparable(spec: &Value) -> Value {
     let mut spec = spec.clone();
     if let Some(map) = spec.as_object_mut() {
         for field in ["clusterIP", "clusterIPs", "healthCheckNodePort"] {
-            if map.get(field).is_some_and(|v| v != "None" && v != &serde_json::json!(["None"])) {
+            if map
+                .get(field)
+                .is_some_and(|v| v != "None" && v != &serde_json::json!(["None"]))
+            {
                 map.insert(field.into(), "ALLOCATED".into());
             }
         }
@@ -444,7 +574,10 @@ fn defaults_and_refusals_match_kube_apiserver() {
         },
     );
     let create = ["create", "-f", "-", "-o", "json"];
-    let ours = ok(cloud.kubectl_with_stdin(&create, Some(COMPARED)), "create (embedded)");
+    let ours = ok(
+        cloud.kubectl_with_stdin(&create, Some(COMPARED)),
+        "create (embedded)",
+    );
     let theirs = cluster.kubectl_ok(&create, Some(COMPARED));
     let specs = |out: &str| -> Vec<(Value, Value)> {
         serde_json::Deserializer::from_str(out)
@@ -458,12 +591,21 @@ fn defaults_and_refusals_match_kube_apiserver() {
     let theirs_k = cluster.get_json(&["svc", "kubernetes"]);
     let ours_k = json_of(&cloud, &["get", "svc", "kubernetes"]);
     assert_eq!(ours_k["spec"]["clusterIP"], theirs_k["spec"]["clusterIP"]);
-    assert_eq!(ours_k["spec"]["ports"][0]["name"], theirs_k["spec"]["ports"][0]["name"]);
-    assert_eq!(ours_k["spec"]["ports"][0]["port"], theirs_k["spec"]["ports"][0]["port"]);
+    assert_eq!(
+        ours_k["spec"]["ports"][0]["name"],
+        theirs_k["spec"]["ports"][0]["name"]
+    );
+    assert_eq!(
+        ours_k["spec"]["ports"][0]["port"],
+        theirs_k["spec"]["ports"][0]["port"]
+    );
 
     let first = r#"{"apiVersion": "v1", "kind": "Service", "metadata": {"name": "first"},
         "spec": {"type": "NodePort", "clusterIP": "10.96.0.50", "ports": [{"port": 80, "nodePort": 30080}]}}"#;
-    ok(cloud.kubectl_with_stdin(&["create", "-f", "-"], Some(first)), "first (embedded)");
+    ok(
+        cloud.kubectl_with_stdin(&["create", "-f", "-"], Some(first)),
+        "first (embedded)",
+    );
     cluster.kubectl_ok(&["create", "-f", "-"], Some(first));
     let refusals = [
         r#"{"apiVersion": "v1", "kind": "Service", "metadata": {"name": "bad"},
@@ -505,7 +647,13 @@ fn defaults_and_refusals_match_kube_apiserver() {
         assert!(!theirs.status.success(), "accepted there: {manifest}");
         assert_eq!(message(&ours), message(&theirs), "{manifest}");
     }
-    let patch = ["patch", "svc", "first", "-p", r#"{"spec":{"clusterIP":"10.96.0.51","clusterIPs":["10.96.0.51"]}}"#];
+    let patch = [
+        "patch",
+        "svc",
+        "first",
+        "-p",
+        r#"{"spec":{"clusterIP":"10.96.0.51","clusterIPs":["10.96.0.51"]}}"#,
+    ];
     let ours = cloud.kubectl(&patch);
     let theirs = cluster.kubectl(&patch, None);
     assert!(!ours.status.success() && !theirs.status.success());

@@ -305,10 +305,7 @@ const SERVICE_ACCOUNT: Schema = &[
 /// `spec.ports` merge by `port`; `status.conditions` by type (load-balancer ingress is atomic).
 const SERVICE: Schema = &[
     ("metadata", Strategy::Object(OBJECT_META)),
-    (
-        "spec",
-        Strategy::Object(&[("ports", by_key("port", NONE))]),
-    ),
+    ("spec", Strategy::Object(&[("ports", by_key("port", NONE))])),
     ("status", Strategy::Object(CONDITIONS_STATUS)),
 ];
 

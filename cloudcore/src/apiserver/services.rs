@@ -326,7 +326,7 @@ fn default_port_protocol(ports: Option<&mut Vec<Value>>) {
 
 fn default_endpoints(object: &mut Value) {
     for subset in object["subsets"].as_array_mut().into_iter().flatten() {
-        default_port_protocol(subset["ports"].as_array_mut());
+        default_port_protocol(subset.get_mut("ports").and_then(Value::as_array_mut));
     }
 }
 
@@ -357,12 +357,7 @@ fn default_endpoint_slice(object: &mut Value) {
 /// before and left out are kept (cluster IP; node ports by port name; the health check port),
 /// and a set cluster IP may not change; an EndpointSlice's `addressType` is immutable and its
 /// generation moves with its content.
-pub fn prepare_update(
-    plural: &str,
-    current: &Value,
-    new: &mut Value,
-    causes: &mut Vec<Cause>,
-) {
+pub fn prepare_update(plural: &str, current: &Value, new: &mut Value, causes: &mut Vec<Cause>) {
     match plural {
         "services" => update_service(current, new, causes),
         "endpoints" => default_endpoints(new),
@@ -415,7 +410,10 @@ fn update_service(current: &Value, new: &mut Value, causes: &mut Vec<Cause>) {
             };
             causes.push(Cause {
                 field: "spec.clusterIPs[0]".into(),
-                message: format!("Invalid value: {}: may not change once set", list_text(&shown)),
+                message: format!(
+                    "Invalid value: {}: may not change once set",
+                    list_text(&shown)
+                ),
             });
         }
     }
@@ -865,7 +863,9 @@ fn validate_service(object: &Value, causes: &mut Vec<Cause>) {
                 cause(
                     causes,
                     "spec.selector",
-                    format!("Invalid value: {key:?}: name part must consist of alphanumeric characters, '-', '_' or '.'"),
+                    format!(
+                        "Invalid value: {key:?}: name part must consist of alphanumeric characters, '-', '_' or '.'"
+                    ),
                 );
             }
             if !value
@@ -875,7 +875,9 @@ fn validate_service(object: &Value, causes: &mut Vec<Cause>) {
                 cause(
                     causes,
                     "spec.selector",
-                    format!("Invalid value: {value}: a valid label must be an empty string or consist of alphanumeric characters, '-', '_' or '.'"),
+                    format!(
+                        "Invalid value: {value}: a valid label must be an empty string or consist of alphanumeric characters, '-', '_' or '.'"
+                    ),
                 );
             }
         }
@@ -931,12 +933,19 @@ fn validate_service(object: &Value, causes: &mut Vec<Cause>) {
             );
         }
     }
-    for (i, ip) in spec["externalIPs"].as_array().into_iter().flatten().enumerate() {
+    for (i, ip) in spec["externalIPs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
         if !ip.as_str().is_some_and(|s| s.parse::<IpAddr>().is_ok()) {
             cause(
                 causes,
                 format!("spec.externalIPs[{i}]"),
-                format!("Invalid value: {ip}: must be a valid IP address, (e.g. 10.9.8.7 or 2001:db8::ffff)"),
+                format!(
+                    "Invalid value: {ip}: must be a valid IP address, (e.g. 10.9.8.7 or 2001:db8::ffff)"
+                ),
             );
         }
     }
@@ -989,20 +998,33 @@ fn validate_service(object: &Value, causes: &mut Vec<Cause>) {
 
 fn validate_ip(causes: &mut Vec<Cause>, field: String, value: &Value) {
     if !value.as_str().is_some_and(|s| s.parse::<IpAddr>().is_ok()) {
-        let shown = value.as_str().map_or_else(|| value.to_string(), |s| format!("{s:?}"));
+        let shown = value
+            .as_str()
+            .map_or_else(|| value.to_string(), |s| format!("{s:?}"));
         cause(
             causes,
             field,
-            format!("Invalid value: {shown}: must be a valid IP address, (e.g. 10.9.8.7 or 2001:db8::ffff)"),
+            format!(
+                "Invalid value: {shown}: must be a valid IP address, (e.g. 10.9.8.7 or 2001:db8::ffff)"
+            ),
         );
     }
 }
 
 fn validate_endpoints(object: &Value, causes: &mut Vec<Cause>) {
-    for (s, subset) in object["subsets"].as_array().into_iter().flatten().enumerate() {
+    for (s, subset) in object["subsets"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
         for list in ["addresses", "notReadyAddresses"] {
             for (a, address) in subset[list].as_array().into_iter().flatten().enumerate() {
-                validate_ip(causes, format!("subsets[{s}].{list}[{a}].ip"), &address["ip"]);
+                validate_ip(
+                    causes,
+                    format!("subsets[{s}].{list}[{a}].ip"),
+                    &address["ip"],
+                );
             }
         }
         let ports = subset["ports"].as_array().cloned().unwrap_or_default();
@@ -1050,7 +1072,10 @@ fn validate_endpoint_slice(object: &Value, causes: &mut Vec<Cause>) {
         cause(
             causes,
             "ports",
-            format!("Too many: {}: must have at most {MAX_SLICE_PORTS} items", ports.len()),
+            format!(
+                "Too many: {}: must have at most {MAX_SLICE_PORTS} items",
+                ports.len()
+            ),
         );
     }
     let mut names = HashSet::new();
@@ -1091,7 +1116,10 @@ fn validate_endpoint_slice(object: &Value, causes: &mut Vec<Cause>) {
         );
     }
     for (i, endpoint) in endpoints.iter().enumerate() {
-        let addresses = endpoint["addresses"].as_array().cloned().unwrap_or_default();
+        let addresses = endpoint["addresses"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
         if addresses.is_empty() {
             cause(
                 causes,
@@ -1135,7 +1163,9 @@ fn validate_endpoint_slice(object: &Value, causes: &mut Vec<Cause>) {
             cause(
                 causes,
                 format!("endpoints[{i}].hostname"),
-                format!("Invalid value: {hostname:?}: a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', and must start and end with an alphanumeric character"),
+                format!(
+                    "Invalid value: {hostname:?}: a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', and must start and end with an alphanumeric character"
+                ),
             );
         }
     }
@@ -1374,12 +1404,10 @@ impl Allocator {
                 })?;
                 new["spec"]["healthCheckNodePort"] = json!(chosen);
             } else if !own_ports.contains(&health)
-                && let Some(why) = self
-                    .port_refusal(taken, health)
-                    .or_else(|| {
-                        used.contains(&health)
-                            .then(|| "provided port is already allocated".to_string())
-                    })
+                && let Some(why) = self.port_refusal(taken, health).or_else(|| {
+                    used.contains(&health)
+                        .then(|| "provided port is already allocated".to_string())
+                })
             {
                 return Err(vec![Cause {
                     field: "spec.healthCheckNodePort".into(),
@@ -1467,7 +1495,10 @@ pub fn bootstrap_kubernetes(
     let first = allocator.ranges().cluster_ip.first().to_string();
     {
         let id = services_id();
-        match store.get(&id, "default", "kubernetes").map_err(store_error)? {
+        match store
+            .get(&id, "default", "kubernetes")
+            .map_err(store_error)?
+        {
             None => {
                 let mut service = json!({
                     "metadata": {"name": "kubernetes", "namespace": "default",
@@ -1522,7 +1553,10 @@ pub fn bootstrap_kubernetes(
                 })
                 .unwrap_or_default()
         };
-        match store.get(&id, "default", "kubernetes").map_err(store_error)? {
+        match store
+            .get(&id, "default", "kubernetes")
+            .map_err(store_error)?
+        {
             None => {
                 let mut object = body;
                 object["metadata"] =
@@ -1622,7 +1656,13 @@ mod tests {
         assert!(!r.contains(Ipv4Addr::new(10, 96, 0, 0)), "network");
         assert!(!r.contains(Ipv4Addr::new(10, 112, 0, 1)));
         assert_eq!(r.to_string(), "10.96.0.0/12");
-        for bad in ["10.96.0.1/12", "fd00::/108", "10.96.0.0", "10.0.0.0/31", "x/8"] {
+        for bad in [
+            "10.96.0.1/12",
+            "fd00::/108",
+            "10.96.0.0",
+            "10.0.0.0/31",
+            "x/8",
+        ] {
             assert!(bad.parse::<ClusterIpRange>().is_err(), "{bad}");
         }
         let p: NodePortRange = "30000-32767".parse().expect("ports");
@@ -1634,15 +1674,20 @@ mod tests {
 
     #[test]
     fn services_get_kube_apiservers_defaults() {
-        let s = create(svc(json!({"ports": [{"port": 80}], "selector": {"app": "web"}})))
-            .expect("valid");
+        let s = create(svc(
+            json!({"ports": [{"port": 80}], "selector": {"app": "web"}}),
+        ))
+        .expect("valid");
         let spec = &s["spec"];
         assert_eq!(spec["type"], "ClusterIP");
         assert_eq!(spec["sessionAffinity"], "None");
         assert_eq!(spec["internalTrafficPolicy"], "Cluster");
         assert_eq!(spec["ipFamilies"], json!(["IPv4"]));
         assert_eq!(spec["ipFamilyPolicy"], "SingleStack");
-        assert_eq!(spec["ports"][0], json!({"port": 80, "protocol": "TCP", "targetPort": 80}));
+        assert_eq!(
+            spec["ports"][0],
+            json!({"port": 80, "protocol": "TCP", "targetPort": 80})
+        );
         assert!(spec.get("externalTrafficPolicy").is_none());
         assert_eq!(s["status"], json!({"loadBalancer": {}}));
 
@@ -1655,8 +1700,10 @@ mod tests {
             s["spec"]["sessionAffinityConfig"]["clientIP"]["timeoutSeconds"],
             10800
         );
-        let s = create(svc(json!({"type": "ExternalName", "externalName": "example.com"})))
-            .expect("valid");
+        let s = create(svc(
+            json!({"type": "ExternalName", "externalName": "example.com"}),
+        ))
+        .expect("valid");
         assert!(s["spec"].get("ipFamilies").is_none());
         assert!(s["spec"].get("clusterIP").is_none());
         let s = create(svc(json!({"clusterIP": "None"}))).expect("headless needs no ports");
@@ -1679,10 +1726,14 @@ mod tests {
         .expect_err("dual stack");
         assert_eq!(
             fields(&e),
-            ["spec.ipFamilyPolicy: Invalid value: \"RequireDualStack\": this cluster is not configured for dual-stack services"]
+            [
+                "spec.ipFamilyPolicy: Invalid value: \"RequireDualStack\": this cluster is not configured for dual-stack services"
+            ]
         );
-        let e = create(svc(json!({"ports": [{"port": 80}], "ipFamilies": ["IPv6"]})))
-            .expect_err("ipv6");
+        let e = create(svc(
+            json!({"ports": [{"port": 80}], "ipFamilies": ["IPv6"]}),
+        ))
+        .expect_err("ipv6");
         assert_eq!(
             fields(&e),
             ["spec.ipFamilies[0]: Invalid value: \"IPv6\": not configured on this cluster"]
@@ -1704,7 +1755,9 @@ mod tests {
         .expect_err("headless nodeport");
         assert_eq!(
             fields(&e),
-            ["spec.clusterIPs[0]: Invalid value: \"None\": may not be set to 'None' for NodePort services"]
+            [
+                "spec.clusterIPs[0]: Invalid value: \"None\": may not be set to 'None' for NodePort services"
+            ]
         );
         let e = create(svc(json!({"type": "ExternalName"}))).expect_err("no name");
         assert_eq!(fields(&e), ["spec.externalName: Required value"]);
@@ -1714,11 +1767,15 @@ mod tests {
             fields(&e),
             ["metadata.name: Invalid value: \"b.ad\": must not contain dots"]
         );
-        let e = create(svc(json!({"ports": [{"port": 80}], "externalTrafficPolicy": "Local"})))
-            .expect_err("etp");
+        let e = create(svc(
+            json!({"ports": [{"port": 80}], "externalTrafficPolicy": "Local"}),
+        ))
+        .expect_err("etp");
         assert_eq!(
             fields(&e),
-            ["spec.externalTrafficPolicy: Invalid value: \"Local\": may only be set for externally-accessible services"]
+            [
+                "spec.externalTrafficPolicy: Invalid value: \"Local\": may only be set for externally-accessible services"
+            ]
         );
     }
 
@@ -1785,9 +1842,18 @@ mod tests {
         allocator.assign(&taken, None, &mut s).expect("allocated");
         let ip: Ipv4Addr = cluster_ip(&s).parse().expect("ip");
         assert!(ranges.cluster_ip.contains(ip) && ip != Ipv4Addr::new(10, 96, 0, 5));
-        assert_ne!(ip, ranges.cluster_ip.first(), "reserved for default/kubernetes");
-        let ports: Vec<i64> = (0..3).map(|i| int(&s["spec"]["ports"][i]["nodePort"])).collect();
-        assert_eq!(ports[0], ports[1], "one node port for both protocols of a port");
+        assert_ne!(
+            ip,
+            ranges.cluster_ip.first(),
+            "reserved for default/kubernetes"
+        );
+        let ports: Vec<i64> = (0..3)
+            .map(|i| int(&s["spec"]["ports"][i]["nodePort"]))
+            .collect();
+        assert_eq!(
+            ports[0], ports[1],
+            "one node port for both protocols of a port"
+        );
         assert!(ports.iter().all(|p| (30001..=30002).contains(p)) && ports[0] != ports[2]);
 
         let refuse = |spec: Value| -> Vec<String> {
@@ -1801,11 +1867,15 @@ mod tests {
         };
         assert_eq!(
             refuse(json!({"clusterIP": "10.96.0.5", "ports": [{"port": 80}]})),
-            ["spec.clusterIPs: Invalid value: [\"10.96.0.5\"]: failed to allocate IP 10.96.0.5: provided IP is already allocated"]
+            [
+                "spec.clusterIPs: Invalid value: [\"10.96.0.5\"]: failed to allocate IP 10.96.0.5: provided IP is already allocated"
+            ]
         );
         assert_eq!(
             refuse(json!({"clusterIP": "10.97.0.5", "ports": [{"port": 80}]})),
-            ["spec.clusterIPs: Invalid value: [\"10.97.0.5\"]: failed to allocate IP 10.97.0.5: the provided network does not match the current range"]
+            [
+                "spec.clusterIPs: Invalid value: [\"10.97.0.5\"]: failed to allocate IP 10.97.0.5: the provided network does not match the current range"
+            ]
         );
         assert_eq!(
             refuse(json!({"type": "NodePort", "ports": [{"port": 80, "nodePort": 30000}]})),
@@ -1813,11 +1883,15 @@ mod tests {
         );
         assert_eq!(
             refuse(json!({"type": "NodePort", "ports": [{"port": 80, "nodePort": 40000}]})),
-            ["spec.ports[0].nodePort: Invalid value: 40000: provided port is not in the valid range. The range of valid ports is 30000-30002"]
+            [
+                "spec.ports[0].nodePort: Invalid value: 40000: provided port is not in the valid range. The range of valid ports is 30000-30002"
+            ]
         );
         // A Service keeps its own address and ports on update.
         let mut again = s.clone();
-        allocator.assign(&taken, Some(&s), &mut again).expect("own values");
+        allocator
+            .assign(&taken, Some(&s), &mut again)
+            .expect("own values");
         assert_eq!(again, s);
         // Exhaustion is an error, not a loop.
         let mut full = Taken::default();
@@ -1835,13 +1909,16 @@ mod tests {
         let mut slice = json!({"metadata": {"name": "es"}, "addressType": "IPv4",
             "endpoints": [{"addresses": ["10.0.0.1"]}], "ports": [{"port": 80}]});
         objects::prepare_create(slice_info, &mut slice, OffsetDateTime::now_utc()).expect("valid");
-        assert_eq!(slice["ports"][0], json!({"name": "", "port": 80, "protocol": "TCP"}));
+        assert_eq!(
+            slice["ports"][0],
+            json!({"name": "", "port": 80, "protocol": "TCP"})
+        );
         assert_eq!(slice["endpoints"][0]["conditions"], json!({}));
         assert_eq!(slice["metadata"]["generation"], 1);
         let mut changed = slice.clone();
         changed["addressType"] = json!("IPv6");
-        let e = objects::prepare_update(slice_info, None, &slice, &mut changed)
-            .expect_err("immutable");
+        let e =
+            objects::prepare_update(slice_info, None, &slice, &mut changed).expect_err("immutable");
         assert_eq!(
             fields(&e),
             ["addressType: Invalid value: \"IPv6\": field is immutable"]
@@ -1902,7 +1979,10 @@ mod tests {
             .expect("get")
             .expect("slice");
         assert_eq!(slice["endpoints"][0]["addresses"], json!(["192.0.2.10"]));
-        assert_eq!(slice["metadata"]["labels"][SERVICE_NAME_LABEL], "kubernetes");
+        assert_eq!(
+            slice["metadata"]["labels"][SERVICE_NAME_LABEL],
+            "kubernetes"
+        );
         // A second pass changes nothing; a new API port corrects all three.
         let rv = store.resource_version();
         bootstrap_kubernetes(&store, &allocator, api).expect("again");
@@ -1922,7 +2002,10 @@ mod tests {
         assert_eq!(slice["ports"][0]["port"], 7443);
         assert_eq!(slice["metadata"]["generation"], 2);
         assert_eq!(
-            api_endpoint("0.0.0.0:6443".parse().expect("addr"), &["127.0.0.1".into(), "10.1.2.3".into()]),
+            api_endpoint(
+                "0.0.0.0:6443".parse().expect("addr"),
+                &["127.0.0.1".into(), "10.1.2.3".into()]
+            ),
             "10.1.2.3:6443".parse().expect("addr")
         );
     }

@@ -722,12 +722,12 @@ async fn create_object(
     })
     .await??
     .map_err(|e| {
-            let name = match &e {
-                StoreError::AlreadyExists => "",
-                _ => "",
-            };
-            ApiError::from_store(e, info.group, info.plural, name)
-        });
+        let name = match &e {
+            StoreError::AlreadyExists => "",
+            _ => "",
+        };
+        ApiError::from_store(e, info.group, info.plural, name)
+    });
     match stored {
         Ok(s) => Ok(s),
         Err(mut e) => {

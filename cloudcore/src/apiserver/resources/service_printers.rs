@@ -256,13 +256,22 @@ mod tests {
             "Service",
             svc(json!({"type": "LoadBalancer", "clusterIP": "10.96.0.9", "ports": []})),
         );
-        assert_eq!((r[3].as_str(), r[4].as_str()), (Some("<pending>"), Some("<none>")));
+        assert_eq!(
+            (r[3].as_str(), r[4].as_str()),
+            (Some("<pending>"), Some("<none>"))
+        );
         let r = row(
             "Service",
             svc(json!({"type": "ExternalName", "externalName": "example.com"})),
         );
-        assert_eq!((r[2].as_str(), r[3].as_str()), (Some("<none>"), Some("example.com")));
-        let r = row("Service", svc(json!({"type": "ClusterIP", "clusterIP": "None"})));
+        assert_eq!(
+            (r[2].as_str(), r[3].as_str()),
+            (Some("<none>"), Some("example.com"))
+        );
+        let r = row(
+            "Service",
+            svc(json!({"type": "ClusterIP", "clusterIP": "None"})),
+        );
         assert_eq!(r[2], "None");
     }
 
@@ -283,6 +292,9 @@ mod tests {
         assert_eq!((r[1].as_str(), r[2].as_str()), (Some("IPv4"), Some("80")));
         assert_eq!(r[3], "10.0.0.1,10.0.0.2");
         let r = row("EndpointSlice", empty);
-        assert_eq!((r[2].as_str(), r[3].as_str()), (Some("<unset>"), Some("<unset>")));
+        assert_eq!(
+            (r[2].as_str(), r[3].as_str()),
+            (Some("<unset>"), Some("<unset>"))
+        );
     }
 }
