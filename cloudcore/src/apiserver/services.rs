@@ -939,7 +939,7 @@ fn validate_service(object: &Value, causes: &mut Vec<Cause>) {
         .flatten()
         .enumerate()
     {
-        if !ip.as_str().is_some_and(|s| s.parse::<IpAddr>().is_ok()) {
+        if ip.as_str().is_none_or(|s| s.parse::<IpAddr>().is_err()) {
             cause(
                 causes,
                 format!("spec.externalIPs[{i}]"),
@@ -997,7 +997,7 @@ fn validate_service(object: &Value, causes: &mut Vec<Cause>) {
 }
 
 fn validate_ip(causes: &mut Vec<Cause>, field: String, value: &Value) {
-    if !value.as_str().is_some_and(|s| s.parse::<IpAddr>().is_ok()) {
+    if value.as_str().is_none_or(|s| s.parse::<IpAddr>().is_err()) {
         let shown = value
             .as_str()
             .map_or_else(|| value.to_string(), |s| format!("{s:?}"));
@@ -1342,20 +1342,31 @@ impl Allocator {
             let count = new["spec"]["ports"].as_array().map_or(0, Vec::len);
             // Ports asked for first, then the rest allocated around them; a port number with
             // two protocols shares one node port, as kube-apiserver does.
+            let mut requested: HashMap<i64, i64> = HashMap::new();
             for i in 0..count {
                 let node_port = int(&new["spec"]["ports"][i]["nodePort"]);
                 if node_port == 0 {
                     continue;
                 }
-                if !own_ports.contains(&node_port) {
-                    if let Some(why) = self.port_refusal(taken, node_port) {
-                        causes.push(Cause {
-                            field: format!("spec.ports[{i}].nodePort"),
-                            message: format!("Invalid value: {node_port}: {why}"),
-                        });
-                        continue;
-                    }
+                let port = int(&new["spec"]["ports"][i]["port"]);
+                let why = if own_ports.contains(&node_port) {
+                    None
+                } else {
+                    self.port_refusal(taken, node_port)
+                };
+                // Within one Service a node port serves one port number (its protocols).
+                let why = why.or_else(|| {
+                    (requested.get(&node_port).is_some_and(|p| *p != port))
+                        .then(|| "provided port is already allocated".to_string())
+                });
+                if let Some(why) = why {
+                    causes.push(Cause {
+                        field: format!("spec.ports[{i}].nodePort"),
+                        message: format!("Invalid value: {node_port}: {why}"),
+                    });
+                    continue;
                 }
+                requested.insert(node_port, port);
                 used.insert(node_port);
             }
             if !causes.is_empty() {
