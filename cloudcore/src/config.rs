@@ -7,8 +7,12 @@ use std::time::Duration;
 /// Where the Kubernetes API that cloudcore works against comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ControlPlane {
-    /// cloudcore serves a Kubernetes-compatible API itself, on SQLite in the data dir.
-    Embedded { listen: SocketAddr },
+    /// cloudcore serves a Kubernetes-compatible API itself, on SQLite in the data dir, and
+    /// allocates Services' cluster IPs and node ports from `services`.
+    Embedded {
+        listen: SocketAddr,
+        services: crate::apiserver::services::ServiceRanges,
+    },
     /// A real cluster (in-cluster config or a kubeconfig).
     Kube { kubeconfig: Option<PathBuf> },
 }
@@ -77,6 +81,7 @@ impl ServeConfig {
             udp_receive_buffer: 4 * 1024 * 1024,
             control_plane: ControlPlane::Embedded {
                 listen: SocketAddr::from(([127, 0, 0, 1], 6443)),
+                services: Default::default(),
             },
             node_grace_period: Duration::from_secs(40),
             allow: crate::state::Allow::default(),

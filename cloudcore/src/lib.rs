@@ -113,10 +113,14 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> Result<(),
     let mut embedded_kubeconfig = None;
     let mut cluster_url = None;
     let (client, lifecycle) = match &config.control_plane {
-        config::ControlPlane::Embedded { listen } => {
-            let embedded = apiserver::start(
+        config::ControlPlane::Embedded { listen, services } => {
+            let settings = apiserver::Settings {
+                listen: *listen,
+                service_ranges: *services,
+            };
+            let embedded = apiserver::start_with(
                 &config.data_dir,
-                *listen,
+                settings,
                 &config.server_sans(),
                 &ca,
                 streams.clone(),

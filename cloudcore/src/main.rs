@@ -6,6 +6,9 @@ use std::process::ExitCode;
 use std::time::{Duration, UNIX_EPOCH};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use cloudcore::apiserver::services::{
+    ClusterIpRange as ServiceCidr, NodePortRange as NodePorts, ServiceRanges,
+};
 use cloudcore::registry::{NewToken, Registry};
 use cloudcore::token::{BootstrapToken, validate_node_name};
 use cloudcore::{SERVER_STALE_AFTER, ServeConfig, config::join_host_port, pki::ClusterCa};
@@ -135,6 +138,13 @@ struct ServeArgs {
     /// HTTPS address of the embedded API.
     #[arg(long, default_value = "127.0.0.1:6443")]
     api_listen: SocketAddr,
+    /// Embedded mode: the IPv4 range Services' cluster IPs come from (its first address is
+    /// default/kubernetes's); refused in kube mode, where the real apiserver owns it.
+    #[arg(long, value_name = "CIDR", value_parser = parse_cluster_ip_range)]
+    service_cluster_ip_range: Option<ServiceCidr>,
+    /// Embedded mode: the range NodePorts come from (FIRST-LAST); refused in kube mode.
+    #[arg(long, value_name = "FIRST-LAST", value_parser = parse_node_port_range)]
+    service_node_port_range: Option<NodePorts>,
     /// Kubeconfig of a real cluster (kube mode); KUBECONFIG works too.
     #[arg(long, env = "KUBECONFIG")]
     kubeconfig: Option<PathBuf>,
@@ -246,6 +256,16 @@ enum NodeCommand {
     },
 }
 
+/// `--service-cluster-ip-range`: an IPv4 CIDR.
+fn parse_cluster_ip_range(text: &str) -> Result<ServiceCidr, String> {
+    text.parse().map_err(|e| format!("{e}"))
+}
+
+/// `--service-node-port-range`: FIRST-LAST.
+fn parse_node_port_range(text: &str) -> Result<NodePorts, String> {
+    text.parse().map_err(|e| format!("{e}"))
+}
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -315,12 +335,37 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         ControlPlaneMode::Auto => in_cluster || args.kubeconfig.is_some(),
     };
     config.control_plane = if kube {
+        for (given, flag) in [
+            (
+                args.service_cluster_ip_range.is_some(),
+                "--service-cluster-ip-range",
+            ),
+            (
+                args.service_node_port_range.is_some(),
+                "--service-node-port-range",
+            ),
+        ] {
+            if given {
+                eprintln!(
+                    "error: {flag} applies to the embedded API only; in kube mode the cluster's kube-apiserver allocates Services from its own flags"
+                );
+                return Ok(ExitCode::from(EXIT_USAGE));
+            }
+        }
         cloudcore::config::ControlPlane::Kube {
             kubeconfig: args.kubeconfig,
         }
     } else {
+        let mut services = ServiceRanges::default();
+        if let Some(range) = args.service_cluster_ip_range {
+            services.cluster_ip = range;
+        }
+        if let Some(range) = args.service_node_port_range {
+            services.node_ports = range;
+        }
         cloudcore::config::ControlPlane::Embedded {
             listen: args.api_listen,
+            services,
         }
     };
     if config.dead_after <= config.heartbeat_interval {

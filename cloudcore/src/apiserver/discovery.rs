@@ -887,6 +887,7 @@ mod tests {
                 "apps",
                 "batch",
                 "coordination.k8s.io",
+                "discovery.k8s.io",
                 "apiextensions.k8s.io",
                 "metrics.k8s.io"
             ]
@@ -1126,12 +1127,13 @@ mod tests {
         let index = openapi_v3_index();
         let paths = index["paths"].as_object().unwrap();
         let keys: Vec<&str> = paths.keys().map(String::as_str).collect();
-        assert_eq!(keys.len(), 5);
+        assert_eq!(keys.len(), 6);
         for key in [
             "api/v1",
             "apis/apps/v1",
             "apis/batch/v1",
             "apis/coordination.k8s.io/v1",
+            "apis/discovery.k8s.io/v1",
             "apis/apiextensions.k8s.io/v1",
         ] {
             let url = paths[key]["serverRelativeURL"].as_str().unwrap();

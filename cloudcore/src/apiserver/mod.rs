@@ -19,6 +19,8 @@
 //! - [`apply`]: server-side apply and managedFields; [`validation`]: `fieldValidation`;
 //!   [`dryrun`]: `dryRun=All`; [`pagination`]: lists in pages (`limit`, `continue`).
 //! - [`crd`]: resources served from CustomResourceDefinitions.
+//! - [`services`]: Services (defaults, validation, cluster IP and node port allocation),
+//!   Endpoints, EndpointSlices, and the `default/kubernetes` Service.
 //! - `fuzzing` (hidden): entry points for the fuzz targets in `integration/fuzz/`.
 
 pub mod apply;
@@ -37,6 +39,7 @@ pub mod request;
 pub mod resources;
 pub mod scale;
 pub mod server;
+pub mod services;
 pub mod status;
 pub mod store;
 pub mod streaming;
@@ -70,6 +73,9 @@ pub enum EmbeddedError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Server(#[from] server::ServerError),
+    /// The `default/kubernetes` Service or its endpoints could not be written.
+    #[error("cannot create the default/kubernetes service: {0}")]
+    KubernetesService(String),
 }
 
 /// A started embedded API: where it listens and where its kubeconfig is.
@@ -107,8 +113,14 @@ fn bootstrap(store: &Store) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// The system-namespaces controller: [`bootstrap`] every [`SYSTEM_NAMESPACES_INTERVAL`].
-async fn keep_system_namespaces(store: Store, shutdown: CancellationToken) {
+/// The system-namespaces and bootstrap controllers: [`bootstrap`] and
+/// [`services::bootstrap_kubernetes`] every [`SYSTEM_NAMESPACES_INTERVAL`].
+async fn keep_system_namespaces(
+    store: Store,
+    allocator: Arc<services::Allocator>,
+    api: SocketAddr,
+    shutdown: CancellationToken,
+) {
     let mut tick = tokio::time::interval(SYSTEM_NAMESPACES_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -117,7 +129,13 @@ async fn keep_system_namespaces(store: Store, shutdown: CancellationToken) {
             _ = tick.tick() => {}
         }
         let store = store.clone();
-        match tokio::task::spawn_blocking(move || bootstrap(&store)).await {
+        let allocator = allocator.clone();
+        let pass = move || {
+            bootstrap(&store)?;
+            services::bootstrap_kubernetes(&store, &allocator, api)
+                .map_err(|e| StoreError::InvalidObject(e.message))
+        };
+        match tokio::task::spawn_blocking(pass).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "cannot recreate system namespaces; will retry")
@@ -127,7 +145,8 @@ async fn keep_system_namespaces(store: Store, shutdown: CancellationToken) {
     }
 }
 
-/// Opens `DIR/api.db`, writes `DIR/kubeconfig`, binds `listen` and serves until cancelled.
+/// Opens `DIR/api.db`, writes `DIR/kubeconfig`, binds `listen` and serves until cancelled,
+/// with Services allocated from the default ranges ([`start_with`] takes others).
 pub async fn start(
     data_dir: &Path,
     listen: SocketAddr,
@@ -137,6 +156,35 @@ pub async fn start(
     shutdown: CancellationToken,
     tracker: &tokio_util::task::TaskTracker,
 ) -> Result<Embedded, EmbeddedError> {
+    let settings = Settings {
+        listen,
+        service_ranges: services::ServiceRanges::default(),
+    };
+    start_with(data_dir, settings, sans, ca, streams, shutdown, tracker).await
+}
+
+/// Where the embedded API listens and what it allocates Services from.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    pub listen: SocketAddr,
+    /// `--service-cluster-ip-range` and `--service-node-port-range`.
+    pub service_ranges: services::ServiceRanges,
+}
+
+/// [`start`] with these [`Settings`].
+pub async fn start_with(
+    data_dir: &Path,
+    settings: Settings,
+    sans: &[String],
+    ca: &ClusterCa,
+    streams: Arc<crate::streams::Streams>,
+    shutdown: CancellationToken,
+    tracker: &tokio_util::task::TaskTracker,
+) -> Result<Embedded, EmbeddedError> {
+    let Settings {
+        listen,
+        service_ranges,
+    } = settings;
     let store = Store::open(&data_dir.join("api.db"), StoreOptions::default())?;
     bootstrap(&store)?;
     let definitions_rv = crd::load(&store)?;
@@ -159,6 +207,17 @@ pub async fn start(
         format!("https://{host}:{}", bound.port())
     };
     let kubeconfig = server::write_admin_kubeconfig(ca, data_dir, &server_url)?;
+    let allocator = Arc::new(services::Allocator::new(service_ranges));
+    let api_endpoint = services::api_endpoint(bound, sans);
+    {
+        let (store, allocator) = (store.clone(), allocator.clone());
+        tokio::task::spawn_blocking(move || {
+            services::bootstrap_kubernetes(&store, &allocator, api_endpoint)
+        })
+        .await
+        .map_err(|e| EmbeddedError::KubernetesService(e.to_string()))?
+        .map_err(|e| EmbeddedError::KubernetesService(e.message))?;
+    }
     let api_dir = data_dir.to_path_buf();
     let checked = store.clone();
     let health = daemon::health::Health::new()
@@ -173,9 +232,15 @@ pub async fn start(
         bookmark_interval: Duration::from_secs(10),
         health,
         streams,
+        services: allocator.clone(),
     });
     let router = axum::Router::new().fallback(verbs::handle).with_state(api);
-    tracker.spawn(keep_system_namespaces(store.clone(), shutdown.clone()));
+    tracker.spawn(keep_system_namespaces(
+        store.clone(),
+        allocator,
+        api_endpoint,
+        shutdown.clone(),
+    ));
     // Events expire after an hour, as with kube-apiserver's --event-ttl=1h.
     tracker.spawn(event_ttl::run(store.clone(), shutdown.clone()));
     tracker.spawn(crd::run(store.clone(), definitions_rv, shutdown.clone()));

@@ -102,7 +102,7 @@ pub fn name_of_body(body: &[u8]) -> String {
         .unwrap_or_default()
 }
 
-fn is_dns_label(s: &str) -> bool {
+pub(super) fn is_dns_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
         && s.bytes()
@@ -111,11 +111,11 @@ fn is_dns_label(s: &str) -> bool {
         && !s.ends_with('-')
 }
 
-fn is_dns_subdomain(s: &str) -> bool {
+pub(super) fn is_dns_subdomain(s: &str) -> bool {
     !s.is_empty() && s.len() <= 253 && s.split('.').all(is_dns_label)
 }
 
-fn is_label_name(s: &str) -> bool {
+pub(super) fn is_label_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
         && s.bytes()
@@ -124,7 +124,7 @@ fn is_label_name(s: &str) -> bool {
         && s.as_bytes().last().is_some_and(u8::is_ascii_alphanumeric)
 }
 
-fn is_qualified_name(key: &str) -> bool {
+pub(super) fn is_qualified_name(key: &str) -> bool {
     match key.split_once('/') {
         Some((prefix, name)) => is_dns_subdomain(prefix) && is_label_name(name),
         None => is_label_name(key),
@@ -132,6 +132,9 @@ fn is_qualified_name(key: &str) -> bool {
 }
 
 fn validate_name(info: &ResourceInfo, name: &str, causes: &mut Vec<Cause>) {
+    if info.plural == "services" && info.group.is_empty() {
+        return super::services::validate_service_name(name, causes);
+    }
     let ok = match info.plural {
         "namespaces" => is_dns_label(name),
         "customresourcedefinitions" => is_dns_subdomain(name) && name.contains('.'),
@@ -447,6 +450,9 @@ fn validate(info: &ResourceInfo, object: &Value) -> Result<(), ApiError> {
         "customresourcedefinitions" if info.group == super::crd::GROUP => {
             super::crd::validate_definition(object, &mut causes)
         }
+        "services" | "endpoints" | "endpointslices" if !super::crd::is_custom(info) => {
+            super::services::validate(info.plural, object, &mut causes)
+        }
         _ => super::workloads::validate(info, object, &mut causes),
     }
     if causes.is_empty() {
@@ -647,6 +653,9 @@ pub fn prepare_create(
             }
             merge_string_data(object);
         }
+        "services" | "endpoints" | "endpointslices" if !super::crd::is_custom(info) => {
+            super::services::prepare_create(info.plural, object)
+        }
         _ => super::workloads::prepare_create(info, object),
     }
     super::crd::prepare(info, None, object)?;
@@ -778,6 +787,15 @@ pub fn prepare_update(
         }
     }
     super::workloads::default(info, new);
+    if matches!(info.plural, "services" | "endpoints" | "endpointslices")
+        && !super::crd::is_custom(info)
+    {
+        let mut causes = Vec::new();
+        super::services::prepare_update(info.plural, current, new, &mut causes);
+        if !causes.is_empty() {
+            return Err(ApiError::invalid_in(info.group, info.kind, &name, causes));
+        }
+    }
     if info.subresources.contains(&"status") {
         new["status"] = current["status"].clone();
         if new["spec"] != current["spec"]

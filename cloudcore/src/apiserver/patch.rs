@@ -302,6 +302,13 @@ const SERVICE_ACCOUNT: Schema = &[
     ("secrets", by_key("name", NONE)),
 ];
 
+/// `spec.ports` merge by `port`; `status.conditions` by type (load-balancer ingress is atomic).
+const SERVICE: Schema = &[
+    ("metadata", Strategy::Object(OBJECT_META)),
+    ("spec", Strategy::Object(&[("ports", by_key("port", NONE))])),
+    ("status", Strategy::Object(CONDITIONS_STATUS)),
+];
+
 fn schema_for(kind: &str) -> Option<Schema> {
     match kind {
         "Pod" => Some(POD),
@@ -315,6 +322,9 @@ fn schema_for(kind: &str) -> Option<Schema> {
         "Job" => Some(JOB),
         "CronJob" => Some(CRON_JOB),
         "ServiceAccount" => Some(SERVICE_ACCOUNT),
+        "Service" => Some(SERVICE),
+        // Endpoints' subsets and an EndpointSlice's endpoints and ports are atomic.
+        "Endpoints" | "EndpointSlice" => Some(METADATA_ONLY),
         _ => None,
     }
 }

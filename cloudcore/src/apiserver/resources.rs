@@ -7,6 +7,7 @@
 //! `kubectl get` looks the same against this server as against a cluster; docs/kubectl-compat.md
 //! lists the sources.
 
+mod service_printers;
 mod workload_printers;
 
 use std::collections::BTreeMap;
@@ -82,7 +83,7 @@ pub const POD_STREAM_SUBRESOURCES: &[(&str, &str, &[&str])] = &[
     ("portforward", "PodPortForwardOptions", &["create", "get"]),
 ];
 
-static BUILTIN: [ResourceInfo; 16] = [
+static BUILTIN: [ResourceInfo; 19] = [
     ResourceInfo {
         group: "",
         version: "v1",
@@ -162,6 +163,30 @@ static BUILTIN: [ResourceInfo; 16] = [
         plural: "serviceaccounts",
         singular: "serviceaccount",
         short_names: &["sa"],
+        namespaced: true,
+        verbs: ALL_VERBS,
+        subresources: &[],
+        categories: &[],
+    },
+    ResourceInfo {
+        group: "",
+        version: "v1",
+        kind: "Service",
+        plural: "services",
+        singular: "service",
+        short_names: &["svc"],
+        namespaced: true,
+        verbs: ALL_VERBS,
+        subresources: &["status"],
+        categories: &["all"],
+    },
+    ResourceInfo {
+        group: "",
+        version: "v1",
+        kind: "Endpoints",
+        plural: "endpoints",
+        singular: "endpoints",
+        short_names: &["ep"],
         namespaced: true,
         verbs: ALL_VERBS,
         subresources: &[],
@@ -257,6 +282,18 @@ static BUILTIN: [ResourceInfo; 16] = [
         kind: "Lease",
         plural: "leases",
         singular: "lease",
+        short_names: &[],
+        namespaced: true,
+        verbs: ALL_VERBS,
+        subresources: &[],
+        categories: &[],
+    },
+    ResourceInfo {
+        group: "discovery.k8s.io",
+        version: "v1",
+        kind: "EndpointSlice",
+        plural: "endpointslices",
+        singular: "endpointslice",
         short_names: &[],
         namespaced: true,
         verbs: ALL_VERBS,
@@ -401,6 +438,9 @@ pub fn field_value(kind: &str, field: &str, object: &Value) -> Option<String> {
         ("Namespace", "status.phase") => path_text_or(object, &["status", "phase"], "Active"),
         // kube-apiserver's Job field: the count of succeeded pods, `0` when absent.
         ("Job", "status.successful") => path_text_or(object, &["status", "succeeded"], "0"),
+        // kube-apiserver 1.31+: a Service's cluster IP and type.
+        ("Service", "spec.clusterIP") => path_text(object, &["spec", "clusterIP"]),
+        ("Service", "spec.type") => path_text_or(object, &["spec", "type"], "ClusterIP"),
         _ => return None,
     };
     Some(value)
@@ -1431,6 +1471,9 @@ fn columns_of(kind: &str) -> &'static [Column] {
     if let Some(columns) = workload_printers::columns(kind) {
         return columns;
     }
+    if let Some(columns) = service_printers::columns(kind) {
+        return columns;
+    }
     match kind {
         "Pod" => POD_COLUMNS,
         "Node" => NODE_COLUMNS,
@@ -1789,6 +1832,9 @@ fn row_cells(kind: &str, object: &Value, now: OffsetDateTime) -> (Vec<Value>, Op
     let name = json!(str_of(object, &["metadata", "name"]));
     let age = json!(since(&object["metadata"]["creationTimestamp"], now));
     if let Some(cells) = workload_printers::cells(kind, object, now) {
+        return (cells, None);
+    }
+    if let Some(cells) = service_printers::cells(kind, object, now) {
         return (cells, None);
     }
     let cells = match kind {

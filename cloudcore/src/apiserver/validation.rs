@@ -198,6 +198,9 @@ fn typed_unknown<'de, D: Deserializer<'de>>(
             skipped::<apiextensions::CustomResourceDefinition, _>(input)
         }
         ("events.k8s.io", "Event") => skipped::<k8s_openapi::api::events::v1::Event, _>(input),
+        ("discovery.k8s.io", "EndpointSlice") => {
+            skipped::<k8s_openapi::api::discovery::v1::EndpointSlice, _>(input)
+        }
         _ => return None,
     })
 }

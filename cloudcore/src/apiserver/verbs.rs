@@ -34,6 +34,13 @@ pub struct Api {
     pub health: daemon::health::Health,
     /// Where `pods/log`, `exec`, `attach`, `portforward` and `metrics.k8s.io` reach edges.
     pub streams: Arc<crate::streams::Streams>,
+    /// Cluster IPs and node ports of Services; every Service write holds its lock.
+    pub services: Arc<super::services::Allocator>,
+}
+
+/// Whether writes of `info` (and `subresource`) allocate Service addresses and ports.
+fn allocates(info: &ResourceInfo, subresource: Option<&str>) -> bool {
+    info.group.is_empty() && info.plural == "services" && subresource.is_none()
 }
 
 type Query = HashMap<String, String>;
@@ -702,15 +709,25 @@ async fn create_object(
     let writer = Writer::new(&api.store);
     let id = resource_id(info);
     let body_name = name.clone();
-    let stored = blocking(move || writer.create(&id, &namespace, &name.clone(), object))
-        .await?
-        .map_err(|e| {
-            let name = match &e {
-                StoreError::AlreadyExists => "",
-                _ => "",
-            };
-            ApiError::from_store(e, info.group, info.plural, name)
-        });
+    let allocator = allocates(info, None).then(|| api.services.clone());
+    let store = api.store.clone();
+    let stored = blocking(move || {
+        // A Service's addresses are chosen and written under one lock (dry runs too: they
+        // answer with what would be allocated, and hold nothing once answered).
+        let _guard = match &allocator {
+            Some(allocator) => Some(allocator.allocate(&store, None, &mut object)?),
+            None => None,
+        };
+        Ok::<_, ApiError>(writer.create(&id, &namespace, &name.clone(), object))
+    })
+    .await??
+    .map_err(|e| {
+        let name = match &e {
+            StoreError::AlreadyExists => "",
+            _ => "",
+        };
+        ApiError::from_store(e, info.group, info.plural, name)
+    });
     match stored {
         Ok(s) => Ok(s),
         Err(mut e) => {
@@ -761,6 +778,16 @@ pub(crate) async fn write_update(
     let result = if finalized {
         // Deletion was pending on finalizers and the last one is gone: remove the object.
         blocking(move || writer.delete(&id, &namespace, &n, expected)).await?
+    } else if allocates(info, request.subresource.as_deref()) {
+        let allocator = api.services.clone();
+        let store = api.store.clone();
+        let current = current.clone();
+        blocking(move || {
+            let mut new = new;
+            let _guard = allocator.allocate(&store, Some(&current), &mut new)?;
+            Ok::<_, ApiError>(writer.update(&id, &namespace, &n, new, expected))
+        })
+        .await??
     } else {
         blocking(move || writer.update(&id, &namespace, &n, new, expected)).await?
     };
