@@ -725,8 +725,7 @@ pub fn get_as(
 const SERVICE_HEADER: [&str; 5] = ["NAMESPACE", "NAME", "TYPE", "CLUSTER-IP", "PORT(S)"];
 
 /// The columns of `ctl get endpointslices` (kubectl's, without AGE).
-const ENDPOINT_SLICE_HEADER: [&str; 5] =
-    ["NAMESPACE", "NAME", "ADDRESSTYPE", "PORTS", "ENDPOINTS"];
+const ENDPOINT_SLICE_HEADER: [&str; 5] = ["NAMESPACE", "NAME", "ADDRESSTYPE", "PORTS", "ENDPOINTS"];
 
 /// A Service as `kubectl get services` shows it: type, cluster IP (`None` when headless),
 /// ports as `PORT[:NODEPORT]/PROTOCOL`.

@@ -229,9 +229,10 @@ impl PodsGateway {
         }))
         .await;
         let seq = self.seq;
-        self.wait_for("the status acknowledgement", |m| {
-            matches!(m, Message::Ack { seqs } if seqs.contains(&seq))
-        })
+        self.wait_for(
+            "the status acknowledgement",
+            |m| matches!(m, Message::Ack { seqs } if seqs.contains(&seq)),
+        )
         .await;
     }
 }
@@ -338,8 +339,9 @@ async fn services_reach_every_edge(cloud: &Cloud, tmp: &Path) {
     gateway.report("web-2", IP_2, true).await;
     let all_ready = vec![(IP_1.to_string(), true), (IP_2.to_string(), true)];
     assert!(
-        eventually(Duration::from_secs(30), || edge_readiness(&edge1.dir, "web")
-            == all_ready),
+        eventually(Duration::from_secs(30), || edge_readiness(
+            &edge1.dir, "web"
+        ) == all_ready),
         "web-2's readiness did not reach edge-1: {:?}\n{}",
         edge_readiness(&edge1.dir, "web"),
         context(&edge1)

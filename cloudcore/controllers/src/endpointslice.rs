@@ -39,9 +39,7 @@ use k8s_openapi::api::core::v1::{
     EndpointAddress, EndpointPort as CorePort, EndpointSubset, Endpoints, ObjectReference, Pod,
     Service, ServicePort,
 };
-use k8s_openapi::api::discovery::v1::{
-    Endpoint, EndpointConditions, EndpointPort, EndpointSlice,
-};
+use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::{Api, DeleteParams, PostParams};
@@ -227,7 +225,10 @@ impl Controller {
                             name: format!("{namespace}/{name}-*"),
                             source,
                         })?;
-                    tracing::debug!(slice = made.metadata.name.as_deref().unwrap_or(""), "created");
+                    tracing::debug!(
+                        slice = made.metadata.name.as_deref().unwrap_or(""),
+                        "created"
+                    );
                     written.push((
                         made.metadata.name.clone().unwrap_or_default(),
                         made.metadata.resource_version.clone(),
@@ -270,9 +271,9 @@ impl Controller {
                     .slices
                     .get(&ObjectRef::new(slice_name).within(namespace));
                 match rv {
-                    Some(rv) => seen.is_some_and(|s| {
-                        s.metadata.resource_version.as_ref() == Some(rv)
-                    }),
+                    Some(rv) => {
+                        seen.is_some_and(|s| s.metadata.resource_version.as_ref() == Some(rv))
+                    }
                     None => seen.is_none(),
                 }
             })
@@ -550,8 +551,8 @@ fn desired(service: &Service, pods: &[Arc<Pod>]) -> Desired {
     labels.insert(SERVICE_NAME_LABEL.into(), name.clone());
     labels.insert(MANAGED_BY_LABEL.into(), MANAGED_BY.into());
     let owner = pods::owner_reference("v1", "Service", &service.metadata);
-    let slice_of = |address_type: &str, ports: &[ResolvedPort], endpoints: Vec<Endpoint>| {
-        EndpointSlice {
+    let slice_of =
+        |address_type: &str, ports: &[ResolvedPort], endpoints: Vec<Endpoint>| EndpointSlice {
             metadata: ObjectMeta {
                 namespace: Some(namespace.clone()),
                 generate_name: Some(format!("{name}-")),
@@ -572,8 +573,7 @@ fn desired(service: &Service, pods: &[Arc<Pod>]) -> Desired {
                     })
                     .collect(),
             ),
-        }
-    };
+        };
     let mut slices = Vec::new();
     for ((address_type, ports), endpoints) in groups {
         for chunk in endpoints.chunks(MAX_ENDPOINTS_PER_SLICE) {
@@ -836,7 +836,10 @@ mod tests {
         assert_eq!(labels[MANAGED_BY_LABEL], MANAGED_BY);
         assert_eq!(labels["team"], "a", "the Service's labels are copied");
         let owner = &slice.metadata.owner_references.as_ref().expect("owner")[0];
-        assert_eq!((owner.kind.as_str(), owner.uid.as_str()), ("Service", "svc-uid"));
+        assert_eq!(
+            (owner.kind.as_str(), owner.uid.as_str()),
+            ("Service", "svc-uid")
+        );
         assert_eq!(
             slice_ports(slice),
             vec![
@@ -855,7 +858,10 @@ mod tests {
         let endpoints = d.endpoints.expect("endpoints");
         let subsets = endpoints.subsets.expect("subsets");
         assert_eq!(subsets.len(), 1);
-        assert_eq!(subsets[0].addresses.as_ref().expect("ready")[0].ip, "10.0.0.1");
+        assert_eq!(
+            subsets[0].addresses.as_ref().expect("ready")[0].ip,
+            "10.0.0.1"
+        );
         assert_eq!(
             subsets[0].not_ready_addresses.as_ref().expect("not ready")[0].ip,
             "10.0.0.2"
@@ -901,11 +907,10 @@ mod tests {
     #[test]
     fn terminating_hostname_publish_not_ready_and_skipped_pods() {
         let mut terminating = (*pod("t", "10.0.0.4", true, Some(80))).clone();
-        terminating.metadata.deletion_timestamp = Some(
-            k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+        terminating.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
                 k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
-            ),
-        );
+            ));
         let mut named = (*pod("h", "10.0.0.5", true, Some(80))).clone();
         let spec = named.spec.as_mut().expect("spec");
         spec.hostname = Some("h-0".into());
@@ -935,7 +940,11 @@ mod tests {
         assert_eq!(endpoints.len(), 3, "no terminal pod, no pod without an IP");
         assert_eq!(conditions(by_ip("10.0.0.4")), (false, true, true));
         assert_eq!(by_ip("10.0.0.5").hostname.as_deref(), Some("h-0"));
-        assert_eq!(by_ip("10.0.0.6").hostname, None, "subdomain names another Service");
+        assert_eq!(
+            by_ip("10.0.0.6").hostname,
+            None,
+            "subdomain names another Service"
+        );
         // The legacy Endpoints leave the terminating pod out.
         let subsets = d.endpoints.expect("endpoints").subsets.expect("subsets");
         let ips: Vec<_> = subsets

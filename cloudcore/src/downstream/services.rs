@@ -160,7 +160,10 @@ mod tests {
         let key = ObjectKey::new("Service", "ns", "web");
         let one = index.desired("n1", &key).expect("n1").body.clone();
         let two = index.desired("n2", &key).expect("n2").body.clone();
-        assert!(Arc::ptr_eq(&one, &two), "one serialization shared by every edge");
+        assert!(
+            Arc::ptr_eq(&one, &two),
+            "one serialization shared by every edge"
+        );
         // Updates reach every edge; a delete leaves every edge.
         index.apply_service(&service("web", 9, json!({})));
         assert_eq!(wants(&index, "n2", "Service", "web"), Some(9));

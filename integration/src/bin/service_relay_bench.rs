@@ -8,7 +8,8 @@
 //! `edgecore::run` edges, all on 127.0.0.1. The bench creates `--services` Services with one
 //! EndpointSlice each in a namespace of its own, and measures:
 //!
-//! - the time from the first create until every edge's store holds every one of them;
+//! - the time from the first create until the API answered the last, and until every edge's
+//!   store holds every one of them;
 //! - per edge: objects and body bytes held for those Services (scaled per 100 Services), and
 //!   the growth of its `edge.db`;
 //! - cloudcore's RSS before and after;
@@ -36,7 +37,10 @@ const NAMESPACE: &str = "relay-bench";
 const CONVERGE_TIMEOUT: Duration = Duration::from_secs(300);
 
 #[derive(Debug, Parser)]
-#[command(name = "service-relay-bench", about = "What relaying Services to every edge costs")]
+#[command(
+    name = "service-relay-bench",
+    about = "What relaying Services to every edge costs"
+)]
 struct Cli {
     /// Services to create, each with one EndpointSlice of two endpoints.
     #[arg(long, default_value_t = 1000)]
@@ -56,6 +60,8 @@ struct Figures {
     services: usize,
     edges: usize,
     converge: Duration,
+    /// From the first create to the API's answer to the last.
+    creates: Duration,
     objects_per_edge: usize,
     body_bytes_per_edge: u64,
     db_growth_bytes: u64,
@@ -70,6 +76,7 @@ impl bench::Report for Figures {
         let per_100 = |v: f64| v * 100.0 / self.services as f64;
         format!(
             "services relay: {} Services (1 slice, 2 endpoints each) to {} edges\n\
+             creates (first → API answered the last)           {:>10.0} ms\n\
              converge (first create → every store holds all)   {:>10.0} ms\n\
              objects per edge                                  {:>10}  ({:.0} per 100 Services)\n\
              body bytes per edge                               {:>10}  ({:.1} KiB per 100 Services)\n\
@@ -79,6 +86,7 @@ impl bench::Report for Figures {
              machine: {} CPUs ({}), {} MiB, kernel {}\n",
             self.services,
             self.edges,
+            ms(self.creates),
             ms(self.converge),
             self.objects_per_edge,
             per_100(self.objects_per_edge as f64),
@@ -100,6 +108,7 @@ impl bench::Report for Figures {
         json!({
             "services": self.services,
             "edges": self.edges,
+            "creates_ms": ms(self.creates),
             "converge_ms": ms(self.converge),
             "objects_per_edge": self.objects_per_edge,
             "body_bytes_per_edge": self.body_bytes_per_edge,
@@ -163,7 +172,10 @@ async fn converge(dirs: &[PathBuf], want: usize) -> Result<()> {
             return Ok(());
         }
         if Instant::now() >= deadline {
-            bail!("not converged within {CONVERGE_TIMEOUT:?}: {}", behind.join(", "));
+            bail!(
+                "not converged within {CONVERGE_TIMEOUT:?}: {}",
+                behind.join(", ")
+            );
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -216,16 +228,19 @@ async fn run(cli: &Cli) -> Result<Figures> {
     .await
     .context("the control plane's start panicked")?;
     let (cluster, credentials) = cluster;
-    let mut cloud = Cloud::start_kube(
+    let binary = bench::cloudcore_binary(None)?;
+    let mut cloud = Cloud::start_kube_binary(
+        &binary,
         &dir,
         &cluster,
         &credentials,
         std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
         &[],
     )?;
-    let binary = bench::cloudcore_binary(None)?;
     let token = create_token(&binary, &cloud, cli.edges + 1).await?;
-    let names: Vec<String> = (0..=cli.edges).map(|i| node_name(cli.edges + 1, i)).collect();
+    let names: Vec<String> = (0..=cli.edges)
+        .map(|i| node_name(cli.edges + 1, i))
+        .collect();
     let edges_dir = dir.join("edges");
     std::fs::create_dir_all(&edges_dir)?;
     let dirs = join_edges(&token, &names, &edges_dir, 8).await?;
@@ -236,12 +251,14 @@ async fn run(cli: &Cli) -> Result<Figures> {
     .await?;
     let deadline = Instant::now() + Duration::from_secs(60);
     while cloud.metric("cloudcore_connected_edges") < cli.edges as f64 {
-        ensure!(Instant::now() < deadline, "the edges did not connect within 60 s");
+        ensure!(
+            Instant::now() < deadline,
+            "the edges did not connect within 60 s"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let client = integration::kube_client(&cluster.kubeconfig).await?;
-    let namespace: Namespace =
-        serde_json::from_value(json!({"metadata": {"name": NAMESPACE}}))?;
+    let namespace: Namespace = serde_json::from_value(json!({"metadata": {"name": NAMESPACE}}))?;
     Api::<Namespace>::all(client.clone())
         .create(&PostParams::default(), &namespace)
         .await?;
@@ -257,7 +274,9 @@ async fn run(cli: &Cli) -> Result<Figures> {
         .map(|i| {
             let (services, slices) = (services.clone(), slices.clone());
             async move {
-                services.create(&PostParams::default(), &service(i)?).await?;
+                services
+                    .create(&PostParams::default(), &service(i)?)
+                    .await?;
                 slices.create(&PostParams::default(), &slice(i)?).await?;
                 Ok(())
             }
@@ -268,6 +287,7 @@ async fn run(cli: &Cli) -> Result<Figures> {
     for result in results {
         result.context("a create failed")?;
     }
+    let creates = started.elapsed();
     let want = cli.services * 2;
     converge(dirs, want).await?;
     let converge_time = started.elapsed();
@@ -294,6 +314,7 @@ async fn run(cli: &Cli) -> Result<Figures> {
         services: cli.services,
         edges: cli.edges,
         converge: converge_time,
+        creates,
         objects_per_edge,
         body_bytes_per_edge,
         db_growth_bytes,
