@@ -84,6 +84,20 @@ pub const REQUIRED: &[Permission] = &[
     },
     Permission {
         api_group: "",
+        resource: "services",
+        verbs: &["list", "watch"],
+        namespace: None,
+        used_by: "downstream (every Service goes to every edge, for its proxy, DNS and pods' environment)",
+    },
+    Permission {
+        api_group: "discovery.k8s.io",
+        resource: "endpointslices",
+        verbs: &["list", "watch"],
+        namespace: None,
+        used_by: "downstream (every EndpointSlice goes to every edge, for its DNS and selectorless Services)",
+    },
+    Permission {
+        api_group: "",
         resource: "events",
         verbs: &["create", "patch"],
         namespace: None,

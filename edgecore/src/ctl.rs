@@ -2,7 +2,9 @@
 //!
 //! `get` prints what the store holds as a kubectl-like table. Secret values never leave the
 //! store this way: a Secret shows only its key names. `get devices` and `twin` show the device
-//! twins the daemon keeps in the store (`edgecore::devices::twins`).
+//! twins the daemon keeps in the store (`edgecore::devices::twins`). `get services` and
+//! `get endpointslices` print the Services and EndpointSlices the cloud relayed, in kubectl's
+//! columns.
 
 use std::collections::{BTreeSet, HashMap};
 use std::io::Write;
@@ -34,6 +36,12 @@ pub enum Resource {
     /// DeviceModels the node's devices use.
     #[value(aliases = ["devicemodel", "dm"])]
     Devicemodels,
+    /// Services (every Service of the cluster; docs/services.md).
+    #[value(aliases = ["service", "svc"])]
+    Services,
+    /// EndpointSlices (discovery.k8s.io/v1).
+    #[value(aliases = ["endpointslice"])]
+    Endpointslices,
     /// Everything the store holds.
     All,
 }
@@ -48,6 +56,8 @@ impl Resource {
             Resource::Nodes => &["Node"],
             Resource::Devices => &[devices::DEVICE_KIND],
             Resource::Devicemodels => &[devices::DEVICE_MODEL_KIND],
+            Resource::Services => &["Service"],
+            Resource::Endpointslices => &["EndpointSlice"],
             Resource::All => &[],
         }
     }
@@ -61,6 +71,8 @@ impl Resource {
             Resource::Nodes => "nodes",
             Resource::Devices => "devices",
             Resource::Devicemodels => "devicemodels",
+            Resource::Services => "services",
+            Resource::Endpointslices => "endpointslices",
             Resource::All => "objects",
         }
     }
@@ -675,6 +687,17 @@ pub fn get_as(
             .map_err(CtlError::Output)?;
         return out.flush().map_err(CtlError::Output);
     }
+    match what {
+        Resource::Services => {
+            let rows: Vec<[String; 5]> = objects.iter().map(service_row).collect();
+            return write_table(out, SERVICE_HEADER, &rows).map_err(CtlError::Output);
+        }
+        Resource::Endpointslices => {
+            let rows: Vec<[String; 5]> = objects.iter().map(endpoint_slice_row).collect();
+            return write_table(out, ENDPOINT_SLICE_HEADER, &rows).map_err(CtlError::Output);
+        }
+        _ => {}
+    }
     let rows: Vec<[String; 6]> = objects
         .iter()
         .map(|o| {
@@ -696,6 +719,78 @@ pub fn get_as(
         })
         .collect();
     write_table(out, HEADER, &rows).map_err(CtlError::Output)
+}
+
+/// The columns of `ctl get services` (kubectl's, without EXTERNAL-IP and AGE).
+const SERVICE_HEADER: [&str; 5] = ["NAMESPACE", "NAME", "TYPE", "CLUSTER-IP", "PORT(S)"];
+
+/// The columns of `ctl get endpointslices` (kubectl's, without AGE).
+const ENDPOINT_SLICE_HEADER: [&str; 5] = ["NAMESPACE", "NAME", "ADDRESSTYPE", "PORTS", "ENDPOINTS"];
+
+/// A Service as `kubectl get services` shows it: type, cluster IP (`None` when headless),
+/// ports as `PORT[:NODEPORT]/PROTOCOL`.
+fn service_row(object: &StoredObject) -> [String; 5] {
+    let body: Value = serde_json::from_slice(&object.body).unwrap_or_default();
+    let spec = &body["spec"];
+    let ports: Vec<String> = spec["ports"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| {
+            let port = p["port"].as_i64().unwrap_or_default();
+            let protocol = p["protocol"].as_str().unwrap_or("TCP");
+            match p["nodePort"].as_i64() {
+                Some(node_port) => format!("{port}:{node_port}/{}", cell(protocol)),
+                None => format!("{port}/{}", cell(protocol)),
+            }
+        })
+        .collect();
+    [
+        cell(&object.key.namespace),
+        cell(&object.key.name),
+        cell(spec["type"].as_str().unwrap_or("ClusterIP")),
+        cell(spec["clusterIP"].as_str().unwrap_or_default()),
+        if ports.is_empty() {
+            "<none>".to_string()
+        } else {
+            ports.join(",")
+        },
+    ]
+}
+
+/// An EndpointSlice as `kubectl get endpointslices` shows it: the ports, and the first three
+/// addresses with how many more.
+fn endpoint_slice_row(object: &StoredObject) -> [String; 5] {
+    let body: Value = serde_json::from_slice(&object.body).unwrap_or_default();
+    let ports: Vec<String> = body["ports"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p["port"].as_i64().map(|n| n.to_string()))
+        .collect();
+    let addresses: Vec<String> = body["endpoints"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|e| e["addresses"].as_array().into_iter().flatten())
+        .filter_map(|a| a.as_str().map(cell))
+        .collect();
+    let endpoints = match addresses.len() {
+        0 => "<unset>".to_string(),
+        1..=3 => addresses.join(","),
+        n => format!("{} + {} more...", addresses[..3].join(","), n - 3),
+    };
+    [
+        cell(&object.key.namespace),
+        cell(&object.key.name),
+        cell(body["addressType"].as_str().unwrap_or_default()),
+        if ports.is_empty() {
+            "<unset>".to_string()
+        } else {
+            ports.join(",")
+        },
+        endpoints,
+    ]
 }
 
 /// The columns of `ctl get devices`.
@@ -1156,6 +1251,60 @@ Pod         default     web        42                 uid-web        phase=Runni
     }
 
     #[test]
+    fn services_and_endpoint_slices_print_kubectls_columns() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut store = Store::open(dir.path()).expect("open");
+        store
+            .apply(&[
+                put(
+                    "Service",
+                    "default",
+                    "web",
+                    5,
+                    r#"{"spec":{"type":"NodePort","clusterIP":"10.96.0.20","ports":[{"port":80,"nodePort":30080,"protocol":"TCP"},{"port":53,"protocol":"UDP"}]}}"#,
+                ),
+                put(
+                    "Service",
+                    "default",
+                    "db",
+                    6,
+                    r#"{"spec":{"clusterIP":"None","ports":[{"port":5432}]}}"#,
+                ),
+                put(
+                    "EndpointSlice",
+                    "default",
+                    "web-abc",
+                    7,
+                    r#"{"addressType":"IPv4","ports":[{"port":8080}],"endpoints":[{"addresses":["10.0.0.1"]},{"addresses":["10.0.0.2"]},{"addresses":["10.0.0.3"]},{"addresses":["10.0.0.4"]}]}"#,
+                ),
+                put(
+                    "EndpointSlice",
+                    "default",
+                    "db-xyz",
+                    8,
+                    r#"{"addressType":"IPv4","endpoints":[]}"#,
+                ),
+            ])
+            .expect("apply");
+        assert_eq!(
+            output(dir.path(), Resource::Services),
+            "\
+NAMESPACE   NAME   TYPE        CLUSTER-IP   PORT(S)
+default     db     ClusterIP   None         5432/TCP
+default     web    NodePort    10.96.0.20   80:30080/TCP,53/UDP
+"
+        );
+        assert_eq!(
+            output(dir.path(), Resource::Endpointslices),
+            "\
+NAMESPACE   NAME      ADDRESSTYPE   PORTS     ENDPOINTS
+default     db-xyz    IPv4          <unset>   <unset>
+default     web-abc   IPv4          8080      10.0.0.1,10.0.0.2,10.0.0.3 + 1 more...
+"
+        );
+    }
+
+    #[test]
     fn get_filters_by_resource() {
         let dir = filled_store();
         let text = output(dir.path(), Resource::Nodes);
@@ -1276,6 +1425,10 @@ Pod         default     web        42                 uid-web        phase=Runni
             ("devices", Resource::Devices),
             ("device", Resource::Devices),
             ("devicemodels", Resource::Devicemodels),
+            ("services", Resource::Services),
+            ("svc", Resource::Services),
+            ("endpointslices", Resource::Endpointslices),
+            ("endpointslice", Resource::Endpointslices),
             ("all", Resource::All),
         ] {
             assert_eq!(Resource::from_str(name, false), Ok(resource), "{name}");

@@ -1,7 +1,8 @@
 //! The controllers kube-controller-manager runs in a real cluster, for the embedded control
 //! plane: Deployments and ReplicaSets ([`deployment`], [`replicaset`]), DaemonSets
 //! ([`daemonset`]), StatefulSets ([`statefulset`]), Jobs and CronJobs ([`job`], [`cronjob`]),
-//! and each namespace's `default` ServiceAccount ([`serviceaccount`]). Each one is a kube-rs
+//! each namespace's `default` ServiceAccount ([`serviceaccount`]), and the EndpointSlices and
+//! Endpoints of Services with a selector ([`endpointslice`]). Each one is a kube-rs
 //! client of the API (reflectors and a work queue), in the shape of kube-controller-manager's,
 //! and follows its documented semantics; docs/workloads.md says where we differ.
 //!
@@ -16,6 +17,7 @@
 pub mod cronjob;
 pub mod daemonset;
 pub mod deployment;
+pub mod endpointslice;
 pub mod events;
 pub mod history;
 mod informer;
@@ -93,6 +95,7 @@ pub const CONTROLLERS: &[&str] = &[
     "job",
     "cronjob",
     "serviceaccount",
+    "endpointslice",
 ];
 
 /// Starts every controller on `tracker`; they stop when `shutdown` is cancelled.
@@ -104,5 +107,6 @@ pub fn run_all(ctx: Context, tracker: &TaskTracker, shutdown: CancellationToken)
     tracker.spawn(statefulset::run(ctx.clone(), shutdown.clone()));
     tracker.spawn(job::run(ctx.clone(), shutdown.clone()));
     tracker.spawn(cronjob::run(ctx.clone(), shutdown.clone()));
-    tracker.spawn(serviceaccount::run(ctx, shutdown));
+    tracker.spawn(serviceaccount::run(ctx.clone(), shutdown.clone()));
+    tracker.spawn(endpointslice::run(ctx, shutdown));
 }

@@ -4,8 +4,9 @@
 //! Watchers (pods with a `spec.nodeName`, ConfigMaps, Secrets, edge Nodes, KubeEdge's Devices
 //! and DeviceModels) feed an [`Index`]: for every edge node its desired set is its own Node, the
 //! pods bound to it, the ConfigMaps and Secrets those pods reference ([`refs`]), the Devices
-//! bound to it and the DeviceModels those reference ([`device_index`]) — nothing else, in the
-//! spirit of Kubernetes' Node authorizer. The desired sets live in one [`CloudPeer`] per edge (the sans-IO engine in
+//! bound to it and the DeviceModels those reference ([`device_index`]) — in the spirit of
+//! Kubernetes' Node authorizer — plus every Service and EndpointSlice of the cluster
+//! ([`services`]: what a node's kube-proxy and DNS read too). The desired sets live in one [`CloudPeer`] per edge (the sans-IO engine in
 //! `proto::sync`); tunnel sessions [`Downstream::attach`] to their peer and a pump task moves the
 //! peer's messages into the session's bounded send queue.
 //!
@@ -16,12 +17,14 @@
 
 pub mod device_index;
 pub mod refs;
+pub mod services;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, Secret, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, DynamicObject};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Resource, ResourceExt};
@@ -38,15 +41,18 @@ use crate::nodes::EDGE_ROLE_LABEL;
 use crate::tokens::BoundPod;
 use crate::upstream::Upstream;
 use refs::{PodRefs, pod_refs};
+use services::ClusterWide;
 
 /// Kinds an edge may hold.
-pub const KINDS: [&str; 6] = [
+pub const KINDS: [&str; 8] = [
     "Node",
     "Pod",
     "ConfigMap",
     "Secret",
     devices::DEVICE_KIND,
     devices::DEVICE_MODEL_KIND,
+    "Service",
+    "EndpointSlice",
 ];
 
 /// The kinds an edge holds because something bound to it references them.
@@ -165,6 +171,8 @@ pub struct Index {
     /// ConfigMap/Secret/DeviceModel key -> node -> number of that node's pods or Devices
     /// referencing it.
     referrers: HashMap<ObjectKey, HashMap<String, usize>>,
+    /// Services and EndpointSlices: every edge holds all of them ([`services`]).
+    cluster_wide: HashMap<ObjectKey, Cached>,
     edges: HashMap<String, EdgeState>,
 }
 
@@ -198,6 +206,7 @@ impl Index {
             devices: HashMap::new(),
             device_models: HashMap::new(),
             referrers: HashMap::new(),
+            cluster_wide: HashMap::new(),
             edges: HashMap::new(),
         }
     }
@@ -259,6 +268,9 @@ impl Index {
                 {
                     peer.set_desired(key.clone(), Some(cached.desired()));
                 }
+            }
+            for (key, cached) in &self.cluster_wide {
+                peer.set_desired(key.clone(), Some(cached.desired()));
             }
             self.edges.insert(
                 node.to_string(),
@@ -760,7 +772,10 @@ pub async fn run(
     let nodes: Api<Node> = Api::all(client.clone());
     let device_objects: Api<DynamicObject> =
         Api::all_with(client.clone(), &device_crds::device_resource());
-    let device_models: Api<DynamicObject> = Api::all_with(client, &device_crds::model_resource());
+    let device_models: Api<DynamicObject> =
+        Api::all_with(client.clone(), &device_crds::model_resource());
+    let services: Api<Service> = Api::all(client.clone());
+    let endpoint_slices: Api<EndpointSlice> = Api::all(client);
     let pending = Arc::new(Mutex::new(BTreeSet::from([
         "pods",
         "configmaps",
@@ -768,6 +783,8 @@ pub async fn run(
         "nodes",
         devices::DEVICES,
         devices::DEVICE_MODELS,
+        "services",
+        "endpointslices",
     ])));
     let bound = watcher::Config::default().fields("spec.nodeName!=");
     let edge_nodes = watcher::Config::default().labels(EDGE_ROLE_LABEL);
@@ -850,6 +867,32 @@ pub async fn run(
                 .backoff(device_index::DefinitionBackoff::new()),
             |i, m| i.apply_device_model(m),
             |i, namespace, name| i.delete_referenced(Referenced::DeviceModel, namespace, name),
+            |_| {},
+        ),
+        follow(
+            Watched {
+                resource: "services",
+                downstream: &downstream,
+                pending: &pending,
+                shutdown: &shutdown,
+            },
+            watcher(services, watcher::Config::default()).default_backoff(),
+            |i, s| i.apply_service(s),
+            |i, namespace, name| i.delete_cluster_wide(ClusterWide::Service, namespace, name),
+            |_| {},
+        ),
+        follow(
+            Watched {
+                resource: "endpointslices",
+                downstream: &downstream,
+                pending: &pending,
+                shutdown: &shutdown,
+            },
+            watcher(endpoint_slices, watcher::Config::default()).default_backoff(),
+            |i, s| i.apply_endpoint_slice(s),
+            |i, namespace, name| {
+                i.delete_cluster_wide(ClusterWide::EndpointSlice, namespace, name)
+            },
             |_| {},
         ),
     );
@@ -1041,7 +1084,7 @@ mod tests {
         .expect("secret")
     }
 
-    fn node(name: &str) -> Node {
+    pub(super) fn node(name: &str) -> Node {
         serde_json::from_value(json!({
             "metadata": {"name": name, "uid": format!("uid-{name}"), "resourceVersion": "1"}
         }))
