@@ -138,7 +138,7 @@ pub fn start(
 ) -> Result<Services, ServicesError> {
     start_with(
         config,
-        proxy::NftCommand::default(),
+        DataPathHost::default(),
         data_dir,
         node_name,
         store_changed,
@@ -148,11 +148,21 @@ pub fn start(
     )
 }
 
-/// [`start`] with `nft` run as `nft` says (tests run it inside a network namespace).
+/// Where the data path is programmed: how `nft` runs and how hairpin traffic is handled.
+#[derive(Debug, Clone, Default)]
+pub struct DataPathHost {
+    pub nft: proxy::NftCommand,
+    /// `None`: decided at start by [`proxy::enable_bridge_netfilter`] in this process's
+    /// network namespace (edgecore); tests that program another namespace say it.
+    pub hairpin: Option<proxy::Hairpin>,
+}
+
+/// [`start`] with the data path programmed as `host` says (tests run `nft` inside a network
+/// namespace of their own).
 #[allow(clippy::too_many_arguments)]
 pub fn start_with(
     config: ServicesConfig,
-    nft: proxy::NftCommand,
+    host: DataPathHost,
     data_dir: PathBuf,
     node_name: String,
     mut store_changed: watch::Receiver<u64>,
@@ -171,9 +181,9 @@ pub fn start_with(
     // DNS: the DNS server starts here, `if let Some(..) = config.cluster_dns { dns::spawn(...) }`.
     let mut proxy = config.proxy.then(|| {
         proxy::Proxy::new(
-            nft,
+            host.nft,
             config.nft_table.clone(),
-            proxy::enable_bridge_netfilter(),
+            host.hairpin.unwrap_or_else(proxy::enable_bridge_netfilter),
         )
     });
     let metrics = outbox.metrics().clone();

@@ -307,23 +307,29 @@ pub async fn list(nft: &NftCommand, table: &str) -> Result<Option<Objects>, Prox
             reason: out.stderr,
         });
     }
-    let listed: Nftables<'_> = serde_json::from_str(&out.stdout).map_err(|e| ProxyError::List {
-        table: table.to_string(),
-        reason: e.to_string(),
-    })?;
+    // Read as plain JSON, not the crate's schema: only names are needed, and a rule whose
+    // expressions the schema does not know must not stop a takeover.
+    let listed: serde_json::Value =
+        serde_json::from_str(&out.stdout).map_err(|e| ProxyError::List {
+            table: table.to_string(),
+            reason: e.to_string(),
+        })?;
     let mut objects = Objects::default();
-    for object in listed.objects.iter() {
-        match object {
-            NfObject::ListObject(NfListObject::Chain(chain)) if chain.table == table => {
-                objects.chains.insert(chain.name.to_string());
+    for object in listed["nftables"].as_array().into_iter().flatten() {
+        for kind in ["chain", "set", "map"] {
+            let Some(item) = object.get(kind) else {
+                continue;
+            };
+            if item["family"] != "ip" || item["table"] != table {
+                continue;
             }
-            NfObject::ListObject(NfListObject::Set(set)) if set.table == table => {
-                objects.sets.insert(set.name.to_string());
+            if let Some(name) = item["name"].as_str() {
+                let into = match kind {
+                    "chain" => &mut objects.chains,
+                    _ => &mut objects.sets,
+                };
+                into.insert(name.to_string());
             }
-            NfObject::ListObject(NfListObject::Map(map)) if map.table == table => {
-                objects.sets.insert(map.name.to_string());
-            }
-            _ => {}
         }
     }
     Ok(Some(objects))
@@ -458,6 +464,10 @@ pub fn render(table: &str, services: &ServiceTable, hairpin: Hairpin, known: &Ob
     let mut reject_services = Vec::new();
     let mut reject_node_ports = Vec::new();
     let mut programmed = 0;
+    // A cluster IP:port or NodePort goes to the first Service (by namespace/name) that has it;
+    // the API never gives two Services the same, but a bad object must not fail the table.
+    let mut claimed_ips = HashSet::new();
+    let mut claimed_node_ports = HashSet::new();
     for (key, entry) in &services.services {
         if !matches!(entry.kind, ServiceKind::ClusterIp | ServiceKind::NodePort) {
             continue;
@@ -472,6 +482,34 @@ pub fn render(table: &str, services: &ServiceTable, hairpin: Hairpin, known: &Ob
             .collect();
         for port in &entry.ports {
             let proto = l4proto(port.protocol);
+            let cluster_ips: Vec<Ipv4Addr> = cluster_ips
+                .iter()
+                .copied()
+                .filter(|ip| {
+                    let free = claimed_ips.insert((*ip, proto, port.port));
+                    if !free {
+                        tracing::warn!(
+                            service.namespace = %key.namespace,
+                            service.name = %key.name,
+                            address = %format!("{ip}:{}/{proto}", port.port),
+                            "services: address taken by another Service; left out"
+                        );
+                    }
+                    free
+                })
+                .collect();
+            let node_port = port.node_port.filter(|node_port| {
+                let free = claimed_node_ports.insert((proto, *node_port));
+                if !free {
+                    tracing::warn!(
+                        service.namespace = %key.namespace,
+                        service.name = %key.name,
+                        node_port = *node_port,
+                        "services: NodePort taken by another Service; left out"
+                    );
+                }
+                free
+            });
             let endpoints: Vec<(Ipv4Addr, u16)> = entry
                 .routed_endpoints(&port.name)
                 .filter_map(|(e, target)| match e.ip {
@@ -486,7 +524,7 @@ pub fn render(table: &str, services: &ServiceTable, hairpin: Hairpin, known: &Ob
                         goto(REJECT_SERVICE),
                     ));
                 }
-                if let Some(node_port) = port.node_port {
+                if let Some(node_port) = node_port {
                     reject_node_ports.push(SetItem::Mapping(
                         node_port_item(proto, node_port),
                         goto(REJECT_SERVICE),
@@ -503,7 +541,7 @@ pub fn render(table: &str, services: &ServiceTable, hairpin: Hairpin, known: &Ob
                     goto(&service_chain),
                 ));
             }
-            if let Some(node_port) = port.node_port {
+            if let Some(node_port) = node_port {
                 let external = format!("ext-{}", &service_chain["svc-".len()..]);
                 builder.chain(&external);
                 builder.rule(&external, vec![jump(MARK_FOR_MASQUERADE)]);
@@ -789,7 +827,9 @@ impl Builder {
             handle: None,
             set_type: SetTypeValue::Single(SetType::Ipv4Addr),
             policy: None,
-            flags: timeout.map(|_| HashSet::from([SetFlag::Dynamic, SetFlag::Timeout])),
+            // Only `timeout`: nft 1.0.6's JSON parser refuses the `dynamic` flag, and a set
+            // that `update` writes from the packet path works without it.
+            flags: timeout.map(|_| HashSet::from([SetFlag::Timeout])),
             elem: None,
             timeout,
             gc_interval: None,
@@ -805,7 +845,14 @@ impl Builder {
             commands.push(NfCmd::Add(NfListObject::Chain(chain(name, *base))));
             commands.push(NfCmd::Flush(FlushObject::Chain(chain(name, None))));
         }
-        for (name, timeout) in &self.sets {
+        // Sets the table already holds are left as they are (entries and all): nft marks a
+        // set that `update` writes as dynamic when it creates it, and adding it again without
+        // that flag (which nft 1.0.6's JSON parser does not accept) would fail.
+        for (name, timeout) in self
+            .sets
+            .iter()
+            .filter(|(name, _)| !known.sets.contains(*name))
+        {
             commands.push(NfCmd::Add(NfListObject::Set(Box::new(set(
                 name,
                 Some(*timeout),
@@ -1075,6 +1122,26 @@ mod tests {
                 .count()
         };
         assert_eq!(jumps(&all), jumps(&bridged) + 1);
+    }
+
+    #[test]
+    fn a_cluster_ip_or_node_port_given_twice_goes_to_the_first_service_only() {
+        let mut services = table("a", vec![endpoint("10.99.0.2", 8080, true)], None);
+        let b = table("b", vec![endpoint("10.99.0.3", 8080, true)], None);
+        services.services.extend(b.services);
+        let rendered = render(
+            "t",
+            &services,
+            Hairpin::BridgeNetfilter,
+            &Objects::default(),
+        );
+        let text = json(&rendered);
+        assert_eq!(
+            text.matches(r#"["10.96.0.10","tcp",80]"#).count(),
+            1,
+            "{text}"
+        );
+        assert_eq!(text.matches(r#"["tcp",30080]"#).count(), 1, "{text}");
     }
 
     #[test]
