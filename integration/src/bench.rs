@@ -206,7 +206,7 @@ fn start_edge_command(
     // Benches' edges share the machine's network namespace: no data path or DNS of Services
     // unless a bench asks for them.
     for flag in ["--service-proxy", "--cluster-dns"] {
-        if !extra.iter().any(|a| *a == flag) {
+        if !extra.contains(&flag) {
             command.args([flag, "none"]);
         }
     }
