@@ -161,7 +161,6 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
         identity.config.node_name.clone(),
         replica.subscribe(),
         outbox.clone(),
-        metrics.clone(),
         &tracker,
         shutdown.clone(),
     )?;

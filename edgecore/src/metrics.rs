@@ -49,6 +49,14 @@ pub struct Metrics {
     pub device_reports: Counter,
     /// Queries the cluster DNS answered, by result (`edgecore::services::dns`).
     dns_queries: Family<Vec<(&'static str, &'static str)>, Counter>,
+    /// Transactions the Services data path applied (`edgecore::services::proxy`).
+    pub service_rules_syncs: Counter,
+    /// Transactions nft refused or that could not run.
+    pub service_rules_sync_failures: Counter,
+    /// How long the last successful apply took.
+    pub service_rules_last_sync_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// Service ports the data path sends to at least one endpoint.
+    pub services_programmed: Gauge,
 }
 
 impl Default for Metrics {
@@ -180,6 +188,30 @@ impl Default for Metrics {
             "Queries the cluster DNS answered, by result: cluster (from the service table), nxdomain (unknown name of the cluster domain), forwarded (answered upstream), failed (SERVFAIL: no upstream answered), refused (not a query)",
             dns_queries.clone(),
         );
+        let service_rules_syncs = Counter::default();
+        let service_rules_sync_failures = Counter::default();
+        let service_rules_last_sync_seconds = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        let services_programmed = Gauge::default();
+        registry.register(
+            "edgecore_service_rules_syncs",
+            "Transactions that replaced the Services data path (the nftables table)",
+            service_rules_syncs.clone(),
+        );
+        registry.register(
+            "edgecore_service_rules_sync_failures",
+            "Transactions of the Services data path that nft refused or that could not run (retried)",
+            service_rules_sync_failures.clone(),
+        );
+        registry.register(
+            "edgecore_service_rules_last_sync_seconds",
+            "Duration of the last successful apply of the Services data path",
+            service_rules_last_sync_seconds.clone(),
+        );
+        registry.register(
+            "edgecore_services_programmed",
+            "Service ports the data path sends to at least one ready local endpoint",
+            services_programmed.clone(),
+        );
         Metrics {
             registry,
             cloud_connected,
@@ -203,6 +235,10 @@ impl Default for Metrics {
             device_reports_ignored,
             device_reports,
             dns_queries,
+            service_rules_syncs,
+            service_rules_sync_failures,
+            service_rules_last_sync_seconds,
+            services_programmed,
         }
     }
 }

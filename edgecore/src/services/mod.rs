@@ -15,12 +15,15 @@ pub mod table;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::backoff::Backoff;
 use crate::outbox::Outbox;
+use crate::store::Store;
 pub use table::ServiceTable;
 
 /// The cluster DNS address by default: a link-local address, as EdgeMesh and NodeLocal
@@ -110,47 +113,195 @@ pub struct PodDns {
     pub cluster_domain: String,
 }
 
+/// How long the table task waits after a change for more before rebuilding: a pod's status
+/// and its store change often come together.
+const DEBOUNCE: Duration = Duration::from_millis(30);
+/// A failed apply is tried again after 1 s, doubling to 30 s (sooner when the table changes).
+const APPLY_RETRY: Backoff = Backoff {
+    base: Duration::from_secs(1),
+    cap: Duration::from_secs(30),
+};
+
 /// Builds the table from the store, then keeps it current (store commits, local pod
 /// statuses) and starts the data path and the DNS server as `config` says. The first table is
 /// built before this returns, so pods started after it see their Services. On `shutdown` the
 /// data path's rules and the DNS address are removed (a killed edgecore leaves them in place,
 /// and the next start takes them over).
-// What the services read (store, statuses), export (metrics) and run under (tracker, shutdown).
-#[allow(clippy::too_many_arguments)]
 pub fn start(
     config: ServicesConfig,
     data_dir: PathBuf,
     node_name: String,
     store_changed: watch::Receiver<u64>,
     outbox: Arc<Outbox>,
-    metrics: Arc<crate::metrics::Metrics>,
     tracker: &TaskTracker,
     shutdown: CancellationToken,
 ) -> Result<Services, ServicesError> {
-    let _ = (
-        &data_dir,
-        &node_name,
-        &store_changed,
-        &outbox,
+    start_with(
+        config,
+        DataPathHost::default(),
+        data_dir,
+        node_name,
+        store_changed,
+        outbox,
         tracker,
-        &shutdown,
-    );
-    let (_tx, table) = watch::channel(Arc::new(ServiceTable::default()));
+        shutdown,
+    )
+}
+
+/// Where the data path is programmed: how `nft` runs and how hairpin traffic is handled.
+#[derive(Debug, Clone, Default)]
+pub struct DataPathHost {
+    pub nft: proxy::NftCommand,
+    /// `None`: decided at start by [`proxy::enable_bridge_netfilter`] in this process's
+    /// network namespace (edgecore); tests that program another namespace say it.
+    pub hairpin: Option<proxy::Hairpin>,
+}
+
+/// [`start`] with the data path programmed as `host` says (tests run `nft` inside a network
+/// namespace of their own).
+#[allow(clippy::too_many_arguments)]
+pub fn start_with(
+    config: ServicesConfig,
+    host: DataPathHost,
+    data_dir: PathBuf,
+    node_name: String,
+    mut store_changed: watch::Receiver<u64>,
+    outbox: Arc<Outbox>,
+    tracker: &TaskTracker,
+    shutdown: CancellationToken,
+) -> Result<Services, ServicesError> {
+    let store = Store::open_read_only(&data_dir)?;
+    let mut current = build_table(&store, &node_name, &outbox)?;
+    current.revision = 1;
+    let (sender, table) = watch::channel(Arc::new(current.clone()));
+    let pod_dns = config.cluster_dns.map(|server| PodDns {
+        server,
+        cluster_domain: config.cluster_domain.clone(),
+    });
     if let Some(address) = config.cluster_dns {
         dns::spawn(
             address,
             &config,
             table.clone(),
-            metrics,
+            outbox.metrics().clone(),
             tracker,
             shutdown.clone(),
         )?;
     }
-    let pod_dns = config.cluster_dns.map(|server| PodDns {
-        server,
-        cluster_domain: config.cluster_domain.clone(),
+    let mut proxy = config.proxy.then(|| {
+        proxy::Proxy::new(
+            host.nft,
+            config.nft_table.clone(),
+            host.hairpin.unwrap_or_else(proxy::enable_bridge_netfilter),
+        )
+    });
+    let metrics = outbox.metrics().clone();
+    let mut puts = outbox.subscribe_puts();
+    tracker.spawn(async move {
+        // The table is applied at once (taking over what a killed edgecore left).
+        let mut dirty = proxy.is_some();
+        let mut failures = 0u32;
+        let mut retry_at: Option<tokio::time::Instant> = None;
+        loop {
+            if let (true, Some(p)) = (dirty, proxy.as_mut()) {
+                match p.sync(&current).await {
+                    Ok((programmed, took)) => {
+                        metrics.service_rules_syncs.inc();
+                        metrics
+                            .service_rules_last_sync_seconds
+                            .set(took.as_secs_f64());
+                        metrics.services_programmed.set(programmed as i64);
+                        tracing::debug!(
+                            revision = current.revision,
+                            services = programmed,
+                            took_ms = took.as_millis() as u64,
+                            "services: rules applied"
+                        );
+                        dirty = false;
+                        failures = 0;
+                        retry_at = None;
+                    }
+                    Err(e) => {
+                        metrics.service_rules_sync_failures.inc();
+                        let delay = APPLY_RETRY.ceiling(failures);
+                        failures = failures.saturating_add(1);
+                        tracing::error!(
+                            error = %daemon::error_chain(&e),
+                            retry_in_ms = delay.as_millis() as u64,
+                            "services: cannot apply the rules"
+                        );
+                        retry_at = Some(tokio::time::Instant::now() + delay);
+                    }
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                changed = store_changed.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                }
+                changed = puts.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                }
+                () = sleep_until(retry_at) => {
+                    retry_at = None;
+                    continue;
+                }
+            }
+            tokio::time::sleep(DEBOUNCE).await;
+            store_changed.borrow_and_update();
+            puts.borrow_and_update();
+            match build_table(&store, &node_name, &outbox) {
+                Ok(mut next) if next.services != current.services => {
+                    next.revision = current.revision + 1;
+                    current = next;
+                    sender.send_replace(Arc::new(current.clone()));
+                    dirty = proxy.is_some();
+                    retry_at = None;
+                }
+                Ok(_) => {}
+                Err(e) => tracing::error!(
+                    error = %daemon::error_chain(&e),
+                    "services: cannot read the store; keeping the last table"
+                ),
+            }
+        }
+        if let Some(mut p) = proxy {
+            match p.remove().await {
+                Ok(()) => tracing::info!("services: rules removed"),
+                Err(e) => tracing::error!(
+                    error = %daemon::error_chain(&e),
+                    "services: cannot remove the rules"
+                ),
+            }
+        }
     });
     Ok(Services { table, pod_dns })
+}
+
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The table from the store's Services, EndpointSlices and Pods and the outbox's statuses.
+fn build_table(
+    store: &Store,
+    node_name: &str,
+    outbox: &Outbox,
+) -> Result<ServiceTable, crate::store::StoreError> {
+    let objects = store.list(&table::KINDS)?;
+    let pod_statuses = outbox.statuses("Pod");
+    Ok(table::build(&table::Inputs {
+        node_name,
+        objects: &objects,
+        pod_statuses: &pod_statuses,
+    }))
 }
 
 /// `edgecore cleanup`: removes what the services put on this gateway (the nftables table
