@@ -110,10 +110,11 @@ fn cluster_ip(g: &Gateway, service: &str) -> String {
 }
 
 /// `count` requests from pod `client` to `url` (busybox wget, one connection each, 2 s
-/// timeout): how many each pod name answered, with `FAIL` for those that failed.
+/// timeout through busybox's `timeout`: Debian 12's static busybox 1.35 wget segfaults with
+/// its own `-T`): how many each pod name answered, with `FAIL` for those that failed.
 fn requests(g: &Gateway, client: &str, url: &str, count: usize) -> BTreeMap<String, usize> {
     let script = format!(
-        "i=0; while [ $i -lt {count} ]; do wget -qO- -T 2 {url} 2>/dev/null || echo FAIL; i=$((i+1)); done"
+        "i=0; while [ $i -lt {count} ]; do timeout 2 wget -qO- {url} 2>/dev/null || echo FAIL; i=$((i+1)); done"
     );
     let (code, out, err) = g.exec(client, &["sh", "-c", &script]);
     assert_eq!(code, 0, "ctl exec {client}: {err}");
@@ -130,7 +131,7 @@ fn wait_reachable(g: &Gateway, client: &str, url: &str, pods: &BTreeMap<String, 
         PROPAGATION,
         &format!("{url} answering from {client}"),
         |g| {
-            let (code, out, _) = g.exec(client, &["wget", "-qO-", "-T", "2", url]);
+            let (code, out, _) = g.exec(client, &["timeout", "2", "wget", "-qO-", url]);
             code == 0 && pods.contains_key(out.trim())
         },
     );
@@ -303,7 +304,7 @@ fn cluster_ip_dns_and_readiness(mode: Mode, node: &str) {
     // Readiness, partitioned from the cloud: the edge's own view of its pods decides.
     g.net.cut().expect("cut");
     g.wait(
-        Duration::from_secs(15),
+        Duration::from_secs(45),
         "the edge noticing the partition",
         |g| !g.edge().connected(),
     );
@@ -409,7 +410,7 @@ fn node_port_restart_and_cleanup(mode: Mode, node: &str) {
             "sh",
             "-c",
             &format!(
-                "i=0; while [ $i -lt 200 ]; do wget -qO- -T 1 http://{ip}/ >/dev/null 2>&1 && echo OK || echo FAIL; i=$((i+1)); sleep 0.05; done"
+                "i=0; while [ $i -lt 200 ]; do timeout 1 wget -qO- http://{ip}/ >/dev/null 2>&1 && echo OK || echo FAIL; i=$((i+1)); sleep 0.05; done"
             ),
         ],
     );
