@@ -122,6 +122,17 @@ impl Gateway {
             Mode::Kube => Some(KubeCluster::start(tmp.path(), &ClusterOptions::default())),
         };
         let net = EdgeNet::create()?;
+        // A gateway's default route leads out over its uplink: the gateway's own processes
+        // reach cluster IPs through it (the output hook runs after the route lookup).
+        let status = net
+            .command("ip")
+            .args(["route", "add", "default", "via"])
+            .arg(net.host_ip().to_string())
+            .status()
+            .context("run ip route add")?;
+        if !status.success() {
+            bail!("ip route add default in {} failed", net.name());
+        }
         let pod_subnet = pod_subnet_of(net.host_ip());
         let resolver = TestResolver::start(
             SocketAddr::from((net.host_ip(), 53)),
