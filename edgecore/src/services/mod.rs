@@ -113,6 +113,8 @@ pub struct PodDns {
     pub cluster_domain: String,
 }
 
+/// How often a cluster DNS that could not start is tried again.
+const DNS_RETRY: Duration = Duration::from_secs(5);
 /// How long the table task waits after a change for more before rebuilding: a pod's status
 /// and its store change often come together.
 const DEBOUNCE: Duration = Duration::from_millis(30);
@@ -179,14 +181,47 @@ pub fn start_with(
         cluster_domain: config.cluster_domain.clone(),
     });
     if let Some(address) = config.cluster_dns {
-        dns::spawn(
+        let (metrics, table) = (outbox.metrics().clone(), table.clone());
+        if let Err(e) = dns::spawn(
             address,
             &config,
             table.clone(),
-            outbox.metrics().clone(),
+            metrics.clone(),
             tracker,
             shutdown.clone(),
-        )?;
+        ) {
+            // Not fatal: pods run without the cluster DNS (their resolv.conf names it, and it
+            // answers as soon as it can start), and it is tried again every few seconds.
+            tracing::error!(
+                error = %daemon::error_chain(&e),
+                retry_in_s = DNS_RETRY.as_secs(),
+                "services: cannot start the cluster DNS"
+            );
+            let (config, tracker_inner, shutdown) =
+                (config.clone(), tracker.clone(), shutdown.clone());
+            tracker.spawn(async move {
+                loop {
+                    tokio::select! {
+                        () = shutdown.cancelled() => return,
+                        () = tokio::time::sleep(DNS_RETRY) => {}
+                    }
+                    match dns::spawn(
+                        address,
+                        &config,
+                        table.clone(),
+                        metrics.clone(),
+                        &tracker_inner,
+                        shutdown.clone(),
+                    ) {
+                        Ok(()) => return,
+                        Err(e) => tracing::warn!(
+                            error = %daemon::error_chain(&e),
+                            "services: the cluster DNS still cannot start"
+                        ),
+                    }
+                }
+            });
+        }
     }
     let mut proxy = config.proxy.then(|| {
         proxy::Proxy::new(
