@@ -594,6 +594,32 @@ fn validate_protocol(causes: &mut Vec<Cause>, field: String, value: &Value) {
     }
 }
 
+/// A port of a list of `count` (Service ports, Endpoints subset ports): its name (required
+/// when there are several, unique among `names`), number and protocol.
+fn validate_named_port(
+    causes: &mut Vec<Cause>,
+    at: &str,
+    port: &Value,
+    count: usize,
+    names: &mut HashSet<String>,
+) {
+    let name = port["name"].as_str().unwrap_or_default();
+    if count > 1 && name.is_empty() {
+        cause(causes, format!("{at}.name"), "Required value");
+    } else if !name.is_empty() {
+        validate_port_name(causes, format!("{at}.name"), name);
+        if !names.insert(name.to_string()) {
+            cause(
+                causes,
+                format!("{at}.name"),
+                format!("Duplicate value: {name:?}"),
+            );
+        }
+    }
+    validate_port_number(causes, format!("{at}.port"), &port["port"]);
+    validate_protocol(causes, format!("{at}.protocol"), &port["protocol"]);
+}
+
 fn validate_port_name(causes: &mut Vec<Cause>, field: String, name: &str) {
     if !name.is_empty() && !objects::is_dns_label(name) {
         cause(
@@ -821,21 +847,7 @@ fn validate_service(object: &Value, causes: &mut Vec<Cause>) {
     let mut names = HashSet::new();
     for (i, port) in ports.iter().enumerate() {
         let at = format!("spec.ports[{i}]");
-        let name = port["name"].as_str().unwrap_or_default();
-        if ports.len() > 1 && name.is_empty() {
-            cause(causes, format!("{at}.name"), "Required value");
-        } else if !name.is_empty() {
-            validate_port_name(causes, format!("{at}.name"), name);
-            if !names.insert(name.to_string()) {
-                cause(
-                    causes,
-                    format!("{at}.name"),
-                    format!("Duplicate value: {name:?}"),
-                );
-            }
-        }
-        validate_port_number(causes, format!("{at}.port"), &port["port"]);
-        validate_protocol(causes, format!("{at}.protocol"), &port["protocol"]);
+        validate_named_port(causes, &at, port, ports.len(), &mut names);
         match &port["targetPort"] {
             Value::String(target) => {
                 if let Some(reason) = iana_service_name_error(target) {
@@ -1031,21 +1043,7 @@ fn validate_endpoints(object: &Value, causes: &mut Vec<Cause>) {
         let mut names = HashSet::new();
         for (p, port) in ports.iter().enumerate() {
             let at = format!("subsets[{s}].ports[{p}]");
-            let name = port["name"].as_str().unwrap_or_default();
-            if ports.len() > 1 && name.is_empty() {
-                cause(causes, format!("{at}.name"), "Required value");
-            } else if !name.is_empty() {
-                validate_port_name(causes, format!("{at}.name"), name);
-                if !names.insert(name.to_string()) {
-                    cause(
-                        causes,
-                        format!("{at}.name"),
-                        format!("Duplicate value: {name:?}"),
-                    );
-                }
-            }
-            validate_port_number(causes, format!("{at}.port"), &port["port"]);
-            validate_protocol(causes, format!("{at}.protocol"), &port["protocol"]);
+            validate_named_port(causes, &at, port, ports.len(), &mut names);
         }
     }
 }
