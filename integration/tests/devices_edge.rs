@@ -140,10 +140,15 @@ fn scenario(cloud: &Cloud, dir: &Path) {
         devices(&dir1),
         edge1.log()
     );
-    // The twin rows are written by the running daemon after the store's commit.
+    // The twin rows are written by the running daemon after the store's commit; the
+    // DeviceModel (the properties' types) travels on a watch of its own, which in kube mode
+    // may start up to 5 s later when its first listing came before the definitions were
+    // established.
     assert!(
-        eventually(Duration::from_secs(5), || {
-            twin(&dir1)["properties"][1]["desired"]["value"] == "20"
+        eventually(Duration::from_secs(30), || {
+            let view = twin(&dir1);
+            view["properties"][1]["desired"]["value"] == "20"
+                && view["properties"][0]["type"] == "INT"
         }),
         "{}",
         twin(&dir1)
