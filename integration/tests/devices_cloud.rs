@@ -21,10 +21,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use integration::cluster::{ClusterOptions, Components, KubeCluster};
-use integration::peer::connect_as;
+use integration::peer::Session;
 use integration::{Cloud, Edge, EdgeObject, deploy_dir, edge_objects, eventually, join};
-use proto::{ErrorCode, FrameReader, FrameWriter, Hello, Message, NodeInfo, ObjectRef};
-use quinn::{RecvStream, SendStream};
+use proto::{ErrorCode, Message, ObjectRef};
 use serde_json::{Value, json};
 
 /// The example's names (deploy/examples/kubeedge/).
@@ -125,75 +124,6 @@ fn refused(cloud: &Cloud, reason: &str) -> f64 {
     ))
 }
 
-/// A raw tunnel peer with a node's identity: it acknowledges everything the cloud sends and
-/// keeps what it was sent.
-struct RawEdge {
-    writer: FrameWriter<SendStream>,
-    reader: FrameReader<RecvStream>,
-    _connection: quinn::Connection,
-    /// Upserts received: kind, name, uid.
-    received: Vec<(String, String, String)>,
-}
-
-impl RawEdge {
-    async fn connect(dir: &Path, cloud: &Cloud) -> RawEdge {
-        let connection = connect_as(dir, cloud).await;
-        let (send, recv) = connection.open_bi().await.expect("stream");
-        let mut edge = RawEdge {
-            writer: FrameWriter::new(send, proto::DEFAULT_MAX_FRAME_SIZE),
-            reader: FrameReader::new(recv, proto::DEFAULT_MAX_FRAME_SIZE),
-            _connection: connection,
-            received: Vec::new(),
-        };
-        edge.send(Message::Hello(Hello {
-            version: proto::PROTOCOL_VERSION,
-            node_info: NodeInfo::default(),
-            inventory: Vec::new(),
-            cloud_state_id: String::new(),
-        }))
-        .await;
-        edge.wait_for("HelloAck", |m| matches!(m, Message::HelloAck(_)))
-            .await;
-        edge
-    }
-
-    async fn send(&mut self, message: Message) {
-        self.writer.send(message).await.expect("send");
-    }
-
-    /// Reads (acknowledging upserts and deletes) until `want` matches a message; panics after
-    /// 15 s naming `what`.
-    async fn wait_for(&mut self, what: &str, want: impl Fn(&Message) -> bool) -> Message {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-        loop {
-            let next = tokio::time::timeout_at(deadline, self.reader.next())
-                .await
-                .unwrap_or_else(|_| panic!("no {what} within 15 s; received {:?}", self.received))
-                .expect("read")
-                .unwrap_or_else(|| panic!("the cloud closed the stream waiting for {what}"));
-            match &next {
-                Message::Upsert(u) => {
-                    self.received.push((
-                        u.object.kind.clone(),
-                        u.object.name.clone(),
-                        u.object.uid.clone(),
-                    ));
-                    let seq = u.seq;
-                    self.send(Message::Ack { seqs: vec![seq] }).await;
-                }
-                Message::Delete(d) => {
-                    let seq = d.seq;
-                    self.send(Message::Ack { seqs: vec![seq] }).await;
-                }
-                _ => {}
-            }
-            if want(&next) {
-                return next;
-            }
-        }
-    }
-}
-
 fn device_ref(name: &str) -> ObjectRef {
     ObjectRef {
         kind: "Device".into(),
@@ -288,7 +218,7 @@ async fn devices_reach_their_node_and_report_status(cloud: &Cloud, tmp: &Path) {
         String::from_utf8_lossy(&out.stderr)
     );
     cloud.kubectl_ok(&["apply", "-f", "-"], Some(THERMO));
-    let mut peer = RawEdge::connect(&peer_dir, cloud).await;
+    let mut peer = Session::open(&peer_dir, cloud, Duration::from_secs(15)).await;
     let thermo = peer
         .wait_for("the thermo Device", |m| {
             matches!(m, Message::Upsert(u) if u.object.kind == "Device" && u.object.name == "thermo")

@@ -16,10 +16,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use integration::cluster::{ClusterOptions, KubeCluster};
-use integration::peer::connect_as;
+use integration::peer::Session;
 use integration::{Cloud, Edge, bin, edge_objects, eventually, join};
-use proto::{FrameReader, FrameWriter, Hello, Message, NodeInfo};
-use quinn::{RecvStream, SendStream};
+use proto::Message;
 use serde_json::{Value, json};
 
 /// The Services and pods of the test: `web` selects two pods on the raw peer's node;
@@ -132,70 +131,24 @@ fn ctl_get(dir: &Path, resource: &str) -> String {
 /// A raw tunnel peer with a node's identity: it acknowledges what the cloud sends and reports
 /// the status of its pods, as the gateway running them would.
 struct PodsGateway {
-    writer: FrameWriter<SendStream>,
-    reader: FrameReader<RecvStream>,
-    _connection: quinn::Connection,
-    /// Pods received, by name.
-    pods: Vec<String>,
+    session: Session,
     seq: u64,
 }
 
 impl PodsGateway {
     async fn connect(dir: &Path, cloud: &Cloud) -> PodsGateway {
-        let connection = connect_as(dir, cloud).await;
-        let (send, recv) = connection.open_bi().await.expect("stream");
-        let mut gateway = PodsGateway {
-            writer: FrameWriter::new(send, proto::DEFAULT_MAX_FRAME_SIZE),
-            reader: FrameReader::new(recv, proto::DEFAULT_MAX_FRAME_SIZE),
-            _connection: connection,
-            pods: Vec::new(),
+        PodsGateway {
+            session: Session::open(dir, cloud, Duration::from_secs(30)).await,
             seq: 0,
-        };
-        gateway
-            .send(Message::Hello(Hello {
-                version: proto::PROTOCOL_VERSION,
-                node_info: NodeInfo::default(),
-                inventory: Vec::new(),
-                cloud_state_id: String::new(),
-            }))
-            .await;
-        gateway
-            .wait_for("HelloAck", |m| matches!(m, Message::HelloAck(_)))
-            .await;
-        gateway
+        }
     }
 
     async fn send(&mut self, message: Message) {
-        self.writer.send(message).await.expect("send");
+        self.session.send(message).await;
     }
 
-    /// Reads (acknowledging upserts and deletes) until `want` matches; panics after 30 s.
     async fn wait_for(&mut self, what: &str, want: impl Fn(&Message) -> bool) -> Message {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            let next = tokio::time::timeout_at(deadline, self.reader.next())
-                .await
-                .unwrap_or_else(|_| panic!("no {what} within 30 s; pods received {:?}", self.pods))
-                .expect("read")
-                .unwrap_or_else(|| panic!("the cloud closed the stream waiting for {what}"));
-            match &next {
-                Message::Upsert(u) => {
-                    if u.object.kind == "Pod" {
-                        self.pods.push(u.object.name.clone());
-                    }
-                    let seq = u.seq;
-                    self.send(Message::Ack { seqs: vec![seq] }).await;
-                }
-                Message::Delete(d) => {
-                    let seq = d.seq;
-                    self.send(Message::Ack { seqs: vec![seq] }).await;
-                }
-                _ => {}
-            }
-            if want(&next) {
-                return next;
-            }
-        }
+        self.session.wait_for(what, want).await
     }
 
     /// Reports pod `name` running at `ip`, ready or not.
