@@ -35,7 +35,7 @@ fn refused(o: Output, what: &str) -> String {
 fn json_of(cloud: &Cloud, args: &[&str]) -> Value {
     let mut args = args.to_vec();
     args.extend(["-o", "json"]);
-    let out = ok(cloud.kubectl(&args), &args.join(" "));
+    let out = cloud.kubectl_ok(&args, None);
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
 }
 
