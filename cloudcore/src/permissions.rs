@@ -154,6 +154,19 @@ pub const REQUIRED: &[Permission] = &[
     },
 ];
 
+/// What `--state=cluster` needs as well, in the state namespace (`--state-namespace`; the
+/// `namespace` here is left empty because it is chosen at start): deploy/kubernetes/rbac.yaml
+/// grants it with a Role there.
+pub const CLUSTER_STATE: &[Permission] = &[Permission {
+    api_group: "",
+    resource: "secrets",
+    verbs: &[
+        "get", "list", "watch", "create", "update", "patch", "delete",
+    ],
+    namespace: None,
+    used_by: "registry::cluster (tokens, nodes, certificates, kubelet ports), pki (the CA)",
+}];
+
 /// A permission the credentials lack, as `VERB RESOURCE[ in NAMESPACE]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Missing(pub String);
@@ -183,9 +196,27 @@ fn describe(permission: &Permission, verb: &str) -> String {
 /// Asks the API server, once per verb, whether these credentials have every permission of
 /// [`REQUIRED`]; returns the missing ones. An error means the reviews themselves failed.
 pub async fn check(client: &kube::Client) -> Result<Vec<Missing>, kube::Error> {
+    check_list(client, REQUIRED, None).await
+}
+
+/// [`CLUSTER_STATE`] in `namespace`; returns the missing ones.
+pub async fn check_cluster_state(
+    client: &kube::Client,
+    namespace: &str,
+) -> Result<Vec<Missing>, kube::Error> {
+    let in_namespace: Vec<Permission> = CLUSTER_STATE.to_vec();
+    check_list(client, &in_namespace, Some(namespace)).await
+}
+
+async fn check_list(
+    client: &kube::Client,
+    permissions: &[Permission],
+    namespace: Option<&str>,
+) -> Result<Vec<Missing>, kube::Error> {
     let reviews: Api<SelfSubjectAccessReview> = Api::all(client.clone());
     let mut missing = Vec::new();
-    for permission in REQUIRED {
+    for permission in permissions {
+        let permission_namespace = namespace.or(permission.namespace);
         let (resource, subresource) = match permission.resource.split_once('/') {
             Some((r, s)) => (r, Some(s.to_string())),
             None => (permission.resource, None),
@@ -198,7 +229,7 @@ pub async fn check(client: &kube::Client) -> Result<Vec<Missing>, kube::Error> {
                         resource: Some(resource.to_string()),
                         subresource: subresource.clone(),
                         verb: Some(verb.to_string()),
-                        namespace: permission.namespace.map(String::from),
+                        namespace: permission_namespace.map(String::from),
                         ..ResourceAttributes::default()
                     }),
                     ..SelfSubjectAccessReviewSpec::default()
@@ -207,7 +238,11 @@ pub async fn check(client: &kube::Client) -> Result<Vec<Missing>, kube::Error> {
             };
             let answer = reviews.create(&PostParams::default(), &review).await?;
             if !answer.status.is_some_and(|s| s.allowed) {
-                missing.push(Missing(describe(permission, verb)));
+                let mut text = describe(permission, verb);
+                if let Some(ns) = namespace {
+                    text.push_str(&format!(" in namespace {ns}"));
+                }
+                missing.push(Missing(text));
             }
         }
     }
