@@ -68,7 +68,7 @@ enum StateMode {
 struct StateArgs {
     /// Where the CA, tokens, nodes and certificates live: local (the data dir) or cluster
     /// (Secrets in --state-namespace; kube mode, several replicas).
-    #[arg(long, value_enum, default_value_t = StateMode::Local)]
+    #[arg(long, env = "CLOUDCORE_STATE", value_enum, default_value_t = StateMode::Local)]
     state: StateMode,
     /// With --state=cluster: the namespace of the shared state (default: $POD_NAMESPACE, else
     /// edge-system).
@@ -333,7 +333,7 @@ fn main() -> ExitCode {
         Command::Token(cmd) => token(cmd),
         Command::Node(cmd) => node(cmd),
         Command::Store(cmd) => store(cmd),
-        Command::Permissions => serde_json::to_string_pretty(cloudcore::permissions::REQUIRED)
+        Command::Permissions => serde_json::to_string_pretty(&cloudcore::permissions::all())
             .map(|json| {
                 println!("{json}");
                 ExitCode::SUCCESS

@@ -154,18 +154,35 @@ pub const REQUIRED: &[Permission] = &[
     },
 ];
 
-/// What `--state=cluster` needs as well, in the state namespace (`--state-namespace`; the
-/// `namespace` here is left empty because it is chosen at start): deploy/kubernetes/rbac.yaml
-/// grants it with a Role there.
-pub const CLUSTER_STATE: &[Permission] = &[Permission {
-    api_group: "",
-    resource: "secrets",
-    verbs: &[
-        "get", "list", "watch", "create", "update", "patch", "delete",
-    ],
-    namespace: None,
-    used_by: "registry::cluster (tokens, nodes, certificates, kubelet ports), pki (the CA)",
-}];
+/// The shipped namespace of `--state=cluster` (deploy/kubernetes).
+pub const STATE_NAMESPACE: &str = "edge-system";
+
+/// What `--state=cluster` (several replicas) needs as well, in the state namespace
+/// (`--state-namespace`, checked there at start; listed here with the shipped one):
+/// deploy/kubernetes/rbac.yaml grants it with a Role in edge-system.
+pub const CLUSTER_STATE: &[Permission] = &[
+    Permission {
+        api_group: "",
+        resource: "secrets",
+        verbs: &[
+            "get", "list", "watch", "create", "update", "patch", "delete",
+        ],
+        namespace: Some(STATE_NAMESPACE),
+        used_by: "registry::cluster (tokens, nodes, certificates, kubelet ports), pki (the CA Secret)",
+    },
+    Permission {
+        api_group: "coordination.k8s.io",
+        resource: "leases",
+        verbs: &["get", "list", "watch", "create", "update"],
+        namespace: Some(STATE_NAMESPACE),
+        used_by: "replicas' leader election (the singleton work's Lease)",
+    },
+];
+
+/// Everything the shipped RBAC grants: [`REQUIRED`] and [`CLUSTER_STATE`].
+pub fn all() -> Vec<Permission> {
+    REQUIRED.iter().chain(CLUSTER_STATE).copied().collect()
+}
 
 /// A permission the credentials lack, as `VERB RESOURCE[ in NAMESPACE]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -204,8 +221,7 @@ pub async fn check_cluster_state(
     client: &kube::Client,
     namespace: &str,
 ) -> Result<Vec<Missing>, kube::Error> {
-    let in_namespace: Vec<Permission> = CLUSTER_STATE.to_vec();
-    check_list(client, &in_namespace, Some(namespace)).await
+    check_list(client, CLUSTER_STATE, Some(namespace)).await
 }
 
 async fn check_list(
@@ -238,11 +254,15 @@ async fn check_list(
             };
             let answer = reviews.create(&PostParams::default(), &review).await?;
             if !answer.status.is_some_and(|s| s.allowed) {
-                let mut text = describe(permission, verb);
+                let mut permission = *permission;
                 if let Some(ns) = namespace {
+                    permission.namespace = None;
+                    let mut text = describe(&permission, verb);
                     text.push_str(&format!(" in namespace {ns}"));
+                    missing.push(Missing(text));
+                } else {
+                    missing.push(Missing(describe(&permission, verb)));
                 }
-                missing.push(Missing(text));
             }
         }
     }

@@ -155,6 +155,16 @@ fn port_secret(port: u16) -> String {
     format!("edge-kubelet-port-{port}")
 }
 
+/// The record kind of a registry Secret (its [`KIND_LABEL`]).
+fn kind_of(secret: &Secret) -> Option<&str> {
+    secret
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(KIND_LABEL))
+        .map(String::as_str)
+}
+
 fn is_code(e: &kube::Error, code: u16) -> bool {
     matches!(e, kube::Error::Api(s) if s.code == code)
 }
@@ -300,13 +310,7 @@ impl ClusterState {
 
     /// Applies one Secret to the cache through `cache` (a registry connection).
     fn apply(&self, cache: &Registry, secret: &Secret) -> Result<(), RegistryError> {
-        let kind = secret
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(KIND_LABEL))
-            .map(String::as_str);
-        match kind {
+        match kind_of(secret) {
             Some("token") => cache.cache_token(&self.decode(secret)?),
             Some("node") => cache.cache_node(&self.decode(secret)?),
             _ => Ok(()),
@@ -330,10 +334,18 @@ impl ClusterState {
                     continue;
                 }
             }
-            if let Ok(t) = self.decode::<TokenDoc>(secret) {
-                tokens.insert(t.id);
-            } else if let Ok(n) = self.decode::<NodeDoc>(secret) {
-                nodes.insert(n.name);
+            match kind_of(secret) {
+                Some("token") => {
+                    if let Ok(t) = self.decode::<TokenDoc>(secret) {
+                        tokens.insert(t.id);
+                    }
+                }
+                Some("node") => {
+                    if let Ok(n) = self.decode::<NodeDoc>(secret) {
+                        nodes.insert(n.name);
+                    }
+                }
+                _ => {}
             }
         }
         cache.cache_retain(&tokens, &nodes)
@@ -374,19 +386,17 @@ impl ClusterState {
                     self.replace_cache(&cache, &secrets)
                 }
                 watcher::Event::Apply(s) => self.apply(&cache, &s),
-                watcher::Event::Delete(s) => {
-                    match s.metadata.labels.as_ref().and_then(|l| l.get(KIND_LABEL)) {
-                        Some(k) if k == "token" => self
-                            .decode::<TokenDoc>(&s)
-                            .map_err(RegistryError::from)
-                            .and_then(|t| cache.cache_forget_token(&t.id)),
-                        Some(k) if k == "node" => self
-                            .decode::<NodeDoc>(&s)
-                            .map_err(RegistryError::from)
-                            .and_then(|n| cache.cache_forget_node(&n.name)),
-                        _ => Ok(()),
-                    }
-                }
+                watcher::Event::Delete(s) => match kind_of(&s) {
+                    Some("token") => self
+                        .decode::<TokenDoc>(&s)
+                        .map_err(RegistryError::from)
+                        .and_then(|t| cache.cache_forget_token(&t.id)),
+                    Some("node") => self
+                        .decode::<NodeDoc>(&s)
+                        .map_err(RegistryError::from)
+                        .and_then(|n| cache.cache_forget_node(&n.name)),
+                    _ => Ok(()),
+                },
             };
             if let Err(e) = result {
                 tracing::warn!(error = %daemon::error_chain(&e), "cannot mirror a registry change");
