@@ -61,7 +61,7 @@ pub enum PkiError {
         action: &'static str,
         namespace: String,
         #[source]
-        source: kube::Error,
+        source: Box<kube::Error>,
     },
     #[error("the CA secret {namespace}/{CA_SECRET} is unusable: {why}")]
     CorruptSecret { namespace: String, why: String },
@@ -218,7 +218,7 @@ impl ClusterCa {
             move |source| PkiError::Secret {
                 action,
                 namespace,
-                source,
+                source: Box::new(source),
             }
         };
         let existing = api
@@ -285,7 +285,7 @@ impl ClusterCa {
             .map_err(|source| PkiError::Secret {
                 action: "reading",
                 namespace: namespace.to_string(),
-                source,
+                source: Box::new(source),
             })?
             .ok_or_else(|| PkiError::CorruptSecret {
                 namespace: namespace.to_string(),
@@ -309,7 +309,7 @@ impl ClusterCa {
             why,
         };
         let cert_pem = cert_pem.to_string();
-        let key = KeyPair::from_pem(&key_pem).map_err(|e| corrupt(format!("ca.key: {e}")))?;
+        let key = KeyPair::from_pem(key_pem).map_err(|e| corrupt(format!("ca.key: {e}")))?;
         let cert_der = rustls_pemfile::certs(&mut cert_pem.as_bytes())
             .next()
             .ok_or_else(|| corrupt("ca.crt holds no certificate".into()))?

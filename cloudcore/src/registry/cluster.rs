@@ -61,13 +61,13 @@ pub enum ClusterError {
         namespace: String,
         name: String,
         #[source]
-        source: kube::Error,
+        source: Box<kube::Error>,
     },
     #[error("listing the registry secrets in {namespace} failed")]
     List {
         namespace: String,
         #[source]
-        source: kube::Error,
+        source: Box<kube::Error>,
     },
     #[error("secret {namespace}/{name} holds no valid registry record: {why}")]
     Corrupt {
@@ -213,7 +213,7 @@ impl ClusterState {
             action,
             namespace,
             name,
-            source,
+            source: Box::new(source),
         }
     }
 
@@ -304,7 +304,7 @@ impl ClusterState {
             .map(|l| l.items)
             .map_err(|source| ClusterError::List {
                 namespace: self.namespace.clone(),
-                source,
+                source: Box::new(source),
             })
     }
 
