@@ -214,6 +214,25 @@ fn replicas_share_ca_tokens_nodes_and_revocations_through_the_cluster() {
         "gw-a did not connect to A\n{}",
         context(&a, &b)
     );
+    // One single-use token, two joins at once through A and through B: exactly one admitted.
+    let race = token(&a, &credentials, &a, "1");
+    let racers: Vec<_> = [("race-a", a.address()), ("race-b", b.address())]
+        .into_iter()
+        .map(|(name, cloud)| {
+            let t = Token {
+                cloud,
+                ..race.clone()
+            };
+            let dir = tmp.path().join(name);
+            std::thread::spawn(move || join(&dir, &t, name).status.success())
+        })
+        .collect();
+    let admitted = racers
+        .into_iter()
+        .map(|r| r.join().expect("join thread"))
+        .filter(|ok| *ok)
+        .count();
+    assert_eq!(admitted, 1, "a single-use token raced through two replicas");
     let listed = nodes(&b, &credentials);
     for name in ["gw-a", "gw-b"] {
         assert!(
@@ -227,8 +246,17 @@ fn replicas_share_ca_tokens_nodes_and_revocations_through_the_cluster() {
         .iter()
         .filter_map(|n| n["kubelet_port"].as_u64())
         .collect();
-    assert_eq!(ports.len(), 2, "each node has a kubelet port: {listed:?}");
-    assert_ne!(ports[0], ports[1], "kubelet ports are unique: {listed:?}");
+    assert_eq!(
+        ports.len(),
+        listed.len(),
+        "each node has a kubelet port: {listed:?}"
+    );
+    let unique: std::collections::BTreeSet<u64> = ports.iter().copied().collect();
+    assert_eq!(
+        unique.len(),
+        ports.len(),
+        "kubelet ports are unique: {listed:?}"
+    );
 
     // Revoked through A: B closes gw-b's session.
     let closes = "cloudcore_revocation_closes_total";
