@@ -17,6 +17,16 @@ pub enum ControlPlane {
     Kube { kubeconfig: Option<PathBuf> },
 }
 
+/// Where the state replicas share (CA, tokens, nodes, certificates) lives (`--state`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum SharedState {
+    /// `DIR/pki` and `DIR/cloudcore.db`: one replica.
+    #[default]
+    Local,
+    /// Secrets in `namespace` of the real cluster (kube mode only): several replicas.
+    Cluster { namespace: String },
+}
+
 /// Everything `serve` needs; tests build it directly.
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
@@ -57,6 +67,8 @@ pub struct ServeConfig {
     pub max_streams_per_edge: usize,
     /// Kube mode's kubelet endpoint (`--kubelet-*`).
     pub kubelet: crate::kubelet::KubeletSettings,
+    /// `--state`: where the shared state lives.
+    pub shared_state: SharedState,
 }
 
 impl ServeConfig {
@@ -87,6 +99,7 @@ impl ServeConfig {
             allow: crate::state::Allow::default(),
             max_streams_per_edge: crate::streams::DEFAULT_MAX_STREAMS_PER_EDGE,
             kubelet: crate::kubelet::KubeletSettings::default(),
+            shared_state: SharedState::Local,
         }
     }
 
