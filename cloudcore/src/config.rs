@@ -57,6 +57,9 @@ pub struct ServeConfig {
     pub max_streams_per_edge: usize,
     /// Kube mode's kubelet endpoint (`--kubelet-*`).
     pub kubelet: crate::kubelet::KubeletSettings,
+    /// Kube mode: this replica among others (`--replica-id`, `--leader-elect*`); `None` in
+    /// embedded mode, which is one process.
+    pub ha: Option<crate::ha::HaSettings>,
 }
 
 impl ServeConfig {
@@ -87,6 +90,7 @@ impl ServeConfig {
             allow: crate::state::Allow::default(),
             max_streams_per_edge: crate::streams::DEFAULT_MAX_STREAMS_PER_EDGE,
             kubelet: crate::kubelet::KubeletSettings::default(),
+            ha: None,
         }
     }
 

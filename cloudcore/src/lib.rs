@@ -9,6 +9,7 @@ pub mod config;
 pub mod device_crds;
 pub mod downstream;
 pub mod events;
+pub mod ha;
 pub mod hub;
 pub mod join;
 pub mod kubelet;
@@ -310,18 +311,80 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> Result<(),
     if let Some(ctx) = controllers_ctx {
         controllers::run_all(ctx, &tracker, shutdown.clone());
     }
+    // Once-only work runs on the replica holding the leader-election Lease (kube mode with
+    // several replicas); embedded mode and a lone replica always lead.
+    let leadership = match shared
+        .config
+        .ha
+        .as_ref()
+        .map(|ha| (ha.replica_id.clone(), ha.election.clone()))
+    {
+        Some((
+            me,
+            ha::Election::Lease {
+                name,
+                namespace,
+                timing,
+            },
+        )) => {
+            let leadership = ha::lease::Leadership::new(shared.metrics.ha.clone());
+            tracker.spawn(ha::lease::run(
+                client.clone(),
+                name,
+                namespace,
+                me,
+                timing,
+                leadership.clone(),
+                shutdown.clone(),
+            ));
+            leadership
+        }
+        Some((me, ha::Election::Disabled)) => {
+            ha::lease::Leadership::always(&me, shared.metrics.ha.clone())
+        }
+        None => ha::lease::Leadership::always("cloudcore", shared.metrics.ha.clone()),
+    };
     // Both modes: edge pods tolerate their node's absence for their autonomy duration; in
     // embedded mode, with no kube-controller-manager, cloudcore also evicts when that runs out.
-    tracker.spawn(autonomy::run(
-        client.clone(),
-        if lifecycle {
-            autonomy::TaintEviction::Enabled
-        } else {
-            autonomy::TaintEviction::Disabled
-        },
-        shared.metrics.autonomy.clone(),
-        shutdown.clone(),
-    ));
+    // Once-only: two replicas would write the same tolerations.
+    {
+        let client = client.clone();
+        let metrics = shared.metrics.autonomy.clone();
+        tracker.spawn(ha::lease::while_leading(
+            leadership.clone(),
+            "autonomy",
+            shutdown.clone(),
+            move |stop| {
+                autonomy::run(
+                    client.clone(),
+                    if lifecycle {
+                        autonomy::TaintEviction::Enabled
+                    } else {
+                        autonomy::TaintEviction::Disabled
+                    },
+                    metrics.clone(),
+                    stop,
+                )
+            },
+        ));
+    }
+    // Kube mode with several replicas: each edge's session is recorded on its Node; the
+    // kubelet endpoint forwards requests for nodes whose session is on another replica.
+    let owners = match (&shared.config.ha, &kubelet) {
+        (Some(ha), Some((endpoints, _))) => {
+            let owners = ha::sessions::Owners::new(ha.replica_id.clone());
+            tracker.spawn(ha::sessions::run(
+                client.clone(),
+                shared.clone(),
+                endpoints.clone(),
+                owners.clone(),
+                shared.metrics.ha.clone(),
+                shutdown.clone(),
+            ));
+            Some(owners)
+        }
+        _ => None,
+    };
     if let Some((endpoints, auth)) = &kubelet {
         tracker.spawn(kubelet::auth::watch_client_ca(
             client.clone(),
@@ -333,6 +396,7 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> Result<(),
             endpoints.clone(),
             shared.clone(),
             auth.clone(),
+            owners.clone(),
             shutdown.clone(),
         ));
     }
