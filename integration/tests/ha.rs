@@ -1,0 +1,616 @@
+//! Three `cloudcore serve --control-plane=kube` replicas against one real control plane
+//! (v1.36.2 from `../shared/k8s`, [`KubeCluster`]), with real edgecore processes reaching them
+//! through one address: a UDP load balancer this test sets up with nftables (`redirect` to
+//! `numgen random` over the live replicas' ports, for loopback traffic to one test port only),
+//! from which it removes a killed replica as kube-proxy removes a dead endpoint.
+//!
+//! Until the shared state lives in the cluster (`--state=cluster`), the replicas share the pki
+//! and registry by copy: replica 1 starts alone, the edges join through it, then its `pki/` and
+//! `cloudcore.db` are copied into the others' data dirs.
+//!
+//! One `#[test]` runs the scenarios on one control plane: sessions spread and recorded on the
+//! Nodes; `containerLogs` and `/run` (exec) for a pod whose session is on replica B sent to
+//! replica A's kubelet endpoint; replica B killed with -9 under churn → its edges back on the
+//! others, the pod's container unchanged, a pod created during the failover on the edge's
+//! store; the leader killed → another replica holds the Lease within its duration and the
+//! once-only work (autonomy tolerations) goes on.
+//!
+//! Needs root, nftables, containerd, runc, CNI plugins, busybox-static, etcd-server, xz-utils,
+//! openssl and curl (`.ci/run` installs them); without them the test fails saying what is
+//! missing.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use integration::cluster::{ClusterOptions, KubeCluster};
+use integration::{Cloud, Containerd, Edge, eventually, join_with};
+use serde_json::Value;
+
+/// Annotation on a Node naming the replica that holds its session.
+const REPLICA_ANNOTATION: &str = "edge.io/cloudcore-replica";
+/// Edges in the test; the first runs pods on a real containerd, the others have no runtime.
+const EDGES: usize = 4;
+/// The leader-election Lease.
+const LEASE: &str = "cloudcore";
+const NAMESPACE: &str = "edge-system";
+/// Lease duration (client-go's default, cloudcore's too).
+const LEASE_DURATION: Duration = Duration::from_secs(15);
+
+/// The UDP load balancer in front of the replicas: an nftables table in the root namespace
+/// matching only loopback traffic to `port`. Deleted when dropped.
+struct LoadBalancer {
+    table: String,
+    port: u16,
+}
+
+fn nft(args: &[&str]) {
+    let out = Command::new("nft")
+        .args(args)
+        .output()
+        .expect("nft is installed (apt-get install nftables)");
+    assert!(
+        out.status.success(),
+        "nft {} (the load balancer needs root and nftables): {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl LoadBalancer {
+    fn new() -> LoadBalancer {
+        let lb = LoadBalancer {
+            table: format!("ha_lb_{}", std::process::id()),
+            port: integration::free_udp_port(),
+        };
+        let _ = Command::new("nft")
+            .args(["delete", "table", "ip", &lb.table])
+            .output();
+        nft(&["add", "table", "ip", &lb.table]);
+        nft(&[
+            "add",
+            "chain",
+            "ip",
+            &lb.table,
+            "out",
+            "{ type nat hook output priority -100 ; }",
+        ]);
+        lb
+    }
+
+    /// The one address edges dial.
+    fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// New flows go to one of `backends` (UDP ports on 127.0.0.1) at random.
+    fn route(&self, backends: &[u16]) {
+        nft(&["flush", "chain", "ip", &self.table, "out"]);
+        let map = backends
+            .iter()
+            .enumerate()
+            .map(|(i, p)| format!("{i} : {p}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let rule = format!(
+            "ip daddr 127.0.0.1 udp dport {} redirect to : numgen random mod {} map {{ {map} }}",
+            self.port,
+            backends.len()
+        );
+        let mut args = vec!["add", "rule", "ip", &self.table, "out"];
+        args.extend(rule.split(' '));
+        nft(&args);
+    }
+}
+
+impl Drop for LoadBalancer {
+    fn drop(&mut self) {
+        let _ = Command::new("nft")
+            .args(["delete", "table", "ip", &self.table])
+            .output();
+    }
+}
+
+/// One replica: its process, id and kubelet IP.
+struct Replica {
+    id: String,
+    ip: Ipv4Addr,
+    cloud: Cloud,
+    alive: bool,
+}
+
+impl Replica {
+    fn metric(&self, series: &str) -> f64 {
+        integration::http_get(self.cloud.metrics_port, "/metrics")
+            .and_then(|page| integration::metric_value(&page, series))
+            .unwrap_or(-1.0)
+    }
+}
+
+fn replica_flags(id: &str, ip: Ipv4Addr, ports: &str) -> Vec<String> {
+    [
+        "--kubelet-ports",
+        ports,
+        "--kubelet-listen",
+        &ip.to_string(),
+        "--kubelet-advertise-address",
+        &ip.to_string(),
+        "--replica-id",
+        id,
+        // A dead replica is noticed by its edges within 4 s.
+        "--heartbeat-interval",
+        "1s",
+        "--dead-after",
+        "4s",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    integration::gateway::tail(text, lines)
+}
+
+fn kill9(cloud: &Cloud) {
+    let pid = cloud.pid().expect("replica runs");
+    let out = Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .output()
+        .expect("kill");
+    assert!(out.status.success(), "kill -9 {pid}");
+}
+
+/// Copies a data dir's shared parts (CA and registry) into `to`.
+fn copy_state(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to.join("pki")).expect("mkdir");
+    for entry in std::fs::read_dir(from.join("pki")).expect("pki") {
+        let entry = entry.expect("entry");
+        std::fs::copy(entry.path(), to.join("pki").join(entry.file_name())).expect("copy pki");
+    }
+    for entry in std::fs::read_dir(from).expect("data dir") {
+        let entry = entry.expect("entry");
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("cloudcore.db") {
+            std::fs::copy(entry.path(), to.join(&name)).expect("copy registry");
+        }
+    }
+}
+
+/// One HTTPS request with the apiserver's kubelet client certificate: status and body.
+fn kubelet_call(cluster: &KubeCluster, at: (Ipv4Addr, u16), method: &str, path: &str) -> (u16, String) {
+    let pki = cluster.run_dir.join("pki");
+    let out = Command::new("curl")
+        .args(["-sSk", "--max-time", "15", "-X", method, "-w", "\n%{http_code}"])
+        .arg("--cert")
+        .arg(pki.join("apiserver-kubelet-client.crt"))
+        .arg("--key")
+        .arg(pki.join("apiserver-kubelet-client.key"))
+        .arg(format!("https://{}:{}{path}", at.0, at.1))
+        .stdin(Stdio::null())
+        .output()
+        .expect("curl is installed (apt-get install curl)");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
+fn median(mut values: Vec<Duration>) -> Duration {
+    values.sort();
+    values[values.len() / 2]
+}
+
+struct Site {
+    cluster: KubeCluster,
+    replicas: Vec<Replica>,
+    edges: Vec<(String, Edge)>,
+    lb: LoadBalancer,
+    _containerd: Containerd,
+    tmp: tempfile::TempDir,
+}
+
+impl Site {
+    fn node(&self, name: &str) -> Value {
+        self.cluster.get_json(&["node", name])
+    }
+
+    fn owner(&self, name: &str) -> Option<String> {
+        self.node(name)["metadata"]["annotations"][REPLICA_ANNOTATION]
+            .as_str()
+            .map(str::to_string)
+    }
+
+    fn kubelet_port(&self, name: &str) -> u16 {
+        self.node(name)["status"]["daemonEndpoints"]["kubeletEndpoint"]["Port"]
+            .as_u64()
+            .and_then(|p| u16::try_from(p).ok())
+            .expect("the Node shows its kubelet port")
+    }
+
+    fn lease_holder(&self) -> Option<String> {
+        let out = self
+            .cluster
+            .kubectl(&["get", "lease", LEASE, "-n", NAMESPACE, "-o", "json"], None);
+        serde_json::from_slice::<Value>(&out.stdout)
+            .ok()
+            .and_then(|l| l["spec"]["holderIdentity"].as_str().map(str::to_string))
+    }
+
+    fn replica(&self, id: &str) -> &Replica {
+        self.replicas.iter().find(|r| r.id == id).expect("replica")
+    }
+
+    fn live_ports(&self) -> Vec<u16> {
+        self.replicas
+            .iter()
+            .filter(|r| r.alive)
+            .map(|r| r.cloud.port)
+            .collect()
+    }
+
+    fn context(&self) -> String {
+        let mut text = String::new();
+        for r in &self.replicas {
+            text += &format!("--- {} log (end):\n{}\n", r.id, tail(&r.cloud.log(), 30));
+        }
+        for (name, e) in &self.edges {
+            text += &format!("--- edge {name} log (end):\n{}\n", tail(&e.log(), 15));
+        }
+        text
+    }
+
+    fn pod(&self, name: &str) -> Option<Value> {
+        let out = self.cluster.kubectl(&["get", "pod", name, "-o", "json"], None);
+        out.status
+            .success()
+            .then(|| serde_json::from_slice(&out.stdout).ok())
+            .flatten()
+    }
+
+    fn kill(&mut self, id: &str) {
+        let r = self.replicas.iter_mut().find(|r| r.id == id).expect("replica");
+        kill9(&r.cloud);
+        r.alive = false;
+        // As kube-proxy would: the dead endpoint leaves the Service.
+        let live = self.live_ports();
+        self.lb.route(&live);
+    }
+}
+
+fn pod_yaml(name: &str, node: &str, command: &str, annotations: &str) -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: {name}
+  annotations: {{{annotations}}}
+spec:
+  nodeName: {node}
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: c
+    image: {image}
+    imagePullPolicy: Never
+    command: ["/bin/sh", "-c", {command:?}]
+"#,
+        image = integration::BUSYBOX
+    )
+}
+
+fn start_site() -> Site {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let lb = LoadBalancer::new();
+    let cluster = KubeCluster::start(tmp.path(), &ClusterOptions::default());
+    let credentials = cluster.cloudcore_credentials(|rbac| rbac);
+    let containerd = Containerd::start(&tmp.path().join("containerd"));
+    let first = integration::free_tcp_port().min(60000);
+    let ports = format!("{first}-{}", first + EDGES as u16 + 2);
+    let ips: Vec<Ipv4Addr> = (1..=3).map(|i| Ipv4Addr::new(127, 0, 0, i)).collect();
+    let start = |i: usize| {
+        let id = format!("replica-{}", i + 1);
+        let flags = replica_flags(&id, ips[i], &ports);
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        let cloud = Cloud::start_kube(
+            &tmp.path().join(&id),
+            &cluster,
+            &credentials,
+            IpAddr::V4(Ipv4Addr::LOCALHOST),
+            &flags,
+        )
+        .unwrap_or_else(|e| panic!("{e:#}"));
+        Replica {
+            id,
+            ip: ips[i],
+            cloud,
+            alive: true,
+        }
+    };
+    // Replica 1 alone: the edges join through the one address.
+    let mut first_replica = start(0);
+    lb.route(&[first_replica.cloud.port]);
+    let mut names = Vec::new();
+    for i in 0..EDGES {
+        let name = format!("ha-e{i}");
+        let token = first_replica.cloud.token(&[]);
+        let out = join_with(
+            &tmp.path().join(&name),
+            &lb.address(),
+            &token.token,
+            &token.ca_hash,
+            &name,
+        );
+        assert!(
+            out.status.success(),
+            "join {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        names.push(name);
+    }
+    let bound = eventually(Duration::from_secs(20), || {
+        first_replica.cloud.log().matches("kubelet listener bound").count() >= EDGES
+    });
+    assert!(bound, "kubelet ports not assigned:\n{}", tail(&first_replica.cloud.log(), 30));
+    // Share the CA and registry by copy (until `--state=cluster`).
+    first_replica.cloud.stop();
+    for i in 1..3 {
+        copy_state(
+            &first_replica.cloud.dir,
+            &tmp.path().join(format!("replica-{}", i + 1)).join("cloud"),
+        );
+    }
+    first_replica.cloud.restart();
+    let mut replicas = vec![first_replica];
+    replicas.extend((1..3).map(start));
+    lb.route(&replicas.iter().map(|r| r.cloud.port).collect::<Vec<_>>());
+    let mut edges = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        let dir = tmp.path().join(name);
+        let edge = if i == 0 {
+            Edge::start_with(&dir, &["--cri-endpoint", &containerd.endpoint])
+        } else {
+            Edge::start(&dir)
+        };
+        edges.push((name.clone(), edge));
+    }
+    Site {
+        cluster,
+        replicas,
+        edges,
+        lb,
+        _containerd: containerd,
+        tmp,
+    }
+}
+
+#[test]
+fn replicas_share_edges_fail_over_and_forward_streams() {
+    let mut site = start_site();
+    let ids: Vec<String> = site.replicas.iter().map(|r| r.id.clone()).collect();
+
+    // Every edge connected, its session recorded on its Node by the replica holding it.
+    let names: Vec<String> = site.edges.iter().map(|(n, _)| n.clone()).collect();
+    let recorded = eventually(Duration::from_secs(40), || {
+        site.edges.iter().all(|(_, e)| e.connected())
+            && names
+                .iter()
+                .all(|n| site.owner(n).is_some_and(|o| ids.contains(&o)))
+    });
+    assert!(recorded, "edges not all connected and recorded\n{}", site.context());
+    let owners: Vec<String> = names.iter().map(|n| site.owner(n).unwrap()).collect();
+    eprintln!("sessions: {:?}", names.iter().zip(&owners).collect::<Vec<_>>());
+    let connected: f64 = site
+        .replicas
+        .iter()
+        .map(|r| r.metric("cloudcore_connected_edges"))
+        .sum();
+    assert_eq!(
+        connected, EDGES as f64,
+        "each edge holds exactly one session across the replicas\n{}",
+        site.context()
+    );
+
+    // Exactly one leader, the Lease's holder.
+    let led = eventually(Duration::from_secs(20), || site.lease_holder().is_some());
+    assert!(led, "nobody took the leader-election lease\n{}", site.context());
+    let leader = site.lease_holder().unwrap();
+    let leaders: Vec<&str> = site
+        .replicas
+        .iter()
+        .filter(|r| r.metric("cloudcore_leader") == 1.0)
+        .map(|r| r.id.as_str())
+        .collect();
+    assert_eq!(leaders, vec![leader.as_str()], "cloudcore_leader is 1 on the holder only");
+
+    // A pod on the containerd edge.
+    let e0 = names[0].clone();
+    site.cluster.kubectl_ok(
+        &["apply", "-f", "-"],
+        Some(&pod_yaml(
+            "logger",
+            &e0,
+            "echo hello-from-edge; while true; do sleep 1; done",
+            "",
+        )),
+    );
+    let running = eventually(Duration::from_secs(60), || {
+        site.pod("logger")
+            .is_some_and(|p| p["status"]["containerStatuses"][0]["state"]["running"].is_object())
+    });
+    assert!(running, "pod logger not running\n{}", site.context());
+    let container_id = |site: &Site| {
+        site.pod("logger").map(|p| {
+            (
+                p["status"]["containerStatuses"][0]["containerID"].clone(),
+                p["status"]["containerStatuses"][0]["restartCount"].clone(),
+            )
+        })
+    };
+    let before = container_id(&site);
+
+    // Streams for a pod whose session is on B, sent to A's kubelet endpoint.
+    let b = site.owner(&e0).unwrap();
+    let a = ids.iter().find(|id| **id != b).unwrap().clone();
+    let port = site.kubelet_port(&e0);
+    let a_ip = site.replica(&a).ip;
+    let (code, body) = kubelet_call(
+        &site.cluster,
+        (a_ip, port),
+        "GET",
+        "/containerLogs/default/logger/c",
+    );
+    assert!(
+        code == 200 && body.contains("hello-from-edge"),
+        "logs through {a} for a session on {b}: {code} {body}\n{}",
+        site.context()
+    );
+    let (code, body) = kubelet_call(
+        &site.cluster,
+        (a_ip, port),
+        "POST",
+        "/run/default/logger/c?cmd=echo%20ran-through-a",
+    );
+    assert!(
+        code == 200 && body.contains("ran-through-a"),
+        "exec (/run) through {a} for a session on {b}: {code} {body}\n{}",
+        site.context()
+    );
+    assert!(site.replica(&a).metric("cloudcore_kubelet_forwarded") >= 2.0);
+    let logs = site.cluster.kubectl_ok(&["logs", "logger"], None);
+    assert!(logs.contains("hello-from-edge"), "kubectl logs: {logs}");
+
+    // Kill B (holding the pod's edge) with -9 under churn.
+    let moved: Vec<String> = names
+        .iter()
+        .zip(&owners)
+        .filter(|(_, o)| **o == b)
+        .map(|(n, _)| n.clone())
+        .collect();
+    let stop_churn = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let churn = {
+        let stop = stop_churn.clone();
+        let kubeconfig = site.cluster.kubeconfig.clone();
+        let cache = site.tmp.path().join("kubectl-cache");
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                n += 1;
+                let _ = integration::cluster::kubectl(
+                    &kubeconfig,
+                    &cache,
+                    &["annotate", "--overwrite", "pod", "logger", &format!("churn={n}")],
+                    None,
+                );
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            n
+        })
+    };
+    let killed_at = Instant::now();
+    site.kill(&b);
+    // A pod applied during the failover, for every moved edge.
+    for name in &moved {
+        site.cluster.kubectl_ok(
+            &["apply", "-f", "-"],
+            Some(&pod_yaml(&format!("after-{name}"), name, "sleep 3600", "")),
+        );
+    }
+    let mut back: Vec<Option<Duration>> = vec![None; moved.len()];
+    let all_back = eventually(Duration::from_secs(45), || {
+        for (i, name) in moved.iter().enumerate() {
+            if back[i].is_none()
+                && site.owner(name).is_some_and(|o| o != b)
+                && site.edges.iter().any(|(n, e)| n == name && e.connected())
+            {
+                back[i] = Some(killed_at.elapsed());
+            }
+        }
+        back.iter().all(Option::is_some)
+    });
+    assert!(
+        all_back,
+        "edges of {b} not all back on another replica within 45 s: {back:?}\n{}",
+        site.context()
+    );
+    let times: Vec<Duration> = back.into_iter().flatten().collect();
+    eprintln!("failover of {} edges: median {:?}, all {times:?}", times.len(), median(times.clone()));
+    for name in &moved {
+        let pod = format!("after-{name}");
+        let dir = site.tmp.path().join(name);
+        let arrived = eventually(Duration::from_secs(30), || {
+            integration::edge_objects(&dir)
+                .iter()
+                .any(|o| o.kind == "Pod" && o.name == pod)
+        });
+        assert!(arrived, "{pod}, applied during the failover, never reached {name}\n{}", site.context());
+    }
+    stop_churn.store(true, std::sync::atomic::Ordering::SeqCst);
+    let churned = churn.join().expect("churn thread");
+    assert!(churned > 0);
+    let last = format!("churn={churned}");
+    let synced = eventually(Duration::from_secs(30), || {
+        site.pod("logger").is_some_and(|p| {
+            p["metadata"]["annotations"]["churn"].as_str() == Some(&last[6..])
+        })
+    });
+    assert!(synced);
+    assert_eq!(
+        container_id(&site),
+        before,
+        "the pod's container was restarted by the failover\n{}",
+        site.context()
+    );
+    let (code, body) = {
+        let owner = site.owner(&e0).unwrap();
+        let ip = site.replica(&owner).ip;
+        kubelet_call(&site.cluster, (ip, port), "POST", "/run/default/logger/c?cmd=echo%20after")
+    };
+    assert!(code == 200 && body.contains("after"), "exec after failover: {code} {body}");
+
+    // The leader killed (if B was not it): another replica holds the Lease within its
+    // duration, and the once-only work goes on.
+    let leader_killed_at = if leader == b {
+        killed_at
+    } else {
+        let at = Instant::now();
+        site.kill(&leader);
+        at
+    };
+    let taken = eventually(LEASE_DURATION + Duration::from_secs(10), || {
+        site.lease_holder()
+            .is_some_and(|h| h != leader && site.replicas.iter().any(|r| r.alive && r.id == h))
+    });
+    assert!(taken, "no live replica took the lease over\n{}", site.context());
+    let took = leader_killed_at.elapsed();
+    eprintln!("lease taken over {took:?} after the leader was killed");
+    assert!(
+        took <= LEASE_DURATION + Duration::from_secs(10),
+        "lease handed over after {took:?}"
+    );
+    let new_leader = site.lease_holder().unwrap();
+    assert_eq!(site.replica(&new_leader).metric("cloudcore_leader"), 1.0);
+    let target = names.last().unwrap().clone();
+    site.cluster.kubectl_ok(
+        &["apply", "-f", "-"],
+        Some(&pod_yaml(
+            "tolerant",
+            &target,
+            "sleep 3600",
+            "edge.io/autonomy-duration: 42s",
+        )),
+    );
+    let tolerated = eventually(Duration::from_secs(30), || {
+        site.pod("tolerant").is_some_and(|p| {
+            p["spec"]["tolerations"].as_array().is_some_and(|ts| {
+                ts.iter().any(|t| {
+                    t["key"] == "node.kubernetes.io/unreachable" && t["tolerationSeconds"] == 42
+                })
+            })
+        })
+    });
+    assert!(
+        tolerated,
+        "the new leader did not write the autonomy toleration\n{}",
+        site.context()
+    );
+}
