@@ -179,10 +179,23 @@ fn copy_state(from: &Path, to: &Path) {
 }
 
 /// One HTTPS request with the apiserver's kubelet client certificate: status and body.
-fn kubelet_call(cluster: &KubeCluster, at: (Ipv4Addr, u16), method: &str, path: &str) -> (u16, String) {
+fn kubelet_call(
+    cluster: &KubeCluster,
+    at: (Ipv4Addr, u16),
+    method: &str,
+    path: &str,
+) -> (u16, String) {
     let pki = cluster.run_dir.join("pki");
     let out = Command::new("curl")
-        .args(["-sSk", "--max-time", "15", "-X", method, "-w", "\n%{http_code}"])
+        .args([
+            "-sSk",
+            "--max-time",
+            "15",
+            "-X",
+            method,
+            "-w",
+            "\n%{http_code}",
+        ])
         .arg("--cert")
         .arg(pki.join("apiserver-kubelet-client.crt"))
         .arg("--key")
@@ -229,9 +242,10 @@ impl Site {
     }
 
     fn lease_holder(&self) -> Option<String> {
-        let out = self
-            .cluster
-            .kubectl(&["get", "lease", LEASE, "-n", NAMESPACE, "-o", "json"], None);
+        let out = self.cluster.kubectl(
+            &["get", "lease", LEASE, "-n", NAMESPACE, "-o", "json"],
+            None,
+        );
         serde_json::from_slice::<Value>(&out.stdout)
             .ok()
             .and_then(|l| l["spec"]["holderIdentity"].as_str().map(str::to_string))
@@ -261,7 +275,9 @@ impl Site {
     }
 
     fn pod(&self, name: &str) -> Option<Value> {
-        let out = self.cluster.kubectl(&["get", "pod", name, "-o", "json"], None);
+        let out = self
+            .cluster
+            .kubectl(&["get", "pod", name, "-o", "json"], None);
         out.status
             .success()
             .then(|| serde_json::from_slice(&out.stdout).ok())
@@ -269,7 +285,11 @@ impl Site {
     }
 
     fn kill(&mut self, id: &str) {
-        let r = self.replicas.iter_mut().find(|r| r.id == id).expect("replica");
+        let r = self
+            .replicas
+            .iter_mut()
+            .find(|r| r.id == id)
+            .expect("replica");
         kill9(&r.cloud);
         r.alive = false;
         // As kube-proxy would: the dead endpoint leaves the Service.
@@ -348,9 +368,18 @@ fn start_site() -> Site {
         names.push(name);
     }
     let bound = eventually(Duration::from_secs(20), || {
-        first_replica.cloud.log().matches("kubelet listener bound").count() >= EDGES
+        first_replica
+            .cloud
+            .log()
+            .matches("kubelet listener bound")
+            .count()
+            >= EDGES
     });
-    assert!(bound, "kubelet ports not assigned:\n{}", tail(&first_replica.cloud.log(), 30));
+    assert!(
+        bound,
+        "kubelet ports not assigned:\n{}",
+        tail(&first_replica.cloud.log(), 30)
+    );
     // Share the CA and registry by copy (until `--state=cluster`).
     first_replica.cloud.stop();
     for i in 1..3 {
@@ -396,23 +425,35 @@ fn replicas_share_edges_fail_over_and_forward_streams() {
                 .iter()
                 .all(|n| site.owner(n).is_some_and(|o| ids.contains(&o)))
     });
-    assert!(recorded, "edges not all connected and recorded\n{}", site.context());
+    assert!(
+        recorded,
+        "edges not all connected and recorded\n{}",
+        site.context()
+    );
     let owners: Vec<String> = names.iter().map(|n| site.owner(n).unwrap()).collect();
-    eprintln!("sessions: {:?}", names.iter().zip(&owners).collect::<Vec<_>>());
+    eprintln!(
+        "sessions: {:?}",
+        names.iter().zip(&owners).collect::<Vec<_>>()
+    );
     let connected: f64 = site
         .replicas
         .iter()
         .map(|r| r.metric("cloudcore_connected_edges"))
         .sum();
     assert_eq!(
-        connected, EDGES as f64,
+        connected,
+        EDGES as f64,
         "each edge holds exactly one session across the replicas\n{}",
         site.context()
     );
 
     // Exactly one leader, the Lease's holder.
     let led = eventually(Duration::from_secs(20), || site.lease_holder().is_some());
-    assert!(led, "nobody took the leader-election lease\n{}", site.context());
+    assert!(
+        led,
+        "nobody took the leader-election lease\n{}",
+        site.context()
+    );
     let leader = site.lease_holder().unwrap();
     let leaders: Vec<&str> = site
         .replicas
@@ -420,7 +461,11 @@ fn replicas_share_edges_fail_over_and_forward_streams() {
         .filter(|r| r.metric("cloudcore_leader") == 1.0)
         .map(|r| r.id.as_str())
         .collect();
-    assert_eq!(leaders, vec![leader.as_str()], "cloudcore_leader is 1 on the holder only");
+    assert_eq!(
+        leaders,
+        vec![leader.as_str()],
+        "cloudcore_leader is 1 on the holder only"
+    );
 
     // A pod on the containerd edge.
     let e0 = names[0].clone();
@@ -475,7 +520,7 @@ fn replicas_share_edges_fail_over_and_forward_streams() {
         "exec (/run) through {a} for a session on {b}: {code} {body}\n{}",
         site.context()
     );
-    assert!(site.replica(&a).metric("cloudcore_kubelet_forwarded") >= 2.0);
+    assert!(site.replica(&a).metric("cloudcore_kubelet_forwarded_total") >= 2.0);
     let logs = site.cluster.kubectl_ok(&["logs", "logger"], None);
     assert!(logs.contains("hello-from-edge"), "kubectl logs: {logs}");
 
@@ -498,7 +543,13 @@ fn replicas_share_edges_fail_over_and_forward_streams() {
                 let _ = integration::cluster::kubectl(
                     &kubeconfig,
                     &cache,
-                    &["annotate", "--overwrite", "pod", "logger", &format!("churn={n}")],
+                    &[
+                        "annotate",
+                        "--overwrite",
+                        "pod",
+                        "logger",
+                        &format!("churn={n}"),
+                    ],
                     None,
                 );
                 std::thread::sleep(Duration::from_millis(200));
@@ -533,7 +584,11 @@ fn replicas_share_edges_fail_over_and_forward_streams() {
         site.context()
     );
     let times: Vec<Duration> = back.into_iter().flatten().collect();
-    eprintln!("failover of {} edges: median {:?}, all {times:?}", times.len(), median(times.clone()));
+    eprintln!(
+        "failover of {} edges: median {:?}, all {times:?}",
+        times.len(),
+        median(times.clone())
+    );
     for name in &moved {
         let pod = format!("after-{name}");
         let dir = site.tmp.path().join(name);
@@ -542,16 +597,19 @@ fn replicas_share_edges_fail_over_and_forward_streams() {
                 .iter()
                 .any(|o| o.kind == "Pod" && o.name == pod)
         });
-        assert!(arrived, "{pod}, applied during the failover, never reached {name}\n{}", site.context());
+        assert!(
+            arrived,
+            "{pod}, applied during the failover, never reached {name}\n{}",
+            site.context()
+        );
     }
     stop_churn.store(true, std::sync::atomic::Ordering::SeqCst);
     let churned = churn.join().expect("churn thread");
     assert!(churned > 0);
     let last = format!("churn={churned}");
     let synced = eventually(Duration::from_secs(30), || {
-        site.pod("logger").is_some_and(|p| {
-            p["metadata"]["annotations"]["churn"].as_str() == Some(&last[6..])
-        })
+        site.pod("logger")
+            .is_some_and(|p| p["metadata"]["annotations"]["churn"].as_str() == Some(&last[6..]))
     });
     assert!(synced);
     assert_eq!(
@@ -563,9 +621,17 @@ fn replicas_share_edges_fail_over_and_forward_streams() {
     let (code, body) = {
         let owner = site.owner(&e0).unwrap();
         let ip = site.replica(&owner).ip;
-        kubelet_call(&site.cluster, (ip, port), "POST", "/run/default/logger/c?cmd=echo%20after")
+        kubelet_call(
+            &site.cluster,
+            (ip, port),
+            "POST",
+            "/run/default/logger/c?cmd=echo%20after",
+        )
     };
-    assert!(code == 200 && body.contains("after"), "exec after failover: {code} {body}");
+    assert!(
+        code == 200 && body.contains("after"),
+        "exec after failover: {code} {body}"
+    );
 
     // The leader killed (if B was not it): another replica holds the Lease within its
     // duration, and the once-only work goes on.
@@ -580,7 +646,11 @@ fn replicas_share_edges_fail_over_and_forward_streams() {
         site.lease_holder()
             .is_some_and(|h| h != leader && site.replicas.iter().any(|r| r.alive && r.id == h))
     });
-    assert!(taken, "no live replica took the lease over\n{}", site.context());
+    assert!(
+        taken,
+        "no live replica took the lease over\n{}",
+        site.context()
+    );
     let took = leader_killed_at.elapsed();
     eprintln!("lease taken over {took:?} after the leader was killed");
     assert!(
