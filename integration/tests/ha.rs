@@ -1,17 +1,13 @@
 //! Three `cloudcore serve --control-plane=kube` replicas against one real control plane
 //! (v1.36.2 from `../shared/k8s`, [`KubeCluster`]), with real edgecore processes reaching them
-//! through one address: a UDP load balancer this test sets up with nftables (`redirect` to
-//! `numgen random` over the live replicas' ports, for loopback traffic to one test port only),
-//! from which it removes a killed replica as kube-proxy removes a dead endpoint.
-//!
-//! Until the shared state lives in the cluster (`--state=cluster`), the replicas share the pki
-//! and registry by copy: replica 1 starts alone, the edges join through it, then its `pki/` and
-//! `cloudcore.db` are copied into the others' data dirs.
+//! through one address: the nftables load balancer of [`integration::ha`], from which a killed
+//! replica is removed as kube-proxy removes a dead endpoint. Until the shared state lives in
+//! the cluster (`--state=cluster`), the replicas share the pki and registry by copy.
 //!
 //! One `#[test]` runs the scenarios on one control plane: sessions spread and recorded on the
-//! Nodes; `containerLogs` and `/run` (exec) for a pod whose session is on replica B sent to
-//! replica A's kubelet endpoint; replica B killed with -9 under churn → its edges back on the
-//! others, the pod's container unchanged, a pod created during the failover on the edge's
+//! Nodes, one leader; `containerLogs` and `/run` (exec) for a pod whose session is on replica B
+//! sent to replica A's kubelet endpoint; B killed with -9 under churn → its edges back on the
+//! others, the pod's container unchanged, a pod created during the failover in the edge's
 //! store; the leader killed → another replica holds the Lease within its duration and the
 //! once-only work (autonomy tolerations) goes on.
 //!
@@ -19,163 +15,22 @@
 //! openssl and curl (`.ci/run` installs them); without them the test fails saying what is
 //! missing.
 
-use std::net::{IpAddr, Ipv4Addr};
-use std::path::Path;
+use std::net::Ipv4Addr;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use integration::cluster::{ClusterOptions, KubeCluster};
-use integration::{Cloud, Containerd, Edge, eventually, join_with};
+use integration::ha::{Replicas, lease_holder, owners};
+use integration::{Containerd, Edge, eventually};
 use serde_json::Value;
 
-/// Annotation on a Node naming the replica that holds its session.
-const REPLICA_ANNOTATION: &str = "edge.io/cloudcore-replica";
 /// Edges in the test; the first runs pods on a real containerd, the others have no runtime.
 const EDGES: usize = 4;
-/// The leader-election Lease.
-const LEASE: &str = "cloudcore";
-const NAMESPACE: &str = "edge-system";
 /// Lease duration (client-go's default, cloudcore's too).
 const LEASE_DURATION: Duration = Duration::from_secs(15);
 
-/// The UDP load balancer in front of the replicas: an nftables table in the root namespace
-/// matching only loopback traffic to `port`. Deleted when dropped.
-struct LoadBalancer {
-    table: String,
-    port: u16,
-}
-
-fn nft(args: &[&str]) {
-    let out = Command::new("nft")
-        .args(args)
-        .output()
-        .expect("nft is installed (apt-get install nftables)");
-    assert!(
-        out.status.success(),
-        "nft {} (the load balancer needs root and nftables): {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-impl LoadBalancer {
-    fn new() -> LoadBalancer {
-        let lb = LoadBalancer {
-            table: format!("ha_lb_{}", std::process::id()),
-            port: integration::free_udp_port(),
-        };
-        let _ = Command::new("nft")
-            .args(["delete", "table", "ip", &lb.table])
-            .output();
-        nft(&["add", "table", "ip", &lb.table]);
-        nft(&[
-            "add",
-            "chain",
-            "ip",
-            &lb.table,
-            "out",
-            "{ type nat hook output priority -100 ; }",
-        ]);
-        lb
-    }
-
-    /// The one address edges dial.
-    fn address(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-
-    /// New flows go to one of `backends` (UDP ports on 127.0.0.1) at random.
-    fn route(&self, backends: &[u16]) {
-        nft(&["flush", "chain", "ip", &self.table, "out"]);
-        let map = backends
-            .iter()
-            .enumerate()
-            .map(|(i, p)| format!("{i} : {p}"))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let rule = format!(
-            "ip daddr 127.0.0.1 udp dport {} redirect to : numgen random mod {} map {{ {map} }}",
-            self.port,
-            backends.len()
-        );
-        let mut args = vec!["add", "rule", "ip", &self.table, "out"];
-        args.extend(rule.split(' '));
-        nft(&args);
-    }
-}
-
-impl Drop for LoadBalancer {
-    fn drop(&mut self) {
-        let _ = Command::new("nft")
-            .args(["delete", "table", "ip", &self.table])
-            .output();
-    }
-}
-
-/// One replica: its process, id and kubelet IP.
-struct Replica {
-    id: String,
-    ip: Ipv4Addr,
-    cloud: Cloud,
-    alive: bool,
-}
-
-impl Replica {
-    fn metric(&self, series: &str) -> f64 {
-        integration::http_get(self.cloud.metrics_port, "/metrics")
-            .and_then(|page| integration::metric_value(&page, series))
-            .unwrap_or(-1.0)
-    }
-}
-
-fn replica_flags(id: &str, ip: Ipv4Addr, ports: &str) -> Vec<String> {
-    [
-        "--kubelet-ports",
-        ports,
-        "--kubelet-listen",
-        &ip.to_string(),
-        "--kubelet-advertise-address",
-        &ip.to_string(),
-        "--replica-id",
-        id,
-        // A dead replica is noticed by its edges within 4 s.
-        "--heartbeat-interval",
-        "1s",
-        "--dead-after",
-        "4s",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
-}
-
 fn tail(text: &str, lines: usize) -> String {
     integration::gateway::tail(text, lines)
-}
-
-fn kill9(cloud: &Cloud) {
-    let pid = cloud.pid().expect("replica runs");
-    let out = Command::new("kill")
-        .args(["-9", &pid.to_string()])
-        .output()
-        .expect("kill");
-    assert!(out.status.success(), "kill -9 {pid}");
-}
-
-/// Copies a data dir's shared parts (CA and registry) into `to`.
-fn copy_state(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to.join("pki")).expect("mkdir");
-    for entry in std::fs::read_dir(from.join("pki")).expect("pki") {
-        let entry = entry.expect("entry");
-        std::fs::copy(entry.path(), to.join("pki").join(entry.file_name())).expect("copy pki");
-    }
-    for entry in std::fs::read_dir(from).expect("data dir") {
-        let entry = entry.expect("entry");
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with("cloudcore.db") {
-            std::fs::copy(entry.path(), to.join(&name)).expect("copy registry");
-        }
-    }
 }
 
 /// One HTTPS request with the apiserver's kubelet client certificate: status and body.
@@ -215,11 +70,10 @@ fn median(mut values: Vec<Duration>) -> Duration {
 }
 
 struct Site {
-    cluster: KubeCluster,
-    replicas: Vec<Replica>,
     edges: Vec<(String, Edge)>,
-    lb: LoadBalancer,
     _containerd: Containerd,
+    ha: Replicas,
+    cluster: KubeCluster,
     tmp: tempfile::TempDir,
 }
 
@@ -229,9 +83,7 @@ impl Site {
     }
 
     fn owner(&self, name: &str) -> Option<String> {
-        self.node(name)["metadata"]["annotations"][REPLICA_ANNOTATION]
-            .as_str()
-            .map(str::to_string)
+        owners(&self.cluster).remove(name)
     }
 
     fn kubelet_port(&self, name: &str) -> u16 {
@@ -242,32 +94,15 @@ impl Site {
     }
 
     fn lease_holder(&self) -> Option<String> {
-        let out = self.cluster.kubectl(
-            &["get", "lease", LEASE, "-n", NAMESPACE, "-o", "json"],
-            None,
-        );
-        serde_json::from_slice::<Value>(&out.stdout)
-            .ok()
-            .and_then(|l| l["spec"]["holderIdentity"].as_str().map(str::to_string))
+        lease_holder(&self.cluster)
     }
 
-    fn replica(&self, id: &str) -> &Replica {
-        self.replicas.iter().find(|r| r.id == id).expect("replica")
-    }
-
-    fn live_ports(&self) -> Vec<u16> {
-        self.replicas
-            .iter()
-            .filter(|r| r.alive)
-            .map(|r| r.cloud.port)
-            .collect()
+    fn replica(&self, id: &str) -> &integration::ha::Replica {
+        self.ha.get(id).expect("replica")
     }
 
     fn context(&self) -> String {
-        let mut text = String::new();
-        for r in &self.replicas {
-            text += &format!("--- {} log (end):\n{}\n", r.id, tail(&r.cloud.log(), 30));
-        }
+        let mut text = self.ha.logs(30);
         for (name, e) in &self.edges {
             text += &format!("--- edge {name} log (end):\n{}\n", tail(&e.log(), 15));
         }
@@ -285,16 +120,7 @@ impl Site {
     }
 
     fn kill(&mut self, id: &str) {
-        let r = self
-            .replicas
-            .iter_mut()
-            .find(|r| r.id == id)
-            .expect("replica");
-        kill9(&r.cloud);
-        r.alive = false;
-        // As kube-proxy would: the dead endpoint leaves the Service.
-        let live = self.live_ports();
-        self.lb.route(&live);
+        self.ha.kill(id).unwrap_or_else(|e| panic!("{e:#}"));
     }
 }
 
@@ -320,94 +146,32 @@ spec:
 
 fn start_site() -> Site {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let lb = LoadBalancer::new();
     let cluster = KubeCluster::start(tmp.path(), &ClusterOptions::default());
     let credentials = cluster.cloudcore_credentials(|rbac| rbac);
     let containerd = Containerd::start(&tmp.path().join("containerd"));
-    let first = integration::free_tcp_port().min(60000);
-    let ports = format!("{first}-{}", first + EDGES as u16 + 2);
-    let ips: Vec<Ipv4Addr> = (1..=3).map(|i| Ipv4Addr::new(127, 0, 0, i)).collect();
-    let start = |i: usize| {
-        let id = format!("replica-{}", i + 1);
-        let flags = replica_flags(&id, ips[i], &ports);
-        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-        let cloud = Cloud::start_kube(
-            &tmp.path().join(&id),
-            &cluster,
-            &credentials,
-            IpAddr::V4(Ipv4Addr::LOCALHOST),
-            &flags,
-        )
-        .unwrap_or_else(|e| panic!("{e:#}"));
-        Replica {
-            id,
-            ip: ips[i],
-            cloud,
-            alive: true,
-        }
-    };
-    // Replica 1 alone: the edges join through the one address.
-    let mut first_replica = start(0);
-    lb.route(&[first_replica.cloud.port]);
-    let mut names = Vec::new();
-    for i in 0..EDGES {
-        let name = format!("ha-e{i}");
-        let token = first_replica.cloud.token(&[]);
-        let out = join_with(
-            &tmp.path().join(&name),
-            &lb.address(),
-            &token.token,
-            &token.ca_hash,
-            &name,
-        );
-        assert!(
-            out.status.success(),
-            "join {name}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        names.push(name);
-    }
-    let bound = eventually(Duration::from_secs(20), || {
-        first_replica
-            .cloud
-            .log()
-            .matches("kubelet listener bound")
-            .count()
-            >= EDGES
-    });
-    assert!(
-        bound,
-        "kubelet ports not assigned:\n{}",
-        tail(&first_replica.cloud.log(), 30)
-    );
-    // Share the CA and registry by copy (until `--state=cluster`).
-    first_replica.cloud.stop();
-    for i in 1..3 {
-        copy_state(
-            &first_replica.cloud.dir,
-            &tmp.path().join(format!("replica-{}", i + 1)).join("cloud"),
-        );
-    }
-    first_replica.cloud.restart();
-    let mut replicas = vec![first_replica];
-    replicas.extend((1..3).map(start));
-    lb.route(&replicas.iter().map(|r| r.cloud.port).collect::<Vec<_>>());
+    let names: Vec<String> = (0..EDGES).map(|i| format!("ha-e{i}")).collect();
+    let ha = Replicas::start(
+        &integration::bin("cloudcore"),
+        tmp.path(),
+        &cluster,
+        &credentials,
+        &names,
+    )
+    .unwrap_or_else(|e| panic!("{e:#}"));
     let mut edges = Vec::new();
-    for (i, name) in names.iter().enumerate() {
-        let dir = tmp.path().join(name);
+    for (i, (name, dir)) in ha.edges.iter().enumerate() {
         let edge = if i == 0 {
-            Edge::start_with(&dir, &["--cri-endpoint", &containerd.endpoint])
+            Edge::start_with(dir, &["--cri-endpoint", &containerd.endpoint])
         } else {
-            Edge::start(&dir)
+            Edge::start(dir)
         };
         edges.push((name.clone(), edge));
     }
     Site {
-        cluster,
-        replicas,
         edges,
-        lb,
         _containerd: containerd,
+        ha,
+        cluster,
         tmp,
     }
 }
@@ -415,7 +179,7 @@ fn start_site() -> Site {
 #[test]
 fn replicas_share_edges_fail_over_and_forward_streams() {
     let mut site = start_site();
-    let ids: Vec<String> = site.replicas.iter().map(|r| r.id.clone()).collect();
+    let ids: Vec<String> = site.ha.replicas.iter().map(|r| r.id.clone()).collect();
 
     // Every edge connected, its session recorded on its Node by the replica holding it.
     let names: Vec<String> = site.edges.iter().map(|(n, _)| n.clone()).collect();
@@ -436,6 +200,7 @@ fn replicas_share_edges_fail_over_and_forward_streams() {
         names.iter().zip(&owners).collect::<Vec<_>>()
     );
     let connected: f64 = site
+        .ha
         .replicas
         .iter()
         .map(|r| r.metric("cloudcore_connected_edges"))
@@ -456,6 +221,7 @@ fn replicas_share_edges_fail_over_and_forward_streams() {
     );
     let leader = site.lease_holder().unwrap();
     let leaders: Vec<&str> = site
+        .ha
         .replicas
         .iter()
         .filter(|r| r.metric("cloudcore_leader") == 1.0)
@@ -644,7 +410,7 @@ fn replicas_share_edges_fail_over_and_forward_streams() {
     };
     let taken = eventually(LEASE_DURATION + Duration::from_secs(10), || {
         site.lease_holder()
-            .is_some_and(|h| h != leader && site.replicas.iter().any(|r| r.alive && r.id == h))
+            .is_some_and(|h| h != leader && site.ha.replicas.iter().any(|r| r.alive && r.id == h))
     });
     assert!(
         taken,
