@@ -450,3 +450,57 @@ fn replicas_share_edges_fail_over_and_forward_streams() {
         site.context()
     );
 }
+
+/// The replica flags are kube mode's: embedded mode (one process) refuses them, and a Lease
+/// name without an election is refused, each with exit 64 naming the flag.
+#[test]
+fn replica_flags_are_refused_where_they_mean_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let serve = |args: &[&str]| {
+        Command::new(integration::bin("cloudcore"))
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(dir.path().join("cloud"))
+            .args(args)
+            .output()
+            .expect("run cloudcore")
+    };
+    for (args, flag) in [
+        (
+            &["--control-plane", "embedded", "--replica-id", "r1"][..],
+            "--replica-id",
+        ),
+        (
+            &["--control-plane", "embedded", "--leader-elect", "false"][..],
+            "--leader-elect",
+        ),
+        (
+            &[
+                "--control-plane",
+                "kube",
+                "--kubeconfig",
+                "/nonexistent",
+                "--leader-elect=false",
+                "--leader-elect-lease",
+                "other",
+            ][..],
+            "--leader-elect-lease",
+        ),
+        (
+            &[
+                "--control-plane",
+                "kube",
+                "--kubeconfig",
+                "/nonexistent",
+                "--replica-id",
+                "Not_A_Name",
+            ][..],
+            "--replica-id",
+        ),
+    ] {
+        let out = serve(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{args:?}: {stderr}");
+        assert!(stderr.contains(flag), "{args:?}: {stderr}");
+    }
+}

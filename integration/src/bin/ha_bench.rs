@@ -29,7 +29,10 @@ use integration::ha::{Replicas, lease_holder, owners};
 use serde_json::{Value, json};
 
 #[derive(Parser, Debug)]
-#[command(name = "ha-bench", about = "Failover time of edges when a cloudcore replica dies")]
+#[command(
+    name = "ha-bench",
+    about = "Failover time of edges when a cloudcore replica dies"
+)]
 struct Cli {
     /// Edges (edgecore processes) spread over the three replicas.
     #[arg(long, default_value_t = 12)]
