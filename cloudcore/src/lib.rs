@@ -284,33 +284,6 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> Result<(),
     } else {
         None
     };
-    let health = health_checks(
-        &shared,
-        embedded_store.clone(),
-        controllers_ctx.clone(),
-        accepting.clone(),
-        shutdown.clone(),
-    );
-    let metrics_shutdown = shutdown.clone();
-    tracker.spawn(async move {
-        let render: daemon::http::Render = Arc::new(move || metrics.render());
-        if let Err(e) =
-            daemon::http::serve(metrics_listener, render, health, metrics_shutdown).await
-        {
-            tracing::error!(error = %e, "metrics server failed");
-        }
-    });
-    if lifecycle {
-        // Embedded mode: no kube-scheduler, so cloudcore binds pods itself.
-        tracker.spawn(scheduler::run_with_events(
-            client.clone(),
-            recorder.for_component(scheduler::COMPONENT),
-            shutdown.clone(),
-        ));
-    }
-    if let Some(ctx) = controllers_ctx {
-        controllers::run_all(ctx, &tracker, shutdown.clone());
-    }
     // Once-only work runs on the replica holding the leader-election Lease (kube mode with
     // several replicas); embedded mode and a lone replica always lead.
     let leadership = match shared
@@ -344,6 +317,45 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> Result<(),
         }
         None => ha::lease::Leadership::always("cloudcore", shared.metrics.ha.clone()),
     };
+    let health = health_checks(
+        &shared,
+        embedded_store.clone(),
+        controllers_ctx.clone(),
+        accepting.clone(),
+        shutdown.clone(),
+    );
+    // Which replica leads, in the verbose readiness answer (kube mode with several replicas).
+    let health = match &shared.config.ha {
+        Some(ha) => {
+            let (me, leadership) = (ha.replica_id.clone(), leadership.clone());
+            health.with_note("leader-election", move || match leadership.holder() {
+                Some(holder) if leadership.is_leader() => format!("this replica ({holder}) leads"),
+                Some(holder) => format!("{holder} leads; this replica is {me}"),
+                None => format!("no replica holds the lease; this replica is {me}"),
+            })
+        }
+        None => health,
+    };
+    let metrics_shutdown = shutdown.clone();
+    tracker.spawn(async move {
+        let render: daemon::http::Render = Arc::new(move || metrics.render());
+        if let Err(e) =
+            daemon::http::serve(metrics_listener, render, health, metrics_shutdown).await
+        {
+            tracing::error!(error = %e, "metrics server failed");
+        }
+    });
+    if lifecycle {
+        // Embedded mode: no kube-scheduler, so cloudcore binds pods itself.
+        tracker.spawn(scheduler::run_with_events(
+            client.clone(),
+            recorder.for_component(scheduler::COMPONENT),
+            shutdown.clone(),
+        ));
+    }
+    if let Some(ctx) = controllers_ctx {
+        controllers::run_all(ctx, &tracker, shutdown.clone());
+    }
     // Both modes: edge pods tolerate their node's absence for their autonomy duration; in
     // embedded mode, with no kube-controller-manager, cloudcore also evicts when that runs out.
     // Once-only: two replicas would write the same tolerations.

@@ -286,6 +286,14 @@ impl Replicas {
         self.route_live()
     }
 
+    /// Stops replica `id` gracefully (SIGTERM) and takes it out of the load balancer.
+    pub fn stop(&mut self, id: &str) -> anyhow::Result<()> {
+        let r = self.get_mut(id)?;
+        r.cloud.stop();
+        r.alive = false;
+        self.route_live()
+    }
+
     /// Starts a killed replica again (same ports and data dir) and routes to it.
     pub fn revive(&mut self, id: &str) -> anyhow::Result<()> {
         let r = self.get_mut(id)?;

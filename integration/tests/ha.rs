@@ -232,6 +232,93 @@ fn replicas_share_edges_fail_over_and_forward_streams() {
         vec![leader.as_str()],
         "cloudcore_leader is 1 on the holder only"
     );
+    let says = integration::http_get(site.replica(&leader).cloud.metrics_port, "/readyz?verbose")
+        .unwrap_or_default();
+    assert!(
+        says.contains(&format!(
+            "[+]leader-election ok: this replica ({leader}) leads"
+        )),
+        "{says}"
+    );
+
+    // A graceful stop releases the Lease: another replica holds it within a few seconds.
+    let stopped_at = Instant::now();
+    site.ha.stop(&leader).unwrap_or_else(|e| panic!("{e:#}"));
+    let released = eventually(Duration::from_secs(8), || {
+        site.lease_holder().is_some_and(|h| h != leader)
+    });
+    assert!(
+        released,
+        "the Lease was not released at a graceful stop\n{}",
+        site.context()
+    );
+    eprintln!(
+        "lease handed over {:?} after a graceful stop",
+        stopped_at.elapsed()
+    );
+    site.ha.revive(&leader).unwrap_or_else(|e| panic!("{e:#}"));
+    let leader = site.lease_holder().unwrap();
+    let settled = |site: &Site| {
+        let owners = integration::ha::owners(&site.cluster);
+        site.edges.iter().all(|(name, e)| {
+            e.connected()
+                && owners
+                    .get(name)
+                    .is_some_and(|o| site.ha.get(o).is_ok_and(|r| r.alive))
+        })
+    };
+    assert!(
+        eventually(Duration::from_secs(30), || settled(&site)),
+        "edges not back after the graceful stop\n{}",
+        site.context()
+    );
+
+    // The newest session wins: an edge restarted while its old session is still open lands
+    // on another replica, which closes the old one at once (not after --dead-after).
+    let last = names.len() - 1;
+    let mut moved_once = false;
+    for _ in 0..6 {
+        let old = site.owner(&names[last]).unwrap();
+        let before = site.replica(&old).metric("cloudcore_sessions_moved_total");
+        site.edges[last].1.kill();
+        let dir = site.edges[last].1.dir.clone();
+        site.edges[last].1 = Edge::start(&dir);
+        assert!(
+            eventually(Duration::from_secs(20), || settled(&site)),
+            "restarted edge not back\n{}",
+            site.context()
+        );
+        if site.owner(&names[last]).unwrap() != old {
+            let closed = eventually(Duration::from_secs(3), || {
+                site.replica(&old).metric("cloudcore_sessions_moved_total") > before
+            });
+            assert!(
+                closed,
+                "{old} kept the stale session of {}\n{}",
+                names[last],
+                site.context()
+            );
+            moved_once = true;
+            break;
+        }
+    }
+    assert!(
+        moved_once,
+        "the restarted edge never landed on another replica in 6 tries"
+    );
+    let connected: f64 = site
+        .ha
+        .replicas
+        .iter()
+        .map(|r| r.metric("cloudcore_connected_edges"))
+        .sum();
+    assert_eq!(
+        connected,
+        EDGES as f64,
+        "one session per edge\n{}",
+        site.context()
+    );
+    let owners: Vec<String> = names.iter().map(|n| site.owner(n).unwrap()).collect();
 
     // A pod on the containerd edge.
     let e0 = names[0].clone();
