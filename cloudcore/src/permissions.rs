@@ -152,6 +152,13 @@ pub const REQUIRED: &[Permission] = &[
         namespace: Some(LEASES),
         used_by: "nodes (each connected edge's Lease)",
     },
+    Permission {
+        api_group: "coordination.k8s.io",
+        resource: "leases",
+        verbs: &["get", "create", "update"],
+        namespace: Some(crate::ha::DEFAULT_NAMESPACE),
+        used_by: "ha::lease (the leader-election Lease: once-only work on one replica)",
+    },
 ];
 
 /// A permission the credentials lack, as `VERB RESOURCE[ in NAMESPACE]`.

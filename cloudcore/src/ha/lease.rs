@@ -350,7 +350,20 @@ pub async fn run(
                 leadership.set(false, holder);
             }
             Err(e) => {
-                tracing::warn!(error = %daemon::error_chain(&e), "leader election");
+                let refused = matches!(
+                    &e,
+                    LeaseError::Read { source: kube::Error::Api(a), .. }
+                        | LeaseError::Write { source: kube::Error::Api(a), .. }
+                        if a.code == 403 || a.code == 404
+                );
+                if refused {
+                    tracing::error!(
+                        error = %daemon::error_chain(&e),
+                        "leader election is refused: the once-only work (autonomy tolerations) does not run; create the namespace and apply deploy/kubernetes/rbac.yaml's cloudcore-leader-election Role there, or run a lone replica with --leader-elect=false"
+                    );
+                } else {
+                    tracing::warn!(error = %daemon::error_chain(&e), "leader election");
+                }
                 let expired =
                     last_renewed.is_none_or(|t| t.elapsed() >= elector.timing.renew_deadline);
                 if leadership.is_leader() && expired {
