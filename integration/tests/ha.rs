@@ -412,6 +412,12 @@ fn replicas_share_edges_fail_over_and_forward_streams() {
     };
     let killed_at = Instant::now();
     site.kill(&b);
+    // The Node still names dead B: A answers itself instead of dropping the connection.
+    let (code, body) = kubelet_call(&site.cluster, (a_ip, port), "GET", "/healthz");
+    assert_ne!(
+        code, 0,
+        "A dropped a kubelet connection for a node of dead {b}: {body}"
+    );
     // A pod applied during the failover, for every moved edge.
     for name in &moved {
         site.cluster.kubectl_ok(

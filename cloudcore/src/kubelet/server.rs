@@ -57,6 +57,24 @@ impl NodeServer {
     }
 }
 
+/// Connects to another replica's kubelet endpoint for the node, to forward a connection to.
+async fn connect_owner(node: &NodeServer, to: SocketAddr) -> Option<tokio::net::TcpStream> {
+    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, tokio::net::TcpStream::connect(to)).await {
+        Ok(Ok(s)) => {
+            let _ = s.set_nodelay(true);
+            Some(s)
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(node.name = %node.node, to = %to, error = %e, "cannot reach the replica named as holding the node's session; answering here");
+            None
+        }
+        Err(_) => {
+            tracing::warn!(node.name = %node.node, to = %to, "no answer from the replica named as holding the node's session; answering here");
+            None
+        }
+    }
+}
+
 /// Carries a connection for a node whose session is on another replica to that replica's
 /// kubelet endpoint for the node, bytes both ways: TLS, authentication and authorization are
 /// that replica's, as if the apiserver had dialled it (its serving certificate comes from the
@@ -66,21 +84,8 @@ async fn forward(
     peer: SocketAddr,
     node: &NodeServer,
     to: SocketAddr,
+    mut upstream: tokio::net::TcpStream,
 ) {
-    let connected =
-        tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, tokio::net::TcpStream::connect(to)).await;
-    let mut upstream = match connected {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            tracing::warn!(node.name = %node.node, to = %to, error = %e, "cannot reach the replica holding the node's session");
-            return;
-        }
-        Err(_) => {
-            tracing::warn!(node.name = %node.node, to = %to, "no answer from the replica holding the node's session");
-            return;
-        }
-    };
-    let _ = upstream.set_nodelay(true);
     node.shared.metrics.ha.streams_forwarded.inc();
     tracing::debug!(node.name = %node.node, peer.addr = %peer, to = %to, "kubelet connection forwarded to the replica holding the session");
     let _ = tokio::io::copy_bidirectional(&mut tcp, &mut upstream).await;
@@ -201,9 +206,13 @@ pub async fn serve(
         let node = node.clone();
         let shutdown = shutdown.clone();
         tracker.spawn(async move {
-            if let Some(to) = node.forward_target() {
+            // A dead holder (its edges not yet elsewhere) is answered here: the node is
+            // then disconnected, and the caller is told so and since when.
+            if let Some(to) = node.forward_target()
+                && let Some(upstream) = connect_owner(&node, to).await
+            {
                 tokio::select! {
-                    _ = forward(tcp, peer, &node, to) => {}
+                    _ = forward(tcp, peer, &node, to, upstream) => {}
                     _ = shutdown.cancelled() => {}
                 }
                 return;
