@@ -342,6 +342,12 @@ pub async fn run(
                 last_renewed = Some(Instant::now());
                 leadership.set(true, Some(elector.me.clone()));
             }
+            // Our own renewal lost a write race (a 409 on a record still naming us): like a
+            // failed renewal, kept until the renew deadline.
+            Ok(Tried::Following { holder })
+                if holder.as_deref() == Some(elector.me.as_str())
+                    && last_renewed
+                        .is_some_and(|t| t.elapsed() < elector.timing.renew_deadline) => {}
             Ok(Tried::Following { holder }) => {
                 if leadership.is_leader() {
                     tracing::warn!(holder = ?holder, "another replica took the leader-election lease");

@@ -124,7 +124,11 @@ pub async fn run(
     );
     let watch = async {
         let config = watcher::Config::default().labels(crate::nodes::EDGE_ROLE_LABEL);
-        let mut events = std::pin::pin!(watcher(api, config).default_backoff().applied_objects());
+        let mut events = std::pin::pin!(
+            watcher(api.clone(), config)
+                .default_backoff()
+                .applied_objects()
+        );
         while let Some(next) = events.next().await {
             let node = match next {
                 Ok(node) => node,
@@ -149,6 +153,18 @@ pub async fn run(
             if verdict(owners.me(), session.is_some(), owner.as_ref()) == Verdict::Close
                 && let Some(id) = session
             {
+                // The watch may deliver another replica's older claim after ours was written:
+                // decide on the Node as it is now.
+                let current = match api.get(&name).await {
+                    Ok(node) => owner_of(&node),
+                    Err(e) => {
+                        tracing::warn!(node.name = %name, error = %e, "cannot read the node to check its session's holder");
+                        continue;
+                    }
+                };
+                if verdict(owners.me(), true, current.as_ref()) == Verdict::Keep {
+                    continue;
+                }
                 let to = owner.map(|o| o.replica).unwrap_or_default();
                 if shared.close_session(
                     &name,
