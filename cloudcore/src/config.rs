@@ -17,6 +17,16 @@ pub enum ControlPlane {
     Kube { kubeconfig: Option<PathBuf> },
 }
 
+/// Where the state replicas share (CA, tokens, nodes, certificates) lives (`--state`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum SharedState {
+    /// `DIR/pki` and `DIR/cloudcore.db`: one replica.
+    #[default]
+    Local,
+    /// Secrets in `namespace` of the real cluster (kube mode only): several replicas.
+    Cluster { namespace: String },
+}
+
 /// Everything `serve` needs; tests build it directly.
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
@@ -60,6 +70,8 @@ pub struct ServeConfig {
     /// Kube mode: this replica among others (`--replica-id`, `--leader-elect*`); `None` in
     /// embedded mode, which is one process.
     pub ha: Option<crate::ha::HaSettings>,
+    /// `--state`: where the shared state lives.
+    pub shared_state: SharedState,
 }
 
 impl ServeConfig {
@@ -91,6 +103,7 @@ impl ServeConfig {
             max_streams_per_edge: crate::streams::DEFAULT_MAX_STREAMS_PER_EDGE,
             kubelet: crate::kubelet::KubeletSettings::default(),
             ha: None,
+            shared_state: SharedState::Local,
         }
     }
 

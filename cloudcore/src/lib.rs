@@ -88,10 +88,43 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> Result<(),
     // sessions. Held until `run` returns (the kernel frees it if the process dies).
     let _lock = private_data_dir(&config.data_dir)?;
     let embedded_mode = matches!(config.control_plane, config::ControlPlane::Embedded { .. });
+    // `--state=cluster`: the CA and the registry live in the cluster; the data dir is a cache.
+    let cluster_state = match (&config.shared_state, &config.control_plane) {
+        (config::SharedState::Cluster { namespace }, config::ControlPlane::Kube { kubeconfig }) => {
+            let (client, _) = kube_client(kubeconfig.as_deref(), USER_AGENT).await?;
+            Some(Arc::new(registry::cluster::ClusterState::new(
+                client, namespace,
+            )))
+        }
+        _ => None,
+    };
     // Before anything else is created: a data dir that lost a part is refused, not refilled.
-    state::check_data_dir(&config.data_dir, embedded_mode, config.allow)?;
-    let ca = Arc::new(pki::ClusterCa::load_or_create(&config.data_dir)?);
+    if cluster_state.is_none() {
+        state::check_data_dir(&config.data_dir, embedded_mode, config.allow)?;
+    }
+    let ca = match &cluster_state {
+        Some(state) => Arc::new(
+            pki::ClusterCa::load_or_create_in_cluster(
+                &config.data_dir,
+                state.client(),
+                state.namespace(),
+            )
+            .await?,
+        ),
+        None => Arc::new(pki::ClusterCa::load_or_create(&config.data_dir)?),
+    };
     let registry = registry::Registry::open(&config.data_dir)?;
+    if let Some(state) = &cluster_state {
+        registry.attach_cluster(state.clone()).await?;
+        state
+            .record_cloud_address(&config.cloud_address())
+            .await
+            .map_err(registry::RegistryError::from)?;
+        tracing::info!(
+            namespace = state.namespace(),
+            "shared state kept in the cluster"
+        );
+    }
     let endpoint = hub::endpoint(&config, &ca)?;
     let metrics_listener = metrics::bind(config.metrics_listen)
         .await
@@ -155,6 +188,14 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> Result<(),
                 .map_err(ServeError::PermissionCheck)?;
             if !missing.is_empty() {
                 return Err(ServeError::MissingPermissions(missing));
+            }
+            if let Some(state) = &cluster_state {
+                let missing = permissions::check_cluster_state(&client, state.namespace())
+                    .await
+                    .map_err(ServeError::PermissionCheck)?;
+                if !missing.is_empty() {
+                    return Err(ServeError::MissingPermissions(missing));
+                }
             }
             tracing::info!("every permission cloudcore needs is granted");
             // The cluster's node-lifecycle controller marks lost nodes itself.
@@ -424,6 +465,12 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> Result<(),
         shutdown.clone(),
     ));
     tracker.spawn(hub::watch_revocations(shared.clone(), shutdown.clone()));
+    if let Some(state) = cluster_state {
+        // Its own connection: its commits change the serving one's data_version, which
+        // `watch_revocations` follows.
+        let cache = registry::Registry::open(&shared.config.data_dir)?;
+        tracker.spawn(state.follow(cache, shutdown.clone()));
+    }
     tracker.spawn(state::track(shared.clone(), shutdown.clone()));
     tracker.spawn(hub::heartbeat_registry(
         shared.clone(),
@@ -572,6 +619,14 @@ const CONTROLLERS_USER_AGENT: &str = concat!(
 
 /// A kube-rs client sending `user_agent` from a kubeconfig file, or the in-cluster
 /// configuration, and the API server's URL.
+/// A client for the CLI's `--state=cluster` commands: the kubeconfig given, else in-cluster
+/// configuration (inside a replica with `kubectl exec`).
+pub async fn cli_kube_client(
+    kubeconfig: Option<&std::path::Path>,
+) -> Result<kube::Client, ServeError> {
+    Ok(kube_client(kubeconfig, "cloudcore-cli").await?.0)
+}
+
 async fn kube_client(
     kubeconfig: Option<&std::path::Path>,
     user_agent: &'static str,

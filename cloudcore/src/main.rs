@@ -55,6 +55,53 @@ struct DataDir {
     data_dir: PathBuf,
 }
 
+/// Where the shared state lives (`--state`).
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+enum StateMode {
+    /// The data dir (pki/, cloudcore.db): one cloudcore.
+    Local,
+    /// Secrets in the cluster (kube mode only): several cloudcore replicas share them.
+    Cluster,
+}
+
+#[derive(Args, Debug, Clone)]
+struct StateArgs {
+    /// Where the CA, tokens, nodes and certificates live: local (the data dir) or cluster
+    /// (Secrets in --state-namespace; kube mode, several replicas).
+    #[arg(long, env = "CLOUDCORE_STATE", value_enum, default_value_t = StateMode::Local)]
+    state: StateMode,
+    /// With --state=cluster: the namespace of the shared state (default: $POD_NAMESPACE, else
+    /// edge-system).
+    #[arg(long)]
+    state_namespace: Option<String>,
+}
+
+impl StateArgs {
+    /// The cluster namespace, or `Err(flag)` naming a flag that does not apply.
+    fn namespace(&self) -> Result<Option<String>, &'static str> {
+        match (self.state, &self.state_namespace) {
+            (StateMode::Local, Some(_)) => Err("--state-namespace"),
+            (StateMode::Local, None) => Ok(None),
+            (StateMode::Cluster, Some(ns)) => Ok(Some(ns.clone())),
+            (StateMode::Cluster, None) => {
+                Ok(Some(cloudcore::registry::cluster::default_namespace()))
+            }
+        }
+    }
+}
+
+/// The state the token and node commands work on.
+#[derive(Args, Debug, Clone)]
+struct CliState {
+    #[command(flatten)]
+    data_dir: DataDir,
+    #[command(flatten)]
+    state: StateArgs,
+    /// With --state=cluster: the cluster's kubeconfig (default: KUBECONFIG, else in-cluster).
+    #[arg(long, env = "KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+}
+
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the tunnel server.
@@ -178,6 +225,8 @@ struct ServeArgs {
     /// (cloudcore.db lost): every edge must join again.
     #[arg(long)]
     allow_empty_registry: bool,
+    #[command(flatten)]
+    state: StateArgs,
 }
 
 #[derive(Subcommand, Debug)]
@@ -219,7 +268,7 @@ enum TokenCommand {
     /// Create a join token and print the `edgecore join` command that uses it.
     Create {
         #[command(flatten)]
-        data_dir: DataDir,
+        at: CliState,
         /// How long the token is valid (at least 1s; 0 is refused: every token expires).
         #[arg(long, default_value = "24h", value_parser = cloudcore::token::parse_ttl)]
         ttl: Duration,
@@ -238,14 +287,14 @@ enum TokenCommand {
     /// List tokens (never their secrets).
     List {
         #[command(flatten)]
-        data_dir: DataDir,
+        at: CliState,
         #[arg(short = 'o', long, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
     /// Revoke a token by its id (the part before the dot).
     Revoke {
         #[command(flatten)]
-        data_dir: DataDir,
+        at: CliState,
         id: String,
     },
 }
@@ -255,14 +304,14 @@ enum NodeCommand {
     /// List known nodes with connection state and certificate expiry.
     List {
         #[command(flatten)]
-        data_dir: DataDir,
+        at: CliState,
         #[arg(short = 'o', long, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
     /// Revoke a node: close its live session and refuse its certificates from now on.
     Revoke {
         #[command(flatten)]
-        data_dir: DataDir,
+        at: CliState,
         name: String,
     },
 }
@@ -295,7 +344,7 @@ fn main() -> ExitCode {
         Command::Token(cmd) => token(cmd),
         Command::Node(cmd) => node(cmd),
         Command::Store(cmd) => store(cmd),
-        Command::Permissions => serde_json::to_string_pretty(cloudcore::permissions::REQUIRED)
+        Command::Permissions => serde_json::to_string_pretty(&cloudcore::permissions::all())
             .map(|json| {
                 println!("{json}");
                 ExitCode::SUCCESS
@@ -373,10 +422,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             eprintln!("error: --replica-id {replica_id:?}: {e}");
             return Ok(ExitCode::from(EXIT_USAGE));
         }
-        let namespace = std::env::var("POD_NAMESPACE")
-            .ok()
-            .filter(|n| !n.is_empty())
-            .unwrap_or_else(|| cloudcore::ha::DEFAULT_NAMESPACE.into());
+        // The state namespace (--state-namespace, below, may replace it).
+        let namespace = cloudcore::registry::cluster::default_namespace();
         let mut ha = cloudcore::ha::HaSettings::new(replica_id, namespace);
         if let cloudcore::ha::Election::Lease { name, .. } = &mut ha.election
             && let Some(lease) = &args.leader_elect_lease
@@ -425,6 +472,34 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             services,
         }
     };
+    config.shared_state = match args.state.namespace() {
+        Err(flag) => {
+            eprintln!("error: {flag} applies to --state=cluster only");
+            return Ok(ExitCode::from(EXIT_USAGE));
+        }
+        Ok(None) => cloudcore::config::SharedState::Local,
+        Ok(Some(_)) if !kube => {
+            eprintln!(
+                "error: --state=cluster needs kube mode (--control-plane=kube): the embedded control plane runs as one process with its state in the data dir"
+            );
+            return Ok(ExitCode::from(EXIT_USAGE));
+        }
+        Ok(Some(namespace)) => {
+            if let Err(e) = validate_namespace(&namespace) {
+                eprintln!("error: --state-namespace: {e}");
+                return Ok(ExitCode::from(EXIT_USAGE));
+            }
+            // The leader-election Lease lives with the shared state.
+            if let Some(cloudcore::ha::HaSettings {
+                election: cloudcore::ha::Election::Lease { namespace: ns, .. },
+                ..
+            }) = &mut config.ha
+            {
+                *ns = namespace.clone();
+            }
+            cloudcore::config::SharedState::Cluster { namespace }
+        }
+    };
     if config.dead_after <= config.heartbeat_interval {
         eprintln!(
             "error: --dead-after ({}) must be longer than --heartbeat-interval ({})",
@@ -454,6 +529,134 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
 fn open_registry(dir: &Path) -> anyhow::Result<Registry> {
     cloudcore::state::require_initialized(dir)?;
     Ok(Registry::open(dir)?)
+}
+
+/// A namespace name: one DNS label.
+fn validate_namespace(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{name:?} is not a namespace name (lowercase letters, digits and '-', at most 63)"
+        ))
+    }
+}
+
+/// The registry the token and node commands work on: the data dir's, or with
+/// `--state=cluster` a snapshot of the cluster's in a temporary cache, with every write going
+/// to the cluster.
+struct CliRegistry {
+    registry: Registry,
+    /// `--state=cluster`: the runtime the cluster calls run on, and the cache's directory.
+    cluster: Option<(tokio::runtime::Runtime, PathBuf, kube::Client, String)>,
+    data_dir: PathBuf,
+}
+
+impl std::ops::Deref for CliRegistry {
+    type Target = Registry;
+    fn deref(&self) -> &Registry {
+        &self.registry
+    }
+}
+
+impl Drop for CliRegistry {
+    fn drop(&mut self) {
+        if let Some((_, cache, _, _)) = &self.cluster {
+            let _ = std::fs::remove_dir_all(cache);
+        }
+    }
+}
+
+impl CliRegistry {
+    fn open(at: &CliState) -> anyhow::Result<Result<Self, ExitCode>> {
+        let namespace = match at.state.namespace() {
+            Ok(ns) => ns,
+            Err(flag) => {
+                eprintln!("error: {flag} applies to --state=cluster only");
+                return Ok(Err(ExitCode::from(EXIT_USAGE)));
+            }
+        };
+        let Some(namespace) = namespace else {
+            return Ok(Ok(CliRegistry {
+                registry: open_registry(&at.data_dir.data_dir)?,
+                cluster: None,
+                data_dir: at.data_dir.data_dir.clone(),
+            }));
+        };
+        if let Err(e) = validate_namespace(&namespace) {
+            eprintln!("error: --state-namespace: {e}");
+            return Ok(Err(ExitCode::from(EXIT_USAGE)));
+        }
+        let runtime = tokio::runtime::Runtime::new()?;
+        let cache = std::env::temp_dir().join(format!(
+            "cloudcore-cli-{}-{}",
+            std::process::id(),
+            cloudcore::registry::now_ms()
+        ));
+        std::fs::create_dir_all(&cache)?;
+        let _enter = runtime.enter();
+        let client = runtime.block_on(cloudcore::cli_kube_client(at.kubeconfig.as_deref()))?;
+        let opened = (|| -> anyhow::Result<Registry> {
+            let registry = Registry::open(&cache)?;
+            let state = std::sync::Arc::new(cloudcore::registry::cluster::ClusterState::new(
+                client.clone(),
+                &namespace,
+            ));
+            runtime.block_on(registry.attach_cluster(state))?;
+            Ok(registry)
+        })();
+        let registry = match opened {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&cache);
+                return Err(e);
+            }
+        };
+        drop(_enter);
+        Ok(Ok(CliRegistry {
+            registry,
+            cluster: Some((runtime, cache, client, namespace)),
+            data_dir: at.data_dir.data_dir.clone(),
+        }))
+    }
+
+    /// Runs a registry call inside the runtime the cluster calls need.
+    fn run<T>(&self, f: impl FnOnce(&Registry) -> T) -> T {
+        match &self.cluster {
+            Some((runtime, ..)) => {
+                let _enter = runtime.enter();
+                f(&self.registry)
+            }
+            None => f(&self.registry),
+        }
+    }
+
+    /// The cluster CA: the data dir's, or the `cloudcore-ca` Secret's.
+    fn ca(&self) -> anyhow::Result<ClusterCa> {
+        match &self.cluster {
+            Some((runtime, _, client, namespace)) => {
+                Ok(runtime.block_on(ClusterCa::load_from_cluster(client.clone(), namespace))?)
+            }
+            None => Ok(ClusterCa::load_existing(&self.data_dir)?),
+        }
+    }
+}
+
+/// Opens the registry for a CLI command, or returns the exit code of a bad flag.
+macro_rules! open_or_exit {
+    ($at:expr) => {
+        match CliRegistry::open(&$at)? {
+            Ok(registry) => registry,
+            Err(code) => return Ok(code),
+        }
+    };
 }
 
 fn store(cmd: StoreCommand) -> anyhow::Result<ExitCode> {
@@ -528,7 +731,7 @@ fn relative(ms: i64) -> String {
 fn token(cmd: TokenCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         TokenCommand::Create {
-            data_dir,
+            at,
             ttl,
             uses,
             node,
@@ -545,11 +748,11 @@ fn token(cmd: TokenCommand) -> anyhow::Result<ExitCode> {
                 eprintln!("error: --node: {e}");
                 return Ok(ExitCode::from(EXIT_USAGE));
             }
-            let registry = open_registry(&data_dir.data_dir)?;
-            let ca = ClusterCa::load_existing(&data_dir.data_dir)?;
+            let registry = open_or_exit!(at);
+            let ca = registry.ca()?;
             let cloud = match cloud {
                 Some(c) => c,
-                None => registry.cloud_address()?.unwrap_or_else(|| {
+                None => registry.run(|r| r.cloud_address())?.unwrap_or_else(|| {
                     join_host_port(
                         &cloudcore::hostname().unwrap_or_else(|| "localhost".into()),
                         10000,
@@ -557,11 +760,13 @@ fn token(cmd: TokenCommand) -> anyhow::Result<ExitCode> {
                 }),
             };
             let token = BootstrapToken::generate();
-            let record = registry.create_token(&NewToken {
-                token: token.clone(),
-                ttl,
-                uses,
-                node: node.clone(),
+            let record = registry.run(|r| {
+                r.create_token(&NewToken {
+                    token: token.clone(),
+                    ttl,
+                    uses,
+                    node: node.clone(),
+                })
             })?;
             let mut command = format!(
                 "edgecore join --cloud {cloud} --token {} --ca-hash {}",
@@ -597,8 +802,8 @@ fn token(cmd: TokenCommand) -> anyhow::Result<ExitCode> {
                 println!("{command}");
             }
         }
-        TokenCommand::List { data_dir, output } => {
-            let tokens = open_registry(&data_dir.data_dir)?.list_tokens()?;
+        TokenCommand::List { at, output } => {
+            let tokens = open_or_exit!(at).list_tokens()?;
             if output == Output::Json {
                 println!("{}", serde_json::to_string_pretty(&tokens)?);
             } else {
@@ -628,8 +833,8 @@ fn token(cmd: TokenCommand) -> anyhow::Result<ExitCode> {
                 }
             }
         }
-        TokenCommand::Revoke { data_dir, id } => {
-            if !open_registry(&data_dir.data_dir)?.revoke_token(&id)? {
+        TokenCommand::Revoke { at, id } => {
+            if !open_or_exit!(at).run(|r| r.revoke_token(&id))? {
                 eprintln!("error: no token with id {id:?} (see `cloudcore token list`)");
                 return Ok(ExitCode::FAILURE);
             }
@@ -641,8 +846,8 @@ fn token(cmd: TokenCommand) -> anyhow::Result<ExitCode> {
 
 fn node(cmd: NodeCommand) -> anyhow::Result<ExitCode> {
     match cmd {
-        NodeCommand::List { data_dir, output } => {
-            let nodes = open_registry(&data_dir.data_dir)?.list_nodes(SERVER_STALE_AFTER)?;
+        NodeCommand::List { at, output } => {
+            let nodes = open_or_exit!(at).list_nodes(SERVER_STALE_AFTER)?;
             if output == Output::Json {
                 println!("{}", serde_json::to_string_pretty(&nodes)?);
             } else {
@@ -673,8 +878,8 @@ fn node(cmd: NodeCommand) -> anyhow::Result<ExitCode> {
                 }
             }
         }
-        NodeCommand::Revoke { data_dir, name } => {
-            if !open_registry(&data_dir.data_dir)?.revoke_node(&name)? {
+        NodeCommand::Revoke { at, name } => {
+            if !open_or_exit!(at).run(|r| r.revoke_node(&name))? {
                 eprintln!("error: no node named {name:?} (see `cloudcore node list`)");
                 return Ok(ExitCode::FAILURE);
             }

@@ -152,14 +152,37 @@ pub const REQUIRED: &[Permission] = &[
         namespace: Some(LEASES),
         used_by: "nodes (each connected edge's Lease)",
     },
+];
+
+/// The shipped namespace of `--state=cluster` (deploy/kubernetes).
+pub const STATE_NAMESPACE: &str = "edge-system";
+
+/// What `--state=cluster` (several replicas) needs as well, in the state namespace
+/// (`--state-namespace`, checked there at start; listed here with the shipped one):
+/// deploy/kubernetes/rbac.yaml grants it with a Role in edge-system.
+pub const CLUSTER_STATE: &[Permission] = &[
+    Permission {
+        api_group: "",
+        resource: "secrets",
+        verbs: &[
+            "get", "list", "watch", "create", "update", "patch", "delete",
+        ],
+        namespace: Some(STATE_NAMESPACE),
+        used_by: "registry::cluster (tokens, nodes, certificates, kubelet ports), pki (the CA Secret)",
+    },
     Permission {
         api_group: "coordination.k8s.io",
         resource: "leases",
-        verbs: &["get", "create", "update"],
-        namespace: Some(crate::ha::DEFAULT_NAMESPACE),
-        used_by: "ha::lease (the leader-election Lease: once-only work on one replica)",
+        verbs: &["get", "list", "watch", "create", "update"],
+        namespace: Some(STATE_NAMESPACE),
+        used_by: "replicas' leader election (the singleton work's Lease)",
     },
 ];
+
+/// Everything the shipped RBAC grants: [`REQUIRED`] and [`CLUSTER_STATE`].
+pub fn all() -> Vec<Permission> {
+    REQUIRED.iter().chain(CLUSTER_STATE).copied().collect()
+}
 
 /// A permission the credentials lack, as `VERB RESOURCE[ in NAMESPACE]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -190,9 +213,26 @@ fn describe(permission: &Permission, verb: &str) -> String {
 /// Asks the API server, once per verb, whether these credentials have every permission of
 /// [`REQUIRED`]; returns the missing ones. An error means the reviews themselves failed.
 pub async fn check(client: &kube::Client) -> Result<Vec<Missing>, kube::Error> {
+    check_list(client, REQUIRED, None).await
+}
+
+/// [`CLUSTER_STATE`] in `namespace`; returns the missing ones.
+pub async fn check_cluster_state(
+    client: &kube::Client,
+    namespace: &str,
+) -> Result<Vec<Missing>, kube::Error> {
+    check_list(client, CLUSTER_STATE, Some(namespace)).await
+}
+
+async fn check_list(
+    client: &kube::Client,
+    permissions: &[Permission],
+    namespace: Option<&str>,
+) -> Result<Vec<Missing>, kube::Error> {
     let reviews: Api<SelfSubjectAccessReview> = Api::all(client.clone());
     let mut missing = Vec::new();
-    for permission in REQUIRED {
+    for permission in permissions {
+        let permission_namespace = namespace.or(permission.namespace);
         let (resource, subresource) = match permission.resource.split_once('/') {
             Some((r, s)) => (r, Some(s.to_string())),
             None => (permission.resource, None),
@@ -205,7 +245,7 @@ pub async fn check(client: &kube::Client) -> Result<Vec<Missing>, kube::Error> {
                         resource: Some(resource.to_string()),
                         subresource: subresource.clone(),
                         verb: Some(verb.to_string()),
-                        namespace: permission.namespace.map(String::from),
+                        namespace: permission_namespace.map(String::from),
                         ..ResourceAttributes::default()
                     }),
                     ..SelfSubjectAccessReviewSpec::default()
@@ -214,7 +254,15 @@ pub async fn check(client: &kube::Client) -> Result<Vec<Missing>, kube::Error> {
             };
             let answer = reviews.create(&PostParams::default(), &review).await?;
             if !answer.status.is_some_and(|s| s.allowed) {
-                missing.push(Missing(describe(permission, verb)));
+                let mut permission = *permission;
+                if let Some(ns) = namespace {
+                    permission.namespace = None;
+                    let mut text = describe(&permission, verb);
+                    text.push_str(&format!(" in namespace {ns}"));
+                    missing.push(Missing(text));
+                } else {
+                    missing.push(Missing(describe(&permission, verb)));
+                }
             }
         }
     }

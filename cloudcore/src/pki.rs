@@ -56,6 +56,41 @@ pub enum PkiError {
     Build(#[source] rcgen::Error),
     #[error("certificate is not a node certificate: {0}")]
     NotANodeCertificate(String),
+    #[error("{action} the CA secret {namespace}/{CA_SECRET} failed")]
+    Secret {
+        action: &'static str,
+        namespace: String,
+        #[source]
+        source: Box<kube::Error>,
+    },
+    #[error("the CA secret {namespace}/{CA_SECRET} is unusable: {why}")]
+    CorruptSecret { namespace: String, why: String },
+}
+
+/// `--state=cluster`: the Secret (type `kubernetes.io/tls`) holding the cluster CA every
+/// replica uses.
+pub const CA_SECRET: &str = "cloudcore-ca";
+
+/// `tls.crt` and `tls.key` of the CA Secret.
+fn ca_pems(
+    secret: &k8s_openapi::api::core::v1::Secret,
+    namespace: &str,
+) -> Result<(String, String), PkiError> {
+    let field = |key: &str| {
+        let bytes = secret
+            .data
+            .as_ref()
+            .and_then(|d| d.get(key))
+            .ok_or_else(|| PkiError::CorruptSecret {
+                namespace: namespace.to_string(),
+                why: format!("it has no {key}"),
+            })?;
+        String::from_utf8(bytes.0.clone()).map_err(|_| PkiError::CorruptSecret {
+            namespace: namespace.to_string(),
+            why: format!("{key} is not PEM text"),
+        })
+    };
+    Ok((field("tls.crt")?, field("tls.key")?))
 }
 
 /// A certificate the CA has just issued.
@@ -168,16 +203,113 @@ impl ClusterCa {
         Ok(daemon::files::sync_dir(data_dir)?)
     }
 
-    fn load(dir: &Path) -> Result<Self, PkiError> {
-        let corrupt = |why: String| PkiError::CorruptCa {
-            dir: dir.to_path_buf(),
-            why,
+    /// `--state=cluster`: the CA of the Secret [`CA_SECRET`] in `namespace`, created from
+    /// this data dir's CA (made if missing) when no replica did yet; on a lost race the
+    /// winner's. The Secret's CA is written to `DIR/pki/` as well, replacing what was there.
+    pub async fn load_or_create_in_cluster(
+        data_dir: &Path,
+        client: kube::Client,
+        namespace: &str,
+    ) -> Result<Self, PkiError> {
+        use k8s_openapi::api::core::v1::Secret;
+        let api: kube::Api<Secret> = kube::Api::namespaced(client, namespace);
+        let secret_err = |action| {
+            let namespace = namespace.to_string();
+            move |source| PkiError::Secret {
+                action,
+                namespace,
+                source: Box::new(source),
+            }
         };
+        let existing = api
+            .get_opt(CA_SECRET)
+            .await
+            .map_err(secret_err("reading"))?;
+        let secret = match existing {
+            Some(secret) => secret,
+            None => {
+                let local = Self::load_or_create(data_dir)?;
+                let key_pem = fs::read_to_string(data_dir.join("pki/ca.key"))
+                    .map_err(io_err("read", &data_dir.join("pki/ca.key")))?;
+                let secret = Secret {
+                    metadata: kube::api::ObjectMeta {
+                        name: Some(CA_SECRET.into()),
+                        ..Default::default()
+                    },
+                    type_: Some("kubernetes.io/tls".into()),
+                    data: Some(std::collections::BTreeMap::from([
+                        (
+                            "tls.crt".to_string(),
+                            k8s_openapi::ByteString(local.cert_pem.clone().into_bytes()),
+                        ),
+                        (
+                            "tls.key".to_string(),
+                            k8s_openapi::ByteString(key_pem.into_bytes()),
+                        ),
+                    ])),
+                    ..Default::default()
+                };
+                match api.create(&kube::api::PostParams::default(), &secret).await {
+                    Ok(created) => created,
+                    // Another replica created it first: use theirs.
+                    Err(kube::Error::Api(e)) if e.code == 409 => {
+                        api.get(CA_SECRET).await.map_err(secret_err("reading"))?
+                    }
+                    Err(e) => return Err(secret_err("creating")(e)),
+                }
+            }
+        };
+        let (cert_pem, key_pem) = ca_pems(&secret, namespace)?;
+        let dir = data_dir.join("pki");
+        daemon::datadir::ensure_private_dir(data_dir)?;
+        if !dir.exists() {
+            fs::create_dir(&dir).map_err(io_err("create", &dir))?;
+            fs::set_permissions(&dir, fs::Permissions::from_mode(0o700))
+                .map_err(io_err("set permissions on", &dir))?;
+        }
+        daemon::files::write_atomic(&dir.join("ca.key"), key_pem.as_bytes(), 0o600)?;
+        daemon::files::write_atomic(&dir.join("ca.crt"), cert_pem.as_bytes(), 0o644)?;
+        Self::from_pems(&dir, &cert_pem, &key_pem)
+    }
+
+    /// `--state=cluster` for the CLI: the CA of the Secret, never created.
+    pub async fn load_from_cluster(
+        client: kube::Client,
+        namespace: &str,
+    ) -> Result<Self, PkiError> {
+        use k8s_openapi::api::core::v1::Secret;
+        let api: kube::Api<Secret> = kube::Api::namespaced(client, namespace);
+        let secret = api
+            .get_opt(CA_SECRET)
+            .await
+            .map_err(|source| PkiError::Secret {
+                action: "reading",
+                namespace: namespace.to_string(),
+                source: Box::new(source),
+            })?
+            .ok_or_else(|| PkiError::CorruptSecret {
+                namespace: namespace.to_string(),
+                why: "it does not exist; start `cloudcore serve --state=cluster` first".into(),
+            })?;
+        let (cert_pem, key_pem) = ca_pems(&secret, namespace)?;
+        Self::from_pems(Path::new(CA_SECRET), &cert_pem, &key_pem)
+    }
+
+    fn load(dir: &Path) -> Result<Self, PkiError> {
         let key_path = dir.join("ca.key");
         let cert_path = dir.join("ca.crt");
         let key_pem = fs::read_to_string(&key_path).map_err(io_err("read", &key_path))?;
         let cert_pem = fs::read_to_string(&cert_path).map_err(io_err("read", &cert_path))?;
-        let key = KeyPair::from_pem(&key_pem).map_err(|e| corrupt(format!("ca.key: {e}")))?;
+        Self::from_pems(dir, &cert_pem, &key_pem)
+    }
+
+    fn from_pems(dir: &Path, cert_pem: &str, key_pem: &str) -> Result<Self, PkiError> {
+        let corrupt = |why: String| PkiError::CorruptCa {
+            dir: dir.to_path_buf(),
+            why,
+        };
+        let cert_pem = cert_pem.to_string();
+        let key = KeyPair::from_pem(key_pem).map_err(|e| corrupt(format!("ca.key: {e}")))?;
         let cert_der = rustls_pemfile::certs(&mut cert_pem.as_bytes())
             .next()
             .ok_or_else(|| corrupt("ca.crt holds no certificate".into()))?

@@ -365,7 +365,7 @@ pub async fn run(
                 if refused {
                     tracing::error!(
                         error = %daemon::error_chain(&e),
-                        "leader election is refused: the once-only work (autonomy tolerations) does not run; create the namespace and apply deploy/kubernetes/rbac.yaml's cloudcore-leader-election Role there, or run a lone replica with --leader-elect=false"
+                        "leader election is refused: the once-only work (autonomy tolerations) does not run; create the namespace and apply deploy/kubernetes/rbac.yaml's cloudcore-shared-state Role there, or run a lone replica with --leader-elect=false"
                     );
                 } else {
                     tracing::warn!(error = %daemon::error_chain(&e), "leader election");

@@ -11,8 +11,6 @@ use std::time::Duration;
 
 /// Default name of the leader-election Lease (`--leader-elect-lease`).
 pub const DEFAULT_LEASE_NAME: &str = "cloudcore";
-/// Namespace of the Lease when neither `--state-namespace` nor `POD_NAMESPACE` says.
-pub const DEFAULT_NAMESPACE: &str = "edge-system";
 
 /// Leader election as client-go's defaults: a holder that stops renewing is replaced after
 /// `lease_duration`; the holder gives up if it could not renew for `renew_deadline`; every

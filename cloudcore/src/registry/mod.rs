@@ -3,10 +3,16 @@
 //! file; `serve` notices the CLI's commits through `PRAGMA data_version`.
 //!
 //! Only this module touches that database. All times are milliseconds since the Unix epoch.
+//!
+//! With `--state=cluster` (kube mode) tokens, nodes, certificates and kubelet ports live in the
+//! cluster ([`cluster`]): writes go there first and the database is this process's cache of
+//! them, kept by a watch.
+
+pub mod cluster;
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
@@ -100,6 +106,8 @@ pub enum RegistryError {
     NewerSchema { path: PathBuf, found: i64 },
     #[error("registry database query failed")]
     Sql(#[from] rusqlite::Error),
+    #[error("the registry in the cluster failed")]
+    Cluster(#[from] cluster::ClusterError),
 }
 
 /// Why a join was refused by the registry.
@@ -207,6 +215,9 @@ pub struct Registry {
     /// `--kubelet-ports` when this `serve` runs the kubelet endpoint (kube mode): a join then
     /// takes a port in the same transaction, or is refused when none is left.
     kubelet_ports: std::sync::OnceLock<KubeletPortRange>,
+    /// `--state=cluster`: where tokens, nodes and certificates really live; the database is
+    /// then their cache.
+    cluster: OnceLock<Arc<cluster::ClusterState>>,
 }
 
 /// The inclusive range of kubelet ports (`--kubelet-ports START-END`).
@@ -270,6 +281,7 @@ impl Registry {
             path,
             conn: Mutex::new(conn),
             kubelet_ports: std::sync::OnceLock::new(),
+            cluster: OnceLock::new(),
         })
     }
 
@@ -290,7 +302,36 @@ impl Registry {
             .query_row("PRAGMA data_version", [], |r| r.get(0))?)
     }
 
+    /// Keeps the shared state in the cluster from now on (`--state=cluster`), after filling
+    /// the cache from it. Set once, before edges are accepted.
+    pub async fn attach_cluster(
+        &self,
+        state: Arc<cluster::ClusterState>,
+    ) -> Result<(), RegistryError> {
+        state.load_into(self).await?;
+        let _ = self.cluster.set(state);
+        Ok(())
+    }
+
+    /// The cluster side, in `--state=cluster`.
+    pub fn cluster(&self) -> Option<&Arc<cluster::ClusterState>> {
+        self.cluster.get()
+    }
+
     pub fn create_token(&self, new: &NewToken) -> Result<TokenRecord, RegistryError> {
+        if let Some(c) = self.cluster.get() {
+            let record = c.create_token(new)?;
+            self.cache_token(&cluster::TokenDoc {
+                id: record.id.clone(),
+                secret_hash: new.token.secret_hash(),
+                created_ms: record.created_ms,
+                expires_ms: record.expires_ms,
+                uses_left: record.uses_left,
+                node: record.node.clone(),
+                revoked_ms: None,
+            })?;
+            return Ok(record);
+        }
         let now = now_ms();
         let expires = now + new.ttl.as_millis() as i64;
         self.conn().execute(
@@ -327,6 +368,9 @@ impl Registry {
 
     /// Revokes a token; `false` if there is no such token.
     pub fn revoke_token(&self, id: &str) -> Result<bool, RegistryError> {
+        if let Some(c) = self.cluster.get() {
+            return c.revoke_token(self, id);
+        }
         let n = self.conn().execute(
             "UPDATE tokens SET revoked_ms = ?2 WHERE id = ?1 AND revoked_ms IS NULL",
             params![id, now_ms()],
@@ -352,6 +396,9 @@ impl Registry {
         sign: impl FnOnce() -> Result<crate::pki::IssuedCertificate, E>,
     ) -> Result<Result<(Admission, crate::pki::IssuedCertificate), JoinRefusal>, AdmitError<E>>
     {
+        if let Some(c) = self.cluster.get() {
+            return c.admit_join(self, token, node_name, labels, sign);
+        }
         let mut conn = self.conn();
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
@@ -481,6 +528,9 @@ impl Registry {
         presented_serial: &str,
         sign: impl FnOnce() -> Result<crate::pki::IssuedCertificate, E>,
     ) -> Result<Result<crate::pki::IssuedCertificate, RenewalRefusal>, AdmitError<E>> {
+        if let Some(c) = self.cluster.get() {
+            return c.renew_certificate(self, node, presented_serial, sign);
+        }
         let mut conn = self.conn();
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
@@ -519,6 +569,9 @@ impl Registry {
 
     /// Revokes a node and every certificate issued to it so far; `false` if unknown.
     pub fn revoke_node(&self, name: &str) -> Result<bool, RegistryError> {
+        if let Some(c) = self.cluster.get() {
+            return c.revoke_node(self, name);
+        }
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let now = now_ms();
@@ -639,6 +692,9 @@ impl Registry {
 
     /// The address `serve` advertised last, for join commands printed by `token create`.
     pub fn cloud_address(&self) -> Result<Option<String>, RegistryError> {
+        if let Some(c) = self.cluster.get() {
+            return Ok(c.cloud_address()?);
+        }
         Ok(self
             .conn()
             .query_row("SELECT cloud_address FROM server WHERE id = 1", [], |r| {
@@ -815,6 +871,9 @@ impl Registry {
         &self,
         range: KubeletPortRange,
     ) -> Result<KubeletPorts, RegistryError> {
+        if let Some(c) = self.cluster.get() {
+            return c.assign_kubelet_ports(self, range);
+        }
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         tx.execute(
@@ -891,11 +950,138 @@ impl Registry {
     }
 }
 
+/// The cache of `--state=cluster`: the cluster's records written into the database.
+impl Registry {
+    /// Stores a token record as the cluster holds it.
+    pub(crate) fn cache_token(&self, t: &cluster::TokenDoc) -> Result<(), RegistryError> {
+        self.conn().execute(
+            "INSERT INTO tokens (id, secret_hash, created_ms, expires_ms, uses_left, node, revoked_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+             ON CONFLICT(id) DO UPDATE SET secret_hash = excluded.secret_hash,
+                created_ms = excluded.created_ms, expires_ms = excluded.expires_ms,
+                uses_left = excluded.uses_left, node = excluded.node, revoked_ms = excluded.revoked_ms",
+            params![t.id, t.secret_hash, t.created_ms, t.expires_ms, t.uses_left, t.node, t.revoked_ms],
+        )?;
+        Ok(())
+    }
+
+    /// Stores a node record and its certificates as the cluster holds them; this process's
+    /// connection marks are kept.
+    pub(crate) fn cache_node(&self, n: &cluster::NodeDoc) -> Result<(), RegistryError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        if let Some(port) = n.kubelet_port {
+            // The port moved to this node; the record that gave it up may not have arrived.
+            tx.execute(
+                "UPDATE nodes SET kubelet_port = NULL WHERE kubelet_port = ?1 AND name != ?2",
+                params![port, n.name],
+            )?;
+        }
+        let labels = serde_json::to_string(&n.labels).unwrap_or_else(|_| "{}".into());
+        tx.execute(
+            "INSERT INTO nodes (name, labels, joined_ms, revoked_ms, kubelet_port) VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT(name) DO UPDATE SET labels = excluded.labels, joined_ms = excluded.joined_ms,
+                revoked_ms = excluded.revoked_ms, kubelet_port = excluded.kubelet_port",
+            params![n.name, labels, n.joined_ms, n.revoked_ms, n.kubelet_port],
+        )?;
+        for c in &n.certificates {
+            tx.execute(
+                "INSERT INTO certificates (serial, node, issued_ms, not_after_ms, revoked_ms) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT(serial) DO UPDATE SET node = excluded.node, issued_ms = excluded.issued_ms,
+                    not_after_ms = excluded.not_after_ms, revoked_ms = excluded.revoked_ms",
+                params![c.serial, n.name, c.issued_ms, c.not_after_ms, c.revoked_ms],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub(crate) fn cache_forget_token(&self, id: &str) -> Result<(), RegistryError> {
+        self.conn()
+            .execute("DELETE FROM tokens WHERE id = ?1", [id])?;
+        Ok(())
+    }
+
+    pub(crate) fn cache_forget_node(&self, name: &str) -> Result<(), RegistryError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute("DELETE FROM certificates WHERE node = ?1", [name])?;
+        tx.execute("DELETE FROM nodes WHERE name = ?1", [name])?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Drops every cached token and node the cluster no longer has.
+    pub(crate) fn cache_retain(
+        &self,
+        tokens: &HashSet<String>,
+        nodes: &HashSet<String>,
+    ) -> Result<(), RegistryError> {
+        let (cached_tokens, cached_nodes): (Vec<String>, Vec<String>) = {
+            let conn = self.conn();
+            let t = conn
+                .prepare("SELECT id FROM tokens")?
+                .query_map([], |r| r.get(0))?
+                .collect::<Result<_, _>>()?;
+            let n = conn
+                .prepare("SELECT name FROM nodes")?
+                .query_map([], |r| r.get(0))?
+                .collect::<Result<_, _>>()?;
+            (t, n)
+        };
+        for id in cached_tokens.iter().filter(|t| !tokens.contains(*t)) {
+            self.cache_forget_token(id)?;
+        }
+        for name in cached_nodes.iter().filter(|n| !nodes.contains(*n)) {
+            self.cache_forget_node(name)?;
+        }
+        Ok(())
+    }
+
+    /// Kubelet ports held by nodes other than `node`.
+    pub(crate) fn cached_kubelet_ports(&self, node: &str) -> Result<HashSet<u16>, RegistryError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT kubelet_port FROM nodes WHERE kubelet_port IS NOT NULL AND name != ?1",
+        )?;
+        let ports = stmt
+            .query_map([node], |r| r.get(0))?
+            .collect::<Result<HashSet<u16>, _>>()?;
+        Ok(ports)
+    }
+
+    /// Every non-revoked node and its port, if any.
+    pub(crate) fn cached_live_node_ports(
+        &self,
+    ) -> Result<Vec<(String, Option<u16>)>, RegistryError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT name, kubelet_port FROM nodes WHERE revoked_ms IS NULL ORDER BY name",
+        )?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// The assignment the cache holds, written nowhere.
+    pub(crate) fn cached_assignment(&self) -> Result<KubeletPorts, RegistryError> {
+        let mut ports = KubeletPorts::default();
+        for (name, port) in self.cached_live_node_ports()? {
+            match port {
+                Some(p) => ports.assigned.push((name, p)),
+                None => ports.unassigned.push(name),
+            }
+        }
+        Ok(ports)
+    }
+}
+
 /// `admit_join` failed for a reason other than a refusal.
 #[derive(Debug, thiserror::Error)]
 pub enum AdmitError<E> {
     #[error("registry database query failed")]
     Registry(#[source] rusqlite::Error),
+    #[error("the registry in the cluster failed")]
+    Cluster(#[source] cluster::ClusterError),
     #[error("signing the node certificate failed")]
     Sign(#[source] E),
 }
