@@ -4,9 +4,9 @@
 //! loopback traffic to one test port), from which a killed replica is removed as kube-proxy
 //! removes a dead endpoint.
 //!
-//! Until the shared state lives in the cluster (`--state=cluster`), the replicas share the pki
-//! and registry by copy: replica 1 starts alone, the edges join through it, then its `pki/` and
-//! `cloudcore.db` are copied into the others' data dirs ([`Replicas::start`]).
+//! The replicas share the CA and registry in the cluster (`--state=cluster`, [`Sharing::Cluster`])
+//! or by copy ([`Sharing::Copy`]: replica 1 starts alone, the edges join through it, then its
+//! `pki/` and `cloudcore.db` are copied into the others' data dirs).
 //!
 //! Needs root and nftables; without them [`LoadBalancer::new`] fails saying so.
 
@@ -184,16 +184,27 @@ fn copy_state(from: &Path, to: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How the replicas come to share the CA and the registry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sharing {
+    /// `--state=cluster`: Secrets in `edge-system`; tokens made through replica 1's CLI, joins
+    /// through the load balancer (any replica).
+    Cluster,
+    /// Local state copied from replica 1 to the others after the joins.
+    Copy,
+}
+
 impl Replicas {
-    /// Starts replica 1 (`binary`) in `dir/replica-1`, joins `nodes` through the load
-    /// balancer's address into `dir/NODE`, copies its CA and registry to replicas 2 and 3,
-    /// and runs all three behind the load balancer.
+    /// Three replicas of `binary` in `dir/replica-N` behind the load balancer, with `nodes`
+    /// joined through its address into `dir/NODE` (not started), sharing their state as
+    /// `sharing` says.
     pub fn start(
         binary: &Path,
         dir: &Path,
         cluster: &KubeCluster,
         credentials: &Path,
         nodes: &[String],
+        sharing: Sharing,
     ) -> anyhow::Result<Replicas> {
         let lb = LoadBalancer::new()?;
         let first = crate::free_tcp_port().min(60000);
@@ -201,7 +212,12 @@ impl Replicas {
         let start = |i: u8| -> anyhow::Result<Replica> {
             let id = format!("replica-{i}");
             let ip = Ipv4Addr::new(127, 0, 0, i);
-            let flags = replica_flags(&id, ip, &ports);
+            let mut flags = replica_flags(&id, ip, &ports);
+            if sharing == Sharing::Cluster {
+                flags.extend(
+                    ["--state=cluster", "--state-namespace", LEASE_NAMESPACE].map(String::from),
+                );
+            }
             let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
             let cloud = Cloud::start_kube_binary(
                 binary,
@@ -218,6 +234,54 @@ impl Replicas {
                 alive: true,
             })
         };
+        if sharing == Sharing::Cluster {
+            let replicas = vec![start(1)?, start(2)?, start(3)?];
+            let all = Replicas {
+                replicas,
+                lb,
+                edges: Vec::new(),
+            };
+            all.route_live()?;
+            let credentials = credentials.to_str().context("UTF-8 path")?;
+            let mut edges = Vec::new();
+            for name in nodes {
+                let out = all.replicas[0].cloud.cli(&[
+                    "token",
+                    "create",
+                    "-o",
+                    "json",
+                    "--cloud",
+                    &all.lb.address(),
+                    "--state",
+                    "cluster",
+                    "--state-namespace",
+                    LEASE_NAMESPACE,
+                    "--kubeconfig",
+                    credentials,
+                ]);
+                ensure!(
+                    out.status.success(),
+                    "token create: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                let token: Value = serde_json::from_slice(&out.stdout)?;
+                let edge_dir = dir.join(name);
+                let out = join_with(
+                    &edge_dir,
+                    &all.lb.address(),
+                    token["token"].as_str().unwrap_or_default(),
+                    token["ca_hash"].as_str().unwrap_or_default(),
+                    name,
+                );
+                ensure!(
+                    out.status.success(),
+                    "join {name}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                edges.push((name.clone(), edge_dir));
+            }
+            return Ok(Replicas { edges, ..all });
+        }
         let mut first_replica = start(1)?;
         lb.route(&[first_replica.cloud.port])?;
         let mut edges = Vec::new();

@@ -1,8 +1,9 @@
 //! Three `cloudcore serve --control-plane=kube` replicas against one real control plane
 //! (v1.36.2 from `../shared/k8s`, [`KubeCluster`]), with real edgecore processes reaching them
 //! through one address: the nftables load balancer of [`integration::ha`], from which a killed
-//! replica is removed as kube-proxy removes a dead endpoint. Until the shared state lives in
-//! the cluster (`--state=cluster`), the replicas share the pki and registry by copy.
+//! replica is removed as kube-proxy removes a dead endpoint. The replicas share their state in
+//! the cluster (`--state=cluster`); tokens are made through replica 1, edges join through the
+//! one address (any replica).
 //!
 //! One `#[test]` runs the scenarios on one control plane: sessions spread and recorded on the
 //! Nodes, one leader; `containerLogs` and `/run` (exec) for a pod whose session is on replica B
@@ -156,6 +157,7 @@ fn start_site() -> Site {
         &cluster,
         &credentials,
         &names,
+        integration::ha::Sharing::Cluster,
     )
     .unwrap_or_else(|e| panic!("{e:#}"));
     let mut edges = Vec::new();

@@ -25,7 +25,7 @@ use clap::Parser;
 use integration::Edge;
 use integration::bench::{self, Machine, Report, ms, percentile};
 use integration::cluster::{ClusterOptions, Components, KubeCluster};
-use integration::ha::{Replicas, lease_holder, owners};
+use integration::ha::{Replicas, Sharing, lease_holder, owners};
 use serde_json::{Value, json};
 
 #[derive(Parser, Debug)]
@@ -50,9 +50,18 @@ struct Cli {
     /// edgecore binary (default: next to this one).
     #[arg(long)]
     edgecore: Option<PathBuf>,
+    /// How the replicas share the CA and registry: cluster (`--state=cluster`) or copy.
+    #[arg(long, default_value = "cluster")]
+    sharing: SharingArg,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum SharingArg {
+    Cluster,
+    Copy,
 }
 
 struct Figures {
@@ -138,7 +147,18 @@ fn run(cli: Cli) -> Result<Figures> {
     );
     let credentials = cluster.cloudcore_credentials(|rbac| rbac);
     let names: Vec<String> = (0..cli.edges).map(|i| format!("ha-bench-{i}")).collect();
-    let mut ha = Replicas::start(&cloudcore, tmp.path(), &cluster, &credentials, &names)?;
+    let sharing = match cli.sharing {
+        SharingArg::Cluster => Sharing::Cluster,
+        SharingArg::Copy => Sharing::Copy,
+    };
+    let mut ha = Replicas::start(
+        &cloudcore,
+        tmp.path(),
+        &cluster,
+        &credentials,
+        &names,
+        sharing,
+    )?;
     let mut edges: BTreeMap<String, Edge> = BTreeMap::new();
     for (name, dir) in &ha.edges {
         edges.insert(name.clone(), bench::start_edge(&edgecore, dir, &[])?);
