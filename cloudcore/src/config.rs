@@ -67,6 +67,9 @@ pub struct ServeConfig {
     pub max_streams_per_edge: usize,
     /// Kube mode's kubelet endpoint (`--kubelet-*`).
     pub kubelet: crate::kubelet::KubeletSettings,
+    /// Kube mode: this replica among others (`--replica-id`, `--leader-elect*`); `None` in
+    /// embedded mode, which is one process.
+    pub ha: Option<crate::ha::HaSettings>,
     /// `--state`: where the shared state lives.
     pub shared_state: SharedState,
 }
@@ -99,6 +102,7 @@ impl ServeConfig {
             allow: crate::state::Allow::default(),
             max_streams_per_edge: crate::streams::DEFAULT_MAX_STREAMS_PER_EDGE,
             kubelet: crate::kubelet::KubeletSettings::default(),
+            ha: None,
             shared_state: SharedState::Local,
         }
     }

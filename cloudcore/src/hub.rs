@@ -222,6 +222,26 @@ impl Shared {
         self.sessions().keys().cloned().collect()
     }
 
+    /// Every live session: node name and session id.
+    pub fn connected_sessions(&self) -> Vec<(String, u64)> {
+        self.sessions()
+            .iter()
+            .map(|(node, s)| (node.clone(), s.id))
+            .collect()
+    }
+
+    /// Closes `node`'s session if it is still session `id`; whether it was.
+    pub fn close_session(&self, node: &str, id: u64, reason: &[u8]) -> bool {
+        match self.sessions().get(node) {
+            Some(s) if s.id == id => {
+                s.connection
+                    .close(VarInt::from_u32(proto::close_code::NORMAL), reason);
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Closes every session (on shutdown).
     pub fn close_all(&self, reason: &str) {
         for session in self.sessions().values() {

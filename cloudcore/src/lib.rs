@@ -9,6 +9,7 @@ pub mod config;
 pub mod device_crds;
 pub mod downstream;
 pub mod events;
+pub mod ha;
 pub mod hub;
 pub mod join;
 pub mod kubelet;
@@ -324,6 +325,39 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> Result<(),
     } else {
         None
     };
+    // Once-only work runs on the replica holding the leader-election Lease (kube mode with
+    // several replicas); embedded mode and a lone replica always lead.
+    let leadership = match shared
+        .config
+        .ha
+        .as_ref()
+        .map(|ha| (ha.replica_id.clone(), ha.election.clone()))
+    {
+        Some((
+            me,
+            ha::Election::Lease {
+                name,
+                namespace,
+                timing,
+            },
+        )) => {
+            let leadership = ha::lease::Leadership::new(shared.metrics.ha.clone());
+            tracker.spawn(ha::lease::run(
+                client.clone(),
+                name,
+                namespace,
+                me,
+                timing,
+                leadership.clone(),
+                shutdown.clone(),
+            ));
+            leadership
+        }
+        Some((me, ha::Election::Disabled)) => {
+            ha::lease::Leadership::always(&me, shared.metrics.ha.clone())
+        }
+        None => ha::lease::Leadership::always("cloudcore", shared.metrics.ha.clone()),
+    };
     let health = health_checks(
         &shared,
         embedded_store.clone(),
@@ -331,6 +365,18 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> Result<(),
         accepting.clone(),
         shutdown.clone(),
     );
+    // Which replica leads, in the verbose readiness answer (kube mode with several replicas).
+    let health = match &shared.config.ha {
+        Some(ha) => {
+            let (me, leadership) = (ha.replica_id.clone(), leadership.clone());
+            health.with_note("leader-election", move || match leadership.holder() {
+                Some(holder) if leadership.is_leader() => format!("this replica ({holder}) leads"),
+                Some(holder) => format!("{holder} leads; this replica is {me}"),
+                None => format!("no replica holds the lease; this replica is {me}"),
+            })
+        }
+        None => health,
+    };
     let metrics_shutdown = shutdown.clone();
     tracker.spawn(async move {
         let render: daemon::http::Render = Arc::new(move || metrics.render());
@@ -353,16 +399,45 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> Result<(),
     }
     // Both modes: edge pods tolerate their node's absence for their autonomy duration; in
     // embedded mode, with no kube-controller-manager, cloudcore also evicts when that runs out.
-    tracker.spawn(autonomy::run(
-        client.clone(),
-        if lifecycle {
-            autonomy::TaintEviction::Enabled
-        } else {
-            autonomy::TaintEviction::Disabled
-        },
-        shared.metrics.autonomy.clone(),
-        shutdown.clone(),
-    ));
+    // Once-only: two replicas would write the same tolerations.
+    {
+        let client = client.clone();
+        let metrics = shared.metrics.autonomy.clone();
+        tracker.spawn(ha::lease::while_leading(
+            leadership.clone(),
+            "autonomy",
+            shutdown.clone(),
+            move |stop| {
+                autonomy::run(
+                    client.clone(),
+                    if lifecycle {
+                        autonomy::TaintEviction::Enabled
+                    } else {
+                        autonomy::TaintEviction::Disabled
+                    },
+                    metrics.clone(),
+                    stop,
+                )
+            },
+        ));
+    }
+    // Kube mode with several replicas: each edge's session is recorded on its Node; the
+    // kubelet endpoint forwards requests for nodes whose session is on another replica.
+    let owners = match (&shared.config.ha, &kubelet) {
+        (Some(ha), Some((endpoints, _))) => {
+            let owners = ha::sessions::Owners::new(ha.replica_id.clone());
+            tracker.spawn(ha::sessions::run(
+                client.clone(),
+                shared.clone(),
+                endpoints.clone(),
+                owners.clone(),
+                shared.metrics.ha.clone(),
+                shutdown.clone(),
+            ));
+            Some(owners)
+        }
+        _ => None,
+    };
     if let Some((endpoints, auth)) = &kubelet {
         tracker.spawn(kubelet::auth::watch_client_ca(
             client.clone(),
@@ -374,6 +449,7 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> Result<(),
             endpoints.clone(),
             shared.clone(),
             auth.clone(),
+            owners.clone(),
             shutdown.clone(),
         ));
     }

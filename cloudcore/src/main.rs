@@ -201,6 +201,17 @@ struct ServeArgs {
     /// Receive buffer for the tunnel's UDP socket in bytes (capped by net.core.rmem_max).
     #[arg(long, default_value_t = 4 * 1024 * 1024)]
     udp_receive_buffer: usize,
+    /// Kube mode: this replica's name among several (the Lease holder and the session owner
+    /// on Nodes); default POD_NAME, else the hostname. Refused in embedded mode.
+    #[arg(long)]
+    replica_id: Option<String>,
+    /// Kube mode: run the once-only work (autonomy tolerations) only while holding the
+    /// leader-election Lease (default true); false for a lone replica. Refused in embedded mode.
+    #[arg(long, value_name = "true|false")]
+    leader_elect: Option<bool>,
+    /// Kube mode: the leader-election Lease's name, in POD_NAMESPACE (else edge-system).
+    #[arg(long, value_name = "NAME")]
+    leader_elect_lease: Option<String>,
     /// Start although the API store is not the one this cloud served (api.db lost, replaced
     /// or an older copy; a new cluster): edges keep their pods and stay fenced until
     /// `cloudcore store adopt`.
@@ -401,10 +412,54 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::from(EXIT_USAGE));
             }
         }
+        let replica_id = args
+            .replica_id
+            .clone()
+            .or_else(|| std::env::var("POD_NAME").ok().filter(|n| !n.is_empty()))
+            .or_else(cloudcore::hostname)
+            .unwrap_or_else(|| "cloudcore".into());
+        if let Err(e) = validate_node_name(&replica_id) {
+            eprintln!("error: --replica-id {replica_id:?}: {e}");
+            return Ok(ExitCode::from(EXIT_USAGE));
+        }
+        // The state namespace (--state-namespace, below, may replace it).
+        let namespace = cloudcore::registry::cluster::default_namespace();
+        let mut ha = cloudcore::ha::HaSettings::new(replica_id, namespace);
+        if let cloudcore::ha::Election::Lease { name, .. } = &mut ha.election
+            && let Some(lease) = &args.leader_elect_lease
+        {
+            if let Err(e) = validate_node_name(lease) {
+                eprintln!("error: --leader-elect-lease {lease:?}: {e}");
+                return Ok(ExitCode::from(EXIT_USAGE));
+            }
+            *name = lease.clone();
+        }
+        if args.leader_elect == Some(false) {
+            if args.leader_elect_lease.is_some() {
+                eprintln!(
+                    "error: --leader-elect-lease names the Lease of an election that --leader-elect=false turns off"
+                );
+                return Ok(ExitCode::from(EXIT_USAGE));
+            }
+            ha.election = cloudcore::ha::Election::Disabled;
+        }
+        config.ha = Some(ha);
         cloudcore::config::ControlPlane::Kube {
             kubeconfig: args.kubeconfig,
         }
     } else {
+        for (given, flag) in [
+            (args.replica_id.is_some(), "--replica-id"),
+            (args.leader_elect.is_some(), "--leader-elect"),
+            (args.leader_elect_lease.is_some(), "--leader-elect-lease"),
+        ] {
+            if given {
+                eprintln!(
+                    "error: {flag} applies to kube mode only; embedded mode is one cloudcore process (docs/scale.md)"
+                );
+                return Ok(ExitCode::from(EXIT_USAGE));
+            }
+        }
         let mut services = ServiceRanges::default();
         if let Some(range) = args.service_cluster_ip_range {
             services.cluster_ip = range;
@@ -433,6 +488,14 @@ fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             if let Err(e) = validate_namespace(&namespace) {
                 eprintln!("error: --state-namespace: {e}");
                 return Ok(ExitCode::from(EXIT_USAGE));
+            }
+            // The leader-election Lease lives with the shared state.
+            if let Some(cloudcore::ha::HaSettings {
+                election: cloudcore::ha::Election::Lease { namespace: ns, .. },
+                ..
+            }) = &mut config.ha
+            {
+                *ns = namespace.clone();
             }
             cloudcore::config::SharedState::Cluster { namespace }
         }

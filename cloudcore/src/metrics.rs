@@ -208,6 +208,8 @@ pub struct Metrics {
     pub streams: StreamMetrics,
     /// Edges' events and the Event recorder (`crate::events`).
     pub events: crate::events::EventMetrics,
+    /// Several replicas (kube mode): leadership, moved sessions, forwarded streams.
+    pub ha: Arc<crate::ha::HaMetrics>,
 }
 
 impl Default for Metrics {
@@ -230,6 +232,7 @@ impl Default for Metrics {
             tokens: TokenMetrics::default(),
             streams: StreamMetrics::default(),
             events: crate::events::EventMetrics::default(),
+            ha: Arc::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -283,6 +286,7 @@ impl Default for Metrics {
         m.tokens.register(&mut registry);
         m.streams.register(&mut registry);
         m.events.register(&mut registry);
+        m.ha.register(&mut registry);
         registry.register(
             "cloudcore_status_writes",
             "Status reports from edges written to the API",

@@ -9,6 +9,7 @@ pub mod bench;
 pub mod cluster;
 pub mod devices;
 pub mod gateway;
+pub mod ha;
 pub mod netns;
 pub mod peer;
 
@@ -372,6 +373,11 @@ impl Cloud {
         self.stop();
         self.extra = extra.iter().map(|s| s.to_string()).collect();
         self.spawn()
+    }
+
+    /// The extra `serve` flags it runs with.
+    pub fn extra_flags(&self) -> &[String] {
+        &self.extra
     }
 
     /// Whether the serve process is still running.

@@ -211,6 +211,7 @@ pub async fn run(
     endpoints: Arc<Endpoints>,
     shared: Arc<crate::hub::Shared>,
     auth: Arc<auth::Auth>,
+    owners: Option<Arc<crate::ha::sessions::Owners>>,
     shutdown: CancellationToken,
 ) {
     let tracker = TaskTracker::new();
@@ -303,6 +304,7 @@ pub async fn run(
                 node: name.clone(),
                 shared: shared.clone(),
                 auth: auth.clone(),
+                owners: owners.clone(),
             });
             let ca = shared.ca.clone();
             let sans = vec![endpoints.advertise().to_string(), name.clone()];

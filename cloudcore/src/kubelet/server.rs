@@ -4,6 +4,7 @@
 //! HTTP/1.1 with upgrades, authentication and authorization ([`super::auth`]), then the
 //! kubelet's paths, each reaching the node's edge through [`crate::streams::Streams`].
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -40,6 +41,54 @@ pub struct NodeServer {
     pub node: String,
     pub shared: Arc<crate::hub::Shared>,
     pub auth: Arc<Auth>,
+    /// Several replicas: where each node's session is, to forward connections for a node
+    /// whose session is on another replica.
+    pub owners: Option<Arc<crate::ha::sessions::Owners>>,
+}
+
+impl NodeServer {
+    /// Another replica's kubelet endpoint for this node, when that replica holds the node's
+    /// session and this one does not.
+    fn forward_target(&self) -> Option<SocketAddr> {
+        if self.shared.presence.is_connected(&self.node) {
+            return None;
+        }
+        self.owners.as_ref()?.forward_to(&self.node)
+    }
+}
+
+/// Connects to another replica's kubelet endpoint for the node, to forward a connection to.
+async fn connect_owner(node: &NodeServer, to: SocketAddr) -> Option<tokio::net::TcpStream> {
+    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, tokio::net::TcpStream::connect(to)).await {
+        Ok(Ok(s)) => {
+            let _ = s.set_nodelay(true);
+            Some(s)
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(node.name = %node.node, to = %to, error = %e, "cannot reach the replica named as holding the node's session; answering here");
+            None
+        }
+        Err(_) => {
+            tracing::warn!(node.name = %node.node, to = %to, "no answer from the replica named as holding the node's session; answering here");
+            None
+        }
+    }
+}
+
+/// Carries a connection for a node whose session is on another replica to that replica's
+/// kubelet endpoint for the node, bytes both ways: TLS, authentication and authorization are
+/// that replica's, as if the apiserver had dialled it (its serving certificate comes from the
+/// same cluster CA).
+async fn forward(
+    mut tcp: tokio::net::TcpStream,
+    peer: SocketAddr,
+    node: &NodeServer,
+    to: SocketAddr,
+    mut upstream: tokio::net::TcpStream,
+) {
+    node.shared.metrics.ha.streams_forwarded.inc();
+    tracing::debug!(node.name = %node.node, peer.addr = %peer, to = %to, "kubelet connection forwarded to the replica holding the session");
+    let _ = tokio::io::copy_bidirectional(&mut tcp, &mut upstream).await;
 }
 
 /// Building a listener's TLS failed.
@@ -157,6 +206,17 @@ pub async fn serve(
         let node = node.clone();
         let shutdown = shutdown.clone();
         tracker.spawn(async move {
+            // A dead holder (its edges not yet elsewhere) is answered here: the node is
+            // then disconnected, and the caller is told so and since when.
+            if let Some(to) = node.forward_target()
+                && let Some(upstream) = connect_owner(&node, to).await
+            {
+                tokio::select! {
+                    _ = forward(tcp, peer, &node, to, upstream) => {}
+                    _ = shutdown.cancelled() => {}
+                }
+                return;
+            }
             let stream =
                 match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(s)) => s,

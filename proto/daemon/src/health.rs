@@ -58,7 +58,9 @@ impl Endpoint {
 
 /// What a check returns: `Err` carries the reason shown after `failed:`.
 pub type CheckResult = Result<(), String>;
-type CheckFuture = Pin<Box<dyn Future<Output = CheckResult> + Send>>;
+/// A passing check may carry a note, shown after `ok:` in the verbose form.
+type Noted = Result<Option<String>, String>;
+type CheckFuture = Pin<Box<dyn Future<Output = Noted> + Send>>;
 type CheckFn = Arc<dyn Fn() -> CheckFuture + Send + Sync>;
 
 struct Check {
@@ -97,12 +99,34 @@ impl Health {
     }
 
     /// Adds a check; `run` is called at every request to an endpoint that includes it.
-    pub fn with<F, Fut>(mut self, name: &'static str, probe: Probe, run: F) -> Health
+    pub fn with<F, Fut>(self, name: &'static str, probe: Probe, run: F) -> Health
     where
         F: Fn() -> Fut + Send + Sync + 'static,
         Fut: Future<Output = CheckResult> + Send + 'static,
     {
-        let run: CheckFn = Arc::new(move || Box::pin(run()));
+        let run = Arc::new(run);
+        let run: CheckFn = Arc::new(move || {
+            let run = run.clone();
+            Box::pin(async move { run().await.map(|()| None) })
+        });
+        self.push(name, probe, run)
+    }
+
+    /// Adds a readiness check that always passes and says `note()` (e.g. which replica
+    /// leads): `[+]name ok: NOTE` in the verbose form.
+    pub fn with_note<F>(self, name: &'static str, note: F) -> Health
+    where
+        F: Fn() -> String + Send + Sync + 'static,
+    {
+        let note = Arc::new(note);
+        let run: CheckFn = Arc::new(move || {
+            let text = note();
+            Box::pin(async move { Ok(Some(text)) })
+        });
+        self.push(name, Probe::Readiness, run)
+    }
+
+    fn push(mut self, name: &'static str, probe: Probe, run: CheckFn) -> Health {
         // Built once at start, before any clone is shared.
         let mut checks = Arc::try_unwrap(self.checks).unwrap_or_else(|shared| {
             shared
@@ -132,7 +156,11 @@ impl Health {
                 Err(_) => Err(format!("timed out after {}s", CHECK_TIMEOUT.as_secs())),
             };
             match result {
-                Ok(()) => lines.push_str(&format!("[+]{} ok\n", check.name)),
+                Ok(None) => lines.push_str(&format!("[+]{} ok\n", check.name)),
+                Ok(Some(note)) => {
+                    let note = note.replace(['\n', '\r'], " ");
+                    lines.push_str(&format!("[+]{} ok: {note}\n", check.name));
+                }
                 Err(reason) => {
                     // One line per check, whatever the reason holds.
                     let reason = reason.replace(['\n', '\r'], " ");
@@ -207,6 +235,17 @@ mod tests {
         assert_eq!(
             answer.body,
             "[+]ping ok\n[+]store ok\nreadyz check passed\n"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_note_is_shown_after_ok_in_the_verbose_form() {
+        let health = Health::new().with_note("leader-election", || "replica-2 leads".into());
+        let answer = health.answer(Endpoint::Readyz, true).await;
+        assert_eq!(answer.status, 200);
+        assert_eq!(
+            answer.body,
+            "[+]ping ok\n[+]leader-election ok: replica-2 leads\nreadyz check passed\n"
         );
     }
 
