@@ -11,6 +11,7 @@ pub mod devices;
 pub mod gateway;
 pub mod netns;
 pub mod peer;
+pub mod sim;
 
 use std::fs::File;
 use std::io::{Read, Write};
