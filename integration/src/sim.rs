@@ -14,8 +14,8 @@
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use edgecore::backoff::Backoff;
@@ -564,6 +564,188 @@ impl SimEdge {
     }
 }
 
+/// Creates the desired set of `nodes` in `namespace` through the API: per node
+/// `pods_per_edge` pods bound with `spec.nodeName`, each with its own ConfigMap and Secret
+/// mounted. Objects that exist already are kept (reruns on the same data dir).
+pub async fn create_desired_set(
+    client: &kube::Client,
+    namespace: &str,
+    nodes: &[String],
+    pods_per_edge: usize,
+    concurrency: usize,
+) -> anyhow::Result<()> {
+    use futures::StreamExt;
+    use kube::api::{Api, DynamicObject, PostParams};
+    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+    let ns = serde_json::from_value(json!({"metadata": {"name": namespace}}))?;
+    match namespaces.create(&PostParams::default(), &ns).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(e)) if e.code == 409 => {}
+        Err(e) => return Err(e.into()),
+    }
+    let mut objects = Vec::with_capacity(nodes.len() * pods_per_edge * 3);
+    for node in nodes {
+        for i in 0..pods_per_edge {
+            let name = format!("{node}-{i}");
+            objects.push((
+                "v1",
+                "ConfigMap",
+                json!({
+                    "apiVersion": "v1", "kind": "ConfigMap",
+                    "metadata": {"name": name, "namespace": namespace},
+                    "data": {"settings.conf": format!("node={node}\npod={i}\nmode=normal\n")},
+                }),
+            ));
+            objects.push((
+                "v1",
+                "Secret",
+                json!({
+                    "apiVersion": "v1", "kind": "Secret",
+                    "metadata": {"name": name, "namespace": namespace},
+                    "stringData": {"password": format!("secret-of-{name}")},
+                }),
+            ));
+            objects.push((
+                "v1",
+                "Pod",
+                json!({
+                    "apiVersion": "v1", "kind": "Pod",
+                    "metadata": {"name": name, "namespace": namespace, "labels": {"app": "sim"}},
+                    "spec": {
+                        "nodeName": node,
+                        "automountServiceAccountToken": false,
+                        "tolerations": [{"operator": "Exists"}],
+                        "containers": [{
+                            "name": "app", "image": "registry.local/app:1",
+                            "volumeMounts": [
+                                {"name": "settings", "mountPath": "/etc/app"},
+                                {"name": "password", "mountPath": "/run/secrets/app"},
+                            ],
+                        }],
+                        "volumes": [
+                            {"name": "settings", "configMap": {"name": name}},
+                            {"name": "password", "secret": {"secretName": name}},
+                        ],
+                    },
+                }),
+            ));
+        }
+    }
+    let results: Vec<anyhow::Result<()>> = futures::stream::iter(objects)
+        .map(|(version, kind, body)| async move {
+            let resource = kube::discovery::ApiResource::from_gvk(
+                &kube::core::GroupVersionKind::gvk("", version, kind),
+            );
+            let api: Api<DynamicObject> =
+                Api::namespaced_with(client.clone(), namespace, &resource);
+            let object: DynamicObject = serde_json::from_value(body)?;
+            let mut attempt = 0;
+            loop {
+                attempt += 1;
+                match api.create(&PostParams::default(), &object).await {
+                    Ok(_) => return Ok(()),
+                    Err(kube::Error::Api(e)) if e.code == 409 => return Ok(()),
+                    // A fresh cluster refuses pods until the namespace's ServiceAccount exists.
+                    Err(e) if attempt < 30 => {
+                        tracing::debug!(error = %e, "create failed; retrying");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                    Err(e) => {
+                        return Err(anyhow::anyhow!(
+                            "cannot create {kind} {namespace}/{}: {e}",
+                            object.metadata.name.clone().unwrap_or_default()
+                        ));
+                    }
+                }
+            }
+        })
+        .buffer_unordered(concurrency.max(1))
+        .collect()
+        .await;
+    results.into_iter().collect()
+}
+
+/// The uid of every pod in `namespace`, by name.
+pub async fn pod_uids(
+    client: &kube::Client,
+    namespace: &str,
+) -> anyhow::Result<std::collections::BTreeMap<String, String>> {
+    use kube::api::{Api, ListParams};
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), namespace);
+    let list = pods.list(&ListParams::default()).await?;
+    Ok(list
+        .into_iter()
+        .filter_map(|p| Some((p.metadata.name?, p.metadata.uid?)))
+        .collect())
+}
+
+/// Watches the edge Nodes' Ready condition and records every node whose Ready left `True`
+/// (to `False` or `Unknown`) while watched: a false NotReady when the edge was only waiting
+/// for cloudcore.
+pub struct ReadyWatch {
+    state: Arc<std::sync::Mutex<ReadyState>>,
+    _task: tokio_util::task::AbortOnDropHandle<()>,
+}
+
+#[derive(Debug, Default)]
+struct ReadyState {
+    ready: HashMap<String, bool>,
+    /// Nodes seen going from Ready=True to anything else, with what they went to.
+    left_ready: Vec<(String, String)>,
+}
+
+impl ReadyWatch {
+    pub fn start(client: &kube::Client) -> ReadyWatch {
+        use futures::StreamExt;
+        use kube::runtime::{WatchStreamExt, watcher};
+        let nodes: kube::Api<k8s_openapi::api::core::v1::Node> = kube::Api::all(client.clone());
+        let state = Arc::new(std::sync::Mutex::new(ReadyState::default()));
+        let recorder = state.clone();
+        let task = tokio::spawn(async move {
+            let config = watcher::Config::default().labels("node-role.kubernetes.io/edge");
+            let mut events = watcher(nodes, config)
+                .default_backoff()
+                .applied_objects()
+                .boxed();
+            while let Some(event) = events.next().await {
+                let Ok(node) = event else { continue };
+                let Some(name) = node.metadata.name.clone() else {
+                    continue;
+                };
+                let ready = node
+                    .status
+                    .and_then(|s| s.conditions)
+                    .into_iter()
+                    .flatten()
+                    .find(|c| c.type_ == "Ready")
+                    .map(|c| c.status)
+                    .unwrap_or_default();
+                let mut state = recorder.lock().unwrap_or_else(|p| p.into_inner());
+                let was = state.ready.insert(name.clone(), ready == "True");
+                if was == Some(true) && ready != "True" {
+                    state.left_ready.push((name, ready));
+                }
+            }
+        });
+        ReadyWatch {
+            state,
+            _task: tokio_util::task::AbortOnDropHandle::new(task),
+        }
+    }
+
+    /// Nodes whose Ready is `True` now.
+    pub fn ready(&self) -> usize {
+        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.ready.values().filter(|r| **r).count()
+    }
+
+    /// Every Ready=True → not True seen so far: (node, new status).
+    pub fn left_ready(&self) -> Vec<(String, String)> {
+        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.left_ready.clone()
+    }
+}
+
 fn now_text() -> String {
     time::OffsetDateTime::now_utc()
         .replace_nanosecond(0)
@@ -644,7 +826,10 @@ mod tests {
         let back = Snapshot::from_json(&a.to_json()).expect("parses");
         assert_eq!(back, a);
         let total = Snapshot::sum([&a, &a]);
-        assert_eq!((total.connected, total.held, total.pod_restarts), (6, 18, 2));
+        assert_eq!(
+            (total.connected, total.held, total.pod_restarts),
+            (6, 18, 2)
+        );
         assert_eq!(Snapshot::from_json(&json!({"connected": 1})), None);
     }
 
