@@ -727,6 +727,20 @@ fn unknown_conditions(live: &[Value], message: &str, now: &str) -> Vec<Value> {
         .collect()
 }
 
+/// Whether a node last seen at `last_seen` (lease renewal or heartbeat) is gone for longer
+/// than `grace` at `now`. The grace period counts from the controller's start at the earliest,
+/// as kube-controller-manager's does: after a cloudcore restart every edge is reconnecting,
+/// and a lease that aged while cloudcore was down is no sign the edge is gone.
+fn is_stale(
+    last_seen: Option<OffsetDateTime>,
+    started: OffsetDateTime,
+    now: OffsetDateTime,
+    grace: time::Duration,
+) -> bool {
+    let last_seen = last_seen.map_or(started, |t| t.max(started));
+    now - last_seen > grace
+}
+
 /// Marks edge nodes whose lease expired, and that have no session, Ready=Unknown and taints
 /// them unreachable (also those already Unknown whose taint is missing).
 async fn mark_lost(
@@ -736,6 +750,12 @@ async fn mark_lost(
     grace: Duration,
     started: OffsetDateTime,
 ) -> Result<(), kube::Error> {
+    let grace_span = time::Duration::try_from(grace).unwrap_or(time::Duration::MAX);
+    // No node can be stale before a grace period has passed since this controller started
+    // (below): skip the list and the lease reads while every edge is reconnecting.
+    if OffsetDateTime::now_utc() - started <= grace_span {
+        return Ok(());
+    }
     let edge_nodes = nodes
         .list(&ListParams::default().labels(EDGE_ROLE_LABEL))
         .await?;
@@ -762,13 +782,7 @@ async fn mark_lost(
                 .as_ref()
                 .and_then(|r| r["lastHeartbeatTime"].as_str().and_then(parse_time))
         });
-        // The grace period counts from this controller's start at the earliest, as
-        // kube-controller-manager's does: after a cloudcore restart every edge is reconnecting,
-        // and a lease that aged while cloudcore was down is no sign the edge is gone.
-        let last_seen = last_seen.map_or(started, |t| t.max(started));
-        let stale =
-            now - last_seen > time::Duration::try_from(grace).unwrap_or(time::Duration::MAX);
-        if !stale {
+        if !is_stale(last_seen, started, now, grace_span) {
             continue;
         }
         tracing::warn!(node.name = %name, "edge gone for longer than the grace period: conditions Unknown");
@@ -1089,6 +1103,21 @@ mod tests {
         );
         assert_eq!(conditions[1]["lastTransitionTime"], "t");
         assert_eq!(conditions[0]["lastTransitionTime"], "now");
+    }
+
+    #[test]
+    fn the_grace_period_counts_from_the_controllers_start_at_the_earliest() {
+        let t = |s: i64| OffsetDateTime::UNIX_EPOCH + time::Duration::seconds(s);
+        let grace = time::Duration::seconds(40);
+        // Renewed an hour before cloudcore restarted at 3600: not stale until 3640.
+        assert!(!is_stale(Some(t(0)), t(3600), t(3630), grace));
+        assert!(is_stale(Some(t(0)), t(3600), t(3641), grace));
+        // Renewed after the start: counted from the renewal.
+        assert!(!is_stale(Some(t(3620)), t(3600), t(3650), grace));
+        assert!(is_stale(Some(t(3620)), t(3600), t(3661), grace));
+        // Never seen: counted from the start.
+        assert!(!is_stale(None, t(3600), t(3639), grace));
+        assert!(is_stale(None, t(3600), t(3641), grace));
     }
 
     #[test]

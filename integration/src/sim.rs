@@ -493,6 +493,7 @@ impl SimEdge {
     fn upserted(&mut self, upsert: proto::ObjectUpsert) -> Option<(String, String)> {
         self.stats.upserts.fetch_add(1, Ordering::Relaxed);
         let o = upsert.object;
+        tracing::debug!(node = %self.identity.config.node_name, kind = %o.kind, namespace = %o.namespace, name = %o.name, rv = upsert.resource_version, "upsert");
         let key = (o.kind.clone(), o.namespace.clone(), o.name.clone());
         let before = self
             .state
