@@ -272,6 +272,14 @@ impl Workers {
         }
     }
 
+    /// The workers' RSS summed, in KiB.
+    fn rss_kib(&self) -> u64 {
+        self.children
+            .iter()
+            .filter_map(|(c, _)| bench::rss_kib(c.id()).ok())
+            .sum()
+    }
+
     fn check_running(&mut self) -> Result<()> {
         for (child, _) in &mut self.children {
             if let Some(status) = child.try_wait()? {
@@ -467,6 +475,7 @@ async fn measure(cli: &Cli, binary: &Path, cloud: &mut Cloud, dir: &Path) -> Res
     // Let the first Node writes and lease creations finish before measuring rest.
     tokio::time::sleep(Duration::from_secs(10)).await;
     let (cpu_idle, rss_idle_kib) = usage(pid, Duration::from_secs(cli.idle_secs)).await?;
+    let workers_rss_kib = workers.rss_kib();
 
     eprintln!(
         "churn: {} status changes per edge per minute",
@@ -540,6 +549,7 @@ async fn measure(cli: &Cli, binary: &Path, cloud: &mut Cloud, dir: &Path) -> Res
         initial_upserts: synced.upserts,
         cpu_idle,
         rss_idle_kib,
+        workers_rss_kib,
         cpu_churn,
         rss_churn_kib,
         statuses_per_sec: statuses as f64 / cli.churn_secs as f64,
@@ -575,6 +585,8 @@ struct Report {
     initial_upserts: u64,
     cpu_idle: f64,
     rss_idle_kib: u64,
+    /// The simulator's worker processes at rest.
+    workers_rss_kib: u64,
     cpu_churn: f64,
     rss_churn_kib: u64,
     statuses_per_sec: f64,
@@ -668,6 +680,14 @@ impl bench::Report for Report {
                 ),
             ),
             (
+                "simulator at rest",
+                format!(
+                    "RSS {:.1} MiB = {:.1} KiB per simulated edge",
+                    mib(self.workers_rss_kib),
+                    self.workers_rss_kib as f64 / self.edges as f64
+                ),
+            ),
+            (
                 "under churn",
                 format!(
                     "{} changes/edge/min = {:.0} statuses/s: RSS {:.1} MiB = {:.1} KiB per edge, CPU {:.0} %",
@@ -748,6 +768,7 @@ impl bench::Report for Report {
             "rss_idle_kib": self.rss_idle_kib,
             "kib_per_idle_edge": self.kib_per_edge(self.rss_idle_kib),
             "cpu_idle": self.cpu_idle,
+            "workers_rss_kib": self.workers_rss_kib,
             "churn_per_min": self.churn_per_min,
             "statuses_per_sec": self.statuses_per_sec,
             "rss_churn_kib": self.rss_churn_kib,
