@@ -841,11 +841,11 @@ pub async fn run(
                         return;
                     }
                     let kubelet = config.kubelet.as_ref().and_then(|k| k.of(&name));
-                    let written = match write_node(&nodes, &name, &edge, kubelet).await {
+                    let written = match write_node(nodes, &name, &edge, kubelet).await {
                         // Embedded mode: the taint goes with Ready=Unknown (kube mode: the
                         // cluster's node-lifecycle controller removes it).
                         Ok(()) if config.lifecycle => {
-                            set_reachability(&nodes, &name, None, Reachability::Reachable).await
+                            set_reachability(nodes, &name, None, Reachability::Reachable).await
                         }
                         other => other,
                     };
@@ -867,7 +867,7 @@ pub async fn run(
                         .renewed
                         .is_none_or(|t| t.elapsed() >= config.renew_interval)
                 {
-                    match renew_lease(&leases, &nodes, &name, config.lease_duration).await {
+                    match renew_lease(leases, nodes, &name, config.lease_duration).await {
                         Ok(()) => {
                             if let Some(e) = presence.edges().get_mut(&name) {
                                 e.renewed = Some(Instant::now());
@@ -882,9 +882,7 @@ pub async fn run(
             .await;
         if config.lifecycle && last_lifecycle.elapsed() >= Duration::from_secs(2) {
             last_lifecycle = Instant::now();
-            if let Err(e) =
-                mark_lost(&nodes, &leases, &presence, config.grace_period, started).await
-            {
+            if let Err(e) = mark_lost(nodes, leases, presence, config.grace_period, started).await {
                 tracing::warn!(error = %e, "node lifecycle check failed; will retry");
             }
         }
