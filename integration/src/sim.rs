@@ -702,6 +702,7 @@ impl ReadyWatch {
         let nodes: kube::Api<k8s_openapi::api::core::v1::Node> = kube::Api::all(client.clone());
         let state = Arc::new(std::sync::Mutex::new(ReadyState::default()));
         let recorder = state.clone();
+        let watching = Instant::now();
         let task = tokio::spawn(async move {
             let config = watcher::Config::default().labels("node-role.kubernetes.io/edge");
             let mut events = watcher(nodes, config)
@@ -724,7 +725,15 @@ impl ReadyWatch {
                 let mut state = recorder.lock().unwrap_or_else(|p| p.into_inner());
                 let was = state.ready.insert(name.clone(), ready == "True");
                 if was == Some(true) && ready != "True" {
-                    state.left_ready.push((name, ready));
+                    let ready = if ready.is_empty() {
+                        "no Ready condition".to_string()
+                    } else {
+                        ready
+                    };
+                    let at = watching.elapsed().as_secs_f64();
+                    state
+                        .left_ready
+                        .push((name, format!("{ready} {at:.1} s into the watch")));
                 }
             }
         });
@@ -740,7 +749,7 @@ impl ReadyWatch {
         state.ready.values().filter(|r| **r).count()
     }
 
-    /// Every Ready=True → not True seen so far: (node, new status).
+    /// Every Ready=True → not True seen so far: (node, what it became and when).
     pub fn left_ready(&self) -> Vec<(String, String)> {
         let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         state.left_ready.clone()

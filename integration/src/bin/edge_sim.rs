@@ -724,10 +724,21 @@ impl bench::Report for Report {
             (
                 "storm: false NotReady",
                 format!(
-                    "{} Nodes left Ready ({} of {} Ready at the end)",
+                    "{} Nodes left Ready ({} of {} Ready at the end){}",
                     self.left_ready.len(),
                     self.ready_at_end,
-                    self.edges
+                    self.edges,
+                    if self.left_ready.is_empty() {
+                        String::new()
+                    } else {
+                        let shown: Vec<String> = self
+                            .left_ready
+                            .iter()
+                            .take(5)
+                            .map(|(node, to)| format!("{node} → {to:?}"))
+                            .collect();
+                        format!(", e.g. {}", shown.join(", "))
+                    }
                 ),
             ),
             (
