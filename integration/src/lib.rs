@@ -12,6 +12,7 @@ pub mod gateway;
 pub mod ha;
 pub mod netns;
 pub mod peer;
+pub mod sim;
 
 use std::fs::File;
 use std::io::{Read, Write};
