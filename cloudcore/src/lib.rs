@@ -88,14 +88,18 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> Result<(),
     // sessions. Held until `run` returns (the kernel frees it if the process dies).
     let _lock = private_data_dir(&config.data_dir)?;
     let embedded_mode = matches!(config.control_plane, config::ControlPlane::Embedded { .. });
-    // `--state=cluster`: the CA and the registry live in the cluster; the data dir is a cache.
-    let cluster_state = match (&config.shared_state, &config.control_plane) {
-        (config::SharedState::Cluster { namespace }, config::ControlPlane::Kube { kubeconfig }) => {
-            let (client, _) = kube_client(kubeconfig.as_deref(), USER_AGENT).await?;
-            Some(Arc::new(registry::cluster::ClusterState::new(
-                client, namespace,
-            )))
+    // Kube mode: the one client of the real cluster, made before anything else needs it.
+    let kube = match &config.control_plane {
+        config::ControlPlane::Kube { kubeconfig } => {
+            Some(kube_client(kubeconfig.as_deref(), USER_AGENT).await?)
         }
+        config::ControlPlane::Embedded { .. } => None,
+    };
+    // `--state=cluster`: the CA and the registry live in the cluster; the data dir is a cache.
+    let cluster_state = match (&config.shared_state, &kube) {
+        (config::SharedState::Cluster { namespace }, Some((client, _))) => Some(Arc::new(
+            registry::cluster::ClusterState::new(client.clone(), namespace),
+        )),
         _ => None,
     };
     // Before anything else is created: a data dir that lost a part is refused, not refilled.
@@ -181,7 +185,7 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> Result<(),
                 kubeconfig = %kubeconfig.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "in-cluster".into()),
                 "using a real cluster's API"
             );
-            let (client, api_server) = kube_client(kubeconfig.as_deref(), USER_AGENT).await?;
+            let (client, api_server) = kube.clone().expect("kube mode has its client");
             cluster_url = Some(api_server);
             let missing = permissions::check(&client)
                 .await
@@ -617,8 +621,6 @@ const CONTROLLERS_USER_AGENT: &str = concat!(
     " cloudcore"
 );
 
-/// A kube-rs client sending `user_agent` from a kubeconfig file, or the in-cluster
-/// configuration, and the API server's URL.
 /// A client for the CLI's `--state=cluster` commands: the kubeconfig given, else in-cluster
 /// configuration (inside a replica with `kubectl exec`).
 pub async fn cli_kube_client(
@@ -627,6 +629,8 @@ pub async fn cli_kube_client(
     Ok(kube_client(kubeconfig, "cloudcore-cli").await?.0)
 }
 
+/// A kube-rs client sending `user_agent` from a kubeconfig file, or the in-cluster
+/// configuration, and the API server's URL.
 async fn kube_client(
     kubeconfig: Option<&std::path::Path>,
     user_agent: &'static str,
