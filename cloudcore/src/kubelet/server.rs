@@ -75,10 +75,38 @@ async fn connect_owner(node: &NodeServer, to: SocketAddr) -> Option<tokio::net::
     }
 }
 
+/// What a replica writes before the bytes of a connection it forwards: a PROXY protocol v2
+/// header with the LOCAL command and no addresses (the signature, version 2 + LOCAL, family
+/// UNSPEC, length 0). The replica it reaches answers such a connection itself and never
+/// forwards it again, so two replicas whose views of a node's owner disagree for a moment
+/// cannot pass a connection back and forth. A TLS connection starts with a handshake record
+/// (0x16), never with this header's first byte, so the two cannot be confused.
+const FORWARDED_MARK: [u8; 16] = [
+    0x0d, 0x0a, 0x0d, 0x0a, 0x00, 0x0d, 0x0a, 0x51, 0x55, 0x49, 0x54, 0x0a, 0x20, 0x00, 0x00, 0x00,
+];
+
+/// Whether the connection was forwarded by another replica ([`FORWARDED_MARK`]); the mark is
+/// consumed. Anything else is left unread for the TLS handshake.
+async fn take_forwarded_mark(tcp: &mut tokio::net::TcpStream) -> std::io::Result<bool> {
+    let mut first = [0u8; 1];
+    if tcp.peek(&mut first).await? == 0 || first[0] != FORWARDED_MARK[0] {
+        return Ok(false);
+    }
+    let mut mark = [0u8; FORWARDED_MARK.len()];
+    tokio::io::AsyncReadExt::read_exact(tcp, &mut mark).await?;
+    if mark != FORWARDED_MARK {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "a PROXY protocol header other than the replicas' own forwarding mark",
+        ));
+    }
+    Ok(true)
+}
+
 /// Carries a connection for a node whose session is on another replica to that replica's
-/// kubelet endpoint for the node, bytes both ways: TLS, authentication and authorization are
-/// that replica's, as if the apiserver had dialled it (its serving certificate comes from the
-/// same cluster CA).
+/// kubelet endpoint for the node, bytes both ways, after [`FORWARDED_MARK`]: TLS,
+/// authentication and authorization are that replica's, as if the apiserver had dialled it
+/// (its serving certificate comes from the same cluster CA).
 async fn forward(
     mut tcp: tokio::net::TcpStream,
     peer: SocketAddr,
@@ -86,6 +114,10 @@ async fn forward(
     to: SocketAddr,
     mut upstream: tokio::net::TcpStream,
 ) {
+    if let Err(e) = upstream.write_all(&FORWARDED_MARK).await {
+        tracing::warn!(node.name = %node.node, to = %to, error = %e, "cannot forward a kubelet connection to the replica holding the session");
+        return;
+    }
     node.shared.metrics.ha.streams_forwarded.inc();
     tracing::debug!(node.name = %node.node, peer.addr = %peer, to = %to, "kubelet connection forwarded to the replica holding the session");
     let _ = tokio::io::copy_bidirectional(&mut tcp, &mut upstream).await;
@@ -206,9 +238,24 @@ pub async fn serve(
         let node = node.clone();
         let shutdown = shutdown.clone();
         tracker.spawn(async move {
+            let mut tcp = tcp;
+            // A connection another replica forwarded is answered here, whatever this
+            // replica believes about the owner: a connection is forwarded at most once.
+            let forwarded =
+                match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, take_forwarded_mark(&mut tcp))
+                    .await
+                {
+                    Ok(Ok(forwarded)) => forwarded,
+                    Ok(Err(e)) => {
+                        tracing::debug!(node.name = %node.node, peer.addr = %peer, error = %e, "kubelet connection dropped before TLS");
+                        return;
+                    }
+                    Err(_) => return,
+                };
             // A dead holder (its edges not yet elsewhere) is answered here: the node is
             // then disconnected, and the caller is told so and since when.
-            if let Some(to) = node.forward_target()
+            if !forwarded
+                && let Some(to) = node.forward_target()
                 && let Some(upstream) = connect_owner(&node, to).await
             {
                 tokio::select! {
@@ -803,6 +850,60 @@ impl NodeServer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A loopback TCP pair: (the accepted end, the dialling end).
+    async fn tcp_pair() -> (tokio::net::TcpStream, tokio::net::TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let dial = tokio::net::TcpStream::connect(listener.local_addr().expect("addr"));
+        let (accepted, dialled) = tokio::join!(listener.accept(), dial);
+        (accepted.expect("accept").0, dialled.expect("dial"))
+    }
+
+    #[tokio::test]
+    async fn a_forwarded_connection_is_recognised_and_its_mark_consumed() {
+        let (mut accepted, mut dialled) = tcp_pair().await;
+        dialled.write_all(&FORWARDED_MARK).await.expect("mark");
+        dialled.write_all(&[0x16, 0x03, 0x01]).await.expect("hello");
+        assert!(take_forwarded_mark(&mut accepted).await.expect("read"));
+        let mut rest = [0u8; 3];
+        tokio::io::AsyncReadExt::read_exact(&mut accepted, &mut rest)
+            .await
+            .expect("rest");
+        assert_eq!(
+            rest,
+            [0x16, 0x03, 0x01],
+            "the TLS bytes after the mark are untouched"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_direct_tls_connection_is_not_taken_for_a_forwarded_one_and_loses_no_byte() {
+        let (mut accepted, mut dialled) = tcp_pair().await;
+        dialled
+            .write_all(&[0x16, 0x03, 0x01, 0x00])
+            .await
+            .expect("hello");
+        assert!(!take_forwarded_mark(&mut accepted).await.expect("read"));
+        let mut first = [0u8; 4];
+        tokio::io::AsyncReadExt::read_exact(&mut accepted, &mut first)
+            .await
+            .expect("bytes");
+        assert_eq!(first, [0x16, 0x03, 0x01, 0x00]);
+    }
+
+    #[tokio::test]
+    async fn another_proxy_header_is_refused_not_passed_to_tls() {
+        let (mut accepted, mut dialled) = tcp_pair().await;
+        let mut other = FORWARDED_MARK;
+        other[12] = 0x21; // PROXY command, which carries addresses we do not read
+        dialled.write_all(&other).await.expect("header");
+        let err = take_forwarded_mark(&mut accepted)
+            .await
+            .expect_err("refused");
+        assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);
+    }
 
     fn pairs(query: &str) -> Vec<(String, String)> {
         let uri: http::Uri = format!("/x?{query}").parse().expect("uri");
