@@ -34,9 +34,15 @@ use crate::outbox::{Outbox, Report};
 use crate::tokens::Tokens;
 use proto::EventType;
 
-/// How often a pod is looked at when nothing else wakes it (the kubelet's PLEG relists every
-/// second).
+/// How often a pod is looked at while it is on its way somewhere (starting, backing off,
+/// blocked, restarting): every second, as before events.
 const RESYNC: Duration = Duration::from_secs(1);
+/// How often a settled pod (sandbox up, every container running) is looked at when nothing
+/// wakes it: the kubelet's sync frequency. Runtime changes wake it at once (`pods::pleg`: an
+/// event, or the node-wide relist every second), probes when they are due, the store when the
+/// pod or its objects change; this pass refreshes volumes (service-account tokens) and is the
+/// last safety net.
+const SETTLED_RESYNC: Duration = Duration::from_secs(60);
 /// Crash-loop backoff: first delay, cap, and how long a container must run to reset it.
 const BACKOFF_INITIAL: Duration = Duration::from_secs(10);
 const BACKOFF_MAX: Duration = Duration::from_secs(300);
@@ -90,6 +96,8 @@ pub struct Context {
     pub events: Arc<Events>,
     /// The service table (environment variables) and the cluster DNS (resolv.conf).
     pub services: crate::services::Services,
+    /// Wakes a worker when the runtime changed its pod (`pods::pleg`).
+    pub pleg: Arc<super::pleg::Pleg>,
 }
 
 /// Runtime objects found at start for this pod (adoption).
@@ -500,6 +508,60 @@ impl Worker {
                 .put(self.object.clone(), Report::Status(status.clone()));
             self.last_status = Some(status);
         }
+    }
+
+    /// Whether nothing is under way: the pod finished, or its sandbox is up, nothing blocks
+    /// it, its init containers are done and every container runs (no backoff, no waiting
+    /// reason). Only such a pod waits for a wake-up instead of stepping every second.
+    fn settled(&self) -> bool {
+        if self.finished.is_some() {
+            return true;
+        }
+        self.sandbox.is_some()
+            && self.blocked.is_none()
+            && self.init.iter().all(|c| c.succeeded)
+            && self
+                .containers
+                .iter()
+                .all(|c| c.running() && c.waiting.is_none() && c.started_at.is_some())
+    }
+
+    /// When the next probe of a running container is due (the probes run as `run_probes`
+    /// would run them: liveness and readiness after the startup probe succeeded).
+    fn next_probe_at(&self) -> Option<Instant> {
+        let mut next: Option<Instant> = None;
+        for state in &self.containers {
+            let (true, Some(started)) = (state.running(), state.started_at) else {
+                continue;
+            };
+            let startup_done = state
+                .probe_verdict(ProbeKind::Startup)
+                .is_none_or(|v| v == Some(true));
+            for probe in &state.probes {
+                if probe.kind != ProbeKind::Startup && !startup_done {
+                    continue;
+                }
+                if probe.kind == ProbeKind::Startup && probe.verdict == Some(true) {
+                    continue;
+                }
+                let due = probe.next_due(started);
+                next = Some(next.map_or(due, |n| n.min(due)));
+            }
+        }
+        next
+    }
+
+    /// How long the worker may wait before its next step when nothing wakes it.
+    fn next_step_in(&self, now: Instant) -> Duration {
+        if !self.settled() {
+            return RESYNC;
+        }
+        let wait = match self.next_probe_at() {
+            Some(due) => due.saturating_duration_since(now).min(SETTLED_RESYNC),
+            None => SETTLED_RESYNC,
+        };
+        // Never spin: a probe due now runs in the step right after.
+        wait.max(Duration::from_millis(10))
     }
 
     /// One pass: observe the runtime, act, report.
@@ -1623,6 +1685,7 @@ pub async fn run(
         worker.resume(&previous);
     }
     let mut input = input;
+    let runtime_changed = ctx.pleg.register(&worker.uid);
     loop {
         let deleting = input.pod.metadata.deletion_timestamp.is_some();
         if deleting {
@@ -1664,7 +1727,8 @@ pub async fn run(
                     let _ = reply.send(result);
                 }
             },
-            _ = tokio::time::sleep(RESYNC) => {}
+            _ = runtime_changed.changed() => {}
+            _ = tokio::time::sleep(worker.next_step_in(Instant::now())) => {}
         }
     }
 }
@@ -1689,6 +1753,7 @@ mod tests {
             tokens: Tokens::in_memory(crate::tokens::DEFAULT_REFRESH_MAX),
             events: crate::events::Events::new(16, metrics.clone()),
             services: crate::services::Services::detached(),
+            pleg: super::super::pleg::Pleg::new(metrics.clone()),
         });
         Worker::new(ctx, pod)
     }
