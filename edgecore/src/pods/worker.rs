@@ -556,6 +556,10 @@ impl Worker {
         if !self.settled() {
             return RESYNC;
         }
+        if self.finished.is_some() {
+            // A finished pod runs no probes.
+            return SETTLED_RESYNC;
+        }
         let wait = match self.next_probe_at() {
             Some(due) => due.saturating_duration_since(now).min(SETTLED_RESYNC),
             None => SETTLED_RESYNC,
@@ -1938,5 +1942,50 @@ mod tests {
             worker.containers[1].attempt, 2,
             "missing from the runtime: one restart more"
         );
+    }
+
+    #[tokio::test]
+    async fn only_a_settled_pod_waits_for_a_wake_up_and_probes_keep_their_periods() {
+        let dir = tempfile::tempdir().unwrap();
+        let pod = pod();
+        let mut worker = worker(dir.path(), &pod);
+        let now = Instant::now();
+        assert_eq!(worker.next_step_in(now), RESYNC, "starting: every second");
+        worker.sandbox = Some(Sandbox {
+            id: "s".into(),
+            ip: "10.1.0.2".into(),
+            config: api::PodSandboxConfig::default(),
+        });
+        let running = api::ContainerStatus {
+            state: api::ContainerState::ContainerRunning as i32,
+            ..Default::default()
+        };
+        for (i, c) in worker.containers.iter_mut().enumerate() {
+            c.id = Some(format!("c{i}"));
+            c.observed = Some(running.clone());
+            c.started_at = Some(now);
+        }
+        assert_eq!(worker.next_step_in(now), SETTLED_RESYNC, "settled, no probe");
+        // A readiness probe every 5 s, last run now: the worker steps when it is due.
+        let probe: k8s_openapi::api::core::v1::Probe =
+            serde_json::from_value(json!({"exec": {"command": ["true"]}, "periodSeconds": 5}))
+                .unwrap();
+        let mut readiness = Prober::new(ProbeKind::Readiness, probe);
+        readiness.record(now, Ok(()));
+        worker.containers[0].probes.push(readiness);
+        assert_eq!(worker.next_step_in(now), Duration::from_secs(5));
+        // A container exited (the relist or an event woke the worker): every second again
+        // until it is running.
+        worker.containers[1].observed = Some(api::ContainerStatus {
+            state: api::ContainerState::ContainerExited as i32,
+            ..Default::default()
+        });
+        assert_eq!(worker.next_step_in(now), RESYNC);
+        worker.containers[1].observed = Some(running);
+        worker.containers[1].waiting = Some(("CrashLoopBackOff".into(), "back-off".into()));
+        assert_eq!(worker.next_step_in(now), RESYNC, "backing off");
+        worker.containers[1].waiting = None;
+        worker.finished = Some("Succeeded");
+        assert_eq!(worker.next_step_in(now), SETTLED_RESYNC, "finished");
     }
 }
