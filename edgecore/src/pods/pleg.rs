@@ -72,10 +72,7 @@ impl Runtime for Cri {
 pub struct Snapshot(BTreeMap<String, (String, i32)>);
 
 fn pod_uid(labels: &HashMap<String, String>) -> String {
-    labels
-        .get(spec::LABEL_POD_UID)
-        .cloned()
-        .unwrap_or_default()
+    labels.get(spec::LABEL_POD_UID).cloned().unwrap_or_default()
 }
 
 impl Snapshot {
@@ -394,7 +391,10 @@ mod tests {
 
     #[test]
     fn an_event_names_its_pod_by_sandbox_label_metadata_or_the_last_relist() {
-        let known = Snapshot::new(&[], &[container("c9", "z", api::ContainerState::ContainerRunning)]);
+        let known = Snapshot::new(
+            &[],
+            &[container("c9", "z", api::ContainerState::ContainerRunning)],
+        );
         let mut event = api::ContainerEventResponse {
             container_id: "c1".into(),
             container_event_type: api::ContainerEventType::ContainerStoppedEvent as i32,
@@ -487,7 +487,11 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(5500)).await;
         assert_eq!(pleg.mode(), Mode::Polling);
         assert_eq!(metrics.runtime_events_subscribed.get(), 0);
-        assert_eq!(metrics.runtime_events_failures.get(), 1, "unsupported: asked once");
+        assert_eq!(
+            metrics.runtime_events_failures.get(),
+            1,
+            "unsupported: asked once"
+        );
         let n = relists.load(Ordering::SeqCst);
         assert!((5..=7).contains(&n), "relisted every second: {n}");
         // Nothing changed: no wake-up.
@@ -519,12 +523,10 @@ mod tests {
         let relists = Arc::new(AtomicUsize::new(0));
         // First stream: one event, then an error after 10 s. Second: stays open.
         let first = futures::stream::iter(vec![Ok(stopped("a"))])
-            .chain(
-                futures::stream::once(async {
-                    tokio::time::sleep(Duration::from_secs(10)).await;
-                    Err(tonic::Status::unavailable("containerd restarting"))
-                }),
-            )
+            .chain(futures::stream::once(async {
+                tokio::time::sleep(Duration::from_secs(10)).await;
+                Err(tonic::Status::unavailable("containerd restarting"))
+            }))
             .boxed();
         let second = futures::stream::pending().boxed();
         let runtime = FakeRuntime {
@@ -541,7 +543,11 @@ mod tests {
         assert_eq!(pleg.mode(), Mode::Events);
         assert_eq!(metrics.runtime_events_subscribed.get(), 1);
         tokio::time::sleep(Duration::from_secs(5)).await;
-        assert_eq!(relists.load(Ordering::SeqCst), 1, "with events: one relist at subscription");
+        assert_eq!(
+            relists.load(Ordering::SeqCst),
+            1,
+            "with events: one relist at subscription"
+        );
         // The stream breaks at 10 s; the container exits while there is none.
         tokio::time::sleep(Duration::from_millis(5100)).await;
         assert_eq!(pleg.mode(), Mode::Polling, "broken stream: polling");

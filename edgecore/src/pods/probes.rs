@@ -60,10 +60,9 @@ impl Prober {
         let first = started + seconds(self.probe.initial_delay_seconds, 0);
         match self.last_run {
             None => first,
-            Some(last) => {
-                (last + seconds(self.probe.period_seconds, 10).max(Duration::from_secs(1)))
-                    .max(first)
-            }
+            Some(last) => (last
+                + seconds(self.probe.period_seconds, 10).max(Duration::from_secs(1)))
+            .max(first),
         }
     }
 

@@ -1965,7 +1965,11 @@ mod tests {
             c.observed = Some(running.clone());
             c.started_at = Some(now);
         }
-        assert_eq!(worker.next_step_in(now), SETTLED_RESYNC, "settled, no probe");
+        assert_eq!(
+            worker.next_step_in(now),
+            SETTLED_RESYNC,
+            "settled, no probe"
+        );
         // A readiness probe every 5 s, last run now: the worker steps when it is due.
         let probe: k8s_openapi::api::core::v1::Probe =
             serde_json::from_value(json!({"exec": {"command": ["true"]}, "periodSeconds": 5}))
