@@ -674,11 +674,11 @@ fn containers_that_exit_by_themselves_are_reported_promptly_also_across_a_runtim
     let subscribed = s.edge.metric("edgecore_runtime_events_subscribed");
     if version.starts_with("1.6") {
         assert_eq!(subscribed, 0.0, "containerd {version} has no events");
-        assert!(s.edge.metric("edgecore_runtime_events_failures") >= 1.0);
+        assert!(s.edge.metric("edgecore_runtime_events_failures_total") >= 1.0);
     } else {
         assert_eq!(subscribed, 1.0, "containerd {version} offers events");
     }
-    assert!(s.edge.metric("edgecore_runtime_relists") >= 1.0);
+    assert!(s.edge.metric("edgecore_runtime_relists_total") >= 1.0);
 
     // Exits while containerd is down.
     s.kubectl(&["apply", "-f", "-"], Some(&pod("late", 12, 4)));
