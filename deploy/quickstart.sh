@@ -13,6 +13,9 @@ cd "$(dirname "$0")/.."
 # tests run it with their own builds.
 root="${QUICKSTART_ROOT:-$PWD/.quickstart}"
 bin="${QUICKSTART_BIN:-$PWD/target/release}"
+# edgecore as a gateway runs it: the `edge` profile (Cargo.toml), smaller than `release`.
+edgecore="${QUICKSTART_BIN:+$QUICKSTART_BIN/edgecore}"
+edgecore="${edgecore:-$PWD/target/edge/edgecore}"
 kubectl_q() { kubectl --kubeconfig "$root/cloud/kubeconfig" --cache-dir "$root/kubectl-cache" "$@"; }
 
 stop_pid() {
@@ -120,7 +123,10 @@ wait_for() {
   done
 }
 
-[ -n "${QUICKSTART_BIN:-}" ] || cargo build --release --bins
+if [ -z "${QUICKSTART_BIN:-}" ]; then
+  cargo build --release --bins
+  cargo build --profile edge -p edgecore --bin edgecore
+fi
 stop >/dev/null 2>&1 || true
 mkdir -p "$root"
 
@@ -129,7 +135,7 @@ cri="unix://$root/containerd/containerd.sock"
 mkdir -p "$root/images"
 deploy/images/build.sh "$root/images/pause.tar" localhost/edge/pause:1 '["/bin/busybox","sleep","2147483647"]' null >/dev/null
 deploy/images/build.sh "$root/images/busybox.tar" localhost/edge/busybox:1 >/dev/null
-"$bin/edgecore" images import --cri-endpoint "$cri" "$root/images/pause.tar" "$root/images/busybox.tar"
+"$edgecore" images import --cri-endpoint "$cri" "$root/images/pause.tar" "$root/images/busybox.tar"
 
 "$bin/cloudcore" serve --data-dir "$root/cloud" --listen 127.0.0.1:10000 \
   --advertise-address 127.0.0.1 --metrics-listen 127.0.0.1:10350 \
@@ -156,7 +162,7 @@ if [ ! -f "$root/edge-1/node.pem" ]; then
   # shellcheck disable=SC2086 # the command is split into words on purpose
   $bin/$join --data-dir "$root/edge-1"
 fi
-"$bin/edgecore" run --data-dir "$root/edge-1" --metrics-listen 127.0.0.1:10351 \
+"$edgecore" run --data-dir "$root/edge-1" --metrics-listen 127.0.0.1:10351 \
   --cri-endpoint "$cri" --dmi-socket "$root/dmi.sock" --mqtt-broker tcp://127.0.0.1:1883 \
   >"$root/edgecore.log" 2>&1 &
 echo $! >"$root/edgecore.pid"
@@ -203,10 +209,10 @@ device "thermometer" (a simulated Modbus TCP device read by modbus-mapper; MQTT 
   pod log:      kubectl --kubeconfig $root/cloud/kubeconfig logs hello
   exec:         kubectl --kubeconfig $root/cloud/kubeconfig exec -it hello -- sh
   usage:        kubectl --kubeconfig $root/cloud/kubeconfig top pod
-  on the edge:  $bin/edgecore ctl logs hello --data-dir $root/edge-1   (also offline; ctl exec -it too)
-  edge store:   $bin/edgecore ctl get all --data-dir $root/edge-1
+  on the edge:  $edgecore ctl logs hello --data-dir $root/edge-1   (also offline; ctl exec -it too)
+  edge store:   $edgecore ctl get all --data-dir $root/edge-1
   devices:      kubectl --kubeconfig $root/cloud/kubeconfig get devices
-  twin:         $bin/edgecore ctl twin thermometer --data-dir $root/edge-1   (also offline)
+  twin:         $edgecore ctl twin thermometer --data-dir $root/edge-1   (also offline)
   set a value:  kubectl --kubeconfig $root/cloud/kubeconfig patch device thermometer --type json \\
                   -p '[{"op":"replace","path":"/spec/properties/1/desired/value","value":"230"}]'
   MQTT:         mosquitto_sub -v -t '\$hw/events/device/default/thermometer/#'

@@ -43,6 +43,11 @@ impl CriError {
         matches!(self, CriError::Call { status, .. } if status.code() == tonic::Code::NotFound)
     }
 
+    /// Whether the runtime does not offer this call (containerd 1.6 and `GetContainerEvents`).
+    pub fn is_unimplemented(&self) -> bool {
+        matches!(self, CriError::Call { status, .. } if status.code() == tonic::Code::Unimplemented)
+    }
+
     /// Whether the runtime could not be reached at all (containerd down).
     pub fn is_unavailable(&self) -> bool {
         matches!(self, CriError::Call { status, .. } if status.code() == tonic::Code::Unavailable)
@@ -318,6 +323,24 @@ impl Cri {
             call: "ContainerStatus",
             what: "a status",
         })
+    }
+
+    /// Subscribes to the runtime's container events (created, started, stopped, deleted).
+    /// The stream has no deadline: it lives until the runtime or the connection ends it.
+    /// Runtimes that do not offer it (containerd before 1.7) answer `UNIMPLEMENTED`
+    /// ([`CriError::is_unimplemented`]).
+    pub async fn get_container_events(
+        &self,
+    ) -> Result<tonic::codec::Streaming<api::ContainerEventResponse>, CriError> {
+        self.runtime
+            .clone()
+            .get_container_events(tonic::Request::new(api::GetEventsRequest {}))
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(|status| CriError::Call {
+                call: "GetContainerEvents",
+                status,
+            })
     }
 
     /// Containers carrying all of `labels`.

@@ -180,7 +180,11 @@ pub async fn run(config: RunConfig, shutdown: CancellationToken) -> Result<(), R
             tokens: tokens.clone(),
             events: events.clone(),
             services: services.clone(),
+            pleg: pods::pleg::Pleg::new(metrics.clone()),
         };
+        // Runtime changes (container events, or a relist every second without them) wake
+        // the pod workers.
+        tracker.spawn(context.pleg.clone().run(cri.clone(), shutdown.clone()));
         let host_ip = context
             .host_ip
             .map_or_else(|| "none".into(), |ip| ip.to_string());

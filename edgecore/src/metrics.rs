@@ -57,6 +57,13 @@ pub struct Metrics {
     pub service_rules_last_sync_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
     /// Service ports the data path sends to at least one endpoint.
     pub services_programmed: Gauge,
+    /// 1 while the runtime's container event stream is up, 0 while pods are polled
+    /// (`edgecore::pods::pleg`).
+    pub runtime_events_subscribed: Gauge,
+    /// Subscriptions to the runtime's events that were refused or broke.
+    pub runtime_events_failures: Counter,
+    /// Lists of the runtime's sandboxes and containers (the relist).
+    pub runtime_relists: Counter,
 }
 
 impl Default for Metrics {
@@ -212,7 +219,28 @@ impl Default for Metrics {
             "Service ports the data path sends to at least one ready local endpoint",
             services_programmed.clone(),
         );
+        let runtime_events_subscribed = Gauge::default();
+        let runtime_events_failures = Counter::default();
+        let runtime_relists = Counter::default();
+        registry.register(
+            "edgecore_runtime_events_subscribed",
+            "1 while the runtime's container event stream (CRI GetContainerEvents) is up; 0 while the runtime is relisted every second instead",
+            runtime_events_subscribed.clone(),
+        );
+        registry.register(
+            "edgecore_runtime_events_failures",
+            "Subscriptions to the runtime's container events that were refused (unsupported) or broke",
+            runtime_events_failures.clone(),
+        );
+        registry.register(
+            "edgecore_runtime_relists",
+            "Lists of the runtime's sandboxes and containers (every second without events, every 300 s with them)",
+            runtime_relists.clone(),
+        );
         Metrics {
+            runtime_events_subscribed,
+            runtime_events_failures,
+            runtime_relists,
             registry,
             cloud_connected,
             cloud_state_mismatch,

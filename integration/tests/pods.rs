@@ -634,3 +634,74 @@ fn ctl_logs_follows_a_container_across_restarts() {
     assert_eq!(tail.len(), 2, "{text}");
     assert!(tail.iter().all(|l| l.starts_with("tick ")), "{text}");
 }
+
+/// Runtime changes reach the API without a per-pod poll (`edgecore::pods::pleg`): a settled
+/// pod steps only every 60 s on its own, so a container that exits by itself is reported
+/// within seconds only if the runtime's events (containerd ≥ 1.7) or the node-wide relist (1.6,
+/// which answers GetContainerEvents with UNIMPLEMENTED) woke its worker. A container that
+/// exits while containerd is down (the event stream, if any, broken with it) is found by the
+/// relist once containerd is back.
+#[test]
+fn containers_that_exit_by_themselves_are_reported_promptly_also_across_a_runtime_restart() {
+    let s = Setup::start();
+    let pod = |name: &str, seconds: u32, code: u32| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}}}\nspec:\n  nodeName: edge-1\n  restartPolicy: Never\n  containers:\n  - name: c\n    image: localhost/edge/busybox:1\n    command: [\"sh\", \"-c\", \"sleep {seconds}; exit {code}\"]\n"
+        )
+    };
+    s.kubectl(&["apply", "-f", "-"], Some(&pod("quitter", 5, 3)));
+    s.wait_pod("quitter", Duration::from_secs(20), "Running", |p| {
+        container_status(p, "c")["state"]["running"].is_object()
+    });
+    // 5 s of sleep, then the exit must show well before the 60 s a settled pod waits.
+    let pod_seen = s.wait_pod("quitter", Duration::from_secs(15), "Failed", |p| {
+        p["status"]["phase"] == "Failed"
+    });
+    assert_eq!(
+        container_status(&pod_seen, "c")["state"]["terminated"]["exitCode"],
+        3
+    );
+    // The metrics say truthfully how changes are followed on this runtime.
+    let endpoint = s.containerd.endpoint.clone();
+    let version = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(async move {
+            let cri = edgecore::cri::Cri::new(&endpoint).expect("cri");
+            cri.version().await.expect("version").runtime_version
+        });
+    let subscribed = s.edge.metric("edgecore_runtime_events_subscribed");
+    if version.starts_with("1.6") {
+        assert_eq!(subscribed, 0.0, "containerd {version} has no events");
+        assert!(s.edge.metric("edgecore_runtime_events_failures_total") >= 1.0);
+    } else {
+        assert_eq!(subscribed, 1.0, "containerd {version} offers events");
+    }
+    assert!(s.edge.metric("edgecore_runtime_relists_total") >= 1.0);
+
+    // Exits while containerd is down.
+    s.kubectl(&["apply", "-f", "-"], Some(&pod("late", 12, 4)));
+    s.wait_pod("late", Duration::from_secs(20), "Running", |p| {
+        container_status(p, "c")["state"]["running"].is_object()
+    });
+    let running = Instant::now();
+    s.containerd.stop_daemon();
+    assert!(
+        running.elapsed() < Duration::from_secs(10),
+        "containerd took {:?} to stop: the container may have exited before",
+        running.elapsed()
+    );
+    std::thread::sleep(Duration::from_secs(14).saturating_sub(running.elapsed()));
+    s.containerd.start_daemon();
+    let pod_seen = s.wait_pod(
+        "late",
+        Duration::from_secs(20),
+        "Failed after containerd came back",
+        |p| p["status"]["phase"] == "Failed",
+    );
+    assert_eq!(
+        container_status(&pod_seen, "c")["state"]["terminated"]["exitCode"],
+        4
+    );
+}

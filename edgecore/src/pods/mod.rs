@@ -1,6 +1,7 @@
 //! Pods bound to this node, run through the CRI (KubeEdge's edged).
 
 pub mod cgroups;
+pub mod pleg;
 pub mod spec;
 pub mod volumes;
 
@@ -373,6 +374,7 @@ mod tests {
             tokens: crate::tokens::Tokens::in_memory(crate::tokens::DEFAULT_REFRESH_MAX),
             events: crate::events::Events::new(16, metrics),
             services: crate::services::Services::detached(),
+            pleg: pleg::Pleg::new(Arc::new(crate::metrics::Metrics::default())),
         };
         let shutdown = CancellationToken::new();
         let cancel = shutdown.clone();

@@ -51,14 +51,18 @@ impl Prober {
 
     /// Whether the probe should run now, for a container started at `started`.
     pub fn due(&self, now: Instant, started: Instant) -> bool {
-        if now < started + seconds(self.probe.initial_delay_seconds, 0) {
-            return false;
-        }
+        now >= self.next_due(started)
+    }
+
+    /// When the probe should run next, for a container started at `started`: after the
+    /// initial delay, then once per period (at least 1 s).
+    pub fn next_due(&self, started: Instant) -> Instant {
+        let first = started + seconds(self.probe.initial_delay_seconds, 0);
         match self.last_run {
-            None => true,
-            Some(last) => {
-                now >= last + seconds(self.probe.period_seconds, 10).max(Duration::from_secs(1))
-            }
+            None => first,
+            Some(last) => (last
+                + seconds(self.probe.period_seconds, 10).max(Duration::from_secs(1)))
+            .max(first),
         }
     }
 

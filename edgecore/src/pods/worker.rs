@@ -34,9 +34,15 @@ use crate::outbox::{Outbox, Report};
 use crate::tokens::Tokens;
 use proto::EventType;
 
-/// How often a pod is looked at when nothing else wakes it (the kubelet's PLEG relists every
-/// second).
+/// How often a pod is looked at while it is on its way somewhere (starting, backing off,
+/// blocked, restarting): every second, as before events.
 const RESYNC: Duration = Duration::from_secs(1);
+/// How often a settled pod (sandbox up, every container running) is looked at when nothing
+/// wakes it: the kubelet's sync frequency. Runtime changes wake it at once (`pods::pleg`: an
+/// event, or the node-wide relist every second), probes when they are due, the store when the
+/// pod or its objects change; this pass refreshes volumes (service-account tokens) and is the
+/// last safety net.
+const SETTLED_RESYNC: Duration = Duration::from_secs(60);
 /// Crash-loop backoff: first delay, cap, and how long a container must run to reset it.
 const BACKOFF_INITIAL: Duration = Duration::from_secs(10);
 const BACKOFF_MAX: Duration = Duration::from_secs(300);
@@ -90,6 +96,8 @@ pub struct Context {
     pub events: Arc<Events>,
     /// The service table (environment variables) and the cluster DNS (resolv.conf).
     pub services: crate::services::Services,
+    /// Wakes a worker when the runtime changed its pod (`pods::pleg`).
+    pub pleg: Arc<super::pleg::Pleg>,
 }
 
 /// Runtime objects found at start for this pod (adoption).
@@ -500,6 +508,64 @@ impl Worker {
                 .put(self.object.clone(), Report::Status(status.clone()));
             self.last_status = Some(status);
         }
+    }
+
+    /// Whether nothing is under way: the pod finished, or its sandbox is up, nothing blocks
+    /// it, its init containers are done and every container runs (no backoff, no waiting
+    /// reason). Only such a pod waits for a wake-up instead of stepping every second.
+    fn settled(&self) -> bool {
+        if self.finished.is_some() {
+            return true;
+        }
+        self.sandbox.is_some()
+            && self.blocked.is_none()
+            && self.init.iter().all(|c| c.succeeded)
+            && self
+                .containers
+                .iter()
+                .all(|c| c.running() && c.waiting.is_none() && c.started_at.is_some())
+    }
+
+    /// When the next probe of a running container is due (the probes run as `run_probes`
+    /// would run them: liveness and readiness after the startup probe succeeded).
+    fn next_probe_at(&self) -> Option<Instant> {
+        let mut next: Option<Instant> = None;
+        for state in &self.containers {
+            let (true, Some(started)) = (state.running(), state.started_at) else {
+                continue;
+            };
+            let startup_done = state
+                .probe_verdict(ProbeKind::Startup)
+                .is_none_or(|v| v == Some(true));
+            for probe in &state.probes {
+                if probe.kind != ProbeKind::Startup && !startup_done {
+                    continue;
+                }
+                if probe.kind == ProbeKind::Startup && probe.verdict == Some(true) {
+                    continue;
+                }
+                let due = probe.next_due(started);
+                next = Some(next.map_or(due, |n| n.min(due)));
+            }
+        }
+        next
+    }
+
+    /// How long the worker may wait before its next step when nothing wakes it.
+    fn next_step_in(&self, now: Instant) -> Duration {
+        if !self.settled() {
+            return RESYNC;
+        }
+        if self.finished.is_some() {
+            // A finished pod runs no probes.
+            return SETTLED_RESYNC;
+        }
+        let wait = match self.next_probe_at() {
+            Some(due) => due.saturating_duration_since(now).min(SETTLED_RESYNC),
+            None => SETTLED_RESYNC,
+        };
+        // Never spin: a probe due now runs in the step right after.
+        wait.max(Duration::from_millis(10))
     }
 
     /// One pass: observe the runtime, act, report.
@@ -1623,6 +1689,7 @@ pub async fn run(
         worker.resume(&previous);
     }
     let mut input = input;
+    let runtime_changed = ctx.pleg.register(&worker.uid);
     loop {
         let deleting = input.pod.metadata.deletion_timestamp.is_some();
         if deleting {
@@ -1664,7 +1731,8 @@ pub async fn run(
                     let _ = reply.send(result);
                 }
             },
-            _ = tokio::time::sleep(RESYNC) => {}
+            _ = runtime_changed.changed() => {}
+            _ = tokio::time::sleep(worker.next_step_in(Instant::now())) => {}
         }
     }
 }
@@ -1689,6 +1757,7 @@ mod tests {
             tokens: Tokens::in_memory(crate::tokens::DEFAULT_REFRESH_MAX),
             events: crate::events::Events::new(16, metrics.clone()),
             services: crate::services::Services::detached(),
+            pleg: super::super::pleg::Pleg::new(metrics.clone()),
         });
         Worker::new(ctx, pod)
     }
@@ -1873,5 +1942,54 @@ mod tests {
             worker.containers[1].attempt, 2,
             "missing from the runtime: one restart more"
         );
+    }
+
+    #[tokio::test]
+    async fn only_a_settled_pod_waits_for_a_wake_up_and_probes_keep_their_periods() {
+        let dir = tempfile::tempdir().unwrap();
+        let pod = pod();
+        let mut worker = worker(dir.path(), &pod);
+        let now = Instant::now();
+        assert_eq!(worker.next_step_in(now), RESYNC, "starting: every second");
+        worker.sandbox = Some(Sandbox {
+            id: "s".into(),
+            ip: "10.1.0.2".into(),
+            config: api::PodSandboxConfig::default(),
+        });
+        let running = api::ContainerStatus {
+            state: api::ContainerState::ContainerRunning as i32,
+            ..Default::default()
+        };
+        for (i, c) in worker.containers.iter_mut().enumerate() {
+            c.id = Some(format!("c{i}"));
+            c.observed = Some(running.clone());
+            c.started_at = Some(now);
+        }
+        assert_eq!(
+            worker.next_step_in(now),
+            SETTLED_RESYNC,
+            "settled, no probe"
+        );
+        // A readiness probe every 5 s, last run now: the worker steps when it is due.
+        let probe: k8s_openapi::api::core::v1::Probe =
+            serde_json::from_value(json!({"exec": {"command": ["true"]}, "periodSeconds": 5}))
+                .unwrap();
+        let mut readiness = Prober::new(ProbeKind::Readiness, probe);
+        readiness.record(now, Ok(()));
+        worker.containers[0].probes.push(readiness);
+        assert_eq!(worker.next_step_in(now), Duration::from_secs(5));
+        // A container exited (the relist or an event woke the worker): every second again
+        // until it is running.
+        worker.containers[1].observed = Some(api::ContainerStatus {
+            state: api::ContainerState::ContainerExited as i32,
+            ..Default::default()
+        });
+        assert_eq!(worker.next_step_in(now), RESYNC);
+        worker.containers[1].observed = Some(running);
+        worker.containers[1].waiting = Some(("CrashLoopBackOff".into(), "back-off".into()));
+        assert_eq!(worker.next_step_in(now), RESYNC, "backing off");
+        worker.containers[1].waiting = None;
+        worker.finished = Some("Succeeded");
+        assert_eq!(worker.next_step_in(now), SETTLED_RESYNC, "finished");
     }
 }
