@@ -209,7 +209,10 @@ impl std::fmt::Debug for Upstream {
 impl std::fmt::Debug for UpstreamWorker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("UpstreamWorker")
-            .field("bucket", &*self.bucket.lock().unwrap_or_else(|p| p.into_inner()))
+            .field(
+                "bucket",
+                &*self.bucket.lock().unwrap_or_else(|p| p.into_inner()),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -1197,7 +1200,10 @@ mod tests {
         let free = |o: &proto::ObjectRef| *o != in_flight.update.object;
         assert!(pending.has_work_where(free));
         assert_eq!(write(pending.take_where(free)).update, update("b", 1));
-        assert!(!pending.has_work_where(free), "a's report waits for a's write");
+        assert!(
+            !pending.has_work_where(free),
+            "a's report waits for a's write"
+        );
         assert!(pending.take_where(free).is_none());
         pending.written(&in_flight.update.object, 1);
         assert_eq!(write(pending.take_where(|_| true)).update, update("a", 2));

@@ -28,6 +28,11 @@
 //! millisecond sees the commit), containerd's (the sandbox's and container's CreatedAt and the
 //! container's StartedAt) and edgecore's log ("pod sandbox ready", "container started").
 //!
+//! `--control-plane kube` serves the pods from a fresh real control plane per round
+//! ([`KubeCluster`], cloudcore in kube mode on its ServiceAccount's credentials); `--burst N`
+//! creates N pods at once (and starts N direct pods in parallel) instead of one at a time, each
+//! pod still timed from its own create request.
+//!
 //! A failure or `--timeout-secs` stops everything this bench started (edgecore, cloudcore,
 //! containerd and every pod in it) and keeps the temp dir with the logs.
 
@@ -46,8 +51,8 @@ use edgecore::pods::volumes;
 use edgecore::store::Store;
 use futures::StreamExt;
 use integration::Cloud;
-use integration::cluster::{ClusterOptions, KubeCluster};
 use integration::bench::{self, Machine, Spread, mib};
+use integration::cluster::{ClusterOptions, KubeCluster};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{
     Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, WatchEvent, WatchParams,
@@ -314,8 +319,7 @@ async fn start_cloud(
 async fn ensure_service_account(client: &kube::Client) -> Result<()> {
     use k8s_openapi::api::core::v1::ServiceAccount;
     let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), NAMESPACE);
-    let account: ServiceAccount =
-        serde_json::from_value(json!({"metadata": {"name": "default"}}))?;
+    let account: ServiceAccount = serde_json::from_value(json!({"metadata": {"name": "default"}}))?;
     match accounts.create(&PostParams::default(), &account).await {
         Ok(_) => Ok(()),
         Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
