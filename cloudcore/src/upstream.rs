@@ -5,7 +5,8 @@
 //! The tunnel session has already checked that the reporting node may report for the object.
 //! [`Upstream::submit`] queues the report in [`Pending`] (no IO); one [`UpstreamWorker`] takes
 //! the queued objects in arrival order, one per token, and writes each with the status
-//! subresource:
+//! subresource, up to [`WRITES_IN_FLIGHT`] objects at once and never two writes of one
+//! object at once:
 //!
 //! 1. GET the object. Missing, or a different uid than the report's → [`Outcome::Gone`]. The
 //!    uid must be checked here: the embedded API applies a status patch by keeping only its
@@ -46,6 +47,11 @@ use crate::reconcile::{Reassert, Truths, covers};
 /// How many objects' last written generation is remembered; the least recently written are
 /// forgotten first, and a report for a forgotten object is written without the staleness check.
 pub const REMEMBERED_WRITES: usize = 100_000;
+
+/// Status writes (GET + PATCH) in flight at once, each of a different object: the API server
+/// answers them in parallel, so the statuses of pods starting together on one edge are not
+/// written one round trip after another. The token bucket still paces the requests.
+const WRITES_IN_FLIGHT: usize = 16;
 
 /// Settings of the status writer.
 #[derive(Debug, Clone)]
@@ -186,7 +192,8 @@ pub struct Upstream {
 pub struct UpstreamWorker {
     shared: Arc<Shared>,
     client: kube::Client,
-    bucket: TokenBucket,
+    /// Shared by the write tasks: each API request takes a token.
+    bucket: Arc<Mutex<TokenBucket>>,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -202,7 +209,10 @@ impl std::fmt::Debug for Upstream {
 impl std::fmt::Debug for UpstreamWorker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("UpstreamWorker")
-            .field("bucket", &self.bucket)
+            .field(
+                "bucket",
+                &*self.bucket.lock().unwrap_or_else(|p| p.into_inner()),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -224,7 +234,11 @@ impl Upstream {
         let worker = UpstreamWorker {
             shared: shared.clone(),
             client,
-            bucket: TokenBucket::new(config.qps, config.burst, Instant::now()),
+            bucket: Arc::new(Mutex::new(TokenBucket::new(
+                config.qps,
+                config.burst,
+                Instant::now(),
+            ))),
         };
         (Upstream { shared }, worker)
     }
@@ -364,15 +378,39 @@ impl UpstreamWorker {
     }
 
     async fn serve(&mut self) {
+        // Each write runs as its own task, so a write waiting for the API does not hold up
+        // the next object's; the objects being written are never taken again until their
+        // write is done (the order of one object's writes decides which status wins).
+        let mut writes: tokio::task::JoinSet<()> = tokio::task::JoinSet::new();
+        let mut in_flight: HashMap<tokio::task::Id, proto::ObjectRef> = HashMap::new();
         loop {
-            let idle = !self.shared.pending().has_work();
-            if idle {
-                self.shared.work.notified().await;
+            let startable = writes.len() < WRITES_IN_FLIGHT && {
+                let busy: HashSet<&proto::ObjectRef> = in_flight.values().collect();
+                self.shared
+                    .pending()
+                    .has_work_where(|object| !busy.contains(object))
+            };
+            if !startable {
+                tokio::select! {
+                    Some(done) = writes.join_next_with_id(), if !writes.is_empty() => {
+                        let id = match done {
+                            Ok((id, ())) => id,
+                            Err(e) => e.id(),
+                        };
+                        in_flight.remove(&id);
+                    }
+                    _ = self.shared.work.notified() => {}
+                }
                 continue;
             }
             // The token is taken before the update, so reports arriving meanwhile coalesce.
             self.token().await;
-            let taken = self.shared.pending().take();
+            let taken = {
+                let busy: HashSet<&proto::ObjectRef> = in_flight.values().collect();
+                self.shared
+                    .pending()
+                    .take_where(|object| !busy.contains(object))
+            };
             let job = match taken {
                 None => continue,
                 Some(Taken::Stale(job)) => {
@@ -382,49 +420,86 @@ impl UpstreamWorker {
                 }
                 Some(Taken::Write(job)) => job,
             };
-            let (outcome, live) = self.write(&job.update).await;
-            let update = &job.update;
-            match &outcome {
-                Outcome::Written => {
-                    self.shared
-                        .pending()
-                        .written(&update.object, update.generation);
-                    if let Some(live) = live {
-                        self.shared
-                            .truths()
-                            .applied(&update.object, update.generation, live);
-                    }
-                    tracing::debug!(node.name = %update.node, kind = %update.object.kind, namespace = %update.object.namespace, name = %update.object.name, generation = update.generation, "status written");
-                }
-                Outcome::Gone => {
-                    self.shared.truths().forget(
-                        &update.object.kind,
-                        &update.object.namespace,
-                        &update.object.name,
-                        &update.object.uid,
-                    );
-                    tracing::debug!(node.name = %update.node, kind = %update.object.kind, namespace = %update.object.namespace, name = %update.object.name, uid = %update.object.uid, "status not written: the object is gone");
-                }
-                Outcome::Failed(error) => {
-                    self.shared.metrics.failed.inc();
-                    tracing::warn!(node.name = %update.node, kind = %update.object.kind, namespace = %update.object.namespace, name = %update.object.name, %error, "cannot write a status; dropped");
-                }
-                Outcome::Superseded | Outcome::Stale => {}
-            }
-            job.resolve(&outcome);
+            let object = job.update.object.clone();
+            let writer = self.writer();
+            let task = writes.spawn(async move { writer.write_job(job).await });
+            in_flight.insert(task.id(), object);
         }
     }
 
+    fn writer(&self) -> Writer {
+        Writer {
+            shared: self.shared.clone(),
+            client: self.client.clone(),
+            bucket: self.bucket.clone(),
+        }
+    }
+
+    async fn token(&self) {
+        self.writer().token().await
+    }
+}
+
+/// One write's share of the worker: cheap to clone, one per write task.
+struct Writer {
+    shared: Arc<Shared>,
+    client: kube::Client,
+    bucket: Arc<Mutex<TokenBucket>>,
+}
+
+impl Writer {
+    /// Writes one update and answers its waiters.
+    async fn write_job(&self, job: Job) {
+        let (outcome, live) = self.write(&job.update).await;
+        let update = &job.update;
+        match &outcome {
+            Outcome::Written => {
+                self.shared
+                    .pending()
+                    .written(&update.object, update.generation);
+                if let Some(live) = live {
+                    self.shared
+                        .truths()
+                        .applied(&update.object, update.generation, live);
+                }
+                tracing::debug!(node.name = %update.node, kind = %update.object.kind, namespace = %update.object.namespace, name = %update.object.name, generation = update.generation, "status written");
+            }
+            Outcome::Gone => {
+                self.shared.truths().forget(
+                    &update.object.kind,
+                    &update.object.namespace,
+                    &update.object.name,
+                    &update.object.uid,
+                );
+                tracing::debug!(node.name = %update.node, kind = %update.object.kind, namespace = %update.object.namespace, name = %update.object.name, uid = %update.object.uid, "status not written: the object is gone");
+            }
+            Outcome::Failed(error) => {
+                self.shared.metrics.failed.inc();
+                tracing::warn!(node.name = %update.node, kind = %update.object.kind, namespace = %update.object.namespace, name = %update.object.name, %error, "cannot write a status; dropped");
+            }
+            Outcome::Superseded | Outcome::Stale => {}
+        }
+        job.resolve(&outcome);
+    }
+
     /// Waits for one token of the bucket.
-    async fn token(&mut self) {
-        while let Err(wait) = self.bucket.take(Instant::now()) {
-            tokio::time::sleep(wait).await;
+    async fn token(&self) {
+        loop {
+            let taken = self
+                .bucket
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take(Instant::now());
+            match taken {
+                Ok(()) => return,
+                Err(wait) => tokio::time::sleep(wait).await,
+            }
         }
     }
 
     /// Writes one update; with `Written`, the object's status in the API afterwards (when a
     /// status was written or found equal).
-    async fn write(&mut self, update: &StatusUpdate) -> (Outcome, Option<Value>) {
+    async fn write(&self, update: &StatusUpdate) -> (Outcome, Option<Value>) {
         let Some(kind) = StatusKind::of(&update.object.kind) else {
             let why = format!("statuses of kind {:?} are not written", update.object.kind);
             return (Outcome::Failed(why), None);
@@ -457,7 +532,7 @@ impl UpstreamWorker {
 
     /// One GET + PATCH; the caller has taken the GET's token.
     async fn attempt(
-        &mut self,
+        &self,
         kind: StatusKind,
         api: &Api<DynamicObject>,
         update: &StatusUpdate,
@@ -761,13 +836,26 @@ impl Pending {
         Ok(Push::Queued)
     }
 
+    #[cfg(test)]
     fn has_work(&self) -> bool {
         !self.order.is_empty()
     }
 
+    /// Whether an object `free` accepts is queued.
+    fn has_work_where(&self, free: impl Fn(&proto::ObjectRef) -> bool) -> bool {
+        self.order.iter().any(free)
+    }
+
     /// The object queued longest, if any.
+    #[cfg(test)]
     fn take(&mut self) -> Option<Taken> {
-        let object = self.order.pop_front()?;
+        self.take_where(|_| true)
+    }
+
+    /// The object queued longest among those `free` accepts (the others keep their place).
+    fn take_where(&mut self, free: impl Fn(&proto::ObjectRef) -> bool) -> Option<Taken> {
+        let position = self.order.iter().position(free)?;
+        let object = self.order.remove(position)?;
         let queued = self.queued.remove(&object)?;
         let stale = queued.update.origin == Origin::Edge
             && self
@@ -1100,6 +1188,25 @@ mod tests {
         let (_, _rx2) = push(&mut pending, update("web", 2));
         in_flight.resolve(&Outcome::Failed("unavailable".into()));
         assert_eq!(write(pending.take()).update.generation, 2);
+    }
+
+    #[test]
+    fn an_object_being_written_is_not_taken_again_but_others_are() {
+        let mut pending = Pending::new(10, 10);
+        let _ = push(&mut pending, update("a", 1));
+        let in_flight = write(pending.take_where(|_| true));
+        let _ = push(&mut pending, update("a", 2));
+        let _ = push(&mut pending, update("b", 1));
+        let free = |o: &proto::ObjectRef| *o != in_flight.update.object;
+        assert!(pending.has_work_where(free));
+        assert_eq!(write(pending.take_where(free)).update, update("b", 1));
+        assert!(
+            !pending.has_work_where(free),
+            "a's report waits for a's write"
+        );
+        assert!(pending.take_where(free).is_none());
+        pending.written(&in_flight.update.object, 1);
+        assert_eq!(write(pending.take_where(|_| true)).update, update("a", 2));
     }
 
     #[test]

@@ -28,10 +28,16 @@
 //! millisecond sees the commit), containerd's (the sandbox's and container's CreatedAt and the
 //! container's StartedAt) and edgecore's log ("pod sandbox ready", "container started").
 //!
+//! `--control-plane kube` serves the pods from a fresh real control plane per round
+//! ([`KubeCluster`], cloudcore in kube mode on its ServiceAccount's credentials); `--burst N`
+//! creates N pods at once (and starts N direct pods in parallel) instead of one at a time, each
+//! pod still timed from its own create request.
+//!
 //! A failure or `--timeout-secs` stops everything this bench started (edgecore, cloudcore,
 //! containerd and every pod in it) and keeps the temp dir with the logs.
 
 use std::collections::HashMap;
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::sync::{Arc, Mutex};
@@ -46,6 +52,7 @@ use edgecore::store::Store;
 use futures::StreamExt;
 use integration::Cloud;
 use integration::bench::{self, Machine, Spread, mib};
+use integration::cluster::{ClusterOptions, KubeCluster};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{
     Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, WatchEvent, WatchParams,
@@ -109,6 +116,16 @@ struct Cli {
     /// kubectl's own start-up and its GET before the create to every figure).
     #[arg(long, value_enum, default_value_t = Client::Kube)]
     client: Client,
+    /// The API cloudcore serves pods from: its own (`embedded`), or a fresh real control
+    /// plane per round (`kube`: `integration::cluster::KubeCluster`, cloudcore with its
+    /// ServiceAccount's credentials).
+    #[arg(long, value_enum, default_value_t = ControlPlane::Embedded)]
+    control_plane: ControlPlane,
+    /// Pods created at once: the round's `--pods` go in groups of this many, all of a group's
+    /// creates sent together, each timed create -> running; the direct CRI pods go in groups
+    /// of as many, their calls in parallel. 1 = one at a time.
+    #[arg(long, default_value_t = 1)]
+    burst: usize,
     /// The cloudcore binary [default: `cloudcore` next to this executable].
     #[arg(long)]
     cloudcore: Option<PathBuf>,
@@ -135,13 +152,29 @@ enum Client {
     Kubectl,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ControlPlane {
+    Embedded,
+    Kube,
+}
+
 fn main() -> ExitCode {
-    let cli = match bench::parse_cli::<Cli>(|c| vec![("--pods", c.pods), ("--rounds", c.rounds)]) {
+    let cli = match bench::parse_cli::<Cli>(|c| {
+        vec![
+            ("--pods", c.pods),
+            ("--rounds", c.rounds),
+            ("--burst", c.burst),
+        ]
+    }) {
         Ok(cli) => cli,
         Err(code) => return code,
     };
     if cli.idle_pods > cli.pods {
         eprintln!("error: --idle-pods must not exceed --pods");
+        return ExitCode::from(bench::EXIT_USAGE);
+    }
+    if cli.pods % cli.burst != 0 || cli.idle_pods % cli.burst != 0 {
+        eprintln!("error: --pods and --idle-pods must be multiples of --burst");
         return ExitCode::from(bench::EXIT_USAGE);
     }
     bench::init_tracing();
@@ -185,7 +218,7 @@ async fn bench(cli: &Cli) -> Result<Report> {
             let round_dir = dir.path().join(format!("round-{index}"));
             let mut site = match kept.take() {
                 Some(site) => site,
-                None => Site::start(&binaries, &runtime, &round_dir).await?,
+                None => Site::start(&binaries, &runtime, &round_dir, cli.control_plane).await?,
             };
             let outcome = measure(cli, &mut site, &runtime, &round_dir, index).await;
             if outcome.is_err() || cli.between_rounds == BetweenRounds::Restart {
@@ -251,11 +284,47 @@ async fn start_runtime(dir: PathBuf) -> Result<Runtime> {
 // ---------------------------------------------------------------------------------------------
 // cloudcore and edgecore
 
-async fn start_cloud(binary: &Path, dir: &Path) -> Result<Cloud> {
+/// cloudcore, and in kube mode the fresh control plane it serves from (stopped and wiped when
+/// dropped, after cloudcore).
+async fn start_cloud(
+    binary: &Path,
+    dir: &Path,
+    control_plane: ControlPlane,
+) -> Result<(Cloud, Option<KubeCluster>)> {
     let (binary, dir) = (binary.to_path_buf(), dir.to_path_buf());
-    tokio::task::spawn_blocking(move || Cloud::start_binary(&binary, &dir, &[]))
-        .await
-        .context("the cloudcore start task panicked")?
+    tokio::task::spawn_blocking(move || match control_plane {
+        ControlPlane::Embedded => Cloud::start_binary(&binary, &dir, &[]).map(|c| (c, None)),
+        ControlPlane::Kube => {
+            // KubeCluster panics saying what is missing; the panic becomes this task's error.
+            let cluster = KubeCluster::start(&dir, &ClusterOptions::default());
+            let credentials = cluster.cloudcore_credentials(|rbac| rbac);
+            let cloud = Cloud::start_kube_binary(
+                &binary,
+                &dir,
+                &cluster,
+                &credentials,
+                Ipv4Addr::LOCALHOST.into(),
+                &[],
+            )?;
+            Ok((cloud, Some(cluster)))
+        }
+    })
+    .await
+    .map_err(|e| anyhow!("starting cloudcore (and the control plane) failed: {e}"))?
+}
+
+/// In kube mode the ServiceAccount admission wants the namespace's `default` ServiceAccount
+/// even for pods that mount no token; the controller-manager makes it shortly after the
+/// namespace, the bench does not wait for that.
+async fn ensure_service_account(client: &kube::Client) -> Result<()> {
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), NAMESPACE);
+    let account: ServiceAccount = serde_json::from_value(json!({"metadata": {"name": "default"}}))?;
+    match accounts.create(&PostParams::default(), &account).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+        Err(e) => Err(e).context("cannot create the namespace's default ServiceAccount"),
+    }
 }
 
 /// Runs a command to completion; its stdout, or an error with its stderr.
@@ -731,18 +800,31 @@ impl StorePoller {
     fn start(edge_dir: &Path) -> Result<StorePoller> {
         let store = Store::open_read_only(edge_dir).context("cannot open the edge's store")?;
         let (requests, incoming) = std::sync::mpsc::channel::<StoreRequest>();
+        // Every key asked for is looked for on each pass, so a burst's pods are all timed.
         let thread = std::thread::spawn(move || {
-            for request in incoming {
-                let found = loop {
+            let mut pending: Vec<StoreRequest> = Vec::new();
+            loop {
+                if pending.is_empty() {
+                    match incoming.recv() {
+                        Ok(request) => pending.push(request),
+                        Err(_) => return,
+                    }
+                }
+                pending.extend(incoming.try_iter());
+                let mut waiting = Vec::with_capacity(pending.len());
+                for request in pending.drain(..) {
                     if let Ok(Some(_)) = store.get(&request.key) {
-                        break Some(Instant::now());
+                        let _ = request.reply.send(Some(Instant::now()));
+                    } else if Instant::now() >= request.deadline {
+                        let _ = request.reply.send(None);
+                    } else {
+                        waiting.push(request);
                     }
-                    if Instant::now() >= request.deadline {
-                        break None;
-                    }
+                }
+                pending = waiting;
+                if !pending.is_empty() {
                     std::thread::sleep(STORE_POLL);
-                };
-                let _ = request.reply.send(found);
+                }
             }
         });
         Ok(StorePoller {
@@ -865,17 +947,27 @@ struct Site {
     cloud: Cloud,
     edge: EdgeProcess,
     client: kube::Client,
+    /// The real control plane in kube mode; dropped (stopped, wiped) after cloudcore.
+    cluster: Option<KubeCluster>,
 }
 
 impl Site {
-    async fn start(binaries: &Binaries, runtime: &Runtime, dir: &Path) -> Result<Site> {
-        let mut cloud = start_cloud(&binaries.cloudcore, dir).await?;
+    async fn start(
+        binaries: &Binaries,
+        runtime: &Runtime,
+        dir: &Path,
+        control_plane: ControlPlane,
+    ) -> Result<Site> {
+        let (mut cloud, cluster) = start_cloud(&binaries.cloudcore, dir, control_plane).await?;
         let edge_dir = dir.join("edge");
         let started = async {
             join_edge(binaries, &cloud, &edge_dir).await?;
             let edge =
                 EdgeProcess::start(&binaries.edgecore, &edge_dir, &runtime.get()?.endpoint).await?;
             let client = bench::api_client(NAMESPACE, API_READY_TIMEOUT, &cloud).await?;
+            if control_plane == ControlPlane::Kube {
+                ensure_service_account(&client).await?;
+            }
             anyhow::Ok((edge, client))
         }
         .await;
@@ -884,10 +976,14 @@ impl Site {
                 cloud,
                 edge,
                 client,
+                cluster,
             }),
             Err(e) => {
                 print_tail("cloudcore", &cloud.log());
-                tokio::task::block_in_place(|| cloud.stop());
+                tokio::task::block_in_place(|| {
+                    cloud.stop();
+                    drop(cluster);
+                });
                 Err(e)
             }
         }
@@ -900,7 +996,11 @@ impl Site {
             print_tail("cloudcore", &self.cloud.log());
         }
         self.edge.stop().await;
-        tokio::task::block_in_place(|| self.cloud.stop());
+        let cluster = self.cluster.take();
+        tokio::task::block_in_place(|| {
+            self.cloud.stop();
+            drop(cluster);
+        });
     }
 }
 
@@ -952,28 +1052,33 @@ async fn measure(
     let mut raw_pods: Vec<RawPod> = Vec::with_capacity(cli.pods);
     let mut idle_loaded = None;
     let mut template: Option<Pod> = None;
-    for index in 0..cli.pods {
-        if index == cli.idle_pods {
+    for group in 0..cli.pods / cli.burst {
+        let first = group * cli.burst;
+        let indices: Vec<usize> = (first..first + cli.burst).collect();
+        if first == cli.idle_pods {
             eprintln!(
-                "round {round}: edgecore idle with {index} pods ({} s)",
+                "round {round}: edgecore idle with {first} pods ({} s)",
                 cli.idle_secs
             );
-            idle_loaded = Some(quiet_memory(edge, containerd_pid, index, idle_secs).await?);
+            idle_loaded = Some(quiet_memory(edge, containerd_pid, first, idle_secs).await?);
         }
         // Alternate which kind goes first; the first API pod gives the direct ones their spec.
-        let direct_first = index % 2 == 1;
+        let direct_first = group % 2 == 1;
         if direct_first && let Some(template) = &template {
-            let (start, pod) = start_raw_pod(&b, template, index).await?;
-            raw_starts.push(start);
-            raw_pods.push(pod);
+            for (start, pod) in start_raw_pods(&b, template, &indices).await? {
+                raw_starts.push(start);
+                raw_pods.push(pod);
+            }
         }
-        let (start, pod) = start_api_pod(&mut b, index).await?;
-        api_starts.push(start);
-        let template = template.get_or_insert(pod);
-        if !direct_first {
-            let (start, pod) = start_raw_pod(&b, template, index).await?;
-            raw_starts.push(start);
-            raw_pods.push(pod);
+        for (start, pod) in start_api_pods(&mut b, &indices).await? {
+            api_starts.push(start);
+            template.get_or_insert(pod);
+        }
+        if !direct_first && let Some(template) = &template {
+            for (start, pod) in start_raw_pods(&b, template, &indices).await? {
+                raw_starts.push(start);
+                raw_pods.push(pod);
+            }
         }
     }
     let idle_loaded = match idle_loaded {
@@ -1049,6 +1154,7 @@ fn pod_manifest(name: &str, node: &str) -> Value {
         },
         "spec": {
             "nodeName": node,
+            "automountServiceAccountToken": false,
             "terminationGracePeriodSeconds": GRACE_SECS,
             "containers": [{
                 "name": CONTAINER,
@@ -1121,51 +1227,105 @@ struct ApiStart {
     events_before_running: usize,
 }
 
-async fn start_api_pod(b: &mut Bench<'_>, index: usize) -> Result<(ApiStart, Pod)> {
-    let name = api_name(index);
-    let manifest = pod_manifest(&name, NODE);
-    let key = ObjectKey {
-        kind: "Pod".into(),
-        namespace: NAMESPACE.into(),
-        name: name.clone(),
-    };
+/// A pod created through the API, not yet seen running.
+struct Created {
+    name: String,
+    uid: String,
+    start: Start,
+    answered: Instant,
+    committed: tokio::sync::oneshot::Receiver<Option<Instant>>,
+    pod: Pod,
+}
+
+/// Creates the pods `indices` through the API all at once (one at a time for one index), each
+/// timed from its own create request until the watch shows its container running. The CPU
+/// edgecore and cloudcore used over the whole group is shared out evenly.
+async fn start_api_pods(b: &mut Bench<'_>, indices: &[usize]) -> Result<Vec<(ApiStart, Pod)>> {
     let cpu_before = (cpu_ns(b.edge_pid)?, cpu_ns(b.cloud_pid)?);
-    let start = Start::now();
-    // The edge may commit the pod before the create's answer is back: look from the start.
-    let committed = b.store.look_for(key);
-    let pod = create_pod(b, &manifest).await?;
-    let answered = Instant::now();
-    let uid = pod
-        .metadata
-        .uid
-        .clone()
-        .context("the created pod has no uid")?;
-    b.runtime.started(&uid);
-    let running = b
-        .watch
-        .wait(&name, "container running", |s| s.running)
-        .await?;
+    let created = {
+        let b = &*b;
+        futures::future::try_join_all(indices.iter().map(|&index| async move {
+            let name = api_name(index);
+            let manifest = pod_manifest(&name, NODE);
+            let key = ObjectKey {
+                kind: "Pod".into(),
+                namespace: NAMESPACE.into(),
+                name: name.clone(),
+            };
+            let start = Start::now();
+            // The edge may commit the pod before the create's answer is back: look from the
+            // start.
+            let committed = b.store.look_for(key);
+            let pod = create_pod(b, &manifest).await?;
+            let answered = Instant::now();
+            let uid = pod
+                .metadata
+                .uid
+                .clone()
+                .context("the created pod has no uid")?;
+            b.runtime.started(&uid);
+            anyhow::Ok(Created {
+                name,
+                uid,
+                start,
+                answered,
+                committed,
+                pod,
+            })
+        }))
+        .await?
+    };
+    // The watch task stamps every event as it comes, so waiting in turn loses nothing.
+    let mut running = Vec::with_capacity(created.len());
+    for c in &created {
+        running.push(
+            b.watch
+                .wait(&c.name, "container running", |s| s.running)
+                .await?,
+        );
+    }
     let cpu_after = (cpu_ns(b.edge_pid)?, cpu_ns(b.cloud_pid)?);
-    let committed = committed.await.ok().flatten();
-    let stamps = runtime_stamps(&b.cri, &uid).await?;
-    Ok((
-        ApiStart {
-            uid,
-            start,
-            answered: start.ms_until(answered),
-            store_committed: committed.map(|at| start.ms_until(at)),
-            sandbox_created: start.ms_until_wall(stamps.sandbox_created),
-            sandbox_ready_logged: None,
-            container_created: start.ms_until_wall(stamps.container_created),
-            container_started: start.ms_until_wall(stamps.container_started),
-            container_started_logged: None,
-            running_seen: start.ms_until(running),
-            edge_cpu: cpu_after.0.saturating_sub(cpu_before.0) as f64 / 1e6,
-            cloud_cpu: cpu_after.1.saturating_sub(cpu_before.1) as f64 / 1e6,
-            events_before_running: b.watch.events_before_running(&name),
-        },
-        pod,
-    ))
+    let share = created.len() as f64 * 1e6;
+    let mut starts = Vec::with_capacity(created.len());
+    for (c, running) in created.into_iter().zip(running) {
+        let committed = c.committed.await.ok().flatten();
+        let stamps = runtime_stamps(&b.cri, &c.uid).await?;
+        let start = c.start;
+        starts.push((
+            ApiStart {
+                uid: c.uid,
+                start,
+                answered: start.ms_until(c.answered),
+                store_committed: committed.map(|at| start.ms_until(at)),
+                sandbox_created: start.ms_until_wall(stamps.sandbox_created),
+                sandbox_ready_logged: None,
+                container_created: start.ms_until_wall(stamps.container_created),
+                container_started: start.ms_until_wall(stamps.container_started),
+                container_started_logged: None,
+                running_seen: start.ms_until(running),
+                edge_cpu: cpu_after.0.saturating_sub(cpu_before.0) as f64 / share,
+                cloud_cpu: cpu_after.1.saturating_sub(cpu_before.1) as f64 / share,
+                events_before_running: b.watch.events_before_running(&c.name),
+            },
+            c.pod,
+        ));
+    }
+    Ok(starts)
+}
+
+/// Starts copies of `template` straight through the CRI for `indices`, all at once: each
+/// pod's calls in turn, the pods in parallel.
+async fn start_raw_pods(
+    b: &Bench<'_>,
+    template: &Pod,
+    indices: &[usize],
+) -> Result<Vec<(RawStart, RawPod)>> {
+    futures::future::try_join_all(
+        indices
+            .iter()
+            .map(|&index| start_raw_pod(b, template, index)),
+    )
+    .await
 }
 
 async fn delete_api_pod(b: &mut Bench<'_>, name: &str) -> Result<f64> {
@@ -1485,6 +1645,11 @@ impl Round {
         )
     }
 
+    /// median(apply → running) / median(raw CRI start): how far from the runtime's floor.
+    fn floor_ratio(&self) -> f64 {
+        self.start_total().median / self.raw_core().median.max(1e-9)
+    }
+
     /// median(apply → running) − median(raw CRI start).
     fn overhead_end_to_end(&self) -> f64 {
         self.start_total().median - self.raw_core().median
@@ -1568,6 +1733,8 @@ struct Settings {
     rounds: usize,
     between_rounds: BetweenRounds,
     client: Client,
+    control_plane: ControlPlane,
+    burst: usize,
 }
 
 impl Settings {
@@ -1580,6 +1747,8 @@ impl Settings {
             rounds: cli.rounds,
             between_rounds: cli.between_rounds,
             client: cli.client,
+            control_plane: cli.control_plane,
+            burst: cli.burst,
         }
     }
 }
@@ -1604,14 +1773,23 @@ impl bench::Report for Report {
     fn table(&self) -> String {
         let s = &self.settings;
         let mut out = format!(
-            "pod-bench: {} pods through the API ({}) and {} straight through the CRI per round, {} round(s) \
+            "pod-bench: {} pods through the API ({}, control plane {}) and {} straight through the CRI per round, {}, {} round(s) \
              ({} between rounds); {} CPUs ({}), {} MiB, kernel {}\n\n",
             s.pods,
             match s.client {
                 Client::Kube => "kube-rs create",
                 Client::Kubectl => "kubectl apply",
             },
+            match s.control_plane {
+                ControlPlane::Embedded => "embedded",
+                ControlPlane::Kube => "kube",
+            },
             s.pods,
+            if s.burst == 1 {
+                "one at a time".to_string()
+            } else {
+                format!("{} at once", s.burst)
+            },
             s.rounds,
             match s.between_rounds {
                 BetweenRounds::Restart => "cloudcore and edgecore restarted",
@@ -1687,6 +1865,10 @@ impl bench::Report for Report {
                 round.raw(|r| r.sandbox_created),
             ));
             out.push_str(&format!(
+                "  apply -> running p50 / raw CRI core p50: {:.2}x\n",
+                round.floor_ratio()
+            ));
+            out.push_str(&format!(
                 "  overhead over raw CRI (difference of medians): end to end {:.1} ms, inside edgecore {:.1} ms\n",
                 round.overhead_end_to_end(),
                 round.overhead_edgecore()
@@ -1739,10 +1921,14 @@ impl bench::Report for Report {
         }
         out.push_str("across rounds, median (min … max):\n");
         out.push_str(&format!(
-            "  apply -> running p50       {}\n  apply -> running p99       {}\n  raw CRI core p50           {}\n  overhead end to end        {}\n  overhead inside edgecore   {}\n    same, median of pairs    {}\n  edgecore CPU per start     {}\n  edgecore RSS, {} pods idle  {}\n  edgecore RSS, 0 pods idle  {}\n",
+            "  apply -> running p50       {}\n  apply -> running p99       {}\n  raw CRI core p50           {}\n  ratio to the floor (p50)   {}\n  overhead end to end        {}\n  overhead inside edgecore   {}\n    same, median of pairs    {}\n  edgecore CPU per start     {}\n  edgecore RSS, {} pods idle  {}\n  edgecore RSS, 0 pods idle  {}\n",
             fmt_spread(self.spread(|r| r.start_total().median), " ms"),
             fmt_spread(self.spread(|r| r.start_total().p99), " ms"),
             fmt_spread(self.spread(|r| r.raw_core().median), " ms"),
+            {
+                let r = self.spread(Round::floor_ratio);
+                format!("{:.2}x ({:.2} … {:.2})", r.median, r.min, r.max)
+            },
             fmt_spread(self.spread(Round::overhead_end_to_end), " ms"),
             fmt_spread(self.spread(Round::overhead_edgecore), " ms"),
             fmt_spread(self.spread(|r| r.edgecore_pairs().median), " ms"),
@@ -1765,6 +1951,8 @@ impl bench::Report for Report {
                 "status_probes": s.status_probes,
                 "rounds": s.rounds,
                 "client": format!("{:?}", s.client).to_lowercase(),
+                "control_plane": format!("{:?}", s.control_plane).to_lowercase(),
+                "burst": s.burst,
                 "between_rounds": format!("{:?}", s.between_rounds).to_lowercase(),
             },
             "machine": self.machine.to_json(),
@@ -1773,6 +1961,7 @@ impl bench::Report for Report {
                 "apply_to_running_median_ms": spread(&|r| r.start_total().median),
                 "apply_to_running_p99_ms": spread(&|r| r.start_total().p99),
                 "raw_cri_core_median_ms": spread(&|r| r.raw_core().median),
+                "floor_ratio_median": spread(&Round::floor_ratio),
                 "overhead_end_to_end_ms": spread(&Round::overhead_end_to_end),
                 "overhead_edgecore_ms": spread(&Round::overhead_edgecore),
                 "overhead_edgecore_paired_median_ms": spread(&|r| r.edgecore_pairs().median),
