@@ -775,12 +775,26 @@ fn is_stale(
     now - last_seen > grace
 }
 
+/// How often the lifecycle check lists every edge Node; between lists it reads only the Nodes
+/// it knows of that have no session. A list of 10,000 Nodes is some 30 MB of JSON, which every
+/// 2 s was a large share of cloudcore's CPU at rest.
+const NODE_LIST_EVERY: Duration = Duration::from_secs(60);
+
+/// The edge Node names the lifecycle check knows: from its last full list, plus every edge
+/// that connected since (an edge's Node is written when it connects).
+#[derive(Debug, Default)]
+struct KnownNodes {
+    names: std::collections::BTreeSet<String>,
+    listed: Option<Instant>,
+}
+
 /// Marks edge nodes whose lease expired, and that have no session, Ready=Unknown and taints
 /// them unreachable (also those already Unknown whose taint is missing).
 async fn mark_lost(
     nodes: &Api<Node>,
     leases: &Api<Lease>,
     presence: &Presence,
+    known: &mut KnownNodes,
     grace: Duration,
     started: OffsetDateTime,
 ) -> Result<(), kube::Error> {
@@ -790,9 +804,44 @@ async fn mark_lost(
     if OffsetDateTime::now_utc() - started <= grace_span {
         return Ok(());
     }
-    let edge_nodes = nodes
-        .list(&ListParams::default().labels(EDGE_ROLE_LABEL))
-        .await?;
+    let edge_nodes: Vec<Node> = if known.listed.is_none_or(|t| t.elapsed() >= NODE_LIST_EVERY) {
+        let listed = nodes
+            .list(&ListParams::default().labels(EDGE_ROLE_LABEL))
+            .await?
+            .items;
+        known.names = listed
+            .iter()
+            .filter_map(|n| n.metadata.name.clone())
+            .collect();
+        known.listed = Some(Instant::now());
+        listed
+    } else {
+        known.names.extend(presence.edges().keys().cloned());
+        let silent: Vec<String> = known
+            .names
+            .iter()
+            .filter(|n| !presence.is_connected(n))
+            .cloned()
+            .collect();
+        let mut found = Vec::with_capacity(silent.len());
+        for name in silent {
+            match nodes.get_opt(&name).await? {
+                Some(node)
+                    if node
+                        .metadata
+                        .labels
+                        .as_ref()
+                        .is_some_and(|l| l.contains_key(EDGE_ROLE_LABEL)) =>
+                {
+                    found.push(node)
+                }
+                _ => {
+                    known.names.remove(&name);
+                }
+            }
+        }
+        found
+    };
     let now = OffsetDateTime::now_utc();
     for node in edge_nodes {
         let Some(name) = node.metadata.name.clone() else {
@@ -844,6 +893,7 @@ pub async fn run(
     let leases: Api<Lease> = Api::namespaced(client, LEASE_NAMESPACE);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut last_lifecycle = Instant::now();
+    let mut known = KnownNodes::default();
     let started = OffsetDateTime::now_utc();
     loop {
         tokio::select! {
@@ -958,7 +1008,16 @@ pub async fn run(
             .await;
         if config.lifecycle && last_lifecycle.elapsed() >= Duration::from_secs(2) {
             last_lifecycle = Instant::now();
-            if let Err(e) = mark_lost(nodes, leases, presence, config.grace_period, started).await {
+            if let Err(e) = mark_lost(
+                nodes,
+                leases,
+                presence,
+                &mut known,
+                config.grace_period,
+                started,
+            )
+            .await
+            {
                 tracing::warn!(error = %e, "node lifecycle check failed; will retry");
             }
         }

@@ -1189,9 +1189,7 @@ mod tests {
     async fn update_each_writes_many_in_one_commit_with_an_event_each() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = open(&dir);
-        let lease = |name: &str| {
-            json!({"metadata": {"namespace": "kube-node-lease", "name": name}, "spec": {"renewTime": "old"}})
-        };
+        let lease = |name: &str| json!({"metadata": {"namespace": "kube-node-lease", "name": name}, "spec": {"renewTime": "old"}});
         for name in ["a", "b", "c"] {
             store
                 .create(&leases(), "kube-node-lease", name, lease(name))
@@ -1230,12 +1228,18 @@ mod tests {
             .get(&leases(), "kube-node-lease", "b")
             .expect("get")
             .expect("b");
-        assert_eq!((rv_of(&b), b["spec"]["renewTime"].as_str()), (5, Some("new")));
+        assert_eq!(
+            (rv_of(&b), b["spec"]["renewTime"].as_str()),
+            (5, Some("new"))
+        );
         let c = store
             .get(&leases(), "kube-node-lease", "c")
             .expect("get")
             .expect("c");
-        assert_eq!((rv_of(&c), c["spec"]["renewTime"].as_str()), (3, Some("old")));
+        assert_eq!(
+            (rv_of(&c), c["spec"]["renewTime"].as_str()),
+            (3, Some("old"))
+        );
         // Replayed from the events table like any other write.
         let mut replay = store.watch(&leases(), None, 3).expect("watch");
         assert_eq!(take(&mut replay, 2).await[1].rv, 5);
