@@ -14,8 +14,8 @@ pub struct Backoff {
 
 impl Default for Backoff {
     /// 250 ms doubling to a 2 s cap: a gateway is back within seconds of its uplink (an
-    /// attempt costs one QUIC Initial of about 1.2 KB; cloudcore sheds handshakes beyond its
-    /// limit, so a large fleet reconnecting at once only retries sooner).
+    /// attempt costs one QUIC Initial of about 1.2 KB). A dial the cloud refused as busy waits
+    /// [`after_busy`] instead, so a large fleet reconnecting at once is paced by the cloud.
     fn default() -> Self {
         Backoff {
             base: Duration::from_millis(250),
