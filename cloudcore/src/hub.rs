@@ -374,6 +374,13 @@ async fn handle_incoming(
             incoming.refuse();
             return;
         }
+        Err(Refusal::Busy) => {
+            // Before any crypto: a connection queued past the edge's dial limit would cost a
+            // handshake for an edge that already gave up. The edge waits longer and retries.
+            shared.metrics.connection_rejected("busy");
+            incoming.refuse();
+            return;
+        }
         Err(Refusal::Closed) => return,
     };
     let connecting = match incoming.accept() {
@@ -738,21 +745,6 @@ async fn serve_node(
     shared.fence.cleared(&node);
 
     let session_id = shared.next_session.fetch_add(1, Ordering::Relaxed);
-    let reconnect = {
-        let shared = shared.clone();
-        let name = identity.node_name.clone();
-        let address = peer.to_string();
-        tokio::task::spawn_blocking(move || shared.registry.mark_connected(&name, &address)).await
-    };
-    match reconnect {
-        Ok(Ok(true)) => {
-            shared.metrics.reconnects.inc();
-        }
-        Ok(Ok(false)) | Err(_) => {}
-        Ok(Err(e)) => {
-            tracing::warn!(error = %e, cause = %source_text(&e), "cannot record connection");
-        }
-    }
     // Balanced by `session_ended` below, whatever becomes of the session.
     let resend_status = shared
         .upstream
@@ -804,6 +796,31 @@ async fn serve_node(
         );
     }
     drop(permit);
+    // In the background, after the slot is freed: the mark is a registry write (an fsync per
+    // commit, one connection), and neither a storm's handshakes nor the session's presence (which
+    // keeps the node Ready) may queue behind thousands of them. Awaited before the session's
+    // own disconnect mark, so the two stay in order.
+    let marked = {
+        let shared = shared.clone();
+        let name = identity.node_name.clone();
+        let address = peer.to_string();
+        tokio::spawn(async move {
+            let registry = shared.clone();
+            let reconnect = tokio::task::spawn_blocking(move || {
+                registry.registry.mark_connected(&name, &address)
+            })
+            .await;
+            match reconnect {
+                Ok(Ok(true)) => {
+                    shared.metrics.reconnects.inc();
+                }
+                Ok(Ok(false)) | Err(_) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, cause = %source_text(&e), "cannot record connection");
+                }
+            }
+        }.in_current_span())
+    };
     // Streams to this node's pods go on this connection from now on.
     shared.streams.connected(
         &identity.node_name,
@@ -860,6 +877,7 @@ async fn serve_node(
             _ => false,
         }
     };
+    let _ = marked.await;
     if still_ours {
         shared.presence.disconnected(&identity.node_name);
         let shared = shared.clone();

@@ -464,6 +464,7 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> Result<(),
             grace_period: shared.config.node_grace_period,
             lifecycle,
             kubelet: kubelet.as_ref().map(|(endpoints, _)| endpoints.clone()),
+            store: embedded_store.clone(),
             ..nodes::NodeControllerConfig::default()
         },
         shutdown.clone(),

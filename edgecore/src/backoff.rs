@@ -14,8 +14,8 @@ pub struct Backoff {
 
 impl Default for Backoff {
     /// 250 ms doubling to a 2 s cap: a gateway is back within seconds of its uplink (an
-    /// attempt costs one QUIC Initial of about 1.2 KB; cloudcore sheds handshakes beyond its
-    /// limit, so a large fleet reconnecting at once only retries sooner).
+    /// attempt costs one QUIC Initial of about 1.2 KB). A dial the cloud refused as busy waits
+    /// [`after_busy`] instead, so a large fleet reconnecting at once is paced by the cloud.
     fn default() -> Self {
         Backoff {
             base: Duration::from_millis(250),
@@ -40,6 +40,25 @@ impl Backoff {
         Duration::from_nanos(rng.random_range(0..=ceiling.as_nanos().min(u64::MAX as u128) as u64))
     }
 }
+
+/// The wait after the cloud refused a connection before any handshake because it was busy
+/// (its handshake queue was full: a reconnect storm): 1 s doubling to an 8 s cap, uniform in
+/// `[0, ceiling]`. Longer than [`Backoff::default`]'s 2 s, so a refused fleet comes back at
+/// about the rate the cloud completes handshakes instead of re-dialling every second or two;
+/// capped at 8 s, so an edge refused late in a storm is not left out for long (a fleet of
+/// 10,000 is back well within a 40 s node grace period). `refusals` counts the consecutive
+/// refusals, from 1. A dial that times out (no answer: the uplink is down) keeps the default
+/// backoff, so a single edge whose uplink returns reconnects within seconds.
+pub fn after_busy(refusals: u32, rng: &mut impl Rng) -> Duration {
+    Backoff {
+        base: Duration::from_secs(1),
+        cap: BUSY_CAP,
+    }
+    .delay(refusals.saturating_sub(1), rng)
+}
+
+/// The longest wait after a busy refusal ([`after_busy`]).
+pub const BUSY_CAP: Duration = Duration::from_secs(8);
 
 /// The wait after the cloud closed this node's session because another connection with the
 /// same identity took over (`REPLACED`): 5 s doubling to a 5 min cap, uniform in the upper half
@@ -103,6 +122,32 @@ mod tests {
                 "a quarter of the range holds about a quarter: {low}"
             );
         }
+    }
+
+    #[test]
+    fn busy_refusals_wait_longer_than_the_default_but_at_most_eight_seconds() {
+        let mut rng = StdRng::seed_from_u64(11);
+        for (n, ceiling) in [(1, 1.0), (2, 2.0), (3, 4.0), (4, 8.0), (5, 8.0), (60, 8.0)] {
+            let samples: Vec<f64> = (0..2000)
+                .map(|_| after_busy(n, &mut rng).as_secs_f64())
+                .collect();
+            assert!(
+                samples.iter().all(|d| (0.0..=ceiling).contains(d)),
+                "refusal {n}: within 0..={ceiling}s"
+            );
+            let mean = samples.iter().sum::<f64>() / samples.len() as f64;
+            assert!(
+                (mean - ceiling / 2.0).abs() < ceiling * 0.05,
+                "refusal {n}: jittered over the whole range, mean {mean}"
+            );
+        }
+        assert_eq!(BUSY_CAP, Duration::from_secs(8));
+        assert!(
+            BUSY_CAP > Backoff::default().cap,
+            "a refused edge backs off harder than one whose dial failed"
+        );
+        // 0 (no refusal counted yet) is treated as the first.
+        assert!(after_busy(0, &mut rng) <= Duration::from_secs(1));
     }
 
     #[test]

@@ -34,6 +34,21 @@ pub enum DialError {
     Timeout { addr: SocketAddr, timeout: Duration },
 }
 
+impl DialError {
+    /// Whether the cloud refused the connection before any TLS (QUIC `CONNECTION_REFUSED`):
+    /// it is busy (a reconnect storm filled its handshake queue) and the edge should wait
+    /// longer before the next attempt ([`crate::backoff::after_busy`]).
+    pub fn is_busy_refusal(&self) -> bool {
+        matches!(
+            self,
+            DialError::Handshake {
+                source: ConnectionError::ConnectionClosed(close),
+                ..
+            } if close.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED
+        )
+    }
+}
+
 /// Splits `host:port` (IPv6 literals in brackets) into the TLS server name and the port.
 pub fn split_host_port(cloud: &str) -> Result<(String, u16), DialError> {
     let bad = || DialError::BadAddress(cloud.to_string());
@@ -114,5 +129,32 @@ mod tests {
         for bad in ["cloud", ":10000", "cloud:x", "cloud:99999"] {
             assert!(split_host_port(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn only_a_quic_connection_refused_is_a_busy_refusal() {
+        let addr: SocketAddr = "127.0.0.1:10000".parse().expect("literal");
+        let closed = |code| DialError::Handshake {
+            addr,
+            source: ConnectionError::ConnectionClosed(quinn::ConnectionClose {
+                error_code: code,
+                frame_type: None,
+                reason: Default::default(),
+            }),
+        };
+        assert!(closed(quinn::TransportErrorCode::CONNECTION_REFUSED).is_busy_refusal());
+        assert!(!closed(quinn::TransportErrorCode::PROTOCOL_VIOLATION).is_busy_refusal());
+        let timeout = DialError::Timeout {
+            addr,
+            timeout: Duration::from_secs(3),
+        };
+        assert!(!timeout.is_busy_refusal(), "no answer is not a refusal");
+        assert!(
+            !DialError::Handshake {
+                addr,
+                source: ConnectionError::TimedOut
+            }
+            .is_busy_refusal()
+        );
     }
 }

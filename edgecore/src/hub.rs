@@ -35,7 +35,11 @@ use crate::tls::{self, TlsError};
 use crate::tokens::Tokens;
 
 /// A session that lasted at least this long resets the backoff.
-const STABLE_SESSION: Duration = Duration::from_secs(30);
+pub const STABLE_SESSION: Duration = Duration::from_secs(30);
+/// How long one dial (QUIC + TLS handshake) may take before it is abandoned and retried
+/// ([`HubConfig::connect_timeout`]'s default). Short: a dial started during a partition must
+/// not delay the reconnect after it.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long shutdown waits for the connection close to be sent.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 /// Between attempts when retrying cannot help until an operator acts (an expired or revoked
@@ -84,8 +88,7 @@ impl HubConfig {
             data_dir,
             cloud: None,
             backoff: Backoff::default(),
-            // Short: a dial started during a partition must not delay the reconnect after it.
-            connect_timeout: Duration::from_secs(3),
+            connect_timeout: CONNECT_TIMEOUT,
             max_frame_size: proto::DEFAULT_MAX_FRAME_SIZE,
             renew_window: (0.7, 0.9),
             node_status_interval: node::STATUS_CHECK_INTERVAL,
@@ -131,6 +134,11 @@ impl SessionError {
             }
             _ => false,
         }
+    }
+
+    /// Whether the cloud refused the connection before the handshake because it is busy.
+    pub fn is_busy_refusal(&self) -> bool {
+        matches!(self, SessionError::Dial(e) if e.is_busy_refusal())
     }
 
     /// Whether the cloud's API store is not the one this edge synced with (either side
@@ -877,6 +885,8 @@ pub async fn run(
     // Consecutive sessions the cloud closed with REPLACED (another connection with this
     // node's identity took over); they wait `backoff::after_replaced`.
     let mut replacements: u32 = 0;
+    // Consecutive dials the cloud refused as busy; they wait `backoff::after_busy`.
+    let mut busy_refusals: u32 = 0;
     let mut connected_before = false;
     // Repeated failures are logged at most once a minute, with how long the cloud has been away.
     let mut offline_since: Option<Instant> = None;
@@ -934,6 +944,10 @@ pub async fn run(
         };
         let mut needs_operator = false;
         let mut store_failed = false;
+        busy_refusals = match &opened {
+            Err(e) if e.is_busy_refusal() => busy_refusals.saturating_add(1),
+            _ => 0,
+        };
         // The cloud's store identity is remembered before anything from it is applied.
         let opened = match opened {
             Ok(session)
@@ -1074,6 +1088,8 @@ pub async fn run(
             crate::backoff::after_replaced(replacements, &mut rng)
         } else if store_failed {
             STORE_RETRY
+        } else if busy_refusals > 0 {
+            crate::backoff::after_busy(busy_refusals, &mut rng)
         } else {
             config.backoff.delay(attempt, &mut rng)
         };

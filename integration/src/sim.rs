@@ -29,10 +29,11 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-/// A session that lasted this long resets the backoff (as edgecore's hub does).
-const STABLE_SESSION: Duration = Duration::from_secs(10);
-/// How long one dial (QUIC + TLS) may take.
-const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
+/// A session that lasted this long resets the backoff: edgecore's own rule.
+const STABLE_SESSION: Duration = edgecore::hub::STABLE_SESSION;
+/// How long one dial (QUIC + TLS) may take: edgecore's default `connect_timeout`, so a storm
+/// abandons and retries handshakes as real edges would.
+const DIAL_TIMEOUT: Duration = edgecore::hub::CONNECT_TIMEOUT;
 /// How long the cloud may take to answer `Hello`.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -60,6 +61,8 @@ pub struct Stats {
     pub resynced: AtomicU64,
     pub hello_acks: AtomicU64,
     pub dial_failures: AtomicU64,
+    /// Dials the cloud refused as busy (counted in `dial_failures` too).
+    pub busy_refusals: AtomicU64,
     pub sessions_lost: AtomicU64,
     pub upserts: AtomicU64,
     pub deletes: AtomicU64,
@@ -83,6 +86,7 @@ impl Stats {
             resynced: get(&self.resynced),
             hello_acks: get(&self.hello_acks),
             dial_failures: get(&self.dial_failures),
+            busy_refusals: get(&self.busy_refusals),
             sessions_lost: get(&self.sessions_lost),
             upserts: get(&self.upserts),
             deletes: get(&self.deletes),
@@ -106,6 +110,7 @@ pub struct Snapshot {
     pub resynced: u64,
     pub hello_acks: u64,
     pub dial_failures: u64,
+    pub busy_refusals: u64,
     pub sessions_lost: u64,
     pub upserts: u64,
     pub deletes: u64,
@@ -123,6 +128,7 @@ macro_rules! snapshot_fields {
             resynced,
             hello_acks,
             dial_failures,
+            busy_refusals,
             sessions_lost,
             upserts,
             deletes,
@@ -261,6 +267,8 @@ struct SimEdge {
 enum End {
     Shutdown,
     Lost,
+    /// The cloud refused the dial as busy (edgecore then waits `backoff::after_busy`).
+    Busy,
 }
 
 impl SimEdge {
@@ -272,6 +280,7 @@ impl SimEdge {
         };
         let mut first = first;
         let mut attempt = 0u32;
+        let mut busy_refusals = 0u32;
         loop {
             let began = Instant::now();
             let end = self.session(&shutdown, &mut first).await;
@@ -282,7 +291,16 @@ impl SimEdge {
             if began.elapsed() >= STABLE_SESSION {
                 attempt = 0;
             }
-            let delay = self.config.backoff.delay(attempt, &mut self.rng);
+            // edgecore's rule (`edgecore::hub::run`): a busy refusal waits longer.
+            busy_refusals = match end {
+                End::Busy => busy_refusals.saturating_add(1),
+                _ => 0,
+            };
+            let delay = if busy_refusals > 0 {
+                edgecore::backoff::after_busy(busy_refusals, &mut self.rng)
+            } else {
+                self.config.backoff.delay(attempt, &mut self.rng)
+            };
             attempt = attempt.saturating_add(1);
             tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -340,8 +358,12 @@ impl SimEdge {
             _ = shutdown.cancelled() => return End::Shutdown,
             c = connecting => match c {
                 Ok(c) => c,
-                Err(_) => {
+                Err(e) => {
                     self.stats.dial_failures.fetch_add(1, Ordering::Relaxed);
+                    if e.is_busy_refusal() {
+                        self.stats.busy_refusals.fetch_add(1, Ordering::Relaxed);
+                        return End::Busy;
+                    }
                     return End::Lost;
                 }
             },

@@ -636,18 +636,23 @@ impl Registry {
                 |r| r.get(0),
             )
             .optional()?;
-        conn.execute(
-            "UPDATE nodes SET connected = 1, connected_ms = ?2, last_seen_ms = ?2, address = ?3 WHERE name = ?1",
-            params![name, now, address],
-        )?;
+        without_fsync(&conn, |conn| {
+            conn.execute(
+                "UPDATE nodes SET connected = 1, connected_ms = ?2, last_seen_ms = ?2, address = ?3 WHERE name = ?1",
+                params![name, now, address],
+            )
+        })?;
         Ok(matches!(before, Some(Some(_))))
     }
 
     pub fn mark_disconnected(&self, name: &str) -> Result<(), RegistryError> {
-        self.conn().execute(
-            "UPDATE nodes SET connected = 0, last_seen_ms = ?2 WHERE name = ?1",
-            params![name, now_ms()],
-        )?;
+        let conn = self.conn();
+        without_fsync(&conn, |conn| {
+            conn.execute(
+                "UPDATE nodes SET connected = 0, last_seen_ms = ?2 WHERE name = ?1",
+                params![name, now_ms()],
+            )
+        })?;
         Ok(())
     }
 
@@ -1115,6 +1120,21 @@ fn kubelet_port_for(
 
 fn to_ms(t: time::OffsetDateTime) -> i64 {
     (t.unix_timestamp_nanos() / 1_000_000) as i64
+}
+
+/// Runs `f` with its commit not fsynced (WAL `synchronous=NORMAL`; the next fsynced commit
+/// makes it durable too), then restores `FULL`. Only for connection marks: every `serve` start
+/// resets them (`server_started`), so a power loss that loses the newest costs nothing, and a
+/// reconnect storm's 10,000 marks no longer wait for an fsync each on the registry's one
+/// connection, which the handshakes' certificate checks share.
+fn without_fsync<T>(
+    conn: &Connection,
+    f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
+) -> Result<T, RegistryError> {
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    let result = f(conn);
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    Ok(result?)
 }
 
 #[cfg(test)]

@@ -558,6 +558,7 @@ async fn measure(cli: &Cli, binary: &Path, cloud: &mut Cloud, dir: &Path) -> Res
         storm_resynced,
         storm_upserts: after_storm.upserts - before.upserts,
         storm_dial_failures: after_storm.dial_failures - before.dial_failures,
+        storm_busy_refusals: after_storm.busy_refusals - before.busy_refusals,
         rss_after_storm_kib,
         left_ready,
         ready_at_end,
@@ -595,6 +596,7 @@ struct Report {
     storm_resynced: Duration,
     storm_upserts: u64,
     storm_dial_failures: u64,
+    storm_busy_refusals: u64,
     rss_after_storm_kib: u64,
     left_ready: Vec<(String, String)>,
     ready_at_end: usize,
@@ -708,9 +710,10 @@ impl bench::Report for Report {
             (
                 "storm: all back",
                 format!(
-                    "{:.1} s after the restart began ({} failed dials)",
+                    "{:.1} s after the restart began ({} failed dials, {} of them refused as busy)",
                     self.back.as_secs_f64(),
-                    self.storm_dial_failures
+                    self.storm_dial_failures,
+                    self.storm_busy_refusals
                 ),
             ),
             (
@@ -790,6 +793,7 @@ impl bench::Report for Report {
                 "resynced_s": self.storm_resynced.as_secs_f64(),
                 "upserts": self.storm_upserts,
                 "dial_failures": self.storm_dial_failures,
+                "busy_refusals": self.storm_busy_refusals,
                 "left_ready": self.left_ready.len(),
                 "ready_at_end": self.ready_at_end,
                 "pod_deletes": self.pod_deletes,
