@@ -639,6 +639,80 @@ fn renew_leases_in_store(
     Ok(missing.into_iter().map(|(_, name)| name).collect())
 }
 
+/// Whether a Lease, as the API shows it, has not expired at `now`: renewed within its own
+/// `leaseDurationSeconds`.
+fn lease_unexpired(lease: &Lease, now: OffsetDateTime) -> bool {
+    let Some(spec) = lease
+        .spec
+        .as_ref()
+        .and_then(|s| serde_json::to_value(s).ok())
+    else {
+        return false;
+    };
+    let (Some(renewed), Some(duration)) = (
+        spec["renewTime"].as_str().and_then(parse_time),
+        spec["leaseDurationSeconds"].as_i64(),
+    ) else {
+        return false;
+    };
+    now - renewed < time::Duration::seconds(duration.max(0))
+}
+
+/// Kube mode, once at start: renews the edge Leases that have not expired. They belong to
+/// edges that were connected when the previous cloudcore stopped (a kill, a crash, a rollout),
+/// which are reconnecting now; the cluster's node-lifecycle controller counts its grace period
+/// from the last renewal it saw, so without this a reconnect wave longer than what is left of
+/// it (an edge notices a dead cloud only after `--dead-after`) would mark edges Unknown and
+/// evict their pods although nothing but cloudcore was down. This is what
+/// kube-controller-manager does for itself after its own restart; the cost is that an edge
+/// that died together with cloudcore is marked Unknown one lease duration later. An expired
+/// Lease is left alone: that edge was already gone.
+async fn renew_unexpired_at_start(
+    nodes: &Api<Node>,
+    leases: &Api<Lease>,
+    duration: Duration,
+) -> Result<usize, kube::Error> {
+    let edges: std::collections::HashSet<String> = nodes
+        .list_metadata(&ListParams::default().labels(EDGE_ROLE_LABEL))
+        .await?
+        .items
+        .into_iter()
+        .filter_map(|n| n.metadata.name)
+        .collect();
+    let now = OffsetDateTime::now_utc();
+    let due: Vec<String> = leases
+        .list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .filter(|l| lease_unexpired(l, now))
+        .filter_map(|l| l.metadata.name)
+        .filter(|n| edges.contains(n))
+        .collect();
+    let renewed = std::sync::atomic::AtomicUsize::new(0);
+    let spec_now = micro_time(OffsetDateTime::now_utc());
+    futures::stream::iter(&due)
+        .for_each_concurrent(NODE_WRITES_IN_FLIGHT, |name| {
+            let patch = json!({"spec": {"holderIdentity": name, "leaseDurationSeconds": duration.as_secs(), "renewTime": spec_now}});
+            let renewed = &renewed;
+            async move {
+                match leases
+                    .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+                    .await
+                {
+                    Ok(_) => {
+                        renewed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        tracing::warn!(node.name = %name, error = %e, "cannot renew the lease of a reconnecting edge at start")
+                    }
+                }
+            }
+        })
+        .await;
+    Ok(renewed.into_inner())
+}
+
 /// Whether a node should carry the unreachable NoExecute taint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Reachability {
@@ -895,6 +969,19 @@ pub async fn run(
     let mut last_lifecycle = Instant::now();
     let mut known = KnownNodes::default();
     let started = OffsetDateTime::now_utc();
+    if !config.lifecycle {
+        match renew_unexpired_at_start(&nodes, &leases, config.lease_duration).await {
+            Ok(n) => {
+                tracing::info!(
+                    leases = n,
+                    "renewed the unexpired leases of edges reconnecting after a restart"
+                )
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot renew the leases of reconnecting edges at start")
+            }
+        }
+    }
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -1251,6 +1338,37 @@ mod tests {
         // Never seen: counted from the start.
         assert!(!is_stale(None, t(3600), t(3639), grace));
         assert!(is_stale(None, t(3600), t(3641), grace));
+    }
+
+    #[test]
+    fn only_a_lease_renewed_within_its_duration_is_unexpired() {
+        let now = OffsetDateTime::now_utc();
+        let lease = |renewed: Option<OffsetDateTime>, duration: Option<i32>| -> Lease {
+            serde_json::from_value(json!({
+                "metadata": {"name": "n", "namespace": LEASE_NAMESPACE},
+                "spec": {
+                    "holderIdentity": "n",
+                    "leaseDurationSeconds": duration,
+                    "renewTime": renewed.map(micro_time),
+                },
+            }))
+            .expect("lease")
+        };
+        let secs = time::Duration::seconds;
+        assert!(lease_unexpired(&lease(Some(now - secs(5)), Some(40)), now));
+        assert!(lease_unexpired(&lease(Some(now - secs(39)), Some(40)), now));
+        assert!(!lease_unexpired(
+            &lease(Some(now - secs(41)), Some(40)),
+            now
+        ));
+        assert!(
+            !lease_unexpired(&lease(None, Some(40)), now),
+            "never renewed"
+        );
+        assert!(
+            !lease_unexpired(&lease(Some(now), None), now),
+            "no duration"
+        );
     }
 
     #[test]
