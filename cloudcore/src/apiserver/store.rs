@@ -446,25 +446,24 @@ impl Store {
                 })
             };
             // Objects deleted since `rv` are merged in at their place in the order.
-            let emit_undone_before =
-                |undone: &mut BTreeMap<(String, String), Option<String>>,
-                 limit: Option<(&str, &str)>,
-                 visit: &mut dyn FnMut(Value)|
-                 -> Result<(), StoreError> {
-                    while let Some(entry) = undone.first_entry() {
-                        let (namespace, name) = entry.key();
-                        if limit.is_some_and(|l| (namespace.as_str(), name.as_str()) >= l) {
-                            break;
-                        }
-                        let ((namespace, name), body) = entry.remove_entry();
-                        if let Some(body) = body
-                            && wanted(&namespace, &name)
-                        {
-                            visit(parse(&body, 3)?);
-                        }
+            let emit_undone_before = |undone: &mut BTreeMap<(String, String), Option<String>>,
+                                      limit: Option<(&str, &str)>,
+                                      visit: &mut dyn FnMut(Value)|
+             -> Result<(), StoreError> {
+                while let Some(entry) = undone.first_entry() {
+                    let (namespace, name) = entry.key();
+                    if limit.is_some_and(|l| (namespace.as_str(), name.as_str()) >= l) {
+                        break;
                     }
-                    Ok(())
-                };
+                    let ((namespace, name), body) = entry.remove_entry();
+                    if let Some(body) = body
+                        && wanted(&namespace, &name)
+                    {
+                        visit(parse(&body, 3)?);
+                    }
+                }
+                Ok(())
+            };
             let mut stmt = tx.prepare_cached(
                 r#"SELECT namespace, name, body FROM objects
                    WHERE "group" = ?1 AND resource = ?2 AND (?3 IS NULL OR namespace = ?3)
@@ -489,7 +488,10 @@ impl Store {
                     continue;
                 }
                 if wanted(namespace, name) {
-                    visit(parse(row.get_ref(2)?.as_str().map_err(rusqlite::Error::from)?, 2)?);
+                    visit(parse(
+                        row.get_ref(2)?.as_str().map_err(rusqlite::Error::from)?,
+                        2,
+                    )?);
                 }
             }
             emit_undone_before(&mut undone, None, &mut visit)?;
@@ -1590,11 +1592,15 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = open_with(&dir, 64, 64);
         for (ns, name) in [("a", "p1"), ("a", "p2"), ("a", "p3"), ("b", "q")] {
-            store.create(&pods(), ns, name, pod(ns, name)).expect("create");
+            store
+                .create(&pods(), ns, name, pod(ns, name))
+                .expect("create");
         }
         let at = store.resource_version();
         store.delete(&pods(), "a", "p2", None).expect("delete");
-        store.create(&pods(), "a", "p0", pod("a", "p0")).expect("create");
+        store
+            .create(&pods(), "a", "p0", pod("a", "p0"))
+            .expect("create");
         let names = |scan: Scan<'_>| {
             let mut seen = Vec::new();
             store
