@@ -138,6 +138,14 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
     }
 
+    /// A reader whose buffer starts at `capacity` bytes (`new`: 8 KiB) and grows only for a
+    /// larger frame: one per session adds up at thousands of mostly idle sessions.
+    pub fn with_capacity(reader: R, max_frame_size: usize, capacity: usize) -> Self {
+        Self {
+            inner: FramedRead::with_capacity(reader, FrameCodec::new(max_frame_size), capacity),
+        }
+    }
+
     /// The next message; `Ok(None)` when the peer finished the stream cleanly.
     pub async fn next(&mut self) -> Result<Option<Message>, FrameError> {
         self.inner.next().await.transpose()
@@ -154,6 +162,15 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     pub fn new(writer: W, max_frame_size: usize) -> Self {
         Self {
             inner: FramedWrite::new(writer, FrameCodec::new(max_frame_size)),
+        }
+    }
+
+    /// A writer whose buffer starts at `capacity` bytes (`new`: 8 KiB) and grows only for a
+    /// larger frame. Every [`FrameWriter::send`] flushes, so the buffer never holds more than
+    /// one frame either way.
+    pub fn with_capacity(writer: W, max_frame_size: usize, capacity: usize) -> Self {
+        Self {
+            inner: FramedWrite::with_capacity(writer, FrameCodec::new(max_frame_size), capacity),
         }
     }
 

@@ -124,10 +124,8 @@ pub fn decode(token: &str) -> Result<Continue, String> {
 /// An object's key in a list: `name`, or `namespace/name` in a list across namespaces.
 pub fn key_of(object: &Value, across_namespaces: bool) -> String {
     let name = object["metadata"]["name"].as_str().unwrap_or_default();
-    match object["metadata"]["namespace"].as_str() {
-        Some(ns) if across_namespaces && !ns.is_empty() => format!("{ns}/{name}"),
-        _ => name.to_string(),
-    }
+    let namespace = object["metadata"]["namespace"].as_str().unwrap_or_default();
+    super::store::list_key(namespace, name, across_namespaces)
 }
 
 /// One page of a list.
@@ -144,33 +142,90 @@ pub struct Page {
 /// ordered by key, from the token's start key, at most `limit`. `counted` asks for
 /// `remainingItemCount` (lists without selectors).
 pub fn page(
-    mut matching: Vec<Value>,
+    matching: Vec<Value>,
     paging: &Paging,
     rv: u64,
     across_namespaces: bool,
     counted: bool,
 ) -> Page {
-    let mut keyed: Vec<(String, Value)> = matching
-        .drain(..)
-        .map(|o| (key_of(&o, across_namespaces), o))
-        .collect();
-    keyed.sort_by(|a, b| a.0.cmp(&b.0));
-    if let Some(from) = &paging.from {
-        keyed.retain(|(key, _)| key.as_str() >= from.start.as_str());
+    let mut pager = Pager::new(paging, across_namespaces, counted);
+    pager.paged = true;
+    for object in matching {
+        pager.push(object);
     }
-    let Some(limit) = paging.limit.filter(|limit| *limit < keyed.len()) else {
-        return Page {
-            items: keyed.into_iter().map(|(_, o)| o).collect(),
-            next: None,
-            remaining: None,
-        };
-    };
-    let rest = keyed.split_off(limit);
-    let last = keyed.last().map(|(key, _)| key.clone()).unwrap_or_default();
-    Page {
-        items: keyed.into_iter().map(|(_, o)| o).collect(),
-        next: Some(encode(Some(rv), &format!("{last}\u{0}"))),
-        remaining: counted.then_some(rest.len()),
+    pager.finish(rv)
+}
+
+/// Builds one page of a list from the matching items handed to it one at a time, holding at
+/// most a page of them (the items past the page are only counted). An unpaged list keeps
+/// every item, in the order pushed.
+#[derive(Debug)]
+pub struct Pager {
+    paged: bool,
+    limit: Option<usize>,
+    start: Option<String>,
+    across_namespaces: bool,
+    counted: bool,
+    /// Unpaged: every item.
+    all: Vec<Value>,
+    /// Paged: the smallest keys from the start key on, at most `limit` of them.
+    page: std::collections::BTreeMap<String, Value>,
+    /// Paged: items from the start key on, in the page or past it.
+    total: usize,
+}
+
+impl Pager {
+    /// A pager for `paging`'s page (`across_namespaces`: keys are `namespace/name`).
+    pub fn new(paging: &Paging, across_namespaces: bool, counted: bool) -> Pager {
+        Pager {
+            paged: paging.is_paged(),
+            limit: paging.limit,
+            start: paging.from.as_ref().map(|from| from.start.clone()),
+            across_namespaces,
+            counted,
+            all: Vec::new(),
+            page: std::collections::BTreeMap::new(),
+            total: 0,
+        }
+    }
+
+    /// One matching item.
+    pub fn push(&mut self, object: Value) {
+        if !self.paged {
+            self.all.push(object);
+            return;
+        }
+        let key = key_of(&object, self.across_namespaces);
+        if self.start.as_ref().is_some_and(|start| key < *start) {
+            return;
+        }
+        self.total += 1;
+        self.page.insert(key, object);
+        if self.limit.is_some_and(|limit| self.page.len() > limit) {
+            self.page.pop_last();
+        }
+    }
+
+    /// The page, at version `rv`.
+    pub fn finish(self, rv: u64) -> Page {
+        if !self.paged {
+            return Page {
+                items: self.all,
+                next: None,
+                remaining: None,
+            };
+        }
+        let more = self.limit.is_some_and(|limit| limit < self.total);
+        let next = more.then(|| {
+            let last = self.page.last_key_value().map(|(key, _)| key.clone());
+            encode(Some(rv), &format!("{}\u{0}", last.unwrap_or_default()))
+        });
+        let remaining = (more && self.counted).then(|| self.total - self.page.len());
+        Page {
+            items: self.page.into_values().collect(),
+            next,
+            remaining,
+        }
     }
 }
 
@@ -195,6 +250,27 @@ mod tests {
 
     fn cm(ns: &str, name: &str) -> Value {
         json!({"metadata": {"namespace": ns, "name": name}})
+    }
+
+    #[test]
+    fn a_pager_holds_one_page_and_counts_the_rest() {
+        let paging = Paging {
+            limit: Some(2),
+            from: Some(Continue {
+                rv: Some(7),
+                start: "b/a".into(),
+            }),
+        };
+        let mut pager = Pager::new(&paging, true, true);
+        for (ns, name) in [("c", "z"), ("a", "a"), ("b", "b"), ("b", "a"), ("d", "d")] {
+            pager.push(cm(ns, name));
+        }
+        assert_eq!(pager.page.len(), 2, "never more than a page held");
+        let page = pager.finish(7);
+        assert_eq!(page.items, vec![cm("b", "a"), cm("b", "b")]);
+        assert_eq!(page.remaining, Some(2));
+        let next = decode(page.next.as_deref().expect("a next page")).expect("token");
+        assert_eq!((next.rv, next.start.as_str()), (Some(7), "b/b\u{0}"));
     }
 
     #[test]

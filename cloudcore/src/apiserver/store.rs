@@ -181,6 +181,29 @@ pub enum StoreError {
     InvalidObject(String),
 }
 
+/// Which part of a collection [`Store::scan`] reads.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Scan<'a> {
+    /// One namespace, or all.
+    pub namespace: Option<&'a str>,
+    /// `None`: the latest version; `Some(rv)`: the collection as it was at `rv`, rebuilt from
+    /// the event history (see [`Store::list_at`]).
+    pub at: Option<u64>,
+    /// Only objects whose list key ([`list_key`]) is at least this key, compared before the
+    /// body is parsed: (start key, whether the list is across namespaces).
+    pub from_key: Option<(&'a str, bool)>,
+}
+
+/// An object's key in a list, as the apiserver orders pages: `name`, or `namespace/name` for a
+/// namespaced object in a list across namespaces.
+pub fn list_key(namespace: &str, name: &str, across_namespaces: bool) -> String {
+    if across_namespaces && !namespace.is_empty() {
+        format!("{namespace}/{name}")
+    } else {
+        name.to_string()
+    }
+}
+
 /// Tuning for [`Store::open`].
 #[derive(Debug, Clone)]
 pub struct StoreOptions {
@@ -313,27 +336,23 @@ impl Store {
         })
     }
 
-    /// A consistent snapshot: objects sorted by (namespace, name) and the rv they are current at.
+    /// Every object of the collection (optionally one namespace), sorted by (namespace, name),
+    /// and the rv they were read at.
     pub fn list(
         &self,
         r: &ResourceId,
         namespace: Option<&str>,
     ) -> Result<(Vec<Value>, u64), StoreError> {
-        self.read(|tx| {
-            // One read transaction: the rv and the rows come from the same WAL snapshot.
-            let (rv, _) = read_meta(tx)?;
-            let mut stmt = tx.prepare_cached(
-                r#"SELECT body FROM objects
-                   WHERE "group" = ?1 AND resource = ?2 AND (?3 IS NULL OR namespace = ?3)
-                   ORDER BY namespace, name"#,
-            )?;
-            let objects = stmt
-                .query_map(params![r.group, r.resource, namespace], |row| {
-                    json_column(row, 0)
-                })?
-                .collect::<Result<Vec<_>, _>>()?;
-            Ok((objects, rv))
-        })
+        let mut objects = Vec::new();
+        let rv = self.scan(
+            r,
+            Scan {
+                namespace,
+                ..Scan::default()
+            },
+            |o| objects.push(o),
+        )?;
+        Ok((objects, rv))
     }
 
     /// The list as it was at `rv` (sorted by (namespace, name)): the current objects with the
@@ -347,53 +366,136 @@ impl Store {
         namespace: Option<&str>,
         rv: u64,
     ) -> Result<Vec<Value>, StoreError> {
+        let mut objects = Vec::new();
+        self.scan(
+            r,
+            Scan {
+                namespace,
+                at: Some(rv),
+                from_key: None,
+            },
+            |o| objects.push(o),
+        )?;
+        Ok(objects)
+    }
+
+    /// Hands `visit` the objects of a collection one at a time, sorted by (namespace, name),
+    /// and returns the rv they were read at; see [`Scan`]. Only one parsed object is alive at
+    /// a time here, so a caller that keeps a page of a list holds a page, not the collection
+    /// (every page of a paged list used to parse the whole collection at once).
+    pub fn scan(
+        &self,
+        r: &ResourceId,
+        scan: Scan<'_>,
+        mut visit: impl FnMut(Value),
+    ) -> Result<u64, StoreError> {
         self.read(|tx| {
+            // One read transaction: the rv and the rows come from the same WAL snapshot.
             let (current, compacted) = read_meta(tx)?;
+            let rv = scan.at.unwrap_or(current);
             let gone = || StoreError::Gone {
                 requested: rv,
                 oldest: compacted + 1,
             };
-            if rv < compacted || rv > current {
+            if scan.at.is_some() && (rv < compacted || rv > current) {
                 return Err(gone());
             }
-            let mut objects: BTreeMap<(String, String), Value> = BTreeMap::new();
-            let mut stmt = tx.prepare_cached(
-                r#"SELECT namespace, name, body FROM objects
-                   WHERE "group" = ?1 AND resource = ?2 AND (?3 IS NULL OR namespace = ?3)"#,
-            )?;
-            let rows = stmt.query_map(params![r.group, r.resource, namespace], |row| {
-                Ok(((row.get(0)?, row.get(1)?), json_column(row, 2)?))
-            })?;
-            for row in rows {
-                let (key, object) = row?;
-                objects.insert(key, object);
-            }
-            let mut stmt = tx.prepare_cached(
-                r#"SELECT namespace, name, type, prev_body FROM events
-                   WHERE rv > ?1 AND "group" = ?2 AND resource = ?3
-                     AND (?4 IS NULL OR namespace = ?4)
-                   ORDER BY rv"#,
-            )?;
-            let mut rows = stmt.query(params![rv, r.group, r.resource, namespace])?;
-            let mut undone = std::collections::HashSet::new();
-            while let Some(row) = rows.next()? {
-                let key: (String, String) = (row.get(0)?, row.get(1)?);
-                if !undone.insert(key.clone()) {
-                    continue; // only the first change after rv tells the state at rv
+            let wanted = |namespace: &str, name: &str| match scan.from_key {
+                None => true,
+                Some((start, across_namespaces)) => {
+                    list_key(namespace, name, across_namespaces).as_str() >= start
                 }
-                let kind: String = row.get(2)?;
-                if kind == EventType::Added.as_str() {
-                    objects.remove(&key);
-                    continue;
-                }
-                match row.get_ref(3)? {
-                    rusqlite::types::ValueRef::Null => return Err(gone()),
-                    _ => {
-                        objects.insert(key, json_column(row, 3)?);
+            };
+            // The first change after `rv` of each object changed since: `None` when it was
+            // added since (left out), else its body as it was at `rv`.
+            let mut undone: BTreeMap<(String, String), Option<String>> = BTreeMap::new();
+            if scan.at.is_some() {
+                let mut stmt = tx.prepare_cached(
+                    r#"SELECT namespace, name, type, prev_body FROM events
+                       WHERE rv > ?1 AND "group" = ?2 AND resource = ?3
+                         AND (?4 IS NULL OR namespace = ?4)
+                       ORDER BY rv"#,
+                )?;
+                let mut rows = stmt.query(params![rv, r.group, r.resource, scan.namespace])?;
+                while let Some(row) = rows.next()? {
+                    let key: (String, String) = (row.get(0)?, row.get(1)?);
+                    if undone.contains_key(&key) {
+                        continue; // only the first change after rv tells the state at rv
+                    }
+                    let kind: String = row.get(2)?;
+                    if kind == EventType::Added.as_str() {
+                        undone.insert(key, None);
+                        continue;
+                    }
+                    match row.get_ref(3)? {
+                        rusqlite::types::ValueRef::Null => return Err(gone()),
+                        _ => {
+                            let body: String = row.get(3)?;
+                            undone.insert(key, Some(body));
+                        }
                     }
                 }
             }
-            Ok(objects.into_values().collect())
+            let parse = |text: &str, idx: usize| {
+                serde_json::from_str::<Value>(text).map_err(|e| {
+                    StoreError::Sql(rusqlite::Error::FromSqlConversionFailure(
+                        idx,
+                        Type::Text,
+                        Box::new(e),
+                    ))
+                })
+            };
+            // Objects deleted since `rv` are merged in at their place in the order.
+            let emit_undone_before = |undone: &mut BTreeMap<(String, String), Option<String>>,
+                                      limit: Option<(&str, &str)>,
+                                      visit: &mut dyn FnMut(Value)|
+             -> Result<(), StoreError> {
+                while let Some(entry) = undone.first_entry() {
+                    let (namespace, name) = entry.key();
+                    if limit.is_some_and(|l| (namespace.as_str(), name.as_str()) >= l) {
+                        break;
+                    }
+                    let ((namespace, name), body) = entry.remove_entry();
+                    if let Some(body) = body
+                        && wanted(&namespace, &name)
+                    {
+                        visit(parse(&body, 3)?);
+                    }
+                }
+                Ok(())
+            };
+            let mut stmt = tx.prepare_cached(
+                r#"SELECT namespace, name, body FROM objects
+                   WHERE "group" = ?1 AND resource = ?2 AND (?3 IS NULL OR namespace = ?3)
+                   ORDER BY namespace, name"#,
+            )?;
+            let mut rows = stmt.query(params![r.group, r.resource, scan.namespace])?;
+            while let Some(row) = rows.next()? {
+                let namespace = row.get_ref(0)?.as_str().map_err(rusqlite::Error::from)?;
+                let name = row.get_ref(1)?.as_str().map_err(rusqlite::Error::from)?;
+                emit_undone_before(&mut undone, Some((namespace, name)), &mut visit)?;
+                let before = if undone.is_empty() {
+                    None
+                } else {
+                    undone.remove(&(namespace.to_string(), name.to_string()))
+                };
+                if let Some(before) = before {
+                    if let Some(body) = before
+                        && wanted(namespace, name)
+                    {
+                        visit(parse(&body, 3)?);
+                    }
+                    continue;
+                }
+                if wanted(namespace, name) {
+                    visit(parse(
+                        row.get_ref(2)?.as_str().map_err(rusqlite::Error::from)?,
+                        2,
+                    )?);
+                }
+            }
+            emit_undone_before(&mut undone, None, &mut visit)?;
+            Ok(rv)
         })
     }
 
@@ -1630,6 +1732,53 @@ mod tests {
             .expect("rewatch");
         let rvs: Vec<u64> = take(&mut resumed, 10).await.iter().map(|e| e.rv).collect();
         assert_eq!(rvs, (1..=10).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_scan_keeps_the_order_with_deletions_merged_in_and_starts_at_the_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open_with(&dir, 64, 64);
+        for (ns, name) in [("a", "p1"), ("a", "p2"), ("a", "p3"), ("b", "q")] {
+            store
+                .create(&pods(), ns, name, pod(ns, name))
+                .expect("create");
+        }
+        let at = store.resource_version();
+        store.delete(&pods(), "a", "p2", None).expect("delete");
+        store
+            .create(&pods(), "a", "p0", pod("a", "p0"))
+            .expect("create");
+        let names = |scan: Scan<'_>| {
+            let mut seen = Vec::new();
+            store
+                .scan(&pods(), scan, |o| {
+                    seen.push(format!(
+                        "{}/{}",
+                        o["metadata"]["namespace"].as_str().unwrap_or_default(),
+                        o["metadata"]["name"].as_str().unwrap_or_default()
+                    ))
+                })
+                .expect("scan");
+            seen
+        };
+        let past = Scan {
+            at: Some(at),
+            ..Scan::default()
+        };
+        assert_eq!(names(past), ["a/p1", "a/p2", "a/p3", "b/q"]);
+        assert_eq!(names(Scan::default()), ["a/p0", "a/p1", "a/p3", "b/q"]);
+        let from = Scan {
+            at: Some(at),
+            from_key: Some(("a/p2", true)),
+            ..Scan::default()
+        };
+        assert_eq!(names(from), ["a/p2", "a/p3", "b/q"]);
+        let in_a = Scan {
+            namespace: Some("a"),
+            from_key: Some(("p1\u{0}", false)),
+            ..Scan::default()
+        };
+        assert_eq!(names(in_a), ["a/p3"]);
     }
 
     #[test]

@@ -20,7 +20,7 @@ use super::request::{ResourceRequest, Target, route};
 use super::resources::{self, FieldSelector, LabelSelector, ResourceInfo};
 use super::server::User;
 use super::status::{ApiError, Cause};
-use super::store::{EventType, ResourceId, Store, StoreError, WatchEvent};
+use super::store::{EventType, ResourceId, Scan, Store, StoreError, WatchEvent};
 use super::validation::{self, FieldValidation};
 use super::{apply, crd, discovery, gc, metrics_api, objects, streaming};
 
@@ -414,45 +414,62 @@ async fn list(
     // A continued list is served at its first page's version, an exact one at the version
     // asked for (both rebuilt from the event history), any other at the latest.
     let at = paging.from.as_ref().and_then(|from| from.rv).or(exact);
-    let (objects, rv) = match at {
-        Some(at) => match blocking(move || store.list_at(&id, namespace.as_deref(), at)).await? {
-            Ok(objects) => (objects, at),
-            Err(StoreError::Gone { .. }) => {
-                return match &paging.from {
-                    Some(from) => Ok(json_response(StatusCode::GONE, &pagination::expired(from))),
-                    None => Err(ApiError::gone(
-                        "The resourceVersion for the provided list is too old.",
-                    )),
-                };
-            }
-            Err(e) => {
-                return Err(ApiError::from_store(
-                    e,
-                    request.info.group,
-                    request.info.plural,
-                    "",
-                ));
-            }
-        },
-        None => blocking(move || store.list(&id, namespace.as_deref()))
-            .await?
-            .map_err(|e| ApiError::from_store(e, request.info.group, request.info.plural, ""))?,
+    let info = request.info;
+    let across_namespaces = request.namespace.is_none();
+    let counted = labels.is_none() && fields.is_none();
+    // The store hands over one object at a time and the pager keeps at most a page, so a
+    // paged list of a large collection never holds the collection (kube-rs' watchers list in
+    // pages of 500).
+    let scanned = {
+        let paging = paging.clone();
+        blocking(move || {
+            let mut pager = pagination::Pager::new(&paging, across_namespaces, counted);
+            let mut refused = None;
+            let from_key = paging.from.as_ref().map(|from| from.start.clone());
+            let scan = Scan {
+                namespace: namespace.as_deref(),
+                at,
+                from_key: from_key.as_deref().map(|start| (start, across_namespaces)),
+            };
+            let rv = store.scan(&id, scan, |mut object| {
+                if refused.is_some() {
+                    return;
+                }
+                match matches(info, &labels, &fields, &object) {
+                    Ok(true) => {
+                        crd::present(info, &mut object);
+                        pager.push(object);
+                    }
+                    Ok(false) => {}
+                    Err(e) => refused = Some(e),
+                }
+            });
+            rv.map(|rv| (rv, pager, refused))
+        })
+        .await?
     };
-    let mut items = Vec::with_capacity(objects.len());
-    for mut object in objects {
-        if matches(request.info, &labels, &fields, &object)? {
-            crd::present(request.info, &mut object);
-            items.push(object);
+    let (rv, pager) = match scanned {
+        Ok((_, _, Some(refused))) => return Err(refused),
+        Ok((rv, pager, None)) => (rv, pager),
+        Err(StoreError::Gone { .. }) if at.is_some() => {
+            return match &paging.from {
+                Some(from) => Ok(json_response(StatusCode::GONE, &pagination::expired(from))),
+                None => Err(ApiError::gone(
+                    "The resourceVersion for the provided list is too old.",
+                )),
+            };
         }
-    }
-    let mut next = None;
-    let mut remaining = None;
-    if paging.is_paged() {
-        let across_namespaces = request.namespace.is_none();
-        let counted = labels.is_none() && fields.is_none();
-        let page = pagination::page(items, &paging, rv, across_namespaces, counted);
-        (items, next, remaining) = (page.items, page.next, page.remaining);
-    }
+        Err(e) => {
+            return Err(ApiError::from_store(
+                e,
+                request.info.group,
+                request.info.plural,
+                "",
+            ));
+        }
+    };
+    let page = pager.finish(rv);
+    let (items, next, remaining) = (page.items, page.next, page.remaining);
     let mut body = if wants_table(headers) {
         crd::table_with(
             request.info,
