@@ -148,9 +148,9 @@ pub const REQUIRED: &[Permission] = &[
     Permission {
         api_group: "coordination.k8s.io",
         resource: "leases",
-        verbs: &["get", "create", "patch"],
+        verbs: &["get", "list", "create", "patch"],
         namespace: Some(LEASES),
-        used_by: "nodes (each connected edge's Lease)",
+        used_by: "nodes (each connected edge's Lease; at start, the unexpired ones listed and renewed once)",
     },
 ];
 
