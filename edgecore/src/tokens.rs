@@ -168,8 +168,14 @@ pub struct Tokens {
     store: Option<Mutex<Store>>,
     /// Wakes the hub when a pod starts wanting a token.
     wanted: Notify,
+    /// The uid of each pod a token (first or refreshed) arrived for: its worker writes the
+    /// volume at once rather than at its next periodic step ([`Tokens::arrivals`]).
+    arrived: tokio::sync::broadcast::Sender<String>,
     refresh_max: Duration,
 }
+
+/// Token arrivals a worker may miss before it is told it lagged (and then looks anyway).
+const ARRIVALS_QUEUED: usize = 64;
 
 fn unix_now() -> i64 {
     time::OffsetDateTime::now_utc().unix_timestamp()
@@ -200,6 +206,7 @@ impl Tokens {
             state: Mutex::new(state),
             store: Some(Mutex::new(store)),
             wanted: Notify::new(),
+            arrived: tokio::sync::broadcast::channel(ARRIVALS_QUEUED).0,
             refresh_max,
         }))
     }
@@ -210,6 +217,7 @@ impl Tokens {
             state: Mutex::default(),
             store: None,
             wanted: Notify::new(),
+            arrived: tokio::sync::broadcast::channel(ARRIVALS_QUEUED).0,
             refresh_max,
         })
     }
@@ -345,12 +353,28 @@ impl Tokens {
             "service-account token for {}",
             key.describe()
         );
-        let mut state = self.state();
-        // The pod may have gone while the token was on its way.
-        if let Some(want) = state.wants.get_mut(&key) {
-            want.refused = None;
-            state.held.insert(key, held);
+        let pod_uid = key.pod_uid.clone();
+        let held_now = {
+            let mut state = self.state();
+            // The pod may have gone while the token was on its way.
+            match state.wants.get_mut(&key) {
+                Some(want) => {
+                    want.refused = None;
+                    state.held.insert(key, held);
+                    true
+                }
+                None => false,
+            }
+        };
+        if held_now {
+            // No receiver (no worker yet) is fine: a new worker writes its volumes anyway.
+            let _ = self.arrived.send(pod_uid);
         }
+    }
+
+    /// The uids of the pods tokens arrive for, from now on.
+    pub fn arrivals(&self) -> tokio::sync::broadcast::Receiver<String> {
+        self.arrived.subscribe()
     }
 
     async fn persist(self: &Arc<Self>, key: &TokenKey, held: &HeldToken) -> Result<(), StoreError> {
@@ -532,6 +556,22 @@ mod tests {
             })
             .await;
         assert_eq!(tokens.lookup(&k).as_deref(), Ok("jwt-2"));
+    }
+
+    #[tokio::test]
+    async fn an_arrived_token_is_announced_with_its_pods_uid() {
+        let tokens = Tokens::in_memory(DEFAULT_REFRESH_MAX);
+        let mut arrivals = tokens.arrivals();
+        let _ = tokens.lookup(&key("u-7"));
+        let sent = tokens.due(Instant::now(), unix_now());
+        tokens
+            .answer(TokenResponse {
+                request_id: sent[0].request_id,
+                result: issued("jwt-7", 3600),
+            })
+            .await;
+        assert_eq!(arrivals.try_recv().as_deref(), Ok("u-7"));
+        assert!(arrivals.try_recv().is_err(), "one announcement per token");
     }
 
     #[tokio::test]

@@ -1690,6 +1690,7 @@ pub async fn run(
     }
     let mut input = input;
     let runtime_changed = ctx.pleg.register(&worker.uid);
+    let mut tokens_arrived = ctx.tokens.arrivals();
     loop {
         let deleting = input.pod.metadata.deletion_timestamp.is_some();
         if deleting {
@@ -1732,7 +1733,23 @@ pub async fn run(
                 }
             },
             _ = runtime_changed.changed() => {}
+            _ = token_arrived(&mut tokens_arrived, &worker.uid) => {}
             _ = tokio::time::sleep(worker.next_step_in(Instant::now())) => {}
+        }
+    }
+}
+
+/// Resolves when a service-account token arrives for the pod `uid` (its projected volume is
+/// then rewritten at once, where a settled pod would otherwise wait for its periodic step), or
+/// when arrivals were missed (the worker looks anyway). Cancel-safe.
+async fn token_arrived(arrivals: &mut tokio::sync::broadcast::Receiver<String>, uid: &str) {
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        match arrivals.recv().await {
+            Ok(arrived) if arrived == uid => return,
+            Ok(_) => {}
+            Err(RecvError::Lagged(_)) => return,
+            Err(RecvError::Closed) => std::future::pending::<()>().await,
         }
     }
 }
