@@ -268,8 +268,11 @@ async fn services_reach_every_edge(cloud: &Cloud, tmp: &Path) {
         "{services}"
     );
     let slices = ctl_get(&edge1.dir, "endpointslices");
+    // The order of endpoints in a slice is the controller's (kube-controller-manager's follows
+    // when each pod became ready), not part of the contract.
     assert!(
-        slices.contains(&format!("{IP_1},{IP_2}")) && slices.contains("8080"),
+        (slices.contains(&format!("{IP_1},{IP_2}")) || slices.contains(&format!("{IP_2},{IP_1}")))
+            && slices.contains("8080"),
         "{slices}"
     );
 
