@@ -563,6 +563,25 @@ async fn write_node(
     Ok(())
 }
 
+/// The spec of a node's Lease renewed at `now` (a MicroTime text).
+fn lease_spec(name: &str, duration: Duration, now: &str) -> Value {
+    json!({"holderIdentity": name, "leaseDurationSeconds": duration.as_secs(), "renewTime": now})
+}
+
+/// Renews an existing Lease with one merge patch (404 when there is none).
+async fn patch_lease(
+    leases: &Api<Lease>,
+    name: &str,
+    duration: Duration,
+    now: &str,
+) -> Result<(), kube::Error> {
+    let patch = json!({"spec": lease_spec(name, duration, now)});
+    leases
+        .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .map(drop)
+}
+
 /// Renews (creating if needed) the node's Lease.
 async fn renew_lease(
     leases: &Api<Lease>,
@@ -571,18 +590,11 @@ async fn renew_lease(
     duration: Duration,
 ) -> Result<(), kube::Error> {
     let now = micro_time(OffsetDateTime::now_utc());
-    let spec = json!({"holderIdentity": name, "leaseDurationSeconds": duration.as_secs(), "renewTime": now});
+    let spec = lease_spec(name, duration, &now);
     // A patch renews an existing lease in one call (most renewals); only a missing one is
     // created.
-    match leases
-        .patch(
-            name,
-            &PatchParams::default(),
-            &Patch::Merge(&json!({"spec": spec})),
-        )
-        .await
-    {
-        Ok(_) => return Ok(()),
+    match patch_lease(leases, name, duration, &now).await {
+        Ok(()) => return Ok(()),
         Err(kube::Error::Api(e)) if e.code == 404 => {}
         Err(e) => return Err(e),
     }
@@ -693,14 +705,10 @@ async fn renew_unexpired_at_start(
     let spec_now = micro_time(OffsetDateTime::now_utc());
     futures::stream::iter(&due)
         .for_each_concurrent(NODE_WRITES_IN_FLIGHT, |name| {
-            let patch = json!({"spec": {"holderIdentity": name, "leaseDurationSeconds": duration.as_secs(), "renewTime": spec_now}});
-            let renewed = &renewed;
+            let (renewed, spec_now) = (&renewed, &spec_now);
             async move {
-                match leases
-                    .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
-                    .await
-                {
-                    Ok(_) => {
+                match patch_lease(leases, name, duration, spec_now).await {
+                    Ok(()) => {
                         renewed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     }
                     Err(e) => {
