@@ -98,7 +98,7 @@ impl ServeConfig {
                 listen: SocketAddr::from(([127, 0, 0, 1], 6443)),
                 services: Default::default(),
             },
-            node_grace_period: Duration::from_secs(40),
+            node_grace_period: Duration::from_secs(50),
             allow: crate::state::Allow::default(),
             max_streams_per_edge: crate::streams::DEFAULT_MAX_STREAMS_PER_EDGE,
             kubelet: crate::kubelet::KubeletSettings::default(),

@@ -195,8 +195,9 @@ struct ServeArgs {
     /// Kubeconfig of a real cluster (kube mode); KUBECONFIG works too.
     #[arg(long, env = "KUBECONFIG")]
     kubeconfig: Option<PathBuf>,
-    /// A node without its tunnel for this long becomes Ready=Unknown (embedded mode).
-    #[arg(long, default_value = "40s", value_parser = humantime::parse_duration)]
+    /// A node without its tunnel for this long becomes Ready=Unknown (embedded mode). The
+    /// default is kube-controller-manager's `--node-monitor-grace-period` (50 s since v1.32).
+    #[arg(long, default_value = "50s", value_parser = humantime::parse_duration)]
     node_grace_period: Duration,
     /// Receive buffer for the tunnel's UDP socket in bytes (capped by net.core.rmem_max).
     #[arg(long, default_value_t = 4 * 1024 * 1024)]

@@ -134,7 +134,7 @@ impl Default for NodeControllerConfig {
         NodeControllerConfig {
             renew_interval: Duration::from_secs(10),
             lease_duration: Duration::from_secs(40),
-            grace_period: Duration::from_secs(40),
+            grace_period: Duration::from_secs(50),
             lifecycle: true,
             kubelet: None,
             store: None,

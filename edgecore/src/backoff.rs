@@ -46,7 +46,7 @@ impl Backoff {
 /// `[0, ceiling]`. Longer than [`Backoff::default`]'s 2 s, so a refused fleet comes back at
 /// about the rate the cloud completes handshakes instead of re-dialling every second or two;
 /// capped at 8 s, so an edge refused late in a storm is not left out for long (a fleet of
-/// 10,000 is back well within a 40 s node grace period). `refusals` counts the consecutive
+/// 10,000 is back well within a 50 s node grace period). `refusals` counts the consecutive
 /// refusals, from 1. A dial that times out (no answer: the uplink is down) keeps the default
 /// backoff, so a single edge whose uplink returns reconnects within seconds.
 pub fn after_busy(refusals: u32, rng: &mut impl Rng) -> Duration {
