@@ -287,7 +287,7 @@ pub fn endpoint(config: &ServeConfig, ca: &ClusterCa) -> Result<Endpoint, HubErr
     let runtime = quinn::default_runtime()
         .ok_or_else(|| HubError::Transport("no async runtime for the tunnel socket".into()))?;
     Endpoint::new(
-        quinn::EndpointConfig::default(),
+        endpoint_config(ca),
         Some(server),
         socket,
         runtime,
@@ -296,6 +296,39 @@ pub fn endpoint(config: &ServeConfig, ca: &ClusterCa) -> Result<Endpoint, HubErr
         addr: config.listen,
         source,
     })
+}
+
+/// Purposes of the secrets derived from the CA key for the QUIC endpoint.
+const RESET_KEY_PURPOSE: &str = "cloudcore quic stateless-reset key v1";
+const CID_KEY_PURPOSE: &str = "cloudcore quic connection-id key v1";
+
+/// Stateless resets may go out this often at most: 10,000 a second, so every edge of a large
+/// fleet learns within one keep-alive that a restarted cloudcore lost its connection (quinn's
+/// default of one per 20 ms would take 200 s for 10,000 edges). A reset is smaller than the
+/// packet that caused it, so this amplifies nothing.
+const MIN_RESET_INTERVAL: Duration = Duration::from_micros(100);
+
+/// The endpoint's reset key and connection-ID key are derived from the CA key, so they are the
+/// same after a restart and on every replica sharing the CA. An edge's next packet on a
+/// connection this process (or another replica, once the load balancer moves the flow) does
+/// not know is then answered with a stateless reset the edge can verify, and the edge dials
+/// again at once instead of waiting out `--dead-after` (30 s by default). With a random key, as
+/// quinn's default, a restart left every edge silent until its idle timer ran out, and the
+/// whole fleet reconnected in the last seconds of the grace period.
+fn endpoint_config(ca: &ClusterCa) -> quinn::EndpointConfig {
+    let reset_key = ring::hmac::Key::new(
+        ring::hmac::HMAC_SHA256,
+        &ca.derived_secret(RESET_KEY_PURPOSE),
+    );
+    let cid_secret = ca.derived_secret(CID_KEY_PURPOSE);
+    let cid_key = u64::from_le_bytes(cid_secret[..8].try_into().expect("8 of 32 bytes"));
+    let mut config = quinn::EndpointConfig::new(Arc::new(reset_key));
+    config
+        .cid_generator(move || {
+            Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+        })
+        .min_reset_interval(MIN_RESET_INTERVAL);
+    config
 }
 
 /// Binds the tunnel's UDP socket with a large receive buffer, so a burst of handshake packets
@@ -1422,6 +1455,127 @@ pub async fn heartbeat_registry(shared: Arc<Shared>, shutdown: CancellationToken
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A client of `endpoint` that trusts `ca` and sends a keep-alive every 50 ms.
+    fn test_client(ca: &ClusterCa) -> (Endpoint, quinn::ClientConfig) {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca.cert_der().clone()).expect("CA root");
+        let mut tls = rustls::ClientConfig::builder_with_provider(pki::crypto_provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .expect("TLS 1.3")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        tls.alpn_protocols = vec![proto::ALPN.to_vec()];
+        let mut client = quinn::ClientConfig::new(Arc::new(
+            quinn::crypto::rustls::QuicClientConfig::try_from(tls).expect("QUIC TLS"),
+        ));
+        let mut transport = quinn::TransportConfig::default();
+        transport
+            .keep_alive_interval(Some(Duration::from_millis(50)))
+            .max_idle_timeout(Some(Duration::from_secs(20).try_into().expect("idle")));
+        client.transport_config(Arc::new(transport));
+        let endpoint = Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("client");
+        (endpoint, client)
+    }
+
+    /// The cloud's endpoint in a runtime of its own, so that dropping the runtime ends it the
+    /// way kill -9 does: no CONNECTION_CLOSE goes out, the socket just closes.
+    fn cloud_in_own_runtime(
+        config: &ServeConfig,
+        ca: &ClusterCa,
+    ) -> (tokio::runtime::Runtime, SocketAddr) {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let server = {
+            let _in_it = rt.enter();
+            endpoint(config, ca).expect("endpoint")
+        };
+        let addr = server.local_addr().expect("addr");
+        rt.spawn(async move {
+            let mut held = Vec::new();
+            while let Some(incoming) = server.accept().await {
+                if let Ok(conn) = incoming.await {
+                    held.push(conn);
+                }
+            }
+        });
+        (rt, addr)
+    }
+
+    /// Ends a runtime from [`cloud_in_own_runtime`] and waits until its socket is closed.
+    async fn kill(rt: tokio::runtime::Runtime) {
+        tokio::task::spawn_blocking(move || rt.shutdown_timeout(Duration::from_secs(5)))
+            .await
+            .expect("runtime shut down");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_restarted_cloud_resets_the_old_connections_at_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = ClusterCa::load_or_create(dir.path()).expect("CA");
+        let mut config = ServeConfig::new(dir.path().to_path_buf());
+        config.listen = "127.0.0.1:0".parse().expect("addr");
+        let (first, addr) = cloud_in_own_runtime(&config, &ca);
+        let (client, client_config) = test_client(&ca);
+        let conn = client
+            .connect_with(client_config.clone(), addr, "localhost")
+            .expect("connect")
+            .await
+            .expect("handshake");
+        // kill -9, then the new process on the same port with the same CA (reloaded).
+        kill(first).await;
+        config.listen = addr;
+        let reloaded = ClusterCa::load_or_create(dir.path()).expect("CA again");
+        let (second, _) = cloud_in_own_runtime(&config, &reloaded);
+        let started = std::time::Instant::now();
+        let why = tokio::time::timeout(Duration::from_secs(10), conn.closed())
+            .await
+            .expect("the old connection ends well before its 20 s idle timeout");
+        assert!(
+            matches!(why, quinn::ConnectionError::Reset),
+            "ended by a stateless reset, not {why:?}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(5));
+        // And the edge can connect again to the new process.
+        client
+            .connect_with(client_config, addr, "localhost")
+            .expect("connect")
+            .await
+            .expect("handshake with the restarted cloud");
+        kill(second).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cloud_with_another_ca_cannot_reset_the_connections() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = ClusterCa::load_or_create(dir.path()).expect("CA");
+        let mut config = ServeConfig::new(dir.path().to_path_buf());
+        config.listen = "127.0.0.1:0".parse().expect("addr");
+        let (first, addr) = cloud_in_own_runtime(&config, &ca);
+        let (client, client_config) = test_client(&ca);
+        let conn = client
+            .connect_with(client_config, addr, "localhost")
+            .expect("connect")
+            .await
+            .expect("handshake");
+        kill(first).await;
+        config.listen = addr;
+        let other_dir = tempfile::tempdir().expect("tempdir");
+        let other = ClusterCa::load_or_create(other_dir.path()).expect("other CA");
+        let (second, _) = cloud_in_own_runtime(&config, &other);
+        // Its resets carry a token the client cannot verify, so they are ignored: the
+        // connection is still up a second later.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(
+            conn.close_reason().is_none(),
+            "ended by {:?}",
+            conn.close_reason()
+        );
+        kill(second).await;
+    }
 
     #[test]
     fn peers_at_two_addresses_replacing_each_other_are_a_conflict_warned_once_a_minute() {

@@ -339,6 +339,18 @@ impl ClusterCa {
         &self.cert_pem
     }
 
+    /// A 32-byte secret for `purpose`: HMAC-SHA256 of the purpose, keyed with the CA's private
+    /// key. Every cloudcore holding this CA (the same process after a restart, or another
+    /// replica sharing the CA Secret) derives the same one, and nobody without the CA key can.
+    /// Distinct purposes give unrelated secrets.
+    pub fn derived_secret(&self, purpose: &str) -> [u8; 32] {
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &self.key.serialize_der());
+        let tag = ring::hmac::sign(&key, purpose.as_bytes());
+        let mut secret = [0u8; 32];
+        secret.copy_from_slice(tag.as_ref());
+        secret
+    }
+
     fn issuer(&self) -> Result<Issuer<'_, &KeyPair>, PkiError> {
         Issuer::from_ca_cert_der(&self.cert_der, &self.key).map_err(PkiError::Build)
     }
@@ -542,6 +554,18 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(key_mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn derived_secrets_are_stable_across_loads_and_differ_by_purpose_and_ca() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let first = ClusterCa::load_or_create(dir.path()).expect("create");
+        let reloaded = ClusterCa::load_or_create(dir.path()).expect("load");
+        assert_eq!(first.derived_secret("a"), reloaded.derived_secret("a"));
+        assert_ne!(first.derived_secret("a"), first.derived_secret("b"));
+        let other_dir = tempfile::tempdir().expect("tempdir");
+        let other = ClusterCa::load_or_create(other_dir.path()).expect("create");
+        assert_ne!(first.derived_secret("a"), other.derived_secret("a"));
     }
 
     #[test]
