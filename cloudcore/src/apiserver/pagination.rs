@@ -189,6 +189,32 @@ impl Pager {
         }
     }
 
+    /// Whether an item at (`namespace`, `name`) that matches would be kept in the page, asked
+    /// before its body is parsed. One that would not be kept is counted here (when it is at or
+    /// after the start, as [`Pager::push`] counts it) and must not be pushed. Only for lists
+    /// where every item matches (no selector): an item that would not match must not be
+    /// counted.
+    pub fn keeps(&mut self, namespace: &str, name: &str) -> bool {
+        if !self.paged {
+            return true;
+        }
+        let key = super::store::list_key(namespace, name, self.across_namespaces);
+        if self.start.as_ref().is_some_and(|start| key < *start) {
+            return false;
+        }
+        let full = self.limit.is_some_and(|limit| self.page.len() >= limit);
+        if full
+            && self
+                .page
+                .last_key_value()
+                .is_some_and(|(last, _)| key > *last)
+        {
+            self.total += 1;
+            return false;
+        }
+        true
+    }
+
     /// One matching item.
     pub fn push(&mut self, object: Value) {
         if !self.paged {
@@ -271,6 +297,39 @@ mod tests {
         assert_eq!(page.remaining, Some(2));
         let next = decode(page.next.as_deref().expect("a next page")).expect("token");
         assert_eq!((next.rv, next.start.as_str()), (Some(7), "b/b\u{0}"));
+    }
+
+    #[test]
+    fn asking_before_parsing_gives_the_same_page_and_count_as_pushing_everything() {
+        let paging = Paging {
+            limit: Some(2),
+            from: Some(Continue {
+                rv: Some(7),
+                start: "b/a".into(),
+            }),
+        };
+        // Scan order (namespace, name), which is not always the key order ("a-b" < "a/").
+        let rows = [
+            ("a", "a"),
+            ("a-b", "x"),
+            ("b", "a"),
+            ("b", "b"),
+            ("b", "c"),
+            ("c", "z"),
+            ("d", "d"),
+        ];
+        let mut pushed_all = Pager::new(&paging, true, true);
+        let mut asked = Pager::new(&paging, true, true);
+        let mut parsed = 0;
+        for (ns, name) in rows {
+            pushed_all.push(cm(ns, name));
+            if asked.keeps(ns, name) {
+                parsed += 1;
+                asked.push(cm(ns, name));
+            }
+        }
+        assert_eq!(parsed, 2, "only the page's items are parsed: {parsed}");
+        assert_eq!(asked.finish(7), pushed_all.finish(7));
     }
 
     #[test]

@@ -194,6 +194,28 @@ pub struct Scan<'a> {
     pub from_key: Option<(&'a str, bool)>,
 }
 
+/// One object of a [`Store::scan_rows`], not parsed yet.
+pub struct ScanRow<'a> {
+    pub namespace: &'a str,
+    pub name: &'a str,
+    body: &'a str,
+    /// The column the body came from, for the error.
+    column: usize,
+}
+
+impl ScanRow<'_> {
+    /// The object, parsed.
+    pub fn object(&self) -> Result<Value, StoreError> {
+        serde_json::from_str::<Value>(self.body).map_err(|e| {
+            StoreError::Sql(rusqlite::Error::FromSqlConversionFailure(
+                self.column,
+                Type::Text,
+                Box::new(e),
+            ))
+        })
+    }
+}
+
 /// An object's key in a list, as the apiserver orders pages: `name`, or `namespace/name` for a
 /// namespaced object in a list across namespaces.
 pub fn list_key(namespace: &str, name: &str, across_namespaces: bool) -> String {
@@ -389,6 +411,22 @@ impl Store {
         scan: Scan<'_>,
         mut visit: impl FnMut(Value),
     ) -> Result<u64, StoreError> {
+        self.scan_rows(r, scan, |row| {
+            visit(row.object()?);
+            Ok(())
+        })
+    }
+
+    /// As [`Store::scan`], but hands over each row before its body is parsed, so a caller that
+    /// needs only some objects (a page of a list: the rest are only counted) parses only those.
+    /// A list of 10,000 Nodes in pages of 500 parsed every object after each page's start,
+    /// some 100,000 parses per list, which was most of cloudcore's CPU after a restart.
+    pub fn scan_rows(
+        &self,
+        r: &ResourceId,
+        scan: Scan<'_>,
+        mut visit: impl FnMut(ScanRow<'_>) -> Result<(), StoreError>,
+    ) -> Result<u64, StoreError> {
         self.read(|tx| {
             // One read transaction: the rv and the rows come from the same WAL snapshot.
             let (current, compacted) = read_meta(tx)?;
@@ -436,19 +474,10 @@ impl Store {
                     }
                 }
             }
-            let parse = |text: &str, idx: usize| {
-                serde_json::from_str::<Value>(text).map_err(|e| {
-                    StoreError::Sql(rusqlite::Error::FromSqlConversionFailure(
-                        idx,
-                        Type::Text,
-                        Box::new(e),
-                    ))
-                })
-            };
             // Objects deleted since `rv` are merged in at their place in the order.
             let emit_undone_before = |undone: &mut BTreeMap<(String, String), Option<String>>,
                                       limit: Option<(&str, &str)>,
-                                      visit: &mut dyn FnMut(Value)|
+                                      visit: &mut dyn FnMut(ScanRow<'_>) -> Result<(), StoreError>|
              -> Result<(), StoreError> {
                 while let Some(entry) = undone.first_entry() {
                     let (namespace, name) = entry.key();
@@ -459,7 +488,12 @@ impl Store {
                     if let Some(body) = body
                         && wanted(&namespace, &name)
                     {
-                        visit(parse(&body, 3)?);
+                        visit(ScanRow {
+                            namespace: &namespace,
+                            name: &name,
+                            body: &body,
+                            column: 3,
+                        })?;
                     }
                 }
                 Ok(())
@@ -483,15 +517,22 @@ impl Store {
                     if let Some(body) = before
                         && wanted(namespace, name)
                     {
-                        visit(parse(&body, 3)?);
+                        visit(ScanRow {
+                            namespace,
+                            name,
+                            body: &body,
+                            column: 3,
+                        })?;
                     }
                     continue;
                 }
                 if wanted(namespace, name) {
-                    visit(parse(
-                        row.get_ref(2)?.as_str().map_err(rusqlite::Error::from)?,
-                        2,
-                    )?);
+                    visit(ScanRow {
+                        namespace,
+                        name,
+                        body: row.get_ref(2)?.as_str().map_err(rusqlite::Error::from)?,
+                        column: 2,
+                    })?;
                 }
             }
             emit_undone_before(&mut undone, None, &mut visit)?;

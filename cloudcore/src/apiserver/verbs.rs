@@ -431,10 +431,16 @@ async fn list(
                 at,
                 from_key: from_key.as_deref().map(|start| (start, across_namespaces)),
             };
-            let rv = store.scan(&id, scan, |mut object| {
+            let rv = store.scan_rows(&id, scan, |row| {
                 if refused.is_some() {
-                    return;
+                    return Ok(());
                 }
+                // Without a selector every item matches: one past a full page is only counted,
+                // never parsed.
+                if counted && !pager.keeps(row.namespace, row.name) {
+                    return Ok(());
+                }
+                let mut object = row.object()?;
                 match matches(info, &labels, &fields, &object) {
                     Ok(true) => {
                         crd::present(info, &mut object);
@@ -443,6 +449,7 @@ async fn list(
                     Ok(false) => {}
                     Err(e) => refused = Some(e),
                 }
+                Ok(())
             });
             rv.map(|rv| (rv, pager, refused))
         })
