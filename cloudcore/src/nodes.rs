@@ -39,6 +39,15 @@ pub const LEASE_NAMESPACE: &str = "kube-node-lease";
 /// Node writes and lease renewals in flight at once.
 const NODE_WRITES_IN_FLIGHT: usize = 16;
 
+/// Embedded mode: Lease renewals written in one store transaction at most. Each renewal is a
+/// watch event, and the store's live event stream holds `StoreOptions::watch_buffer` events
+/// (4,096): a transaction publishes all its events at once, so one larger than the buffer would
+/// end every watch in cloudcore (each then resumes from the event history, or relists). After
+/// a reconnect storm all 10,000 edges of a large fleet are due in the same second.
+const RENEWALS_PER_COMMIT: usize = 500;
+/// The pause between two such transactions in one tick, for the watchers to catch up.
+const BETWEEN_RENEWAL_COMMITS: Duration = Duration::from_millis(20);
+
 /// One edge as the tunnel sees it.
 #[derive(Debug, Clone)]
 struct Edge {
@@ -1008,47 +1017,72 @@ pub async fn run(
             })
             .map(|(n, e)| (n.clone(), e.clone()))
             .collect();
-        // Embedded mode: the renewals due of edges whose Node is written go to the store in one
-        // transaction; only new Leases (and Node writes) go through the API below.
+        // Embedded mode: every renewal due goes to the store in one transaction, also those of
+        // edges that just connected and whose Node is still to be written: in a reconnect storm
+        // the Node writes queue (each is a few API requests), and an edge's liveness must not
+        // wait behind thousands of them, or the lifecycle check finds its Lease stale while it
+        // is between sessions. Only Node writes and new Leases go through the API below.
         let work = match &config.store {
-            Some(store) if work.iter().any(|(_, e)| !e.dirty) => {
-                let (due, rest): (Vec<_>, Vec<_>) = work.into_iter().partition(|(_, e)| !e.dirty);
-                let names: Vec<String> = due.into_iter().map(|(n, _)| n).collect();
-                let store = store.clone();
-                let duration = config.lease_duration;
-                let batch = names.clone();
-                let renewed = tokio::task::spawn_blocking(move || {
-                    renew_leases_in_store(&store, &batch, duration)
-                })
-                .await;
-                let missing: Option<std::collections::HashSet<String>> = match renewed {
-                    Ok(Ok(missing)) => Some(missing.into_iter().collect()),
-                    Ok(Err(e)) => {
-                        tracing::warn!(error = %e, leases = names.len(), "cannot renew node leases in the store; will retry");
-                        None
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "the lease renewal task failed; will retry");
-                        None
-                    }
+            Some(store) => {
+                let due = |e: &Edge| {
+                    e.renewed
+                        .is_none_or(|t| t.elapsed() >= config.renew_interval)
                 };
-                let mut rest = rest;
-                if let Some(missing) = missing {
+                let names: Vec<String> = work
+                    .iter()
+                    .filter(|(_, e)| due(e))
+                    .map(|(n, _)| n.clone())
+                    .collect();
+                if !names.is_empty() {
+                    let mut missing = std::collections::HashSet::new();
+                    for (i, chunk) in names.chunks(RENEWALS_PER_COMMIT).enumerate() {
+                        if i > 0 {
+                            // Let the watchers drain this chunk's events before the next.
+                            tokio::time::sleep(BETWEEN_RENEWAL_COMMITS).await;
+                        }
+                        let store = store.clone();
+                        let duration = config.lease_duration;
+                        let batch = chunk.to_vec();
+                        let renewed = tokio::task::spawn_blocking(move || {
+                            renew_leases_in_store(&store, &batch, duration)
+                        })
+                        .await;
+                        match renewed {
+                            Ok(Ok(none_yet)) => missing.extend(none_yet),
+                            Ok(Err(e)) => {
+                                tracing::warn!(error = %e, leases = chunk.len(), "cannot renew node leases in the store; will retry");
+                                missing.extend(chunk.iter().cloned());
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, "the lease renewal task failed; will retry");
+                                missing.extend(chunk.iter().cloned());
+                            }
+                        }
+                    }
                     let renewed_at = Instant::now();
                     let mut edges = presence.edges();
-                    for name in &names {
-                        if missing.contains(name) {
-                            if let Some(e) = edges.get(name) {
-                                rest.push((name.clone(), e.clone()));
-                            }
-                        } else if let Some(e) = edges.get_mut(name) {
+                    for name in names.iter().filter(|n| !missing.contains(*n)) {
+                        if let Some(e) = edges.get_mut(name) {
                             e.renewed = Some(renewed_at);
                         }
                     }
+                    drop(edges);
+                    // What is left for the API: Node writes (their Lease renewed above unless
+                    // it is missing) and the Leases to create.
+                    work.into_iter()
+                        .filter(|(n, e)| e.dirty || missing.contains(n))
+                        .map(|(n, mut e)| {
+                            if due(&e) && !missing.contains(&n) {
+                                e.renewed = Some(renewed_at);
+                            }
+                            (n, e)
+                        })
+                        .collect()
+                } else {
+                    work
                 }
-                rest
             }
-            _ => work,
+            None => work,
         };
         // Node writes and lease renewals go several at once: one after another, 10,000 edges
         // need 20,000 API calls per renew interval, more than a serial loop makes.

@@ -239,7 +239,10 @@ impl Default for StoreOptions {
     fn default() -> Self {
         StoreOptions {
             event_retention: 10_000,
-            watch_buffer: 1024,
+            // A write publishes its events at once (a batch of Lease renewals: up to 500,
+            // `nodes::RENEWALS_PER_COMMIT`), and every watcher must hold all of them until it
+            // runs. Memory: the buffer keeps the last this many events alive.
+            watch_buffer: 4096,
         }
     }
 }
@@ -908,7 +911,7 @@ impl Watch {
                     }
                 }
                 Err(broadcast::error::RecvError::Lagged(missed)) => {
-                    tracing::debug!(
+                    tracing::info!(
                         group = %self.resource.group,
                         resource = %self.resource.resource,
                         position = self.position,
