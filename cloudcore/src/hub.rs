@@ -286,15 +286,11 @@ pub fn endpoint(config: &ServeConfig, ca: &ClusterCa) -> Result<Endpoint, HubErr
     let socket = bind_udp(config)?;
     let runtime = quinn::default_runtime()
         .ok_or_else(|| HubError::Transport("no async runtime for the tunnel socket".into()))?;
-    Endpoint::new(
-        endpoint_config(ca),
-        Some(server),
-        socket,
-        runtime,
-    )
-    .map_err(|source| HubError::Bind {
-        addr: config.listen,
-        source,
+    Endpoint::new(endpoint_config(ca), Some(server), socket, runtime).map_err(|source| {
+        HubError::Bind {
+            addr: config.listen,
+            source,
+        }
     })
 }
 

@@ -478,29 +478,30 @@ impl Store {
                 }
             }
             // Objects deleted since `rv` are merged in at their place in the order.
-            let emit_undone_before = |undone: &mut BTreeMap<(String, String), Option<String>>,
-                                      limit: Option<(&str, &str)>,
-                                      visit: &mut dyn FnMut(ScanRow<'_>) -> Result<(), StoreError>|
-             -> Result<(), StoreError> {
-                while let Some(entry) = undone.first_entry() {
-                    let (namespace, name) = entry.key();
-                    if limit.is_some_and(|l| (namespace.as_str(), name.as_str()) >= l) {
-                        break;
+            let emit_undone_before =
+                |undone: &mut BTreeMap<(String, String), Option<String>>,
+                 limit: Option<(&str, &str)>,
+                 visit: &mut dyn FnMut(ScanRow<'_>) -> Result<(), StoreError>|
+                 -> Result<(), StoreError> {
+                    while let Some(entry) = undone.first_entry() {
+                        let (namespace, name) = entry.key();
+                        if limit.is_some_and(|l| (namespace.as_str(), name.as_str()) >= l) {
+                            break;
+                        }
+                        let ((namespace, name), body) = entry.remove_entry();
+                        if let Some(body) = body
+                            && wanted(&namespace, &name)
+                        {
+                            visit(ScanRow {
+                                namespace: &namespace,
+                                name: &name,
+                                body: &body,
+                                column: 3,
+                            })?;
+                        }
                     }
-                    let ((namespace, name), body) = entry.remove_entry();
-                    if let Some(body) = body
-                        && wanted(&namespace, &name)
-                    {
-                        visit(ScanRow {
-                            namespace: &namespace,
-                            name: &name,
-                            body: &body,
-                            column: 3,
-                        })?;
-                    }
-                }
-                Ok(())
-            };
+                    Ok(())
+                };
             let mut stmt = tx.prepare_cached(
                 r#"SELECT namespace, name, body FROM objects
                    WHERE "group" = ?1 AND resource = ?2 AND (?3 IS NULL OR namespace = ?3)
