@@ -1508,11 +1508,19 @@ mod tests {
             .expect("runtime shut down");
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_restarted_cloud_resets_the_old_connections_at_once() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let ca = ClusterCa::load_or_create(dir.path()).expect("CA");
-        let mut config = ServeConfig::new(dir.path().to_path_buf());
+    /// A cloud with a fresh CA in `dir`, an edge connected to it, and then the cloud killed:
+    /// the config to start another on the same port, the edge's endpoint and connection.
+    struct Killed {
+        config: ServeConfig,
+        addr: SocketAddr,
+        client: Endpoint,
+        client_config: quinn::ClientConfig,
+        conn: Connection,
+    }
+
+    async fn connect_then_kill_the_cloud(dir: &std::path::Path) -> Killed {
+        let ca = ClusterCa::load_or_create(dir).expect("CA");
+        let mut config = ServeConfig::new(dir.to_path_buf());
         config.listen = "127.0.0.1:0".parse().expect("addr");
         let (first, addr) = cloud_in_own_runtime(&config, &ca);
         let (client, client_config) = test_client(&ca);
@@ -1521,13 +1529,26 @@ mod tests {
             .expect("connect")
             .await
             .expect("handshake");
-        // kill -9, then the new process on the same port with the same CA (reloaded).
         kill(first).await;
         config.listen = addr;
+        Killed {
+            config,
+            addr,
+            client,
+            client_config,
+            conn,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_restarted_cloud_resets_the_old_connections_at_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let killed = connect_then_kill_the_cloud(dir.path()).await;
+        // The new process on the same port with the same CA (reloaded).
         let reloaded = ClusterCa::load_or_create(dir.path()).expect("CA again");
-        let (second, _) = cloud_in_own_runtime(&config, &reloaded);
+        let (second, _) = cloud_in_own_runtime(&killed.config, &reloaded);
         let started = std::time::Instant::now();
-        let why = tokio::time::timeout(Duration::from_secs(10), conn.closed())
+        let why = tokio::time::timeout(Duration::from_secs(10), killed.conn.closed())
             .await
             .expect("the old connection ends well before its 20 s idle timeout");
         assert!(
@@ -1536,8 +1557,9 @@ mod tests {
         );
         assert!(started.elapsed() < Duration::from_secs(5));
         // And the edge can connect again to the new process.
-        client
-            .connect_with(client_config, addr, "localhost")
+        killed
+            .client
+            .connect_with(killed.client_config, killed.addr, "localhost")
             .expect("connect")
             .await
             .expect("handshake with the restarted cloud");
@@ -1547,28 +1569,17 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_cloud_with_another_ca_cannot_reset_the_connections() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let ca = ClusterCa::load_or_create(dir.path()).expect("CA");
-        let mut config = ServeConfig::new(dir.path().to_path_buf());
-        config.listen = "127.0.0.1:0".parse().expect("addr");
-        let (first, addr) = cloud_in_own_runtime(&config, &ca);
-        let (client, client_config) = test_client(&ca);
-        let conn = client
-            .connect_with(client_config, addr, "localhost")
-            .expect("connect")
-            .await
-            .expect("handshake");
-        kill(first).await;
-        config.listen = addr;
+        let killed = connect_then_kill_the_cloud(dir.path()).await;
         let other_dir = tempfile::tempdir().expect("tempdir");
         let other = ClusterCa::load_or_create(other_dir.path()).expect("other CA");
-        let (second, _) = cloud_in_own_runtime(&config, &other);
+        let (second, _) = cloud_in_own_runtime(&killed.config, &other);
         // Its resets carry a token the client cannot verify, so they are ignored: the
         // connection is still up a second later.
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert!(
-            conn.close_reason().is_none(),
+            killed.conn.close_reason().is_none(),
             "ended by {:?}",
-            conn.close_reason()
+            killed.conn.close_reason()
         );
         kill(second).await;
     }
