@@ -1573,8 +1573,9 @@ mod tests {
         let other_dir = tempfile::tempdir().expect("tempdir");
         let other = ClusterCa::load_or_create(other_dir.path()).expect("other CA");
         let (second, _) = cloud_in_own_runtime(&killed.config, &other);
-        // Its resets carry a token the client cannot verify, so they are ignored: the
-        // connection is still up a second later.
+        // Its connection-ID key differs, so it drops the edge's packets as not its own (and a
+        // reset from it would carry a token the client cannot verify): the connection is
+        // still up a second later, until its own idle timeout.
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert!(
             killed.conn.close_reason().is_none(),

@@ -61,6 +61,13 @@ struct Edge {
     renewed: Option<Instant>,
 }
 
+impl Edge {
+    /// Whether its Lease is due for renewal (never renewed, or `interval` ago).
+    fn renewal_due(&self, interval: Duration) -> bool {
+        self.renewed.is_none_or(|t| t.elapsed() >= interval)
+    }
+}
+
 /// Who is connected; written by the hub, read by the controller.
 #[derive(Debug, Default)]
 pub struct Presence {
@@ -660,6 +667,40 @@ fn renew_leases_in_store(
     Ok(missing.into_iter().map(|(_, name)| name).collect())
 }
 
+/// Renews the Leases of `names` in the store, [`RENEWALS_PER_COMMIT`] per transaction with a
+/// pause between, off the async workers. Returns the names whose Lease was not renewed: none
+/// exists yet (to be created through the API), or the store failed (logged; retried on a later
+/// tick through the API).
+async fn renew_leases_in_store_batches(
+    store: &crate::apiserver::store::Store,
+    names: &[String],
+    duration: Duration,
+) -> std::collections::HashSet<String> {
+    let mut missing = std::collections::HashSet::new();
+    for (i, chunk) in names.chunks(RENEWALS_PER_COMMIT).enumerate() {
+        if i > 0 {
+            // Let the watchers drain this chunk's events before the next.
+            tokio::time::sleep(BETWEEN_RENEWAL_COMMITS).await;
+        }
+        let (store, batch) = (store.clone(), chunk.to_vec());
+        let renewed =
+            tokio::task::spawn_blocking(move || renew_leases_in_store(&store, &batch, duration))
+                .await;
+        match renewed {
+            Ok(Ok(none_yet)) => missing.extend(none_yet),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, leases = chunk.len(), "cannot renew node leases in the store; will retry");
+                missing.extend(chunk.iter().cloned());
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "the lease renewal task failed; will retry");
+                missing.extend(chunk.iter().cloned());
+            }
+        }
+    }
+    missing
+}
+
 /// Whether a Lease, as the API shows it, has not expired at `now`: renewed within its own
 /// `leaseDurationSeconds`.
 fn lease_unexpired(lease: &Lease, now: OffsetDateTime) -> bool {
@@ -1009,12 +1050,7 @@ pub async fn run(
         let work: Vec<(String, Edge)> = presence
             .edges()
             .iter()
-            .filter(|(_, e)| {
-                e.connected
-                    && (e.dirty
-                        || e.renewed
-                            .is_none_or(|t| t.elapsed() >= config.renew_interval))
-            })
+            .filter(|(_, e)| e.connected && (e.dirty || e.renewal_due(config.renew_interval)))
             .map(|(n, e)| (n.clone(), e.clone()))
             .collect();
         // Embedded mode: every renewal due goes to the store in one transaction, also those of
@@ -1024,63 +1060,38 @@ pub async fn run(
         // is between sessions. Only Node writes and new Leases go through the API below.
         let work = match &config.store {
             Some(store) => {
-                let due = |e: &Edge| {
-                    e.renewed
-                        .is_none_or(|t| t.elapsed() >= config.renew_interval)
-                };
-                let names: Vec<String> = work
+                let due: Vec<String> = work
                     .iter()
-                    .filter(|(_, e)| due(e))
+                    .filter(|(_, e)| e.renewal_due(config.renew_interval))
                     .map(|(n, _)| n.clone())
                     .collect();
-                if !names.is_empty() {
-                    let mut missing = std::collections::HashSet::new();
-                    for (i, chunk) in names.chunks(RENEWALS_PER_COMMIT).enumerate() {
-                        if i > 0 {
-                            // Let the watchers drain this chunk's events before the next.
-                            tokio::time::sleep(BETWEEN_RENEWAL_COMMITS).await;
-                        }
-                        let store = store.clone();
-                        let duration = config.lease_duration;
-                        let batch = chunk.to_vec();
-                        let renewed = tokio::task::spawn_blocking(move || {
-                            renew_leases_in_store(&store, &batch, duration)
-                        })
-                        .await;
-                        match renewed {
-                            Ok(Ok(none_yet)) => missing.extend(none_yet),
-                            Ok(Err(e)) => {
-                                tracing::warn!(error = %e, leases = chunk.len(), "cannot renew node leases in the store; will retry");
-                                missing.extend(chunk.iter().cloned());
-                            }
-                            Err(e) => {
-                                tracing::warn!(error = %e, "the lease renewal task failed; will retry");
-                                missing.extend(chunk.iter().cloned());
-                            }
-                        }
-                    }
-                    let renewed_at = Instant::now();
+                let missing =
+                    renew_leases_in_store_batches(store, &due, config.lease_duration).await;
+                let renewed_at = Instant::now();
+                let renewed: std::collections::HashSet<&str> = due
+                    .iter()
+                    .filter(|n| !missing.contains(*n))
+                    .map(String::as_str)
+                    .collect();
+                {
                     let mut edges = presence.edges();
-                    for name in names.iter().filter(|n| !missing.contains(*n)) {
-                        if let Some(e) = edges.get_mut(name) {
+                    for name in &renewed {
+                        if let Some(e) = edges.get_mut(*name) {
                             e.renewed = Some(renewed_at);
                         }
                     }
-                    drop(edges);
-                    // What is left for the API: Node writes (their Lease renewed above unless
-                    // it is missing) and the Leases to create.
-                    work.into_iter()
-                        .filter(|(n, e)| e.dirty || missing.contains(n))
-                        .map(|(n, mut e)| {
-                            if due(&e) && !missing.contains(&n) {
-                                e.renewed = Some(renewed_at);
-                            }
-                            (n, e)
-                        })
-                        .collect()
-                } else {
-                    work
                 }
+                // Left for the API: Node writes (their Lease renewed above unless it is
+                // missing) and the Leases to create.
+                work.into_iter()
+                    .filter(|(n, e)| e.dirty || missing.contains(n))
+                    .map(|(n, mut e)| {
+                        if renewed.contains(n.as_str()) {
+                            e.renewed = Some(renewed_at);
+                        }
+                        (n, e)
+                    })
+                    .collect()
             }
             None => work,
         };
@@ -1117,11 +1128,7 @@ pub async fn run(
                         }
                     }
                 }
-                if edge.dirty
-                    || edge
-                        .renewed
-                        .is_none_or(|t| t.elapsed() >= config.renew_interval)
-                {
+                if edge.dirty || edge.renewal_due(config.renew_interval) {
                     match renew_lease(leases, nodes, &name, config.lease_duration).await {
                         Ok(()) => {
                             if let Some(e) = presence.edges().get_mut(&name) {
