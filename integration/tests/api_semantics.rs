@@ -64,6 +64,7 @@ struct Seen {
     dry_delete_kept: bool,
     dry_apply_kept: String,
     page_shape: (usize, bool, Option<i64>, bool, usize, bool),
+    selected_pages: Vec<(Vec<String>, bool, Option<i64>)>,
     foreground: Vec<&'static str>,
     orphaned: (bool, Option<Value>),
     background_gone: bool,
@@ -220,6 +221,48 @@ fn observe(kubectl: Kubectl<'_>) -> Seen {
             .all(|i| i["metadata"]["name"] != "page-late"),
     );
 
+    // Pages with a selector: a page ends once full, whether or not anything after it matches
+    // (kube-apiserver stops there and hands out a token; the next page may be empty), and no
+    // remainingItemCount is given.
+    ok(
+        kubectl,
+        &sem(&["label", "configmap", "page-0", "page-1", "sel=yes"]),
+        None,
+    );
+    let mut selected_pages = Vec::new();
+    let mut token = String::new();
+    loop {
+        let mut path =
+            "/api/v1/namespaces/sem/configmaps?labelSelector=sel%3Dyes&limit=2".to_string();
+        if !token.is_empty() {
+            path.push_str(&format!("&continue={token}"));
+        }
+        let page = raw(kubectl, &path);
+        let names = page["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|i| {
+                i["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string()
+            })
+            .collect();
+        token = page["metadata"]["continue"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        selected_pages.push((
+            names,
+            !token.is_empty(),
+            page["metadata"]["remainingItemCount"].as_i64(),
+        ));
+        if token.is_empty() || selected_pages.len() > 3 {
+            break;
+        }
+    }
+
     // Foreground: dependents first; one with blockOwnerDeletion holds the owner.
     ok(kubectl, &sem(&["create", "configmap", "owner"]), None);
     let owner = get_json(kubectl, &sem(&["configmap", "owner"])).expect("owner");
@@ -322,6 +365,7 @@ fn observe(kubectl: Kubectl<'_>) -> Seen {
         dry_delete_kept,
         dry_apply_kept,
         page_shape,
+        selected_pages,
         foreground,
         orphaned,
         background_gone,
@@ -361,6 +405,13 @@ fn kubectl_sees_the_same_options_honoured_as_on_a_real_control_plane() {
     assert!(embedded.dry_delete_kept);
     assert_eq!(embedded.dry_apply_kept, "1");
     assert_eq!(embedded.page_shape, (2, true, Some(-2), true, 2, true));
+    assert_eq!(
+        embedded.selected_pages,
+        [
+            (vec!["page-0".to_string(), "page-1".to_string()], true, None),
+            (vec![], false, None)
+        ]
+    );
     assert_eq!(
         embedded.foreground,
         [

@@ -1231,6 +1231,12 @@ fn storage_schema(served: &Served) -> Option<Value> {
         .and_then(|s| s.schema.clone())
 }
 
+/// Whether [`present`] changes objects of `info` (a custom resource's served version), so
+/// that they cannot be answered exactly as stored.
+pub fn presents(info: &ResourceInfo) -> bool {
+    served_version(info).is_some()
+}
+
 /// A stored custom resource as the version `info` serves it: its `apiVersion`, and the
 /// schema's pruning and defaults (kube-apiserver prunes and defaults on read too).
 /// Built-ins are left alone.

@@ -128,10 +128,11 @@ pub fn key_of(object: &Value, across_namespaces: bool) -> String {
     super::store::list_key(namespace, name, across_namespaces)
 }
 
-/// One page of a list.
+/// One page of a list: parsed objects, or (for answers that pass objects on as stored) their
+/// JSON text.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Page {
-    pub items: Vec<Value>,
+pub struct Page<T = Value> {
+    pub items: Vec<T>,
     /// The token for the next page, if there is one.
     pub next: Option<String>,
     /// How many matching items follow this page (given only when `counted`).
@@ -160,23 +161,33 @@ pub fn page(
 /// most a page of them (the items past the page are only counted). An unpaged list keeps
 /// every item, in the order pushed.
 #[derive(Debug)]
-pub struct Pager {
+pub struct Pager<T = Value> {
     paged: bool,
     limit: Option<usize>,
     start: Option<String>,
     across_namespaces: bool,
     counted: bool,
     /// Unpaged: every item.
-    all: Vec<Value>,
+    all: Vec<T>,
     /// Paged: the smallest keys from the start key on, at most `limit` of them.
-    page: std::collections::BTreeMap<String, Value>,
+    page: std::collections::BTreeMap<String, T>,
     /// Paged: items from the start key on, in the page or past it.
     total: usize,
 }
 
-impl Pager {
+/// Where a paged item falls.
+enum Place {
+    /// Before the page's start key: not part of this list's rest at all.
+    BeforeStart,
+    /// After the last item of a full page: only counted.
+    PastFullPage,
+    /// In the page, as far as is known yet.
+    InPage,
+}
+
+impl<T> Pager<T> {
     /// A pager for `paging`'s page (`across_namespaces`: keys are `namespace/name`).
-    pub fn new(paging: &Paging, across_namespaces: bool, counted: bool) -> Pager {
+    pub fn new(paging: &Paging, across_namespaces: bool, counted: bool) -> Pager<T> {
         Pager {
             paged: paging.is_paged(),
             limit: paging.limit,
@@ -189,51 +200,60 @@ impl Pager {
         }
     }
 
-    /// Whether an item at (`namespace`, `name`) that matches would be kept in the page, asked
-    /// before its body is parsed. One that would not be kept is counted here (when it is at or
-    /// after the start, as [`Pager::push`] counts it) and must not be pushed. Only for lists
-    /// where every item matches (no selector): an item that would not match must not be
-    /// counted.
+    fn place(&self, key: &str) -> Place {
+        if self.start.as_deref().is_some_and(|start| key < start) {
+            return Place::BeforeStart;
+        }
+        let full = self.limit.is_some_and(|limit| self.page.len() >= limit);
+        match self.page.last_key_value() {
+            Some((last, _)) if full && key > last.as_str() => Place::PastFullPage,
+            _ => Place::InPage,
+        }
+    }
+
+    /// Whether an item at (`namespace`, `name`) would be kept in the page, asked before its
+    /// body is read. One past a full page is counted here, as [`Pager::push_at`] would count
+    /// it, and must not be pushed. Counting an item that may not match is right only for the
+    /// `more` of the next-page token, which is all a list with selectors gets (no
+    /// `remainingItemCount`): asked there, the first `false` ends the page.
     pub fn keeps(&mut self, namespace: &str, name: &str) -> bool {
         if !self.paged {
             return true;
         }
         let key = super::store::list_key(namespace, name, self.across_namespaces);
-        if self.start.as_ref().is_some_and(|start| key < *start) {
-            return false;
+        match self.place(&key) {
+            Place::BeforeStart => false,
+            Place::PastFullPage => {
+                self.total += 1;
+                false
+            }
+            Place::InPage => true,
         }
-        let full = self.limit.is_some_and(|limit| self.page.len() >= limit);
-        if full
-            && self
-                .page
-                .last_key_value()
-                .is_some_and(|(last, _)| key > *last)
-        {
-            self.total += 1;
-            return false;
-        }
-        true
     }
 
-    /// One matching item.
-    pub fn push(&mut self, object: Value) {
+    /// One matching item, at (`namespace`, `name`).
+    pub fn push_at(&mut self, namespace: &str, name: &str, item: T) {
         if !self.paged {
-            self.all.push(object);
+            self.all.push(item);
             return;
         }
-        let key = key_of(&object, self.across_namespaces);
-        if self.start.as_ref().is_some_and(|start| key < *start) {
+        let key = super::store::list_key(namespace, name, self.across_namespaces);
+        self.insert(key, item);
+    }
+
+    fn insert(&mut self, key: String, item: T) {
+        if let Place::BeforeStart = self.place(&key) {
             return;
         }
         self.total += 1;
-        self.page.insert(key, object);
+        self.page.insert(key, item);
         if self.limit.is_some_and(|limit| self.page.len() > limit) {
             self.page.pop_last();
         }
     }
 
     /// The page, at version `rv`.
-    pub fn finish(self, rv: u64) -> Page {
+    pub fn finish(self, rv: u64) -> Page<T> {
         if !self.paged {
             return Page {
                 items: self.all,
@@ -252,6 +272,18 @@ impl Pager {
             next,
             remaining,
         }
+    }
+}
+
+impl Pager<Value> {
+    /// One matching object (its key from its metadata).
+    pub fn push(&mut self, object: Value) {
+        if !self.paged {
+            self.all.push(object);
+            return;
+        }
+        let key = key_of(&object, self.across_namespaces);
+        self.insert(key, object);
     }
 }
 

@@ -15,9 +15,10 @@
 //! only [`Watch::next`] is async.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use rusqlite::types::Type;
 use rusqlite::{Connection, OptionalExtension, Row, Transaction, TransactionBehavior, params};
@@ -119,6 +120,21 @@ pub struct WatchEvent {
     pub object: Arc<Value>,
     /// For `Modified`: the object as it was before this change.
     pub previous: Option<Arc<Value>>,
+    /// `object` serialized, once for every watcher that passes it on unchanged
+    /// ([`WatchEvent::object_json`]).
+    pub encoded: OnceLock<Box<serde_json::value::RawValue>>,
+}
+
+impl WatchEvent {
+    /// `object` as JSON text, serialized by the first watcher that asks and shared with the
+    /// rest (the event reaches every watcher of its collection behind one `Arc`).
+    pub fn object_json(&self) -> Result<&serde_json::value::RawValue, serde_json::Error> {
+        if let Some(encoded) = self.encoded.get() {
+            return Ok(encoded);
+        }
+        let encoded = serde_json::value::to_raw_value(self.object.as_ref())?;
+        Ok(self.encoded.get_or_init(|| encoded))
+    }
 }
 
 /// A store operation failed.
@@ -194,25 +210,69 @@ pub struct Scan<'a> {
     pub from_key: Option<(&'a str, bool)>,
 }
 
-/// One object of a [`Store::scan_rows`], not parsed yet.
+/// One object of a [`Store::scan_rows`], not read or parsed yet.
 pub struct ScanRow<'a> {
     pub namespace: &'a str,
     pub name: &'a str,
-    body: &'a str,
-    /// The column the body came from, for the error.
-    column: usize,
+    body: RowBody<'a>,
 }
 
-impl ScanRow<'_> {
+/// Where a [`ScanRow`]'s body comes from.
+enum RowBody<'a> {
+    /// Already read: the object as it was at an older rv, from the event history's
+    /// `prev_body` (column 3).
+    History(&'a str),
+    /// In the objects table, read when asked for, in the scan's own read transaction (so from
+    /// the same snapshot). Rows that are only counted never have their body read.
+    Stored {
+        conn: &'a Connection,
+        resource: &'a ResourceId,
+    },
+}
+
+impl<'a> ScanRow<'a> {
+    /// The object's stored JSON text.
+    pub fn body(&self) -> Result<std::borrow::Cow<'a, str>, StoreError> {
+        match self.body {
+            RowBody::History(body) => Ok(std::borrow::Cow::Borrowed(body)),
+            RowBody::Stored { conn, resource } => {
+                let body: String = conn
+                    .prepare_cached(
+                        r#"SELECT body FROM objects
+                           WHERE "group" = ?1 AND resource = ?2 AND namespace = ?3 AND name = ?4"#,
+                    )?
+                    .query_row(
+                        params![resource.group, resource.resource, self.namespace, self.name],
+                        |row| row.get(0),
+                    )?;
+                Ok(std::borrow::Cow::Owned(body))
+            }
+        }
+    }
+
     /// The object, parsed.
     pub fn object(&self) -> Result<Value, StoreError> {
-        serde_json::from_str::<Value>(self.body).map_err(|e| {
-            StoreError::Sql(rusqlite::Error::FromSqlConversionFailure(
-                self.column,
-                Type::Text,
-                Box::new(e),
-            ))
-        })
+        let body = self.body()?;
+        serde_json::from_str::<Value>(&body).map_err(|e| self.unreadable(e))
+    }
+
+    /// The object's JSON text as it is stored, checked to be JSON but not parsed into a
+    /// tree: for answers that pass objects on unchanged.
+    pub fn raw(&self) -> Result<Box<serde_json::value::RawValue>, StoreError> {
+        let body = self.body()?.into_owned();
+        serde_json::value::RawValue::from_string(body).map_err(|e| self.unreadable(e))
+    }
+
+    fn unreadable(&self, e: serde_json::Error) -> StoreError {
+        let column = match self.body {
+            RowBody::History(_) => 3,
+            RowBody::Stored { .. } => 2,
+        };
+        StoreError::Sql(rusqlite::Error::FromSqlConversionFailure(
+            column,
+            Type::Text,
+            Box::new(e),
+        ))
     }
 }
 
@@ -416,19 +476,20 @@ impl Store {
     ) -> Result<u64, StoreError> {
         self.scan_rows(r, scan, |row| {
             visit(row.object()?);
-            Ok(())
+            Ok(ControlFlow::Continue(()))
         })
     }
 
-    /// As [`Store::scan`], but hands over each row before its body is parsed, so a caller that
-    /// needs only some objects (a page of a list: the rest are only counted) parses only those.
-    /// A list of 10,000 Nodes in pages of 500 parsed every object after each page's start,
-    /// some 100,000 parses per list, which was most of cloudcore's CPU after a restart.
+    /// As [`Store::scan`], but hands over each row before its body is read, in key order
+    /// ([`list_key`] across namespaces, which is etcd's order too), and stops when `visit`
+    /// says so. A caller that needs only some objects (a page of a list) reads only those: a
+    /// list of 10,000 Nodes in pages of 500 used to parse every object after each page's start,
+    /// some 100,000 parses per list, most of cloudcore's CPU after a restart.
     pub fn scan_rows(
         &self,
         r: &ResourceId,
         scan: Scan<'_>,
-        mut visit: impl FnMut(ScanRow<'_>) -> Result<(), StoreError>,
+        mut visit: impl FnMut(ScanRow<'_>) -> Result<ControlFlow<()>, StoreError>,
     ) -> Result<u64, StoreError> {
         self.read(|tx| {
             // One read transaction: the rv and the rows come from the same WAL snapshot.
@@ -441,15 +502,20 @@ impl Store {
             if scan.at.is_some() && (rv < compacted || rv > current) {
                 return Err(gone());
             }
-            let wanted = |namespace: &str, name: &str| match scan.from_key {
-                None => true,
-                Some((start, across_namespaces)) => {
-                    list_key(namespace, name, across_namespaces).as_str() >= start
+            // Rows are compared by their key across namespaces; a start key of a list in one
+            // namespace (a bare name) gets the namespace in front.
+            let start: Option<String> = scan.from_key.map(|(start, across_namespaces)| match scan
+                .namespace
+            {
+                Some(namespace) if !across_namespaces && !namespace.is_empty() => {
+                    format!("{namespace}/{start}")
                 }
-            };
-            // The first change after `rv` of each object changed since: `None` when it was
-            // added since (left out), else its body as it was at `rv`.
-            let mut undone: BTreeMap<(String, String), Option<String>> = BTreeMap::new();
+                _ => start.to_string(),
+            });
+            let wanted = |key: &str| start.as_deref().is_none_or(|start| key >= start);
+            // The first change after `rv` of each object changed since, by key: `None` when it
+            // was added since (left out), else its body as it was at `rv`.
+            let mut undone: BTreeMap<String, (String, String, Option<String>)> = BTreeMap::new();
             if scan.at.is_some() {
                 let mut stmt = tx.prepare_cached(
                     r#"SELECT namespace, name, type, prev_body FROM events
@@ -459,87 +525,98 @@ impl Store {
                 )?;
                 let mut rows = stmt.query(params![rv, r.group, r.resource, scan.namespace])?;
                 while let Some(row) = rows.next()? {
-                    let key: (String, String) = (row.get(0)?, row.get(1)?);
+                    let (namespace, name): (String, String) = (row.get(0)?, row.get(1)?);
+                    let key = list_key(&namespace, &name, true);
                     if undone.contains_key(&key) {
                         continue; // only the first change after rv tells the state at rv
                     }
                     let kind: String = row.get(2)?;
                     if kind == EventType::Added.as_str() {
-                        undone.insert(key, None);
+                        undone.insert(key, (namespace, name, None));
                         continue;
                     }
                     match row.get_ref(3)? {
                         rusqlite::types::ValueRef::Null => return Err(gone()),
                         _ => {
                             let body: String = row.get(3)?;
-                            undone.insert(key, Some(body));
+                            undone.insert(key, (namespace, name, Some(body)));
                         }
                     }
                 }
             }
             // Objects deleted since `rv` are merged in at their place in the order.
             let emit_undone_before =
-                |undone: &mut BTreeMap<(String, String), Option<String>>,
-                 limit: Option<(&str, &str)>,
-                 visit: &mut dyn FnMut(ScanRow<'_>) -> Result<(), StoreError>|
-                 -> Result<(), StoreError> {
+                |undone: &mut BTreeMap<String, (String, String, Option<String>)>,
+                 limit: Option<&str>,
+                 visit: &mut dyn FnMut(ScanRow<'_>) -> Result<ControlFlow<()>, StoreError>|
+                 -> Result<ControlFlow<()>, StoreError> {
                     while let Some(entry) = undone.first_entry() {
-                        let (namespace, name) = entry.key();
-                        if limit.is_some_and(|l| (namespace.as_str(), name.as_str()) >= l) {
+                        if limit.is_some_and(|l| entry.key().as_str() >= l) {
                             break;
                         }
-                        let ((namespace, name), body) = entry.remove_entry();
+                        let (key, (namespace, name, body)) = entry.remove_entry();
                         if let Some(body) = body
-                            && wanted(&namespace, &name)
+                            && wanted(&key)
                         {
-                            visit(ScanRow {
+                            let row = ScanRow {
                                 namespace: &namespace,
                                 name: &name,
-                                body: &body,
-                                column: 3,
-                            })?;
+                                body: RowBody::History(&body),
+                            };
+                            if visit(row)?.is_break() {
+                                return Ok(ControlFlow::Break(()));
+                            }
                         }
                     }
-                    Ok(())
+                    Ok(ControlFlow::Continue(()))
                 };
+            // Keys only: a body is read when the visitor asks for it (a page of a list reads
+            // its page, not the rows it only counts). Rows before the start key are left out
+            // by SQLite.
             let mut stmt = tx.prepare_cached(
-                r#"SELECT namespace, name, body FROM objects
+                r#"SELECT namespace, name,
+                          CASE WHEN namespace <> '' THEN namespace || '/' || name ELSE name END
+                            AS key
+                   FROM objects
                    WHERE "group" = ?1 AND resource = ?2 AND (?3 IS NULL OR namespace = ?3)
-                   ORDER BY namespace, name"#,
+                     AND (?4 IS NULL OR (CASE WHEN namespace <> ''
+                                              THEN namespace || '/' || name
+                                              ELSE name END) >= ?4)
+                   ORDER BY key"#,
             )?;
-            let mut rows = stmt.query(params![r.group, r.resource, scan.namespace])?;
+            let mut rows = stmt.query(params![r.group, r.resource, scan.namespace, start])?;
+            let conn: &Connection = tx;
             while let Some(row) = rows.next()? {
                 let namespace = row.get_ref(0)?.as_str().map_err(rusqlite::Error::from)?;
                 let name = row.get_ref(1)?.as_str().map_err(rusqlite::Error::from)?;
-                emit_undone_before(&mut undone, Some((namespace, name)), &mut visit)?;
+                let key = row.get_ref(2)?.as_str().map_err(rusqlite::Error::from)?;
+                if emit_undone_before(&mut undone, Some(key), &mut visit)?.is_break() {
+                    return Ok(rv);
+                }
                 let before = if undone.is_empty() {
                     None
                 } else {
-                    undone.remove(&(namespace.to_string(), name.to_string()))
+                    undone.remove(key)
                 };
-                if let Some(before) = before {
-                    if let Some(body) = before
-                        && wanted(namespace, name)
-                    {
-                        visit(ScanRow {
-                            namespace,
-                            name,
-                            body: &body,
-                            column: 3,
-                        })?;
-                    }
-                    continue;
-                }
-                if wanted(namespace, name) {
-                    visit(ScanRow {
+                let body = match &before {
+                    // Changed since rv: as it was then, or not at all (added since).
+                    Some((_, _, None)) => continue,
+                    Some((_, _, Some(body))) => RowBody::History(body),
+                    None => RowBody::Stored { conn, resource: r },
+                };
+                if wanted(key)
+                    && visit(ScanRow {
                         namespace,
                         name,
-                        body: row.get_ref(2)?.as_str().map_err(rusqlite::Error::from)?,
-                        column: 2,
-                    })?;
+                        body,
+                    })?
+                    .is_break()
+                {
+                    return Ok(rv);
                 }
             }
-            emit_undone_before(&mut undone, None, &mut visit)?;
+            // Whether the visitor stopped or not, the scan ends here.
+            let _ = emit_undone_before(&mut undone, None, &mut visit)?;
             Ok(rv)
         })
     }
@@ -645,6 +722,7 @@ impl Store {
                 name: name.clone(),
                 object: Arc::new(object),
                 previous: Some(Arc::new(previous)),
+                encoded: OnceLock::new(),
             });
         }
         if events.is_empty() {
@@ -741,6 +819,7 @@ impl Store {
                                 _ if !modified => None,
                                 _ => Some(Arc::new(json_column(row, 5)?)),
                             },
+                            encoded: OnceLock::new(),
                         })
                     },
                 )?
@@ -787,6 +866,7 @@ impl Store {
                 name: name.to_owned(),
                 object: Arc::new(object.clone()),
                 previous: previous.map(Arc::new),
+                encoded: OnceLock::new(),
             };
             // An error means every receiver was dropped since the check: nobody to tell.
             let _ = self.inner.events.send(Arc::new(event));
@@ -1980,6 +2060,61 @@ mod tests {
             .update(&pods(), "ns", "a", pod("ns", "a"), None)
             .unwrap();
         assert_eq!(rv_of(&written), restored.revision + 1);
+    }
+
+    #[test]
+    fn a_scan_reads_only_the_bodies_asked_for_and_starts_at_its_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(&dir);
+        for (ns, name) in [("a", "x"), ("a-b", "y"), ("b", "p"), ("b", "q"), ("c", "r")] {
+            store
+                .create(&pods(), ns, name, pod(ns, name))
+                .expect("create");
+        }
+        // Break the stored body of b/q (not even text): a scan that only counts it must not
+        // notice, as it would if it read the row's body.
+        let conn = Connection::open(db(&dir)).expect("raw open");
+        conn.execute(
+            "UPDATE objects SET body = X'ff7b' WHERE namespace = 'b' AND name = 'q'",
+            [],
+        )
+        .expect("corrupt one row");
+        let visited = |from_key: Option<(&str, bool)>, read: &dyn Fn(&str) -> bool| {
+            let mut seen = Vec::new();
+            let scan = Scan {
+                namespace: None,
+                at: None,
+                from_key,
+            };
+            let result = store.scan_rows(&pods(), scan, |row| {
+                let key = list_key(row.namespace, row.name, true);
+                if read(&key) {
+                    row.object()?;
+                }
+                seen.push(key);
+                Ok(ControlFlow::Continue(()))
+            });
+            (seen, result)
+        };
+        // Key order is the string's: "a/x" after "a-b/y".
+        let (seen, result) = visited(None, &|key| key != "b/q");
+        result.expect("no body of b/q was read");
+        assert_eq!(seen, vec!["a-b/y", "a/x", "b/p", "b/q", "c/r"]);
+        // From "b/": the rows before it are left out, the corrupt one is handed over unread.
+        let (seen, result) = visited(Some(("b/", true)), &|key| key != "b/q");
+        result.expect("no body of b/q was read");
+        assert_eq!(seen, vec!["b/p", "b/q", "c/r"]);
+        // A start of "a-c" keeps "a/x" and drops "a-b/y", although ("a", "x") comes first by
+        // (namespace, name).
+        let (seen, result) = visited(Some(("a-c", true)), &|_| false);
+        result.expect("nothing read");
+        assert_eq!(seen, vec!["a/x", "b/p", "b/q", "c/r"]);
+        // Reading the corrupt body fails.
+        let (_, result) = visited(None, &|key| key == "b/q");
+        assert!(
+            matches!(result, Err(StoreError::Sql(_))),
+            "expected the body's read to fail, got {result:?}"
+        );
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! patch, delete) with Kubernetes semantics on top of [`Store`].
 
 use std::collections::{BTreeMap, HashMap};
+use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -417,28 +418,56 @@ async fn list(
     let info = request.info;
     let across_namespaces = request.namespace.is_none();
     let counted = labels.is_none() && fields.is_none();
+    let table = wants_table(headers);
+    // Objects every item of which is answered exactly as stored (no selector to test, no
+    // Table to build, no custom resource version to present) are passed on as their stored
+    // JSON text, never parsed: after a restart every watcher lists its collections at once,
+    // and parsing each object and serializing the tree again was most of that work.
+    let as_stored = counted && !table && !crd::presents(info);
     // The store hands over one object at a time and the pager keeps at most a page, so a
     // paged list of a large collection never holds the collection (kube-rs' watchers list in
     // pages of 500).
     let scanned = {
         let paging = paging.clone();
-        blocking(move || {
-            let mut pager = pagination::Pager::new(&paging, across_namespaces, counted);
-            let mut refused = None;
+        let api_version = info.api_version();
+        let list_kind = format!("{}List", info.kind);
+        blocking(move || -> Result<Listed, StoreError> {
             let from_key = paging.from.as_ref().map(|from| from.start.clone());
             let scan = Scan {
                 namespace: namespace.as_deref(),
                 at,
                 from_key: from_key.as_deref().map(|start| (start, across_namespaces)),
             };
+            if as_stored {
+                let mut pager = pagination::Pager::new(&paging, across_namespaces, counted);
+                let rv = store.scan_rows(&id, scan, |row| {
+                    // Without a selector every item matches: one past a full page is only
+                    // counted (for `remainingItemCount`), never read.
+                    if pager.keeps(row.namespace, row.name) {
+                        pager.push_at(row.namespace, row.name, row.raw()?);
+                    }
+                    Ok(ControlFlow::Continue(()))
+                })?;
+                return Ok(Listed::Text(list_body(
+                    &api_version,
+                    &list_kind,
+                    rv,
+                    pager.finish(rv),
+                )));
+            }
+            let mut pager = pagination::Pager::new(&paging, across_namespaces, counted);
+            let mut refused = None;
             let rv = store.scan_rows(&id, scan, |row| {
-                if refused.is_some() {
-                    return Ok(());
-                }
-                // Without a selector every item matches: one past a full page is only counted,
-                // never parsed.
-                if counted && !pager.keeps(row.namespace, row.name) {
-                    return Ok(());
+                // Rows come in key order, so one past a full page means the list goes on.
+                // Without a selector it is only counted (for `remainingItemCount`); with one,
+                // the page ends there unread, as kube-apiserver stops reading etcd once a page
+                // is full (its next page may then hold nothing).
+                if !pager.keeps(row.namespace, row.name) {
+                    return Ok(if counted {
+                        ControlFlow::Continue(())
+                    } else {
+                        ControlFlow::Break(())
+                    });
                 }
                 let mut object = row.object()?;
                 match matches(info, &labels, &fields, &object) {
@@ -447,17 +476,33 @@ async fn list(
                         pager.push(object);
                     }
                     Ok(false) => {}
-                    Err(e) => refused = Some(e),
+                    Err(e) => {
+                        refused = Some(e);
+                        return Ok(ControlFlow::Break(()));
+                    }
                 }
-                Ok(())
-            });
-            rv.map(|rv| (rv, pager, refused))
+                Ok(ControlFlow::Continue(()))
+            })?;
+            Ok(match refused {
+                Some(refused) => Listed::Refused(refused),
+                None => Listed::Objects(rv, pager.finish(rv)),
+            })
         })
         .await?
     };
-    let (rv, pager) = match scanned {
-        Ok((_, _, Some(refused))) => return Err(refused),
-        Ok((rv, pager, None)) => (rv, pager),
+    let (rv, page) = match scanned {
+        Ok(Listed::Text(body)) => {
+            let body =
+                body.map_err(|e| ApiError::internal(format!("cannot write the list: {e}")))?;
+            return Ok((
+                StatusCode::OK,
+                [(header::CONTENT_TYPE, "application/json")],
+                body,
+            )
+                .into_response());
+        }
+        Ok(Listed::Refused(refused)) => return Err(refused),
+        Ok(Listed::Objects(rv, page)) => (rv, page),
         Err(StoreError::Gone { .. }) if at.is_some() => {
             return match &paging.from {
                 Some(from) => Ok(json_response(StatusCode::GONE, &pagination::expired(from))),
@@ -475,31 +520,79 @@ async fn list(
             ));
         }
     };
-    let page = pager.finish(rv);
-    let (items, next, remaining) = (page.items, page.next, page.remaining);
-    let mut body = if wants_table(headers) {
-        crd::table_with(
-            request.info,
-            &items,
-            &rv.to_string(),
-            OffsetDateTime::now_utc(),
-            table_options(query),
+    if !table {
+        let body = list_body(&info.api_version(), &format!("{}List", info.kind), rv, page)
+            .map_err(|e| ApiError::internal(format!("cannot write the list: {e}")))?;
+        return Ok((
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "application/json")],
+            body,
         )
-    } else {
-        json!({
-            "kind": format!("{}List", request.info.kind),
-            "apiVersion": request.info.api_version(),
-            "metadata": {"resourceVersion": rv.to_string()},
-            "items": items,
-        })
-    };
-    if let Some(token) = next {
+            .into_response());
+    }
+    let mut body = crd::table_with(
+        request.info,
+        &page.items,
+        &rv.to_string(),
+        OffsetDateTime::now_utc(),
+        table_options(query),
+    );
+    if let Some(token) = page.next {
         body["metadata"]["continue"] = json!(token);
     }
-    if let Some(count) = remaining {
+    if let Some(count) = page.remaining {
         body["metadata"]["remainingItemCount"] = json!(count);
     }
     Ok(json_response(StatusCode::OK, &body))
+}
+
+/// What a list's storage step produced.
+enum Listed {
+    /// The whole answer, serialized (or why it could not be).
+    Text(Result<String, serde_json::Error>),
+    /// A selector could not be applied to an object.
+    Refused(ApiError),
+    /// The page of parsed objects, at its rv.
+    Objects(u64, pagination::Page),
+}
+
+/// A list answer (`kind: XList`), its members in the order kube-apiserver's JSON has them.
+#[derive(serde::Serialize)]
+struct ListBody<'a, T> {
+    #[serde(rename = "apiVersion")]
+    api_version: &'a str,
+    items: &'a [T],
+    kind: &'a str,
+    metadata: ListMeta,
+}
+
+#[derive(serde::Serialize)]
+struct ListMeta {
+    #[serde(rename = "continue", skip_serializing_if = "Option::is_none")]
+    next: Option<String>,
+    #[serde(rename = "remainingItemCount", skip_serializing_if = "Option::is_none")]
+    remaining: Option<usize>,
+    #[serde(rename = "resourceVersion")]
+    resource_version: String,
+}
+
+fn list_body<T: serde::Serialize>(
+    api_version: &str,
+    kind: &str,
+    rv: u64,
+    page: pagination::Page<T>,
+) -> Result<String, serde_json::Error> {
+    let body = ListBody {
+        api_version,
+        items: &page.items,
+        kind,
+        metadata: ListMeta {
+            next: page.next,
+            remaining: page.remaining,
+            resource_version: rv.to_string(),
+        },
+    };
+    serde_json::to_string(&body)
 }
 
 /// The list options about versions: `Some(rv)` when the list must be exactly at `rv`
@@ -1335,10 +1428,28 @@ fn spawn_namespace_cleanup(api: &Arc<Api>, namespace: &str) {
     });
 }
 
-fn watch_line(event_type: &str, object: &Value) -> Bytes {
-    let mut line = json!({"type": event_type, "object": object}).to_string();
-    line.push('\n');
-    Bytes::from(line)
+/// One line of a watch: `{"object":…,"type":…}`, the members in the order of kube-apiserver's
+/// JSON.
+#[derive(serde::Serialize)]
+struct WatchLine<'a, T: ?Sized> {
+    object: &'a T,
+    #[serde(rename = "type")]
+    event_type: &'a str,
+}
+
+fn watch_line<T: serde::Serialize + ?Sized>(event_type: &str, object: &T) -> Bytes {
+    let line = WatchLine { object, event_type };
+    let mut text = match serde_json::to_string(&line) {
+        Ok(text) => text,
+        // Not reachable for JSON values and text; if it were, the watcher gets an ERROR
+        // event saying so instead of a line that is not JSON.
+        Err(e) => {
+            let status = ApiError::internal(format!("cannot write a watch event: {e}")).to_status();
+            json!({"type": "ERROR", "object": status}).to_string()
+        }
+    };
+    text.push('\n');
+    Bytes::from(text)
 }
 
 async fn watch_collection(
@@ -1386,10 +1497,12 @@ async fn watch_collection(
     let (store2, id2, ns2) = (store.clone(), id.clone(), namespace.clone());
     let watch = blocking(move || store2.watch(&id2, ns2.as_deref(), from)).await?;
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(64);
+    // An event's object goes out as stored unless it is a custom resource to present or a
+    // Table row; then every watcher renders its own.
+    let as_stored = !table && !crd::presents(info);
     let render = move |object: &Value| -> Value {
         let mut object = object.clone();
         crd::present(info, &mut object);
-        let object = &object;
         if table {
             let rv = object["metadata"]["resourceVersion"]
                 .as_str()
@@ -1397,13 +1510,13 @@ async fn watch_collection(
                 .to_string();
             crd::table_with(
                 info,
-                std::slice::from_ref(object),
+                std::slice::from_ref(&object),
                 &rv,
                 OffsetDateTime::now_utc(),
                 options,
             )
         } else {
-            object.clone()
+            object
         }
     };
     let mut watch = match watch {
@@ -1454,7 +1567,7 @@ async fn watch_collection(
                 event = watch.next() => {
                     let Some(event) = event else { break };
                     last_rv = event.rv;
-                    if let Some(line) = event_line(&event, info, &labels, &fields, &render) && tx.send(line).await.is_err() {
+                    if let Some(line) = event_line(&event, info, &labels, &fields, as_stored, &render) && tx.send(line).await.is_err() {
                         break;
                     }
                 }
@@ -1472,6 +1585,7 @@ fn event_line(
     info: &ResourceInfo,
     labels: &Option<LabelSelector>,
     fields: &Option<FieldSelector>,
+    as_stored: bool,
     render: &impl Fn(&Value) -> Value,
 ) -> Option<Bytes> {
     let object = event.object.as_ref();
@@ -1493,6 +1607,9 @@ fn event_line(
         }
         _ => return None,
     };
+    if as_stored && let Ok(json) = event.object_json() {
+        return Some(watch_line(kind, json));
+    }
     Some(watch_line(kind, &render(object)))
 }
 
@@ -1652,9 +1769,10 @@ mod tests {
             name: "p".into(),
             object: Arc::new(object),
             previous: previous.map(Arc::new),
+            encoded: Default::default(),
         };
         let kind = |e: &WatchEvent| {
-            event_line(e, info, &labels, &None, &|v: &Value| v.clone())
+            event_line(e, info, &labels, &None, false, &|v: &Value| v.clone())
                 .map(|b| serde_json::from_slice::<Value>(&b).expect("json")["type"].clone())
         };
         assert_eq!(
