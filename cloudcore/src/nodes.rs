@@ -536,16 +536,22 @@ fn ready_of(node: &Node) -> Option<Value> {
 }
 
 /// Creates or updates the Node of a connected edge and writes the status it sent.
+/// Writes an edge's Node as it connects and returns the Node as the API then has it. Like a
+/// kubelet (`nodeStatusReportFrequency`), a reconnecting edge whose labels and status are what
+/// the API already shows, heartbeat times aside, costs no write while the last heartbeat is
+/// younger than [`NODE_STATUS_REPORT_EVERY`]: liveness is the Lease's job. In a reconnect storm
+/// that is one read per edge instead of two writes, each sent to every Node watcher.
 async fn write_node(
     nodes: &Api<Node>,
     name: &str,
     edge: &Edge,
     kubelet: Option<crate::kubelet::KubeletAddress>,
-) -> Result<(), kube::Error> {
+) -> Result<Node, kube::Error> {
     let labels = node_labels(name, edge);
     let existing = nodes.get_opt(name).await?;
     let live_conditions = existing.as_ref().map(conditions_of).unwrap_or_default();
-    match existing {
+    let mut written = None;
+    match &existing {
         None => {
             // With its status, as a kubelet registers: a real apiserver keeps it on create
             // (the status write below makes sure either way).
@@ -564,19 +570,82 @@ async fn write_node(
                 Err(e) => return Err(e),
             }
         }
-        Some(_) => {
-            let patch = json!({"metadata": {"labels": labels}});
-            nodes
-                .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
-                .await?;
+        Some(node) => {
+            let live = node.metadata.labels.as_ref();
+            let missing = labels
+                .iter()
+                .any(|(k, v)| live.and_then(|l| l.get(k)) != Some(v));
+            if missing {
+                let patch = json!({"metadata": {"labels": labels}});
+                written = Some(
+                    nodes
+                        .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+                        .await?,
+                );
+            }
         }
     }
     // Strategic merge: conditions merge by type (a condition the edge does not send stays).
-    let status = json!({"status": node_status(edge, &live_conditions, kubelet)});
+    let status = node_status(edge, &live_conditions, kubelet);
+    let live_status = existing
+        .as_ref()
+        .and_then(|n| n.status.as_ref())
+        .and_then(|s| serde_json::to_value(s).ok());
+    if let (Some(node), Some(live)) = (&existing, &live_status)
+        && !status_write_needed(live, &status, OffsetDateTime::now_utc())
+    {
+        return Ok(written.unwrap_or_else(|| node.clone()));
+    }
     nodes
-        .patch_status(name, &PatchParams::default(), &Patch::Strategic(&status))
-        .await?;
-    Ok(())
+        .patch_status(
+            name,
+            &PatchParams::default(),
+            &Patch::Strategic(&json!({"status": status})),
+        )
+        .await
+}
+
+/// How long a Node's status goes unwritten when nothing in it changed: the kubelet's default
+/// `nodeStatusReportFrequency`.
+const NODE_STATUS_REPORT_EVERY: Duration = Duration::from_secs(5 * 60);
+
+/// Whether `desired` (what [`node_status`] builds) would change the Node's `live` status:
+/// any field that differs, any condition whose status, reason, message or transition differs,
+/// or a heartbeat older than [`NODE_STATUS_REPORT_EVERY`]. Anything it cannot compare is a
+/// change.
+fn status_write_needed(live: &Value, desired: &Value, now: OffsetDateTime) -> bool {
+    let Some(desired) = desired.as_object() else {
+        return true;
+    };
+    desired.iter().any(|(field, want)| match field.as_str() {
+        "conditions" => {
+            let Some(want) = want.as_array() else {
+                return true;
+            };
+            let have = live["conditions"].as_array().cloned().unwrap_or_default();
+            want.iter().any(|condition| {
+                let Some(had) = have.iter().find(|c| c["type"] == condition["type"]) else {
+                    return true;
+                };
+                let differs = ["status", "reason", "message", "lastTransitionTime"]
+                    .iter()
+                    .any(|f| had.get(*f) != condition.get(*f));
+                let heartbeat = had["lastHeartbeatTime"].as_str().and_then(parse_time);
+                differs || heartbeat.is_none_or(|beat| now - beat >= NODE_STATUS_REPORT_EVERY)
+            })
+        }
+        "addresses" => {
+            let want: Vec<&Value> = want
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|a| a.get("$patch").is_none())
+                .collect();
+            let have: Vec<&Value> = live["addresses"].as_array().into_iter().flatten().collect();
+            want != have
+        }
+        _ => live.get(field) != Some(want),
+    })
 }
 
 /// The spec of a node's Lease renewed at `now` (a MicroTime text).
@@ -1110,10 +1179,12 @@ pub async fn run(
                     let written = match write_node(nodes, &name, &edge, kubelet).await {
                         // Embedded mode: the taint goes with Ready=Unknown (kube mode: the
                         // cluster's node-lifecycle controller removes it).
-                        Ok(()) if config.lifecycle => {
-                            set_reachability(nodes, &name, None, Reachability::Reachable).await
+                        Ok(node) if config.lifecycle => {
+                            set_reachability(nodes, &name, Some(node), Reachability::Reachable)
+                                .await
                         }
-                        other => other,
+                        Ok(_) => Ok(()),
+                        Err(e) => Err(e),
                     };
                     match written {
                         Ok(()) => {
@@ -1182,6 +1253,61 @@ mod tests {
             dirty: true,
             renewed: None,
         }
+    }
+
+    #[test]
+    fn a_status_is_rewritten_only_when_something_but_the_heartbeat_changed() {
+        let now = OffsetDateTime::now_utc();
+        let beat = |age: Duration| micro_time(now - age);
+        let live = |heartbeat: String| {
+            json!({
+                "addresses": [{"type": "InternalIP", "address": "192.0.2.7"}],
+                "capacity": {"cpu": "4"},
+                "conditions": [
+                    {"type": "Ready", "status": "True", "reason": "EdgecoreReady", "message": "up",
+                     "lastTransitionTime": "2026-01-01T00:00:00Z", "lastHeartbeatTime": heartbeat},
+                    {"type": "DiskPressure", "status": "False", "reason": "Ok", "message": "",
+                     "lastTransitionTime": "2026-01-01T00:00:00Z", "lastHeartbeatTime": "2026-01-01T00:00:00Z"},
+                ],
+            })
+        };
+        let desired = json!({
+            "addresses": [{"type": "InternalIP", "address": "192.0.2.7"}, {"$patch": "replace"}],
+            "capacity": {"cpu": "4"},
+            "conditions": [
+                {"type": "Ready", "status": "True", "reason": "EdgecoreReady", "message": "up",
+                 "lastTransitionTime": "2026-01-01T00:00:00Z", "lastHeartbeatTime": "now"},
+            ],
+        });
+        let fresh = live(beat(Duration::from_secs(60)));
+        assert!(
+            !status_write_needed(&fresh, &desired, now),
+            "only the heartbeat differs"
+        );
+        let stale = live(beat(NODE_STATUS_REPORT_EVERY + Duration::from_secs(1)));
+        assert!(
+            status_write_needed(&stale, &desired, now),
+            "heartbeat too old"
+        );
+        let changed = |path: &str, value: Value| {
+            let mut d = desired.clone();
+            *d.pointer_mut(path).expect("path") = value;
+            status_write_needed(&fresh, &d, now)
+        };
+        assert!(changed("/conditions/0/status", json!("False")));
+        assert!(changed("/conditions/0/message", json!("other")));
+        assert!(
+            changed("/conditions/0/type", json!("PIDPressure")),
+            "a condition the API lacks"
+        );
+        assert!(changed("/capacity/cpu", json!("2")));
+        assert!(changed("/addresses/0/address", json!("192.0.2.8")));
+        let mut more = desired.clone();
+        more["allocatable"] = json!({"cpu": "4"});
+        assert!(
+            status_write_needed(&fresh, &more, now),
+            "a field the API lacks"
+        );
     }
 
     #[test]
