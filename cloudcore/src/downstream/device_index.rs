@@ -93,13 +93,13 @@ impl Index {
         let (node, model) = binding(device);
         let digest = spec_digest(device);
         let id = (namespace.clone(), name.clone());
-        let old = self.devices.remove(&id);
+        let old = self.take_device(&id);
         if let Some(old) = old
             .as_ref()
             .filter(|old| old.digest == digest && old.cached.uid == cached.uid && old.node == node)
         {
             // Only the status changed: the edge keeps the version it holds.
-            self.devices.insert(id, old.clone());
+            self.put_device(id, old.clone());
             return;
         }
         let key = device_key(&namespace, &name);
@@ -121,7 +121,7 @@ impl Index {
         if !node.is_empty() {
             self.publish(&node, key, Some(cached.desired()));
         }
-        self.devices.insert(
+        self.put_device(
             id,
             DeviceEntry {
                 node,
@@ -132,12 +132,27 @@ impl Index {
         );
     }
 
+    /// Takes a Device out of the index (and out of its node's bound set).
+    fn take_device(&mut self, id: &(String, String)) -> Option<DeviceEntry> {
+        let old = self.devices.remove(id)?;
+        self.rebind(&old.node, |b| {
+            b.devices.remove(id);
+        });
+        Some(old)
+    }
+
+    /// Puts a Device into the index (and into its node's bound set, if it has a node).
+    fn put_device(&mut self, id: (String, String), entry: DeviceEntry) {
+        let node = entry.node.clone();
+        self.rebind(&node, |b| {
+            b.devices.insert(id.clone());
+        });
+        self.devices.insert(id, entry);
+    }
+
     /// A Device was deleted.
     pub fn delete_device(&mut self, namespace: &str, name: &str) {
-        let Some(old) = self
-            .devices
-            .remove(&(namespace.to_string(), name.to_string()))
-        else {
+        let Some(old) = self.take_device(&(namespace.to_string(), name.to_string())) else {
             return;
         };
         if old.node.is_empty() {
@@ -297,6 +312,7 @@ mod tests {
         assert_eq!(wants(&index, "n2", "Device", "a"), None);
         assert_eq!(wants(&index, "n2", "DeviceModel", "m"), None);
         assert!(index.referrers.is_empty(), "{:?}", index.referrers);
+        assert!(index.bound.is_empty(), "{:?}", index.bound);
         // A device that changes its model lets go of the old one.
         index.apply_device_model(&model("other", 8));
         index.apply_device(&device("c", "n1", "m", 9));
