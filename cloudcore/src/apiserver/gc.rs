@@ -17,6 +17,7 @@
 //! waits and the store changed, and once at start, so a deletion interrupted by a restart
 //! completes.
 
+use std::ops::ControlFlow;
 use std::sync::LazyLock;
 use std::time::Duration;
 
@@ -27,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::objects::{self, FOREGROUND_FINALIZER, ORPHAN_FINALIZER, Propagation, resource_id};
 use super::resources::{self, ResourceInfo};
-use super::store::{Store, StoreError};
+use super::store::{Scan, Store, StoreError};
 
 /// Wakes the collector: a delete just set one of its finalizers. Process-wide, so the verbs
 /// need no handle; a wake with no owner waiting costs one pass.
@@ -110,6 +111,23 @@ fn terminating(object: &Value) -> bool {
     object["metadata"]["deletionTimestamp"].is_string()
 }
 
+/// The objects of `info` being deleted. Only a body whose text names `deletionTimestamp` is
+/// parsed: a pass at start used to parse (and hold) every object of every kind, some 50,000 at
+/// 10,000 edges with a pod each, to find none.
+fn terminating_objects(store: &Store, info: &ResourceInfo) -> Result<Vec<Value>, StoreError> {
+    let mut found = Vec::new();
+    store.scan_rows(&resource_id(info), Scan::default(), |row| {
+        if row.body()?.contains("\"deletionTimestamp\"") {
+            let object = row.object()?;
+            if terminating(&object) {
+                found.push(object);
+            }
+        }
+        Ok(ControlFlow::Continue(()))
+    })?;
+    Ok(found)
+}
+
 fn rv_of(object: &Value) -> Option<u64> {
     object["metadata"]["resourceVersion"]
         .as_str()
@@ -129,8 +147,7 @@ fn key(object: &Value) -> (String, String) {
 pub fn pass(store: &Store, now: OffsetDateTime) -> Result<bool, StoreError> {
     let mut waiting = false;
     for info in resources::builtin() {
-        let (objects, _) = store.list(&resource_id(info), None)?;
-        for owner in objects.iter().filter(|o| terminating(o)) {
+        for owner in terminating_objects(store, info)?.iter() {
             let result = if has_finalizer(owner, ORPHAN_FINALIZER) {
                 orphan(store, info, owner)
             } else if has_finalizer(owner, FOREGROUND_FINALIZER) {
