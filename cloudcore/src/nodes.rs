@@ -549,7 +549,14 @@ async fn write_node(
 ) -> Result<Node, kube::Error> {
     let labels = node_labels(name, edge);
     let existing = nodes.get_opt(name).await?;
-    let live_conditions = existing.as_ref().map(conditions_of).unwrap_or_default();
+    let live_status = existing
+        .as_ref()
+        .and_then(|n| n.status.as_ref())
+        .and_then(|s| serde_json::to_value(s).ok());
+    let live_conditions = live_status
+        .as_ref()
+        .and_then(|s| s["conditions"].as_array().cloned())
+        .unwrap_or_default();
     let mut written = None;
     match &existing {
         None => {
@@ -587,10 +594,6 @@ async fn write_node(
     }
     // Strategic merge: conditions merge by type (a condition the edge does not send stays).
     let status = node_status(edge, &live_conditions, kubelet);
-    let live_status = existing
-        .as_ref()
-        .and_then(|n| n.status.as_ref())
-        .and_then(|s| serde_json::to_value(s).ok());
     if let (Some(node), Some(live)) = (&existing, &live_status)
         && !status_write_needed(live, &status, OffsetDateTime::now_utc())
     {
@@ -622,7 +625,7 @@ fn status_write_needed(live: &Value, desired: &Value, now: OffsetDateTime) -> bo
             let Some(want) = want.as_array() else {
                 return true;
             };
-            let have = live["conditions"].as_array().cloned().unwrap_or_default();
+            let have = live["conditions"].as_array().map_or(&[][..], Vec::as_slice);
             want.iter().any(|condition| {
                 let Some(had) = have.iter().find(|c| c["type"] == condition["type"]) else {
                     return true;

@@ -236,16 +236,9 @@ impl<'a> ScanRow<'a> {
         match self.body {
             RowBody::History(body) => Ok(std::borrow::Cow::Borrowed(body)),
             RowBody::Stored { conn, resource } => {
-                let body: String = conn
-                    .prepare_cached(
-                        r#"SELECT body FROM objects
-                           WHERE "group" = ?1 AND resource = ?2 AND namespace = ?3 AND name = ?4"#,
-                    )?
-                    .query_row(
-                        params![resource.group, resource.resource, self.namespace, self.name],
-                        |row| row.get(0),
-                    )?;
-                Ok(std::borrow::Cow::Owned(body))
+                stored_body(conn, resource, self.namespace, self.name)?
+                    .map(std::borrow::Cow::Owned)
+                    .ok_or(StoreError::Sql(rusqlite::Error::QueryReturnedNoRows))
             }
         }
     }
@@ -410,19 +403,21 @@ impl Store {
         name: &str,
     ) -> Result<Option<Value>, StoreError> {
         self.read(|tx| {
-            Ok(tx
-                .query_row(
-                    r#"SELECT body FROM objects
-                       WHERE "group" = ?1 AND resource = ?2 AND namespace = ?3 AND name = ?4"#,
-                    params![r.group, r.resource, namespace, name],
-                    |row| json_column(row, 0),
-                )
-                .optional()?)
+            let Some(body) = stored_body(tx, r, namespace, name)? else {
+                return Ok(None);
+            };
+            serde_json::from_str(&body).map(Some).map_err(|e| {
+                StoreError::Sql(rusqlite::Error::FromSqlConversionFailure(
+                    0,
+                    Type::Text,
+                    Box::new(e),
+                ))
+            })
         })
     }
 
-    /// Every object of the collection (optionally one namespace), sorted by (namespace, name),
-    /// and the rv they were read at.
+    /// Every object of the collection (optionally one namespace), in list-key order
+    /// ([`list_key`] across namespaces), and the rv they were read at.
     pub fn list(
         &self,
         r: &ResourceId,
@@ -579,9 +574,7 @@ impl Store {
                             AS key
                    FROM objects
                    WHERE "group" = ?1 AND resource = ?2 AND (?3 IS NULL OR namespace = ?3)
-                     AND (?4 IS NULL OR (CASE WHEN namespace <> ''
-                                              THEN namespace || '/' || name
-                                              ELSE name END) >= ?4)
+                     AND (?4 IS NULL OR key >= ?4)
                    ORDER BY key"#,
             )?;
             let mut rows = stmt.query(params![r.group, r.resource, scan.namespace, start])?;
@@ -675,15 +668,7 @@ impl Store {
         let tx = writer.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let (mut rv, compacted) = read_meta(&tx)?;
         for (namespace, name) in keys {
-            let stored: Option<String> = tx
-                .prepare_cached(
-                    r#"SELECT body FROM objects
-                       WHERE "group" = ?1 AND resource = ?2 AND namespace = ?3 AND name = ?4"#,
-                )?
-                .query_row(params![r.group, r.resource, namespace, name], |row| {
-                    row.get(0)
-                })
-                .optional()?;
+            let stored = stored_body(&tx, r, namespace, name)?;
             let Some(prev_body) = stored else {
                 missing.push((namespace.clone(), name.clone()));
                 continue;
@@ -1331,6 +1316,23 @@ fn stamp(object: &mut Value, rv: u64) -> Result<String, StoreError> {
         .ok_or_else(|| StoreError::InvalidObject("object has no metadata object".into()))?;
     metadata.insert("resourceVersion".into(), Value::String(rv.to_string()));
     serde_json::to_string(object).map_err(|e| StoreError::InvalidObject(e.to_string()))
+}
+
+/// The stored JSON text of one object, if it exists: the one point lookup of the objects table.
+fn stored_body(
+    conn: &Connection,
+    r: &ResourceId,
+    namespace: &str,
+    name: &str,
+) -> rusqlite::Result<Option<String>> {
+    conn.prepare_cached(
+        r#"SELECT body FROM objects
+           WHERE "group" = ?1 AND resource = ?2 AND namespace = ?3 AND name = ?4"#,
+    )?
+    .query_row(params![r.group, r.resource, namespace, name], |row| {
+        row.get(0)
+    })
+    .optional()
 }
 
 /// Parses a JSON text column; a malformed stored body is a conversion error naming the column.

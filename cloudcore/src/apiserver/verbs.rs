@@ -109,12 +109,12 @@ pub(crate) fn query_of(uri: &Uri) -> Result<Query, ApiError> {
 }
 
 fn json_response(code: StatusCode, value: &Value) -> Response {
-    (
-        code,
-        [(header::CONTENT_TYPE, "application/json")],
-        value.to_string(),
-    )
-        .into_response()
+    json_text(code, value.to_string())
+}
+
+/// A JSON answer already serialized.
+fn json_text(code: StatusCode, text: String) -> Response {
+    (code, [(header::CONTENT_TYPE, "application/json")], text).into_response()
 }
 
 pub(crate) fn table_options(query: &Query) -> resources::TableOptions {
@@ -494,12 +494,7 @@ async fn list(
         Ok(Listed::Text(body)) => {
             let body =
                 body.map_err(|e| ApiError::internal(format!("cannot write the list: {e}")))?;
-            return Ok((
-                StatusCode::OK,
-                [(header::CONTENT_TYPE, "application/json")],
-                body,
-            )
-                .into_response());
+            return Ok(json_text(StatusCode::OK, body));
         }
         Ok(Listed::Refused(refused)) => return Err(refused),
         Ok(Listed::Objects(rv, page)) => (rv, page),
@@ -523,12 +518,7 @@ async fn list(
     if !table {
         let body = list_body(&info.api_version(), &format!("{}List", info.kind), rv, page)
             .map_err(|e| ApiError::internal(format!("cannot write the list: {e}")))?;
-        return Ok((
-            StatusCode::OK,
-            [(header::CONTENT_TYPE, "application/json")],
-            body,
-        )
-            .into_response());
+        return Ok(json_text(StatusCode::OK, body));
     }
     let mut body = crd::table_with(
         request.info,
