@@ -689,6 +689,25 @@ impl OutboxWriter {
         }
     }
 
+    /// Waits up to [`BOOKKEEPING_DELAY`] for more acknowledgements to share a commit, but not
+    /// once a report is waiting for its row: a pod's status must not queue behind the
+    /// acknowledgement of another's (in a burst of pod starts it did, for up to 100 ms).
+    /// False when `shutdown` was cancelled.
+    async fn bookkeeping_pause(&self, shutdown: &CancellationToken) -> bool {
+        let until = tokio::time::Instant::now() + BOOKKEEPING_DELAY;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return false,
+                _ = tokio::time::sleep_until(until) => return true,
+                _ = self.outbox.dirty.notified() => {
+                    if self.outbox.needs_write() == Some(Urgency::Now) {
+                        return true;
+                    }
+                }
+            }
+        }
+    }
+
     /// Writes changes as they come, retries failed writes, drops reports of pods and Devices
     /// that left the store after each of its commits (`store_changed`), and writes a last time when
     /// `shutdown` is cancelled.
@@ -706,11 +725,8 @@ impl OutboxWriter {
             if let Some(urgency) = self.outbox.needs_write()
                 && retry_at.is_none_or(|at| at <= tokio::time::Instant::now())
             {
-                if urgency == Urgency::Soon {
-                    tokio::select! {
-                        _ = shutdown.cancelled() => break,
-                        _ = tokio::time::sleep(BOOKKEEPING_DELAY) => {}
-                    }
+                if urgency == Urgency::Soon && !self.bookkeeping_pause(&shutdown).await {
+                    break;
                 }
                 retry_at = match self.blocking(|w| w.write()).await {
                     Ok(()) => None,
@@ -1284,5 +1300,50 @@ mod tests {
         let edge = edge.restart();
         assert!(edge.outbox.is_empty(), "the acknowledgement was written");
         assert!(edge.outbox.last_status(&node).is_some());
+    }
+
+    /// An acknowledgement makes the writer wait for more to share a commit; a report put
+    /// meanwhile ends the wait. Paused clock: the wait is the only timer, so the virtual time
+    /// that passes until the report is due is the time it waited.
+    #[tokio::test(start_paused = true)]
+    async fn a_report_does_not_wait_behind_an_acknowledgement() {
+        let edge = Edge::new();
+        let shutdown = CancellationToken::new();
+        let (_store_changed, store_changed_rx) = watch::channel(0);
+        let task = tokio::spawn(edge.writer.clone().run(store_changed_rx, shutdown.clone()));
+        let node = ObjectRef {
+            kind: "Node".into(),
+            namespace: String::new(),
+            name: "gw-1".into(),
+            uid: String::new(),
+        };
+        let mut seq = 0;
+        async fn due(outbox: &Outbox, seq: &mut u64) -> Vec<Message> {
+            loop {
+                let sent = outbox.due(1, Instant::now(), seq);
+                if !sent.is_empty() {
+                    return sent;
+                }
+                outbox.changed().await;
+            }
+        }
+        edge.outbox.put(node.clone(), status("Running"));
+        let first = due(&edge.outbox, &mut seq).await;
+        edge.outbox.acknowledged(1, &seqs(&first));
+        // Let the writer see the acknowledgement alone and start its wait.
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        let put_at = tokio::time::Instant::now();
+        edge.outbox.put(node.clone(), status("Ready"));
+        let second = due(&edge.outbox, &mut seq).await;
+        assert_eq!(second.len(), 1);
+        assert!(
+            put_at.elapsed() < BOOKKEEPING_DELAY,
+            "the report waited {:?} behind an acknowledgement",
+            put_at.elapsed()
+        );
+        shutdown.cancel();
+        task.await.expect("writer task");
     }
 }
