@@ -13,9 +13,8 @@ cd "$(dirname "$0")/.."
 # tests run it with their own builds.
 root="${QUICKSTART_ROOT:-$PWD/.quickstart}"
 bin="${QUICKSTART_BIN:-$PWD/target/release}"
-# edgecore as a gateway runs it: the `edge` profile (Cargo.toml), smaller than `release`.
+# edgecore as a gateway runs it (deploy/build-edgecore.sh), smaller than `release`.
 edgecore="${QUICKSTART_BIN:+$QUICKSTART_BIN/edgecore}"
-edgecore="${edgecore:-$PWD/target/edge/edgecore}"
 kubectl_q() { kubectl --kubeconfig "$root/cloud/kubeconfig" --cache-dir "$root/kubectl-cache" "$@"; }
 
 stop_pid() {
@@ -125,7 +124,7 @@ wait_for() {
 
 if [ -z "${QUICKSTART_BIN:-}" ]; then
   cargo build --release --bins
-  cargo build --profile edge -p edgecore --bin edgecore
+  edgecore=$(deploy/build-edgecore.sh)
 fi
 stop >/dev/null 2>&1 || true
 mkdir -p "$root"
