@@ -999,8 +999,7 @@ async fn patch_object(
         let warnings = validation::enforce(mode, &findings, &mut patched, |f| {
             validation::patch_error(&Value::Null, f)
         })?;
-        let requested = requested_rv(&patched)?;
-        let expected = match requested {
+        let expected = match requested_rv(&patched)? {
             // The patch itself asked for a resourceVersion: honour it (no retry).
             Some(rv) if Some(rv) != rv_of(&current) => Some(rv),
             _ => rv_of(&current),
@@ -1016,7 +1015,7 @@ async fn patch_object(
         )
         .await
         {
-            Err(e) if e.reason == "Conflict" && requested.is_none() && attempts < 5 => continue,
+            Err(e) if e.reason == "Conflict" && attempts < 5 => continue,
             Err(e) => return Err(e),
             Ok(written) => {
                 return Ok(validation::with_warnings(
