@@ -776,6 +776,27 @@ mod tests {
         }
     }
 
+    /// The gateway's Node: kept by the writer's look at which pods the store holds.
+    fn node() -> ObjectRef {
+        ObjectRef {
+            kind: "Node".into(),
+            namespace: String::new(),
+            name: "gw-1".into(),
+            uid: String::new(),
+        }
+    }
+
+    /// Waits until reports are due in session 1 and returns them.
+    async fn next_due(outbox: &Outbox, seq: &mut u64) -> Vec<Message> {
+        loop {
+            let sent = outbox.due(1, Instant::now(), seq);
+            if !sent.is_empty() {
+                return sent;
+            }
+            outbox.changed().await;
+        }
+    }
+
     fn status(phase: &str) -> Report {
         Report::Status(json!({ "phase": phase }))
     }
@@ -1044,12 +1065,7 @@ mod tests {
         let edge = Edge::new();
         let now = Instant::now();
         let mut seq = 0;
-        let node = ObjectRef {
-            kind: "Node".into(),
-            namespace: String::new(),
-            name: "gw-1".into(),
-            uid: String::new(),
-        };
+        let node = node();
         edge.outbox.put(pod("acked"), status("Running"));
         edge.write();
         let sent = edge.outbox.due(1, now, &mut seq);
@@ -1249,12 +1265,7 @@ mod tests {
             .put(device("sensor"), Report::Status(json!({"state": "ok"})));
         edge.outbox
             .put(device("unbound"), Report::Status(json!({"state": "ok"})));
-        let node = ObjectRef {
-            kind: "Node".into(),
-            namespace: String::new(),
-            name: "gw-1".into(),
-            uid: String::new(),
-        };
+        let node = node();
         edge.outbox.put(node.clone(), Report::Status(json!({})));
         edge.write();
         assert_eq!(
@@ -1274,26 +1285,12 @@ mod tests {
         let shutdown = CancellationToken::new();
         let (_store_changed, store_changed_rx) = watch::channel(0);
         let task = tokio::spawn(edge.writer.clone().run(store_changed_rx, shutdown.clone()));
-        // The node: the writer's first look at the store's pods must not drop it.
-        let node = ObjectRef {
-            kind: "Node".into(),
-            namespace: String::new(),
-            name: "gw-1".into(),
-            uid: String::new(),
-        };
+        let node = node();
         edge.outbox.put(node.clone(), status("Running"));
         let mut seq = 0;
-        let sent = tokio::time::timeout(Duration::from_secs(10), async {
-            loop {
-                let sent = edge.outbox.due(1, Instant::now(), &mut seq);
-                if !sent.is_empty() {
-                    return sent;
-                }
-                edge.outbox.changed().await;
-            }
-        })
-        .await
-        .expect("sent within 10 s");
+        let sent = tokio::time::timeout(Duration::from_secs(10), next_due(&edge.outbox, &mut seq))
+            .await
+            .expect("sent within 10 s");
         edge.outbox.acknowledged(1, &seqs(&sent));
         shutdown.cancel();
         task.await.expect("writer task");
@@ -1311,24 +1308,10 @@ mod tests {
         let shutdown = CancellationToken::new();
         let (_store_changed, store_changed_rx) = watch::channel(0);
         let task = tokio::spawn(edge.writer.clone().run(store_changed_rx, shutdown.clone()));
-        let node = ObjectRef {
-            kind: "Node".into(),
-            namespace: String::new(),
-            name: "gw-1".into(),
-            uid: String::new(),
-        };
+        let node = node();
         let mut seq = 0;
-        async fn due(outbox: &Outbox, seq: &mut u64) -> Vec<Message> {
-            loop {
-                let sent = outbox.due(1, Instant::now(), seq);
-                if !sent.is_empty() {
-                    return sent;
-                }
-                outbox.changed().await;
-            }
-        }
         edge.outbox.put(node.clone(), status("Running"));
-        let first = due(&edge.outbox, &mut seq).await;
+        let first = next_due(&edge.outbox, &mut seq).await;
         edge.outbox.acknowledged(1, &seqs(&first));
         // Let the writer see the acknowledgement alone and start its wait.
         for _ in 0..10 {
@@ -1336,7 +1319,7 @@ mod tests {
         }
         let put_at = tokio::time::Instant::now();
         edge.outbox.put(node.clone(), status("Ready"));
-        let second = due(&edge.outbox, &mut seq).await;
+        let second = next_due(&edge.outbox, &mut seq).await;
         assert_eq!(second.len(), 1);
         assert!(
             put_at.elapsed() < BOOKKEEPING_DELAY,

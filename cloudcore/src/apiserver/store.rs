@@ -261,11 +261,7 @@ impl<'a> ScanRow<'a> {
             RowBody::History(_) => 3,
             RowBody::Stored { .. } => 2,
         };
-        StoreError::Sql(rusqlite::Error::FromSqlConversionFailure(
-            column,
-            Type::Text,
-            Box::new(e),
-        ))
+        StoreError::Sql(unreadable_json(column, e))
     }
 }
 
@@ -406,13 +402,9 @@ impl Store {
             let Some(body) = stored_body(tx, r, namespace, name)? else {
                 return Ok(None);
             };
-            serde_json::from_str(&body).map(Some).map_err(|e| {
-                StoreError::Sql(rusqlite::Error::FromSqlConversionFailure(
-                    0,
-                    Type::Text,
-                    Box::new(e),
-                ))
-            })
+            serde_json::from_str(&body)
+                .map(Some)
+                .map_err(|e| StoreError::Sql(unreadable_json(0, e)))
         })
     }
 
@@ -1338,8 +1330,12 @@ fn stored_body(
 /// Parses a JSON text column; a malformed stored body is a conversion error naming the column.
 fn json_column(row: &Row<'_>, idx: usize) -> rusqlite::Result<Value> {
     let text = row.get_ref(idx)?.as_str()?;
-    serde_json::from_str(text)
-        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(idx, Type::Text, Box::new(e)))
+    serde_json::from_str(text).map_err(|e| unreadable_json(idx, e))
+}
+
+/// A stored body that is not JSON: a conversion error naming the column it was read from.
+fn unreadable_json(column: usize, e: serde_json::Error) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(column, Type::Text, Box::new(e))
 }
 
 #[cfg(test)]
