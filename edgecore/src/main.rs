@@ -535,9 +535,16 @@ fn devices_config(
     })
 }
 
-/// The async runtime of `join` and `run`; `ctl` does without one.
+/// The async runtime of `join` and `run`; `ctl` does without one. One thread: edgecore's own
+/// work is a few milliseconds of CPU per pod start and next to none at rest, everything slow
+/// (CRI, QUIC, mappers) is I/O it awaits, and SQLite runs on the blocking pool. A worker thread
+/// per core would cost a stack and a malloc arena each on a small gateway
+/// (docs/benchmarks.md, "The edge build").
 fn runtime() -> Option<tokio::runtime::Runtime> {
-    match tokio::runtime::Runtime::new() {
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => Some(r),
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
