@@ -15,7 +15,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use futures::TryStreamExt as _;
 use hickory_proto::op::{Edns, Header, HeaderCounts, MessageType, Metadata, OpCode, ResponseCode};
 use hickory_proto::rr::rdata::{A, AAAA, CNAME, SOA, SRV};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
@@ -30,6 +29,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::netlink;
 use super::table::{Endpoint, Protocol, ServiceEntry, ServiceKind};
 use super::{ServiceTable, ServicesConfig};
 use crate::metrics::Metrics;
@@ -136,29 +136,16 @@ pub fn spawn(
 // ---------------------------------------------------------------------------------------
 // The address on lo.
 
-/// The prefix of a host address (/32 or /128).
-fn host_prefix(address: IpAddr) -> u8 {
-    match address {
-        IpAddr::V4(_) => 32,
-        IpAddr::V6(_) => 128,
-    }
-}
-
-/// [`add_address`] from synchronous code: on a thread of its own (created by this one, so in
-/// the same network namespace) with a runtime of its own.
+/// [`add_address`] from synchronous code.
 fn add_address_now(address: IpAddr) -> Result<(), DnsError> {
-    std::thread::scope(|scope| {
-        scope
-            .spawn(|| {
-                let runtime = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .map_err(|e| address_error(address, e))?;
-                runtime.block_on(add_address(address))
-            })
-            .join()
-            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-    })
+    match netlink::add_to_lo(address) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            tracing::info!(%address, "taking over the cluster DNS address already on lo");
+            Ok(())
+        }
+        Err(e) => Err(address_error(address, e)),
+    }
 }
 
 fn address_error(address: IpAddr, reason: impl std::fmt::Display) -> DnsError {
@@ -168,67 +155,19 @@ fn address_error(address: IpAddr, reason: impl std::fmt::Display) -> DnsError {
     }
 }
 
-/// A netlink connection in this thread's network namespace, with `lo`'s index. The connection
-/// task ends when the handle is dropped.
-async fn netlink_lo(address: IpAddr) -> Result<(rtnetlink::Handle, u32), DnsError> {
-    let (connection, handle, _) =
-        rtnetlink::new_connection().map_err(|e| address_error(address, e))?;
-    tokio::spawn(connection);
-    let lo = handle
-        .link()
-        .get()
-        .match_name("lo".to_string())
-        .execute()
-        .try_next()
-        .await
-        .map_err(|e| address_error(address, e))?
-        .ok_or_else(|| address_error(address, "no lo interface"))?;
-    Ok((handle, lo.header.index))
-}
-
 /// Puts `address` on `lo` as a host address; already there (left by a killed edgecore) is
 /// fine.
 pub async fn add_address(address: IpAddr) -> Result<(), DnsError> {
-    let (handle, lo) = netlink_lo(address).await?;
-    match handle
-        .address()
-        .add(lo, address, host_prefix(address))
-        .execute()
-        .await
-    {
-        Ok(()) => Ok(()),
-        Err(rtnetlink::Error::NetlinkError(e))
-            if e.to_io().kind() == io::ErrorKind::AlreadyExists =>
-        {
-            tracing::info!(%address, "taking over the cluster DNS address already on lo");
-            Ok(())
-        }
-        Err(e) => Err(address_error(address, e)),
-    }
+    add_address_now(address)
 }
 
 /// Removes `address` from `lo`, if present.
 pub async fn remove_address(address: IpAddr) -> Result<(), DnsError> {
-    let (handle, lo) = netlink_lo(address).await?;
-    let found: Vec<_> = handle
-        .address()
-        .get()
-        .set_link_index_filter(lo)
-        .set_address_filter(address)
-        .execute()
-        .try_collect()
-        .await
-        .map_err(|e| address_error(address, e))?;
-    for message in found {
-        match handle.address().del(message).execute().await {
-            Ok(()) => {}
-            // Removed meanwhile (a concurrent cleanup).
-            Err(rtnetlink::Error::NetlinkError(e))
-                if e.to_io().kind() == io::ErrorKind::AddrNotAvailable => {}
-            Err(e) => return Err(address_error(address, e)),
-        }
+    match netlink::remove_from_lo(address) {
+        // Not there, or removed meanwhile (a concurrent cleanup).
+        Err(e) if e.kind() != io::ErrorKind::AddrNotAvailable => Err(address_error(address, e)),
+        _ => Ok(()),
     }
-    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------

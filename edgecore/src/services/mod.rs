@@ -9,6 +9,7 @@
 
 pub mod dns;
 pub mod env;
+mod netlink;
 pub mod proxy;
 pub mod table;
 
