@@ -10,7 +10,7 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use rustix::net::netlink::SocketAddrNetlink;
-use rustix::net::{AddressFamily, RecvFlags, SendFlags, SocketType};
+use rustix::net::{AddressFamily, RecvFlags, SendFlags, SocketFlags, SocketType};
 
 /// `RTM_NEWADDR` and `RTM_DELADDR` (linux/rtnetlink.h).
 const RTM_NEWADDR: u16 = 20;
@@ -58,13 +58,23 @@ pub fn remove_from_lo(address: IpAddr) -> io::Result<()> {
 
 /// `lo`'s interface index in this thread's network namespace.
 fn lo_index() -> io::Result<u32> {
-    let socket = rustix::net::socket(AddressFamily::INET, SocketType::DGRAM, None)?;
+    let socket = rustix::net::socket_with(
+        AddressFamily::INET,
+        SocketType::DGRAM,
+        SocketFlags::CLOEXEC,
+        None,
+    )?;
     Ok(rustix::net::netdevice::name_to_index(&socket, "lo")?)
 }
 
 /// Sends one request and waits for its acknowledgement.
 fn request(message: &[u8]) -> io::Result<()> {
-    let socket = rustix::net::socket(AddressFamily::NETLINK, SocketType::RAW, None)?;
+    let socket = rustix::net::socket_with(
+        AddressFamily::NETLINK,
+        SocketType::RAW,
+        SocketFlags::CLOEXEC,
+        None,
+    )?;
     rustix::net::sockopt::set_socket_timeout(
         &socket,
         rustix::net::sockopt::Timeout::Recv,
