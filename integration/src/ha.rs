@@ -142,9 +142,30 @@ pub struct Replicas {
     pub edges: Vec<(String, PathBuf)>,
 }
 
-/// The flags of replica `id`: its kubelet endpoint on `ip`, and a dead replica noticed by its
-/// edges within 4 s (heartbeats every second).
-fn replica_flags(id: &str, ip: Ipv4Addr, ports: &str) -> Vec<String> {
+/// How soon edges notice a dead replica: the replicas' `--heartbeat-interval` and
+/// `--dead-after`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Liveness<'a> {
+    pub heartbeat_interval: &'a str,
+    pub dead_after: &'a str,
+}
+
+impl Liveness<'static> {
+    /// Heartbeats every second, dead after 4 s: quick failovers for tests.
+    pub const QUICK: Liveness<'static> = Liveness {
+        heartbeat_interval: "1s",
+        dead_after: "4s",
+    };
+    /// What `deploy/kubernetes/cloudcore.yaml` sets.
+    pub const SHIPPED: Liveness<'static> = Liveness {
+        heartbeat_interval: "2s",
+        dead_after: "8s",
+    };
+}
+
+/// The flags of replica `id`: its kubelet endpoint on `ip`, and how soon its edges notice
+/// its death.
+fn replica_flags(id: &str, ip: Ipv4Addr, ports: &str, liveness: Liveness) -> Vec<String> {
     [
         "--kubelet-ports",
         ports,
@@ -155,9 +176,9 @@ fn replica_flags(id: &str, ip: Ipv4Addr, ports: &str) -> Vec<String> {
         "--replica-id",
         id,
         "--heartbeat-interval",
-        "1s",
+        liveness.heartbeat_interval,
         "--dead-after",
-        "4s",
+        liveness.dead_after,
     ]
     .iter()
     .map(|s| s.to_string())
@@ -197,7 +218,7 @@ pub enum Sharing {
 impl Replicas {
     /// Three replicas of `binary` in `dir/replica-N` behind the load balancer, with `nodes`
     /// joined through its address into `dir/NODE` (not started), sharing their state as
-    /// `sharing` says.
+    /// `sharing` says; their edges notice a dead one as `liveness` says.
     pub fn start(
         binary: &Path,
         dir: &Path,
@@ -205,6 +226,7 @@ impl Replicas {
         credentials: &Path,
         nodes: &[String],
         sharing: Sharing,
+        liveness: Liveness,
     ) -> anyhow::Result<Replicas> {
         let lb = LoadBalancer::new()?;
         let first = crate::free_tcp_port().min(60000);
@@ -212,7 +234,7 @@ impl Replicas {
         let start = |i: u8| -> anyhow::Result<Replica> {
             let id = format!("replica-{i}");
             let ip = Ipv4Addr::new(127, 0, 0, i);
-            let mut flags = replica_flags(&id, ip, &ports);
+            let mut flags = replica_flags(&id, ip, &ports, liveness);
             if sharing == Sharing::Cluster {
                 flags.extend(
                     ["--state=cluster", "--state-namespace", LEASE_NAMESPACE].map(String::from),

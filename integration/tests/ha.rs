@@ -158,6 +158,7 @@ fn start_site() -> Site {
         &credentials,
         &names,
         integration::ha::Sharing::Cluster,
+        integration::ha::Liveness::QUICK,
     )
     .unwrap_or_else(|e| panic!("{e:#}"));
     let mut edges = Vec::new();

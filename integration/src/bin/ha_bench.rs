@@ -11,8 +11,9 @@
 //! replica is started again and put back. With `--leader` rounds the Lease holder is the one
 //! killed, and the time until another replica holds the Lease is taken as well.
 //!
-//! Replicas run with `--heartbeat-interval 1s --dead-after 4s`, so an edge notices a dead
-//! replica within 4 s; the figures are dominated by that and the edge's reconnect backoff.
+//! Replicas run with `--heartbeat-interval 2s --dead-after 8s` as the shipped Deployment does
+//! (`--heartbeat-interval`, `--dead-after` to change), so an edge notices a dead replica within
+//! 8 s; the figures are dominated by that and the edge's reconnect backoff.
 //! Stops everything it started at the end or on an error (the temp dir is removed).
 
 use std::collections::BTreeMap;
@@ -50,6 +51,13 @@ struct Cli {
     /// edgecore binary (default: next to this one).
     #[arg(long)]
     edgecore: Option<PathBuf>,
+    /// The replicas' `--heartbeat-interval` (default: the shipped Deployment's).
+    #[arg(long, default_value = "2s")]
+    heartbeat_interval: String,
+    /// The replicas' `--dead-after`: how long an edge waits for a dead replica before it
+    /// reconnects (default: the shipped Deployment's).
+    #[arg(long, default_value = "8s")]
+    dead_after: String,
     /// How the replicas share the CA and registry: cluster (`--state=cluster`) or copy.
     #[arg(long, default_value = "cluster")]
     sharing: SharingArg,
@@ -67,6 +75,8 @@ enum SharingArg {
 struct Figures {
     edges: usize,
     kills: usize,
+    heartbeat_interval: String,
+    dead_after: String,
     failovers: Vec<Duration>,
     handovers: Vec<Duration>,
     machine: Machine,
@@ -77,8 +87,10 @@ impl Report for Figures {
         let mut sorted = self.failovers.clone();
         sorted.sort();
         let mut out = format!(
-            "ha-bench: {} edges, 3 replicas, {} kills (-9); {} edge failovers\n",
+            "ha-bench: {} edges, 3 replicas (--heartbeat-interval {} --dead-after {}), {} kills (-9); {} edge failovers\n",
             self.edges,
+            self.heartbeat_interval,
+            self.dead_after,
             self.kills,
             sorted.len()
         );
@@ -111,6 +123,8 @@ impl Report for Figures {
         json!({
             "edges": self.edges,
             "replicas": 3,
+            "heartbeat_interval": self.heartbeat_interval,
+            "dead_after": self.dead_after,
             "kills": self.kills,
             "failover_ms": {
                 "median": ms(percentile(&sorted, 0.5)),
@@ -158,6 +172,10 @@ fn run(cli: Cli) -> Result<Figures> {
         &credentials,
         &names,
         sharing,
+        integration::ha::Liveness {
+            heartbeat_interval: &cli.heartbeat_interval,
+            dead_after: &cli.dead_after,
+        },
     )?;
     let mut edges: BTreeMap<String, Edge> = BTreeMap::new();
     for (name, dir) in &ha.edges {
@@ -247,6 +265,8 @@ fn run(cli: Cli) -> Result<Figures> {
     Ok(Figures {
         edges: cli.edges,
         kills: cli.kills,
+        heartbeat_interval: cli.heartbeat_interval.clone(),
+        dead_after: cli.dead_after.clone(),
         failovers,
         handovers,
         machine: Machine::read(),
