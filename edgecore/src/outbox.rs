@@ -166,6 +166,10 @@ pub struct Outbox {
     /// ([`Outbox::subscribe_puts`]).
     puts: watch::Sender<u64>,
     metrics: Arc<Metrics>,
+    /// How many times the writer began to wait for more acknowledgements to share a commit,
+    /// for tests that must catch it waiting.
+    #[cfg(test)]
+    pauses: std::sync::atomic::AtomicU64,
 }
 
 /// Microseconds since the Unix epoch by the wall clock.
@@ -267,6 +271,8 @@ impl Outbox {
             dirty: Notify::new(),
             puts: watch::Sender::new(0),
             metrics,
+            #[cfg(test)]
+            pauses: Default::default(),
         });
         let writer = OutboxWriter {
             outbox: outbox.clone(),
@@ -694,6 +700,10 @@ impl OutboxWriter {
     /// acknowledgement of another's (in a burst of pod starts it did, for up to 100 ms).
     /// False when `shutdown` was cancelled.
     async fn bookkeeping_pause(&self, shutdown: &CancellationToken) -> bool {
+        #[cfg(test)]
+        self.outbox
+            .pauses
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let until = tokio::time::Instant::now() + BOOKKEEPING_DELAY;
         loop {
             tokio::select! {
@@ -1312,9 +1322,18 @@ mod tests {
         let mut seq = 0;
         edge.outbox.put(node.clone(), status("Running"));
         let first = next_due(&edge.outbox, &mut seq).await;
+        let paused = || edge.outbox.pauses.load(std::sync::atomic::Ordering::SeqCst);
+        let before = paused();
         edge.outbox.acknowledged(1, &seqs(&first));
-        // Let the writer see the acknowledgement alone and start its wait.
-        for _ in 0..10 {
+        // The writer sees the acknowledgement alone and starts its wait; the clock is paused,
+        // so the wait cannot end by itself meanwhile.
+        let mut turns = 0;
+        while paused() == before {
+            turns += 1;
+            assert!(
+                turns < 10_000,
+                "the writer never began to wait after an acknowledgement"
+            );
             tokio::task::yield_now().await;
         }
         let put_at = tokio::time::Instant::now();
