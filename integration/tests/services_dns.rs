@@ -353,7 +353,7 @@ fn cluster_dns_answers_from_the_table_and_forwards_the_rest() -> anyhow::Result<
 
             // An address left by a killed edgecore is taken over by the next start, and
             // removed by `edgecore cleanup`.
-            dns::add_address(CLUSTER_DNS).await?;
+            dns::add_address(CLUSTER_DNS)?;
             assert!(lo()?.contains(&cidr));
             let (_tables, table) = watch::channel(Arc::new(service_table(1, "10.96.0.10")));
             let tracker = TaskTracker::new();
@@ -368,9 +368,9 @@ fn cluster_dns_answers_from_the_table_and_forwards_the_rest() -> anyhow::Result<
             )?;
             let web = ask("web.default.svc.cluster.local.", RecordType::A).await?;
             assert_eq!(data(&web), ["10.96.0.10"]);
-            dns::remove_address(CLUSTER_DNS).await?;
+            dns::remove_address(CLUSTER_DNS)?;
             assert!(!lo()?.contains(&cidr), "removed by cleanup: {}", lo()?);
-            dns::remove_address(CLUSTER_DNS).await?;
+            dns::remove_address(CLUSTER_DNS)?;
             shutdown.cancel();
             tracker.close();
             tracker.wait().await;

@@ -73,7 +73,7 @@ pub fn spawn(
     tracker: &TaskTracker,
     shutdown: CancellationToken,
 ) -> Result<(), DnsError> {
-    add_address_now(address)?;
+    add_address(address)?;
     let socket = SocketAddr::new(address, DNS_PORT);
     let bind_error = |source| DnsError::Bind {
         address: socket,
@@ -120,7 +120,7 @@ pub fn spawn(
                 if let Err(e) = server.shutdown_gracefully().await {
                     tracing::warn!(error = %e, "the DNS server stopped with an error");
                 }
-                match remove_address(address).await {
+                match remove_address(address) {
                     Ok(()) => tracing::info!(%address, "cluster DNS stopped, address removed"),
                     Err(e) => tracing::warn!(error = %e, "cannot remove the cluster DNS address"),
                 }
@@ -136,8 +136,16 @@ pub fn spawn(
 // ---------------------------------------------------------------------------------------
 // The address on lo.
 
-/// [`add_address`] from synchronous code.
-fn add_address_now(address: IpAddr) -> Result<(), DnsError> {
+fn address_error(address: IpAddr, reason: impl std::fmt::Display) -> DnsError {
+    DnsError::Address {
+        address,
+        reason: reason.to_string(),
+    }
+}
+
+/// Puts `address` on `lo` as a host address; already there (left by a killed edgecore) is
+/// fine. One netlink request, answered at once by the kernel.
+pub fn add_address(address: IpAddr) -> Result<(), DnsError> {
     match netlink::add_to_lo(address) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
@@ -148,21 +156,8 @@ fn add_address_now(address: IpAddr) -> Result<(), DnsError> {
     }
 }
 
-fn address_error(address: IpAddr, reason: impl std::fmt::Display) -> DnsError {
-    DnsError::Address {
-        address,
-        reason: reason.to_string(),
-    }
-}
-
-/// Puts `address` on `lo` as a host address; already there (left by a killed edgecore) is
-/// fine.
-pub async fn add_address(address: IpAddr) -> Result<(), DnsError> {
-    add_address_now(address)
-}
-
-/// Removes `address` from `lo`, if present.
-pub async fn remove_address(address: IpAddr) -> Result<(), DnsError> {
+/// Removes `address` from `lo`, if present. One netlink request, answered at once.
+pub fn remove_address(address: IpAddr) -> Result<(), DnsError> {
     match netlink::remove_from_lo(address) {
         // Not there, or removed meanwhile (a concurrent cleanup).
         Err(e) if e.kind() != io::ErrorKind::AddrNotAvailable => Err(address_error(address, e)),

@@ -345,7 +345,7 @@ fn build_table(
 pub async fn cleanup(config: &ServicesConfig) -> Result<(), ServicesError> {
     proxy::cleanup(&config.nft_table).await?;
     if let Some(address) = config.cluster_dns {
-        dns::remove_address(address).await?;
+        dns::remove_address(address)?;
     }
     Ok(())
 }

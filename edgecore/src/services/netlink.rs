@@ -84,8 +84,9 @@ fn request(message: &[u8]) -> io::Result<()> {
     rustix::net::sendto(&socket, message, SendFlags::empty(), &kernel)?;
     let mut answer = [0u8; 1024];
     loop {
+        // The first count is what landed in the buffer (the second, what the datagram held).
         let (received, _) = rustix::net::recv(&socket, &mut answer[..], RecvFlags::empty())?;
-        if let Some(result) = acknowledgement(&answer[..received.min(answer.len())])? {
+        if let Some(result) = acknowledgement(&answer[..received])? {
             return result;
         }
     }

@@ -530,8 +530,11 @@ async fn measure(cli: &Cli, binary: &Path, cloud: &mut Cloud, dir: &Path) -> Res
         .iter()
         .filter(|(name, uid)| uids_after.get(*name) != Some(*uid))
         .count();
-    let mut left_ready = watch.left_ready();
-    let left_ready = left_ready.split_off(left_ready_before_storm.min(left_ready.len()));
+    let left_ready: Vec<_> = watch
+        .left_ready()
+        .into_iter()
+        .skip(left_ready_before_storm)
+        .collect();
     let ready_at_end = watch.ready();
     workers.stop();
     Ok(Report {

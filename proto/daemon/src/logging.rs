@@ -36,6 +36,7 @@ pub fn init(format: LogFormat) {
         .fmt_fields(crate::logfmt::Escaped)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
+        // The builder's own level cap (INFO by default) would hide what `filter` enables.
         .with_max_level(LevelFilter::TRACE);
     match format {
         LogFormat::Text => builder.finish().with(filter).init(),
