@@ -87,6 +87,12 @@ fn annotation(object: &Value, name: &str) -> String {
 
 /// Waits for `kubectl rollout status` to report success within `timeout`.
 fn rollout_status(cloud: &Cloud, name: &str, timeout: &str) -> String {
+    try_rollout_status(cloud, name, timeout).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`rollout_status`], with what the cluster showed when it did not succeed as the error: the
+/// command's output, the Deployment's status and each of its pods' state.
+fn try_rollout_status(cloud: &Cloud, name: &str, timeout: &str) -> Result<String, String> {
     let out = cloud.kubectl(&[
         "rollout",
         "status",
@@ -94,13 +100,28 @@ fn rollout_status(cloud: &Cloud, name: &str, timeout: &str) -> String {
         &format!("--timeout={timeout}"),
     ]);
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success() && stdout.contains("successfully rolled out"),
-        "rollout status of {name}: {stdout}{}\ndeployment: {}",
+    if out.status.success() && stdout.contains("successfully rolled out") {
+        return Ok(stdout);
+    }
+    let pods: Vec<String> = items(cloud, "pods", &format!("app={name}"))
+        .iter()
+        .map(|p| {
+            format!(
+                "{} deleting={} phase={} conditions={} containers={}",
+                p["metadata"]["name"],
+                !p["metadata"]["deletionTimestamp"].is_null(),
+                p["status"]["phase"],
+                p["status"]["conditions"],
+                p["status"]["containerStatuses"]
+            )
+        })
+        .collect();
+    Err(format!(
+        "rollout status of {name}: {stdout}{}\ndeployment: {}\npods:\n{}",
         String::from_utf8_lossy(&out.stderr),
-        deployment(cloud, name)["status"]
-    );
-    stdout
+        deployment(cloud, name)["status"],
+        pods.join("\n")
+    ))
 }
 
 fn create_deployment(cloud: &Cloud, name: &str, replicas: u32) {
@@ -511,11 +532,16 @@ fn kubectl_rolls_a_deployment_out_and_back_scales_it_pauses_and_restarts_it() {
         )
         .is_empty()
             && items(cloud, "pods", "app in (web,rec)").is_empty()),
-        "left behind: {:?}",
+        "left behind: {:?}\n{}",
         items(cloud, "pods", "app in (web,rec)")
             .iter()
-            .map(|p| p["metadata"]["name"].clone())
-            .collect::<Vec<_>>()
+            .map(|p| (
+                p["metadata"]["name"].clone(),
+                p["metadata"]["deletionTimestamp"].clone(),
+                p["status"]["containerStatuses"].clone()
+            ))
+            .collect::<Vec<_>>(),
+        s.context()
     );
 }
 
@@ -787,8 +813,13 @@ struct Observed {
 }
 
 /// The same kubectl sequence on any control plane: create (pinned to `node`), scale to 3,
-/// set image, undo; each followed by `rollout status`.
-fn compare_sequence(cloud: &Cloud, node: &str) -> Observed {
+/// set image, undo; each followed by `rollout status`. `edge_log` is shown when a rollout
+/// does not finish.
+fn compare_sequence(cloud: &Cloud, node: &str, edge_log: &dyn Fn() -> String) -> Observed {
+    let rollout_status = |cloud: &Cloud, name: &str, timeout: &str| {
+        try_rollout_status(cloud, name, timeout)
+            .unwrap_or_else(|e| panic!("{e}\nedge log (end):\n{}", tail(&edge_log(), 40)))
+    };
     let manifest = cloud.kubectl_ok(
         &[
             "create",
@@ -929,7 +960,7 @@ fn the_same_kubectl_sequence_looks_the_same_as_on_kube_controller_manager() {
     let embedded = {
         let s = Setup::start();
         let started = Instant::now();
-        let observed = compare_sequence(&s.cloud, "edge-1");
+        let observed = compare_sequence(&s.cloud, "edge-1", &|| s.edge.log());
         eprintln!("embedded sequence: {:?}", started.elapsed());
         observed
     };
@@ -962,7 +993,7 @@ fn the_same_kubectl_sequence_looks_the_same_as_on_kube_controller_manager() {
         tail(&edge.log(), 30)
     );
     let started = Instant::now();
-    let kube = compare_sequence(&cloud, "edge-k");
+    let kube = compare_sequence(&cloud, "edge-k", &|| edge.log());
     eprintln!("kube-controller-manager sequence: {:?}", started.elapsed());
     eprintln!("observed on both: {kube:#?}");
     assert_eq!(
