@@ -415,6 +415,8 @@ async fn handle_incoming(
             // Before any crypto: a connection queued past the edge's dial limit would cost a
             // handshake for an edge that already gave up. The edge waits longer and retries.
             shared.metrics.connection_rejected("busy");
+            // An edge at the door is not gone: no node is marked lost meanwhile.
+            shared.presence.turned_away();
             incoming.refuse();
             return;
         }

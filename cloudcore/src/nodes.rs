@@ -74,6 +74,45 @@ pub struct Presence {
     /// Held only for map updates, never across an await.
     edges: Mutex<HashMap<String, Edge>>,
     changed: Notify,
+    /// Dials the hub turned away because its handshake queue was full.
+    crowd: Mutex<Crowd>,
+}
+
+/// Refusals further apart than this belong to two crowds. An edge turned away dials again
+/// within `edgecore::backoff::BUSY_CAP` (8 s), so a crowd still at the door is refused more
+/// often than this.
+const CROWD_GAP: time::Duration = time::Duration::seconds(10);
+
+/// A spell of dials turned away for a full handshake queue: a reconnect storm at the door.
+/// While it lasts cloudcore cannot tell an edge that is gone from one waiting to be served
+/// (the refusal comes before the handshake, so it names no node), so the lifecycle check does
+/// not count the grace period of an edge without a session before the last refusal — and,
+/// so that a crowd that never clears cannot hold every mark back for ever, not later than one
+/// grace period after the crowd began ([`Crowd::counted_from`]).
+#[derive(Debug, Default, Clone, Copy)]
+struct Crowd {
+    /// The crowd's first refusal.
+    since: Option<OffsetDateTime>,
+    /// Its latest.
+    last: Option<OffsetDateTime>,
+}
+
+impl Crowd {
+    /// Records a refusal at `now`; whether it began a new crowd.
+    fn refused(&mut self, now: OffsetDateTime) -> bool {
+        let new = self.last.is_none_or(|last| now - last > CROWD_GAP);
+        if new {
+            self.since = Some(now);
+        }
+        self.last = Some(now);
+        new
+    }
+
+    /// The earliest instant the grace period of an edge without a session may count from
+    /// because of this crowd: its last refusal, at most one grace period after its first.
+    fn counted_from(&self, grace: time::Duration) -> Option<OffsetDateTime> {
+        Some(self.last?.min(self.since? + grace))
+    }
 }
 
 impl Presence {
@@ -122,6 +161,30 @@ impl Presence {
     /// Whether `name` has a live session.
     pub fn is_connected(&self, name: &str) -> bool {
         self.edges().get(name).is_some_and(|e| e.connected)
+    }
+
+    /// The hub turned a dial away because its handshake queue was full ([`Crowd`]).
+    pub fn turned_away(&self) {
+        let new = self
+            .crowd
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .refused(OffsetDateTime::now_utc());
+        if new {
+            tracing::info!(
+                "handshake queue full, dials turned away: edges without a session are not \
+                 marked lost while this goes on (one grace period at most)"
+            );
+        }
+    }
+
+    /// The grace period of an edge without a session counts from this instant at the
+    /// earliest: the controller's `started`, or later while a crowd is at the door.
+    fn grace_counted_from(&self, started: OffsetDateTime, grace: time::Duration) -> OffsetDateTime {
+        let crowd = *self.crowd.lock().unwrap_or_else(|p| p.into_inner());
+        crowd
+            .counted_from(grace)
+            .map_or(started, |t| t.max(started))
     }
 }
 
@@ -966,16 +1029,17 @@ fn unknown_conditions(live: &[Value], message: &str, now: &str) -> Vec<Value> {
 }
 
 /// Whether a node last seen at `last_seen` (lease renewal or heartbeat) is gone for longer
-/// than `grace` at `now`. The grace period counts from the controller's start at the earliest,
-/// as kube-controller-manager's does: after a cloudcore restart every edge is reconnecting,
-/// and a lease that aged while cloudcore was down is no sign the edge is gone.
+/// than `grace` at `now`. The grace period counts from `counted_from` at the earliest: the
+/// controller's start, as kube-controller-manager's does (after a cloudcore restart every edge
+/// is reconnecting, and a lease that aged while cloudcore was down is no sign the edge is
+/// gone), or later while dials are turned away ([`Presence::grace_counted_from`]).
 fn is_stale(
     last_seen: Option<OffsetDateTime>,
-    started: OffsetDateTime,
+    counted_from: OffsetDateTime,
     now: OffsetDateTime,
     grace: time::Duration,
 ) -> bool {
-    let last_seen = last_seen.map_or(started, |t| t.max(started));
+    let last_seen = last_seen.map_or(counted_from, |t| t.max(counted_from));
     now - last_seen > grace
 }
 
@@ -1003,9 +1067,11 @@ async fn mark_lost(
     started: OffsetDateTime,
 ) -> Result<(), kube::Error> {
     let grace_span = time::Duration::try_from(grace).unwrap_or(time::Duration::MAX);
-    // No node can be stale before a grace period has passed since this controller started
-    // (below): skip the list and the lease reads while every edge is reconnecting.
-    if OffsetDateTime::now_utc() - started <= grace_span {
+    let counted_from = presence.grace_counted_from(started, grace_span);
+    // No node can be stale before a grace period has passed since this controller started,
+    // or since the last dial turned away (below): skip the list and the lease reads while
+    // every edge is reconnecting.
+    if OffsetDateTime::now_utc() - counted_from <= grace_span {
         return Ok(());
     }
     let edge_nodes: Vec<Node> = if known.listed.is_none_or(|t| t.elapsed() >= NODE_LIST_EVERY) {
@@ -1069,7 +1135,7 @@ async fn mark_lost(
                 .as_ref()
                 .and_then(|r| r["lastHeartbeatTime"].as_str().and_then(parse_time))
         });
-        if !is_stale(last_seen, started, now, grace_span) {
+        if !is_stale(last_seen, counted_from, now, grace_span) {
             continue;
         }
         tracing::warn!(node.name = %name, "edge gone for longer than the grace period: conditions Unknown");
@@ -1516,6 +1582,46 @@ mod tests {
         // Never seen: counted from the start.
         assert!(!is_stale(None, t(3600), t(3639), grace));
         assert!(is_stale(None, t(3600), t(3641), grace));
+    }
+
+    #[test]
+    fn a_crowd_at_the_door_holds_the_grace_period_back_for_one_grace_period_at_most() {
+        let t = |s: i64| OffsetDateTime::UNIX_EPOCH + time::Duration::seconds(s);
+        let grace = time::Duration::seconds(50);
+        let mut crowd = Crowd::default();
+        assert_eq!(crowd.counted_from(grace), None, "no refusal, no hold");
+        assert!(crowd.refused(t(100)), "the first refusal begins a crowd");
+        assert!(!crowd.refused(t(108)), "8 s later: the same crowd");
+        assert_eq!(
+            crowd.counted_from(grace),
+            Some(t(108)),
+            "held until the last refusal"
+        );
+        for s in (116..=200).step_by(8) {
+            assert!(!crowd.refused(t(s)));
+        }
+        assert_eq!(
+            crowd.counted_from(grace),
+            Some(t(150)),
+            "a crowd that stays holds one grace period past its start, no more"
+        );
+        assert!(crowd.refused(t(211)), "11 s of quiet: a new crowd");
+        assert_eq!(crowd.counted_from(grace), Some(t(211)));
+
+        // Through Presence: the later of the controller's start and the crowd's hold.
+        let presence = Presence::default();
+        let started = OffsetDateTime::now_utc();
+        assert_eq!(presence.grace_counted_from(started, grace), started);
+        presence.turned_away();
+        let held = presence.grace_counted_from(started, grace);
+        assert!(held >= started);
+        let long_ago = started - time::Duration::hours(1);
+        assert_eq!(presence.grace_counted_from(long_ago, grace), held);
+        // An edge last seen an hour ago is stale one grace period after the refusal, not
+        // before.
+        let second = time::Duration::seconds(1);
+        assert!(!is_stale(Some(long_ago), held, held + grace, grace));
+        assert!(is_stale(Some(long_ago), held, held + grace + second, grace));
     }
 
     #[test]

@@ -611,3 +611,118 @@ async fn one_address_holding_silent_connections_cannot_lock_edges_out() {
         s.cloud.metrics()
     );
 }
+
+/// `Ready` of `node`, as kubectl shows it.
+fn ready(cloud: &Cloud, node: &str) -> String {
+    let out = cloud.kubectl(&[
+        "get",
+        "node",
+        node,
+        "-o",
+        "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}",
+    ]);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A reconnect storm at the door (the handshake queue full, dials turned away before any TLS)
+/// hides which edges are still there, so the lifecycle check does not mark an edge without a
+/// session lost while it lasts — for one grace period at most: an edge that is really gone is
+/// marked `Unknown` even if the crowd never clears.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gone_edge_is_marked_lost_one_grace_period_late_while_dials_are_turned_away() {
+    integration::init_test_tracing();
+    let grace = Duration::from_secs(8);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    // One handshake at a time and four queued: a flood of dials fills the queue. The flood's
+    // share per address is lifted so that the refusals are the whole queue's (`busy`), as in
+    // a storm of many gateways, not one address's.
+    let cloud = Cloud::start(
+        tmp.path(),
+        &[
+            "--node-grace-period",
+            "8s",
+            "--max-concurrent-handshakes",
+            "1",
+            "--max-handshakes-per-address",
+            "1000",
+        ],
+    );
+    let token = cloud.token(&[]);
+    let dir = tmp.path().join("gw-gone");
+    assert!(join(&dir, &token, "gw-gone").status.success());
+    let mut edge = Edge::start(&dir);
+    assert!(
+        eventually(Duration::from_secs(15), || ready(&cloud, "gw-gone")
+            == "True"),
+        "the edge's node never became Ready:\n{}",
+        edge.log()
+    );
+
+    let pin = tls::CaHash::parse(&token.ca_hash).expect("hash");
+    let cloud_addr = dial::resolve(&cloud.address()).await.expect("addr");
+    let server_name = cloud
+        .address()
+        .rsplit_once(':')
+        .expect("host:port")
+        .0
+        .to_string();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let crowd_began = std::time::Instant::now();
+    let flood = tokio::spawn(silent_flood(
+        cloud_addr,
+        server_name,
+        pin,
+        "127.0.0.2:0".parse().expect("literal"),
+        64,
+        stop.clone(),
+    ));
+    assert!(
+        eventually(Duration::from_secs(5), || cloud
+            .metric("cloudcore_connection_rejections_total{reason=\"busy\"}")
+            > 0.0),
+        "the flood never filled the handshake queue: {}",
+        cloud.metrics()
+    );
+    // The edge goes for good. Its Lease was renewed at most when it stopped, so without the
+    // crowd it would be marked within grace + the check's 2 s: 10 s from here at the latest.
+    edge.stop();
+    let stopped = std::time::Instant::now();
+    let not_before = crowd_began + 2 * grace;
+    let mut unknown_at = None;
+    while stopped.elapsed() < 3 * grace {
+        if ready(&cloud, "gw-gone") == "Unknown" {
+            unknown_at = Some(std::time::Instant::now());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let busy = cloud.metric("cloudcore_connection_rejections_total{reason=\"busy\"}");
+    stop.cancel();
+    flood.await.expect("flood task");
+    let unknown_at = unknown_at.unwrap_or_else(|| {
+        panic!(
+            "the gone edge was never marked Unknown while the crowd stayed ({busy} dials \
+             turned away); cloud log:\n{}",
+            cloud.log()
+        )
+    });
+    // Not before the crowd's hold (its start + one grace period) plus the grace period itself,
+    // and not much after it: the hold is capped.
+    assert!(
+        unknown_at >= not_before - Duration::from_secs(1),
+        "marked Unknown {:?} after the crowd began, inside the hold",
+        unknown_at - crowd_began
+    );
+    assert!(
+        unknown_at <= not_before + Duration::from_secs(5),
+        "marked Unknown {:?} after the crowd began: the hold is not capped",
+        unknown_at - crowd_began
+    );
+    assert!(
+        cloud
+            .log()
+            .contains("handshake queue full, dials turned away"),
+        "cloudcore says why marks wait: {}",
+        cloud.log()
+    );
+}
