@@ -584,12 +584,22 @@ fn legacy_node_status(edge: &Edge, live_conditions: &[Value]) -> Value {
     })
 }
 
-fn conditions_of(node: &Node) -> Vec<Value> {
+/// A Node's status as JSON.
+fn status_of(node: &Node) -> Option<Value> {
     node.status
         .as_ref()
         .and_then(|s| serde_json::to_value(s).ok())
+}
+
+/// The conditions of a Node's status (none when it has no status).
+fn conditions_in(status: Option<&Value>) -> Vec<Value> {
+    status
         .and_then(|s| s["conditions"].as_array().cloned())
         .unwrap_or_default()
+}
+
+fn conditions_of(node: &Node) -> Vec<Value> {
+    conditions_in(status_of(node).as_ref())
 }
 
 fn ready_of(node: &Node) -> Option<Value> {
@@ -612,14 +622,8 @@ async fn write_node(
 ) -> Result<Node, kube::Error> {
     let labels = node_labels(name, edge);
     let existing = nodes.get_opt(name).await?;
-    let live_status = existing
-        .as_ref()
-        .and_then(|n| n.status.as_ref())
-        .and_then(|s| serde_json::to_value(s).ok());
-    let live_conditions = live_status
-        .as_ref()
-        .and_then(|s| s["conditions"].as_array().cloned())
-        .unwrap_or_default();
+    let live_status = existing.as_ref().and_then(status_of);
+    let live_conditions = conditions_in(live_status.as_ref());
     let mut written = None;
     match &existing {
         None => {
