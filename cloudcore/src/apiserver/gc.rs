@@ -173,21 +173,6 @@ fn orphan(store: &Store, info: &ResourceInfo, owner: &Value) -> Result<(), Store
     release(store, info, owner, ORPHAN_FINALIZER)
 }
 
-/// Every object that names `uid` among its owners, with its resource.
-fn dependents(store: &Store, uid: &str) -> Result<Vec<(&'static ResourceInfo, Value)>, StoreError> {
-    let mut found = Vec::new();
-    for info in resources::builtin() {
-        let (objects, _) = store.list(&resource_id(info), None)?;
-        found.extend(
-            objects
-                .into_iter()
-                .filter(|o| owner_reference(o, uid).is_some())
-                .map(|o| (info, o)),
-        );
-    }
-    Ok(found)
-}
-
 fn owner_reference<'a>(object: &'a Value, uid: &str) -> Option<&'a Value> {
     object["metadata"]["ownerReferences"]
         .as_array()?
@@ -227,7 +212,7 @@ fn foreground(
         return Ok(true);
     };
     let mut blocked = false;
-    for (dependent_info, dependent) in dependents(store, uid)? {
+    for (dependent_info, dependent) in objects::dependents(store, uid)? {
         let blocks = owner_reference(&dependent, uid)
             .is_some_and(|r| r["blockOwnerDeletion"] == json!(true));
         let (namespace, name) = key(&dependent);
@@ -370,6 +355,31 @@ mod tests {
         store
             .update(&resource_id(i), &ns, &name, pending, rv_of(object))
             .expect("mark");
+    }
+
+    #[test]
+    fn dependents_are_the_objects_whose_owner_references_name_the_uid() {
+        let (_dir, store) = open();
+        let owner = create(&store, "configmaps", "owner", &[]);
+        let other = create(&store, "configmaps", "other", &[]);
+        let uid = owner["metadata"]["uid"].as_str().expect("uid").to_string();
+        create(&store, "pods", "owned", &[(&owner, true)]);
+        create(&store, "pods", "elsewhere", &[(&other, true)]);
+        // The uid in its text, but not as an owner: found by the text search, then dropped.
+        let i = info("secrets");
+        let mut mentions = json!({"metadata": {"name": "mentions", "namespace": "ns",
+            "annotations": {"about": uid}}, "stringData": {"uid": uid}});
+        objects::prepare_create(i, &mut mentions, OffsetDateTime::now_utc()).expect("prepare");
+        store
+            .create(&resource_id(i), "ns", "mentions", mentions)
+            .expect("create");
+
+        let found: Vec<(&str, String)> = objects::dependents(&store, &uid)
+            .expect("dependents")
+            .into_iter()
+            .map(|(info, o)| (info.plural, key(&o).1))
+            .collect();
+        assert_eq!(found, vec![("pods", "owned".to_string())]);
     }
 
     #[test]

@@ -9,7 +9,7 @@ use time::format_description::well_known::Rfc3339;
 
 use super::resources::{self, ResourceInfo};
 use super::status::{ApiError, Cause};
-use super::store::{ResourceId, Store, StoreError};
+use super::store::{ResourceId, Scan, Store, StoreError};
 
 /// The `namespaces` resource.
 pub fn namespace_info() -> &'static ResourceInfo {
@@ -1027,77 +1027,94 @@ pub fn collect_garbage(
 ) -> Result<(), StoreError> {
     let mut queue = vec![uid.to_string()];
     while let Some(owner_uid) = queue.pop() {
-        for info in resources::builtin().iter().chain(super::crd::stored()) {
+        for (info, object) in dependents(store, &owner_uid)? {
             let id = resource_id(info);
-            let (objects, _) = store.list(&id, None)?;
-            for object in objects {
-                let Some(refs) = object["metadata"]["ownerReferences"].as_array() else {
-                    continue;
-                };
-                if !refs
-                    .iter()
-                    .any(|r| r["uid"].as_str() == Some(owner_uid.as_str()))
-                {
-                    continue;
+            let Some(refs) = object["metadata"]["ownerReferences"].as_array() else {
+                continue;
+            };
+            let namespace = object["metadata"]["namespace"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            let name = object["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            let remaining: Vec<Value> = refs
+                .iter()
+                .filter(|r| r["uid"].as_str() != Some(owner_uid.as_str()))
+                .cloned()
+                .collect();
+            let mut live = Vec::new();
+            for r in &remaining {
+                if owner_exists(store, &namespace, r)? {
+                    live.push(r.clone());
                 }
-                let namespace = object["metadata"]["namespace"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_string();
-                let name = object["metadata"]["name"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_string();
-                let remaining: Vec<Value> = refs
-                    .iter()
-                    .filter(|r| r["uid"].as_str() != Some(owner_uid.as_str()))
-                    .cloned()
-                    .collect();
-                let mut live = Vec::new();
-                for r in &remaining {
-                    if owner_exists(store, &namespace, r)? {
-                        live.push(r.clone());
-                    }
-                }
-                let expected = object["metadata"]["resourceVersion"]
-                    .as_str()
-                    .and_then(|s| s.parse().ok());
-                if propagation == Propagation::Background && live.is_empty() {
-                    tracing::info!(resource = info.plural, %namespace, %name, owner.uid = %owner_uid, "deleting a dependent whose owners are gone");
-                    match store.delete(&id, &namespace, &name, expected) {
-                        Ok(deleted) => {
-                            if let Some(u) = deleted["metadata"]["uid"].as_str() {
-                                queue.push(u.to_string());
-                            }
+            }
+            let expected = object["metadata"]["resourceVersion"]
+                .as_str()
+                .and_then(|s| s.parse().ok());
+            if propagation == Propagation::Background && live.is_empty() {
+                tracing::info!(resource = info.plural, %namespace, %name, owner.uid = %owner_uid, "deleting a dependent whose owners are gone");
+                match store.delete(&id, &namespace, &name, expected) {
+                    Ok(deleted) => {
+                        if let Some(u) = deleted["metadata"]["uid"].as_str() {
+                            queue.push(u.to_string());
                         }
-                        Err(StoreError::NotFound | StoreError::Conflict { .. }) => {}
-                        Err(e) => return Err(e),
                     }
+                    Err(StoreError::NotFound | StoreError::Conflict { .. }) => {}
+                    Err(e) => return Err(e),
+                }
+            } else {
+                let mut updated = object.clone();
+                let kept = if propagation == Propagation::Orphan {
+                    remaining
                 } else {
-                    let mut updated = object.clone();
-                    let kept = if propagation == Propagation::Orphan {
-                        remaining
-                    } else {
-                        live
-                    };
-                    match updated["metadata"].as_object_mut() {
-                        Some(meta) if kept.is_empty() => {
-                            meta.remove("ownerReferences");
-                        }
-                        Some(meta) => {
-                            meta.insert("ownerReferences".into(), json!(kept));
-                        }
-                        None => continue,
+                    live
+                };
+                match updated["metadata"].as_object_mut() {
+                    Some(meta) if kept.is_empty() => {
+                        meta.remove("ownerReferences");
                     }
-                    match store.update(&id, &namespace, &name, updated, expected) {
-                        Ok(_) | Err(StoreError::NotFound | StoreError::Conflict { .. }) => {}
-                        Err(e) => return Err(e),
+                    Some(meta) => {
+                        meta.insert("ownerReferences".into(), json!(kept));
                     }
+                    None => continue,
+                }
+                match store.update(&id, &namespace, &name, updated, expected) {
+                    Ok(_) | Err(StoreError::NotFound | StoreError::Conflict { .. }) => {}
+                    Err(e) => return Err(e),
                 }
             }
         }
     }
     Ok(())
+}
+
+/// Every object, built-in or custom, that names `uid` among its owners, with its resource.
+/// Each object's stored text is searched for the uid before it is parsed: a uid names one
+/// object, so the rest of the store (every pod, when one ReplicaSet goes) is read but not
+/// parsed.
+pub fn dependents(
+    store: &Store,
+    uid: &str,
+) -> Result<Vec<(&'static ResourceInfo, Value)>, StoreError> {
+    let mut found = Vec::new();
+    for info in resources::builtin().iter().chain(super::crd::stored()) {
+        store.scan_rows(&resource_id(info), Scan::default(), |row| {
+            if row.body()?.contains(uid) {
+                let object = row.object()?;
+                let owned = object["metadata"]["ownerReferences"]
+                    .as_array()
+                    .is_some_and(|refs| refs.iter().any(|r| r["uid"].as_str() == Some(uid)));
+                if owned {
+                    found.push((info, object));
+                }
+            }
+            Ok(std::ops::ControlFlow::Continue(()))
+        })?;
+    }
+    Ok(found)
 }
 
 /// Deletes every object in a terminating namespace, then the namespace.
