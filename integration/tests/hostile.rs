@@ -713,8 +713,9 @@ async fn a_gone_edge_is_marked_lost_one_grace_period_late_while_dials_are_turned
         "marked Unknown {:?} after the crowd began, inside the hold",
         unknown_at - crowd_began
     );
+    // The check runs every 2 s; the rest is room for a loaded machine.
     assert!(
-        unknown_at <= not_before + Duration::from_secs(5),
+        unknown_at <= not_before + Duration::from_secs(8),
         "marked Unknown {:?} after the crowd began: the hold is not capped",
         unknown_at - crowd_began
     );
