@@ -403,6 +403,7 @@ async fn handle_incoming(
     shutdown: CancellationToken,
 ) {
     let peer = incoming.remote_address();
+    let arrived = tokio::time::Instant::now();
     let permit = match handshakes.acquire(peer.ip()).await {
         Ok(slot) => slot,
         Err(Refusal::SourceBusy) => {
@@ -422,6 +423,19 @@ async fn handle_incoming(
         }
         Err(Refusal::Closed) => return,
     };
+    // An edge abandons its dial after `proto::DIAL_LIMIT`, so a handshake is worth its slot
+    // only until then, counted from the connection's arrival (the wait for the slot
+    // included). Held until `handshake_timeout` instead, the slots of a restarted cloudcore
+    // filled with handshakes of edges long gone, and no session started for 20 s of a storm.
+    let limit = shared.config.handshake_timeout.min(proto::DIAL_LIMIT);
+    let Some(left) = limit
+        .checked_sub(arrived.elapsed())
+        .filter(|left| !left.is_zero())
+    else {
+        shared.metrics.connection_rejected("abandoned");
+        incoming.refuse();
+        return;
+    };
     let connecting = match incoming.accept() {
         Ok(c) => c,
         Err(e) => {
@@ -429,7 +443,7 @@ async fn handle_incoming(
             return;
         }
     };
-    let connection = match tokio::time::timeout(shared.config.handshake_timeout, connecting).await {
+    let connection = match tokio::time::timeout(left, connecting).await {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
             shared.metrics.connection_rejected("tls_handshake");

@@ -39,7 +39,7 @@ pub const STABLE_SESSION: Duration = Duration::from_secs(30);
 /// How long one dial (QUIC + TLS handshake) may take before it is abandoned and retried
 /// ([`HubConfig::connect_timeout`]'s default). Short: a dial started during a partition must
 /// not delay the reconnect after it.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+pub const CONNECT_TIMEOUT: Duration = proto::DIAL_LIMIT;
 /// How long shutdown waits for the connection close to be sent.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 /// Between attempts when retrying cannot help until an operator acts (an expired or revoked

@@ -52,3 +52,8 @@ pub mod close_code {
 /// The ALPN protocol id both sides offer; the protocol version itself is negotiated in
 /// `Hello`/`JoinRequest` so that a mismatch gets a readable error instead of a TLS alert.
 pub const ALPN: &[u8] = b"edge";
+
+/// How long an edge's dial (QUIC and TLS handshake) may take before the edge abandons it and
+/// dials again later (`edgecore::hub::CONNECT_TIMEOUT`). cloudcore stops a handshake whose
+/// connection arrived this long ago: its edge is gone.
+pub const DIAL_LIMIT: std::time::Duration = std::time::Duration::from_secs(3);
