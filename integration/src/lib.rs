@@ -499,6 +499,19 @@ impl Cloud {
         self.kubectl_with_stdin(args, None)
     }
 
+    /// The status of `node`'s Ready condition as kubectl shows it (`True`, `False`,
+    /// `Unknown`; empty when the Node or its condition is missing).
+    pub fn node_ready(&self, node: &str) -> String {
+        let out = self.kubectl(&[
+            "get",
+            "node",
+            node,
+            "-o",
+            "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}",
+        ]);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// `kubectl` with `stdin` piped in (for `apply -f -`).
     pub fn kubectl_with_stdin(&self, args: &[&str], stdin: Option<&str>) -> Output {
         cluster::kubectl(

@@ -612,18 +612,6 @@ async fn one_address_holding_silent_connections_cannot_lock_edges_out() {
     );
 }
 
-/// `Ready` of `node`, as kubectl shows it.
-fn ready(cloud: &Cloud, node: &str) -> String {
-    let out = cloud.kubectl(&[
-        "get",
-        "node",
-        node,
-        "-o",
-        "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}",
-    ]);
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 /// A reconnect storm at the door (the handshake queue full, dials turned away before any TLS)
 /// hides which edges are still there, so the lifecycle check does not mark an edge without a
 /// session lost while it lasts — for one grace period at most: an edge that is really gone is
@@ -652,7 +640,7 @@ async fn a_gone_edge_is_marked_lost_one_grace_period_late_while_dials_are_turned
     assert!(join(&dir, &token, "gw-gone").status.success());
     let mut edge = Edge::start(&dir);
     assert!(
-        eventually(Duration::from_secs(15), || ready(&cloud, "gw-gone")
+        eventually(Duration::from_secs(15), || cloud.node_ready("gw-gone")
             == "True"),
         "the edge's node never became Ready:\n{}",
         edge.log()
@@ -690,7 +678,7 @@ async fn a_gone_edge_is_marked_lost_one_grace_period_late_while_dials_are_turned
     let not_before = crowd_began + 2 * grace;
     let mut unknown_at = None;
     while stopped.elapsed() < 3 * grace {
-        if ready(&cloud, "gw-gone") == "Unknown" {
+        if cloud.node_ready("gw-gone") == "Unknown" {
             unknown_at = Some(std::time::Instant::now());
             break;
         }

@@ -32,17 +32,6 @@ struct Setup {
     _tmp: tempfile::TempDir,
 }
 
-fn ready(cloud: &Cloud, node: &str) -> String {
-    let out = cloud.kubectl(&[
-        "get",
-        "node",
-        node,
-        "-o",
-        "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}",
-    ]);
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 fn net_namespace(pid: u32) -> std::path::PathBuf {
     std::fs::read_link(format!("/proc/{pid}/ns/net")).expect("read a process's net namespace")
 }
@@ -97,7 +86,7 @@ fn setup(node: &str) -> Setup {
         cloud.log()
     );
     assert!(
-        eventually(Duration::from_secs(15), || ready(&cloud, node) == "True"),
+        eventually(Duration::from_secs(15), || cloud.node_ready(node) == "True"),
         "node {node} never Ready; cloud log:\n{}",
         cloud.log()
     );
@@ -152,7 +141,8 @@ fn partition_and_heal(node: &str, partition: Partition) {
         );
     }
     assert!(
-        eventually(Duration::from_secs(10), || ready(&s.cloud, node) == "True"),
+        eventually(Duration::from_secs(10), || s.cloud.node_ready(node)
+            == "True"),
         "node {node} not Ready after healing; cloud log:\n{}",
         s.cloud.log()
     );

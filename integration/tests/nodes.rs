@@ -12,19 +12,6 @@ fn kubectl_text(cloud: &Cloud, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn ready(cloud: &Cloud, node: &str) -> String {
-    kubectl_text(
-        cloud,
-        &[
-            "get",
-            "node",
-            node,
-            "-o",
-            "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}",
-        ],
-    )
-}
-
 fn join_with_labels(cloud: &Cloud, dir: &std::path::Path, node: &str, labels: &str) {
     let token = cloud.token(&[]);
     let out = Command::new(bin("edgecore"))
@@ -59,7 +46,8 @@ fn edge_node_is_ready_then_unknown_after_the_grace_period_then_ready_again() {
     let mut edge = Edge::start(&dir);
 
     assert!(
-        eventually(Duration::from_secs(10), || ready(&cloud, "gw-1") == "True"),
+        eventually(Duration::from_secs(10), || cloud.node_ready("gw-1")
+            == "True"),
         "node never Ready; cloud log:\n{}",
         cloud.log()
     );
@@ -110,7 +98,7 @@ fn edge_node_is_ready_then_unknown_after_the_grace_period_then_ready_again() {
         ],
     );
     assert!(
-        eventually(grace + Duration::from_secs(10), || ready(&cloud, "gw-1")
+        eventually(grace + Duration::from_secs(10), || cloud.node_ready("gw-1")
             == "Unknown"),
         "Ready did not become Unknown within grace + 10 s; cloud log:\n{}",
         cloud.log()
@@ -127,7 +115,8 @@ fn edge_node_is_ready_then_unknown_after_the_grace_period_then_ready_again() {
     let _edge = Edge::start(&dir);
     let restarted = Instant::now();
     assert!(
-        eventually(Duration::from_secs(5), || ready(&cloud, "gw-1") == "True"),
+        eventually(Duration::from_secs(5), || cloud.node_ready("gw-1")
+            == "True"),
         "Ready not True within 5 s of reconnecting"
     );
     eprintln!(
@@ -146,10 +135,10 @@ fn pods_are_bound_to_a_matching_ready_edge_or_stay_pending_with_a_reason() {
     join_with_labels(&cloud, &b, "gw-b", "zone=b");
     let _ea = Edge::start(&a);
     let _eb = Edge::start(&b);
-    assert!(eventually(Duration::from_secs(10), || ready(
-        &cloud, "gw-a"
-    ) == "True"
-        && ready(&cloud, "gw-b") == "True"));
+    assert!(eventually(Duration::from_secs(10), || cloud
+        .node_ready("gw-a")
+        == "True"
+        && cloud.node_ready("gw-b") == "True"));
 
     let pods = r#"
 apiVersion: v1
@@ -278,7 +267,8 @@ fn edge_node_reports_like_a_kubelet_and_transition_times_follow_the_api() {
     ];
     let mut edge = Edge::start_with(&dir, &flags);
     assert!(
-        eventually(Duration::from_secs(10), || ready(&cloud, "gw-k") == "True"),
+        eventually(Duration::from_secs(10), || cloud.node_ready("gw-k")
+            == "True"),
         "node never Ready; cloud log:\n{}",
         cloud.log()
     );
@@ -406,7 +396,8 @@ fn edge_node_reports_like_a_kubelet_and_transition_times_follow_the_api() {
     // Back: each condition's transition is the return, not the edge's old time.
     let _edge = Edge::start_with(&dir, &flags);
     assert!(
-        eventually(Duration::from_secs(10), || ready(&cloud, "gw-k") == "True"),
+        eventually(Duration::from_secs(10), || cloud.node_ready("gw-k")
+            == "True"),
         "Ready not True after the return"
     );
     std::thread::sleep(Duration::from_secs(2));

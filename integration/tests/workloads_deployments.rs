@@ -632,7 +632,7 @@ fn a_deployment_keeps_its_pod_on_a_partitioned_edge_and_a_rollout_waits_for_it()
     assert!(
         eventually(Duration::from_secs(20), || ["edge-far", "edge-near"]
             .iter()
-            .all(|n| node_ready(&cloud, n) == "True")),
+            .all(|n| cloud.node_ready(n) == "True")),
         "nodes not Ready; {}",
         context()
     );
@@ -674,10 +674,10 @@ fn a_deployment_keeps_its_pod_on_a_partitioned_edge_and_a_rollout_waits_for_it()
     // Partition: the node goes Unknown, the pod stays and is not replaced.
     net.cut().unwrap_or_else(|e| panic!("{e:#}"));
     assert!(
-        eventually(Duration::from_secs(30), || node_ready(&cloud, "edge-far")
+        eventually(Duration::from_secs(30), || cloud.node_ready("edge-far")
             == "Unknown"),
         "edge-far never became Unknown: {}\ncloud log (end):\n{}",
-        node_ready(&cloud, "edge-far"),
+        cloud.node_ready("edge-far"),
         tail(&cloud.log(), 40)
     );
     let until = Instant::now() + Duration::from_secs(6);
@@ -768,16 +768,6 @@ fn a_deployment_keeps_its_pod_on_a_partitioned_edge_and_a_rollout_waits_for_it()
     assert_eq!(d["status"]["replicas"], 2);
     drop(near);
     drop(far);
-}
-
-/// The status of the Node's Ready condition in the API.
-fn node_ready(cloud: &Cloud, name: &str) -> String {
-    let out = cloud.kubectl(&["get", "node", name, "-o", "json"]);
-    let node: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    condition(&node, "Ready")["status"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string()
 }
 
 fn tail(log: &str, lines: usize) -> String {
@@ -987,7 +977,7 @@ fn the_same_kubectl_sequence_looks_the_same_as_on_kube_controller_manager() {
         &["--cri-endpoint", &containerd.endpoint],
     );
     assert!(
-        eventually(Duration::from_secs(30), || node_ready(&cloud, "edge-k")
+        eventually(Duration::from_secs(30), || cloud.node_ready("edge-k")
             == "True"),
         "edge-k not Ready in the cluster; edge log:\n{}",
         tail(&edge.log(), 30)

@@ -325,19 +325,8 @@ fn daemonset_runs_on_matching_edges_follows_them_and_rolls_one_at_a_time() {
     // leaves edge-4's alone until edge-4 is back.
     let old_uid = agents_by_node(&cloud)["edge-4"][0]["metadata"]["uid"].clone();
     edge4.stop();
-    let node_ready = |node: &str| -> String {
-        let node: Value =
-            serde_json::from_str(&cloud.kubectl_ok(&["get", "node", node, "-o", "json"], None))
-                .expect("node");
-        node["status"]["conditions"]
-            .as_array()
-            .and_then(|cs| cs.iter().find(|c| c["type"] == "Ready"))
-            .and_then(|c| c["status"].as_str())
-            .unwrap_or_default()
-            .to_string()
-    };
     assert!(
-        eventually(Duration::from_secs(30), || node_ready("edge-4")
+        eventually(Duration::from_secs(30), || cloud.node_ready("edge-4")
             == "Unknown"),
         "edge-4 did not become Unknown"
     );
