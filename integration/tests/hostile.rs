@@ -540,30 +540,40 @@ async fn silent_flood(
     completed.load(std::sync::atomic::Ordering::Relaxed)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_address_holding_silent_connections_cannot_lock_edges_out() {
-    integration::init_test_tracing();
-    let s = setup();
-    let token = s.cloud.token(&[]);
-    let pin = tls::CaHash::parse(&token.ca_hash).expect("hash");
-    let cloud_addr = dial::resolve(&s.cloud.address()).await.expect("addr");
-    let server_name = s
-        .cloud
+/// Starts [`silent_flood`] against `cloud` (whose CA has `ca_hash`) with `target` dials in
+/// flight until `stop`, from 127.0.0.2: all of 127/8 is loopback, so the flood's source address
+/// differs from the edges'.
+async fn flood_from_another_address(
+    cloud: &Cloud,
+    ca_hash: &str,
+    target: usize,
+    stop: &tokio_util::sync::CancellationToken,
+) -> tokio::task::JoinHandle<usize> {
+    let pin = tls::CaHash::parse(ca_hash).expect("hash");
+    let cloud_addr = dial::resolve(&cloud.address()).await.expect("addr");
+    let server_name = cloud
         .address()
         .rsplit_once(':')
         .expect("host:port")
         .0
         .to_string();
-    // The attacker's source address differs from the edge's: all of 127/8 is loopback.
-    let stop = tokio_util::sync::CancellationToken::new();
-    let flood = tokio::spawn(silent_flood(
+    tokio::spawn(silent_flood(
         cloud_addr,
         server_name,
         pin,
         "127.0.0.2:0".parse().expect("literal"),
-        250,
+        target,
         stop.clone(),
-    ));
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_holding_silent_connections_cannot_lock_edges_out() {
+    integration::init_test_tracing();
+    let s = setup();
+    let token = s.cloud.token(&[]);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let flood = flood_from_another_address(&s.cloud, &token.ca_hash, 250, &stop).await;
     // Let the flood fill whatever it can.
     tokio::time::sleep(Duration::from_secs(4)).await;
 
@@ -628,7 +638,7 @@ async fn a_gone_edge_is_marked_lost_one_grace_period_late_while_dials_are_turned
         tmp.path(),
         &[
             "--node-grace-period",
-            "8s",
+            &format!("{}s", grace.as_secs()),
             "--max-concurrent-handshakes",
             "1",
             "--max-handshakes-per-address",
@@ -646,24 +656,9 @@ async fn a_gone_edge_is_marked_lost_one_grace_period_late_while_dials_are_turned
         edge.log()
     );
 
-    let pin = tls::CaHash::parse(&token.ca_hash).expect("hash");
-    let cloud_addr = dial::resolve(&cloud.address()).await.expect("addr");
-    let server_name = cloud
-        .address()
-        .rsplit_once(':')
-        .expect("host:port")
-        .0
-        .to_string();
     let stop = tokio_util::sync::CancellationToken::new();
     let crowd_began = std::time::Instant::now();
-    let flood = tokio::spawn(silent_flood(
-        cloud_addr,
-        server_name,
-        pin,
-        "127.0.0.2:0".parse().expect("literal"),
-        64,
-        stop.clone(),
-    ));
+    let flood = flood_from_another_address(&cloud, &token.ca_hash, 64, &stop).await;
     assert!(
         eventually(Duration::from_secs(5), || cloud
             .metric("cloudcore_connection_rejections_total{reason=\"busy\"}")
