@@ -26,7 +26,9 @@ use time::OffsetDateTime;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use super::objects::{self, FOREGROUND_FINALIZER, ORPHAN_FINALIZER, Propagation, resource_id};
+use super::objects::{
+    self, FOREGROUND_FINALIZER, ORPHAN_FINALIZER, Propagation, key, resource_id, rv_of,
+};
 use super::resources::{self, ResourceInfo};
 use super::store::{Scan, Store, StoreError};
 
@@ -126,20 +128,6 @@ fn terminating_objects(store: &Store, info: &ResourceInfo) -> Result<Vec<Value>,
         Ok(ControlFlow::Continue(()))
     })?;
     Ok(found)
-}
-
-fn rv_of(object: &Value) -> Option<u64> {
-    object["metadata"]["resourceVersion"]
-        .as_str()
-        .and_then(|s| s.parse().ok())
-}
-
-fn key(object: &Value) -> (String, String) {
-    let meta = &object["metadata"];
-    (
-        meta["namespace"].as_str().unwrap_or_default().to_string(),
-        meta["name"].as_str().unwrap_or_default().to_string(),
-    )
 }
 
 /// One pass over every owner holding one of the collector's finalizers; true while one still

@@ -1029,17 +1029,11 @@ pub fn collect_garbage(
     while let Some(owner_uid) = queue.pop() {
         for (info, object) in dependents(store, &owner_uid)? {
             let id = resource_id(info);
-            let Some(refs) = object["metadata"]["ownerReferences"].as_array() else {
-                continue;
-            };
-            let namespace = object["metadata"]["namespace"]
-                .as_str()
-                .unwrap_or_default()
-                .to_string();
-            let name = object["metadata"]["name"]
-                .as_str()
-                .unwrap_or_default()
-                .to_string();
+            // A dependent has references: one of them names the owner.
+            let refs = object["metadata"]["ownerReferences"]
+                .as_array()
+                .map_or(&[][..], Vec::as_slice);
+            let (namespace, name) = key(&object);
             let remaining: Vec<Value> = refs
                 .iter()
                 .filter(|r| r["uid"].as_str() != Some(owner_uid.as_str()))
@@ -1051,9 +1045,7 @@ pub fn collect_garbage(
                     live.push(r.clone());
                 }
             }
-            let expected = object["metadata"]["resourceVersion"]
-                .as_str()
-                .and_then(|s| s.parse().ok());
+            let expected = rv_of(&object);
             if propagation == Propagation::Background && live.is_empty() {
                 tracing::info!(resource = info.plural, %namespace, %name, owner.uid = %owner_uid, "deleting a dependent whose owners are gone");
                 match store.delete(&id, &namespace, &name, expected) {
@@ -1089,6 +1081,22 @@ pub fn collect_garbage(
         }
     }
     Ok(())
+}
+
+/// An object's (namespace, name); empty where missing.
+pub fn key(object: &Value) -> (String, String) {
+    let meta = &object["metadata"];
+    (
+        meta["namespace"].as_str().unwrap_or_default().to_string(),
+        meta["name"].as_str().unwrap_or_default().to_string(),
+    )
+}
+
+/// An object's resourceVersion as the store counts it, if it has one.
+pub fn rv_of(object: &Value) -> Option<u64> {
+    object["metadata"]["resourceVersion"]
+        .as_str()
+        .and_then(|s| s.parse().ok())
 }
 
 /// Every object, built-in or custom, that names `uid` among its owners, with its resource.
