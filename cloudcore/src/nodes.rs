@@ -120,6 +120,11 @@ impl Presence {
         self.edges.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Held only to record or copy the crowd, never across an await.
+    fn crowd(&self) -> std::sync::MutexGuard<'_, Crowd> {
+        self.crowd.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// A session of `name` started. A `node_status` that could not be written to the Node
     /// ([`check_node_status`]) is dropped with a warning: the Node then gets the status the
     /// other node info fields give, as for an edge that sends none.
@@ -165,11 +170,7 @@ impl Presence {
 
     /// The hub turned a dial away because its handshake queue was full ([`Crowd`]).
     pub fn turned_away(&self) {
-        let new = self
-            .crowd
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .refused(OffsetDateTime::now_utc());
+        let new = self.crowd().refused(OffsetDateTime::now_utc());
         if new {
             tracing::info!(
                 "handshake queue full, dials turned away: edges without a session are not \
@@ -181,7 +182,7 @@ impl Presence {
     /// The grace period of an edge without a session counts from this instant at the
     /// earliest: the controller's `started`, or later while a crowd is at the door.
     fn grace_counted_from(&self, started: OffsetDateTime, grace: time::Duration) -> OffsetDateTime {
-        let crowd = *self.crowd.lock().unwrap_or_else(|p| p.into_inner());
+        let crowd = *self.crowd();
         crowd
             .counted_from(grace)
             .map_or(started, |t| t.max(started))
