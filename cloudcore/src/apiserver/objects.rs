@@ -1110,8 +1110,7 @@ pub fn dependents(
     let mut found = Vec::new();
     for info in resources::builtin().iter().chain(super::crd::stored()) {
         store.scan_rows(&resource_id(info), Scan::default(), |row| {
-            if row.body()?.contains(uid) {
-                let object = row.object()?;
+            if let Some(object) = row.object_if(|text| text.contains(uid))? {
                 let owned = object["metadata"]["ownerReferences"]
                     .as_array()
                     .is_some_and(|refs| refs.iter().any(|r| r["uid"].as_str() == Some(uid)));

@@ -249,6 +249,18 @@ impl<'a> ScanRow<'a> {
         serde_json::from_str::<Value>(&body).map_err(|e| self.unreadable(e))
     }
 
+    /// The object, parsed, if its stored text passes `keep`: the body is read once, and
+    /// parsed only then (a search for a uid in every row parses only the rows that name it).
+    pub fn object_if(&self, keep: impl FnOnce(&str) -> bool) -> Result<Option<Value>, StoreError> {
+        let body = self.body()?;
+        if !keep(&body) {
+            return Ok(None);
+        }
+        serde_json::from_str::<Value>(&body)
+            .map(Some)
+            .map_err(|e| self.unreadable(e))
+    }
+
     /// The object's JSON text as it is stored, checked to be JSON but not parsed into a
     /// tree: for answers that pass objects on unchanged.
     pub fn raw(&self) -> Result<Box<serde_json::value::RawValue>, StoreError> {
