@@ -359,16 +359,20 @@ impl Index {
             old.resource_version.clone_from(&new.resource_version);
             return false;
         }
-        self.settled.remove(&key);
         match facts {
             Some(facts) => {
+                self.settled.remove(&key);
                 self.pods.insert(key, facts);
             }
-            None => {
-                self.pods.remove(&key);
-            }
+            None => self.remove_pod(&key),
         }
         true
+    }
+
+    /// Forgets a pod, and that it was settled.
+    fn remove_pod(&mut self, key: &PodKey) {
+        self.settled.remove(key);
+        self.pods.remove(key);
     }
 
     /// Takes in a new version of `node`; whether its facts changed (a status write alone
@@ -588,7 +592,7 @@ async fn execute(
                         tracing::info!(pod = %format!("{namespace}/{name}"), autonomy = %autonomy, source = source.as_str(), "pod tolerations set for its autonomy on an edge node");
                         // The watch brings the same version; applying it now keeps the next
                         // round from writing again on a stale copy.
-                        let _ = lock().apply_pod(&written);
+                        lock().apply_pod(&written);
                     }
                     Ok(None) => {}
                     Err(e) => {
@@ -693,9 +697,7 @@ async fn follow_pods(api: Api<Pod>, index: Arc<Mutex<Index>>, changed: Arc<Notif
             }
             watcher::Event::Apply(pod) => live.apply_pod(&pod),
             watcher::Event::Delete(pod) => {
-                let key = pod_key(&pod);
-                live.settled.remove(&key);
-                live.pods.remove(&key);
+                live.remove_pod(&pod_key(&pod));
                 true
             }
         };
