@@ -806,6 +806,7 @@ struct Observed {
 /// set image, undo; each followed by `rollout status`. `edge_log` is shown when a rollout
 /// does not finish.
 fn compare_sequence(cloud: &Cloud, node: &str, edge_log: &dyn Fn() -> String) -> Observed {
+    // `rollout_status`, with the edge's log when the rollout does not finish.
     let rollout_status = |cloud: &Cloud, name: &str, timeout: &str| {
         try_rollout_status(cloud, name, timeout)
             .unwrap_or_else(|e| panic!("{e}\nedge log (end):\n{}", tail(&edge_log(), 40)))
