@@ -47,7 +47,8 @@ pub struct ServeConfig {
     /// Of those, held by one source address at once (IPv6: one /64), so a single address
     /// cannot hold them all (`slots`).
     pub max_handshakes_per_address: usize,
-    /// Time a peer has to complete TLS and send its first message.
+    /// Time a peer has to complete TLS and send its first message. TLS itself gets at most
+    /// `proto::DIAL_LIMIT` from the connection's arrival (an edge gives up its dial then).
     pub handshake_timeout: Duration,
     /// Failed joins allowed at once per source address, then one per `join_failure_refill`.
     pub join_failure_burst: u32,
