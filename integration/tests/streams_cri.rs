@@ -541,7 +541,8 @@ fn ctl_exec_with_stdin_and_a_terminal() {
         .collect::<Vec<_>>()
         .join(" ");
     let script = format!(
-        "stty -a > {before}; {line}; echo $? > {code}; stty -a > {after}",
+        // The code is written last: the test reads both files once it is there.
+        "stty -a > {before}; {line}; rc=$?; stty -a > {after}; echo $rc > {code}",
         before = site.tmp.path().join("stty-before").display(),
         code = code_file.display(),
         after = stty_file.display(),
