@@ -1096,7 +1096,15 @@ pub fn key(object: &Value) -> (String, String) {
 pub fn rv_of(object: &Value) -> Option<u64> {
     object["metadata"]["resourceVersion"]
         .as_str()
-        .and_then(|s| s.parse().ok())
+        .and_then(parse_rv)
+}
+
+/// A resourceVersion as this server writes them: decimal digits only (no sign, no spaces).
+pub fn parse_rv(text: &str) -> Option<u64> {
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    text.parse().ok()
 }
 
 /// Every object, built-in or custom, that names `uid` among its owners, with its resource.

@@ -1256,14 +1256,7 @@ impl Allocator {
         new: &mut Value,
     ) -> Result<AllocationGuard<'_>, ApiError> {
         let guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
-        let namespace = new["metadata"]["namespace"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
-        let name = new["metadata"]["name"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
+        let (namespace, name) = objects::key(new);
         let taken = Taken::read(store, &namespace, &name)
             .map_err(|e| ApiError::internal(format!("cannot read the allocated services: {e}")))?;
         self.assign(&taken, current, new)

@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 use time::OffsetDateTime;
 
 use super::dryrun::{self, DryRun, Writer};
-use super::objects::resource_id;
+use super::objects::{parse_rv, resource_id, rv_of};
 use super::pagination::{self, Paging};
 use super::patch::{self, PatchError, PatchType};
 use super::request::{ResourceRequest, Target, route};
@@ -89,14 +89,6 @@ fn query_rv(query: &Query) -> Result<Option<u64>, ApiError> {
             ))
         }),
     }
-}
-
-/// A resourceVersion as this server writes them: decimal digits only (no sign, no spaces).
-fn parse_rv(text: &str) -> Option<u64> {
-    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    text.parse().ok()
 }
 
 pub(crate) fn query_of(uri: &Uri) -> Result<Query, ApiError> {
@@ -700,13 +692,6 @@ pub(crate) fn parse_body(body: &[u8]) -> Result<Value, ApiError> {
     Ok(value)
 }
 
-/// The resourceVersion of an object this server wrote.
-fn rv_of(object: &Value) -> Option<u64> {
-    object["metadata"]["resourceVersion"]
-        .as_str()
-        .and_then(parse_rv)
-}
-
 /// The `metadata.resourceVersion` a client sent: absent or empty means unconditional; any
 /// other value that is not a resourceVersion is a 400 (never an unconditional write).
 fn requested_rv(object: &Value) -> Result<Option<u64>, ApiError> {
@@ -805,14 +790,7 @@ async fn create_object(
         ),
         Ownership::Applied => apply::set_managed_fields(&mut object, requested_fields),
     }
-    let name = object["metadata"]["name"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
-    let namespace = object["metadata"]["namespace"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
+    let (namespace, name) = objects::key(&object);
     let writer = Writer::new(&api.store);
     let id = resource_id(info);
     let body_name = name.clone();
