@@ -103,23 +103,25 @@ impl KubeCluster {
                 }
             }
         }
-        for tool in ["etcd", "kubectl", "openssl", "xz", "python3"] {
+        for tool in ["etcd", "kubectl", "openssl", "xz", "python3", "flock"] {
             if !Command::new("sh")
                 .args(["-c", &format!("command -v {tool}")])
                 .output()
                 .is_ok_and(|o| o.status.success())
             {
                 bail!(
-                    "{tool} is not installed: apt-get install etcd-server xz-utils openssl python3 (.ci/run does)"
+                    "{tool} is not installed: apt-get install etcd-server xz-utils openssl python3 util-linux (.ci/run does)"
                 );
             }
         }
         let run_dir = dir.join("k8s");
-        // One start at a time in this process: on a fresh machine the first start unpacks the
-        // binaries into a shared cache, and two doing so at once would trip over each other.
-        static STARTING: std::sync::Mutex<()> = std::sync::Mutex::new(());
-        let _one_at_a_time = STARTING.lock().unwrap_or_else(|p| p.into_inner());
-        let out = Command::new("bash")
+        // One start at a time on the machine (test binaries run in two lanes at once,
+        // integration/run-tests.sh): on a fresh machine the first start unpacks the binaries
+        // into a shared cache, and two doing so at once would trip over each other.
+        let lock = std::env::temp_dir().join("edge-k8s-start.lock");
+        let out = Command::new("flock")
+            .arg(&lock)
+            .arg("bash")
             .arg(&start)
             .arg("--fresh")
             .args(match options.components {
