@@ -710,3 +710,108 @@ async fn a_gone_edge_is_marked_lost_one_grace_period_late_while_dials_are_turned
         cloud.log()
     );
 }
+
+/// A UDP relay in front of `cloud` that passes the client's datagrams only until the cloud
+/// first answers: the ClientHello gets through, the client's Finished never does, so the cloud's
+/// side of the TLS handshake stalls. Returns the relay's address and, once set, when the cloud
+/// first answered (just after the connection arrived there).
+async fn stalling_relay(
+    cloud: std::net::SocketAddr,
+) -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::OnceLock<std::time::Instant>>,
+    tokio::task::JoinHandle<()>,
+) {
+    let front = tokio::net::UdpSocket::bind("127.0.0.1:0")
+        .await
+        .expect("bind the relay's front");
+    let back = tokio::net::UdpSocket::bind("127.0.0.1:0")
+        .await
+        .expect("bind the relay's back");
+    back.connect(cloud)
+        .await
+        .expect("aim the relay at the cloud");
+    let address = front.local_addr().expect("relay address");
+    let answered = std::sync::Arc::new(std::sync::OnceLock::new());
+    let first_answer = answered.clone();
+    let task = tokio::spawn(async move {
+        let mut client = None;
+        let (mut up, mut down) = (vec![0u8; 65536], vec![0u8; 65536]);
+        loop {
+            tokio::select! {
+                received = front.recv_from(&mut up) => {
+                    let Ok((n, from)) = received else { return };
+                    client = Some(from);
+                    if first_answer.get().is_none() {
+                        let _ = back.send(&up[..n]).await;
+                    }
+                }
+                received = back.recv(&mut down) => {
+                    let Ok(n) = received else { return };
+                    let _ = first_answer.set(std::time::Instant::now());
+                    if let Some(client) = client {
+                        let _ = front.send_to(&down[..n], client).await;
+                    }
+                }
+            }
+        }
+    });
+    (address, answered, task)
+}
+
+/// An edge gives up a dial after `proto::DIAL_LIMIT` (3 s), so the cloud gives a TLS handshake
+/// no longer than that, although its handshake timeout is 10 s: a handshake that stalls is
+/// dropped (`reason="handshake_timeout"`) about 3 s after its connection arrived, and its slot
+/// is free for an edge that is still dialling.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_tls_handshake_is_dropped_at_the_edges_dial_limit() {
+    integration::init_test_tracing();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let cloud = Cloud::start(tmp.path(), &[]);
+    let token = cloud.token(&[]);
+    let pin = tls::CaHash::parse(&token.ca_hash).expect("hash");
+    let cloud_addr = dial::resolve(&cloud.address()).await.expect("addr");
+    let server_name = cloud
+        .address()
+        .rsplit_once(':')
+        .expect("host:port")
+        .0
+        .to_string();
+    let timed_out =
+        || cloud.metric("cloudcore_connection_rejections_total{reason=\"handshake_timeout\"}");
+    assert_eq!(timed_out(), 0.0, "{}", cloud.metrics());
+
+    let (relay, answered, relay_task) = stalling_relay(cloud_addr).await;
+    let endpoint =
+        quinn::Endpoint::client("127.0.0.1:0".parse().expect("literal")).expect("client endpoint");
+    let (config, _failure) = tls::join_config(pin).expect("config");
+    let connecting = endpoint
+        .connect_with(config, relay, &server_name)
+        .expect("dial through the relay");
+    let client = tokio::spawn(connecting);
+
+    let dropped =
+        tokio::task::block_in_place(|| eventually(Duration::from_secs(15), || timed_out() >= 1.0));
+    let after = answered
+        .get()
+        .map(|at| at.elapsed())
+        .expect("the cloud answered the ClientHello");
+    assert!(
+        dropped,
+        "the stalled handshake was not dropped within 15 s:\n{}",
+        cloud.metrics()
+    );
+    // 3 s, counted from the connection's arrival; the handshake timeout alone would give 10 s.
+    assert!(
+        after >= Duration::from_millis(2500) && after <= Duration::from_secs(7),
+        "the stalled handshake was dropped {after:?} after the cloud first answered, not about 3 s"
+    );
+    assert_eq!(
+        cloud.metric("cloudcore_connection_rejections_total{reason=\"tls_handshake\"}"),
+        0.0,
+        "the handshake was cut by the limit, not failed: {}",
+        cloud.metrics()
+    );
+    client.abort();
+    relay_task.abort();
+}
