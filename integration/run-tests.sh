@@ -22,8 +22,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-lane1=(offline services kube_mode devices workloads_deployments fence streams_kube pods events
-  ha workloads_sets api_semantics)
+lane1=(offline services kube_mode devices devices_cloud workloads_deployments fence streams_kube
+  pods events ha workloads_sets api_semantics)
 
 for name in "${lane1[@]}"; do
   [ -f "integration/tests/$name.rs" ] || {
