@@ -540,6 +540,20 @@ async fn silent_flood(
     completed.load(std::sync::atomic::Ordering::Relaxed)
 }
 
+/// Where an anonymous dial to `cloud` goes: its address, the TLS server name, and the pin of
+/// its CA (`ca_hash`, from a token).
+async fn dial_target(cloud: &Cloud, ca_hash: &str) -> (std::net::SocketAddr, String, tls::CaHash) {
+    let pin = tls::CaHash::parse(ca_hash).expect("hash");
+    let cloud_addr = dial::resolve(&cloud.address()).await.expect("addr");
+    let server_name = cloud
+        .address()
+        .rsplit_once(':')
+        .expect("host:port")
+        .0
+        .to_string();
+    (cloud_addr, server_name, pin)
+}
+
 /// Starts [`silent_flood`] against `cloud` (whose CA has `ca_hash`) with `target` dials in
 /// flight until `stop`, from 127.0.0.2: all of 127/8 is loopback, so the flood's source address
 /// differs from the edges'.
@@ -549,14 +563,7 @@ async fn flood_from_another_address(
     target: usize,
     stop: &tokio_util::sync::CancellationToken,
 ) -> tokio::task::JoinHandle<usize> {
-    let pin = tls::CaHash::parse(ca_hash).expect("hash");
-    let cloud_addr = dial::resolve(&cloud.address()).await.expect("addr");
-    let server_name = cloud
-        .address()
-        .rsplit_once(':')
-        .expect("host:port")
-        .0
-        .to_string();
+    let (cloud_addr, server_name, pin) = dial_target(cloud, ca_hash).await;
     tokio::spawn(silent_flood(
         cloud_addr,
         server_name,
@@ -769,14 +776,7 @@ async fn a_stalled_tls_handshake_is_dropped_at_the_edges_dial_limit() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let cloud = Cloud::start(tmp.path(), &[]);
     let token = cloud.token(&[]);
-    let pin = tls::CaHash::parse(&token.ca_hash).expect("hash");
-    let cloud_addr = dial::resolve(&cloud.address()).await.expect("addr");
-    let server_name = cloud
-        .address()
-        .rsplit_once(':')
-        .expect("host:port")
-        .0
-        .to_string();
+    let (cloud_addr, server_name, pin) = dial_target(&cloud, &token.ca_hash).await;
     let timed_out =
         || cloud.metric("cloudcore_connection_rejections_total{reason=\"handshake_timeout\"}");
     assert_eq!(timed_out(), 0.0, "{}", cloud.metrics());
@@ -792,15 +792,15 @@ async fn a_stalled_tls_handshake_is_dropped_at_the_edges_dial_limit() {
 
     let dropped =
         tokio::task::block_in_place(|| eventually(Duration::from_secs(15), || timed_out() >= 1.0));
-    let after = answered
-        .get()
-        .map(|at| at.elapsed())
-        .expect("the cloud answered the ClientHello");
     assert!(
         dropped,
         "the stalled handshake was not dropped within 15 s:\n{}",
         cloud.metrics()
     );
+    let after = answered
+        .get()
+        .map(|at| at.elapsed())
+        .expect("the cloud answered the ClientHello");
     // 3 s, counted from the connection's arrival; the handshake timeout alone would give 10 s.
     assert!(
         after >= Duration::from_millis(2500) && after <= Duration::from_secs(7),
