@@ -572,8 +572,12 @@ impl Worker {
     async fn step(&mut self, input: &PodInput) {
         self.observe().await;
         if self.finished.is_none() {
+            let before = self.sandbox.as_ref().map(|s| s.id.clone());
             self.act(input).await;
-            self.observe().await;
+            // A sandbox this pass started was ready when PodSandboxStatus read its IP a moment
+            // ago: only the containers are read again (one CRI call less on a pod's start).
+            let fresh = self.sandbox.as_ref().map(|s| &s.id) != before.as_ref();
+            self.observe_containers(!fresh).await;
             self.run_probes().await;
         }
         let status = self.status(&input.pod);
@@ -581,8 +585,14 @@ impl Worker {
     }
 
     async fn observe(&mut self) {
+        self.observe_containers(true).await;
+    }
+
+    /// Reads the containers' states from the runtime, and the sandbox's first when
+    /// `with_sandbox`.
+    async fn observe_containers(&mut self, with_sandbox: bool) {
         let cri = self.ctx.cri.clone();
-        if let Some(sandbox) = &self.sandbox {
+        if let Some(sandbox) = self.sandbox.as_ref().filter(|_| with_sandbox) {
             let ready = match cri.pod_sandbox_status(&sandbox.id).await {
                 Ok(status) => api::PodSandboxState::try_from(status.state)
                     .is_ok_and(|s| s == api::PodSandboxState::SandboxReady),
