@@ -32,6 +32,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 
 /// Entries each of the correlator's caches keeps (client-go's `maxLruCacheEntries`).
 pub const CACHE_ENTRIES: usize = 4096;
@@ -152,8 +153,9 @@ impl RecorderMetrics {
 /// What goes through the queue to the writer.
 #[derive(Debug)]
 enum Item {
-    /// Boxed: most of the queue's slots are empty, a record is large.
-    Record(Box<(Source, Occurrence)>),
+    /// Boxed: most of the queue's slots are empty, a record is large. Written no earlier than
+    /// the instant (see [`Recorder::deferred`]).
+    Record(Box<(Source, Occurrence)>, Option<Instant>),
     /// Answered once everything queued before it is written (tests, shutdown).
     Flush(oneshot::Sender<()>),
 }
@@ -184,6 +186,8 @@ pub struct Recorder {
     sink: Arc<Sink>,
     component: String,
     host: Option<String>,
+    /// How long each event waits in the queue before it is written ([`Recorder::deferred`]).
+    defer: Duration,
 }
 
 impl std::fmt::Debug for Recorder {
@@ -191,6 +195,7 @@ impl std::fmt::Debug for Recorder {
         f.debug_struct("Recorder")
             .field("component", &self.component)
             .field("host", &self.host)
+            .field("defer", &self.defer)
             .finish_non_exhaustive()
     }
 }
@@ -211,24 +216,35 @@ impl Recorder {
             }),
             component: component.to_string(),
             host: None,
+            defer: Duration::ZERO,
         }
     }
 
     /// The same recorder writing as another component (each controller has its own name).
     pub fn for_component(&self, component: &str) -> Self {
         Recorder {
-            sink: self.sink.clone(),
             component: component.to_string(),
-            host: self.host.clone(),
+            ..self.clone()
         }
     }
 
     /// The same recorder with `source.host` set.
     pub fn on_host(&self, host: &str) -> Self {
         Recorder {
-            sink: self.sink.clone(),
-            component: self.component.clone(),
             host: Some(host.to_string()),
+            ..self.clone()
+        }
+    }
+
+    /// The same recorder, whose events wait `defer` in the queue before they are written.
+    /// Events are best effort and nobody waits for them; a write that must not queue behind
+    /// them (an edge's status report, sent a few milliseconds after the events of the same
+    /// change) reaches the API first. The queue stays in order, so events recorded after a
+    /// deferred one, through any recorder of this sink, wait for it too.
+    pub fn deferred(&self, defer: Duration) -> Self {
+        Recorder {
+            defer,
+            ..self.clone()
         }
     }
 
@@ -261,7 +277,10 @@ impl Recorder {
         if self
             .sink
             .queue()
-            .try_send(Item::Record(Box::new((source, occurrence))))
+            .try_send(Item::Record(
+                Box::new((source, occurrence)),
+                (!self.defer.is_zero()).then(|| Instant::now() + self.defer),
+            ))
             .is_err()
         {
             self.sink.metrics.dropped("queue_full");
@@ -286,7 +305,12 @@ async fn write_events(
     let mut correlator = Correlator::default();
     while let Some(item) = queue.recv().await {
         let (source, occurrence) = match item {
-            Item::Record(record) => *record,
+            Item::Record(record, not_before) => {
+                if let Some(at) = not_before {
+                    tokio::time::sleep_until(at).await;
+                }
+                *record
+            }
             Item::Flush(done) => {
                 let _ = done.send(());
                 continue;
@@ -632,6 +656,66 @@ impl Correlator {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// When each request came, and the reason of the event it wrote.
+    type Seen = Arc<std::sync::Mutex<Vec<(Instant, String)>>>;
+
+    /// A client whose API server answers every request at once with the Event it was sent,
+    /// and notes when each one came and the event's reason.
+    fn echo_client() -> (kube::Client, Seen) {
+        use http_body_util::BodyExt;
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = seen.clone();
+        let service = tower::service_fn(move |request: http::Request<kube::client::Body>| {
+            let log = log.clone();
+            async move {
+                let body = request.into_body().collect().await?.to_bytes();
+                let event: Event = serde_json::from_slice(&body)?;
+                log.lock()
+                    .unwrap()
+                    .push((Instant::now(), event.reason.clone().unwrap_or_default()));
+                let answer = http::Response::builder()
+                    .status(201)
+                    .body(http_body_util::Full::new(body))?;
+                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(answer)
+            }
+        });
+        (kube::Client::new(service, "default"), seen)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_deferred_event_waits_its_delay_and_what_is_queued_behind_it_waits_too() {
+        let (client, seen) = echo_client();
+        let recorder = Recorder::new(client, "kubelet");
+        let start = Instant::now();
+        recorder
+            .publish(&pod("a"), EventType::Normal, "Now", "written at once")
+            .await;
+        recorder.flush().await;
+        recorder
+            .deferred(Duration::from_millis(100))
+            .publish(&pod("b"), EventType::Normal, "Later", "waits")
+            .await;
+        recorder
+            .publish(&pod("c"), EventType::Normal, "Behind", "queued after it")
+            .await;
+        recorder.flush().await;
+        let seen = seen.lock().unwrap().clone();
+        let order: Vec<&str> = seen.iter().map(|(_, r)| r.as_str()).collect();
+        assert_eq!(order, ["Now", "Later", "Behind"]);
+        let after = |i: usize| seen[i].0 - start;
+        assert!(
+            after(0) < Duration::from_millis(1),
+            "not deferred: {:?}",
+            after(0)
+        );
+        assert!(
+            after(1) >= Duration::from_millis(100),
+            "deferred: {:?}",
+            after(1)
+        );
+        assert!(after(2) >= after(1), "in order: {:?}", after(2));
+    }
 
     fn pod(name: &str) -> ObjectReference {
         ObjectReference {
