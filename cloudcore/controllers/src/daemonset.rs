@@ -40,7 +40,8 @@ use crate::Context;
 use crate::events::{EventType, Recorder};
 use crate::history::{self, Owner, REVISION_HASH_LABEL};
 use crate::informer::{
-    Key, Queue, Synced, all_keys, api_message, controller_key, key_of, observed, watch,
+    Key, Listing, Queue, SharedInformer, Synced, all_keys, api_message, controller_key, key_of,
+    observed, watch,
 };
 use crate::pods;
 
@@ -64,8 +65,13 @@ enum SyncError {
     Api(#[from] kube::Error),
 }
 
-/// Runs the DaemonSet controller until `shutdown`.
-pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
+/// The DaemonSet controller, following Pods through the shared `pods` informer (its handler is
+/// added here); the future runs it until `shutdown`.
+pub(crate) fn run(
+    ctx: Arc<Context>,
+    pods: &mut SharedInformer<Pod>,
+    shutdown: CancellationToken,
+) -> impl Future<Output = ()> + Send + 'static {
     let client = ctx.client.clone();
     let queue = Arc::new(Queue::default());
     let synced = Synced::new(ctx.clone(), NAME);
@@ -75,16 +81,13 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
         &synced,
         |ds| vec![key_of(&ds.metadata)],
     );
-    let (pods, pods_driver) = watch(
-        Api::<Pod>::all(client.clone()),
-        queue.clone(),
-        &synced,
-        |pod| {
-            controller_key(&pod.metadata, "DaemonSet")
-                .into_iter()
-                .collect()
-        },
-    );
+    pods.add_keys(queue.clone(), &synced, |pod| {
+        controller_key(&pod.metadata, "DaemonSet")
+            .into_iter()
+            .collect()
+    });
+    let pods_listed = pods.listing();
+    let pods = pods.store();
     let (revisions, revisions_driver) = watch(
         Api::<ControllerRevision>::all(client.clone()),
         queue.clone(),
@@ -107,13 +110,16 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
         client,
         sets,
         pods,
+        pods_listed,
         nodes,
         revisions,
     };
-    tokio::select! {
-        _ = shutdown.cancelled() => {}
-        _ = futures::future::join4(sets_driver, pods_driver, revisions_driver, nodes_driver) => {}
-        _ = controller.work(&queue) => {}
+    async move {
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            _ = futures::future::join3(sets_driver, revisions_driver, nodes_driver) => {}
+            _ = controller.work(&queue) => {}
+        }
     }
 }
 
@@ -121,7 +127,9 @@ struct Controller {
     client: kube::Client,
     recorder: Recorder,
     sets: Store<DaemonSet>,
+    /// The shared pod cache; wait for it with `pods_listed`, never `wait_until_ready`.
     pods: Store<Pod>,
+    pods_listed: Listing,
     nodes: Store<Node>,
     revisions: Store<ControllerRevision>,
 }
@@ -136,12 +144,12 @@ struct Plan {
 impl Controller {
     async fn work(&self, queue: &Queue) {
         for ready in [
-            self.sets.wait_until_ready().await,
-            self.pods.wait_until_ready().await,
-            self.nodes.wait_until_ready().await,
-            self.revisions.wait_until_ready().await,
+            self.sets.wait_until_ready().await.is_ok(),
+            self.pods_listed.wait().await.is_ok(),
+            self.nodes.wait_until_ready().await.is_ok(),
+            self.revisions.wait_until_ready().await.is_ok(),
         ] {
-            if ready.is_err() {
+            if !ready {
                 return;
             }
         }

@@ -31,9 +31,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::Context;
 use crate::events::{EventType, Recorder};
+use crate::informer::SharedInformer;
 use crate::pods;
 use crate::replicaset::{api_message, selects};
-use crate::workqueue::{Change, Key, Listed, Queue, reflect};
+use crate::workqueue::{Change, Key, Listed, Queue, on_event, reflect};
 
 /// The label (and selector term) that ties a ReplicaSet and its pods to one template.
 pub const POD_TEMPLATE_HASH: &str = "pod-template-hash";
@@ -86,108 +87,111 @@ pub enum Error {
     Collision { name: String, count: i32 },
 }
 
-/// Runs the Deployment controller until `shutdown`.
-pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
+/// The Deployment controller, following Pods through the shared `pods` informer (its handler
+/// is added here); the future runs it until `shutdown`.
+pub(crate) fn run(
+    ctx: Arc<Context>,
+    pods: &mut SharedInformer<Pod>,
+    shutdown: CancellationToken,
+) -> impl Future<Output = ()> + Send + 'static {
     let client = ctx.client.clone();
     let (d_store, d_writer) = reflector::store::<Deployment>();
     let (rs_store, rs_writer) = reflector::store::<ReplicaSet>();
-    let (pod_store, pod_writer) = reflector::store::<Pod>();
     let (node_store, node_writer) = reflector::store::<Node>();
     let controller = Arc::new(Controller {
         recorder: ctx.recorder.for_component("deployment-controller"),
         client: client.clone(),
         deployments: d_store,
         replicasets: rs_store,
-        pods: pod_store,
+        pods: pods.store(),
         nodes: node_store,
         queue: Queue::default(),
     });
     let listed = Listed::new(ctx, "deployment", 4);
-    let disconnected: Mutex<HashMap<String, bool>> = Mutex::default();
-
-    let watch_deployments = reflect(
-        Api::<Deployment>::all(client.clone()),
-        d_writer,
-        &listed,
-        0,
-        |d, _| {
-            let key = Key::new(&d.namespace().unwrap_or_default(), &d.name_any());
-            controller.queue.add(key);
-        },
-    );
-    let watch_replicasets = reflect(
-        Api::<ReplicaSet>::all(client.clone()),
-        rs_writer,
-        &listed,
-        1,
-        |rs, change| controller.replicaset_changed(rs, change),
-    );
-    let watch_pods = reflect(
-        Api::<Pod>::all(client.clone()),
-        pod_writer,
-        &listed,
-        2,
-        |pod, _| controller.pod_changed(pod),
-    );
-    let watch_nodes = reflect(
-        Api::<Node>::all(client),
-        node_writer,
-        &listed,
-        3,
-        |node, change| {
-            let name = node.name_any();
-            let now = change == Change::Applied && pods::node_disconnected(node);
-            let before = disconnected
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(name, now);
-            if before.is_some_and(|b| b != now) {
-                for d in controller.deployments.state() {
-                    controller
-                        .queue
-                        .add(Key::new(&d.namespace().unwrap_or_default(), &d.name_any()));
-                }
-            }
-        },
-    );
-    let work = async {
-        let _ = futures::future::join4(
-            controller.deployments.wait_until_ready(),
-            controller.replicasets.wait_until_ready(),
-            controller.pods.wait_until_ready(),
-            controller.nodes.wait_until_ready(),
-        )
-        .await;
-        while let Some(key) = controller.queue.next(&shutdown).await {
-            match controller.reconcile(&key).await {
-                Ok(requeue) => {
-                    controller.queue.forget(&key);
-                    if let Some(after) = requeue {
-                        controller.queue.add_after(key, after);
+    // The shared pod cache is this controller's reflector 2.
+    let pod_events = controller.clone();
+    pods.add_handler(on_event(listed.clone(), 2, move |pod: &Pod, _| {
+        pod_events.pod_changed(pod)
+    }));
+    let pods_listed = pods.listing();
+    async move {
+        let disconnected: Mutex<HashMap<String, bool>> = Mutex::default();
+        let watch_deployments = reflect(
+            Api::<Deployment>::all(client.clone()),
+            d_writer,
+            &listed,
+            0,
+            |d, _| {
+                let key = Key::new(&d.namespace().unwrap_or_default(), &d.name_any());
+                controller.queue.add(key);
+            },
+        );
+        let watch_replicasets = reflect(
+            Api::<ReplicaSet>::all(client.clone()),
+            rs_writer,
+            &listed,
+            1,
+            |rs, change| controller.replicaset_changed(rs, change),
+        );
+        let watch_nodes = reflect(
+            Api::<Node>::all(client),
+            node_writer,
+            &listed,
+            3,
+            |node, change| {
+                let name = node.name_any();
+                let now = change == Change::Applied && pods::node_disconnected(node);
+                let before = disconnected
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(name, now);
+                if before.is_some_and(|b| b != now) {
+                    for d in controller.deployments.state() {
+                        controller
+                            .queue
+                            .add(Key::new(&d.namespace().unwrap_or_default(), &d.name_any()));
                     }
                 }
-                Err(Error::Api {
-                    source: kube::Error::Api(e),
-                    ..
-                }) if e.code == 409 => {
-                    // A cache behind a write of ours: look again once it has caught up.
-                    tracing::debug!(deployment = %key, "conflict, retrying");
-                    controller.queue.retry(key);
-                }
-                Err(e) => {
-                    tracing::warn!(deployment = %key, error = %e, "reconcile failed, retrying");
-                    controller.queue.retry(key);
+            },
+        );
+        let work = async {
+            let _ = futures::future::join4(
+                controller.deployments.wait_until_ready(),
+                controller.replicasets.wait_until_ready(),
+                pods_listed.wait(),
+                controller.nodes.wait_until_ready(),
+            )
+            .await;
+            while let Some(key) = controller.queue.next(&shutdown).await {
+                match controller.reconcile(&key).await {
+                    Ok(requeue) => {
+                        controller.queue.forget(&key);
+                        if let Some(after) = requeue {
+                            controller.queue.add_after(key, after);
+                        }
+                    }
+                    Err(Error::Api {
+                        source: kube::Error::Api(e),
+                        ..
+                    }) if e.code == 409 => {
+                        // A cache behind a write of ours: look again once it has caught up.
+                        tracing::debug!(deployment = %key, "conflict, retrying");
+                        controller.queue.retry(key);
+                    }
+                    Err(e) => {
+                        tracing::warn!(deployment = %key, error = %e, "reconcile failed, retrying");
+                        controller.queue.retry(key);
+                    }
                 }
             }
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            _ = watch_deployments => {}
+            _ = watch_replicasets => {}
+            _ = watch_nodes => {}
+            _ = work => {}
         }
-    };
-    tokio::select! {
-        _ = shutdown.cancelled() => {}
-        _ = watch_deployments => {}
-        _ = watch_replicasets => {}
-        _ = watch_pods => {}
-        _ = watch_nodes => {}
-        _ = work => {}
     }
 }
 
@@ -196,6 +200,7 @@ struct Controller {
     recorder: Recorder,
     deployments: Store<Deployment>,
     replicasets: Store<ReplicaSet>,
+    /// The shared pod cache (wait for its listing on the informer's `Listing`).
     pods: Store<Pod>,
     nodes: Store<Node>,
     queue: Queue,

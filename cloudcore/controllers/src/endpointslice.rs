@@ -48,7 +48,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::Context;
-use crate::informer::{Key, Queue, Synced, key_of, observed, watch};
+use crate::informer::{Key, Listing, Queue, SharedInformer, Synced, key_of, observed, watch};
 use crate::pods;
 
 /// The name this controller reports its caches' state under.
@@ -89,8 +89,13 @@ enum SyncError {
     },
 }
 
-/// Runs the EndpointSlice and Endpoints controller until `shutdown`.
-pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
+/// The EndpointSlice and Endpoints controller, following Pods through the shared `pods`
+/// informer (its handler is added here); the future runs it until `shutdown`.
+pub(crate) fn run(
+    ctx: Arc<Context>,
+    pods: &mut SharedInformer<Pod>,
+    shutdown: CancellationToken,
+) -> impl Future<Output = ()> + Send + 'static {
     let client = ctx.client.clone();
     let queue = Arc::new(Queue::default());
     let synced = Synced::new(ctx.clone(), NAME);
@@ -103,20 +108,17 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
     // A pod's labels may have changed away from a Service's selector: every Service of its
     // namespace looks again (the cache shows only the pod's new labels).
     let namespace_services = services.clone();
-    let (pods, pods_driver) = watch(
-        Api::<Pod>::all(client.clone()),
-        queue.clone(),
-        &synced,
-        move |pod| {
-            let namespace = pod.metadata.namespace.clone().unwrap_or_default();
-            namespace_services
-                .state()
-                .iter()
-                .filter(|s| s.metadata.namespace.as_deref() == Some(namespace.as_str()))
-                .map(|s| key_of(&s.metadata))
-                .collect()
-        },
-    );
+    pods.add_keys(queue.clone(), &synced, move |pod| {
+        let namespace = pod.metadata.namespace.clone().unwrap_or_default();
+        namespace_services
+            .state()
+            .iter()
+            .filter(|s| s.metadata.namespace.as_deref() == Some(namespace.as_str()))
+            .map(|s| key_of(&s.metadata))
+            .collect()
+    });
+    let pods_listed = pods.listing();
+    let pods = pods.store();
     let (slices, slices_driver) = watch(
         Api::<EndpointSlice>::all(client.clone()),
         queue.clone(),
@@ -133,13 +135,16 @@ pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
         client,
         services,
         pods,
+        pods_listed,
         slices,
         endpoints,
     };
-    tokio::select! {
-        _ = shutdown.cancelled() => {}
-        _ = futures::future::join4(services_driver, pods_driver, slices_driver, endpoints_driver) => {}
-        _ = controller.work(&queue) => {}
+    async move {
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            _ = futures::future::join3(services_driver, slices_driver, endpoints_driver) => {}
+            _ = controller.work(&queue) => {}
+        }
     }
 }
 
@@ -158,7 +163,9 @@ fn managed_slice_service(meta: &ObjectMeta) -> Option<Key> {
 struct Controller {
     client: kube::Client,
     services: Store<Service>,
+    /// The shared pod cache; wait for it with `pods_listed`, never `wait_until_ready`.
     pods: Store<Pod>,
+    pods_listed: Listing,
     slices: Store<EndpointSlice>,
     endpoints: Store<Endpoints>,
 }
@@ -166,12 +173,12 @@ struct Controller {
 impl Controller {
     async fn work(&self, queue: &Queue) {
         let ready = [
-            self.services.wait_until_ready().await,
-            self.pods.wait_until_ready().await,
-            self.slices.wait_until_ready().await,
-            self.endpoints.wait_until_ready().await,
+            self.services.wait_until_ready().await.is_ok(),
+            self.pods_listed.wait().await.is_ok(),
+            self.slices.wait_until_ready().await.is_ok(),
+            self.endpoints.wait_until_ready().await.is_ok(),
         ];
-        if ready.iter().any(Result::is_err) {
+        if !ready.iter().all(|r| *r) {
             return;
         }
         loop {

@@ -1,9 +1,15 @@
-//! The machinery the DaemonSet and StatefulSet controllers share, in the shape of client-go's
-//! informers: a reflector-backed cache per watched kind whose events put owner keys on a
-//! [`Queue`], the queue itself (deduplicated keys, some due later), the synced flag a controller
-//! reports to [`Context::mark_synced`], and [`observed`], which waits until a controller's own
-//! write shows in its cache (kube-controller-manager's "expectations": without it, a reconcile
-//! that runs before the cache catches up would create the same pod twice).
+//! The machinery the DaemonSet, StatefulSet and EndpointSlice controllers share, in the shape of
+//! client-go's informers: a reflector-backed cache per watched kind whose events put owner keys
+//! on a [`Queue`], the queue itself (deduplicated keys, some due later), the synced flag a
+//! controller reports to [`Context::mark_synced`], and [`observed`], which waits until a
+//! controller's own write shows in its cache (kube-controller-manager's "expectations": without
+//! it, a reconcile that runs before the cache catches up would create the same pod twice).
+//!
+//! [`SharedInformer`] is the one reflector behind such a cache, and what every controller that
+//! follows Pods shares, as client-go's `SharedInformerFactory` shares one informer per kind: one
+//! list and one watch of all Pods, one [`Store`] every controller reads, and each watch event
+//! handed to every controller's handler. After a restart with many pods, one list instead of
+//! one per controller.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Debug;
@@ -13,13 +19,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{Stream, StreamExt};
 use kube::Resource;
 use kube::api::Api;
-use kube::runtime::reflector::{self, Store, reflector};
+use kube::runtime::reflector::{Store, reflector, store::Writer};
 use kube::runtime::{WatchStreamExt, watcher};
 use serde::de::DeserializeOwned;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
 use crate::Context;
@@ -127,33 +133,77 @@ impl Synced {
     }
 }
 
-/// A cache of every `K` in `api` and the future that keeps it current: each change calls
-/// `keys` and queues what it returns. A lost watch marks the cache unsynced until the watcher
-/// has listed again (or, after a transient error, hears from the API again).
-pub(crate) fn watch<K>(
-    api: Api<K>,
-    queue: Arc<Queue>,
-    synced: &Arc<Synced>,
-    keys: impl Fn(&K) -> Vec<Key> + Send + 'static,
-) -> (Store<K>, impl Future<Output = ()> + Send + 'static)
+/// One event of a watch as a [`SharedInformer`] hands it to its handlers, after its store has
+/// applied it: kube-rs' watcher event, or the error that lost the watch.
+pub(crate) type WatchEvent<K> = Result<watcher::Event<K>, watcher::Error>;
+
+/// A handler of a [`SharedInformer`]'s events.
+type Handler<K> = Box<dyn FnMut(&WatchEvent<K>) + Send>;
+
+/// One reflector of every `K` (one list, then one watch, listing again after a lost watch) and
+/// the handlers its events go to, in the order they were added. Handlers are added before
+/// [`SharedInformer::run`], which takes the informer, so each one sees the first listing.
+pub(crate) struct SharedInformer<K>
+where
+    K: Resource + Clone + 'static,
+    K::DynamicType: Eq + Hash + Clone,
+{
+    writer: Writer<K>,
+    handlers: Vec<Handler<K>>,
+    /// Set once the store has listed; the store's own readiness signal wakes only the last of
+    /// several tasks waiting on it, and a shared store has one waiter per controller.
+    listed: watch::Sender<bool>,
+}
+
+impl<K> SharedInformer<K>
 where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
     K::DynamicType: Default + Eq + Hash + Clone + Send + Sync,
 {
-    let (store, writer) = reflector::store();
-    let flag = synced.cache();
-    let synced = synced.clone();
-    let stream = reflector(writer, watcher(api, watcher::Config::default())).default_backoff();
-    let driver = async move {
-        futures::pin_mut!(stream);
-        while let Some(event) = stream.next().await {
+    /// An informer with an empty store and no handler.
+    pub(crate) fn new() -> Self {
+        SharedInformer {
+            writer: Writer::default(),
+            handlers: Vec::new(),
+            listed: watch::channel(false).0,
+        }
+    }
+
+    /// The cache every handler's controller reads (a handle on the one store).
+    pub(crate) fn store(&self) -> Store<K> {
+        self.writer.as_reader()
+    }
+
+    /// The wait for the store's first listing, done once every handler has seen it (wait on
+    /// this, not on the store's readiness).
+    pub(crate) fn listing(&self) -> Listing {
+        Listing(self.listed.subscribe())
+    }
+
+    /// Hands every watch event to `handler`.
+    pub(crate) fn add_handler(&mut self, handler: impl FnMut(&WatchEvent<K>) + Send + 'static) {
+        self.handlers.push(Box::new(handler));
+    }
+
+    /// Queues what `keys` returns for each object listed, applied or deleted, and adds the
+    /// store as one of `synced`'s caches: unsynced from the start of a listing (or a lost
+    /// watch) until the listing is done (or, after a transient error, the API is heard again).
+    pub(crate) fn add_keys(
+        &mut self,
+        queue: Arc<Queue>,
+        synced: &Arc<Synced>,
+        keys: impl Fn(&K) -> Vec<Key> + Send + 'static,
+    ) {
+        let flag = synced.cache();
+        let synced = synced.clone();
+        self.add_handler(move |event| {
             match event {
                 Ok(watcher::Event::Apply(object) | watcher::Event::Delete(object)) => {
-                    keys(&object).into_iter().for_each(|k| queue.add(k));
+                    keys(object).into_iter().for_each(|k| queue.add(k));
                     flag.store(true, Ordering::Relaxed);
                 }
                 Ok(watcher::Event::InitApply(object)) => {
-                    keys(&object).into_iter().for_each(|k| queue.add(k));
+                    keys(object).into_iter().for_each(|k| queue.add(k));
                 }
                 Ok(watcher::Event::Init) => flag.store(false, Ordering::Relaxed),
                 Ok(watcher::Event::InitDone) => flag.store(true, Ordering::Relaxed),
@@ -163,9 +213,73 @@ where
                 }
             }
             synced.report();
+        });
+    }
+
+    /// Lists and watches `api` into the store and hands each event to every handler; returns
+    /// only if the watch stream ends.
+    pub(crate) async fn run(self, api: Api<K>) {
+        let events = watcher(api, watcher::Config::default()).default_backoff();
+        self.dispatch(events).await;
+    }
+
+    /// Applies each of `events` to the store, then hands it to every handler.
+    async fn dispatch(self, events: impl Stream<Item = WatchEvent<K>>) {
+        let SharedInformer {
+            writer,
+            mut handlers,
+            listed,
+        } = self;
+        let stream = reflector(writer, events);
+        futures::pin_mut!(stream);
+        while let Some(event) = stream.next().await {
+            for handler in &mut handlers {
+                handler(&event);
+            }
+            if matches!(event, Ok(watcher::Event::InitDone)) {
+                listed.send_replace(true);
+            }
         }
-    };
-    (store, driver)
+    }
+}
+
+/// The wait for a [`SharedInformer`]'s first listing; every waiter wakes.
+#[derive(Debug, Clone)]
+pub(crate) struct Listing(watch::Receiver<bool>);
+
+/// The informer stopped before its store had listed.
+#[derive(Debug, thiserror::Error)]
+#[error("the informer stopped before it listed")]
+pub(crate) struct Stopped;
+
+impl Listing {
+    /// Returns once the store has listed (at once if it has).
+    pub(crate) async fn wait(&self) -> Result<(), Stopped> {
+        let mut listed = self.0.clone();
+        listed
+            .wait_for(|l| *l)
+            .await
+            .map(|_| ())
+            .map_err(|_| Stopped)
+    }
+}
+
+/// A cache of every `K` in `api` of its own and the future that keeps it current: each change
+/// calls `keys` and queues what it returns ([`SharedInformer::add_keys`]).
+pub(crate) fn watch<K, F>(
+    api: Api<K>,
+    queue: Arc<Queue>,
+    synced: &Arc<Synced>,
+    keys: F,
+) -> (Store<K>, impl Future<Output = ()> + Send + use<K, F>)
+where
+    F: Fn(&K) -> Vec<Key> + Send + 'static,
+    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + Hash + Clone + Send + Sync,
+{
+    let mut informer = SharedInformer::new();
+    informer.add_keys(queue, synced, keys);
+    (informer.store(), informer.run(api))
 }
 
 /// How long [`observed`] waits for the cache before reconciling anyway.
@@ -220,10 +334,146 @@ pub(crate) fn api_message(e: &kube::Error) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use k8s_openapi::api::core::v1::Pod;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
     use super::*;
 
     fn key(name: &str) -> Key {
         ("default".to_string(), name.to_string())
+    }
+
+    /// A context whose client is never used: these tests feed the informer their own events.
+    fn context() -> Arc<Context> {
+        let config = kube::Config::new("http://127.0.0.1:9".parse().expect("url"));
+        Arc::new(Context::new(
+            kube::Client::try_from(config).expect("client"),
+        ))
+    }
+
+    /// A pod in `default` controlled by DaemonSet `owner`.
+    fn pod(name: &str, owner: &str) -> Pod {
+        let owner = ObjectMeta {
+            name: Some(owner.to_string()),
+            uid: Some(format!("uid-{owner}")),
+            ..ObjectMeta::default()
+        };
+        Pod {
+            metadata: ObjectMeta {
+                name: Some(name.to_string()),
+                namespace: Some("default".to_string()),
+                owner_references: Some(vec![crate::pods::owner_reference(
+                    "apps/v1",
+                    "DaemonSet",
+                    &owner,
+                )]),
+                ..ObjectMeta::default()
+            },
+            ..Pod::default()
+        }
+    }
+
+    /// The keys due in `queue` now (none if nothing is queued).
+    async fn due(queue: &Queue) -> Vec<Key> {
+        tokio::time::timeout(Duration::from_millis(50), queue.next())
+            .await
+            .unwrap_or_default()
+    }
+
+    #[tokio::test]
+    async fn one_event_reaches_every_handler_and_each_queues_its_own_keys() {
+        let ctx = context();
+        let mut pods = SharedInformer::<Pod>::new();
+        // Two controllers, each with its own queue, synced flag and keys; "services" also has
+        // a cache of its own that never lists, so it must stay unsynced.
+        let (owners, services) = (Arc::new(Queue::default()), Arc::new(Queue::default()));
+        let owners_synced = Synced::new(ctx.clone(), "owners");
+        let services_synced = Synced::new(ctx.clone(), "services");
+        let calls = Arc::new([AtomicUsize::new(0), AtomicUsize::new(0)]);
+        let seen = calls.clone();
+        pods.add_keys(owners.clone(), &owners_synced, move |pod| {
+            seen[0].fetch_add(1, Ordering::Relaxed);
+            controller_key(&pod.metadata, "DaemonSet")
+                .into_iter()
+                .collect()
+        });
+        let seen = calls.clone();
+        pods.add_keys(services.clone(), &services_synced, move |pod| {
+            seen[1].fetch_add(1, Ordering::Relaxed);
+            vec![(
+                "default".to_string(),
+                format!("svc-{}", key_of(&pod.metadata).1),
+            )]
+        });
+        let mut never_listed = SharedInformer::<Pod>::new();
+        never_listed.add_keys(services.clone(), &services_synced, |_| Vec::new());
+        let store = pods.store();
+        let listing = pods.listing();
+
+        let events = vec![
+            Ok(watcher::Event::Init),
+            Ok(watcher::Event::InitApply(pod("a", "ds-1"))),
+            Ok(watcher::Event::InitDone),
+        ];
+        let (tx, rx) = futures::channel::mpsc::unbounded();
+        for event in events {
+            tx.unbounded_send(event).expect("send");
+        }
+        let running = tokio::spawn(pods.dispatch(rx));
+        listing.wait().await.expect("listed");
+        assert_eq!(due(&owners).await, vec![key("ds-1")]);
+        assert_eq!(due(&services).await, vec![key("svc-a")]);
+        let synced = ctx.synced();
+        assert_eq!(synced.get("owners"), Some(&true));
+        assert_eq!(synced.get("services"), Some(&false));
+
+        // One watch event, after the listing: both handlers, one call each.
+        tx.unbounded_send(Ok(watcher::Event::Apply(pod("b", "ds-2"))))
+            .expect("send");
+        drop(tx);
+        running.await.expect("dispatch");
+        assert_eq!(due(&owners).await, vec![key("ds-2")]);
+        assert_eq!(due(&services).await, vec![key("svc-b")]);
+        assert_eq!(calls[0].load(Ordering::Relaxed), 2);
+        assert_eq!(calls[1].load(Ordering::Relaxed), 2);
+        // Both read the one store the events went into.
+        let mut names: Vec<String> = store
+            .state()
+            .iter()
+            .map(|p| key_of(&p.metadata).1)
+            .collect();
+        names.sort();
+        assert_eq!(names, ["a", "b"]);
+    }
+
+    #[tokio::test]
+    async fn every_waiter_wakes_when_the_shared_store_has_listed() {
+        let pods = SharedInformer::<Pod>::new();
+        let listing = pods.listing();
+        let waiters: Vec<_> = (0..3)
+            .map(|_| {
+                let listing = listing.clone();
+                tokio::spawn(async move { listing.wait().await.is_ok() })
+            })
+            .collect();
+        // The waiters are parked before the listing ends.
+        tokio::task::yield_now().await;
+        assert!(waiters.iter().all(|w| !w.is_finished()));
+        let events = futures::stream::iter([
+            Ok(watcher::Event::Init),
+            Ok(watcher::Event::InitApply(pod("a", "ds-1"))),
+            Ok(watcher::Event::InitDone),
+        ]);
+        pods.dispatch(events).await;
+        for waiter in waiters {
+            let listed = tokio::time::timeout(Duration::from_secs(5), waiter)
+                .await
+                .expect("every waiter wakes")
+                .expect("waiter");
+            assert!(listed);
+        }
     }
 
     #[tokio::test(start_paused = true)]

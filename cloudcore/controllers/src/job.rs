@@ -27,22 +27,28 @@
 //! the Job's account (scale-down, suspend, deadline, backoff limit). It stays counted as active,
 //! and a finishing Job waits for it.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::channel::mpsc::UnboundedSender;
 use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::batch::v1::{Job, JobCondition, JobStatus, UncountedTerminatedPods};
 use k8s_openapi::api::core::v1::{EnvVar, Node, ObjectReference, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions};
+use kube::ResourceExt;
+use kube::api::{
+    Api, DeleteParams, ListParams, PartialObjectMeta, PartialObjectMetaExt, Patch, PatchParams,
+    PostParams, Preconditions,
+};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::watcher;
 use tokio_util::sync::CancellationToken;
 
 use crate::Context;
 use crate::events::{EventType, Recorder};
+use crate::informer::{SharedInformer, WatchEvent};
 use crate::pods;
 
 /// The name this controller reports its sync state under, and its Events' component.
@@ -90,30 +96,83 @@ struct State {
     recorder: Recorder,
 }
 
-/// Runs the Job controller until `shutdown`.
-pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
-    let client = ctx.client.clone();
-    let jobs: Api<Job> = Api::all(client.clone());
-    let pods: Api<Pod> = Api::all(client);
-    let state = Arc::new(State {
-        recorder: ctx.recorder.for_component(COMPONENT),
-        ctx: ctx.clone(),
-    });
-    let controller = Controller::new(jobs, watcher::Config::default())
-        .owns(
-            pods,
-            watcher::Config::default().labels(CONTROLLER_UID_LABEL),
-        )
-        .graceful_shutdown_on(shutdown.clone().cancelled_owned());
-    let store = controller.store();
-    tokio::spawn(mark_when_listed(ctx.clone(), NAME, store, shutdown.clone()));
-    controller
-        .run(reconcile, error_policy, state)
-        .for_each(|result| {
-            report_sync(&ctx, NAME, &result);
-            async {}
-        })
-        .await;
+/// The Job controller, woken by the pods of its Jobs through the shared `pods` informer (its
+/// handler is added here, [`pod_triggers`]); the future runs it until `shutdown`.
+pub(crate) fn run(
+    ctx: Arc<Context>,
+    pods: &mut SharedInformer<Pod>,
+    shutdown: CancellationToken,
+) -> impl Future<Output = ()> + Send + 'static {
+    let (triggers, triggered) = futures::channel::mpsc::unbounded();
+    pods.add_handler(pod_triggers(ctx.clone(), triggers));
+    async move {
+        let jobs: Api<Job> = Api::all(ctx.client.clone());
+        let state = Arc::new(State {
+            recorder: ctx.recorder.for_component(COMPONENT),
+            ctx: ctx.clone(),
+        });
+        let controller = Controller::new(jobs, watcher::Config::default())
+            .owns_stream(triggered.map(Ok))
+            .graceful_shutdown_on(shutdown.clone().cancelled_owned());
+        let store = controller.store();
+        tokio::spawn(mark_when_listed(ctx.clone(), NAME, store, shutdown.clone()));
+        controller
+            .run(reconcile, error_policy, state)
+            .for_each(|result| {
+                report_sync(&ctx, NAME, &result);
+                async {}
+            })
+            .await;
+    }
+}
+
+/// The handler that turns the shared pod informer's events into the Job controller's
+/// triggers: the metadata of every pod with [`CONTROLLER_UID_LABEL`] listed, applied or
+/// deleted, and of a pod that loses the label, as the watch selecting that label would deliver
+/// them (the API sends `DELETED` when an object stops matching a watch's selector). A lost
+/// watch makes the controller unsynced until a reconcile goes through again ([`report_sync`]).
+fn pod_triggers(
+    ctx: Arc<Context>,
+    triggers: UnboundedSender<PartialObjectMeta<Pod>>,
+) -> impl FnMut(&WatchEvent<Pod>) + Send + 'static {
+    // The pods the label selects now, by namespace and name (cleared when the watch lists
+    // again, as a new selecting list would start from nothing).
+    let mut selected: HashSet<(String, String)> = HashSet::new();
+    move |event| {
+        let pod = match event {
+            Ok(watcher::Event::Init) => {
+                selected.clear();
+                return;
+            }
+            Ok(watcher::Event::InitDone) => return,
+            Ok(watcher::Event::InitApply(pod) | watcher::Event::Apply(pod)) => {
+                let key = (pod.namespace().unwrap_or_default(), pod.name_any());
+                let was = selected.remove(&key);
+                let is = pod.labels().contains_key(CONTROLLER_UID_LABEL);
+                if is {
+                    selected.insert(key);
+                }
+                if !(was || is) {
+                    return;
+                }
+                pod
+            }
+            Ok(watcher::Event::Delete(pod)) => {
+                selected.remove(&(pod.namespace().unwrap_or_default(), pod.name_any()));
+                if !pod.labels().contains_key(CONTROLLER_UID_LABEL) {
+                    return;
+                }
+                pod
+            }
+            Err(e) => {
+                tracing::warn!(controller = NAME, error = %e, "watch failed; relisting");
+                ctx.mark_synced(NAME, false);
+                return;
+            }
+        };
+        // The receiver is gone only once the controller has stopped.
+        let _ = triggers.unbounded_send(pod.metadata.clone().into_request_partial::<Pod>());
+    }
 }
 
 /// Marks controller `name` synced once its main cache has listed. The store is looked at

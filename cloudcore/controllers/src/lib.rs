@@ -9,8 +9,9 @@
 //! In kube mode none of them runs: the cluster's own kube-controller-manager does this work.
 //!
 //! Shared pieces have one home here: [`pods`] (pods from templates, readiness and availability,
-//! owner references, the autonomy rule for pods of disconnected edge nodes) and [`events`] (the
-//! Event recorder every controller, the scheduler and the edge's events go through).
+//! owner references, the autonomy rule for pods of disconnected edge nodes), [`events`] (the
+//! Event recorder every controller, the scheduler and the edge's events go through) and
+//! `informer` (among others, the one Pod informer the controllers share: [`run_all`]).
 //!
 //! This crate knows nothing of cloudcore: it sees only the Kubernetes API.
 
@@ -31,6 +32,7 @@ pub mod workqueue;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
+use k8s_openapi::api::core::v1::Pod;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -98,15 +100,26 @@ pub const CONTROLLERS: &[&str] = &[
     "endpointslice",
 ];
 
-/// Starts every controller on `tracker`; they stop when `shutdown` is cancelled.
+/// Starts every controller on `tracker`; they stop when `shutdown` is cancelled. The
+/// controllers that follow Pods share one informer of them (`informer::SharedInformer`): one
+/// list and one watch of every Pod, however many controllers read it.
 pub fn run_all(ctx: Context, tracker: &TaskTracker, shutdown: CancellationToken) {
     let ctx = Arc::new(ctx);
-    tracker.spawn(deployment::run(ctx.clone(), shutdown.clone()));
-    tracker.spawn(replicaset::run(ctx.clone(), shutdown.clone()));
-    tracker.spawn(daemonset::run(ctx.clone(), shutdown.clone()));
-    tracker.spawn(statefulset::run(ctx.clone(), shutdown.clone()));
-    tracker.spawn(job::run(ctx.clone(), shutdown.clone()));
+    let mut pods = informer::SharedInformer::<Pod>::new();
+    tracker.spawn(deployment::run(ctx.clone(), &mut pods, shutdown.clone()));
+    tracker.spawn(replicaset::run(ctx.clone(), &mut pods, shutdown.clone()));
+    tracker.spawn(daemonset::run(ctx.clone(), &mut pods, shutdown.clone()));
+    tracker.spawn(statefulset::run(ctx.clone(), &mut pods, shutdown.clone()));
+    tracker.spawn(job::run(ctx.clone(), &mut pods, shutdown.clone()));
     tracker.spawn(cronjob::run(ctx.clone(), shutdown.clone()));
     tracker.spawn(serviceaccount::run(ctx.clone(), shutdown.clone()));
-    tracker.spawn(endpointslice::run(ctx, shutdown));
+    tracker.spawn(endpointslice::run(ctx.clone(), &mut pods, shutdown.clone()));
+    // Started once every handler is in, so each controller sees the first listing.
+    let api = kube::Api::<Pod>::all(ctx.client.clone());
+    tracker.spawn(async move {
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            _ = pods.run(api) => {}
+        }
+    });
 }

@@ -28,8 +28,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::Context;
 use crate::events::{EventType, Recorder};
+use crate::informer::SharedInformer;
 use crate::pods;
-use crate::workqueue::{Change, Key, Listed, Queue, reflect};
+use crate::workqueue::{Change, Key, Listed, Queue, on_event, reflect};
 
 /// At most this many pods are created or deleted in one reconcile (kube-controller-manager's
 /// `burstReplicas`).
@@ -58,84 +59,87 @@ pub enum Error {
     },
 }
 
-/// Runs the ReplicaSet controller until `shutdown`.
-pub async fn run(ctx: Arc<Context>, shutdown: CancellationToken) {
+/// The ReplicaSet controller, following Pods through the shared `pods` informer (its handler
+/// is added here); the future runs it until `shutdown`.
+pub(crate) fn run(
+    ctx: Arc<Context>,
+    pods: &mut SharedInformer<Pod>,
+    shutdown: CancellationToken,
+) -> impl Future<Output = ()> + Send + 'static {
     let client = ctx.client.clone();
     let (rs_store, rs_writer) = reflector::store::<ReplicaSet>();
-    let (pod_store, pod_writer) = reflector::store::<Pod>();
     let (node_store, node_writer) = reflector::store::<Node>();
     let controller = Arc::new(Controller {
         recorder: ctx.recorder.for_component("replicaset-controller"),
         client: client.clone(),
         replicasets: rs_store,
-        pods: pod_store,
+        pods: pods.store(),
         nodes: node_store.clone(),
         queue: Queue::default(),
         expectations: Expectations::default(),
     });
     let listed = Listed::new(ctx, "replicaset", 3);
-    let disconnected: Mutex<HashMap<String, bool>> = Mutex::default();
-
-    let watch_replicasets = reflect(
-        Api::<ReplicaSet>::all(client.clone()),
-        rs_writer,
-        &listed,
-        0,
-        |rs, change| {
-            let key = Key::new(&rs.namespace().unwrap_or_default(), &rs.name_any());
-            if change == Change::Deleted {
-                controller.expectations.forget(&key);
-            }
-            controller.queue.add(key);
-        },
-    );
-    let watch_pods = reflect(
-        Api::<Pod>::all(client.clone()),
-        pod_writer,
-        &listed,
-        1,
-        |pod, change| controller.pod_changed(pod, change),
-    );
-    let watch_nodes = reflect(
-        Api::<Node>::all(client),
-        node_writer,
-        &listed,
-        2,
-        |node, change| {
-            let name = node.name_any();
-            let now = change == Change::Applied && pods::node_disconnected(node);
-            let before = disconnected
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(name.clone(), now);
-            if before.is_some_and(|b| b != now) {
-                controller.node_changed(&name);
-            }
-        },
-    );
-    let work = async {
-        let ready = futures::future::join3(
-            controller.replicasets.wait_until_ready(),
-            controller.pods.wait_until_ready(),
-            node_store.wait_until_ready(),
+    // The shared pod cache is this controller's reflector 1.
+    let pod_events = controller.clone();
+    pods.add_handler(on_event(listed.clone(), 1, move |pod: &Pod, change| {
+        pod_events.pod_changed(pod, change)
+    }));
+    let pods_listed = pods.listing();
+    async move {
+        let disconnected: Mutex<HashMap<String, bool>> = Mutex::default();
+        let watch_replicasets = reflect(
+            Api::<ReplicaSet>::all(client.clone()),
+            rs_writer,
+            &listed,
+            0,
+            |rs, change| {
+                let key = Key::new(&rs.namespace().unwrap_or_default(), &rs.name_any());
+                if change == Change::Deleted {
+                    controller.expectations.forget(&key);
+                }
+                controller.queue.add(key);
+            },
         );
-        let _ = ready.await;
-        while let Some(key) = controller.queue.next(&shutdown).await {
-            match controller.reconcile(&key).await {
-                Ok(()) => controller.queue.forget(&key),
-                Err(e) => {
-                    tracing::warn!(replicaset = %key, error = %e, "reconcile failed, retrying");
-                    controller.queue.retry(key);
+        let watch_nodes = reflect(
+            Api::<Node>::all(client),
+            node_writer,
+            &listed,
+            2,
+            |node, change| {
+                let name = node.name_any();
+                let now = change == Change::Applied && pods::node_disconnected(node);
+                let before = disconnected
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(name.clone(), now);
+                if before.is_some_and(|b| b != now) {
+                    controller.node_changed(&name);
+                }
+            },
+        );
+        let work = async {
+            let ready = futures::future::join3(
+                controller.replicasets.wait_until_ready(),
+                pods_listed.wait(),
+                node_store.wait_until_ready(),
+            );
+            let _ = ready.await;
+            while let Some(key) = controller.queue.next(&shutdown).await {
+                match controller.reconcile(&key).await {
+                    Ok(()) => controller.queue.forget(&key),
+                    Err(e) => {
+                        tracing::warn!(replicaset = %key, error = %e, "reconcile failed, retrying");
+                        controller.queue.retry(key);
+                    }
                 }
             }
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            _ = watch_replicasets => {}
+            _ = watch_nodes => {}
+            _ = work => {}
         }
-    };
-    tokio::select! {
-        _ = shutdown.cancelled() => {}
-        _ = watch_replicasets => {}
-        _ = watch_pods => {}
-        _ = watch_nodes => {}
-        _ = work => {}
     }
 }
 
@@ -222,6 +226,7 @@ struct Controller {
     client: kube::Client,
     recorder: Recorder,
     replicasets: Store<ReplicaSet>,
+    /// The shared pod cache (wait for its listing on the informer's `Listing`).
     pods: Store<Pod>,
     nodes: Store<Node>,
     queue: Queue,

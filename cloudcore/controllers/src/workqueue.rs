@@ -18,6 +18,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::Context;
+use crate::informer::WatchEvent;
 
 /// A namespaced object's key.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -169,11 +170,13 @@ pub enum Change {
 
 /// Whether each of a controller's reflectors has listed, reported as the controller's sync
 /// state ([`Context::mark_synced`]): synced once all have listed, unsynced while any has lost
-/// its watch and not listed again.
+/// its watch and not listed again. Clones share the state (a shared informer's handler
+/// reports into the same one as the controller's own reflectors).
+#[derive(Clone)]
 pub struct Listed {
     ctx: std::sync::Arc<Context>,
     controller: &'static str,
-    listed: Mutex<Vec<bool>>,
+    listed: std::sync::Arc<Mutex<Vec<bool>>>,
 }
 
 impl std::fmt::Debug for Listed {
@@ -191,7 +194,7 @@ impl Listed {
         Listed {
             ctx,
             controller,
-            listed: Mutex::new(vec![false; reflectors]),
+            listed: std::sync::Arc::new(Mutex::new(vec![false; reflectors])),
         }
     }
 
@@ -208,37 +211,49 @@ impl Listed {
 
 /// Runs one reflector: lists and watches `api` into `writer` (relisting with backoff after a
 /// lost watch), calls `handle` for every object listed, applied or deleted, and reports its
-/// listing as number `index` of `listed`. Never returns.
+/// listing as number `index` of `listed` ([`on_event`]). Never returns.
 pub async fn reflect<K>(
     api: Api<K>,
     writer: Writer<K>,
     listed: &Listed,
     index: usize,
-    mut handle: impl FnMut(&K, Change),
+    handle: impl FnMut(&K, Change),
 ) where
     K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone,
 {
+    let mut on_event = on_event(listed.clone(), index, handle);
     let stream = reflector::reflector(
         writer,
         watcher(api, watcher::Config::default()).default_backoff(),
     );
     let mut stream = std::pin::pin!(stream);
     while let Some(event) = stream.next().await {
-        match event {
-            Ok(watcher::Event::Apply(object) | watcher::Event::InitApply(object)) => {
-                handle(&object, Change::Applied)
-            }
-            Ok(watcher::Event::Delete(object)) => handle(&object, Change::Deleted),
-            Ok(watcher::Event::Init) => {}
-            Ok(watcher::Event::InitDone) => listed.set(index, true),
-            Err(e) => {
-                tracing::warn!(controller = listed.controller, error = %e, "watch lost, listing again");
-                listed.set(index, false);
-            }
-        }
+        on_event(&event);
     }
     std::future::pending::<()>().await;
+}
+
+/// What a reflector does with each event of its watch (its own, or a
+/// [`SharedInformer`](crate::informer::SharedInformer)'s): calls `handle` for every object
+/// listed, applied or deleted, and reports its listing as number `index` of `listed`.
+pub(crate) fn on_event<K>(
+    listed: Listed,
+    index: usize,
+    mut handle: impl FnMut(&K, Change),
+) -> impl FnMut(&WatchEvent<K>) {
+    move |event| match event {
+        Ok(watcher::Event::Apply(object) | watcher::Event::InitApply(object)) => {
+            handle(object, Change::Applied)
+        }
+        Ok(watcher::Event::Delete(object)) => handle(object, Change::Deleted),
+        Ok(watcher::Event::Init) => {}
+        Ok(watcher::Event::InitDone) => listed.set(index, true),
+        Err(e) => {
+            tracing::warn!(controller = listed.controller, error = %e, "watch lost, listing again");
+            listed.set(index, false);
+        }
+    }
 }
 
 #[cfg(test)]
