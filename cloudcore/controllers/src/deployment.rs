@@ -13,8 +13,8 @@
 //! says so in `Progressing` (reason [`WAITING_FOR_DISCONNECTED_NODE`]), and such a wait never
 //! counts against the progress deadline. docs/workloads.md describes it for operators.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentCondition, ReplicaSet, ReplicaSetSpec};
@@ -34,7 +34,7 @@ use crate::events::{EventType, Recorder};
 use crate::informer::SharedInformer;
 use crate::pods;
 use crate::replicaset::{api_message, selects};
-use crate::workqueue::{Change, Key, Listed, Queue, on_event, reflect};
+use crate::workqueue::{Change, DisconnectedNodes, Key, Listed, Queue, on_event, reflect};
 
 /// The label (and selector term) that ties a ReplicaSet and its pods to one template.
 pub const POD_TEMPLATE_HASH: &str = "pod-template-hash";
@@ -115,7 +115,7 @@ pub(crate) fn run(
     }));
     let pods_listed = pods.listing();
     async move {
-        let disconnected: Mutex<HashMap<String, bool>> = Mutex::default();
+        let disconnected = DisconnectedNodes::default();
         let watch_deployments = reflect(
             Api::<Deployment>::all(client.clone()),
             d_writer,
@@ -139,13 +139,7 @@ pub(crate) fn run(
             &listed,
             3,
             |node, change| {
-                let name = node.name_any();
-                let now = change == Change::Applied && pods::node_disconnected(node);
-                let before = disconnected
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(name, now);
-                if before.is_some_and(|b| b != now) {
+                if disconnected.flipped(node, change) {
                     for d in controller.deployments.state() {
                         controller
                             .queue

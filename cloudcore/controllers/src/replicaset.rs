@@ -30,7 +30,7 @@ use crate::Context;
 use crate::events::{EventType, Recorder};
 use crate::informer::SharedInformer;
 use crate::pods;
-use crate::workqueue::{Change, Key, Listed, Queue, on_event, reflect};
+use crate::workqueue::{Change, DisconnectedNodes, Key, Listed, Queue, on_event, reflect};
 
 /// At most this many pods are created or deleted in one reconcile (kube-controller-manager's
 /// `burstReplicas`).
@@ -86,7 +86,7 @@ pub(crate) fn run(
     }));
     let pods_listed = pods.listing();
     async move {
-        let disconnected: Mutex<HashMap<String, bool>> = Mutex::default();
+        let disconnected = DisconnectedNodes::default();
         let watch_replicasets = reflect(
             Api::<ReplicaSet>::all(client.clone()),
             rs_writer,
@@ -106,14 +106,8 @@ pub(crate) fn run(
             &listed,
             2,
             |node, change| {
-                let name = node.name_any();
-                let now = change == Change::Applied && pods::node_disconnected(node);
-                let before = disconnected
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(name.clone(), now);
-                if before.is_some_and(|b| b != now) {
-                    controller.node_changed(&name);
+                if disconnected.flipped(node, change) {
+                    controller.node_changed(&node.name_any());
                 }
             },
         );

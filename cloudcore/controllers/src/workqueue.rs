@@ -168,6 +168,25 @@ pub enum Change {
     Deleted,
 }
 
+/// Whether each node was disconnected when its reflector last saw it, for controllers that act
+/// when a node's connection changes (the autonomy rule, [`crate::pods::node_disconnected`]).
+#[derive(Debug, Default)]
+pub struct DisconnectedNodes(Mutex<HashMap<String, bool>>);
+
+impl DisconnectedNodes {
+    /// Records `node` as its reflector reports it (a deleted node counts as connected) and
+    /// returns whether it was known before and has flipped since.
+    pub fn flipped(&self, node: &k8s_openapi::api::core::v1::Node, change: Change) -> bool {
+        let now = change == Change::Applied && crate::pods::node_disconnected(node);
+        let before = self
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(kube::ResourceExt::name_any(node), now);
+        before.is_some_and(|b| b != now)
+    }
+}
+
 /// Whether each of a controller's reflectors has listed, reported as the controller's sync
 /// state ([`Context::mark_synced`]): synced once all have listed, unsynced while any has lost
 /// its watch and not listed again. Clones share the state (a shared informer's handler
@@ -259,6 +278,44 @@ pub(crate) fn on_event<K>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_node_counts_as_flipped_only_when_its_connection_changed_since_last_seen() {
+        use k8s_openapi::api::core::v1::{Node, NodeCondition, NodeStatus};
+        let node = |ready: &str| Node {
+            metadata: kube::api::ObjectMeta {
+                name: Some("edge-1".into()),
+                ..Default::default()
+            },
+            status: Some(NodeStatus {
+                conditions: Some(vec![NodeCondition {
+                    type_: "Ready".into(),
+                    status: ready.into(),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let nodes = DisconnectedNodes::default();
+        assert!(
+            !nodes.flipped(&node("True"), Change::Applied),
+            "first sighting"
+        );
+        assert!(!nodes.flipped(&node("True"), Change::Applied), "unchanged");
+        assert!(
+            nodes.flipped(&node("Unknown"), Change::Applied),
+            "disconnected"
+        );
+        assert!(
+            !nodes.flipped(&node("Unknown"), Change::Applied),
+            "still disconnected"
+        );
+        assert!(
+            nodes.flipped(&node("Unknown"), Change::Deleted),
+            "gone counts as connected"
+        );
+    }
 
     #[tokio::test(start_paused = true)]
     async fn a_key_waits_once_and_delayed_keys_come_when_due() {

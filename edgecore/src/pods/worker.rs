@@ -577,7 +577,7 @@ impl Worker {
             // A sandbox this pass started was ready when PodSandboxStatus read its IP a moment
             // ago: only the containers are read again (one CRI call less on a pod's start).
             let fresh = self.sandbox.as_ref().map(|s| &s.id) != before.as_ref();
-            self.observe_containers(!fresh).await;
+            self.observe_runtime(!fresh).await;
             self.run_probes().await;
         }
         let status = self.status(&input.pod);
@@ -585,12 +585,12 @@ impl Worker {
     }
 
     async fn observe(&mut self) {
-        self.observe_containers(true).await;
+        self.observe_runtime(true).await;
     }
 
-    /// Reads the containers' states from the runtime, and the sandbox's first when
-    /// `with_sandbox`.
-    async fn observe_containers(&mut self, with_sandbox: bool) {
+    /// Reads the containers' states from the runtime, and first the sandbox's when
+    /// `with_sandbox` (a sandbox that is not ready any more is cleared).
+    async fn observe_runtime(&mut self, with_sandbox: bool) {
         let cri = self.ctx.cri.clone();
         if let Some(sandbox) = self.sandbox.as_ref().filter(|_| with_sandbox) {
             let ready = match cri.pod_sandbox_status(&sandbox.id).await {
