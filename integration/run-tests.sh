@@ -9,10 +9,10 @@
 # test file not named here goes to lane 2. The few binaries whose tests hold a daemon to a time
 # or a throughput (`alone` below) run after both lanes, with the machine to themselves: in a
 # lane, a loaded machine failed them (kubectl's own start pushed "fails within a second" to
-# 1.08 s; a fast writer printed 1.4 of the 4 MB asked for in 20 s). Tests isolate themselves per process (free ports,
-# namespaces, bridges and subnets named after the pid, a private containerd each; control planes
-# start one at a time machine-wide); only the quick start uses fixed ports, and no other test
-# does.
+# 1.08 s; a fast writer printed 1.4 of the 4 MB asked for in 20 s). Tests isolate themselves
+# per process (free ports, namespaces, bridges and subnets named after the pid, a private
+# containerd each; control planes start one at a time machine-wide); only the quick start uses
+# fixed ports, and no other test does.
 #
 # The binaries are built once by `cargo test --workspace --no-run` and then run directly, from
 # their package's directory as cargo runs them (a `cargo test -p` per lane would resolve other
