@@ -38,8 +38,35 @@ pub const KIND_LABEL: &str = "edge.io/registry";
 /// The Secret type of registry records.
 pub const SECRET_TYPE: &str = "edge.io/registry";
 const RECORD_KEY: &str = "record.json";
-/// Read-modify-replace attempts before a write gives up.
-const CONFLICT_RETRIES: u32 = 8;
+/// Read-modify-replace attempts before a write gives up. With [`conflict_pause`] between them
+/// a writer keeps trying for about 10 s: a multi-use token that a fleet's gateways join with
+/// at once is one Secret that every join rewrites, and each lost race costs a pause.
+const CONFLICT_RETRIES: u32 = 16;
+/// The first pause after a lost race, doubled each time up to [`CONFLICT_PAUSE_MAX`].
+const CONFLICT_PAUSE_MIN: Duration = Duration::from_millis(10);
+const CONFLICT_PAUSE_MAX: Duration = Duration::from_secs(1);
+
+/// How long to wait before attempt `attempt` (0 = the first, no wait) of a read-modify-replace:
+/// a uniformly random share of a cap that doubles from [`CONFLICT_PAUSE_MIN`] to
+/// [`CONFLICT_PAUSE_MAX`] ("full jitter"), so writers that collided spread out instead of
+/// colliding again, as client-go's `RetryOnConflict` does with its backoff.
+fn conflict_pause(attempt: u32, unit: f64) -> Duration {
+    if attempt == 0 {
+        return Duration::ZERO;
+    }
+    let cap = CONFLICT_PAUSE_MIN
+        .saturating_mul(1 << (attempt - 1).min(16))
+        .min(CONFLICT_PAUSE_MAX);
+    cap.mul_f64(unit.clamp(0.0, 1.0))
+}
+
+/// Sleeps [`conflict_pause`] before attempt `attempt`.
+async fn pause_before(attempt: u32) {
+    let pause = conflict_pause(attempt, rand::random::<f64>());
+    if !pause.is_zero() {
+        tokio::time::sleep(pause).await;
+    }
+}
 /// A port claim whose node does not hold the port is taken over after this long (a replica
 /// died between claiming and recording it).
 const ORPHAN_CLAIM_AFTER: Duration = Duration::from_secs(60);
@@ -443,7 +470,8 @@ impl ClusterState {
     where
         T: Serialize + for<'de> Deserialize<'de> + Clone,
     {
-        for _ in 0..CONFLICT_RETRIES {
+        for attempt in 0..CONFLICT_RETRIES {
+            pause_before(attempt).await;
             let Some(Read { mut doc, version }) = self.read::<T>(name).await? else {
                 return Ok(None);
             };
@@ -606,7 +634,8 @@ impl ClusterState {
         let kubelet_ports = cache.kubelet_ports.get().copied();
         let mut sign = Some(sign);
         let mut issued = None;
-        for _ in 0..CONFLICT_RETRIES {
+        for attempt in 0..CONFLICT_RETRIES {
+            self.block(pause_before(attempt));
             let step = self.block(self.try_admit(
                 cache,
                 token,
@@ -808,7 +837,8 @@ impl ClusterState {
     ) -> Result<Result<crate::pki::IssuedCertificate, RenewalRefusal>, AdmitError<E>> {
         let mut sign = Some(sign);
         let mut issued: Option<crate::pki::IssuedCertificate> = None;
-        for _ in 0..CONFLICT_RETRIES {
+        for attempt in 0..CONFLICT_RETRIES {
+            self.block(pause_before(attempt));
             let read = self
                 .block(self.read::<NodeDoc>(&node_secret(node)))
                 .map_err(AdmitError::Cluster)?;
@@ -951,6 +981,32 @@ fn registry_to_admit<E>(e: RegistryError) -> AdmitError<E> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn conflict_pauses_start_at_nothing_grow_to_a_cap_and_are_a_random_share_of_it() {
+        assert_eq!(
+            conflict_pause(0, 1.0),
+            Duration::ZERO,
+            "the first attempt waits for nothing"
+        );
+        let caps: Vec<Duration> = (1..CONFLICT_RETRIES)
+            .map(|a| conflict_pause(a, 1.0))
+            .collect();
+        assert_eq!(caps[0], CONFLICT_PAUSE_MIN);
+        assert_eq!(caps[1], CONFLICT_PAUSE_MIN * 2);
+        assert!(caps.windows(2).all(|w| w[0] <= w[1]), "{caps:?}");
+        assert_eq!(*caps.last().unwrap(), CONFLICT_PAUSE_MAX);
+        // Long enough in all for a fleet's joins through one token to take their turns.
+        let total: Duration = caps.iter().sum();
+        assert!(total >= Duration::from_secs(8), "{total:?}");
+        assert_eq!(conflict_pause(3, 0.5), CONFLICT_PAUSE_MIN * 2);
+        assert_eq!(conflict_pause(3, 0.0), Duration::ZERO);
+        assert_eq!(
+            conflict_pause(u32::MAX, 1.0),
+            CONFLICT_PAUSE_MAX,
+            "no overflow"
+        );
+    }
 
     #[test]
     fn long_node_names_map_to_valid_distinct_secret_names() {
