@@ -1,12 +1,16 @@
 //! Several `cloudcore serve --control-plane=kube` replicas against one [`KubeCluster`] behind
-//! one UDP address, for `tests/ha.rs` and `ha-bench`: a load balancer made of one nftables
-//! table (a `redirect` to `numgen random` over the live replicas' tunnel ports, matching only
-//! loopback traffic to one test port), from which a killed replica is removed as kube-proxy
-//! removes a dead endpoint.
+//! one UDP address, for `tests/ha.rs`, `ha-bench` and `edge-sim --replicas`: a load balancer
+//! made of one nftables table (a `redirect` to `numgen random` over the live replicas' tunnel
+//! ports, matching only loopback traffic to one test port), from which a killed replica is
+//! removed as kube-proxy removes a dead endpoint. It picks a replica per flow (client UDP
+//! socket), and a flow keeps its replica, dead or not (conntrack): edgecore dials every session
+//! from a new socket, so a reconnect is a new flow.
 //!
 //! The replicas share the CA and registry in the cluster (`--state=cluster`, [`Sharing::Cluster`])
 //! or by copy ([`Sharing::Copy`]: replica 1 starts alone, the edges join through it, then its
-//! `pki/` and `cloudcore.db` are copied into the others' data dirs).
+//! `pki/` and `cloudcore.db` are copied into the others' data dirs). [`Replicas::start`] starts
+//! three and joins the edges; [`Replicas::start_cluster`] starts any number sharing the
+//! cluster's state and joins none.
 //!
 //! Needs root and nftables; without them [`LoadBalancer::new`] fails saying so.
 
@@ -18,6 +22,7 @@ use std::time::Duration;
 use anyhow::{Context as _, bail, ensure};
 use serde_json::Value;
 
+use crate::bench::JoinToken;
 use crate::cluster::KubeCluster;
 use crate::{Cloud, eventually, join_with};
 
@@ -134,12 +139,16 @@ impl Replica {
     }
 }
 
-/// Three replicas, the load balancer, and the joined (not yet running) edges' data dirs.
+/// The replicas, the load balancer, and the joined (not yet running) edges' data dirs.
 pub struct Replicas {
     pub replicas: Vec<Replica>,
     pub lb: LoadBalancer,
-    /// `(node name, data dir)` of every joined edge.
+    /// `(node name, data dir)` of every edge [`Replicas::join`] joined.
     pub edges: Vec<(String, PathBuf)>,
+    /// The `cloudcore` binary, whose CLI makes the tokens.
+    binary: PathBuf,
+    /// The replicas' credentials, with which the CLI reaches the shared state.
+    credentials: PathBuf,
 }
 
 /// How soon edges notice a dead replica: the replicas' `--heartbeat-interval` and
@@ -163,6 +172,25 @@ impl Liveness<'static> {
     };
 }
 
+/// What a set of replicas runs: everything [`Replicas::start_cluster`] needs but the control
+/// plane.
+#[derive(Debug, Clone, Copy)]
+pub struct ReplicaSpec<'a> {
+    /// The `cloudcore` binary; its CLI makes the tokens too.
+    pub binary: &'a Path,
+    /// Replica N's data dir is `dir/replica-N`.
+    pub dir: &'a Path,
+    /// cloudcore's credentials for the cluster.
+    pub credentials: &'a Path,
+    /// How many: `replica-1` to `replica-N` on 127.0.0.1 to 127.0.0.N.
+    pub replicas: u8,
+    /// How many nodes will join: every replica binds a kubelet port for each.
+    pub nodes: usize,
+    pub liveness: Liveness<'a>,
+    /// More `serve` flags for every replica.
+    pub extra: &'a [&'a str],
+}
+
 /// The flags of replica `id`: its kubelet endpoint on `ip`, and how soon its edges notice
 /// its death.
 fn replica_flags(id: &str, ip: Ipv4Addr, ports: &str, liveness: Liveness) -> Vec<String> {
@@ -183,6 +211,60 @@ fn replica_flags(id: &str, ip: Ipv4Addr, ports: &str, liveness: Liveness) -> Vec
     .iter()
     .map(|s| s.to_string())
     .collect()
+}
+
+/// cloudcore's own default first kubelet port (`cloudcore::kubelet::DEFAULT_PORTS`).
+const DEFAULT_FIRST_KUBELET_PORT: u32 = 20250;
+
+/// The replicas' `--kubelet-ports` for `nodes` nodes: `nodes + 3` ports, the same range for
+/// every replica (each binds on its own IP). Up to 1,000 nodes the range starts at a free port,
+/// so tests running at once get different ones; beyond, at cloudcore's default start (20250),
+/// so that thousands of listeners neither run past port 65535 nor take the ephemeral ports
+/// (32768-60999) that outgoing connections on this host draw from.
+fn kubelet_ports(nodes: usize) -> anyhow::Result<String> {
+    let first = if nodes <= 1000 {
+        u32::from(crate::free_tcp_port().min(60000))
+    } else {
+        DEFAULT_FIRST_KUBELET_PORT
+    };
+    let last = first + nodes as u32 + 2;
+    ensure!(
+        last <= u32::from(u16::MAX),
+        "{nodes} nodes need more kubelet ports than {first}-65535 holds"
+    );
+    Ok(format!("{first}-{last}"))
+}
+
+/// Starts replica `i` (`replica-I` on 127.0.0.I) of `spec` against `cluster`.
+fn start_replica(
+    cluster: &KubeCluster,
+    spec: &ReplicaSpec,
+    ports: &str,
+    sharing: Sharing,
+    i: u8,
+) -> anyhow::Result<Replica> {
+    let id = format!("replica-{i}");
+    let ip = Ipv4Addr::new(127, 0, 0, i);
+    let mut flags = replica_flags(&id, ip, ports, spec.liveness);
+    if sharing == Sharing::Cluster {
+        flags.extend(["--state=cluster", "--state-namespace", LEASE_NAMESPACE].map(String::from));
+    }
+    flags.extend(spec.extra.iter().map(|s| s.to_string()));
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let cloud = Cloud::start_kube_binary(
+        spec.binary,
+        &spec.dir.join(&id),
+        cluster,
+        spec.credentials,
+        IpAddr::V4(Ipv4Addr::LOCALHOST),
+        &flags,
+    )?;
+    Ok(Replica {
+        id,
+        ip,
+        cloud,
+        alive: true,
+    })
 }
 
 /// Copies a data dir's shared parts (CA and registry) into `to`.
@@ -208,8 +290,8 @@ fn copy_state(from: &Path, to: &Path) -> anyhow::Result<()> {
 /// How the replicas come to share the CA and the registry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Sharing {
-    /// `--state=cluster`: Secrets in `edge-system`; tokens made through replica 1's CLI, joins
-    /// through the load balancer (any replica).
+    /// `--state=cluster`: Secrets in `edge-system`; tokens made through the CLI against the
+    /// cluster, joins through the load balancer (any replica).
     Cluster,
     /// Local state copied from replica 1 to the others after the joins.
     Copy,
@@ -228,83 +310,23 @@ impl Replicas {
         sharing: Sharing,
         liveness: Liveness,
     ) -> anyhow::Result<Replicas> {
-        let lb = LoadBalancer::new()?;
-        let first = crate::free_tcp_port().min(60000);
-        let ports = format!("{first}-{}", first + nodes.len() as u16 + 2);
-        let start = |i: u8| -> anyhow::Result<Replica> {
-            let id = format!("replica-{i}");
-            let ip = Ipv4Addr::new(127, 0, 0, i);
-            let mut flags = replica_flags(&id, ip, &ports, liveness);
-            if sharing == Sharing::Cluster {
-                flags.extend(
-                    ["--state=cluster", "--state-namespace", LEASE_NAMESPACE].map(String::from),
-                );
-            }
-            let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-            let cloud = Cloud::start_kube_binary(
-                binary,
-                &dir.join(&id),
-                cluster,
-                credentials,
-                IpAddr::V4(Ipv4Addr::LOCALHOST),
-                &flags,
-            )?;
-            Ok(Replica {
-                id,
-                ip,
-                cloud,
-                alive: true,
-            })
+        let spec = ReplicaSpec {
+            binary,
+            dir,
+            credentials,
+            replicas: 3,
+            nodes: nodes.len(),
+            liveness,
+            extra: &[],
         };
         if sharing == Sharing::Cluster {
-            let replicas = vec![start(1)?, start(2)?, start(3)?];
-            let all = Replicas {
-                replicas,
-                lb,
-                edges: Vec::new(),
-            };
-            all.route_live()?;
-            let credentials = credentials.to_str().context("UTF-8 path")?;
-            let mut edges = Vec::new();
-            for name in nodes {
-                let out = all.replicas[0].cloud.cli(&[
-                    "token",
-                    "create",
-                    "-o",
-                    "json",
-                    "--cloud",
-                    &all.lb.address(),
-                    "--state",
-                    "cluster",
-                    "--state-namespace",
-                    LEASE_NAMESPACE,
-                    "--kubeconfig",
-                    credentials,
-                ]);
-                ensure!(
-                    out.status.success(),
-                    "token create: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
-                let token: Value = serde_json::from_slice(&out.stdout)?;
-                let edge_dir = dir.join(name);
-                let out = join_with(
-                    &edge_dir,
-                    &all.lb.address(),
-                    token["token"].as_str().unwrap_or_default(),
-                    token["ca_hash"].as_str().unwrap_or_default(),
-                    name,
-                );
-                ensure!(
-                    out.status.success(),
-                    "join {name}: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
-                edges.push((name.clone(), edge_dir));
-            }
-            return Ok(Replicas { edges, ..all });
+            let mut all = Replicas::start_cluster(cluster, &spec)?;
+            all.join(dir, nodes)?;
+            return Ok(all);
         }
-        let mut first_replica = start(1)?;
+        let lb = LoadBalancer::new()?;
+        let ports = kubelet_ports(nodes.len())?;
+        let mut first_replica = start_replica(cluster, &spec, &ports, sharing, 1)?;
         lb.route(&[first_replica.cloud.port])?;
         let mut edges = Vec::new();
         for name in nodes {
@@ -344,15 +366,97 @@ impl Replicas {
             .cloud
             .try_restart_with(&flags.iter().map(String::as_str).collect::<Vec<_>>())?;
         let mut replicas = vec![first_replica];
-        replicas.push(start(2)?);
-        replicas.push(start(3)?);
+        replicas.push(start_replica(cluster, &spec, &ports, sharing, 2)?);
+        replicas.push(start_replica(cluster, &spec, &ports, sharing, 3)?);
         let all = Replicas {
             replicas,
             lb,
             edges,
+            binary: binary.to_path_buf(),
+            credentials: credentials.to_path_buf(),
         };
         all.route_live()?;
         Ok(all)
+    }
+
+    /// `spec.replicas` replicas sharing the CA and registry in the cluster (`--state=cluster`),
+    /// one after the other, behind the load balancer; no edge joined.
+    pub fn start_cluster(cluster: &KubeCluster, spec: &ReplicaSpec) -> anyhow::Result<Replicas> {
+        ensure!(
+            (1..=254).contains(&spec.replicas),
+            "{} replicas: 1 to 254 fit on 127.0.0.N",
+            spec.replicas
+        );
+        let lb = LoadBalancer::new()?;
+        let ports = kubelet_ports(spec.nodes)?;
+        let replicas = (1..=spec.replicas)
+            .map(|i| start_replica(cluster, spec, &ports, Sharing::Cluster, i))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let all = Replicas {
+            replicas,
+            lb,
+            edges: Vec::new(),
+            binary: spec.binary.to_path_buf(),
+            credentials: spec.credentials.to_path_buf(),
+        };
+        all.route_live()?;
+        Ok(all)
+    }
+
+    /// `cloudcore token create --state=cluster --uses USES` through the replicas' binary: a
+    /// token for edges that dial the load balancer.
+    pub fn token(&self, uses: usize) -> anyhow::Result<JoinToken> {
+        let first = self.replicas.first().context("no replica")?;
+        let out = Command::new(&self.binary)
+            .args(["token", "create", "-o", "json", "--uses", &uses.to_string()])
+            .args(["--cloud", &self.lb.address()])
+            .args(["--state", "cluster", "--state-namespace", LEASE_NAMESPACE])
+            .arg("--kubeconfig")
+            .arg(&self.credentials)
+            .arg("--data-dir")
+            .arg(&first.cloud.dir)
+            .output()
+            .context("cannot run `cloudcore token create`")?;
+        ensure!(
+            out.status.success(),
+            "token create: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let token: Value = serde_json::from_slice(&out.stdout)?;
+        let field = |name: &str| {
+            token[name]
+                .as_str()
+                .map(str::to_string)
+                .with_context(|| format!("`cloudcore token create -o json` has no {name:?}"))
+        };
+        Ok(JoinToken {
+            token: field("token")?,
+            ca_hash: field("ca_hash")?,
+            cloud: field("cloud")?,
+        })
+    }
+
+    /// Joins `nodes` (`edgecore join`, one single-use token each) through the load balancer
+    /// into `dir/NODE`, not started; they are added to [`Replicas::edges`].
+    pub fn join(&mut self, dir: &Path, nodes: &[String]) -> anyhow::Result<()> {
+        for name in nodes {
+            let token = self.token(1)?;
+            let edge_dir = dir.join(name);
+            let out = join_with(
+                &edge_dir,
+                &self.lb.address(),
+                &token.token,
+                &token.ca_hash,
+                name,
+            );
+            ensure!(
+                out.status.success(),
+                "join {name}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            self.edges.push((name.clone(), edge_dir));
+        }
+        Ok(())
     }
 
     /// The load balancer routes to every live replica.

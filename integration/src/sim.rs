@@ -52,6 +52,34 @@ pub struct FleetConfig {
     pub backoff: Backoff,
 }
 
+/// Which UDP socket a simulated edge dials from again after its session ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Redial {
+    /// The socket it shares with its `edges_per_endpoint` neighbours. Behind a NAT load
+    /// balancer the flow keeps its backend (conntrack), dead or not.
+    SharedSocket,
+    /// A new socket of its own for every dial, as edgecore does: behind a load balancer each
+    /// reconnect is a new flow, sent to a live backend.
+    NewSocket,
+}
+
+/// When one edge's latest session got its `HelloAck` and when it held every pod it expects,
+/// in ms since the Unix epoch (0: never): wall-clock, so that another process can time each
+/// edge's failover from the moment it killed a cloudcore.
+#[derive(Debug, Default)]
+pub struct EdgeTimes {
+    pub hello_ack_ms: AtomicU64,
+    pub resynced_ms: AtomicU64,
+}
+
+/// Now, in ms since the Unix epoch.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or_default()
+}
+
 /// Counters summed over a fleet's edges; gauges go up and down.
 #[derive(Debug, Default)]
 pub struct Stats {
@@ -173,6 +201,8 @@ impl Snapshot {
 /// Simulated edges running until [`Fleet::stop`].
 pub struct Fleet {
     pub stats: Arc<Stats>,
+    /// Each edge's node name and [`EdgeTimes`], in the order of the directories it started with.
+    times: Vec<(String, Arc<EdgeTimes>)>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
 }
@@ -180,6 +210,15 @@ pub struct Fleet {
 impl Fleet {
     /// Starts one simulated edge per identity directory (as `edgecore join` left it).
     pub async fn start(dirs: &[PathBuf], config: FleetConfig) -> anyhow::Result<Fleet> {
+        Fleet::start_redialing(dirs, config, Redial::SharedSocket).await
+    }
+
+    /// [`Fleet::start`], the edges dialing again from the socket `redial` says.
+    pub async fn start_redialing(
+        dirs: &[PathBuf],
+        config: FleetConfig,
+        redial: Redial,
+    ) -> anyhow::Result<Fleet> {
         let remote = edgecore::dial::resolve(&config.address).await?;
         let stats = Arc::new(Stats::default());
         let shutdown = CancellationToken::new();
@@ -187,19 +226,24 @@ impl Fleet {
         let permits = Arc::new(tokio::sync::Semaphore::new(config.connect_concurrency));
         let config = Arc::new(config);
         let mut endpoint = None;
+        let mut times = Vec::with_capacity(dirs.len());
         for (index, dir) in dirs.iter().enumerate() {
             if index % config.edges_per_endpoint.max(1) == 0 {
                 endpoint = Some(edgecore::dial::client_endpoint(remote)?);
             }
             let identity = edgecore::identity::load(dir)?;
             let tls = edgecore::tls::node_config(&identity)?;
+            let edge_times = Arc::new(EdgeTimes::default());
+            times.push((identity.config.node_name.clone(), edge_times.clone()));
             let edge = SimEdge {
                 identity,
                 tls,
                 endpoint: endpoint.clone().expect("an endpoint for the first edge"),
                 remote,
+                redial,
                 config: config.clone(),
                 stats: stats.clone(),
+                times: edge_times,
                 state: EdgeState::default(),
                 rng: StdRng::from_os_rng(),
             };
@@ -209,6 +253,7 @@ impl Fleet {
         tasks.close();
         Ok(Fleet {
             stats,
+            times,
             shutdown,
             tasks,
         })
@@ -216,6 +261,22 @@ impl Fleet {
 
     pub fn snapshot(&self) -> Snapshot {
         self.stats.snapshot()
+    }
+
+    /// Every edge's `{"NODE": [hello_ack_ms, resynced_ms]}` ([`EdgeTimes`]), as one JSON object.
+    pub fn times_json(&self) -> Value {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        Value::Object(
+            self.times
+                .iter()
+                .map(|(name, t)| {
+                    (
+                        name.clone(),
+                        json!([get(&t.hello_ack_ms), get(&t.resynced_ms)]),
+                    )
+                })
+                .collect(),
+        )
     }
 
     /// Status changes per edge per minute from now on (readiness flips of random pods).
@@ -257,8 +318,10 @@ struct SimEdge {
     tls: quinn::ClientConfig,
     endpoint: quinn::Endpoint,
     remote: SocketAddr,
+    redial: Redial,
     config: Arc<FleetConfig>,
     stats: Arc<Stats>,
+    times: Arc<EdgeTimes>,
     state: EdgeState,
     rng: StdRng,
 }
@@ -347,6 +410,16 @@ impl SimEdge {
         shutdown: &CancellationToken,
         first: &mut Option<tokio::sync::OwnedSemaphorePermit>,
     ) -> End {
+        // Once it had a session: first dials share sockets, to keep a fleet's sockets few.
+        if self.redial == Redial::NewSocket && self.times.hello_ack_ms.load(Ordering::Relaxed) > 0 {
+            match edgecore::dial::client_endpoint(self.remote) {
+                Ok(endpoint) => self.endpoint = endpoint,
+                Err(_) => {
+                    self.stats.dial_failures.fetch_add(1, Ordering::Relaxed);
+                    return End::Lost;
+                }
+            }
+        }
         let connecting = edgecore::dial::connect(
             &self.endpoint,
             self.tls.clone(),
@@ -388,6 +461,7 @@ impl SimEdge {
         if ack.adopt_state || self.state.cloud_state_id != ack.cloud_state_id {
             self.state.cloud_state_id = ack.cloud_state_id.clone();
         }
+        self.times.hello_ack_ms.store(unix_ms(), Ordering::Relaxed);
         self.stats.hello_acks.fetch_add(1, Ordering::Relaxed);
         self.stats.connected.fetch_add(1, Ordering::Relaxed);
         let end = self
@@ -439,6 +513,7 @@ impl SimEdge {
         let end = loop {
             if !resynced && self.is_resynced() {
                 resynced = true;
+                self.times.resynced_ms.store(unix_ms(), Ordering::Relaxed);
                 self.stats.resynced.fetch_add(1, Ordering::Relaxed);
             }
             for key in pending.drain(..) {

@@ -10,7 +10,18 @@
 //! until every Node is Ready), cloudcore's RSS and CPU at rest and under churn → kill -9
 //! cloudcore and restart it on the same data dir: time until every edge is back and resynced,
 //! Nodes that left Ready, pods deleted or re-created. A table on stdout, or JSON with `--json`.
+//!
+//! With `--kube --replicas N` (N > 1) the same figures come from N replicas sharing the cluster
+//! (`--state=cluster`, `integration::ha`: replica N on 127.0.0.N, heartbeats every 2 s, an edge
+//! gives a silent replica up after 8 s, as the shipped Deployment runs) behind one UDP address
+//! (an nftables load balancer; it spreads client sockets, `--edges-per-endpoint` edges each):
+//! RSS and CPU per replica and summed, the sessions each holds. Instead of the restart storm the
+//! replica holding most sessions is killed with -9 and taken out of the load balancer (not
+//! started again): per edge of it, the time from the kill until its new `HelloAck` (median, p90,
+//! max; a simulated edge dials again from a new socket, as edgecore does), until all are
+//! resynced, and the same Ready and pod counts. Needs root and nftables.
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ExitCode, Stdio};
@@ -19,9 +30,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use clap::Parser;
-use integration::bench::{self, Machine, mib};
+use integration::bench::{self, JoinToken, Machine, mib, percentile};
 use integration::cluster::{ClusterOptions, Components, KubeCluster};
-use integration::sim::{self, Fleet, FleetConfig, ReadyWatch, Snapshot};
+use integration::ha::{self, Liveness, ReplicaSpec, Replicas};
+use integration::sim::{self, Fleet, FleetConfig, ReadyWatch, Redial, Snapshot};
 use integration::{Cloud, kube_client};
 use serde_json::{Value, json};
 
@@ -30,6 +42,12 @@ const NAMESPACE: &str = "sim";
 const CLOUD_FLAGS: &[&str] = &["--max-handshakes-per-address", "1000000"];
 /// How often a worker prints its counters.
 const REPORT_EVERY: Duration = Duration::from_millis(500);
+/// How soon the edges of a dead replica notice: as the shipped Deployment runs.
+const LIVENESS: Liveness<'static> = Liveness::SHIPPED;
+/// Joins in flight at once.
+const JOINS_AT_ONCE: usize = 16;
+/// Longest wait for the edges of a killed cloudcore to be back and resynced.
+const STORM_LIMIT: Duration = Duration::from_secs(300);
 
 #[derive(Parser, Debug)]
 #[command(
@@ -53,6 +71,11 @@ struct Cli {
     /// Against a fresh real control plane (`../shared/k8s`) instead of the embedded API.
     #[arg(long)]
     kube: bool,
+    /// cloudcore replicas sharing the cluster (`--state=cluster`) behind one UDP address
+    /// (needs --kube, root and nftables); the replica holding most sessions is then killed
+    /// instead of the restart storm.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=32))]
+    replicas: u8,
     /// Pod status changes per edge per minute during the churn phase.
     #[arg(long, default_value_t = 6.0)]
     churn_per_min: f64,
@@ -83,7 +106,8 @@ struct Cli {
 }
 
 /// `edge-sim worker`: one process's share of the fleet; prints a JSON [`Snapshot`] line every
-/// 500 ms, reads `churn X` lines on stdin, stops when stdin closes.
+/// 500 ms, reads `churn X` lines on stdin (and `times`, answered with a `{"times": ..}` line of
+/// every edge's [`sim::EdgeTimes`]), stops when stdin closes.
 #[derive(Parser, Debug)]
 #[command(name = "edge-sim worker")]
 struct WorkerCli {
@@ -100,6 +124,15 @@ struct WorkerCli {
     connect_concurrency: usize,
     #[arg(long)]
     edges_per_endpoint: usize,
+    /// Which socket an edge dials again from.
+    #[arg(long, value_enum, default_value = "shared-socket")]
+    redial: RedialArg,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum RedialArg {
+    SharedSocket,
+    NewSocket,
 }
 
 fn main() -> ExitCode {
@@ -141,6 +174,13 @@ fn main() -> ExitCode {
         );
         return ExitCode::from(64);
     }
+    if cli.replicas > 1 && !cli.kube {
+        eprintln!(
+            "error: --replicas {} needs --kube: replicas share their state in the cluster (--state=cluster), and embedded mode has none",
+            cli.replicas
+        );
+        return ExitCode::from(64);
+    }
     if !(cli.churn_per_min.is_finite() && cli.churn_per_min >= 0.0) {
         eprintln!("error: --churn-per-min must be a number ≥ 0");
         return ExitCode::from(64);
@@ -164,7 +204,11 @@ fn main() -> ExitCode {
 
 async fn worker(cli: WorkerCli) -> Result<()> {
     let dirs: Vec<PathBuf> = cli.names.iter().map(|n| cli.edges_dir.join(n)).collect();
-    let fleet = Fleet::start(
+    let redial = match cli.redial {
+        RedialArg::SharedSocket => Redial::SharedSocket,
+        RedialArg::NewSocket => Redial::NewSocket,
+    };
+    let fleet = Fleet::start_redialing(
         &dirs,
         FleetConfig {
             address: cli.address,
@@ -173,6 +217,7 @@ async fn worker(cli: WorkerCli) -> Result<()> {
             connect_concurrency: cli.connect_concurrency,
             backoff: edgecore::backoff::Backoff::default(),
         },
+        redial,
     )
     .await?;
     let (lines_tx, mut lines) = tokio::sync::mpsc::channel::<String>(4);
@@ -198,6 +243,12 @@ async fn worker(cli: WorkerCli) -> Result<()> {
                 Some(line) => {
                     if let Some(rate) = line.strip_prefix("churn ").and_then(|r| r.trim().parse().ok()) {
                         fleet.set_churn(rate);
+                    } else if line.trim() == "times" {
+                        let mut out = std::io::stdout().lock();
+                        let times = json!({"times": fleet.times_json()});
+                        if writeln!(out, "{times}").and_then(|_| out.flush()).is_err() {
+                            break;
+                        }
                     }
                 }
             },
@@ -207,17 +258,29 @@ async fn worker(cli: WorkerCli) -> Result<()> {
     Ok(())
 }
 
+/// Each edge's `(hello_ack_ms, resynced_ms)` ([`sim::EdgeTimes`]) by node name.
+type TimesByNode = BTreeMap<String, (u64, u64)>;
+
 /// The worker processes and their latest counters.
 struct Workers {
     children: Vec<(Child, ChildStdin)>,
     latest: Arc<Mutex<Vec<Snapshot>>>,
+    /// Each worker's answer to the last `times` request; `None` until it came.
+    times: Arc<Mutex<Vec<Option<TimesByNode>>>>,
 }
 
 impl Workers {
-    fn start(cli: &Cli, address: &str, edges_dir: &Path, names: &[String]) -> Result<Workers> {
+    fn start(
+        cli: &Cli,
+        address: &str,
+        edges_dir: &Path,
+        names: &[String],
+        redial: RedialArg,
+    ) -> Result<Workers> {
         let exe = std::env::current_exe().context("cannot find this executable")?;
         let per = names.len().div_ceil(cli.processes);
         let latest = Arc::new(Mutex::new(Vec::new()));
+        let times = Arc::new(Mutex::new(Vec::new()));
         let mut children = Vec::new();
         for (index, share) in names.chunks(per).enumerate() {
             let mut child = std::process::Command::new(&exe)
@@ -232,6 +295,13 @@ impl Workers {
                     &cli.connect_concurrency.to_string(),
                 ])
                 .args(["--edges-per-endpoint", &cli.edges_per_endpoint.to_string()])
+                .args([
+                    "--redial",
+                    match redial {
+                        RedialArg::SharedSocket => "shared-socket",
+                        RedialArg::NewSocket => "new-socket",
+                    },
+                ])
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::inherit())
@@ -243,22 +313,67 @@ impl Workers {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .push(Snapshot::default());
-            let latest = latest.clone();
+            times.lock().unwrap_or_else(|p| p.into_inner()).push(None);
+            let (latest, times) = (latest.clone(), times.clone());
             std::thread::spawn(move || {
                 for line in BufReader::new(stdout).lines() {
                     let Ok(line) = line else { break };
-                    let Some(snapshot) = serde_json::from_str::<Value>(&line)
-                        .ok()
-                        .and_then(|v| Snapshot::from_json(&v))
-                    else {
+                    let Ok(value) = serde_json::from_str::<Value>(&line) else {
                         continue;
                     };
-                    latest.lock().unwrap_or_else(|p| p.into_inner())[index] = snapshot;
+                    if let Some(edges) = value["times"].as_object() {
+                        let edges = edges
+                            .iter()
+                            .map(|(name, t)| {
+                                let at = |i: usize| t[i].as_u64().unwrap_or_default();
+                                (name.clone(), (at(0), at(1)))
+                            })
+                            .collect();
+                        times.lock().unwrap_or_else(|p| p.into_inner())[index] = Some(edges);
+                    } else if let Some(snapshot) = Snapshot::from_json(&value) {
+                        latest.lock().unwrap_or_else(|p| p.into_inner())[index] = snapshot;
+                    }
                 }
             });
             children.push((child, stdin));
         }
-        Ok(Workers { children, latest })
+        Ok(Workers {
+            children,
+            latest,
+            times,
+        })
+    }
+
+    /// Every edge's `(hello_ack_ms, resynced_ms)`, asked of the workers now.
+    async fn edge_times(&mut self) -> Result<TimesByNode> {
+        self.times
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter_mut()
+            .for_each(|t| *t = None);
+        for (_, stdin) in &mut self.children {
+            writeln!(stdin, "times")?;
+            stdin.flush()?;
+        }
+        let asked = Instant::now();
+        loop {
+            self.check_running()?;
+            {
+                let mut answers = self.times.lock().unwrap_or_else(|p| p.into_inner());
+                if answers.iter().all(Option::is_some) {
+                    return Ok(answers
+                        .iter_mut()
+                        .flat_map(|t| t.take())
+                        .flatten()
+                        .collect());
+                }
+            }
+            ensure!(
+                asked.elapsed() < Duration::from_secs(30),
+                "the workers did not tell their edges' times within 30 s"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     fn total(&self) -> Snapshot {
@@ -337,15 +452,111 @@ async fn wait_for(
     }
 }
 
-/// CPU share (1.0 = one core) and RSS of `pid` over `span`.
-async fn usage(pid: u32, span: Duration) -> Result<(f64, u64)> {
-    let cpu0 = bench::cpu_time(pid)?;
+/// CPU share (1.0 = one core) and RSS of each of `pids` over the same `span`.
+async fn usage(pids: &[u32], span: Duration) -> Result<Vec<Usage>> {
+    let cpu0 = pids
+        .iter()
+        .map(|pid| bench::cpu_time(*pid))
+        .collect::<Result<Vec<_>>>()?;
     tokio::time::sleep(span).await;
-    let cpu1 = bench::cpu_time(pid)?;
-    Ok((
-        (cpu1 - cpu0).as_secs_f64() / span.as_secs_f64(),
-        bench::rss_kib(pid)?,
-    ))
+    pids.iter()
+        .zip(cpu0)
+        .map(|(pid, cpu0)| {
+            Ok(Usage {
+                cpu: (bench::cpu_time(*pid)? - cpu0).as_secs_f64() / span.as_secs_f64(),
+                rss_kib: bench::rss_kib(*pid)?,
+            })
+        })
+        .collect()
+}
+
+/// One process's CPU share (1.0 = one core) over a span, and its RSS at the end.
+#[derive(Debug, Clone, Copy, Default)]
+struct Usage {
+    cpu: f64,
+    rss_kib: u64,
+}
+
+impl Usage {
+    fn sum(all: &[Usage]) -> Usage {
+        Usage {
+            cpu: all.iter().map(|u| u.cpu).sum(),
+            rss_kib: all.iter().map(|u| u.rss_kib).sum(),
+        }
+    }
+}
+
+/// The cloudcore processes under test.
+enum Clouds {
+    /// One cloudcore, embedded or kube: the storm kills it and starts it again.
+    One(Cloud),
+    /// `--replicas N`: replicas sharing the cluster behind one UDP address; the one holding
+    /// most sessions is killed.
+    Replicas(Replicas),
+}
+
+impl Clouds {
+    /// What edges dial: the one cloudcore, or the load balancer.
+    fn address(&self) -> String {
+        match self {
+            Clouds::One(cloud) => cloud.address(),
+            Clouds::Replicas(r) => r.lb.address(),
+        }
+    }
+
+    fn kubeconfig(&self) -> Result<PathBuf> {
+        match self {
+            Clouds::One(cloud) => Ok(cloud.kubeconfig()),
+            Clouds::Replicas(r) => Ok(r.replicas.first().context("no replica")?.cloud.kubeconfig()),
+        }
+    }
+
+    /// Joins `nodes` into `edges_dir` through one token of the real CLI, [`JOINS_AT_ONCE`] at
+    /// once; how long the joins took (the token made). With replicas, as an operator rolls
+    /// gateways out: every use rewrites the token's Secret, so joins through different replicas
+    /// race for it and take turns (`registry::cluster::conflict_pause`).
+    async fn join(&self, binary: &Path, nodes: &[String], edges_dir: &Path) -> Result<Duration> {
+        let token: JoinToken = match self {
+            Clouds::One(cloud) => bench::create_token(binary, cloud, nodes.len()).await?,
+            Clouds::Replicas(r) => tokio::task::block_in_place(|| r.token(nodes.len()))?,
+        };
+        let began = Instant::now();
+        bench::join_edges(&token, nodes, edges_dir, JOINS_AT_ONCE).await?;
+        Ok(began.elapsed())
+    }
+
+    /// The running processes: `(replica id, pid)`, the one cloudcore's id being `cloudcore`.
+    fn pids(&self) -> Result<Vec<(String, u32)>> {
+        match self {
+            Clouds::One(cloud) => Ok(vec![(
+                "cloudcore".to_string(),
+                cloud.pid().context("cloudcore is not running")?,
+            )]),
+            Clouds::Replicas(r) => r
+                .replicas
+                .iter()
+                .filter(|r| r.alive)
+                .map(|r| {
+                    let pid = r
+                        .cloud
+                        .pid()
+                        .with_context(|| format!("{} is not running", r.id))?;
+                    Ok((r.id.clone(), pid))
+                })
+                .collect(),
+        }
+    }
+
+    /// The end of every log.
+    fn logs(&self) -> String {
+        match self {
+            Clouds::One(cloud) => format!(
+                "last lines of the cloudcore log:\n{}",
+                integration::gateway::tail(&cloud.log(), 30)
+            ),
+            Clouds::Replicas(r) => r.logs(30),
+        }
+    }
 }
 
 async fn run(cli: &Cli) -> Result<Report> {
@@ -373,35 +584,94 @@ async fn run(cli: &Cli) -> Result<Report> {
     } else {
         None
     };
-    let mut cloud = match &cluster {
+    let mut clouds = match &cluster {
+        Some(cluster) if cli.replicas > 1 => {
+            let credentials = cluster.cloudcore_credentials(|rbac| rbac);
+            eprintln!("starting {} cloudcore replicas", cli.replicas);
+            let spec = ReplicaSpec {
+                binary: &binary,
+                dir: &dir,
+                credentials: &credentials,
+                replicas: cli.replicas,
+                nodes: cli.edges,
+                liveness: LIVENESS,
+                extra: CLOUD_FLAGS,
+            };
+            Clouds::Replicas(tokio::task::block_in_place(|| {
+                Replicas::start_cluster(cluster, &spec)
+            })?)
+        }
         Some(cluster) => {
             let credentials = cluster.cloudcore_credentials(|rbac| rbac);
-            Cloud::start_kube_binary(
+            Clouds::One(Cloud::start_kube_binary(
                 &binary,
                 &dir,
                 cluster,
                 &credentials,
                 std::net::Ipv4Addr::LOCALHOST.into(),
                 CLOUD_FLAGS,
-            )?
+            )?)
         }
-        None => Cloud::start_binary(&binary, &dir, CLOUD_FLAGS)?,
+        None => Clouds::One(Cloud::start_binary(&binary, &dir, CLOUD_FLAGS)?),
     };
-    let outcome = measure(cli, &binary, &mut cloud, &dir).await;
+    let outcome = measure(cli, &binary, &mut clouds, cluster.as_ref(), &dir).await;
     if outcome.is_err() {
-        let log = cloud.log();
-        let lines: Vec<&str> = log.lines().collect();
-        eprintln!(
-            "last lines of the cloudcore log:\n{}",
-            lines[lines.len().saturating_sub(30)..].join("\n")
-        );
+        eprintln!("{}", clouds.logs());
     }
-    drop(cloud);
+    drop(clouds);
     drop(cluster);
     outcome
 }
 
-async fn measure(cli: &Cli, binary: &Path, cloud: &mut Cloud, dir: &Path) -> Result<Report> {
+/// Each Node's session owner once every one of `names` has one (a replica annotates a Node
+/// within moments of taking its session).
+async fn owners_of_all(
+    cluster: &KubeCluster,
+    names: &[String],
+) -> Result<BTreeMap<String, String>> {
+    let began = Instant::now();
+    loop {
+        let owners = tokio::task::block_in_place(|| ha::owners(cluster));
+        let missing = names.iter().filter(|n| !owners.contains_key(*n)).count();
+        if missing == 0 {
+            return Ok(owners);
+        }
+        ensure!(
+            began.elapsed() < Duration::from_secs(60),
+            "{missing} of {} Nodes name no replica (annotation {}) after 60 s",
+            names.len(),
+            ha::REPLICA_ANNOTATION
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// How many of `names` each replica holds, every replica listed.
+fn sessions(
+    replicas: &Replicas,
+    owners: &BTreeMap<String, String>,
+    names: &[String],
+) -> BTreeMap<String, usize> {
+    let mut count: BTreeMap<String, usize> = replicas
+        .replicas
+        .iter()
+        .map(|r| (r.id.clone(), 0))
+        .collect();
+    for name in names {
+        if let Some(owner) = owners.get(name) {
+            *count.entry(owner.clone()).or_default() += 1;
+        }
+    }
+    count
+}
+
+async fn measure(
+    cli: &Cli,
+    binary: &Path,
+    clouds: &mut Clouds,
+    cluster: Option<&KubeCluster>,
+    dir: &Path,
+) -> Result<Report> {
     let machine = Machine::read();
     let edges_dir = dir.join("edges");
     let names: Vec<String> = (0..cli.edges)
@@ -416,12 +686,10 @@ async fn measure(cli: &Cli, binary: &Path, cloud: &mut Cloud, dir: &Path) -> Res
     let mut join_secs = None;
     if !missing.is_empty() {
         eprintln!("joining {} nodes", missing.len());
-        let token = bench::create_token(binary, cloud, missing.len()).await?;
-        let began = Instant::now();
-        bench::join_edges(&token, &missing, &edges_dir, 16).await?;
-        join_secs = Some((missing.len(), began.elapsed().as_secs_f64()));
+        let took = clouds.join(binary, &missing, &edges_dir).await?;
+        join_secs = Some((missing.len(), took.as_secs_f64()));
     }
-    let client = kube_client(&cloud.kubeconfig()).await?;
+    let client = kube_client(&clouds.kubeconfig()?).await?;
     eprintln!(
         "creating the desired set ({} pods per edge)",
         cli.pods_per_edge
@@ -436,16 +704,33 @@ async fn measure(cli: &Cli, binary: &Path, cloud: &mut Cloud, dir: &Path) -> Res
     )
     .await?;
     let create_secs = began.elapsed().as_secs_f64();
-    let pid = cloud.pid().context("cloudcore is not running")?;
-    let (cpu_empty, rss_empty_kib) = usage(pid, Duration::from_secs(3)).await?;
+    let processes = clouds.pids()?;
+    let pids: Vec<u32> = processes.iter().map(|(_, pid)| *pid).collect();
+    let empty = usage(&pids, Duration::from_secs(3)).await?;
 
     eprintln!(
         "starting {} edges in {} processes",
         cli.edges, cli.processes
     );
+    let redial = match clouds {
+        Clouds::One(_) => RedialArg::SharedSocket,
+        Clouds::Replicas(_) => {
+            let sockets: usize = names
+                .chunks(cli.edges.div_ceil(cli.processes))
+                .map(|share| share.len().div_ceil(cli.edges_per_endpoint))
+                .sum();
+            if sockets < 10 * usize::from(cli.replicas) {
+                eprintln!(
+                    "note: the load balancer spreads client sockets, not edges: {sockets} sockets of up to {} edges over {} replicas; a lower --edges-per-endpoint spreads the edges more evenly",
+                    cli.edges_per_endpoint, cli.replicas
+                );
+            }
+            RedialArg::NewSocket
+        }
+    };
     let watch = ReadyWatch::start(&client);
     let n = cli.edges as u64;
-    let mut workers = Workers::start(cli, &cloud.address(), &edges_dir, &names)?;
+    let mut workers = Workers::start(cli, &clouds.address(), &edges_dir, &names, redial)?;
     let connect = Duration::from_secs(cli.timeout_secs);
     let connected = wait_for("every edge connected", connect, &mut workers, |s| {
         s.connected == n
@@ -474,8 +759,14 @@ async fn measure(cli: &Cli, binary: &Path, cloud: &mut Cloud, dir: &Path) -> Res
     );
     // Let the first Node writes and lease creations finish before measuring rest.
     tokio::time::sleep(Duration::from_secs(10)).await;
-    let (cpu_idle, rss_idle_kib) = usage(pid, Duration::from_secs(cli.idle_secs)).await?;
+    let idle = usage(&pids, Duration::from_secs(cli.idle_secs)).await?;
     let workers_rss_kib = workers.rss_kib();
+    let sessions_at_rest = match (&*clouds, cluster) {
+        (Clouds::Replicas(replicas), Some(cluster)) => {
+            sessions(replicas, &owners_of_all(cluster, &names).await?, &names)
+        }
+        _ => BTreeMap::new(),
+    };
 
     eprintln!(
         "churn: {} status changes per edge per minute",
@@ -483,7 +774,7 @@ async fn measure(cli: &Cli, binary: &Path, cloud: &mut Cloud, dir: &Path) -> Res
     );
     workers.churn(cli.churn_per_min);
     let statuses0 = workers.total().statuses_sent;
-    let (cpu_churn, rss_churn_kib) = usage(pid, Duration::from_secs(cli.churn_secs)).await?;
+    let churn = usage(&pids, Duration::from_secs(cli.churn_secs)).await?;
     let statuses = workers.total().statuses_sent - statuses0;
     workers.churn(0.0);
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -493,37 +784,62 @@ async fn measure(cli: &Cli, binary: &Path, cloud: &mut Cloud, dir: &Path) -> Res
     let left_ready_before_storm = watch.left_ready().len();
     let uids = sim::pod_uids(&client, NAMESPACE).await?;
     let before = workers.total();
-    eprintln!("kill -9 cloudcore pid {pid}");
-    let status = std::process::Command::new("kill")
-        .args(["-9", &pid.to_string()])
-        .status()?;
-    ensure!(status.success(), "kill -9 {pid} failed");
-    wait_for(
-        "the edges notice",
-        Duration::from_secs(60),
-        &mut workers,
-        |s| s.connected < n,
-    )
-    .await?;
-    let restart_began = Instant::now();
-    tokio::task::block_in_place(|| cloud.try_restart_with(CLOUD_FLAGS))?;
-    let restarted = restart_began.elapsed();
-    let storm_limit = Duration::from_secs(300);
-    let back = wait_for("every edge back", storm_limit, &mut workers, |s| {
-        s.connected == n && s.hello_acks >= before.hello_acks + n
-    })
-    .await?
-        + restarted;
-    let storm_resynced = wait_for("every edge resynced", storm_limit, &mut workers, |s| {
-        s.resynced == n
-    })
-    .await?
-        + back;
+    let (mut outage, storm_resynced) = match (&mut *clouds, cluster) {
+        (Clouds::Replicas(replicas), Some(cluster)) => {
+            fail_over(replicas, cluster, &names, &mut workers, &before).await?
+        }
+        (Clouds::Replicas(_), None) => bail!("replicas without a cluster"),
+        (Clouds::One(cloud), _) => {
+            let pid = pids[0];
+            eprintln!("kill -9 cloudcore pid {pid}");
+            let status = std::process::Command::new("kill")
+                .args(["-9", &pid.to_string()])
+                .status()?;
+            ensure!(status.success(), "kill -9 {pid} failed");
+            wait_for(
+                "the edges notice",
+                Duration::from_secs(60),
+                &mut workers,
+                |s| s.connected < n,
+            )
+            .await?;
+            let restart_began = Instant::now();
+            tokio::task::block_in_place(|| cloud.try_restart_with(CLOUD_FLAGS))?;
+            let restarted = restart_began.elapsed();
+            let back = wait_for("every edge back", STORM_LIMIT, &mut workers, |s| {
+                s.connected == n && s.hello_acks >= before.hello_acks + n
+            })
+            .await?
+                + restarted;
+            let storm_resynced = wait_for("every edge resynced", STORM_LIMIT, &mut workers, |s| {
+                s.resynced == n
+            })
+            .await?
+                + back;
+            eprintln!("storm: back in {back:?}, resynced in {storm_resynced:?}; settling");
+            (
+                Outage::Restart {
+                    restart: restarted,
+                    back,
+                },
+                storm_resynced,
+            )
+        }
+    };
     let after_storm = workers.total();
-    eprintln!("storm: back in {back:?}, resynced in {storm_resynced:?}; settling");
     tokio::time::sleep(Duration::from_secs(15)).await;
-    let pid2 = cloud.pid().context("cloudcore is not running")?;
-    let rss_after_storm_kib = bench::rss_kib(pid2)?;
+    let after: BTreeMap<String, u64> = clouds
+        .pids()?
+        .into_iter()
+        .map(|(id, pid)| Ok((id, bench::rss_kib(pid)?)))
+        .collect::<Result<_>>()?;
+    let rss_after_storm_kib = after.values().sum();
+    if let (Outage::Failover(failover), Clouds::Replicas(replicas), Some(cluster)) =
+        (&mut outage, &*clouds, cluster)
+    {
+        let owners = tokio::task::block_in_place(|| ha::owners(cluster));
+        failover.sessions_after = sessions(replicas, &owners, &names);
+    }
     let end = workers.total();
     let uids_after = sim::pod_uids(&client, NAMESPACE).await?;
     let recreated = uids
@@ -537,6 +853,23 @@ async fn measure(cli: &Cli, binary: &Path, cloud: &mut Cloud, dir: &Path) -> Res
         .collect();
     let ready_at_end = watch.ready();
     workers.stop();
+    let (sum_empty, sum_idle, sum_churn) =
+        (Usage::sum(&empty), Usage::sum(&idle), Usage::sum(&churn));
+    let replicas = match clouds {
+        Clouds::One(_) => Vec::new(),
+        Clouds::Replicas(_) => processes
+            .iter()
+            .enumerate()
+            .map(|(i, (id, _))| ReplicaFigures {
+                id: id.clone(),
+                empty: empty[i],
+                idle: idle[i],
+                churn: churn[i],
+                sessions: sessions_at_rest.get(id).copied().unwrap_or_default(),
+                rss_after_kib: after.get(id).copied(),
+            })
+            .collect(),
+    };
     Ok(Report {
         edges: cli.edges,
         processes: cli.processes,
@@ -547,24 +880,25 @@ async fn measure(cli: &Cli, binary: &Path, cloud: &mut Cloud, dir: &Path) -> Res
         join: join_secs,
         create_secs,
         objects: cli.edges * cli.pods_per_edge * 3,
-        cpu_empty,
-        rss_empty_kib,
+        cpu_empty: sum_empty.cpu,
+        rss_empty_kib: sum_empty.rss_kib,
         connected,
         resynced,
         all_ready,
         initial_upserts: synced.upserts,
-        cpu_idle,
-        rss_idle_kib,
+        cpu_idle: sum_idle.cpu,
+        rss_idle_kib: sum_idle.rss_kib,
         workers_rss_kib,
-        cpu_churn,
-        rss_churn_kib,
+        cpu_churn: sum_churn.cpu,
+        rss_churn_kib: sum_churn.rss_kib,
         statuses_per_sec: statuses as f64 / cli.churn_secs as f64,
-        restart: restarted,
-        back,
+        replicas,
+        outage,
         storm_resynced,
         storm_upserts: after_storm.upserts - before.upserts,
         storm_dial_failures: after_storm.dial_failures - before.dial_failures,
         storm_busy_refusals: after_storm.busy_refusals - before.busy_refusals,
+        storm_sessions_lost: after_storm.sessions_lost - before.sessions_lost,
         rss_after_storm_kib,
         left_ready_before_storm,
         left_ready,
@@ -573,6 +907,85 @@ async fn measure(cli: &Cli, binary: &Path, cloud: &mut Cloud, dir: &Path) -> Res
         pod_restarts: end.pod_restarts,
         recreated,
     })
+}
+
+/// Kills the replica holding most sessions with -9 and takes it out of the load balancer (as
+/// kube-proxy would), then waits until each of its edges has a new `HelloAck` and is resynced:
+/// the failover, and the time from the kill until all are resynced.
+async fn fail_over(
+    replicas: &mut Replicas,
+    cluster: &KubeCluster,
+    names: &[String],
+    workers: &mut Workers,
+    before: &Snapshot,
+) -> Result<(Outage, Duration)> {
+    let owners = owners_of_all(cluster, names).await?;
+    let held = sessions(replicas, &owners, names);
+    let Some((victim, _)) = held.iter().max_by_key(|(_, n)| **n) else {
+        bail!("no replica");
+    };
+    let victim = victim.clone();
+    let moved: Vec<&String> = names
+        .iter()
+        .filter(|n| owners.get(*n) == Some(&victim))
+        .collect();
+    eprintln!(
+        "kill -9 {victim}, holding {} of {} sessions",
+        moved.len(),
+        names.len()
+    );
+    let killed_ms = sim::unix_ms();
+    let killed = Instant::now();
+    tokio::task::block_in_place(|| replicas.kill(&victim))?;
+    let n = names.len() as u64;
+    let back = loop {
+        workers.check_running()?;
+        let now = workers.total();
+        if now.connected == n
+            && now.resynced == n
+            && now.hello_acks >= before.hello_acks + moved.len() as u64
+        {
+            let times = workers.edge_times().await?;
+            // Per moved edge: (new HelloAck, resynced) after the kill, if both are.
+            let back: Option<Vec<(Duration, Duration)>> = moved
+                .iter()
+                .map(|name| {
+                    let &(hello, resynced) = times.get(*name)?;
+                    (hello > killed_ms && resynced >= hello).then(|| {
+                        (
+                            Duration::from_millis(hello - killed_ms),
+                            Duration::from_millis(resynced - killed_ms),
+                        )
+                    })
+                })
+                .collect();
+            if let Some(back) = back {
+                break back;
+            }
+        }
+        ensure!(
+            killed.elapsed() < STORM_LIMIT,
+            "the {} edges of {victim}: not all back and resynced within {STORM_LIMIT:?} ({now:?})",
+            moved.len()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let resynced = back.iter().map(|(_, r)| *r).max().unwrap_or_default();
+    let mut hello_acks: Vec<Duration> = back.into_iter().map(|(h, _)| h).collect();
+    hello_acks.sort();
+    eprintln!(
+        "failover: back after {:?} at most, resynced after {resynced:?}; settling",
+        hello_acks.last().copied().unwrap_or_default()
+    );
+    Ok((
+        Outage::Failover(Failover {
+            replica: victim,
+            edges: moved.len(),
+            back: hello_acks,
+            sessions_after: BTreeMap::new(),
+        }),
+        resynced,
+    ))
 }
 
 struct Report {
@@ -585,6 +998,7 @@ struct Report {
     join: Option<(usize, f64)>,
     create_secs: f64,
     objects: usize,
+    /// With replicas, this and the other cloudcore figures are sums over them.
     cpu_empty: f64,
     rss_empty_kib: u64,
     connected: Duration,
@@ -598,12 +1012,15 @@ struct Report {
     cpu_churn: f64,
     rss_churn_kib: u64,
     statuses_per_sec: f64,
-    restart: Duration,
-    back: Duration,
+    /// Each replica's figures; empty with one cloudcore.
+    replicas: Vec<ReplicaFigures>,
+    outage: Outage,
+    /// From the kill (replicas) or the restart's beginning (one cloudcore).
     storm_resynced: Duration,
     storm_upserts: u64,
     storm_dial_failures: u64,
     storm_busy_refusals: u64,
+    storm_sessions_lost: u64,
     rss_after_storm_kib: u64,
     /// Nodes that left Ready before cloudcore was killed (the first start).
     left_ready_before_storm: usize,
@@ -615,36 +1032,133 @@ struct Report {
     recreated: usize,
 }
 
+/// How the cloud went away after the churn.
+enum Outage {
+    /// The one cloudcore killed with -9 and started again on its data dir and ports.
+    Restart {
+        /// From the kill until it was healthy again.
+        restart: Duration,
+        /// From the restart's beginning until every edge had a new `HelloAck`.
+        back: Duration,
+    },
+    /// The replica holding most sessions killed with -9, out of the load balancer for good.
+    Failover(Failover),
+}
+
+struct Failover {
+    replica: String,
+    /// Its sessions when it was killed.
+    edges: usize,
+    /// Per edge of it, from the kill until its new `HelloAck`; sorted.
+    back: Vec<Duration>,
+    /// Sessions each replica holds once settled.
+    sessions_after: BTreeMap<String, usize>,
+}
+
+/// One replica's share of the figures.
+struct ReplicaFigures {
+    id: String,
+    empty: Usage,
+    idle: Usage,
+    churn: Usage,
+    /// Sessions it held at rest.
+    sessions: usize,
+    /// After the failover; `None`: it was the one killed.
+    rss_after_kib: Option<u64>,
+}
+
 impl Report {
     fn kib_per_edge(&self, rss: u64) -> f64 {
         (rss as f64 - self.rss_empty_kib as f64) / self.edges as f64
     }
+
+    /// `kube`, `embedded`, or `kube, N replicas`.
+    fn mode(&self) -> String {
+        match (self.kube, self.replicas.len()) {
+            (false, _) => "embedded".to_string(),
+            (true, 0) => "kube".to_string(),
+            (true, n) => format!("kube, {n} replicas"),
+        }
+    }
+
+    /// `N Nodes left Ready from the kill on (...)`.
+    fn left_ready_text(&self) -> String {
+        format!(
+            "{} Nodes left Ready from the kill on ({} before it, at the first start; {} of {} Ready at the end){}",
+            self.left_ready.len(),
+            self.left_ready_before_storm,
+            self.ready_at_end,
+            self.edges,
+            if self.left_ready.is_empty() {
+                String::new()
+            } else {
+                let shown: Vec<String> = self
+                    .left_ready
+                    .iter()
+                    .take(5)
+                    .map(|(node, to)| format!("{node} → {to:?}"))
+                    .collect();
+                format!(", e.g. {}", shown.join(", "))
+            }
+        )
+    }
+
+    fn pods_text(&self) -> String {
+        format!(
+            "{} deleted at an edge, {} sent again, {} re-created in the API",
+            self.pod_deletes, self.pod_restarts, self.recreated
+        )
+    }
+}
+
+/// `A 1, B 2`.
+fn counts_text(counts: &BTreeMap<String, usize>) -> String {
+    counts
+        .iter()
+        .map(|(id, n)| format!("{id} {n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn secs(d: Duration) -> f64 {
+    d.as_secs_f64()
 }
 
 impl bench::Report for Report {
     fn table(&self) -> String {
         let m = &self.machine;
         let mut out = format!(
-            "edge-sim: {} edges in {} processes, {} pods per edge (+ ConfigMap + Secret each), {} mode\n\
-             machine: {} CPUs ({}), {} MiB, Linux {}\n\n",
+            "edge-sim: {} edges in {} processes, {} pods per edge (+ ConfigMap + Secret each), {} mode{}\n\
+             machine: {} CPUs ({}), {} MiB, Linux {}\n",
             self.edges,
             self.processes,
             self.pods_per_edge,
             if self.kube { "kube" } else { "embedded" },
+            match self.replicas.len() {
+                0 => String::new(),
+                n => format!(", {n} replicas"),
+            },
             m.cpus,
             m.cpu_model,
             m.memory_mib,
             m.kernel
         );
+        if !self.replicas.is_empty() {
+            out.push_str(&format!(
+                "replicas: --state=cluster behind one UDP address, --heartbeat-interval {} --dead-after {}; the cloudcore figures are their sums\n",
+                LIVENESS.heartbeat_interval, LIVENESS.dead_after
+            ));
+        }
+        out.push('\n');
         if let Some((n, secs)) = self.join {
             out.push_str(&format!(
                 "join                {n} nodes in {secs:.1} s = {:.0} joins/s\n",
                 n as f64 / secs
             ));
         }
-        let rows = [
+        let mut rows = vec![
             (
-                "create desired set",
+                "create desired set".to_string(),
                 format!(
                     "{} objects in {:.1} s = {:.0} objects/s",
                     self.objects,
@@ -653,7 +1167,7 @@ impl bench::Report for Report {
                 ),
             ),
             (
-                "cloudcore, no edge",
+                "cloudcore, no edge".to_string(),
                 format!(
                     "RSS {:.1} MiB, CPU {:.0} %",
                     mib(self.rss_empty_kib),
@@ -661,7 +1175,7 @@ impl bench::Report for Report {
                 ),
             ),
             (
-                "all connected",
+                "all connected".to_string(),
                 format!(
                     "{:.1} s = {:.0} handshakes/s",
                     self.connected.as_secs_f64(),
@@ -669,7 +1183,7 @@ impl bench::Report for Report {
                 ),
             ),
             (
-                "all resynced",
+                "all resynced".to_string(),
                 format!(
                     "{:.1} s ({} objects sent = {:.0} objects/s)",
                     self.resynced.as_secs_f64(),
@@ -678,11 +1192,11 @@ impl bench::Report for Report {
                 ),
             ),
             (
-                "all Nodes Ready",
+                "all Nodes Ready".to_string(),
                 format!("{:.1} s", self.all_ready.as_secs_f64()),
             ),
             (
-                "at rest",
+                "at rest".to_string(),
                 format!(
                     "RSS {:.1} MiB = {:.1} KiB per edge, CPU {:.0} % = {:.1} µs/s per edge",
                     mib(self.rss_idle_kib),
@@ -692,7 +1206,7 @@ impl bench::Report for Report {
                 ),
             ),
             (
-                "simulator at rest",
+                "simulator at rest".to_string(),
                 format!(
                     "RSS {:.1} MiB = {:.1} KiB per simulated edge",
                     mib(self.workers_rss_kib),
@@ -700,7 +1214,7 @@ impl bench::Report for Report {
                 ),
             ),
             (
-                "under churn",
+                "under churn".to_string(),
                 format!(
                     "{} changes/edge/min = {:.0} statuses/s: RSS {:.1} MiB = {:.1} KiB per edge, CPU {:.0} %",
                     self.churn_per_min,
@@ -710,63 +1224,93 @@ impl bench::Report for Report {
                     self.cpu_churn * 100.0
                 ),
             ),
-            (
-                "storm: restart",
-                format!(
-                    "cloudcore healthy {:.1} s after kill -9",
-                    self.restart.as_secs_f64()
-                ),
-            ),
-            (
-                "storm: all back",
-                format!(
-                    "{:.1} s after the restart began ({} failed dials, {} of them refused as busy)",
-                    self.back.as_secs_f64(),
-                    self.storm_dial_failures,
-                    self.storm_busy_refusals
-                ),
-            ),
-            (
-                "storm: all resynced",
-                format!(
-                    "{:.1} s ({} objects sent again)",
-                    self.storm_resynced.as_secs_f64(),
-                    self.storm_upserts
-                ),
-            ),
-            (
-                "storm: false NotReady",
-                format!(
-                    "{} Nodes left Ready from the kill on ({} before it, at the first start; {} of {} Ready at the end){}",
-                    self.left_ready.len(),
-                    self.left_ready_before_storm,
-                    self.ready_at_end,
-                    self.edges,
-                    if self.left_ready.is_empty() {
-                        String::new()
-                    } else {
-                        let shown: Vec<String> = self
-                            .left_ready
-                            .iter()
-                            .take(5)
-                            .map(|(node, to)| format!("{node} → {to:?}"))
-                            .collect();
-                        format!(", e.g. {}", shown.join(", "))
-                    }
-                ),
-            ),
-            (
-                "storm: pods",
-                format!(
-                    "{} deleted at an edge, {} sent again, {} re-created in the API",
-                    self.pod_deletes, self.pod_restarts, self.recreated
-                ),
-            ),
-            (
-                "after the storm",
-                format!("RSS {:.1} MiB", mib(self.rss_after_storm_kib)),
-            ),
         ];
+        for r in &self.replicas {
+            rows.push((
+                r.id.clone(),
+                format!(
+                    "no edge RSS {:.1} MiB CPU {:.0} %; at rest {} sessions, RSS {:.1} MiB CPU {:.0} %; churn RSS {:.1} MiB CPU {:.0} %; after the failover {}",
+                    mib(r.empty.rss_kib),
+                    r.empty.cpu * 100.0,
+                    r.sessions,
+                    mib(r.idle.rss_kib),
+                    r.idle.cpu * 100.0,
+                    mib(r.churn.rss_kib),
+                    r.churn.cpu * 100.0,
+                    r.rss_after_kib
+                        .map_or("killed".to_string(), |k| format!("RSS {:.1} MiB", mib(k)))
+                ),
+            ));
+        }
+        match &self.outage {
+            Outage::Restart { restart, back } => rows.extend([
+                (
+                    "storm: restart".to_string(),
+                    format!("cloudcore healthy {:.1} s after kill -9", secs(*restart)),
+                ),
+                (
+                    "storm: all back".to_string(),
+                    format!(
+                        "{:.1} s after the restart began ({} failed dials, {} of them refused as busy)",
+                        secs(*back),
+                        self.storm_dial_failures,
+                        self.storm_busy_refusals
+                    ),
+                ),
+                (
+                    "storm: all resynced".to_string(),
+                    format!(
+                        "{:.1} s ({} objects sent again)",
+                        secs(self.storm_resynced),
+                        self.storm_upserts
+                    ),
+                ),
+                ("storm: false NotReady".to_string(), self.left_ready_text()),
+                ("storm: pods".to_string(), self.pods_text()),
+                (
+                    "after the storm".to_string(),
+                    format!("RSS {:.1} MiB", mib(self.rss_after_storm_kib)),
+                ),
+            ]),
+            Outage::Failover(f) => rows.extend([
+                (
+                    "failover: kill -9".to_string(),
+                    format!(
+                        "{} holding {} of {} sessions, taken out of the load balancer, not restarted ({} sessions ended in all)",
+                        f.replica, f.edges, self.edges, self.storm_sessions_lost
+                    ),
+                ),
+                (
+                    "failover: back".to_string(),
+                    format!(
+                        "kill → each edge's new HelloAck: median {:.1} s, p90 {:.1} s, max {:.1} s ({} failed dials, {} of them refused as busy)",
+                        secs(percentile(&f.back, 0.5)),
+                        secs(percentile(&f.back, 0.9)),
+                        secs(f.back.last().copied().unwrap_or_default()),
+                        self.storm_dial_failures,
+                        self.storm_busy_refusals
+                    ),
+                ),
+                (
+                    "failover: resynced".to_string(),
+                    format!(
+                        "all {:.1} s after the kill ({} objects sent again)",
+                        secs(self.storm_resynced),
+                        self.storm_upserts
+                    ),
+                ),
+                ("failover: NotReady".to_string(), self.left_ready_text()),
+                ("failover: pods".to_string(), self.pods_text()),
+                (
+                    "after the failover".to_string(),
+                    format!(
+                        "RSS {:.1} MiB (live replicas); sessions {}",
+                        mib(self.rss_after_storm_kib),
+                        counts_text(&f.sessions_after)
+                    ),
+                ),
+            ]),
+        }
         for (name, value) in rows {
             out.push_str(&format!("{name:<22}{value}\n"));
         }
@@ -774,11 +1318,11 @@ impl bench::Report for Report {
     }
 
     fn to_json(&self) -> Value {
-        json!({
+        let mut report = json!({
             "edges": self.edges,
             "processes": self.processes,
             "pods_per_edge": self.pods_per_edge,
-            "mode": if self.kube { "kube" } else { "embedded" },
+            "mode": self.mode(),
             "machine": self.machine.to_json(),
             "join": self.join.map(|(n, s)| json!({"nodes": n, "secs": s})),
             "create_secs": self.create_secs,
@@ -798,21 +1342,74 @@ impl bench::Report for Report {
             "statuses_per_sec": self.statuses_per_sec,
             "rss_churn_kib": self.rss_churn_kib,
             "cpu_churn": self.cpu_churn,
-            "storm": {
-                "restart_s": self.restart.as_secs_f64(),
-                "back_s": self.back.as_secs_f64(),
-                "resynced_s": self.storm_resynced.as_secs_f64(),
-                "upserts": self.storm_upserts,
-                "dial_failures": self.storm_dial_failures,
-                "busy_refusals": self.storm_busy_refusals,
-                "left_ready": self.left_ready.len(),
-                "left_ready_before_storm": self.left_ready_before_storm,
-                "ready_at_end": self.ready_at_end,
-                "pod_deletes": self.pod_deletes,
-                "pod_restarts": self.pod_restarts,
-                "recreated": self.recreated,
-                "rss_after_kib": self.rss_after_storm_kib,
-            },
-        })
+        });
+        let common = json!({
+            "resynced_s": self.storm_resynced.as_secs_f64(),
+            "upserts": self.storm_upserts,
+            "dial_failures": self.storm_dial_failures,
+            "busy_refusals": self.storm_busy_refusals,
+            "left_ready": self.left_ready.len(),
+            "left_ready_before_storm": self.left_ready_before_storm,
+            "ready_at_end": self.ready_at_end,
+            "pod_deletes": self.pod_deletes,
+            "pod_restarts": self.pod_restarts,
+            "recreated": self.recreated,
+            "rss_after_kib": self.rss_after_storm_kib,
+        });
+        match &self.outage {
+            Outage::Restart { restart, back } => {
+                let mut storm = json!({
+                    "restart_s": restart.as_secs_f64(),
+                    "back_s": back.as_secs_f64(),
+                });
+                merge(&mut storm, common);
+                report["storm"] = storm;
+            }
+            Outage::Failover(f) => {
+                report["liveness"] = json!({
+                    "heartbeat_interval": LIVENESS.heartbeat_interval,
+                    "dead_after": LIVENESS.dead_after,
+                });
+                report["replicas"] = self
+                    .replicas
+                    .iter()
+                    .map(|r| {
+                        json!({
+                            "id": r.id,
+                            "rss_empty_kib": r.empty.rss_kib,
+                            "cpu_empty": r.empty.cpu,
+                            "sessions": r.sessions,
+                            "rss_idle_kib": r.idle.rss_kib,
+                            "cpu_idle": r.idle.cpu,
+                            "rss_churn_kib": r.churn.rss_kib,
+                            "cpu_churn": r.churn.cpu,
+                            "rss_after_kib": r.rss_after_kib,
+                            "sessions_after": f.sessions_after.get(&r.id),
+                        })
+                    })
+                    .collect();
+                let ms = bench::ms;
+                let mut failover = json!({
+                    "replica": f.replica,
+                    "edges": f.edges,
+                    "sessions_lost": self.storm_sessions_lost,
+                    "back_ms": {
+                        "median": ms(percentile(&f.back, 0.5)),
+                        "p90": ms(percentile(&f.back, 0.9)),
+                        "max": ms(f.back.last().copied().unwrap_or_default()),
+                    },
+                });
+                merge(&mut failover, common);
+                report["failover"] = failover;
+            }
+        }
+        report
+    }
+}
+
+/// Adds `from`'s fields to the object `to`.
+fn merge(to: &mut Value, from: Value) {
+    if let (Some(to), Value::Object(from)) = (to.as_object_mut(), from) {
+        to.extend(from);
     }
 }
