@@ -75,6 +75,8 @@ fi
 # What a fresh Debian machine may lack (the Rust toolchain itself comes from rustup).
 missing=()
 command -v cc >/dev/null || missing+=(gcc libc6-dev)
+# cloudcore's allocator (tikv-jemalloc-sys) builds jemalloc with its configure script and make.
+command -v make >/dev/null || missing+=(make)
 command -v curl >/dev/null || missing+=(curl)
 command -v protoc >/dev/null || missing+=(protobuf-compiler)
 command -v containerd >/dev/null || missing+=(containerd)
