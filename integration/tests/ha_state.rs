@@ -5,7 +5,8 @@
 //!
 //! One test runs every scenario on that one control plane: both replicas load one CA; a token
 //! created through replica A's CLI joins an edge through replica B and its single use is gone
-//! through A as well; a second node with a live node's name is refused through either; a
+//! through A as well; a second node with a live node's name is refused through either; 24
+//! gateways joining at once through both replicas with one token are all admitted; a
 //! `node revoke` through A closes the edge's session on B within a generous bound (the time
 //! is printed) and B refuses the revoked certificate afterwards; restarting both replicas with
 //! empty data dirs loses nothing (nodes still known, the other edge's certificate still
@@ -233,6 +234,42 @@ fn replicas_share_ca_tokens_nodes_and_revocations_through_the_cluster() {
         .filter(|ok| *ok)
         .count();
     assert_eq!(admitted, 1, "a single-use token raced through two replicas");
+
+    // A rollout: one token for 24 gateways, all joining at once, half through each replica.
+    // Every join rewrites the token's Secret, so they lose races to each other and must take
+    // turns (`registry::cluster::conflict_pause`), not give up; the uses are then all gone.
+    const FLEET: usize = 24;
+    let fleet = token(&a, &credentials, &a, &FLEET.to_string());
+    let joins: Vec<_> = (0..FLEET)
+        .map(|i| {
+            let name = format!("fleet-{i:02}");
+            let t = Token {
+                cloud: if i % 2 == 0 { a.address() } else { b.address() },
+                ..fleet.clone()
+            };
+            let dir = tmp.path().join(&name);
+            std::thread::spawn(move || {
+                let out = join(&dir, &t, &name);
+                (name, out.status.success(), stderr(&out))
+            })
+        })
+        .collect();
+    let refused: Vec<String> = joins
+        .into_iter()
+        .map(|j| j.join().expect("join thread"))
+        .filter(|(_, ok, _)| !ok)
+        .map(|(name, _, err)| format!("{name}: {}", tail(&err, 3)))
+        .collect();
+    assert!(
+        refused.is_empty(),
+        "{} of {FLEET} joins through one token were refused:\n{}\n{}",
+        refused.len(),
+        refused.join("\n"),
+        context(&a, &b)
+    );
+    let spent = join_err(&tmp.path().join("fleet-extra"), &fleet, "fleet-extra");
+    assert!(spent.contains("no uses left"), "{spent}");
+
     let listed = nodes(&b, &credentials);
     for name in ["gw-a", "gw-b"] {
         assert!(
