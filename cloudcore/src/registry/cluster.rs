@@ -687,32 +687,8 @@ impl ClusterState {
         else {
             return Ok(Some(Err(JoinRefusal::TokenUnknown { id })));
         };
-        if !hashes_match(&t.secret_hash, &token.secret_hash()) {
-            return Ok(Some(Err(JoinRefusal::SecretMismatch { id })));
-        }
-        if t.revoked_ms.is_some() {
-            return Ok(Some(Err(JoinRefusal::Revoked { id })));
-        }
-        if t.expires_ms <= now {
-            let ago = humantime::format_duration(Duration::from_secs(
-                ((now - t.expires_ms) / 1000) as u64,
-            ));
-            return Ok(Some(Err(JoinRefusal::Expired {
-                id,
-                ago: ago.to_string(),
-            })));
-        }
-        if t.uses_left <= 0 {
-            return Ok(Some(Err(JoinRefusal::UsedUp { id })));
-        }
-        if let Some(bound) = &t.node
-            && bound != node_name
-        {
-            return Ok(Some(Err(JoinRefusal::NodeMismatch {
-                id,
-                bound: bound.clone(),
-                requested: node_name.to_string(),
-            })));
+        if let Err(refusal) = admits(&t, token, node_name, now) {
+            return Ok(Some(Err(refusal)));
         }
         let existing = self
             .read::<NodeDoc>(&node_secret(node_name))
@@ -765,17 +741,45 @@ impl ClusterState {
         let Some(cert) = issued.clone() else {
             return Ok(None);
         };
-        // The token's use first, with its resourceVersion: of two racing joins one wins.
-        t.uses_left -= 1;
-        if !self
-            .write(&token_secret(&id), "token", &t, token_version)
-            .await
-            .map_err(AdmitError::Cluster)?
-        {
+        // The token's use first, with its resourceVersion: of racing joins one wins. A loser
+        // reads the token again and takes a use of that, keeping its port and certificate, for
+        // as long as the token still admits it: a fleet joining with one token contends on this
+        // write alone, not on the whole join.
+        let mut token_version = token_version;
+        let mut attempt = 0;
+        loop {
+            t.uses_left -= 1;
+            let taken = self
+                .write(&token_secret(&id), "token", &t, token_version)
+                .await;
+            let outcome = match taken {
+                Ok(true) => break,
+                Ok(false) if attempt + 1 < CONFLICT_RETRIES => {
+                    attempt += 1;
+                    pause_before(attempt).await;
+                    match self.read::<TokenDoc>(&token_secret(&id)).await {
+                        Ok(Some(read)) => match admits(&read.doc, token, node_name, now_ms()) {
+                            Ok(()) => {
+                                t = read.doc;
+                                token_version = read.version;
+                                continue;
+                            }
+                            Err(refusal) => Ok(Some(Err(refusal))),
+                        },
+                        Ok(None) => Ok(Some(Err(JoinRefusal::TokenUnknown { id: id.clone() }))),
+                        Err(e) => Err(AdmitError::Cluster(e)),
+                    }
+                }
+                Ok(false) => Err(AdmitError::Cluster(ClusterError::Contended {
+                    namespace: self.namespace.clone(),
+                    name: token_secret(&id),
+                })),
+                Err(e) => Err(AdmitError::Cluster(e)),
+            };
             if let Some(p) = new_port {
                 self.release_port(p, node_name).await;
             }
-            return Ok(None);
+            return outcome;
         }
         let mut certificates = existing
             .as_ref()
@@ -967,6 +971,44 @@ impl ClusterState {
 
 /// The annotation on the CA Secret naming the address edges dial.
 pub const CLOUD_ADDRESS_ANNOTATION: &str = "edge.io/cloud-address";
+
+/// Whether the token as stored (`t`) admits `node_name` now: the secret matches, it is not
+/// revoked or expired, a use is left, and it is not bound to another node.
+fn admits(
+    t: &TokenDoc,
+    token: &BootstrapToken,
+    node_name: &str,
+    now: i64,
+) -> Result<(), JoinRefusal> {
+    let id = token.id.clone();
+    if !hashes_match(&t.secret_hash, &token.secret_hash()) {
+        return Err(JoinRefusal::SecretMismatch { id });
+    }
+    if t.revoked_ms.is_some() {
+        return Err(JoinRefusal::Revoked { id });
+    }
+    if t.expires_ms <= now {
+        let ago =
+            humantime::format_duration(Duration::from_secs(((now - t.expires_ms) / 1000) as u64));
+        return Err(JoinRefusal::Expired {
+            id,
+            ago: ago.to_string(),
+        });
+    }
+    if t.uses_left <= 0 {
+        return Err(JoinRefusal::UsedUp { id });
+    }
+    if let Some(bound) = &t.node
+        && bound != node_name
+    {
+        return Err(JoinRefusal::NodeMismatch {
+            id,
+            bound: bound.clone(),
+            requested: node_name.to_string(),
+        });
+    }
+    Ok(())
+}
 
 fn registry_to_admit<E>(e: RegistryError) -> AdmitError<E> {
     match e {
