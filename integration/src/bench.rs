@@ -707,19 +707,26 @@ pub async fn create_token_in(
         output.status,
         String::from_utf8_lossy(&output.stderr).trim()
     );
-    let value: Value = serde_json::from_slice(&output.stdout)
-        .context("`cloudcore token create -o json` printed no JSON")?;
-    let field = |name: &str| {
-        value[name]
-            .as_str()
-            .map(str::to_string)
-            .with_context(|| format!("`cloudcore token create -o json` has no {name:?}"))
-    };
-    Ok(JoinToken {
-        token: field("token")?,
-        ca_hash: field("ca_hash")?,
-        cloud: field("cloud")?,
-    })
+    JoinToken::from_cli_json(&output.stdout)
+}
+
+impl JoinToken {
+    /// The token `cloudcore token create -o json` printed.
+    pub fn from_cli_json(stdout: &[u8]) -> Result<JoinToken> {
+        let value: Value = serde_json::from_slice(stdout)
+            .context("`cloudcore token create -o json` printed no JSON")?;
+        let field = |name: &str| {
+            value[name]
+                .as_str()
+                .map(str::to_string)
+                .with_context(|| format!("`cloudcore token create -o json` has no {name:?}"))
+        };
+        Ok(JoinToken {
+            token: field("token")?,
+            ca_hash: field("ca_hash")?,
+            cloud: field("cloud")?,
+        })
+    }
 }
 
 /// Joins `names` in-process, `concurrency` at once, each into `edges_dir/NAME`.

@@ -422,18 +422,7 @@ impl Replicas {
             "token create: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let token: Value = serde_json::from_slice(&out.stdout)?;
-        let field = |name: &str| {
-            token[name]
-                .as_str()
-                .map(str::to_string)
-                .with_context(|| format!("`cloudcore token create -o json` has no {name:?}"))
-        };
-        Ok(JoinToken {
-            token: field("token")?,
-            ca_hash: field("ca_hash")?,
-            cloud: field("cloud")?,
-        })
+        JoinToken::from_cli_json(&out.stdout)
     }
 
     /// Joins `nodes` (`edgecore join`, one single-use token each) through the load balancer
