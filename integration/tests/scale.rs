@@ -80,6 +80,10 @@ async fn storm(mut cloud: Cloud, edges_dir: PathBuf) {
         .await
         .expect("create the desired set");
     let watch = ReadyWatch::start(&client);
+    // Each phase's time, counted from the watch's start as the Ready changes are, so that a
+    // failure shows its timeline.
+    let watching = Instant::now();
+    let phase = |what: &str| eprintln!("{:>6.1} s: {what}", watching.elapsed().as_secs_f64());
     let fleet = Fleet::start(
         &dirs,
         FleetConfig {
@@ -101,10 +105,12 @@ async fn storm(mut cloud: Cloud, edges_dir: PathBuf) {
         || all_in(&fleet.snapshot()),
     )
     .await;
+    phase("all edges connected and resynced");
     wait_until("all Nodes Ready", FIRST_READY_WITHIN, &cloud, || {
         watch.ready() == EDGES
     })
     .await;
+    phase("all Nodes Ready");
     let uids = sim::pod_uids(&client, NAMESPACE).await.expect("pod uids");
     assert_eq!(uids.len(), EDGES * PODS_PER_EDGE, "every pod exists");
     let before = fleet.snapshot();
@@ -125,6 +131,7 @@ async fn storm(mut cloud: Cloud, edges_dir: PathBuf) {
         .status()
         .expect("run kill");
     assert!(killed.success(), "kill -9 {pid}");
+    phase("cloudcore killed");
     wait_until(
         "the fleet sees cloudcore gone",
         Duration::from_secs(30),
@@ -132,7 +139,9 @@ async fn storm(mut cloud: Cloud, edges_dir: PathBuf) {
         || fleet.snapshot().connected < EDGES as u64,
     )
     .await;
+    phase("the fleet saw cloudcore gone");
     cloud.restart();
+    phase("cloudcore restarted and healthy");
     let resynced = wait_until(
         "every edge reconnected and resynced after the restart",
         RESYNC_WITHIN,
@@ -144,14 +153,23 @@ async fn storm(mut cloud: Cloud, edges_dir: PathBuf) {
     )
     .await;
     eprintln!("{EDGES} edges reconnected and resynced {resynced:?} after the restart");
+    phase("every edge reconnected and resynced");
     // Give the node controller time to write every Node after the reconnects, so that a
     // wrong write (Unknown, NotReady) would be seen by the watch.
     tokio::time::sleep(Duration::from_secs(10)).await;
     let after = fleet.snapshot();
-    assert_eq!(
-        watch.left_ready(),
-        Vec::<(String, String)>::new(),
-        "no Node's Ready left True during the storm"
+    let left = watch.left_ready();
+    assert!(
+        left.is_empty(),
+        "no Node's Ready left True during the storm, but {} did: {left:?}; cloud log on leases:\n{}",
+        left.len(),
+        cloud
+            .log()
+            .lines()
+            .filter(|l| l.contains("lease"))
+            .take(40)
+            .collect::<Vec<_>>()
+            .join("\n")
     );
     assert_eq!(watch.ready(), EDGES, "every Node Ready after the storm");
     assert_eq!(
