@@ -59,6 +59,9 @@ struct Edge {
     dirty: bool,
     /// When the lease was last renewed.
     renewed: Option<Instant>,
+    /// The Node is still to be written and the edge has no Lease yet (seen for the first
+    /// time): the Node writer creates it, so the renewal loop leaves it alone until then.
+    lease_absent: bool,
 }
 
 impl Edge {
@@ -150,6 +153,7 @@ impl Presence {
                 labels,
                 dirty: true,
                 renewed: None,
+                lease_absent: false,
             },
         );
         self.changed.notify_one();
@@ -1158,6 +1162,12 @@ async fn mark_lost(
 }
 
 /// Runs the controller until cancelled. API failures are logged and retried on the next tick.
+///
+/// Lease renewals and Node writes are two loops ([`keep_leases`], [`write_nodes`]): after a
+/// reconnect storm every edge's Node is a few API requests, and one pass over hundreds of them
+/// can outlast the grace period of the edges written first. Were the renewals in the same
+/// pass, those edges' Leases would wait behind it and go stale; a real cluster's node
+/// lifecycle controller then marks their Nodes Unknown although every edge is connected.
 pub async fn run(
     client: kube::Client,
     presence: std::sync::Arc<Presence>,
@@ -1166,10 +1176,6 @@ pub async fn run(
 ) {
     let nodes: Api<Node> = Api::all(client.clone());
     let leases: Api<Lease> = Api::namespaced(client, LEASE_NAMESPACE);
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    let mut last_lifecycle = Instant::now();
-    let mut known = KnownNodes::default();
-    let started = OffsetDateTime::now_utc();
     if !config.lifecycle {
         match renew_unexpired_at_start(&nodes, &leases, config.lease_duration).await {
             Ok(n) => {
@@ -1183,6 +1189,99 @@ pub async fn run(
             }
         }
     }
+    tokio::join!(
+        keep_leases(&nodes, &leases, &presence, &config, &shutdown),
+        write_nodes(&nodes, &leases, &presence, &config, &shutdown),
+    );
+}
+
+/// Renews, every second, the Lease of each connected edge whose renewal is due, also of an
+/// edge whose Node is still to be written (its Lease from before a reconnect is renewed at
+/// once). An edge seen for the first time has no Lease yet: [`write_nodes`] creates it after
+/// the Node, its owner. Embedded mode renews through the store, a batch per transaction.
+async fn keep_leases(
+    nodes: &Api<Node>,
+    leases: &Api<Lease>,
+    presence: &Presence,
+    config: &NodeControllerConfig,
+    shutdown: &CancellationToken,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        // Snapshot under the lock, write without it: (name, Node still to be written).
+        let due: Vec<(String, bool)> = presence
+            .edges()
+            .iter()
+            .filter(|(_, e)| {
+                e.connected && !(e.dirty && e.lease_absent) && e.renewal_due(config.renew_interval)
+            })
+            .map(|(n, e)| (n.clone(), e.dirty))
+            .collect();
+        if due.is_empty() {
+            continue;
+        }
+        let renewed_at = Instant::now();
+        // What is left for the API: Leases the store lacks, or every due one in kube mode.
+        let left: Vec<(String, bool)> = match &config.store {
+            Some(store) => {
+                let names: Vec<String> = due.iter().map(|(n, _)| n.clone()).collect();
+                let missing =
+                    renew_leases_in_store_batches(store, &names, config.lease_duration).await;
+                let mut edges = presence.edges();
+                for (name, _) in due.iter().filter(|(n, _)| !missing.contains(n)) {
+                    if let Some(e) = edges.get_mut(name) {
+                        e.renewed = Some(renewed_at);
+                    }
+                }
+                due.into_iter()
+                    .filter(|(n, _)| missing.contains(n))
+                    .collect()
+            }
+            None => due,
+        };
+        futures::stream::iter(left)
+            .for_each_concurrent(NODE_WRITES_IN_FLIGHT, |(name, dirty)| async move {
+                // An edge whose Node is still to be written only renews a Lease it has; one
+                // whose Node is written gets its Lease back if someone deleted it.
+                let renewed = if dirty {
+                    let now = micro_time(OffsetDateTime::now_utc());
+                    patch_lease(leases, &name, config.lease_duration, &now).await
+                } else {
+                    renew_lease(leases, nodes, &name, config.lease_duration).await
+                };
+                let mut edges = presence.edges();
+                let Some(edge) = edges.get_mut(&name) else {
+                    return;
+                };
+                match renewed {
+                    Ok(()) => edge.renewed = Some(Instant::now()),
+                    Err(kube::Error::Api(e)) if dirty && e.code == 404 => edge.lease_absent = true,
+                    Err(e) => {
+                        tracing::warn!(node.name = %name, error = %e, "cannot renew the node lease; will retry")
+                    }
+                }
+            })
+            .await;
+    }
+}
+
+/// Writes the Node of each edge that (re)connected, then renews its Lease, creating it for an
+/// edge seen for the first time; embedded mode also runs the lifecycle check here.
+async fn write_nodes(
+    nodes: &Api<Node>,
+    leases: &Api<Lease>,
+    presence: &Presence,
+    config: &NodeControllerConfig,
+    shutdown: &CancellationToken,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut last_lifecycle = Instant::now();
+    let mut known = KnownNodes::default();
+    let started = OffsetDateTime::now_utc();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -1193,96 +1292,44 @@ pub async fn run(
         let work: Vec<(String, Edge)> = presence
             .edges()
             .iter()
-            .filter(|(_, e)| e.connected && (e.dirty || e.renewal_due(config.renew_interval)))
+            .filter(|(_, e)| e.connected && e.dirty)
             .map(|(n, e)| (n.clone(), e.clone()))
             .collect();
-        // Embedded mode: every renewal due goes to the store in one transaction, also those of
-        // edges that just connected and whose Node is still to be written: in a reconnect storm
-        // the Node writes queue (each is a few API requests), and an edge's liveness must not
-        // wait behind thousands of them, or the lifecycle check finds its Lease stale while it
-        // is between sessions. Only Node writes and new Leases go through the API below.
-        let work = match &config.store {
-            Some(store) => {
-                let due: Vec<String> = work
-                    .iter()
-                    .filter(|(_, e)| e.renewal_due(config.renew_interval))
-                    .map(|(n, _)| n.clone())
-                    .collect();
-                let missing =
-                    renew_leases_in_store_batches(store, &due, config.lease_duration).await;
-                let renewed_at = Instant::now();
-                let renewed: std::collections::HashSet<&str> = due
-                    .iter()
-                    .filter(|n| !missing.contains(*n))
-                    .map(String::as_str)
-                    .collect();
-                {
-                    let mut edges = presence.edges();
-                    for name in &renewed {
-                        if let Some(e) = edges.get_mut(*name) {
-                            e.renewed = Some(renewed_at);
-                        }
-                    }
-                }
-                // Left for the API: Node writes (their Lease renewed above unless it is
-                // missing) and the Leases to create.
-                work.into_iter()
-                    .filter(|(n, e)| e.dirty || missing.contains(n))
-                    .map(|(n, mut e)| {
-                        if renewed.contains(n.as_str()) {
-                            e.renewed = Some(renewed_at);
-                        }
-                        (n, e)
-                    })
-                    .collect()
-            }
-            None => work,
-        };
-        // Node writes and lease renewals go several at once: one after another, 10,000 edges
-        // need 20,000 API calls per renew interval, more than a serial loop makes.
-        let (nodes, leases, presence, config) = (&nodes, &leases, &presence, &config);
+        // Several at once: one after another, a reconnect storm's thousands of Nodes (a few
+        // API requests each) would take minutes.
         futures::stream::iter(work)
             .for_each_concurrent(NODE_WRITES_IN_FLIGHT, |(name, edge)| async move {
-                if edge.dirty {
-                    // A node that just joined: its kubelet port reaches `Endpoints` within a
-                    // second; write the Node once it has.
-                    if config.kubelet.as_ref().is_some_and(|k| !k.knows(&name)) {
-                        return;
-                    }
-                    let kubelet = config.kubelet.as_ref().and_then(|k| k.of(&name));
-                    let written = match write_node(nodes, &name, &edge, kubelet).await {
-                        // Embedded mode: the taint goes with Ready=Unknown (kube mode: the
-                        // cluster's node-lifecycle controller removes it).
-                        Ok(node) if config.lifecycle => {
-                            set_reachability(nodes, &name, Some(node), Reachability::Reachable)
-                                .await
-                        }
-                        Ok(_) => Ok(()),
-                        Err(e) => Err(e),
-                    };
-                    match written {
-                        Ok(()) => {
-                            tracing::info!(node.name = %name, "node object written: Ready=True");
-                            if let Some(e) = presence.edges().get_mut(&name) {
-                                e.dirty = false;
-                            }
-                        }
-                        Err(e) => {
-                            tracing::warn!(node.name = %name, error = %e, "cannot write the node object; will retry");
-                            return;
-                        }
-                    }
+                // A node that just joined: its kubelet port reaches `Endpoints` within a
+                // second; write the Node once it has.
+                if config.kubelet.as_ref().is_some_and(|k| !k.knows(&name)) {
+                    return;
                 }
-                if edge.dirty || edge.renewal_due(config.renew_interval) {
-                    match renew_lease(leases, nodes, &name, config.lease_duration).await {
-                        Ok(()) => {
-                            if let Some(e) = presence.edges().get_mut(&name) {
-                                e.renewed = Some(Instant::now());
-                            }
+                let kubelet = config.kubelet.as_ref().and_then(|k| k.of(&name));
+                let written = match write_node(nodes, &name, &edge, kubelet).await {
+                    // Embedded mode: the taint goes with Ready=Unknown (kube mode: the
+                    // cluster's node-lifecycle controller removes it).
+                    Ok(node) if config.lifecycle => {
+                        set_reachability(nodes, &name, Some(node), Reachability::Reachable).await
+                    }
+                    Ok(_) => Ok(()),
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = written {
+                    tracing::warn!(node.name = %name, error = %e, "cannot write the node object; will retry");
+                    return;
+                }
+                tracing::info!(node.name = %name, "node object written: Ready=True");
+                if let Some(e) = presence.edges().get_mut(&name) {
+                    e.dirty = false;
+                }
+                match renew_lease(leases, nodes, &name, config.lease_duration).await {
+                    Ok(()) => {
+                        if let Some(e) = presence.edges().get_mut(&name) {
+                            e.renewed = Some(Instant::now());
                         }
-                        Err(e) => {
-                            tracing::warn!(node.name = %name, error = %e, "cannot renew the node lease; will retry")
-                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(node.name = %name, error = %e, "cannot renew the node lease; will retry")
                     }
                 }
             })
@@ -1326,6 +1373,7 @@ mod tests {
             labels: [("zone".to_string(), "a".to_string())].into(),
             dirty: true,
             renewed: None,
+            lease_absent: false,
         }
     }
 
