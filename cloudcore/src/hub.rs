@@ -954,10 +954,12 @@ async fn run_session(
 ) -> String {
     // The writer task owns the send stream; everything that talks to the edge goes through
     // this bounded queue, so a slow edge holds back its own pump and nothing else.
-    let (tx, mut rx) = mpsc::channel::<Message>(SESSION_QUEUE);
+    // Boxed: tokio allocates a queue's slots 32 at a time, and a `Message` is over 200
+    // bytes, so unboxed the first block alone was ~7 KiB of every idle session.
+    let (tx, mut rx) = mpsc::channel::<Box<Message>>(SESSION_QUEUE);
     let writer_task = tokio::spawn(async move {
         while let Some(message) = rx.recv().await {
-            writer.send(message).await?;
+            writer.send(*message).await?;
         }
         Ok::<_, FrameError>(writer)
     });
@@ -1032,11 +1034,11 @@ async fn run_session(
         };
         match message {
             Message::Heartbeat { seq } => {
-                let _ = tx.send(Message::Heartbeat { seq }).await;
+                let _ = tx.send(Box::new(Message::Heartbeat { seq })).await;
             }
             Message::RenewRequest { csr_der } => {
                 let reply = renew(shared, identity, csr_der).await;
-                let _ = tx.send(reply).await;
+                let _ = tx.send(Box::new(reply)).await;
             }
             Message::Error(e) => {
                 tracing::warn!(code = %e.code, "edge reported an error: {}", e.message)
@@ -1052,12 +1054,12 @@ async fn run_session(
                     }
                     tracing::warn!(refused, "edge acknowledged messages never sent to it");
                     let _ = tx
-                        .send(Message::error(
+                        .send(Box::new(Message::error(
                             ErrorCode::ProtocolViolation,
                             format!(
                                 "{refused} acknowledged seq(s) were never sent in this session"
                             ),
-                        ))
+                        )))
                         .await;
                 }
             }
@@ -1070,13 +1072,13 @@ async fn run_session(
                     shared.metrics.sync.refused("request_forbidden");
                     tracing::warn!(object = %key, "refusing a request for an object the node may not see");
                     let _ = tx
-                        .send(Message::error(
+                        .send(Box::new(Message::error(
                             ErrorCode::Forbidden,
                             format!(
                                 "node {} may not read {key}: no pod bound to it references it",
                                 identity.node_name
                             ),
-                        ))
+                        )))
                         .await;
                 }
             }
@@ -1089,14 +1091,14 @@ async fn run_session(
                     &tx,
                     &status_backlog,
                 ) {
-                    let _ = tx.send(error).await;
+                    let _ = tx.send(Box::new(error)).await;
                 }
             }
             Message::Status(report) => {
                 if let Some(error) =
                     submit_status(shared, &identity.node_name, report, &tx, &status_backlog)
                 {
-                    let _ = tx.send(error).await;
+                    let _ = tx.send(Box::new(error)).await;
                 }
             }
             Message::Events(events) => {
@@ -1112,7 +1114,7 @@ async fn run_session(
                 if let Some(refusal) =
                     submit_token_request(shared, &identity.node_name, request, &tx, &token_requests)
                 {
-                    let _ = tx.send(Message::TokenResponse(refusal)).await;
+                    let _ = tx.send(Box::new(Message::TokenResponse(refusal))).await;
                 }
             }
             other => {
@@ -1123,10 +1125,10 @@ async fn run_session(
                     "closing connection: edge sent a message only the cloud may send"
                 );
                 let _ = tx
-                    .send(Message::error(
+                    .send(Box::new(Message::error(
                         ErrorCode::ProtocolViolation,
                         format!("{kind} is not allowed from an edge"),
-                    ))
+                    )))
                     .await;
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 connection.close(
@@ -1150,7 +1152,7 @@ fn submit_status(
     shared: &Arc<Shared>,
     node: &str,
     report: StatusReport,
-    tx: &mpsc::Sender<Message>,
+    tx: &mpsc::Sender<Box<Message>>,
     backlog: &Arc<Semaphore>,
 ) -> Option<Message> {
     let Ok(permit) = backlog.clone().try_acquire_owned() else {
@@ -1217,7 +1219,7 @@ fn submit_pod_deleted(
     node: &str,
     seq: u64,
     mut object: proto::ObjectRef,
-    tx: &mpsc::Sender<Message>,
+    tx: &mpsc::Sender<Box<Message>>,
     backlog: &Arc<Semaphore>,
 ) -> Option<Message> {
     let key = ObjectKey::of(&object);
@@ -1256,7 +1258,7 @@ fn submit_token_request(
     shared: &Arc<Shared>,
     node: &str,
     request: proto::TokenRequest,
-    tx: &mpsc::Sender<Message>,
+    tx: &mpsc::Sender<Box<Message>>,
     in_flight: &Arc<Semaphore>,
 ) -> Option<TokenResponse> {
     let refuse = |code: ErrorCode, message: String| {
@@ -1306,7 +1308,7 @@ fn submit_token_request(
                 request_id: request.request_id,
                 result,
             };
-            let _ = tx.send(Message::TokenResponse(response)).await;
+            let _ = tx.send(Box::new(Message::TokenResponse(response))).await;
         }
         .in_current_span(),
     );
@@ -1319,7 +1321,7 @@ fn queue_upstream(
     update: StatusUpdate,
     seq: u64,
     key: ObjectKey,
-    tx: &mpsc::Sender<Message>,
+    tx: &mpsc::Sender<Box<Message>>,
     permit: tokio::sync::OwnedSemaphorePermit,
 ) {
     match shared.upstream.submit(update) {
@@ -1337,7 +1339,7 @@ fn queue_upstream(
                         tracing::warn!(object = %key, "status not written; the edge will report again: {why}")
                     }
                     Ok(_) => {
-                        let _ = tx.send(Message::Ack { seqs: vec![seq] }).await;
+                        let _ = tx.send(Box::new(Message::Ack { seqs: vec![seq] })).await;
                     }
                     Err(_) => {}
                 }
@@ -1352,7 +1354,7 @@ fn queue_upstream(
 /// Stops the writer task and takes its stream back, to send a last error on it.
 async fn abort_writer(
     task: tokio::task::JoinHandle<Result<Writer, FrameError>>,
-    tx: mpsc::Sender<Message>,
+    tx: mpsc::Sender<Box<Message>>,
 ) -> Option<Writer> {
     drop(tx);
     match tokio::time::timeout(Duration::from_millis(200), task).await {

@@ -743,7 +743,7 @@ impl Downstream {
     pub async fn pump(
         &self,
         mut attachment: Attachment,
-        tx: mpsc::Sender<Message>,
+        tx: mpsc::Sender<Box<Message>>,
         cancel: CancellationToken,
     ) -> Attachment {
         let plan = attachment.plan;
@@ -788,7 +788,7 @@ impl Downstream {
             for message in batch {
                 tokio::select! {
                     _ = cancel.cancelled() => return attachment,
-                    sent = tx.send(message) => if sent.is_err() { return attachment },
+                    sent = tx.send(Box::new(message)) => if sent.is_err() { return attachment },
                 }
             }
             if full {
