@@ -42,14 +42,18 @@ fn key_of(object: &proto::ObjectRef) -> Key {
 }
 
 /// The last status one edge reported for one object.
+///
+/// Both statuses are held as compact JSON text, not as `Value` trees: a tree is several times
+/// its text, and one truth is held per pod of every edge (docs/scale.md "Memory"). serde_json's
+/// maps are sorted, so two equal values have the same text.
 #[derive(Debug, Clone)]
 struct Truth {
     node: String,
     object: proto::ObjectRef,
     generation: u64,
-    status: Value,
+    status: Box<str>,
     /// The object's whole status as the API answered after the last write (or found it equal).
-    applied: Option<Value>,
+    applied: Option<Box<str>>,
     /// The API's copy was last seen not covering the truth.
     drifted: bool,
 }
@@ -105,7 +109,7 @@ impl Truths {
                 node: node.to_string(),
                 object: object.clone(),
                 generation,
-                status: status.clone(),
+                status: text_of(status),
                 applied,
                 drifted: false,
             },
@@ -131,7 +135,7 @@ impl Truths {
             && held.object.uid == object.uid
             && held.generation == generation
         {
-            held.applied = Some(live);
+            held.applied = Some(text_of(&live));
             held.drifted = false;
         }
     }
@@ -157,7 +161,8 @@ impl Truths {
         if !uid.is_empty() && !held.object.uid.is_empty() && held.object.uid != uid {
             return None;
         }
-        held.drifted = !covers(live, &held.status) && held.applied.as_ref() != Some(live);
+        held.drifted = !covers(live, &value_of(&held.status))
+            && held.applied.as_deref() != Some(&*text_of(live));
         let connected = self.sessions.get(&held.node).is_some_and(|n| *n > 0);
         (held.drifted && connected).then(|| reassert(held))
     }
@@ -211,8 +216,18 @@ fn reassert(held: &Truth) -> Reassert {
         node: held.node.clone(),
         object: held.object.clone(),
         generation: held.generation,
-        status: held.status.clone(),
+        status: value_of(&held.status),
     }
+}
+
+/// A status as the compact JSON text a [`Truth`] holds.
+fn text_of(status: &Value) -> Box<str> {
+    status.to_string().into_boxed_str()
+}
+
+/// The status a [`Truth`] holds as text (written by [`text_of`], so it parses).
+fn value_of(text: &str) -> Value {
+    serde_json::from_str(text).unwrap_or(Value::Null)
 }
 
 /// Lists whose elements are told apart by their `type` and compared one by one.
@@ -363,6 +378,33 @@ mod tests {
         assert_eq!(
             truths.observed("Pod", "default", "web", "u1", &normalized),
             None
+        );
+    }
+
+    #[test]
+    fn the_held_text_compares_values_not_the_order_they_were_built_in() {
+        let mut truths = Truths::default();
+        truths.session_started("gw");
+        let reported = json!({"phase": "Running", "startTime": "2026-01-01T00:00:00.123Z"});
+        truths.reported("gw", &pod("u1"), 1, &reported);
+        let mut applied = serde_json::Map::new();
+        applied.insert("startTime".into(), json!("2026-01-01T00:00:00Z"));
+        applied.insert("phase".into(), json!("Running"));
+        truths.applied(&pod("u1"), 1, Value::Object(applied));
+        let mut live = serde_json::Map::new();
+        live.insert("phase".into(), json!("Running"));
+        live.insert("startTime".into(), json!("2026-01-01T00:00:00Z"));
+        assert_eq!(
+            truths.observed("Pod", "default", "web", "u1", &Value::Object(live)),
+            None,
+            "the applied status, built in another key order, is not drift"
+        );
+        let other = json!({"phase": "Failed", "startTime": "2026-01-01T00:00:00Z"});
+        let again = truths.observed("Pod", "default", "web", "u1", &other);
+        assert_eq!(
+            again.map(|r| r.status),
+            Some(reported),
+            "a changed copy is drift, and the report is written again as it came"
         );
     }
 
