@@ -292,19 +292,12 @@ pub fn join_edge(
         "cloudcore token create",
         limit,
     )?;
-    let token: Value = serde_json::from_slice(&stdout)
-        .context("`cloudcore token create -o json` printed no JSON")?;
-    let field = |name: &str| {
-        token[name]
-            .as_str()
-            .map(str::to_string)
-            .with_context(|| format!("`cloudcore token create -o json` has no {name:?}"))
-    };
+    let token = JoinToken::from_cli_json(&stdout)?;
     run_tool(
         Command::new(edgecore)
-            .args(["join", "--cloud", &field("cloud")?])
-            .args(["--token", &field("token")?])
-            .args(["--ca-hash", &field("ca_hash")?])
+            .args(["join", "--cloud", &token.cloud])
+            .args(["--token", &token.token])
+            .args(["--ca-hash", &token.ca_hash])
             .args(["--node-name", node, "--data-dir"])
             .arg(edge_dir),
         "edgecore join",

@@ -1226,19 +1226,12 @@ fn join(binaries: &Binaries, net: &EdgeNet, cloud: &Cloud, edge_dir: &Path) -> R
         "cloudcore token create",
         CALL_TIMEOUT,
     )?;
-    let token: Value = serde_json::from_slice(&stdout)
-        .context("`cloudcore token create -o json` printed no JSON")?;
-    let field = |name: &str| {
-        token[name]
-            .as_str()
-            .map(str::to_string)
-            .with_context(|| format!("`cloudcore token create -o json` has no {name:?}"))
-    };
+    let token = bench::JoinToken::from_cli_json(&stdout)?;
     bench::run_tool(
         net.command(&binaries.edgecore)
-            .args(["join", "--cloud", &field("cloud")?])
-            .args(["--token", &field("token")?])
-            .args(["--ca-hash", &field("ca_hash")?])
+            .args(["join", "--cloud", &token.cloud])
+            .args(["--token", &token.token])
+            .args(["--ca-hash", &token.ca_hash])
             .args(["--node-name", NODE, "--data-dir"])
             .arg(edge_dir)
             .stdin(Stdio::null()),
