@@ -1269,8 +1269,9 @@ async fn keep_leases(
     }
 }
 
-/// Writes the Node of each edge that (re)connected, then renews its Lease, creating it for an
-/// edge seen for the first time; embedded mode also runs the lifecycle check here.
+/// Writes the Node of each edge that (re)connected, then creates the Lease of an edge seen for
+/// the first time (or renews one [`keep_leases`] could not); embedded mode also runs the
+/// lifecycle check here.
 async fn write_nodes(
     nodes: &Api<Node>,
     leases: &Api<Lease>,
@@ -1319,8 +1320,14 @@ async fn write_nodes(
                     return;
                 }
                 tracing::info!(node.name = %name, "node object written: Ready=True");
-                if let Some(e) = presence.edges().get_mut(&name) {
+                // A reconnecting edge's Lease was renewed by `keep_leases` already; what is
+                // left here is a Lease it could not renew: none yet, for a new edge.
+                let lease_due = presence.edges().get_mut(&name).is_some_and(|e| {
                     e.dirty = false;
+                    e.renewal_due(config.renew_interval)
+                });
+                if !lease_due {
+                    return;
                 }
                 match renew_lease(leases, nodes, &name, config.lease_duration).await {
                     Ok(()) => {
