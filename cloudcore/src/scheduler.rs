@@ -426,7 +426,10 @@ where
         + 'static,
 {
     let (reader, writer) = reflector::store();
-    let stream = reflector(writer, watcher(api, watcher::Config::default()));
+    let stream = reflector(
+        writer,
+        controllers::cached_watch(api, watcher::Config::default()),
+    );
     let task = async move {
         futures::pin_mut!(stream);
         while let Some(event) = stream.next().await {

@@ -219,8 +219,8 @@ where
     /// Lists and watches `api` into the store and hands each event to every handler; returns
     /// only if the watch stream ends.
     pub(crate) async fn run(self, api: Api<K>) {
-        let events = watcher(api, watcher::Config::default()).default_backoff();
-        self.dispatch(events).await;
+        self.dispatch(cached_watch(api, watcher::Config::default()))
+            .await;
     }
 
     /// Applies each of `events` to the store, then hands it to every handler.
@@ -241,6 +241,22 @@ where
             }
         }
     }
+}
+
+/// The watch behind a cache: kube-rs' watcher of `api` with its default backoff, each object
+/// without its managedFields. No reader of a cache looks at them, and on an object whose
+/// status a kubelet (or cloudcore) keeps writing they are a third or more of its size, held
+/// once in every cache of the kind.
+pub fn cached_watch<K>(
+    api: Api<K>,
+    config: watcher::Config,
+) -> impl Stream<Item = WatchEvent<K>> + Send + use<K>
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
+{
+    watcher(api, config)
+        .default_backoff()
+        .modify(|object| object.meta_mut().managed_fields = None)
 }
 
 /// The wait for a [`SharedInformer`]'s first listing; every waiter wakes.

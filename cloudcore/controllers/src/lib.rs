@@ -29,6 +29,8 @@ pub mod serviceaccount;
 pub mod statefulset;
 pub mod workqueue;
 
+pub use informer::cached_watch;
+
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 

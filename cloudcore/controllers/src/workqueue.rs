@@ -11,14 +11,14 @@ use futures::StreamExt;
 use kube::Resource;
 use kube::api::Api;
 use kube::runtime::reflector::{self, store::Writer};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::watcher;
 use serde::de::DeserializeOwned;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::Context;
-use crate::informer::WatchEvent;
+use crate::informer::{WatchEvent, cached_watch};
 
 /// A namespaced object's key.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -242,10 +242,7 @@ pub async fn reflect<K>(
     K::DynamicType: Default + Eq + std::hash::Hash + Clone,
 {
     let mut on_event = on_event(listed.clone(), index, handle);
-    let stream = reflector::reflector(
-        writer,
-        watcher(api, watcher::Config::default()).default_backoff(),
-    );
+    let stream = reflector::reflector(writer, cached_watch(api, watcher::Config::default()));
     let mut stream = std::pin::pin!(stream);
     while let Some(event) = stream.next().await {
         on_event(&event);
