@@ -70,6 +70,7 @@ enum SyncError {
 pub(crate) fn run(
     ctx: Arc<Context>,
     pods: &mut SharedInformer<Pod>,
+    nodes: &mut SharedInformer<Node>,
     shutdown: CancellationToken,
 ) -> impl Future<Output = ()> + Send + 'static {
     let client = ctx.client.clone();
@@ -99,12 +100,9 @@ pub(crate) fn run(
         },
     );
     let every_set = sets.clone();
-    let (nodes, nodes_driver) = watch(
-        Api::<Node>::all(client.clone()),
-        queue.clone(),
-        &synced,
-        move |_| all_keys(&every_set),
-    );
+    nodes.add_keys(queue.clone(), &synced, move |_| all_keys(&every_set));
+    let nodes_listed = nodes.listing();
+    let nodes = nodes.store();
     let controller = Controller {
         recorder: ctx.recorder.for_component(COMPONENT),
         client,
@@ -112,12 +110,13 @@ pub(crate) fn run(
         pods,
         pods_listed,
         nodes,
+        nodes_listed,
         revisions,
     };
     async move {
         tokio::select! {
             _ = shutdown.cancelled() => {}
-            _ = futures::future::join3(sets_driver, revisions_driver, nodes_driver) => {}
+            _ = futures::future::join(sets_driver, revisions_driver) => {}
             _ = controller.work(&queue) => {}
         }
     }
@@ -130,7 +129,9 @@ struct Controller {
     /// The shared pod cache; wait for it with `pods_listed`, never `wait_until_ready`.
     pods: Store<Pod>,
     pods_listed: Listing,
+    /// The shared node cache; wait for it with `nodes_listed`.
     nodes: Store<Node>,
+    nodes_listed: Listing,
     revisions: Store<ControllerRevision>,
 }
 
@@ -146,7 +147,7 @@ impl Controller {
         for ready in [
             self.sets.wait_until_ready().await.is_ok(),
             self.pods_listed.wait().await.is_ok(),
-            self.nodes.wait_until_ready().await.is_ok(),
+            self.nodes_listed.wait().await.is_ok(),
             self.revisions.wait_until_ready().await.is_ok(),
         ] {
             if !ready {

@@ -92,19 +92,19 @@ pub enum Error {
 pub(crate) fn run(
     ctx: Arc<Context>,
     pods: &mut SharedInformer<Pod>,
+    nodes: &mut SharedInformer<Node>,
     shutdown: CancellationToken,
 ) -> impl Future<Output = ()> + Send + 'static {
     let client = ctx.client.clone();
     let (d_store, d_writer) = reflector::store::<Deployment>();
     let (rs_store, rs_writer) = reflector::store::<ReplicaSet>();
-    let (node_store, node_writer) = reflector::store::<Node>();
     let controller = Arc::new(Controller {
         recorder: ctx.recorder.for_component("deployment-controller"),
         client: client.clone(),
         deployments: d_store,
         replicasets: rs_store,
         pods: pods.store(),
-        nodes: node_store,
+        nodes: nodes.store(),
         queue: Queue::default(),
     });
     let listed = Listed::new(ctx, "deployment", 4);
@@ -114,8 +114,21 @@ pub(crate) fn run(
         pod_events.pod_changed(pod)
     }));
     let pods_listed = pods.listing();
+    // The shared node cache is reflector 3: a node that connects or disconnects changes which
+    // of a deployment's pods count as available.
+    let node_events = controller.clone();
+    let disconnected = DisconnectedNodes::default();
+    nodes.add_handler(on_event(listed.clone(), 3, move |node: &Node, change| {
+        if disconnected.flipped(node, change) {
+            for d in node_events.deployments.state() {
+                node_events
+                    .queue
+                    .add(Key::new(&d.namespace().unwrap_or_default(), &d.name_any()));
+            }
+        }
+    }));
+    let nodes_listed = nodes.listing();
     async move {
-        let disconnected = DisconnectedNodes::default();
         let watch_deployments = reflect(
             Api::<Deployment>::all(client.clone()),
             d_writer,
@@ -133,27 +146,12 @@ pub(crate) fn run(
             1,
             |rs, change| controller.replicaset_changed(rs, change),
         );
-        let watch_nodes = reflect(
-            Api::<Node>::all(client),
-            node_writer,
-            &listed,
-            3,
-            |node, change| {
-                if disconnected.flipped(node, change) {
-                    for d in controller.deployments.state() {
-                        controller
-                            .queue
-                            .add(Key::new(&d.namespace().unwrap_or_default(), &d.name_any()));
-                    }
-                }
-            },
-        );
         let work = async {
             let _ = futures::future::join4(
                 controller.deployments.wait_until_ready(),
                 controller.replicasets.wait_until_ready(),
                 pods_listed.wait(),
-                controller.nodes.wait_until_ready(),
+                nodes_listed.wait(),
             )
             .await;
             while let Some(key) = controller.queue.next(&shutdown).await {
@@ -183,7 +181,6 @@ pub(crate) fn run(
             _ = shutdown.cancelled() => {}
             _ = watch_deployments => {}
             _ = watch_replicasets => {}
-            _ = watch_nodes => {}
             _ = work => {}
         }
     }
@@ -194,7 +191,7 @@ struct Controller {
     recorder: Recorder,
     deployments: Store<Deployment>,
     replicasets: Store<ReplicaSet>,
-    /// The shared pod cache (wait for its listing on the informer's `Listing`).
+    /// The shared pod and node caches (wait for their listings on the informers' `Listing`).
     pods: Store<Pod>,
     nodes: Store<Node>,
     queue: Queue,

@@ -34,7 +34,7 @@ pub use informer::cached_watch;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Node, Pod};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -104,24 +104,42 @@ pub const CONTROLLERS: &[&str] = &[
 
 /// Starts every controller on `tracker`; they stop when `shutdown` is cancelled. The
 /// controllers that follow Pods share one informer of them (`informer::SharedInformer`): one
-/// list and one watch of every Pod, however many controllers read it.
+/// list and one watch of every Pod, however many controllers read it, and one cached copy of
+/// each. Those that follow Nodes (Deployment, ReplicaSet, DaemonSet) share one the same way.
 pub fn run_all(ctx: Context, tracker: &TaskTracker, shutdown: CancellationToken) {
     let ctx = Arc::new(ctx);
     let mut pods = informer::SharedInformer::<Pod>::new();
-    tracker.spawn(deployment::run(ctx.clone(), &mut pods, shutdown.clone()));
-    tracker.spawn(replicaset::run(ctx.clone(), &mut pods, shutdown.clone()));
-    tracker.spawn(daemonset::run(ctx.clone(), &mut pods, shutdown.clone()));
+    let mut nodes = informer::SharedInformer::<Node>::new();
+    tracker.spawn(deployment::run(
+        ctx.clone(),
+        &mut pods,
+        &mut nodes,
+        shutdown.clone(),
+    ));
+    tracker.spawn(replicaset::run(
+        ctx.clone(),
+        &mut pods,
+        &mut nodes,
+        shutdown.clone(),
+    ));
+    tracker.spawn(daemonset::run(
+        ctx.clone(),
+        &mut pods,
+        &mut nodes,
+        shutdown.clone(),
+    ));
     tracker.spawn(statefulset::run(ctx.clone(), &mut pods, shutdown.clone()));
     tracker.spawn(job::run(ctx.clone(), &mut pods, shutdown.clone()));
     tracker.spawn(cronjob::run(ctx.clone(), shutdown.clone()));
     tracker.spawn(serviceaccount::run(ctx.clone(), shutdown.clone()));
     tracker.spawn(endpointslice::run(ctx.clone(), &mut pods, shutdown.clone()));
     // Started once every handler is in, so each controller sees the first listing.
-    let api = kube::Api::<Pod>::all(ctx.client.clone());
+    let pod_api = kube::Api::<Pod>::all(ctx.client.clone());
+    let node_api = kube::Api::<Node>::all(ctx.client.clone());
     tracker.spawn(async move {
         tokio::select! {
             _ = shutdown.cancelled() => {}
-            _ = pods.run(api) => {}
+            _ = futures::future::join(pods.run(pod_api), nodes.run(node_api)) => {}
         }
     });
 }

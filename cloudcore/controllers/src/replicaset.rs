@@ -64,17 +64,17 @@ pub enum Error {
 pub(crate) fn run(
     ctx: Arc<Context>,
     pods: &mut SharedInformer<Pod>,
+    nodes: &mut SharedInformer<Node>,
     shutdown: CancellationToken,
 ) -> impl Future<Output = ()> + Send + 'static {
     let client = ctx.client.clone();
     let (rs_store, rs_writer) = reflector::store::<ReplicaSet>();
-    let (node_store, node_writer) = reflector::store::<Node>();
     let controller = Arc::new(Controller {
         recorder: ctx.recorder.for_component("replicaset-controller"),
         client: client.clone(),
         replicasets: rs_store,
         pods: pods.store(),
-        nodes: node_store.clone(),
+        nodes: nodes.store(),
         queue: Queue::default(),
         expectations: Expectations::default(),
     });
@@ -85,8 +85,16 @@ pub(crate) fn run(
         pod_events.pod_changed(pod, change)
     }));
     let pods_listed = pods.listing();
+    // The shared node cache is reflector 2.
+    let node_events = controller.clone();
+    let disconnected = DisconnectedNodes::default();
+    nodes.add_handler(on_event(listed.clone(), 2, move |node: &Node, change| {
+        if disconnected.flipped(node, change) {
+            node_events.node_changed(&node.name_any());
+        }
+    }));
+    let nodes_listed = nodes.listing();
     async move {
-        let disconnected = DisconnectedNodes::default();
         let watch_replicasets = reflect(
             Api::<ReplicaSet>::all(client.clone()),
             rs_writer,
@@ -100,22 +108,11 @@ pub(crate) fn run(
                 controller.queue.add(key);
             },
         );
-        let watch_nodes = reflect(
-            Api::<Node>::all(client),
-            node_writer,
-            &listed,
-            2,
-            |node, change| {
-                if disconnected.flipped(node, change) {
-                    controller.node_changed(&node.name_any());
-                }
-            },
-        );
         let work = async {
             let ready = futures::future::join3(
                 controller.replicasets.wait_until_ready(),
                 pods_listed.wait(),
-                node_store.wait_until_ready(),
+                nodes_listed.wait(),
             );
             let _ = ready.await;
             while let Some(key) = controller.queue.next(&shutdown).await {
@@ -131,7 +128,6 @@ pub(crate) fn run(
         tokio::select! {
             _ = shutdown.cancelled() => {}
             _ = watch_replicasets => {}
-            _ = watch_nodes => {}
             _ = work => {}
         }
     }
