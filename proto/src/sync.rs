@@ -268,6 +268,31 @@ impl Session {
             self.dirty.push_back(key.clone());
         }
     }
+
+    /// Frees what a session at rest no longer needs. `latest` and `acked` are only read for
+    /// an object with a message in flight (an acknowledgement without its flight is ignored
+    /// before `acked` is looked at, and `believed` falls back to `held`), so with nothing in
+    /// flight they say nothing; the dirty queue is empty once everything has been sent. Each
+    /// map keeps its capacity until replaced, a few hundred bytes per idle edge otherwise.
+    fn settle(&mut self) {
+        if self.flights.is_empty() {
+            self.latest = HashMap::new();
+            self.acked = HashMap::new();
+        }
+        if self.dirty.is_empty() {
+            self.dirty = VecDeque::new();
+            self.dirty_set = HashSet::new();
+        }
+    }
+
+    /// Whether the session holds no per-object bookkeeping (and no capacity for any).
+    #[cfg(test)]
+    fn is_settled(&self) -> bool {
+        self.latest.capacity() == 0
+            && self.acked.capacity() == 0
+            && self.dirty.capacity() == 0
+            && self.dirty_set.capacity() == 0
+    }
 }
 
 /// The cloud's view of one edge: what it should hold, what it is known to hold, what is on
@@ -517,6 +542,14 @@ impl CloudPeer {
     /// again, is ignored; one never sent is an error. Returns what the edge now holds when the
     /// acknowledgement changed the cloud's view.
     pub fn on_ack(&mut self, seq: u64) -> Result<Option<Acked>, AckError> {
+        let acked = self.acknowledge(seq);
+        if let Some(session) = &mut self.session {
+            session.settle();
+        }
+        acked
+    }
+
+    fn acknowledge(&mut self, seq: u64) -> Result<Option<Acked>, AckError> {
         let session = self.session.as_mut().ok_or(AckError::NoSession)?;
         if seq >= session.next_seq {
             return Err(AckError::NeverSent {
@@ -861,6 +894,53 @@ mod tests {
         let again = drain(&mut peer, start + retry);
         assert_eq!(again.len(), 1);
         assert_eq!(peer.stats().retransmits, 1);
+    }
+
+    #[test]
+    fn a_session_at_rest_holds_no_bookkeeping_and_still_ignores_a_late_ack() {
+        let config = PeerConfig::default();
+        let retry = config.retry_after;
+        let mut peer = CloudPeer::new(config);
+        let start = Instant::now();
+        peer.connect([held("a", "u", 1)]);
+        for name in ["a", "b", "c"] {
+            peer.set_desired(key(name), Some(object("u", 2)));
+        }
+        let sent = drain(&mut peer, start);
+        assert_eq!(sent.len(), 3);
+        let seqs: Vec<u64> = sent
+            .iter()
+            .map(|m| match m {
+                Message::Upsert(u) => u.seq,
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect();
+        // "a" times out and is sent again; the others are acknowledged.
+        peer.on_ack(seqs[1]).expect("ack b");
+        peer.on_ack(seqs[2]).expect("ack c");
+        assert!(!peer.session.as_ref().expect("session").is_settled());
+        peer.handle_timeout(start + retry);
+        let again = drain(&mut peer, start + retry);
+        let [Message::Upsert(again)] = again.as_slice() else {
+            panic!("expected one upsert, got {again:?}")
+        };
+        // The late ack of the first "a" changes nothing: its flight is gone.
+        assert_eq!(peer.on_ack(seqs[0]), Ok(None));
+        assert_eq!(peer.held.get(&key("a")).map(|v| v.resource_version), Some(1));
+        let acked = peer.on_ack(again.seq).expect("ack a").expect("a changed");
+        assert_eq!(acked.version.map(|v| v.resource_version), Some(2));
+        assert!(peer.is_synced());
+        assert!(peer.session.as_ref().expect("session").is_settled());
+        // A change after rest is sent and acknowledged as before.
+        peer.set_desired(key("b"), Some(object("u", 3)));
+        let sent = drain(&mut peer, start + retry);
+        let [Message::Upsert(next)] = sent.as_slice() else {
+            panic!("expected one upsert, got {sent:?}")
+        };
+        assert_eq!(next.resource_version, 3);
+        assert!(peer.on_ack(next.seq).expect("ack").is_some());
+        assert_eq!(peer.on_ack(next.seq), Ok(None), "a duplicate is ignored");
+        assert!(peer.session.as_ref().expect("session").is_settled());
     }
 
     #[test]
