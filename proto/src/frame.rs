@@ -129,26 +129,42 @@ impl Encoder<Message> for FrameCodec {
 #[derive(Debug)]
 pub struct FrameReader<R> {
     inner: FramedRead<R, FrameCodec>,
+    /// The buffer's starting size, to which it returns after a larger frame.
+    capacity: usize,
+}
+
+/// tokio-util's starting buffer size for a framed reader or writer.
+const FRAMED_DEFAULT_CAPACITY: usize = 8 * 1024;
+
+/// Whether a buffer that a larger frame grew, now empty, is worth giving back: it keeps what it
+/// grew to otherwise, which on thousands of mostly idle sessions (each resync sends a pod or a
+/// Secret of a few KiB) adds up.
+fn outgrown(buffer: &BytesMut, capacity: usize) -> bool {
+    buffer.is_empty() && buffer.capacity() > 2 * capacity
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
     pub fn new(reader: R, max_frame_size: usize) -> Self {
-        Self {
-            inner: FramedRead::new(reader, FrameCodec::new(max_frame_size)),
-        }
+        Self::with_capacity(reader, max_frame_size, FRAMED_DEFAULT_CAPACITY)
     }
 
-    /// A reader whose buffer starts at `capacity` bytes (`new`: 8 KiB) and grows only for a
-    /// larger frame: one per session adds up at thousands of mostly idle sessions.
+    /// A reader whose buffer starts at `capacity` bytes (`new`: 8 KiB), grows only for a
+    /// larger frame and goes back to `capacity` once that frame is read: one per session adds
+    /// up at thousands of mostly idle sessions.
     pub fn with_capacity(reader: R, max_frame_size: usize, capacity: usize) -> Self {
         Self {
             inner: FramedRead::with_capacity(reader, FrameCodec::new(max_frame_size), capacity),
+            capacity,
         }
     }
 
     /// The next message; `Ok(None)` when the peer finished the stream cleanly.
     pub async fn next(&mut self) -> Result<Option<Message>, FrameError> {
-        self.inner.next().await.transpose()
+        let next = self.inner.next().await.transpose();
+        if outgrown(self.inner.read_buffer(), self.capacity) {
+            *self.inner.read_buffer_mut() = BytesMut::with_capacity(self.capacity);
+        }
+        next
     }
 }
 
@@ -156,27 +172,32 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
 #[derive(Debug)]
 pub struct FrameWriter<W> {
     inner: FramedWrite<W, FrameCodec>,
+    /// The buffer's starting size, to which it returns after a larger frame.
+    capacity: usize,
 }
 
 impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     pub fn new(writer: W, max_frame_size: usize) -> Self {
-        Self {
-            inner: FramedWrite::new(writer, FrameCodec::new(max_frame_size)),
-        }
+        Self::with_capacity(writer, max_frame_size, FRAMED_DEFAULT_CAPACITY)
     }
 
-    /// A writer whose buffer starts at `capacity` bytes (`new`: 8 KiB) and grows only for a
-    /// larger frame. Every [`FrameWriter::send`] flushes, so the buffer never holds more than
-    /// one frame either way.
+    /// A writer whose buffer starts at `capacity` bytes (`new`: 8 KiB), grows only for a
+    /// larger frame and goes back to `capacity` once that frame is written. Every
+    /// [`FrameWriter::send`] flushes, so the buffer never holds more than one frame either way.
     pub fn with_capacity(writer: W, max_frame_size: usize, capacity: usize) -> Self {
         Self {
             inner: FramedWrite::with_capacity(writer, FrameCodec::new(max_frame_size), capacity),
+            capacity,
         }
     }
 
     /// Writes and flushes one message.
     pub async fn send(&mut self, message: Message) -> Result<(), FrameError> {
-        self.inner.send(message).await
+        let sent = self.inner.send(message).await;
+        if outgrown(self.inner.write_buffer(), self.capacity) {
+            *self.inner.write_buffer_mut() = BytesMut::with_capacity(self.capacity);
+        }
+        sent
     }
 
     /// The underlying writer, e.g. to finish a QUIC stream.
@@ -269,6 +290,28 @@ mod tests {
         buf.truncate(buf.len() - 1);
         let err = codec.decode_eof(&mut buf).unwrap_err();
         assert!(matches!(err, FrameError::Truncated { .. }));
+    }
+
+    #[tokio::test]
+    async fn buffers_a_large_frame_grew_go_back_to_their_starting_size() {
+        let (a, b) = tokio::io::duplex(1 << 16);
+        let mut writer = FrameWriter::with_capacity(a, DEFAULT_MAX_FRAME_SIZE, 256);
+        let mut reader = FrameReader::with_capacity(b, DEFAULT_MAX_FRAME_SIZE, 256);
+        let large = Message::RenewRequest {
+            csr_der: vec![7; 20_000],
+        };
+        writer.send(large.clone()).await.expect("send large");
+        assert!(writer.inner.write_buffer().capacity() <= 512);
+        writer
+            .send(Message::Heartbeat { seq: 1 })
+            .await
+            .expect("send small");
+        assert_eq!(reader.next().await.expect("read large"), Some(large));
+        assert_eq!(
+            reader.next().await.expect("read small"),
+            Some(Message::Heartbeat { seq: 1 })
+        );
+        assert!(reader.inner.read_buffer().capacity() <= 512);
     }
 
     #[tokio::test]
