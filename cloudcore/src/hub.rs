@@ -882,6 +882,13 @@ async fn serve_node(
         hello.version,
     );
     shared.metrics.connected_edges.inc();
+    // What the session does not need is not kept in this task for its lifetime: the node
+    // info goes to the presence record, the inventory to the session.
+    let proto::Hello {
+        node_info,
+        inventory,
+        ..
+    } = hello;
     let labels = {
         let shared = shared.clone();
         let name = identity.node_name.clone();
@@ -891,23 +898,23 @@ async fn serve_node(
             .and_then(Result::ok)
             .unwrap_or_default()
     };
+    tracing::info!(
+        hostname = %node_info.hostname,
+        arch = %node_info.arch,
+        edgecore.version = %node_info.edgecore_version,
+        "edge connected"
+    );
     shared.presence.connected(
         &identity.node_name,
-        hello.node_info.clone(),
+        node_info,
         peer.ip().to_string(),
         labels,
-    );
-    tracing::info!(
-        hostname = %hello.node_info.hostname,
-        arch = %hello.node_info.arch,
-        edgecore.version = %hello.node_info.edgecore_version,
-        "edge connected"
     );
 
     let ended = run_session(
         &connection,
         &identity,
-        hello.inventory,
+        inventory,
         resync,
         reader,
         writer,
