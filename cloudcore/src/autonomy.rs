@@ -214,7 +214,28 @@ struct PodFacts {
     daemon: bool,
     /// A mirror pod, or one being deleted: left alone.
     untouchable: bool,
-    tolerations: Vec<Value>,
+    tolerations: Tolerations,
+}
+
+/// A pod's tolerations as compact JSON text: held for every edge pod, and read only when a pod
+/// is judged (not settled) or evicted. As `serde_json::Value` trees they were about 2 KiB of
+/// every pod's facts, several times their text.
+#[derive(Debug, Clone, PartialEq, Default)]
+struct Tolerations(Box<str>);
+
+impl Tolerations {
+    fn of<T: serde::Serialize>(tolerations: &[T]) -> Tolerations {
+        // A list of tolerations or of JSON values always serializes.
+        Tolerations(
+            serde_json::to_string(tolerations)
+                .unwrap_or_else(|_| "[]".into())
+                .into(),
+        )
+    }
+
+    fn values(&self) -> Vec<Value> {
+        serde_json::from_str(&self.0).unwrap_or_default()
+    }
 }
 
 impl PodFacts {
@@ -295,12 +316,7 @@ fn pod_facts(pod: &Pod) -> Option<PodFacts> {
             .any(|o| o.kind == "DaemonSet" && o.controller == Some(true)),
         untouchable: pod.metadata.deletion_timestamp.is_some()
             || annotations.is_some_and(|a| a.contains_key(MIRROR_ANNOTATION)),
-        tolerations: spec
-            .tolerations
-            .iter()
-            .flatten()
-            .filter_map(|t| serde_json::to_value(t).ok())
-            .collect(),
+        tolerations: Tolerations::of(spec.tolerations.as_deref().unwrap_or_default()),
     })
 }
 
@@ -483,8 +499,9 @@ fn plan(index: &mut Index, eviction: TaintEviction, now: OffsetDateTime) -> Plan
         }
         let (autonomy, source) = Index::autonomy(pod, node);
         if settled.get(key) != Some(&autonomy) {
-            let wanted = desired_tolerations(&pod.tolerations, autonomy);
-            if wanted != pod.tolerations {
+            let current = pod.tolerations.values();
+            let wanted = desired_tolerations(&current, autonomy);
+            if wanted != current {
                 plan.actions.push(Action::Tolerate {
                     pod: key.clone(),
                     resource_version: pod.resource_version.clone(),
@@ -500,7 +517,7 @@ fn plan(index: &mut Index, eviction: TaintEviction, now: OffsetDateTime) -> Plan
         if eviction == TaintEviction::Disabled || node.taints.is_empty() {
             continue;
         }
-        match eviction_verdict(&pod.tolerations, node, now) {
+        match eviction_verdict(&pod.tolerations.values(), node, now) {
             Ok(Some(why)) => plan.actions.push(Action::Evict {
                 pod: key.clone(),
                 uid: pod.uid.clone(),
@@ -552,8 +569,9 @@ async fn tolerate(
         let Some(autonomy) = node_autonomy(&facts) else {
             return Ok(None);
         };
-        let wanted = desired_tolerations(&facts.tolerations, autonomy);
-        if wanted == facts.tolerations {
+        let current = facts.tolerations.values();
+        let wanted = desired_tolerations(&current, autonomy);
+        if wanted == current {
             return Ok(None);
         }
         resource_version = facts.resource_version;
@@ -626,7 +644,7 @@ async fn execute(
                     let tolerations = index
                         .pods
                         .get(&(namespace.clone(), name.clone()))
-                        .map(|p| p.tolerations.clone())
+                        .map(|p| p.tolerations.values())
                         .unwrap_or_default();
                     (facts, tolerations)
                 };
@@ -926,7 +944,7 @@ mod tests {
             autonomy,
             daemon: false,
             untouchable: false,
-            tolerations,
+            tolerations: Tolerations::of(&tolerations),
         }
     }
 
@@ -1162,7 +1180,7 @@ mod tests {
         assert!(facts.daemon);
         assert!(!facts.untouchable);
         assert_eq!(
-            facts.tolerations,
+            facts.tolerations.values(),
             vec![json!({"key": "a", "operator": "Exists"})]
         );
         let unbound: Pod =
