@@ -1198,9 +1198,10 @@ impl bench::Report for Report {
             (
                 "at rest".to_string(),
                 format!(
-                    "RSS {:.1} MiB = {:.1} KiB per edge, CPU {:.0} % = {:.1} µs/s per edge",
+                    "RSS {:.1} MiB = {:.1} KiB per edge ({:.1} in all), CPU {:.0} % = {:.1} µs/s per edge",
                     mib(self.rss_idle_kib),
                     self.kib_per_edge(self.rss_idle_kib),
+                    self.rss_idle_kib as f64 / self.edges as f64,
                     self.cpu_idle * 100.0,
                     self.cpu_idle * 1e6 / self.edges as f64
                 ),
@@ -1336,6 +1337,7 @@ impl bench::Report for Report {
             "all_ready_s": self.all_ready.as_secs_f64(),
             "rss_idle_kib": self.rss_idle_kib,
             "kib_per_idle_edge": self.kib_per_edge(self.rss_idle_kib),
+            "kib_per_idle_edge_in_all": self.rss_idle_kib as f64 / self.edges as f64,
             "cpu_idle": self.cpu_idle,
             "workers_rss_kib": self.workers_rss_kib,
             "churn_per_min": self.churn_per_min,
