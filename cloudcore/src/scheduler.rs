@@ -13,7 +13,7 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::reflector::{self, Store, reflector};
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, watcher};
 use serde_json::{Value, json};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -414,8 +414,26 @@ fn pod_reference(pod: &Value) -> k8s_openapi::api::core::v1::ObjectReference {
     }
 }
 
-/// Keeps a reflector cache of `api` and pokes `changed` on every event.
-fn cache<K>(api: Api<K>, changed: Arc<Notify>) -> (Store<K>, impl std::future::Future<Output = ()>)
+/// What the scheduler reads of a Node: its name, labels, spec (taints, unschedulable) and
+/// conditions (Ready). The rest of its status and its annotations are left out of the cache,
+/// which holds every Node.
+fn trim_node(node: &mut Node) {
+    node.metadata.annotations = None;
+    if let Some(status) = &mut node.status {
+        *status = k8s_openapi::api::core::v1::NodeStatus {
+            conditions: status.conditions.take(),
+            ..Default::default()
+        };
+    }
+}
+
+/// Keeps a reflector cache of `api`, each object passed through `trim` first, and pokes
+/// `changed` on every event.
+fn cache<K>(
+    api: Api<K>,
+    trim: fn(&mut K),
+    changed: Arc<Notify>,
+) -> (Store<K>, impl std::future::Future<Output = ()>)
 where
     K: kube::Resource<DynamicType = ()>
         + Clone
@@ -428,7 +446,7 @@ where
     let (reader, writer) = reflector::store();
     let stream = reflector(
         writer,
-        controllers::cached_watch(api, watcher::Config::default()),
+        controllers::cached_watch(api, watcher::Config::default()).modify(trim),
     );
     let task = async move {
         futures::pin_mut!(stream);
@@ -465,7 +483,11 @@ pub async fn run_with_events(
         pods.clone(),
         changed.clone(),
     );
-    let (nodes, node_cache) = cache(Api::<Node>::all(client.clone()), changed.clone());
+    let (nodes, node_cache) = cache(
+        Api::<Node>::all(client.clone()),
+        trim_node,
+        changed.clone(),
+    );
     let caches = async {
         tokio::join!(pod_cache, node_cache);
     };
@@ -500,6 +522,48 @@ mod tests {
             "spec": {},
             "status": {"conditions": [{"type": "Ready", "status": if ready { "True" } else { "Unknown" }}]},
         })
+    }
+
+    #[test]
+    fn the_node_cache_keeps_what_scheduling_reads() {
+        let full: Node = serde_json::from_value(json!({
+            "metadata": {"name": "gw", "labels": {"zone": "x"}, "annotations": {"a": "b"}},
+            "spec": {"taints": [{"key": "k", "value": "v", "effect": "NoSchedule"}]},
+            "status": {
+                "conditions": [{"type": "Ready", "status": "True"}],
+                "addresses": [{"type": "InternalIP", "address": "10.0.0.1"}],
+                "capacity": {"cpu": "2"},
+                "nodeInfo": {"architecture": "arm64", "bootID": "", "containerRuntimeVersion": "",
+                    "kernelVersion": "", "kubeProxyVersion": "", "kubeletVersion": "",
+                    "machineID": "", "operatingSystem": "linux", "osImage": "", "systemUUID": ""},
+            },
+        }))
+        .expect("node");
+        let mut trimmed = full.clone();
+        trim_node(&mut trimmed);
+        let status = trimmed.status.as_ref().expect("status");
+        assert!(status.addresses.is_none() && status.capacity.is_none());
+        assert!(status.node_info.is_none() && trimmed.metadata.annotations.is_none());
+        let as_values = |n: &Node| vec![serde_json::to_value(n).expect("value")];
+        let no_load = HashMap::new();
+        let tolerating = json!({"spec": {"nodeSelector": {"zone": "x"},
+            "tolerations": [{"key": "k", "operator": "Exists"}]}});
+        let not_tolerating = json!({"spec": {"nodeSelector": {"zone": "x"}}});
+        for pod in [tolerating, not_tolerating] {
+            assert_eq!(
+                choose(&pod, &as_values(&trimmed), &no_load).map(str::to_string),
+                choose(&pod, &as_values(&full), &no_load).map(str::to_string),
+                "{pod}"
+            );
+        }
+        assert_eq!(
+            choose(
+                &json!({"spec": {"tolerations": [{"key": "k", "operator": "Exists"}]}}),
+                &as_values(&trimmed),
+                &no_load
+            ),
+            Ok("gw")
+        );
     }
 
     #[test]
