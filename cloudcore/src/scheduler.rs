@@ -483,11 +483,7 @@ pub async fn run_with_events(
         pods.clone(),
         changed.clone(),
     );
-    let (nodes, node_cache) = cache(
-        Api::<Node>::all(client.clone()),
-        trim_node,
-        changed.clone(),
-    );
+    let (nodes, node_cache) = cache(Api::<Node>::all(client.clone()), trim_node, changed.clone());
     let caches = async {
         tokio::join!(pod_cache, node_cache);
     };
