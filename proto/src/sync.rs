@@ -926,7 +926,10 @@ mod tests {
         };
         // The late ack of the first "a" changes nothing: its flight is gone.
         assert_eq!(peer.on_ack(seqs[0]), Ok(None));
-        assert_eq!(peer.held.get(&key("a")).map(|v| v.resource_version), Some(1));
+        assert_eq!(
+            peer.held.get(&key("a")).map(|v| v.resource_version),
+            Some(1)
+        );
         let acked = peer.on_ack(again.seq).expect("ack a").expect("a changed");
         assert_eq!(acked.version.map(|v| v.resource_version), Some(2));
         assert!(peer.is_synced());
