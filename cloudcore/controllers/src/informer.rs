@@ -153,6 +153,8 @@ where
     /// Set once the store has listed; the store's own readiness signal wakes only the last of
     /// several tasks waiting on it, and a shared store has one waiter per controller.
     listed: watch::Sender<bool>,
+    /// What is cut from each object before the store and the handlers see it.
+    trim: fn(&mut K),
 }
 
 impl<K> SharedInformer<K>
@@ -166,7 +168,15 @@ where
             writer: Writer::default(),
             handlers: Vec::new(),
             listed: watch::channel(false).0,
+            trim: |_| {},
         }
+    }
+
+    /// The same informer, cutting `trim` from each object before it is stored or handed on:
+    /// for fields no reader of the cache looks at.
+    pub(crate) fn trimmed(mut self, trim: fn(&mut K)) -> Self {
+        self.trim = trim;
+        self
     }
 
     /// The cache every handler's controller reads (a handle on the one store).
@@ -229,8 +239,9 @@ where
             writer,
             mut handlers,
             listed,
+            trim,
         } = self;
-        let stream = reflector(writer, events);
+        let stream = reflector(writer, events.modify(trim));
         futures::pin_mut!(stream);
         while let Some(event) = stream.next().await {
             for handler in &mut handlers {
@@ -257,6 +268,16 @@ where
     watcher(api, config)
         .default_backoff()
         .modify(|object| object.meta_mut().managed_fields = None)
+}
+
+/// What the shared Pod cache leaves out: the volumes. No controller reads a cached pod's volumes
+/// (the StatefulSet controller adds its claims' volumes to the pods it builds, not to cached
+/// ones), and k8s-openapi's `Volume` is 3.2 KiB inline, every volume source an `Option` field:
+/// a pod with a ConfigMap and a Secret volume held 6.4 KiB of them in the cache.
+pub(crate) fn trim_pod(pod: &mut k8s_openapi::api::core::v1::Pod) {
+    if let Some(spec) = &mut pod.spec {
+        spec.volumes = None;
+    }
 }
 
 /// The wait for a [`SharedInformer`]'s first listing; every waiter wakes.
@@ -490,6 +511,44 @@ mod tests {
                 .expect("waiter");
             assert!(listed);
         }
+    }
+
+    #[tokio::test]
+    async fn a_trimmed_informer_stores_and_hands_on_the_trimmed_object() {
+        let mut pods = SharedInformer::<Pod>::new().trimmed(trim_pod);
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let handler_saw = seen.clone();
+        pods.add_handler(move |event| {
+            if let Ok(watcher::Event::InitApply(pod) | watcher::Event::Apply(pod)) = event {
+                handler_saw
+                    .lock()
+                    .expect("lock")
+                    .push(pod.spec.as_ref().and_then(|s| s.volumes.clone()));
+            }
+        });
+        let store = pods.store();
+        let mut with_volume = pod("a", "ds-1");
+        with_volume.spec = Some(k8s_openapi::api::core::v1::PodSpec {
+            node_name: Some("gw".to_string()),
+            volumes: Some(vec![k8s_openapi::api::core::v1::Volume {
+                name: "config".to_string(),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        });
+        let events = futures::stream::iter([
+            Ok(watcher::Event::Init),
+            Ok(watcher::Event::InitApply(with_volume)),
+            Ok(watcher::Event::InitDone),
+        ]);
+        pods.dispatch(events).await;
+        let cached = store
+            .get(&kube::runtime::reflector::ObjectRef::new("a").within("default"))
+            .expect("cached");
+        let spec = cached.spec.as_ref().expect("spec");
+        assert_eq!(spec.volumes, None);
+        assert_eq!(spec.node_name.as_deref(), Some("gw"), "the rest is kept");
+        assert_eq!(*seen.lock().expect("lock"), vec![None]);
     }
 
     #[tokio::test(start_paused = true)]

@@ -108,7 +108,7 @@ pub const CONTROLLERS: &[&str] = &[
 /// each. Those that follow Nodes (Deployment, ReplicaSet, DaemonSet) share one the same way.
 pub fn run_all(ctx: Context, tracker: &TaskTracker, shutdown: CancellationToken) {
     let ctx = Arc::new(ctx);
-    let mut pods = informer::SharedInformer::<Pod>::new();
+    let mut pods = informer::SharedInformer::<Pod>::new().trimmed(informer::trim_pod);
     let mut nodes = informer::SharedInformer::<Node>::new();
     tracker.spawn(deployment::run(
         ctx.clone(),
