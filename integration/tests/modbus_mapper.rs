@@ -379,8 +379,17 @@ fn now_ms() -> u128 {
         .as_millis()
 }
 
+/// Held by each test for its whole run: both start a simulator on a port `free_tcp_port`
+/// found free, and run in parallel they were once given the same one, so one test's mapper
+/// read the other's simulator (CI, 2026-12-07: register 0 read 5 and 6, the other test's
+/// values, instead of 21).
+static ONE_SIMULATOR_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn the_mapper_reads_writes_and_reports_a_pymodbus_device_over_dmi() {
+    let _one = ONE_SIMULATOR_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().expect("tempdir");
     let port = free_tcp_port();
     let mut sim = Simulator::start(port);
@@ -597,6 +606,9 @@ fn the_mapper_reads_writes_and_reports_a_pymodbus_device_over_dmi() {
 
 #[test]
 fn the_mapper_registers_again_when_edgecore_comes_back() {
+    let _one = ONE_SIMULATOR_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().expect("tempdir");
     let port = free_tcp_port();
     let mut sim = Simulator::start(port);
