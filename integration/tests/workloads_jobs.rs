@@ -155,6 +155,24 @@ fn events(kubectl: impl Fn(&[&str]) -> Output, kind: &str, name: &str) -> Vec<(S
         .collect()
 }
 
+/// The events of an object once every reason in `reasons` is among them (or, after 20 s,
+/// whatever there is, for the assertion to show). Events are written after the change they
+/// report, by a queue, on kube-apiserver's side as on ours: a read right after seeing the
+/// change may come too early.
+fn events_with(
+    kubectl: impl Fn(&[&str]) -> Output,
+    kind: &str,
+    name: &str,
+    reasons: &[&str],
+) -> Vec<(String, String)> {
+    let mut seen = Vec::new();
+    eventually(Duration::from_secs(20), || {
+        seen = events(&kubectl, kind, name);
+        reasons.iter().all(|r| count_reason(&seen, r) > 0)
+    });
+    seen
+}
+
 fn count_reason(events: &[(String, String)], reason: &str) -> usize {
     events.iter().filter(|(r, _)| r == reason).count()
 }
@@ -266,7 +284,7 @@ fn completions_and_parallelism(s: &Setup) {
         describe.contains("0 Active (0 Ready) / 3 Succeeded / 0 Failed"),
         "{describe}"
     );
-    let events = events(|a| s.cloud.kubectl(a), "Job", "work");
+    let events = events_with(|a| s.cloud.kubectl(a), "Job", "work", &["Completed"]);
     assert_eq!(count_reason(&events, "SuccessfulCreate"), 3, "{events:?}");
     assert!(
         events.contains(&("Completed".into(), "Job completed".into())),
@@ -317,7 +335,12 @@ fn backoff_limit(s: &Setup) {
         (9..30).contains(&waited),
         "the second pod came {waited} s after the first failed"
     );
-    let events = events(|a| s.cloud.kubectl(a), "Job", "fail");
+    let events = events_with(
+        |a| s.cloud.kubectl(a),
+        "Job",
+        "fail",
+        &["BackoffLimitExceeded"],
+    );
     assert!(
         events.contains(&(
             "BackoffLimitExceeded".into(),
@@ -357,7 +380,12 @@ fn active_deadline(s: &Setup) {
         "the pod past the deadline stays: {:#?}",
         s.pods_of("slow")
     );
-    let events = events(|a| s.cloud.kubectl(a), "Job", "slow");
+    let events = events_with(
+        |a| s.cloud.kubectl(a),
+        "Job",
+        "slow",
+        &["SuccessfulDelete", "DeadlineExceeded"],
+    );
     assert_eq!(count_reason(&events, "SuccessfulDelete"), 1, "{events:?}");
     assert_eq!(count_reason(&events, "DeadlineExceeded"), 1, "{events:?}");
 }
@@ -499,7 +527,12 @@ fn cronjob_fires(s: &Setup) {
         cronjob["status"]
     );
     assert_eq!(cronjob["status"]["lastScheduleTime"], scheduled.as_str());
-    let events = events(|a| s.cloud.kubectl(a), "CronJob", "tick");
+    let events = events_with(
+        |a| s.cloud.kubectl(a),
+        "CronJob",
+        "tick",
+        &["SuccessfulCreate", "SawCompletedJob"],
+    );
     assert!(
         events.contains(&("SuccessfulCreate".into(), format!("Created job {job_name}"))),
         "{events:?}"
@@ -804,7 +837,12 @@ fn missed_runs(side: &Side) -> Value {
         "jobs": jobs.len(),
         "named after lastScheduleTime": jobs.first().map(name) == Some(format!("catchup-{}", last.as_second() / 60)),
         "lastScheduleTime within the last minute": Timestamp::now().duration_since(last).as_secs() < 60,
-        "events": sorted_reasons(&events(|a| side.run(a, None), "CronJob", "catchup")),
+        "events": sorted_reasons(&events_with(
+            |a| side.run(a, None),
+            "CronJob",
+            "catchup",
+            &["SuccessfulCreate", "TooManyMissedTimes"],
+        )),
     })
 }
 
@@ -873,7 +911,12 @@ fn jobs_match_the_real_control_plane() {
         // How long deleted pods count as terminating depends on a kubelet confirming them
         // (the real side's stand-in node has none): a race, not compared.
         status["terminating"] = Value::Null;
-        let job_events = sorted_reasons(&events(|a| side.run(a, None), "Job", "same"));
+        let job_events = sorted_reasons(&events_with(
+            |a| side.run(a, None),
+            "Job",
+            "same",
+            &["Suspended"],
+        ));
 
         let bad_schedules: Vec<String> = ["CRON_TZ=UTC * * * * *", "61 * * * *", "* * * *"]
             .iter()
