@@ -16,7 +16,6 @@ It exits when stdin closes or on SIGTERM.
 
 import argparse
 import asyncio
-import socket
 import sys
 
 try:
@@ -40,16 +39,6 @@ def device(unit):
         simdata=(bits(), bits(), registers(), registers()),
         use_bit_addressing=True,
     )
-
-
-async def wait_listening(host, port):
-    for _ in range(200):
-        try:
-            with socket.create_connection((host, port), timeout=0.2):
-                return
-        except OSError:
-            await asyncio.sleep(0.05)
-    raise RuntimeError(f"the server did not listen on {host}:{port}")
 
 
 async def command(server, unit, line):
@@ -79,8 +68,9 @@ async def main():
     args = parser.parse_args()
 
     server = ModbusTcpServer(device(args.unit), address=(args.host, args.port))
-    serving = asyncio.create_task(server.serve_forever())
-    await wait_listening(args.host, args.port)
+    # Returns once this server listens, and raises when it cannot bind: a probe of the port
+    # could be answered by another process's server on it.
+    await server.serve_forever(background=True)
     print(f"ready {args.port}", flush=True)
 
     loop = asyncio.get_running_loop()
@@ -96,7 +86,6 @@ async def main():
             answer = f"error {error}"
         print(answer, flush=True)
     await server.shutdown()
-    serving.cancel()
 
 
 if __name__ == "__main__":

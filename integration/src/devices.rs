@@ -423,7 +423,7 @@ impl ModbusSim {
         panic!("the Modbus simulator did not start; its log:\n{last}");
     }
 
-    /// Starts the script; its log if it exits or does not listen within 20 s.
+    /// Starts the script; its log if it exits or is not ready within 20 s.
     fn spawn(&mut self) -> Result<(), String> {
         self.starts += 1;
         let log = std::fs::File::create(self.log_path()).expect("simulator log");
@@ -437,11 +437,13 @@ impl ModbusSim {
             .expect("start python3");
         self.stdin = child.stdin.take();
         self.child = Some(child);
-        let port = self.port;
+        // The script says `ready` once its own server listens (and exits when it cannot
+        // bind): a probe of the port could reach another simulator's.
+        let ready = format!("ready {}", self.port);
         eventually(Duration::from_secs(20), || {
-            !self.is_running() || accepts(None, port)
+            !self.is_running() || self.log().contains(&ready)
         });
-        if self.is_running() && accepts(None, port) {
+        if self.is_running() && self.log().contains(&ready) {
             Ok(())
         } else {
             self.stdin = None;

@@ -14,11 +14,13 @@ pub mod netns;
 pub mod peer;
 pub mod sim;
 
+use std::collections::BTreeSet;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -60,18 +62,45 @@ pub fn free_udp_port() -> u16 {
 
 /// A UDP port that was free a moment ago on `ip`.
 fn free_udp_port_on(ip: IpAddr) -> u16 {
-    UdpSocket::bind((ip, 0))
-        .and_then(|s| s.local_addr())
-        .unwrap_or_else(|e| panic!("bind a UDP port on {ip}: {e}"))
-        .port()
+    unique_port(Transport::Udp, || {
+        UdpSocket::bind((ip, 0))
+            .and_then(|s| s.local_addr())
+            .unwrap_or_else(|e| panic!("bind a UDP port on {ip}: {e}"))
+            .port()
+    })
 }
 
 /// A TCP port that was free a moment ago on 127.0.0.1.
 pub fn free_tcp_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|s| s.local_addr())
-        .expect("bind a TCP port")
-        .port()
+    unique_port(Transport::Tcp, || {
+        TcpListener::bind("127.0.0.1:0")
+            .and_then(|s| s.local_addr())
+            .expect("bind a TCP port")
+            .port()
+    })
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Transport {
+    Tcp,
+    Udp,
+}
+
+/// A port from `probe` that this process has not handed out before. The port is released
+/// before its user binds it, and the kernel may offer the same one to the next probe: two
+/// tests run at once were once given one port, and a pymodbus simulator (which binds with
+/// SO_REUSEPORT) then shared it with the other test's. Within one test binary, a port is now
+/// handed out once.
+fn unique_port(transport: Transport, mut probe: impl FnMut() -> u16) -> u16 {
+    static HANDED_OUT: Mutex<BTreeSet<(Transport, u16)>> = Mutex::new(BTreeSet::new());
+    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+    for _ in 0..1000 {
+        let port = probe();
+        if handed_out.insert((transport, port)) {
+            return port;
+        }
+    }
+    panic!("1000 probes for a free {transport:?} port gave only ports handed out before");
 }
 
 /// Polls `check` every 20 ms until it is true or `timeout` passes; returns whether it held.

@@ -4,7 +4,7 @@
 //! (`RecordingDeviceManager`, tonic on a Unix socket). The test also plays edgecore's other
 //! half: it calls the mapper's `DeviceMapperService` on the socket the mapper registered.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -28,12 +28,13 @@ struct Simulator {
 impl Simulator {
     fn start(port: u16) -> Simulator {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/modbus_sim.py");
+        let mut errors = tempfile::tempfile().expect("a file for the simulator's stderr");
         let mut child = Command::new("python3")
             .arg(&script)
             .args(["--port", &port.to_string()])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(errors.try_clone().expect("stderr file"))
             .spawn()
             .unwrap_or_else(|e| {
                 panic!("python3 is needed to run the pymodbus device simulator: {e}")
@@ -42,10 +43,15 @@ impl Simulator {
         let mut stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
         let mut first = String::new();
         let _ = stdout.read_line(&mut first);
-        assert!(
-            first.starts_with("ready "),
-            "the Modbus simulator did not start (it needs pymodbus: pip install pymodbus): {first:?}"
-        );
+        if !first.starts_with("ready ") {
+            let _ = child.wait();
+            let mut stderr = String::new();
+            let _ = errors.seek(SeekFrom::Start(0));
+            let _ = errors.read_to_string(&mut stderr);
+            panic!(
+                "the Modbus simulator did not start on port {port} (it needs pymodbus: pip install pymodbus): {first:?}\n{stderr}"
+            );
+        }
         Simulator {
             child,
             stdin,
@@ -379,17 +385,8 @@ fn now_ms() -> u128 {
         .as_millis()
 }
 
-/// Held by each test for its whole run: both start a simulator on a port `free_tcp_port`
-/// found free, and run in parallel they were once given the same one, so one test's mapper
-/// read the other's simulator (CI, 2026-12-07: register 0 read 5 and 6, the other test's
-/// values, instead of 21).
-static ONE_SIMULATOR_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
 #[test]
 fn the_mapper_reads_writes_and_reports_a_pymodbus_device_over_dmi() {
-    let _one = ONE_SIMULATOR_AT_A_TIME
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().expect("tempdir");
     let port = free_tcp_port();
     let mut sim = Simulator::start(port);
@@ -606,9 +603,6 @@ fn the_mapper_reads_writes_and_reports_a_pymodbus_device_over_dmi() {
 
 #[test]
 fn the_mapper_registers_again_when_edgecore_comes_back() {
-    let _one = ONE_SIMULATOR_AT_A_TIME
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().expect("tempdir");
     let port = free_tcp_port();
     let mut sim = Simulator::start(port);
