@@ -225,16 +225,17 @@ struct Tolerations(Box<str>);
 
 impl Tolerations {
     fn of<T: serde::Serialize>(tolerations: &[T]) -> Tolerations {
-        // A list of tolerations or of JSON values always serializes.
+        // A list of tolerations or of JSON values always serializes: a failure is a bug, and
+        // an empty list in its place would silently lose the pod's tolerations.
         Tolerations(
             serde_json::to_string(tolerations)
-                .unwrap_or_else(|_| "[]".into())
+                .expect("a list of tolerations serializes to JSON")
                 .into(),
         )
     }
 
     fn values(&self) -> Vec<Value> {
-        serde_json::from_str(&self.0).unwrap_or_default()
+        serde_json::from_str(&self.0).expect("the JSON text `of` wrote parses")
     }
 }
 
