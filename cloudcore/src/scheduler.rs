@@ -427,26 +427,16 @@ fn trim_node(node: &mut Node) {
     }
 }
 
-/// Keeps a reflector cache of `api`, each object passed through `trim` first, and pokes
+/// Keeps a reflector cache of every Node, each trimmed by [`trim_node`] first, and pokes
 /// `changed` on every event.
-fn cache<K>(
-    api: Api<K>,
-    trim: fn(&mut K),
+fn node_cache(
+    api: Api<Node>,
     changed: Arc<Notify>,
-) -> (Store<K>, impl std::future::Future<Output = ()>)
-where
-    K: kube::Resource<DynamicType = ()>
-        + Clone
-        + std::fmt::Debug
-        + serde::de::DeserializeOwned
-        + Send
-        + Sync
-        + 'static,
-{
+) -> (Store<Node>, impl std::future::Future<Output = ()>) {
     let (reader, writer) = reflector::store();
     let stream = reflector(
         writer,
-        controllers::cached_watch(api, watcher::Config::default()).modify(trim),
+        controllers::cached_watch(api, watcher::Config::default()).modify(trim_node),
     );
     let task = async move {
         futures::pin_mut!(stream);
@@ -483,9 +473,9 @@ pub async fn run_with_events(
         pods.clone(),
         changed.clone(),
     );
-    let (nodes, node_cache) = cache(Api::<Node>::all(client.clone()), trim_node, changed.clone());
+    let (nodes, node_watch) = node_cache(Api::<Node>::all(client.clone()), changed.clone());
     let caches = async {
-        tokio::join!(pod_cache, node_cache);
+        tokio::join!(pod_cache, node_watch);
     };
     let schedule = async {
         let mut retry = tokio::time::interval(RETRY);
