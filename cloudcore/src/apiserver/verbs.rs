@@ -694,6 +694,19 @@ pub(crate) fn parse_body(body: &[u8]) -> Result<Value, ApiError> {
 
 /// The `metadata.resourceVersion` a client sent: absent or empty means unconditional; any
 /// other value that is not a resourceVersion is a 400 (never an unconditional write).
+/// The resourceVersion a patch's write is conditional on, and whether a conflict is tried
+/// again with the fresh object. The patched object carries the current version (`current`)
+/// unless the patch itself names another: that one is the client's precondition, kept and
+/// never retried (409 at once, as from kube-apiserver; a retry would meet the same stale
+/// version). A patch naming the current version that meets a concurrent write is tried once
+/// more, and then names another.
+fn patch_precondition(patched: Option<u64>, current: Option<u64>) -> (Option<u64>, bool) {
+    match patched {
+        Some(named) if Some(named) != current => (Some(named), false),
+        _ => (current, true),
+    }
+}
+
 fn requested_rv(object: &Value) -> Result<Option<u64>, ApiError> {
     match &object["metadata"]["resourceVersion"] {
         Value::Null => Ok(None),
@@ -977,11 +990,7 @@ async fn patch_object(
         let warnings = validation::enforce(mode, &findings, &mut patched, |f| {
             validation::patch_error(&Value::Null, f)
         })?;
-        let expected = match requested_rv(&patched)? {
-            // The patch itself asked for a resourceVersion: honour it (no retry).
-            Some(rv) if Some(rv) != rv_of(&current) => Some(rv),
-            _ => rv_of(&current),
-        };
+        let (expected, retry) = patch_precondition(requested_rv(&patched)?, rv_of(&current));
         match write_update(
             api,
             request,
@@ -993,7 +1002,7 @@ async fn patch_object(
         )
         .await
         {
-            Err(e) if e.reason == "Conflict" && attempts < 5 => continue,
+            Err(e) if e.reason == "Conflict" && retry && attempts < 5 => continue,
             Err(e) => return Err(e),
             Ok(written) => {
                 return Ok(validation::with_warnings(
@@ -1637,6 +1646,15 @@ mod tests {
             e.message
         );
         assert_eq!(requested_rv(&json!({"metadata": {}})), Ok(None));
+    }
+
+    #[test]
+    fn a_patch_naming_a_stale_version_conflicts_at_once_and_one_naming_none_is_retried() {
+        // No version named: the patched object carries the current one; retried on conflict.
+        assert_eq!(patch_precondition(Some(7), Some(7)), (Some(7), true));
+        assert_eq!(patch_precondition(None, Some(7)), (Some(7), true));
+        // A stale version named: conditional on it, no retry.
+        assert_eq!(patch_precondition(Some(5), Some(7)), (Some(5), false));
     }
 
     #[test]
