@@ -252,10 +252,6 @@ pub async fn run(config: ServeConfig, shutdown: CancellationToken) -> Result<(),
         upstream::UpstreamConfig::default(),
         metrics.upstream.clone(),
     );
-    let copies = downstream.clone();
-    upstream.read_live_copies(Arc::new(move |kind, namespace, name| {
-        copies.live_copy(kind, namespace, name)
-    }));
     tracker.spawn(upstream_worker.run(shutdown.clone()));
     tracker.spawn(downstream::run(
         client.clone(),

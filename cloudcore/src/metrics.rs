@@ -317,11 +317,6 @@ impl Default for Metrics {
             "Status writes skipped because the API already held what the edge reported",
             m.upstream.unchanged.clone(),
         );
-        registry.register(
-            "cloudcore_status_reads",
-            "Objects read from the API before a status write, because cloudcore's watch held no current copy",
-            m.upstream.reads.clone(),
-        );
         Metrics { registry, ..m }
     }
 }

@@ -8,17 +8,13 @@
 //! subresource, up to [`WRITES_IN_FLIGHT`] objects at once and never two writes of one
 //! object at once:
 //!
-//! 1. Take the object's copy as cloudcore's own watch last saw it ([`LiveCopies`], Pods and
-//!    Nodes, from `crate::downstream`'s index) when it has the report's uid; otherwise GET the
-//!    object. Missing, or a different uid than the report's → [`Outcome::Gone`]. The uid must
-//!    be checked here: the embedded API applies a status patch by keeping only its `status`
-//!    (`apiserver::objects::prepare_update`), so a `metadata.uid` in the patch is ignored
-//!    there and gives no precondition. A watched copy is never taken as proof that the object
-//!    is gone: only a GET says so.
-//! 2. PATCH the status subresource with the `metadata.resourceVersion` of that copy, which both
+//! 1. GET the object. Missing, or a different uid than the report's → [`Outcome::Gone`]. The
+//!    uid must be checked here: the embedded API applies a status patch by keeping only its
+//!    `status` (`apiserver::objects::prepare_update`), so a `metadata.uid` in the patch is
+//!    ignored there and gives no precondition.
+//! 2. PATCH the status subresource with the `metadata.resourceVersion` just read, which both
 //!    the embedded and a real API server treat as a precondition (409 when the object changed
-//!    since), so a pod deleted and recreated in between is never written. A watched copy that
-//!    is behind (the watch has not delivered the latest version yet) gets the same 409.
+//!    since the GET), so a pod deleted and recreated between the two requests is never written.
 //!    `metadata.uid` is sent too; a real API server refuses a mismatch with 409 as well.
 //!    - Pod: JSON merge patch. Lists are replaced (podIPs, containerStatuses), but conditions
 //!      the edge does not report (PodScheduled, written at binding; DisruptionTarget) are
@@ -31,9 +27,8 @@
 //!      when reported.
 //!
 //! Each API request (the GET and the PATCH) takes one token. 404 → `Gone`; 409 → the whole
-//! write is retried once, with a GET; any other error → [`Outcome::Failed`] and the report is
-//! dropped (the edge resends from its outbox). With the watched copy, a status costs one
-//! request instead of two (the kubelet's status manager GETs before every PATCH).
+//! GET + PATCH is retried once; any other error → [`Outcome::Failed`] and the report is
+//! dropped (the edge resends from its outbox).
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -156,9 +151,6 @@ pub struct UpstreamMetrics {
     pub reasserted: Counter,
     /// Writes skipped because the API already held the reported status.
     pub unchanged: Counter,
-    /// GETs made before a write because no watched copy of the object was at hand (or it was
-    /// behind).
-    pub reads: Counter,
 }
 
 /// State shared by the handles and the worker.
@@ -175,36 +167,10 @@ struct Shared {
     /// Kube mode's kubelet endpoint: what cloudcore adds to each Node status an edge reports
     /// (`nodes::apply_kubelet_endpoint`), set once at start.
     node_status_rewrite: std::sync::OnceLock<NodeStatusRewrite>,
-    /// The watched copies of Pods and Nodes, set once at start.
-    live_copies: std::sync::OnceLock<LiveCopies>,
 }
 
 /// Adjusts the Node status `node` reported before it is recorded and written.
 pub type NodeStatusRewrite = Arc<dyn Fn(&str, &mut Value) + Send + Sync>;
-
-/// The API's copy of an object, as a GET answered it or cloudcore's watch last saw it: what a
-/// status write is conditional on.
-#[derive(Debug, Clone, PartialEq)]
-pub struct LiveCopy {
-    pub uid: String,
-    pub resource_version: String,
-    /// The object's whole `status` (`null` when it has none).
-    pub status: Value,
-}
-
-impl LiveCopy {
-    fn of(object: &DynamicObject) -> LiveCopy {
-        LiveCopy {
-            uid: object.metadata.uid.clone().unwrap_or_default(),
-            resource_version: object.metadata.resource_version.clone().unwrap_or_default(),
-            status: object.data["status"].clone(),
-        }
-    }
-}
-
-/// Where the writer finds the watched copy of a Pod or a Node (kind, namespace, name), if the
-/// watch holds one.
-pub type LiveCopies = Arc<dyn Fn(&str, &str, &str) -> Option<LiveCopy> + Send + Sync>;
 
 impl Shared {
     fn pending(&self) -> MutexGuard<'_, Pending> {
@@ -264,7 +230,6 @@ impl Upstream {
             metrics,
             truths: Mutex::new(Truths::default()),
             node_status_rewrite: std::sync::OnceLock::new(),
-            live_copies: std::sync::OnceLock::new(),
         });
         let worker = UpstreamWorker {
             shared: shared.clone(),
@@ -321,12 +286,6 @@ impl Upstream {
     /// ignored).
     pub fn rewrite_node_status(&self, rewrite: NodeStatusRewrite) {
         let _ = self.shared.node_status_rewrite.set(rewrite);
-    }
-
-    /// Sets where the watched copies of Pods and Nodes are read, so their statuses are written
-    /// without a GET first (once; later calls are ignored).
-    pub fn read_live_copies(&self, copies: LiveCopies) {
-        let _ = self.shared.live_copies.set(copies);
     }
 
     /// A session of `node` started; returns whether it is the node's first since this process
@@ -557,11 +516,11 @@ impl Writer {
             Ok(api) => api,
             Err(message) => return (Outcome::Failed(message), None),
         };
-        match self.attempt(kind, &api, update, Read::Watched).await {
+        match self.attempt(kind, &api, update).await {
             Attempt::Done(outcome, live) => (outcome, live),
             Attempt::Conflict(_) => {
                 self.token().await;
-                match self.attempt(kind, &api, update, Read::Api).await {
+                match self.attempt(kind, &api, update).await {
                     Attempt::Done(outcome, live) => (outcome, live),
                     Attempt::Conflict(message) => {
                         (Outcome::Failed(format!("conflict: {message}")), None)
@@ -571,59 +530,31 @@ impl Writer {
         }
     }
 
-    /// The watched copy of the object if it is at hand and of the report's uid.
-    fn watched_copy(&self, kind: StatusKind, object: &proto::ObjectRef) -> Option<LiveCopy> {
-        if kind == StatusKind::Device {
-            // The index keeps a Device's version across status-only changes (the edge needs
-            // no new copy for them), so its resourceVersion is behind after every report.
-            return None;
-        }
-        let copies = self.shared.live_copies.get()?;
-        copies(&object.kind, &object.namespace, &object.name)
-            .filter(|copy| object.uid.is_empty() || copy.uid == object.uid)
-    }
-
-    /// One write: the object's watched copy or a GET, then the PATCH (or DELETE). The caller
-    /// has taken the first request's token.
+    /// One GET + PATCH; the caller has taken the GET's token.
     async fn attempt(
         &self,
         kind: StatusKind,
         api: &Api<DynamicObject>,
         update: &StatusUpdate,
-        read: Read,
     ) -> Attempt {
         let name = &update.object.name;
-        let watched = match read {
-            Read::Watched => self.watched_copy(kind, &update.object),
-            Read::Api => None,
-        };
-        // With the watched copy, the write is the first request and has its token already.
-        let first_request = watched.is_some();
-        let live = match watched {
-            Some(copy) => copy,
-            None => {
-                self.shared.metrics.reads.inc();
-                match api.get_opt(name).await {
-                    Ok(Some(live)) => LiveCopy::of(&live),
-                    Ok(None) => return Attempt::Done(Outcome::Gone, None),
-                    Err(e) => return Attempt::of(e),
-                }
-            }
+        let live = match api.get_opt(name).await {
+            Ok(Some(live)) => live,
+            Ok(None) => return Attempt::Done(Outcome::Gone, None),
+            Err(e) => return Attempt::of(e),
         };
         let uid = &update.object.uid;
-        if !uid.is_empty() && live.uid != *uid {
+        if !uid.is_empty() && live.metadata.uid.as_deref() != Some(uid.as_str()) {
             return Attempt::Done(Outcome::Gone, None);
         }
         let status = match &update.change {
             Change::Status(status) => status,
             Change::Delete => {
-                if !first_request {
-                    self.token().await;
-                }
+                self.token().await;
                 let params = DeleteParams {
                     grace_period_seconds: Some(0),
                     preconditions: Some(Preconditions {
-                        uid: Some(live.uid.clone()),
+                        uid: live.metadata.uid.clone(),
                         resource_version: None,
                     }),
                     ..DeleteParams::default()
@@ -637,15 +568,14 @@ impl Writer {
                 };
             }
         };
-        if covers(&live.status, &kind.reported(status)) {
+        let live_status = live.data["status"].clone();
+        if covers(&live_status, &kind.reported(status)) {
             // The API already says what the edge says: nothing to write.
             self.shared.metrics.unchanged.inc();
-            return Attempt::Done(Outcome::Written, Some(live.status));
+            return Attempt::Done(Outcome::Written, Some(live_status));
         }
         let body = kind.body(&live, status);
-        if !first_request {
-            self.token().await;
-        }
+        self.token().await;
         match api
             .patch_status(name, &PatchParams::default(), &kind.patch(body))
             .await
@@ -659,16 +589,7 @@ impl Writer {
     }
 }
 
-/// Where [`Writer::attempt`] reads the object's copy first.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Read {
-    /// The watched copy when at hand, else a GET.
-    Watched,
-    /// A GET (after a conflict: the watched copy may be behind).
-    Api,
-}
-
-/// The result of one write.
+/// The result of one GET + PATCH.
 enum Attempt {
     /// With `Written`, the object's status in the API afterwards.
     Done(Outcome, Option<Value>),
@@ -739,15 +660,15 @@ impl StatusKind {
 
     /// The patch body: the reported status, conditional on the live object's uid and
     /// resourceVersion.
-    fn body(self, live: &LiveCopy, reported: &Value) -> Value {
+    fn body(self, live: &DynamicObject, reported: &Value) -> Value {
         let mut status = self.reported(reported);
         if self == StatusKind::Pod {
-            keep_unreported_conditions(&mut status, &live.status["conditions"])
+            keep_unreported_conditions(&mut status, &live.data["status"]["conditions"])
         }
         json!({
             "metadata": {
-                "uid": live.uid,
-                "resourceVersion": live.resource_version,
+                "uid": live.metadata.uid,
+                "resourceVersion": live.metadata.resource_version,
             },
             "status": status,
         })
@@ -1423,7 +1344,7 @@ mod tests {
         }))
         .expect("a pod");
         let reported = json!({"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}], "podIPs": [{"ip": "10.0.0.2"}]});
-        let body = StatusKind::Pod.body(&LiveCopy::of(&live), &reported);
+        let body = StatusKind::Pod.body(&live, &reported);
         assert_eq!(
             body,
             json!({
@@ -1435,8 +1356,7 @@ mod tests {
                 }
             })
         );
-        let without_conditions =
-            StatusKind::Pod.body(&LiveCopy::of(&live), &json!({"phase": "Running"}));
+        let without_conditions = StatusKind::Pod.body(&live, &json!({"phase": "Running"}));
         assert_eq!(without_conditions["status"], json!({"phase": "Running"}));
     }
 
@@ -1455,7 +1375,7 @@ mod tests {
             ],
             "$setElementOrder/conditions": [{"type": "MemoryPressure"}]
         });
-        let body = StatusKind::Node.body(&LiveCopy::of(&live), &reported);
+        let body = StatusKind::Node.body(&live, &reported);
         assert_eq!(
             body["status"],
             json!({"conditions": [{"type": "MemoryPressure", "status": "False"}]})
@@ -1501,7 +1421,7 @@ mod tests {
         let reported = json!({"twins": [{"propertyName": "t", "reported": {"value": "21"}}],
             "state": "ok", "lastOnlineTime": "2026-01-01T00:00:00Z"});
         assert_eq!(StatusKind::of("Device"), Some(StatusKind::Device));
-        let body = StatusKind::Device.body(&LiveCopy::of(&live), &reported);
+        let body = StatusKind::Device.body(&live, &reported);
         assert_eq!(
             body["status"], reported,
             "the twins list replaces the live one"
@@ -1521,7 +1441,25 @@ mod tests {
         use kube::api::PostParams;
 
         let dir = tempfile::tempdir().expect("tempdir");
-        let (client, shutdown, tracker) = embedded_api(dir.path()).await;
+        let ca = crate::pki::ClusterCa::load_or_create(dir.path()).expect("ca");
+        let shutdown = CancellationToken::new();
+        let tracker = tokio_util::task::TaskTracker::new();
+        let embedded = crate::apiserver::start(
+            dir.path(),
+            "127.0.0.1:0".parse().expect("address"),
+            &["127.0.0.1".to_string()],
+            &ca,
+            crate::streams::Streams::new(1),
+            shutdown.clone(),
+            &tracker,
+        )
+        .await
+        .expect("embedded api");
+        let kubeconfig = kube::config::Kubeconfig::read_from(&embedded.kubeconfig).expect("read");
+        let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+            .await
+            .expect("config");
+        let client = kube::Client::try_from(config).expect("client");
 
         let metrics = UpstreamMetrics::default();
         let (upstream, worker) =
@@ -1645,147 +1583,6 @@ mod tests {
 
         assert_eq!(metrics.written.get(), 2);
         assert_eq!(metrics.stale.get(), 1);
-        assert_eq!(metrics.failed.get(), 0);
-        shutdown.cancel();
-        tracker.close();
-        tracker.wait().await;
-    }
-
-    /// The embedded API server on `dir`, and a client of it.
-    async fn embedded_api(
-        dir: &std::path::Path,
-    ) -> (
-        kube::Client,
-        CancellationToken,
-        tokio_util::task::TaskTracker,
-    ) {
-        let ca = crate::pki::ClusterCa::load_or_create(dir).expect("ca");
-        let shutdown = CancellationToken::new();
-        let tracker = tokio_util::task::TaskTracker::new();
-        let embedded = crate::apiserver::start(
-            dir,
-            "127.0.0.1:0".parse().expect("address"),
-            &["127.0.0.1".to_string()],
-            &ca,
-            crate::streams::Streams::new(1),
-            shutdown.clone(),
-            &tracker,
-        )
-        .await
-        .expect("embedded api");
-        let kubeconfig = kube::config::Kubeconfig::read_from(&embedded.kubeconfig).expect("read");
-        let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
-            .await
-            .expect("config");
-        let client = kube::Client::try_from(config).expect("client");
-        (client, shutdown, tracker)
-    }
-
-    /// A watched copy that is current saves the GET; one that is behind gets a 409 and the
-    /// write is done again after a GET; one of another uid is not used.
-    #[tokio::test]
-    async fn a_watched_copy_saves_the_read_and_one_behind_falls_back_to_it() {
-        use k8s_openapi::api::core::v1::Pod;
-        use kube::api::PostParams;
-
-        let dir = tempfile::tempdir().expect("tempdir");
-        let (client, shutdown, tracker) = embedded_api(dir.path()).await;
-        let metrics = UpstreamMetrics::default();
-        let (upstream, worker) =
-            Upstream::new(client.clone(), UpstreamConfig::default(), metrics.clone());
-        tracker.spawn(worker.run(shutdown.clone()));
-        // What the test's stand-in for the watch holds.
-        let held: Arc<Mutex<Option<LiveCopy>>> = Arc::default();
-        let source = held.clone();
-        upstream.read_live_copies(Arc::new(move |kind, namespace, name| {
-            assert_eq!((kind, namespace, name), ("Pod", "default", "web"));
-            source.lock().unwrap().clone()
-        }));
-
-        let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
-        let pod: Pod = serde_json::from_value(json!({
-            "metadata": {"name": "web"},
-            "spec": {"containers": [{"name": "app", "image": "nginx"}]}
-        }))
-        .expect("pod");
-        pods.create(&PostParams::default(), &pod)
-            .await
-            .expect("create");
-        let scheduled = pods
-            .patch_status(
-                "web",
-                &PatchParams::default(),
-                &Patch::Merge(
-                    json!({"status": {"conditions": [{"type": "PodScheduled", "status": "True"}]}}),
-                ),
-            )
-            .await
-            .expect("scheduled");
-        let uid = scheduled.metadata.uid.clone().expect("uid");
-        let copy_of = |pod: &Pod| LiveCopy {
-            uid: pod.metadata.uid.clone().unwrap_or_default(),
-            resource_version: pod.metadata.resource_version.clone().unwrap_or_default(),
-            status: serde_json::to_value(&pod.status).expect("status"),
-        };
-        let report = |generation: u64, phase: &str| StatusUpdate {
-            node: "edge-1".into(),
-            object: proto::ObjectRef {
-                kind: "Pod".into(),
-                namespace: "default".into(),
-                name: "web".into(),
-                uid: uid.clone(),
-            },
-            generation,
-            change: Change::Status(json!({"phase": phase})),
-            origin: Origin::Edge,
-        };
-        let phase = |pod: &Pod| pod.status.as_ref().and_then(|s| s.phase.clone());
-
-        // Current: one request, the PATCH; the conditions of the copy are kept.
-        *held.lock().unwrap() = Some(copy_of(&scheduled));
-        let outcome = upstream.submit(report(1, "Running")).expect("queued").await;
-        assert_eq!(outcome, Ok(Outcome::Written));
-        assert_eq!(metrics.written.get(), 1, "a PATCH");
-        assert_eq!(metrics.reads.get(), 0, "no GET with a current copy");
-        let live = pods.get("web").await.expect("get");
-        assert_eq!(phase(&live).as_deref(), Some("Running"));
-        assert_eq!(
-            serde_json::to_value(&live.status).expect("status")["conditions"][0]["type"],
-            "PodScheduled"
-        );
-
-        // Behind (the copy before that write): 409, then GET + PATCH.
-        let outcome = upstream
-            .submit(report(2, "Succeeded"))
-            .expect("queued")
-            .await;
-        assert_eq!(outcome, Ok(Outcome::Written));
-        assert_eq!(metrics.reads.get(), 1, "one GET after the conflict");
-        assert_eq!(
-            phase(&pods.get("web").await.expect("get")).as_deref(),
-            Some("Succeeded")
-        );
-
-        // A copy of another incarnation is not used: GET, and the write goes to this one.
-        let mut other = copy_of(&live);
-        other.uid = "someone-else".into();
-        *held.lock().unwrap() = Some(other);
-        let outcome = upstream.submit(report(3, "Failed")).expect("queued").await;
-        assert_eq!(outcome, Ok(Outcome::Written));
-        assert_eq!(metrics.reads.get(), 2);
-        assert_eq!(
-            phase(&pods.get("web").await.expect("get")).as_deref(),
-            Some("Failed")
-        );
-
-        // No copy held: GET.
-        *held.lock().unwrap() = None;
-        pods.delete("web", &DeleteParams::default().grace_period(0))
-            .await
-            .expect("delete");
-        let outcome = upstream.submit(report(4, "Unknown")).expect("queued").await;
-        assert_eq!(outcome, Ok(Outcome::Gone), "a GET says it is gone");
-        assert_eq!(metrics.reads.get(), 3);
         assert_eq!(metrics.failed.get(), 0);
         shutdown.cancel();
         tracker.close();

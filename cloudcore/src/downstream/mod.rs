@@ -39,7 +39,7 @@ use crate::device_crds;
 use crate::metrics::Metrics;
 use crate::nodes::EDGE_ROLE_LABEL;
 use crate::tokens::BoundPod;
-use crate::upstream::{LiveCopy, Upstream};
+use crate::upstream::Upstream;
 use refs::{PodRefs, pod_refs};
 use services::ClusterWide;
 
@@ -724,37 +724,6 @@ impl Downstream {
             .get(&(namespace.to_string(), name.to_string()))
             .filter(|entry| entry.node == node)
             .map(|entry| entry.token_check.clone())
-    }
-
-    /// The index's copy of an edge's Pod or Node, for a status write without a GET
-    /// ([`crate::upstream::LiveCopies`]). The body is parsed outside the index's lock.
-    pub fn live_copy(&self, kind: &str, namespace: &str, name: &str) -> Option<LiveCopy> {
-        let (uid, resource_version, body) = {
-            let index = self.index();
-            let cached = match kind {
-                "Pod" => index
-                    .pod_bodies
-                    .get(&(namespace.to_string(), name.to_string()))?,
-                "Node" if namespace.is_empty() => index.nodes.get(name)?,
-                _ => return None,
-            };
-            (
-                cached.uid.clone(),
-                cached.resource_version,
-                cached.body.clone(),
-            )
-        };
-        #[derive(serde::Deserialize)]
-        struct StatusOf {
-            #[serde(default)]
-            status: serde_json::Value,
-        }
-        let StatusOf { status } = serde_json::from_slice(&body).ok()?;
-        Some(LiveCopy {
-            uid,
-            resource_version: resource_version.to_string(),
-            status,
-        })
     }
 
     /// Where the pod `namespace/name` runs, if the index holds it (pods bound to a node): the
