@@ -88,9 +88,8 @@ enum Transport {
 
 /// A port from `probe` that this process has not handed out before. The port is released
 /// before its user binds it, and the kernel may offer the same one to the next probe: two
-/// tests run at once were once given one port, and a pymodbus simulator (which binds with
-/// SO_REUSEPORT) then shared it with the other test's. Within one test binary, a port is now
-/// handed out once.
+/// tests run at once were once given one port (the second simulator failed to bind, and its
+/// readiness probe reached the first). Within one test binary, a port is handed out once.
 fn unique_port(transport: Transport, mut probe: impl FnMut() -> u16) -> u16 {
     static HANDED_OUT: Mutex<BTreeSet<(Transport, u16)>> = Mutex::new(BTreeSet::new());
     let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());

@@ -692,8 +692,6 @@ pub(crate) fn parse_body(body: &[u8]) -> Result<Value, ApiError> {
     Ok(value)
 }
 
-/// The `metadata.resourceVersion` a client sent: absent or empty means unconditional; any
-/// other value that is not a resourceVersion is a 400 (never an unconditional write).
 /// The resourceVersion a patch's write is conditional on, and whether a conflict is tried
 /// again with the fresh object. The patched object carries the current version (`current`)
 /// unless the patch itself names another: that one is the client's precondition, kept and
@@ -707,6 +705,8 @@ fn patch_precondition(patched: Option<u64>, current: Option<u64>) -> (Option<u64
     }
 }
 
+/// The `metadata.resourceVersion` a client sent: absent or empty means unconditional; any
+/// other value that is not a resourceVersion is a 400 (never an unconditional write).
 fn requested_rv(object: &Value) -> Result<Option<u64>, ApiError> {
     match &object["metadata"]["resourceVersion"] {
         Value::Null => Ok(None),
